@@ -1,0 +1,142 @@
+//! Wire types shared by the host, the runner and the CLI. Later: the target
+//! syntax parser (`node[:numa][::gpu,gpu]`) and task/VPS types.
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::{Inventory, Usage};
+
+/// Body of every non-2xx answer of the host and runner APIs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `POST /api/nodes/register`, authenticated with the cluster's join token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub name: String,
+    /// Where the host reaches this node's runner API.
+    pub runner_url: String,
+    pub heartbeat_interval_ms: u64,
+    pub version: String,
+    pub inventory: Inventory,
+}
+
+/// The node's two secrets, shown once: `credential` authenticates the runner
+/// to the host; `host_token` is what the host presents to the runner API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub name: String,
+    pub credential: String,
+    pub host_token: String,
+}
+
+/// `PUT /api/nodes/{name}/heartbeat`, authenticated with the node credential.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub runner_url: String,
+    pub heartbeat_interval_ms: u64,
+    pub version: String,
+    pub usage: Usage,
+    /// Sent at start and whenever it changes, not on every beat.
+    pub inventory: Option<Inventory>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Online,
+    Offline,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Online => "online",
+            NodeState::Offline => "offline",
+        }
+    }
+}
+
+/// A node as the host knows it (`GET /api/nodes`, `GET /api/nodes/{name}`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub state: NodeState,
+    pub runner_url: String,
+    pub version: String,
+    pub registered_at_unix_ms: i64,
+    pub last_heartbeat_unix_ms: i64,
+    pub heartbeat_interval_ms: u64,
+    pub inventory: Inventory,
+    pub usage: Option<Usage>,
+}
+
+/// What the runner API answers on `GET /api/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunnerStatus {
+    pub name: String,
+    pub version: String,
+}
+
+/// `GET /api/whoami`: the role the presented token carries.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub role: String,
+    pub node: Option<String>,
+}
+
+/// Node names end up in URLs, file names and interface names: keep them to
+/// 1–63 characters of `[a-z0-9.-]`, starting with a letter or digit (a DNS label).
+pub fn validate_node_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!(
+            "node name {name:?} must be 1 to 63 characters long"
+        ));
+    }
+    if !name.chars().all(ok_char) || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!(
+            "node name {name:?} may hold only lower-case letters, digits, '-' and '.', and must start with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// A hostname turned into a valid node name (lower-cased, other characters replaced).
+pub fn node_name_from_hostname(hostname: &str) -> String {
+    let mut n: String = hostname
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if !n.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        n.insert(0, 'n');
+        n.truncate(63);
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names() {
+        assert!(validate_node_name("gpu-node1.lab").is_ok());
+        for bad in ["", "-x", "UPPER", "a b", "a/b", &"x".repeat(64)] {
+            assert!(validate_node_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(node_name_from_hostname("My_Host\n"), "my-host");
+        assert_eq!(node_name_from_hostname("_x"), "n-x");
+        assert!(validate_node_name(&node_name_from_hostname(&"Q".repeat(80))).is_ok());
+    }
+}

@@ -1,0 +1,150 @@
+//! The command line, as clap types. `rivernode --help` is generated from here.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::HumanDuration;
+
+#[derive(Parser, Debug)]
+#[command(name = "rivernode", version, about = "Run GPU workloads on your own machines", long_about = None)]
+pub struct Cli {
+    /// URL of the host API, e.g. http://gpu-head:8000.
+    #[arg(long, global = true, env = "RIVERNODE_HOST", value_name = "URL")]
+    pub host: Option<String>,
+    /// API token (default: DATA_DIR/admin.token, then ~/.config/rivernode/client.toml).
+    #[arg(
+        long,
+        global = true,
+        env = "RIVERNODE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Output format of listings and status.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// State directory of a local host/runner (default /var/lib/rivernode).
+    #[arg(long, global = true, env = "RIVERNODE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the host daemon: API, store, scheduler (usually under systemd).
+    Host(HostArgs),
+    /// Run the runner daemon on a node (usually under systemd).
+    Runner(RunnerArgs),
+    /// Run a one-node cluster (host + runner) in one process on this machine.
+    Up(UpArgs),
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub struct HostArgs {
+    /// Config file (default /etc/rivernode/host.toml, if present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub bind: Option<IpAddr>,
+    #[arg(long, value_name = "PORT")]
+    pub api_port: Option<u16>,
+    #[arg(long, value_name = "PORT")]
+    pub ssh_proxy_port: Option<u16>,
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
+    #[arg(long, value_name = "N")]
+    pub offline_after_missed: Option<u32>,
+    #[arg(long, value_name = "DURATION")]
+    pub liveness_check_interval: Option<HumanDuration>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunnerArgs {
+    /// Config file (default /etc/rivernode/runner.toml, if present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Node name (default: hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, value_name = "URL")]
+    pub host_url: Option<String>,
+    #[arg(long, value_name = "TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    pub join_token_file: Option<PathBuf>,
+    #[arg(long)]
+    pub bind: Option<IpAddr>,
+    #[arg(long, value_name = "PORT")]
+    pub runner_port: Option<u16>,
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat_interval: Option<HumanDuration>,
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub sys_root: Option<PathBuf>,
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub proc_root: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[arg(long, value_name = "PORT", default_value_t = 8000)]
+    pub api_port: u16,
+    #[arg(long, value_name = "PORT", default_value_t = 8001)]
+    pub runner_port: u16,
+    #[arg(long, value_name = "PORT", default_value_t = 8002)]
+    pub ssh_proxy_port: u16,
+    /// Node name (default: hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub heartbeat_interval: HumanDuration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List nodes with their state and capacity.
+    List,
+    /// One node: cores, NUMA map, memory, GPUs, heartbeat, runner reachability.
+    Status { name: String },
+    /// Forget a node and revoke its credential.
+    Remove { name: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Daemon {
+    Host,
+    Runner,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Print (or write) a config file with every key, its default and what it does.
+    Init {
+        #[arg(value_enum)]
+        daemon: Daemon,
+        /// Write to this file instead of standard output (never overwrites).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,127 @@
+//! The CLI's connection to the host API: where the host is and which token
+//! to present, found from flags, a local data directory or the user's config.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::api::ErrorBody;
+use crate::host::{read_token, ADMIN_TOKEN_FILE, API_URL_FILE};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/rivernode";
+const DEFAULT_URL: &str = "http://127.0.0.1:8000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no API token: pass --token or set RIVERNODE_TOKEN, or on the host machine use --data-dir DIR (reads DIR/admin.token)")]
+    NoToken,
+    #[error("{path}: {message}")]
+    UserConfig { path: PathBuf, message: String },
+    #[error("cannot reach the host at {url}: {source}; is `rivernode host` (or `rivernode up`) running? Set the address with --host or RIVERNODE_HOST")]
+    Connect { url: String, source: reqwest::Error },
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+    #[error("unreadable answer from {url}: {source}")]
+    Decode { url: String, source: reqwest::Error },
+}
+
+/// `~/.config/rivernode/client.toml`: `host = "..."`, `token = "..."`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserConfig {
+    host: Option<String>,
+    token: Option<String>,
+}
+
+fn user_config() -> Result<UserConfig, ClientError> {
+    let Some(home) = std::env::var_os("HOME") else {
+        return Ok(UserConfig::default());
+    };
+    let path = Path::new(&home).join(".config/rivernode/client.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| ClientError::UserConfig {
+            path,
+            message: e.message().trim().to_string(),
+        }),
+        Err(_) => Ok(UserConfig::default()),
+    }
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    pub base: String,
+    token: String,
+}
+
+impl Client {
+    /// Flags first, then the data directory (the default one when not given,
+    /// if readable), then the user's client.toml, then loopback.
+    pub fn resolve(
+        host: Option<String>,
+        token: Option<String>,
+        data_dir: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        let user = user_config()?;
+        let dir = data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR));
+        let base = host
+            .or_else(|| read_token(&dir.join(API_URL_FILE)))
+            .or(user.host)
+            .unwrap_or_else(|| DEFAULT_URL.to_string())
+            .trim_end_matches('/')
+            .to_string();
+        let token = token
+            .or_else(|| read_token(&dir.join(ADMIN_TOKEN_FILE)))
+            .or(user.token)
+            .ok_or(ClientError::NoToken)?;
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("rivernode-cli/", env!("CARGO_PKG_VERSION")))
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|source| ClientError::Connect {
+                url: base.clone(),
+                source,
+            })?;
+        Ok(Self { http, base, token })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.send(self.http.get(&url), &url).await?;
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.delete(&url), &url).await.map(|_| ())
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: self.base.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| format!("{url}: {text}"));
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            message,
+        })
+    }
+}

@@ -1,0 +1,182 @@
+//! Starting the daemons: `rivernode host`, `rivernode runner` and the
+//! all-in-one `rivernode up`. Layers the configuration, binds, tells systemd
+//! it is ready once the APIs listen, and stops on SIGINT/SIGTERM.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::cli::args::{HostArgs, RunnerArgs, UpArgs};
+use crate::cli::client::DEFAULT_DATA_DIR;
+use crate::config::{
+    read_env_layer, read_file_layer, ConfigError, HostConfig, HostLayer, RunnerConfig, RunnerLayer,
+};
+use crate::host::BoundHost;
+use crate::runner::BoundRunner;
+
+fn env_var(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+fn config_file(explicit: &Option<PathBuf>, default: &str) -> (PathBuf, bool) {
+    match explicit {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(default), false),
+    }
+}
+
+pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostConfig, ConfigError> {
+    let mut cfg = HostConfig::default();
+    let (path, required) = config_file(&args.config, "/etc/rivernode/host.toml");
+    cfg.apply(read_file_layer::<HostLayer>(&path, required)?);
+    cfg.apply(read_env_layer::<HostLayer>(HostConfig::KEYS, env_var)?);
+    cfg.apply(HostLayer {
+        data_dir,
+        bind: args.bind,
+        api_port: args.api_port,
+        ssh_proxy_port: args.ssh_proxy_port,
+        advertise_url: args.advertise_url.clone().map(Some),
+        offline_after_missed: args.offline_after_missed,
+        liveness_check_interval: args.liveness_check_interval,
+    });
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn runner_config(
+    args: &RunnerArgs,
+    data_dir: Option<PathBuf>,
+) -> Result<RunnerConfig, ConfigError> {
+    let mut cfg = RunnerConfig::default();
+    let (path, required) = config_file(&args.config, "/etc/rivernode/runner.toml");
+    cfg.apply(read_file_layer::<RunnerLayer>(&path, required)?);
+    cfg.apply(read_env_layer::<RunnerLayer>(RunnerConfig::KEYS, env_var)?);
+    cfg.apply(RunnerLayer {
+        data_dir,
+        name: args.name.clone().map(Some),
+        host_url: args.host_url.clone(),
+        join_token: args.join_token.clone().map(Some),
+        join_token_file: args.join_token_file.clone().map(Some),
+        bind: args.bind,
+        runner_port: args.runner_port,
+        advertise_url: args.advertise_url.clone().map(Some),
+        heartbeat_interval: args.heartbeat_interval,
+        sys_root: args.sys_root.clone(),
+        proc_root: args.proc_root.clone(),
+    });
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+fn notify_ready() {
+    // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+pub async fn host(args: HostArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = host_config(&args, data_dir)?;
+    let host = BoundHost::bind(cfg).await?;
+    notify_ready();
+    host.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn runner(args: RunnerArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = runner_config(&args, data_dir)?;
+    let runner = BoundRunner::bind(cfg, None).await?;
+    notify_ready();
+    runner.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn up(args: UpArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let mut host_cfg = HostConfig {
+        data_dir: data_dir.clone(),
+        bind: loopback,
+        api_port: args.api_port,
+        ssh_proxy_port: args.ssh_proxy_port,
+        ..HostConfig::default()
+    };
+    host_cfg.apply(read_env_layer::<HostLayer>(HostConfig::KEYS, env_var)?);
+    host_cfg.validate()?;
+    let host = BoundHost::bind(host_cfg).await?;
+    let join = host
+        .join_token()
+        .context("the host's join token file is missing from the data directory")?;
+    let runner_cfg = RunnerConfig {
+        data_dir: data_dir.clone(),
+        name: args.name.clone(),
+        host_url: host.api_url.clone(),
+        bind: loopback,
+        runner_port: args.runner_port,
+        heartbeat_interval: args.heartbeat_interval,
+        ..RunnerConfig::default()
+    };
+    runner_cfg.validate()?;
+    let runner = BoundRunner::bind(runner_cfg, Some(join)).await?;
+    print_next_steps(&data_dir, &host.api_url, runner.runner_addr, runner.name());
+    notify_ready();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut host_task = tokio::spawn(host.run(stopped(stop_rx.clone())));
+    let mut runner_task = tokio::spawn(runner.run(stopped(stop_rx)));
+    // Whichever ends first (a signal, or a fatal error in one half) stops both.
+    let result: anyhow::Result<()> = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        r = &mut host_task => r.context("host task")?.map_err(Into::into),
+        r = &mut runner_task => r.context("runner task")?.map_err(Into::into),
+    };
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let _ = (&mut host_task).await;
+        let _ = (&mut runner_task).await;
+    })
+    .await;
+    result
+}
+
+fn print_next_steps(data_dir: &Path, api_url: &str, runner_addr: std::net::SocketAddr, node: &str) {
+    let dd = if data_dir == Path::new(DEFAULT_DATA_DIR) {
+        String::new()
+    } else {
+        format!("--data-dir {} ", data_dir.display())
+    };
+    println!(
+        "rivernode is up: a one-node cluster on this machine.\n\
+         \x20 host API   {api_url}  (admin token: {admin})\n\
+         \x20 runner     http://{runner_addr}  node {node:?}\n\
+         \x20 state      {dir}\n\
+         \n\
+         Next, in another terminal:\n\
+         \x20 rivernode {dd}node list\n\
+         \x20 rivernode {dd}node status {node}\n\
+         \n\
+         Ctrl-C stops it; running it again keeps the cluster's state.",
+        admin = data_dir.join(crate::host::ADMIN_TOKEN_FILE).display(),
+        dir = data_dir.display(),
+    );
+}

@@ -1,0 +1,68 @@
+//! The `rivernode` command line: a client of the host API (node commands),
+//! config and completion helpers, and the daemon launchers. Later: task, vps,
+//! ssh, and node-local admin (gpu, cgroup).
+
+pub mod args;
+pub mod client;
+pub mod daemon;
+pub mod node;
+pub mod output;
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::CommandFactory;
+
+use crate::config::{render_defaults, HostConfig, RunnerConfig};
+use args::{Cli, Command, ConfigCommand, Daemon};
+use client::Client;
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Host(args) => daemon::host(args, cli.data_dir).await,
+        Command::Runner(args) => daemon::runner(args, cli.data_dir).await,
+        Command::Up(args) => daemon::up(args, cli.data_dir).await,
+        Command::Node(cmd) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            Ok(node::run(&client, cmd, cli.output).await?)
+        }
+        Command::Config(ConfigCommand::Init { daemon, file }) => {
+            let text = match daemon {
+                Daemon::Host => render_defaults(
+                    "rivernode host configuration (/etc/rivernode/host.toml)",
+                    HostConfig::KEYS,
+                    &HostConfig::default(),
+                ),
+                Daemon::Runner => render_defaults(
+                    "rivernode runner configuration (/etc/rivernode/runner.toml)",
+                    RunnerConfig::KEYS,
+                    &RunnerConfig::default(),
+                ),
+            };
+            match file {
+                None => print!("{text}"),
+                Some(path) => {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .with_context(|| {
+                            format!(
+                                "cannot create {} (an existing file is never overwritten)",
+                                path.display()
+                            )
+                        })?;
+                    f.write_all(text.as_bytes())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!("wrote {}", path.display());
+                }
+            }
+            Ok(())
+        }
+        Command::Completion { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "rivernode", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}

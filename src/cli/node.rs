@@ -1,0 +1,213 @@
+//! `rivernode node list|status|remove`.
+
+use crate::api::{NodeView, RunnerStatus};
+use crate::cli::args::{NodeCommand, Output};
+use crate::cli::client::{Client, ClientError};
+use crate::cli::output::{ago, bytes, table};
+use crate::topology::CpuList;
+
+pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<(), ClientError> {
+    match cmd {
+        NodeCommand::List => {
+            let nodes: Vec<NodeView> = client.get("/api/nodes").await?;
+            match output {
+                Output::Json => print_json(&nodes),
+                Output::Table => print!("{}", list_table(&nodes, crate::now_unix_ms())),
+            }
+        }
+        NodeCommand::Status { name } => {
+            let node: NodeView = client.get(&format!("/api/nodes/{name}")).await?;
+            // Reachability of the runner is shown, not required: an offline node still has a status.
+            let runner = client
+                .get::<RunnerStatus>(&format!("/api/nodes/{name}/runner"))
+                .await
+                .map_err(|e| e.to_string());
+            match output {
+                Output::Json => print_json(&serde_json::json!({
+                    "node": node,
+                    "runner_api": match &runner {
+                        Ok(s) => serde_json::json!({"reachable": true, "version": s.version}),
+                        Err(e) => serde_json::json!({"reachable": false, "error": e}),
+                    },
+                })),
+                Output::Table => print!("{}", status_text(&node, &runner, crate::now_unix_ms())),
+            }
+        }
+        NodeCommand::Remove { name } => {
+            client.delete(&format!("/api/nodes/{name}")).await?;
+            println!("node {name} removed; its credential is revoked");
+        }
+    }
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+    }
+}
+
+fn list_table(nodes: &[NodeView], now: i64) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let inv = &n.inventory;
+            vec![
+                n.name.clone(),
+                n.state.as_str().to_string(),
+                inv.cpu_count().to_string(),
+                inv.numa_nodes.len().to_string(),
+                bytes(inv.memory_total_bytes),
+                inv.gpus.len().to_string(),
+                ago(n.last_heartbeat_unix_ms, now),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "STATE",
+            "CPUS",
+            "NUMA",
+            "MEMORY",
+            "GPUS",
+            "HEARTBEAT",
+        ],
+        &rows,
+    )
+}
+
+fn status_text(n: &NodeView, runner: &Result<RunnerStatus, String>, now: i64) -> String {
+    let inv = &n.inventory;
+    let mut out = String::new();
+    let usage = n
+        .usage
+        .as_ref()
+        .map(|u| {
+            format!(
+                "cpu {:.0}%, memory available {}, load {:.2}",
+                u.cpu_percent,
+                bytes(u.memory_available_bytes),
+                u.load_1m
+            )
+        })
+        .unwrap_or_else(|| "not reported yet".into());
+    let runner = match runner {
+        Ok(s) => format!("reachable (rivernode {})", s.version),
+        Err(e) => format!("unreachable: {e}"),
+    };
+    let all_cpus: CpuList = inv.cpus.iter().map(|c| c.id).collect();
+    let fields = [
+        ("Name", n.name.clone()),
+        ("State", n.state.as_str().to_string()),
+        ("Hostname", inv.hostname.clone()),
+        ("Kernel", inv.kernel.clone()),
+        ("Version", n.version.clone()),
+        ("Runner API", format!("{} — {runner}", n.runner_url)),
+        (
+            "Heartbeat",
+            format!(
+                "{} (every {} ms)",
+                ago(n.last_heartbeat_unix_ms, now),
+                n.heartbeat_interval_ms
+            ),
+        ),
+        (
+            "CPUs",
+            format!(
+                "{} logical ({}), {} cores",
+                inv.cpu_count(),
+                all_cpus,
+                inv.core_count()
+            ),
+        ),
+        ("Memory", bytes(inv.memory_total_bytes)),
+        ("Usage", usage),
+    ];
+    for (k, v) in fields {
+        out.push_str(&format!("{:<12}{v}\n", format!("{k}:")));
+    }
+    out.push_str("\nNUMA nodes:\n");
+    let numa_rows: Vec<Vec<String>> = inv
+        .numa_nodes
+        .iter()
+        .map(|m| {
+            let gpus = inv
+                .gpus
+                .iter()
+                .filter(|g| g.numa_node == Some(m.id))
+                .map(|g| g.address.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                m.id.to_string(),
+                if m.cpus.is_empty() {
+                    "-".into()
+                } else {
+                    m.cpus.to_string()
+                },
+                bytes(m.memory_total_bytes),
+                if gpus.is_empty() { "-".into() } else { gpus },
+            ]
+        })
+        .collect();
+    out.push_str(&indent(&table(
+        &["NODE", "CPUS", "MEMORY", "GPUS"],
+        &numa_rows,
+    )));
+    out.push_str("\nGPUs:\n");
+    if inv.gpus.is_empty() {
+        out.push_str("  none\n");
+    } else {
+        let rows: Vec<Vec<String>> = inv
+            .gpus
+            .iter()
+            .map(|g| {
+                let others: Vec<String> = g
+                    .iommu_group_members
+                    .iter()
+                    .map(|f| f.address.to_string())
+                    .collect();
+                vec![
+                    g.address.to_string(),
+                    format!("{:04x}:{:04x}", g.vendor_id, g.device_id),
+                    g.name.clone().unwrap_or_else(|| "-".into()),
+                    g.uuid.clone().unwrap_or_else(|| "-".into()),
+                    g.driver.clone().unwrap_or_else(|| "none".into()),
+                    g.numa_node
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    match g.iommu_group {
+                        Some(id) if others.is_empty() => id.to_string(),
+                        Some(id) => format!("{id} (+{})", others.join(",")),
+                        None => "no IOMMU".into(),
+                    },
+                ]
+            })
+            .collect();
+        out.push_str(&indent(&table(
+            &[
+                "ADDRESS",
+                "ID",
+                "NAME",
+                "UUID",
+                "DRIVER",
+                "NUMA",
+                "IOMMU GROUP",
+            ],
+            &rows,
+        )));
+    }
+    if !inv.warnings.is_empty() {
+        out.push_str("\nWarnings:\n");
+        for w in &inv.warnings {
+            out.push_str(&format!("  {w}\n"));
+        }
+    }
+    out
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}

@@ -1,0 +1,454 @@
+//! Configuration of `rivernode host` and `rivernode runner`: built-in defaults,
+//! then a TOML file, then `RIVERNODE_<KEY>` environment variables, then flags.
+//! Every layer is checked on its own so an error names the file line, the
+//! variable or the flag that holds the bad value.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// A duration written as `500ms`, `5s`, `2m` or `1h` (a bare integer means seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+/// Parses `500ms`, `5s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 5s, 2m, 1h)"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_duration(s).map(Self)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 {
+            write!(f, "{ms}ms")
+        } else {
+            write!(f, "{}s", ms / 1000)
+        }
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Self(Duration::from_secs(n))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Declares a config struct, its all-optional layer (one per source), the
+/// list of keys with their documentation, and the merge of a layer onto it.
+macro_rules! layered_config {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident, layer $layer:ident {
+            $( $(#[doc = $doc:literal])+ $field:ident : $ty:ty = $default:expr, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Serialize)]
+        pub struct $name { $( $(#[doc = $doc])+ pub $field: $ty, )* }
+
+        /// One source's settings; `None` means "this source does not set it".
+        #[derive(Clone, Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $layer { $( #[serde(default)] pub $field: Option<$ty>, )* }
+
+        impl Default for $name {
+            fn default() -> Self { Self { $( $field: $default, )* } }
+        }
+
+        impl $name {
+            /// (key, documentation) for every setting, in declaration order.
+            pub const KEYS: &'static [(&'static str, &'static str)] =
+                &[ $( (stringify!($field), concat!($($doc, "\n"),+)), )* ];
+
+            pub fn apply(&mut self, layer: $layer) {
+                $( if let Some(v) = layer.$field { self.$field = v; } )*
+            }
+        }
+    };
+}
+
+layered_config! {
+    /// Settings of `rivernode host`.
+    pub struct HostConfig, layer HostLayer {
+        /// Directory for the SQLite store, tokens and the API URL file.
+        data_dir: PathBuf = PathBuf::from("/var/lib/rivernode"),
+        /// Address the API and the SSH proxy listen on.
+        bind: IpAddr = IpAddr::from([0, 0, 0, 0]),
+        /// HTTP API port (`/api/...`), used by the CLI and the runners; 0 picks a free port.
+        api_port: u16 = 8000,
+        /// SSH proxy port (the proxy itself arrives with the VPS work).
+        ssh_proxy_port: u16 = 8002,
+        /// URL written to DATA_DIR/api.url for local clients; default http://<bind>:<api_port>.
+        advertise_url: Option<String> = None,
+        /// A node is marked offline after this many heartbeat intervals without one.
+        offline_after_missed: u32 = 3,
+        /// How often the host looks for nodes that went silent.
+        liveness_check_interval: HumanDuration = HumanDuration(Duration::from_secs(1)),
+    }
+}
+
+layered_config! {
+    /// Settings of `rivernode runner`.
+    pub struct RunnerConfig, layer RunnerLayer {
+        /// Directory for the runner's credential and local state.
+        data_dir: PathBuf = PathBuf::from("/var/lib/rivernode"),
+        /// Node name in the cluster; default: the machine's hostname.
+        name: Option<String> = None,
+        /// URL of the host API.
+        host_url: String = "http://127.0.0.1:8000".to_string(),
+        /// Join token printed by the host (DATA_DIR/join.token on the host machine).
+        join_token: Option<String> = None,
+        /// File holding the join token, instead of putting it in this file.
+        join_token_file: Option<PathBuf> = None,
+        /// Address the runner API listens on.
+        bind: IpAddr = IpAddr::from([0, 0, 0, 0]),
+        /// Runner API port; only the host may call it; 0 picks a free port.
+        runner_port: u16 = 8001,
+        /// URL the host uses to reach this runner; default http://<bind>:<runner_port>.
+        advertise_url: Option<String> = None,
+        /// Time between heartbeats.
+        heartbeat_interval: HumanDuration = HumanDuration(Duration::from_secs(5)),
+        /// Root of sysfs (tests point this at a fake tree).
+        sys_root: PathBuf = PathBuf::from("/sys"),
+        /// Root of procfs (tests point this at a fake tree).
+        proc_root: PathBuf = PathBuf::from("/proc"),
+    }
+}
+
+impl HostConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_port != 0 && self.api_port == self.ssh_proxy_port {
+            return Err(ConfigError::Invalid {
+                key: "ssh_proxy_port",
+                message: format!("must differ from api_port ({})", self.api_port),
+            });
+        }
+        if self.offline_after_missed == 0 {
+            return Err(ConfigError::Invalid {
+                key: "offline_after_missed",
+                message: "must be at least 1".into(),
+            });
+        }
+        check_nonzero("liveness_check_interval", self.liveness_check_interval)?;
+        if let Some(url) = &self.advertise_url {
+            check_url("advertise_url", url)?;
+        }
+        Ok(())
+    }
+
+    /// The URL a client on this machine uses to reach the API listening on `port`.
+    pub fn local_url(&self, port: u16) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.trim_end_matches('/').to_string();
+        }
+        format!("http://{}", socket_for_clients(self.bind, port))
+    }
+}
+
+impl RunnerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_url("host_url", &self.host_url)?;
+        check_nonzero("heartbeat_interval", self.heartbeat_interval)?;
+        if let Some(url) = &self.advertise_url {
+            check_url("advertise_url", url)?;
+        }
+        if let Some(name) = &self.name {
+            crate::api::validate_node_name(name).map_err(|message| ConfigError::Invalid {
+                key: "name",
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The URL the host uses to reach the runner API listening on `port`.
+    pub fn runner_url(&self, port: u16) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.trim_end_matches('/').to_string();
+        }
+        format!("http://{}", socket_for_clients(self.bind, port))
+    }
+}
+
+/// A wildcard bind address is not something a client can connect to: use loopback.
+fn socket_for_clients(bind: IpAddr, port: u16) -> std::net::SocketAddr {
+    let ip = if bind.is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        bind
+    };
+    std::net::SocketAddr::new(ip, port)
+}
+
+fn check_nonzero(key: &'static str, d: HumanDuration) -> Result<(), ConfigError> {
+    if d.0.is_zero() {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "must be longer than 0".into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+        return Err(ConfigError::Invalid {
+            key,
+            message: format!("{url:?} is not an http:// or https:// URL"),
+        });
+    }
+    Ok(())
+}
+
+/// Reads one TOML layer. A missing file is an error only when `required`.
+pub fn read_file_layer<L: for<'de> Deserialize<'de> + Default>(
+    path: &Path,
+    required: bool,
+) -> Result<L, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(L::default()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1))
+            .unwrap_or_default();
+        ConfigError::File {
+            path: path.to_path_buf(),
+            message: format!("{line}{}", e.message().trim()),
+        }
+    })
+}
+
+/// Reads `RIVERNODE_<KEY>` for every key of the config. Values are read as
+/// TOML where they parse (`8000`, `true`) and as plain strings otherwise.
+/// Variables that are not config keys (e.g. `RIVERNODE_TOKEN`) are ignored.
+pub fn read_env_layer<L: for<'de> Deserialize<'de> + Default>(
+    keys: &[(&str, &str)],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<L, ConfigError> {
+    let mut table = toml::Table::new();
+    for (key, _) in keys {
+        let var = format!("RIVERNODE_{}", key.to_ascii_uppercase());
+        let Some(raw) = env(&var) else { continue };
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        let mut one = toml::Table::new();
+        one.insert(key.to_string(), value.clone());
+        // Checked key by key so that the error names the variable.
+        toml::Value::Table(one)
+            .try_into::<L>()
+            .map_err(|e| ConfigError::Env {
+                var: var.clone(),
+                message: e.message().trim().to_string(),
+            })?;
+        table.insert(key.to_string(), value);
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Env {
+            var: "RIVERNODE_*".into(),
+            message: e.message().trim().to_string(),
+        })
+}
+
+/// The commented file `rivernode config init` prints.
+pub fn render_defaults<C: Serialize>(title: &str, keys: &[(&str, &str)], defaults: &C) -> String {
+    let values = toml::Value::try_from(defaults).ok();
+    let mut out = format!(
+        "# {title}\n# Every key is optional; the value shown is the default.\n# Each key can also be set as RIVERNODE_<KEY> in the environment or as a flag.\n"
+    );
+    for (key, doc) in keys {
+        out.push('\n');
+        for line in doc.lines() {
+            out.push_str(&format!("#{line}\n"));
+        }
+        match values.as_ref().and_then(|v| v.get(key)) {
+            Some(v) => out.push_str(&format!("#{key} = {v}\n")),
+            None => out.push_str(&format!("#{key} = \"\"   (unset)\n")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "5s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            "2m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            "7".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(7)
+        );
+        for bad in ["", "s", "5x", "-1s", "1.5s"] {
+            assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            HumanDuration(Duration::from_millis(250)).to_string(),
+            "250ms"
+        );
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("host.toml");
+        std::fs::write(&f, "api_port = 9000\nliveness_check_interval = \"250ms\"\n").unwrap();
+        let mut cfg = HostConfig::default();
+        cfg.apply(read_file_layer(&f, true).unwrap());
+        assert_eq!(cfg.api_port, 9000);
+        let env: HashMap<&str, &str> = [
+            ("RIVERNODE_API_PORT", "9100"),
+            ("RIVERNODE_TOKEN", "ignored"),
+        ]
+        .into();
+        cfg.apply(read_env_layer(HostConfig::KEYS, |k| env.get(k).map(|v| v.to_string())).unwrap());
+        assert_eq!(cfg.api_port, 9100);
+        assert_eq!(cfg.liveness_check_interval.0, Duration::from_millis(250));
+        assert_eq!(cfg.ssh_proxy_port, 8002);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("host.toml");
+        std::fs::write(&f, "api_port = 9000\nbogus_key = 1\n").unwrap();
+        let e = read_file_layer::<HostLayer>(&f, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("host.toml") && e.contains("line 2") && e.contains("bogus_key"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+
+    #[test]
+    fn bad_port_names_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("host.toml");
+        std::fs::write(&f, "api_port = 70000\n").unwrap();
+        let e = read_file_layer::<HostLayer>(&f, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1"), "{e}");
+        let env = |k: &str| (k == "RIVERNODE_RUNNER_PORT").then(|| "http".to_string());
+        let e = read_env_layer::<RunnerLayer>(RunnerConfig::KEYS, env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RIVERNODE_RUNNER_PORT"), "{e}");
+        let cfg = HostConfig {
+            api_port: 8002,
+            ..Default::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("ssh_proxy_port"));
+    }
+
+    #[test]
+    fn missing_files() {
+        let p = Path::new("/nonexistent/rivernode/host.toml");
+        assert!(read_file_layer::<HostLayer>(p, false).is_ok());
+        let e = read_file_layer::<HostLayer>(p, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/rivernode/host.toml"), "{e}");
+    }
+
+    #[test]
+    fn defaults_render_as_valid_commented_toml() {
+        let text = render_defaults("host", HostConfig::KEYS, &HostConfig::default());
+        assert!(text.contains("#api_port = 8000"), "{text}");
+        // Uncommenting every value line gives a file that loads back to the defaults.
+        let uncommented: String = text
+            .lines()
+            .filter(|l| l.contains(" = ") && !l.contains("(unset)"))
+            .map(|l| format!("{}\n", l.trim_start_matches('#')))
+            .collect();
+        let layer: HostLayer = toml::from_str(&uncommented).unwrap();
+        let mut cfg = HostConfig::default();
+        cfg.apply(layer);
+        assert_eq!(cfg, HostConfig::default());
+    }
+}

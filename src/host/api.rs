@@ -1,0 +1,269 @@
+//! The host's HTTP API under `/api`. Every route sits behind the bearer-token
+//! middleware; handlers then check the role they need.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{middleware, Extension, Json, Router};
+
+use super::auth::{self, generate_token, hash_token, Principal, Role};
+use super::store::StoreError;
+use super::HostState;
+use crate::api::{
+    validate_node_name, ErrorBody, HeartbeatRequest, NodeView, RegisterRequest, RegisterResponse,
+    RunnerStatus, WhoAmI,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NodeExists(name) => ApiError::Conflict(format!(
+                "node {name:?} is already registered; if this is a new machine give it another name, \
+                 or remove the old entry with `rivernode node remove {name}`"
+            )),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::BadRequest(e.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Internal(msg) => {
+                tracing::error!(error = %msg, "request failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let mut resp = (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// `Json` whose rejections are 400s with our error body naming the field.
+#[derive(FromRequest)]
+#[from_request(via(Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+pub fn router(state: Arc<HostState>) -> Router {
+    Router::new()
+        .route("/api/whoami", get(whoami))
+        .route("/api/nodes", get(list_nodes))
+        .route("/api/nodes/register", post(register))
+        .route("/api/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/api/nodes/{name}/heartbeat", put(heartbeat))
+        .route("/api/nodes/{name}/runner", get(probe_runner))
+        .fallback(|| async { ApiError::NotFound("no such API route".into()) })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .with_state(state)
+}
+
+async fn whoami(Extension(p): Extension<Principal>) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        role: p.role.as_str().to_string(),
+        node: p.node,
+    })
+}
+
+async fn list_nodes(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
+    p.require(Role::Admin)?;
+    Ok(Json(state.blocking(|s| s.list_nodes()).await?))
+}
+
+async fn get_node(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    p.require(Role::Admin)?;
+    let n = name.clone();
+    state
+        .blocking(move |s| s.get_node(&n))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no node named {name:?}; `rivernode node list` shows the nodes"
+            ))
+        })
+}
+
+async fn remove_node(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Admin)?;
+    let n = name.clone();
+    if state.blocking(move |s| s.delete_node(&n)).await? {
+        tracing::info!(node = %name, "node removed; its credential is revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("no node named {name:?}")))
+    }
+}
+
+async fn register(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
+    p.require(Role::Join)?;
+    validate_node_name(&req.name).map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
+    check_url("runner_url", &req.runner_url)?;
+    check_interval(req.heartbeat_interval_ms)?;
+    let credential = generate_token("rnnode");
+    let host_token = generate_token("rnhost");
+    let (cred_hash, token, name) = (
+        hash_token(&credential),
+        host_token.clone(),
+        req.name.clone(),
+    );
+    let now = crate::now_unix_ms();
+    state
+        .blocking(move |s| s.register_node(&req, &cred_hash, &token, now))
+        .await?;
+    tracing::info!(node = %name, "node registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisterResponse {
+            name,
+            credential,
+            host_token,
+        }),
+    ))
+}
+
+async fn heartbeat(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiJson(hb): ApiJson<HeartbeatRequest>,
+) -> Result<StatusCode, ApiError> {
+    p.require(Role::Node)?;
+    if p.node.as_deref() != Some(name.as_str()) {
+        return Err(ApiError::Forbidden(format!(
+            "this credential is not for node {name:?}"
+        )));
+    }
+    check_url("runner_url", &hb.runner_url)?;
+    check_interval(hb.heartbeat_interval_ms)?;
+    let n = name.clone();
+    let now = crate::now_unix_ms();
+    match state.blocking(move |s| s.heartbeat(&n, &hb, now)).await? {
+        None => Err(ApiError::NotFound(format!(
+            "node {name:?} is not registered"
+        ))),
+        Some(crate::api::NodeState::Offline) => {
+            tracing::info!(node = %name, "node is back online");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Some(crate::api::NodeState::Online) => Ok(StatusCode::NO_CONTENT),
+    }
+}
+
+/// Calls the node's runner API with the host's token for it: shows that the
+/// host can reach and command the runner.
+async fn probe_runner(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<RunnerStatus>, ApiError> {
+    p.require(Role::Admin)?;
+    let n = name.clone();
+    let (url, token) = state
+        .blocking(move |s| s.runner_access(&n))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no node named {name:?}")))?;
+    let resp = state
+        .http
+        .get(format!("{url}/api/status"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::BadGateway(format!("runner of {name:?} at {url} unreachable: {e}"))
+        })?;
+    if !resp.status().is_success() {
+        return Err(ApiError::BadGateway(format!(
+            "runner of {name:?} at {url} answered {}",
+            resp.status()
+        )));
+    }
+    resp.json().await.map(Json).map_err(|e| {
+        ApiError::BadGateway(format!("runner of {name:?} sent an unreadable status: {e}"))
+    })
+}
+
+fn check_url(field: &str, url: &str) -> Result<(), ApiError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{field}: {url:?} is not an http(s) URL"
+        )))
+    }
+}
+
+fn check_interval(ms: u64) -> Result<(), ApiError> {
+    if (1..=3_600_000).contains(&ms) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "heartbeat_interval_ms: {ms} is outside 1..=3600000"
+        )))
+    }
+}

@@ -1,0 +1,201 @@
+//! `rivernode host`: the HTTP API, the store, the node registry and node
+//! liveness. Later: the ledger and scheduler and the SSH proxy.
+
+pub mod api;
+pub mod auth;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::HostConfig;
+use crate::files::{write_public, write_secret};
+use auth::{generate_token, hash_token, Role};
+use store::{SqliteStore, Store, StoreError};
+
+/// Files the host keeps in its data directory.
+pub const DB_FILE: &str = "host.db";
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const JOIN_TOKEN_FILE: &str = "join.token";
+pub const API_URL_FILE: &str = "api.url";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What every request handler shares.
+pub struct HostState {
+    pub store: Arc<dyn Store>,
+    pub http: reqwest::Client,
+}
+
+impl HostState {
+    /// Runs a store call off the async workers (SQLite calls block).
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, api::ApiError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| api::ApiError::Internal(format!("store task: {e}")))?
+            .map_err(api::ApiError::from)
+    }
+}
+
+/// A host whose store is open and whose API socket is bound, not yet serving.
+pub struct BoundHost {
+    state: Arc<HostState>,
+    listener: TcpListener,
+    config: HostConfig,
+    /// URL local clients use; also written to DATA_DIR/api.url.
+    pub api_url: String,
+    pub api_addr: SocketAddr,
+}
+
+impl BoundHost {
+    pub async fn bind(config: HostConfig) -> Result<Self, HostError> {
+        let dir = &config.data_dir;
+        crate::files::ensure_private_dir(dir).map_err(|source| HostError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let db_path = dir.join(DB_FILE);
+        let store: Arc<dyn Store> = {
+            let p = db_path.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || SqliteStore::open(&p))
+                    .await
+                    .map_err(|e| HostError::Serve(std::io::Error::other(e)))??,
+            )
+        };
+        crate::files::restrict(&db_path).map_err(|source| HostError::Io {
+            path: db_path,
+            source,
+        })?;
+        bootstrap_token(store.as_ref(), dir, Role::Admin, ADMIN_TOKEN_FILE, "rnadm")?;
+        bootstrap_token(store.as_ref(), dir, Role::Join, JOIN_TOKEN_FILE, "rnjoin")?;
+
+        let addr = SocketAddr::new(config.bind, config.api_port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| HostError::Bind { addr, source })?;
+        let api_addr = listener.local_addr().map_err(HostError::Serve)?;
+        let api_url = config.local_url(api_addr.port());
+        let url_path = dir.join(API_URL_FILE);
+        write_public(&url_path, format!("{api_url}\n").as_bytes()).map_err(|source| {
+            HostError::Io {
+                path: url_path,
+                source,
+            }
+        })?;
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("rivernode-host/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| HostError::Serve(std::io::Error::other(e)))?;
+        Ok(Self {
+            state: Arc::new(HostState { store, http }),
+            listener,
+            config,
+            api_url,
+            api_addr,
+        })
+    }
+
+    /// The cluster's join token, as stored in the data directory.
+    pub fn join_token(&self) -> Option<String> {
+        read_token(&self.config.data_dir.join(JOIN_TOKEN_FILE))
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), HostError> {
+        tracing::info!(addr = %self.api_addr, data_dir = %self.config.data_dir.display(), "host API listening");
+        let liveness = tokio::spawn(liveness_loop(self.state.clone(), self.config.clone()));
+        let result = axum::serve(self.listener, api::router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(HostError::Serve);
+        liveness.abort();
+        result
+    }
+}
+
+/// Creates the token of `role` at first start and writes it 0600 to `file`.
+/// A token that exists is never rotated here: the file may be gone (an admin
+/// moved it away), which is fine.
+fn bootstrap_token(
+    store: &dyn Store,
+    dir: &Path,
+    role: Role,
+    file: &str,
+    prefix: &str,
+) -> Result<(), HostError> {
+    if store.has_token_with_role(role)? {
+        if !dir.join(file).exists() {
+            tracing::warn!(file = %dir.join(file).display(), "{} token file is missing; the token in the store stays valid", role.as_str());
+        }
+        return Ok(());
+    }
+    let token = generate_token(prefix);
+    let path = dir.join(file);
+    write_secret(&path, format!("{token}\n").as_bytes()).map_err(|source| HostError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    store.insert_token(
+        &hash_token(&token),
+        role,
+        &format!("{} token (first start)", role.as_str()),
+    )?;
+    tracing::info!(file = %path.display(), "created the {} token", role.as_str());
+    Ok(())
+}
+
+pub fn read_token(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+async fn liveness_loop(state: Arc<HostState>, config: HostConfig) {
+    let mut tick = tokio::time::interval(config.liveness_check_interval.0);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let missed = config.offline_after_missed;
+        let now = crate::now_unix_ms();
+        match state
+            .blocking(move |s| s.mark_silent_offline(now, missed))
+            .await
+        {
+            Ok(names) => {
+                for name in names {
+                    tracing::warn!(node = %name, missed, "node marked offline: no heartbeat");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "liveness check failed"),
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! The host's state behind a narrow trait, with SQLite (WAL, versioned
+//! migrations) as the embedded backend. A PostgreSQL backend for an HA
+//! control plane would implement the same trait.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::auth::{Principal, Role};
+use crate::api::{HeartbeatRequest, NodeState, NodeView, RegisterRequest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("database migration to version {version} failed: {source}")]
+    Migration {
+        version: usize,
+        source: rusqlite::Error,
+    },
+    #[error("database is at schema version {found}, newer than this rivernode ({known}); upgrade rivernode")]
+    TooNew { found: usize, known: usize },
+    #[error("node {0:?} is already registered")]
+    NodeExists(String),
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("stored JSON in {what}: {source}")]
+    Json {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+/// What the host needs from its store. Every method is one transaction.
+pub trait Store: Send + Sync + 'static {
+    fn insert_token(&self, hash: &str, role: Role, label: &str) -> Result<(), StoreError>;
+    fn has_token_with_role(&self, role: Role) -> Result<bool, StoreError>;
+    fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError>;
+    /// Adds a node with its credential hash and the token the host uses on its runner.
+    fn register_node(
+        &self,
+        req: &RegisterRequest,
+        credential_hash: &str,
+        host_token: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Records a heartbeat; returns the state the node was in before, `None` if unknown.
+    fn heartbeat(
+        &self,
+        name: &str,
+        hb: &HeartbeatRequest,
+        now_ms: i64,
+    ) -> Result<Option<NodeState>, StoreError>;
+    fn list_nodes(&self) -> Result<Vec<NodeView>, StoreError>;
+    fn get_node(&self, name: &str) -> Result<Option<NodeView>, StoreError>;
+    /// The runner URL and the token the host presents to it.
+    fn runner_access(&self, name: &str) -> Result<Option<(String, String)>, StoreError>;
+    /// Marks offline every online node silent for `missed` of its own intervals.
+    fn mark_silent_offline(&self, now_ms: i64, missed: u32) -> Result<Vec<String>, StoreError>;
+    /// Removes a node and revokes its credential.
+    fn delete_node(&self, name: &str) -> Result<bool, StoreError>;
+}
+
+/// Schema versions, applied in order; `PRAGMA user_version` records the last.
+const MIGRATIONS: &[&str] = &[
+    // 1: nodes and tokens.
+    "CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        runner_url TEXT NOT NULL,
+        host_token TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('online', 'offline')),
+        version TEXT NOT NULL,
+        registered_at_ms INTEGER NOT NULL,
+        last_heartbeat_ms INTEGER NOT NULL,
+        heartbeat_interval_ms INTEGER NOT NULL,
+        inventory TEXT NOT NULL,
+        usage TEXT
+    );
+    CREATE TABLE tokens (
+        id INTEGER PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'join', 'node')),
+        node TEXT REFERENCES nodes(name) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );",
+];
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        Self::init(conn).map_err(|e| match e {
+            StoreError::Sql(source) => open_err(source),
+            other => other,
+        })
+    }
+
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // A panic while holding the lock cannot leave SQLite half-written
+        // (transactions roll back on drop), so a poisoned lock is safe to reuse.
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found: current,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let version = i + 1;
+        let tx = conn
+            .transaction()
+            .map_err(|source| StoreError::Migration { version, source })?;
+        tx.execute_batch(sql)
+            .and_then(|_| tx.pragma_update(None, "user_version", version))
+            .and_then(|_| tx.commit())
+            .map_err(|source| StoreError::Migration { version, source })?;
+    }
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(what: &'static str, v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|source| StoreError::Json { what, source })
+}
+
+const NODE_COLUMNS: &str = "name, state, runner_url, version, registered_at_ms, last_heartbeat_ms, heartbeat_interval_ms, inventory, usage";
+
+fn node_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<NodeView, StoreError>> {
+    let state: String = row.get(1)?;
+    let inventory: String = row.get(7)?;
+    let usage: Option<String> = row.get(8)?;
+    let inventory = match serde_json::from_str(&inventory) {
+        Ok(i) => i,
+        Err(source) => {
+            return Ok(Err(StoreError::Json {
+                what: "nodes.inventory",
+                source,
+            }))
+        }
+    };
+    let usage = match usage.map(|u| serde_json::from_str(&u)).transpose() {
+        Ok(u) => u,
+        Err(source) => {
+            return Ok(Err(StoreError::Json {
+                what: "nodes.usage",
+                source,
+            }))
+        }
+    };
+    Ok(Ok(NodeView {
+        name: row.get(0)?,
+        state: if state == "online" {
+            NodeState::Online
+        } else {
+            NodeState::Offline
+        },
+        runner_url: row.get(2)?,
+        version: row.get(3)?,
+        registered_at_unix_ms: row.get(4)?,
+        last_heartbeat_unix_ms: row.get(5)?,
+        heartbeat_interval_ms: row.get::<_, i64>(6)?.max(0) as u64,
+        inventory,
+        usage,
+    }))
+}
+
+impl Store for SqliteStore {
+    fn insert_token(&self, hash: &str, role: Role, label: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (hash, role, node, label, created_at_ms) VALUES (?1, ?2, NULL, ?3, ?4)",
+                params![hash, role.as_str(), label, crate::now_unix_ms()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn has_token_with_role(&self, role: Role) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM tokens WHERE role = ?1)",
+                [role.as_str()],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
+        self.with(|c| {
+            let row: Option<(String, Option<String>)> = c
+                .query_row(
+                    "SELECT role, node FROM tokens WHERE hash = ?1",
+                    [hash],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(row.and_then(|(role, node)| {
+                Some(Principal {
+                    role: Role::parse(&role)?,
+                    node,
+                })
+            }))
+        })
+    }
+
+    fn register_node(
+        &self,
+        req: &RegisterRequest,
+        credential_hash: &str,
+        host_token: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let inventory = to_json("inventory", &req.inventory)?;
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let exists: bool =
+                tx.query_row("SELECT EXISTS(SELECT 1 FROM nodes WHERE name = ?1)", [&req.name], |r| r.get(0))?;
+            if exists {
+                return Err(StoreError::NodeExists(req.name.clone()));
+            }
+            tx.execute(
+                "INSERT INTO nodes (name, runner_url, host_token, state, version, registered_at_ms,
+                                    last_heartbeat_ms, heartbeat_interval_ms, inventory, usage)
+                 VALUES (?1, ?2, ?3, 'online', ?4, ?5, ?5, ?6, ?7, NULL)",
+                params![
+                    req.name,
+                    req.runner_url,
+                    host_token,
+                    req.version,
+                    now_ms,
+                    req.heartbeat_interval_ms as i64,
+                    inventory
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO tokens (hash, role, node, label, created_at_ms) VALUES (?1, 'node', ?2, 'node credential', ?3)",
+                params![credential_hash, req.name, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn heartbeat(
+        &self,
+        name: &str,
+        hb: &HeartbeatRequest,
+        now_ms: i64,
+    ) -> Result<Option<NodeState>, StoreError> {
+        let usage = to_json("usage", &hb.usage)?;
+        let inventory = hb
+            .inventory
+            .as_ref()
+            .map(|i| to_json("inventory", i))
+            .transpose()?;
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let prev: Option<String> = tx
+                .query_row("SELECT state FROM nodes WHERE name = ?1", [name], |r| r.get(0))
+                .optional()?;
+            let Some(prev) = prev else { return Ok(None) };
+            tx.execute(
+                "UPDATE nodes SET state = 'online', runner_url = ?2, version = ?3, last_heartbeat_ms = ?4,
+                        heartbeat_interval_ms = ?5, usage = ?6, inventory = COALESCE(?7, inventory)
+                 WHERE name = ?1",
+                params![
+                    name,
+                    hb.runner_url,
+                    hb.version,
+                    now_ms,
+                    hb.heartbeat_interval_ms as i64,
+                    usage,
+                    inventory
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Some(if prev == "online" { NodeState::Online } else { NodeState::Offline }))
+        })
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeView>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY name"))?;
+            let rows = stmt.query_map([], node_from_row)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r??);
+            }
+            Ok(out)
+        })
+    }
+
+    fn get_node(&self, name: &str) -> Result<Option<NodeView>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"),
+                [name],
+                node_from_row,
+            )
+            .optional()?
+            .transpose()
+        })
+    }
+
+    fn runner_access(&self, name: &str) -> Result<Option<(String, String)>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT runner_url, host_token FROM nodes WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+        })
+    }
+
+    fn mark_silent_offline(&self, now_ms: i64, missed: u32) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "UPDATE nodes SET state = 'offline'
+                 WHERE state = 'online' AND last_heartbeat_ms + heartbeat_interval_ms * ?2 < ?1
+                 RETURNING name",
+            )?;
+            let names = stmt
+                .query_map(params![now_ms, missed], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(names)
+        })
+    }
+
+    fn delete_node(&self, name: &str) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Inventory, Usage};
+
+    fn inventory() -> Inventory {
+        Inventory {
+            hostname: "n1".into(),
+            kernel: "6.1".into(),
+            cpus: vec![],
+            numa_nodes: vec![],
+            memory_total_bytes: 1 << 30,
+            gpus: vec![],
+            warnings: vec![],
+        }
+    }
+
+    fn register(store: &SqliteStore, name: &str, now: i64) {
+        let req = RegisterRequest {
+            name: name.into(),
+            runner_url: "http://127.0.0.1:8001".into(),
+            heartbeat_interval_ms: 1000,
+            version: "0.1.0".into(),
+            inventory: inventory(),
+        };
+        store
+            .register_node(&req, &format!("hash-{name}"), "host-token", now)
+            .unwrap();
+    }
+
+    fn beat() -> HeartbeatRequest {
+        HeartbeatRequest {
+            runner_url: "http://127.0.0.1:8001".into(),
+            heartbeat_interval_ms: 1000,
+            version: "0.1.0".into(),
+            usage: Usage::default(),
+            inventory: None,
+        }
+    }
+
+    #[test]
+    fn migrations_are_versioned_and_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let s = SqliteStore::open(&path).unwrap();
+        let v: usize = s
+            .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len());
+        let mode: String = s
+            .with(|c| Ok(c.pragma_query_value(None, "journal_mode", |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.db");
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn node_lifecycle() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        register(&s, "n1", 1_000);
+        assert_eq!(
+            s.find_token("hash-n1").unwrap(),
+            Some(Principal {
+                role: Role::Node,
+                node: Some("n1".into())
+            })
+        );
+        let dup = RegisterRequest {
+            name: "n1".into(),
+            runner_url: "http://evil:8001".into(),
+            heartbeat_interval_ms: 1000,
+            version: "x".into(),
+            inventory: inventory(),
+        };
+        assert!(matches!(
+            s.register_node(&dup, "h2", "t2", 2_000),
+            Err(StoreError::NodeExists(_))
+        ));
+        assert_eq!(
+            s.runner_access("n1").unwrap().unwrap().0,
+            "http://127.0.0.1:8001"
+        );
+
+        // 3 intervals of 1 s: still online at 4.0 s, offline after.
+        assert!(s.mark_silent_offline(4_000, 3).unwrap().is_empty());
+        assert_eq!(
+            s.mark_silent_offline(4_001, 3).unwrap(),
+            vec!["n1".to_string()]
+        );
+        assert!(
+            s.mark_silent_offline(9_000, 3).unwrap().is_empty(),
+            "reported once"
+        );
+        assert_eq!(s.get_node("n1").unwrap().unwrap().state, NodeState::Offline);
+
+        assert_eq!(
+            s.heartbeat("n1", &beat(), 10_000).unwrap(),
+            Some(NodeState::Offline)
+        );
+        let n = s.get_node("n1").unwrap().unwrap();
+        assert_eq!(
+            (n.state, n.last_heartbeat_unix_ms),
+            (NodeState::Online, 10_000)
+        );
+        assert!(n.usage.is_some());
+        assert_eq!(
+            n.inventory.memory_total_bytes,
+            1 << 30,
+            "inventory kept when not resent"
+        );
+        assert_eq!(s.heartbeat("ghost", &beat(), 10_000).unwrap(), None);
+
+        assert!(s.delete_node("n1").unwrap());
+        assert_eq!(
+            s.find_token("hash-n1").unwrap(),
+            None,
+            "credential revoked with the node"
+        );
+        assert!(s.list_nodes().unwrap().is_empty());
+        assert!(!s.delete_node("n1").unwrap());
+    }
+
+    #[test]
+    fn tokens_by_role() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        assert!(!s.has_token_with_role(Role::Admin).unwrap());
+        s.insert_token("abc", Role::Admin, "admin").unwrap();
+        assert!(s.has_token_with_role(Role::Admin).unwrap());
+        assert_eq!(s.find_token("abc").unwrap().unwrap().role, Role::Admin);
+        assert_eq!(s.find_token("nope").unwrap(), None);
+        assert!(
+            s.insert_token("abc", Role::Join, "dup").is_err(),
+            "hashes are unique"
+        );
+    }
+}

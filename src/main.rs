@@ -1,0 +1,33 @@
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use rivernode::cli::args::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    let daemon = matches!(
+        cli.command,
+        Command::Host(_) | Command::Runner(_) | Command::Up(_)
+    );
+    // Daemons log at info; client commands only say something when it matters.
+    let default = if daemon { "info" } else { "warn" };
+    let filter =
+        EnvFilter::try_from_env("RIVERNODE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(rivernode::cli::run(cli)) {
+        // One line: the error and its causes, joined.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,1 @@
+//! containerd client: images (import, pull), snapshots, containers, tasks, runtime spec, CDI, commit (issue: command tasks).

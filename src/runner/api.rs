@@ -1,0 +1,85 @@
+//! The runner's own HTTP API (port 8001). Only the host may call it: every
+//! request must carry the token the host received when this node registered.
+//! Later: task and VPS control.
+
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::api::{ErrorBody, RunnerStatus};
+use crate::host::auth::hash_token;
+
+/// Who may call the runner API: the hash of the host's token for this node,
+/// unknown until the node has registered.
+#[derive(Default)]
+pub struct HostKey(RwLock<Option<String>>);
+
+impl HostKey {
+    pub fn set(&self, hash: Option<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = hash;
+    }
+
+    fn accepts(&self, token: &str) -> bool {
+        let guard = self.0.read().unwrap_or_else(|p| p.into_inner());
+        guard.as_deref() == Some(hash_token(token).as_str())
+    }
+}
+
+pub struct RunnerApiState {
+    pub name: String,
+    pub host_key: HostKey,
+}
+
+pub fn router(state: Arc<RunnerApiState>) -> Router {
+    Router::new()
+        .route("/api/status", get(status))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such runner API route") })
+        .layer(middleware::from_fn_with_state(state.clone(), only_the_host))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, msg: &str) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: msg.to_string(),
+        }),
+    )
+        .into_response()
+}
+
+async fn only_the_host(
+    State(state): State<Arc<RunnerApiState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let token = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token {
+        Some(t) if state.host_key.accepts(t) => next.run(req).await,
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "this runner accepts only its host's token",
+        ),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <token> header",
+        ),
+    }
+}
+
+async fn status(State(state): State<Arc<RunnerApiState>>) -> Json<RunnerStatus> {
+    Json(RunnerStatus {
+        name: state.name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}

@@ -1,0 +1,395 @@
+//! `rivernode runner`: registers the node with the host, heartbeats its
+//! inventory and usage, and serves the runner API to the host only.
+//! Later: the reconcile loop and the instance supervisor.
+
+pub mod api;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{
+    node_name_from_hostname, ErrorBody, HeartbeatRequest, RegisterRequest, RegisterResponse,
+};
+use crate::config::RunnerConfig;
+use crate::host::auth::hash_token;
+use crate::topology::{self, Inventory, KernelRoots, TopologyError, UsageSampler};
+use api::{HostKey, RunnerApiState};
+
+/// The runner's own subdirectory of the data directory.
+pub const STATE_DIR: &str = "runner";
+const CREDENTIAL_FILE: &str = "node.json";
+/// The inventory is read again every this many heartbeats (GPUs, CPUs and
+/// memory can be hot-plugged, but rarely).
+const INVENTORY_EVERY_BEATS: u32 = 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading the node inventory: {0}")]
+    Topology(#[from] TopologyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("this node is not registered and has no join token: set join_token or join_token_file in runner.toml or RIVERNODE_JOIN_TOKEN (the host writes it to DATA_DIR/join.token)")]
+    NoJoinToken,
+    #[error("the host refused registration: {0}")]
+    Refused(String),
+    #[error("runner API server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What the runner keeps after registering (0600, DATA_DIR/runner/node.json).
+#[derive(Clone, Serialize, Deserialize)]
+struct Credential {
+    name: String,
+    host_url: String,
+    credential: String,
+    host_token_hash: String,
+}
+
+pub struct BoundRunner {
+    config: RunnerConfig,
+    roots: KernelRoots,
+    listener: TcpListener,
+    api: Arc<RunnerApiState>,
+    join_token: Option<String>,
+    inventory: Inventory,
+    pub runner_addr: SocketAddr,
+}
+
+impl BoundRunner {
+    /// Reads the inventory and binds the runner API. `join_token` overrides the config's.
+    pub async fn bind(
+        config: RunnerConfig,
+        join_token: Option<String>,
+    ) -> Result<Self, RunnerError> {
+        let dir = config.data_dir.join(STATE_DIR);
+        crate::files::ensure_private_dir(&dir)
+            .map_err(|source| RunnerError::Io { path: dir, source })?;
+        let join_token = match join_token.or_else(|| config.join_token.clone()) {
+            Some(t) => Some(t),
+            None => match &config.join_token_file {
+                Some(p) => Some(crate::host::read_token(p).ok_or_else(|| RunnerError::Io {
+                    path: p.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "no token in this file",
+                    ),
+                })?),
+                None => None,
+            },
+        };
+        let roots = KernelRoots {
+            sys: config.sys_root.clone(),
+            proc: config.proc_root.clone(),
+            ..KernelRoots::default()
+        };
+        let inventory = collect_inventory(&roots).await?;
+        let name = config
+            .name
+            .clone()
+            .unwrap_or_else(|| node_name_from_hostname(&inventory.hostname));
+        let addr = SocketAddr::new(config.bind, config.runner_port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunnerError::Bind { addr, source })?;
+        let runner_addr = listener.local_addr().map_err(RunnerError::Serve)?;
+        let api = Arc::new(RunnerApiState {
+            name,
+            host_key: HostKey::default(),
+        });
+        Ok(Self {
+            config,
+            roots,
+            listener,
+            api,
+            join_token,
+            inventory,
+            runner_addr,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.api.name
+    }
+
+    /// Serves the runner API and keeps the node registered and heartbeating
+    /// until `shutdown` resolves. Returns early only on errors that retrying
+    /// cannot fix (a refused join token, a name taken by another node).
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunnerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut server_stop = stop_rx.clone();
+        let server = axum::serve(self.listener, api::router(self.api.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            });
+        tracing::info!(addr = %self.runner_addr, node = %self.api.name, "runner API listening");
+        let server = tokio::spawn(async move { server.await });
+        let mut control = Control {
+            http: reqwest::Client::builder()
+                .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
+                .timeout(Duration::from_secs(10))
+                .build()
+                .map_err(|e| RunnerError::Serve(std::io::Error::other(e)))?,
+            credential_path: self.config.data_dir.join(STATE_DIR).join(CREDENTIAL_FILE),
+            runner_url: self.config.runner_url(self.runner_addr.port()),
+            interval: self.config.heartbeat_interval.0,
+            host_url: self.config.host_url.trim_end_matches('/').to_string(),
+            join_token: self.join_token,
+            api: self.api,
+            roots: self.roots,
+            inventory: self.inventory,
+            stop: stop_rx,
+        };
+        if let Err(e) = control.run().await {
+            server.abort();
+            return Err(e);
+        }
+        server
+            .await
+            .map_err(|e| RunnerError::Serve(std::io::Error::other(e)))?
+            .map_err(RunnerError::Serve)
+    }
+}
+
+async fn collect_inventory(roots: &KernelRoots) -> Result<Inventory, TopologyError> {
+    let roots = roots.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut inv = topology::collect(&roots)?;
+        // Only the real sysfs has GPUs NVML can know about.
+        if !inv.gpus.is_empty() && roots.sys == std::path::Path::new("/sys") {
+            match topology::nvml::query() {
+                Ok(list) => topology::nvml::attach_uuids(&mut inv.gpus, &list),
+                Err(topology::nvml::NvmlError::NotInstalled) => {}
+                Err(e) => inv.warnings.push(format!("NVML: {e}")),
+            }
+        }
+        Ok(inv)
+    })
+    .await
+    .map_err(|e| TopologyError::Read {
+        path: PathBuf::from("(inventory task)"),
+        source: std::io::Error::other(e),
+    })?
+}
+
+struct Control {
+    http: reqwest::Client,
+    credential_path: PathBuf,
+    host_url: String,
+    runner_url: String,
+    interval: Duration,
+    join_token: Option<String>,
+    api: Arc<RunnerApiState>,
+    roots: KernelRoots,
+    inventory: Inventory,
+    stop: watch::Receiver<bool>,
+}
+
+enum Beat {
+    Ok,
+    /// The host no longer knows this credential: register again.
+    Forgotten,
+    Failed(String),
+}
+
+impl Control {
+    async fn run(&mut self) -> Result<(), RunnerError> {
+        let mut sampler = UsageSampler::new(&self.roots.proc);
+        let mut backoff = Duration::from_millis(500);
+        let mut beats: u32 = 0;
+        let mut send_inventory = true;
+        let mut cred = self.load_credential();
+        loop {
+            if *self.stop.borrow() {
+                return Ok(());
+            }
+            let c = match cred.clone() {
+                Some(c) => c,
+                None => match self.register().await {
+                    Ok(c) => {
+                        backoff = Duration::from_millis(500);
+                        send_inventory = false;
+                        cred = Some(c.clone());
+                        c
+                    }
+                    Err(RegisterFailure::Fatal(e)) => return Err(e),
+                    Err(RegisterFailure::Retry(msg)) => {
+                        tracing::warn!(host = %self.host_url, retry_in = ?backoff, "registration failed: {msg}");
+                        self.sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                },
+            };
+            self.api.host_key.set(Some(c.host_token_hash.clone()));
+            if beats % INVENTORY_EVERY_BEATS == INVENTORY_EVERY_BEATS - 1 {
+                match collect_inventory(&self.roots).await {
+                    Ok(inv) if inv != self.inventory => {
+                        self.inventory = inv;
+                        send_inventory = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "re-reading the inventory failed"),
+                }
+            }
+            beats = beats.wrapping_add(1);
+            let usage = match sampler.sample() {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(error = %e, "usage sample failed");
+                    Default::default()
+                }
+            };
+            let hb = HeartbeatRequest {
+                runner_url: self.runner_url.clone(),
+                heartbeat_interval_ms: self.interval.as_millis() as u64,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                usage,
+                inventory: send_inventory.then(|| self.inventory.clone()),
+            };
+            match self.heartbeat(&c, &hb).await {
+                Beat::Ok => send_inventory = false,
+                Beat::Forgotten => {
+                    tracing::warn!(node = %c.name, "the host no longer knows this node; registering again");
+                    let _ = std::fs::remove_file(&self.credential_path);
+                    self.api.host_key.set(None);
+                    cred = None;
+                    continue;
+                }
+                Beat::Failed(msg) => {
+                    tracing::warn!(host = %self.host_url, "heartbeat failed: {msg}");
+                    send_inventory = true;
+                }
+            }
+            self.sleep(self.interval).await;
+        }
+    }
+
+    async fn sleep(&mut self, d: Duration) {
+        let _ = tokio::time::timeout(d, self.stop.wait_for(|s| *s)).await;
+    }
+
+    fn load_credential(&self) -> Option<Credential> {
+        let text = std::fs::read_to_string(&self.credential_path).ok()?;
+        match serde_json::from_str::<Credential>(&text) {
+            Ok(c) if c.host_url == self.host_url && c.name == self.api.name => Some(c),
+            Ok(_) => {
+                tracing::info!(
+                    "stored credential is for another host URL or node name; registering again"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.credential_path.display(), error = %e, "unreadable credential; registering again");
+                None
+            }
+        }
+    }
+
+    async fn register(&self) -> Result<Credential, RegisterFailure> {
+        let token = self
+            .join_token
+            .as_deref()
+            .ok_or(RegisterFailure::Fatal(RunnerError::NoJoinToken))?;
+        let req = RegisterRequest {
+            name: self.api.name.clone(),
+            runner_url: self.runner_url.clone(),
+            heartbeat_interval_ms: self.interval.as_millis() as u64,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            inventory: self.inventory.clone(),
+        };
+        let resp = self
+            .http
+            .post(format!("{}/api/nodes/register", self.host_url))
+            .bearer_auth(token)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| RegisterFailure::Retry(e.to_string()))?;
+        let status = resp.status();
+        if status.is_success() {
+            let r: RegisterResponse = resp
+                .json()
+                .await
+                .map_err(|e| RegisterFailure::Retry(format!("unreadable answer: {e}")))?;
+            let cred = Credential {
+                name: r.name,
+                host_url: self.host_url.clone(),
+                credential: r.credential,
+                host_token_hash: hash_token(&r.host_token),
+            };
+            let json = serde_json::to_vec_pretty(&cred)
+                .map_err(|e| RegisterFailure::Retry(e.to_string()))?;
+            crate::files::write_secret(&self.credential_path, &json).map_err(|source| {
+                RegisterFailure::Fatal(RunnerError::Io {
+                    path: self.credential_path.clone(),
+                    source,
+                })
+            })?;
+            tracing::info!(node = %cred.name, host = %self.host_url, "registered with the host");
+            return Ok(cred);
+        }
+        let msg = error_text(resp).await;
+        if status.is_client_error() {
+            let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
+                " (check the join token)"
+            } else {
+                ""
+            };
+            Err(RegisterFailure::Fatal(RunnerError::Refused(format!(
+                "{status}: {msg}{hint}"
+            ))))
+        } else {
+            Err(RegisterFailure::Retry(format!("{status}: {msg}")))
+        }
+    }
+
+    async fn heartbeat(&self, c: &Credential, hb: &HeartbeatRequest) -> Beat {
+        let sent = self
+            .http
+            .put(format!("{}/api/nodes/{}/heartbeat", self.host_url, c.name))
+            .bearer_auth(&c.credential)
+            .json(hb)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => Beat::Ok,
+            Ok(r) if matches!(r.status().as_u16(), 401 | 404) => Beat::Forgotten,
+            Ok(r) => Beat::Failed(format!("{}: {}", r.status(), error_text(r).await)),
+            Err(e) => Beat::Failed(e.to_string()),
+        }
+    }
+}
+
+enum RegisterFailure {
+    Retry(String),
+    Fatal(RunnerError),
+}
+
+async fn error_text(resp: reqwest::Response) -> String {
+    let text = resp.text().await.unwrap_or_default();
+    serde_json::from_str::<ErrorBody>(&text)
+        .map(|b| b.error)
+        .unwrap_or(text)
+}

@@ -1,0 +1,1 @@
+//! PCI sysfs, IOMMU groups, bind/unbind/restore vfio-pci, viability checks (issue: VFIO).
