@@ -165,7 +165,7 @@ fn print_next_steps(data_dir: &Path, api_url: &str, runner_addr: std::net::Socke
     } else {
         format!("--data-dir {} ", data_dir.display())
     };
-    println!(
+    crate::cli::output::emit(&format!(
         "rivernode is up: a one-node cluster on this machine.\n\
          \x20 host API   {api_url}  (admin token: {admin})\n\
          \x20 runner     http://{runner_addr}  node {node:?}\n\
@@ -175,8 +175,8 @@ fn print_next_steps(data_dir: &Path, api_url: &str, runner_addr: std::net::Socke
          \x20 rivernode {dd}node list\n\
          \x20 rivernode {dd}node status {node}\n\
          \n\
-         Ctrl-C stops it; running it again keeps the cluster's state.",
+         Ctrl-C stops it; running it again keeps the cluster's state.\n",
         admin = data_dir.join(crate::host::ADMIN_TOKEN_FILE).display(),
         dir = data_dir.display(),
-    );
+    ));
 }

@@ -40,7 +40,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             };
             match file {
-                None => print!("{text}"),
+                None => output::emit(&text),
                 Some(path) => {
                     let mut f = std::fs::OpenOptions::new()
                         .write(true)
@@ -54,14 +54,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         })?;
                     f.write_all(text.as_bytes())
                         .with_context(|| format!("writing {}", path.display()))?;
-                    println!("wrote {}", path.display());
+                    output::emit(&format!("wrote {}\n", path.display()));
                 }
             }
             Ok(())
         }
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "rivernode", &mut std::io::stdout());
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "rivernode", &mut buf);
+            output::emit(&String::from_utf8_lossy(&buf));
             Ok(())
         }
     }

@@ -3,7 +3,7 @@
 use crate::api::{NodeView, RunnerStatus};
 use crate::cli::args::{NodeCommand, Output};
 use crate::cli::client::{Client, ClientError};
-use crate::cli::output::{ago, bytes, table};
+use crate::cli::output::{ago, bytes, emit, emit_json, table};
 use crate::topology::CpuList;
 
 pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<(), ClientError> {
@@ -11,8 +11,8 @@ pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<()
         NodeCommand::List => {
             let nodes: Vec<NodeView> = client.get("/api/nodes").await?;
             match output {
-                Output::Json => print_json(&nodes),
-                Output::Table => print!("{}", list_table(&nodes, crate::now_unix_ms())),
+                Output::Json => emit_json(&nodes),
+                Output::Table => emit(&list_table(&nodes, crate::now_unix_ms())),
             }
         }
         NodeCommand::Status { name } => {
@@ -23,29 +23,22 @@ pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<()
                 .await
                 .map_err(|e| e.to_string());
             match output {
-                Output::Json => print_json(&serde_json::json!({
+                Output::Json => emit_json(&serde_json::json!({
                     "node": node,
                     "runner_api": match &runner {
                         Ok(s) => serde_json::json!({"reachable": true, "version": s.version}),
                         Err(e) => serde_json::json!({"reachable": false, "error": e}),
                     },
                 })),
-                Output::Table => print!("{}", status_text(&node, &runner, crate::now_unix_ms())),
+                Output::Table => emit(&status_text(&node, &runner, crate::now_unix_ms())),
             }
         }
         NodeCommand::Remove { name } => {
             client.delete(&format!("/api/nodes/{name}")).await?;
-            println!("node {name} removed; its credential is revoked");
+            emit(&format!("node {name} removed; its credential is revoked\n"));
         }
     }
     Ok(())
-}
-
-fn print_json<T: serde::Serialize>(v: &T) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("error: cannot encode JSON: {e}"),
-    }
 }
 
 fn list_table(nodes: &[NodeView], now: i64) -> String {

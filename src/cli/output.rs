@@ -1,4 +1,31 @@
-//! Plain-text tables and human-readable sizes and ages for `-o table`.
+//! Plain-text tables and human-readable sizes and ages for `-o table`, and
+//! writing to stdout without panicking when the reader went away.
+
+use std::io::Write;
+
+/// Writes `text` to stdout. A closed pipe (`rivernode node list | head`) ends
+/// the process quietly instead of panicking as `print!` would.
+pub fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Pretty JSON followed by a newline.
+pub fn emit_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => emit(&format!("{s}\n")),
+        Err(e) => {
+            eprintln!("error: cannot encode JSON: {e}");
+            std::process::exit(1);
+        }
+    }
+}
 
 /// Left-aligned columns separated by two spaces, header first.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {

@@ -91,14 +91,31 @@ impl IntoResponse for ApiError {
 #[from_request(via(Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
 
+/// Routes are grouped by the role they need; the role is checked before the
+/// body is read, so a wrong token never learns what a valid body looks like.
 pub fn router(state: Arc<HostState>) -> Router {
+    let admin = Router::new()
+        .route("/api/nodes", get(list_nodes))
+        .route("/api/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/api/nodes/{name}/runner", get(probe_runner))
+        .route_layer(middleware::from_fn(|req, next| {
+            auth::require(Role::Admin, req, next)
+        }));
+    let join = Router::new()
+        .route("/api/nodes/register", post(register))
+        .route_layer(middleware::from_fn(|req, next| {
+            auth::require(Role::Join, req, next)
+        }));
+    let node = Router::new()
+        .route("/api/nodes/{name}/heartbeat", put(heartbeat))
+        .route_layer(middleware::from_fn(|req, next| {
+            auth::require(Role::Node, req, next)
+        }));
     Router::new()
         .route("/api/whoami", get(whoami))
-        .route("/api/nodes", get(list_nodes))
-        .route("/api/nodes/register", post(register))
-        .route("/api/nodes/{name}", get(get_node).delete(remove_node))
-        .route("/api/nodes/{name}/heartbeat", put(heartbeat))
-        .route("/api/nodes/{name}/runner", get(probe_runner))
+        .merge(admin)
+        .merge(join)
+        .merge(node)
         .fallback(|| async { ApiError::NotFound("no such API route".into()) })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -114,20 +131,14 @@ async fn whoami(Extension(p): Extension<Principal>) -> Json<WhoAmI> {
     })
 }
 
-async fn list_nodes(
-    State(state): State<Arc<HostState>>,
-    Extension(p): Extension<Principal>,
-) -> Result<Json<Vec<NodeView>>, ApiError> {
-    p.require(Role::Admin)?;
+async fn list_nodes(State(state): State<Arc<HostState>>) -> Result<Json<Vec<NodeView>>, ApiError> {
     Ok(Json(state.blocking(|s| s.list_nodes()).await?))
 }
 
 async fn get_node(
     State(state): State<Arc<HostState>>,
-    Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
-    p.require(Role::Admin)?;
     let n = name.clone();
     state
         .blocking(move |s| s.get_node(&n))
@@ -142,10 +153,8 @@ async fn get_node(
 
 async fn remove_node(
     State(state): State<Arc<HostState>>,
-    Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Admin)?;
     let n = name.clone();
     if state.blocking(move |s| s.delete_node(&n)).await? {
         tracing::info!(node = %name, "node removed; its credential is revoked");
@@ -157,10 +166,8 @@ async fn remove_node(
 
 async fn register(
     State(state): State<Arc<HostState>>,
-    Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
-    p.require(Role::Join)?;
     validate_node_name(&req.name).map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
     check_url("runner_url", &req.runner_url)?;
     check_interval(req.heartbeat_interval_ms)?;
@@ -192,7 +199,6 @@ async fn heartbeat(
     Path(name): Path<String>,
     ApiJson(hb): ApiJson<HeartbeatRequest>,
 ) -> Result<StatusCode, ApiError> {
-    p.require(Role::Node)?;
     if p.node.as_deref() != Some(name.as_str()) {
         return Err(ApiError::Forbidden(format!(
             "this credential is not for node {name:?}"
@@ -218,10 +224,8 @@ async fn heartbeat(
 /// host can reach and command the runner.
 async fn probe_runner(
     State(state): State<Arc<HostState>>,
-    Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<RunnerStatus>, ApiError> {
-    p.require(Role::Admin)?;
     let n = name.clone();
     let (url, token) = state
         .blocking(move |s| s.runner_access(&n))

@@ -108,6 +108,17 @@ pub async fn authenticate(
     Ok(next.run(req).await)
 }
 
+/// Route layer: lets the request through only if the authenticated
+/// principal has `role` (403 otherwise).
+pub async fn require(role: Role, req: Request, next: Next) -> Result<Response, ApiError> {
+    let principal = req
+        .extensions()
+        .get::<Principal>()
+        .ok_or_else(|| ApiError::Unauthorized("not authenticated".into()))?;
+    principal.require(role)?;
+    Ok(next.run(req).await)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::KernelRoots;
 
@@ -76,8 +76,7 @@ impl FakeMachine {
         &self,
         addr: &str,
         class: u32,
-        vendor: u16,
-        device: u16,
+        (vendor, device): (u16, u16),
         numa: &str,
         group: Option<u32>,
         driver: Option<&str>,
@@ -129,8 +128,7 @@ impl FakeMachine {
         m.pci(
             "0000:17:00.0",
             gpu,
-            0x10de,
-            0x2330,
+            (0x10de, 0x2330),
             "0",
             Some(20),
             Some("nvidia"),
@@ -138,8 +136,7 @@ impl FakeMachine {
         m.pci(
             "0000:17:00.1",
             audio,
-            0x10de,
-            0x22a3,
+            (0x10de, 0x22a3),
             "0",
             Some(20),
             Some("snd_hda_intel"),
@@ -147,8 +144,7 @@ impl FakeMachine {
         m.pci(
             "0000:18:00.0",
             gpu,
-            0x10de,
-            0x2330,
+            (0x10de, 0x2330),
             "0",
             Some(20),
             Some("nvidia"),
@@ -156,8 +152,7 @@ impl FakeMachine {
         m.pci(
             "0000:18:00.1",
             audio,
-            0x10de,
-            0x22a3,
+            (0x10de, 0x22a3),
             "0",
             Some(20),
             Some("snd_hda_intel"),
@@ -165,8 +160,7 @@ impl FakeMachine {
         m.pci(
             "0000:ca:00.0",
             gpu,
-            0x10de,
-            0x2330,
+            (0x10de, 0x2330),
             "1",
             Some(30),
             Some("nvidia"),
@@ -174,8 +168,7 @@ impl FakeMachine {
         m.pci(
             "0000:ca:00.1",
             audio,
-            0x10de,
-            0x22a3,
+            (0x10de, 0x22a3),
             "1",
             Some(30),
             Some("snd_hda_intel"),
@@ -183,8 +176,7 @@ impl FakeMachine {
         m.pci(
             "0000:cb:00.0",
             gpu,
-            0x10de,
-            0x2330,
+            (0x10de, 0x2330),
             "1",
             Some(31),
             Some("vfio-pci"),
@@ -192,8 +184,7 @@ impl FakeMachine {
         m.pci(
             "0000:cb:00.1",
             audio,
-            0x10de,
-            0x22a3,
+            (0x10de, 0x22a3),
             "1",
             Some(31),
             Some("vfio-pci"),
@@ -201,8 +192,7 @@ impl FakeMachine {
         m.pci(
             "0000:00:1f.6",
             0x020000,
-            0x8086,
-            0x15bb,
+            (0x8086, 0x15bb),
             "-1",
             Some(5),
             Some("e1000e"),

@@ -136,6 +136,13 @@ pub fn collect(roots: &KernelRoots) -> Result<Inventory, TopologyError> {
     let memory_total_bytes = meminfo_field(&roots.proc.join("meminfo"), "MemTotal")?;
     let numa_nodes = read_numa_nodes(&roots.sys, memory_total_bytes, &mut warnings)?;
     let cpus = read_cpus(&roots.sys, &numa_nodes, &mut warnings)?;
+    let numa_memory: u64 = numa_nodes.iter().map(|n| n.memory_total_bytes).sum();
+    if numa_memory < memory_total_bytes / 10 * 9 {
+        // Seen with hot-plugged memory in some VMs: the per-node counts lag MemTotal.
+        warnings.push(format!(
+            "NUMA nodes account for {numa_memory} of {memory_total_bytes} bytes of memory"
+        ));
+    }
     let mut gpus = pci::scan_gpus(&roots.sys, &mut warnings)?;
     pci::lookup_names(&roots.pci_ids, &mut gpus);
     Ok(Inventory {

@@ -1,0 +1,236 @@
+//! Every route of the host and runner APIs is authenticated, and each token
+//! can do only what its role allows.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (StatusCode, serde_json::Value) {
+    let mut req = reqwest::Client::new().request(method, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_api_requires_a_valid_token_with_the_right_role() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_host, url) = start_host(tmp.path());
+    let host_data = tmp.path().join("host");
+    let admin = read_trimmed(&host_data.join("admin.token")).unwrap();
+    let join = read_trimmed(&host_data.join("join.token")).unwrap();
+    use reqwest::Method as M;
+
+    for path in [
+        "/api/nodes",
+        "/api/whoami",
+        "/api/nodes/x",
+        "/api/no-such-route",
+    ] {
+        let (s, body) = call(M::GET, &format!("{url}{path}"), None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path} without token");
+        assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+        let (s, _) = call(M::GET, &format!("{url}{path}"), Some("rnadm_wrong"), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path} with a wrong token");
+    }
+    let (s, body) = call(M::GET, &format!("{url}/api/whoami"), Some(&admin), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["role"], "admin");
+
+    // The join token registers nodes and nothing else.
+    let (s, _) = call(M::GET, &format!("{url}/api/nodes"), Some(&join), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // The admin token cannot register a node.
+    let (s, _) = call(
+        M::POST,
+        &format!("{url}/api/nodes/register"),
+        Some(&admin),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Bad bodies are 400s that name the problem.
+    let (s, body) = call(
+        M::POST,
+        &format!("{url}/api/nodes/register"),
+        Some(&join),
+        Some(serde_json::json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap().contains("runner_url"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_credentials_and_the_runner_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_host, url) = start_host(tmp.path());
+    let host_data = tmp.path().join("host");
+    let admin = read_trimmed(&host_data.join("admin.token")).unwrap();
+    let runner_data = tmp.path().join("r1");
+    let _runner = Daemon::start(
+        tmp.path(),
+        "r1",
+        &[
+            "--data-dir",
+            runner_data.to_str().unwrap(),
+            "runner",
+            "--config",
+            "/dev/null",
+            "--name",
+            "node-c",
+            "--host-url",
+            &url,
+            "--join-token-file",
+            host_data.join("join.token").to_str().unwrap(),
+            "--bind",
+            "127.0.0.1",
+            "--runner-port",
+            "0",
+            "--heartbeat-interval",
+            "200ms",
+        ],
+    );
+    let hd = host_data.clone();
+    let n = wait_for("node-c", move || node(&nodes(&hd), "node-c").cloned());
+    let runner_url = n["runner_url"].as_str().unwrap();
+    let cred: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(runner_data.join("runner/node.json")).unwrap(),
+    )
+    .unwrap();
+    let credential = cred["credential"].as_str().unwrap();
+    use reqwest::Method as M;
+
+    // A node credential is for its own node only.
+    let (s, body) = call(M::GET, &format!("{url}/api/whoami"), Some(credential), None).await;
+    assert_eq!(
+        (s, body["role"].as_str(), body["node"].as_str()),
+        (StatusCode::OK, Some("node"), Some("node-c"))
+    );
+    let (s, _) = call(M::GET, &format!("{url}/api/nodes"), Some(credential), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let beat = serde_json::json!({
+        "runner_url": "http://127.0.0.1:1", "heartbeat_interval_ms": 1000, "version": "x",
+        "usage": {"cpu_percent": 0.0, "memory_available_bytes": 0, "load_1m": 0.0}, "inventory": null
+    });
+    let (s, _) = call(
+        M::PUT,
+        &format!("{url}/api/nodes/other/heartbeat"),
+        Some(credential),
+        Some(beat),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "cannot heartbeat for another node"
+    );
+
+    // The runner API accepts only its host: not anonymous callers, not the admin, not the node itself.
+    for token in [
+        None,
+        Some(admin.as_str()),
+        Some(credential),
+        Some("rnhost_guess"),
+    ] {
+        let (s, _) = call(M::GET, &format!("{runner_url}/api/status"), token, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "runner API with {token:?}");
+    }
+    // ...while the host, with the token it got at registration, gets through.
+    let (s, body) = call(
+        M::GET,
+        &format!("{url}/api/nodes/node-c/runner"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["name"], "node-c");
+}
+
+#[test]
+fn a_runner_with_a_bad_join_token_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_host, url) = start_host(tmp.path());
+    let host_data = tmp.path().join("host");
+    let runner_data = tmp.path().join("bad");
+    let mut r = Daemon::start(
+        tmp.path(),
+        "bad",
+        &[
+            "--data-dir",
+            runner_data.to_str().unwrap(),
+            "runner",
+            "--config",
+            "/dev/null",
+            "--name",
+            "intruder",
+            "--host-url",
+            &url,
+            "--join-token",
+            "rnjoin_not-the-token",
+            "--bind",
+            "127.0.0.1",
+            "--runner-port",
+            "0",
+        ],
+    );
+    let status = r
+        .wait_exit(std::time::Duration::from_secs(30))
+        .expect("runner exits");
+    assert!(!status.success());
+    let log = r.log_text();
+    assert!(
+        log.contains("refused registration") && log.contains("join token"),
+        "{log}"
+    );
+    assert!(nodes(&host_data).is_empty());
+    assert!(!runner_data.join("runner/node.json").exists());
+}
+
+#[test]
+fn the_cli_says_what_to_do_without_a_token_or_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = cli(&["--data-dir", tmp.path().to_str().unwrap(), "node", "list"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("error: no API token") && e.contains("--token"),
+        "{e}"
+    );
+
+    let o = cli(&[
+        "--host",
+        "http://127.0.0.1:1",
+        "--token",
+        "x",
+        "node",
+        "list",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("cannot reach the host at http://127.0.0.1:1"),
+        "{e}"
+    );
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+}

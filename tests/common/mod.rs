@@ -1,0 +1,150 @@
+//! Helpers for tests that start the real `rivernode` binary.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rivernode");
+
+/// A daemon started from the binary; killed (SIGKILL) when dropped, so a
+/// failing test leaves no process behind. Its stderr goes to a log file.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+    pub stdout: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, label: &str, args: &[&str]) -> Self {
+        let log = dir.join(format!("{label}.stderr"));
+        let stdout = dir.join(format!("{label}.stdout"));
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RIVERNODE_LOG", "info")
+            .env_remove("RIVERNODE_HOST")
+            .env_remove("RIVERNODE_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start rivernode");
+        Self { child, log, stdout }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the CLI to completion.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RIVERNODE_HOST")
+        .env_remove("RIVERNODE_TOKEN")
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rivernode")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `f` until it returns `Some`, failing the test with `what` after 30 s.
+/// This bounds a wait; it asserts nothing about speed.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn read_trimmed(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Starts `rivernode host` on free ports with a fast liveness check and
+/// returns it with its API URL.
+pub fn start_host(dir: &Path) -> (Daemon, String) {
+    let data = dir.join("host");
+    let d = Daemon::start(
+        dir,
+        "host",
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "host",
+            "--config",
+            "/dev/null",
+            "--bind",
+            "127.0.0.1",
+            "--api-port",
+            "0",
+            "--ssh-proxy-port",
+            "0",
+            "--liveness-check-interval",
+            "100ms",
+            "--offline-after-missed",
+            "3",
+        ],
+    );
+    let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
+    (d, url)
+}
+
+/// `node list -o json` against a host data dir, parsed.
+pub fn nodes(host_data: &Path) -> Vec<serde_json::Value> {
+    let o = cli(&[
+        "--data-dir",
+        host_data.to_str().unwrap(),
+        "node",
+        "list",
+        "-o",
+        "json",
+    ]);
+    assert!(o.status.success(), "node list failed: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("node list JSON")
+}
+
+pub fn node<'a>(list: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
+    list.iter().find(|n| n["name"] == name)
+}
