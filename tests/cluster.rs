@@ -287,3 +287,25 @@ fn removed_node_is_forgotten_and_its_credential_revoked() {
     });
     assert_eq!(status.as_u16(), 401);
 }
+
+#[test]
+fn host_tells_systemd_it_is_ready_once_the_api_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let data = tmp.path().join("data");
+    let _host = Daemon::start_with_env(
+        tmp.path(),
+        "host",
+        &["--data-dir", data.to_str().unwrap(), "host", "--config", "/dev/null", "--bind", "127.0.0.1", "--api-port", "0"],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("a notification from the host");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    // Ready means listening: the API answers right away.
+    let o = cli(&["--data-dir", data.to_str().unwrap(), "node", "list", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "[]");
+}

@@ -18,10 +18,15 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, label: &str, args: &[&str]) -> Self {
+        Self::start_with_env(dir, label, args, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, label: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("{label}.stderr"));
         let stdout = dir.join(format!("{label}.stdout"));
         let child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env("RIVERNODE_LOG", "info")
             .env_remove("RIVERNODE_HOST")
             .env_remove("RIVERNODE_TOKEN")
@@ -147,4 +152,26 @@ pub fn nodes(host_data: &Path) -> Vec<serde_json::Value> {
 
 pub fn node<'a>(list: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
     list.iter().find(|n| n["name"] == name)
+}
+
+/// For a test that needs a real component: returns false (after printing a
+/// loud skip line) when it is missing, and fails the test instead when
+/// `RIVERNODE_REQUIRE_REAL=1` (as in CI).
+pub fn real_part_available(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("RIVERNODE_REQUIRE_REAL").as_deref() == Ok("1") {
+        panic!("{what} is required (RIVERNODE_REQUIRE_REAL=1) but missing; scripts/setup.sh --test installs it");
+    }
+    eprintln!("SKIPPED: {what} is missing on this machine; set RIVERNODE_REQUIRE_REAL=1 to make this a failure");
+    false
+}
+
+pub fn command_exists(name: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }

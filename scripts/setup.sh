@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what rivernode needs to build (and, with --test, to run its tests)
+# on Debian 12, as root. Idempotent: packages already present are skipped and
+# apt's index is refreshed only when something is missing.
+set -euo pipefail
+
+want_test=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) want_test=1 ;;
+        *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh installs Debian packages: run it as root" >&2
+    exit 1
+fi
+
+# Build: a C toolchain for the bundled SQLite, protoc for the containerd
+# client's generated code, libvirt headers for the libvirt bindings.
+packages=(build-essential pkg-config protobuf-compiler libvirt-dev ca-certificates curl)
+# Runtime of the tests: systemd-analyze checks the unit files.
+if [ "$want_test" = 1 ]; then
+    packages+=(systemd)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Rust: Debian 12's own cargo is too old for our dependencies; use rustup's.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: installing the Rust toolchain with rustup"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt
+fi
