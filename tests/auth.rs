@@ -87,36 +87,17 @@ async fn node_credentials_and_the_runner_api() {
     let host_data = tmp.path().join("host");
     let admin = read_trimmed(&host_data.join("admin.token")).unwrap();
     let runner_data = tmp.path().join("r1");
-    let _runner = Daemon::start(
+    let _runner = start_runner(
         tmp.path(),
         "r1",
-        &[
-            "--data-dir",
-            runner_data.to_str().unwrap(),
-            "runner",
-            "--config",
-            "/dev/null",
-            "--name",
-            "node-c",
-            "--host-url",
-            &url,
-            "--join-token-file",
-            host_data.join("join.token").to_str().unwrap(),
-            "--bind",
-            "127.0.0.1",
-            "--runner-port",
-            "0",
-            "--heartbeat-interval",
-            "200ms",
-        ],
+        &url,
+        &host_data.join("join.token"),
+        "node-c",
     );
     let hd = host_data.clone();
     let n = wait_for("node-c", move || node(&nodes(&hd), "node-c").cloned());
     let runner_url = n["runner_url"].as_str().unwrap();
-    let cred: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(runner_data.join("runner/node.json")).unwrap(),
-    )
-    .unwrap();
+    let cred = runner_credential(&runner_data);
     let credential = cred["credential"].as_str().unwrap();
     use reqwest::Method as M;
 

@@ -117,6 +117,7 @@ fn up_brings_up_a_one_node_cluster_of_this_machine() {
     );
 
     // Secrets are private.
+    runner_credential(&data);
     use std::os::unix::fs::PermissionsExt;
     for f in ["admin.token", "join.token", "host.db", "runner/node.json"] {
         let mode = std::fs::metadata(data.join(f))
@@ -126,39 +127,6 @@ fn up_brings_up_a_one_node_cluster_of_this_machine() {
             & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
-}
-
-fn start_runner(
-    dir: &std::path::Path,
-    label: &str,
-    host_url: &str,
-    join_file: &std::path::Path,
-    name: &str,
-) -> Daemon {
-    let data = dir.join(label);
-    Daemon::start(
-        dir,
-        label,
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "runner",
-            "--config",
-            "/dev/null",
-            "--name",
-            name,
-            "--host-url",
-            host_url,
-            "--join-token-file",
-            join_file.to_str().unwrap(),
-            "--bind",
-            "127.0.0.1",
-            "--runner-port",
-            "0",
-            "--heartbeat-interval",
-            "200ms",
-        ],
-    )
 }
 
 #[test]
@@ -257,11 +225,8 @@ fn removed_node_is_forgotten_and_its_credential_revoked() {
     let join = host_data.join("join.token");
     let mut r = start_runner(tmp.path(), "r1", &url, &join, "node-b");
     wait_for("node-b", || node(&nodes(&host_data), "node-b").map(|_| ()));
+    let cred = runner_credential(&tmp.path().join("r1"));
     r.kill();
-    let cred: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("r1/runner/node.json")).unwrap(),
-    )
-    .unwrap();
     let o = cli(&["--data-dir", hd, "node", "remove", "node-b"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(nodes(&host_data).is_empty());
@@ -293,19 +258,37 @@ fn host_tells_systemd_it_is_ready_once_the_api_answers() {
     let tmp = tempfile::tempdir().unwrap();
     let sock_path = tmp.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let data = tmp.path().join("data");
     let _host = Daemon::start_with_env(
         tmp.path(),
         "host",
-        &["--data-dir", data.to_str().unwrap(), "host", "--config", "/dev/null", "--bind", "127.0.0.1", "--api-port", "0"],
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "host",
+            "--config",
+            "/dev/null",
+            "--bind",
+            "127.0.0.1",
+            "--api-port",
+            "0",
+        ],
         &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
     );
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("a notification from the host");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     // Ready means listening: the API answers right away.
-    let o = cli(&["--data-dir", data.to_str().unwrap(), "node", "list", "-o", "json"]);
+    let o = cli(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "node",
+        "list",
+        "-o",
+        "json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "[]");
 }

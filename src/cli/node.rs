@@ -204,3 +204,71 @@ fn status_text(n: &NodeView, runner: &Result<RunnerStatus, String>, now: i64) ->
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NodeState;
+    use crate::topology::{collect, fake::FakeMachine};
+
+    fn view() -> NodeView {
+        let m = FakeMachine::two_socket_four_gpus();
+        NodeView {
+            name: "gpu1".into(),
+            state: NodeState::Online,
+            runner_url: "http://10.0.0.2:8001".into(),
+            version: "0.1.0".into(),
+            registered_at_unix_ms: 0,
+            last_heartbeat_unix_ms: 1_000,
+            heartbeat_interval_ms: 5_000,
+            inventory: collect(&m.roots()).unwrap(),
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn status_shows_numa_map_and_gpus_with_iommu_groups() {
+        let text = status_text(&view(), &Err("connection refused".into()), 4_000);
+        assert!(
+            text.contains("CPUs:       8 logical (0-7), 4 cores"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Heartbeat:  3s ago (every 5000 ms)"),
+            "{text}"
+        );
+        assert!(text.contains("unreachable: connection refused"), "{text}");
+        // NUMA node 1 holds cpus 2-3,6-7 and the GPUs at ca:00.0 and cb:00.0.
+        let numa1 = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("1 "))
+            .unwrap();
+        assert!(
+            numa1.contains("2-3,6-7") && numa1.contains("0000:ca:00.0,0000:cb:00.0"),
+            "{numa1}"
+        );
+        let g17 = text.lines().find(|l| l.contains("0000:17:00.0  ")).unwrap();
+        assert!(g17.contains("10de:2330") && g17.contains("nvidia"), "{g17}");
+        assert!(
+            g17.contains("20 (+0000:17:00.1,0000:18:00.0,0000:18:00.1)"),
+            "{g17}"
+        );
+        let gcb = text.lines().find(|l| l.contains("0000:cb:00.0  ")).unwrap();
+        assert!(
+            gcb.contains("vfio-pci") && gcb.contains("31 (+0000:cb:00.1)"),
+            "{gcb}"
+        );
+    }
+
+    #[test]
+    fn list_has_one_row_per_node() {
+        let text = list_table(&[view()], 3_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].starts_with("gpu1  online  8"), "{text}");
+        assert!(
+            lines[1].contains("64.0 GiB") && lines[1].ends_with("2s ago"),
+            "{text}"
+        );
+    }
+}

@@ -288,6 +288,6 @@ fn read_cpus(
 }
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;

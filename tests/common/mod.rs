@@ -175,3 +175,46 @@ pub fn command_exists(name: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+/// Starts `rivernode runner` named `name` with its own data dir `dir/label`,
+/// a 200 ms heartbeat and a free runner port.
+pub fn start_runner(
+    dir: &Path,
+    label: &str,
+    host_url: &str,
+    join_file: &Path,
+    name: &str,
+) -> Daemon {
+    let data = dir.join(label);
+    Daemon::start(
+        dir,
+        label,
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "runner",
+            "--config",
+            "/dev/null",
+            "--name",
+            name,
+            "--host-url",
+            host_url,
+            "--join-token-file",
+            join_file.to_str().unwrap(),
+            "--bind",
+            "127.0.0.1",
+            "--runner-port",
+            "0",
+            "--heartbeat-interval",
+            "200ms",
+        ],
+    )
+}
+
+/// The credential a runner with data dir `data` saved after registering
+/// (written just after the host answered, so it may lag the node list).
+pub fn runner_credential(data: &Path) -> serde_json::Value {
+    let path = data.join("runner/node.json");
+    let text = wait_for("the runner's credential", || read_trimmed(&path));
+    serde_json::from_str(&text).expect("node.json")
+}

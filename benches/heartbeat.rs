@@ -1,0 +1,117 @@
+//! What a heartbeat costs the host: N heartbeats (auth + one SQLite write
+//! transaction) against N `whoami` calls (auth only) on the same keep-alive
+//! connection to the real binary, printed side by side with their ratio.
+//!
+//! `cargo bench --bench heartbeat` (loopback only, bounded request count).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const N: usize = 2000;
+
+fn main() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("host");
+    let mut host = Command::new(env!("CARGO_BIN_EXE_rivernode"))
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "host",
+            "--config",
+            "/dev/null",
+        ])
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--api-port",
+            "0",
+            "--ssh-proxy-port",
+            "0",
+        ])
+        .env("RIVERNODE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start rivernode host");
+    let read = |f: &str| {
+        std::fs::read_to_string(data.join(f))
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = loop {
+        if let Some(u) = read("api.url") {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "host did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let admin = read("admin.token").unwrap();
+    let join = read("join.token").unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (beat, who) = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let inventory = rivernode::topology::collect(&Default::default()).unwrap();
+        let reg: rivernode::api::RegisterResponse = http
+            .post(format!("{url}/api/nodes/register"))
+            .bearer_auth(&join)
+            .json(&rivernode::api::RegisterRequest {
+                name: "bench".into(),
+                runner_url: "http://127.0.0.1:1".into(),
+                heartbeat_interval_ms: 5000,
+                version: "bench".into(),
+                inventory,
+            })
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let hb = rivernode::api::HeartbeatRequest {
+            runner_url: "http://127.0.0.1:1".into(),
+            heartbeat_interval_ms: 5000,
+            version: "bench".into(),
+            usage: Default::default(),
+            inventory: None,
+        };
+        let t = Instant::now();
+        for _ in 0..N {
+            let r = http
+                .put(format!("{url}/api/nodes/bench/heartbeat"))
+                .bearer_auth(&reg.credential)
+                .json(&hb)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+        let beat = t.elapsed();
+        let t = Instant::now();
+        for _ in 0..N {
+            let r = http
+                .get(format!("{url}/api/whoami"))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+        (beat, t.elapsed())
+    });
+    let _ = host.kill();
+    let _ = host.wait();
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / N as f64;
+    println!(
+        "heartbeat (auth + store write): {:8.1} us/request ({N} requests)",
+        per(beat)
+    );
+    println!(
+        "whoami    (auth only)         : {:8.1} us/request ({N} requests)",
+        per(who)
+    );
+    println!(
+        "ratio heartbeat/whoami        : {:8.2}",
+        beat.as_secs_f64() / who.as_secs_f64()
+    );
+}
