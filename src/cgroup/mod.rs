@@ -213,13 +213,13 @@ impl CgroupFs {
         // The last mount at a path is the visible one.
         let fstype = text
             .lines()
-            .filter_map(|line| {
+            .rev()
+            .find_map(|line| {
                 let (left, right) = line.split_once(" - ")?;
                 let mount_point = unescape_mount_path(left.split_whitespace().nth(4)?);
                 (Path::new(&mount_point) == self.root)
                     .then(|| right.split_whitespace().next().map(str::to_string))?
             })
-            .last()
             .ok_or_else(|| CgroupError::NotMounted {
                 root: self.root.clone(),
                 mountinfo: self.mountinfo.clone(),
