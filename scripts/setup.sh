@@ -20,9 +20,11 @@ fi
 # Build: a C toolchain for the bundled SQLite, protoc for the containerd
 # client's generated code, libvirt headers for the libvirt bindings.
 packages=(build-essential pkg-config protobuf-compiler libvirt-dev ca-certificates curl)
-# Runtime of the tests: systemd-analyze checks the unit files.
+# Runtime of the tests: systemd-analyze checks the unit files; the kernel
+# tests boot Debian's kernel in QEMU (TCG) with a static busybox as userland
+# and decompress its .ko.xz modules with xz.
 if [ "$want_test" = 1 ]; then
-    packages+=(systemd)
+    packages+=(systemd qemu-system-x86 linux-image-amd64 busybox-static xz-utils)
 fi
 
 missing=()

@@ -52,6 +52,9 @@ pub enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// rivernode's cgroups on this node, with limits and usage (node-local).
+    #[command(subcommand)]
+    Cgroup(CgroupCommand),
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -146,5 +149,28 @@ pub enum ConfigCommand {
         /// Write to this file instead of standard output (never overwrites).
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CgroupOpts {
+    /// Subtree below the cgroup root that rivernode owns.
+    #[arg(long, default_value = crate::cgroup::DEFAULT_SUBTREE)]
+    pub subtree: String,
+    #[arg(long, default_value = "/sys/fs/cgroup", hide = true)]
+    pub cgroup_root: PathBuf,
+    #[arg(long, default_value = "/proc/self/mountinfo", hide = true)]
+    pub mountinfo: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CgroupCommand {
+    /// Every rivernode cgroup on this node.
+    List(CgroupOpts),
+    /// One cgroup: every limit and statistic.
+    Show {
+        name: String,
+        #[command(flatten)]
+        opts: CgroupOpts,
     },
 }

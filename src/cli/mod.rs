@@ -3,6 +3,7 @@
 //! ssh, and node-local admin (gpu, cgroup).
 
 pub mod args;
+pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod node;
@@ -59,6 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Cgroup(cmd) => cgroup::run(cmd, cli.output),
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
             let mut buf = Vec::new();
