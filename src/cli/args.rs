@@ -55,6 +55,9 @@ pub enum Command {
     /// rivernode's cgroups on this node, with limits and usage (node-local).
     #[command(subcommand)]
     Cgroup(CgroupCommand),
+    /// GPUs of this node and their passthrough to VMs (node-local, root).
+    #[command(subcommand)]
+    Gpu(GpuCommand),
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -172,5 +175,41 @@ pub enum CgroupCommand {
         name: String,
         #[command(flatten)]
         opts: CgroupOpts,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GpuOpts {
+    /// How long one sysfs write may take before the device is reported stuck.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub timeout: HumanDuration,
+    #[arg(long, default_value = "/sys", hide = true)]
+    pub sys_root: PathBuf,
+    #[arg(long, default_value = "/dev", hide = true)]
+    pub dev_root: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GpuCommand {
+    /// GPUs with vendor:device, name, driver, NUMA node, IOMMU group, and host or VM.
+    List(GpuOpts),
+    /// Is the IOMMU on, is vfio-pci loaded, can each GPU's group be passed through?
+    Check(GpuOpts),
+    /// Bind devices (PCI address or GPU UUID) and their IOMMU groups to vfio-pci.
+    Bind {
+        #[arg(required = true, value_name = "PCI-ADDRESS|UUID")]
+        devices: Vec<String>,
+        /// Who the binding is for (VMs use their instance id).
+        #[arg(long, default_value = "admin")]
+        owner: String,
+        #[command(flatten)]
+        opts: GpuOpts,
+    },
+    /// Give a device's IOMMU group back to its host drivers.
+    Unbind {
+        #[arg(value_name = "PCI-ADDRESS|UUID")]
+        device: String,
+        #[command(flatten)]
+        opts: GpuOpts,
     },
 }

@@ -6,6 +6,7 @@ pub mod args;
 pub mod cgroup;
 pub mod client;
 pub mod daemon;
+pub mod gpu;
 pub mod node;
 pub mod output;
 
@@ -61,6 +62,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cgroup(cmd) => cgroup::run(cmd, cli.output),
+        Command::Gpu(cmd) => {
+            let dir = cli
+                .data_dir
+                .unwrap_or_else(|| std::path::PathBuf::from(client::DEFAULT_DATA_DIR));
+            gpu::run(cmd, cli.output, &dir)
+        }
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
             let mut buf = Vec::new();

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use cpulist::{CpuList, CpuListError};
-pub use pci::{scan_functions, Gpu, PciAddress, PciAddressError, PciFunction};
+pub use pci::{
+    lookup_names, scan_functions, scan_gpus, Gpu, PciAddress, PciAddressError, PciFunction,
+};
 pub use usage::{CpuTimes, Usage, UsageSampler};
 
 /// Where the kernel's files are. Production uses the defaults; tests point

@@ -10,6 +10,7 @@
 mod cgroup;
 mod guest;
 mod harness;
+mod vfio;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +38,7 @@ pub enum Expect {
 fn all_tests() -> Vec<KernelTest> {
     let mut t = harness_self_tests();
     t.extend(cgroup::tests());
+    t.extend(vfio::tests());
     t
 }
 

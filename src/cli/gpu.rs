@@ -1,0 +1,266 @@
+//! `rivernode gpu list|check|bind|unbind`: node-local GPU passthrough admin.
+//! Reads sysfs directly and binds through src/vfio; needs root for bind/unbind.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::cli::args::{GpuCommand, GpuOpts, Output};
+use crate::cli::output::{emit, emit_json, table};
+use crate::topology::{self, Gpu, PciAddress};
+use crate::vfio::{GroupBinding, RealSysfs, Vfio, VFIO_DRIVER};
+
+/// Where the bindings of a data directory are recorded.
+pub fn state_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("vfio/bindings.json")
+}
+
+#[derive(Debug, Serialize)]
+pub struct GpuEntry {
+    #[serde(flatten)]
+    pub gpu: Gpu,
+    /// `host`, `vfio:<owner>` (bound by rivernode) or `vfio:unmanaged`.
+    pub assignment: String,
+}
+
+fn vfio(opts: &GpuOpts, data_dir: &Path) -> Vfio {
+    Vfio::new(
+        &opts.sys_root,
+        &opts.dev_root,
+        &state_file(data_dir),
+        opts.timeout.0,
+        Arc::new(RealSysfs),
+    )
+}
+
+pub fn entries(
+    sys: &Path,
+    pci_ids: &Path,
+    bindings: &[GroupBinding],
+) -> anyhow::Result<Vec<GpuEntry>> {
+    let mut warnings = Vec::new();
+    let mut gpus = topology::scan_gpus(sys, &mut warnings)?;
+    topology::lookup_names(pci_ids, &mut gpus);
+    if sys == Path::new("/sys") && !gpus.is_empty() {
+        if let Ok(list) = topology::nvml::query() {
+            topology::nvml::attach_uuids(&mut gpus, &list);
+        }
+    }
+    Ok(gpus
+        .into_iter()
+        .map(|gpu| {
+            let owner = bindings
+                .iter()
+                .find(|b| b.members.iter().any(|m| m.address == gpu.address))
+                .map(|b| b.owner.clone());
+            let assignment = match (gpu.driver.as_deref(), owner) {
+                (Some(VFIO_DRIVER), Some(o)) => format!("vfio:{o}"),
+                (Some(VFIO_DRIVER), None) => "vfio:unmanaged".into(),
+                _ => "host".into(),
+            };
+            GpuEntry { gpu, assignment }
+        })
+        .collect())
+}
+
+fn list_table(list: &[GpuEntry]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|e| {
+            let g = &e.gpu;
+            let members: Vec<String> = g
+                .iommu_group_members
+                .iter()
+                .map(|f| f.address.to_string())
+                .collect();
+            vec![
+                g.address.to_string(),
+                format!("{:04x}:{:04x}", g.vendor_id, g.device_id),
+                g.name.clone().unwrap_or_else(|| "-".into()),
+                g.driver.clone().unwrap_or_else(|| "none".into()),
+                g.numa_node
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                match g.iommu_group {
+                    Some(id) if members.is_empty() => id.to_string(),
+                    Some(id) => format!("{id} (+{})", members.join(",")),
+                    None => "no IOMMU".into(),
+                },
+                e.assignment.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ADDRESS",
+            "ID",
+            "NAME",
+            "DRIVER",
+            "NUMA",
+            "IOMMU GROUP",
+            "ASSIGNED",
+        ],
+        &rows,
+    )
+}
+
+/// A PCI address, or an NVML UUID (`GPU-...`) looked up by address.
+fn resolve(arg: &str) -> anyhow::Result<PciAddress> {
+    if arg.starts_with("GPU-") {
+        let list = topology::nvml::query().with_context(|| format!("looking up {arg}"))?;
+        return list
+            .iter()
+            .find(|g| g.uuid == arg)
+            .map(|g| g.address)
+            .with_context(|| format!("no GPU with UUID {arg} (`rivernode gpu list` shows them)"));
+    }
+    arg.parse::<PciAddress>()
+        .map_err(|e| anyhow::anyhow!("{e}; or give a GPU UUID (GPU-...)"))
+}
+
+pub fn run(cmd: GpuCommand, output: Output, data_dir: &Path) -> anyhow::Result<()> {
+    match cmd {
+        GpuCommand::List(opts) => {
+            let v = vfio(&opts, data_dir);
+            let list = entries(
+                &opts.sys_root,
+                Path::new("/usr/share/misc/pci.ids"),
+                &v.bindings()?,
+            )?;
+            match output {
+                Output::Json => emit_json(&list),
+                Output::Table if list.is_empty() => emit("no GPUs on this node\n"),
+                Output::Table => emit(&list_table(&list)),
+            }
+        }
+        GpuCommand::Check(opts) => {
+            let v = vfio(&opts, data_dir);
+            let status = v.status();
+            let list = entries(
+                &opts.sys_root,
+                Path::new("/usr/share/misc/pci.ids"),
+                &v.bindings()?,
+            )?;
+            let verdicts: Vec<serde_json::Value> = list
+                .iter()
+                .map(|e| match v.plan(&[e.gpu.address], "check") {
+                    Ok(plans) => serde_json::json!({
+                        "address": e.gpu.address,
+                        "viable": true,
+                        "binds": plans.iter().flat_map(|p| p.bind.clone()).collect::<Vec<_>>(),
+                    }),
+                    Err(err) => serde_json::json!({"address": e.gpu.address, "viable": false, "reason": err.to_string()}),
+                })
+                .collect();
+            match output {
+                Output::Json => emit_json(&serde_json::json!({"status": status, "gpus": verdicts})),
+                Output::Table => {
+                    let yes = |b: bool| if b { "yes" } else { "no" };
+                    let mut out = format!(
+                        "IOMMU:     {} ({} groups)\nvfio-pci:  {}\n/dev/vfio: {}\n",
+                        if status.iommu_groups > 0 {
+                            "on"
+                        } else {
+                            "off (enable VT-d/AMD-Vi and boot with intel_iommu=on)"
+                        },
+                        status.iommu_groups,
+                        if status.vfio_pci_loaded {
+                            "loaded"
+                        } else {
+                            "not loaded (modprobe vfio-pci)"
+                        },
+                        yes(status.dev_vfio),
+                    );
+                    for j in &verdicts {
+                        let line = if j["viable"] == true {
+                            format!(
+                                "{}: viable, binds {}\n",
+                                j["address"].as_str().unwrap_or("?"),
+                                j["binds"]
+                            )
+                        } else {
+                            format!(
+                                "{}: not viable: {}\n",
+                                j["address"].as_str().unwrap_or("?"),
+                                j["reason"].as_str().unwrap_or("?")
+                            )
+                        };
+                        out.push_str(&line);
+                    }
+                    emit(&out);
+                }
+            }
+        }
+        GpuCommand::Bind {
+            devices,
+            owner,
+            opts,
+        } => {
+            let addrs = devices
+                .iter()
+                .map(|d| resolve(d))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let bound = vfio(&opts, data_dir).bind(&addrs, &owner)?;
+            match output {
+                Output::Json => emit_json(&bound),
+                Output::Table => {
+                    for b in &bound {
+                        let m: Vec<String> =
+                            b.members.iter().map(|m| m.address.to_string()).collect();
+                        emit(&format!(
+                            "IOMMU group {} bound to vfio-pci for {}: {}\n",
+                            b.group,
+                            b.owner,
+                            m.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        GpuCommand::Unbind { device, opts } => {
+            let a = resolve(&device)?;
+            vfio(&opts, data_dir).restore_device(a)?;
+            if output == Output::Table {
+                emit(&format!(
+                    "{a} and its IOMMU group are back on their host drivers\n"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::fake::FakeMachine;
+
+    #[test]
+    fn lists_gpus_with_numa_group_and_assignment() {
+        let m = FakeMachine::two_socket_four_gpus();
+        let list = entries(&m.path("sys"), &m.path("pci.ids"), &[]).unwrap();
+        assert_eq!(list.len(), 4);
+        assert_eq!(list[2].gpu.numa_node, Some(1));
+        assert_eq!(list[0].gpu.iommu_group, Some(20));
+        assert_eq!(list[0].assignment, "host");
+        assert_eq!(list[3].assignment, "vfio:unmanaged");
+        let t = list_table(&list);
+        assert!(
+            t.contains("0000:cb:00.0") && t.contains("vfio:unmanaged"),
+            "{t}"
+        );
+        let j = serde_json::to_value(&list).unwrap();
+        assert_eq!(j[2]["numa_node"], 1);
+        assert_eq!(j[0]["iommu_group"], 20);
+        assert_eq!(j[0]["address"], "0000:17:00.0");
+    }
+
+    #[test]
+    fn resolve_names_the_problem() {
+        assert_eq!(resolve("0000:17:00.0").unwrap().to_string(), "0000:17:00.0");
+        let e = resolve("seventeen").unwrap_err().to_string();
+        assert!(e.contains("seventeen") && e.contains("GPU-"), "{e}");
+    }
+}
