@@ -1,6 +1,8 @@
-//! `rivernode cgroup` on this machine: it works on a cgroup v2 host and
-//! refuses a v1/hybrid one with one line that says why. (Limits on a real
-//! kernel are tested in tests/kernel; this machine's own cgroups are never touched.)
+//! Node-local admin commands on this machine, read-only: `rivernode cgroup`
+//! works on a cgroup v2 host and refuses a v1/hybrid one with one line that
+//! says why; `rivernode gpu list` reports this machine's GPUs (none here).
+//! Limits and VFIO binding on a real kernel are tested in tests/kernel; this
+//! machine's own cgroups and devices are never touched.
 
 mod common;
 
@@ -76,4 +78,28 @@ fn cgroup_show_on_a_fake_v2_tree() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["processes"], 1);
     assert_eq!(v["limits"]["pids_max"], "max");
+}
+
+#[test]
+fn gpu_list_matches_this_machines_display_devices() {
+    // Count display-class (03xx) PCI functions independently of rivernode.
+    let display = std::fs::read_dir("/sys/bus/pci/devices")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("class"))
+                        .map(|c| c.trim().starts_with("0x03"))
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let o = cli(&["--data-dir", tmp.path().to_str().unwrap(), "gpu", "list", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list.len(), display);
+    if display == 0 {
+        assert_eq!(stdout(&o).trim(), "[]");
+    }
 }
