@@ -95,7 +95,14 @@ fn gpu_list_matches_this_machines_display_devices() {
         })
         .unwrap_or(0);
     let tmp = tempfile::tempdir().unwrap();
-    let o = cli(&["--data-dir", tmp.path().to_str().unwrap(), "gpu", "list", "-o", "json"]);
+    let o = cli(&[
+        "--data-dir",
+        tmp.path().to_str().unwrap(),
+        "gpu",
+        "list",
+        "-o",
+        "json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let list: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(list.len(), display);

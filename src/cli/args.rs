@@ -200,7 +200,7 @@ pub enum GpuCommand {
         #[arg(required = true, value_name = "PCI-ADDRESS|UUID")]
         devices: Vec<String>,
         /// Who the binding is for (VMs use their instance id).
-        #[arg(long, default_value = "admin")]
+        #[arg(long, default_value = crate::vfio::ADMIN_OWNER)]
         owner: String,
         #[command(flatten)]
         opts: GpuOpts,

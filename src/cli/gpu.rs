@@ -1,7 +1,7 @@
 //! `rivernode gpu list|check|bind|unbind`: node-local GPU passthrough admin.
 //! Reads sysfs directly and binds through src/vfio; needs root for bind/unbind.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -10,12 +10,7 @@ use serde::Serialize;
 use crate::cli::args::{GpuCommand, GpuOpts, Output};
 use crate::cli::output::{emit, emit_json, table};
 use crate::topology::{self, Gpu, PciAddress};
-use crate::vfio::{GroupBinding, RealSysfs, Vfio, VFIO_DRIVER};
-
-/// Where the bindings of a data directory are recorded.
-pub fn state_file(data_dir: &Path) -> PathBuf {
-    data_dir.join("vfio/bindings.json")
-}
+use crate::vfio::{state_file, GroupBinding, RealSysfs, Vfio, VFIO_DRIVER};
 
 #[derive(Debug, Serialize)]
 pub struct GpuEntry {

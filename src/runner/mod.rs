@@ -97,6 +97,7 @@ impl BoundRunner {
             proc: config.proc_root.clone(),
             ..KernelRoots::default()
         };
+        restore_orphaned_gpus(&config).await;
         let inventory = collect_inventory(&roots).await?;
         let name = config
             .name
@@ -169,6 +170,34 @@ impl BoundRunner {
             .await
             .map_err(|e| RunnerError::Serve(std::io::Error::other(e)))?
             .map_err(RunnerError::Serve)
+    }
+}
+
+/// Gives back to the host every GPU group a previous runner bound to
+/// vfio-pci for an instance that no longer exists. No instance owns a GPU
+/// yet (VMs come later), so only an admin's manual bindings are kept.
+async fn restore_orphaned_gpus(config: &RunnerConfig) {
+    let vfio = crate::vfio::Vfio::new(
+        &config.sys_root,
+        std::path::Path::new("/dev"),
+        &crate::vfio::state_file(&config.data_dir),
+        Duration::from_secs(10),
+        Arc::new(crate::vfio::RealSysfs),
+    );
+    match tokio::task::spawn_blocking(move || {
+        vfio.restore_orphans(|owner| owner == crate::vfio::ADMIN_OWNER)
+    })
+    .await
+    {
+        Ok(Ok(groups)) if !groups.is_empty() => {
+            tracing::info!(
+                ?groups,
+                "restored orphaned VFIO bindings to their host drivers"
+            )
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot read VFIO bindings"),
+        Err(e) => tracing::error!(error = %e, "VFIO reconciliation task failed"),
     }
 }
 

@@ -24,6 +24,15 @@ use crate::topology::{scan_functions, PciAddress, PciFunction, TopologyError};
 
 pub const VFIO_DRIVER: &str = "vfio-pci";
 
+/// The owner of bindings an admin made by hand (`rivernode gpu bind`); they
+/// are never treated as orphans.
+pub const ADMIN_OWNER: &str = "admin";
+
+/// Where a data directory records its bindings.
+pub fn state_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("vfio/bindings.json")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
     #[error("no PCI device {0}")]

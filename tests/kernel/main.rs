@@ -101,7 +101,7 @@ fn host_main(args: &[String]) -> i32 {
     let kit = match Kit::find() {
         Ok(k) => k,
         Err(missing) if required => {
-            eprintln!("kernel tests need {missing} (RIVERNODE_REQUIRE_REAL=1); scripts/setup.sh --test installs it");
+            eprintln!("kernel tests cannot run: {missing} (RIVERNODE_REQUIRE_REAL=1); scripts/setup.sh --test installs it");
             println!("0 passed, {} failed", tests.len());
             return 1;
         }

@@ -127,6 +127,41 @@ fn e1000_bind_and_restore() {
     rivernode(&["gpu", "unbind", &nic.to_string()]);
     assert_eq!(driver(nic).as_deref(), Some("e1000"));
     assert!(has_netdev(nic));
+
+    // A binding whose owner is gone is given back when a runner starts.
+    rivernode(&["gpu", "bind", &nic.to_string(), "--owner", "vm-gone"]);
+    assert_eq!(driver(nic).as_deref(), Some("vfio-pci"));
+    let lo = Command::new("/bin/ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    assert!(lo.success());
+    let mut up = Command::new(GUEST_RIVERNODE)
+        .args([
+            "--data-dir",
+            "/tmp/rivernode",
+            "up",
+            "--api-port",
+            "0",
+            "--runner-port",
+            "0",
+            "--ssh-proxy-port",
+            "0",
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Restored means: back on e1000 and the record dropped (written just after).
+    while driver(nic).as_deref() != Some("e1000") || !vfio().bindings().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runner did not restore the orphaned binding"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = up.kill();
+    let _ = up.wait();
+    assert!(has_netdev(nic));
 }
 
 fn bridge_group_binds_together() {
