@@ -1,7 +1,16 @@
-//! Wire types shared by the host, the runner and the CLI. Later: the target
-//! syntax parser (`node[:numa][::gpu,gpu]`) and task/VPS types.
+//! Wire types shared by the host, the runner and the CLI, and the parsers of
+//! what users type (placement targets, sizes).
+
+mod target;
+mod task;
 
 use serde::{Deserialize, Serialize};
+
+pub use target::{parse_memory_size, Target, TargetError};
+pub use task::{
+    Assignment, Assignments, Desired, ImageSource, MountSpec, Placement, SubmitResponse,
+    TaskReport, TaskSpec, TaskState, TaskView,
+};
 
 use crate::topology::{Inventory, Usage};
 

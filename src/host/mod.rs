@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod scheduler;
 pub mod store;
 
 use std::future::Future;

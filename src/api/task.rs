@@ -1,0 +1,260 @@
+//! Tasks: what users submit, where the scheduler placed it, what the runner
+//! observed, and the one state machine all of them go through.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::Target;
+use crate::topology::{CpuList, PciAddress};
+
+/// Observed state of a task. `pending` waits for resources; the last five are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Pending,
+    Assigning,
+    Running,
+    Paused,
+    Lost,
+    Completed,
+    Failed,
+    Killed,
+    KilledOom,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 9] = [
+        TaskState::Pending,
+        TaskState::Assigning,
+        TaskState::Running,
+        TaskState::Paused,
+        TaskState::Lost,
+        TaskState::Completed,
+        TaskState::Failed,
+        TaskState::Killed,
+        TaskState::KilledOom,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Assigning => "assigning",
+            TaskState::Running => "running",
+            TaskState::Paused => "paused",
+            TaskState::Lost => "lost",
+            TaskState::Completed => "completed",
+            TaskState::Failed => "failed",
+            TaskState::Killed => "killed",
+            TaskState::KilledOom => "killed_oom",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Completed | TaskState::Failed | TaskState::Killed | TaskState::KilledOom
+        )
+    }
+
+    /// Whether `self → to` is allowed. Final states never change; a lost
+    /// task may come back when its node reports it again.
+    pub fn can_become(self, to: TaskState) -> bool {
+        use TaskState::*;
+        if self == to {
+            return true;
+        }
+        match self {
+            Pending => matches!(to, Assigning | Killed | Failed),
+            Assigning => !matches!(to, Pending),
+            Running => !matches!(to, Pending | Assigning),
+            Paused => !matches!(to, Pending | Assigning),
+            Lost => !matches!(to, Pending | Assigning),
+            Completed | Failed | Killed | KilledOom => false,
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskState::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                let all: Vec<&str> = TaskState::ALL.iter().map(|t| t.as_str()).collect();
+                format!("unknown state {s:?} (one of: {})", all.join(", "))
+            })
+    }
+}
+
+/// What the user wants the task to be doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    Running,
+    Paused,
+    Killed,
+}
+
+/// Where the root filesystem comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageSource {
+    /// `SHARED_DIR/environments/<name>.tar`, imported by the runner.
+    Environment(String),
+    /// A registry reference, pulled by the runner.
+    Registry(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub source: String,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `POST /api/tasks`: a command task as submitted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    pub image: ImageSource,
+    /// Whole cores (logical CPUs) reserved exclusively.
+    #[serde(default = "one")]
+    pub cores: u32,
+    /// Memory limit and reservation; `None` = no limit, nothing reserved.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// How many GPUs, when the target does not name them.
+    #[serde(default)]
+    pub gpu_count: u32,
+    #[serde(default)]
+    pub target: Option<Target>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Where the scheduler put a task: what the ledger holds for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: String,
+    /// The NUMA node everything sits on, if it fits on one.
+    pub numa: Option<u32>,
+    pub cpus: CpuList,
+    pub memory_bytes: u64,
+    pub gpus: Vec<PciAddress>,
+}
+
+/// A task as the host reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: u64,
+    pub state: TaskState,
+    pub desired: Desired,
+    pub spec: TaskSpec,
+    pub placement: Option<Placement>,
+    /// Why it waits, or why it was placed where it is.
+    pub reason: String,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    pub submitted_at_unix_ms: i64,
+    pub started_at_unix_ms: Option<i64>,
+    pub finished_at_unix_ms: Option<i64>,
+}
+
+/// What a runner must converge to for one task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub id: u64,
+    pub desired: Desired,
+    pub state: TaskState,
+    pub spec: TaskSpec,
+    pub placement: Placement,
+}
+
+/// `GET /api/nodes/{name}/assignments?after=REV`: answered when the node's
+/// assignments change after revision `after` (or at the long-poll timeout).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignments {
+    pub revision: u64,
+    pub tasks: Vec<Assignment>,
+}
+
+/// `PUT /api/nodes/{name}/tasks/{id}`: what the runner observed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub id: u64,
+    pub state: TaskState,
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_states_never_change() {
+        for from in TaskState::ALL.into_iter().filter(|s| s.is_final()) {
+            for to in TaskState::ALL {
+                assert_eq!(from.can_become(to), from == to, "{from} -> {to}");
+            }
+        }
+        assert!(TaskState::Pending.can_become(TaskState::Assigning));
+        assert!(!TaskState::Running.can_become(TaskState::Pending));
+        assert!(
+            TaskState::Lost.can_become(TaskState::Running),
+            "a lost task can come back"
+        );
+        assert!(TaskState::Paused.can_become(TaskState::Running));
+    }
+
+    #[test]
+    fn states_parse() {
+        for s in TaskState::ALL {
+            assert_eq!(s.as_str().parse::<TaskState>().unwrap(), s);
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert!("done"
+            .parse::<TaskState>()
+            .unwrap_err()
+            .contains("killed_oom"));
+    }
+
+    #[test]
+    fn spec_rejects_unknown_fields_and_defaults() {
+        let s: TaskSpec =
+            serde_json::from_str(r#"{"command":["echo"],"image":{"environment":"base"}}"#).unwrap();
+        assert_eq!((s.cores, s.gpu_count, s.memory_bytes), (1, 0, None));
+        let e = serde_json::from_str::<TaskSpec>(
+            r#"{"command":["x"],"image":{"environment":"b"},"cpus":2}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cpus"), "{e}");
+    }
+}

@@ -1,0 +1,438 @@
+//! Placement: given the nodes, what the ledger already holds, and a task's
+//! request, decide where it runs (cores, memory and GPUs on one NUMA node
+//! when possible), why it must wait, or why it can never run. A pure
+//! function; the store calls it inside the transaction that records the result.
+
+use std::collections::BTreeSet;
+
+use crate::api::{NodeState, NodeView, Placement, TaskSpec};
+use crate::topology::{CpuList, Gpu, Inventory, PciAddress};
+use crate::vfio::VFIO_DRIVER;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Place {
+        placement: Placement,
+        reason: String,
+    },
+    /// Fits the cluster, not right now.
+    Wait(String),
+    /// Can never run as asked (unknown node, NUMA node or GPU; more than exists).
+    Refuse(String),
+}
+
+/// Resolves a GPU named in a target: index into the node's GPUs sorted by
+/// PCI address, a PCI address, or a UUID.
+fn resolve_gpu<'a>(inv: &'a Inventory, name: &str) -> Option<&'a Gpu> {
+    let mut sorted: Vec<&Gpu> = inv.gpus.iter().collect();
+    sorted.sort_by_key(|g| g.address);
+    if let Ok(i) = name.parse::<usize>() {
+        return sorted.get(i).copied();
+    }
+    if let Ok(a) = name.parse::<PciAddress>() {
+        return sorted.into_iter().find(|g| g.address == a);
+    }
+    sorted.into_iter().find(|g| g.uuid.as_deref() == Some(name))
+}
+
+/// Checks what can never work, independent of the current load.
+pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
+    if spec.command.is_empty() || spec.command[0].trim().is_empty() {
+        return Err("command: empty; give the command to run after --".into());
+    }
+    if spec.cores == 0 {
+        return Err("cores: must be at least 1".into());
+    }
+    let Some(t) = &spec.target else {
+        let fits = nodes.iter().any(|n| fits_at_all(spec, &n.inventory));
+        return if nodes.is_empty() {
+            Err("no nodes are registered; start a runner first".into())
+        } else if fits {
+            Ok(())
+        } else {
+            Err(format!(
+                "no node has {} cores, {} GPUs and {} of memory",
+                spec.cores,
+                spec.gpu_count,
+                spec.memory_bytes
+                    .map(|m| format!("{m} bytes"))
+                    .unwrap_or_else(|| "any amount".into())
+            ))
+        };
+    };
+    let node = nodes
+        .iter()
+        .find(|n| n.name == t.node)
+        .ok_or_else(|| format!("target: no node named {:?}", t.node))?;
+    let inv = &node.inventory;
+    if let Some(numa) = t.numa {
+        let n = inv
+            .numa_nodes
+            .iter()
+            .find(|m| m.id == numa)
+            .ok_or_else(|| format!("target: node {:?} has no NUMA node {numa}", t.node))?;
+        if (n.cpus.len() as u32) < spec.cores {
+            return Err(format!(
+                "target: NUMA node {numa} of {:?} has only {} CPUs",
+                t.node,
+                n.cpus.len()
+            ));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for g in &t.gpus {
+        let gpu = resolve_gpu(inv, g)
+            .ok_or_else(|| format!("target: node {:?} has no GPU {g:?}", t.node))?;
+        if !seen.insert(gpu.address) {
+            return Err(format!("target: GPU {g:?} is named twice"));
+        }
+    }
+    if !fits_at_all(spec, inv) {
+        return Err(format!(
+            "target: node {:?} is too small for {} cores and this memory",
+            t.node, spec.cores
+        ));
+    }
+    Ok(())
+}
+
+fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
+    let gpus = spec
+        .target
+        .as_ref()
+        .map(|t| t.gpus.len() as u32)
+        .unwrap_or(spec.gpu_count);
+    inv.cpus.len() as u32 >= spec.cores
+        && spec
+            .memory_bytes
+            .is_none_or(|m| m <= inv.memory_total_bytes)
+        && inv.gpus.len() as u32 >= gpus
+}
+
+/// Decides for one task. `reserved` holds every placement of every non-final task.
+pub fn place(spec: &TaskSpec, nodes: &[NodeView], reserved: &[Placement]) -> Decision {
+    if let Err(e) = validate(spec, nodes) {
+        return Decision::Refuse(e);
+    }
+    let mut why_not = Vec::new();
+    let candidates: Vec<&NodeView> = match &spec.target {
+        Some(t) => nodes.iter().filter(|n| n.name == t.node).collect(),
+        None => nodes.iter().collect(),
+    };
+    for node in candidates {
+        if node.state != NodeState::Online {
+            why_not.push(format!("{}: offline", node.name));
+            continue;
+        }
+        match place_on(spec, node, reserved) {
+            Ok(d) => return d,
+            Err(reason) => why_not.push(format!("{}: {reason}", node.name)),
+        }
+    }
+    Decision::Wait(format!("waiting for resources: {}", why_not.join("; ")))
+}
+
+fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<Decision, String> {
+    let inv = &node.inventory;
+    let mine: Vec<&Placement> = reserved.iter().filter(|p| p.node == node.name).collect();
+    let used_cpus: BTreeSet<u32> = mine.iter().flat_map(|p| p.cpus.iter()).collect();
+    let used_gpus: BTreeSet<PciAddress> =
+        mine.iter().flat_map(|p| p.gpus.iter().copied()).collect();
+    let used_mem: u64 = mine.iter().map(|p| p.memory_bytes).sum();
+    let memory = spec.memory_bytes.unwrap_or(0);
+    let free_mem = inv.memory_total_bytes.saturating_sub(used_mem);
+    if memory > free_mem {
+        return Err(format!("{free_mem} of {memory} bytes of memory free"));
+    }
+    let free_cpus: Vec<u32> = inv
+        .cpus
+        .iter()
+        .map(|c| c.id)
+        .filter(|c| !used_cpus.contains(c))
+        .collect();
+    if (free_cpus.len() as u32) < spec.cores {
+        return Err(format!("{} of {} cores free", free_cpus.len(), spec.cores));
+    }
+    let usable_gpu =
+        |g: &&Gpu| !used_gpus.contains(&g.address) && g.driver.as_deref() != Some(VFIO_DRIVER);
+
+    // GPUs: the named ones, or a set on one NUMA node with enough free cores.
+    let target = spec.target.as_ref();
+    let gpus: Vec<&Gpu> = match target.filter(|t| !t.gpus.is_empty()) {
+        Some(t) => {
+            let named: Vec<&Gpu> = t.gpus.iter().filter_map(|g| resolve_gpu(inv, g)).collect();
+            if let Some(busy) = named.iter().find(|g| !usable_gpu(g)) {
+                return Err(format!("GPU {} is in use", busy.address));
+            }
+            named
+        }
+        None if spec.gpu_count == 0 => Vec::new(),
+        None => {
+            let free: Vec<&Gpu> = inv.gpus.iter().filter(usable_gpu).collect();
+            if (free.len() as u32) < spec.gpu_count {
+                return Err(format!("{} of {} GPUs free", free.len(), spec.gpu_count));
+            }
+            let n = spec.gpu_count as usize;
+            let numa_with_room = |numa: Option<u32>| {
+                let on: Vec<&Gpu> = free
+                    .iter()
+                    .copied()
+                    .filter(|g| g.numa_node == numa)
+                    .collect();
+                let cpus_free = free_cpus
+                    .iter()
+                    .filter(|c| {
+                        inv.cpus
+                            .iter()
+                            .any(|x| x.id == **c && Some(x.numa_node) == numa)
+                    })
+                    .count();
+                (on.len() >= n && cpus_free >= spec.cores as usize).then(|| on[..n].to_vec())
+            };
+            inv.numa_nodes
+                .iter()
+                .filter(|m| target.and_then(|t| t.numa).is_none_or(|t| t == m.id))
+                .find_map(|m| numa_with_room(Some(m.id)))
+                .unwrap_or_else(|| free[..n].to_vec())
+        }
+    };
+    let gpu_numa: BTreeSet<Option<u32>> = gpus.iter().map(|g| g.numa_node).collect();
+
+    // NUMA node for the cores: the target's, the GPUs', else any with room.
+    let numa_order: Vec<u32> = match target.and_then(|t| t.numa) {
+        Some(n) => vec![n],
+        None => match gpu_numa.iter().next() {
+            Some(Some(n)) if gpu_numa.len() == 1 => vec![*n],
+            _ => inv.numa_nodes.iter().map(|m| m.id).collect(),
+        },
+    };
+    let pick = |pool: Vec<u32>| -> CpuList {
+        // Sibling hyperthreads next to each other, so a task gets whole cores first.
+        let mut pool: Vec<(u32, u32, u32)> = pool
+            .into_iter()
+            .filter_map(|c| {
+                inv.cpus
+                    .iter()
+                    .find(|x| x.id == c)
+                    .map(|x| (x.package_id, x.core_id, x.id))
+            })
+            .collect();
+        pool.sort_unstable();
+        pool.into_iter()
+            .take(spec.cores as usize)
+            .map(|(_, _, id)| id)
+            .collect()
+    };
+    for numa in &numa_order {
+        let pool: Vec<u32> = free_cpus
+            .iter()
+            .copied()
+            .filter(|c| inv.cpus.iter().any(|x| x.id == *c && x.numa_node == *numa))
+            .collect();
+        let numa_mem = inv
+            .numa_nodes
+            .iter()
+            .find(|m| m.id == *numa)
+            .map(|m| m.memory_total_bytes)
+            .unwrap_or(0);
+        let numa_used: u64 = mine
+            .iter()
+            .filter(|p| p.numa == Some(*numa))
+            .map(|p| p.memory_bytes)
+            .sum();
+        if pool.len() as u32 >= spec.cores && memory <= numa_mem.saturating_sub(numa_used) {
+            let cpus = pick(pool);
+            let gpu_note = if gpus.is_empty() {
+                String::new()
+            } else {
+                let same = gpus.iter().all(|g| g.numa_node == Some(*numa));
+                format!(
+                    ", GPUs {}{}",
+                    gpus.iter()
+                        .map(|g| g.address.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    if same {
+                        " on the same NUMA node"
+                    } else {
+                        " (on another NUMA node)"
+                    }
+                )
+            };
+            let reason = format!(
+                "placed on {} NUMA node {numa}: cpus {cpus}{gpu_note}",
+                node.name
+            );
+            return Ok(Decision::Place {
+                placement: Placement {
+                    node: node.name.clone(),
+                    numa: Some(*numa),
+                    cpus,
+                    memory_bytes: memory,
+                    gpus: gpus.iter().map(|g| g.address).collect(),
+                },
+                reason,
+            });
+        }
+    }
+    if target.and_then(|t| t.numa).is_some() {
+        return Err(format!(
+            "NUMA node {} lacks free cores or memory",
+            numa_order[0]
+        ));
+    }
+    // No single NUMA node has room: spread over several.
+    let cpus = pick(free_cpus);
+    let reason = format!(
+        "placed on {} across NUMA nodes (no single node had room): cpus {cpus}",
+        node.name
+    );
+    Ok(Decision::Place {
+        placement: Placement {
+            node: node.name.clone(),
+            numa: None,
+            cpus,
+            memory_bytes: memory,
+            gpus: gpus.iter().map(|g| g.address).collect(),
+        },
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ImageSource, Target};
+    use crate::topology::{collect, fake::FakeMachine};
+
+    fn node(name: &str) -> NodeView {
+        let m = FakeMachine::two_socket_four_gpus();
+        NodeView {
+            name: name.into(),
+            state: NodeState::Online,
+            runner_url: "http://127.0.0.1:1".into(),
+            version: "t".into(),
+            registered_at_unix_ms: 0,
+            last_heartbeat_unix_ms: 0,
+            heartbeat_interval_ms: 1000,
+            inventory: collect(&m.roots()).unwrap(),
+            usage: None,
+        }
+    }
+
+    fn spec(cores: u32, gpus: u32, target: Option<&str>) -> TaskSpec {
+        TaskSpec {
+            command: vec!["true".into()],
+            env: Default::default(),
+            mounts: vec![],
+            image: ImageSource::Environment("base".into()),
+            cores,
+            memory_bytes: Some(1 << 30),
+            gpu_count: gpus,
+            target: target.map(|t| t.parse::<Target>().unwrap()),
+        }
+    }
+
+    fn placed(d: Decision) -> Placement {
+        match d {
+            Decision::Place { placement, .. } => placement,
+            other => panic!("not placed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gpus_cores_and_memory_on_one_numa_node() {
+        let nodes = [node("n1")];
+        // Three of the fake's four GPUs are usable (0000:cb:00.0 sits on vfio-pci).
+        let p = placed(place(&spec(2, 2, None), &nodes, &[]));
+        assert_eq!(p.numa, Some(0));
+        assert_eq!(p.gpus.len(), 2);
+        assert!(
+            p.cpus.iter().all(|c| [0, 1, 4, 5].contains(&c)),
+            "{}",
+            p.cpus
+        );
+        // Hyperthread siblings together: cpus 0 and 4 are one core.
+        assert_eq!(p.cpus.to_string(), "0,4");
+        let q = placed(place(&spec(2, 1, None), &nodes, std::slice::from_ref(&p)));
+        assert_eq!(
+            (q.numa, q.gpus[0].to_string().as_str()),
+            (Some(1), "0000:ca:00.0")
+        );
+        let r = place(&spec(1, 1, None), &nodes, &[p, q]);
+        assert!(
+            matches!(&r, Decision::Wait(w) if w.contains("0 of 1 GPUs free")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn targets_are_honoured_or_refused() {
+        let nodes = [node("n1")];
+        let p = placed(place(&spec(1, 0, Some("n1:1::0000:ca:00.0")), &nodes, &[]));
+        assert_eq!(
+            (p.numa, p.gpus[0].to_string().as_str()),
+            (Some(1), "0000:ca:00.0")
+        );
+        let p = placed(place(&spec(1, 0, Some("n1::1")), &nodes, &[]));
+        assert_eq!(
+            p.gpus[0].to_string(),
+            "0000:18:00.0",
+            "index 1 in PCI address order"
+        );
+        for (t, want) in [
+            ("n9", "no node named"),
+            ("n1:7", "no NUMA node 7"),
+            ("n1::9", "no GPU \"9\""),
+            ("n1::0000:99:00.0", "no GPU"),
+            ("n1::0,0", "named twice"),
+        ] {
+            match place(&spec(1, 0, Some(t)), &nodes, &[]) {
+                Decision::Refuse(e) => assert!(e.contains(want), "{t}: {e}"),
+                other => panic!("{t}: {other:?}"),
+            }
+        }
+        let busy = place(&spec(1, 0, Some("n1::0000:cb:00.0")), &nodes, &[]);
+        assert!(
+            matches!(&busy, Decision::Wait(w) if w.contains("in use")),
+            "vfio-bound GPU: {busy:?}"
+        );
+    }
+
+    #[test]
+    fn full_node_tasks_queue_one_after_the_other() {
+        let nodes = [node("n1")];
+        let first = placed(place(&spec(8, 0, None), &nodes, &[]));
+        assert_eq!(first.cpus.len(), 8);
+        assert_eq!(first.numa, None, "8 cores span both NUMA nodes");
+        match place(&spec(8, 0, None), &nodes, &[first]) {
+            Decision::Wait(w) => assert!(w.contains("0 of 8 cores free"), "{w}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            place(&spec(8, 0, None), &nodes, &[]),
+            Decision::Place { .. }
+        ));
+        assert!(matches!(
+            place(&spec(9, 0, None), &nodes, &[]),
+            Decision::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn offline_nodes_and_empty_commands() {
+        let mut n = node("n1");
+        n.state = NodeState::Offline;
+        assert!(
+            matches!(place(&spec(1, 0, None), &[n], &[]), Decision::Wait(w) if w.contains("offline"))
+        );
+        let mut s = spec(1, 0, None);
+        s.command.clear();
+        assert!(
+            matches!(place(&s, &[node("n1")], &[]), Decision::Refuse(e) if e.contains("command"))
+        );
+        assert!(
+            matches!(place(&spec(1, 0, None), &[], &[]), Decision::Refuse(e) if e.contains("no nodes"))
+        );
+    }
+}
