@@ -7,8 +7,13 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+mod tasks;
+
 use super::auth::{Principal, Role};
-use crate::api::{HeartbeatRequest, NodeState, NodeView, RegisterRequest};
+use crate::api::{
+    Assignments, Desired, HeartbeatRequest, NodeState, NodeView, RegisterRequest, TaskReport,
+    TaskSpec, TaskState, TaskView,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,6 +31,12 @@ pub enum StoreError {
     TooNew { found: usize, known: usize },
     #[error("node {0:?} is already registered")]
     NodeExists(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("no task {0}")]
+    NoTask(u64),
+    #[error("{0}")]
+    Conflict(String),
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("stored JSON in {what}: {source}")]
@@ -63,6 +74,30 @@ pub trait Store: Send + Sync + 'static {
     fn mark_silent_offline(&self, now_ms: i64, missed: u32) -> Result<Vec<String>, StoreError>;
     /// Removes a node and revokes its credential.
     fn delete_node(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Queues a task (refused if it can never run); returns its id.
+    fn submit_task(&self, spec: &TaskSpec, now_ms: i64) -> Result<u64, StoreError>;
+    /// Places queued tasks in submission order; returns the ids placed.
+    fn schedule(&self) -> Result<Vec<u64>, StoreError>;
+    fn get_task(&self, id: u64) -> Result<Option<TaskView>, StoreError>;
+    fn list_tasks(
+        &self,
+        state: Option<TaskState>,
+        node: Option<&str>,
+    ) -> Result<Vec<TaskView>, StoreError>;
+    /// Records what the user wants; a queued task that is killed ends at once.
+    fn set_desired(&self, id: u64, desired: Desired, now_ms: i64) -> Result<TaskView, StoreError>;
+    /// What `node` must run, with the current revision.
+    fn assignments(&self, node: &str) -> Result<Assignments, StoreError>;
+    /// Applies a runner's report for a task on its node.
+    fn report_task(
+        &self,
+        node: &str,
+        id: u64,
+        report: &TaskReport,
+        now_ms: i64,
+    ) -> Result<TaskView, StoreError>;
+    fn revision(&self) -> Result<u64, StoreError>;
 }
 
 /// Schema versions, applied in order; `PRAGMA user_version` records the last.
@@ -88,6 +123,26 @@ const MIGRATIONS: &[&str] = &[
         label TEXT NOT NULL,
         created_at_ms INTEGER NOT NULL
     );",
+    // 2: tasks, and the revision counter runners long-poll on.
+    "CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL DEFAULT 'command',
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        desired TEXT NOT NULL,
+        node TEXT,
+        placement TEXT,
+        reason TEXT NOT NULL DEFAULT '',
+        exit_code INTEGER,
+        message TEXT,
+        submitted_at_ms INTEGER NOT NULL,
+        started_at_ms INTEGER,
+        finished_at_ms INTEGER
+    );
+    CREATE INDEX tasks_by_state ON tasks(state);
+    CREATE INDEX tasks_by_node ON tasks(node);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('revision', 0);",
 ];
 
 pub struct SqliteStore {
@@ -154,13 +209,18 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn to_json<T: serde::Serialize>(what: &'static str, v: &T) -> Result<String, StoreError> {
+pub(super) fn to_json<T: serde::Serialize>(
+    what: &'static str,
+    v: &T,
+) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|source| StoreError::Json { what, source })
 }
 
-const NODE_COLUMNS: &str = "name, state, runner_url, version, registered_at_ms, last_heartbeat_ms, heartbeat_interval_ms, inventory, usage";
+pub(super) const NODE_COLUMNS: &str = "name, state, runner_url, version, registered_at_ms, last_heartbeat_ms, heartbeat_interval_ms, inventory, usage";
 
-fn node_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<NodeView, StoreError>> {
+pub(super) fn node_from_row(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<Result<NodeView, StoreError>> {
     let state: String = row.get(1)?;
     let inventory: String = row.get(7)?;
     let usage: Option<String> = row.get(8)?;
@@ -350,20 +410,79 @@ impl Store for SqliteStore {
 
     fn mark_silent_offline(&self, now_ms: i64, missed: u32) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "UPDATE nodes SET state = 'offline'
-                 WHERE state = 'online' AND last_heartbeat_ms + heartbeat_interval_ms * ?2 < ?1
-                 RETURNING name",
-            )?;
-            let names = stmt
-                .query_map(params![now_ms, missed], |r| r.get(0))?
-                .collect::<Result<Vec<String>, _>>()?;
+            let tx = c.transaction()?;
+            let names = {
+                let mut stmt = tx.prepare(
+                    "UPDATE nodes SET state = 'offline'
+                     WHERE state = 'online' AND last_heartbeat_ms + heartbeat_interval_ms * ?2 < ?1
+                     RETURNING name",
+                )?;
+                let names = stmt
+                    .query_map(params![now_ms, missed], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                names
+            };
+            // Their tasks are lost, not freed: the node may come back with them
+            // running, so the ledger keeps their reservations.
+            for n in &names {
+                tx.execute(
+                    "UPDATE tasks SET state = 'lost', reason = 'node went silent'
+                     WHERE node = ?1 AND state IN ('assigning', 'running', 'paused')",
+                    [n],
+                )?;
+            }
+            if !names.is_empty() {
+                tasks::bump(&tx)?;
+            }
+            tx.commit()?;
             Ok(names)
         })
     }
 
     fn delete_node(&self, name: &str) -> Result<bool, StoreError> {
         self.with(|c| Ok(c.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0))
+    }
+
+    fn submit_task(&self, spec: &TaskSpec, now_ms: i64) -> Result<u64, StoreError> {
+        self.with(|c| tasks::submit(c, spec, now_ms))
+    }
+
+    fn schedule(&self) -> Result<Vec<u64>, StoreError> {
+        self.with(tasks::schedule)
+    }
+
+    fn get_task(&self, id: u64) -> Result<Option<TaskView>, StoreError> {
+        self.with(|c| tasks::get(c, id))
+    }
+
+    fn list_tasks(
+        &self,
+        state: Option<TaskState>,
+        node: Option<&str>,
+    ) -> Result<Vec<TaskView>, StoreError> {
+        self.with(|c| tasks::list(c, state, node))
+    }
+
+    fn set_desired(&self, id: u64, desired: Desired, now_ms: i64) -> Result<TaskView, StoreError> {
+        self.with(|c| tasks::set_desired(c, id, desired, now_ms))
+    }
+
+    fn assignments(&self, node: &str) -> Result<Assignments, StoreError> {
+        self.with(|c| tasks::assignments(c, node))
+    }
+
+    fn report_task(
+        &self,
+        node: &str,
+        id: u64,
+        report: &TaskReport,
+        now_ms: i64,
+    ) -> Result<TaskView, StoreError> {
+        self.with(|c| tasks::report(c, node, id, report, now_ms))
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.with(|c| tasks::revision(c))
     }
 }
 

@@ -1,0 +1,557 @@
+//! Tasks and the ledger in SQLite. A task's reservation is its placement,
+//! held while the task is in any non-final state (queued tasks hold none;
+//! paused and lost ones keep theirs). Placement runs inside one transaction
+//! with the reservations it reads, so nothing is checked-then-inserted.
+
+use rusqlite::{params, Connection, Transaction};
+
+use super::{node_from_row, to_json, StoreError, NODE_COLUMNS};
+use crate::api::{
+    Assignment, Assignments, Desired, NodeView, Placement, TaskReport, TaskSpec, TaskState,
+    TaskView,
+};
+use crate::host::scheduler::{self, Decision};
+
+const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms";
+
+fn desired_str(d: Desired) -> &'static str {
+    match d {
+        Desired::Running => "running",
+        Desired::Paused => "paused",
+        Desired::Killed => "killed",
+    }
+}
+
+fn json_err(what: &'static str) -> impl Fn(serde_json::Error) -> StoreError {
+    move |source| StoreError::Json { what, source }
+}
+
+type Raw = (
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<i32>,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
+fn decode(raw: Raw) -> Result<TaskView, StoreError> {
+    let (
+        id,
+        spec,
+        state,
+        desired,
+        placement,
+        reason,
+        exit_code,
+        message,
+        submitted,
+        started,
+        finished,
+    ) = raw;
+    let parse_state = |s: &str| {
+        s.parse::<TaskState>().map_err(|e| StoreError::Json {
+            what: "tasks.state",
+            source: serde::de::Error::custom(e),
+        })
+    };
+    Ok(TaskView {
+        id: id as u64,
+        state: parse_state(&state)?,
+        desired: serde_json::from_value(serde_json::Value::String(desired))
+            .map_err(json_err("tasks.desired"))?,
+        spec: serde_json::from_str(&spec).map_err(json_err("tasks.spec"))?,
+        placement: placement
+            .map(|p| serde_json::from_str(&p))
+            .transpose()
+            .map_err(json_err("tasks.placement"))?,
+        reason,
+        exit_code,
+        message,
+        submitted_at_unix_ms: submitted,
+        started_at_unix_ms: started,
+        finished_at_unix_ms: finished,
+    })
+}
+
+fn query(
+    c: &Connection,
+    where_clause: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<TaskView>, StoreError> {
+    let mut stmt = c.prepare(&format!(
+        "SELECT {COLUMNS} FROM tasks {where_clause} ORDER BY id"
+    ))?;
+    let raws = stmt
+        .query_map(args, row_to_task)?
+        .collect::<Result<Vec<_>, _>>()?;
+    raws.into_iter().map(decode).collect()
+}
+
+pub(super) fn bump(tx: &Transaction<'_>) -> Result<u64, StoreError> {
+    Ok(tx.query_row(
+        "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value",
+        [],
+        |r| r.get::<_, i64>(0),
+    )? as u64)
+}
+
+pub(super) fn revision(c: &Connection) -> Result<u64, StoreError> {
+    Ok(
+        c.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64,
+    )
+}
+
+fn nodes(c: &Connection) -> Result<Vec<NodeView>, StoreError> {
+    let mut stmt = c.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY name"))?;
+    let rows = stmt.query_map([], node_from_row)?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push(r??);
+    }
+    Ok(out)
+}
+
+fn reservations(c: &Connection) -> Result<Vec<Placement>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT placement FROM tasks WHERE placement IS NOT NULL
+         AND state NOT IN ('completed', 'failed', 'killed', 'killed_oom')",
+    )?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push(serde_json::from_str(&r?).map_err(json_err("tasks.placement"))?);
+    }
+    Ok(out)
+}
+
+pub(super) fn submit(c: &mut Connection, spec: &TaskSpec, now_ms: i64) -> Result<u64, StoreError> {
+    let tx = c.transaction()?;
+    scheduler::validate(spec, &nodes(&tx)?).map_err(StoreError::Refused)?;
+    let id: i64 = tx.query_row(
+        "INSERT INTO tasks (spec, state, desired, reason, submitted_at_ms)
+         VALUES (?1, 'pending', 'running', 'queued', ?2) RETURNING id",
+        params![to_json("spec", spec)?, now_ms],
+        |r| r.get(0),
+    )?;
+    bump(&tx)?;
+    tx.commit()?;
+    Ok(id as u64)
+}
+
+pub(super) fn schedule(c: &mut Connection) -> Result<Vec<u64>, StoreError> {
+    let tx = c.transaction()?;
+    let nodes = nodes(&tx)?;
+    let mut held = reservations(&tx)?;
+    let pending = query(&tx, "WHERE state = 'pending' AND desired != 'killed'", &[])?;
+    let mut placed = Vec::new();
+    for t in pending {
+        match scheduler::place(&t.spec, &nodes, &held) {
+            Decision::Place { placement, reason } => {
+                tx.execute(
+                    "UPDATE tasks SET state = 'assigning', node = ?2, placement = ?3, reason = ?4 WHERE id = ?1",
+                    params![t.id as i64, placement.node, to_json("placement", &placement)?, reason],
+                )?;
+                held.push(placement);
+                placed.push(t.id);
+            }
+            Decision::Wait(reason) if reason != t.reason => {
+                tx.execute(
+                    "UPDATE tasks SET reason = ?2 WHERE id = ?1",
+                    params![t.id as i64, reason],
+                )?;
+            }
+            Decision::Wait(_) => {}
+            // The cluster changed under a queued task (its node was removed): fail it, saying why.
+            Decision::Refuse(reason) => {
+                tx.execute(
+                    "UPDATE tasks SET state = 'failed', reason = ?2, message = ?2 WHERE id = ?1",
+                    params![t.id as i64, reason],
+                )?;
+            }
+        }
+    }
+    if !placed.is_empty() {
+        bump(&tx)?;
+    }
+    tx.commit()?;
+    Ok(placed)
+}
+
+pub(super) fn get(c: &mut Connection, id: u64) -> Result<Option<TaskView>, StoreError> {
+    Ok(query(c, "WHERE id = ?1", &[&(id as i64)])?
+        .into_iter()
+        .next())
+}
+
+pub(super) fn list(
+    c: &mut Connection,
+    state: Option<TaskState>,
+    node: Option<&str>,
+) -> Result<Vec<TaskView>, StoreError> {
+    let s = state.map(|s| s.as_str().to_string());
+    query(
+        c,
+        "WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR node = ?2)",
+        &[&s, &node],
+    )
+}
+
+pub(super) fn set_desired(
+    c: &mut Connection,
+    id: u64,
+    desired: Desired,
+    now_ms: i64,
+) -> Result<TaskView, StoreError> {
+    let tx = c.transaction()?;
+    let t = query(&tx, "WHERE id = ?1", &[&(id as i64)])?
+        .into_iter()
+        .next()
+        .ok_or(StoreError::NoTask(id))?;
+    if t.state.is_final() {
+        return Err(StoreError::Conflict(format!(
+            "task {id} already ended ({})",
+            t.state
+        )));
+    }
+    if t.state == TaskState::Pending {
+        match desired {
+            Desired::Killed => {
+                tx.execute(
+                    "UPDATE tasks SET state = 'killed', desired = 'killed', reason = 'killed while queued',
+                     finished_at_ms = ?2 WHERE id = ?1",
+                    params![id as i64, now_ms],
+                )?;
+            }
+            _ => {
+                return Err(StoreError::Conflict(format!(
+                    "task {id} is still queued ({}); only kill applies",
+                    t.reason
+                )))
+            }
+        }
+    } else {
+        tx.execute(
+            "UPDATE tasks SET desired = ?2 WHERE id = ?1",
+            params![id as i64, desired_str(desired)],
+        )?;
+    }
+    bump(&tx)?;
+    let view = query(&tx, "WHERE id = ?1", &[&(id as i64)])?.remove(0);
+    tx.commit()?;
+    Ok(view)
+}
+
+pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments, StoreError> {
+    let tx = c.transaction()?;
+    let revision = revision(&tx)?;
+    let tasks = query(
+        &tx,
+        "WHERE node = ?1 AND state NOT IN ('pending', 'completed', 'failed', 'killed', 'killed_oom')",
+        &[&node],
+    )?;
+    tx.commit()?;
+    Ok(Assignments {
+        revision,
+        tasks: tasks
+            .into_iter()
+            .filter_map(|t| {
+                Some(Assignment {
+                    id: t.id,
+                    desired: t.desired,
+                    state: t.state,
+                    placement: t.placement?,
+                    spec: t.spec,
+                })
+            })
+            .collect(),
+    })
+}
+
+pub(super) fn report(
+    c: &mut Connection,
+    node: &str,
+    id: u64,
+    r: &TaskReport,
+    now_ms: i64,
+) -> Result<TaskView, StoreError> {
+    let tx = c.transaction()?;
+    let t = query(&tx, "WHERE id = ?1", &[&(id as i64)])?
+        .into_iter()
+        .next()
+        .ok_or(StoreError::NoTask(id))?;
+    if t.placement.as_ref().map(|p| p.node.as_str()) != Some(node) {
+        return Err(StoreError::Conflict(format!(
+            "task {id} is not assigned to node {node:?}"
+        )));
+    }
+    if t.state == r.state {
+        return Ok(t);
+    }
+    if !t.state.can_become(r.state) {
+        return Err(StoreError::Conflict(format!(
+            "task {id} cannot go from {} to {}",
+            t.state, r.state
+        )));
+    }
+    let started =
+        (r.state == TaskState::Running && t.started_at_unix_ms.is_none()).then_some(now_ms);
+    let finished = r.state.is_final().then_some(now_ms);
+    tx.execute(
+        "UPDATE tasks SET state = ?2, exit_code = COALESCE(?3, exit_code), message = COALESCE(?4, message),
+         started_at_ms = COALESCE(started_at_ms, ?5), finished_at_ms = COALESCE(?6, finished_at_ms)
+         WHERE id = ?1",
+        params![id as i64, r.state.as_str(), r.exit_code, r.message, started, finished],
+    )?;
+    bump(&tx)?;
+    let view = query(&tx, "WHERE id = ?1", &[&(id as i64)])?.remove(0);
+    tx.commit()?;
+    Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::{SqliteStore, Store};
+    use crate::api::{
+        Desired, ImageSource, RegisterRequest, Target, TaskReport, TaskSpec, TaskState,
+    };
+    use crate::topology::{collect, fake::FakeMachine};
+
+    fn store_with_node(name: &str) -> Arc<SqliteStore> {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let m = FakeMachine::two_socket_four_gpus();
+        s.register_node(
+            &RegisterRequest {
+                name: name.into(),
+                runner_url: "http://127.0.0.1:1".into(),
+                heartbeat_interval_ms: 1000,
+                version: "t".into(),
+                inventory: collect(&m.roots()).unwrap(),
+            },
+            &format!("cred-{name}"),
+            "host-token",
+            0,
+        )
+        .unwrap();
+        Arc::new(s)
+    }
+
+    fn spec(cores: u32, gpus: u32) -> TaskSpec {
+        TaskSpec {
+            command: vec!["sleep".into(), "1".into()],
+            env: Default::default(),
+            mounts: vec![],
+            image: ImageSource::Environment("base".into()),
+            cores,
+            memory_bytes: None,
+            gpu_count: gpus,
+            target: None,
+        }
+    }
+
+    fn report(
+        s: &SqliteStore,
+        id: u64,
+        state: TaskState,
+    ) -> Result<crate::api::TaskView, super::StoreError> {
+        s.report_task(
+            "n1",
+            id,
+            &TaskReport {
+                state,
+                exit_code: None,
+                message: None,
+            },
+            1,
+        )
+    }
+
+    #[test]
+    fn full_node_tasks_run_one_after_the_other() {
+        let s = store_with_node("n1");
+        let a = s.submit_task(&spec(8, 0), 0).unwrap();
+        let b = s.submit_task(&spec(8, 0), 0).unwrap();
+        assert_eq!(s.schedule().unwrap(), vec![a]);
+        let tb = s.get_task(b).unwrap().unwrap();
+        assert_eq!(tb.state, TaskState::Pending);
+        assert!(tb.reason.contains("0 of 8 cores free"), "{}", tb.reason);
+        report(&s, a, TaskState::Running).unwrap();
+        assert!(s.schedule().unwrap().is_empty());
+        report(&s, a, TaskState::Completed).unwrap();
+        assert_eq!(s.schedule().unwrap(), vec![b]);
+        assert_eq!(s.get_task(b).unwrap().unwrap().state, TaskState::Assigning);
+    }
+
+    #[test]
+    fn fifty_concurrent_submissions_never_double_book_gpus() {
+        let s = store_with_node("n1");
+        let threads: Vec<_> = (0..50)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    s.submit_task(&spec(1, 1), 0).unwrap();
+                    s.schedule().unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let placed: Vec<_> = s
+            .list_tasks(Some(TaskState::Assigning), None)
+            .unwrap()
+            .into_iter()
+            .flat_map(|t| t.placement.unwrap().gpus)
+            .collect();
+        // The fake node has 4 GPUs, one already on vfio-pci: 3 can be handed out.
+        assert_eq!(placed.len(), 3, "{placed:?}");
+        let distinct: std::collections::BTreeSet<_> = placed.iter().collect();
+        assert_eq!(distinct.len(), 3);
+        assert_eq!(
+            s.list_tasks(Some(TaskState::Pending), None).unwrap().len(),
+            47
+        );
+    }
+
+    #[test]
+    fn impossible_targets_are_refused_and_nothing_is_created() {
+        let s = store_with_node("n1");
+        for (t, want) in [
+            ("n2", "no node named"),
+            ("n1:5", "no NUMA node 5"),
+            ("n1::7", "no GPU"),
+        ] {
+            let mut sp = spec(1, 0);
+            sp.target = Some(t.parse::<Target>().unwrap());
+            let e = s.submit_task(&sp, 0).unwrap_err().to_string();
+            assert!(e.contains(want), "{t}: {e}");
+        }
+        let mut empty = spec(1, 0);
+        empty.command.clear();
+        assert!(s
+            .submit_task(&empty, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("command"));
+        assert!(s.list_tasks(None, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn paused_tasks_keep_their_cores_and_kill_of_a_queued_task_ends_it() {
+        let s = store_with_node("n1");
+        let a = s.submit_task(&spec(8, 0), 0).unwrap();
+        s.schedule().unwrap();
+        report(&s, a, TaskState::Running).unwrap();
+        assert_eq!(
+            s.set_desired(a, Desired::Paused, 0).unwrap().desired,
+            Desired::Paused
+        );
+        report(&s, a, TaskState::Paused).unwrap();
+        let b = s.submit_task(&spec(1, 0), 0).unwrap();
+        assert!(
+            s.schedule().unwrap().is_empty(),
+            "paused task still holds all 8 cores"
+        );
+        let kb = s.set_desired(b, Desired::Killed, 5).unwrap();
+        assert_eq!(
+            (kb.state, kb.finished_at_unix_ms),
+            (TaskState::Killed, Some(5))
+        );
+        let e = s
+            .set_desired(b, Desired::Running, 6)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already ended"), "{e}");
+    }
+
+    #[test]
+    fn reports_follow_the_state_machine_and_the_node() {
+        let s = store_with_node("n1");
+        let a = s.submit_task(&spec(1, 0), 0).unwrap();
+        s.schedule().unwrap();
+        let before = s.revision().unwrap();
+        let e = s
+            .report_task(
+                "n2",
+                a,
+                &TaskReport {
+                    state: TaskState::Running,
+                    exit_code: None,
+                    message: None,
+                },
+                0,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("not assigned to node"), "{e}");
+        let done = s
+            .report_task(
+                "n1",
+                a,
+                &TaskReport {
+                    state: TaskState::Failed,
+                    exit_code: Some(3),
+                    message: Some("exit 3".into()),
+                },
+                9,
+            )
+            .unwrap();
+        assert_eq!(
+            (done.exit_code, done.finished_at_unix_ms),
+            (Some(3), Some(9))
+        );
+        assert!(s.revision().unwrap() > before);
+        assert!(report(&s, a, TaskState::Running)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot go from failed"));
+        assert!(
+            s.assignments("n1").unwrap().tasks.is_empty(),
+            "final tasks are not assigned"
+        );
+    }
+
+    #[test]
+    fn silent_nodes_lose_their_tasks_which_come_back_when_reported() {
+        let s = store_with_node("n1");
+        let a = s.submit_task(&spec(8, 0), 0).unwrap();
+        s.schedule().unwrap();
+        report(&s, a, TaskState::Running).unwrap();
+        s.mark_silent_offline(i64::MAX / 2, 3).unwrap();
+        assert_eq!(s.get_task(a).unwrap().unwrap().state, TaskState::Lost);
+        // Lost keeps the reservation: nothing else lands on those cores.
+        s.submit_task(&spec(1, 0), 0).unwrap();
+        assert!(s.schedule().unwrap().is_empty());
+        assert_eq!(
+            report(&s, a, TaskState::Running).unwrap().state,
+            TaskState::Running
+        );
+        let asg = s.assignments("n1").unwrap();
+        assert_eq!(asg.tasks.len(), 1);
+        assert_eq!(asg.tasks[0].placement.cpus.len(), 8);
+    }
+}
