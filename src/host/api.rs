@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -40,6 +40,9 @@ pub enum ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
+            StoreError::Refused(msg) => ApiError::BadRequest(msg),
+            StoreError::NoTask(id) => ApiError::NotFound(format!("no task {id}; `rivernode task list` shows the tasks")),
+            StoreError::Conflict(msg) => ApiError::Conflict(msg),
             StoreError::NodeExists(name) => ApiError::Conflict(format!(
                 "node {name:?} is already registered; if this is a new machine give it another name, \
                  or remove the old entry with `rivernode node remove {name}`"
@@ -48,6 +51,17 @@ impl From<StoreError> for ApiError {
         }
     }
 }
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::BadRequest(e.body_text())
+    }
+}
+
+/// `Query` whose rejections are 400s naming the parameter.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
@@ -95,6 +109,7 @@ pub struct ApiJson<T>(pub T);
 /// body is read, so a wrong token never learns what a valid body looks like.
 pub fn router(state: Arc<HostState>) -> Router {
     let admin = Router::new()
+        .merge(super::tasks::admin_routes())
         .route("/api/nodes", get(list_nodes))
         .route("/api/nodes/{name}", get(get_node).delete(remove_node))
         .route("/api/nodes/{name}/runner", get(probe_runner))
@@ -107,6 +122,7 @@ pub fn router(state: Arc<HostState>) -> Router {
             auth::require(Role::Join, req, next)
         }));
     let node = Router::new()
+        .merge(super::tasks::node_routes())
         .route("/api/nodes/{name}/heartbeat", put(heartbeat))
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(Role::Node, req, next)
@@ -183,6 +199,7 @@ async fn register(
         .blocking(move |s| s.register_node(&req, &cred_hash, &token, now))
         .await?;
     tracing::info!(node = %name, "node registered");
+    state.schedule.notify_one();
     Ok((
         StatusCode::CREATED,
         Json(RegisterResponse {

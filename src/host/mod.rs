@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod scheduler;
 pub mod store;
+mod tasks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,9 +47,26 @@ pub enum HostError {
 pub struct HostState {
     pub store: Arc<dyn Store>,
     pub http: reqwest::Client,
+    /// The store's revision, for runners long-polling their assignments.
+    pub revision: tokio::sync::watch::Sender<u64>,
+    /// Wakes the scheduler (a submission, a finished task, a node change).
+    pub schedule: tokio::sync::Notify,
 }
 
 impl HostState {
+    /// Publishes the store's current revision to long-polling runners.
+    pub async fn publish(&self) {
+        if let Ok(r) = self.blocking(|s| s.revision()).await {
+            self.revision.send_if_modified(|cur| {
+                let newer = r > *cur;
+                if newer {
+                    *cur = r;
+                }
+                newer
+            });
+        }
+    }
+
     /// Runs a store call off the async workers (SQLite calls block).
     pub async fn blocking<T: Send + 'static>(
         &self,
@@ -112,8 +130,19 @@ impl BoundHost {
             .user_agent(concat!("rivernode-host/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| HostError::Serve(std::io::Error::other(e)))?;
+        let revision = {
+            let st = store.clone();
+            tokio::task::spawn_blocking(move || st.revision())
+                .await
+                .map_err(|e| HostError::Serve(std::io::Error::other(e)))??
+        };
         Ok(Self {
-            state: Arc::new(HostState { store, http }),
+            state: Arc::new(HostState {
+                store,
+                http,
+                revision: tokio::sync::watch::Sender::new(revision),
+                schedule: tokio::sync::Notify::new(),
+            }),
             listener,
             config,
             api_url,
@@ -133,11 +162,13 @@ impl BoundHost {
     ) -> Result<(), HostError> {
         tracing::info!(addr = %self.api_addr, data_dir = %self.config.data_dir.display(), "host API listening");
         let liveness = tokio::spawn(liveness_loop(self.state.clone(), self.config.clone()));
+        let scheduler = tokio::spawn(tasks::scheduler_loop(self.state.clone()));
         let result = axum::serve(self.listener, api::router(self.state))
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(HostError::Serve);
         liveness.abort();
+        scheduler.abort();
         result
     }
 }
@@ -192,8 +223,11 @@ async fn liveness_loop(state: Arc<HostState>, config: HostConfig) {
             .await
         {
             Ok(names) => {
-                for name in names {
-                    tracing::warn!(node = %name, missed, "node marked offline: no heartbeat");
+                for name in &names {
+                    tracing::warn!(node = %name, missed, "node marked offline: no heartbeat; its tasks are lost until it reports them");
+                }
+                if !names.is_empty() {
+                    state.publish().await;
                 }
             }
             Err(e) => tracing::error!(error = %e, "liveness check failed"),

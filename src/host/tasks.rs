@@ -1,0 +1,296 @@
+//! Task routes of the host API: submit, list, status, kill/pause/resume and
+//! logs for admins; assignments (long-poll) and reports for runners; and the
+//! scheduler loop that places queued work when something changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+
+use super::api::{ApiError, ApiJson, ApiQuery};
+use super::auth::Principal;
+use super::HostState;
+use crate::api::{Assignments, Desired, SubmitResponse, TaskReport, TaskSpec, TaskState, TaskView};
+
+pub fn admin_routes() -> Router<Arc<HostState>> {
+    Router::new()
+        .route("/api/tasks", post(submit).get(list))
+        .route("/api/tasks/{id}", get(status))
+        .route(
+            "/api/tasks/{id}/kill",
+            post(|s, p| desire(s, p, Desired::Killed)),
+        )
+        .route(
+            "/api/tasks/{id}/pause",
+            post(|s, p| desire(s, p, Desired::Paused)),
+        )
+        .route(
+            "/api/tasks/{id}/resume",
+            post(|s, p| desire(s, p, Desired::Running)),
+        )
+        .route("/api/tasks/{id}/logs", get(logs))
+}
+
+pub fn node_routes() -> Router<Arc<HostState>> {
+    Router::new()
+        .route("/api/nodes/{name}/assignments", get(assignments))
+        .route("/api/nodes/{name}/tasks/{id}", put(report))
+}
+
+/// Places queued tasks whenever something may have freed or added room, and
+/// at least every second (nodes come back online, heartbeats change state).
+pub async fn scheduler_loop(state: Arc<HostState>) {
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(1), state.schedule.notified()).await;
+        match state.blocking(|s| s.schedule()).await {
+            Ok(placed) if !placed.is_empty() => {
+                tracing::info!(?placed, "tasks placed");
+                state.publish().await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "scheduling failed"),
+        }
+    }
+}
+
+fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 128
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            && !n.starts_with('.')
+    };
+    match &spec.image {
+        crate::api::ImageSource::Environment(n) if !name_ok(n) => {
+            return Err(ApiError::BadRequest(format!(
+                "image.environment: {n:?} is not an environment name (letters, digits, '.', '_', '-')"
+            )))
+        }
+        crate::api::ImageSource::Registry(r) if r.trim().is_empty() || r.contains(char::is_whitespace) => {
+            return Err(ApiError::BadRequest(format!("image.registry: {r:?} is not an image reference")))
+        }
+        _ => {}
+    }
+    for m in &spec.mounts {
+        if !m.target.starts_with('/') || !m.source.starts_with('/') {
+            return Err(ApiError::BadRequest(format!(
+                "mounts: {}:{} must be two absolute paths",
+                m.source, m.target
+            )));
+        }
+    }
+    for k in spec.env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ApiError::BadRequest(format!(
+                "env: {k:?} is not a variable name"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn submit(
+    State(state): State<Arc<HostState>>,
+    ApiJson(spec): ApiJson<TaskSpec>,
+) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
+    check_spec(&spec)?;
+    let now = crate::now_unix_ms();
+    let id = state.blocking(move |s| s.submit_task(&spec, now)).await?;
+    // Place it now if it fits, so the answer says where (or why it waits).
+    state.blocking(|s| s.schedule()).await?;
+    state.publish().await;
+    let t = state
+        .blocking(move |s| s.get_task(id))
+        .await?
+        .ok_or(ApiError::Internal(format!("task {id} vanished")))?;
+    tracing::info!(task = id, state = %t.state, reason = %t.reason, "task submitted");
+    Ok((
+        StatusCode::CREATED,
+        Json(SubmitResponse {
+            id,
+            state: t.state,
+            reason: t.reason,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    node: Option<String>,
+}
+
+async fn list(
+    State(state): State<Arc<HostState>>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Vec<TaskView>>, ApiError> {
+    let st = q
+        .state
+        .map(|s| {
+            s.parse::<TaskState>()
+                .map_err(|e| ApiError::BadRequest(format!("state: {e}")))
+        })
+        .transpose()?;
+    Ok(Json(
+        state
+            .blocking(move |s| s.list_tasks(st, q.node.as_deref()))
+            .await?,
+    ))
+}
+
+async fn status(
+    State(state): State<Arc<HostState>>,
+    Path(id): Path<u64>,
+) -> Result<Json<TaskView>, ApiError> {
+    state
+        .blocking(move |s| s.get_task(id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no task {id}; `rivernode task list` shows the tasks"
+            ))
+        })
+}
+
+async fn desire(
+    state: State<Arc<HostState>>,
+    Path(id): Path<u64>,
+    d: Desired,
+) -> Result<Json<TaskView>, ApiError> {
+    let now = crate::now_unix_ms();
+    let t = state.blocking(move |s| s.set_desired(id, d, now)).await?;
+    state.publish().await;
+    state.schedule.notify_one();
+    Ok(Json(t))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    stream: Option<String>,
+    offset: Option<u64>,
+}
+
+/// Reads a task's log from the runner of its node (the host keeps no copies).
+async fn logs(
+    State(state): State<Arc<HostState>>,
+    Path(id): Path<u64>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+) -> Result<(HeaderMap, Bytes), ApiError> {
+    let stream = q.stream.unwrap_or_else(|| "stdout".into());
+    if stream != "stdout" && stream != "stderr" {
+        return Err(ApiError::BadRequest(format!(
+            "stream: {stream:?} is not stdout or stderr"
+        )));
+    }
+    let t = state
+        .blocking(move |s| s.get_task(id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
+    let Some(p) = t.placement else {
+        return Err(ApiError::Conflict(format!(
+            "task {id} has not started: {}",
+            t.reason
+        )));
+    };
+    let node = p.node.clone();
+    let (url, token) = state
+        .blocking(move |s| s.runner_access(&node))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("node {:?} of task {id} is gone", p.node)))?;
+    let resp = state
+        .http
+        .get(format!("{url}/api/tasks/{id}/logs"))
+        .query(&[
+            ("stream", stream.as_str()),
+            ("offset", &q.offset.unwrap_or(0).to_string()),
+        ])
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| ApiError::BadGateway(format!("runner of {:?} unreachable: {e}", p.node)))?;
+    if !resp.status().is_success() {
+        let code = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(if code == reqwest::StatusCode::NOT_FOUND {
+            ApiError::NotFound(format!("no logs for task {id} on {:?}", p.node))
+        } else {
+            ApiError::BadGateway(format!("runner answered {code}: {text}"))
+        });
+    }
+    let mut headers = HeaderMap::new();
+    if let Some(v) = resp.headers().get("x-next-offset").cloned() {
+        headers.insert("x-next-offset", v);
+    }
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| ApiError::BadGateway(format!("reading logs from the runner: {e}")))?;
+    Ok((headers, body))
+}
+
+fn own_node(p: &Principal, name: &str) -> Result<(), ApiError> {
+    if p.node.as_deref() == Some(name) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "this credential is not for node {name:?}"
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignmentsQuery {
+    /// Answer only once the revision is past this one (long-poll).
+    after: Option<u64>,
+    /// How long to hold the request, in milliseconds (at most 60 s).
+    wait_ms: Option<u64>,
+}
+
+async fn assignments(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<AssignmentsQuery>,
+) -> Result<Json<Assignments>, ApiError> {
+    own_node(&p, &name)?;
+    if let Some(after) = q.after {
+        let mut rx = state.revision.subscribe();
+        let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(60_000));
+        let _ = tokio::time::timeout(wait, rx.wait_for(|r| *r > after)).await;
+    }
+    Ok(Json(state.blocking(move |s| s.assignments(&name)).await?))
+}
+
+async fn report(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path((name, id)): Path<(String, u64)>,
+    ApiJson(r): ApiJson<TaskReport>,
+) -> Result<Json<TaskView>, ApiError> {
+    own_node(&p, &name)?;
+    let now = crate::now_unix_ms();
+    let t = state
+        .blocking(move |s| s.report_task(&name, id, &r, now))
+        .await?;
+    tracing::info!(task = id, state = %t.state, exit_code = ?t.exit_code, "task state reported");
+    state.publish().await;
+    if t.state.is_final() {
+        state.schedule.notify_one();
+    }
+    Ok(Json(t))
+}
