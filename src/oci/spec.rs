@@ -1,0 +1,214 @@
+//! The OCI runtime spec of a rivernode container, built as a typed value
+//! (oci-spec) from the task's request, its reservation and the image config.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder,
+    Spec,
+};
+
+use super::import::ImageConfig;
+use super::OciError;
+use crate::topology::CpuList;
+
+#[derive(Clone, Debug)]
+pub struct MountInput {
+    pub source: PathBuf,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// Everything the spec is built from.
+#[derive(Clone, Debug)]
+pub struct RuntimeSpecInput {
+    pub hostname: String,
+    pub args: Vec<String>,
+    /// User environment; image and rivernode variables are added around it.
+    pub env: BTreeMap<String, String>,
+    /// Variables rivernode sets (RIVERNODE_TASK_ID, ...); they win over the user's.
+    pub rivernode_env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub mounts: Vec<MountInput>,
+    pub cpus: CpuList,
+    pub mems: Option<CpuList>,
+    pub memory_bytes: Option<u64>,
+    pub pids_max: i64,
+    /// Relative to the runtime's cgroup root, e.g. `/rivernode/task-7`.
+    pub cgroups_path: String,
+}
+
+fn spec_err(e: impl std::fmt::Display) -> OciError {
+    OciError::Spec(e.to_string())
+}
+
+/// The environment: the image's, then the user's, then rivernode's.
+fn merged_env(image: &ImageConfig, input: &RuntimeSpecInput) -> Vec<String> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert(
+        "PATH".into(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+    );
+    for kv in image.env.iter().flatten() {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.insert(k.into(), v.into());
+        }
+    }
+    env.extend(input.env.clone());
+    env.extend(input.rivernode_env.clone());
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciError> {
+    let mut spec = Spec::default();
+    spec.set_hostname(Some(input.hostname.clone()));
+    let cwd = input
+        .cwd
+        .clone()
+        .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    if let Some(p) = spec.process_mut().as_mut() {
+        p.set_args(Some(input.args.clone()));
+        p.set_env(Some(merged_env(image, input)));
+        p.set_cwd(PathBuf::from(cwd));
+    }
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for m in &input.mounts {
+        let mut opts = vec!["rbind".to_string(), "nosuid".to_string()];
+        opts.push(if m.read_only { "ro" } else { "rw" }.to_string());
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from(&m.target))
+                .typ("bind")
+                .source(m.source.clone())
+                .options(opts)
+                .build()
+                .map_err(spec_err)?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
+
+    let cores = input.cpus.len().max(1) as i64;
+    let mut cpu = LinuxCpuBuilder::default()
+        .cpus(input.cpus.to_string())
+        .quota(cores * 100_000)
+        .period(100_000u64);
+    if let Some(m) = &input.mems {
+        cpu = cpu.mems(m.to_string());
+    }
+    let mut resources = LinuxResourcesBuilder::default()
+        .cpu(cpu.build().map_err(spec_err)?)
+        .pids(
+            LinuxPidsBuilder::default()
+                .limit(input.pids_max)
+                .build()
+                .map_err(spec_err)?,
+        )
+        .devices(vec![]);
+    if let Some(bytes) = input.memory_bytes {
+        // Swap equal to the limit: the task cannot swap past its memory.
+        let mem = LinuxMemoryBuilder::default()
+            .limit(bytes as i64)
+            .swap(bytes as i64)
+            .build()
+            .map_err(spec_err)?;
+        resources = resources.memory(mem);
+    }
+    let resources = resources.build().map_err(spec_err)?;
+    if let Some(linux) = spec.linux_mut().as_mut() {
+        linux.set_resources(Some(resources));
+        linux.set_cgroups_path(Some(PathBuf::from(&input.cgroups_path)));
+    }
+    Ok(spec)
+}
+
+/// The spec as containerd stores it: JSON inside a protobuf `Any`.
+pub fn to_any(spec: &Spec) -> Result<prost_types::Any, OciError> {
+    Ok(prost_types::Any {
+        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+        value: serde_json::to_vec(spec).map_err(spec_err)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input() -> RuntimeSpecInput {
+        RuntimeSpecInput {
+            hostname: "task-7".into(),
+            args: vec!["python".into(), "train.py".into()],
+            env: [
+                ("PATH".to_string(), "/opt/bin".to_string()),
+                ("A".into(), "1".into()),
+            ]
+            .into(),
+            rivernode_env: [("RIVERNODE_TASK_ID".to_string(), "7".to_string())].into(),
+            cwd: Some("/shared".into()),
+            mounts: vec![MountInput {
+                source: "/mnt/share".into(),
+                target: "/shared".into(),
+                read_only: false,
+            }],
+            cpus: "2-3".parse().unwrap(),
+            mems: Some("1".parse().unwrap()),
+            memory_bytes: Some(32 << 20),
+            pids_max: 4096,
+            cgroups_path: "/rivernode/task-7".into(),
+        }
+    }
+
+    #[test]
+    fn spec_carries_the_reservation() {
+        let image = ImageConfig {
+            env: Some(vec!["LANG=C.UTF-8".into(), "A=image".into()]),
+            working_dir: Some("/app".into()),
+            user: None,
+        };
+        let spec = build(&image, &input()).unwrap();
+        let j = serde_json::to_value(&spec).unwrap();
+        assert_eq!(
+            j["process"]["args"],
+            serde_json::json!(["python", "train.py"])
+        );
+        let env: Vec<&str> = j["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(
+            env.contains(&"A=1") && env.contains(&"LANG=C.UTF-8") && env.contains(&"PATH=/opt/bin"),
+            "{env:?}"
+        );
+        assert!(env.contains(&"RIVERNODE_TASK_ID=7"));
+        assert_eq!(j["process"]["cwd"], "/shared");
+        let r = &j["linux"]["resources"];
+        assert_eq!(r["cpu"]["cpus"], "2-3");
+        assert_eq!(r["cpu"]["mems"], "1");
+        assert_eq!(r["cpu"]["quota"], 200_000);
+        assert_eq!(r["memory"]["limit"], 32 << 20);
+        assert_eq!(r["pids"]["limit"], 4096);
+        assert_eq!(j["linux"]["cgroupsPath"], "/rivernode/task-7");
+        assert!(j["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["destination"] == "/shared" && m["type"] == "bind"));
+        let ns: Vec<&str> = j["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert!(
+            ns.contains(&"network") && ns.contains(&"pid"),
+            "isolated from the node's network: {ns:?}"
+        );
+        assert_eq!(
+            to_any(&spec).unwrap().type_url,
+            "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+        );
+    }
+}

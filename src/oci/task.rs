@@ -1,0 +1,344 @@
+//! Containers and their tasks: create from an unpacked image with our
+//! runtime spec, start with stdout/stderr written by the shim straight to
+//! files (so logs survive a runner restart), wait, pause, resume, kill,
+//! and clean up container, task and snapshot.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use containerd_client::services::v1::container::Runtime;
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, PrepareSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    containers_client::ContainersClient, tasks_client::TasksClient, Container,
+    CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteTaskRequest,
+    GetRequest, KillRequest, ListContainersRequest, PauseTaskRequest, ResumeTaskRequest,
+    StartRequest, WaitRequest,
+};
+use containerd_client::tonic;
+use containerd_client::types::v1::Status;
+use oci_spec::runtime::Spec;
+
+use super::import::ImportedImage;
+use super::{spec, Containerd, OciError};
+
+/// Label holding the rivernode task id of a container.
+pub const TASK_LABEL: &str = "io.rivernode.task";
+const RUNTIME: &str = "io.containerd.runc.v2";
+
+/// What containerd says a container's task is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// No task (never started, or deleted).
+    Absent,
+    Created,
+    Running,
+    Paused,
+    Stopped {
+        exit_code: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub exit_code: u32,
+    /// The kernel's OOM killer acted in the container's cgroup.
+    pub oom_killed: bool,
+}
+
+impl Containerd {
+    /// Creates the container (its snapshot on top of `image`) and starts its task.
+    pub async fn run_container(
+        &self,
+        id: &str,
+        labels: HashMap<String, String>,
+        image: &ImportedImage,
+        spec: &Spec,
+        stdout: &Path,
+        stderr: &Path,
+    ) -> Result<u32, OciError> {
+        let mounts = SnapshotsClient::new(self.channel())
+            .prepare(self.req(
+                PrepareSnapshotRequest {
+                    snapshotter: self.snapshotter().into(),
+                    key: id.into(),
+                    parent: image.top_chain.clone(),
+                    labels: HashMap::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("prepare rootfs of {id}")))?
+            .into_inner()
+            .mounts;
+        let result = self
+            .create_and_start(id, labels, image, spec, mounts, stdout, stderr)
+            .await;
+        if result.is_err() {
+            self.cleanup(id).await;
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_and_start(
+        &self,
+        id: &str,
+        labels: HashMap<String, String>,
+        image: &ImportedImage,
+        spec: &Spec,
+        rootfs: Vec<containerd_client::types::Mount>,
+        stdout: &Path,
+        stderr: &Path,
+    ) -> Result<u32, OciError> {
+        ContainersClient::new(self.channel())
+            .create(self.req(
+                CreateContainerRequest {
+                    container: Some(Container {
+                        id: id.into(),
+                        labels,
+                        image: image.name.clone(),
+                        runtime: Some(Runtime {
+                            name: RUNTIME.into(),
+                            options: None,
+                        }),
+                        spec: Some(spec::to_any(spec)?),
+                        snapshotter: self.snapshotter().into(),
+                        snapshot_key: id.into(),
+                        created_at: None,
+                        updated_at: None,
+                        extensions: HashMap::new(),
+                        sandbox: String::new(),
+                    }),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("create container {id}")))?;
+        let mut tasks = TasksClient::new(self.channel());
+        let created = tasks
+            .create(self.req(
+                CreateTaskRequest {
+                    container_id: id.into(),
+                    rootfs,
+                    stdin: String::new(),
+                    // The shim opens these itself: logs keep flowing while the runner restarts.
+                    stdout: format!("file://{}", stdout.display()),
+                    stderr: format!("file://{}", stderr.display()),
+                    terminal: false,
+                    checkpoint: None,
+                    options: None,
+                    runtime_path: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("create task {id}")))?
+            .into_inner();
+        tasks
+            .start(self.req(
+                StartRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("start task {id}")))?;
+        Ok(created.pid)
+    }
+
+    /// Blocks until the task exits; works for tasks started by an earlier runner.
+    pub async fn wait(&self, id: &str) -> Result<u32, OciError> {
+        let r = TasksClient::new(self.channel())
+            .wait(self.req(
+                WaitRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("wait for {id}")))?
+            .into_inner();
+        Ok(r.exit_status)
+    }
+
+    pub async fn status(&self, id: &str) -> Result<TaskStatus, OciError> {
+        let r = TasksClient::new(self.channel())
+            .get(self.req(
+                GetRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await;
+        let p = match r {
+            Ok(r) => r.into_inner().process,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(TaskStatus::Absent),
+            Err(s) => return Err(OciError::rpc(format!("status of {id}"))(s)),
+        };
+        let Some(p) = p else {
+            return Ok(TaskStatus::Absent);
+        };
+        Ok(
+            match Status::try_from(p.status).unwrap_or(Status::Unknown) {
+                Status::Created => TaskStatus::Created,
+                Status::Running | Status::Pausing => TaskStatus::Running,
+                Status::Paused => TaskStatus::Paused,
+                Status::Stopped => TaskStatus::Stopped {
+                    exit_code: p.exit_status,
+                },
+                Status::Unknown => TaskStatus::Absent,
+            },
+        )
+    }
+
+    /// Sends `signal` to every process of the container.
+    pub async fn kill(&self, id: &str, signal: u32) -> Result<(), OciError> {
+        let r = TasksClient::new(self.channel())
+            .kill(self.req(
+                KillRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                    signal,
+                    all: true,
+                },
+                None,
+            ))
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            // Already gone: nothing to kill.
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(OciError::rpc(format!("kill {id}"))(s)),
+        }
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<(), OciError> {
+        TasksClient::new(self.channel())
+            .pause(self.req(
+                PauseTaskRequest {
+                    container_id: id.into(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("pause {id}")))?;
+        Ok(())
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<(), OciError> {
+        TasksClient::new(self.channel())
+            .resume(self.req(
+                ResumeTaskRequest {
+                    container_id: id.into(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("resume {id}")))?;
+        Ok(())
+    }
+
+    /// Deletes the task, the container and its snapshot; each step is
+    /// attempted even if an earlier one failed (it may already be gone).
+    pub async fn cleanup(&self, id: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let r = TasksClient::new(self.channel())
+            .delete(self.req(
+                DeleteTaskRequest {
+                    container_id: id.into(),
+                },
+                None,
+            ))
+            .await;
+        if let Err(s) = r {
+            if s.code() != tonic::Code::NotFound {
+                problems.push(format!("delete task {id}: {s}"));
+            }
+        }
+        let r = ContainersClient::new(self.channel())
+            .delete(self.req(DeleteContainerRequest { id: id.into() }, None))
+            .await;
+        if let Err(s) = r {
+            if s.code() != tonic::Code::NotFound {
+                problems.push(format!("delete container {id}: {s}"));
+            }
+        }
+        self.remove_snapshot(id).await;
+        problems
+    }
+
+    /// Containers carrying `label`, with their labels.
+    pub async fn containers_with_label(
+        &self,
+        label: &str,
+    ) -> Result<Vec<(String, HashMap<String, String>)>, OciError> {
+        let r = ContainersClient::new(self.channel())
+            .list(self.req(
+                ListContainersRequest {
+                    filters: vec![format!("labels.\"{label}\"")],
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc("list containers"))?
+            .into_inner();
+        Ok(r.containers.into_iter().map(|c| (c.id, c.labels)).collect())
+    }
+}
+
+/// Whether the OOM killer acted in a container's cgroup, from the kernel's
+/// own counter (cgroup v2 `memory.events`, or v1 `memory.oom_control`),
+/// never from the exit code. Read before the task is deleted (runc removes
+/// the cgroup then).
+pub fn oom_killed(cgroup_root: &Path, cgroups_path: &str) -> bool {
+    let rel = cgroups_path.trim_start_matches('/');
+    let count = |path: std::path::PathBuf| -> Option<u64> {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+    };
+    count(cgroup_root.join(rel).join("memory.events"))
+        .or_else(|| {
+            count(
+                cgroup_root
+                    .join("memory")
+                    .join(rel)
+                    .join("memory.oom_control"),
+            )
+        })
+        .is_some_and(|n| n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_counter_from_v2_or_v1() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!oom_killed(d.path(), "/rivernode/task-1"));
+        let v1 = d.path().join("memory/rivernode/task-1");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(
+            v1.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        )
+        .unwrap();
+        assert!(oom_killed(d.path(), "/rivernode/task-1"));
+        let v2 = d.path().join("rivernode/task-2");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(
+            v2.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 0\noom_kill 0\n",
+        )
+        .unwrap();
+        assert!(!oom_killed(d.path(), "/rivernode/task-2"));
+    }
+}
