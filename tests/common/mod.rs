@@ -1,6 +1,8 @@
 //! Helpers for tests that start the real `rivernode` binary.
 #![allow(dead_code)]
 
+pub mod containerd;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

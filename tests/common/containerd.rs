@@ -1,0 +1,189 @@
+//! A private containerd for tests (its own root, state and socket under a
+//! temp dir) and busybox environments built at test time: an OCI archive
+//! with umoci and a docker archive from it with skopeo. Everything the
+//! containerd started (shims, mounts) is removed when the fixture drops.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{command_exists, real_part_available};
+
+pub struct PrivateContainerd {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl PrivateContainerd {
+    /// `None` (after a loud skip line) when containerd or runc is missing and
+    /// `RIVERNODE_REQUIRE_REAL` is not set.
+    pub fn start() -> Option<Self> {
+        let present = command_exists("containerd") && command_exists("runc");
+        if !real_part_available("containerd and runc", present) {
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("rn-ctd-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{1}\"\n",
+                dir.path().display(),
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self { dir, socket, child })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PrivateContainerd {
+    fn drop(&mut self) {
+        // Containers first, through containerd itself, so their processes,
+        // runc state and cgroups go too; then containerd and its shims.
+        let ctr = |args: &[&str]| {
+            Command::new("ctr")
+                .arg("-a")
+                .arg(&self.socket)
+                .args(["-n", "rivernode"])
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        for id in ctr(&["task", "ls", "-q"]).lines() {
+            ctr(&["task", "kill", "-a", "-s", "SIGKILL", id]);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for id in ctr(&["task", "ls", "-q"]).lines() {
+            ctr(&["task", "rm", "-f", id]);
+        }
+        for id in ctr(&["containers", "ls", "-q"]).lines() {
+            ctr(&["containers", "rm", id]);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let me = self.dir.path().to_string_lossy().into_owned();
+        // Shims outlive containerd by design: end every process started for this instance.
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmd).contains(&me) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        // Rootfs mounts of containers that were still running.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|m| m.starts_with(&me))
+            .collect();
+        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in points {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A busybox OCI archive (about 1 MiB) at `dir/busybox.tar`.
+pub fn busybox_oci_archive(dir: &Path) -> Option<PathBuf> {
+    let present = command_exists("umoci") && Path::new("/bin/busybox").exists();
+    if !real_part_available("umoci and busybox-static", present) {
+        return None;
+    }
+    let img = dir.join("img");
+    let bundle = dir.join("bundle");
+    let layout = format!("{}:latest", img.display());
+    run(Command::new("umoci").arg("init").arg("--layout").arg(&img));
+    run(Command::new("umoci").args(["new", "--image", &layout]));
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &layout])
+        .arg(&bundle));
+    let bin = bundle.join("rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    for applet in [
+        "sh", "echo", "cat", "sleep", "head", "tr", "true", "false", "env", "ls", "id", "touch",
+        "rm",
+    ] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    for d in ["tmp", "proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(bundle.join("rootfs").join(d)).unwrap();
+    }
+    run(Command::new("umoci")
+        .args(["repack", "--image", &layout])
+        .arg(&bundle));
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &layout,
+        "--config.env",
+        "PATH=/bin",
+        "--config.cmd",
+        "/bin/sh",
+    ]));
+    let archive = dir.join("busybox.tar");
+    run(Command::new("tar")
+        .arg("cf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&img)
+        .arg("."));
+    Some(archive)
+}
+
+/// The same image as a `docker save` archive, converted by skopeo.
+pub fn docker_archive(oci: &Path, dir: &Path) -> Option<PathBuf> {
+    if !real_part_available("skopeo", command_exists("skopeo")) {
+        return None;
+    }
+    let out = dir.join("busybox-docker.tar");
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("oci-archive:{}", oci.display()))
+        .arg(format!("docker-archive:{}:busybox:test", out.display())));
+    Some(out)
+}

@@ -1,0 +1,209 @@
+//! src/oci against a real, private containerd with runc: environments from
+//! OCI and docker archives, exit codes, logs, OOM kills, pause and kill.
+
+mod common;
+
+/// Container ids unique to this test process (runc keeps state in a machine-wide directory).
+fn uid(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use common::containerd::{busybox_oci_archive, docker_archive, PrivateContainerd};
+use rivernode::oci::{
+    build_spec, oom_killed, Containerd, ImportedImage, RuntimeSpecInput, TaskStatus,
+};
+
+fn input(id: &str, args: &[&str], memory: Option<u64>) -> RuntimeSpecInput {
+    RuntimeSpecInput {
+        hostname: id.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        env: BTreeMap::new(),
+        rivernode_env: [("RIVERNODE_TASK_ID".to_string(), id.to_string())].into(),
+        cwd: None,
+        mounts: vec![],
+        cpus: "0".parse().unwrap(),
+        mems: None,
+        memory_bytes: memory,
+        pids_max: 256,
+        cgroups_path: format!("/rivernode-test/{id}"),
+    }
+}
+
+async fn run(
+    c: &Containerd,
+    img: &ImportedImage,
+    dir: &Path,
+    id: &str,
+    args: &[&str],
+    memory: Option<u64>,
+) -> (u32, bool, String) {
+    let spec = build_spec(&img.config, &input(id, args, memory)).unwrap();
+    let (out, err) = (dir.join(format!("{id}.out")), dir.join(format!("{id}.err")));
+    c.run_container(
+        id,
+        HashMap::from([("io.rivernode.task".to_string(), id.to_string())]),
+        img,
+        &spec,
+        &out,
+        &err,
+    )
+    .await
+    .unwrap();
+    let code = c.wait(id).await.unwrap();
+    let oom = oom_killed(
+        Path::new("/sys/fs/cgroup"),
+        &format!("/rivernode-test/{id}"),
+    );
+    let problems = c.cleanup(id).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    (code, oom, std::fs::read_to_string(out).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn environments_run_on_real_containerd() {
+    let Some(ctd) = PrivateContainerd::start() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let Some(oci) = busybox_oci_archive(work.path()) else {
+        return;
+    };
+    let c = Containerd::connect(&ctd.socket, "overlayfs").await.unwrap();
+    let img = c
+        .import_archive("rivernode.local/env/busybox:latest", &oci, work.path())
+        .await
+        .unwrap();
+
+    let (code, oom, out) = run(
+        &c,
+        &img,
+        work.path(),
+        &uid("t-hello"),
+        &["sh", "-c", "echo hello; echo $RIVERNODE_TASK_ID"],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (code, oom, out.as_str()),
+        (0, false, format!("hello\n{}\n", uid("t-hello")).as_str())
+    );
+    let (code, oom, _) = run(
+        &c,
+        &img,
+        work.path(),
+        &uid("t-exit3"),
+        &["sh", "-c", "exit 3"],
+        None,
+    )
+    .await;
+    assert_eq!((code, oom), (3, false));
+
+    // 32 MiB limit, 100 MB string: the kernel's OOM killer ends it and the cgroup says so.
+    let (code, oom, _) = run(
+        &c,
+        &img,
+        work.path(),
+        &uid("t-oom"),
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}",
+        ],
+        Some(32 << 20),
+    )
+    .await;
+    assert!(oom, "OOM kill seen in the cgroup (exit code {code})");
+
+    // The same archive again is not imported again: same image, same snapshot.
+    let again = c
+        .import_archive("rivernode.local/env/busybox:latest", &oci, work.path())
+        .await
+        .unwrap();
+    assert_eq!(again.top_chain, img.top_chain);
+
+    // A docker save archive of the same image.
+    let Some(docker) = docker_archive(&oci, work.path()) else {
+        return;
+    };
+    let dimg = c
+        .import_archive(
+            "rivernode.local/env/busybox-docker:latest",
+            &docker,
+            work.path(),
+        )
+        .await
+        .unwrap();
+    let (code, _, out) = run(
+        &c,
+        &dimg,
+        work.path(),
+        &uid("t-docker"),
+        &["echo", "from docker"],
+        None,
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "from docker\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_and_kill() {
+    let Some(ctd) = PrivateContainerd::start() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let Some(oci) = busybox_oci_archive(work.path()) else {
+        return;
+    };
+    let c = Containerd::connect(&ctd.socket, "overlayfs").await.unwrap();
+    let img = c
+        .import_archive("rivernode.local/env/busybox:latest", &oci, work.path())
+        .await
+        .unwrap();
+    let id = uid("t-sleep");
+    let id = id.as_str();
+    let spec = build_spec(&img.config, &input(id, &["sleep", "1000"], None)).unwrap();
+    let labels = HashMap::from([("io.rivernode.task".to_string(), id.to_string())]);
+    c.run_container(
+        id,
+        labels,
+        &img,
+        &spec,
+        &work.path().join("o"),
+        &work.path().join("e"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.status(id).await.unwrap(), TaskStatus::Running);
+    c.pause(id).await.unwrap();
+    assert_eq!(c.status(id).await.unwrap(), TaskStatus::Paused);
+    c.resume(id).await.unwrap();
+    assert_eq!(c.status(id).await.unwrap(), TaskStatus::Running);
+    let found = c.containers_with_label("io.rivernode.task").await.unwrap();
+    assert_eq!(
+        found.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+        [id]
+    );
+    // `sleep` is PID 1 of the container and has no TERM handler: the kernel
+    // ignores SIGTERM for it. That is why a kill escalates to SIGKILL.
+    c.kill(id, 15).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), c.wait(id))
+        .await
+        .is_err());
+    c.kill(id, 9).await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(30), c.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 128 + 9);
+    assert!(c.cleanup(id).await.is_empty());
+    assert!(c
+        .containers_with_label("io.rivernode.task")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(c.status(id).await.unwrap(), TaskStatus::Absent);
+}
