@@ -138,6 +138,8 @@ layered_config! {
         offline_after_missed: u32 = 3,
         /// How often the host looks for nodes that went silent.
         liveness_check_interval: HumanDuration = HumanDuration(Duration::from_secs(1)),
+        /// Cluster-shared directory, the same on every node: environments/<name>.tar live here.
+        shared_dir: PathBuf = PathBuf::from("/mnt/cluster-share"),
     }
 }
 
@@ -166,6 +168,18 @@ layered_config! {
         sys_root: PathBuf = PathBuf::from("/sys"),
         /// Root of procfs (tests point this at a fake tree).
         proc_root: PathBuf = PathBuf::from("/proc"),
+        /// containerd's socket.
+        containerd_socket: PathBuf = PathBuf::from("/run/containerd/containerd.sock"),
+        /// containerd snapshotter for task root filesystems.
+        snapshotter: String = "overlayfs".to_string(),
+        /// Cluster-shared directory: environments/<name>.tar live here; mounted at /shared in tasks.
+        shared_dir: PathBuf = PathBuf::from("/mnt/cluster-share"),
+        /// Time between SIGTERM and SIGKILL when a task is killed.
+        kill_grace: HumanDuration = HumanDuration(Duration::from_secs(10)),
+        /// cgroup parent of task containers, relative to the cgroup root.
+        cgroup_parent: String = "/rivernode".to_string(),
+        /// Size at which a task's stdout or stderr log is rotated (one old file is kept).
+        max_log_bytes: u64 = 100 << 20,
     }
 }
 

@@ -4,6 +4,14 @@ use tracing_subscriber::EnvFilter;
 use rivernode::cli::args::{Cli, Command};
 
 fn main() {
+    // containerd's shim starts us as the task log driver with its own argument order.
+    let raw: Vec<String> = std::env::args().collect();
+    if raw
+        .iter()
+        .any(|a| a == rivernode::runner::logdriver::MARKER)
+    {
+        std::process::exit(rivernode::runner::logdriver::main(&raw));
+    }
     let cli = Cli::parse();
     let daemon = matches!(
         cli.command,

@@ -42,14 +42,16 @@ async fn run(
     memory: Option<u64>,
 ) -> (u32, bool, String) {
     let spec = build_spec(&img.config, &input(id, args, memory)).unwrap();
-    let (out, err) = (dir.join(format!("{id}.out")), dir.join(format!("{id}.err")));
+    // file:// puts stdout and stderr in one file (the runner uses its log driver instead).
+    let out = dir.join(format!("{id}.out"));
+    let uri = format!("file://{}", out.display());
     c.run_container(
         id,
         HashMap::from([("io.rivernode.task".to_string(), id.to_string())]),
         img,
         &spec,
-        &out,
-        &err,
+        &uri,
+        &uri,
     )
     .await
     .unwrap();
@@ -172,8 +174,8 @@ async fn pause_resume_and_kill() {
         labels,
         &img,
         &spec,
-        &work.path().join("o"),
-        &work.path().join("e"),
+        &format!("file://{}", work.path().join("log").display()),
+        &format!("file://{}", work.path().join("log").display()),
     )
     .await
     .unwrap();

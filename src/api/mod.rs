@@ -88,6 +88,19 @@ pub struct RunnerStatus {
     pub version: String,
 }
 
+/// `GET /api/environments`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Environments {
+    pub shared_dir: String,
+    pub environments: Vec<Environment>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Environment {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
 /// `GET /api/whoami`: the role the presented token carries.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WhoAmI {

@@ -55,6 +55,12 @@ pub enum Command {
     /// rivernode's cgroups on this node, with limits and usage (node-local).
     #[command(subcommand)]
     Cgroup(CgroupCommand),
+    /// Command tasks: submit, list, status, logs, kill, pause, resume.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Environments (container images) in the shared directory.
+    #[command(subcommand)]
+    Env(EnvCommand),
     /// GPUs of this node and their passthrough to VMs (node-local, root).
     #[command(subcommand)]
     Gpu(GpuCommand),
@@ -82,6 +88,8 @@ pub struct HostArgs {
     pub offline_after_missed: Option<u32>,
     #[arg(long, value_name = "DURATION")]
     pub liveness_check_interval: Option<HumanDuration>,
+    #[arg(long, value_name = "DIR")]
+    pub shared_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -110,6 +118,13 @@ pub struct RunnerArgs {
     pub sys_root: Option<PathBuf>,
     #[arg(long, value_name = "DIR", hide = true)]
     pub proc_root: Option<PathBuf>,
+    #[arg(long, value_name = "SOCKET")]
+    pub containerd_socket: Option<PathBuf>,
+    /// Cluster-shared directory (environments/<name>.tar; mounted at /shared).
+    #[arg(long, value_name = "DIR")]
+    pub shared_dir: Option<PathBuf>,
+    #[arg(long, value_name = "DURATION")]
+    pub kill_grace: Option<HumanDuration>,
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +140,14 @@ pub struct UpArgs {
     pub name: Option<String>,
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     pub heartbeat_interval: HumanDuration,
+    /// Shared directory (default DATA_DIR/shared): environments/<name>.tar, mounted at /shared.
+    #[arg(long, value_name = "DIR")]
+    pub shared_dir: Option<PathBuf>,
+    #[arg(long, value_name = "SOCKET")]
+    pub containerd_socket: Option<PathBuf>,
+    /// Time between SIGTERM and SIGKILL when a task is killed.
+    #[arg(long, value_name = "DURATION")]
+    pub kill_grace: Option<HumanDuration>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,4 +235,82 @@ pub enum GpuCommand {
         #[command(flatten)]
         opts: GpuOpts,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// Where: NODE[:NUMA][::GPU,GPU...] (GPUs by index, PCI address or UUID); default: automatic.
+    #[arg(short = 't', long)]
+    pub target: Option<String>,
+    /// Cores (logical CPUs) reserved exclusively.
+    #[arg(short = 'c', long, default_value_t = 1)]
+    pub cores: u32,
+    /// Memory limit, e.g. 512M, 8G, 1.5T.
+    #[arg(short = 'm', long)]
+    pub memory: Option<String>,
+    /// Number of GPUs, when the target does not name them.
+    #[arg(long, default_value_t = 0)]
+    pub gpus: u32,
+    /// Environment: SHARED_DIR/environments/<ENV>.tar.
+    #[arg(long, value_name = "ENV", conflicts_with = "image")]
+    pub container: Option<String>,
+    /// Registry image reference.
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// Environment variable for the task.
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Bind mount SRC:DST[:ro] from the node.
+    #[arg(long = "mount", value_name = "SRC:DST[:ro]")]
+    pub mounts: Vec<String>,
+    /// Wait until the task ends and exit with its exit code.
+    #[arg(long)]
+    pub wait: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// Queue a command task; it runs as soon as its resources are free.
+    Submit(SubmitArgs),
+    /// Tasks, newest last.
+    List {
+        #[arg(short = 's', long)]
+        state: Option<String>,
+        #[arg(short = 'n', long)]
+        node: Option<String>,
+    },
+    /// One task: state, placement and why, exit code.
+    Status {
+        id: u64,
+    },
+    /// A task's output.
+    Logs {
+        id: u64,
+        #[arg(long)]
+        stderr: bool,
+        /// Keep printing until the task ends.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// SIGTERM, then SIGKILL after the runner's grace period.
+    Kill {
+        id: u64,
+    },
+    Pause {
+        id: u64,
+    },
+    Resume {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnvCommand {
+    /// Environments in the shared directory.
+    List,
+    /// Copy an OCI or docker archive into the shared directory as environment NAME.
+    Import { name: String, archive: PathBuf },
 }

@@ -93,6 +93,34 @@ impl Client {
             .map_err(|source| ClientError::Decode { url, source })
     }
 
+    pub async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.send(self.http.post(&url).json(body), &url).await?;
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
+    /// Raw bytes and the `x-next-offset` header (for logs).
+    pub async fn get_bytes(&self, path: &str) -> Result<(Vec<u8>, Option<u64>), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.send(self.http.get(&url), &url).await?;
+        let next = resp
+            .headers()
+            .get("x-next-offset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })?;
+        Ok((body.to_vec(), next))
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         let url = format!("{}{path}", self.base);
         self.send(self.http.delete(&url), &url).await.map(|_| ())

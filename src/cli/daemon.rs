@@ -38,6 +38,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         advertise_url: args.advertise_url.clone().map(Some),
         offline_after_missed: args.offline_after_missed,
         liveness_check_interval: args.liveness_check_interval,
+        shared_dir: args.shared_dir.clone(),
     });
     cfg.validate()?;
     Ok(cfg)
@@ -63,6 +64,12 @@ pub fn runner_config(
         heartbeat_interval: args.heartbeat_interval,
         sys_root: args.sys_root.clone(),
         proc_root: args.proc_root.clone(),
+        containerd_socket: args.containerd_socket.clone(),
+        snapshotter: None,
+        shared_dir: args.shared_dir.clone(),
+        kill_grace: args.kill_grace,
+        cgroup_parent: None,
+        max_log_bytes: None,
     });
     cfg.validate()?;
     Ok(cfg)
@@ -111,8 +118,15 @@ pub async fn runner(args: RunnerArgs, data_dir: Option<PathBuf>) -> anyhow::Resu
 pub async fn up(args: UpArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let shared_dir = args
+        .shared_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("shared"));
+    std::fs::create_dir_all(shared_dir.join("environments"))
+        .with_context(|| format!("creating {}", shared_dir.join("environments").display()))?;
     let mut host_cfg = HostConfig {
         data_dir: data_dir.clone(),
+        shared_dir: shared_dir.clone(),
         bind: loopback,
         api_port: args.api_port,
         ssh_proxy_port: args.ssh_proxy_port,
@@ -131,6 +145,14 @@ pub async fn up(args: UpArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         bind: loopback,
         runner_port: args.runner_port,
         heartbeat_interval: args.heartbeat_interval,
+        shared_dir,
+        containerd_socket: args
+            .containerd_socket
+            .clone()
+            .unwrap_or_else(|| RunnerConfig::default().containerd_socket),
+        kill_grace: args
+            .kill_grace
+            .unwrap_or(RunnerConfig::default().kill_grace),
         ..RunnerConfig::default()
     };
     runner_cfg.validate()?;

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod gpu;
 pub mod node;
 pub mod output;
+pub mod task;
 
 use std::io::Write;
 
@@ -62,6 +63,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cgroup(cmd) => cgroup::run(cmd, cli.output),
+        Command::Task(cmd) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            task::run(&client, cmd, cli.output).await
+        }
+        Command::Env(cmd) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            task::env(&client, cmd, cli.output).await
+        }
         Command::Gpu(cmd) => {
             let dir = cli
                 .data_dir

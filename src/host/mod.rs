@@ -51,6 +51,8 @@ pub struct HostState {
     pub revision: tokio::sync::watch::Sender<u64>,
     /// Wakes the scheduler (a submission, a finished task, a node change).
     pub schedule: tokio::sync::Notify,
+    /// The cluster-shared directory (environments live in its `environments/`).
+    pub shared_dir: PathBuf,
 }
 
 impl HostState {
@@ -142,6 +144,7 @@ impl BoundHost {
                 http,
                 revision: tokio::sync::watch::Sender::new(revision),
                 schedule: tokio::sync::Notify::new(),
+                shared_dir: config.shared_dir.clone(),
             }),
             listener,
             config,

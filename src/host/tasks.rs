@@ -34,6 +34,33 @@ pub fn admin_routes() -> Router<Arc<HostState>> {
             post(|s, p| desire(s, p, Desired::Running)),
         )
         .route("/api/tasks/{id}/logs", get(logs))
+        .route("/api/environments", get(environments))
+}
+
+/// Environments: `SHARED_DIR/environments/<name>.tar`.
+async fn environments(
+    State(state): State<Arc<HostState>>,
+) -> Result<Json<crate::api::Environments>, ApiError> {
+    let dir = state.shared_dir.join("environments");
+    let mut list = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".tar") else {
+                continue;
+            };
+            let meta = e.metadata().ok();
+            list.push(crate::api::Environment {
+                name: stem.to_string(),
+                size_bytes: meta.as_ref().map(|m| m.len()).unwrap_or(0),
+            });
+        }
+    }
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(crate::api::Environments {
+        shared_dir: state.shared_dir.display().to_string(),
+        environments: list,
+    }))
 }
 
 pub fn node_routes() -> Router<Arc<HostState>> {
@@ -100,6 +127,18 @@ async fn submit(
     ApiJson(spec): ApiJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
     check_spec(&spec)?;
+    if let crate::api::ImageSource::Environment(name) = &spec.image {
+        let archive = state
+            .shared_dir
+            .join("environments")
+            .join(format!("{name}.tar"));
+        if !archive.is_file() {
+            return Err(ApiError::BadRequest(format!(
+                "image.environment: no environment named {name:?} ({} does not exist; `rivernode env list` shows the environments)",
+                archive.display()
+            )));
+        }
+    }
     let now = crate::now_unix_ms();
     let id = state.blocking(move |s| s.submit_task(&spec, now)).await?;
     // Place it now if it fits, so the answer says where (or why it waits).

@@ -48,15 +48,17 @@ pub struct ExitInfo {
 }
 
 impl Containerd {
-    /// Creates the container (its snapshot on top of `image`) and starts its task.
+    /// Creates the container (its snapshot on top of `image`) and starts its
+    /// task with stdio going to the given shim URIs (`file:///path` puts
+    /// both streams in that one file; `binary://` runs a log driver).
     pub async fn run_container(
         &self,
         id: &str,
         labels: HashMap<String, String>,
         image: &ImportedImage,
         spec: &Spec,
-        stdout: &Path,
-        stderr: &Path,
+        stdout: &str,
+        stderr: &str,
     ) -> Result<u32, OciError> {
         let mounts = SnapshotsClient::new(self.channel())
             .prepare(self.req(
@@ -89,8 +91,8 @@ impl Containerd {
         image: &ImportedImage,
         spec: &Spec,
         rootfs: Vec<containerd_client::types::Mount>,
-        stdout: &Path,
-        stderr: &Path,
+        stdout: &str,
+        stderr: &str,
     ) -> Result<u32, OciError> {
         ContainersClient::new(self.channel())
             .create(self.req(
@@ -123,9 +125,10 @@ impl Containerd {
                     container_id: id.into(),
                     rootfs,
                     stdin: String::new(),
-                    // The shim opens these itself: logs keep flowing while the runner restarts.
-                    stdout: format!("file://{}", stdout.display()),
-                    stderr: format!("file://{}", stderr.display()),
+                    // URIs the shim opens itself (file://, binary://): logs keep
+                    // flowing while the runner restarts.
+                    stdout: stdout.to_string(),
+                    stderr: stderr.to_string(),
                     terminal: false,
                     checkpoint: None,
                     options: None,

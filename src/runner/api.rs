@@ -33,11 +33,13 @@ impl HostKey {
 pub struct RunnerApiState {
     pub name: String,
     pub host_key: HostKey,
+    pub logs_dir: std::path::PathBuf,
 }
 
 pub fn router(state: Arc<RunnerApiState>) -> Router {
     Router::new()
         .route("/api/status", get(status))
+        .route("/api/tasks/{id}/logs", get(logs))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such runner API route") })
         .layer(middleware::from_fn_with_state(state.clone(), only_the_host))
         .with_state(state)
@@ -82,4 +84,52 @@ async fn status(State(state): State<Arc<RunnerApiState>>) -> Json<RunnerStatus> 
         name: state.name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     })
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    stream: Option<String>,
+    offset: Option<u64>,
+}
+
+/// At most this much of a log per request; clients continue from `x-next-offset`.
+const LOG_CHUNK: u64 = 1 << 20;
+
+async fn logs(
+    State(state): State<Arc<RunnerApiState>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Response {
+    use std::io::{Read, Seek, SeekFrom};
+    let stream = q.stream.unwrap_or_else(|| "stdout".into());
+    if stream != "stdout" && stream != "stderr" {
+        return error(StatusCode::BAD_REQUEST, "stream must be stdout or stderr");
+    }
+    let path = state.logs_dir.join(format!("task-{id}.{stream}"));
+    let offset = q.offset.unwrap_or(0);
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
+        let mut f = std::fs::File::open(&path)?;
+        let len = f.metadata()?.len();
+        let start = offset.min(len);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.take(LOG_CHUNK).read_to_end(&mut buf)?;
+        let next = start + buf.len() as u64;
+        Ok((buf, next))
+    })
+    .await;
+    match read {
+        Ok(Ok((buf, next))) => {
+            let mut resp = buf.into_response();
+            if let Ok(v) = next.to_string().parse() {
+                resp.headers_mut().insert("x-next-offset", v);
+            }
+            resp
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            error(StatusCode::NOT_FOUND, "no such log")
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }

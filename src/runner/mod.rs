@@ -3,6 +3,8 @@
 //! Later: the reconcile loop and the instance supervisor.
 
 pub mod api;
+pub mod logdriver;
+pub mod tasks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -111,6 +113,7 @@ impl BoundRunner {
         let api = Arc::new(RunnerApiState {
             name,
             host_key: HostKey::default(),
+            logs_dir: tasks::logs_dir(&config),
         });
         Ok(Self {
             config,
@@ -161,6 +164,8 @@ impl BoundRunner {
             roots: self.roots,
             inventory: self.inventory,
             stop: stop_rx,
+            config: self.config,
+            tasks: None,
         };
         if let Err(e) = control.run().await {
             server.abort();
@@ -233,6 +238,9 @@ struct Control {
     roots: KernelRoots,
     inventory: Inventory,
     stop: watch::Receiver<bool>,
+    config: RunnerConfig,
+    /// The task loop, once started (after the first registration).
+    tasks: Option<Arc<tasks::TaskContext>>,
 }
 
 enum Beat {
@@ -272,6 +280,7 @@ impl Control {
                 },
             };
             self.api.host_key.set(Some(c.host_token_hash.clone()));
+            self.ensure_task_loop(&c).await;
             if beats % INVENTORY_EVERY_BEATS == INVENTORY_EVERY_BEATS - 1 {
                 match collect_inventory(&self.roots).await {
                     Ok(inv) if inv != self.inventory => {
@@ -313,6 +322,41 @@ impl Control {
             }
             self.sleep(self.interval).await;
         }
+    }
+
+    /// Starts the task reconcile loop once containerd answers; later calls
+    /// only refresh its credential.
+    async fn ensure_task_loop(&mut self, c: &Credential) {
+        if let Some(t) = &self.tasks {
+            *t.credential.write().unwrap_or_else(|p| p.into_inner()) = c.credential.clone();
+            return;
+        }
+        let ctd = match crate::oci::Containerd::connect(
+            &self.config.containerd_socket,
+            &self.config.snapshotter,
+        )
+        .await
+        {
+            Ok(ctd) => ctd,
+            Err(e) => {
+                tracing::warn!(error = %e, "tasks cannot run until containerd answers");
+                return;
+            }
+        };
+        let ctx = Arc::new(tasks::TaskContext {
+            http: reqwest::Client::builder()
+                .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_else(|_| self.http.clone()),
+            host_url: self.host_url.clone(),
+            node: c.name.clone(),
+            credential: std::sync::RwLock::new(c.credential.clone()),
+            config: self.config.clone(),
+            ctd,
+        });
+        tracing::info!(socket = %self.config.containerd_socket.display(), "containerd connected; task loop started");
+        tokio::spawn(tasks::reconcile_loop(ctx.clone(), self.stop.clone()));
+        self.tasks = Some(ctx);
     }
 
     async fn sleep(&mut self, d: Duration) {

@@ -1,0 +1,309 @@
+//! `rivernode task ...` and `rivernode env ...`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::api::{
+    parse_memory_size, Environments, ImageSource, MountSpec, SubmitResponse, Target, TaskSpec,
+    TaskView,
+};
+use crate::cli::args::{EnvCommand, Output, SubmitArgs, TaskCommand};
+use crate::cli::client::Client;
+use crate::cli::output::{ago, bytes, emit, emit_json, table};
+
+/// Turns the command line into a task spec, refusing bad input before anything is sent.
+pub fn spec_from_args(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
+    let target = a
+        .target
+        .as_deref()
+        .map(|t| t.parse::<Target>())
+        .transpose()?;
+    let memory_bytes = a
+        .memory
+        .as_deref()
+        .map(parse_memory_size)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("-m/--memory: {e}"))?;
+    let image = match (&a.container, &a.image) {
+        (Some(env), None) => ImageSource::Environment(env.clone()),
+        (None, Some(r)) => ImageSource::Registry(r.clone()),
+        _ => bail!("say what to run in: --container ENV (an environment) or --image REF (a registry image)"),
+    };
+    let mut env = BTreeMap::new();
+    for kv in &a.env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("-e {kv:?}: write KEY=VALUE"))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    let mut mounts = Vec::new();
+    for m in &a.mounts {
+        let parts: Vec<&str> = m.split(':').collect();
+        let (source, target, read_only) = match parts.as_slice() {
+            [s, t] => (*s, *t, false),
+            [s, t, "ro"] => (*s, *t, true),
+            _ => bail!("--mount {m:?}: write SRC:DST or SRC:DST:ro"),
+        };
+        mounts.push(MountSpec {
+            source: source.into(),
+            target: target.into(),
+            read_only,
+        });
+    }
+    if a.command.is_empty() || a.command[0].trim().is_empty() {
+        bail!("no command: put it after --, e.g. rivernode task submit --container base -- python train.py");
+    }
+    Ok(TaskSpec {
+        command: a.command.clone(),
+        env,
+        mounts,
+        image,
+        cores: a.cores,
+        memory_bytes,
+        gpu_count: a.gpus,
+        target,
+    })
+}
+
+fn list_table(tasks: &[TaskView], now: i64) -> String {
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            let p = t.placement.as_ref();
+            vec![
+                t.id.to_string(),
+                t.state.to_string(),
+                p.map(|p| p.node.clone()).unwrap_or_else(|| "-".into()),
+                p.map(|p| p.cpus.to_string()).unwrap_or_else(|| "-".into()),
+                p.map(|p| p.gpus.len().to_string())
+                    .unwrap_or_else(|| "-".into()),
+                ago(t.submitted_at_unix_ms, now),
+                t.spec.command.join(" ").chars().take(40).collect(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "STATE",
+            "NODE",
+            "CPUS",
+            "GPUS",
+            "SUBMITTED",
+            "COMMAND",
+        ],
+        &rows,
+    )
+}
+
+fn status_text(t: &TaskView) -> String {
+    let mut out = format!(
+        "Task:       {}\nState:      {} (wanted: {:?})\nCommand:    {}\n",
+        t.id,
+        t.state,
+        t.desired,
+        t.spec.command.join(" ")
+    );
+    out.push_str(&format!(
+        "Image:      {}\n",
+        match &t.spec.image {
+            ImageSource::Environment(e) => format!("environment {e}"),
+            ImageSource::Registry(r) => format!("registry {r}"),
+        }
+    ));
+    out.push_str(&format!(
+        "Asked:      {} cores, {}, {} GPUs{}\n",
+        t.spec.cores,
+        t.spec
+            .memory_bytes
+            .map(bytes)
+            .unwrap_or_else(|| "no memory limit".into()),
+        t.spec.gpu_count,
+        t.spec
+            .target
+            .as_ref()
+            .map(|x| format!(", target {x}"))
+            .unwrap_or_default()
+    ));
+    if let Some(p) = &t.placement {
+        out.push_str(&format!(
+            "Placed:     {} NUMA {} cpus {}{}\n",
+            p.node,
+            p.numa.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+            p.cpus,
+            if p.gpus.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " GPUs {}",
+                    p.gpus
+                        .iter()
+                        .map(|g| g.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            }
+        ));
+    }
+    out.push_str(&format!("Why:        {}\n", t.reason));
+    if let Some(c) = t.exit_code {
+        out.push_str(&format!("Exit code:  {c}\n"));
+    }
+    if let Some(m) = &t.message {
+        out.push_str(&format!("Message:    {m}\n"));
+    }
+    out
+}
+
+async fn wait_final(client: &Client, id: u64) -> anyhow::Result<TaskView> {
+    loop {
+        let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+        if t.state.is_final() {
+            return Ok(t);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn run(client: &Client, cmd: TaskCommand, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        TaskCommand::Submit(a) => {
+            let spec = spec_from_args(&a)?;
+            let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
+            if !a.wait {
+                match output {
+                    Output::Json => emit_json(&r),
+                    Output::Table => emit(&format!("task {} {}: {}\n", r.id, r.state, r.reason)),
+                }
+                return Ok(());
+            }
+            let t = wait_final(client, r.id).await?;
+            match output {
+                Output::Json => emit_json(&t),
+                Output::Table => emit(&format!(
+                    "task {} {}{}\n",
+                    t.id,
+                    t.state,
+                    t.exit_code
+                        .map(|c| format!(" (exit code {c})"))
+                        .unwrap_or_default()
+                )),
+            }
+            if t.state != crate::api::TaskState::Completed {
+                std::process::exit(t.exit_code.filter(|c| *c != 0).unwrap_or(1));
+            }
+        }
+        TaskCommand::List { state, node } => {
+            let mut q = Vec::new();
+            if let Some(s) = &state {
+                q.push(format!("state={s}"));
+            }
+            if let Some(n) = &node {
+                q.push(format!("node={n}"));
+            }
+            let path = if q.is_empty() {
+                "/api/tasks".to_string()
+            } else {
+                format!("/api/tasks?{}", q.join("&"))
+            };
+            let tasks: Vec<TaskView> = client.get(&path).await?;
+            match output {
+                Output::Json => emit_json(&tasks),
+                Output::Table => emit(&list_table(&tasks, crate::now_unix_ms())),
+            }
+        }
+        TaskCommand::Status { id } => {
+            let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+            match output {
+                Output::Json => emit_json(&t),
+                Output::Table => emit(&status_text(&t)),
+            }
+        }
+        TaskCommand::Logs { id, stderr, follow } => {
+            let stream = if stderr { "stderr" } else { "stdout" };
+            let mut offset = 0u64;
+            loop {
+                let (data, next) = client
+                    .get_bytes(&format!(
+                        "/api/tasks/{id}/logs?stream={stream}&offset={offset}"
+                    ))
+                    .await?;
+                emit(&String::from_utf8_lossy(&data));
+                offset = next.unwrap_or(offset + data.len() as u64);
+                if !data.is_empty() {
+                    continue;
+                }
+                if !follow {
+                    break;
+                }
+                let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+                if t.state.is_final() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        TaskCommand::Kill { id } => desire(client, "kill", id, output).await?,
+        TaskCommand::Pause { id } => desire(client, "pause", id, output).await?,
+        TaskCommand::Resume { id } => desire(client, "resume", id, output).await?,
+    }
+    Ok(())
+}
+
+async fn desire(client: &Client, verb: &str, id: u64, output: Output) -> anyhow::Result<()> {
+    let t: TaskView = client
+        .post(&format!("/api/tasks/{id}/{verb}"), &serde_json::json!({}))
+        .await?;
+    match output {
+        Output::Json => emit_json(&t),
+        Output::Table => emit(&format!(
+            "task {id}: {verb} requested (state {})\n",
+            t.state
+        )),
+    }
+    Ok(())
+}
+
+pub async fn env(client: &Client, cmd: EnvCommand, output: Output) -> anyhow::Result<()> {
+    let envs: Environments = client.get("/api/environments").await?;
+    match cmd {
+        EnvCommand::List => match output {
+            Output::Json => emit_json(&envs),
+            Output::Table => {
+                let rows: Vec<Vec<String>> = envs
+                    .environments
+                    .iter()
+                    .map(|e| vec![e.name.clone(), bytes(e.size_bytes)])
+                    .collect();
+                emit(&table(&["NAME", "SIZE"], &rows));
+            }
+        },
+        EnvCommand::Import { name, archive } => {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                || name.starts_with('.')
+            {
+                bail!("environment name {name:?}: use letters, digits, '.', '_' and '-'");
+            }
+            let dir = std::path::Path::new(&envs.shared_dir).join("environments");
+            std::fs::create_dir_all(&dir).with_context(|| {
+                format!(
+                    "creating {} (is the shared directory mounted here?)",
+                    dir.display()
+                )
+            })?;
+            let dest = dir.join(format!("{name}.tar"));
+            let tmp = dir.join(format!(".{name}.tar.importing"));
+            std::fs::copy(&archive, &tmp)
+                .with_context(|| format!("copying {} to {}", archive.display(), tmp.display()))?;
+            std::fs::rename(&tmp, &dest)
+                .with_context(|| format!("renaming to {}", dest.display()))?;
+            emit(&format!("environment {name} is {}\n", dest.display()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,472 @@
+//! The runner's reconcile loop for tasks: it long-polls its assignments,
+//! starts a supervisor for each task it does not run yet, hands desired-state
+//! changes (pause, resume, kill) to the supervisors, and reports what it
+//! observes. containerd is the source of truth for what exists: at start the
+//! runner re-adopts every container labelled as a rivernode task, so a task
+//! that outlived a `kill -9` of the runner still has its completion reported.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::api::{Assignment, Assignments, Desired, ImageSource, TaskReport, TaskState};
+use crate::config::RunnerConfig;
+use crate::oci::{self, Containerd, MountInput, RuntimeSpecInput, TaskStatus, TASK_LABEL};
+
+/// What every supervisor shares.
+pub struct TaskContext {
+    pub http: reqwest::Client,
+    pub host_url: String,
+    pub node: String,
+    /// Replaced when the node registers again.
+    pub credential: std::sync::RwLock<String>,
+    pub config: RunnerConfig,
+    pub ctd: Containerd,
+}
+
+impl TaskContext {
+    fn credential(&self) -> String {
+        self.credential
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        logs_dir(&self.config)
+    }
+
+    fn container_id(id: u64) -> String {
+        format!("task-{id}")
+    }
+
+    fn cgroups_path(&self, id: u64) -> String {
+        format!(
+            "{}/task-{id}",
+            self.config.cgroup_parent.trim_end_matches('/')
+        )
+    }
+
+    /// Reports until the host has it (or refuses it for good); gives up only at `stop`.
+    async fn report(
+        &self,
+        id: u64,
+        state: TaskState,
+        exit_code: Option<i32>,
+        message: Option<String>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let body = TaskReport {
+            state,
+            exit_code,
+            message,
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let r = self
+                .http
+                .put(format!(
+                    "{}/api/nodes/{}/tasks/{id}",
+                    self.host_url, self.node
+                ))
+                .bearer_auth(self.credential())
+                .json(&body)
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status().is_success() => return,
+                Ok(resp) if resp.status().is_client_error() => {
+                    let text = resp.text().await.unwrap_or_default();
+                    tracing::warn!(task = id, state = %state, "host refused the report: {text}");
+                    return;
+                }
+                Ok(resp) => {
+                    tracing::warn!(task = id, status = %resp.status(), "report failed; retrying")
+                }
+                Err(e) => tracing::warn!(task = id, error = %e, "report failed; retrying"),
+            }
+            if *stop.borrow() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn image(&self, source: &ImageSource) -> Result<oci::ImportedImage, String> {
+        match source {
+            ImageSource::Environment(name) => {
+                let archive = self.config.shared_dir.join("environments").join(format!("{name}.tar"));
+                if !archive.is_file() {
+                    return Err(format!("environment {name:?} not found: {} does not exist on node {}", archive.display(), self.node));
+                }
+                let scratch = self.config.data_dir.join(super::STATE_DIR).join("import");
+                std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+                self.ctd
+                    .import_archive(&format!("rivernode.local/env/{name}:latest"), &archive, &scratch)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            ImageSource::Registry(r) => Err(format!(
+                "registry image {r:?}: pulling from registries is not supported yet; import it as an environment archive"
+            )),
+        }
+    }
+
+    fn spec_input(&self, a: &Assignment) -> Result<RuntimeSpecInput, String> {
+        let mut mounts = Vec::new();
+        let mut cwd = None;
+        if self.config.shared_dir.is_dir() {
+            mounts.push(MountInput {
+                source: self.config.shared_dir.clone(),
+                target: "/shared".into(),
+                read_only: false,
+            });
+            cwd = Some("/shared".to_string());
+        }
+        for m in &a.spec.mounts {
+            if !std::path::Path::new(&m.source).exists() {
+                return Err(format!(
+                    "mount source {} does not exist on node {}",
+                    m.source, self.node
+                ));
+            }
+            mounts.push(MountInput {
+                source: m.source.clone().into(),
+                target: m.target.clone(),
+                read_only: m.read_only,
+            });
+        }
+        let p = &a.placement;
+        let rivernode_env: BTreeMap<String, String> = [
+            ("RIVERNODE_TASK_ID", a.id.to_string()),
+            ("RIVERNODE_NODE", self.node.clone()),
+            ("RIVERNODE_CPUS", p.cpus.to_string()),
+            ("RIVERNODE_CORES", p.cpus.len().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Ok(RuntimeSpecInput {
+            hostname: Self::container_id(a.id),
+            args: a.spec.command.clone(),
+            env: a.spec.env.clone(),
+            rivernode_env,
+            cwd,
+            mounts,
+            cpus: p.cpus.clone(),
+            mems: p.numa.map(|n| [n].into_iter().collect()),
+            memory_bytes: a.spec.memory_bytes,
+            pids_max: 32768,
+            cgroups_path: self.cgroups_path(a.id),
+        })
+    }
+}
+
+/// Where task logs are written: DATA_DIR/runner/logs/task-<id>.{stdout,stderr}.
+pub fn logs_dir(config: &RunnerConfig) -> PathBuf {
+    config.data_dir.join(super::STATE_DIR).join("logs")
+}
+
+struct Running {
+    desired: watch::Sender<Desired>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Runs until `stop` turns true.
+pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<bool>) {
+    let mut running: HashMap<u64, Running> = HashMap::new();
+    adopt(&ctx, &mut running, &stop).await;
+    let mut revision: Option<u64> = None;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let mut req = ctx
+            .http
+            .get(format!(
+                "{}/api/nodes/{}/assignments",
+                ctx.host_url, ctx.node
+            ))
+            .bearer_auth(ctx.credential())
+            .timeout(Duration::from_secs(40));
+        if let Some(r) = revision {
+            req = req.query(&[("after", r.to_string()), ("wait_ms", "20000".to_string())]);
+        }
+        let fetched = tokio::select! {
+            r = req.send() => r,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let assignments: Assignments = match fetched {
+            Ok(resp) if resp.status().is_success() => match resp.json().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable assignments");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            Ok(resp) => {
+                tracing::warn!(status = %resp.status(), "assignments request refused");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fetch assignments");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        revision = Some(assignments.revision);
+        running.retain(|_, r| !r.handle.is_finished());
+        for a in &assignments.tasks {
+            match running.get(&a.id) {
+                Some(r) => {
+                    r.desired.send_if_modified(|d| {
+                        let changed = *d != a.desired;
+                        *d = a.desired;
+                        changed
+                    });
+                }
+                None if a.desired == Desired::Killed => {
+                    // Never started here (or already gone): nothing to stop.
+                    ctx.report(
+                        a.id,
+                        TaskState::Killed,
+                        None,
+                        Some("killed before it started".into()),
+                        &stop,
+                    )
+                    .await;
+                }
+                None if matches!(a.state, TaskState::Assigning) => {
+                    let (tx, rx) = watch::channel(a.desired);
+                    let handle =
+                        tokio::spawn(supervise(ctx.clone(), a.clone(), false, rx, stop.clone()));
+                    running.insert(
+                        a.id,
+                        Running {
+                            desired: tx,
+                            handle,
+                        },
+                    );
+                }
+                None => {
+                    // The host thinks it runs here but no container exists: it is gone.
+                    ctx.report(
+                        a.id,
+                        TaskState::Failed,
+                        None,
+                        Some("the container vanished from the node".into()),
+                        &stop,
+                    )
+                    .await;
+                }
+            }
+        }
+        // Tasks the host no longer assigns here are stopped.
+        for (id, r) in &running {
+            if !assignments.tasks.iter().any(|a| a.id == *id) {
+                let _ = r.desired.send(Desired::Killed);
+            }
+        }
+    }
+    for (_, r) in running {
+        r.handle.abort();
+    }
+}
+
+/// Re-adopts task containers an earlier runner started.
+async fn adopt(
+    ctx: &Arc<TaskContext>,
+    running: &mut HashMap<u64, Running>,
+    stop: &watch::Receiver<bool>,
+) {
+    let found = match ctx.ctd.containers_with_label(TASK_LABEL).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list task containers to re-adopt");
+            return;
+        }
+    };
+    for (cid, labels) in found {
+        let Some(id) = labels.get(TASK_LABEL).and_then(|v| v.parse::<u64>().ok()) else {
+            continue;
+        };
+        let desired = match ctx.ctd.status(&cid).await {
+            Ok(TaskStatus::Paused) => Desired::Paused,
+            _ => Desired::Running,
+        };
+        tracing::info!(task = id, container = %cid, "re-adopting task container");
+        let (tx, rx) = watch::channel(desired);
+        let a = placeholder_assignment(id);
+        let handle = tokio::spawn(supervise(ctx.clone(), a, true, rx, stop.clone()));
+        running.insert(
+            id,
+            Running {
+                desired: tx,
+                handle,
+            },
+        );
+    }
+}
+
+/// An adopted container needs only its id: its spec lives in containerd.
+fn placeholder_assignment(id: u64) -> Assignment {
+    Assignment {
+        id,
+        desired: Desired::Running,
+        state: TaskState::Running,
+        spec: crate::api::TaskSpec {
+            command: vec![],
+            env: Default::default(),
+            mounts: vec![],
+            image: ImageSource::Environment(String::new()),
+            cores: 0,
+            memory_bytes: None,
+            gpu_count: 0,
+            target: None,
+        },
+        placement: crate::api::Placement {
+            node: String::new(),
+            numa: None,
+            cpus: Default::default(),
+            memory_bytes: 0,
+            gpus: vec![],
+        },
+    }
+}
+
+async fn supervise(
+    ctx: Arc<TaskContext>,
+    a: Assignment,
+    adopted: bool,
+    mut desired: watch::Receiver<Desired>,
+    stop: watch::Receiver<bool>,
+) {
+    let id = a.id;
+    let cid = TaskContext::container_id(id);
+    if !adopted {
+        let started = async {
+            let image = ctx.image(&a.spec.image).await?;
+            let input = ctx.spec_input(&a)?;
+            let spec = oci::build_spec(&image.config, &input).map_err(|e| e.to_string())?;
+            let logs = ctx.logs_dir();
+            std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+            let labels = HashMap::from([(TASK_LABEL.to_string(), id.to_string())]);
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("locating the rivernode binary: {e}"))?;
+            let uri = super::logdriver::uri(&exe, &logs, ctx.config.max_log_bytes);
+            ctx.ctd
+                .run_container(&cid, labels, &image, &spec, &uri, &uri)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match started {
+            Ok(pid) => {
+                tracing::info!(task = id, pid, "task started");
+                ctx.report(id, TaskState::Running, None, None, &stop).await;
+            }
+            Err(message) => {
+                tracing::warn!(task = id, "task failed to start: {message}");
+                ctx.report(id, TaskState::Failed, None, Some(message), &stop)
+                    .await;
+                return;
+            }
+        }
+    } else {
+        // Tell the host what we found (it may believe the task lost).
+        let state = match ctx.ctd.status(&cid).await {
+            Ok(TaskStatus::Paused) => TaskState::Paused,
+            _ => TaskState::Running,
+        };
+        ctx.report(id, state, None, None, &stop).await;
+    }
+
+    let mut killed_by_us = false;
+    let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let ctd = ctx.ctd.clone();
+    let wait_id = cid.clone();
+    let mut exit = Box::pin(async move { ctd.wait(&wait_id).await });
+    let code = loop {
+        tokio::select! {
+            r = &mut exit => break r,
+            _ = async { escalate.as_mut().unwrap().await }, if escalate.is_some() => {
+                tracing::info!(task = id, "grace period over: SIGKILL");
+                let _ = ctx.ctd.kill(&cid, 9).await;
+                escalate = None;
+            }
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    // The reconcile loop is gone (runner stopping): leave the task running.
+                    return;
+                }
+                let d = *desired.borrow_and_update();
+                match d {
+                    Desired::Paused => match ctx.ctd.pause(&cid).await {
+                        Ok(()) => ctx.report(id, TaskState::Paused, None, None, &stop).await,
+                        Err(e) => tracing::warn!(task = id, error = %e, "pause failed"),
+                    },
+                    Desired::Running => {
+                        if matches!(ctx.ctd.status(&cid).await, Ok(TaskStatus::Paused)) {
+                            match ctx.ctd.resume(&cid).await {
+                                Ok(()) => ctx.report(id, TaskState::Running, None, None, &stop).await,
+                                Err(e) => tracing::warn!(task = id, error = %e, "resume failed"),
+                            }
+                        }
+                    }
+                    Desired::Killed if !killed_by_us => {
+                        killed_by_us = true;
+                        // A paused task cannot handle SIGTERM: let it run to receive it.
+                        if matches!(ctx.ctd.status(&cid).await, Ok(TaskStatus::Paused)) {
+                            let _ = ctx.ctd.resume(&cid).await;
+                        }
+                        let _ = ctx.ctd.kill(&cid, 15).await;
+                        escalate = Some(Box::pin(tokio::time::sleep(ctx.config.kill_grace.0)));
+                    }
+                    Desired::Killed => {}
+                }
+            }
+        }
+    };
+    let (state, exit_code, message) = match code {
+        Ok(code) => {
+            let oom = oci::oom_killed(
+                std::path::Path::new("/sys/fs/cgroup"),
+                &ctx.cgroups_path(id),
+            );
+            if oom {
+                (
+                    TaskState::KilledOom,
+                    Some(code as i32),
+                    Some("killed by the kernel's OOM killer at the memory limit".to_string()),
+                )
+            } else if killed_by_us {
+                (TaskState::Killed, Some(code as i32), None)
+            } else if code == 0 {
+                (TaskState::Completed, Some(0), None)
+            } else {
+                (
+                    TaskState::Failed,
+                    Some(code as i32),
+                    Some(format!("exited with code {code}")),
+                )
+            }
+        }
+        Err(e) => (
+            TaskState::Failed,
+            None,
+            Some(format!("lost track of the container: {e}")),
+        ),
+    };
+    tracing::info!(task = id, state = %state, ?exit_code, "task ended");
+    ctx.report(id, state, exit_code, message, &stop).await;
+    let problems = ctx.ctd.cleanup(&cid).await;
+    if !problems.is_empty() {
+        tracing::warn!(task = id, ?problems, "cleanup left problems");
+    }
+}
