@@ -798,10 +798,13 @@ impl Containerd {
     }
 
     /// A lease protects content and snapshots being written from containerd's GC.
-    async fn create_lease(&self) -> Result<String, OciError> {
+    pub(crate) async fn create_lease(&self) -> Result<String, OciError> {
         use containerd_client::services::v1::CreateRequest;
+        // Unique within the process even for leases taken in the same millisecond.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!(
-            "rivernode-import-{}-{}",
+            "rivernode-{}-{}-{n}",
             std::process::id(),
             crate::now_unix_ms()
         );
@@ -818,7 +821,7 @@ impl Containerd {
         Ok(id)
     }
 
-    async fn delete_lease(&self, id: &str) {
+    pub(crate) async fn delete_lease(&self, id: &str) {
         use containerd_client::services::v1::DeleteRequest;
         let _ = LeasesClient::new(self.channel())
             .delete(self.req(

@@ -60,7 +60,10 @@ impl Containerd {
         stdout: &str,
         stderr: &str,
     ) -> Result<u32, OciError> {
-        let mounts = SnapshotsClient::new(self.channel())
+        // Until the container record exists nothing references its new
+        // snapshot, and containerd's GC would collect it: hold a lease.
+        let lease = self.create_lease().await?;
+        let prepared = SnapshotsClient::new(self.channel())
             .prepare(self.req(
                 PrepareSnapshotRequest {
                     snapshotter: self.snapshotter().into(),
@@ -68,31 +71,33 @@ impl Containerd {
                     parent: image.top_chain.clone(),
                     labels: HashMap::new(),
                 },
-                None,
+                Some(&lease),
             ))
             .await
-            .map_err(OciError::rpc(format!("prepare rootfs of {id}")))?
-            .into_inner()
-            .mounts;
-        let result = self
-            .create_and_start(id, labels, image, spec, mounts, stdout, stderr)
-            .await;
+            .map_err(OciError::rpc(format!("prepare rootfs of {id}")));
+        let result = match prepared {
+            Ok(r) => {
+                let mounts = r.into_inner().mounts;
+                self.create_and_start(id, labels, (image, spec), mounts, (stdout, stderr), &lease)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        self.delete_lease(&lease).await;
         if result.is_err() {
             self.cleanup(id).await;
         }
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn create_and_start(
         &self,
         id: &str,
         labels: HashMap<String, String>,
-        image: &ImportedImage,
-        spec: &Spec,
+        (image, spec): (&ImportedImage, &Spec),
         rootfs: Vec<containerd_client::types::Mount>,
-        stdout: &str,
-        stderr: &str,
+        (stdout, stderr): (&str, &str),
+        lease: &str,
     ) -> Result<u32, OciError> {
         ContainersClient::new(self.channel())
             .create(self.req(
@@ -114,7 +119,7 @@ impl Containerd {
                         sandbox: String::new(),
                     }),
                 },
-                None,
+                Some(lease),
             ))
             .await
             .map_err(OciError::rpc(format!("create container {id}")))?;

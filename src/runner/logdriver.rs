@@ -17,9 +17,10 @@ use std::path::{Path, PathBuf};
 pub const MARKER: &str = "--rivernode-log-driver";
 
 /// The `binary://` URI that makes the shim run this driver.
-pub fn uri(binary: &Path, dir: &Path, max_bytes: u64) -> String {
+/// Logs go to `dir/<name>.stdout` and `dir/<name>.stderr`.
+pub fn uri(binary: &Path, dir: &Path, name: &str, max_bytes: u64) -> String {
     format!(
-        "binary://{}?{MARKER}=1&--dir={}&--max-bytes={max_bytes}",
+        "binary://{}?{MARKER}=1&--dir={}&--name={name}&--max-bytes={max_bytes}",
         binary.display(),
         dir.display()
     )
@@ -97,7 +98,18 @@ pub fn main(args: &[String]) -> i32 {
     let max: u64 = arg_value(args, "--max-bytes")
         .and_then(|v| v.parse().ok())
         .unwrap_or(100 << 20);
-    let id = std::env::var("CONTAINER_ID").unwrap_or_else(|_| "unknown".into());
+    let id = arg_value(args, "--name")
+        .or_else(|| std::env::var("CONTAINER_ID").ok())
+        .unwrap_or_else(|| "unknown".into());
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || id.starts_with('.')
+    {
+        eprintln!("log driver: bad log name {id:?}");
+        return 2;
+    }
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("log driver: {}: {e}", dir.display());
         return 1;
@@ -154,6 +166,7 @@ mod tests {
         let u = uri(
             Path::new("/usr/local/bin/rivernode"),
             Path::new("/var/lib/rivernode/runner/logs"),
+            "task-1",
             1024,
         );
         assert!(

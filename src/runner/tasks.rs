@@ -39,14 +39,18 @@ impl TaskContext {
         logs_dir(&self.config)
     }
 
-    fn container_id(id: u64) -> String {
-        format!("task-{id}")
+    /// The node's name is part of the id: runc keeps container state in a
+    /// machine-wide directory, and two clusters (or test runs) on one machine
+    /// must not collide there.
+    fn container_id(&self, id: u64) -> String {
+        format!("{}-task-{id}", self.node)
     }
 
     fn cgroups_path(&self, id: u64) -> String {
         format!(
-            "{}/task-{id}",
-            self.config.cgroup_parent.trim_end_matches('/')
+            "{}/{}",
+            self.config.cgroup_parent.trim_end_matches('/'),
+            self.container_id(id)
         )
     }
 
@@ -151,7 +155,7 @@ impl TaskContext {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         Ok(RuntimeSpecInput {
-            hostname: Self::container_id(a.id),
+            hostname: format!("task-{}", a.id),
             args: a.spec.command.clone(),
             env: a.spec.env.clone(),
             rivernode_env,
@@ -179,6 +183,7 @@ struct Running {
 /// Runs until `stop` turns true.
 pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<bool>) {
     let mut running: HashMap<u64, Running> = HashMap::new();
+    let mut ended: std::collections::HashSet<u64> = std::collections::HashSet::new();
     adopt(&ctx, &mut running, &stop).await;
     let mut revision: Option<u64> = None;
     loop {
@@ -221,8 +226,20 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
             }
         };
         revision = Some(assignments.revision);
-        running.retain(|_, r| !r.handle.is_finished());
+        // A supervisor that returned has reported its task's end; the host may
+        // not have processed that yet, so such tasks are not "vanished".
+        running.retain(|id, r| {
+            let done = r.handle.is_finished();
+            if done {
+                ended.insert(*id);
+            }
+            !done
+        });
+        ended.retain(|id| assignments.tasks.iter().any(|a| a.id == *id));
         for a in &assignments.tasks {
+            if ended.contains(&a.id) {
+                continue;
+            }
             match running.get(&a.id) {
                 Some(r) => {
                     r.desired.send_if_modified(|d| {
@@ -348,7 +365,7 @@ async fn supervise(
     stop: watch::Receiver<bool>,
 ) {
     let id = a.id;
-    let cid = TaskContext::container_id(id);
+    let cid = ctx.container_id(id);
     if !adopted {
         let started = async {
             let image = ctx.image(&a.spec.image).await?;
@@ -359,7 +376,8 @@ async fn supervise(
             let labels = HashMap::from([(TASK_LABEL.to_string(), id.to_string())]);
             let exe = std::env::current_exe()
                 .map_err(|e| format!("locating the rivernode binary: {e}"))?;
-            let uri = super::logdriver::uri(&exe, &logs, ctx.config.max_log_bytes);
+            let uri =
+                super::logdriver::uri(&exe, &logs, &format!("task-{id}"), ctx.config.max_log_bytes);
             ctx.ctd
                 .run_container(&cid, labels, &image, &spec, &uri, &uri)
                 .await

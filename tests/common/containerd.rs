@@ -64,6 +64,15 @@ impl PrivateContainerd {
 
 impl Drop for PrivateContainerd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- containerd.log tail ---\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         // Containers first, through containerd itself, so their processes,
         // runc state and cgroups go too; then containerd and its shims.
         let ctr = |args: &[&str]| {

@@ -1,0 +1,357 @@
+//! Command tasks end to end on real parts: the rivernode binary as host and
+//! runner, a private containerd with runc, busybox environments built at
+//! test time, and the CLI as a user would type it.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::containerd::{busybox_oci_archive, docker_archive, PrivateContainerd};
+use common::*;
+
+struct Cluster {
+    // Dropped in this order: runner, host, then containerd (which removes what is left).
+    runner: Option<Daemon>,
+    _host: Daemon,
+    ctd: PrivateContainerd,
+    dir: tempfile::TempDir,
+    url: String,
+    node: String,
+}
+
+impl Cluster {
+    fn start(name: &str) -> Option<Cluster> {
+        let ctd = PrivateContainerd::start()?;
+        let dir = tempfile::tempdir().unwrap();
+        let envs = dir.path().join("shared/environments");
+        std::fs::create_dir_all(&envs).unwrap();
+        let oci = busybox_oci_archive(dir.path())?;
+        let docker = docker_archive(&oci, dir.path())?;
+        std::fs::copy(&oci, envs.join("busybox.tar")).unwrap();
+        std::fs::copy(&docker, envs.join("busybox-docker.tar")).unwrap();
+        let data = dir.path().join("host");
+        let host = Daemon::start(
+            dir.path(),
+            "host",
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "host",
+                "--config",
+                "/dev/null",
+                "--bind",
+                "127.0.0.1",
+                "--api-port",
+                "0",
+                "--ssh-proxy-port",
+                "0",
+                "--liveness-check-interval",
+                "200ms",
+                "--shared-dir",
+                dir.path().join("shared").to_str().unwrap(),
+            ],
+        );
+        let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
+        let mut c = Cluster {
+            runner: None,
+            _host: host,
+            ctd,
+            dir,
+            url,
+            node: name.to_string(),
+        };
+        c.start_runner();
+        let hd = c.host_data();
+        let n = c.node.clone();
+        wait_for("the node online", || {
+            node(&nodes(&hd), &n)
+                .filter(|v| v["state"] == "online")
+                .map(|_| ())
+        });
+        Some(c)
+    }
+
+    fn host_data(&self) -> PathBuf {
+        self.dir.path().join("host")
+    }
+
+    fn start_runner(&mut self) {
+        let data = self.dir.path().join("runner");
+        let join = self.host_data().join("join.token");
+        self.runner = Some(Daemon::start(
+            self.dir.path(),
+            "runner",
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "runner",
+                "--config",
+                "/dev/null",
+                "--name",
+                &self.node,
+                "--host-url",
+                &self.url,
+                "--join-token-file",
+                join.to_str().unwrap(),
+                "--bind",
+                "127.0.0.1",
+                "--runner-port",
+                "0",
+                "--heartbeat-interval",
+                "300ms",
+                "--containerd-socket",
+                self.ctd.socket.to_str().unwrap(),
+                "--shared-dir",
+                self.dir.path().join("shared").to_str().unwrap(),
+                "--kill-grace",
+                "1s",
+            ],
+        ));
+    }
+
+    fn rn(&self, args: &[&str]) -> std::process::Output {
+        let data = self.host_data();
+        let mut all = vec!["--data-dir", data.to_str().unwrap()];
+        all.extend_from_slice(args);
+        cli(&all)
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        // Before the subcommand: after `--` it would be part of a task's command.
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        let o = self.rn(&a);
+        assert!(o.status.success(), "rivernode {args:?}: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)))
+    }
+
+    fn submit(&self, args: &[&str]) -> u64 {
+        let mut a = vec!["task", "submit"];
+        a.extend_from_slice(args);
+        self.json(&a)["id"].as_u64().unwrap()
+    }
+
+    fn task(&self, id: u64) -> serde_json::Value {
+        self.json(&["task", "status", &id.to_string()])
+    }
+
+    /// Waits for `state`; a task that ends in another final state fails the test at once.
+    fn wait_state(&self, id: u64, state: &str) -> serde_json::Value {
+        wait_for(&format!("task {id} {state}"), || {
+            let t = self.task(id);
+            let s = t["state"].as_str().unwrap_or_default();
+            let is_final = ["completed", "failed", "killed", "killed_oom"].contains(&s);
+            assert!(
+                s == state || !is_final,
+                "task {id} ended {s}, not {state}: {t}"
+            );
+            (s == state).then_some(t)
+        })
+    }
+}
+
+fn nproc() -> String {
+    String::from_utf8(std::process::Command::new("nproc").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn tasks_complete_fail_and_are_oom_killed_with_logs() {
+    let Some(c) = Cluster::start("tasks-a") else {
+        return;
+    };
+    // --wait prints the final task and exits with its code.
+    let o = c.rn(&[
+        "task",
+        "submit",
+        "--container",
+        "busybox",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "echo hello; echo oops >&2",
+    ]);
+    assert!(o.status.success(), "{} {}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("completed (exit code 0)"),
+        "{}",
+        stdout(&o)
+    );
+    let o = c.rn(&["task", "logs", "1"]);
+    assert_eq!(stdout(&o), "hello\n");
+    let o = c.rn(&["task", "logs", "1", "--stderr"]);
+    assert_eq!(stdout(&o), "oops\n");
+
+    let id = c.submit(&["--container", "busybox", "--", "sh", "-c", "exit 3"]);
+    let t = c.wait_state(id, "failed");
+    assert_eq!(t["exit_code"], 3);
+
+    let id = c.submit(&[
+        "--container",
+        "busybox-docker",
+        "--",
+        "echo",
+        "from a docker archive",
+    ]);
+    c.wait_state(id, "completed");
+    assert_eq!(
+        stdout(&c.rn(&["task", "logs", &id.to_string()])),
+        "from a docker archive\n"
+    );
+
+    let id = c.submit(&[
+        "--container",
+        "busybox",
+        "-m",
+        "32M",
+        "--",
+        "sh",
+        "-c",
+        "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}",
+    ]);
+    let t = c.wait_state(id, "killed_oom");
+    assert!(t["message"].as_str().unwrap().contains("OOM"), "{t}");
+
+    // The environment and RIVERNODE_* variables reach the task.
+    let id = c.submit(&[
+        "--container",
+        "busybox",
+        "-e",
+        "GREETING=hi",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $RIVERNODE_TASK_ID $RIVERNODE_CORES",
+    ]);
+    c.wait_state(id, "completed");
+    assert_eq!(
+        stdout(&c.rn(&["task", "logs", &id.to_string()])),
+        format!("hi {id} 1\n")
+    );
+}
+
+#[test]
+fn kill_pause_resume_and_paused_tasks_keep_their_cores() {
+    let Some(c) = Cluster::start("tasks-b") else {
+        return;
+    };
+    let all = nproc();
+    let big = c.submit(&["--container", "busybox", "-c", &all, "--", "sleep", "1000"]);
+    c.wait_state(big, "running");
+    c.rn(&["task", "pause", &big.to_string()]);
+    c.wait_state(big, "paused");
+    // Paused holds its cores: another task waits, saying why.
+    let small = c.submit(&["--container", "busybox", "--", "echo", "after"]);
+    let t = c.task(small);
+    assert_eq!(t["state"], "pending");
+    assert!(t["reason"].as_str().unwrap().contains("cores free"), "{t}");
+    c.rn(&["task", "resume", &big.to_string()]);
+    c.wait_state(big, "running");
+    c.rn(&["task", "kill", &big.to_string()]);
+    let t = c.wait_state(big, "killed");
+    assert_eq!(
+        t["exit_code"], 137,
+        "sleep as PID 1 ignores SIGTERM: SIGKILL after the 1 s grace"
+    );
+    // Its cores are free again: the queued task runs.
+    c.wait_state(small, "completed");
+}
+
+#[test]
+fn full_node_tasks_run_one_after_the_other() {
+    let Some(c) = Cluster::start("tasks-c") else {
+        return;
+    };
+    let all = nproc();
+    let a = c.submit(&["--container", "busybox", "-c", &all, "--", "sleep", "1"]);
+    let b = c.submit(&["--container", "busybox", "-c", &all, "--", "true"]);
+    let tb = c.task(b);
+    assert_eq!(tb["state"], "pending");
+    assert!(
+        tb["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("0 of {all} cores free")),
+        "{tb}"
+    );
+    let ta = c.wait_state(a, "completed");
+    let tb = c.wait_state(b, "completed");
+    assert!(
+        tb["started_at_unix_ms"].as_i64().unwrap() >= ta["finished_at_unix_ms"].as_i64().unwrap()
+    );
+}
+
+#[test]
+fn a_task_outlives_a_killed_runner_and_its_completion_is_reported() {
+    let Some(mut c) = Cluster::start("tasks-d") else {
+        return;
+    };
+    let id = c.submit(&[
+        "--container",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "sleep 3; echo survived",
+    ]);
+    c.wait_state(id, "running");
+    c.runner.as_mut().unwrap().kill();
+    // The host notices the silence; the task is lost, not forgotten.
+    c.wait_state(id, "lost");
+    c.start_runner();
+    let t = c.wait_state(id, "completed");
+    assert_eq!(t["exit_code"], 0);
+    assert_eq!(
+        stdout(&c.rn(&["task", "logs", &id.to_string()])),
+        "survived\n",
+        "logs kept flowing without the runner"
+    );
+    // Reported once: the runner found nothing left to adopt afterwards.
+    let log = std::fs::read_to_string(c.dir.path().join("host.stderr")).unwrap();
+    let reports = log.matches(&format!("task={id} state=completed")).count();
+    assert_eq!(reports, 1, "{log}");
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_created() {
+    let Some(c) = Cluster::start("tasks-e") else {
+        return;
+    };
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--container", "nope", "--", "true"],
+            "no environment named \"nope\"",
+        ),
+        (
+            &["--container", "busybox", "-t", "tasks-e::", "--", "true"],
+            "invalid target",
+        ),
+        (
+            &["--container", "busybox", "-t", "ghost", "--", "true"],
+            "no node named \"ghost\"",
+        ),
+        (
+            &["--container", "busybox", "-m", "12", "--", "true"],
+            "no unit",
+        ),
+        (
+            &["--container", "busybox", "-t", "tasks-e:9", "--", "true"],
+            "no NUMA node 9",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut a = vec!["task", "submit"];
+        a.extend_from_slice(args);
+        let o = c.rn(&a);
+        assert!(!o.status.success(), "{args:?}");
+        let e = stderr(&o);
+        assert!(e.contains(want), "{args:?}: {e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    }
+    let o = c.rn(&["task", "submit", "--container", "busybox", "--"]);
+    assert!(!o.status.success(), "an empty command is refused");
+    assert_eq!(c.json(&["task", "list"]), serde_json::json!([]));
+}
