@@ -20,11 +20,15 @@ fi
 # Build: a C toolchain for the bundled SQLite, protoc for the containerd
 # client's generated code, libvirt headers for the libvirt bindings.
 packages=(build-essential pkg-config protobuf-compiler libvirt-dev ca-certificates curl)
+# Runtime: containerd and runc run the tasks.
+packages+=(containerd runc)
 # Runtime of the tests: systemd-analyze checks the unit files; the kernel
 # tests boot Debian's kernel in QEMU (TCG) with a static busybox as userland
 # and decompress its .ko.xz modules with xz.
 if [ "$want_test" = 1 ]; then
     packages+=(systemd qemu-system-x86 linux-image-amd64 busybox-static xz-utils)
+    # Task tests: images are built at test time with umoci and converted with skopeo.
+    packages+=(umoci skopeo)
 fi
 
 missing=()

@@ -11,4 +11,16 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 cargo build --release --locked
 install -m 0755 target/release/rivernode /usr/local/bin/rivernode
+
+# Tasks run on containerd. Debian's package starts it under systemd; where
+# systemd does not run services (containers, minimal VMs) start it here.
+socket=/run/containerd/containerd.sock
+if [ ! -S "$socket" ]; then
+    systemctl start containerd 2>/dev/null || true
+fi
+if [ ! -S "$socket" ]; then
+    echo "up: starting containerd (log: /var/log/rivernode-containerd.log)"
+    setsid containerd >/var/log/rivernode-containerd.log 2>&1 < /dev/null &
+    for _ in $(seq 1 100); do [ -S "$socket" ] && break; sleep 0.1; done
+fi
 exec /usr/local/bin/rivernode up "$@"
