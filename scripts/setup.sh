@@ -27,8 +27,9 @@ packages+=(containerd runc)
 # and decompress its .ko.xz modules with xz.
 if [ "$want_test" = 1 ]; then
     packages+=(systemd qemu-system-x86 linux-image-amd64 busybox-static xz-utils)
-    # Task tests: images are built at test time with umoci and converted with skopeo.
-    packages+=(umoci skopeo)
+    # Task tests: images are built at test time with umoci, converted and pushed
+    # to a loopback registry with skopeo.
+    packages+=(umoci skopeo docker-registry)
 fi
 
 missing=()

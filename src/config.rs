@@ -180,6 +180,8 @@ layered_config! {
         cgroup_parent: String = "/rivernode".to_string(),
         /// Size at which a task's stdout or stderr log is rotated (one old file is kept).
         max_log_bytes: u64 = 100 << 20,
+        /// Registries (host:port) pulled from over plain HTTP, e.g. a registry on loopback. Never a default.
+        insecure_registries: Vec<String> = Vec::new(),
     }
 }
 

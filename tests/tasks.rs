@@ -6,7 +6,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::containerd::{busybox_oci_archive, docker_archive, PrivateContainerd};
+use common::containerd::{busybox_oci_archive, docker_archive, PrivateContainerd, PrivateRegistry};
 use common::*;
 
 struct Cluster {
@@ -17,10 +17,15 @@ struct Cluster {
     dir: tempfile::TempDir,
     url: String,
     node: String,
+    runner_extra: Vec<String>,
 }
 
 impl Cluster {
     fn start(name: &str) -> Option<Cluster> {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, runner_extra: &[&str]) -> Option<Cluster> {
         let ctd = PrivateContainerd::start()?;
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
@@ -59,6 +64,7 @@ impl Cluster {
             dir,
             url,
             node: name.to_string(),
+            runner_extra: runner_extra.iter().map(|s| s.to_string()).collect(),
         };
         c.start_runner();
         let hd = c.host_data();
@@ -78,35 +84,34 @@ impl Cluster {
     fn start_runner(&mut self) {
         let data = self.dir.path().join("runner");
         let join = self.host_data().join("join.token");
-        self.runner = Some(Daemon::start(
-            self.dir.path(),
+        let shared = self.dir.path().join("shared");
+        let mut args = vec![
+            "--data-dir",
+            data.to_str().unwrap(),
             "runner",
-            &[
-                "--data-dir",
-                data.to_str().unwrap(),
-                "runner",
-                "--config",
-                "/dev/null",
-                "--name",
-                &self.node,
-                "--host-url",
-                &self.url,
-                "--join-token-file",
-                join.to_str().unwrap(),
-                "--bind",
-                "127.0.0.1",
-                "--runner-port",
-                "0",
-                "--heartbeat-interval",
-                "300ms",
-                "--containerd-socket",
-                self.ctd.socket.to_str().unwrap(),
-                "--shared-dir",
-                self.dir.path().join("shared").to_str().unwrap(),
-                "--kill-grace",
-                "1s",
-            ],
-        ));
+            "--config",
+            "/dev/null",
+            "--name",
+            &self.node,
+            "--host-url",
+            &self.url,
+            "--join-token-file",
+            join.to_str().unwrap(),
+            "--bind",
+            "127.0.0.1",
+            "--runner-port",
+            "0",
+            "--heartbeat-interval",
+            "300ms",
+            "--containerd-socket",
+            self.ctd.socket.to_str().unwrap(),
+            "--shared-dir",
+            shared.to_str().unwrap(),
+            "--kill-grace",
+            "1s",
+        ];
+        args.extend(self.runner_extra.iter().map(String::as_str));
+        self.runner = Some(Daemon::start(self.dir.path(), "runner", &args));
     }
 
     fn rn(&self, args: &[&str]) -> std::process::Output {
@@ -354,4 +359,26 @@ fn bad_input_is_refused_and_nothing_is_created() {
     let o = c.rn(&["task", "submit", "--container", "busybox", "--"]);
     assert!(!o.status.success(), "an empty command is refused");
     assert_eq!(c.json(&["task", "list"]), serde_json::json!([]));
+}
+
+#[test]
+fn a_registry_image_is_pulled_and_runs() {
+    let Some(reg) = PrivateRegistry::start() else {
+        return;
+    };
+    let addr = reg.addr.clone();
+    let Some(c) = Cluster::start_with("tasks-f", &["--insecure-registry", &addr]) else {
+        return;
+    };
+    let oci = c.dir.path().join("shared/environments/busybox.tar");
+    let image = reg.push(&oci, "env:1");
+    let id = c.submit(&["--image", &image, "--", "echo", "pulled"]);
+    c.wait_state(id, "completed");
+    assert_eq!(
+        stdout(&c.rn(&["task", "logs", &id.to_string()])),
+        "pulled\n"
+    );
+    let bad = c.rn(&["task", "submit", "--image", "not a ref", "--", "true"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("image.registry"), "{}", stderr(&bad));
 }

@@ -125,6 +125,9 @@ pub struct RunnerArgs {
     pub shared_dir: Option<PathBuf>,
     #[arg(long, value_name = "DURATION")]
     pub kill_grace: Option<HumanDuration>,
+    /// A registry (host:port) to pull from over plain HTTP; repeatable.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub insecure_registry: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -70,6 +70,8 @@ pub fn runner_config(
         kill_grace: args.kill_grace,
         cgroup_parent: None,
         max_log_bytes: None,
+        insecure_registries: (!args.insecure_registry.is_empty())
+            .then(|| args.insecure_registry.clone()),
     });
     cfg.validate()?;
     Ok(cfg)

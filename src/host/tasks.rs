@@ -99,8 +99,8 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
                 "image.environment: {n:?} is not an environment name (letters, digits, '.', '_', '-')"
             )))
         }
-        crate::api::ImageSource::Registry(r) if r.trim().is_empty() || r.contains(char::is_whitespace) => {
-            return Err(ApiError::BadRequest(format!("image.registry: {r:?} is not an image reference")))
+        crate::api::ImageSource::Registry(r) => {
+            crate::oci::Reference::parse(r).map_err(|e| ApiError::BadRequest(format!("image.registry: {e}")))?;
         }
         _ => {}
     }

@@ -25,10 +25,10 @@ use sha2::{Digest, Sha256};
 
 use super::{Containerd, OciError};
 
-const MANIFEST_OCI: &str = "application/vnd.oci.image.manifest.v1+json";
-const MANIFEST_DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const INDEX_OCI: &str = "application/vnd.oci.image.index.v1+json";
-const INDEX_DOCKER: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(super) const MANIFEST_OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(super) const MANIFEST_DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(super) const INDEX_OCI: &str = "application/vnd.oci.image.index.v1+json";
+pub(super) const INDEX_DOCKER: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const CONFIG_OCI: &str = "application/vnd.oci.image.config.v1+json";
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Label recording which archive an image came from.
@@ -36,30 +36,30 @@ pub const ARCHIVE_LABEL: &str = "io.rivernode.archive-digest";
 const CHUNK: usize = 1 << 20;
 
 #[derive(Clone, Debug, Deserialize)]
-struct Desc {
+pub(super) struct Desc {
     #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: i64,
+    pub(super) media_type: String,
+    pub(super) digest: String,
+    pub(super) size: i64,
     #[serde(default)]
-    platform: Option<Platform>,
+    pub(super) platform: Option<Platform>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
+pub(super) struct Platform {
+    pub(super) architecture: String,
+    pub(super) os: String,
 }
 
 #[derive(Debug, Deserialize)]
-struct Index {
-    manifests: Vec<Desc>,
+pub(super) struct Index {
+    pub(super) manifests: Vec<Desc>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Manifest {
-    config: Desc,
-    layers: Vec<Desc>,
+pub(super) struct Manifest {
+    pub(super) config: Desc,
+    pub(super) layers: Vec<Desc>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,14 +141,14 @@ fn to_descriptor(d: &Desc) -> Descriptor {
 }
 
 /// An archive unpacked into a private temporary directory.
-struct Layout {
-    dir: PathBuf,
+pub(super) struct Layout {
+    pub(super) dir: PathBuf,
     /// digest → file, for every blob we may upload.
-    blobs: HashMap<String, PathBuf>,
-    manifest: Desc,
-    manifest_bytes: Vec<u8>,
-    config: Desc,
-    layers: Vec<Desc>,
+    pub(super) blobs: HashMap<String, PathBuf>,
+    pub(super) manifest: Desc,
+    pub(super) manifest_bytes: Vec<u8>,
+    pub(super) config: Desc,
+    pub(super) layers: Vec<Desc>,
 }
 
 impl Drop for Layout {
@@ -360,7 +360,7 @@ impl Containerd {
         result
     }
 
-    async fn store_and_unpack(
+    pub(super) async fn store_and_unpack(
         &self,
         name: &str,
         layout: &Layout,

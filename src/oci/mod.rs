@@ -7,6 +7,7 @@
 //! device injection, and commits for VPS snapshots.
 
 mod import;
+mod registry;
 mod spec;
 mod task;
 
@@ -16,6 +17,7 @@ use containerd_client::tonic;
 use tonic::transport::Channel;
 
 pub use import::{chain_ids, ImageConfig, ImportedImage};
+pub use registry::Reference;
 pub use spec::{build as build_spec, MountInput, RuntimeSpecInput};
 pub use task::{oom_killed, ExitInfo, TaskStatus, TASK_LABEL};
 

@@ -103,20 +103,39 @@ impl TaskContext {
     async fn image(&self, source: &ImageSource) -> Result<oci::ImportedImage, String> {
         match source {
             ImageSource::Environment(name) => {
-                let archive = self.config.shared_dir.join("environments").join(format!("{name}.tar"));
+                let archive = self
+                    .config
+                    .shared_dir
+                    .join("environments")
+                    .join(format!("{name}.tar"));
                 if !archive.is_file() {
-                    return Err(format!("environment {name:?} not found: {} does not exist on node {}", archive.display(), self.node));
+                    return Err(format!(
+                        "environment {name:?} not found: {} does not exist on node {}",
+                        archive.display(),
+                        self.node
+                    ));
                 }
                 let scratch = self.config.data_dir.join(super::STATE_DIR).join("import");
-                std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+                std::fs::create_dir_all(&scratch)
+                    .map_err(|e| format!("{}: {e}", scratch.display()))?;
                 self.ctd
-                    .import_archive(&format!("rivernode.local/env/{name}:latest"), &archive, &scratch)
+                    .import_archive(
+                        &format!("rivernode.local/env/{name}:latest"),
+                        &archive,
+                        &scratch,
+                    )
                     .await
                     .map_err(|e| e.to_string())
             }
-            ImageSource::Registry(r) => Err(format!(
-                "registry image {r:?}: pulling from registries is not supported yet; import it as an environment archive"
-            )),
+            ImageSource::Registry(r) => {
+                let scratch = self.config.data_dir.join(super::STATE_DIR).join("import");
+                std::fs::create_dir_all(&scratch)
+                    .map_err(|e| format!("{}: {e}", scratch.display()))?;
+                self.ctd
+                    .pull(r, &self.config.insecure_registries, &scratch)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         }
     }
 

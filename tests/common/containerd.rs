@@ -196,3 +196,73 @@ pub fn docker_archive(oci: &Path, dir: &Path) -> Option<PathBuf> {
         .arg(format!("docker-archive:{}:busybox:test", out.display())));
     Some(out)
 }
+
+/// A private registry (Debian's docker-registry) on a loopback port.
+pub struct PrivateRegistry {
+    _dir: tempfile::TempDir,
+    child: Child,
+    pub addr: String,
+}
+
+impl PrivateRegistry {
+    pub fn start() -> Option<Self> {
+        if !real_part_available("docker-registry", command_exists("docker-registry")) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // A free loopback port: the registry cannot report the one it picked.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the registry did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self {
+            _dir: dir,
+            child,
+            addr,
+        })
+    }
+
+    /// Pushes an OCI archive as `repo:tag` with skopeo.
+    pub fn push(&self, archive: &Path, repo_tag: &str) -> String {
+        let dest = format!("{}/{repo_tag}", self.addr);
+        run(Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("docker://{dest}")));
+        dest
+    }
+}
+
+impl Drop for PrivateRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
