@@ -392,7 +392,18 @@ impl Containerd {
             name: name.into(),
             message: "no layers".into(),
         })?;
-        for l in &layout.layers {
+        let total: i64 = layout.layers.iter().map(|l| l.size).sum();
+        let mut done: i64 = 0;
+        for (i, l) in layout.layers.iter().enumerate() {
+            done += l.size;
+            tracing::info!(
+                image = name,
+                "storing layer {}/{} ({} of {} bytes)",
+                i + 1,
+                layout.layers.len(),
+                done,
+                total
+            );
             self.upload_file(
                 &layout.blobs[&l.digest],
                 &l.digest,

@@ -308,7 +308,9 @@ impl Containerd {
             config: m.config.clone(),
             layers: m.layers.clone(),
         };
-        for d in std::iter::once(&m.config).chain(&m.layers) {
+        let blobs: Vec<&Desc> = std::iter::once(&m.config).chain(&m.layers).collect();
+        for (i, d) in blobs.iter().enumerate() {
+            tracing::info!(image = %name, "downloading blob {}/{} ({} bytes)", i + 1, blobs.len(), d.size);
             let path = s.blob_to_file(d, &dir).await?;
             layout.blobs.insert(d.digest.clone(), path);
         }
