@@ -382,3 +382,23 @@ fn a_registry_image_is_pulled_and_runs() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("image.registry"), "{}", stderr(&bad));
 }
+
+#[test]
+fn a_stalled_runner_brings_its_lost_task_back() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let Some(c) = Cluster::start("tasks-g") else {
+        return;
+    };
+    let id = c.submit(&["--container", "busybox", "--", "sleep", "1000"]);
+    c.wait_state(id, "running");
+    // SIGSTOP the runner: heartbeats stop, the host calls the node offline and the task lost.
+    let pid = Pid::from_raw(c.runner.as_ref().unwrap().child.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    c.wait_state(id, "lost");
+    kill(pid, Signal::SIGCONT).unwrap();
+    // The runner, seeing its running task marked lost, reports it running again.
+    c.wait_state(id, "running");
+    c.rn(&["task", "kill", &id.to_string()]);
+    c.wait_state(id, "killed");
+}

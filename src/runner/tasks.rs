@@ -266,6 +266,20 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
                         *d = a.desired;
                         changed
                     });
+                    // The host lost sight of us (a partition, a slow heartbeat) while
+                    // the task kept running: tell it what is really happening.
+                    if a.state == TaskState::Lost {
+                        let observed = match ctx.ctd.status(&ctx.container_id(a.id)).await {
+                            Ok(TaskStatus::Paused) => Some(TaskState::Paused),
+                            Ok(TaskStatus::Running) | Ok(TaskStatus::Created) => {
+                                Some(TaskState::Running)
+                            }
+                            _ => None,
+                        };
+                        if let Some(state) = observed {
+                            ctx.report(a.id, state, None, None, &stop).await;
+                        }
+                    }
                 }
                 None if a.desired == Desired::Killed => {
                     // Never started here (or already gone): nothing to stop.
