@@ -60,31 +60,37 @@ pub fn entries(
         .collect())
 }
 
+/// The cells every GPU table shows: address, vendor:device, name, driver,
+/// NUMA node, IOMMU group with the other members.
+pub fn gpu_cells(g: &Gpu) -> [String; 6] {
+    let members: Vec<String> = g
+        .iommu_group_members
+        .iter()
+        .map(|f| f.address.to_string())
+        .collect();
+    [
+        g.address.to_string(),
+        format!("{:04x}:{:04x}", g.vendor_id, g.device_id),
+        g.name.clone().unwrap_or_else(|| "-".into()),
+        g.driver.clone().unwrap_or_else(|| "none".into()),
+        g.numa_node
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "-".into()),
+        match g.iommu_group {
+            Some(id) if members.is_empty() => id.to_string(),
+            Some(id) => format!("{id} (+{})", members.join(",")),
+            None => "no IOMMU".into(),
+        },
+    ]
+}
+
 fn list_table(list: &[GpuEntry]) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|e| {
-            let g = &e.gpu;
-            let members: Vec<String> = g
-                .iommu_group_members
-                .iter()
-                .map(|f| f.address.to_string())
-                .collect();
-            vec![
-                g.address.to_string(),
-                format!("{:04x}:{:04x}", g.vendor_id, g.device_id),
-                g.name.clone().unwrap_or_else(|| "-".into()),
-                g.driver.clone().unwrap_or_else(|| "none".into()),
-                g.numa_node
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                match g.iommu_group {
-                    Some(id) if members.is_empty() => id.to_string(),
-                    Some(id) => format!("{id} (+{})", members.join(",")),
-                    None => "no IOMMU".into(),
-                },
-                e.assignment.clone(),
-            ]
+            let mut row = gpu_cells(&e.gpu).to_vec();
+            row.push(e.assignment.clone());
+            row
         })
         .collect();
     table(

@@ -157,26 +157,9 @@ fn status_text(n: &NodeView, runner: &Result<RunnerStatus, String>, now: i64) ->
             .gpus
             .iter()
             .map(|g| {
-                let others: Vec<String> = g
-                    .iommu_group_members
-                    .iter()
-                    .map(|f| f.address.to_string())
-                    .collect();
-                vec![
-                    g.address.to_string(),
-                    format!("{:04x}:{:04x}", g.vendor_id, g.device_id),
-                    g.name.clone().unwrap_or_else(|| "-".into()),
-                    g.uuid.clone().unwrap_or_else(|| "-".into()),
-                    g.driver.clone().unwrap_or_else(|| "none".into()),
-                    g.numa_node
-                        .map(|n| n.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    match g.iommu_group {
-                        Some(id) if others.is_empty() => id.to_string(),
-                        Some(id) => format!("{id} (+{})", others.join(",")),
-                        None => "no IOMMU".into(),
-                    },
-                ]
+                let mut row = crate::cli::gpu::gpu_cells(g).to_vec();
+                row.insert(3, g.uuid.clone().unwrap_or_else(|| "-".into()));
+                row
             })
             .collect();
         out.push_str(&indent(&table(

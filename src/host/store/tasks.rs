@@ -201,6 +201,13 @@ pub(super) fn schedule(c: &mut Connection) -> Result<Vec<u64>, StoreError> {
     Ok(placed)
 }
 
+fn one(c: &Connection, id: u64) -> Result<TaskView, StoreError> {
+    query(c, "WHERE id = ?1", &[&(id as i64)])?
+        .into_iter()
+        .next()
+        .ok_or(StoreError::NoTask(id))
+}
+
 pub(super) fn get(c: &mut Connection, id: u64) -> Result<Option<TaskView>, StoreError> {
     Ok(query(c, "WHERE id = ?1", &[&(id as i64)])?
         .into_iter()
@@ -227,10 +234,7 @@ pub(super) fn set_desired(
     now_ms: i64,
 ) -> Result<TaskView, StoreError> {
     let tx = c.transaction()?;
-    let t = query(&tx, "WHERE id = ?1", &[&(id as i64)])?
-        .into_iter()
-        .next()
-        .ok_or(StoreError::NoTask(id))?;
+    let t = one(&tx, id)?;
     if t.state.is_final() {
         return Err(StoreError::Conflict(format!(
             "task {id} already ended ({})",
@@ -299,10 +303,7 @@ pub(super) fn report(
     now_ms: i64,
 ) -> Result<TaskView, StoreError> {
     let tx = c.transaction()?;
-    let t = query(&tx, "WHERE id = ?1", &[&(id as i64)])?
-        .into_iter()
-        .next()
-        .ok_or(StoreError::NoTask(id))?;
+    let t = one(&tx, id)?;
     if t.placement.as_ref().map(|p| p.node.as_str()) != Some(node) {
         return Err(StoreError::Conflict(format!(
             "task {id} is not assigned to node {node:?}"
