@@ -34,29 +34,8 @@ impl Cluster {
         let docker = docker_archive(&oci, dir.path())?;
         std::fs::copy(&oci, envs.join("busybox.tar")).unwrap();
         std::fs::copy(&docker, envs.join("busybox-docker.tar")).unwrap();
-        let data = dir.path().join("host");
-        let host = Daemon::start(
-            dir.path(),
-            "host",
-            &[
-                "--data-dir",
-                data.to_str().unwrap(),
-                "host",
-                "--config",
-                "/dev/null",
-                "--bind",
-                "127.0.0.1",
-                "--api-port",
-                "0",
-                "--ssh-proxy-port",
-                "0",
-                "--liveness-check-interval",
-                "200ms",
-                "--shared-dir",
-                dir.path().join("shared").to_str().unwrap(),
-            ],
-        );
-        let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
+        let shared = dir.path().join("shared");
+        let (host, url) = start_host_with(dir.path(), &["--shared-dir", shared.to_str().unwrap()]);
         let mut c = Cluster {
             runner: None,
             _host: host,

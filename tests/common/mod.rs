@@ -112,28 +112,31 @@ pub fn read_trimmed(p: &Path) -> Option<String> {
 /// Starts `rivernode host` on free ports with a fast liveness check and
 /// returns it with its API URL.
 pub fn start_host(dir: &Path) -> (Daemon, String) {
+    start_host_with(dir, &[])
+}
+
+/// `start_host` with more `rivernode host` flags.
+pub fn start_host_with(dir: &Path, extra: &[&str]) -> (Daemon, String) {
     let data = dir.join("host");
-    let d = Daemon::start(
-        dir,
+    let mut args = vec![
+        "--data-dir",
+        data.to_str().unwrap(),
         "host",
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "host",
-            "--config",
-            "/dev/null",
-            "--bind",
-            "127.0.0.1",
-            "--api-port",
-            "0",
-            "--ssh-proxy-port",
-            "0",
-            "--liveness-check-interval",
-            "100ms",
-            "--offline-after-missed",
-            "3",
-        ],
-    );
+        "--config",
+        "/dev/null",
+        "--bind",
+        "127.0.0.1",
+        "--api-port",
+        "0",
+        "--ssh-proxy-port",
+        "0",
+        "--liveness-check-interval",
+        "100ms",
+        "--offline-after-missed",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(dir, "host", &args);
     let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
     (d, url)
 }
