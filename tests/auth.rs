@@ -215,3 +215,55 @@ fn the_cli_says_what_to_do_without_a_token_or_host() {
     );
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
 }
+
+#[test]
+fn the_ssh_proxy_checks_the_token_before_anything_else() {
+    use std::io::{BufRead, BufReader, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("host");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let _host = Daemon::start(
+        tmp.path(),
+        "host",
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "host",
+            "--config",
+            "/dev/null",
+            "--bind",
+            "127.0.0.1",
+            "--api-port",
+            "0",
+            "--ssh-proxy-port",
+            &port,
+        ],
+    );
+    wait_for("host api.url", || read_trimmed(&data.join("api.url")));
+    let admin = read_trimmed(&data.join("admin.token")).unwrap();
+    let ask = |line: String| {
+        let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(
+        ask("REQUEST_TUNNEL 1 rnadm_wrong\n".into()),
+        "ERROR invalid token\n"
+    );
+    assert_eq!(
+        ask("REQUEST_TUNNEL 1\n".into()),
+        "ERROR missing token: REQUEST_TUNNEL <id> <token>\n"
+    );
+    // A valid token learns only that there is no such instance (VPS come later).
+    assert_eq!(
+        ask(format!("REQUEST_TUNNEL 1 {admin}\n")),
+        "ERROR no instance 1\n"
+    );
+}

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod proxy;
 pub mod scheduler;
 pub mod store;
 mod tasks;
@@ -86,10 +87,12 @@ impl HostState {
 pub struct BoundHost {
     state: Arc<HostState>,
     listener: TcpListener,
+    ssh_listener: TcpListener,
     config: HostConfig,
     /// URL local clients use; also written to DATA_DIR/api.url.
     pub api_url: String,
     pub api_addr: SocketAddr,
+    pub ssh_proxy_addr: SocketAddr,
 }
 
 impl BoundHost {
@@ -120,6 +123,14 @@ impl BoundHost {
             .await
             .map_err(|source| HostError::Bind { addr, source })?;
         let api_addr = listener.local_addr().map_err(HostError::Serve)?;
+        let ssh_addr = SocketAddr::new(config.bind, config.ssh_proxy_port);
+        let ssh_listener = TcpListener::bind(ssh_addr)
+            .await
+            .map_err(|source| HostError::Bind {
+                addr: ssh_addr,
+                source,
+            })?;
+        let ssh_proxy_addr = ssh_listener.local_addr().map_err(HostError::Serve)?;
         let api_url = config.local_url(api_addr.port());
         let url_path = dir.join(API_URL_FILE);
         write_public(&url_path, format!("{api_url}\n").as_bytes()).map_err(|source| {
@@ -147,9 +158,11 @@ impl BoundHost {
                 shared_dir: config.shared_dir.clone(),
             }),
             listener,
+            ssh_listener,
             config,
             api_url,
             api_addr,
+            ssh_proxy_addr,
         })
     }
 
@@ -166,13 +179,41 @@ impl BoundHost {
         tracing::info!(addr = %self.api_addr, data_dir = %self.config.data_dir.display(), "host API listening");
         let liveness = tokio::spawn(liveness_loop(self.state.clone(), self.config.clone()));
         let scheduler = tokio::spawn(tasks::scheduler_loop(self.state.clone()));
+        tracing::info!(addr = %self.ssh_proxy_addr, "ssh proxy listening");
+        let tunnels = Arc::new(Tunnels {
+            state: self.state.clone(),
+        });
+        let proxy = tokio::spawn(proxy::serve(
+            self.ssh_listener,
+            tunnels,
+            proxy::ProxyConfig::default(),
+        ));
         let result = axum::serve(self.listener, api::router(self.state))
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(HostError::Serve);
         liveness.abort();
         scheduler.abort();
+        proxy.abort();
         result
+    }
+}
+
+/// The host's tunnel authority: the token must be valid before anything
+/// about instances is said. Instances (VPS) do not exist yet, so every
+/// authenticated request is answered "no instance".
+struct Tunnels {
+    state: Arc<HostState>,
+}
+
+impl proxy::TunnelResolver for Tunnels {
+    async fn resolve(&self, id: u64, token: &str) -> Result<SocketAddr, String> {
+        let hash = hash_token(token);
+        match self.state.blocking(move |s| s.find_token(&hash)).await {
+            Ok(Some(_)) => Err(format!("no instance {id}")),
+            Ok(None) => Err("invalid token".into()),
+            Err(e) => Err(format!("the host cannot check tokens right now: {e}")),
+        }
     }
 }
 

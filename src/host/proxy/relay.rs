@@ -1,0 +1,176 @@
+//! Moving bytes between two sockets: zero-copy with splice(2) through a
+//! pipe per direction (the kernel moves pages; nothing is copied to user
+//! space), or a plain userspace copy behind the same interface.
+//!
+//! The readiness trap: splice from a socket into a *full* pipe also fails
+//! with EAGAIN, and reporting that to tokio as the socket's WouldBlock would
+//! clear the socket's readiness and stall the relay. So a direction reads
+//! from its socket only while its pipe is empty; then EAGAIN can only come
+//! from the socket.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Pipe capacity per direction: large batches, few syscalls.
+const PIPE_SIZE: i32 = 1 << 20;
+
+/// How the proxy moves bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayMode {
+    Splice,
+    /// Userspace copy through 1 MiB buffers (for kernels or sockets where splice fails).
+    Copy,
+}
+
+/// Bytes moved in each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+/// Relays until both directions are closed; each EOF is passed on as a
+/// half-close (shutdown of the write side), so protocols that half-close work.
+pub async fn relay(a: TcpStream, b: TcpStream, mode: RelayMode) -> io::Result<Moved> {
+    match mode {
+        RelayMode::Splice => {
+            let (ab, ba) = tokio::try_join!(splice_one_way(&a, &b), splice_one_way(&b, &a))?;
+            Ok(Moved {
+                a_to_b: ab,
+                b_to_a: ba,
+            })
+        }
+        RelayMode::Copy => {
+            let (mut a, mut b) = (a, b);
+            let (ab, ba) =
+                tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 1 << 20, 1 << 20).await?;
+            Ok(Moved {
+                a_to_b: ab,
+                b_to_a: ba,
+            })
+        }
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    // A smaller pipe still works, only with more syscalls: ignore a refusal
+    // (e.g. above /proc/sys/fs/pipe-max-size).
+    let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+    Ok((r, w))
+}
+
+async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    let (pipe_r, pipe_w) = pipe()?;
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    let mut in_pipe = 0usize;
+    let mut total = 0u64;
+    loop {
+        if in_pipe == 0 {
+            from.readable().await?;
+            let r = from.try_io(Interest::READABLE, || {
+                splice(
+                    from.as_fd(),
+                    None,
+                    pipe_w.as_fd(),
+                    None,
+                    PIPE_SIZE as usize,
+                    flags,
+                )
+                .map_err(io::Error::from)
+            });
+            match r {
+                Ok(0) => {
+                    // EOF: pass the half-close on.
+                    let _ = nix::sys::socket::shutdown(
+                        std::os::fd::AsRawFd::as_raw_fd(to),
+                        nix::sys::socket::Shutdown::Write,
+                    );
+                    return Ok(total);
+                }
+                Ok(n) => in_pipe = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        to.writable().await?;
+        let w = to.try_io(Interest::WRITABLE, || {
+            splice(pipe_r.as_fd(), None, to.as_fd(), None, in_pipe, flags).map_err(io::Error::from)
+        });
+        match w {
+            Ok(n) => {
+                in_pipe -= n;
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A pair of connected sockets: (our side, the peer's side).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (s, c)
+    }
+
+    async fn check(mode: RelayMode) {
+        // client <-> [x | relay | y] <-> server
+        let (x, mut client) = pair().await;
+        let (y, mut server) = pair().await;
+        let relay = tokio::spawn(relay(x, y, mode));
+        let data: Vec<u8> = (0..(8u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let want = Sha256::digest(&data);
+        let send = tokio::spawn(async move {
+            client.write_all(&data).await.unwrap();
+            client.shutdown().await.unwrap();
+            // The server answers after our half-close and closes.
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(Sha256::digest(&got), want, "{mode:?}: bytes arrive intact");
+        server.write_all(b"thanks").await.unwrap();
+        drop(server);
+        assert_eq!(
+            send.await.unwrap(),
+            b"thanks",
+            "{mode:?}: the other direction after a half-close"
+        );
+        let moved = relay.await.unwrap().unwrap();
+        assert_eq!(
+            moved,
+            Moved {
+                a_to_b: 8 << 20,
+                b_to_a: 6
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn splice_relays_both_ways_with_half_close() {
+        check(RelayMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn copy_relays_both_ways_with_half_close() {
+        check(RelayMode::Copy).await;
+    }
+}
