@@ -4,9 +4,9 @@
 //!
 //! The readiness trap: splice from a socket into a *full* pipe also fails
 //! with EAGAIN, and reporting that to tokio as the socket's WouldBlock would
-//! clear the socket's readiness and stall the relay. So a direction reads
-//! from its socket only while its pipe is empty; then EAGAIN can only come
-//! from the socket.
+//! clear the socket's readiness and stall the relay. So only a read into an
+//! empty pipe goes through tokio's readiness (its EAGAIN is the socket's);
+//! top-ups while data waits in the pipe are plain non-blocking calls.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -67,35 +67,55 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     let (pipe_r, pipe_w) = pipe()?;
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    let fill = || {
+        splice(
+            from.as_fd(),
+            None,
+            pipe_w.as_fd(),
+            None,
+            PIPE_SIZE as usize,
+            flags,
+        )
+        .map_err(io::Error::from)
+    };
     let mut in_pipe = 0usize;
     let mut total = 0u64;
+    let mut eof = false;
     loop {
-        if in_pipe == 0 {
-            from.readable().await?;
-            let r = from.try_io(Interest::READABLE, || {
-                splice(
-                    from.as_fd(),
-                    None,
-                    pipe_w.as_fd(),
-                    None,
-                    PIPE_SIZE as usize,
-                    flags,
-                )
-                .map_err(io::Error::from)
-            });
-            match r {
-                Ok(0) => {
-                    // EOF: pass the half-close on.
-                    let _ = nix::sys::socket::shutdown(
-                        std::os::fd::AsRawFd::as_raw_fd(to),
-                        nix::sys::socket::Shutdown::Write,
-                    );
-                    return Ok(total);
+        if !eof {
+            let filled = if in_pipe == 0 {
+                // Nothing buffered: EAGAIN can only mean the socket is empty, so
+                // let tokio clear its readiness and wait.
+                from.readable().await?;
+                match from.try_io(Interest::READABLE, fill) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => r,
                 }
-                Ok(n) => in_pipe = n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            } else {
+                // Top up while data waits to be sent; an EAGAIN here may be the
+                // pipe's, so it must not touch the socket's readiness.
+                match fill() {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(usize::MAX),
+                    r => r,
+                }
+            };
+            match filled {
+                Ok(0) => eof = true,
+                Ok(usize::MAX) => {}
+                Ok(n) => in_pipe += n,
                 Err(e) => return Err(e),
             }
+        }
+        if in_pipe == 0 {
+            if eof {
+                // Pass the half-close on.
+                let _ = nix::sys::socket::shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(to),
+                    nix::sys::socket::Shutdown::Write,
+                );
+                return Ok(total);
+            }
+            continue;
         }
         to.writable().await?;
         let w = to.try_io(Interest::WRITABLE, || {
@@ -106,7 +126,7 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 in_pipe -= n;
                 total += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
