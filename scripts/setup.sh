@@ -20,8 +20,8 @@ fi
 # Build: a C toolchain for the bundled SQLite, protoc for the containerd
 # client's generated code, libvirt headers for the libvirt bindings.
 packages=(build-essential pkg-config protobuf-compiler libvirt-dev ca-certificates curl)
-# Runtime: containerd and runc run the tasks.
-packages+=(containerd runc)
+# Runtime: containerd and runc run the tasks; nft applies the node's firewall table.
+packages+=(containerd runc nftables)
 # Runtime of the tests: systemd-analyze checks the unit files; the kernel
 # tests boot Debian's kernel in QEMU (TCG) with a static busybox as userland
 # and decompress its .ko.xz modules with xz.
@@ -29,7 +29,7 @@ if [ "$want_test" = 1 ]; then
     packages+=(systemd qemu-system-x86 linux-image-amd64 busybox-static xz-utils)
     # Task tests: images are built at test time with umoci, converted and pushed
     # to a loopback registry with skopeo.
-    packages+=(umoci skopeo docker-registry)
+    packages+=(umoci skopeo docker-registry iproute2)
 fi
 
 missing=()

@@ -1,0 +1,163 @@
+//! The node's nftables rules, in one table `inet rivernode` that is replaced
+//! as a whole in one transaction (libnftables JSON via `nft -j -f -`):
+//! egress masquerade for the instance subnet, node ports DNAT'ed to an
+//! instance's address (in the kernel, so SSH sessions outlive the runner),
+//! and instances kept away from the node's own services and from each
+//! other's node ports.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+use super::ipam::Ipv4Net;
+use super::NetError;
+
+/// A node port forwarded to `ip:port` of an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMap {
+    pub node_port: u16,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+/// Everything the table says.
+#[derive(Clone, Debug)]
+pub struct Firewall {
+    pub nft: PathBuf,
+    pub table: String,
+    pub bridge: String,
+    pub subnet: Ipv4Net,
+    /// Node ports instances may not reach (runner API, host API, SSH proxy).
+    pub protected_ports: Vec<u16>,
+    pub port_maps: Vec<PortMap>,
+}
+
+fn m(op: &str, left: Value, right: Value) -> Value {
+    json!({"match": {"op": op, "left": left, "right": right}})
+}
+
+impl Firewall {
+    fn rule(&self, chain: &str, expr: Vec<Value>) -> Value {
+        json!({"add": {"rule": {"family": "inet", "table": self.table, "chain": chain, "expr": expr}}})
+    }
+
+    fn chain(&self, name: &str, kind: &str, hook: &str, prio: i32) -> Value {
+        json!({"add": {"chain": {
+            "family": "inet", "table": self.table, "name": name,
+            "type": kind, "hook": hook, "prio": prio, "policy": "accept",
+        }}})
+    }
+
+    /// The whole table as one libnftables JSON transaction.
+    pub fn ruleset(&self) -> Value {
+        let table = json!({"table": {"family": "inet", "name": self.table}});
+        let iif = json!({"meta": {"key": "iifname"}});
+        let oif = json!({"meta": {"key": "oifname"}});
+        let dport = json!({"payload": {"protocol": "tcp", "field": "dport"}});
+        let local = m(
+            "==",
+            json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+            json!("local"),
+        );
+        // Add-then-delete makes the replacement work whether or not the table exists.
+        let mut cmds = vec![
+            json!({"add": table.clone()}),
+            json!({"delete": table.clone()}),
+            json!({"add": table}),
+        ];
+        cmds.push(self.chain("prerouting", "nat", "prerouting", -100));
+        cmds.push(self.chain("output", "nat", "output", -100));
+        cmds.push(self.chain("postrouting", "nat", "postrouting", 100));
+        cmds.push(self.chain("input", "filter", "input", 0));
+        cmds.push(self.chain("forward", "filter", "forward", 0));
+        for p in &self.port_maps {
+            let expr = vec![
+                local.clone(),
+                m("==", dport.clone(), json!(p.node_port)),
+                json!({"dnat": {"family": "ip", "addr": p.ip.to_string(), "port": p.port}}),
+            ];
+            // prerouting for traffic from elsewhere, output for the node's own (a host proxy on this node).
+            cmds.push(self.rule("prerouting", expr.clone()));
+            cmds.push(self.rule("output", expr));
+        }
+        cmds.push(self.rule(
+            "postrouting",
+            vec![
+                m(
+                    "==",
+                    json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+                    json!({"prefix": {"addr": self.subnet.addr.to_string(), "len": self.subnet.prefix}}),
+                ),
+                m("!=", oif.clone(), json!(self.bridge)),
+                json!({"masquerade": null}),
+            ],
+        ));
+        if !self.protected_ports.is_empty() {
+            cmds.push(self.rule(
+                "input",
+                vec![
+                    m("==", iif.clone(), json!(self.bridge)),
+                    m("==", dport, json!({"set": self.protected_ports})),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
+        // An instance reaching another instance through a node port.
+        cmds.push(self.rule(
+            "forward",
+            vec![
+                m("==", iif, json!(self.bridge)),
+                m("==", oif, json!(self.bridge)),
+                m("in", json!({"ct": {"key": "status"}}), json!("dnat")),
+                json!({"drop": null}),
+            ],
+        ));
+        json!({"nftables": cmds})
+    }
+
+    fn nft(&self, input: &str) -> Result<String, NetError> {
+        let mut child = Command::new(&self.nft)
+            .args(["-j", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| NetError::Nft(format!("{}: {e}", self.nft.display())))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .map_err(|e| NetError::Nft(e.to_string()))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| NetError::Nft(e.to_string()))?;
+        if !out.status.success() {
+            return Err(NetError::Nft(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Replaces the table atomically (idempotent).
+    pub fn apply(&self) -> Result<(), NetError> {
+        self.nft(&self.ruleset().to_string()).map(|_| ())
+    }
+
+    /// Removes the table; a missing table is fine.
+    pub fn remove(&self) -> Result<(), NetError> {
+        let table = json!({"table": {"family": "inet", "name": self.table}});
+        let tx = json!({"nftables": [{"add": table.clone()}, {"delete": table}]});
+        self.nft(&tx.to_string()).map(|_| ())
+    }
+
+    /// The table as the kernel has it (`nft -j list table`), for checks.
+    pub fn list(&self) -> Result<Value, NetError> {
+        let tx = json!({"nftables": [{"list": {"table": {"family": "inet", "name": self.table}}}]});
+        let text = self.nft(&tx.to_string())?;
+        serde_json::from_str(&text).map_err(|e| NetError::Nft(e.to_string()))
+    }
+}
