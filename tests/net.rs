@@ -83,3 +83,91 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
         assert!(!reachable(30022));
     });
 }
+
+#[test]
+fn a_bridge_a_named_namespace_and_a_veth_carry_traffic_and_are_removed() {
+    use rivernode::net::link::{
+        attach, connect, create_netns, delete_link, delete_netns, ensure_bridge, link_index,
+        Attachment,
+    };
+    use std::io::{Read, Write};
+    std::thread::spawn(|| {
+        // A private network and mount namespace: the bridge, the veth and the
+        // namespace bind mount never touch the machine's own.
+        nix::sched::unshare(
+            nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS,
+        )
+        .unwrap();
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let h = connect().unwrap();
+            let gw = "10.250.0.1".parse().unwrap();
+            let idx = ensure_bridge(&h, "rvt0", gw, 24).await.unwrap();
+            assert_eq!(
+                ensure_bridge(&h, "rvt0", gw, 24).await.unwrap(),
+                idx,
+                "idempotent"
+            );
+            let ns = create_netns(dir.path(), "inst1").unwrap();
+            assert_eq!(create_netns(dir.path(), "inst1").unwrap(), ns);
+            let a = Attachment {
+                host_if: "rvtv1".into(),
+                ip: "10.250.0.2".parse().unwrap(),
+                prefix: 24,
+                gateway: gw,
+            };
+            attach(&h, "rvt0", &ns, &a).await.unwrap();
+
+            // A server inside the instance's namespace, reached from the node.
+            let ns2 = ns.clone();
+            let server = std::thread::spawn(move || {
+                let f = std::fs::File::open(&ns2).unwrap();
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let l = std::net::TcpListener::bind("10.250.0.2:7000").unwrap();
+                let (mut s, peer) = l.accept().unwrap();
+                s.write_all(b"hi").unwrap();
+                peer
+            });
+            let mut got = String::new();
+            let mut c = loop {
+                if let Ok(c) = std::net::TcpStream::connect("10.250.0.2:7000") {
+                    break c;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+            c.read_to_string(&mut got).unwrap();
+            assert_eq!(got, "hi");
+            let peer = server.join().unwrap();
+            assert_eq!(
+                peer.ip().to_string(),
+                "10.250.0.1",
+                "the node reaches it from the bridge address"
+            );
+
+            assert!(delete_link(&h, "rvtv1").await.unwrap());
+            assert!(
+                !delete_link(&h, "rvtv1").await.unwrap(),
+                "deleting twice is fine"
+            );
+            delete_netns(&ns).unwrap();
+            delete_netns(&ns).unwrap();
+            assert!(!ns.exists());
+            assert!(delete_link(&h, "rvt0").await.unwrap());
+            assert_eq!(link_index(&h, "rvt0").await.unwrap(), None);
+        });
+    })
+    .join()
+    .unwrap();
+}

@@ -1,10 +1,11 @@
-//! Instance networking on a node. So far: IPAM (persisted addresses on the
-//! bridge subnet) and the nftables table (masquerade, node-port DNAT, the
-//! node's own services closed to instances). Later: the bridge, veth pairs
-//! into named network namespaces, taps and VXLAN over rtnetlink.
+//! Instance networking on a node: IPAM (persisted addresses on the bridge
+//! subnet), the nftables table (masquerade, node-port DNAT, the node's own
+//! services closed to instances), and links over rtnetlink (the bridge,
+//! named network namespaces, veth pairs into them). Later: taps and VXLAN.
 
 pub mod firewall;
 pub mod ipam;
+pub mod link;
 
 use std::path::PathBuf;
 
@@ -19,4 +20,8 @@ pub enum NetError {
     Exhausted(Ipv4Net),
     #[error("nft: {0}")]
     Nft(String),
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("network namespace: {0}")]
+    Netns(String),
 }
