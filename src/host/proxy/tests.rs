@@ -126,10 +126,18 @@ async fn the_connection_limit_answers_instead_of_queueing() {
         ..ProxyConfig::default()
     })
     .await;
-    let _a = TcpStream::connect(addr).await.unwrap();
-    let _b = TcpStream::connect(addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Two open tunnels hold both slots (SUCCESS proves each was accepted).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"REQUEST_TUNNEL 7 good\n").await.unwrap();
+        let mut ok = [0u8; 8];
+        s.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"SUCCESS\n");
+        held.push(s);
+    }
     assert!(answer(addr, b"")
         .await
         .starts_with("ERROR too many connections"));
+    drop(held);
 }
