@@ -323,10 +323,16 @@ async fn report(
 ) -> Result<Json<TaskView>, ApiError> {
     own_node(&p, &name)?;
     let now = crate::now_unix_ms();
-    let t = state
-        .blocking(move |s| s.report_task(&name, id, &r, now))
+    let (before, t) = state
+        .blocking(move |s| {
+            let before = s.get_task(id)?.map(|t| t.state);
+            Ok((before, s.report_task(&name, id, &r, now)?))
+        })
         .await?;
-    tracing::info!(task = id, state = %t.state, exit_code = ?t.exit_code, "task state reported");
+    // A repeated report (a runner retrying after a lost answer) changes nothing.
+    if before != Some(t.state) {
+        tracing::info!(task = id, state = %t.state, exit_code = ?t.exit_code, "task state reported");
+    }
     state.publish().await;
     if t.state.is_final() {
         state.schedule.notify_one();
