@@ -171,3 +171,146 @@ fn a_bridge_a_named_namespace_and_a_veth_carry_traffic_and_are_removed() {
     .join()
     .unwrap();
 }
+
+/// Runs `f` on a thread inside the network namespace at `ns`.
+fn in_ns<T: Send + 'static>(
+    ns: &std::path::Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = ns.to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&ns).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+}
+
+fn connects(addr: &str) -> bool {
+    TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(700)).is_ok()
+}
+
+#[test]
+fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
+    use rivernode::net::{Firewall, Ipam, NodeNetwork, PortMap};
+    if !real_part_available("nft (nftables)", command_exists("nft")) {
+        return;
+    }
+    std::thread::spawn(|| {
+        nix::sched::unshare(
+            nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS,
+        )
+        .unwrap();
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        assert!(std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        let dir = tempfile::tempdir().unwrap();
+        let subnet: rivernode::net::Ipv4Net = "10.251.0.0/24".parse().unwrap();
+        // The node's own services on the gateway address: one protected, one not.
+        let protected = TcpListener::bind("0.0.0.0:0").unwrap();
+        let open = TcpListener::bind("0.0.0.0:0").unwrap();
+        let (pp, op) = (
+            protected.local_addr().unwrap().port(),
+            open.local_addr().unwrap().port(),
+        );
+        let node = NodeNetwork {
+            bridge: "rvt1".into(),
+            sysctl_dir: "/proc/sys".into(),
+            netns_dir: dir.path().join("netns"),
+            ipam: Ipam::new(&dir.path().join("ipam.json"), subnet),
+            firewall: Firewall {
+                nft: "nft".into(),
+                table: "rivernode".into(),
+                bridge: "rvt1".into(),
+                subnet,
+                protected_ports: vec![pp],
+                port_maps: vec![],
+            },
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let h = rivernode::net::link::connect().unwrap();
+            let i1 = node.setup(&h, "i1").await.unwrap();
+            let i2 = node.setup(&h, "i2").await.unwrap();
+            assert_ne!(i1.ip, i2.ip);
+            assert_eq!(
+                node.setup(&h, "i1").await.unwrap(),
+                i1,
+                "setup is idempotent"
+            );
+            node.apply_firewall(vec![PortMap {
+                node_port: 30022,
+                ip: i1.ip,
+                port: 7000,
+            }])
+            .unwrap();
+
+            // A server in i1.
+            let server = in_ns(&i1.netns, || {
+                let l = TcpListener::bind("0.0.0.0:7000").unwrap();
+                l.set_nonblocking(false).unwrap();
+                for s in l.incoming().take(2) {
+                    drop(s);
+                }
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            // The node reaches it through the node port (DNAT in the kernel).
+            assert!(connects("10.251.0.1:30022"), "node port -> instance");
+            let i1_ip = i1.ip;
+            let (pp2, op2) = (pp, op);
+            let from_i2 = in_ns(&i2.netns, move || {
+                (
+                    connects(&format!("{i1_ip}:7000")),
+                    connects(&format!("10.251.0.1:{op2}")),
+                    connects(&format!("10.251.0.1:{pp2}")),
+                    connects("10.251.0.1:30022"),
+                )
+            })
+            .join()
+            .unwrap();
+            assert!(from_i2.0, "instances share the bridge");
+            assert!(
+                from_i2.1,
+                "an open node service is reachable from an instance"
+            );
+            assert!(!from_i2.2, "a protected node port (runner/host API) is not");
+            assert!(
+                !from_i2.3,
+                "another tenant's node port is not reachable from an instance"
+            );
+            server.join().unwrap();
+
+            for id in ["i1", "i2"] {
+                let problems = node.teardown(&h, id).await;
+                assert!(problems.is_empty(), "{problems:?}");
+            }
+            assert!(node.ipam.leases().unwrap().is_empty());
+            assert!(!i1.netns.exists() && !i2.netns.exists());
+            assert_eq!(
+                rivernode::net::link::link_index(&h, &i1.host_if)
+                    .await
+                    .unwrap(),
+                None
+            );
+            assert!(
+                node.teardown(&h, "i1").await.is_empty(),
+                "teardown twice is fine"
+            );
+        });
+        drop((protected, open));
+    })
+    .join()
+    .unwrap();
+}

@@ -4,12 +4,14 @@
 //! named network namespaces, veth pairs into them). Later: taps and VXLAN.
 
 pub mod firewall;
+pub mod instance;
 pub mod ipam;
 pub mod link;
 
 use std::path::PathBuf;
 
 pub use firewall::{Firewall, PortMap};
+pub use instance::{InstanceNet, NodeNetwork};
 pub use ipam::{Ipam, Ipv4Net};
 
 #[derive(Debug, thiserror::Error)]

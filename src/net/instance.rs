@@ -1,0 +1,99 @@
+//! One instance's network, end to end: an address from IPAM, a named
+//! namespace, a veth from the node bridge into it, and the node's nftables
+//! table (masquerade, node ports, protected ports). Teardown removes every
+//! piece and keeps going past failures, reporting all of them.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use rtnetlink::Handle;
+use sha2::{Digest, Sha256};
+
+use super::firewall::{Firewall, PortMap};
+use super::ipam::Ipam;
+use super::link::{attach, create_netns, delete_link, delete_netns, ensure_bridge, Attachment};
+use super::NetError;
+
+/// The node side: bridge, subnet, where namespaces live, the table.
+pub struct NodeNetwork {
+    pub bridge: String,
+    /// Where `net/ipv4/ip_forward` is (`/proc/sys`); instances' traffic is routed by the node.
+    pub sysctl_dir: PathBuf,
+    pub netns_dir: PathBuf,
+    pub ipam: Ipam,
+    /// The table's settings; its `port_maps` are replaced on every apply.
+    pub firewall: Firewall,
+}
+
+/// What an instance got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceNet {
+    pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+    pub host_if: String,
+}
+
+/// The host-side interface name: `rv` + 12 hex digits of the id's hash
+/// (interface names are at most 15 characters).
+pub fn host_if(id: &str) -> String {
+    format!("rv{}", &hex::encode(Sha256::digest(id.as_bytes()))[..12])
+}
+
+impl NodeNetwork {
+    /// Idempotent: a second call for the same id returns the same network.
+    pub async fn setup(&self, h: &Handle, id: &str) -> Result<InstanceNet, NetError> {
+        let net = self.ipam.net();
+        ensure_bridge(h, &self.bridge, net.gateway(), net.prefix).await?;
+        let fwd = self.sysctl_dir.join("net/ipv4/ip_forward");
+        std::fs::write(&fwd, "1").map_err(|e| NetError::State {
+            path: fwd.clone(),
+            message: e.to_string(),
+        })?;
+        let ip = self.ipam.allocate(id)?;
+        let netns = create_netns(&self.netns_dir, id)?;
+        let host_if = host_if(id);
+        let a = Attachment {
+            host_if: host_if.clone(),
+            ip,
+            prefix: net.prefix,
+            gateway: net.gateway(),
+        };
+        attach(h, &self.bridge, &netns, &a).await?;
+        Ok(InstanceNet { netns, ip, host_if })
+    }
+
+    /// Removes the veth, the namespace and the lease; every step is tried.
+    pub async fn teardown(&self, h: &Handle, id: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = delete_link(h, &host_if(id)).await {
+            problems.push(e.to_string());
+        }
+        if let Err(e) = delete_netns(&self.netns_dir.join(id)) {
+            problems.push(e.to_string());
+        }
+        if let Err(e) = self.ipam.release(id) {
+            problems.push(e.to_string());
+        }
+        problems
+    }
+
+    /// Rewrites the node's table with these node ports.
+    pub fn apply_firewall(&self, port_maps: Vec<PortMap>) -> Result<(), NetError> {
+        let fw = Firewall {
+            port_maps,
+            ..self.firewall.clone()
+        };
+        fw.apply()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_interface_names_fit_the_kernel_limit_and_differ() {
+        let a = super::host_if("node1-vps-1");
+        let b = super::host_if("node1-vps-2");
+        assert!(a.len() <= 15 && a.starts_with("rv"), "{a}");
+        assert_ne!(a, b);
+    }
+}
