@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 pub use target::{parse_memory_size, Target, TargetError};
 pub use task::{
-    Assignment, Assignments, Desired, ImageSource, MountSpec, Placement, SubmitResponse,
+    Assignment, Assignments, Desired, ImageSource, Kind, MountSpec, Placement, SubmitResponse,
     TaskReport, TaskSpec, TaskState, TaskView,
 };
 
@@ -106,6 +106,9 @@ pub struct Environment {
 pub struct WhoAmI {
     pub role: String,
     pub node: Option<String>,
+    /// The host's SSH proxy port (for `rivernode ssh`).
+    #[serde(default)]
+    pub ssh_proxy_port: u16,
 }
 
 /// Node names end up in URLs, file names and interface names: keep them to

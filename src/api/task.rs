@@ -144,6 +144,20 @@ pub struct TaskSpec {
     pub gpu_count: u32,
     #[serde(default)]
     pub target: Option<Target>,
+    /// A one-shot command, or a long-lived instance reachable over SSH.
+    #[serde(default)]
+    pub kind: Kind,
+    /// Public keys allowed to log in (VPS only).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    #[default]
+    Command,
+    Vps,
 }
 
 fn one() -> u32 {
@@ -159,6 +173,9 @@ pub struct Placement {
     pub cpus: CpuList,
     pub memory_bytes: u64,
     pub gpus: Vec<PciAddress>,
+    /// The node port DNAT'ed to the instance's SSH port (VPS only).
+    #[serde(default)]
+    pub node_port: Option<u16>,
 }
 
 /// A task as the host reports it.

@@ -64,6 +64,8 @@ pub fn spec_from_args(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
         memory_bytes,
         gpu_count: a.gpus,
         target,
+        kind: crate::api::Kind::Command,
+        ssh_keys: vec![],
     })
 }
 

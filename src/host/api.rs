@@ -140,10 +140,14 @@ pub fn router(state: Arc<HostState>) -> Router {
         .with_state(state)
 }
 
-async fn whoami(Extension(p): Extension<Principal>) -> Json<WhoAmI> {
+async fn whoami(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+) -> Json<WhoAmI> {
     Json(WhoAmI {
         role: p.role.as_str().to_string(),
         node: p.node,
+        ssh_proxy_port: state.ssh_proxy_port,
     })
 }
 

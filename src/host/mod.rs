@@ -54,6 +54,8 @@ pub struct HostState {
     pub schedule: tokio::sync::Notify,
     /// The cluster-shared directory (environments live in its `environments/`).
     pub shared_dir: PathBuf,
+    /// Where the SSH proxy listens (clients learn it from `whoami`).
+    pub ssh_proxy_port: u16,
 }
 
 impl HostState {
@@ -156,6 +158,7 @@ impl BoundHost {
                 revision: tokio::sync::watch::Sender::new(revision),
                 schedule: tokio::sync::Notify::new(),
                 shared_dir: config.shared_dir.clone(),
+                ssh_proxy_port: ssh_proxy_addr.port(),
             }),
             listener,
             ssh_listener,

@@ -5,9 +5,12 @@
 
 use std::collections::BTreeSet;
 
-use crate::api::{NodeState, NodeView, Placement, TaskSpec};
+use crate::api::{Kind, NodeState, NodeView, Placement, TaskSpec};
 use crate::topology::{CpuList, Gpu, Inventory, PciAddress};
 use crate::vfio::VFIO_DRIVER;
+
+/// Node ports handed to instances for SSH (the Kubernetes NodePort range).
+pub const NODE_PORTS: (u16, u16) = (30000, 32767);
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
@@ -140,6 +143,15 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         mine.iter().flat_map(|p| p.gpus.iter().copied()).collect();
     let used_mem: u64 = mine.iter().map(|p| p.memory_bytes).sum();
     let memory = spec.memory_bytes.unwrap_or(0);
+    let node_port = if spec.kind == Kind::Vps {
+        let used: BTreeSet<u16> = mine.iter().filter_map(|p| p.node_port).collect();
+        match (NODE_PORTS.0..=NODE_PORTS.1).find(|p| !used.contains(p)) {
+            Some(p) => Some(p),
+            None => return Err("no free node port".into()),
+        }
+    } else {
+        None
+    };
     let free_mem = inv.memory_total_bytes.saturating_sub(used_mem);
     if memory > free_mem {
         return Err(format!("{free_mem} of {memory} bytes of memory free"));
@@ -270,6 +282,7 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
                     cpus,
                     memory_bytes: memory,
                     gpus: gpus.iter().map(|g| g.address).collect(),
+                    node_port,
                 },
                 reason,
             });
@@ -294,6 +307,7 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
             cpus,
             memory_bytes: memory,
             gpus: gpus.iter().map(|g| g.address).collect(),
+            node_port,
         },
         reason,
     })
@@ -330,6 +344,8 @@ mod tests {
             memory_bytes: Some(1 << 30),
             gpu_count: gpus,
             target: target.map(|t| t.parse::<Target>().unwrap()),
+            kind: Kind::Command,
+            ssh_keys: vec![],
         }
     }
 
@@ -417,6 +433,21 @@ mod tests {
             place(&spec(9, 0, None), &nodes, &[]),
             Decision::Refuse(_)
         ));
+    }
+
+    #[test]
+    fn instances_get_distinct_node_ports() {
+        let nodes = [node("n1")];
+        let mut vps = spec(1, 0, None);
+        vps.kind = Kind::Vps;
+        let a = placed(place(&vps, &nodes, &[]));
+        let b = placed(place(&vps, &nodes, std::slice::from_ref(&a)));
+        assert_eq!((a.node_port, b.node_port), (Some(30000), Some(30001)));
+        assert_eq!(
+            placed(place(&spec(1, 0, None), &nodes, &[])).node_port,
+            None,
+            "commands get none"
+        );
     }
 
     #[test]

@@ -379,6 +379,8 @@ fn placeholder_assignment(id: u64) -> Assignment {
             memory_bytes: None,
             gpu_count: 0,
             target: None,
+            kind: crate::api::Kind::Command,
+            ssh_keys: vec![],
         },
         placement: crate::api::Placement {
             node: String::new(),
@@ -386,6 +388,7 @@ fn placeholder_assignment(id: u64) -> Assignment {
             cpus: Default::default(),
             memory_bytes: 0,
             gpus: vec![],
+            node_port: None,
         },
     }
 }

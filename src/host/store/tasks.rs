@@ -372,6 +372,8 @@ mod tests {
             memory_bytes: None,
             gpu_count: gpus,
             target: None,
+            kind: crate::api::Kind::Command,
+            ssh_keys: vec![],
         }
     }
 
