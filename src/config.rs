@@ -182,6 +182,14 @@ layered_config! {
         max_log_bytes: u64 = 100 << 20,
         /// Registries (host:port) pulled from over plain HTTP, e.g. a registry on loopback. Never a default.
         insecure_registries: Vec<String> = Vec::new(),
+        /// Bridge that instances (VPS) attach to.
+        instance_bridge: String = "river0".to_string(),
+        /// Subnet of the instance bridge; the bridge takes the first address.
+        instance_subnet: String = "10.88.0.0/24".to_string(),
+        /// The node's nftables table (inet family).
+        nft_table: String = "rivernode".to_string(),
+        /// The dropbear binary injected into images that have no SSH server.
+        dropbear: PathBuf = PathBuf::from("/usr/sbin/dropbear"),
     }
 }
 
@@ -221,6 +229,18 @@ impl RunnerConfig {
         check_nonzero("heartbeat_interval", self.heartbeat_interval)?;
         if let Some(url) = &self.advertise_url {
             check_url("advertise_url", url)?;
+        }
+        self.instance_subnet
+            .parse::<crate::net::Ipv4Net>()
+            .map_err(|message| ConfigError::Invalid {
+                key: "instance_subnet",
+                message,
+            })?;
+        if self.instance_bridge.is_empty() || self.instance_bridge.len() > 15 {
+            return Err(ConfigError::Invalid {
+                key: "instance_bridge",
+                message: "an interface name of 1 to 15 characters".into(),
+            });
         }
         if let Some(name) = &self.name {
             crate::api::validate_node_name(name).map_err(|message| ConfigError::Invalid {

@@ -30,6 +30,7 @@ fn input(id: &str, args: &[&str], memory: Option<u64>) -> RuntimeSpecInput {
         memory_bytes: memory,
         pids_max: 256,
         cgroups_path: format!("/rivernode-test/{id}"),
+        netns: None,
     }
 }
 

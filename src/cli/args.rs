@@ -43,7 +43,7 @@ pub enum Command {
     /// Run the host daemon: API, store, scheduler (usually under systemd).
     Host(HostArgs),
     /// Run the runner daemon on a node (usually under systemd).
-    Runner(RunnerArgs),
+    Runner(Box<RunnerArgs>),
     /// Run a one-node cluster (host + runner) in one process on this machine.
     Up(UpArgs),
     /// Nodes of the cluster.
@@ -61,6 +61,14 @@ pub enum Command {
     /// Environments (container images) in the shared directory.
     #[command(subcommand)]
     Env(EnvCommand),
+    /// Long-lived container instances reachable over SSH.
+    #[command(subcommand)]
+    Vps(VpsCommand),
+    /// Log in to a VPS with stock ssh, through the host's SSH proxy.
+    Ssh(SshArgs),
+    /// (used by ssh as its ProxyCommand) connect stdin/stdout to a VPS through the proxy.
+    #[command(hide = true)]
+    SshProxyCommand { id: u64 },
     /// GPUs of this node and their passthrough to VMs (node-local, root).
     #[command(subcommand)]
     Gpu(GpuCommand),
@@ -128,6 +136,12 @@ pub struct RunnerArgs {
     /// A registry (host:port) to pull from over plain HTTP; repeatable.
     #[arg(long, value_name = "HOST:PORT")]
     pub insecure_registry: Vec<String>,
+    #[arg(long, value_name = "NAME")]
+    pub instance_bridge: Option<String>,
+    #[arg(long, value_name = "CIDR")]
+    pub instance_subnet: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    pub nft_table: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -316,4 +330,58 @@ pub enum EnvCommand {
     List,
     /// Copy an OCI or docker archive into the shared directory as environment NAME.
     Import { name: String, archive: PathBuf },
+}
+
+#[derive(Args, Debug)]
+pub struct VpsCreateArgs {
+    #[arg(short = 't', long)]
+    pub target: Option<String>,
+    #[arg(short = 'c', long, default_value_t = 1)]
+    pub cores: u32,
+    #[arg(short = 'm', long)]
+    pub memory: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub gpus: u32,
+    /// Environment: SHARED_DIR/environments/<ENV>.tar.
+    #[arg(long, value_name = "ENV", conflicts_with = "image")]
+    pub container: Option<String>,
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// Generate an ed25519 key pair; the private key is written 0600 locally.
+    #[arg(long)]
+    pub gen_ssh_key: bool,
+    /// Where --gen-ssh-key writes the private key (default ~/.ssh/rivernode_vps_<time>).
+    #[arg(long, value_name = "FILE", requires = "gen_ssh_key")]
+    pub key_out_file: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub public_key_file: Option<PathBuf>,
+    #[arg(long, value_name = "KEY")]
+    pub public_key_string: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VpsCommand {
+    /// Create a VPS; by default your ~/.ssh/id_*.pub keys may log in.
+    Create(VpsCreateArgs),
+    List,
+    /// Stop the VPS and remove its container, network and node port.
+    Delete {
+        id: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SshArgs {
+    pub id: u64,
+    /// Private key to log in with.
+    #[arg(short = 'i', long)]
+    pub key: Option<PathBuf>,
+    #[arg(long, default_value = "root")]
+    pub user: String,
+    /// Host keys seen before (default ~/.config/rivernode/known_hosts).
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Command to run instead of a login shell.
+    #[arg(last = true)]
+    pub command: Vec<String>,
 }

@@ -85,6 +85,10 @@ impl Client {
         Ok(Self { http, base, token })
     }
 
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
         let resp = self.send(self.http.get(&url), &url).await?;

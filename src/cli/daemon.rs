@@ -72,6 +72,10 @@ pub fn runner_config(
         max_log_bytes: None,
         insecure_registries: (!args.insecure_registry.is_empty())
             .then(|| args.insecure_registry.clone()),
+        instance_bridge: args.instance_bridge.clone(),
+        instance_subnet: args.instance_subnet.clone(),
+        nft_table: args.nft_table.clone(),
+        dropbear: None,
     });
     cfg.validate()?;
     Ok(cfg)

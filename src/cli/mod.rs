@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod node;
 pub mod output;
 pub mod task;
+pub mod vps;
 
 use std::io::Write;
 
@@ -23,7 +24,7 @@ use client::Client;
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Host(args) => daemon::host(args, cli.data_dir).await,
-        Command::Runner(args) => daemon::runner(args, cli.data_dir).await,
+        Command::Runner(args) => daemon::runner(*args, cli.data_dir).await,
         Command::Up(args) => daemon::up(args, cli.data_dir).await,
         Command::Node(cmd) => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
@@ -66,6 +67,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Task(cmd) => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             task::run(&client, cmd, cli.output).await
+        }
+        Command::Vps(cmd) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            vps::run(&client, cmd, cli.output).await
+        }
+        Command::Ssh(args) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            vps::ssh(&client, args)
+        }
+        Command::SshProxyCommand { id } => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            vps::proxy_command(&client, id).await
         }
         Command::Env(cmd) => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;

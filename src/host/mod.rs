@@ -202,9 +202,9 @@ impl BoundHost {
     }
 }
 
-/// The host's tunnel authority: the token must be valid before anything
-/// about instances is said. Instances (VPS) do not exist yet, so every
-/// authenticated request is answered "no instance".
+/// The host's tunnel authority: the token must be valid (an admin's, until
+/// users own instances) before anything about instances is said; then the
+/// instance must be a running VPS, reached at its node port on its node.
 struct Tunnels {
     state: Arc<HostState>,
 }
@@ -212,11 +212,55 @@ struct Tunnels {
 impl proxy::TunnelResolver for Tunnels {
     async fn resolve(&self, id: u64, token: &str) -> Result<SocketAddr, String> {
         let hash = hash_token(token);
-        match self.state.blocking(move |s| s.find_token(&hash)).await {
-            Ok(Some(_)) => Err(format!("no instance {id}")),
-            Ok(None) => Err("invalid token".into()),
-            Err(e) => Err(format!("the host cannot check tokens right now: {e}")),
+        let found = self
+            .state
+            .blocking(move |s| {
+                let who = s.find_token(&hash)?;
+                let task = s.get_task(id)?;
+                let node = match &task {
+                    Some(t) => match &t.placement {
+                        Some(p) => s.runner_access(&p.node)?.map(|(url, _)| url),
+                        None => None,
+                    },
+                    None => None,
+                };
+                Ok((who, task, node))
+            })
+            .await
+            .map_err(|e| format!("the host cannot check this right now: {e}"))?;
+        let (who, task, runner_url) = found;
+        // Nothing about instances is said before the token checks out.
+        match who {
+            Some(p) if p.role == Role::Admin => {}
+            Some(_) => return Err("this token may not open tunnels".into()),
+            None => return Err("invalid token".into()),
         }
+        let t = task
+            .filter(|t| t.spec.kind == crate::api::Kind::Vps)
+            .ok_or_else(|| format!("no instance {id}"))?;
+        if t.state != crate::api::TaskState::Running {
+            return Err(format!("instance {id} is {}", t.state));
+        }
+        let port = t
+            .placement
+            .and_then(|p| p.node_port)
+            .ok_or_else(|| format!("instance {id} has no SSH port"))?;
+        let url = runner_url.ok_or_else(|| format!("the node of instance {id} is gone"))?;
+        // The node's address as the host knows it: the host part of its runner URL.
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| {
+                rest.rsplit_once(':')
+                    .map(|(h, _)| h.trim_matches(['[', ']']))
+            })
+            .ok_or_else(|| format!("cannot tell the address of the node of instance {id}"))?
+            .to_string();
+        tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| format!("cannot resolve the node {host}"))
     }
 }
 

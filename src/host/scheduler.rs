@@ -40,7 +40,8 @@ fn resolve_gpu<'a>(inv: &'a Inventory, name: &str) -> Option<&'a Gpu> {
 
 /// Checks what can never work, independent of the current load.
 pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
-    if spec.command.is_empty() || spec.command[0].trim().is_empty() {
+    let needs_command = spec.kind == Kind::Command;
+    if needs_command && (spec.command.is_empty() || spec.command[0].trim().is_empty()) {
         return Err("command: empty; give the command to run after --".into());
     }
     if spec.cores == 0 {

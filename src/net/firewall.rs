@@ -95,6 +95,24 @@ impl Firewall {
                 json!({"masquerade": null}),
             ],
         ));
+        // Node ports used from the node itself as 127.0.0.1: give them a routable source.
+        cmds.push(self.rule(
+            "postrouting",
+            vec![
+                m(
+                    "==",
+                    json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+                    json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
+                ),
+                m(
+                    "==",
+                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                    json!({"prefix": {"addr": self.subnet.addr.to_string(), "len": self.subnet.prefix}}),
+                ),
+                m("==", oif.clone(), json!(self.bridge)),
+                json!({"masquerade": null}),
+            ],
+        ));
         if !self.protected_ports.is_empty() {
             cmds.push(self.rule(
                 "input",

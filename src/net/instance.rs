@@ -45,10 +45,18 @@ impl NodeNetwork {
         let net = self.ipam.net();
         ensure_bridge(h, &self.bridge, net.gateway(), net.prefix).await?;
         let fwd = self.sysctl_dir.join("net/ipv4/ip_forward");
-        std::fs::write(&fwd, "1").map_err(|e| NetError::State {
-            path: fwd.clone(),
-            message: e.to_string(),
-        })?;
+        // Node ports reached as 127.0.0.1 (a host proxy on this node) are DNAT'ed
+        // onto the bridge; the kernel routes such loopback-sourced packets only
+        // with route_localnet, and the table masquerades them.
+        let localnet = self
+            .sysctl_dir
+            .join(format!("net/ipv4/conf/{}/route_localnet", self.bridge));
+        for path in [&fwd, &localnet] {
+            std::fs::write(path, "1").map_err(|e| NetError::State {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        }
         let ip = self.ipam.allocate(id)?;
         let netns = create_netns(&self.netns_dir, id)?;
         let host_if = host_if(id);

@@ -37,6 +37,8 @@ pub struct RuntimeSpecInput {
     pub pids_max: i64,
     /// Relative to the runtime's cgroup root, e.g. `/rivernode/task-7`.
     pub cgroups_path: String,
+    /// Join this network namespace instead of getting a fresh, empty one.
+    pub netns: Option<PathBuf>,
 }
 
 fn spec_err(e: impl std::fmt::Display) -> OciError {
@@ -60,6 +62,38 @@ fn merged_env(image: &ImageConfig, input: &RuntimeSpecInput) -> Vec<String> {
     env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
+/// The capabilities root in a container has: the same set Docker and
+/// containerd give by default (enough for `chown`, `su`, an SSH server's
+/// setgroups), without anything that reaches the node (no SYS_ADMIN,
+/// NET_ADMIN, SYS_MODULE, ...).
+fn default_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities, OciError> {
+    use oci_spec::runtime::Capability::*;
+    let set: std::collections::HashSet<oci_spec::runtime::Capability> = [
+        Chown,
+        DacOverride,
+        Fsetid,
+        Fowner,
+        Mknod,
+        NetRaw,
+        Setgid,
+        Setuid,
+        Setfcap,
+        Setpcap,
+        NetBindService,
+        SysChroot,
+        Kill,
+        AuditWrite,
+    ]
+    .into_iter()
+    .collect();
+    oci_spec::runtime::LinuxCapabilitiesBuilder::default()
+        .bounding(set.clone())
+        .effective(set.clone())
+        .permitted(set)
+        .build()
+        .map_err(spec_err)
+}
+
 pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciError> {
     let mut spec = Spec::default();
     spec.set_hostname(Some(input.hostname.clone()));
@@ -69,6 +103,7 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
         .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
     if let Some(p) = spec.process_mut().as_mut() {
+        p.set_capabilities(Some(default_capabilities()?));
         p.set_args(Some(input.args.clone()));
         p.set_env(Some(merged_env(image, input)));
         p.set_cwd(PathBuf::from(cwd));
@@ -119,6 +154,13 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
     if let Some(linux) = spec.linux_mut().as_mut() {
         linux.set_resources(Some(resources));
         linux.set_cgroups_path(Some(PathBuf::from(&input.cgroups_path)));
+        if let (Some(path), Some(namespaces)) = (&input.netns, linux.namespaces_mut().as_mut()) {
+            for ns in namespaces.iter_mut() {
+                if ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network {
+                    ns.set_path(Some(path.clone()));
+                }
+            }
+        }
     }
     Ok(spec)
 }
@@ -156,6 +198,7 @@ mod tests {
             memory_bytes: Some(32 << 20),
             pids_max: 4096,
             cgroups_path: "/rivernode/task-7".into(),
+            netns: None,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod logdriver;
 pub mod tasks;
+pub mod vps;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -343,6 +344,23 @@ impl Control {
                 return;
             }
         };
+        // Instances may not reach the runner's or the host's API through the node.
+        let port_of = |url: &str| {
+            url.rsplit(':')
+                .next()
+                .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+        };
+        let protected: Vec<u16> = [port_of(&self.runner_url), port_of(&self.host_url)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let vps = match vps::VpsKit::new(&self.config, protected) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "instance networking settings are invalid");
+                return;
+            }
+        };
         let ctx = Arc::new(tasks::TaskContext {
             http: reqwest::Client::builder()
                 .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
@@ -353,6 +371,7 @@ impl Control {
             credential: std::sync::RwLock::new(c.credential.clone()),
             config: self.config.clone(),
             ctd,
+            vps,
         });
         tracing::info!(socket = %self.config.containerd_socket.display(), "containerd connected; task loop started");
         tokio::spawn(tasks::reconcile_loop(ctx.clone(), self.stop.clone()));

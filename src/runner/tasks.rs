@@ -25,6 +25,8 @@ pub struct TaskContext {
     pub credential: std::sync::RwLock<String>,
     pub config: RunnerConfig,
     pub ctd: Containerd,
+    /// Networking and SSH for VPS instances.
+    pub vps: super::vps::VpsKit,
 }
 
 impl TaskContext {
@@ -185,6 +187,7 @@ impl TaskContext {
             memory_bytes: a.spec.memory_bytes,
             pids_max: 32768,
             cgroups_path: self.cgroups_path(a.id),
+            netns: None,
         })
     }
 }
@@ -255,6 +258,25 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
             !done
         });
         ended.retain(|id| assignments.tasks.iter().any(|a| a.id == *id));
+        // Node ports of running instances (after a runner restart the table
+        // is rebuilt from the assignments and the addresses IPAM kept).
+        for a in assignments
+            .tasks
+            .iter()
+            .filter(|a| a.spec.kind == crate::api::Kind::Vps)
+        {
+            let cid = ctx.container_id(a.id);
+            if let (Some(port), Some(ip)) = (a.placement.node_port, ctx.vps.address_of(&cid)) {
+                let map = crate::net::PortMap {
+                    node_port: port,
+                    ip,
+                    port: 22,
+                };
+                if let Err(e) = ctx.vps.set_port(a.id, Some(map)) {
+                    tracing::warn!(task = a.id, error = %e, "cannot publish the node port");
+                }
+            }
+        }
         for a in &assignments.tasks {
             if ended.contains(&a.id) {
                 continue;
@@ -403,9 +425,20 @@ async fn supervise(
     let id = a.id;
     let cid = ctx.container_id(id);
     if !adopted {
+        let is_vps = a.spec.kind == crate::api::Kind::Vps;
         let started = async {
             let image = ctx.image(&a.spec.image).await?;
-            let input = ctx.spec_input(&a)?;
+            let mut input = ctx.spec_input(&a)?;
+            if is_vps {
+                let (args, mounts) = ctx.vps.ssh_server(&cid, &a.spec.ssh_keys)?;
+                let inet = ctx
+                    .vps
+                    .start_network(id, &cid, a.placement.node_port)
+                    .await?;
+                input.args = args;
+                input.mounts.extend(mounts);
+                input.netns = Some(inet.netns);
+            }
             let spec = oci::build_spec(&image.config, &input).map_err(|e| e.to_string())?;
             let logs = ctx.logs_dir();
             std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
@@ -427,6 +460,12 @@ async fn supervise(
             }
             Err(message) => {
                 tracing::warn!(task = id, "task failed to start: {message}");
+                if is_vps {
+                    let problems = ctx.vps.stop_network(id, &cid).await;
+                    if !problems.is_empty() {
+                        tracing::warn!(task = id, ?problems, "network cleanup left problems");
+                    }
+                }
                 ctx.report(id, TaskState::Failed, None, Some(message), &stop)
                     .await;
                 return;
@@ -519,7 +558,11 @@ async fn supervise(
     };
     tracing::info!(task = id, state = %state, ?exit_code, "task ended");
     ctx.report(id, state, exit_code, message, &stop).await;
-    let problems = ctx.ctd.cleanup(&cid).await;
+    let mut problems = ctx.ctd.cleanup(&cid).await;
+    // An instance with an address is a VPS (also when adopted after a restart).
+    if ctx.vps.address_of(&cid).is_some() {
+        problems.extend(ctx.vps.stop_network(id, &cid).await);
+    }
     if !problems.is_empty() {
         tracing::warn!(task = id, ?problems, "cleanup left problems");
     }

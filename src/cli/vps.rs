@@ -1,0 +1,234 @@
+//! `rivernode vps ...`, `rivernode ssh <id>` and the ProxyCommand behind it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::api::{
+    parse_memory_size, ImageSource, Kind, SubmitResponse, Target, TaskSpec, TaskView, WhoAmI,
+};
+use crate::cli::args::{Output, SshArgs, VpsCommand, VpsCreateArgs};
+use crate::cli::client::Client;
+use crate::cli::output::{emit, emit_json, table};
+
+fn home() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from)
+}
+
+/// The public keys a new VPS accepts, per the key flags.
+fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
+    if a.gen_ssh_key {
+        let out = match &a.key_out_file {
+            Some(f) => f.clone(),
+            None => home()
+                .context("HOME is not set: give --key-out-file")?
+                .join(format!(".ssh/rivernode_vps_{}", crate::now_unix_ms())),
+        };
+        if out.exists() {
+            bail!("{} exists; choose another --key-out-file", out.display());
+        }
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let o = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "rivernode-vps", "-f"])
+            .arg(&out)
+            .output()
+            .context("running ssh-keygen (install openssh-client)")?;
+        if !o.status.success() {
+            bail!("ssh-keygen: {}", String::from_utf8_lossy(&o.stderr).trim());
+        }
+        eprintln!("private key written to {} (0600)", out.display());
+        let public = std::fs::read_to_string(out.with_extension("pub"))?;
+        return Ok(vec![public.trim().to_string()]);
+    }
+    if let Some(k) = &a.public_key_string {
+        return Ok(vec![k.trim().to_string()]);
+    }
+    if let Some(f) = &a.public_key_file {
+        let k = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        return Ok(vec![k.trim().to_string()]);
+    }
+    let dir = home().map(|h| h.join(".ssh")).unwrap_or_default();
+    let mut found = Vec::new();
+    for name in ["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"] {
+        if let Ok(k) = std::fs::read_to_string(dir.join(name)) {
+            found.push(k.trim().to_string());
+        }
+    }
+    if found.is_empty() {
+        bail!("no SSH public key in ~/.ssh: pass --gen-ssh-key, --public-key-file or --public-key-string");
+    }
+    Ok(found)
+}
+
+pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        VpsCommand::Create(a) => {
+            let image = match (&a.container, &a.image) {
+                (Some(env), None) => ImageSource::Environment(env.clone()),
+                (None, Some(r)) => ImageSource::Registry(r.clone()),
+                _ => bail!("say what to run: --container ENV or --image REF"),
+            };
+            let spec = TaskSpec {
+                command: vec![],
+                env: Default::default(),
+                mounts: vec![],
+                image,
+                cores: a.cores,
+                memory_bytes: a
+                    .memory
+                    .as_deref()
+                    .map(parse_memory_size)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("-m/--memory: {e}"))?,
+                gpu_count: a.gpus,
+                target: a
+                    .target
+                    .as_deref()
+                    .map(|t| t.parse::<Target>())
+                    .transpose()?,
+                kind: Kind::Vps,
+                ssh_keys: keys(&a)?,
+            };
+            let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
+            match output {
+                Output::Json => emit_json(&r),
+                Output::Table => emit(&format!(
+                    "vps {} {}: {}\nlog in with: rivernode ssh {}\n",
+                    r.id, r.state, r.reason, r.id
+                )),
+            }
+        }
+        VpsCommand::List => {
+            let all: Vec<TaskView> = client.get("/api/tasks").await?;
+            let vps: Vec<TaskView> = all
+                .into_iter()
+                .filter(|t| t.spec.kind == Kind::Vps)
+                .collect();
+            match output {
+                Output::Json => emit_json(&vps),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = vps
+                        .iter()
+                        .map(|t| {
+                            let p = t.placement.as_ref();
+                            vec![
+                                t.id.to_string(),
+                                t.state.to_string(),
+                                p.map(|p| p.node.clone()).unwrap_or_else(|| "-".into()),
+                                p.and_then(|p| p.node_port)
+                                    .map(|n| n.to_string())
+                                    .unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect();
+                    emit(&table(&["ID", "STATE", "NODE", "NODE PORT"], &rows));
+                }
+            }
+        }
+        VpsCommand::Delete { id } => {
+            let t: TaskView = client
+                .post(&format!("/api/tasks/{id}/kill"), &serde_json::json!({}))
+                .await?;
+            emit(&format!("vps {id}: delete requested (state {})\n", t.state));
+        }
+    }
+    Ok(())
+}
+
+/// Runs stock ssh with rivernode as its ProxyCommand; the token travels in
+/// the environment, not on a command line other users could read.
+pub fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the rivernode binary")?;
+    let known = match &a.known_hosts {
+        Some(k) => k.clone(),
+        None => home()
+            .context("HOME is not set: give --known-hosts")?
+            .join(".config/rivernode/known_hosts"),
+    };
+    if let Some(dir) = known.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.env("RIVERNODE_HOST", &client.base)
+        .env("RIVERNODE_TOKEN", client.token())
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand={} ssh-proxy-command {}",
+            shell_quote(&exe),
+            a.id
+        ))
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        // The first connection records the instance's key; a changed key is refused.
+        .args([
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "PasswordAuthentication=no",
+        ])
+        .args(["-o", &format!("HostKeyAlias=rivernode-vps-{}", a.id)]);
+    if let Some(k) = &a.key {
+        cmd.arg("-i").arg(k).args(["-o", "IdentitiesOnly=yes"]);
+    }
+    cmd.arg(format!("{}@rivernode-vps-{}", a.user, a.id));
+    cmd.args(&a.command);
+    let status = cmd
+        .status()
+        .context("running ssh (install openssh-client)")?;
+    std::process::exit(status.code().unwrap_or(255));
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+/// Connects stdin/stdout to instance `id` through the host's SSH proxy.
+pub async fn proxy_command(client: &Client, id: u64) -> anyhow::Result<()> {
+    let who: WhoAmI = client.get("/api/whoami").await?;
+    let host = client
+        .base
+        .split("://")
+        .nth(1)
+        .and_then(|r| {
+            r.rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .or(Some(r.to_string()))
+        })
+        .context("cannot tell the host's address from its URL")?;
+    let mut s = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), who.ssh_proxy_port))
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the SSH proxy at {host}:{}",
+                who.ssh_proxy_port
+            )
+        })?;
+    s.write_all(format!("REQUEST_TUNNEL {id} {}\n", client.token()).as_bytes())
+        .await?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).await? == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    let line = String::from_utf8_lossy(&line).to_string();
+    if line != "SUCCESS" {
+        bail!("the SSH proxy said: {line}");
+    }
+    let (mut r, mut w) = s.into_split();
+    let up = async {
+        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut w).await;
+        let _ = w.shutdown().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut r, &mut tokio::io::stdout()).await;
+    };
+    // The session is over when the instance side closes.
+    tokio::join!(up, async {
+        down.await;
+        std::process::exit(0);
+    });
+    Ok(())
+}

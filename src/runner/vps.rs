@@ -1,0 +1,231 @@
+//! What a VPS needs beyond a command task: its network (address, namespace,
+//! veth, node port in the node's nftables table) and an SSH server. Images
+//! without one get dropbear injected read-only: the binary, the libraries
+//! `ldd` lists and the loader, run as `ld.so --library-path`, so the image's
+//! own libc (if any) is never used. A minimal passwd and the instance's
+//! authorized keys are bind-mounted read-only; passwords are disabled.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use crate::config::RunnerConfig;
+use crate::net::{Firewall, InstanceNet, Ipam, NodeNetwork, PortMap};
+use crate::oci::MountInput;
+
+/// Where the SSH kit appears inside an instance.
+const SSH_DIR: &str = "/.rivernode/ssh";
+const INSTANCE_DIR: &str = "/.rivernode/instance";
+
+pub struct VpsKit {
+    pub network: NodeNetwork,
+    root: PathBuf,
+    dropbear: PathBuf,
+    /// Node ports of the instances running here, by task id.
+    ports: Mutex<BTreeMap<u64, PortMap>>,
+    bundle: Mutex<Option<PathBuf>>,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl VpsKit {
+    pub fn new(config: &RunnerConfig, protected_ports: Vec<u16>) -> Result<Self, String> {
+        let subnet: crate::net::Ipv4Net = config.instance_subnet.parse()?;
+        let root = config.data_dir.join(super::STATE_DIR);
+        Ok(Self {
+            network: NodeNetwork {
+                bridge: config.instance_bridge.clone(),
+                sysctl_dir: config.proc_root.join("sys"),
+                netns_dir: root.join("netns"),
+                ipam: Ipam::new(&root.join("ipam.json"), subnet),
+                firewall: Firewall {
+                    nft: "nft".into(),
+                    table: config.nft_table.clone(),
+                    bridge: config.instance_bridge.clone(),
+                    subnet,
+                    protected_ports,
+                    port_maps: vec![],
+                },
+            },
+            root,
+            dropbear: config.dropbear.clone(),
+            ports: Mutex::new(BTreeMap::new()),
+            bundle: Mutex::new(None),
+        })
+    }
+
+    /// dropbear, its libraries and the loader in one directory (made once).
+    fn ssh_bundle(&self) -> Result<PathBuf, String> {
+        let mut guard = self.bundle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = guard.as_ref() {
+            return Ok(b.clone());
+        }
+        let dir = self.root.join("ssh-bundle");
+        let lib = dir.join("lib");
+        std::fs::create_dir_all(&lib).map_err(err)?;
+        if !self.dropbear.is_file() {
+            return Err(format!(
+                "{} is missing: install dropbear-bin on the node",
+                self.dropbear.display()
+            ));
+        }
+        std::fs::copy(&self.dropbear, dir.join("dropbear")).map_err(err)?;
+        let out = Command::new("ldd")
+            .arg(&self.dropbear)
+            .output()
+            .map_err(|e| format!("ldd: {e}"))?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            let Some(path) = path.filter(|p| p.starts_with('/')) else {
+                continue;
+            };
+            let name = Path::new(path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let dest = if name.starts_with("ld-linux") {
+                dir.join("ld.so")
+            } else {
+                lib.join(&name)
+            };
+            std::fs::copy(path, dest).map_err(|e| format!("{path}: {e}"))?;
+        }
+        *guard = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// The instance's host key, passwd and authorized keys.
+    fn instance_files(&self, cid: &str, keys: &[String]) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.root.join("instances").join(cid);
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let hostkey = dir.join("hostkey");
+        if !hostkey.exists() {
+            let o = Command::new("dropbearkey")
+                .args(["-t", "ed25519", "-f"])
+                .arg(&hostkey)
+                .output()
+                .map_err(|e| format!("dropbearkey: {e}"))?;
+            if !o.status.success() {
+                return Err(format!(
+                    "dropbearkey: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+        }
+        std::fs::write(dir.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").map_err(err)?;
+        let ak = dir.join("authorized_keys");
+        std::fs::write(&ak, keys.join("\n") + "\n").map_err(err)?;
+        std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        Ok(dir)
+    }
+
+    /// The SSH server command and the mounts it needs.
+    pub fn ssh_server(
+        &self,
+        cid: &str,
+        keys: &[String],
+    ) -> Result<(Vec<String>, Vec<MountInput>), String> {
+        if keys.is_empty() {
+            return Err(
+                "a VPS needs at least one SSH public key (passwordless root is never allowed)"
+                    .into(),
+            );
+        }
+        let bundle = self.ssh_bundle()?;
+        let files = self.instance_files(cid, keys)?;
+        let args = [
+            &format!("{SSH_DIR}/ld.so"),
+            "--library-path",
+            &format!("{SSH_DIR}/lib"),
+            &format!("{SSH_DIR}/dropbear"),
+            "-F",
+            "-E",
+            "-s",
+            "-p",
+            "22",
+            "-r",
+            &format!("{INSTANCE_DIR}/hostkey"),
+            "-P",
+            "/tmp/.rivernode-dropbear.pid",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let ro = |source: PathBuf, target: &str| MountInput {
+            source,
+            target: target.into(),
+            read_only: true,
+        };
+        let mounts = vec![
+            ro(bundle, SSH_DIR),
+            ro(files.clone(), INSTANCE_DIR),
+            ro(files.join("passwd"), "/etc/passwd"),
+            ro(files.join("authorized_keys"), "/root/.ssh/authorized_keys"),
+        ];
+        Ok((args, mounts))
+    }
+
+    /// Sets up the instance's network and publishes its node port.
+    pub async fn start_network(
+        &self,
+        id: u64,
+        cid: &str,
+        node_port: Option<u16>,
+    ) -> Result<InstanceNet, String> {
+        let h = crate::net::link::connect().map_err(err)?;
+        let inet = self.network.setup(&h, cid).await.map_err(err)?;
+        if let Some(p) = node_port {
+            self.set_port(
+                id,
+                Some(PortMap {
+                    node_port: p,
+                    ip: inet.ip,
+                    port: 22,
+                }),
+            )?;
+        }
+        Ok(inet)
+    }
+
+    /// Takes the instance's network down; returns every problem met.
+    pub async fn stop_network(&self, id: u64, cid: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.set_port(id, None) {
+            problems.push(e);
+        }
+        match crate::net::link::connect() {
+            Ok(h) => problems.extend(self.network.teardown(&h, cid).await),
+            Err(e) => problems.push(e.to_string()),
+        }
+        let _ = std::fs::remove_dir_all(self.root.join("instances").join(cid));
+        problems
+    }
+
+    /// Adds, changes or removes one node port and rewrites the table if that changed it.
+    pub fn set_port(&self, id: u64, map: Option<PortMap>) -> Result<(), String> {
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = match map {
+            Some(m) => ports.insert(id, m) != Some(m),
+            None => ports.remove(&id).is_some(),
+        };
+        if changed {
+            self.network
+                .apply_firewall(ports.values().copied().collect())
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The address IPAM gave an instance, if it has one.
+    pub fn address_of(&self, cid: &str) -> Option<std::net::Ipv4Addr> {
+        self.network.ipam.leases().ok()?.get(cid).copied()
+    }
+}
