@@ -22,7 +22,7 @@ fi
 packages=(build-essential pkg-config protobuf-compiler libvirt-dev ca-certificates curl)
 # Runtime: containerd and runc run the tasks; nft applies the node's firewall
 # table; dropbear is injected into VPS images without an SSH server; ssh logs in.
-packages+=(containerd runc nftables dropbear-bin openssh-client)
+packages+=(containerd runc nftables dropbear-bin openssh-client openssh-sftp-server)
 # Runtime of the tests: systemd-analyze checks the unit files; the kernel
 # tests boot Debian's kernel in QEMU (TCG) with a static busybox as userland
 # and decompress its .ko.xz modules with xz.

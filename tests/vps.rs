@@ -143,6 +143,54 @@ fn a_busybox_vps_answers_stock_ssh_through_the_proxy() {
                 .contains("ssh-ed25519"),
             "the host key is pinned"
         );
+        // ssh config entries work with stock ssh and scp (files in and back, bytes identical).
+        let cfg = dir.path().join("ssh_config");
+        let o = rn(&[
+            "ssh",
+            "config",
+            "--file",
+            cfg.to_str().unwrap(),
+            "-i",
+            key.to_str().unwrap(),
+            "--known-hosts",
+            kh.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let entry = format!("rivernode-vps-{id}");
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new(args[0])
+                .args(["-F", cfg.to_str().unwrap(), "-o", "BatchMode=yes"])
+                .args(&args[1..])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        assert_eq!(run(&["ssh", &entry, "echo", "via-config"]), "via-config\n");
+        let data: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        let src = dir.path().join("payload");
+        std::fs::write(&src, &data).unwrap();
+        let back = dir.path().join("payload.back");
+        run(&[
+            "scp",
+            "-q",
+            src.to_str().unwrap(),
+            &format!("{entry}:/tmp/payload"),
+        ]);
+        run(&[
+            "scp",
+            "-q",
+            &format!("{entry}:/tmp/payload"),
+            back.to_str().unwrap(),
+        ]);
+        assert!(std::fs::read(&back).unwrap() == data, "scp round trip");
+
         // No key, no login: passwords are off.
         let o = rn(&[
             "ssh",

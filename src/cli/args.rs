@@ -64,8 +64,8 @@ pub enum Command {
     /// Long-lived container instances reachable over SSH.
     #[command(subcommand)]
     Vps(VpsCommand),
-    /// Log in to a VPS with stock ssh, through the host's SSH proxy.
-    Ssh(SshArgs),
+    /// Log in to a VPS with stock ssh, through the host's SSH proxy; `ssh config` writes entries for ssh/scp/IDEs.
+    Ssh(SshCmd),
     /// (used by ssh as its ProxyCommand) connect stdin/stdout to a VPS through the proxy.
     #[command(hide = true)]
     SshProxyCommand { id: u64 },
@@ -371,8 +371,31 @@ pub enum VpsCommand {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SshCmd {
+    #[command(subcommand)]
+    pub sub: Option<SshSub>,
+    #[command(flatten)]
+    pub login: SshArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SshSub {
+    /// Print (or write) ssh_config entries `rivernode-vps-<id>` for every running VPS.
+    Config {
+        /// Write to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        #[arg(short = 'i', long)]
+        key: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        known_hosts: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
 pub struct SshArgs {
-    pub id: u64,
+    pub id: Option<u64>,
     /// Private key to log in with.
     #[arg(short = 'i', long)]
     pub key: Option<PathBuf>,

@@ -72,9 +72,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             vps::run(&client, cmd, cli.output).await
         }
-        Command::Ssh(args) => {
+        Command::Ssh(cmd) => {
+            let data_dir = cli.data_dir.clone();
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
-            vps::ssh(&client, args)
+            match cmd.sub {
+                Some(args::SshSub::Config {
+                    file,
+                    key,
+                    known_hosts,
+                }) => vps::ssh_config(&client, data_dir.as_deref(), file, key, known_hosts).await,
+                None => vps::ssh(&client, cmd.login),
+            }
         }
         Command::SshProxyCommand { id } => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;

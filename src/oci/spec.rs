@@ -97,6 +97,11 @@ fn default_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities, OciErr
 pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciError> {
     let mut spec = Spec::default();
     spec.set_hostname(Some(input.hostname.clone()));
+    // A writable root filesystem (its changes live in the container's own
+    // snapshot), as with Docker; oci-spec's default would be read-only.
+    if let Some(root) = spec.root_mut().as_mut() {
+        root.set_readonly(Some(false));
+    }
     let cwd = input
         .cwd
         .clone()
@@ -227,6 +232,7 @@ mod tests {
         );
         assert!(env.contains(&"RIVERNODE_TASK_ID=7"));
         assert_eq!(j["process"]["cwd"], "/shared");
+        assert_eq!(j["root"]["readonly"], false);
         let r = &j["linux"]["resources"];
         assert_eq!(r["cpu"]["cpus"], "2-3");
         assert_eq!(r["cpu"]["mems"], "1");

@@ -22,6 +22,7 @@ pub struct VpsKit {
     pub network: NodeNetwork,
     root: PathBuf,
     dropbear: PathBuf,
+    sftp_server: PathBuf,
     /// Node ports of the instances running here, by task id.
     ports: Mutex<BTreeMap<u64, PortMap>>,
     bundle: Mutex<Option<PathBuf>>,
@@ -29,6 +30,37 @@ pub struct VpsKit {
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
+}
+
+/// Copies `bin` to `dir/name`, the libraries `ldd` lists to `dir/lib`, and
+/// the loader to `dir/ld.so`.
+fn copy_with_libraries(bin: &Path, dir: &Path, name: &str) -> Result<(), String> {
+    std::fs::copy(bin, dir.join(name)).map_err(|e| format!("{}: {e}", bin.display()))?;
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .map_err(|e| format!("ldd: {e}"))?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let line = line.trim();
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let file = Path::new(path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dest = if file.starts_with("ld-linux") {
+            dir.join("ld.so")
+        } else {
+            dir.join("lib").join(&file)
+        };
+        std::fs::copy(path, dest).map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
 }
 
 impl VpsKit {
@@ -52,50 +84,40 @@ impl VpsKit {
             },
             root,
             dropbear: config.dropbear.clone(),
+            sftp_server: PathBuf::from("/usr/lib/openssh/sftp-server"),
             ports: Mutex::new(BTreeMap::new()),
             bundle: Mutex::new(None),
         })
     }
 
-    /// dropbear, its libraries and the loader in one directory (made once).
+    /// dropbear (and OpenSSH's sftp-server, for scp/sftp, when the node has
+    /// it), their libraries and the loader in one directory (made once).
     fn ssh_bundle(&self) -> Result<PathBuf, String> {
         let mut guard = self.bundle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = guard.as_ref() {
             return Ok(b.clone());
         }
         let dir = self.root.join("ssh-bundle");
-        let lib = dir.join("lib");
-        std::fs::create_dir_all(&lib).map_err(err)?;
+        std::fs::create_dir_all(dir.join("lib")).map_err(err)?;
         if !self.dropbear.is_file() {
             return Err(format!(
                 "{} is missing: install dropbear-bin on the node",
                 self.dropbear.display()
             ));
         }
-        std::fs::copy(&self.dropbear, dir.join("dropbear")).map_err(err)?;
-        let out = Command::new("ldd")
-            .arg(&self.dropbear)
-            .output()
-            .map_err(|e| format!("ldd: {e}"))?;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let line = line.trim();
-            let path = match line.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next(),
-                None => line.split_whitespace().next(),
-            };
-            let Some(path) = path.filter(|p| p.starts_with('/')) else {
-                continue;
-            };
-            let name = Path::new(path)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let dest = if name.starts_with("ld-linux") {
-                dir.join("ld.so")
-            } else {
-                lib.join(&name)
-            };
-            std::fs::copy(path, dest).map_err(|e| format!("{path}: {e}"))?;
+        copy_with_libraries(&self.dropbear, &dir, "dropbear")?;
+        if self.sftp_server.is_file() {
+            copy_with_libraries(&self.sftp_server, &dir, "sftp-server")?;
+            // dropbear runs its SFTP subsystem from /usr/lib/sftp-server.
+            let wrapper = dir.join("sftp-wrapper");
+            std::fs::write(
+                &wrapper,
+                format!("#!/bin/sh\nexec {SSH_DIR}/ld.so --library-path {SSH_DIR}/lib {SSH_DIR}/sftp-server \"$@\"\n"),
+            )
+            .map_err(err)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+                .map_err(err)?;
         }
         *guard = Some(dir.clone());
         Ok(dir)
@@ -164,12 +186,15 @@ impl VpsKit {
             target: target.into(),
             read_only: true,
         };
-        let mounts = vec![
-            ro(bundle, SSH_DIR),
+        let mut mounts = vec![
+            ro(bundle.clone(), SSH_DIR),
             ro(files.clone(), INSTANCE_DIR),
             ro(files.join("passwd"), "/etc/passwd"),
             ro(files.join("authorized_keys"), "/root/.ssh/authorized_keys"),
         ];
+        if bundle.join("sftp-wrapper").exists() {
+            mounts.push(ro(bundle.join("sftp-wrapper"), "/usr/lib/sftp-server"));
+        }
         Ok((args, mounts))
     }
 
