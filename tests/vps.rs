@@ -1,10 +1,13 @@
-//! A container VPS end to end on real parts, inside a private network and
-//! mount namespace made for this test: containerd and runc, the rivernode
-//! binary as host and runner, a bridge with veth and nftables node ports,
-//! dropbear injected into a busybox image, and stock OpenSSH through the
-//! host's proxy.
+//! Container VPS end to end on real parts, each test inside a private
+//! network and mount namespace made for it: containerd and runc, the
+//! rivernode binary as host and runner, a bridge with veth and nftables node
+//! ports, dropbear injected into a busybox image, and stock OpenSSH through
+//! the host's proxy.
 
 mod common;
+
+use std::path::PathBuf;
+use std::process::Output;
 
 use common::containerd::{busybox_oci_archive, PrivateContainerd};
 use common::*;
@@ -33,53 +36,105 @@ fn private_namespaces<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     .unwrap()
 }
 
-#[test]
-fn a_busybox_vps_answers_stock_ssh_through_the_proxy() {
-    let present = ["ssh", "ssh-keygen", "dropbearkey", "nft", "ip"]
+fn parts_present() -> bool {
+    let present = ["ssh", "scp", "ssh-keygen", "dropbearkey", "nft", "ip"]
         .iter()
         .all(|c| command_exists(c))
         && std::path::Path::new("/usr/sbin/dropbear").exists();
-    if !real_part_available("openssh-client, dropbear-bin, nftables, iproute2", present) {
-        return;
-    }
-    private_namespaces(|| {
-        let Some(ctd) = PrivateContainerd::start() else {
-            return;
-        };
+    real_part_available("openssh-client, dropbear-bin, nftables, iproute2", present)
+}
+
+/// A one-node cluster whose daemons run in the caller's (private) namespaces.
+struct Vps {
+    runner: Option<Daemon>,
+    _host: Daemon,
+    ctd: PrivateContainerd,
+    dir: tempfile::TempDir,
+    url: String,
+    node: String,
+    key: PathBuf,
+    known_hosts: PathBuf,
+}
+
+impl Vps {
+    fn start(node: &str) -> Option<Vps> {
+        let ctd = PrivateContainerd::start()?;
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
         std::fs::create_dir_all(&envs).unwrap();
-        let Some(oci) = busybox_oci_archive(dir.path()) else {
-            return;
-        };
+        let oci = busybox_oci_archive(dir.path())?;
         std::fs::copy(&oci, envs.join("busybox.tar")).unwrap();
+        let data = dir.path().join("host");
         let shared = dir.path().join("shared");
-        let (_host, url) = start_host_with(dir.path(), &["--shared-dir", shared.to_str().unwrap()]);
-        let host_data = dir.path().join("host");
-        let runner_data = dir.path().join("runner");
-        let _runner = Daemon::start(
+        // Listening on every address of this private namespace, as in production.
+        let host = Daemon::start(
             dir.path(),
+            "host",
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "host",
+                "--config",
+                "/dev/null",
+                "--api-port",
+                "0",
+                "--ssh-proxy-port",
+                "0",
+                "--liveness-check-interval",
+                "200ms",
+                "--shared-dir",
+                shared.to_str().unwrap(),
+            ],
+        );
+        let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
+        let mut v = Vps {
+            runner: None,
+            _host: host,
+            ctd,
+            key: dir.path().join("key"),
+            known_hosts: dir.path().join("known_hosts"),
+            dir,
+            url,
+            node: node.into(),
+        };
+        v.start_runner();
+        let (hd, n) = (v.host_data(), v.node.clone());
+        wait_for("the node", move || node_of(&hd, &n));
+        Some(v)
+    }
+
+    fn host_data(&self) -> PathBuf {
+        self.dir.path().join("host")
+    }
+
+    fn runner_data(&self) -> PathBuf {
+        self.dir.path().join("runner")
+    }
+
+    fn start_runner(&mut self) {
+        let (data, shared) = (self.runner_data(), self.dir.path().join("shared"));
+        let join = self.host_data().join("join.token");
+        self.runner = Some(Daemon::start(
+            self.dir.path(),
             "runner",
             &[
                 "--data-dir",
-                runner_data.to_str().unwrap(),
+                data.to_str().unwrap(),
                 "runner",
                 "--config",
                 "/dev/null",
                 "--name",
-                "vps-node",
+                &self.node,
                 "--host-url",
-                &url,
+                &self.url,
                 "--join-token-file",
-                host_data.join("join.token").to_str().unwrap(),
-                "--bind",
-                "127.0.0.1",
+                join.to_str().unwrap(),
                 "--runner-port",
                 "0",
                 "--heartbeat-interval",
                 "300ms",
                 "--containerd-socket",
-                ctd.socket.to_str().unwrap(),
+                self.ctd.socket.to_str().unwrap(),
                 "--shared-dir",
                 shared.to_str().unwrap(),
                 "--instance-bridge",
@@ -87,18 +142,33 @@ fn a_busybox_vps_answers_stock_ssh_through_the_proxy() {
                 "--instance-subnet",
                 "10.253.0.0/24",
             ],
-        );
-        let hd = host_data.clone();
-        wait_for("the node", move || {
-            node(&nodes(&hd), "vps-node").map(|_| ())
+        ));
+    }
+
+    fn rn(&self, args: &[&str]) -> Output {
+        let data = self.host_data();
+        let mut a = vec!["--data-dir", data.to_str().unwrap()];
+        a.extend_from_slice(args);
+        cli(&a)
+    }
+
+    fn state(&self, id: &str) -> String {
+        let o = self.rn(&["-o", "json", "task", "status", id]);
+        let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        t["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn wait_state(&self, id: &str, want: &str) {
+        wait_for(&format!("vps {id} {want}"), || {
+            let s = self.state(id);
+            assert_ne!(s, "failed", "vps {id} failed");
+            (s == want).then_some(())
         });
-        let rn = |args: &[&str]| {
-            let mut a = vec!["--data-dir", host_data.to_str().unwrap()];
-            a.extend_from_slice(args);
-            cli(&a)
-        };
-        let key = dir.path().join("key");
-        let o = rn(&[
+    }
+
+    /// Creates a busybox VPS with a generated key; returns its id once running.
+    fn create(&self) -> String {
+        let o = self.rn(&[
             "-o",
             "json",
             "vps",
@@ -107,53 +177,71 @@ fn a_busybox_vps_answers_stock_ssh_through_the_proxy() {
             "busybox",
             "--gen-ssh-key",
             "--key-out-file",
-            key.to_str().unwrap(),
+            self.key.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
             .as_u64()
             .unwrap()
             .to_string();
-        wait_for("the VPS running", || {
-            let o = rn(&["-o", "json", "task", "status", &id]);
-            let t: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-            assert!(t["state"] != "failed", "{t}");
-            (t["state"] == "running").then_some(())
-        });
-        let kh = dir.path().join("known_hosts");
-        // dropbear needs a moment after the container starts: retry the first login.
-        let out = wait_for("ssh echo ok", || {
-            let o = rn(&[
-                "ssh",
-                &id,
-                "-i",
-                key.to_str().unwrap(),
-                "--known-hosts",
-                kh.to_str().unwrap(),
-                "--",
-                "echo",
-                "ok",
-            ]);
+        self.wait_state(&id, "running");
+        id
+    }
+
+    fn ssh(&self, id: &str, cmd: &[&str]) -> Output {
+        let mut a = vec![
+            "ssh",
+            id,
+            "-i",
+            self.key.to_str().unwrap(),
+            "--known-hosts",
+            self.known_hosts.to_str().unwrap(),
+            "--",
+        ];
+        a.extend_from_slice(cmd);
+        self.rn(&a)
+    }
+
+    /// Retries while dropbear starts up.
+    fn ssh_ok(&self, id: &str, cmd: &[&str]) -> String {
+        wait_for("ssh", || {
+            let o = self.ssh(id, cmd);
             o.status.success().then(|| stdout(&o))
-        });
-        assert_eq!(out, "ok\n");
+        })
+    }
+}
+
+fn node_of(host_data: &std::path::Path, name: &str) -> Option<()> {
+    node(&nodes(host_data), name).map(|_| ())
+}
+
+#[test]
+fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-a") else { return };
+        let id = v.create();
+        assert_eq!(v.ssh_ok(&id, &["echo", "ok"]), "ok\n");
         assert!(
-            std::fs::read_to_string(&kh)
+            std::fs::read_to_string(&v.known_hosts)
                 .unwrap()
                 .contains("ssh-ed25519"),
             "the host key is pinned"
         );
+
         // ssh config entries work with stock ssh and scp (files in and back, bytes identical).
-        let cfg = dir.path().join("ssh_config");
-        let o = rn(&[
+        let cfg = v.dir.path().join("ssh_config");
+        let o = v.rn(&[
             "ssh",
             "config",
             "--file",
             cfg.to_str().unwrap(),
             "-i",
-            key.to_str().unwrap(),
+            v.key.to_str().unwrap(),
             "--known-hosts",
-            kh.to_str().unwrap(),
+            v.known_hosts.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let entry = format!("rivernode-vps-{id}");
@@ -174,9 +262,9 @@ fn a_busybox_vps_answers_stock_ssh_through_the_proxy() {
         let data: Vec<u8> = (0..(1u32 << 20))
             .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
             .collect();
-        let src = dir.path().join("payload");
+        let src = v.dir.path().join("payload");
         std::fs::write(&src, &data).unwrap();
-        let back = dir.path().join("payload.back");
+        let back = v.dir.path().join("payload.back");
         run(&[
             "scp",
             "-q",
@@ -192,30 +280,120 @@ fn a_busybox_vps_answers_stock_ssh_through_the_proxy() {
         assert!(std::fs::read(&back).unwrap() == data, "scp round trip");
 
         // No key, no login: passwords are off.
-        let o = rn(&[
+        let o = v.rn(&[
             "ssh",
             &id,
             "--known-hosts",
-            kh.to_str().unwrap(),
+            v.known_hosts.to_str().unwrap(),
             "--",
             "true",
         ]);
         assert!(!o.status.success());
 
-        let o = rn(&["vps", "delete", &id]);
+        let o = v.rn(&["vps", "delete", &id]);
         assert!(o.status.success(), "{}", stderr(&o));
-        wait_for("the VPS gone", || {
-            let o = rn(&["-o", "json", "task", "status", &id]);
-            let t: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-            (t["state"] == "killed").then_some(())
-        });
+        v.wait_state(&id, "killed");
+        let runner = v.runner_data();
         wait_for("its network gone", || {
             let leases =
-                std::fs::read_to_string(runner_data.join("runner/ipam.json")).unwrap_or_default();
-            let netns = std::fs::read_dir(runner_data.join("runner/netns"))
+                std::fs::read_to_string(runner.join("runner/ipam.json")).unwrap_or_default();
+            let netns = std::fs::read_dir(runner.join("runner/netns"))
                 .map(|d| d.count())
                 .unwrap_or(0);
             (!leases.contains("task") && netns == 0).then_some(())
         });
+        let o = v.ssh(&id, &["true"]);
+        assert!(
+            stderr(&o).contains(&format!("ERROR instance {id} is killed")),
+            "{}",
+            stderr(&o)
+        );
+    });
+}
+
+#[test]
+fn a_vps_cannot_reach_the_node_apis_and_pause_freezes_it() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-b") else { return };
+        let id = v.create();
+        v.ssh_ok(&id, &["true"]);
+        let port_of = |url: &str| {
+            url.rsplit(':')
+                .next()
+                .unwrap()
+                .trim_end_matches('/')
+                .to_string()
+        };
+        let runner_url = node(&nodes(&v.host_data()), "vps-b").unwrap()["runner_url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // A node service nobody protects: the control showing the path itself works.
+        let open = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let open_port = open.local_addr().unwrap().port().to_string();
+        // It greets and hangs up, so a probe sees that it got through.
+        std::thread::spawn(move || {
+            for c in open.incoming().flatten() {
+                use std::io::Write;
+                let mut c = c;
+                let _ = c.write_all(b"hello\n");
+            }
+        });
+        // "open" when a greeting came back; a dropped SYN gives nothing within 3 s.
+        let reach = |port: &str| {
+            // One string: ssh hands the remote shell a single command line.
+            let o = v.ssh(&id, &[&format!("nc -w 3 10.253.0.1 {port} </dev/null")]);
+            if stdout(&o).contains("hello") {
+                "open"
+            } else {
+                "closed"
+            }
+        };
+        assert_eq!(reach(&open_port), "open");
+        assert_eq!(
+            reach(&port_of(&runner_url)),
+            "closed",
+            "the runner API is closed to instances"
+        );
+        assert_eq!(
+            reach(&port_of(&v.url)),
+            "closed",
+            "the host API is closed to instances"
+        );
+
+        // Paused, its processes are frozen: a login cannot complete.
+        let login = || {
+            let key = v.key.to_str().unwrap().to_string();
+            let known = v.known_hosts.to_str().unwrap().to_string();
+            let data = v.host_data();
+            std::process::Command::new("timeout")
+                .arg("8")
+                .arg(BIN)
+                .args([
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "ssh",
+                    &id,
+                    "-i",
+                    &key,
+                    "--known-hosts",
+                    &known,
+                    "--",
+                    "echo",
+                    "in",
+                ])
+                .env("HOME", "/nonexistent")
+                .output()
+                .unwrap()
+        };
+        v.rn(&["task", "pause", &id]);
+        v.wait_state(&id, "paused");
+        assert!(!login().status.success(), "no login into a paused VPS");
+        v.rn(&["task", "resume", &id]);
+        v.wait_state(&id, "running");
+        assert_eq!(stdout(&login()), "in\n", "after resume it answers again");
     });
 }
