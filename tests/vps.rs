@@ -397,3 +397,79 @@ fn a_vps_cannot_reach_the_node_apis_and_pause_freezes_it() {
         assert_eq!(stdout(&login()), "in\n", "after resume it answers again");
     });
 }
+
+#[test]
+fn an_ssh_session_survives_kill_9_of_the_runner_and_nothing_is_duplicated() {
+    use std::io::{BufRead, BufReader};
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(mut v) = Vps::start("vps-c") else {
+            return;
+        };
+        let id = v.create();
+        v.ssh_ok(&id, &["true"]);
+        let data = v.host_data();
+        let mut session = std::process::Command::new(BIN)
+            .args([
+                "--data-dir",
+                data.to_str().unwrap(),
+                "ssh",
+                &id,
+                "-i",
+                v.key.to_str().unwrap(),
+            ])
+            .args(["--known-hosts", v.known_hosts.to_str().unwrap(), "--"])
+            .arg("i=0; while [ $i -lt 25 ]; do echo $i; i=$((i+1)); sleep 0.2; done")
+            .env("HOME", "/nonexistent")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(session.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "0");
+        // The runner dies mid-session and comes back.
+        v.runner.as_mut().unwrap().kill();
+        v.start_runner();
+        let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+        assert_eq!(
+            rest.last().map(String::as_str),
+            Some("24"),
+            "the session streamed to the end: {rest:?}"
+        );
+        assert_eq!(rest.len(), 24, "no line lost: {rest:?}");
+        assert!(session.wait().unwrap().success());
+
+        // Re-adopted, not recreated: one container, one veth, the node port once.
+        v.wait_state(&id, "running");
+        assert_eq!(v.ssh_ok(&id, &["echo", "again"]), "again\n");
+        let ctr = std::process::Command::new("ctr")
+            .arg("-a")
+            .arg(&v.ctd.socket)
+            .args(["-n", "rivernode", "containers", "ls", "-q"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&ctr.stdout).lines().count(), 1);
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap();
+        let veths = String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .filter(|name| name.starts_with("rv") && !name.starts_with("rvt9"))
+            .count();
+        assert_eq!(veths, 1);
+        let nft = std::process::Command::new("nft")
+            .args(["list", "table", "inet", "rivernode"])
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&nft.stdout);
+        assert_eq!(
+            rules.matches("dnat ip to").count(),
+            2,
+            "prerouting + output, once each: {rules}"
+        );
+    });
+}
