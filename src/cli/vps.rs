@@ -132,7 +132,10 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
             let t: TaskView = client
                 .post(&format!("/api/tasks/{id}/kill"), &serde_json::json!({}))
                 .await?;
-            emit(&format!("vps {id}: delete requested (state {})\n", t.state));
+            match output {
+                Output::Json => emit_json(&t),
+                Output::Table => emit(&format!("vps {id}: delete requested (state {})\n", t.state)),
+            }
         }
     }
     Ok(())
