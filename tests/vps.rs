@@ -141,6 +141,8 @@ impl Vps {
                 "rvt9",
                 "--instance-subnet",
                 "10.253.0.0/24",
+                "--kill-grace",
+                "1s",
             ],
         ));
     }
@@ -471,5 +473,45 @@ fn an_ssh_session_survives_kill_9_of_the_runner_and_nothing_is_duplicated() {
             2,
             "prerouting + output, once each: {rules}"
         );
+    });
+}
+
+#[test]
+fn stop_keeps_the_disk_and_restart_brings_it_back_key_only() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-d") else { return };
+        let id = v.create();
+        assert_eq!(
+            v.ssh_ok(&id, &["echo keep > /root/data && echo written"]),
+            "written\n"
+        );
+        let o = v.rn(&["vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "stopped");
+        let o = v.ssh(&id, &["true"]);
+        assert!(
+            stderr(&o).contains(&format!("ERROR instance {id} is stopped")),
+            "{}",
+            stderr(&o)
+        );
+        let o = v.rn(&["vps", "restart", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "running");
+        // Same disk, same host key (the pinned known_hosts entry still matches).
+        assert_eq!(v.ssh_ok(&id, &["cat", "/root/data"]), "keep\n");
+        let o = v.rn(&[
+            "ssh",
+            &id,
+            "--known-hosts",
+            v.known_hosts.to_str().unwrap(),
+            "--",
+            "true",
+        ]);
+        assert!(!o.status.success(), "still key-only after a restart");
+        v.rn(&["vps", "delete", &id]);
+        v.wait_state(&id, "killed");
     });
 }

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::Target;
 use crate::topology::{CpuList, PciAddress};
 
-/// Observed state of a task. `pending` waits for resources; the last five are final.
+/// Observed state of a task. `pending` waits for resources; `stopped` (VPS
+/// only) keeps the instance's disk but holds no cores or GPUs; the last four are final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
@@ -19,6 +20,7 @@ pub enum TaskState {
     Running,
     Paused,
     Lost,
+    Stopped,
     Completed,
     Failed,
     Killed,
@@ -26,12 +28,13 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 9] = [
+    pub const ALL: [TaskState; 10] = [
         TaskState::Pending,
         TaskState::Assigning,
         TaskState::Running,
         TaskState::Paused,
         TaskState::Lost,
+        TaskState::Stopped,
         TaskState::Completed,
         TaskState::Failed,
         TaskState::Killed,
@@ -45,6 +48,7 @@ impl TaskState {
             TaskState::Running => "running",
             TaskState::Paused => "paused",
             TaskState::Lost => "lost",
+            TaskState::Stopped => "stopped",
             TaskState::Completed => "completed",
             TaskState::Failed => "failed",
             TaskState::Killed => "killed",
@@ -72,6 +76,8 @@ impl TaskState {
             Running => !matches!(to, Pending | Assigning),
             Paused => !matches!(to, Pending | Assigning),
             Lost => !matches!(to, Pending | Assigning),
+            // A restart queues it again; a delete ends it.
+            Stopped => matches!(to, Pending | Killed | Failed),
             Completed | Failed | Killed | KilledOom => false,
         }
     }
@@ -102,6 +108,8 @@ impl FromStr for TaskState {
 pub enum Desired {
     Running,
     Paused,
+    /// VPS only: stop the instance, keep its disk.
+    Stopped,
     Killed,
 }
 
@@ -246,6 +254,12 @@ mod tests {
             "a lost task can come back"
         );
         assert!(TaskState::Paused.can_become(TaskState::Running));
+        assert!(TaskState::Running.can_become(TaskState::Stopped));
+        assert!(TaskState::Stopped.can_become(TaskState::Pending), "restart");
+        assert!(
+            !TaskState::Stopped.can_become(TaskState::Running),
+            "a restart goes through the scheduler"
+        );
     }
 
     #[test]

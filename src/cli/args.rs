@@ -364,7 +364,15 @@ pub enum VpsCommand {
     /// Create a VPS; by default your ~/.ssh/id_*.pub keys may log in.
     Create(VpsCreateArgs),
     List,
-    /// Stop the VPS and remove its container, network and node port.
+    /// Stop the VPS: its processes end, its disk stays, its cores and GPUs are freed.
+    Stop {
+        id: u64,
+    },
+    /// Start a stopped VPS again on its node, with its disk and host key.
+    Restart {
+        id: u64,
+    },
+    /// Stop the VPS and remove its container, disk, network and node port.
     Delete {
         id: u64,
     },

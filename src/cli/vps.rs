@@ -128,6 +128,8 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 }
             }
         }
+        VpsCommand::Stop { id } => lifecycle(client, id, "stop", output).await?,
+        VpsCommand::Restart { id } => lifecycle(client, id, "restart", output).await?,
         VpsCommand::Delete { id } => {
             let t: TaskView = client
                 .post(&format!("/api/tasks/{id}/kill"), &serde_json::json!({}))
@@ -137,6 +139,17 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 Output::Table => emit(&format!("vps {id}: delete requested (state {})\n", t.state)),
             }
         }
+    }
+    Ok(())
+}
+
+async fn lifecycle(client: &Client, id: u64, verb: &str, output: Output) -> anyhow::Result<()> {
+    let t: TaskView = client
+        .post(&format!("/api/tasks/{id}/{verb}"), &serde_json::json!({}))
+        .await?;
+    match output {
+        Output::Json => emit_json(&t),
+        Output::Table => emit(&format!("vps {id}: {verb} requested (state {})\n", t.state)),
     }
     Ok(())
 }

@@ -33,6 +33,14 @@ pub fn admin_routes() -> Router<Arc<HostState>> {
             "/api/tasks/{id}/resume",
             post(|s, p| desire(s, p, Desired::Running)),
         )
+        .route(
+            "/api/tasks/{id}/stop",
+            post(|s, p| desire(s, p, Desired::Stopped)),
+        )
+        .route(
+            "/api/tasks/{id}/restart",
+            post(|s, p| desire(s, p, Desired::Running)),
+        )
         .route("/api/tasks/{id}/logs", get(logs))
         .route("/api/environments", get(environments))
 }

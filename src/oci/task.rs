@@ -157,6 +157,98 @@ impl Containerd {
         Ok(created.pid)
     }
 
+    /// Starts a new task in a container that exists (a stopped VPS), on its
+    /// kept snapshot and stored spec.
+    pub async fn start_existing(
+        &self,
+        id: &str,
+        stdout: &str,
+        stderr: &str,
+    ) -> Result<u32, OciError> {
+        use containerd_client::services::v1::snapshots::MountsRequest;
+        let rootfs = SnapshotsClient::new(self.channel())
+            .mounts(self.req(
+                MountsRequest {
+                    snapshotter: self.snapshotter().into(),
+                    key: id.into(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("rootfs of {id}")))?
+            .into_inner()
+            .mounts;
+        // The previous task, if its deletion was interrupted.
+        let _ = TasksClient::new(self.channel())
+            .delete(self.req(
+                DeleteTaskRequest {
+                    container_id: id.into(),
+                },
+                None,
+            ))
+            .await;
+        let mut tasks = TasksClient::new(self.channel());
+        let created = tasks
+            .create(self.req(
+                CreateTaskRequest {
+                    container_id: id.into(),
+                    rootfs,
+                    stdin: String::new(),
+                    stdout: stdout.to_string(),
+                    stderr: stderr.to_string(),
+                    terminal: false,
+                    checkpoint: None,
+                    options: None,
+                    runtime_path: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("create task {id}")))?
+            .into_inner();
+        tasks
+            .start(self.req(
+                StartRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("start task {id}")))?;
+        Ok(created.pid)
+    }
+
+    /// Whether the container record exists.
+    pub async fn container_exists(&self, id: &str) -> Result<bool, OciError> {
+        use containerd_client::services::v1::GetContainerRequest;
+        match ContainersClient::new(self.channel())
+            .get(self.req(GetContainerRequest { id: id.into() }, None))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(OciError::rpc(format!("get container {id}"))(s)),
+        }
+    }
+
+    /// Deletes only the exited task: the container and its disk stay (a stopped VPS).
+    pub async fn delete_task(&self, id: &str) -> Result<(), OciError> {
+        match TasksClient::new(self.channel())
+            .delete(self.req(
+                DeleteTaskRequest {
+                    container_id: id.into(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(OciError::rpc(format!("delete task {id}"))(s)),
+        }
+    }
+
     /// Blocks until the task exits; works for tasks started by an earlier runner.
     pub async fn wait(&self, id: &str) -> Result<u32, OciError> {
         let r = TasksClient::new(self.channel())

@@ -278,7 +278,14 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
             }
         }
         for a in &assignments.tasks {
-            if ended.contains(&a.id) {
+            // A task whose supervisor just reported its end is not "vanished"
+            // while the host catches up; a restart (assigning again) starts anew.
+            if ended.contains(&a.id)
+                && matches!(
+                    a.state,
+                    TaskState::Running | TaskState::Paused | TaskState::Lost
+                )
+            {
                 continue;
             }
             match running.get(&a.id) {
@@ -303,6 +310,17 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
                         }
                     }
                 }
+                None if a.state == TaskState::Stopped && a.desired == Desired::Killed => {
+                    // Delete of a stopped VPS: its kept container and disk go now.
+                    let cid = ctx.container_id(a.id);
+                    let problems = ctx.ctd.cleanup(&cid).await;
+                    if !problems.is_empty() {
+                        tracing::warn!(task = a.id, ?problems, "cleanup left problems");
+                    }
+                    ctx.vps.forget(&cid);
+                    ctx.report(a.id, TaskState::Killed, None, None, &stop).await;
+                }
+                None if a.state == TaskState::Stopped => {}
                 None if a.desired == Desired::Killed => {
                     // Never started here (or already gone): nothing to stop.
                     ctx.report(
@@ -315,6 +333,8 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
                     .await;
                 }
                 None if matches!(a.state, TaskState::Assigning) => {
+                    // A restarted VPS runs anew: its earlier end no longer counts.
+                    ended.remove(&a.id);
                     let (tx, rx) = watch::channel(a.desired);
                     let handle =
                         tokio::spawn(supervise(ctx.clone(), a.clone(), false, rx, stop.clone()));
@@ -447,6 +467,19 @@ async fn supervise(
                 .map_err(|e| format!("locating the rivernode binary: {e}"))?;
             let uri =
                 super::logdriver::uri(&exe, &logs, &format!("task-{id}"), ctx.config.max_log_bytes);
+            // A restarted VPS: its container and disk are still there.
+            if ctx
+                .ctd
+                .container_exists(&cid)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                return ctx
+                    .ctd
+                    .start_existing(&cid, &uri, &uri)
+                    .await
+                    .map_err(|e| e.to_string());
+            }
             ctx.ctd
                 .run_container(&cid, labels, &image, &spec, &uri, &uri)
                 .await
@@ -481,6 +514,7 @@ async fn supervise(
     }
 
     let mut killed_by_us = false;
+    let mut stopping = false;
     let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let ctd = ctx.ctd.clone();
     let wait_id = cid.clone();
@@ -512,8 +546,9 @@ async fn supervise(
                             }
                         }
                     }
-                    Desired::Killed if !killed_by_us => {
+                    Desired::Killed | Desired::Stopped if !killed_by_us => {
                         killed_by_us = true;
+                        stopping = d == Desired::Stopped;
                         // A paused task cannot handle SIGTERM: let it run to receive it.
                         if matches!(ctx.ctd.status(&cid).await, Ok(TaskStatus::Paused)) {
                             let _ = ctx.ctd.resume(&cid).await;
@@ -521,7 +556,10 @@ async fn supervise(
                         let _ = ctx.ctd.kill(&cid, 15).await;
                         escalate = Some(Box::pin(tokio::time::sleep(ctx.config.kill_grace.0)));
                     }
-                    Desired::Killed => {}
+                    Desired::Killed | Desired::Stopped => {
+                        // A delete after a stop was asked for: the disk goes too.
+                        stopping = d == Desired::Stopped;
+                    }
                 }
             }
         }
@@ -538,6 +576,8 @@ async fn supervise(
                     Some(code as i32),
                     Some("killed by the kernel's OOM killer at the memory limit".to_string()),
                 )
+            } else if killed_by_us && stopping {
+                (TaskState::Stopped, Some(code as i32), None)
             } else if killed_by_us {
                 (TaskState::Killed, Some(code as i32), None)
             } else if code == 0 {
@@ -558,7 +598,16 @@ async fn supervise(
     };
     tracing::info!(task = id, state = %state, ?exit_code, "task ended");
     ctx.report(id, state, exit_code, message, &stop).await;
-    let mut problems = ctx.ctd.cleanup(&cid).await;
+    let mut problems = Vec::new();
+    if state == TaskState::Stopped {
+        // Stopped: the container and its disk stay for a restart.
+        if let Err(e) = ctx.ctd.delete_task(&cid).await {
+            problems.push(e.to_string());
+        }
+    } else {
+        problems = ctx.ctd.cleanup(&cid).await;
+        ctx.vps.forget(&cid);
+    }
     // An instance with an address is a VPS (also when adopted after a restart).
     if ctx.vps.address_of(&cid).is_some() {
         problems.extend(ctx.vps.stop_network(id, &cid).await);

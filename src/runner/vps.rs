@@ -230,8 +230,13 @@ impl VpsKit {
             Ok(h) => problems.extend(self.network.teardown(&h, cid).await),
             Err(e) => problems.push(e.to_string()),
         }
-        let _ = std::fs::remove_dir_all(self.root.join("instances").join(cid));
         problems
+    }
+
+    /// Forgets the instance's host key and files (on delete, not on stop:
+    /// a restarted VPS keeps its host key, so pinned known_hosts stay valid).
+    pub fn forget(&self, cid: &str) {
+        let _ = std::fs::remove_dir_all(self.root.join("instances").join(cid));
     }
 
     /// Adds, changes or removes one node port and rewrites the table if that changed it.

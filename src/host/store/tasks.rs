@@ -18,6 +18,7 @@ fn desired_str(d: Desired) -> &'static str {
     match d {
         Desired::Running => "running",
         Desired::Paused => "paused",
+        Desired::Stopped => "stopped",
         Desired::Killed => "killed",
     }
 }
@@ -138,7 +139,7 @@ fn nodes(c: &Connection) -> Result<Vec<NodeView>, StoreError> {
 fn reservations(c: &Connection) -> Result<Vec<Placement>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT placement FROM tasks WHERE placement IS NOT NULL
-         AND state NOT IN ('completed', 'failed', 'killed', 'killed_oom')",
+         AND state NOT IN ('stopped', 'completed', 'failed', 'killed', 'killed_oom')",
     )?;
     let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
@@ -257,6 +258,30 @@ pub(super) fn set_desired(
                 )))
             }
         }
+    } else if desired == Desired::Stopped && t.spec.kind != crate::api::Kind::Vps {
+        return Err(StoreError::Conflict(format!(
+            "task {id} is a command: only a VPS can be stopped and restarted (kill ends a command)"
+        )));
+    } else if t.state == TaskState::Stopped && desired == Desired::Running {
+        // Restart: queue it again on the node that keeps its disk.
+        let mut spec = t.spec.clone();
+        if let Some(p) = &t.placement {
+            match &mut spec.target {
+                Some(target) => target.node = p.node.clone(),
+                None => {
+                    spec.target = Some(crate::api::Target {
+                        node: p.node.clone(),
+                        numa: None,
+                        gpus: vec![],
+                    })
+                }
+            }
+        }
+        tx.execute(
+            "UPDATE tasks SET state = 'pending', desired = 'running', spec = ?2, placement = NULL,
+             reason = 'restarting', exit_code = NULL, message = NULL WHERE id = ?1",
+            params![id as i64, to_json("spec", &spec)?],
+        )?;
     } else {
         tx.execute(
             "UPDATE tasks SET desired = ?2 WHERE id = ?1",
