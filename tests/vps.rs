@@ -310,6 +310,37 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
             "{}",
             stderr(&o)
         );
+        // Nothing left: no container (nor its snapshot), no veth, no node port rule.
+        let ctr = |args: &[&str]| {
+            let o = std::process::Command::new("ctr")
+                .arg("-a")
+                .arg(&v.ctd.socket)
+                .args(["-n", "rivernode"])
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        assert_eq!(ctr(&["containers", "ls", "-q"]).trim(), "");
+        assert!(!ctr(&["snapshots", "ls"]).contains(&format!("vps-a-task-{id}")));
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&links.stdout)
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .any(|n| n.starts_with("rv") && !n.starts_with("rvt9")),
+            "no veth left"
+        );
+        wait_for("no node port left", || {
+            let nft = std::process::Command::new("nft")
+                .args(["list", "table", "inet", "rivernode"])
+                .output()
+                .unwrap();
+            (!String::from_utf8_lossy(&nft.stdout).contains("dnat ip to")).then_some(())
+        });
     });
 }
 

@@ -263,7 +263,7 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
         for a in assignments
             .tasks
             .iter()
-            .filter(|a| a.spec.kind == crate::api::Kind::Vps)
+            .filter(|a| a.spec.kind == crate::api::Kind::Vps && a.desired != Desired::Killed)
         {
             let cid = ctx.container_id(a.id);
             if let (Some(port), Some(ip)) = (a.placement.node_port, ctx.vps.address_of(&cid)) {

@@ -220,15 +220,17 @@ impl VpsKit {
         Ok(inet)
     }
 
-    /// Takes the instance's network down; returns every problem met.
+    /// Takes the instance's network down; returns every problem met. The
+    /// address goes first: the reconcile loop republishes node ports only
+    /// for instances that still have one.
     pub async fn stop_network(&self, id: u64, cid: &str) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Err(e) = self.set_port(id, None) {
-            problems.push(e);
-        }
         match crate::net::link::connect() {
             Ok(h) => problems.extend(self.network.teardown(&h, cid).await),
             Err(e) => problems.push(e.to_string()),
+        }
+        if let Err(e) = self.set_port(id, None) {
+            problems.push(e);
         }
         problems
     }
@@ -247,6 +249,7 @@ impl VpsKit {
             None => ports.remove(&id).is_some(),
         };
         if changed {
+            tracing::debug!(task = id, ?map, "node ports changed");
             self.network
                 .apply_firewall(ports.values().copied().collect())
                 .map_err(err)?;
