@@ -226,11 +226,19 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
         let Some(v) = Vps::start("vps-a") else { return };
         let id = v.create();
         assert_eq!(v.ssh_ok(&id, &["echo", "ok"]), "ok\n");
+        let status: serde_json::Value =
+            serde_json::from_slice(&v.rn(&["-o", "json", "task", "status", &id]).stdout).unwrap();
+        let key = status["ssh_host_key"]
+            .as_str()
+            .expect("the runner reports the host key")
+            .to_string();
+        assert!(key.starts_with("ssh-ed25519 "), "{key}");
+        let known = std::fs::read_to_string(&v.known_hosts).unwrap();
         assert!(
-            std::fs::read_to_string(&v.known_hosts)
-                .unwrap()
-                .contains("ssh-ed25519"),
-            "the host key is pinned"
+            known
+                .lines()
+                .any(|l| l == format!("rivernode-vps-{id} {key}")),
+            "the reported key is pinned: {known}"
         );
 
         // ssh config entries work with stock ssh and scp (files in and back, bytes identical).
@@ -531,7 +539,7 @@ fn stop_keeps_the_disk_and_restart_brings_it_back_key_only() {
         let o = v.rn(&["vps", "restart", &id]);
         assert!(o.status.success(), "{}", stderr(&o));
         v.wait_state(&id, "running");
-        // Same disk, same host key (the pinned known_hosts entry still matches).
+        // Same disk, same host key (the pinned known_hosts entry still matches; ssh checks strictly).
         assert_eq!(v.ssh_ok(&id, &["cat", "/root/data"]), "keep\n");
         let o = v.rn(&[
             "ssh",

@@ -201,6 +201,9 @@ pub struct TaskView {
     pub submitted_at_unix_ms: i64,
     pub started_at_unix_ms: Option<i64>,
     pub finished_at_unix_ms: Option<i64>,
+    /// A VPS's SSH host key as its runner reported it.
+    #[serde(default)]
+    pub ssh_host_key: Option<String>,
 }
 
 /// What a runner must converge to for one task.
@@ -227,6 +230,9 @@ pub struct TaskReport {
     pub state: TaskState,
     pub exit_code: Option<i32>,
     pub message: Option<String>,
+    /// A VPS's SSH host key (`ssh-ed25519 AAAA...`), so clients can pin it.
+    #[serde(default)]
+    pub ssh_host_key: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -81,7 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     key,
                     known_hosts,
                 }) => vps::ssh_config(&client, data_dir.as_deref(), file, key, known_hosts).await,
-                None => vps::ssh(&client, cmd.login),
+                None => vps::ssh(&client, cmd.login).await,
             }
         }
         Command::SshProxyCommand { id } => {

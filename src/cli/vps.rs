@@ -156,12 +156,21 @@ async fn lifecycle(client: &Client, id: u64, verb: &str, output: Output) -> anyh
 
 /// Runs stock ssh with rivernode as its ProxyCommand; the token travels in
 /// the environment, not on a command line other users could read.
-pub fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
+pub async fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
     let Some(id) = a.id else {
         bail!("which VPS? rivernode ssh <id> (rivernode vps list shows them)");
     };
     let exe = std::env::current_exe().context("locating the rivernode binary")?;
     let known = known_hosts(a.known_hosts.clone())?;
+    let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+    // The key the runner reported is pinned; without one (an older runner), trust on first use.
+    let checking = match &t.ssh_host_key {
+        Some(key) => {
+            pin_host_key(&known, id, key)?;
+            "yes"
+        }
+        None => "accept-new",
+    };
     let mut cmd = std::process::Command::new("ssh");
     cmd.env("RIVERNODE_HOST", &client.base)
         .env("RIVERNODE_TOKEN", client.token())
@@ -173,12 +182,9 @@ pub fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known.display()))
         // The first connection records the instance's key; a changed key is refused.
-        .args([
-            "-o",
-            "StrictHostKeyChecking=accept-new",
-            "-o",
-            "PasswordAuthentication=no",
-        ])
+        .arg("-o")
+        .arg(format!("StrictHostKeyChecking={checking}"))
+        .args(["-o", "PasswordAuthentication=no"])
         .args(["-o", &format!("HostKeyAlias=rivernode-vps-{id}")]);
     if let Some(k) = &a.key {
         cmd.arg("-i").arg(k).args(["-o", "IdentitiesOnly=yes"]);
@@ -189,6 +195,17 @@ pub fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
         .status()
         .context("running ssh (install openssh-client)")?;
     std::process::exit(status.code().unwrap_or(255));
+}
+
+/// Makes `known` hold exactly `key` for `rivernode-vps-<id>`.
+fn pin_host_key(known: &Path, id: u64, key: &str) -> anyhow::Result<()> {
+    let alias = format!("rivernode-vps-{id} ");
+    let text = std::fs::read_to_string(known).unwrap_or_default();
+    let mut lines: Vec<&str> = text.lines().filter(|l| !l.starts_with(&alias)).collect();
+    let entry = format!("{alias}{key}");
+    lines.push(&entry);
+    std::fs::write(known, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", known.display()))
 }
 
 fn known_hosts(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -223,9 +240,13 @@ pub async fn ssh_config(
         .map(|d| format!(" --data-dir {}", shell_quote(d)))
         .unwrap_or_default();
     for t in all.iter().filter(|t| t.spec.kind == Kind::Vps) {
+        if let Some(key) = &t.ssh_host_key {
+            pin_host_key(&known, t.id, key)?;
+        }
         out.push_str(&format!(
-            "\nHost rivernode-vps-{id}\n  User root\n  ProxyCommand {exe}{dd} ssh-proxy-command {id}\n  HostKeyAlias rivernode-vps-{id}\n  UserKnownHostsFile {known}\n  StrictHostKeyChecking accept-new\n  PasswordAuthentication no\n",
+            "\nHost rivernode-vps-{id}\n  User root\n  ProxyCommand {exe}{dd} ssh-proxy-command {id}\n  HostKeyAlias rivernode-vps-{id}\n  UserKnownHostsFile {known}\n  StrictHostKeyChecking {checking}\n  PasswordAuthentication no\n",
             id = t.id,
+            checking = if t.ssh_host_key.is_some() { "yes" } else { "accept-new" },
             exe = shell_quote(&exe),
             known = known.display(),
         ));

@@ -56,7 +56,6 @@ impl TaskContext {
         )
     }
 
-    /// Reports until the host has it (or refuses it for good); gives up only at `stop`.
     async fn report(
         &self,
         id: u64,
@@ -69,7 +68,14 @@ impl TaskContext {
             state,
             exit_code,
             message,
+            ssh_host_key: None,
         };
+        self.send_report(id, body, stop).await
+    }
+
+    /// Reports until the host has it (or refuses it for good); gives up only at `stop`.
+    async fn send_report(&self, id: u64, body: TaskReport, stop: &watch::Receiver<bool>) {
+        let state = body.state;
         let mut backoff = Duration::from_millis(200);
         loop {
             let r = self
@@ -489,7 +495,13 @@ async fn supervise(
         match started {
             Ok(pid) => {
                 tracing::info!(task = id, pid, "task started");
-                ctx.report(id, TaskState::Running, None, None, &stop).await;
+                let report = TaskReport {
+                    state: TaskState::Running,
+                    exit_code: None,
+                    message: None,
+                    ssh_host_key: if is_vps { ctx.vps.host_key(&cid) } else { None },
+                };
+                ctx.send_report(id, report, &stop).await;
             }
             Err(message) => {
                 tracing::warn!(task = id, "task failed to start: {message}");

@@ -257,6 +257,20 @@ impl VpsKit {
         Ok(())
     }
 
+    /// The instance's public host key (`ssh-ed25519 AAAA...`), for clients to pin.
+    pub fn host_key(&self, cid: &str) -> Option<String> {
+        let key = self.root.join("instances").join(cid).join("hostkey");
+        let o = Command::new("dropbearkey")
+            .args(["-y", "-f"])
+            .arg(&key)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        text.lines()
+            .find(|l| l.starts_with("ssh-"))
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+    }
+
     /// The address IPAM gave an instance, if it has one.
     pub fn address_of(&self, cid: &str) -> Option<std::net::Ipv4Addr> {
         self.network.ipam.leases().ok()?.get(cid).copied()

@@ -143,6 +143,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX tasks_by_node ON tasks(node);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta (key, value) VALUES ('revision', 0);",
+    // 3: the SSH host key a VPS's runner reported.
+    "ALTER TABLE tasks ADD COLUMN ssh_host_key TEXT;",
 ];
 
 pub struct SqliteStore {

@@ -12,7 +12,7 @@ use crate::api::{
 };
 use crate::host::scheduler::{self, Decision};
 
-const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms";
+const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms, ssh_host_key";
 
 fn desired_str(d: Desired) -> &'static str {
     match d {
@@ -39,6 +39,7 @@ type Raw = (
     i64,
     Option<i64>,
     Option<i64>,
+    Option<String>,
 );
 
 fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
@@ -54,6 +55,7 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
         r.get(8)?,
         r.get(9)?,
         r.get(10)?,
+        r.get(11)?,
     ))
 }
 
@@ -70,6 +72,7 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         submitted,
         started,
         finished,
+        ssh_host_key,
     ) = raw;
     let parse_state = |s: &str| {
         s.parse::<TaskState>().map_err(|e| StoreError::Json {
@@ -93,6 +96,7 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         submitted_at_unix_ms: submitted,
         started_at_unix_ms: started,
         finished_at_unix_ms: finished,
+        ssh_host_key,
     })
 }
 
@@ -348,9 +352,10 @@ pub(super) fn report(
     let finished = r.state.is_final().then_some(now_ms);
     tx.execute(
         "UPDATE tasks SET state = ?2, exit_code = COALESCE(?3, exit_code), message = COALESCE(?4, message),
-         started_at_ms = COALESCE(started_at_ms, ?5), finished_at_ms = COALESCE(?6, finished_at_ms)
+         started_at_ms = COALESCE(started_at_ms, ?5), finished_at_ms = COALESCE(?6, finished_at_ms),
+         ssh_host_key = COALESCE(?7, ssh_host_key)
          WHERE id = ?1",
-        params![id as i64, r.state.as_str(), r.exit_code, r.message, started, finished],
+        params![id as i64, r.state.as_str(), r.exit_code, r.message, started, finished, r.ssh_host_key],
     )?;
     bump(&tx)?;
     let view = query(&tx, "WHERE id = ?1", &[&(id as i64)])?.remove(0);
@@ -413,6 +418,7 @@ mod tests {
             &TaskReport {
                 state,
                 exit_code: None,
+                ssh_host_key: None,
                 message: None,
             },
             1,
@@ -530,6 +536,7 @@ mod tests {
                 &TaskReport {
                     state: TaskState::Running,
                     exit_code: None,
+                    ssh_host_key: None,
                     message: None,
                 },
                 0,
@@ -543,6 +550,7 @@ mod tests {
                 &TaskReport {
                     state: TaskState::Failed,
                     exit_code: Some(3),
+                    ssh_host_key: None,
                     message: Some("exit 3".into()),
                 },
                 9,
