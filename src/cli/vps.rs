@@ -181,7 +181,7 @@ pub async fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
         ))
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known.display()))
-        // The first connection records the instance's key; a changed key is refused.
+        // The key the runner reported, pinned above; a different key is refused.
         .arg("-o")
         .arg(format!("StrictHostKeyChecking={checking}"))
         .args(["-o", "PasswordAuthentication=no"])
