@@ -123,6 +123,19 @@ impl Containerd {
             ))
             .await
             .map_err(OciError::rpc(format!("create container {id}")))?;
+        self.start_task(id, rootfs, stdout, stderr).await
+    }
+
+    /// Creates and starts the container's task with stdio going to shim URIs
+    /// (file://, binary://) that the shim opens itself, so logs keep flowing
+    /// while the runner restarts.
+    async fn start_task(
+        &self,
+        id: &str,
+        rootfs: Vec<containerd_client::types::Mount>,
+        stdout: &str,
+        stderr: &str,
+    ) -> Result<u32, OciError> {
         let mut tasks = TasksClient::new(self.channel());
         let created = tasks
             .create(self.req(
@@ -130,8 +143,6 @@ impl Containerd {
                     container_id: id.into(),
                     rootfs,
                     stdin: String::new(),
-                    // URIs the shim opens itself (file://, binary://): logs keep
-                    // flowing while the runner restarts.
                     stdout: stdout.to_string(),
                     stderr: stderr.to_string(),
                     terminal: false,
@@ -187,36 +198,7 @@ impl Containerd {
                 None,
             ))
             .await;
-        let mut tasks = TasksClient::new(self.channel());
-        let created = tasks
-            .create(self.req(
-                CreateTaskRequest {
-                    container_id: id.into(),
-                    rootfs,
-                    stdin: String::new(),
-                    stdout: stdout.to_string(),
-                    stderr: stderr.to_string(),
-                    terminal: false,
-                    checkpoint: None,
-                    options: None,
-                    runtime_path: String::new(),
-                },
-                None,
-            ))
-            .await
-            .map_err(OciError::rpc(format!("create task {id}")))?
-            .into_inner();
-        tasks
-            .start(self.req(
-                StartRequest {
-                    container_id: id.into(),
-                    exec_id: String::new(),
-                },
-                None,
-            ))
-            .await
-            .map_err(OciError::rpc(format!("start task {id}")))?;
-        Ok(created.pid)
+        self.start_task(id, rootfs, stdout, stderr).await
     }
 
     /// Whether the container record exists.
