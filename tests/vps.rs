@@ -170,17 +170,20 @@ impl Vps {
 
     /// Creates a busybox VPS with a generated key; returns its id once running.
     fn create(&self) -> String {
-        let o = self.rn(&[
-            "-o",
-            "json",
-            "vps",
-            "create",
-            "--container",
-            "busybox",
-            "--gen-ssh-key",
-            "--key-out-file",
-            self.key.to_str().unwrap(),
-        ]);
+        // The first VPS generates the key; later ones take its public half.
+        let public = self.key.with_extension("pub");
+        let key_args: Vec<&str> = if self.key.exists() {
+            vec!["--public-key-file", public.to_str().unwrap()]
+        } else {
+            vec![
+                "--gen-ssh-key",
+                "--key-out-file",
+                self.key.to_str().unwrap(),
+            ]
+        };
+        let mut args = vec!["-o", "json", "vps", "create", "--container", "busybox"];
+        args.extend(key_args);
+        let o = self.rn(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
             .as_u64()
@@ -552,5 +555,55 @@ fn stop_keeps_the_disk_and_restart_brings_it_back_key_only() {
         assert!(!o.status.success(), "still key-only after a restart");
         v.rn(&["vps", "delete", &id]);
         v.wait_state(&id, "killed");
+    });
+}
+
+#[test]
+fn a_restarted_runner_keeps_stopped_instances_and_cleans_up_vanished_ones() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(mut v) = Vps::start("vps-e") else {
+            return;
+        };
+        let kept = v.create();
+        v.ssh_ok(&kept, &["echo keep > /root/data"]);
+        let gone = v.create();
+        v.ssh_ok(&gone, &["true"]);
+        v.rn(&["vps", "stop", &kept]);
+        v.wait_state(&kept, "stopped");
+        // The runner crashes; meanwhile one instance's container disappears.
+        v.runner.as_mut().unwrap().kill();
+        let ctr = |args: &[&str]| {
+            std::process::Command::new("ctr")
+                .arg("-a")
+                .arg(&v.ctd.socket)
+                .args(["-n", "rivernode"])
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let gone_cid = format!("vps-e-task-{gone}");
+        ctr(&["task", "kill", "-s", "SIGKILL", &gone_cid]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        ctr(&["task", "rm", "-f", &gone_cid]);
+        ctr(&["containers", "rm", &gone_cid]);
+        v.start_runner();
+        // The vanished one's network is taken down and the host hears it failed.
+        let runner = v.runner_data();
+        wait_for("the vanished instance's network gone", || {
+            let leases =
+                std::fs::read_to_string(runner.join("runner/ipam.json")).unwrap_or_default();
+            (!leases.contains(&gone_cid)).then_some(())
+        });
+        wait_for("the vanished instance reported", || {
+            (v.state(&gone) == "failed").then_some(())
+        });
+        // The stopped one kept its disk through the crash.
+        assert_eq!(v.state(&kept), "stopped");
+        v.rn(&["vps", "restart", &kept]);
+        v.wait_state(&kept, "running");
+        assert_eq!(v.ssh_ok(&kept, &["cat", "/root/data"]), "keep\n");
     });
 }

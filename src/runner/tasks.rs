@@ -212,6 +212,7 @@ struct Running {
 pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<bool>) {
     let mut running: HashMap<u64, Running> = HashMap::new();
     let mut ended: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    reconcile_networks(&ctx).await;
     adopt(&ctx, &mut running, &stop).await;
     let mut revision: Option<u64> = None;
     loop {
@@ -377,6 +378,45 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
     }
 }
 
+/// After a crash: instance networks whose container is gone are taken down,
+/// and the nftables table is rebuilt (the node ports of live instances come
+/// back with the first assignments).
+async fn reconcile_networks(ctx: &Arc<TaskContext>) {
+    let live: std::collections::HashSet<String> = match ctx
+        .ctd
+        .containers_with_label(TASK_LABEL)
+        .await
+    {
+        Ok(f) => f.into_iter().map(|(cid, _)| cid).collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list containers; instance networks left as they are");
+            return;
+        }
+    };
+    let leases = ctx.vps.network.ipam.leases().unwrap_or_default();
+    if leases.is_empty() {
+        // This node has no instances: its firewall is not ours to touch.
+        return;
+    }
+    for cid in leases.into_keys() {
+        if !live.contains(&cid) {
+            tracing::info!(instance = %cid, "removing the network of a vanished instance");
+            match crate::net::link::connect() {
+                Ok(h) => {
+                    let problems = ctx.vps.network.teardown(&h, &cid).await;
+                    if !problems.is_empty() {
+                        tracing::warn!(instance = %cid, ?problems, "network cleanup left problems");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "netlink"),
+            }
+        }
+    }
+    if let Err(e) = ctx.vps.network.apply_firewall(vec![]) {
+        tracing::warn!(error = %e, "cannot rebuild the nftables table");
+    }
+}
+
 /// Re-adopts task containers an earlier runner started.
 async fn adopt(
     ctx: &Arc<TaskContext>,
@@ -396,6 +436,9 @@ async fn adopt(
         };
         let desired = match ctx.ctd.status(&cid).await {
             Ok(TaskStatus::Paused) => Desired::Paused,
+            // No task in it: a stopped VPS keeping its disk. The assignments
+            // say whether it restarts or goes.
+            Ok(TaskStatus::Absent) => continue,
             _ => Desired::Running,
         };
         tracing::info!(task = id, container = %cid, "re-adopting task container");
