@@ -229,6 +229,16 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
         let Some(v) = Vps::start("vps-a") else { return };
         let id = v.create();
         assert_eq!(v.ssh_ok(&id, &["echo", "ok"]), "ok\n");
+        // The instance has a resolver configuration and a hosts file of its own.
+        let resolv = v.ssh_ok(&id, &["cat", "/etc/resolv.conf", "/etc/hosts"]);
+        assert!(
+            resolv.contains("nameserver ") && !resolv.contains("nameserver 127."),
+            "{resolv}"
+        );
+        assert!(
+            resolv.contains("localhost") && resolv.contains(&format!("vps-a-task-{id}")),
+            "{resolv}"
+        );
         let status: serde_json::Value =
             serde_json::from_slice(&v.rn(&["-o", "json", "task", "status", &id]).stdout).unwrap();
         let key = status["ssh_host_key"]

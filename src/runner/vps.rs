@@ -23,6 +23,8 @@ pub struct VpsKit {
     root: PathBuf,
     dropbear: PathBuf,
     sftp_server: PathBuf,
+    /// The node's resolver configuration, copied into instances.
+    resolv_source: PathBuf,
     /// Node ports of the instances running here, by task id.
     ports: Mutex<BTreeMap<u64, PortMap>>,
     bundle: Mutex<Option<PathBuf>>,
@@ -30,6 +32,31 @@ pub struct VpsKit {
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
+}
+
+/// The node's nameservers for an instance. Loopback resolvers (a local
+/// systemd-resolved or dnsmasq) are unreachable from an instance's namespace,
+/// so they are left out; with none left, a public resolver is named.
+fn resolv_conf(source: &Path) -> String {
+    let text = std::fs::read_to_string(source).unwrap_or_default();
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next()) {
+                (Some("nameserver"), Some(ip)) => ip
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| !ip.is_loopback()),
+                (Some("search" | "options" | "domain"), _) => true,
+                _ => false,
+            }
+        })
+        .map(str::to_string)
+        .collect();
+    if !out.iter().any(|l| l.starts_with("nameserver")) {
+        out.push("nameserver 1.1.1.1".into());
+    }
+    out.join("\n") + "\n"
 }
 
 /// Copies `bin` to `dir/name`, the libraries `ldd` lists to `dir/lib`, and
@@ -85,6 +112,7 @@ impl VpsKit {
             root,
             dropbear: config.dropbear.clone(),
             sftp_server: PathBuf::from("/usr/lib/openssh/sftp-server"),
+            resolv_source: PathBuf::from("/etc/resolv.conf"),
             ports: Mutex::new(BTreeMap::new()),
             bundle: Mutex::new(None),
         })
@@ -143,6 +171,12 @@ impl VpsKit {
             }
         }
         std::fs::write(dir.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").map_err(err)?;
+        std::fs::write(dir.join("resolv.conf"), resolv_conf(&self.resolv_source)).map_err(err)?;
+        std::fs::write(
+            dir.join("hosts"),
+            format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{cid}\n"),
+        )
+        .map_err(err)?;
         let ak = dir.join("authorized_keys");
         std::fs::write(&ak, keys.join("\n") + "\n").map_err(err)?;
         std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
@@ -191,6 +225,8 @@ impl VpsKit {
             ro(files.clone(), INSTANCE_DIR),
             ro(files.join("passwd"), "/etc/passwd"),
             ro(files.join("authorized_keys"), "/root/.ssh/authorized_keys"),
+            ro(files.join("resolv.conf"), "/etc/resolv.conf"),
+            ro(files.join("hosts"), "/etc/hosts"),
         ];
         if bundle.join("sftp-wrapper").exists() {
             mounts.push(ro(bundle.join("sftp-wrapper"), "/usr/lib/sftp-server"));
@@ -274,5 +310,22 @@ impl VpsKit {
     /// The address IPAM gave an instance, if it has one.
     pub fn address_of(&self, cid: &str) -> Option<std::net::Ipv4Addr> {
         self.network.ipam.leases().ok()?.get(cid).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_resolvers_are_not_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("resolv.conf");
+        std::fs::write(
+            &f,
+            "# comment\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch lab\n",
+        )
+        .unwrap();
+        assert_eq!(super::resolv_conf(&f), "nameserver 10.0.0.2\nsearch lab\n");
+        std::fs::write(&f, "nameserver 127.0.0.53\n").unwrap();
+        assert_eq!(super::resolv_conf(&f), "nameserver 1.1.1.1\n");
     }
 }
