@@ -140,6 +140,15 @@ fn to_descriptor(d: &Desc) -> Descriptor {
     }
 }
 
+/// The linux/amd64 entry of an image index.
+pub(super) fn linux_amd64(index: &Index) -> Option<&Desc> {
+    index.manifests.iter().find(|m| {
+        m.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+    })
+}
+
 /// An archive unpacked into a private temporary directory.
 pub(super) struct Layout {
     pub(super) dir: PathBuf,
@@ -218,14 +227,7 @@ fn read_layout(archive: &Path, scratch: &Path) -> Result<Layout, OciError> {
             .map_err(|e| archive_err(archive, format!("index.json: {e}")))?;
         // Descend through nested indexes to a linux/amd64 (or the only) manifest.
         let manifest = loop {
-            let pick = index
-                .manifests
-                .iter()
-                .find(|m| {
-                    m.platform
-                        .as_ref()
-                        .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-                })
+            let pick = linux_amd64(&index)
                 .or_else(|| index.manifests.first())
                 .cloned()
                 .ok_or_else(|| archive_err(archive, "index.json lists no manifest"))?;

@@ -10,7 +10,8 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::import::{
-    Desc, Index, Layout, Manifest, INDEX_DOCKER, INDEX_OCI, MANIFEST_DOCKER, MANIFEST_OCI,
+    linux_amd64, Desc, Index, Layout, Manifest, INDEX_DOCKER, INDEX_OCI, MANIFEST_DOCKER,
+    MANIFEST_OCI,
 };
 use super::{Containerd, ImportedImage, OciError};
 
@@ -260,14 +261,7 @@ impl Containerd {
             if media_type == INDEX_OCI || media_type == INDEX_DOCKER {
                 let index: Index = serde_json::from_slice(&bytes)
                     .map_err(|e| reg_err(&r, format!("index: {e}")))?;
-                let pick = index
-                    .manifests
-                    .iter()
-                    .find(|m| {
-                        m.platform
-                            .as_ref()
-                            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-                    })
+                let pick = linux_amd64(&index)
                     .ok_or_else(|| reg_err(&r, "no linux/amd64 image in the index"))?;
                 reference_now = pick.digest.clone();
                 continue;

@@ -376,15 +376,7 @@ impl Store for SqliteStore {
     }
 
     fn list_nodes(&self) -> Result<Vec<NodeView>, StoreError> {
-        self.with(|c| {
-            let mut stmt = c.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY name"))?;
-            let rows = stmt.query_map([], node_from_row)?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push(r??);
-            }
-            Ok(out)
-        })
+        self.with(|c| tasks::nodes(c))
     }
 
     fn get_node(&self, name: &str) -> Result<Option<NodeView>, StoreError> {

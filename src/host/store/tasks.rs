@@ -130,7 +130,7 @@ pub(super) fn revision(c: &Connection) -> Result<u64, StoreError> {
     )
 }
 
-fn nodes(c: &Connection) -> Result<Vec<NodeView>, StoreError> {
+pub(super) fn nodes(c: &Connection) -> Result<Vec<NodeView>, StoreError> {
     let mut stmt = c.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY name"))?;
     let rows = stmt.query_map([], node_from_row)?;
     let mut out = Vec::new();
