@@ -254,8 +254,9 @@ pub enum GpuCommand {
     },
 }
 
+/// What a task or VPS asks for and runs in.
 #[derive(Args, Debug)]
-pub struct SubmitArgs {
+pub struct ResourceArgs {
     /// Where: NODE[:NUMA][::GPU,GPU...] (GPUs by index, PCI address or UUID); default: automatic.
     #[arg(short = 't', long)]
     pub target: Option<String>,
@@ -274,6 +275,12 @@ pub struct SubmitArgs {
     /// Registry image reference.
     #[arg(long, value_name = "REF")]
     pub image: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub resources: ResourceArgs,
     /// Environment variable for the task.
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     pub env: Vec<String>,
@@ -334,19 +341,8 @@ pub enum EnvCommand {
 
 #[derive(Args, Debug)]
 pub struct VpsCreateArgs {
-    #[arg(short = 't', long)]
-    pub target: Option<String>,
-    #[arg(short = 'c', long, default_value_t = 1)]
-    pub cores: u32,
-    #[arg(short = 'm', long)]
-    pub memory: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    pub gpus: u32,
-    /// Environment: SHARED_DIR/environments/<ENV>.tar.
-    #[arg(long, value_name = "ENV", conflicts_with = "image")]
-    pub container: Option<String>,
-    #[arg(long, value_name = "REF")]
-    pub image: Option<String>,
+    #[command(flatten)]
+    pub resources: ResourceArgs,
     /// Generate an ed25519 key pair; the private key is written 0600 locally.
     #[arg(long)]
     pub gen_ssh_key: bool,

@@ -9,28 +9,45 @@ use crate::api::{
     parse_memory_size, Environments, ImageSource, MountSpec, SubmitResponse, Target, TaskSpec,
     TaskView,
 };
-use crate::cli::args::{EnvCommand, Output, SubmitArgs, TaskCommand};
+use crate::cli::args::{EnvCommand, Output, ResourceArgs, SubmitArgs, TaskCommand};
 use crate::cli::client::Client;
 use crate::cli::output::{ago, bytes, emit, emit_json, table};
 
-/// Turns the command line into a task spec, refusing bad input before anything is sent.
-pub fn spec_from_args(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
-    let target = a
+/// The part of a spec every kind shares: where, how much, in what image.
+pub fn base_spec(r: &ResourceArgs, kind: crate::api::Kind) -> anyhow::Result<TaskSpec> {
+    let target = r
         .target
         .as_deref()
         .map(|t| t.parse::<Target>())
         .transpose()?;
-    let memory_bytes = a
+    let memory_bytes = r
         .memory
         .as_deref()
         .map(parse_memory_size)
         .transpose()
         .map_err(|e| anyhow::anyhow!("-m/--memory: {e}"))?;
-    let image = match (&a.container, &a.image) {
+    let image = match (&r.container, &r.image) {
         (Some(env), None) => ImageSource::Environment(env.clone()),
-        (None, Some(r)) => ImageSource::Registry(r.clone()),
+        (None, Some(reference)) => ImageSource::Registry(reference.clone()),
         _ => bail!("say what to run in: --container ENV (an environment) or --image REF (a registry image)"),
     };
+    Ok(TaskSpec {
+        command: vec![],
+        env: BTreeMap::new(),
+        mounts: vec![],
+        image,
+        cores: r.cores,
+        memory_bytes,
+        gpu_count: r.gpus,
+        target,
+        kind,
+        ssh_keys: vec![],
+    })
+}
+
+/// Turns the command line into a task spec, refusing bad input before anything is sent.
+pub fn spec_from_args(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
+    let base = base_spec(&a.resources, crate::api::Kind::Command)?;
     let mut env = BTreeMap::new();
     for kv in &a.env {
         let (k, v) = kv
@@ -59,13 +76,7 @@ pub fn spec_from_args(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
         command: a.command.clone(),
         env,
         mounts,
-        image,
-        cores: a.cores,
-        memory_bytes,
-        gpu_count: a.gpus,
-        target,
-        kind: crate::api::Kind::Command,
-        ssh_keys: vec![],
+        ..base
     })
 }
 

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::api::{
-    parse_memory_size, ImageSource, Kind, SubmitResponse, Target, TaskSpec, TaskView, WhoAmI,
-};
+use crate::api::{Kind, SubmitResponse, TaskSpec, TaskView, WhoAmI};
 use crate::cli::args::{Output, SshArgs, VpsCommand, VpsCreateArgs};
 use crate::cli::client::Client;
 use crate::cli::output::{emit, emit_json, table};
@@ -66,31 +64,9 @@ fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
 pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         VpsCommand::Create(a) => {
-            let image = match (&a.container, &a.image) {
-                (Some(env), None) => ImageSource::Environment(env.clone()),
-                (None, Some(r)) => ImageSource::Registry(r.clone()),
-                _ => bail!("say what to run: --container ENV or --image REF"),
-            };
             let spec = TaskSpec {
-                command: vec![],
-                env: Default::default(),
-                mounts: vec![],
-                image,
-                cores: a.cores,
-                memory_bytes: a
-                    .memory
-                    .as_deref()
-                    .map(parse_memory_size)
-                    .transpose()
-                    .map_err(|e| anyhow::anyhow!("-m/--memory: {e}"))?,
-                gpu_count: a.gpus,
-                target: a
-                    .target
-                    .as_deref()
-                    .map(|t| t.parse::<Target>())
-                    .transpose()?,
-                kind: Kind::Vps,
                 ssh_keys: keys(&a)?,
+                ..crate::cli::task::base_spec(&a.resources, Kind::Vps)?
             };
             let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
             match output {
