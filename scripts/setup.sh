@@ -31,6 +31,8 @@ if [ "$want_test" = 1 ]; then
     # Task tests: images are built at test time with umoci, converted and pushed
     # to a loopback registry with skopeo.
     packages+=(umoci skopeo docker-registry iproute2)
+    # The VPS test of an image with its own sshd builds Debian with debootstrap.
+    packages+=(debootstrap)
 fi
 
 missing=()

@@ -140,6 +140,9 @@ layered_config! {
         liveness_check_interval: HumanDuration = HumanDuration(Duration::from_secs(1)),
         /// Cluster-shared directory, the same on every node: environments/<name>.tar live here.
         shared_dir: PathBuf = PathBuf::from("/mnt/cluster-share"),
+        /// Whether tasks and VPS may ask for `--privileged` (every capability,
+        /// no masked /proc and /sys paths): a privileged instance can take over its node.
+        allow_privileged: bool = false,
     }
 }
 

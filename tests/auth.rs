@@ -78,6 +78,62 @@ async fn host_api_requires_a_valid_token_with_the_right_role() {
         body["error"].as_str().unwrap().contains("runner_url"),
         "{body}"
     );
+
+    // Users: the admin adds them; a user token reaches tasks, not the cluster's administration.
+    for (body, field) in [
+        (serde_json::json!({"name": "Bad Name"}), "name"),
+        (serde_json::json!({"name": "admin"}), "admin"),
+        (serde_json::json!({"nom": "x"}), "nom"),
+    ] {
+        let (s, b) = call(
+            M::POST,
+            &format!("{url}/api/users"),
+            Some(&admin),
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+        assert!(b["error"].as_str().unwrap().contains(field), "{b}");
+    }
+    let (s, b) = call(
+        M::POST,
+        &format!("{url}/api/users"),
+        Some(&admin),
+        Some(serde_json::json!({"name": "carol"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let carol = b["token"].as_str().unwrap().to_string();
+    assert!(carol.starts_with("rnusr_"), "{carol}");
+    let (s, _) = call(
+        M::POST,
+        &format!("{url}/api/users"),
+        Some(&admin),
+        Some(serde_json::json!({"name": "carol"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "a taken name");
+    let (s, b) = call(M::GET, &format!("{url}/api/whoami"), Some(&carol), None).await;
+    assert_eq!(
+        (s, b["role"].as_str(), b["user"].as_str()),
+        (StatusCode::OK, Some("user"), Some("carol"))
+    );
+    for (method, path) in [
+        (M::GET, "/api/nodes"),
+        (M::GET, "/api/users"),
+        (M::POST, "/api/users"),
+        (M::DELETE, "/api/users/carol"),
+        (M::DELETE, "/api/nodes/x"),
+        (M::POST, "/api/nodes/register"),
+    ] {
+        let (s, _) = call(method, &format!("{url}{path}"), Some(&carol), None).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path} with a user token");
+    }
+    let (s, b) = call(M::GET, &format!("{url}/api/tasks"), Some(&carol), None).await;
+    assert_eq!((s, b), (StatusCode::OK, serde_json::json!([])));
+    // The join token cannot reach tasks.
+    let (s, _) = call(M::GET, &format!("{url}/api/tasks"), Some(&join), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -31,6 +31,7 @@ fn input(id: &str, args: &[&str], memory: Option<u64>) -> RuntimeSpecInput {
         pids_max: 256,
         cgroups_path: format!("/rivernode-test/{id}"),
         netns: None,
+        privileged: None,
     }
 }
 
@@ -42,7 +43,17 @@ async fn run(
     args: &[&str],
     memory: Option<u64>,
 ) -> (u32, bool, String) {
-    let spec = build_spec(&img.config, &input(id, args, memory)).unwrap();
+    run_input(c, img, dir, input(id, args, memory)).await
+}
+
+async fn run_input(
+    c: &Containerd,
+    img: &ImportedImage,
+    dir: &Path,
+    input: RuntimeSpecInput,
+) -> (u32, bool, String) {
+    let id = input.hostname.as_str();
+    let spec = build_spec(&img.config, &input).unwrap();
     // file:// puts stdout and stderr in one file (the runner uses its log driver instead).
     let out = dir.join(format!("{id}.out"));
     let uri = format!("file://{}", out.display());
@@ -104,6 +115,36 @@ async fn environments_run_on_real_containerd() {
     )
     .await;
     assert_eq!((code, oom), (3, false));
+
+    // root's capabilities: Docker's default set, or all of them when privileged.
+    let cap_eff = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap()
+    };
+    let caps = ["sh", "-c", "cat /proc/self/status"];
+    let (_, _, out) = run(&c, &img, work.path(), &uid("t-caps"), &caps, None).await;
+    let plain = cap_eff(&out);
+    assert_eq!(plain.count_ones(), 14, "{plain:x}");
+    assert_eq!(plain & (1 << 21), 0, "no CAP_SYS_ADMIN");
+    let bound = rivernode::oci::capability_bound(Path::new("/proc")).unwrap();
+    let privileged = RuntimeSpecInput {
+        privileged: Some(bound),
+        ..input(&uid("t-priv"), &caps, None)
+    };
+    let (_, _, out) = run_input(&c, &img, work.path(), privileged).await;
+    let all = cap_eff(&out);
+    assert_ne!(all & (1 << 21), 0, "CAP_SYS_ADMIN when privileged: {all:x}");
+    assert_eq!(all, bound & ((1 << 41) - 1), "all that the runtime holds");
+
+    // Files in the image are found in its layers without mounting it.
+    let found = c
+        .find_in_image(&img, &["/bin/busybox", "/usr/sbin/sshd"])
+        .await
+        .unwrap();
+    assert!(rivernode::oci::rootfs::is_file(&found[0]), "{found:?}");
+    assert!(found[1].is_none(), "busybox has no sshd: {found:?}");
 
     // 32 MiB limit, 100 MB string: the kernel's OOM killer ends it and the cgroup says so.
     let (code, oom, _) = run(

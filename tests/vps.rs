@@ -185,10 +185,7 @@ impl Vps {
         args.extend(key_args);
         let o = self.rn(&args);
         assert!(o.status.success(), "{}", stderr(&o));
-        let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
-            .as_u64()
-            .unwrap()
-            .to_string();
+        let id = created_id(&o);
         self.wait_state(&id, "running");
         id
     }
@@ -207,6 +204,55 @@ impl Vps {
         self.rn(&a)
     }
 
+    /// Writes `rivernode ssh config` entries (with the test's key) to `dir/name`.
+    fn ssh_config(&self, name: &str) -> PathBuf {
+        let cfg = self.dir.path().join(name);
+        let o = self.rn(&[
+            "ssh",
+            "config",
+            "--file",
+            cfg.to_str().unwrap(),
+            "-i",
+            self.key.to_str().unwrap(),
+            "--known-hosts",
+            self.known_hosts.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        cfg
+    }
+
+    /// Runs stock `ssh`/`scp` with the entries of `cfg`; its stdout.
+    fn with_config(cfg: &std::path::Path, args: &[&str]) -> String {
+        let o = std::process::Command::new(args[0])
+            .args(["-F", cfg.to_str().unwrap(), "-o", "BatchMode=yes"])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// scp of `bytes` to `remote` on `entry` and back; the copy that came back.
+    fn scp_round_trip(
+        &self,
+        cfg: &std::path::Path,
+        entry: &str,
+        remote: &str,
+        bytes: &[u8],
+    ) -> Vec<u8> {
+        let src = self.dir.path().join("payload");
+        std::fs::write(&src, bytes).unwrap();
+        let back = self.dir.path().join("payload.back");
+        let there = format!("{entry}:{remote}");
+        Self::with_config(cfg, &["scp", "-q", src.to_str().unwrap(), &there]);
+        Self::with_config(cfg, &["scp", "-q", &there, back.to_str().unwrap()]);
+        std::fs::read(&back).unwrap()
+    }
+
     /// Retries while dropbear starts up.
     fn ssh_ok(&self, id: &str, cmd: &[&str]) -> String {
         wait_for("ssh", || {
@@ -214,6 +260,13 @@ impl Vps {
             o.status.success().then(|| stdout(&o))
         })
     }
+}
+
+/// The id in `vps create -o json`'s answer.
+fn created_id(o: &Output) -> String {
+    assert!(o.status.success(), "{}", stderr(o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    r["id"].as_u64().unwrap().to_string()
 }
 
 fn node_of(host_data: &std::path::Path, name: &str) -> Option<()> {
@@ -255,52 +308,19 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
         );
 
         // ssh config entries work with stock ssh and scp (files in and back, bytes identical).
-        let cfg = v.dir.path().join("ssh_config");
-        let o = v.rn(&[
-            "ssh",
-            "config",
-            "--file",
-            cfg.to_str().unwrap(),
-            "-i",
-            v.key.to_str().unwrap(),
-            "--known-hosts",
-            v.known_hosts.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        let cfg = v.ssh_config("ssh_config");
         let entry = format!("rivernode-vps-{id}");
-        let run = |args: &[&str]| {
-            let o = std::process::Command::new(args[0])
-                .args(["-F", cfg.to_str().unwrap(), "-o", "BatchMode=yes"])
-                .args(&args[1..])
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            String::from_utf8_lossy(&o.stdout).into_owned()
-        };
-        assert_eq!(run(&["ssh", &entry, "echo", "via-config"]), "via-config\n");
+        assert_eq!(
+            Vps::with_config(&cfg, &["ssh", &entry, "echo", "via-config"]),
+            "via-config\n"
+        );
         let data: Vec<u8> = (0..(1u32 << 20))
             .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
             .collect();
-        let src = v.dir.path().join("payload");
-        std::fs::write(&src, &data).unwrap();
-        let back = v.dir.path().join("payload.back");
-        run(&[
-            "scp",
-            "-q",
-            src.to_str().unwrap(),
-            &format!("{entry}:/tmp/payload"),
-        ]);
-        run(&[
-            "scp",
-            "-q",
-            &format!("{entry}:/tmp/payload"),
-            back.to_str().unwrap(),
-        ]);
-        assert!(std::fs::read(&back).unwrap() == data, "scp round trip");
+        assert!(
+            v.scp_round_trip(&cfg, &entry, "/tmp/payload", &data) == data,
+            "scp round trip"
+        );
 
         // No key, no login: passwords are off.
         let o = v.rn(&[
@@ -615,5 +635,240 @@ fn a_restarted_runner_keeps_stopped_instances_and_cleans_up_vanished_ones() {
         v.rn(&["vps", "restart", &kept]);
         v.wait_state(&kept, "running");
         assert_eq!(v.ssh_ok(&kept, &["cat", "/root/data"]), "keep\n");
+    });
+}
+
+/// Runs the CLI with `input` on its standard input.
+fn cli_with_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("RIVERNODE_HOST")
+        .env_remove("RIVERNODE_TOKEN")
+        .env("HOME", "/nonexistent")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+impl Vps {
+    /// `rivernode ssh` with a password typed by an askpass program, no keys.
+    fn ssh_password(&self, token: &str, id: &str, password: &str, cmd: &str) -> Output {
+        let askpass = self.dir.path().join(format!("askpass-{id}"));
+        std::fs::write(&askpass, format!("#!/bin/sh\necho '{password}'\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let data = self.host_data();
+        std::process::Command::new(BIN)
+            .args(["--data-dir", data.to_str().unwrap(), "--token", token])
+            .args([
+                "ssh",
+                id,
+                "--known-hosts",
+                self.known_hosts.to_str().unwrap(),
+            ])
+            .args(["--", cmd])
+            .env("HOME", "/nonexistent")
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env_remove("RIVERNODE_HOST")
+            .env_remove("RIVERNODE_TOKEN")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn add_user(&self, name: &str) -> String {
+        let o = self.rn(&["-o", "json", "user", "add", name]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let u: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        u["token"].as_str().unwrap().to_string()
+    }
+}
+
+#[test]
+fn users_reach_only_their_own_vps_and_a_password_vps_takes_only_its_password() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-f") else { return };
+        let alice = v.add_user("alice");
+        let bob = v.add_user("bob");
+        let data = v.host_data();
+        let as_user = |token: &str, args: &[&str], input: &str| {
+            let mut a = vec!["--data-dir", data.to_str().unwrap(), "--token", token];
+            a.extend_from_slice(args);
+            cli_with_stdin(&a, input)
+        };
+        let create = ["-o", "json", "vps", "create", "--container", "busybox"];
+
+        // The operator did not allow privileged instances.
+        let o = as_user(
+            &alice,
+            &[&create[..], &["--no-ssh-key", "--privileged"]].concat(),
+            "",
+        );
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("privileged"), "{}", stderr(&o));
+        // An empty password is refused before anything is sent.
+        let o = as_user(
+            &alice,
+            &[&create[..], &["--no-ssh-key", "--password-stdin"]].concat(),
+            "\n",
+        );
+        assert!(stderr(&o).contains("empty"), "{}", stderr(&o));
+
+        let o = as_user(
+            &alice,
+            &[&create[..], &["--no-ssh-key", "--password-stdin"]].concat(),
+            "correct horse battery\n",
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let id = created_id(&o);
+        v.wait_state(&id, "running");
+        let login = wait_for("a password login", || {
+            let o = v.ssh_password(&alice, &id, "correct horse battery", "echo in");
+            o.status.success().then(|| stdout(&o))
+        });
+        assert_eq!(login, "in\n");
+        let o = v.ssh_password(&alice, &id, "wrong", "echo in");
+        assert!(!o.status.success(), "a wrong password is refused");
+
+        // Bob sees nothing of it: not in lists, not by id, not through the proxy.
+        let o = as_user(&bob, &["-o", "json", "task", "list"], "");
+        assert_eq!(stdout(&o).trim(), "[]", "{}", stderr(&o));
+        let o = as_user(&bob, &["task", "status", &id], "");
+        assert!(
+            stderr(&o).contains(&format!("no task {id}")),
+            "{}",
+            stderr(&o)
+        );
+        let o = as_user(&bob, &["vps", "stop", &id], "");
+        assert!(!o.status.success());
+        let o = as_user(&bob, &["ssh-proxy-command", &id], "");
+        assert!(
+            stderr(&o).contains(&format!("the SSH proxy said: ERROR no instance {id}")),
+            "{}",
+            stderr(&o)
+        );
+        let o = as_user(&alice, &["ssh-proxy-command", &id], "");
+        assert!(
+            stdout(&o).starts_with("SSH-2.0-"),
+            "alice's tunnel opens: {}",
+            stderr(&o)
+        );
+        // Alice and the admin see it, owned by alice, with the hash withheld.
+        let o = as_user(&alice, &["-o", "json", "task", "status", &id], "");
+        let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(t["owner"], "alice");
+        assert_eq!(t["spec"]["ssh_password_hash"], "(set)");
+        let o = v.rn(&["-o", "json", "user", "list"]);
+        let users: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(users[0]["name"], "alice");
+        assert_eq!(users[0]["active_tasks"], 1, "{users}");
+
+        // Removing bob revokes his token.
+        assert!(v.rn(&["user", "remove", "bob"]).status.success());
+        let o = as_user(&bob, &["task", "list"], "");
+        assert!(
+            stderr(&o).contains("invalid or revoked token"),
+            "{}",
+            stderr(&o)
+        );
+
+        // No key, no password, and an image without its own sshd: the VPS fails, saying why.
+        let o = as_user(&alice, &[&create[..], &["--no-ssh-key"]].concat(), "");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let bare = created_id(&o);
+        let msg = wait_for("the bare VPS to fail", || {
+            let o = v.rn(&["-o", "json", "task", "status", &bare]);
+            let t: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+            (t["state"] == "failed").then(|| t["message"].as_str().unwrap_or("").to_string())
+        });
+        assert!(msg.contains("needs an SSH key or a password"), "{msg}");
+        v.rn(&["vps", "delete", &id]);
+        v.wait_state(&id, "killed");
+    });
+}
+
+#[test]
+fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
+    if !parts_present() {
+        return;
+    }
+    let Some(debian) = common::containerd::debian_sshd_archive() else {
+        return;
+    };
+    private_namespaces(move || {
+        let Some(v) = Vps::start("vps-g") else { return };
+        std::fs::copy(&debian, v.dir.path().join("shared/environments/debian.tar")).unwrap();
+        // A key for the user, and a password too.
+        let o = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&v.key)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let data = v.host_data();
+        let o = cli_with_stdin(
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "-o",
+                "json",
+                "vps",
+                "create",
+                "--container",
+                "debian",
+                "--public-key-file",
+                v.key.with_extension("pub").to_str().unwrap(),
+                "--password-stdin",
+            ],
+            "debian pass\n",
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let id = created_id(&o);
+        v.wait_state(&id, "running");
+        // The image's own OpenSSH server answers, under our configuration.
+        let cmdline = v.ssh_ok(&id, &["tr '\\0' ' ' </proc/1/cmdline"]);
+        assert!(
+            // sshd rewrites its process title: "sshd: /usr/sbin/sshd -D ... [listener] ...".
+            cmdline.contains("/usr/sbin/sshd -D -e -f /.rivernode/instance/sshd_config"),
+            "{cmdline}"
+        );
+        let banner = v.ssh_ok(&id, &["echo $SSH_CONNECTION; cat /etc/debian_version"]);
+        assert!(
+            banner.lines().nth(1).unwrap_or("").starts_with("12"),
+            "{banner}"
+        );
+        let admin = read_trimmed(&data.join("admin.token")).unwrap();
+        let o = v.ssh_password(&admin, &id, "debian pass", "echo by-password");
+        assert_eq!(stdout(&o), "by-password\n", "{}", stderr(&o));
+        assert!(!v.ssh_password(&admin, &id, "nope", "true").status.success());
+
+        // scp (OpenSSH's internal sftp) in and back.
+        let data_bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let cfg = v.ssh_config("deb_ssh_config");
+        let entry = format!("rivernode-vps-{id}");
+        assert!(v.scp_round_trip(&cfg, &entry, "/root/payload", &data_bytes) == data_bytes);
+
+        // Stop and restart: same disk, same host key, same logins.
+        v.rn(&["vps", "stop", &id]);
+        v.wait_state(&id, "stopped");
+        v.rn(&["vps", "restart", &id]);
+        v.wait_state(&id, "running");
+        assert_eq!(v.ssh_ok(&id, &["wc -c < /root/payload"]).trim(), "300000");
+        v.rn(&["vps", "delete", &id]);
+        v.wait_state(&id, "killed");
     });
 }

@@ -106,9 +106,46 @@ pub struct Environment {
 pub struct WhoAmI {
     pub role: String,
     pub node: Option<String>,
+    /// The user a user token belongs to.
+    #[serde(default)]
+    pub user: Option<String>,
     /// The host's SSH proxy port (for `rivernode ssh`).
     #[serde(default)]
     pub ssh_proxy_port: u16,
+}
+
+/// `GET /api/users`: a user and how many of their tasks have not ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    pub name: String,
+    pub created_at_unix_ms: i64,
+    pub active_tasks: u64,
+}
+
+/// `POST /api/users`: the new user's token, shown once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewUser {
+    pub name: String,
+    pub token: String,
+}
+
+/// User names appear in logs and tables: 1–32 characters of `[a-z0-9_-]`,
+/// starting with a letter (like a Unix login name).
+pub fn validate_user_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+    if name.is_empty()
+        || name.len() > 32
+        || !name.chars().all(ok_char)
+        || !name.starts_with(|c: char| c.is_ascii_lowercase())
+    {
+        return Err(format!(
+            "user name {name:?} must be 1 to 32 lower-case letters, digits, '-' or '_', starting with a letter"
+        ));
+    }
+    if name == "admin" {
+        return Err("user name \"admin\" is taken by the cluster's admin".into());
+    }
+    Ok(())
 }
 
 /// Node names end up in URLs, file names and interface names: keep them to

@@ -158,6 +158,14 @@ pub struct TaskSpec {
     /// Public keys allowed to log in (VPS only).
     #[serde(default)]
     pub ssh_keys: Vec<String>,
+    /// root's password as a crypt(3) SHA-512 hash (`$6$...`), made by the
+    /// client: the host and runner never see the password (VPS only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_password_hash: Option<String>,
+    /// Every capability and no masked paths; refused unless the host's
+    /// operator sets `allow_privileged`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +212,9 @@ pub struct TaskView {
     /// A VPS's SSH host key as its runner reported it.
     #[serde(default)]
     pub ssh_host_key: Option<String>,
+    /// The user who submitted it; none for the admin.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// What a runner must converge to for one task.

@@ -49,6 +49,9 @@ pub enum Command {
     /// Nodes of the cluster.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Users: each has a token and sees and controls only their own tasks and VPS (admin).
+    #[command(subcommand)]
+    User(UserCommand),
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -98,6 +101,9 @@ pub struct HostArgs {
     pub liveness_check_interval: Option<HumanDuration>,
     #[arg(long, value_name = "DIR")]
     pub shared_dir: Option<PathBuf>,
+    /// Let tasks and VPS ask for --privileged (they can take over their node).
+    #[arg(long)]
+    pub allow_privileged: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -165,6 +171,9 @@ pub struct UpArgs {
     /// Time between SIGTERM and SIGKILL when a task is killed.
     #[arg(long, value_name = "DURATION")]
     pub kill_grace: Option<HumanDuration>,
+    /// Let tasks and VPS ask for --privileged (they can take over this machine).
+    #[arg(long)]
+    pub allow_privileged: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,6 +183,16 @@ pub enum NodeCommand {
     /// One node: cores, NUMA map, memory, GPUs, heartbeat, runner reachability.
     Status { name: String },
     /// Forget a node and revoke its credential.
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Add a user and print their token (shown once; only its hash is kept).
+    Add { name: String },
+    /// List users with how many of their tasks have not ended.
+    List,
+    /// Remove a user and revoke their token; their tasks stay, for the admin to end.
     Remove { name: String },
 }
 
@@ -353,6 +372,17 @@ pub struct VpsCreateArgs {
     pub public_key_file: Option<PathBuf>,
     #[arg(long, value_name = "KEY")]
     pub public_key_string: Option<String>,
+    /// Upload no key: log in with a password (--password-stdin) or with what
+    /// the image itself provides (its own sshd and accounts).
+    #[arg(long, conflicts_with_all = ["gen_ssh_key", "public_key_file", "public_key_string"])]
+    pub no_ssh_key: bool,
+    /// Read root's password from the first line of standard input; only its
+    /// SHA-512 crypt hash leaves this machine.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Every capability and no masked kernel paths (only where the operator allows it).
+    #[arg(long)]
+    pub privileged: bool,
 }
 
 #[derive(Subcommand, Debug)]

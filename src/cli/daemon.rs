@@ -39,6 +39,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         offline_after_missed: args.offline_after_missed,
         liveness_check_interval: args.liveness_check_interval,
         shared_dir: args.shared_dir.clone(),
+        allow_privileged: args.allow_privileged.then_some(true),
     });
     cfg.validate()?;
     Ok(cfg)
@@ -139,6 +140,9 @@ pub async fn up(args: UpArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         ..HostConfig::default()
     };
     host_cfg.apply(read_env_layer::<HostLayer>(HostConfig::KEYS, env_var)?);
+    if args.allow_privileged {
+        host_cfg.allow_privileged = true;
+    }
     host_cfg.validate()?;
     let host = BoundHost::bind(host_cfg).await?;
     let join = host

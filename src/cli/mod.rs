@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod node;
 pub mod output;
 pub mod task;
+pub mod user;
 pub mod vps;
 
 use std::io::Write;
@@ -29,6 +30,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             Ok(node::run(&client, cmd, cli.output).await?)
+        }
+        Command::User(cmd) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            Ok(user::run(&client, cmd, cli.output).await?)
         }
         Command::Config(ConfigCommand::Init { daemon, file }) => {
             let text = match daemon {

@@ -42,6 +42,8 @@ pub fn base_spec(r: &ResourceArgs, kind: crate::api::Kind) -> anyhow::Result<Tas
         target,
         kind,
         ssh_keys: vec![],
+        ssh_password_hash: None,
+        privileged: false,
     })
 }
 

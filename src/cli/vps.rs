@@ -16,6 +16,9 @@ fn home() -> Option<PathBuf> {
 
 /// The public keys a new VPS accepts, per the key flags.
 fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
+    if a.no_ssh_key {
+        return Ok(vec![]);
+    }
     if a.gen_ssh_key {
         let out = match &a.key_out_file {
             Some(f) => f.clone(),
@@ -61,11 +64,53 @@ fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
     Ok(found)
 }
 
+/// SHA-512 crypt rounds for VPS passwords (glibc's default is 5000).
+const CRYPT_ROUNDS: usize = 50_000;
+
+/// 16 characters of crypt's alphabet from the kernel's random source.
+fn random_salt() -> anyhow::Result<String> {
+    const ALPHABET: &[u8] = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+    Ok(bytes
+        .iter()
+        .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
+        .collect())
+}
+
+/// `$6$[rounds=N$]salt$hash`, the crypt(3) SHA-512 format glibc, dropbear
+/// and OpenSSH's sshd check passwords against.
+fn crypt_sha512(password: &str, salt: &str, rounds: usize) -> String {
+    let params = sha_crypt::Sha512Params::new(rounds).unwrap_or_default();
+    let hash = sha_crypt::sha512_crypt_b64(password.as_bytes(), salt.as_bytes(), &params)
+        .unwrap_or_default();
+    if rounds == sha_crypt::ROUNDS_DEFAULT {
+        format!("$6${salt}${hash}")
+    } else {
+        format!("$6$rounds={rounds}${salt}${hash}")
+    }
+}
+
 pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         VpsCommand::Create(a) => {
+            let ssh_password_hash = if a.password_stdin {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("reading the password from standard input")?;
+                let pw = line.trim_end_matches(['\r', '\n']);
+                if pw.is_empty() {
+                    bail!("--password-stdin: the password is empty (empty passwords are never allowed)");
+                }
+                Some(crypt_sha512(pw, &random_salt()?, CRYPT_ROUNDS))
+            } else {
+                None
+            };
             let spec = TaskSpec {
                 ssh_keys: keys(&a)?,
+                ssh_password_hash,
+                privileged: a.privileged,
                 ..crate::cli::task::base_spec(&a.resources, Kind::Vps)?
             };
             let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
@@ -160,8 +205,11 @@ pub async fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
         // The key the runner reported, pinned above; a different key is refused.
         .arg("-o")
         .arg(format!("StrictHostKeyChecking={checking}"))
-        .args(["-o", "PasswordAuthentication=no"])
         .args(["-o", &format!("HostKeyAlias=rivernode-vps-{id}")]);
+    // Without a password on the VPS, a prompt could only fail: don't show one.
+    if t.spec.ssh_password_hash.is_none() {
+        cmd.args(["-o", "PasswordAuthentication=no"]);
+    }
     if let Some(k) = &a.key {
         cmd.arg("-i").arg(k).args(["-o", "IdentitiesOnly=yes"]);
     }
@@ -297,4 +345,25 @@ pub async fn proxy_command(client: &Client, id: u64) -> anyhow::Result<()> {
         std::process::exit(0);
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crypt_matches_the_reference_vectors() {
+        // From Ulrich Drepper's SHA-crypt specification.
+        assert_eq!(
+            crypt_sha512("Hello world!", "saltstring", 5000),
+            "$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1"
+        );
+        assert_eq!(
+            crypt_sha512("Hello world!", "saltstringsaltst", 10000),
+            "$6$rounds=10000$saltstringsaltst$OW1/O6BYHV6BcXZu8QVeXbDWra3Oeqh0sbHbbMCVNSnCM/UrjmM0Dp8vOuZeHBy/YTBmSK6H9qs/y3RnOaw5v."
+        );
+        let s = random_salt().unwrap();
+        assert_eq!(s.len(), 16);
+        assert_ne!(s, random_salt().unwrap());
+    }
 }

@@ -8,15 +8,15 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{middleware, Extension, Json, Router};
 
 use super::auth::{self, generate_token, hash_token, Principal, Role};
 use super::store::StoreError;
 use super::HostState;
 use crate::api::{
-    validate_node_name, ErrorBody, HeartbeatRequest, NodeView, RegisterRequest, RegisterResponse,
-    RunnerStatus, WhoAmI,
+    validate_node_name, validate_user_name, ErrorBody, HeartbeatRequest, NewUser, NodeView,
+    RegisterRequest, RegisterResponse, RunnerStatus, UserView, WhoAmI,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -108,27 +108,34 @@ pub struct ApiJson<T>(pub T);
 /// Routes are grouped by the role they need; the role is checked before the
 /// body is read, so a wrong token never learns what a valid body looks like.
 pub fn router(state: Arc<HostState>) -> Router {
+    let people = Router::new()
+        .merge(super::tasks::user_routes())
+        .route_layer(middleware::from_fn(|req, next| {
+            auth::require(&[Role::Admin, Role::User], req, next)
+        }));
     let admin = Router::new()
-        .merge(super::tasks::admin_routes())
+        .route("/api/users", post(add_user).get(list_users))
+        .route("/api/users/{name}", delete(remove_user))
         .route("/api/nodes", get(list_nodes))
         .route("/api/nodes/{name}", get(get_node).delete(remove_node))
         .route("/api/nodes/{name}/runner", get(probe_runner))
         .route_layer(middleware::from_fn(|req, next| {
-            auth::require(Role::Admin, req, next)
+            auth::require(&[Role::Admin], req, next)
         }));
     let join = Router::new()
         .route("/api/nodes/register", post(register))
         .route_layer(middleware::from_fn(|req, next| {
-            auth::require(Role::Join, req, next)
+            auth::require(&[Role::Join], req, next)
         }));
     let node = Router::new()
         .merge(super::tasks::node_routes())
         .route("/api/nodes/{name}/heartbeat", put(heartbeat))
         .route_layer(middleware::from_fn(|req, next| {
-            auth::require(Role::Node, req, next)
+            auth::require(&[Role::Node], req, next)
         }));
     Router::new()
         .route("/api/whoami", get(whoami))
+        .merge(people)
         .merge(admin)
         .merge(join)
         .merge(node)
@@ -147,8 +154,55 @@ async fn whoami(
     Json(WhoAmI {
         role: p.role.as_str().to_string(),
         node: p.node,
+        user: p.user,
         ssh_proxy_port: state.ssh_proxy_port,
     })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddUser {
+    name: String,
+}
+
+async fn add_user(
+    State(state): State<Arc<HostState>>,
+    ApiJson(req): ApiJson<AddUser>,
+) -> Result<(StatusCode, Json<NewUser>), ApiError> {
+    validate_user_name(&req.name).map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
+    let token = generate_token("rnusr");
+    let (hash, name) = (hash_token(&token), req.name.clone());
+    let now = crate::now_unix_ms();
+    state
+        .blocking(move |s| s.add_user(&name, &hash, now))
+        .await?;
+    tracing::info!(user = %req.name, "user added");
+    Ok((
+        StatusCode::CREATED,
+        Json(NewUser {
+            name: req.name,
+            token,
+        }),
+    ))
+}
+
+async fn list_users(State(state): State<Arc<HostState>>) -> Result<Json<Vec<UserView>>, ApiError> {
+    Ok(Json(state.blocking(|s| s.list_users()).await?))
+}
+
+async fn remove_user(
+    State(state): State<Arc<HostState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let n = name.clone();
+    if state.blocking(move |s| s.remove_user(&n)).await? {
+        tracing::info!(user = %name, "user removed; their tokens are revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no user named {name:?}; `rivernode user list` shows the users"
+        )))
+    }
 }
 
 async fn list_nodes(State(state): State<Arc<HostState>>) -> Result<Json<Vec<NodeView>>, ApiError> {

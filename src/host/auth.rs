@@ -23,6 +23,8 @@ pub enum Role {
     Join,
     /// A runner, for its own node only.
     Node,
+    /// A person: submits tasks and VPS and sees and controls only their own.
+    User,
 }
 
 impl Role {
@@ -31,6 +33,7 @@ impl Role {
             Role::Admin => "admin",
             Role::Join => "join",
             Role::Node => "node",
+            Role::User => "user",
         }
     }
 
@@ -39,28 +42,55 @@ impl Role {
             "admin" => Some(Role::Admin),
             "join" => Some(Role::Join),
             "node" => Some(Role::Node),
+            "user" => Some(Role::User),
             _ => None,
         }
     }
 }
 
-/// Who is calling: the role of the token and, for node tokens, the node.
+/// Who is calling: the role of the token and, for node tokens, the node;
+/// for user tokens, the user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
     pub role: Role,
     pub node: Option<String>,
+    pub user: Option<String>,
 }
 
 impl Principal {
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
-        if self.role == role {
+        self.require_any(&[role])
+    }
+
+    pub fn require_any(&self, roles: &[Role]) -> Result<(), ApiError> {
+        if roles.contains(&self.role) {
             Ok(())
         } else {
+            let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
             Err(ApiError::Forbidden(format!(
                 "this needs a {} token; the one presented is a {} token",
-                role.as_str(),
+                names.join(" or "),
                 self.role.as_str()
             )))
+        }
+    }
+
+    /// The owner recorded on what this principal creates: the user's name,
+    /// or none for the admin.
+    pub fn owner(&self) -> Option<String> {
+        match self.role {
+            Role::User => self.user.clone(),
+            _ => None,
+        }
+    }
+
+    /// Whether this principal may see and control a task owned by `owner`:
+    /// the admin everything, a user only their own.
+    pub fn may_use(&self, owner: Option<&str>) -> bool {
+        match self.role {
+            Role::Admin => true,
+            Role::User => self.user.is_some() && self.user.as_deref() == owner,
+            Role::Join | Role::Node => false,
         }
     }
 }
@@ -109,13 +139,13 @@ pub async fn authenticate(
 }
 
 /// Route layer: lets the request through only if the authenticated
-/// principal has `role` (403 otherwise).
-pub async fn require(role: Role, req: Request, next: Next) -> Result<Response, ApiError> {
+/// principal has one of `roles` (403 otherwise).
+pub async fn require(roles: &[Role], req: Request, next: Next) -> Result<Response, ApiError> {
     let principal = req
         .extensions()
         .get::<Principal>()
         .ok_or_else(|| ApiError::Unauthorized("not authenticated".into()))?;
-    principal.require(role)?;
+    principal.require_any(roles)?;
     Ok(next.run(req).await)
 }
 
@@ -136,15 +166,42 @@ mod tests {
 
     #[test]
     fn roles_round_trip() {
-        for r in [Role::Admin, Role::Join, Role::Node] {
+        for r in [Role::Admin, Role::Join, Role::Node, Role::User] {
             assert_eq!(Role::parse(r.as_str()), Some(r));
         }
         assert_eq!(Role::parse("root"), None);
         let p = Principal {
             role: Role::Join,
             node: None,
+            user: None,
         };
         assert!(p.require(Role::Join).is_ok());
         assert!(p.require(Role::Admin).is_err());
+        assert!(!p.may_use(None), "a join token controls no task");
+    }
+
+    #[test]
+    fn users_use_only_their_own_tasks() {
+        let alice = Principal {
+            role: Role::User,
+            node: None,
+            user: Some("alice".into()),
+        };
+        assert!(alice.may_use(Some("alice")));
+        assert!(!alice.may_use(Some("bob")));
+        assert!(!alice.may_use(None), "the admin's tasks are not a user's");
+        assert_eq!(alice.owner().as_deref(), Some("alice"));
+        let admin = Principal {
+            role: Role::Admin,
+            node: None,
+            user: None,
+        };
+        assert!(admin.may_use(Some("bob")) && admin.may_use(None));
+        assert_eq!(admin.owner(), None);
+        let e = alice.require_any(&[Role::Admin]).unwrap_err().to_string();
+        assert!(
+            e.contains("needs a admin token") && e.contains("user token"),
+            "{e}"
+        );
     }
 }

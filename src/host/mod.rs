@@ -56,6 +56,8 @@ pub struct HostState {
     pub shared_dir: PathBuf,
     /// Where the SSH proxy listens (clients learn it from `whoami`).
     pub ssh_proxy_port: u16,
+    /// The operator's `allow_privileged`.
+    pub allow_privileged: bool,
 }
 
 impl HostState {
@@ -159,6 +161,7 @@ impl BoundHost {
                 schedule: tokio::sync::Notify::new(),
                 shared_dir: config.shared_dir.clone(),
                 ssh_proxy_port: ssh_proxy_addr.port(),
+                allow_privileged: config.allow_privileged,
             }),
             listener,
             ssh_listener,
@@ -229,14 +232,15 @@ impl proxy::TunnelResolver for Tunnels {
             .await
             .map_err(|e| format!("the host cannot check this right now: {e}"))?;
         let (who, task, runner_url) = found;
-        // Nothing about instances is said before the token checks out.
-        match who {
-            Some(p) if p.role == Role::Admin => {}
+        // Nothing about instances is said before the token checks out, and
+        // another user's instance looks like no instance at all.
+        let who = match who {
+            Some(p) if matches!(p.role, Role::Admin | Role::User) => p,
             Some(_) => return Err("this token may not open tunnels".into()),
             None => return Err("invalid token".into()),
-        }
+        };
         let t = task
-            .filter(|t| t.spec.kind == crate::api::Kind::Vps)
+            .filter(|t| t.spec.kind == crate::api::Kind::Vps && who.may_use(t.owner.as_deref()))
             .ok_or_else(|| format!("no instance {id}"))?;
         if t.state != crate::api::TaskState::Running {
             return Err(format!("instance {id} is {}", t.state));

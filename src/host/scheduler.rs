@@ -347,6 +347,8 @@ mod tests {
             target: target.map(|t| t.parse::<Target>().unwrap()),
             kind: Kind::Command,
             ssh_keys: vec![],
+            ssh_password_hash: None,
+            privileged: false,
         }
     }
 

@@ -13,33 +13,35 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 
 use super::api::{ApiError, ApiJson, ApiQuery};
-use super::auth::Principal;
+use super::auth::{Principal, Role};
 use super::HostState;
 use crate::api::{Assignments, Desired, SubmitResponse, TaskReport, TaskSpec, TaskState, TaskView};
 
-pub fn admin_routes() -> Router<Arc<HostState>> {
+/// Routes for people: the admin sees and controls every task, a user only
+/// their own (another user's task answers 404, as if it did not exist).
+pub fn user_routes() -> Router<Arc<HostState>> {
     Router::new()
         .route("/api/tasks", post(submit).get(list))
         .route("/api/tasks/{id}", get(status))
         .route(
             "/api/tasks/{id}/kill",
-            post(|s, p| desire(s, p, Desired::Killed)),
+            post(|s, who, id| desire(s, who, id, Desired::Killed)),
         )
         .route(
             "/api/tasks/{id}/pause",
-            post(|s, p| desire(s, p, Desired::Paused)),
+            post(|s, who, id| desire(s, who, id, Desired::Paused)),
         )
         .route(
             "/api/tasks/{id}/resume",
-            post(|s, p| desire(s, p, Desired::Running)),
+            post(|s, who, id| desire(s, who, id, Desired::Running)),
         )
         .route(
             "/api/tasks/{id}/stop",
-            post(|s, p| desire(s, p, Desired::Stopped)),
+            post(|s, who, id| desire(s, who, id, Desired::Stopped)),
         )
         .route(
             "/api/tasks/{id}/restart",
-            post(|s, p| desire(s, p, Desired::Running)),
+            post(|s, who, id| desire(s, who, id, Desired::Running)),
         )
         .route("/api/tasks/{id}/logs", get(logs))
         .route("/api/environments", get(environments))
@@ -93,7 +95,38 @@ pub async fn scheduler_loop(state: Arc<HostState>) {
     }
 }
 
-fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
+fn check_spec(spec: &TaskSpec, allow_privileged: bool) -> Result<(), ApiError> {
+    if spec.privileged && !allow_privileged {
+        return Err(ApiError::BadRequest(
+            "privileged: this cluster does not allow privileged instances (the operator can set allow_privileged = true in host.toml)".into(),
+        ));
+    }
+    if let Some(h) = &spec.ssh_password_hash {
+        // A crypt(3) hash goes into passwd/shadow files: no field or line separators.
+        let ok = (h.starts_with("$6$") || h.starts_with("$5$") || h.starts_with("$y$"))
+            && h.len() <= 512
+            && h.chars().all(|c| c.is_ascii_graphic() && c != ':');
+        if !ok {
+            return Err(ApiError::BadRequest(
+                "ssh_password_hash: must be a crypt(3) SHA-512, SHA-256 or yescrypt hash ($6$..., $5$..., $y$...)".into(),
+            ));
+        }
+    }
+    if spec.kind == crate::api::Kind::Command
+        && (spec.ssh_password_hash.is_some() || !spec.ssh_keys.is_empty())
+    {
+        return Err(ApiError::BadRequest(
+            "ssh_keys, ssh_password_hash: only a VPS has SSH logins".into(),
+        ));
+    }
+    for k in &spec.ssh_keys {
+        if k.contains('\n') || k.contains('\r') || k.split_whitespace().count() < 2 {
+            return Err(ApiError::BadRequest(format!(
+                "ssh_keys: {:?} is not one public key line (type and base64 key)",
+                k.chars().take(40).collect::<String>()
+            )));
+        }
+    }
     let name_ok = |n: &str| {
         !n.is_empty()
             && n.len() <= 128
@@ -130,11 +163,36 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What a task looks like from outside: a password hash stays on the host
+/// and the runner, and readers learn only that a password is set.
+fn redacted(mut t: TaskView) -> TaskView {
+    if t.spec.ssh_password_hash.is_some() {
+        t.spec.ssh_password_hash = Some(REDACTED.into());
+    }
+    t
+}
+
+const REDACTED: &str = "(set)";
+
+/// The task `id` if `p` may see it; 404 otherwise.
+pub async fn visible_task(state: &HostState, p: &Principal, id: u64) -> Result<TaskView, ApiError> {
+    state
+        .blocking(move |s| s.get_task(id))
+        .await?
+        .filter(|t| p.may_use(t.owner.as_deref()))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no task {id}; `rivernode task list` shows the tasks"
+            ))
+        })
+}
+
 async fn submit(
     State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
     ApiJson(spec): ApiJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
-    check_spec(&spec)?;
+    check_spec(&spec, state.allow_privileged)?;
     if let crate::api::ImageSource::Environment(name) = &spec.image {
         let archive = state
             .shared_dir
@@ -148,7 +206,10 @@ async fn submit(
         }
     }
     let now = crate::now_unix_ms();
-    let id = state.blocking(move |s| s.submit_task(&spec, now)).await?;
+    let owner = p.owner();
+    let id = state
+        .blocking(move |s| s.submit_task(&spec, owner.as_deref(), now))
+        .await?;
     // Place it now if it fits, so the answer says where (or why it waits).
     state.blocking(|s| s.schedule()).await?;
     state.publish().await;
@@ -176,6 +237,7 @@ struct ListQuery {
 
 async fn list(
     State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<TaskView>>, ApiError> {
     let st = q
@@ -187,36 +249,43 @@ async fn list(
         .transpose()?;
     Ok(Json(
         state
-            .blocking(move |s| s.list_tasks(st, q.node.as_deref()))
-            .await?,
+            .blocking(move |s| {
+                // A user lists their own tasks; an owner filter of "" matches none.
+                let owner = match p.role {
+                    Role::User => Some(p.user.unwrap_or_default()),
+                    _ => None,
+                };
+                s.list_tasks(st, q.node.as_deref(), owner.as_deref())
+            })
+            .await?
+            .into_iter()
+            .map(redacted)
+            .collect(),
     ))
 }
 
 async fn status(
     State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<u64>,
 ) -> Result<Json<TaskView>, ApiError> {
-    state
-        .blocking(move |s| s.get_task(id))
-        .await?
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no task {id}; `rivernode task list` shows the tasks"
-            ))
-        })
+    visible_task(&state, &p, id)
+        .await
+        .map(|t| Json(redacted(t)))
 }
 
 async fn desire(
     state: State<Arc<HostState>>,
+    p: Extension<Principal>,
     Path(id): Path<u64>,
     d: Desired,
 ) -> Result<Json<TaskView>, ApiError> {
+    visible_task(&state, &p, id).await?;
     let now = crate::now_unix_ms();
     let t = state.blocking(move |s| s.set_desired(id, d, now)).await?;
     state.publish().await;
     state.schedule.notify_one();
-    Ok(Json(t))
+    Ok(Json(redacted(t)))
 }
 
 #[derive(Deserialize)]
@@ -229,6 +298,7 @@ struct LogsQuery {
 /// Reads a task's log from the runner of its node (the host keeps no copies).
 async fn logs(
     State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<u64>,
     ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> Result<(HeaderMap, Bytes), ApiError> {
@@ -238,10 +308,7 @@ async fn logs(
             "stream: {stream:?} is not stdout or stderr"
         )));
     }
-    let t = state
-        .blocking(move |s| s.get_task(id))
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
+    let t = visible_task(&state, &p, id).await?;
     let Some(p) = t.placement else {
         return Err(ApiError::Conflict(format!(
             "task {id} has not started: {}",

@@ -8,6 +8,7 @@
 
 mod import;
 mod registry;
+pub mod rootfs;
 mod spec;
 mod task;
 
@@ -18,7 +19,7 @@ use tonic::transport::Channel;
 
 pub use import::{chain_ids, ImageConfig, ImportedImage};
 pub use registry::Reference;
-pub use spec::{build as build_spec, MountInput, RuntimeSpecInput};
+pub use spec::{build as build_spec, capability_bound, MountInput, RuntimeSpecInput};
 pub use task::{oom_killed, ExitInfo, TaskStatus, TASK_LABEL};
 
 /// containerd namespace of everything rivernode creates.

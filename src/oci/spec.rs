@@ -39,6 +39,25 @@ pub struct RuntimeSpecInput {
     pub cgroups_path: String,
     /// Join this network namespace instead of getting a fresh, empty one.
     pub netns: Option<PathBuf>,
+    /// Privileged: every capability in this mask (the runner's own bounding
+    /// set: a container cannot get more than its runtime holds), no masked
+    /// or read-only kernel paths, all device access in the device cgroup
+    /// (Docker's `--privileged`, less the node's device nodes, which are not
+    /// copied in).
+    pub privileged: Option<u64>,
+}
+
+/// The capability bounding set of this process (`CapBnd` in `/proc/self/status`).
+pub fn capability_bound(proc_root: &std::path::Path) -> Result<u64, OciError> {
+    let path = proc_root.join("self/status");
+    let text = std::fs::read_to_string(&path).map_err(|source| OciError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| OciError::Spec(format!("{}: no CapBnd line", path.display())))
 }
 
 fn spec_err(e: impl std::fmt::Display) -> OciError {
@@ -86,12 +105,76 @@ fn default_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities, OciErr
     ]
     .into_iter()
     .collect();
+    capabilities(set)
+}
+
+/// `set` as root's bounding, effective and permitted capabilities.
+fn capabilities(
+    set: std::collections::HashSet<oci_spec::runtime::Capability>,
+) -> Result<oci_spec::runtime::LinuxCapabilities, OciError> {
     oci_spec::runtime::LinuxCapabilitiesBuilder::default()
         .bounding(set.clone())
         .effective(set.clone())
         .permitted(set)
         .build()
         .map_err(spec_err)
+}
+
+/// Every capability Linux 6.x knows (`capability.h` order).
+const ALL_CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// Every capability whose bit is set in `mask`.
+fn all_capabilities(mask: u64) -> Result<oci_spec::runtime::LinuxCapabilities, OciError> {
+    let set: std::collections::HashSet<oci_spec::runtime::Capability> = ALL_CAPABILITIES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, name)| name)
+        .filter_map(|name| serde_json::from_value(serde_json::json!(format!("CAP_{name}"))).ok())
+        .collect();
+    capabilities(set)
 }
 
 pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciError> {
@@ -108,12 +191,25 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
         .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
     if let Some(p) = spec.process_mut().as_mut() {
-        p.set_capabilities(Some(default_capabilities()?));
+        p.set_capabilities(Some(match input.privileged {
+            Some(mask) => all_capabilities(mask)?,
+            None => default_capabilities()?,
+        }));
         p.set_args(Some(input.args.clone()));
         p.set_env(Some(merged_env(image, input)));
         p.set_cwd(PathBuf::from(cwd));
     }
     let mut mounts = spec.mounts().clone().unwrap_or_default();
+    if input.privileged.is_some() {
+        // /sys writable, as Docker's --privileged has it.
+        for m in mounts
+            .iter_mut()
+            .filter(|m| m.destination() == std::path::Path::new("/sys"))
+        {
+            let opts = m.options().clone().unwrap_or_default();
+            m.set_options(Some(opts.into_iter().filter(|o| o != "ro").collect()));
+        }
+    }
     for m in &input.mounts {
         let mut opts = vec!["rbind".to_string(), "nosuid".to_string()];
         opts.push(if m.read_only { "ro" } else { "rw" }.to_string());
@@ -145,7 +241,15 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
                 .build()
                 .map_err(spec_err)?,
         )
-        .devices(vec![]);
+        .devices(if input.privileged.is_some() {
+            vec![oci_spec::runtime::LinuxDeviceCgroupBuilder::default()
+                .allow(true)
+                .access("rwm")
+                .build()
+                .map_err(spec_err)?]
+        } else {
+            vec![]
+        });
     if let Some(bytes) = input.memory_bytes {
         // Swap equal to the limit: the task cannot swap past its memory.
         let mem = LinuxMemoryBuilder::default()
@@ -159,6 +263,10 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
     if let Some(linux) = spec.linux_mut().as_mut() {
         linux.set_resources(Some(resources));
         linux.set_cgroups_path(Some(PathBuf::from(&input.cgroups_path)));
+        if input.privileged.is_some() {
+            linux.set_masked_paths(None);
+            linux.set_readonly_paths(None);
+        }
         if let (Some(path), Some(namespaces)) = (&input.netns, linux.namespaces_mut().as_mut()) {
             for ns in namespaces.iter_mut() {
                 if ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network {
@@ -204,7 +312,67 @@ mod tests {
             pids_max: 4096,
             cgroups_path: "/rivernode/task-7".into(),
             netns: None,
+            privileged: None,
         }
+    }
+
+    #[test]
+    fn privileged_gets_every_capability_and_no_masks() {
+        let image = ImageConfig::default();
+        let plain = serde_json::to_value(build(&image, &input()).unwrap()).unwrap();
+        let caps = |j: &serde_json::Value| {
+            j["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .len()
+        };
+        assert_eq!(caps(&plain), 14);
+        assert!(!plain["linux"]["maskedPaths"].as_array().unwrap().is_empty());
+        let p = serde_json::to_value(
+            build(
+                &image,
+                &RuntimeSpecInput {
+                    privileged: Some(u64::MAX),
+                    ..input()
+                },
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(caps(&p), ALL_CAPABILITIES.len(), "every name parses");
+        assert!(p["process"]["capabilities"]["bounding"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("CAP_SYS_ADMIN")));
+        assert!(p["linux"]["maskedPaths"].is_null());
+        assert_eq!(p["linux"]["resources"]["devices"][0]["allow"], true);
+        // Never more than the runtime holds itself.
+        let p = serde_json::to_value(
+            build(
+                &image,
+                &RuntimeSpecInput {
+                    privileged: Some(!(1 << 21)),
+                    ..input()
+                },
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(caps(&p), ALL_CAPABILITIES.len() - 1);
+        assert!(!p["process"]["capabilities"]["bounding"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("CAP_SYS_ADMIN")));
+        let sys = p["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys")
+            .unwrap();
+        assert!(!sys["options"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("ro")));
     }
 
     #[test]

@@ -15,6 +15,10 @@ use tokio::sync::watch;
 use crate::api::{Assignment, Assignments, Desired, ImageSource, TaskReport, TaskState};
 use crate::config::RunnerConfig;
 use crate::oci::{self, Containerd, MountInput, RuntimeSpecInput, TaskStatus, TASK_LABEL};
+use crate::runner::vps::{ImageSsh, SshLogin};
+
+/// Where an image's own SSH server is looked for (Debian, Ubuntu, Fedora, Alpine).
+const SSHD: &str = "/usr/sbin/sshd";
 
 /// What every supervisor shares.
 pub struct TaskContext {
@@ -194,6 +198,11 @@ impl TaskContext {
             pids_max: 32768,
             cgroups_path: self.cgroups_path(a.id),
             netns: None,
+            privileged: if a.spec.privileged {
+                Some(oci::capability_bound(&self.config.proc_root).map_err(|e| e.to_string())?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -472,6 +481,8 @@ fn placeholder_assignment(id: u64) -> Assignment {
             target: None,
             kind: crate::api::Kind::Command,
             ssh_keys: vec![],
+            ssh_password_hash: None,
+            privileged: false,
         },
         placement: crate::api::Placement {
             node: String::new(),
@@ -499,7 +510,29 @@ async fn supervise(
             let image = ctx.image(&a.spec.image).await?;
             let mut input = ctx.spec_input(&a)?;
             if is_vps {
-                let (args, mounts) = ctx.vps.ssh_server(&cid, &a.spec.ssh_keys)?;
+                let found = ctx
+                    .ctd
+                    .find_in_image(&image, &[SSHD, "/etc/shadow"])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let image_ssh = ImageSsh {
+                    sshd: oci::rootfs::is_file(&found[0]).then(|| SSHD.to_string()),
+                    shadow: found[1].clone(),
+                };
+                let login = SshLogin {
+                    keys: &a.spec.ssh_keys,
+                    password_hash: a.spec.ssh_password_hash.as_deref(),
+                };
+                let (args, mounts) = ctx.vps.ssh_server(&cid, &login, &image_ssh)?;
+                tracing::info!(
+                    task = id,
+                    server = if image_ssh.sshd.is_some() {
+                        "the image's sshd"
+                    } else {
+                        "injected dropbear"
+                    },
+                    "VPS SSH server"
+                );
                 let inet = ctx
                     .vps
                     .start_network(id, &cid, a.placement.node_port)

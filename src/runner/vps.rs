@@ -2,8 +2,9 @@
 //! veth, node port in the node's nftables table) and an SSH server. Images
 //! without one get dropbear injected read-only: the binary, the libraries
 //! `ldd` lists and the loader, run as `ld.so --library-path`, so the image's
-//! own libc (if any) is never used. A minimal passwd and the instance's
-//! authorized keys are bind-mounted read-only; passwords are disabled.
+//! own libc (if any) is never used, with a minimal passwd; images with an
+//! sshd run it under rivernode's configuration. Keys, resolver files and the
+//! host key are bind-mounted read-only; passwords work only when the user set one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,95 @@ fn resolv_conf(source: &Path) -> String {
         out.push("nameserver 1.1.1.1".into());
     }
     out.join("\n") + "\n"
+}
+
+/// Who may log in to a VPS.
+pub struct SshLogin<'a> {
+    pub keys: &'a [String],
+    /// A crypt(3) hash for root's password.
+    pub password_hash: Option<&'a str>,
+}
+
+/// What the image brings for SSH: its sshd and its shadow file, as found in its layers.
+#[derive(Debug, Default)]
+pub struct ImageSsh {
+    /// The sshd path inside the image, when it has one.
+    pub sshd: Option<String>,
+    /// The image's `/etc/shadow` on the node (a layer file), to add a password to.
+    pub shadow: Option<PathBuf>,
+}
+
+/// The image's sshd runs with this configuration, not the image's own:
+/// keys from the instance's file and the user's `~/.ssh`, passwords only
+/// when one was set (or, with neither, the image's own), never empty ones.
+fn sshd_config(login: &SshLogin<'_>) -> String {
+    let image_auth = login.keys.is_empty() && login.password_hash.is_none();
+    let passwords = login.password_hash.is_some() || image_auth;
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    format!(
+        "# Written by rivernode for this instance.\n\
+         Port 22\n\
+         HostKey {INSTANCE_DIR}/ssh_host_ed25519_key\n\
+         AuthorizedKeysFile .ssh/authorized_keys {INSTANCE_DIR}/authorized_keys\n\
+         PubkeyAuthentication yes\n\
+         PasswordAuthentication {}\n\
+         KbdInteractiveAuthentication no\n\
+         PermitEmptyPasswords no\n\
+         PermitRootLogin {}\n\
+         UsePAM no\n\
+         PrintMotd no\n\
+         Subsystem sftp internal-sftp\n",
+        yes_no(passwords),
+        if passwords {
+            "yes"
+        } else {
+            "prohibit-password"
+        },
+    )
+}
+
+/// `shadow` with root's password set to `hash` (a root line is added if missing).
+fn with_root_password(shadow: &str, hash: &str) -> String {
+    let mut found = false;
+    let mut out: Vec<String> = shadow
+        .lines()
+        .map(|l| {
+            let mut f: Vec<&str> = l.split(':').collect();
+            if f.first() == Some(&"root") && f.len() >= 2 {
+                found = true;
+                f[1] = hash;
+                f.join(":")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    if !found {
+        out.insert(0, format!("root:{hash}:0:0:99999:7:::"));
+    }
+    out.join("\n") + "\n"
+}
+
+/// Writes a file only root may read.
+fn write_secret(path: &Path, text: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs a node tool; its stderr is the error.
+fn run_tool(cmd: &mut Command) -> Result<(), String> {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    let o = cmd.output().map_err(|e| format!("{name}: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
 }
 
 /// Copies `bin` to `dir/name`, the libraries `ldd` lists to `dir/lib`, and
@@ -151,26 +241,19 @@ impl VpsKit {
         Ok(dir)
     }
 
-    /// The instance's host key, passwd and authorized keys.
+    /// The instance's host key, resolver files and authorized keys.
     fn instance_files(&self, cid: &str, keys: &[String]) -> Result<PathBuf, String> {
         use std::os::unix::fs::PermissionsExt;
         let dir = self.root.join("instances").join(cid);
         std::fs::create_dir_all(&dir).map_err(err)?;
         let hostkey = dir.join("hostkey");
         if !hostkey.exists() {
-            let o = Command::new("dropbearkey")
-                .args(["-t", "ed25519", "-f"])
-                .arg(&hostkey)
-                .output()
-                .map_err(|e| format!("dropbearkey: {e}"))?;
-            if !o.status.success() {
-                return Err(format!(
-                    "dropbearkey: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                ));
-            }
+            run_tool(
+                Command::new("dropbearkey")
+                    .args(["-t", "ed25519", "-f"])
+                    .arg(&hostkey),
+            )?;
         }
-        std::fs::write(dir.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").map_err(err)?;
         std::fs::write(dir.join("resolv.conf"), resolv_conf(&self.resolv_source)).map_err(err)?;
         std::fs::write(
             dir.join("hosts"),
@@ -183,28 +266,86 @@ impl VpsKit {
         Ok(dir)
     }
 
-    /// The SSH server command and the mounts it needs.
+    /// The SSH server command and the mounts it needs: the image's own sshd
+    /// when it has one (with our configuration and host key), else dropbear
+    /// injected. Logins are by key, by a password whose hash the user gave,
+    /// or (image sshd only) by whatever the image itself provides; never
+    /// by an empty password.
     pub fn ssh_server(
         &self,
         cid: &str,
-        keys: &[String],
+        login: &SshLogin<'_>,
+        image: &ImageSsh,
     ) -> Result<(Vec<String>, Vec<MountInput>), String> {
-        if keys.is_empty() {
+        let files = self.instance_files(cid, login.keys)?;
+        let ro = |source: PathBuf, target: &str| MountInput {
+            source,
+            target: target.into(),
+            read_only: true,
+        };
+        let mut mounts = vec![
+            ro(files.clone(), INSTANCE_DIR),
+            ro(files.join("resolv.conf"), "/etc/resolv.conf"),
+            ro(files.join("hosts"), "/etc/hosts"),
+        ];
+        if let Some(sshd) = &image.sshd {
+            let key = files.join("ssh_host_ed25519_key");
+            if !key.exists() {
+                // The same key dropbear would use: a VPS keeps its pinned host key.
+                run_tool(
+                    Command::new("dropbearconvert")
+                        .args(["dropbear", "openssh"])
+                        .arg(files.join("hostkey"))
+                        .arg(&key),
+                )?;
+                use std::os::unix::fs::PermissionsExt;
+                // sshd refuses a host key others can read.
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                    .map_err(err)?;
+            }
+            std::fs::write(files.join("sshd_config"), sshd_config(login)).map_err(err)?;
+            if let Some(hash) = login.password_hash {
+                let shadow = image
+                    .shadow
+                    .as_ref()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
+                write_secret(&files.join("shadow"), &with_root_password(&shadow, hash))?;
+                mounts.push(ro(files.join("shadow"), "/etc/shadow"));
+            }
+            // sshd refuses to start without its privilege-separation directory.
+            let empty = self.root.join("empty");
+            std::fs::create_dir_all(&empty).map_err(err)?;
+            mounts.push(ro(empty, "/run/sshd"));
+            let args = [sshd.as_str(), "-D", "-e", "-f"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([format!("{INSTANCE_DIR}/sshd_config")])
+                .collect();
+            return Ok((args, mounts));
+        }
+        if login.keys.is_empty() && login.password_hash.is_none() {
             return Err(
-                "a VPS needs at least one SSH public key (passwordless root is never allowed)"
+                "this image has no SSH server of its own, so a VPS from it needs an SSH key or a password \
+                 (passwordless root is never allowed)"
                     .into(),
             );
         }
         let bundle = self.ssh_bundle()?;
-        let files = self.instance_files(cid, keys)?;
-        let args = [
+        write_secret(
+            &files.join("passwd"),
+            &format!(
+                "root:{}:0:0:root:/root:/bin/sh\n",
+                login.password_hash.unwrap_or("x")
+            ),
+        )?;
+        let mut args: Vec<String> = [
             &format!("{SSH_DIR}/ld.so"),
             "--library-path",
             &format!("{SSH_DIR}/lib"),
             &format!("{SSH_DIR}/dropbear"),
             "-F",
             "-E",
-            "-s",
             "-p",
             "22",
             "-r",
@@ -215,19 +356,14 @@ impl VpsKit {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let ro = |source: PathBuf, target: &str| MountInput {
-            source,
-            target: target.into(),
-            read_only: true,
-        };
-        let mut mounts = vec![
+        if login.password_hash.is_none() {
+            args.push("-s".into());
+        }
+        mounts.extend([
             ro(bundle.clone(), SSH_DIR),
-            ro(files.clone(), INSTANCE_DIR),
             ro(files.join("passwd"), "/etc/passwd"),
             ro(files.join("authorized_keys"), "/root/.ssh/authorized_keys"),
-            ro(files.join("resolv.conf"), "/etc/resolv.conf"),
-            ro(files.join("hosts"), "/etc/hosts"),
-        ];
+        ]);
         if bundle.join("sftp-wrapper").exists() {
             mounts.push(ro(bundle.join("sftp-wrapper"), "/usr/lib/sftp-server"));
         }
@@ -315,6 +451,41 @@ impl VpsKit {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn root_password_goes_into_shadow() {
+        let shadow = "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n";
+        let out = with_root_password(shadow, "$6$salt$hash");
+        assert_eq!(
+            out,
+            "root:$6$salt$hash:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+        );
+        assert_eq!(
+            with_root_password("", "$6$s$h"),
+            "root:$6$s$h:0:0:99999:7:::\n"
+        );
+    }
+
+    #[test]
+    fn sshd_config_never_allows_empty_passwords() {
+        let keys = vec!["ssh-ed25519 AAAA k".to_string()];
+        let key_only = sshd_config(&SshLogin {
+            keys: &keys,
+            password_hash: None,
+        });
+        assert!(key_only.contains("PasswordAuthentication no"));
+        assert!(key_only.contains("PermitRootLogin prohibit-password"));
+        let with_pw = sshd_config(&SshLogin {
+            keys: &[],
+            password_hash: Some("$6$s$h"),
+        });
+        assert!(with_pw.contains("PasswordAuthentication yes"));
+        for c in [key_only, with_pw] {
+            assert!(c.contains("PermitEmptyPasswords no"), "{c}");
+        }
+    }
+
     #[test]
     fn loopback_resolvers_are_not_copied() {
         let d = tempfile::tempdir().unwrap();

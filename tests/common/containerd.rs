@@ -266,3 +266,90 @@ impl Drop for PrivateRegistry {
         let _ = self.child.wait();
     }
 }
+
+/// A Debian 12 (minbase) image with openssh-server, as a `docker save`
+/// archive: made with debootstrap from Debian's mirror once, then kept under
+/// the build's target directory for later runs.
+pub fn debian_sshd_archive() -> Option<PathBuf> {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-images");
+    let archive = cache.join("debian-sshd.tar");
+    if archive.exists() {
+        return Some(archive);
+    }
+    if !real_part_available("debootstrap", command_exists("debootstrap")) {
+        return None;
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let work = tempfile::tempdir_in(&cache).unwrap();
+    let rootfs = work.path().join("rootfs");
+    let o = Command::new("debootstrap")
+        .args(["--variant=minbase", "--include=openssh-server", "bookworm"])
+        .arg(&rootfs)
+        .arg("http://deb.debian.org/debian")
+        .output()
+        .unwrap();
+    let tail: String = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if !real_part_available(
+        &format!("the Debian mirror for debootstrap (it said: {tail})"),
+        o.status.success(),
+    ) {
+        return None;
+    }
+    // What a container runtime provides itself, and downloaded packages.
+    for d in ["dev", "proc", "sys", "var/cache/apt/archives"] {
+        let _ = std::fs::remove_dir_all(rootfs.join(d));
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    let layer = work.path().join("layer.tar");
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--xattrs", "-cf"])
+        .arg(&layer)
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("."));
+    let diff_id = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&layer).unwrap(), &mut h).unwrap();
+        hex::encode(h.finalize())
+    };
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/bash"],
+        },
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff_id}")]},
+    });
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_name = {
+        use sha2::Digest;
+        format!("{}.json", hex::encode(sha2::Sha256::digest(&config_bytes)))
+    };
+    std::fs::write(work.path().join(&config_name), &config_bytes).unwrap();
+    let manifest = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": ["debian-sshd:test"],
+        "Layers": ["layer.tar"],
+    }]);
+    std::fs::write(
+        work.path().join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let partial = cache.join("debian-sshd.tar.partial");
+    run(Command::new("tar")
+        .arg("cf")
+        .arg(&partial)
+        .arg("-C")
+        .arg(work.path())
+        .args(["manifest.json", &config_name, "layer.tar"]));
+    std::fs::rename(&partial, &archive).unwrap();
+    Some(archive)
+}

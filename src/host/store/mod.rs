@@ -12,7 +12,7 @@ mod tasks;
 use super::auth::{Principal, Role};
 use crate::api::{
     Assignments, Desired, HeartbeatRequest, NodeState, NodeView, RegisterRequest, TaskReport,
-    TaskSpec, TaskState, TaskView,
+    TaskSpec, TaskState, TaskView, UserView,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,11 @@ pub trait Store: Send + Sync + 'static {
     fn insert_token(&self, hash: &str, role: Role, label: &str) -> Result<(), StoreError>;
     fn has_token_with_role(&self, role: Role) -> Result<bool, StoreError>;
     fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError>;
+    /// Adds a user with their first token (`Conflict` if the name is taken).
+    fn add_user(&self, name: &str, token_hash: &str, now_ms: i64) -> Result<(), StoreError>;
+    fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
+    /// Removes a user and revokes their tokens; their tasks stay (the admin sees them).
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
     /// Adds a node with its credential hash and the token the host uses on its runner.
     fn register_node(
         &self,
@@ -75,15 +80,23 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a node and revokes its credential.
     fn delete_node(&self, name: &str) -> Result<bool, StoreError>;
 
-    /// Queues a task (refused if it can never run); returns its id.
-    fn submit_task(&self, spec: &TaskSpec, now_ms: i64) -> Result<u64, StoreError>;
+    /// Queues a task for `owner` (none: the admin); refused if it can never
+    /// run. Returns its id.
+    fn submit_task(
+        &self,
+        spec: &TaskSpec,
+        owner: Option<&str>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
     /// Places queued tasks in submission order; returns the ids placed.
     fn schedule(&self) -> Result<Vec<u64>, StoreError>;
     fn get_task(&self, id: u64) -> Result<Option<TaskView>, StoreError>;
+    /// Tasks, filtered by state, node and owner when given.
     fn list_tasks(
         &self,
         state: Option<TaskState>,
         node: Option<&str>,
+        owner: Option<&str>,
     ) -> Result<Vec<TaskView>, StoreError>;
     /// Records what the user wants; a queued task that is killed ends at once.
     fn set_desired(&self, id: u64, desired: Desired, now_ms: i64) -> Result<TaskView, StoreError>;
@@ -145,6 +158,27 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO meta (key, value) VALUES ('revision', 0);",
     // 3: the SSH host key a VPS's runner reported.
     "ALTER TABLE tasks ADD COLUMN ssh_host_key TEXT;",
+    // 4: users, their tokens, and who owns each task (NULL: the admin).
+    // SQLite cannot change a CHECK constraint in place: tokens is rebuilt.
+    "CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE tokens_v4 (
+        id INTEGER PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'join', 'node', 'user')),
+        node TEXT REFERENCES nodes(name) ON DELETE CASCADE,
+        user TEXT REFERENCES users(name) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+    INSERT INTO tokens_v4 (id, hash, role, node, label, created_at_ms)
+        SELECT id, hash, role, node, label, created_at_ms FROM tokens;
+    DROP TABLE tokens;
+    ALTER TABLE tokens_v4 RENAME TO tokens;
+    ALTER TABLE tasks ADD COLUMN owner TEXT;
+    CREATE INDEX tasks_by_owner ON tasks(owner);",
 ];
 
 pub struct SqliteStore {
@@ -284,20 +318,65 @@ impl Store for SqliteStore {
 
     fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
         self.with(|c| {
-            let row: Option<(String, Option<String>)> = c
+            let row: Option<(String, Option<String>, Option<String>)> = c
                 .query_row(
-                    "SELECT role, node FROM tokens WHERE hash = ?1",
+                    "SELECT role, node, user FROM tokens WHERE hash = ?1",
                     [hash],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
-            Ok(row.and_then(|(role, node)| {
+            Ok(row.and_then(|(role, node, user)| {
                 Some(Principal {
                     role: Role::parse(&role)?,
                     node,
+                    user,
                 })
             }))
         })
+    }
+
+    fn add_user(&self, name: &str, token_hash: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let added = tx.execute(
+                "INSERT INTO users (name, created_at_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![name, now_ms],
+            )?;
+            if added == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "user {name:?} exists; `rivernode user remove {name}` first to give them a new token"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO tokens (hash, role, user, label, created_at_ms) VALUES (?1, 'user', ?2, 'user token', ?3)",
+                params![token_hash, name, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn list_users(&self) -> Result<Vec<UserView>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT u.name, u.created_at_ms,
+                   (SELECT COUNT(*) FROM tasks t WHERE t.owner = u.name
+                      AND t.state NOT IN ('completed', 'failed', 'killed', 'killed_oom'))
+                 FROM users u ORDER BY u.name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(UserView {
+                    name: r.get(0)?,
+                    created_at_unix_ms: r.get(1)?,
+                    active_tasks: r.get::<_, i64>(2)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM users WHERE name = ?1", [name])? > 0))
     }
 
     fn register_node(
@@ -437,8 +516,13 @@ impl Store for SqliteStore {
         self.with(|c| Ok(c.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0))
     }
 
-    fn submit_task(&self, spec: &TaskSpec, now_ms: i64) -> Result<u64, StoreError> {
-        self.with(|c| tasks::submit(c, spec, now_ms))
+    fn submit_task(
+        &self,
+        spec: &TaskSpec,
+        owner: Option<&str>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.with(|c| tasks::submit(c, spec, owner, now_ms))
     }
 
     fn schedule(&self) -> Result<Vec<u64>, StoreError> {
@@ -453,8 +537,9 @@ impl Store for SqliteStore {
         &self,
         state: Option<TaskState>,
         node: Option<&str>,
+        owner: Option<&str>,
     ) -> Result<Vec<TaskView>, StoreError> {
-        self.with(|c| tasks::list(c, state, node))
+        self.with(|c| tasks::list(c, state, node, owner))
     }
 
     fn set_desired(&self, id: u64, desired: Desired, now_ms: i64) -> Result<TaskView, StoreError> {
@@ -537,6 +622,42 @@ mod tests {
     }
 
     #[test]
+    fn tokens_survive_the_users_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.db");
+        {
+            // A version 3 database, as the previous release left it.
+            let mut c = Connection::open(&path).unwrap();
+            let tx = c.transaction().unwrap();
+            for sql in &MIGRATIONS[..3] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 3).unwrap();
+            tx.execute(
+                "INSERT INTO tokens (hash, role, node, label, created_at_ms) VALUES ('h', 'admin', NULL, 'admin', 1)",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.find_token("h").unwrap().unwrap().role, Role::Admin);
+        s.add_user("dana", "hd", 5).unwrap();
+        let p = s.find_token("hd").unwrap().unwrap();
+        assert_eq!((p.role, p.user.as_deref()), (Role::User, Some("dana")));
+        assert!(matches!(
+            s.add_user("dana", "hd2", 6),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(s.remove_user("dana").unwrap());
+        assert_eq!(
+            s.find_token("hd").unwrap(),
+            None,
+            "removing a user revokes their token"
+        );
+    }
+
+    #[test]
     fn refuses_a_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("host.db");
@@ -557,7 +678,8 @@ mod tests {
             s.find_token("hash-n1").unwrap(),
             Some(Principal {
                 role: Role::Node,
-                node: Some("n1".into())
+                node: Some("n1".into()),
+                user: None,
             })
         );
         let dup = RegisterRequest {

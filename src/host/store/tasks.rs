@@ -12,7 +12,7 @@ use crate::api::{
 };
 use crate::host::scheduler::{self, Decision};
 
-const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms, ssh_host_key";
+const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms, ssh_host_key, owner";
 
 fn desired_str(d: Desired) -> &'static str {
     match d {
@@ -40,6 +40,7 @@ type Raw = (
     Option<i64>,
     Option<i64>,
     Option<String>,
+    Option<String>,
 );
 
 fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
@@ -56,6 +57,7 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
     ))
 }
 
@@ -73,6 +75,7 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         started,
         finished,
         ssh_host_key,
+        owner,
     ) = raw;
     let parse_state = |s: &str| {
         s.parse::<TaskState>().map_err(|e| StoreError::Json {
@@ -97,6 +100,7 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         started_at_unix_ms: started,
         finished_at_unix_ms: finished,
         ssh_host_key,
+        owner,
     })
 }
 
@@ -153,13 +157,18 @@ fn reservations(c: &Connection) -> Result<Vec<Placement>, StoreError> {
     Ok(out)
 }
 
-pub(super) fn submit(c: &mut Connection, spec: &TaskSpec, now_ms: i64) -> Result<u64, StoreError> {
+pub(super) fn submit(
+    c: &mut Connection,
+    spec: &TaskSpec,
+    owner: Option<&str>,
+    now_ms: i64,
+) -> Result<u64, StoreError> {
     let tx = c.transaction()?;
     scheduler::validate(spec, &nodes(&tx)?).map_err(StoreError::Refused)?;
     let id: i64 = tx.query_row(
-        "INSERT INTO tasks (spec, state, desired, reason, submitted_at_ms)
-         VALUES (?1, 'pending', 'running', 'queued', ?2) RETURNING id",
-        params![to_json("spec", spec)?, now_ms],
+        "INSERT INTO tasks (spec, state, desired, reason, submitted_at_ms, owner)
+         VALUES (?1, 'pending', 'running', 'queued', ?2, ?3) RETURNING id",
+        params![to_json("spec", spec)?, now_ms, owner],
         |r| r.get(0),
     )?;
     bump(&tx)?;
@@ -223,12 +232,13 @@ pub(super) fn list(
     c: &mut Connection,
     state: Option<TaskState>,
     node: Option<&str>,
+    owner: Option<&str>,
 ) -> Result<Vec<TaskView>, StoreError> {
     let s = state.map(|s| s.as_str().to_string());
     query(
         c,
-        "WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR node = ?2)",
-        &[&s, &node],
+        "WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR node = ?2) AND (?3 IS NULL OR owner = ?3)",
+        &[&s, &node, &owner],
     )
 }
 
@@ -404,6 +414,8 @@ mod tests {
             target: None,
             kind: crate::api::Kind::Command,
             ssh_keys: vec![],
+            ssh_password_hash: None,
+            privileged: false,
         }
     }
 
@@ -428,8 +440,8 @@ mod tests {
     #[test]
     fn full_node_tasks_run_one_after_the_other() {
         let s = store_with_node("n1");
-        let a = s.submit_task(&spec(8, 0), 0).unwrap();
-        let b = s.submit_task(&spec(8, 0), 0).unwrap();
+        let a = s.submit_task(&spec(8, 0), None, 0).unwrap();
+        let b = s.submit_task(&spec(8, 0), None, 0).unwrap();
         assert_eq!(s.schedule().unwrap(), vec![a]);
         let tb = s.get_task(b).unwrap().unwrap();
         assert_eq!(tb.state, TaskState::Pending);
@@ -448,7 +460,7 @@ mod tests {
             .map(|_| {
                 let s = s.clone();
                 std::thread::spawn(move || {
-                    s.submit_task(&spec(1, 1), 0).unwrap();
+                    s.submit_task(&spec(1, 1), None, 0).unwrap();
                     s.schedule().unwrap();
                 })
             })
@@ -457,7 +469,7 @@ mod tests {
             t.join().unwrap();
         }
         let placed: Vec<_> = s
-            .list_tasks(Some(TaskState::Assigning), None)
+            .list_tasks(Some(TaskState::Assigning), None, None)
             .unwrap()
             .into_iter()
             .flat_map(|t| t.placement.unwrap().gpus)
@@ -467,7 +479,9 @@ mod tests {
         let distinct: std::collections::BTreeSet<_> = placed.iter().collect();
         assert_eq!(distinct.len(), 3);
         assert_eq!(
-            s.list_tasks(Some(TaskState::Pending), None).unwrap().len(),
+            s.list_tasks(Some(TaskState::Pending), None, None)
+                .unwrap()
+                .len(),
             47
         );
     }
@@ -482,23 +496,23 @@ mod tests {
         ] {
             let mut sp = spec(1, 0);
             sp.target = Some(t.parse::<Target>().unwrap());
-            let e = s.submit_task(&sp, 0).unwrap_err().to_string();
+            let e = s.submit_task(&sp, None, 0).unwrap_err().to_string();
             assert!(e.contains(want), "{t}: {e}");
         }
         let mut empty = spec(1, 0);
         empty.command.clear();
         assert!(s
-            .submit_task(&empty, 0)
+            .submit_task(&empty, None, 0)
             .unwrap_err()
             .to_string()
             .contains("command"));
-        assert!(s.list_tasks(None, None).unwrap().is_empty());
+        assert!(s.list_tasks(None, None, None).unwrap().is_empty());
     }
 
     #[test]
     fn paused_tasks_keep_their_cores_and_kill_of_a_queued_task_ends_it() {
         let s = store_with_node("n1");
-        let a = s.submit_task(&spec(8, 0), 0).unwrap();
+        let a = s.submit_task(&spec(8, 0), None, 0).unwrap();
         s.schedule().unwrap();
         report(&s, a, TaskState::Running).unwrap();
         assert_eq!(
@@ -506,7 +520,7 @@ mod tests {
             Desired::Paused
         );
         report(&s, a, TaskState::Paused).unwrap();
-        let b = s.submit_task(&spec(1, 0), 0).unwrap();
+        let b = s.submit_task(&spec(1, 0), None, 0).unwrap();
         assert!(
             s.schedule().unwrap().is_empty(),
             "paused task still holds all 8 cores"
@@ -526,7 +540,7 @@ mod tests {
     #[test]
     fn reports_follow_the_state_machine_and_the_node() {
         let s = store_with_node("n1");
-        let a = s.submit_task(&spec(1, 0), 0).unwrap();
+        let a = s.submit_task(&spec(1, 0), None, 0).unwrap();
         s.schedule().unwrap();
         let before = s.revision().unwrap();
         let e = s
@@ -574,13 +588,13 @@ mod tests {
     #[test]
     fn silent_nodes_lose_their_tasks_which_come_back_when_reported() {
         let s = store_with_node("n1");
-        let a = s.submit_task(&spec(8, 0), 0).unwrap();
+        let a = s.submit_task(&spec(8, 0), None, 0).unwrap();
         s.schedule().unwrap();
         report(&s, a, TaskState::Running).unwrap();
         s.mark_silent_offline(i64::MAX / 2, 3).unwrap();
         assert_eq!(s.get_task(a).unwrap().unwrap().state, TaskState::Lost);
         // Lost keeps the reservation: nothing else lands on those cores.
-        s.submit_task(&spec(1, 0), 0).unwrap();
+        s.submit_task(&spec(1, 0), None, 0).unwrap();
         assert!(s.schedule().unwrap().is_empty());
         assert_eq!(
             report(&s, a, TaskState::Running).unwrap().state,
