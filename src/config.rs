@@ -193,6 +193,10 @@ layered_config! {
         nft_table: String = "rivernode".to_string(),
         /// The dropbear binary injected into images that have no SSH server.
         dropbear: PathBuf = PathBuf::from("/usr/sbin/dropbear"),
+        /// Take a snapshot of a VPS each time it is stopped (AUTO_SNAPSHOT_ON_STOP).
+        auto_snapshot_on_stop: bool = true,
+        /// Snapshots kept per VPS; the oldest beyond it are deleted; 0 keeps all (MAX_SNAPSHOTS_PER_VPS).
+        max_snapshots_per_vps: u32 = 5,
     }
 }
 

@@ -121,6 +121,49 @@ pub enum ImageSource {
     Environment(String),
     /// A registry reference, pulled by the runner.
     Registry(String),
+    /// A snapshot of a VPS, on the node that keeps it.
+    Snapshot { vps: u64, snapshot: String },
+}
+
+/// `vps restart --from-snapshot`: the runner recreates the instance's disk
+/// from `snapshot` once for each `request` (a new request, a new restore).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restore {
+    pub snapshot: String,
+    pub request: i64,
+}
+
+/// A VPS snapshot: its filesystem changes committed as an image on its node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotView {
+    /// Unique per VPS and ordered by creation (milliseconds since the epoch, made distinct).
+    pub id: String,
+    pub vps_id: u64,
+    pub created_at_unix_ms: i64,
+    /// Size of the snapshot's own layer (compressed): the changes, not the image.
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub message: Option<String>,
+    /// The image in the node's containerd.
+    pub image: String,
+    pub node: String,
+}
+
+/// `POST /api/vps/snapshots/{id}` (body optional).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// `POST /api/tasks/{id}/restart` (body optional).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartRequest {
+    /// Restore the disk from this snapshot first; `"latest"` for the newest.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +209,9 @@ pub struct TaskSpec {
     /// operator sets `allow_privileged`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub privileged: bool,
+    /// Set by the host on `restart --from-snapshot` (VPS only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<Restore>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -148,6 +148,12 @@ pub struct RunnerArgs {
     pub instance_subnet: Option<String>,
     #[arg(long, value_name = "NAME")]
     pub nft_table: Option<String>,
+    /// Take a snapshot of a VPS each time it is stopped (true or false).
+    #[arg(long, value_name = "BOOL")]
+    pub auto_snapshot_on_stop: Option<bool>,
+    /// Snapshots kept per VPS; the oldest beyond it are deleted (0: no limit).
+    #[arg(long, value_name = "N")]
+    pub max_snapshots_per_vps: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -383,6 +389,9 @@ pub struct VpsCreateArgs {
     /// Every capability and no masked kernel paths (only where the operator allows it).
     #[arg(long)]
     pub privileged: bool,
+    /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
+    #[arg(long, value_name = "VPS[:SNAPSHOT]", conflicts_with_all = ["container", "image"])]
+    pub from_snapshot: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -397,10 +406,38 @@ pub enum VpsCommand {
     /// Start a stopped VPS again on its node, with its disk and host key.
     Restart {
         id: u64,
+        /// First restore the disk from a snapshot (default: the newest).
+        #[arg(long, value_name = "SNAPSHOT", num_args = 0..=1, default_missing_value = "latest")]
+        from_snapshot: Option<String>,
     },
+    /// Snapshots of a VPS's filesystem: create, list, latest, delete.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Stop the VPS and remove its container, disk, network and node port.
     Delete {
         id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Commit the VPS's filesystem changes now (running, paused or stopped).
+    Create {
+        id: u64,
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// The VPS's snapshots, oldest first.
+    List {
+        id: u64,
+    },
+    /// The VPS's newest snapshot.
+    Latest {
+        id: u64,
+    },
+    Delete {
+        id: u64,
+        snapshot: String,
     },
 }
 

@@ -77,6 +77,8 @@ pub fn runner_config(
         instance_subnet: args.instance_subnet.clone(),
         nft_table: args.nft_table.clone(),
         dropbear: None,
+        auto_snapshot_on_stop: args.auto_snapshot_on_stop,
+        max_snapshots_per_vps: args.max_snapshots_per_vps,
     });
     cfg.validate()?;
     Ok(cfg)

@@ -15,6 +15,15 @@ use crate::cli::output::{ago, bytes, emit, emit_json, table};
 
 /// The part of a spec every kind shares: where, how much, in what image.
 pub fn base_spec(r: &ResourceArgs, kind: crate::api::Kind) -> anyhow::Result<TaskSpec> {
+    base_spec_from(r, kind, None)
+}
+
+/// The spec of the resource flags; `image` stands in for --container/--image.
+pub fn base_spec_from(
+    r: &ResourceArgs,
+    kind: crate::api::Kind,
+    image: Option<ImageSource>,
+) -> anyhow::Result<TaskSpec> {
     let target = r
         .target
         .as_deref()
@@ -26,9 +35,10 @@ pub fn base_spec(r: &ResourceArgs, kind: crate::api::Kind) -> anyhow::Result<Tas
         .map(parse_memory_size)
         .transpose()
         .map_err(|e| anyhow::anyhow!("-m/--memory: {e}"))?;
-    let image = match (&r.container, &r.image) {
-        (Some(env), None) => ImageSource::Environment(env.clone()),
-        (None, Some(reference)) => ImageSource::Registry(reference.clone()),
+    let image = match (image, &r.container, &r.image) {
+        (Some(i), None, None) => i,
+        (None, Some(env), None) => ImageSource::Environment(env.clone()),
+        (None, None, Some(reference)) => ImageSource::Registry(reference.clone()),
         _ => bail!("say what to run in: --container ENV (an environment) or --image REF (a registry image)"),
     };
     Ok(TaskSpec {
@@ -44,6 +54,7 @@ pub fn base_spec(r: &ResourceArgs, kind: crate::api::Kind) -> anyhow::Result<Tas
         ssh_keys: vec![],
         ssh_password_hash: None,
         privileged: false,
+        restore: None,
     })
 }
 
@@ -126,6 +137,7 @@ fn status_text(t: &TaskView) -> String {
         match &t.spec.image {
             ImageSource::Environment(e) => format!("environment {e}"),
             ImageSource::Registry(r) => format!("registry {r}"),
+            ImageSource::Snapshot { vps, snapshot } => format!("snapshot {snapshot} of VPS {vps}"),
         }
     ));
     out.push_str(&format!(

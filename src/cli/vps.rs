@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::api::{Kind, SubmitResponse, TaskSpec, TaskView, WhoAmI};
-use crate::cli::args::{Output, SshArgs, VpsCommand, VpsCreateArgs};
+use crate::api::{
+    ImageSource, Kind, RestartRequest, SnapshotRequest, SnapshotView, SubmitResponse, TaskSpec,
+    TaskView, WhoAmI,
+};
+use crate::cli::args::{Output, SnapshotCommand, SshArgs, VpsCommand, VpsCreateArgs};
 use crate::cli::client::Client;
-use crate::cli::output::{emit, emit_json, table};
+use crate::cli::output::{ago, bytes, emit, emit_json, table};
 
 fn home() -> Option<PathBuf> {
     std::env::var_os("HOME").map(PathBuf::from)
@@ -107,11 +110,16 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
             } else {
                 None
             };
+            let source = a
+                .from_snapshot
+                .as_deref()
+                .map(snapshot_source)
+                .transpose()?;
             let spec = TaskSpec {
                 ssh_keys: keys(&a)?,
                 ssh_password_hash,
                 privileged: a.privileged,
-                ..crate::cli::task::base_spec(&a.resources, Kind::Vps)?
+                ..crate::cli::task::base_spec_from(&a.resources, Kind::Vps, source)?
             };
             let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
             match output {
@@ -150,7 +158,27 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
             }
         }
         VpsCommand::Stop { id } => lifecycle(client, id, "stop", output).await?,
-        VpsCommand::Restart { id } => lifecycle(client, id, "restart", output).await?,
+        VpsCommand::Restart { id, from_snapshot } => {
+            let t: TaskView = client
+                .post(
+                    &format!("/api/tasks/{id}/restart"),
+                    &RestartRequest {
+                        from_snapshot: from_snapshot.clone(),
+                    },
+                )
+                .await?;
+            match output {
+                Output::Json => emit_json(&t),
+                Output::Table => emit(&match from_snapshot {
+                    Some(s) => format!(
+                        "vps {id}: restart from snapshot {s} requested (state {})\n",
+                        t.state
+                    ),
+                    None => format!("vps {id}: restart requested (state {})\n", t.state),
+                }),
+            }
+        }
+        VpsCommand::Snapshot(cmd) => snapshot(client, cmd, output).await?,
         VpsCommand::Delete { id } => {
             let t: TaskView = client
                 .post(&format!("/api/tasks/{id}/kill"), &serde_json::json!({}))
@@ -159,6 +187,78 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 Output::Json => emit_json(&t),
                 Output::Table => emit(&format!("vps {id}: delete requested (state {})\n", t.state)),
             }
+        }
+    }
+    Ok(())
+}
+
+/// `VPS` or `VPS:SNAPSHOT` of `--from-snapshot`.
+fn snapshot_source(text: &str) -> anyhow::Result<ImageSource> {
+    let (vps, snapshot) = text.split_once(':').unwrap_or((text, "latest"));
+    let vps = vps
+        .parse()
+        .with_context(|| format!("--from-snapshot {text:?}: say VPS_ID or VPS_ID:SNAPSHOT_ID"))?;
+    Ok(ImageSource::Snapshot {
+        vps,
+        snapshot: snapshot.to_string(),
+    })
+}
+
+fn snapshot_rows(list: &[SnapshotView]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                ago(s.created_at_unix_ms, crate::now_unix_ms()),
+                bytes(s.size_bytes),
+                s.node.clone(),
+                s.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(&["SNAPSHOT", "TAKEN", "SIZE", "NODE", "MESSAGE"], &rows)
+}
+
+async fn snapshot(client: &Client, cmd: SnapshotCommand, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCommand::Create { id, message } => {
+            let s: SnapshotView = client
+                .post(
+                    &format!("/api/vps/snapshots/{id}"),
+                    &SnapshotRequest { message },
+                )
+                .await?;
+            match output {
+                Output::Json => emit_json(&s),
+                Output::Table => emit(&format!(
+                    "vps {id}: snapshot {} taken ({} of changes)\n",
+                    s.id,
+                    bytes(s.size_bytes)
+                )),
+            }
+        }
+        SnapshotCommand::List { id } => {
+            let list: Vec<SnapshotView> = client.get(&format!("/api/vps/snapshots/{id}")).await?;
+            match output {
+                Output::Json => emit_json(&list),
+                Output::Table => emit(&snapshot_rows(&list)),
+            }
+        }
+        SnapshotCommand::Latest { id } => {
+            let s: SnapshotView = client
+                .get(&format!("/api/vps/snapshots/{id}/latest"))
+                .await?;
+            match output {
+                Output::Json => emit_json(&s),
+                Output::Table => emit(&snapshot_rows(std::slice::from_ref(&s))),
+            }
+        }
+        SnapshotCommand::Delete { id, snapshot } => {
+            client
+                .delete(&format!("/api/vps/snapshots/{id}/{snapshot}"))
+                .await?;
+            emit(&format!("vps {id}: snapshot {snapshot} deleted\n"));
         }
     }
     Ok(())

@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod proxy;
 pub mod scheduler;
+mod snapshots;
 pub mod store;
 mod tasks;
 

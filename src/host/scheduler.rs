@@ -349,6 +349,7 @@ mod tests {
             ssh_keys: vec![],
             ssh_password_hash: None,
             privileged: false,
+            restore: None,
         }
     }
 

@@ -39,12 +39,9 @@ pub fn user_routes() -> Router<Arc<HostState>> {
             "/api/tasks/{id}/stop",
             post(|s, who, id| desire(s, who, id, Desired::Stopped)),
         )
-        .route(
-            "/api/tasks/{id}/restart",
-            post(|s, who, id| desire(s, who, id, Desired::Running)),
-        )
         .route("/api/tasks/{id}/logs", get(logs))
         .route("/api/environments", get(environments))
+        .merge(super::snapshots::routes())
 }
 
 /// Environments: `SHARED_DIR/environments/<name>.tar`.
@@ -140,6 +137,13 @@ fn check_spec(spec: &TaskSpec, allow_privileged: bool) -> Result<(), ApiError> {
                 "image.environment: {n:?} is not an environment name (letters, digits, '.', '_', '-')"
             )))
         }
+        crate::api::ImageSource::Snapshot { snapshot, .. }
+            if snapshot != "latest" && !snapshot.chars().all(|c| c.is_ascii_digit()) =>
+        {
+            return Err(ApiError::BadRequest(format!(
+                "image.snapshot: {snapshot:?} is not a snapshot id (digits) or \"latest\""
+            )))
+        }
         crate::api::ImageSource::Registry(r) => {
             crate::oci::Reference::parse(r).map_err(|e| ApiError::BadRequest(format!("image.registry: {e}")))?;
         }
@@ -165,7 +169,7 @@ fn check_spec(spec: &TaskSpec, allow_privileged: bool) -> Result<(), ApiError> {
 
 /// What a task looks like from outside: a password hash stays on the host
 /// and the runner, and readers learn only that a password is set.
-fn redacted(mut t: TaskView) -> TaskView {
+pub(super) fn redacted(mut t: TaskView) -> TaskView {
     if t.spec.ssh_password_hash.is_some() {
         t.spec.ssh_password_hash = Some(REDACTED.into());
     }
@@ -190,9 +194,15 @@ pub async fn visible_task(state: &HostState, p: &Principal, id: u64) -> Result<T
 async fn submit(
     State(state): State<Arc<HostState>>,
     Extension(p): Extension<Principal>,
-    ApiJson(spec): ApiJson<TaskSpec>,
+    ApiJson(mut spec): ApiJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
     check_spec(&spec, state.allow_privileged)?;
+    if spec.restore.is_some() {
+        return Err(ApiError::BadRequest(
+            "restore: set by the host on `restart --from-snapshot`, not on submit".into(),
+        ));
+    }
+    super::snapshots::resolve_source(&state, &p, &mut spec).await?;
     if let crate::api::ImageSource::Environment(name) = &spec.image {
         let archive = state
             .shared_dir

@@ -97,6 +97,8 @@ struct RootFs {
 #[derive(Clone, Debug)]
 pub struct ImportedImage {
     pub name: String,
+    /// Digest of its manifest (containers record it: see `BASE_MANIFEST_LABEL`).
+    pub manifest: String,
     pub top_chain: String,
     pub config: ImageConfig,
 }
@@ -486,6 +488,7 @@ impl Containerd {
         }
         Ok(ImportedImage {
             name: name.to_string(),
+            manifest: layout.manifest.digest.clone(),
             top_chain: top,
             config: config.config.unwrap_or_default(),
         })
@@ -538,12 +541,13 @@ impl Containerd {
             .map_err(OciError::rpc(format!("snapshot {top}")))?;
         Ok(ImportedImage {
             name: name.into(),
+            manifest: target.digest.clone(),
             top_chain: top,
             config: config.config.unwrap_or_default(),
         })
     }
 
-    async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, OciError> {
+    pub(super) async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, OciError> {
         use containerd_client::services::v1::ReadContentRequest;
         let mut stream = ContentClient::new(self.channel())
             .read(self.req(
@@ -584,7 +588,7 @@ impl Containerd {
         }
     }
 
-    async fn upload_bytes(
+    pub(super) async fn upload_bytes(
         &self,
         data: &[u8],
         digest: &str,
@@ -712,7 +716,7 @@ impl Containerd {
         }
     }
 
-    async fn unpack(
+    pub(super) async fn unpack(
         &self,
         layers: &[Desc],
         chains: &[String],

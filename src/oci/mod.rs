@@ -3,9 +3,10 @@
 //! into snapshots client-side (works on containerd 1.6 as on 1.7/2.x, which
 //! would also offer a server-side Transfer service), the OCI runtime spec
 //! built as a typed value, containers and tasks with file-backed logs, OOM
-//! events, pause/resume, kill and cleanup. Later: registry pulls, CDI
-//! device injection, and commits for VPS snapshots.
+//! events, pause/resume, kill and cleanup, registry pulls, and commits of
+//! a container's changes as images (VPS snapshots). Later: CDI device injection.
 
+mod commit;
 mod import;
 mod registry;
 pub mod rootfs;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use containerd_client::tonic;
 use tonic::transport::Channel;
 
+pub use commit::{Committed, BASE_MANIFEST_LABEL, COMMIT_SIZE_LABEL};
 pub use import::{chain_ids, ImageConfig, ImportedImage};
 pub use registry::Reference;
 pub use spec::{build as build_spec, capability_bound, MountInput, RuntimeSpecInput};

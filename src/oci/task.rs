@@ -60,6 +60,12 @@ impl Containerd {
         stdout: &str,
         stderr: &str,
     ) -> Result<u32, OciError> {
+        // The container keeps its image's manifest alive (for commits).
+        let mut labels = labels;
+        labels.insert(
+            super::BASE_MANIFEST_LABEL.to_string(),
+            image.manifest.clone(),
+        );
         // Until the container record exists nothing references its new
         // snapshot, and containerd's GC would collect it: hold a lease.
         let lease = self.create_lease().await?;
@@ -203,18 +209,25 @@ impl Containerd {
 
     /// Whether the container record exists.
     pub async fn container_exists(&self, id: &str) -> Result<bool, OciError> {
+        Ok(self.container_labels(id).await?.is_some())
+    }
+
+    /// The labels of container `id`, or `None` if it does not exist.
+    pub async fn container_labels(
+        &self,
+        id: &str,
+    ) -> Result<Option<HashMap<String, String>>, OciError> {
         use containerd_client::services::v1::GetContainerRequest;
         match ContainersClient::new(self.channel())
             .get(self.req(GetContainerRequest { id: id.into() }, None))
             .await
         {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Ok(r) => Ok(r.into_inner().container.map(|c| c.labels)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => Err(OciError::rpc(format!("get container {id}"))(s)),
         }
     }
 
-    /// Deletes only the exited task: the container and its disk stay (a stopped VPS).
     pub async fn delete_task(&self, id: &str) -> Result<(), OciError> {
         match TasksClient::new(self.channel())
             .delete(self.req(

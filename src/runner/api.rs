@@ -1,6 +1,6 @@
 //! The runner's own HTTP API (port 8001). Only the host may call it: every
 //! request must carry the token the host received when this node registered.
-//! Later: task and VPS control.
+//! Task logs and VPS snapshots.
 
 use std::sync::{Arc, RwLock};
 
@@ -34,12 +34,22 @@ pub struct RunnerApiState {
     pub name: String,
     pub host_key: HostKey,
     pub logs_dir: std::path::PathBuf,
+    /// The task loop's context, once containerd answered.
+    pub tasks: std::sync::OnceLock<Arc<super::tasks::TaskContext>>,
 }
 
 pub fn router(state: Arc<RunnerApiState>) -> Router {
     Router::new()
         .route("/api/status", get(status))
         .route("/api/tasks/{id}/logs", get(logs))
+        .route(
+            "/api/vps/{id}/snapshots",
+            get(list_snapshots).post(take_snapshot),
+        )
+        .route(
+            "/api/vps/{id}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such runner API route") })
         .layer(middleware::from_fn_with_state(state.clone(), only_the_host))
         .with_state(state)
@@ -131,5 +141,62 @@ async fn logs(
         }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn snapshot_error(e: super::snapshots::SnapshotError) -> Response {
+    use super::snapshots::SnapshotError as E;
+    let status = match &e {
+        E::NoContainer(_) | E::NoSnapshot { .. } => StatusCode::NOT_FOUND,
+        E::MessageTooLong => StatusCode::BAD_REQUEST,
+        E::Oci(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &e.to_string())
+}
+
+fn no_tasks() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "this runner has no containerd connection yet",
+    )
+}
+
+async fn list_snapshots(
+    State(state): State<Arc<RunnerApiState>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+) -> Response {
+    let Some(ctx) = state.tasks.get().cloned() else {
+        return no_tasks();
+    };
+    match ctx.snapshots(id).await {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => snapshot_error(e),
+    }
+}
+
+async fn take_snapshot(
+    State(state): State<Arc<RunnerApiState>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+    Json(req): Json<crate::api::SnapshotRequest>,
+) -> Response {
+    let Some(ctx) = state.tasks.get().cloned() else {
+        return no_tasks();
+    };
+    match ctx.take_snapshot(id, req.message.as_deref()).await {
+        Ok(s) => (StatusCode::CREATED, Json(s)).into_response(),
+        Err(e) => snapshot_error(e),
+    }
+}
+
+async fn delete_snapshot(
+    State(state): State<Arc<RunnerApiState>>,
+    axum::extract::Path((id, snapshot)): axum::extract::Path<(u64, String)>,
+) -> Response {
+    let Some(ctx) = state.tasks.get().cloned() else {
+        return no_tasks();
+    };
+    match ctx.delete_snapshot(id, &snapshot).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => snapshot_error(e),
     }
 }

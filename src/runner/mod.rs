@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod logdriver;
+pub mod snapshots;
 pub mod tasks;
 pub mod vps;
 
@@ -115,6 +116,7 @@ impl BoundRunner {
             name,
             host_key: HostKey::default(),
             logs_dir: tasks::logs_dir(&config),
+            tasks: Default::default(),
         });
         Ok(Self {
             config,
@@ -372,9 +374,11 @@ impl Control {
             config: self.config.clone(),
             ctd,
             vps,
+            snapshot_locks: Default::default(),
         });
         tracing::info!(socket = %self.config.containerd_socket.display(), "containerd connected; task loop started");
         tokio::spawn(tasks::reconcile_loop(ctx.clone(), self.stop.clone()));
+        let _ = self.api.tasks.set(ctx.clone());
         self.tasks = Some(ctx);
     }
 

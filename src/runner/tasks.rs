@@ -17,6 +17,9 @@ use crate::config::RunnerConfig;
 use crate::oci::{self, Containerd, MountInput, RuntimeSpecInput, TaskStatus, TASK_LABEL};
 use crate::runner::vps::{ImageSsh, SshLogin};
 
+/// Container label: the restore request its disk was made for.
+const RESTORE_LABEL: &str = "io.rivernode.restore";
+
 /// Where an image's own SSH server is looked for (Debian, Ubuntu, Fedora, Alpine).
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -31,6 +34,7 @@ pub struct TaskContext {
     pub ctd: Containerd,
     /// Networking and SSH for VPS instances.
     pub vps: super::vps::VpsKit,
+    pub snapshot_locks: super::snapshots::SnapshotLocks,
 }
 
 impl TaskContext {
@@ -48,7 +52,7 @@ impl TaskContext {
     /// The node's name is part of the id: runc keeps container state in a
     /// machine-wide directory, and two clusters (or test runs) on one machine
     /// must not collide there.
-    fn container_id(&self, id: u64) -> String {
+    pub(super) fn container_id(&self, id: u64) -> String {
         format!("{}-task-{id}", self.node)
     }
 
@@ -139,6 +143,7 @@ impl TaskContext {
                     .await
                     .map_err(|e| e.to_string())
             }
+            ImageSource::Snapshot { vps, snapshot } => self.snapshot_image(*vps, snapshot).await,
             ImageSource::Registry(r) => {
                 let scratch = self.config.data_dir.join(super::STATE_DIR).join("import");
                 std::fs::create_dir_all(&scratch)
@@ -329,7 +334,8 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
                 None if a.state == TaskState::Stopped && a.desired == Desired::Killed => {
                     // Delete of a stopped VPS: its kept container and disk go now.
                     let cid = ctx.container_id(a.id);
-                    let problems = ctx.ctd.cleanup(&cid).await;
+                    let mut problems = ctx.ctd.cleanup(&cid).await;
+                    problems.extend(ctx.delete_all_snapshots(a.id).await);
                     if !problems.is_empty() {
                         tracing::warn!(task = a.id, ?problems, "cleanup left problems");
                     }
@@ -483,6 +489,7 @@ fn placeholder_assignment(id: u64) -> Assignment {
             ssh_keys: vec![],
             ssh_password_hash: None,
             privileged: false,
+            restore: None,
         },
         placement: crate::api::Placement {
             node: String::new(),
@@ -507,7 +514,45 @@ async fn supervise(
     if !adopted {
         let is_vps = a.spec.kind == crate::api::Kind::Vps;
         let started = async {
-            let image = ctx.image(&a.spec.image).await?;
+            let labels = ctx
+                .ctd
+                .container_labels(&cid)
+                .await
+                .map_err(|e| e.to_string())?;
+            // `restart --from-snapshot`: the disk is recreated once per request.
+            let restore = a.spec.restore.as_ref().filter(|r| {
+                labels.as_ref().and_then(|l| l.get(RESTORE_LABEL)) != Some(&r.request.to_string())
+            });
+            let logs = ctx.logs_dir();
+            std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("locating the rivernode binary: {e}"))?;
+            let uri =
+                super::logdriver::uri(&exe, &logs, &format!("task-{id}"), ctx.config.max_log_bytes);
+            if labels.is_some() && restore.is_none() {
+                // A restarted VPS: its container, disk and SSH setup are still there.
+                if is_vps {
+                    ctx.vps
+                        .start_network(id, &cid, a.placement.node_port)
+                        .await?;
+                }
+                return ctx
+                    .ctd
+                    .start_existing(&cid, &uri, &uri)
+                    .await
+                    .map_err(|e| e.to_string());
+            }
+            let image = match restore {
+                Some(r) => ctx.snapshot_image(id, &r.snapshot).await?,
+                None => ctx.image(&a.spec.image).await?,
+            };
+            if labels.is_some() {
+                // Restoring: the old disk goes, the host key and network stay.
+                let problems = ctx.ctd.cleanup(&cid).await;
+                if !problems.is_empty() {
+                    return Err(format!("removing the old disk: {}", problems.join("; ")));
+                }
+            }
             let mut input = ctx.spec_input(&a)?;
             if is_vps {
                 let found = ctx
@@ -542,25 +587,9 @@ async fn supervise(
                 input.netns = Some(inet.netns);
             }
             let spec = oci::build_spec(&image.config, &input).map_err(|e| e.to_string())?;
-            let logs = ctx.logs_dir();
-            std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
-            let labels = HashMap::from([(TASK_LABEL.to_string(), id.to_string())]);
-            let exe = std::env::current_exe()
-                .map_err(|e| format!("locating the rivernode binary: {e}"))?;
-            let uri =
-                super::logdriver::uri(&exe, &logs, &format!("task-{id}"), ctx.config.max_log_bytes);
-            // A restarted VPS: its container and disk are still there.
-            if ctx
-                .ctd
-                .container_exists(&cid)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                return ctx
-                    .ctd
-                    .start_existing(&cid, &uri, &uri)
-                    .await
-                    .map_err(|e| e.to_string());
+            let mut labels = HashMap::from([(TASK_LABEL.to_string(), id.to_string())]);
+            if let Some(r) = &a.spec.restore {
+                labels.insert(RESTORE_LABEL.to_string(), r.request.to_string());
             }
             ctx.ctd
                 .run_container(&cid, labels, &image, &spec, &uri, &uri)
@@ -685,15 +714,25 @@ async fn supervise(
         ),
     };
     tracing::info!(task = id, state = %state, ?exit_code, "task ended");
-    ctx.report(id, state, exit_code, message, &stop).await;
     let mut problems = Vec::new();
+    let mut message = message;
     if state == TaskState::Stopped {
         // Stopped: the container and its disk stay for a restart.
         if let Err(e) = ctx.ctd.delete_task(&cid).await {
             problems.push(e.to_string());
         }
+        // Before the host hears "stopped", so a snapshot taken on stop is listed by then.
+        if ctx.config.auto_snapshot_on_stop {
+            if let Err(e) = ctx.take_snapshot(id, Some("automatic, on stop")).await {
+                tracing::warn!(task = id, error = %e, "snapshot on stop failed");
+                message = Some(format!("the snapshot on stop failed: {e}"));
+            }
+        }
+        ctx.report(id, state, exit_code, message, &stop).await;
     } else {
+        ctx.report(id, state, exit_code, message, &stop).await;
         problems = ctx.ctd.cleanup(&cid).await;
+        problems.extend(ctx.delete_all_snapshots(id).await);
         ctx.vps.forget(&cid);
     }
     // An instance with an address is a VPS (also when adopted after a restart).

@@ -11,8 +11,8 @@ mod tasks;
 
 use super::auth::{Principal, Role};
 use crate::api::{
-    Assignments, Desired, HeartbeatRequest, NodeState, NodeView, RegisterRequest, TaskReport,
-    TaskSpec, TaskState, TaskView, UserView,
+    Assignments, Desired, HeartbeatRequest, NodeState, NodeView, RegisterRequest, Restore,
+    TaskReport, TaskSpec, TaskState, TaskView, UserView,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<TaskView>, StoreError>;
     /// Records what the user wants; a queued task that is killed ends at once.
     fn set_desired(&self, id: u64, desired: Desired, now_ms: i64) -> Result<TaskView, StoreError>;
+    /// Restarts a stopped VPS whose disk is first restored from a snapshot.
+    fn restart_from(&self, id: u64, restore: &Restore, now_ms: i64)
+        -> Result<TaskView, StoreError>;
     /// What `node` must run, with the current revision.
     fn assignments(&self, node: &str) -> Result<Assignments, StoreError>;
     /// Applies a runner's report for a task on its node.
@@ -544,6 +547,15 @@ impl Store for SqliteStore {
 
     fn set_desired(&self, id: u64, desired: Desired, now_ms: i64) -> Result<TaskView, StoreError> {
         self.with(|c| tasks::set_desired(c, id, desired, now_ms))
+    }
+
+    fn restart_from(
+        &self,
+        id: u64,
+        restore: &Restore,
+        now_ms: i64,
+    ) -> Result<TaskView, StoreError> {
+        self.with(|c| tasks::restart_from(c, id, restore, now_ms))
     }
 
     fn assignments(&self, node: &str) -> Result<Assignments, StoreError> {

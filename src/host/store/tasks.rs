@@ -7,8 +7,8 @@ use rusqlite::{params, Connection, Transaction};
 
 use super::{node_from_row, to_json, StoreError, NODE_COLUMNS};
 use crate::api::{
-    Assignment, Assignments, Desired, NodeView, Placement, TaskReport, TaskSpec, TaskState,
-    TaskView,
+    Assignment, Assignments, Desired, NodeView, Placement, Restore, TaskReport, TaskSpec,
+    TaskState, TaskView,
 };
 use crate::host::scheduler::{self, Decision};
 
@@ -248,8 +248,34 @@ pub(super) fn set_desired(
     desired: Desired,
     now_ms: i64,
 ) -> Result<TaskView, StoreError> {
+    change_desired(c, id, desired, None, now_ms)
+}
+
+/// A restart whose disk is first restored from a snapshot: only from `stopped`.
+pub(super) fn restart_from(
+    c: &mut Connection,
+    id: u64,
+    restore: &Restore,
+    now_ms: i64,
+) -> Result<TaskView, StoreError> {
+    change_desired(c, id, Desired::Running, Some(restore), now_ms)
+}
+
+fn change_desired(
+    c: &mut Connection,
+    id: u64,
+    desired: Desired,
+    restore: Option<&Restore>,
+    now_ms: i64,
+) -> Result<TaskView, StoreError> {
     let tx = c.transaction()?;
     let t = one(&tx, id)?;
+    if restore.is_some() && t.state != TaskState::Stopped {
+        return Err(StoreError::Conflict(format!(
+            "VPS {id} is {}: stop it first (rivernode vps stop {id}), then restart it from a snapshot",
+            t.state
+        )));
+    }
     if t.state.is_final() {
         return Err(StoreError::Conflict(format!(
             "task {id} already ended ({})",
@@ -279,6 +305,7 @@ pub(super) fn set_desired(
     } else if t.state == TaskState::Stopped && desired == Desired::Running {
         // Restart: queue it again on the node that keeps its disk.
         let mut spec = t.spec.clone();
+        spec.restore = restore.cloned();
         if let Some(p) = &t.placement {
             match &mut spec.target {
                 Some(target) => target.node = p.node.clone(),
@@ -416,6 +443,7 @@ mod tests {
             ssh_keys: vec![],
             ssh_password_hash: None,
             privileged: false,
+            restore: None,
         }
     }
 

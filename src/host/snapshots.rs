@@ -1,0 +1,283 @@
+//! VPS snapshots on the host API, at the seed's paths: the host checks who
+//! may touch the VPS, finds its node and asks that node's runner, which
+//! keeps the snapshots in its containerd. Also the two ways back from one:
+//! `restart` with `from_snapshot`, and new VPS whose image is a snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+
+use super::api::ApiError;
+use super::auth::Principal;
+use super::tasks::visible_task;
+use super::HostState;
+use crate::api::{
+    ImageSource, Kind, RestartRequest, Restore, SnapshotRequest, SnapshotView, TaskSpec, TaskView,
+};
+
+pub fn routes() -> Router<Arc<HostState>> {
+    Router::new()
+        .route(
+            "/api/vps/snapshots/{id}",
+            post(create).get(|s, p, id| async move { list(s, p, id).await.map(Json) }),
+        )
+        .route("/api/vps/snapshots/{id}/latest", get(latest))
+        .route(
+            "/api/vps/snapshots/{id}/{snapshot}",
+            axum::routing::delete(delete),
+        )
+        .route("/api/tasks/{id}/restart", post(restart))
+}
+
+/// An optional JSON body: empty means the defaults.
+pub fn optional_body<T: serde::de::DeserializeOwned + Default>(
+    body: &Bytes,
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+}
+
+/// The node that keeps a VPS's disk and snapshots.
+fn node_of(t: &TaskView) -> Result<String, ApiError> {
+    if t.spec.kind != Kind::Vps {
+        return Err(ApiError::BadRequest(format!(
+            "task {} is a command task: only a VPS has snapshots",
+            t.id
+        )));
+    }
+    t.placement
+        .as_ref()
+        .map(|p| p.node.clone())
+        .or_else(|| t.spec.target.as_ref().map(|t| t.node.clone()))
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "VPS {} has not been placed on a node yet ({})",
+                t.id, t.reason
+            ))
+        })
+}
+
+/// Calls `path` on the runner of `node`; the runner's 4xx answers become ours.
+async fn runner(
+    state: &HostState,
+    node: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&SnapshotRequest>,
+) -> Result<reqwest::Response, ApiError> {
+    let n = node.to_string();
+    let (url, token) = state
+        .blocking(move |s| s.runner_access(&n))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("node {node:?} is gone")))?;
+    let mut req = state
+        .http
+        .request(method, format!("{url}{path}"))
+        .bearer_auth(token)
+        // A snapshot of a large disk takes as long as reading its changes.
+        .timeout(Duration::from_secs(3600));
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| ApiError::BadGateway(format!("runner of {node:?} unreachable: {e}")))?;
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let code = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let msg = serde_json::from_str::<crate::api::ErrorBody>(&text)
+        .map(|b| b.error)
+        .unwrap_or(text);
+    Err(match code {
+        reqwest::StatusCode::NOT_FOUND => ApiError::NotFound(msg),
+        reqwest::StatusCode::BAD_REQUEST => ApiError::BadRequest(msg),
+        _ => ApiError::BadGateway(format!("runner of {node:?} answered {code}: {msg}")),
+    })
+}
+
+async fn decode<T: serde::de::DeserializeOwned>(
+    resp: reqwest::Response,
+    node: &str,
+) -> Result<T, ApiError> {
+    resp.json().await.map_err(|e| {
+        ApiError::BadGateway(format!("runner of {node:?} sent an unreadable answer: {e}"))
+    })
+}
+
+/// A VPS's snapshots, oldest first.
+async fn snapshots_of(state: &HostState, t: &TaskView) -> Result<Vec<SnapshotView>, ApiError> {
+    let node = node_of(t)?;
+    let path = format!("/api/vps/{}/snapshots", t.id);
+    let resp = runner(state, &node, reqwest::Method::GET, &path, None).await?;
+    decode(resp, &node).await
+}
+
+/// One snapshot of `t` by id, or its newest for `"latest"`.
+async fn find(state: &HostState, t: &TaskView, id: &str) -> Result<SnapshotView, ApiError> {
+    let all = snapshots_of(state, t).await?;
+    let found = if id == "latest" {
+        all.last()
+    } else {
+        all.iter().find(|s| s.id == id)
+    };
+    found.cloned().ok_or_else(|| {
+        ApiError::NotFound(if all.is_empty() {
+            format!("VPS {} has no snapshots", t.id)
+        } else {
+            format!(
+                "VPS {} has no snapshot {id}; `rivernode vps snapshot list {}` shows them",
+                t.id, t.id
+            )
+        })
+    })
+}
+
+async fn create(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<u64>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<SnapshotView>), ApiError> {
+    let req: SnapshotRequest = optional_body(&body)?;
+    let t = visible_task(&state, &p, id).await?;
+    let node = node_of(&t)?;
+    if t.state.is_final() {
+        return Err(ApiError::Conflict(format!("VPS {id} is {}", t.state)));
+    }
+    let path = format!("/api/vps/{id}/snapshots");
+    let resp = runner(&state, &node, reqwest::Method::POST, &path, Some(&req)).await?;
+    let s: SnapshotView = decode(resp, &node).await?;
+    tracing::info!(task = id, snapshot = %s.id, bytes = s.size_bytes, "snapshot taken");
+    Ok((StatusCode::CREATED, Json(s)))
+}
+
+async fn list(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<u64>,
+) -> Result<Vec<SnapshotView>, ApiError> {
+    let t = visible_task(&state, &p, id).await?;
+    snapshots_of(&state, &t).await
+}
+
+async fn latest(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<u64>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    let t = visible_task(&state, &p, id).await?;
+    find(&state, &t, "latest").await.map(Json)
+}
+
+async fn delete(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path((id, snapshot)): Path<(u64, String)>,
+) -> Result<StatusCode, ApiError> {
+    let t = visible_task(&state, &p, id).await?;
+    let node = node_of(&t)?;
+    let path = format!("/api/vps/{id}/snapshots/{}", urlencode(&snapshot));
+    runner(&state, &node, reqwest::Method::DELETE, &path, None).await?;
+    tracing::info!(task = id, snapshot = %snapshot, "snapshot deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Snapshot ids are digits; anything else is sent escaped and the runner says it does not exist.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `POST /api/tasks/{id}/restart`, with `{"from_snapshot": "<id>|latest"}`
+/// to restore the disk of a stopped VPS first.
+async fn restart(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<u64>,
+    body: Bytes,
+) -> Result<Json<TaskView>, ApiError> {
+    let req: RestartRequest = optional_body(&body)?;
+    let t = visible_task(&state, &p, id).await?;
+    let now = crate::now_unix_ms();
+    let view = match req.from_snapshot {
+        None => {
+            state
+                .blocking(move |s| s.set_desired(id, crate::api::Desired::Running, now))
+                .await?
+        }
+        Some(wanted) => {
+            let snap = find(&state, &t, &wanted).await?;
+            let restore = Restore {
+                snapshot: snap.id.clone(),
+                request: now,
+            };
+            tracing::info!(task = id, snapshot = %snap.id, "restart from a snapshot");
+            state
+                .blocking(move |s| s.restart_from(id, &restore, now))
+                .await?
+        }
+    };
+    state.publish().await;
+    state.schedule.notify_one();
+    Ok(Json(super::tasks::redacted(view)))
+}
+
+/// For a new VPS from a snapshot: the source must be the caller's VPS; the
+/// new one goes to the node that keeps the snapshot, and `latest` is fixed
+/// to a concrete id now.
+pub async fn resolve_source(
+    state: &HostState,
+    p: &Principal,
+    spec: &mut TaskSpec,
+) -> Result<(), ApiError> {
+    let ImageSource::Snapshot { vps, snapshot } = &spec.image else {
+        return Ok(());
+    };
+    if spec.kind != Kind::Vps {
+        return Err(ApiError::BadRequest(
+            "image.snapshot: only a VPS can start from a snapshot".into(),
+        ));
+    }
+    let source = visible_task(state, p, *vps)
+        .await
+        .map_err(|_| ApiError::NotFound(format!("image.snapshot: no VPS {vps}")))?;
+    let snap = find(state, &source, snapshot).await?;
+    match &mut spec.target {
+        Some(t) if t.node != snap.node => {
+            return Err(ApiError::BadRequest(format!(
+                "target: the snapshots of VPS {vps} are on node {:?}, so the new VPS must be too",
+                snap.node
+            )))
+        }
+        Some(_) => {}
+        None => {
+            spec.target = Some(crate::api::Target {
+                node: snap.node.clone(),
+                numa: None,
+                gpus: vec![],
+            })
+        }
+    }
+    spec.image = ImageSource::Snapshot {
+        vps: *vps,
+        snapshot: snap.id,
+    };
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! VPS snapshots on this node: a VPS container's filesystem changes
+//! committed as an image in containerd (`rivernode/snapshots/vps-<id>:<sid>`),
+//! found again by its labels, so they outlive runner restarts and no other
+//! image is ever scanned. Snapshot ids are creation times in milliseconds,
+//! made distinct per VPS, so they sort by age and two taken in the same
+//! second never collide. The oldest beyond `max_snapshots_per_vps` go.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::api::SnapshotView;
+use crate::oci::{Containerd, ImportedImage, OciError};
+
+use super::tasks::TaskContext;
+
+const VPS_LABEL: &str = "io.rivernode.snapshot.vps";
+const ID_LABEL: &str = "io.rivernode.snapshot.id";
+const CREATED_LABEL: &str = "io.rivernode.snapshot.created-ms";
+const SIZE_LABEL: &str = crate::oci::COMMIT_SIZE_LABEL;
+const MESSAGE_LABEL: &str = "io.rivernode.snapshot.message";
+/// containerd caps a label at 4096 bytes; messages stay well below.
+pub const MAX_MESSAGE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("VPS {0} has no container on this node (deleted, or never started here)")]
+    NoContainer(u64),
+    #[error("VPS {vps} has no snapshot {id}")]
+    NoSnapshot { vps: u64, id: String },
+    #[error("message: longer than {MAX_MESSAGE} bytes")]
+    MessageTooLong,
+    #[error(transparent)]
+    Oci(#[from] OciError),
+}
+
+pub fn image_name(vps: u64, id: &str) -> String {
+    format!("rivernode/snapshots/vps-{vps}:{id}")
+}
+
+/// The next id: now, or one past the newest when that is not older.
+fn next_id(now_ms: i64, newest: Option<i64>) -> i64 {
+    newest.map_or(now_ms, |n| now_ms.max(n + 1))
+}
+
+fn view(node: &str, img: &containerd_client::services::v1::Image) -> Option<SnapshotView> {
+    let l = &img.labels;
+    Some(SnapshotView {
+        id: l.get(ID_LABEL)?.clone(),
+        vps_id: l.get(VPS_LABEL)?.parse().ok()?,
+        created_at_unix_ms: l.get(CREATED_LABEL)?.parse().ok()?,
+        size_bytes: l.get(SIZE_LABEL).and_then(|s| s.parse().ok()).unwrap_or(0),
+        message: l.get(MESSAGE_LABEL).cloned(),
+        image: img.name.clone(),
+        node: node.to_string(),
+    })
+}
+
+/// Serializes snapshot work per VPS (ids, rotation, freeze and thaw).
+#[derive(Default)]
+pub struct SnapshotLocks(std::sync::Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>);
+
+impl SnapshotLocks {
+    fn of(&self, vps: u64) -> Arc<tokio::sync::Mutex<()>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(vps)
+            .or_default()
+            .clone()
+    }
+}
+
+async fn list(ctd: &Containerd, node: &str, vps: u64) -> Result<Vec<SnapshotView>, OciError> {
+    let mut out: Vec<SnapshotView> = ctd
+        .images_with_label(VPS_LABEL, &vps.to_string())
+        .await?
+        .iter()
+        .filter_map(|i| view(node, i))
+        .collect();
+    out.sort_by_key(|s| (s.created_at_unix_ms, s.id.clone()));
+    Ok(out)
+}
+
+impl TaskContext {
+    /// A VPS's snapshots, oldest first.
+    pub async fn snapshots(&self, vps: u64) -> Result<Vec<SnapshotView>, SnapshotError> {
+        Ok(list(&self.ctd, &self.node, vps).await?)
+    }
+
+    /// Commits the VPS's filesystem (running, paused or stopped), then
+    /// deletes the oldest snapshots beyond the limit.
+    pub async fn take_snapshot(
+        &self,
+        vps: u64,
+        message: Option<&str>,
+    ) -> Result<SnapshotView, SnapshotError> {
+        if message.is_some_and(|m| m.len() > MAX_MESSAGE) {
+            return Err(SnapshotError::MessageTooLong);
+        }
+        let cid = self.container_id(vps);
+        let lock = self.snapshot_locks.of(vps);
+        let _held = lock.lock().await;
+        if !self.ctd.container_exists(&cid).await? {
+            return Err(SnapshotError::NoContainer(vps));
+        }
+        let existing = list(&self.ctd, &self.node, vps).await?;
+        let created = next_id(
+            crate::now_unix_ms(),
+            existing.last().map(|s| s.created_at_unix_ms),
+        );
+        let id = created.to_string();
+        let name = image_name(vps, &id);
+        let mut labels = HashMap::from([
+            (VPS_LABEL.to_string(), vps.to_string()),
+            (ID_LABEL.to_string(), id.clone()),
+            (CREATED_LABEL.to_string(), created.to_string()),
+        ]);
+        if let Some(m) = message {
+            labels.insert(MESSAGE_LABEL.to_string(), m.to_string());
+        }
+        let started = std::time::Instant::now();
+        let committed = self
+            .ctd
+            .commit(&cid, &name, labels, message.unwrap_or("snapshot"))
+            .await?;
+        tracing::info!(
+            task = vps,
+            snapshot = %id,
+            bytes = committed.layer_size,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot taken"
+        );
+        let max = self.config.max_snapshots_per_vps as usize;
+        if max > 0 && existing.len() + 1 > max {
+            for old in &existing[..existing.len() + 1 - max] {
+                match self.ctd.delete_image(&old.image).await {
+                    Ok(_) => {
+                        tracing::info!(task = vps, snapshot = %old.id, "old snapshot rotated out")
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = vps, snapshot = %old.id, error = %e, "rotating out a snapshot failed")
+                    }
+                }
+            }
+        }
+        Ok(SnapshotView {
+            id,
+            vps_id: vps,
+            created_at_unix_ms: created,
+            size_bytes: committed.layer_size,
+            message: message.map(String::from),
+            image: name,
+            node: self.node.clone(),
+        })
+    }
+
+    pub async fn delete_snapshot(&self, vps: u64, id: &str) -> Result<(), SnapshotError> {
+        let lock = self.snapshot_locks.of(vps);
+        let _held = lock.lock().await;
+        // Only names this VPS's labels vouch for: an id is never a path into other images.
+        let found = list(&self.ctd, &self.node, vps)
+            .await?
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| SnapshotError::NoSnapshot {
+                vps,
+                id: id.to_string(),
+            })?;
+        self.ctd.delete_image(&found.image).await?;
+        Ok(())
+    }
+
+    /// Deletes every snapshot of a VPS (it is being deleted); returns the problems met.
+    pub async fn delete_all_snapshots(&self, vps: u64) -> Vec<String> {
+        let lock = self.snapshot_locks.of(vps);
+        let _held = lock.lock().await;
+        match list(&self.ctd, &self.node, vps).await {
+            Ok(all) => {
+                let mut problems = Vec::new();
+                for s in all {
+                    if let Err(e) = self.ctd.delete_image(&s.image).await {
+                        problems.push(e.to_string());
+                    }
+                }
+                problems
+            }
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    /// A snapshot as an image to run (`"latest"`: the newest).
+    pub async fn snapshot_image(&self, vps: u64, id: &str) -> Result<ImportedImage, String> {
+        let all = self.snapshots(vps).await.map_err(|e| e.to_string())?;
+        let found = if id == "latest" {
+            all.last()
+        } else {
+            all.iter().find(|s| s.id == id)
+        }
+        .ok_or_else(|| {
+            SnapshotError::NoSnapshot {
+                vps,
+                id: id.to_string(),
+            }
+            .to_string()
+        })?;
+        let img = self
+            .ctd
+            .get_image(&found.image)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("snapshot {} of VPS {vps} vanished", found.id))?;
+        self.ctd
+            .image_ready(&found.image, &img)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_distinct_and_ordered_within_a_millisecond() {
+        assert_eq!(next_id(1000, None), 1000);
+        assert_eq!(next_id(1000, Some(999)), 1000);
+        assert_eq!(next_id(1000, Some(1000)), 1001, "same millisecond");
+        assert_eq!(next_id(1000, Some(1005)), 1006, "clock went back");
+        assert_eq!(image_name(7, "1001"), "rivernode/snapshots/vps-7:1001");
+    }
+
+    #[test]
+    fn views_come_from_labels_only() {
+        let mut img = containerd_client::services::v1::Image {
+            name: "rivernode/snapshots/vps-3:5".into(),
+            labels: HashMap::from([
+                (VPS_LABEL.to_string(), "3".to_string()),
+                (ID_LABEL.to_string(), "5".to_string()),
+                (CREATED_LABEL.to_string(), "5".to_string()),
+                (SIZE_LABEL.to_string(), "4096".to_string()),
+            ]),
+            target: None,
+            created_at: None,
+            updated_at: None,
+        };
+        let v = view("n1", &img).unwrap();
+        assert_eq!((v.vps_id, v.id.as_str(), v.size_bytes), (3, "5", 4096));
+        img.labels.remove(ID_LABEL);
+        assert!(
+            view("n1", &img).is_none(),
+            "an image without our labels is not a snapshot"
+        );
+    }
+}
