@@ -1009,12 +1009,17 @@ fn snapshots_bring_back_a_deleted_file_and_seed_a_new_vps() {
         // Snapshots live in containerd, listed by label: a runner restart keeps them.
         let before = v.snapshot_ids(&id);
         v.runner.as_mut().unwrap().kill();
+        // As if the runner died while a snapshot held the VPS frozen: it is thawed on adoption.
+        v.ctr(&["task", "pause", &format!("vps-h-task-{id}")]);
+        assert!(v.ctr(&["task", "ls"]).contains("PAUSED"));
         v.start_runner();
         let after = wait_for("the runner back", || {
             let o = v.rn(&["-o", "json", "vps", "snapshot", "list", &id]);
             o.status.success().then(|| v.snapshot_ids(&id))
         });
         assert_eq!(before, after);
+        assert_eq!(v.ssh_ok(&id, &["echo", "thawed"]), "thawed\n");
+        assert_eq!(v.state(&id), "running");
 
         // Deleting the VPS deletes its snapshots; the copy keeps running on its own disk.
         v.rn(&["vps", "delete", &id]);

@@ -622,11 +622,19 @@ async fn supervise(
             }
         }
     } else {
-        // Tell the host what we found (it may believe the task lost).
-        let state = match ctx.ctd.status(&cid).await {
+        // Tell the host what we found (it may believe the task lost). A
+        // task frozen though it should run (a runner that died during a
+        // snapshot's freeze, or before acting on a resume) is thawed first.
+        let mut state = match ctx.ctd.status(&cid).await {
             Ok(TaskStatus::Paused) => TaskState::Paused,
             _ => TaskState::Running,
         };
+        if state == TaskState::Paused && *desired.borrow() == Desired::Running {
+            match ctx.ctd.resume(&cid).await {
+                Ok(()) => state = TaskState::Running,
+                Err(e) => tracing::warn!(task = id, error = %e, "resume of an adopted task failed"),
+            }
+        }
         ctx.report(id, state, None, None, &stop).await;
     }
 
