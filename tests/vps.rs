@@ -58,6 +58,10 @@ struct Vps {
 
 impl Vps {
     fn start(node: &str) -> Option<Vps> {
+        Self::start_with(node, &[])
+    }
+
+    fn start_with(node: &str, host_extra: &[&str]) -> Option<Vps> {
         let ctd = PrivateContainerd::start()?;
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
@@ -67,25 +71,23 @@ impl Vps {
         let data = dir.path().join("host");
         let shared = dir.path().join("shared");
         // Listening on every address of this private namespace, as in production.
-        let host = Daemon::start(
-            dir.path(),
+        let mut host_args = vec![
+            "--data-dir",
+            data.to_str().unwrap(),
             "host",
-            &[
-                "--data-dir",
-                data.to_str().unwrap(),
-                "host",
-                "--config",
-                "/dev/null",
-                "--api-port",
-                "0",
-                "--ssh-proxy-port",
-                "0",
-                "--liveness-check-interval",
-                "200ms",
-                "--shared-dir",
-                shared.to_str().unwrap(),
-            ],
-        );
+            "--config",
+            "/dev/null",
+            "--api-port",
+            "0",
+            "--ssh-proxy-port",
+            "0",
+            "--liveness-check-interval",
+            "200ms",
+            "--shared-dir",
+            shared.to_str().unwrap(),
+        ];
+        host_args.extend_from_slice(host_extra);
+        let host = Daemon::start(dir.path(), "host", &host_args);
         let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
         let mut v = Vps {
             runner: None,
@@ -1068,5 +1070,46 @@ fn stopping_seven_times_keeps_the_five_newest_snapshots() {
         assert_eq!(images.matches(&format!("vps-{id}:")).count(), 5, "{images}");
         v.rn(&["vps", "delete", &id]);
         v.wait_state(&id, "killed");
+    });
+}
+
+#[test]
+fn a_privileged_vps_gets_every_capability_where_the_operator_allows_it() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start_with("vps-j", &["--allow-privileged"]) else {
+            return;
+        };
+        let plain = v.create();
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "vps",
+            "create",
+            "--container",
+            "busybox",
+            "--privileged",
+            "--public-key-file",
+            v.key.with_extension("pub").to_str().unwrap(),
+        ]);
+        let privileged = created_id(&o);
+        v.wait_state(&privileged, "running");
+        let sys_admin = |id: &str| {
+            let status = v.ssh_ok(id, &["cat", "/proc/1/status"]);
+            let eff = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+                .unwrap();
+            eff & (1 << 21) != 0
+        };
+        assert!(!sys_admin(&plain), "a plain VPS has no CAP_SYS_ADMIN");
+        assert!(sys_admin(&privileged), "a privileged one has it");
+        for id in [plain, privileged] {
+            v.rn(&["vps", "delete", &id]);
+            v.wait_state(&id, "killed");
+        }
     });
 }
