@@ -585,6 +585,31 @@ fn stop_keeps_the_disk_and_restart_brings_it_back_key_only() {
             "true",
         ]);
         assert!(!o.status.success(), "still key-only after a restart");
+        // A real password attempt with stock ssh: the server does not even offer it.
+        let cfg = v.ssh_config("ssh_config_d");
+        let askpass = v.dir.path().join("askpass");
+        std::fs::write(&askpass, "#!/bin/sh\necho root\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let o = std::process::Command::new("ssh")
+            .args(["-F", cfg.to_str().unwrap()])
+            .args([
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "PasswordAuthentication=yes",
+            ])
+            .args(["-o", "KbdInteractiveAuthentication=yes"])
+            .arg(format!("rivernode-vps-{id}"))
+            .arg("true")
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("Permission denied (publickey)"), "{err}");
         v.rn(&["vps", "delete", &id]);
         v.wait_state(&id, "killed");
     });
