@@ -770,6 +770,34 @@ fn users_reach_only_their_own_vps_and_a_password_vps_takes_only_its_password() {
         assert_eq!(login, "in\n");
         let o = v.ssh_password(&alice, &id, "wrong", "echo in");
         assert!(!o.status.success(), "a wrong password is refused");
+        // The shared environments are read-only in every instance.
+        let o = v.ssh_password(
+            &alice,
+            &id,
+            "correct horse battery",
+            "echo x > /shared/environments/busybox.tar || echo refused",
+        );
+        assert!(stdout(&o).contains("refused"), "{}", stderr(&o));
+        // Node paths are the admin's to mount.
+        let o = as_user(
+            &alice,
+            &[
+                "task",
+                "submit",
+                "--container",
+                "busybox",
+                "--mount",
+                "/:/host",
+                "--",
+                "true",
+            ],
+            "",
+        );
+        assert!(
+            stderr(&o).contains("mounts: only the admin"),
+            "{}",
+            stderr(&o)
+        );
 
         // Bob sees nothing of it: not in lists, not by id, not through the proxy.
         let o = as_user(&bob, &["-o", "json", "task", "list"], "");

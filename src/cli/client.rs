@@ -109,6 +109,25 @@ impl Client {
             .map_err(|source| ClientError::Decode { url, source })
     }
 
+    /// `post` for work that takes as long as the data it moves (a snapshot
+    /// of a large disk): the client's usual 30 s would give up too soon.
+    pub async fn post_long<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let req = self
+            .http
+            .post(&url)
+            .json(body)
+            .timeout(std::time::Duration::from_secs(3600));
+        let resp = self.send(req, &url).await?;
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
     /// Raw bytes and the `x-next-offset` header (for logs).
     pub async fn get_bytes(&self, path: &str) -> Result<(Vec<u8>, Option<u64>), ClientError> {
         let url = format!("{}{path}", self.base);

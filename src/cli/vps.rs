@@ -224,7 +224,7 @@ async fn snapshot(client: &Client, cmd: SnapshotCommand, output: Output) -> anyh
     match cmd {
         SnapshotCommand::Create { id, message } => {
             let s: SnapshotView = client
-                .post(
+                .post_long(
                     &format!("/api/vps/snapshots/{id}"),
                     &SnapshotRequest { message },
                 )

@@ -186,23 +186,15 @@ async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let t = visible_task(&state, &p, id).await?;
     let node = node_of(&t)?;
-    let path = format!("/api/vps/{id}/snapshots/{}", urlencode(&snapshot));
+    if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_digit()) {
+        return Err(ApiError::NotFound(format!(
+            "VPS {id} has no snapshot {snapshot:?}"
+        )));
+    }
+    let path = format!("/api/vps/{id}/snapshots/{snapshot}");
     runner(&state, &node, reqwest::Method::DELETE, &path, None).await?;
     tracing::info!(task = id, snapshot = %snapshot, "snapshot deleted");
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Snapshot ids are digits; anything else is sent escaped and the runner says it does not exist.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// `POST /api/tasks/{id}/restart`, with `{"from_snapshot": "<id>|latest"}`
@@ -215,6 +207,11 @@ async fn restart(
 ) -> Result<Json<TaskView>, ApiError> {
     let req: RestartRequest = optional_body(&body)?;
     let t = visible_task(&state, &p, id).await?;
+    if t.spec.privileged && !state.allow_privileged {
+        return Err(ApiError::BadRequest(format!(
+            "privileged: VPS {id} is privileged and this cluster no longer allows that"
+        )));
+    }
     let now = crate::now_unix_ms();
     let view = match req.from_snapshot {
         None => {

@@ -197,6 +197,12 @@ async fn submit(
     ApiJson(mut spec): ApiJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
     check_spec(&spec, state.allow_privileged)?;
+    if p.role == Role::User && !spec.mounts.is_empty() {
+        // A node path in a container is the node's files in a tenant's hands.
+        return Err(ApiError::Forbidden(
+            "mounts: only the admin may mount node paths into tasks".into(),
+        ));
+    }
     if spec.restore.is_some() {
         return Err(ApiError::BadRequest(
             "restore: set by the host on `restart --from-snapshot`, not on submit".into(),

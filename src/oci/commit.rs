@@ -115,9 +115,14 @@ fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
-/// A containerd filter matching images whose label `key` is `value`.
-pub(super) fn label_filter(key: &str, value: &str) -> String {
-    format!("labels.\"{key}\"==\"{value}\"")
+/// A containerd filter matching images with every one of these labels
+/// (a comma is containerd's "and").
+pub(super) fn label_filter(labels: &[(&str, &str)]) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("labels.\"{k}\"==\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn image_err(name: &str) -> impl Fn(String) -> OciError + '_ {
@@ -371,17 +376,21 @@ impl Containerd {
         })
     }
 
-    /// Images whose label `key` is `value`.
-    pub async fn images_with_label(&self, key: &str, value: &str) -> Result<Vec<Image>, OciError> {
+    /// Images that carry all of `labels`.
+    pub async fn images_with_labels(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<Image>, OciError> {
+        let filter = label_filter(labels);
         Ok(ImagesClient::new(self.channel())
             .list(self.req(
                 ListImagesRequest {
-                    filters: vec![label_filter(key, value)],
+                    filters: vec![filter.clone()],
                 },
                 None,
             ))
             .await
-            .map_err(OciError::rpc(format!("list images with {key}={value}")))?
+            .map_err(OciError::rpc(format!("list images with {filter}")))?
             .into_inner()
             .images)
     }
@@ -466,8 +475,8 @@ mod tests {
     #[test]
     fn label_filters_quote_dotted_keys() {
         assert_eq!(
-            label_filter("io.rivernode.snapshot.vps", "5"),
-            r#"labels."io.rivernode.snapshot.vps"=="5""#
+            label_filter(&[("io.rivernode.snapshot.vps", "5"), ("n", "a")]),
+            r#"labels."io.rivernode.snapshot.vps"=="5",labels."n"=="a""#
         );
     }
 }

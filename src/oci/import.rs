@@ -34,6 +34,8 @@ const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Label recording which archive an image came from.
 pub const ARCHIVE_LABEL: &str = "io.rivernode.archive-digest";
 const CHUNK: usize = 1 << 20;
+/// Leases outlive any import or commit; they are deleted when the work ends.
+const LEASE_LIFETIME_S: i64 = 24 * 3600;
 
 #[derive(Clone, Debug, Deserialize)]
 pub(super) struct Desc {
@@ -825,11 +827,20 @@ impl Containerd {
             std::process::id(),
             crate::now_unix_ms()
         );
+        // A runner that dies mid-import or mid-commit must not pin what the
+        // lease holds forever: containerd's GC drops expired leases.
+        let expire = prost_types::Timestamp {
+            seconds: crate::now_unix_ms() / 1000 + LEASE_LIFETIME_S,
+            nanos: 0,
+        };
         LeasesClient::new(self.channel())
             .create(self.req(
                 CreateRequest {
                     id: id.clone(),
-                    labels: HashMap::new(),
+                    labels: HashMap::from([(
+                        "containerd.io/gc.expire".to_string(),
+                        expire.to_string(),
+                    )]),
                 },
                 None,
             ))

@@ -2,8 +2,9 @@
 //! view of its top snapshot names the layer directories (overlayfs
 //! `lowerdir=`, top first, or one bind source), and a path resolves in the
 //! first layer that has it. Enough to ask "does this image have an sshd?" or
-//! to read its `/etc/shadow`; whiteouts and symlinks inside the image are not
-//! followed, so a file deleted in an upper layer may still be seen.
+//! to read its `/etc/shadow`. Symlinks are never followed (the runner reads
+//! as root on the node; a link could point anywhere there) and whiteouts
+//! are not interpreted, so a file deleted in an upper layer may still be seen.
 
 use std::path::{Path, PathBuf};
 
@@ -33,12 +34,47 @@ pub fn layer_dirs(mounts: &[containerd_client::types::Mount]) -> Vec<PathBuf> {
     dirs
 }
 
-/// `path` (absolute, inside the image) in the first layer that has it.
+/// `path` (absolute, inside the image) in the first layer that has it,
+/// never through a symlink: a symlink on the way, in any layer, makes it
+/// "not found", so an image cannot point the runner at the node's own files.
 pub fn find_in_layers(dirs: &[PathBuf], path: &str) -> Option<PathBuf> {
-    let rel = path.trim_start_matches('/');
-    dirs.iter()
-        .map(|d| d.join(rel))
-        .find(|p| p.symlink_metadata().is_ok())
+    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    if parts.is_empty() || parts.iter().any(|c| *c == "." || *c == "..") {
+        return None;
+    }
+    'layers: for d in dirs {
+        let mut cur = d.clone();
+        for (i, part) in parts.iter().enumerate() {
+            cur.push(part);
+            match cur.symlink_metadata() {
+                // Not in this layer: a lower one may have it.
+                Err(_) => continue 'layers,
+                Ok(m) if m.file_type().is_symlink() => return None,
+                Ok(m) if i + 1 < parts.len() && !m.is_dir() => return None,
+                Ok(_) => {}
+            }
+        }
+        return Some(cur);
+    }
+    None
+}
+
+/// A regular file of at most `cap` bytes, opened without following a symlink.
+pub fn read_small_file(p: &Path, cap: u64) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(p)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.len() > cap {
+        return None;
+    }
+    let mut text = String::new();
+    f.take(cap).read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 impl Containerd {
@@ -73,9 +109,11 @@ impl Containerd {
     }
 }
 
-/// Whether `p` is a regular file (an image's executable, say).
+/// Whether `p` is a regular file itself, not a symlink to one (an image's executable, say).
 pub fn is_file(p: &Option<PathBuf>) -> bool {
-    p.as_deref().is_some_and(Path::is_file)
+    p.as_deref()
+        .and_then(|p| p.symlink_metadata().ok())
+        .is_some_and(|m| m.is_file())
 }
 
 #[cfg(test)]
@@ -108,6 +146,29 @@ mod tests {
         assert_eq!(std::fs::read_to_string(shadow).unwrap(), "new");
         assert!(is_file(&find_in_layers(&dirs, "/usr/sbin/sshd")));
         assert!(find_in_layers(&dirs, "/usr/sbin/dropbear").is_none());
+        // A symlink on the way is refused, wherever it points.
+        let evil = d.path().join("3");
+        std::fs::create_dir_all(evil.join("usr")).unwrap();
+        std::os::unix::fs::symlink("/etc", evil.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", evil.join("usr/sshd")).unwrap();
+        let with_evil = vec![evil.clone(), top.clone(), base.clone()];
+        assert_eq!(find_in_layers(&with_evil, "/etc/shadow"), None);
+        assert!(!is_file(&find_in_layers(&with_evil, "/usr/sshd")));
+        assert_eq!(find_in_layers(&dirs, "/etc/../etc/shadow"), None);
+        assert_eq!(
+            read_small_file(&evil.join("usr/sshd"), 1 << 20),
+            None,
+            "O_NOFOLLOW"
+        );
+        assert_eq!(
+            read_small_file(&top.join("etc/shadow"), 2),
+            None,
+            "over the cap"
+        );
+        assert_eq!(
+            read_small_file(&top.join("etc/shadow"), 100).as_deref(),
+            Some("new")
+        );
         let bind = Mount {
             r#type: "bind".into(),
             source: base.display().to_string(),

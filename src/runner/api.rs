@@ -182,9 +182,13 @@ async fn take_snapshot(
     let Some(ctx) = state.tasks.get().cloned() else {
         return no_tasks();
     };
-    match ctx.take_snapshot(id, req.message.as_deref()).await {
-        Ok(s) => (StatusCode::CREATED, Json(s)).into_response(),
-        Err(e) => snapshot_error(e),
+    // Its own task: a caller that goes away must not cancel a commit
+    // halfway (with the VPS frozen and a lease held).
+    let taken = tokio::spawn(async move { ctx.take_snapshot(id, req.message.as_deref()).await });
+    match taken.await {
+        Ok(Ok(s)) => (StatusCode::CREATED, Json(s)).into_response(),
+        Ok(Err(e)) => snapshot_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

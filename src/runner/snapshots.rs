@@ -1,5 +1,6 @@
 //! VPS snapshots on this node: a VPS container's filesystem changes
-//! committed as an image in containerd (`rivernode/snapshots/vps-<id>:<sid>`),
+//! committed as an image in containerd (`rivernode/snapshots/<node>/vps-<id>:<sid>`;
+//! the node's name keeps two clusters sharing one containerd apart),
 //! found again by its labels, so they outlive runner restarts and no other
 //! image is ever scanned. Snapshot ids are creation times in milliseconds,
 //! made distinct per VPS, so they sort by age and two taken in the same
@@ -14,6 +15,7 @@ use crate::oci::{Containerd, ImportedImage, OciError};
 use super::tasks::TaskContext;
 
 const VPS_LABEL: &str = "io.rivernode.snapshot.vps";
+const NODE_LABEL: &str = "io.rivernode.snapshot.node";
 const ID_LABEL: &str = "io.rivernode.snapshot.id";
 const CREATED_LABEL: &str = "io.rivernode.snapshot.created-ms";
 const SIZE_LABEL: &str = crate::oci::COMMIT_SIZE_LABEL;
@@ -33,8 +35,8 @@ pub enum SnapshotError {
     Oci(#[from] OciError),
 }
 
-pub fn image_name(vps: u64, id: &str) -> String {
-    format!("rivernode/snapshots/vps-{vps}:{id}")
+pub fn image_name(node: &str, vps: u64, id: &str) -> String {
+    format!("rivernode/snapshots/{node}/vps-{vps}:{id}")
 }
 
 /// The next id: now, or one past the newest when that is not older.
@@ -60,7 +62,7 @@ fn view(node: &str, img: &containerd_client::services::v1::Image) -> Option<Snap
 pub struct SnapshotLocks(std::sync::Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>);
 
 impl SnapshotLocks {
-    fn of(&self, vps: u64) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn of(&self, vps: u64) -> Arc<tokio::sync::Mutex<()>> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -72,7 +74,7 @@ impl SnapshotLocks {
 
 async fn list(ctd: &Containerd, node: &str, vps: u64) -> Result<Vec<SnapshotView>, OciError> {
     let mut out: Vec<SnapshotView> = ctd
-        .images_with_label(VPS_LABEL, &vps.to_string())
+        .images_with_labels(&[(VPS_LABEL, &vps.to_string()), (NODE_LABEL, node)])
         .await?
         .iter()
         .filter_map(|i| view(node, i))
@@ -109,9 +111,10 @@ impl TaskContext {
             existing.last().map(|s| s.created_at_unix_ms),
         );
         let id = created.to_string();
-        let name = image_name(vps, &id);
+        let name = image_name(&self.node, vps, &id);
         let mut labels = HashMap::from([
             (VPS_LABEL.to_string(), vps.to_string()),
+            (NODE_LABEL.to_string(), self.node.clone()),
             (ID_LABEL.to_string(), id.clone()),
             (CREATED_LABEL.to_string(), created.to_string()),
         ]);
@@ -188,15 +191,10 @@ impl TaskContext {
         }
     }
 
-    /// A snapshot as an image to run (`"latest"`: the newest).
+    /// A snapshot as an image to run (the host resolved "latest" to an id).
     pub async fn snapshot_image(&self, vps: u64, id: &str) -> Result<ImportedImage, String> {
         let all = self.snapshots(vps).await.map_err(|e| e.to_string())?;
-        let found = if id == "latest" {
-            all.last()
-        } else {
-            all.iter().find(|s| s.id == id)
-        }
-        .ok_or_else(|| {
+        let found = all.iter().find(|s| s.id == id).ok_or_else(|| {
             SnapshotError::NoSnapshot {
                 vps,
                 id: id.to_string(),
@@ -226,7 +224,10 @@ mod tests {
         assert_eq!(next_id(1000, Some(999)), 1000);
         assert_eq!(next_id(1000, Some(1000)), 1001, "same millisecond");
         assert_eq!(next_id(1000, Some(1005)), 1006, "clock went back");
-        assert_eq!(image_name(7, "1001"), "rivernode/snapshots/vps-7:1001");
+        assert_eq!(
+            image_name("n1", 7, "1001"),
+            "rivernode/snapshots/n1/vps-7:1001"
+        );
     }
 
     #[test]

@@ -166,6 +166,15 @@ impl TaskContext {
                 read_only: false,
             });
             cwd = Some("/shared".to_string());
+            // Everyone's tasks run the archives in environments/: no task may change them.
+            let envs = self.config.shared_dir.join("environments");
+            if envs.is_dir() {
+                mounts.push(MountInput {
+                    source: envs,
+                    target: "/shared/environments".into(),
+                    read_only: true,
+                });
+            }
         }
         for m in &a.spec.mounts {
             if !std::path::Path::new(&m.source).exists() {
@@ -542,6 +551,12 @@ async fn supervise(
                     .await
                     .map_err(|e| e.to_string());
             }
+            // A restore must not race a snapshot or rotation of the same VPS.
+            let lock = ctx.snapshot_locks.of(id);
+            let _held = match restore {
+                Some(_) => Some(lock.lock().await),
+                None => None,
+            };
             let image = match restore {
                 Some(r) => ctx.snapshot_image(id, &r.snapshot).await?,
                 None => ctx.image(&a.spec.image).await?,
@@ -616,25 +631,27 @@ async fn supervise(
                         tracing::warn!(task = id, ?problems, "network cleanup left problems");
                     }
                 }
-                ctx.report(id, TaskState::Failed, None, Some(message), &stop)
-                    .await;
+                // A VPS whose disk is still there (a restart or restore that
+                // failed) stays stopped, to be restarted or deleted; not failed.
+                let keeps_disk = is_vps && matches!(ctx.ctd.container_exists(&cid).await, Ok(true));
+                let state = if keeps_disk {
+                    let _ = ctx.ctd.delete_task(&cid).await;
+                    TaskState::Stopped
+                } else {
+                    TaskState::Failed
+                };
+                ctx.report(id, state, None, Some(message), &stop).await;
                 return;
             }
         }
     } else {
-        // Tell the host what we found (it may believe the task lost). A
-        // task frozen though it should run (a runner that died during a
-        // snapshot's freeze, or before acting on a resume) is thawed first.
-        let mut state = match ctx.ctd.status(&cid).await {
+        // Tell the host what we found (it may believe the task lost). One
+        // frozen though it should run (a runner that died during a
+        // snapshot's freeze) is thawed when the assignments say "running".
+        let state = match ctx.ctd.status(&cid).await {
             Ok(TaskStatus::Paused) => TaskState::Paused,
             _ => TaskState::Running,
         };
-        if state == TaskState::Paused && *desired.borrow() == Desired::Running {
-            match ctx.ctd.resume(&cid).await {
-                Ok(()) => state = TaskState::Running,
-                Err(e) => tracing::warn!(task = id, error = %e, "resume of an adopted task failed"),
-            }
-        }
         ctx.report(id, state, None, None, &stop).await;
     }
 
@@ -658,6 +675,9 @@ async fn supervise(
                     return;
                 }
                 let d = *desired.borrow_and_update();
+                // Not while a snapshot holds the VPS frozen: its thaw would undo a pause.
+                let lock = ctx.snapshot_locks.of(id);
+                let _held = lock.lock().await;
                 match d {
                     Desired::Paused => match ctx.ctd.pause(&cid).await {
                         Ok(()) => ctx.report(id, TaskState::Paused, None, None, &stop).await,
@@ -740,7 +760,11 @@ async fn supervise(
     } else {
         ctx.report(id, state, exit_code, message, &stop).await;
         problems = ctx.ctd.cleanup(&cid).await;
-        problems.extend(ctx.delete_all_snapshots(id).await);
+        // A deleted VPS takes its snapshots along; one that crashed or was
+        // OOM-killed keeps them, to be restored into a new VPS.
+        if state == TaskState::Killed {
+            problems.extend(ctx.delete_all_snapshots(id).await);
+        }
         ctx.vps.forget(&cid);
     }
     // An instance with an address is a VPS (also when adopted after a restart).

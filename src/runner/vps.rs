@@ -127,11 +127,9 @@ fn with_root_password(shadow: &str, hash: &str) -> String {
     out.join("\n") + "\n"
 }
 
-/// Writes a file only root may read.
+/// Writes a file only root may read, atomically.
 fn write_secret(path: &Path, text: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    crate::files::write_secret(path, text.as_bytes())
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -308,7 +306,7 @@ impl VpsKit {
                 let shadow = image
                     .shadow
                     .as_ref()
-                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .and_then(|p| crate::oci::rootfs::read_small_file(p, 1 << 20))
                     .unwrap_or_default();
                 write_secret(&files.join("shadow"), &with_root_password(&shadow, hash))?;
                 mounts.push(ro(files.join("shadow"), "/etc/shadow"));
@@ -332,13 +330,8 @@ impl VpsKit {
             );
         }
         let bundle = self.ssh_bundle()?;
-        write_secret(
-            &files.join("passwd"),
-            &format!(
-                "root:{}:0:0:root:/root:/bin/sh\n",
-                login.password_hash.unwrap_or("x")
-            ),
-        )?;
+        crate::files::write_public(&files.join("passwd"), b"root:x:0:0:root:/root:/bin/sh\n")
+            .map_err(err)?;
         let mut args: Vec<String> = [
             &format!("{SSH_DIR}/ld.so"),
             "--library-path",
@@ -364,6 +357,11 @@ impl VpsKit {
             ro(files.join("passwd"), "/etc/passwd"),
             ro(files.join("authorized_keys"), "/root/.ssh/authorized_keys"),
         ]);
+        if let Some(hash) = login.password_hash {
+            // dropbear finds "x" in passwd and reads the hash from shadow (glibc's files NSS).
+            write_secret(&files.join("shadow"), &with_root_password("", hash))?;
+            mounts.push(ro(files.join("shadow"), "/etc/shadow"));
+        }
         if bundle.join("sftp-wrapper").exists() {
             mounts.push(ro(bundle.join("sftp-wrapper"), "/usr/lib/sftp-server"));
         }

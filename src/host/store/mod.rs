@@ -161,11 +161,14 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO meta (key, value) VALUES ('revision', 0);",
     // 3: the SSH host key a VPS's runner reported.
     "ALTER TABLE tasks ADD COLUMN ssh_host_key TEXT;",
-    // 4: users, their tokens, and who owns each task (NULL: the admin).
-    // SQLite cannot change a CHECK constraint in place: tokens is rebuilt.
+    // 4: users, their tokens, and who owns each task (NULL: the admin). A
+    // removed user's row stays, so the name never passes to someone else
+    // with the old owner's tasks. SQLite cannot change a CHECK constraint in
+    // place: tokens is rebuilt.
     "CREATE TABLE users (
         name TEXT PRIMARY KEY,
-        created_at_ms INTEGER NOT NULL
+        created_at_ms INTEGER NOT NULL,
+        removed_at_ms INTEGER
     );
     CREATE TABLE tokens_v4 (
         id INTEGER PRIMARY KEY,
@@ -346,9 +349,19 @@ impl Store for SqliteStore {
                 params![name, now_ms],
             )?;
             if added == 0 {
-                return Err(StoreError::Conflict(format!(
-                    "user {name:?} exists; `rivernode user remove {name}` first to give them a new token"
-                )));
+                let removed: Option<i64> = tx.query_row(
+                    "SELECT removed_at_ms FROM users WHERE name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )?;
+                return Err(StoreError::Conflict(match removed {
+                    None => format!(
+                        "user {name:?} exists; `rivernode user remove {name}` first to give them a new token"
+                    ),
+                    Some(_) => format!(
+                        "user name {name:?} belonged to a removed user and is never given out again (their tasks keep it): choose another"
+                    ),
+                }));
             }
             tx.execute(
                 "INSERT INTO tokens (hash, role, user, label, created_at_ms) VALUES (?1, 'user', ?2, 'user token', ?3)",
@@ -365,7 +378,7 @@ impl Store for SqliteStore {
                 "SELECT u.name, u.created_at_ms,
                    (SELECT COUNT(*) FROM tasks t WHERE t.owner = u.name
                       AND t.state NOT IN ('completed', 'failed', 'killed', 'killed_oom'))
-                 FROM users u ORDER BY u.name",
+                 FROM users u WHERE u.removed_at_ms IS NULL ORDER BY u.name",
             )?;
             let rows = stmt.query_map([], |r| {
                 Ok(UserView {
@@ -379,7 +392,16 @@ impl Store for SqliteStore {
     }
 
     fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
-        self.with(|c| Ok(c.execute("DELETE FROM users WHERE name = ?1", [name])? > 0))
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let removed = tx.execute(
+                "UPDATE users SET removed_at_ms = ?2 WHERE name = ?1 AND removed_at_ms IS NULL",
+                params![name, crate::now_unix_ms()],
+            )? > 0;
+            tx.execute("DELETE FROM tokens WHERE user = ?1", [name])?;
+            tx.commit()?;
+            Ok(removed)
+        })
     }
 
     fn register_node(
@@ -667,6 +689,10 @@ mod tests {
             None,
             "removing a user revokes their token"
         );
+        assert!(!s.remove_user("dana").unwrap(), "removed once");
+        assert!(s.list_users().unwrap().is_empty());
+        let e = s.add_user("dana", "hd3", 7).unwrap_err().to_string();
+        assert!(e.contains("never given out again"), "{e}");
     }
 
     #[test]

@@ -147,7 +147,7 @@ pub(super) fn nodes(c: &Connection) -> Result<Vec<NodeView>, StoreError> {
 fn reservations(c: &Connection) -> Result<Vec<Placement>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT placement FROM tasks WHERE placement IS NOT NULL
-         AND state NOT IN ('stopped', 'completed', 'failed', 'killed', 'killed_oom')",
+         AND state NOT IN ('pending', 'stopped', 'completed', 'failed', 'killed', 'killed_oom')",
     )?;
     let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
@@ -284,6 +284,15 @@ fn change_desired(
     }
     if t.state == TaskState::Pending {
         match desired {
+            // A VPS queued for a restart has a disk on its node: back to
+            // stopped, to be deleted there by its runner.
+            Desired::Killed if t.spec.kind == crate::api::Kind::Vps && t.placement.is_some() => {
+                tx.execute(
+                    "UPDATE tasks SET state = 'stopped', desired = 'killed',
+                     reason = 'deleted while queued for a restart' WHERE id = ?1",
+                    params![id as i64],
+                )?;
+            }
             Desired::Killed => {
                 tx.execute(
                     "UPDATE tasks SET state = 'killed', desired = 'killed', reason = 'killed while queued',
@@ -319,7 +328,9 @@ fn change_desired(
             }
         }
         tx.execute(
-            "UPDATE tasks SET state = 'pending', desired = 'running', spec = ?2, placement = NULL,
+            // The placement stays (it names the node with the disk) but reserves
+            // nothing while pending; the scheduler replaces it.
+            "UPDATE tasks SET state = 'pending', desired = 'running', spec = ?2,
              reason = 'restarting', exit_code = NULL, message = NULL WHERE id = ?1",
             params![id as i64, to_json("spec", &spec)?],
         )?;
@@ -563,6 +574,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("already ended"), "{e}");
+    }
+
+    #[test]
+    fn a_vps_deleted_while_queued_for_a_restart_goes_back_to_its_node_to_be_deleted() {
+        let s = store_with_node("n1");
+        let vps = TaskSpec {
+            kind: crate::api::Kind::Vps,
+            ..spec(8, 0)
+        };
+        let a = s.submit_task(&vps, None, 0).unwrap();
+        s.schedule().unwrap();
+        report(&s, a, TaskState::Running).unwrap();
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        report(&s, a, TaskState::Stopped).unwrap();
+        // Something else takes the cores; the restart waits, still naming its node.
+        let other = s.submit_task(&spec(8, 0), None, 2).unwrap();
+        assert_eq!(s.schedule().unwrap(), vec![other]);
+        let t = s.set_desired(a, Desired::Running, 3).unwrap();
+        assert_eq!(t.state, TaskState::Pending);
+        assert!(
+            s.schedule().unwrap().is_empty(),
+            "a queued restart reserves nothing"
+        );
+        let t = s.set_desired(a, Desired::Killed, 4).unwrap();
+        assert_eq!((t.state, t.desired), (TaskState::Stopped, Desired::Killed));
+        let asg = s.assignments("n1").unwrap();
+        assert!(
+            asg.tasks
+                .iter()
+                .any(|x| x.id == a && x.desired == Desired::Killed),
+            "its runner hears of the delete and removes the disk"
+        );
     }
 
     #[test]
