@@ -197,6 +197,11 @@ layered_config! {
         auto_snapshot_on_stop: bool = true,
         /// Snapshots kept per VPS; the oldest beyond it are deleted; 0 keeps all (MAX_SNAPSHOTS_PER_VPS).
         max_snapshots_per_vps: u32 = 5,
+        /// Addresses, besides the host's (from host_url), that may use node ports from outside
+        /// (a host that connects from another address). Nobody else reaches instances' SSH servers.
+        node_port_sources: Vec<std::net::Ipv4Addr> = Vec::new(),
+        /// Instances (VPS) cannot reach each other on the instance bridge (its ports are isolated).
+        isolate_instances: bool = true,
     }
 }
 

@@ -79,6 +79,8 @@ pub fn runner_config(
         dropbear: None,
         auto_snapshot_on_stop: args.auto_snapshot_on_stop,
         max_snapshots_per_vps: args.max_snapshots_per_vps,
+        node_port_sources: None,
+        isolate_instances: None,
     });
     cfg.validate()?;
     Ok(cfg)

@@ -33,6 +33,10 @@ pub struct Firewall {
     /// Node ports instances may not reach (runner API, host API, SSH proxy).
     pub protected_ports: Vec<u16>,
     pub port_maps: Vec<PortMap>,
+    /// Who may use node ports from outside the node: the host's SSH proxy.
+    /// Anyone else would reach an instance's SSH server without a token.
+    /// Empty: node ports work from the node itself only.
+    pub node_port_sources: Vec<Ipv4Addr>,
 }
 
 fn m(op: &str, left: Value, right: Value) -> Value {
@@ -79,8 +83,22 @@ impl Firewall {
                 m("==", dport.clone(), json!(p.node_port)),
                 json!({"dnat": {"family": "ip", "addr": p.ip.to_string(), "port": p.port}}),
             ];
-            // prerouting for traffic from elsewhere, output for the node's own (a host proxy on this node).
-            cmds.push(self.rule("prerouting", expr.clone()));
+            // prerouting for traffic from elsewhere (the host's proxy only),
+            // output for the node's own (a host proxy on this node).
+            if !self.node_port_sources.is_empty() {
+                let sources: Vec<String> = self
+                    .node_port_sources
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect();
+                let mut from_host = vec![m(
+                    "==",
+                    json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+                    json!({"set": sources}),
+                )];
+                from_host.extend(expr.clone());
+                cmds.push(self.rule("prerouting", from_host));
+            }
             cmds.push(self.rule("output", expr));
         }
         cmds.push(self.rule(
@@ -177,5 +195,60 @@ impl Firewall {
         let tx = json!({"nftables": [{"list": {"table": {"family": "inet", "name": self.table}}}]});
         let text = self.nft(&tx.to_string())?;
         serde_json::from_str(&text).map_err(|e| NetError::Nft(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fw(sources: Vec<Ipv4Addr>) -> Firewall {
+        Firewall {
+            nft: "nft".into(),
+            table: "rivernode".into(),
+            bridge: "river0".into(),
+            subnet: "10.88.0.0/24".parse().unwrap(),
+            protected_ports: vec![8001],
+            port_maps: vec![PortMap {
+                node_port: 30022,
+                ip: "10.88.0.2".parse().unwrap(),
+                port: 22,
+            }],
+            node_port_sources: sources,
+        }
+    }
+
+    fn rules(f: &Firewall, chain: &str) -> Vec<Value> {
+        f.ruleset()["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"]["rule"].as_object())
+            .filter(|r| r["chain"] == chain)
+            .map(|r| r["expr"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn node_ports_from_outside_only_for_the_host() {
+        let open = fw(vec![]);
+        assert!(
+            rules(&open, "prerouting").is_empty(),
+            "no outside source at all"
+        );
+        assert_eq!(
+            rules(&open, "output").len(),
+            1,
+            "the node itself still reaches it"
+        );
+        let host = fw(vec!["192.0.2.10".parse().unwrap()]);
+        let pre = rules(&host, "prerouting");
+        assert_eq!(pre.len(), 1);
+        assert_eq!(
+            pre[0][0]["match"]["left"]["payload"]["field"], "saddr",
+            "{}",
+            pre[0]
+        );
+        assert_eq!(pre[0][0]["match"]["right"]["set"], json!(["192.0.2.10"]));
     }
 }

@@ -23,6 +23,8 @@ pub struct NodeNetwork {
     pub ipam: Ipam,
     /// The table's settings; its `port_maps` are replaced on every apply.
     pub firewall: Firewall,
+    /// Instances reach the node and the world but not each other.
+    pub isolate_instances: bool,
 }
 
 /// What an instance got.
@@ -65,6 +67,7 @@ impl NodeNetwork {
             ip,
             prefix: net.prefix,
             gateway: net.gateway(),
+            isolated: self.isolate_instances,
         };
         attach(h, &self.bridge, &netns, &a).await?;
         Ok(InstanceNet { netns, ip, host_if })

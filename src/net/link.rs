@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio_stream::StreamExt;
 
 use super::NetError;
@@ -172,6 +172,9 @@ pub struct Attachment {
     pub ip: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
+    /// An isolated bridge port reaches the node (the bridge) but no other
+    /// isolated port: instances cannot talk to each other, even by ARP.
+    pub isolated: bool,
 }
 
 /// A veth pair: `host_if` on `bridge`, the peer as `eth0` in `netns` with
@@ -207,6 +210,11 @@ pub async fn attach(
         .execute()
         .await
         .map_err(nl(format!("attach {} to {bridge}", a.host_if)))?;
+    h.link()
+        .set_port(LinkBridgePort::new(host_index).isolated(a.isolated).build())
+        .execute()
+        .await
+        .map_err(nl(format!("bridge port settings of {}", a.host_if)))?;
     if let Some(peer_index) = link_index(h, &peer).await? {
         let ns = std::fs::File::open(netns)
             .map_err(|e| NetError::Netns(format!("{}: {e}", netns.display())))?;

@@ -26,6 +26,40 @@ use crate::host::auth::hash_token;
 use crate::topology::{self, Inventory, KernelRoots, TopologyError, UsageSampler};
 use api::{HostKey, RunnerApiState};
 
+/// The IPv4 addresses of the host in `url` (it connects to node ports
+/// from one of them); none if it cannot be resolved now.
+fn host_addresses(url: &str) -> Vec<std::net::Ipv4Addr> {
+    use std::net::ToSocketAddrs;
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let mut out: Vec<std::net::Ipv4Addr> = with_port
+        .to_socket_addrs()
+        .map(|it| {
+            it.filter_map(|a| match a.ip() {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The runner's own subdirectory of the data directory.
 pub const STATE_DIR: &str = "runner";
 const CREDENTIAL_FILE: &str = "node.json";
@@ -356,7 +390,13 @@ impl Control {
             .into_iter()
             .flatten()
             .collect();
-        let vps = match vps::VpsKit::new(&self.config, protected) {
+        // Node ports answer the host's SSH proxy, from outside: no one else.
+        let mut sources = host_addresses(&self.host_url);
+        sources.extend(self.config.node_port_sources.iter().copied());
+        if sources.is_empty() {
+            tracing::warn!(host_url = %self.host_url, "cannot resolve the host's address: node ports work from this node only (set node_port_sources)");
+        }
+        let vps = match vps::VpsKit::new(&self.config, protected, sources) {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "instance networking settings are invalid");
@@ -488,4 +528,20 @@ async fn error_text(resp: reqwest::Response) -> String {
     serde_json::from_str::<ErrorBody>(&text)
         .map(|b| b.error)
         .unwrap_or(text)
+}
+
+#[cfg(test)]
+mod host_address_tests {
+    #[test]
+    fn the_hosts_address_comes_from_its_url() {
+        assert_eq!(
+            super::host_addresses("http://192.0.2.7:8000"),
+            vec!["192.0.2.7".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            super::host_addresses("http://127.0.0.1"),
+            vec!["127.0.0.1".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert!(super::host_addresses("http://[::1]:8000").is_empty());
+    }
 }

@@ -179,7 +179,11 @@ fn copy_with_libraries(bin: &Path, dir: &Path, name: &str) -> Result<(), String>
 }
 
 impl VpsKit {
-    pub fn new(config: &RunnerConfig, protected_ports: Vec<u16>) -> Result<Self, String> {
+    pub fn new(
+        config: &RunnerConfig,
+        protected_ports: Vec<u16>,
+        node_port_sources: Vec<std::net::Ipv4Addr>,
+    ) -> Result<Self, String> {
         let subnet: crate::net::Ipv4Net = config.instance_subnet.parse()?;
         let root = config.data_dir.join(super::STATE_DIR);
         Ok(Self {
@@ -195,7 +199,9 @@ impl VpsKit {
                     subnet,
                     protected_ports,
                     port_maps: vec![],
+                    node_port_sources,
                 },
+                isolate_instances: config.isolate_instances,
             },
             root,
             dropbear: config.dropbear.clone(),
