@@ -59,6 +59,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
             }],
             // The kernel takes the source-restricted prerouting rule too.
             node_port_sources: vec!["127.0.0.1".parse().unwrap()],
+            isolate_instances: true,
         };
         assert!(reachable(pp));
         fw.apply().unwrap();
@@ -70,7 +71,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
         );
         let rules = listed.matches("\"rule\"").count();
         assert_eq!(
-            rules, 6,
+            rules, 9,
             "applying twice replaces, never duplicates: {listed}"
         );
         assert!(!reachable(pp), "a protected port is closed to the bridge");
@@ -237,16 +238,43 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 subnet,
                 protected_ports: vec![pp],
                 port_maps: vec![],
-                node_port_sources: vec![],
+                // The "host" on the outside network below.
+                node_port_sources: vec!["192.0.2.2".parse().unwrap()],
+                isolate_instances: true,
             },
             isolate_instances: true,
         };
+
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
             let h = rivernode::net::link::connect().unwrap();
+            // An outside network: a namespace on its own bridge, whose default
+            // route (so also to the instance subnet) goes through the node.
+            use rivernode::net::link::{attach, create_netns, ensure_bridge, Attachment};
+            let outside = create_netns(&dir.path().join("netns"), "outside").unwrap();
+            ensure_bridge(&h, "rvto", "192.0.2.1".parse().unwrap(), 24)
+                .await
+                .unwrap();
+            let a = Attachment {
+                host_if: "rvto0".into(),
+                ip: "192.0.2.2".parse().unwrap(),
+                prefix: 24,
+                gateway: "192.0.2.1".parse().unwrap(),
+                isolated: false,
+            };
+            attach(&h, "rvto", &outside, &a).await.unwrap();
+            let o = in_ns(&outside, || {
+                std::process::Command::new("ip")
+                    .args(["addr", "add", "192.0.2.3/24", "dev", "eth0"])
+                    .output()
+                    .unwrap()
+            })
+            .join()
+            .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let i1 = node.setup(&h, "i1").await.unwrap();
             let i2 = node.setup(&h, "i2").await.unwrap();
             assert_ne!(i1.ip, i2.ip);
@@ -262,29 +290,80 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             }])
             .unwrap();
 
-            // A server in i1.
-            let server = in_ns(&i1.netns, || {
+            // A server in i1, listening until the checks are done.
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            let server = in_ns(&i1.netns, move || {
                 let l = TcpListener::bind("0.0.0.0:7000").unwrap();
-                l.set_nonblocking(false).unwrap();
-                for s in l.incoming().take(1) {
-                    drop(s);
-                }
+                let _ = done_rx.recv();
+                drop(l);
             });
             std::thread::sleep(Duration::from_millis(100));
             // The node reaches it through the node port (DNAT in the kernel).
             assert!(connects("10.251.0.1:30022"), "node port -> instance");
             let i1_ip = i1.ip;
             let (pp2, op2) = (pp, op);
+            // i1 answers i2 through the node too (as a colluding pair would set it up).
+            let i2_ip = i2.ip;
+            let o = in_ns(&i1.netns, move || {
+                std::process::Command::new("ip")
+                    .args(["route", "add", &format!("{i2_ip}/32"), "via", "10.251.0.1"])
+                    .output()
+                    .unwrap()
+            })
+            .join()
+            .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let from_i2 = in_ns(&i2.netns, move || {
+                let direct = connects(&format!("{i1_ip}:7000"));
+                // Routed through the node instead of across the bridge.
+                let o = std::process::Command::new("ip")
+                    .args(["route", "add", &format!("{i1_ip}/32"), "via", "10.251.0.1"])
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
                 (
-                    connects(&format!("{i1_ip}:7000")),
+                    direct,
                     connects(&format!("10.251.0.1:{op2}")),
                     connects(&format!("10.251.0.1:{pp2}")),
                     connects("10.251.0.1:30022"),
+                    connects(&format!("{i1_ip}:7000")),
                 )
             })
             .join()
             .unwrap();
+            assert!(!from_i2.4, "nor routed through the node");
+            let from_outside = in_ns(&outside.clone(), move || {
+                let from = |src: &str, to: &str| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+                        tokio::time::timeout(
+                            Duration::from_millis(700),
+                            sock.connect(to.parse().unwrap()),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                    })
+                };
+                (
+                    from("192.0.2.2", "192.0.2.1:30022"),
+                    from("192.0.2.3", "192.0.2.1:30022"),
+                    from("192.0.2.2", &format!("{i1_ip}:7000")),
+                )
+            })
+            .join()
+            .unwrap();
+            assert!(from_outside.0, "the host reaches the node port");
+            assert!(!from_outside.1, "another address does not");
+            assert!(
+                !from_outside.2,
+                "a route to the instance subnet opens nothing"
+            );
+            let _ = done_tx.send(());
             assert!(
                 !from_i2.0,
                 "instances are isolated from each other on the bridge"
@@ -306,6 +385,7 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             }
             assert!(node.ipam.leases().unwrap().is_empty());
             assert!(!i1.netns.exists() && !i2.netns.exists());
+            rivernode::net::link::delete_netns(&outside).unwrap();
             assert_eq!(
                 rivernode::net::link::link_index(&h, &i1.host_if)
                     .await

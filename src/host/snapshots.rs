@@ -207,11 +207,7 @@ async fn restart(
 ) -> Result<Json<TaskView>, ApiError> {
     let req: RestartRequest = optional_body(&body)?;
     let t = visible_task(&state, &p, id).await?;
-    if t.spec.privileged && !state.allow_privileged {
-        return Err(ApiError::BadRequest(format!(
-            "privileged: VPS {id} is privileged and this cluster no longer allows that"
-        )));
-    }
+    super::tasks::still_allowed(&state, &t)?;
     let now = crate::now_unix_ms();
     let view = match req.from_snapshot {
         None => {

@@ -178,6 +178,18 @@ pub(super) fn redacted(mut t: TaskView) -> TaskView {
 
 const REDACTED: &str = "(set)";
 
+/// A privileged task runs again (restart, resume) only while the operator
+/// still allows privileged instances.
+pub(super) fn still_allowed(state: &HostState, t: &TaskView) -> Result<(), ApiError> {
+    if t.spec.privileged && !state.allow_privileged {
+        return Err(ApiError::BadRequest(format!(
+            "privileged: task {} is privileged and this cluster no longer allows that",
+            t.id
+        )));
+    }
+    Ok(())
+}
+
 /// The task `id` if `p` may see it; 404 otherwise.
 pub async fn visible_task(state: &HostState, p: &Principal, id: u64) -> Result<TaskView, ApiError> {
     state
@@ -296,7 +308,10 @@ async fn desire(
     Path(id): Path<u64>,
     d: Desired,
 ) -> Result<Json<TaskView>, ApiError> {
-    visible_task(&state, &p, id).await?;
+    let t = visible_task(&state, &p, id).await?;
+    if d == Desired::Running {
+        still_allowed(&state, &t)?;
+    }
     let now = crate::now_unix_ms();
     let t = state.blocking(move |s| s.set_desired(id, d, now)).await?;
     state.publish().await;

@@ -37,6 +37,8 @@ pub struct Firewall {
     /// Anyone else would reach an instance's SSH server without a token.
     /// Empty: node ports work from the node itself only.
     pub node_port_sources: Vec<Ipv4Addr>,
+    /// Instances may not reach each other, also not routed through the node.
+    pub isolate_instances: bool,
 }
 
 fn m(op: &str, left: Value, right: Value) -> Value {
@@ -141,13 +143,44 @@ impl Firewall {
                 ],
             ));
         }
+        let dnat = m("in", json!({"ct": {"key": "status"}}), json!("dnat"));
         // An instance reaching another instance through a node port.
         cmds.push(self.rule(
             "forward",
             vec![
-                m("==", iif, json!(self.bridge)),
+                m("==", iif.clone(), json!(self.bridge)),
+                m("==", oif.clone(), json!(self.bridge)),
+                dnat.clone(),
+                json!({"drop": null}),
+            ],
+        ));
+        if self.isolate_instances {
+            // ...or routed through the node (isolated bridge ports stop only direct frames).
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", iif.clone(), json!(self.bridge)),
+                    m("==", oif.clone(), json!(self.bridge)),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
+        // From outside, instances are reached only through node ports (which
+        // answer only the host): a route to the instance subnet opens nothing.
+        cmds.push(self.rule(
+            "forward",
+            vec![
+                m("==", oif.clone(), json!(self.bridge)),
+                dnat,
+                json!({"accept": null}),
+            ],
+        ));
+        cmds.push(self.rule(
+            "forward",
+            vec![
                 m("==", oif, json!(self.bridge)),
-                m("in", json!({"ct": {"key": "status"}}), json!("dnat")),
+                m("!=", iif, json!(self.bridge)),
+                m("in", json!({"ct": {"key": "state"}}), json!("new")),
                 json!({"drop": null}),
             ],
         ));
@@ -215,6 +248,7 @@ mod tests {
                 port: 22,
             }],
             node_port_sources: sources,
+            isolate_instances: true,
         }
     }
 
@@ -250,5 +284,10 @@ mod tests {
             pre[0]
         );
         assert_eq!(pre[0][0]["match"]["right"]["set"], json!(["192.0.2.10"]));
+        let fwd = rules(&host, "forward");
+        assert_eq!(fwd.len(), 4, "{fwd:?}");
+        let mut open_bridge = fw(vec![]);
+        open_bridge.isolate_instances = false;
+        assert_eq!(rules(&open_bridge, "forward").len(), 3);
     }
 }

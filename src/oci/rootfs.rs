@@ -2,9 +2,10 @@
 //! view of its top snapshot names the layer directories (overlayfs
 //! `lowerdir=`, top first, or one bind source), and a path resolves in the
 //! first layer that has it. Enough to ask "does this image have an sshd?" or
-//! to read its `/etc/shadow`. Symlinks are never followed (the runner reads
-//! as root on the node; a link could point anywhere there) and whiteouts
-//! are not interpreted, so a file deleted in an upper layer may still be seen.
+//! to read its `/etc/shadow`. Symlinks resolve inside the image, never on
+//! the node (the runner reads as root; a link could point anywhere there).
+//! Whiteouts are not interpreted, so a file deleted in an upper layer may
+//! still be seen.
 
 use std::path::{Path, PathBuf};
 
@@ -34,38 +35,70 @@ pub fn layer_dirs(mounts: &[containerd_client::types::Mount]) -> Vec<PathBuf> {
     dirs
 }
 
-/// `path` (absolute, inside the image) in the first layer that has it,
-/// never through a symlink: a symlink on the way, in any layer, makes it
-/// "not found", so an image cannot point the runner at the node's own files.
+/// The file `path` (absolute, inside the image) names, as it lives in
+/// the layers: each component is looked up in the top-most layer that has
+/// it, and symlinks are resolved the way the image itself would see them,
+/// inside the image (an absolute target starts again at the image's root,
+/// `..` stops at it), never on the node. The result is not a symlink.
 pub fn find_in_layers(dirs: &[PathBuf], path: &str) -> Option<PathBuf> {
-    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-    if parts.is_empty() || parts.iter().any(|c| *c == "." || *c == "..") {
-        return None;
-    }
-    'layers: for d in dirs {
-        let mut cur = d.clone();
-        for (i, part) in parts.iter().enumerate() {
-            cur.push(part);
-            match cur.symlink_metadata() {
-                // Not in this layer: a lower one may have it.
-                Err(_) => continue 'layers,
-                Ok(m) if m.file_type().is_symlink() => return None,
-                Ok(m) if i + 1 < parts.len() && !m.is_dir() => return None,
-                Ok(_) => {}
+    const MAX_LINKS: usize = 40;
+    let mut pending: std::collections::VecDeque<String> = split(path).collect();
+    let mut at: Vec<String> = Vec::new();
+    let mut links = 0;
+    let mut found = None;
+    while let Some(part) = pending.pop_front() {
+        match part.as_str() {
+            "." => continue,
+            ".." => {
+                at.pop();
+                continue;
             }
+            _ => at.push(part),
         }
-        return Some(cur);
+        let rel = at.join("/");
+        let (hit, meta) = dirs
+            .iter()
+            .map(|d| d.join(&rel))
+            .find_map(|p| p.symlink_metadata().ok().map(|m| (p, m)))?;
+        if meta.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                return None;
+            }
+            let target = std::fs::read_link(&hit).ok()?;
+            let target = target.to_str()?;
+            at.pop();
+            if target.starts_with('/') {
+                at.clear();
+            }
+            for p in split(target).rev() {
+                pending.push_front(p);
+            }
+            found = None;
+        } else if !pending.is_empty() && !meta.is_dir() {
+            return None;
+        } else {
+            found = Some(hit);
+        }
     }
-    None
+    found
+}
+
+fn split(path: &str) -> impl DoubleEndedIterator<Item = String> + '_ {
+    path.split('/').filter(|c| !c.is_empty()).map(String::from)
 }
 
 /// A regular file of at most `cap` bytes, opened without following a symlink.
 pub fn read_small_file(p: &Path, cap: u64) -> Option<String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
+    // Checked before opening: opening a FIFO or a device could block or act.
+    if !p.symlink_metadata().ok()?.is_file() {
+        return None;
+    }
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(p)
         .ok()?;
     let meta = f.metadata().ok()?;
@@ -146,19 +179,53 @@ mod tests {
         assert_eq!(std::fs::read_to_string(shadow).unwrap(), "new");
         assert!(is_file(&find_in_layers(&dirs, "/usr/sbin/sshd")));
         assert!(find_in_layers(&dirs, "/usr/sbin/dropbear").is_none());
-        // A symlink on the way is refused, wherever it points.
+        // Symlinks resolve inside the image, whatever they point at on the node.
         let evil = d.path().join("3");
-        std::fs::create_dir_all(evil.join("usr")).unwrap();
-        std::os::unix::fs::symlink("/etc", evil.join("etc")).unwrap();
-        std::os::unix::fs::symlink("/etc/passwd", evil.join("usr/sshd")).unwrap();
+        std::fs::create_dir_all(evil.join("usr/bin")).unwrap();
+        std::fs::write(evil.join("usr/bin/sshd"), "").unwrap();
+        std::os::unix::fs::symlink("bin", evil.join("usr/sbin")).unwrap();
+        std::os::unix::fs::symlink("/etc", evil.join("conf")).unwrap();
+        std::os::unix::fs::symlink("../../../../../etc/hostname", evil.join("escape")).unwrap();
+        std::os::unix::fs::symlink("loop", evil.join("loop")).unwrap();
         let with_evil = vec![evil.clone(), top.clone(), base.clone()];
-        assert_eq!(find_in_layers(&with_evil, "/etc/shadow"), None);
-        assert!(!is_file(&find_in_layers(&with_evil, "/usr/sshd")));
-        assert_eq!(find_in_layers(&dirs, "/etc/../etc/shadow"), None);
+        let shadow = find_in_layers(&with_evil, "/conf/shadow").unwrap();
         assert_eq!(
-            read_small_file(&evil.join("usr/sshd"), 1 << 20),
+            shadow,
+            top.join("etc/shadow"),
+            "/conf -> /etc is the image's own /etc"
+        );
+        let sshd = find_in_layers(&with_evil, "/usr/sbin/sshd");
+        assert_eq!(
+            sshd,
+            Some(evil.join("usr/bin/sshd")),
+            "sbin merged into bin"
+        );
+        assert!(is_file(&sshd));
+        assert_eq!(
+            find_in_layers(&with_evil, "/escape"),
             None,
-            "O_NOFOLLOW"
+            "no /etc/hostname in the image"
+        );
+        assert_eq!(
+            find_in_layers(&with_evil, "/loop"),
+            None,
+            "a symlink loop ends"
+        );
+        assert_eq!(
+            find_in_layers(&dirs, "/etc/../etc/shadow"),
+            Some(top.join("etc/shadow"))
+        );
+        std::os::unix::fs::symlink("/etc/hostname", evil.join("link")).unwrap();
+        assert_eq!(
+            read_small_file(&evil.join("link"), 1 << 20),
+            None,
+            "never through a link"
+        );
+        nix::unistd::mkfifo(&evil.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(
+            read_small_file(&evil.join("fifo"), 1 << 20),
+            None,
+            "a FIFO is not opened"
         );
         assert_eq!(
             read_small_file(&top.join("etc/shadow"), 2),

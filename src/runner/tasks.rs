@@ -166,15 +166,22 @@ impl TaskContext {
                 read_only: false,
             });
             cwd = Some("/shared".to_string());
-            // Everyone's tasks run the archives in environments/: no task may change them.
+            // Everyone's tasks run the archives in environments/: no task may
+            // change them, nor replace the directory with a link of its own.
             let envs = self.config.shared_dir.join("environments");
-            if envs.is_dir() {
-                mounts.push(MountInput {
-                    source: envs,
-                    target: "/shared/environments".into(),
-                    read_only: true,
-                });
+            let _ = std::fs::create_dir(&envs);
+            if !envs.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                return Err(format!(
+                    "{} is not a directory (a link?): fix the shared directory on node {}",
+                    envs.display(),
+                    self.node
+                ));
             }
+            mounts.push(MountInput {
+                source: envs,
+                target: "/shared/environments".into(),
+                read_only: true,
+            });
         }
         for m in &a.spec.mounts {
             if !std::path::Path::new(&m.source).exists() {
@@ -327,7 +334,9 @@ pub async fn reconcile_loop(ctx: Arc<TaskContext>, mut stop: watch::Receiver<boo
                     });
                     // The host lost sight of us (a partition, a slow heartbeat) while
                     // the task kept running: tell it what is really happening.
-                    if a.state == TaskState::Lost {
+                    // Not while a snapshot holds it frozen: that is no user's pause.
+                    let snapshotting = ctx.snapshot_locks.of(a.id).try_lock().is_err();
+                    if a.state == TaskState::Lost && !snapshotting {
                         let observed = match ctx.ctd.status(&ctx.container_id(a.id)).await {
                             Ok(TaskStatus::Paused) => Some(TaskState::Paused),
                             Ok(TaskStatus::Running) | Ok(TaskStatus::Created) => {
@@ -561,13 +570,6 @@ async fn supervise(
                 Some(r) => ctx.snapshot_image(id, &r.snapshot).await?,
                 None => ctx.image(&a.spec.image).await?,
             };
-            if labels.is_some() {
-                // Restoring: the old disk goes, the host key and network stay.
-                let problems = ctx.ctd.cleanup(&cid).await;
-                if !problems.is_empty() {
-                    return Err(format!("removing the old disk: {}", problems.join("; ")));
-                }
-            }
             let mut input = ctx.spec_input(&a)?;
             if is_vps {
                 let found = ctx
@@ -602,6 +604,14 @@ async fn supervise(
                 input.netns = Some(inet.netns);
             }
             let spec = oci::build_spec(&image.config, &input).map_err(|e| e.to_string())?;
+            if labels.is_some() {
+                // Restoring: the old disk goes only now that everything else is
+                // ready (a failure before this leaves the VPS stopped, disk intact).
+                let problems = ctx.ctd.cleanup(&cid).await;
+                if !problems.is_empty() {
+                    return Err(format!("removing the old disk: {}", problems.join("; ")));
+                }
+            }
             let mut labels = HashMap::from([(TASK_LABEL.to_string(), id.to_string())]);
             if let Some(r) = &a.spec.restore {
                 labels.insert(RESTORE_LABEL.to_string(), r.request.to_string());
@@ -676,19 +686,33 @@ async fn supervise(
                 }
                 let d = *desired.borrow_and_update();
                 // Not while a snapshot holds the VPS frozen: its thaw would undo a pause.
+                // Pause and resume wait for a snapshot's freeze and thaw (its
+                // thaw would undo a pause); the lock is not held while reporting.
                 let lock = ctx.snapshot_locks.of(id);
-                let _held = lock.lock().await;
                 match d {
-                    Desired::Paused => match ctx.ctd.pause(&cid).await {
-                        Ok(()) => ctx.report(id, TaskState::Paused, None, None, &stop).await,
-                        Err(e) => tracing::warn!(task = id, error = %e, "pause failed"),
-                    },
+                    Desired::Paused => {
+                        let paused = {
+                            let _held = lock.lock().await;
+                            ctx.ctd.pause(&cid).await
+                        };
+                        match paused {
+                            Ok(()) => ctx.report(id, TaskState::Paused, None, None, &stop).await,
+                            Err(e) => tracing::warn!(task = id, error = %e, "pause failed"),
+                        }
+                    }
                     Desired::Running => {
-                        if matches!(ctx.ctd.status(&cid).await, Ok(TaskStatus::Paused)) {
-                            match ctx.ctd.resume(&cid).await {
-                                Ok(()) => ctx.report(id, TaskState::Running, None, None, &stop).await,
-                                Err(e) => tracing::warn!(task = id, error = %e, "resume failed"),
+                        let resumed = {
+                            let _held = lock.lock().await;
+                            if matches!(ctx.ctd.status(&cid).await, Ok(TaskStatus::Paused)) {
+                                Some(ctx.ctd.resume(&cid).await)
+                            } else {
+                                None
                             }
+                        };
+                        match resumed {
+                            Some(Ok(())) => ctx.report(id, TaskState::Running, None, None, &stop).await,
+                            Some(Err(e)) => tracing::warn!(task = id, error = %e, "resume failed"),
+                            None => {}
                         }
                     }
                     Desired::Killed | Desired::Stopped if !killed_by_us => {

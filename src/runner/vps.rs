@@ -200,6 +200,7 @@ impl VpsKit {
                     protected_ports,
                     port_maps: vec![],
                     node_port_sources,
+                    isolate_instances: config.isolate_instances,
                 },
                 isolate_instances: config.isolate_instances,
             },
