@@ -47,7 +47,7 @@ fn parts_present() -> bool {
 /// A one-node cluster whose daemons run in the caller's (private) namespaces.
 struct Vps {
     runner: Option<Daemon>,
-    _host: Daemon,
+    host: Daemon,
     ctd: PrivateContainerd,
     dir: tempfile::TempDir,
     url: String,
@@ -91,7 +91,7 @@ impl Vps {
         let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
         let mut v = Vps {
             runner: None,
-            _host: host,
+            host,
             ctd,
             key: dir.path().join("key"),
             known_hosts: dir.path().join("known_hosts"),
@@ -1160,6 +1160,55 @@ fn a_privileged_vps_gets_every_capability_where_the_operator_allows_it() {
         };
         assert!(!sys_admin(&plain), "a plain VPS has no CAP_SYS_ADMIN");
         assert!(sys_admin(&privileged), "a privileged one has it");
+
+        // The operator withdraws the permission: a stopped privileged VPS stays stopped.
+        v.rn(&["vps", "stop", &privileged]);
+        v.wait_state(&privileged, "stopped");
+        let mut v = v;
+        v.host.kill();
+        let data = v.host_data();
+        std::fs::remove_file(data.join("api.url")).unwrap();
+        let shared = v.dir.path().join("shared");
+        // The same API port: the runner keeps talking to it.
+        let port = v
+            .url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_string();
+        v.host = Daemon::start(
+            v.dir.path(),
+            "host-again",
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "host",
+                "--config",
+                "/dev/null",
+                "--api-port",
+                &port,
+                "--ssh-proxy-port",
+                "0",
+                "--shared-dir",
+                shared.to_str().unwrap(),
+            ],
+        );
+        wait_for("the host again", || read_trimmed(&data.join("api.url")));
+        for verb in ["restart", "resume"] {
+            let o = if verb == "restart" {
+                v.rn(&["vps", "restart", &privileged])
+            } else {
+                v.rn(&["task", "resume", &privileged])
+            };
+            assert!(
+                stderr(&o).contains("no longer allows"),
+                "{verb}: {}",
+                stderr(&o)
+            );
+        }
+        assert_eq!(v.state(&privileged), "stopped");
+        let v = v;
         for id in [plain, privileged] {
             v.rn(&["vps", "delete", &id]);
             v.wait_state(&id, "killed");
