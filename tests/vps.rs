@@ -610,6 +610,17 @@ fn stop_keeps_the_disk_and_restart_brings_it_back_key_only() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{err}");
         assert!(err.contains("Permission denied (publickey)"), "{err}");
+
+        // A restart of a running VPS stops and starts it: memory (/dev/shm) is gone, the disk stays.
+        v.ssh_ok(&id, &["echo x > /dev/shm/marker"]);
+        let o = v.rn(&["vps", "restart", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        wait_for("the restart", || {
+            let o = v.ssh(&id, &["test -e /dev/shm/marker || echo restarted"]);
+            (stdout(&o) == "restarted\n").then_some(())
+        });
+        assert_eq!(v.ssh_ok(&id, &["cat", "/root/data"]), "keep\n");
+        assert_eq!(v.state(&id), "running");
         v.rn(&["vps", "delete", &id]);
         v.wait_state(&id, "killed");
     });
@@ -1023,8 +1034,6 @@ fn snapshots_bring_back_a_deleted_file_and_seed_a_new_vps() {
             "{}",
             stderr(&o)
         );
-        let o = v.rn(&["vps", "restart", &id, "--from-snapshot", &s1_id]);
-        assert!(stderr(&o).contains("stop it first"), "{}", stderr(&o));
         assert_eq!(v.snapshot_ids(&id).len(), 3);
 
         // Stop takes a snapshot of its own; restart from the first brings the file back.

@@ -110,6 +110,9 @@ pub enum Desired {
     Paused,
     /// VPS only: stop the instance, keep its disk.
     Stopped,
+    /// VPS only: stop it, then start it again (the host queues the start
+    /// when the runner reports it stopped).
+    Restarting,
     Killed,
 }
 

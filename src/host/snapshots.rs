@@ -197,8 +197,9 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /api/tasks/{id}/restart`, with `{"from_snapshot": "<id>|latest"}`
-/// to restore the disk of a stopped VPS first.
+/// `POST /api/tasks/{id}/restart` (a stopped VPS starts; a running or
+/// paused one stops and starts), with `{"from_snapshot": "<id>|latest"}` to
+/// recreate its disk from a snapshot on the way.
 async fn restart(
     State(state): State<Arc<HostState>>,
     Extension(p): Extension<Principal>,
@@ -208,25 +209,20 @@ async fn restart(
     let req: RestartRequest = optional_body(&body)?;
     let t = visible_task(&state, &p, id).await?;
     super::tasks::still_allowed(&state, &t)?;
-    let now = crate::now_unix_ms();
-    let view = match req.from_snapshot {
-        None => {
-            state
-                .blocking(move |s| s.set_desired(id, crate::api::Desired::Running, now))
-                .await?
-        }
+    let restore = match req.from_snapshot {
+        None => None,
         Some(wanted) => {
             let snap = find(&state, &t, &wanted).await?;
-            let restore = Restore {
-                snapshot: snap.id.clone(),
-                request: now,
-            };
             tracing::info!(task = id, snapshot = %snap.id, "restart from a snapshot");
-            state
-                .blocking(move |s| s.restart_from(id, &restore, now))
-                .await?
+            Some(Restore {
+                snapshot: snap.id,
+                request: crate::now_unix_ms(),
+            })
         }
     };
+    let view = state
+        .blocking(move |s| s.restart(id, restore.as_ref()))
+        .await?;
     state.publish().await;
     state.schedule.notify_one();
     Ok(Json(super::tasks::redacted(view)))

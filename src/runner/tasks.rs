@@ -715,9 +715,9 @@ async fn supervise(
                             None => {}
                         }
                     }
-                    Desired::Killed | Desired::Stopped if !killed_by_us => {
+                    Desired::Killed | Desired::Stopped | Desired::Restarting if !killed_by_us => {
                         killed_by_us = true;
-                        stopping = d == Desired::Stopped;
+                        stopping = d != Desired::Killed;
                         // A paused task cannot handle SIGTERM: let it run to receive it.
                         if matches!(ctx.ctd.status(&cid).await, Ok(TaskStatus::Paused)) {
                             let _ = ctx.ctd.resume(&cid).await;
@@ -725,9 +725,9 @@ async fn supervise(
                         let _ = ctx.ctd.kill(&cid, 15).await;
                         escalate = Some(Box::pin(tokio::time::sleep(ctx.config.kill_grace.0)));
                     }
-                    Desired::Killed | Desired::Stopped => {
+                    Desired::Killed | Desired::Stopped | Desired::Restarting => {
                         // A delete after a stop was asked for: the disk goes too.
-                        stopping = d == Desired::Stopped;
+                        stopping = d != Desired::Killed;
                     }
                 }
             }

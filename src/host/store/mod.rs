@@ -100,9 +100,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<TaskView>, StoreError>;
     /// Records what the user wants; a queued task that is killed ends at once.
     fn set_desired(&self, id: u64, desired: Desired, now_ms: i64) -> Result<TaskView, StoreError>;
-    /// Restarts a stopped VPS whose disk is first restored from a snapshot.
-    fn restart_from(&self, id: u64, restore: &Restore, now_ms: i64)
-        -> Result<TaskView, StoreError>;
+    /// Restarts a VPS (stopped: queued again; running or paused: stopped
+    /// first), restoring its disk from a snapshot when `restore` says so.
+    fn restart(&self, id: u64, restore: Option<&Restore>) -> Result<TaskView, StoreError>;
     /// What `node` must run, with the current revision.
     fn assignments(&self, node: &str) -> Result<Assignments, StoreError>;
     /// Applies a runner's report for a task on its node.
@@ -571,13 +571,8 @@ impl Store for SqliteStore {
         self.with(|c| tasks::set_desired(c, id, desired, now_ms))
     }
 
-    fn restart_from(
-        &self,
-        id: u64,
-        restore: &Restore,
-        now_ms: i64,
-    ) -> Result<TaskView, StoreError> {
-        self.with(|c| tasks::restart_from(c, id, restore, now_ms))
+    fn restart(&self, id: u64, restore: Option<&Restore>) -> Result<TaskView, StoreError> {
+        self.with(|c| tasks::restart(c, id, restore))
     }
 
     fn assignments(&self, node: &str) -> Result<Assignments, StoreError> {

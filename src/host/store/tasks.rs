@@ -19,6 +19,7 @@ fn desired_str(d: Desired) -> &'static str {
         Desired::Running => "running",
         Desired::Paused => "paused",
         Desired::Stopped => "stopped",
+        Desired::Restarting => "restarting",
         Desired::Killed => "killed",
     }
 }
@@ -248,34 +249,84 @@ pub(super) fn set_desired(
     desired: Desired,
     now_ms: i64,
 ) -> Result<TaskView, StoreError> {
-    change_desired(c, id, desired, None, now_ms)
+    change_desired(c, id, desired, now_ms)
 }
 
-/// A restart whose disk is first restored from a snapshot: only from `stopped`.
-pub(super) fn restart_from(
+/// `vps restart`: a stopped VPS is queued again; a running or paused one
+/// is stopped first and queued again when its runner reports it stopped.
+/// With `restore`, the disk is recreated from that snapshot on the way.
+pub(super) fn restart(
     c: &mut Connection,
     id: u64,
-    restore: &Restore,
-    now_ms: i64,
+    restore: Option<&Restore>,
 ) -> Result<TaskView, StoreError> {
-    change_desired(c, id, Desired::Running, Some(restore), now_ms)
+    let tx = c.transaction()?;
+    let t = one(&tx, id)?;
+    if t.spec.kind != crate::api::Kind::Vps {
+        return Err(StoreError::Conflict(format!(
+            "task {id} is a command: only a VPS restarts (submit the command again)"
+        )));
+    }
+    match t.state {
+        TaskState::Stopped => requeue(&tx, &t, restore)?,
+        TaskState::Running | TaskState::Paused => {
+            let mut spec = t.spec.clone();
+            spec.restore = restore.cloned();
+            tx.execute(
+                "UPDATE tasks SET desired = 'restarting', spec = ?2 WHERE id = ?1",
+                params![id as i64, to_json("spec", &spec)?],
+            )?;
+        }
+        s => {
+            return Err(StoreError::Conflict(format!(
+                "VPS {id} is {s}: only a running, paused or stopped VPS restarts"
+            )))
+        }
+    }
+    bump(&tx)?;
+    let view = query(&tx, "WHERE id = ?1", &[&(id as i64)])?.remove(0);
+    tx.commit()?;
+    Ok(view)
+}
+
+/// Queues a stopped VPS again, on the node that keeps its disk.
+fn requeue(
+    tx: &Transaction<'_>,
+    t: &TaskView,
+    restore: Option<&Restore>,
+) -> Result<(), StoreError> {
+    let mut spec = t.spec.clone();
+    spec.restore = restore.cloned();
+    if let Some(p) = &t.placement {
+        match &mut spec.target {
+            Some(target) => target.node = p.node.clone(),
+            None => {
+                spec.target = Some(crate::api::Target {
+                    node: p.node.clone(),
+                    numa: None,
+                    gpus: vec![],
+                })
+            }
+        }
+    }
+    tx.execute(
+        // The placement stays (it names the node with the disk) but reserves
+        // nothing while pending; the scheduler replaces it.
+        "UPDATE tasks SET state = 'pending', desired = 'running', spec = ?2,
+         reason = 'restarting', exit_code = NULL, message = NULL WHERE id = ?1",
+        params![t.id as i64, to_json("spec", &spec)?],
+    )?;
+    Ok(())
 }
 
 fn change_desired(
     c: &mut Connection,
     id: u64,
     desired: Desired,
-    restore: Option<&Restore>,
     now_ms: i64,
 ) -> Result<TaskView, StoreError> {
     let tx = c.transaction()?;
     let t = one(&tx, id)?;
-    if restore.is_some() && t.state != TaskState::Stopped {
-        return Err(StoreError::Conflict(format!(
-            "VPS {id} is {}: stop it first (rivernode vps stop {id}), then restart it from a snapshot",
-            t.state
-        )));
-    }
     if t.state.is_final() {
         return Err(StoreError::Conflict(format!(
             "task {id} already ended ({})",
@@ -312,28 +363,7 @@ fn change_desired(
             "task {id} is a command: only a VPS can be stopped and restarted (kill ends a command)"
         )));
     } else if t.state == TaskState::Stopped && desired == Desired::Running {
-        // Restart: queue it again on the node that keeps its disk.
-        let mut spec = t.spec.clone();
-        spec.restore = restore.cloned();
-        if let Some(p) = &t.placement {
-            match &mut spec.target {
-                Some(target) => target.node = p.node.clone(),
-                None => {
-                    spec.target = Some(crate::api::Target {
-                        node: p.node.clone(),
-                        numa: None,
-                        gpus: vec![],
-                    })
-                }
-            }
-        }
-        tx.execute(
-            // The placement stays (it names the node with the disk) but reserves
-            // nothing while pending; the scheduler replaces it.
-            "UPDATE tasks SET state = 'pending', desired = 'running', spec = ?2,
-             reason = 'restarting', exit_code = NULL, message = NULL WHERE id = ?1",
-            params![id as i64, to_json("spec", &spec)?],
-        )?;
+        requeue(&tx, &t, None)?;
     } else {
         tx.execute(
             "UPDATE tasks SET desired = ?2 WHERE id = ?1",
@@ -405,6 +435,11 @@ pub(super) fn report(
          WHERE id = ?1",
         params![id as i64, r.state.as_str(), r.exit_code, r.message, started, finished, r.ssh_host_key],
     )?;
+    if r.state == TaskState::Stopped && t.desired == Desired::Restarting {
+        // The stop half of a restart is done: the start half is queued.
+        let stopped = one(&tx, id)?;
+        requeue(&tx, &stopped, stopped.spec.restore.as_ref())?;
+    }
     bump(&tx)?;
     let view = query(&tx, "WHERE id = ?1", &[&(id as i64)])?.remove(0);
     tx.commit()?;
@@ -606,6 +641,34 @@ mod tests {
                 .any(|x| x.id == a && x.desired == Desired::Killed),
             "its runner hears of the delete and removes the disk"
         );
+    }
+
+    #[test]
+    fn a_running_vps_restarts_by_stopping_then_queueing_again() {
+        let s = store_with_node("n1");
+        let vps = TaskSpec {
+            kind: crate::api::Kind::Vps,
+            ..spec(2, 0)
+        };
+        let a = s.submit_task(&vps, None, 0).unwrap();
+        s.schedule().unwrap();
+        report(&s, a, TaskState::Running).unwrap();
+        let restore = crate::api::Restore {
+            snapshot: "7".into(),
+            request: 9,
+        };
+        let t = s.restart(a, Some(&restore)).unwrap();
+        assert_eq!(
+            (t.state, t.desired),
+            (TaskState::Running, Desired::Restarting)
+        );
+        let t = report(&s, a, TaskState::Stopped).unwrap();
+        assert_eq!((t.state, t.desired), (TaskState::Pending, Desired::Running));
+        assert_eq!(t.spec.restore, Some(restore), "the restore rides along");
+        assert_eq!(s.schedule().unwrap(), vec![a]);
+        let cmd = s.submit_task(&spec(1, 0), None, 0).unwrap();
+        let e = s.restart(cmd, None).unwrap_err().to_string();
+        assert!(e.contains("only a VPS restarts"), "{e}");
     }
 
     #[test]
