@@ -255,6 +255,13 @@ impl Vps {
         std::fs::read(&back).unwrap()
     }
 
+    /// Deletes a VPS and waits until it is gone.
+    fn delete(&self, id: &str) {
+        let o = self.rn(&["vps", "delete", id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        self.wait_state(id, "killed");
+    }
+
     /// Retries while dropbear starts up.
     fn ssh_ok(&self, id: &str, cmd: &[&str]) -> String {
         wait_for("ssh", || {
@@ -621,8 +628,7 @@ fn stop_keeps_the_disk_and_restart_brings_it_back_key_only() {
         });
         assert_eq!(v.ssh_ok(&id, &["cat", "/root/data"]), "keep\n");
         assert_eq!(v.state(&id), "running");
-        v.rn(&["vps", "delete", &id]);
-        v.wait_state(&id, "killed");
+        v.delete(&id);
     });
 }
 
@@ -862,8 +868,7 @@ fn users_reach_only_their_own_vps_and_a_password_vps_takes_only_its_password() {
             (t["state"] == "failed").then(|| t["message"].as_str().unwrap_or("").to_string())
         });
         assert!(msg.contains("needs an SSH key or a password"), "{msg}");
-        v.rn(&["vps", "delete", &id]);
-        v.wait_state(&id, "killed");
+        v.delete(&id);
     });
 }
 
@@ -934,8 +939,7 @@ fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
         v.rn(&["vps", "restart", &id]);
         v.wait_state(&id, "running");
         assert_eq!(v.ssh_ok(&id, &["wc -c < /root/payload"]).trim(), "300000");
-        v.rn(&["vps", "delete", &id]);
-        v.wait_state(&id, "killed");
+        v.delete(&id);
     });
 }
 
@@ -1086,8 +1090,7 @@ fn snapshots_bring_back_a_deleted_file_and_seed_a_new_vps() {
         assert_eq!(v.state(&id), "running");
 
         // Deleting the VPS deletes its snapshots; the copy keeps running on its own disk.
-        v.rn(&["vps", "delete", &id]);
-        v.wait_state(&id, "killed");
+        v.delete(&id);
         wait_for("its snapshot images gone", || {
             (!v.ctr(&["images", "ls", "-q"])
                 .contains(&format!("vps-{id}:")))
@@ -1095,8 +1098,7 @@ fn snapshots_bring_back_a_deleted_file_and_seed_a_new_vps() {
         });
         assert_eq!(v.ssh_ok(&copy, &["cat", "/root/keep"]), "precious\n");
         v.json(&["vps", "snapshot", "create", &copy]);
-        v.rn(&["vps", "delete", &copy]);
-        v.wait_state(&copy, "killed");
+        v.delete(&copy);
     });
 }
 
@@ -1130,8 +1132,7 @@ fn stopping_seven_times_keeps_the_five_newest_snapshots() {
         );
         let images = v.ctr(&["images", "ls", "-q"]);
         assert_eq!(images.matches(&format!("vps-{id}:")).count(), 5, "{images}");
-        v.rn(&["vps", "delete", &id]);
-        v.wait_state(&id, "killed");
+        v.delete(&id);
     });
 }
 
@@ -1219,8 +1220,7 @@ fn a_privileged_vps_gets_every_capability_where_the_operator_allows_it() {
         assert_eq!(v.state(&privileged), "stopped");
         let v = v;
         for id in [plain, privileged] {
-            v.rn(&["vps", "delete", &id]);
-            v.wait_state(&id, "killed");
+            v.delete(&id);
         }
     });
 }
