@@ -361,18 +361,10 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
             stderr(&o)
         );
         // Nothing left: no container (nor its snapshot), no veth, no node port rule.
-        let ctr = |args: &[&str]| {
-            let o = std::process::Command::new("ctr")
-                .arg("-a")
-                .arg(&v.ctd.socket)
-                .args(["-n", "rivernode"])
-                .args(args)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&o.stdout).into_owned()
-        };
-        assert_eq!(ctr(&["containers", "ls", "-q"]).trim(), "");
-        assert!(!ctr(&["snapshots", "ls"]).contains(&format!("vps-a-task-{id}")));
+        assert_eq!(v.ctr(&["containers", "ls", "-q"]).trim(), "");
+        assert!(!v
+            .ctr(&["snapshots", "ls"])
+            .contains(&format!("vps-a-task-{id}")));
         let links = std::process::Command::new("ip")
             .args(["-o", "link"])
             .output()
@@ -527,13 +519,7 @@ fn an_ssh_session_survives_kill_9_of_the_runner_and_nothing_is_duplicated() {
         // Re-adopted, not recreated: one container, one veth, the node port once.
         v.wait_state(&id, "running");
         assert_eq!(v.ssh_ok(&id, &["echo", "again"]), "again\n");
-        let ctr = std::process::Command::new("ctr")
-            .arg("-a")
-            .arg(&v.ctd.socket)
-            .args(["-n", "rivernode", "containers", "ls", "-q"])
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&ctr.stdout).lines().count(), 1);
+        assert_eq!(v.ctr(&["containers", "ls", "-q"]).lines().count(), 1);
         let links = std::process::Command::new("ip")
             .args(["-o", "link"])
             .output()
@@ -649,20 +635,11 @@ fn a_restarted_runner_keeps_stopped_instances_and_cleans_up_vanished_ones() {
         v.wait_state(&kept, "stopped");
         // The runner crashes; meanwhile one instance's container disappears.
         v.runner.as_mut().unwrap().kill();
-        let ctr = |args: &[&str]| {
-            std::process::Command::new("ctr")
-                .arg("-a")
-                .arg(&v.ctd.socket)
-                .args(["-n", "rivernode"])
-                .args(args)
-                .output()
-                .unwrap()
-        };
         let gone_cid = format!("vps-e-task-{gone}");
-        ctr(&["task", "kill", "-s", "SIGKILL", &gone_cid]);
+        v.ctr(&["task", "kill", "-s", "SIGKILL", &gone_cid]);
         std::thread::sleep(std::time::Duration::from_millis(300));
-        ctr(&["task", "rm", "-f", &gone_cid]);
-        ctr(&["containers", "rm", &gone_cid]);
+        v.ctr(&["task", "rm", "-f", &gone_cid]);
+        v.ctr(&["containers", "rm", &gone_cid]);
         v.start_runner();
         // The vanished one's network is taken down and the host hears it failed.
         let runner = v.runner_data();

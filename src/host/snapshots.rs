@@ -22,10 +22,7 @@ use crate::api::{
 
 pub fn routes() -> Router<Arc<HostState>> {
     Router::new()
-        .route(
-            "/api/vps/snapshots/{id}",
-            post(create).get(|s, p, id| async move { list(s, p, id).await.map(Json) }),
-        )
+        .route("/api/vps/snapshots/{id}", post(create).get(list))
         .route("/api/vps/snapshots/{id}/latest", get(latest))
         .route(
             "/api/vps/snapshots/{id}/{snapshot}",
@@ -165,9 +162,9 @@ async fn list(
     State(state): State<Arc<HostState>>,
     Extension(p): Extension<Principal>,
     Path(id): Path<u64>,
-) -> Result<Vec<SnapshotView>, ApiError> {
+) -> Result<Json<Vec<SnapshotView>>, ApiError> {
     let t = visible_task(&state, &p, id).await?;
-    snapshots_of(&state, &t).await
+    snapshots_of(&state, &t).await.map(Json)
 }
 
 async fn latest(
