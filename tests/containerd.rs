@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::containerd::{busybox_oci_archive, docker_archive, PrivateContainerd};
 use rivernode::oci::{
-    build_spec, oom_killed, Containerd, ImportedImage, RuntimeSpecInput, TaskStatus,
+    build_spec, oom_kills, Containerd, ImportedImage, RuntimeSpecInput, TaskStatus,
 };
 
 fn input(id: &str, args: &[&str], memory: Option<u64>) -> RuntimeSpecInput {
@@ -68,10 +68,10 @@ async fn run_input(
     .await
     .unwrap();
     let code = c.wait(id).await.unwrap();
-    let oom = oom_killed(
+    let oom = oom_kills(
         Path::new("/sys/fs/cgroup"),
         &format!("/rivernode-test/{id}"),
-    );
+    ) > 0;
     let problems = c.cleanup(id).await;
     assert!(problems.is_empty(), "{problems:?}");
     (code, oom, std::fs::read_to_string(out).unwrap_or_default())

@@ -1,8 +1,10 @@
 //! Wire types shared by the host, the runner and the CLI, and the parsers of
 //! what users type (placement targets, sizes).
 
+pub mod host_client;
 mod target;
 mod task;
+pub mod token;
 
 use serde::{Deserialize, Serialize};
 

@@ -11,7 +11,10 @@ use super::Target;
 use crate::topology::{CpuList, PciAddress};
 
 /// Observed state of a task. `pending` waits for resources; `stopped` (VPS
-/// only) keeps the instance's disk but holds no cores or GPUs; the last four are final.
+/// only) keeps the instance's disk but holds no cores or GPUs. The last five
+/// are ends: a command never leaves one, a VPS leaves `completed`, `failed`,
+/// `killed` and `killed_oom` only by a restart or a delete (its disk is kept
+/// until then), and nothing leaves `deleted`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
@@ -25,10 +28,12 @@ pub enum TaskState {
     Failed,
     Killed,
     KilledOom,
+    /// VPS only: removed with its disk and snapshots by an explicit delete.
+    Deleted,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 10] = [
+    pub const ALL: [TaskState; 11] = [
         TaskState::Pending,
         TaskState::Assigning,
         TaskState::Running,
@@ -39,6 +44,7 @@ impl TaskState {
         TaskState::Failed,
         TaskState::Killed,
         TaskState::KilledOom,
+        TaskState::Deleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,18 +59,26 @@ impl TaskState {
             TaskState::Failed => "failed",
             TaskState::Killed => "killed",
             TaskState::KilledOom => "killed_oom",
+            TaskState::Deleted => "deleted",
         }
     }
 
+    /// Whether the task has ended: it runs nothing and holds no cores,
+    /// memory or GPUs. Only a VPS's restart or delete changes such a state.
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TaskState::Completed | TaskState::Failed | TaskState::Killed | TaskState::KilledOom
+            TaskState::Completed
+                | TaskState::Failed
+                | TaskState::Killed
+                | TaskState::KilledOom
+                | TaskState::Deleted
         )
     }
 
-    /// Whether `self → to` is allowed. Final states never change; a lost
-    /// task may come back when its node reports it again.
+    /// Whether `self → to` is allowed. Ends change only by a restart
+    /// (back to `pending`) or a delete, and the store allows both for a VPS
+    /// alone; a lost task may come back when its node reports it again.
     pub fn can_become(self, to: TaskState) -> bool {
         use TaskState::*;
         if self == to {
@@ -77,8 +91,9 @@ impl TaskState {
             Paused => !matches!(to, Pending | Assigning),
             Lost => !matches!(to, Pending | Assigning),
             // A restart queues it again; a delete ends it.
-            Stopped => matches!(to, Pending | Killed | Failed),
-            Completed | Failed | Killed | KilledOom => false,
+            Stopped => matches!(to, Pending | Killed | Failed | Deleted),
+            Completed | Failed | Killed | KilledOom => matches!(to, Pending | Deleted),
+            Deleted => false,
         }
     }
 }
@@ -113,7 +128,11 @@ pub enum Desired {
     /// VPS only: stop it, then start it again (the host queues the start
     /// when the runner reports it stopped).
     Restarting,
+    /// End it at once. A command is gone; a VPS stops hard (SIGKILL) and
+    /// keeps its disk and snapshots, to be restarted or deleted.
     Killed,
+    /// VPS only: stop it and remove its disk and snapshots.
+    Deleted,
 }
 
 /// Where the root filesystem comes from.
@@ -272,6 +291,10 @@ pub struct Assignment {
     pub id: u64,
     pub desired: Desired,
     pub state: TaskState,
+    /// Whether the host ever heard it running: work that never started is
+    /// created after a crash, work that did is never run twice.
+    #[serde(default)]
+    pub started: bool,
     pub spec: TaskSpec,
     pub placement: Placement,
 }
@@ -307,12 +330,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn final_states_never_change() {
+    fn ends_change_only_by_restart_or_delete() {
         for from in TaskState::ALL.into_iter().filter(|s| s.is_final()) {
             for to in TaskState::ALL {
-                assert_eq!(from.can_become(to), from == to, "{from} -> {to}");
+                let restart_or_delete = from != TaskState::Deleted
+                    && matches!(to, TaskState::Pending | TaskState::Deleted);
+                assert_eq!(
+                    from.can_become(to),
+                    from == to || restart_or_delete,
+                    "{from} -> {to}"
+                );
             }
         }
+        assert!(!TaskState::Deleted.can_become(TaskState::Pending));
         assert!(TaskState::Pending.can_become(TaskState::Assigning));
         assert!(!TaskState::Running.can_become(TaskState::Pending));
         assert!(

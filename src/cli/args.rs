@@ -344,7 +344,9 @@ pub enum TaskCommand {
         #[arg(short = 'f', long)]
         follow: bool,
     },
-    /// SIGTERM, then SIGKILL after the runner's grace period.
+    /// End a task now. A command: SIGTERM, then SIGKILL after the runner's
+    /// grace period. A VPS: a hard stop (SIGKILL) that keeps its disk and
+    /// snapshots; `vps restart` starts it again, `vps delete` removes it.
     Kill {
         id: u64,
     },
@@ -413,7 +415,8 @@ pub enum VpsCommand {
     /// Snapshots of a VPS's filesystem: create, list, latest, delete.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
-    /// Stop the VPS and remove its container, disk, network and node port.
+    /// Stop the VPS and remove its container, disk, snapshots, network and
+    /// node port: the only command that removes a VPS's disk.
     Delete {
         id: u64,
     },

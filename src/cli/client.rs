@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::api::token::read as read_token;
 use crate::api::ErrorBody;
-use crate::host::{read_token, ADMIN_TOKEN_FILE, API_URL_FILE};
+use crate::host::{ADMIN_TOKEN_FILE, API_URL_FILE};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/rivernode";
 const DEFAULT_URL: &str = "http://127.0.0.1:8000";

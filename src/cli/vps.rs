@@ -181,7 +181,7 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
         VpsCommand::Snapshot(cmd) => snapshot(client, cmd, output).await?,
         VpsCommand::Delete { id } => {
             let t: TaskView = client
-                .post(&format!("/api/tasks/{id}/kill"), &serde_json::json!({}))
+                .post(&format!("/api/tasks/{id}/delete"), &serde_json::json!({}))
                 .await?;
             match output {
                 Output::Json => emit_json(&t),

@@ -300,12 +300,7 @@ fn bootstrap_token(
     Ok(())
 }
 
-pub fn read_token(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-}
+pub use crate::api::token::read as read_token;
 
 async fn liveness_loop(state: Arc<HostState>, config: HostConfig) {
     let mut tick = tokio::time::interval(config.liveness_check_interval.0);

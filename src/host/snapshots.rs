@@ -148,8 +148,9 @@ async fn create(
     let req: SnapshotRequest = optional_body(&body)?;
     let t = visible_task(&state, &p, id).await?;
     let node = node_of(&t)?;
-    if t.state.is_final() {
-        return Err(ApiError::Conflict(format!("VPS {id} is {}", t.state)));
+    // An ended VPS (killed, failed) still has its disk: it can be snapshotted.
+    if t.state == crate::api::TaskState::Deleted || t.desired == crate::api::Desired::Deleted {
+        return Err(ApiError::Conflict(format!("VPS {id} is deleted")));
     }
     let path = format!("/api/vps/{id}/snapshots");
     let resp = runner(&state, &node, reqwest::Method::POST, &path, Some(&req)).await?;

@@ -28,6 +28,10 @@ pub fn user_routes() -> Router<Arc<HostState>> {
             post(|s, who, id| desire(s, who, id, Desired::Killed)),
         )
         .route(
+            "/api/tasks/{id}/delete",
+            post(|s, who, id| desire(s, who, id, Desired::Deleted)),
+        )
+        .route(
             "/api/tasks/{id}/pause",
             post(|s, who, id| desire(s, who, id, Desired::Paused)),
         )

@@ -22,7 +22,7 @@ pub use commit::{Committed, BASE_MANIFEST_LABEL, COMMIT_SIZE_LABEL};
 pub use import::{chain_ids, ImageConfig, ImportedImage};
 pub use registry::Reference;
 pub use spec::{build as build_spec, capability_bound, MountInput, RuntimeSpecInput};
-pub use task::{oom_killed, ExitInfo, TaskStatus, TASK_LABEL};
+pub use task::{oom_kills, TaskStatus, TASK_LABEL};
 
 /// containerd namespace of everything rivernode creates.
 pub const NAMESPACE: &str = "rivernode";

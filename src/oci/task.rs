@@ -40,32 +40,27 @@ pub enum TaskStatus {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExitInfo {
-    pub exit_code: u32,
-    /// The kernel's OOM killer acted in the container's cgroup.
-    pub oom_killed: bool,
-}
-
 impl Containerd {
-    /// Creates the container (its snapshot on top of `image`) and starts its
-    /// task with stdio going to the given shim URIs (`file:///path` puts
-    /// both streams in that one file; `binary://` runs a log driver).
-    pub async fn run_container(
+    /// Creates the container: its snapshot on top of `image` and its record
+    /// with our spec. No task yet: `start_existing` starts one.
+    pub async fn create_container(
         &self,
         id: &str,
         labels: HashMap<String, String>,
         image: &ImportedImage,
         spec: &Spec,
-        stdout: &str,
-        stderr: &str,
-    ) -> Result<u32, OciError> {
+    ) -> Result<(), OciError> {
         // The container keeps its image's manifest alive (for commits).
         let mut labels = labels;
         labels.insert(
             super::BASE_MANIFEST_LABEL.to_string(),
             image.manifest.clone(),
         );
+        // A snapshot left by a crash before its container record existed
+        // would make `prepare` fail: no container owns it, so it goes.
+        if !self.container_exists(id).await? {
+            self.remove_snapshot(id).await;
+        }
         // Until the container record exists nothing references its new
         // snapshot, and containerd's GC would collect it: hold a lease.
         let lease = self.create_lease().await?;
@@ -82,11 +77,31 @@ impl Containerd {
             .await
             .map_err(OciError::rpc(format!("prepare rootfs of {id}")));
         let result = match prepared {
-            Ok(r) => {
-                let mounts = r.into_inner().mounts;
-                self.create_and_start(id, labels, (image, spec), mounts, (stdout, stderr), &lease)
-                    .await
-            }
+            Ok(_) => ContainersClient::new(self.channel())
+                .create(self.req(
+                    CreateContainerRequest {
+                        container: Some(Container {
+                            id: id.into(),
+                            labels,
+                            image: image.name.clone(),
+                            runtime: Some(Runtime {
+                                name: RUNTIME.into(),
+                                options: None,
+                            }),
+                            spec: Some(spec::to_any(spec)?),
+                            snapshotter: self.snapshotter().into(),
+                            snapshot_key: id.into(),
+                            created_at: None,
+                            updated_at: None,
+                            extensions: HashMap::new(),
+                            sandbox: String::new(),
+                        }),
+                    },
+                    Some(&lease),
+                ))
+                .await
+                .map(|_| ())
+                .map_err(OciError::rpc(format!("create container {id}"))),
             Err(e) => Err(e),
         };
         self.delete_lease(&lease).await;
@@ -96,40 +111,24 @@ impl Containerd {
         result
     }
 
-    async fn create_and_start(
+    /// Creates the container and starts its task with stdio going to the
+    /// given shim URIs (`file:///path` puts both streams in that one file;
+    /// `binary://` runs a log driver). On failure nothing is left.
+    pub async fn run_container(
         &self,
         id: &str,
         labels: HashMap<String, String>,
-        (image, spec): (&ImportedImage, &Spec),
-        rootfs: Vec<containerd_client::types::Mount>,
-        (stdout, stderr): (&str, &str),
-        lease: &str,
+        image: &ImportedImage,
+        spec: &Spec,
+        stdout: &str,
+        stderr: &str,
     ) -> Result<u32, OciError> {
-        ContainersClient::new(self.channel())
-            .create(self.req(
-                CreateContainerRequest {
-                    container: Some(Container {
-                        id: id.into(),
-                        labels,
-                        image: image.name.clone(),
-                        runtime: Some(Runtime {
-                            name: RUNTIME.into(),
-                            options: None,
-                        }),
-                        spec: Some(spec::to_any(spec)?),
-                        snapshotter: self.snapshotter().into(),
-                        snapshot_key: id.into(),
-                        created_at: None,
-                        updated_at: None,
-                        extensions: HashMap::new(),
-                        sandbox: String::new(),
-                    }),
-                },
-                Some(lease),
-            ))
-            .await
-            .map_err(OciError::rpc(format!("create container {id}")))?;
-        self.start_task(id, rootfs, stdout, stderr).await
+        self.create_container(id, labels, image, spec).await?;
+        let started = self.start_existing(id, stdout, stderr).await;
+        if started.is_err() {
+            self.cleanup(id).await;
+        }
+        started
     }
 
     /// Creates and starts the container's task with stdio going to shim URIs
@@ -174,8 +173,23 @@ impl Containerd {
         Ok(created.pid)
     }
 
-    /// Starts a new task in a container that exists (a stopped VPS), on its
-    /// kept snapshot and stored spec.
+    /// Starts a task that was created but never started.
+    pub async fn start_created(&self, id: &str) -> Result<(), OciError> {
+        TasksClient::new(self.channel())
+            .start(self.req(
+                StartRequest {
+                    container_id: id.into(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("start task {id}")))?;
+        Ok(())
+    }
+
+    /// Starts a new task in a container that exists (a new one, or a
+    /// stopped VPS), on its snapshot and stored spec.
     pub async fn start_existing(
         &self,
         id: &str,
@@ -340,7 +354,7 @@ impl Containerd {
 
     /// Deletes the task, the container and its snapshot; each step is
     /// attempted even if an earlier one failed (it may already be gone).
-    pub async fn cleanup(&self, id: &str) -> Vec<String> {
+    pub async fn cleanup(&self, id: &str) -> Vec<OciError> {
         let mut problems = Vec::new();
         let r = TasksClient::new(self.channel())
             .delete(self.req(
@@ -352,7 +366,7 @@ impl Containerd {
             .await;
         if let Err(s) = r {
             if s.code() != tonic::Code::NotFound {
-                problems.push(format!("delete task {id}: {s}"));
+                problems.push(OciError::rpc(format!("delete task {id}"))(s));
             }
         }
         let r = ContainersClient::new(self.channel())
@@ -360,7 +374,7 @@ impl Containerd {
             .await;
         if let Err(s) = r {
             if s.code() != tonic::Code::NotFound {
-                problems.push(format!("delete container {id}: {s}"));
+                problems.push(OciError::rpc(format!("delete container {id}"))(s));
             }
         }
         self.remove_snapshot(id).await;
@@ -386,11 +400,11 @@ impl Containerd {
     }
 }
 
-/// Whether the OOM killer acted in a container's cgroup, from the kernel's
-/// own counter (cgroup v2 `memory.events`, or v1 `memory.oom_control`),
-/// never from the exit code. Read before the task is deleted (runc removes
-/// the cgroup then).
-pub fn oom_killed(cgroup_root: &Path, cgroups_path: &str) -> bool {
+/// How many processes the OOM killer killed in a container's cgroup, from
+/// the kernel's own counter (cgroup v2 `memory.events`, or v1
+/// `memory.oom_control`), never from an exit code; 0 when unreadable. Read
+/// before the task is deleted (runc removes the cgroup then).
+pub fn oom_kills(cgroup_root: &Path, cgroups_path: &str) -> u64 {
     let rel = cgroups_path.trim_start_matches('/');
     let count = |path: std::path::PathBuf| -> Option<u64> {
         let text = std::fs::read_to_string(path).ok()?;
@@ -408,7 +422,7 @@ pub fn oom_killed(cgroup_root: &Path, cgroups_path: &str) -> bool {
                     .join("memory.oom_control"),
             )
         })
-        .is_some_and(|n| n > 0)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -418,22 +432,22 @@ mod tests {
     #[test]
     fn oom_counter_from_v2_or_v1() {
         let d = tempfile::tempdir().unwrap();
-        assert!(!oom_killed(d.path(), "/rivernode/task-1"));
+        assert_eq!(oom_kills(d.path(), "/rivernode/task-1"), 0);
         let v1 = d.path().join("memory/rivernode/task-1");
         std::fs::create_dir_all(&v1).unwrap();
         std::fs::write(
             v1.join("memory.oom_control"),
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
         )
         .unwrap();
-        assert!(oom_killed(d.path(), "/rivernode/task-1"));
+        assert_eq!(oom_kills(d.path(), "/rivernode/task-1"), 2);
         let v2 = d.path().join("rivernode/task-2");
         std::fs::create_dir_all(&v2).unwrap();
         std::fs::write(
             v2.join("memory.events"),
-            "low 0\nhigh 0\nmax 3\noom 0\noom_kill 0\n",
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
         )
         .unwrap();
-        assert!(!oom_killed(d.path(), "/rivernode/task-2"));
+        assert_eq!(oom_kills(d.path(), "/rivernode/task-2"), 1);
     }
 }

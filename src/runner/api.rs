@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
+use crate::api::token::hash as hash_token;
 use crate::api::{ErrorBody, RunnerStatus};
-use crate::host::auth::hash_token;
 
 /// Who may call the runner API: the hash of the host's token for this node,
 /// unknown until the node has registered.
@@ -35,7 +35,7 @@ pub struct RunnerApiState {
     pub host_key: HostKey,
     pub logs_dir: std::path::PathBuf,
     /// The task loop's context, once containerd answered.
-    pub tasks: std::sync::OnceLock<Arc<super::tasks::TaskContext>>,
+    pub tasks: std::sync::OnceLock<Arc<super::container::TaskContext>>,
 }
 
 pub fn router(state: Arc<RunnerApiState>) -> Router {
@@ -147,7 +147,7 @@ async fn logs(
 fn snapshot_error(e: super::snapshots::SnapshotError) -> Response {
     use super::snapshots::SnapshotError as E;
     let status = match &e {
-        E::NoContainer(_) | E::NoSnapshot { .. } => StatusCode::NOT_FOUND,
+        E::NoContainer(_) | E::NoSnapshot { .. } | E::Vanished { .. } => StatusCode::NOT_FOUND,
         E::MessageTooLong => StatusCode::BAD_REQUEST,
         E::Oci(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

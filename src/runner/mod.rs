@@ -1,11 +1,19 @@
 //! `rivernode runner`: registers the node with the host, heartbeats its
-//! inventory and usage, and serves the runner API to the host only.
-//! Later: the reconcile loop and the instance supervisor.
+//! inventory and usage, serves the runner API to the host only, and runs
+//! the instance lifecycle: the reconcile loop (`reconcile`), pure decisions
+//! (`lifecycle`), one supervisor per instance (`supervisor`) acting through
+//! a driver (`driver`; containerd in `container`), and the report queue
+//! (`report`).
 
 pub mod api;
+pub mod container;
+pub mod driver;
+pub mod lifecycle;
 pub mod logdriver;
+pub mod reconcile;
+pub mod report;
 pub mod snapshots;
-pub mod tasks;
+pub mod supervisor;
 pub mod vps;
 
 use std::future::Future;
@@ -18,11 +26,11 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::token::hash as hash_token;
 use crate::api::{
     node_name_from_hostname, ErrorBody, HeartbeatRequest, RegisterRequest, RegisterResponse,
 };
 use crate::config::RunnerConfig;
-use crate::host::auth::hash_token;
 use crate::topology::{self, Inventory, KernelRoots, TopologyError, UsageSampler};
 use api::{HostKey, RunnerApiState};
 
@@ -120,7 +128,7 @@ impl BoundRunner {
         let join_token = match join_token.or_else(|| config.join_token.clone()) {
             Some(t) => Some(t),
             None => match &config.join_token_file {
-                Some(p) => Some(crate::host::read_token(p).ok_or_else(|| RunnerError::Io {
+                Some(p) => Some(crate::api::token::read(p).ok_or_else(|| RunnerError::Io {
                     path: p.clone(),
                     source: std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
@@ -149,7 +157,7 @@ impl BoundRunner {
         let api = Arc::new(RunnerApiState {
             name,
             host_key: HostKey::default(),
-            logs_dir: tasks::logs_dir(&config),
+            logs_dir: container::logs_dir(&config),
             tasks: Default::default(),
         });
         Ok(Self {
@@ -276,8 +284,8 @@ struct Control {
     inventory: Inventory,
     stop: watch::Receiver<bool>,
     config: RunnerConfig,
-    /// The task loop, once started (after the first registration).
-    tasks: Option<Arc<tasks::TaskContext>>,
+    /// The task loop's client of the host, once started (after the first registration).
+    tasks: Option<Arc<crate::api::host_client::HostClient>>,
 }
 
 enum Beat {
@@ -365,7 +373,7 @@ impl Control {
     /// only refresh its credential.
     async fn ensure_task_loop(&mut self, c: &Credential) {
         if let Some(t) = &self.tasks {
-            *t.credential.write().unwrap_or_else(|p| p.into_inner()) = c.credential.clone();
+            t.set_credential(&c.credential);
             return;
         }
         let ctd = match crate::oci::Containerd::connect(
@@ -399,27 +407,43 @@ impl Control {
         let vps = match vps::VpsKit::new(&self.config, protected, sources) {
             Ok(v) => v,
             Err(e) => {
-                tracing::error!(error = %e, "instance networking settings are invalid");
+                tracing::error!(error = %crate::error_chain(&e), "instance networking settings are invalid");
                 return;
             }
         };
-        let ctx = Arc::new(tasks::TaskContext {
-            http: reqwest::Client::builder()
-                .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .unwrap_or_else(|_| self.http.clone()),
-            host_url: self.host_url.clone(),
+        // Test-only: crash-point tests make the runner die at a named step.
+        let crash_at = std::env::var("RIVERNODE_CRASH_AT")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let ctx = Arc::new(container::TaskContext {
             node: c.name.clone(),
-            credential: std::sync::RwLock::new(c.credential.clone()),
             config: self.config.clone(),
             ctd,
             vps,
             snapshot_locks: Default::default(),
+            cgroup_root: self.config.sys_root.join("fs/cgroup"),
+            crash_at: crash_at.clone(),
+        });
+        let host = Arc::new(crate::api::host_client::HostClient::new(
+            reqwest::Client::builder()
+                .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_else(|_| self.http.clone()),
+            &self.host_url,
+            &c.name,
+            &c.credential,
+        ));
+        let sup = Arc::new(supervisor::Supervisors {
+            driver: ctx.clone(),
+            reports: report::Reports::start(host.clone(), self.stop.clone()),
+            kill_grace: self.config.kill_grace.0,
+            auto_snapshot_on_stop: self.config.auto_snapshot_on_stop,
+            crash_at,
         });
         tracing::info!(socket = %self.config.containerd_socket.display(), "containerd connected; task loop started");
-        tokio::spawn(tasks::reconcile_loop(ctx.clone(), self.stop.clone()));
-        let _ = self.api.tasks.set(ctx.clone());
-        self.tasks = Some(ctx);
+        tokio::spawn(reconcile::Reconciler::new(sup, host.clone()).run(self.stop.clone()));
+        let _ = self.api.tasks.set(ctx);
+        self.tasks = Some(host);
     }
 
     async fn sleep(&mut self, d: Duration) {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::api::SnapshotView;
 use crate::oci::{Containerd, ImportedImage, OciError};
 
-use super::tasks::TaskContext;
+use super::container::TaskContext;
 
 const VPS_LABEL: &str = "io.rivernode.snapshot.vps";
 const NODE_LABEL: &str = "io.rivernode.snapshot.node";
@@ -31,6 +31,8 @@ pub enum SnapshotError {
     NoSnapshot { vps: u64, id: String },
     #[error("message: longer than {MAX_MESSAGE} bytes")]
     MessageTooLong,
+    #[error("snapshot {id} of VPS {vps} vanished from containerd")]
+    Vanished { vps: u64, id: String },
     #[error(transparent)]
     Oci(#[from] OciError),
 }
@@ -174,7 +176,7 @@ impl TaskContext {
     }
 
     /// Deletes every snapshot of a VPS (it is being deleted); returns the problems met.
-    pub async fn delete_all_snapshots(&self, vps: u64) -> Vec<String> {
+    pub async fn delete_all_snapshots(&self, vps: u64) -> Vec<SnapshotError> {
         let lock = self.snapshot_locks.of(vps);
         let _held = lock.lock().await;
         match list(&self.ctd, &self.node, vps).await {
@@ -182,35 +184,34 @@ impl TaskContext {
                 let mut problems = Vec::new();
                 for s in all {
                     if let Err(e) = self.ctd.delete_image(&s.image).await {
-                        problems.push(e.to_string());
+                        problems.push(e.into());
                     }
                 }
                 problems
             }
-            Err(e) => vec![e.to_string()],
+            Err(e) => vec![e.into()],
         }
     }
 
     /// A snapshot as an image to run (the host resolved "latest" to an id).
-    pub async fn snapshot_image(&self, vps: u64, id: &str) -> Result<ImportedImage, String> {
-        let all = self.snapshots(vps).await.map_err(|e| e.to_string())?;
-        let found = all.iter().find(|s| s.id == id).ok_or_else(|| {
-            SnapshotError::NoSnapshot {
+    pub async fn snapshot_image(&self, vps: u64, id: &str) -> Result<ImportedImage, SnapshotError> {
+        let all = self.snapshots(vps).await?;
+        let found = all
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| SnapshotError::NoSnapshot {
                 vps,
                 id: id.to_string(),
-            }
-            .to_string()
-        })?;
-        let img = self
-            .ctd
-            .get_image(&found.image)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("snapshot {} of VPS {vps} vanished", found.id))?;
-        self.ctd
-            .image_ready(&found.image, &img)
-            .await
-            .map_err(|e| e.to_string())
+            })?;
+        let img =
+            self.ctd
+                .get_image(&found.image)
+                .await?
+                .ok_or_else(|| SnapshotError::Vanished {
+                    vps,
+                    id: found.id.clone(),
+                })?;
+        Ok(self.ctd.image_ready(&found.image, &img).await?)
     }
 }
 

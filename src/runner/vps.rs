@@ -31,8 +31,42 @@ pub struct VpsKit {
     bundle: Mutex<Option<PathBuf>>,
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// Why an instance's network or SSH server could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VpsError {
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run {tool}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} failed: {stderr}")]
+    Tool { tool: String, stderr: String },
+    #[error("{} is missing: install dropbear-bin on the node", .0.display())]
+    NoDropbear(PathBuf),
+    #[error(
+        "this image has no SSH server of its own, so a VPS from it needs an SSH key or a password \
+         (passwordless root is never allowed)"
+    )]
+    NoLogin,
+    #[error("instance_subnet: {0}")]
+    Subnet(String),
+    #[error("instance network")]
+    Net(#[from] crate::net::NetError),
+}
+
+/// The `map_err` for an I/O error on `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VpsError + '_ {
+    move |source| VpsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The node's nameservers for an instance. Loopback resolvers (a local
@@ -128,33 +162,41 @@ fn with_root_password(shadow: &str, hash: &str) -> String {
 }
 
 /// Writes a file only root may read, atomically.
-fn write_secret(path: &Path, text: &str) -> Result<(), String> {
-    crate::files::write_secret(path, text.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))
+fn write_secret(path: &Path, text: &str) -> Result<(), VpsError> {
+    crate::files::write_secret(path, text.as_bytes()).map_err(io(path))
+}
+
+fn write(path: &Path, text: impl AsRef<[u8]>) -> Result<(), VpsError> {
+    std::fs::write(path, text).map_err(io(path))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), VpsError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
 }
 
 /// Runs a node tool; its stderr is the error.
-fn run_tool(cmd: &mut Command) -> Result<(), String> {
-    let name = cmd.get_program().to_string_lossy().into_owned();
-    let o = cmd.output().map_err(|e| format!("{name}: {e}"))?;
+fn run_tool(cmd: &mut Command) -> Result<std::process::Output, VpsError> {
+    let tool = cmd.get_program().to_string_lossy().into_owned();
+    let o = cmd.output().map_err(|source| VpsError::Spawn {
+        tool: tool.clone(),
+        source,
+    })?;
     if o.status.success() {
-        Ok(())
+        Ok(o)
     } else {
-        Err(format!(
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ))
+        Err(VpsError::Tool {
+            tool,
+            stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        })
     }
 }
 
 /// Copies `bin` to `dir/name`, the libraries `ldd` lists to `dir/lib`, and
 /// the loader to `dir/ld.so`.
-fn copy_with_libraries(bin: &Path, dir: &Path, name: &str) -> Result<(), String> {
-    std::fs::copy(bin, dir.join(name)).map_err(|e| format!("{}: {e}", bin.display()))?;
-    let out = Command::new("ldd")
-        .arg(bin)
-        .output()
-        .map_err(|e| format!("ldd: {e}"))?;
+fn copy_with_libraries(bin: &Path, dir: &Path, name: &str) -> Result<(), VpsError> {
+    std::fs::copy(bin, dir.join(name)).map_err(io(bin))?;
+    let out = run_tool(Command::new("ldd").arg(bin))?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let line = line.trim();
         let path = match line.split_once("=>") {
@@ -173,7 +215,7 @@ fn copy_with_libraries(bin: &Path, dir: &Path, name: &str) -> Result<(), String>
         } else {
             dir.join("lib").join(&file)
         };
-        std::fs::copy(path, dest).map_err(|e| format!("{path}: {e}"))?;
+        std::fs::copy(path, dest).map_err(io(Path::new(path)))?;
     }
     Ok(())
 }
@@ -183,8 +225,9 @@ impl VpsKit {
         config: &RunnerConfig,
         protected_ports: Vec<u16>,
         node_port_sources: Vec<std::net::Ipv4Addr>,
-    ) -> Result<Self, String> {
-        let subnet: crate::net::Ipv4Net = config.instance_subnet.parse()?;
+    ) -> Result<Self, VpsError> {
+        let subnet: crate::net::Ipv4Net =
+            config.instance_subnet.parse().map_err(VpsError::Subnet)?;
         let root = config.data_dir.join(super::STATE_DIR);
         Ok(Self {
             network: NodeNetwork {
@@ -215,42 +258,35 @@ impl VpsKit {
 
     /// dropbear (and OpenSSH's sftp-server, for scp/sftp, when the node has
     /// it), their libraries and the loader in one directory (made once).
-    fn ssh_bundle(&self) -> Result<PathBuf, String> {
+    fn ssh_bundle(&self) -> Result<PathBuf, VpsError> {
         let mut guard = self.bundle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = guard.as_ref() {
             return Ok(b.clone());
         }
         let dir = self.root.join("ssh-bundle");
-        std::fs::create_dir_all(dir.join("lib")).map_err(err)?;
+        std::fs::create_dir_all(dir.join("lib")).map_err(io(&dir))?;
         if !self.dropbear.is_file() {
-            return Err(format!(
-                "{} is missing: install dropbear-bin on the node",
-                self.dropbear.display()
-            ));
+            return Err(VpsError::NoDropbear(self.dropbear.clone()));
         }
         copy_with_libraries(&self.dropbear, &dir, "dropbear")?;
         if self.sftp_server.is_file() {
             copy_with_libraries(&self.sftp_server, &dir, "sftp-server")?;
             // dropbear runs its SFTP subsystem from /usr/lib/sftp-server.
             let wrapper = dir.join("sftp-wrapper");
-            std::fs::write(
+            write(
                 &wrapper,
                 format!("#!/bin/sh\nexec {SSH_DIR}/ld.so --library-path {SSH_DIR}/lib {SSH_DIR}/sftp-server \"$@\"\n"),
-            )
-            .map_err(err)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
-                .map_err(err)?;
+            )?;
+            set_mode(&wrapper, 0o755)?;
         }
         *guard = Some(dir.clone());
         Ok(dir)
     }
 
     /// The instance's host key, resolver files and authorized keys.
-    fn instance_files(&self, cid: &str, keys: &[String]) -> Result<PathBuf, String> {
-        use std::os::unix::fs::PermissionsExt;
+    fn instance_files(&self, cid: &str, keys: &[String]) -> Result<PathBuf, VpsError> {
         let dir = self.root.join("instances").join(cid);
-        std::fs::create_dir_all(&dir).map_err(err)?;
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let hostkey = dir.join("hostkey");
         if !hostkey.exists() {
             run_tool(
@@ -259,15 +295,14 @@ impl VpsKit {
                     .arg(&hostkey),
             )?;
         }
-        std::fs::write(dir.join("resolv.conf"), resolv_conf(&self.resolv_source)).map_err(err)?;
-        std::fs::write(
-            dir.join("hosts"),
+        write(&dir.join("resolv.conf"), resolv_conf(&self.resolv_source))?;
+        write(
+            &dir.join("hosts"),
             format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{cid}\n"),
-        )
-        .map_err(err)?;
+        )?;
         let ak = dir.join("authorized_keys");
-        std::fs::write(&ak, keys.join("\n") + "\n").map_err(err)?;
-        std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        write(&ak, keys.join("\n") + "\n")?;
+        set_mode(&ak, 0o600)?;
         Ok(dir)
     }
 
@@ -281,7 +316,7 @@ impl VpsKit {
         cid: &str,
         login: &SshLogin<'_>,
         image: &ImageSsh,
-    ) -> Result<(Vec<String>, Vec<MountInput>), String> {
+    ) -> Result<(Vec<String>, Vec<MountInput>), VpsError> {
         let files = self.instance_files(cid, login.keys)?;
         let ro = |source: PathBuf, target: &str| MountInput {
             source,
@@ -303,12 +338,10 @@ impl VpsKit {
                         .arg(files.join("hostkey"))
                         .arg(&key),
                 )?;
-                use std::os::unix::fs::PermissionsExt;
                 // sshd refuses a host key others can read.
-                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
-                    .map_err(err)?;
+                set_mode(&key, 0o600)?;
             }
-            std::fs::write(files.join("sshd_config"), sshd_config(login)).map_err(err)?;
+            write(&files.join("sshd_config"), sshd_config(login))?;
             if let Some(hash) = login.password_hash {
                 let shadow = image
                     .shadow
@@ -320,7 +353,7 @@ impl VpsKit {
             }
             // sshd refuses to start without its privilege-separation directory.
             let empty = self.root.join("empty");
-            std::fs::create_dir_all(&empty).map_err(err)?;
+            std::fs::create_dir_all(&empty).map_err(io(&empty))?;
             mounts.push(ro(empty, "/run/sshd"));
             let args = [sshd.as_str(), "-D", "-e", "-f"]
                 .iter()
@@ -330,15 +363,12 @@ impl VpsKit {
             return Ok((args, mounts));
         }
         if login.keys.is_empty() && login.password_hash.is_none() {
-            return Err(
-                "this image has no SSH server of its own, so a VPS from it needs an SSH key or a password \
-                 (passwordless root is never allowed)"
-                    .into(),
-            );
+            return Err(VpsError::NoLogin);
         }
         let bundle = self.ssh_bundle()?;
-        crate::files::write_public(&files.join("passwd"), b"root:x:0:0:root:/root:/bin/sh\n")
-            .map_err(err)?;
+        let passwd = files.join("passwd");
+        crate::files::write_public(&passwd, b"root:x:0:0:root:/root:/bin/sh\n")
+            .map_err(io(&passwd))?;
         let mut args: Vec<String> = [
             &format!("{SSH_DIR}/ld.so"),
             "--library-path",
@@ -381,9 +411,9 @@ impl VpsKit {
         id: u64,
         cid: &str,
         node_port: Option<u16>,
-    ) -> Result<InstanceNet, String> {
-        let h = crate::net::link::connect().map_err(err)?;
-        let inet = self.network.setup(&h, cid).await.map_err(err)?;
+    ) -> Result<InstanceNet, VpsError> {
+        let h = crate::net::link::connect()?;
+        let inet = self.network.setup(&h, cid).await?;
         if let Some(p) = node_port {
             self.set_port(
                 id,
@@ -407,7 +437,7 @@ impl VpsKit {
             Err(e) => problems.push(e.to_string()),
         }
         if let Err(e) = self.set_port(id, None) {
-            problems.push(e);
+            problems.push(crate::error_chain(&e));
         }
         problems
     }
@@ -419,7 +449,7 @@ impl VpsKit {
     }
 
     /// Adds, changes or removes one node port and rewrites the table if that changed it.
-    pub fn set_port(&self, id: u64, map: Option<PortMap>) -> Result<(), String> {
+    pub fn set_port(&self, id: u64, map: Option<PortMap>) -> Result<(), VpsError> {
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
         let changed = match map {
             Some(m) => ports.insert(id, m) != Some(m),
@@ -427,9 +457,9 @@ impl VpsKit {
         };
         if changed {
             tracing::debug!(task = id, ?map, "node ports changed");
-            self.network
-                .apply_firewall(ports.values().copied().collect())
-                .map_err(err)?;
+            // nft is a blocking child process: keep it off the async workers.
+            let maps = ports.values().copied().collect();
+            tokio::task::block_in_place(|| self.network.apply_firewall(maps))?;
         }
         Ok(())
     }
@@ -437,11 +467,13 @@ impl VpsKit {
     /// The instance's public host key (`ssh-ed25519 AAAA...`), for clients to pin.
     pub fn host_key(&self, cid: &str) -> Option<String> {
         let key = self.root.join("instances").join(cid).join("hostkey");
-        let o = Command::new("dropbearkey")
-            .args(["-y", "-f"])
-            .arg(&key)
-            .output()
-            .ok()?;
+        let o = tokio::task::block_in_place(|| {
+            Command::new("dropbearkey")
+                .args(["-y", "-f"])
+                .arg(&key)
+                .output()
+        })
+        .ok()?;
         let text = String::from_utf8_lossy(&o.stdout);
         text.lines()
             .find(|l| l.starts_with("ssh-"))

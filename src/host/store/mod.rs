@@ -377,7 +377,7 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare(
                 "SELECT u.name, u.created_at_ms,
                    (SELECT COUNT(*) FROM tasks t WHERE t.owner = u.name
-                      AND t.state NOT IN ('completed', 'failed', 'killed', 'killed_oom'))
+                      AND t.state NOT IN ('completed', 'failed', 'killed', 'killed_oom', 'deleted'))
                  FROM users u WHERE u.removed_at_ms IS NULL ORDER BY u.name",
             )?;
             let rows = stmt.query_map([], |r| {

@@ -21,8 +21,12 @@ fn desired_str(d: Desired) -> &'static str {
         Desired::Stopped => "stopped",
         Desired::Restarting => "restarting",
         Desired::Killed => "killed",
+        Desired::Deleted => "deleted",
     }
 }
+
+/// The ends, as SQL: such a task runs nothing and reserves nothing.
+pub(super) const ENDED: &str = "('completed', 'failed', 'killed', 'killed_oom', 'deleted')";
 
 fn json_err(what: &'static str) -> impl Fn(serde_json::Error) -> StoreError {
     move |source| StoreError::Json { what, source }
@@ -146,10 +150,10 @@ pub(super) fn nodes(c: &Connection) -> Result<Vec<NodeView>, StoreError> {
 }
 
 fn reservations(c: &Connection) -> Result<Vec<Placement>, StoreError> {
-    let mut stmt = c.prepare(
+    let mut stmt = c.prepare(&format!(
         "SELECT placement FROM tasks WHERE placement IS NOT NULL
-         AND state NOT IN ('pending', 'stopped', 'completed', 'failed', 'killed', 'killed_oom')",
-    )?;
+         AND state NOT IN ('pending', 'stopped') AND state NOT IN {ENDED}"
+    ))?;
     let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for r in rows {
@@ -181,7 +185,11 @@ pub(super) fn schedule(c: &mut Connection) -> Result<Vec<u64>, StoreError> {
     let tx = c.transaction()?;
     let nodes = nodes(&tx)?;
     let mut held = reservations(&tx)?;
-    let pending = query(&tx, "WHERE state = 'pending' AND desired != 'killed'", &[])?;
+    let pending = query(
+        &tx,
+        "WHERE state = 'pending' AND desired NOT IN ('killed', 'deleted')",
+        &[],
+    )?;
     let mut placed = Vec::new();
     for t in pending {
         match scheduler::place(&t.spec, &nodes, &held) {
@@ -268,7 +276,16 @@ pub(super) fn restart(
         )));
     }
     match t.state {
-        TaskState::Stopped => requeue(&tx, &t, restore)?,
+        // A VPS that ended (stopped, killed, failed, OOM-killed) kept its disk.
+        TaskState::Stopped
+        | TaskState::Killed
+        | TaskState::KilledOom
+        | TaskState::Failed
+        | TaskState::Completed
+            if t.desired != Desired::Deleted =>
+        {
+            requeue(&tx, &t, restore)?
+        }
         TaskState::Running | TaskState::Paused => {
             let mut spec = t.spec.clone();
             spec.restore = restore.cloned();
@@ -279,7 +296,7 @@ pub(super) fn restart(
         }
         s => {
             return Err(StoreError::Conflict(format!(
-                "VPS {id} is {s}: only a running, paused or stopped VPS restarts"
+                "VPS {id} is {s}: it restarts once it is running, paused, stopped or ended (and not deleted)"
             )))
         }
     }
@@ -313,7 +330,7 @@ fn requeue(
         // The placement stays (it names the node with the disk) but reserves
         // nothing while pending; the scheduler replaces it.
         "UPDATE tasks SET state = 'pending', desired = 'running', spec = ?2,
-         reason = 'restarting', exit_code = NULL, message = NULL WHERE id = ?1",
+         reason = 'restarting', exit_code = NULL, message = NULL, finished_at_ms = NULL WHERE id = ?1",
         params![t.id as i64, to_json("spec", &spec)?],
     )?;
     Ok(())
@@ -327,48 +344,87 @@ fn change_desired(
 ) -> Result<TaskView, StoreError> {
     let tx = c.transaction()?;
     let t = one(&tx, id)?;
-    if t.state.is_final() {
+    let vps = t.spec.kind == crate::api::Kind::Vps;
+    if desired == Desired::Deleted && !vps {
         return Err(StoreError::Conflict(format!(
-            "task {id} already ended ({})",
-            t.state
+            "task {id} is a command: kill ends it (delete is for a VPS)"
         )));
     }
-    if t.state == TaskState::Pending {
-        match desired {
-            // A VPS queued for a restart has a disk on its node: back to
-            // stopped, to be deleted there by its runner.
-            Desired::Killed if t.spec.kind == crate::api::Kind::Vps && t.placement.is_some() => {
-                tx.execute(
-                    "UPDATE tasks SET state = 'stopped', desired = 'killed',
-                     reason = 'deleted while queued for a restart' WHERE id = ?1",
-                    params![id as i64],
-                )?;
-            }
-            Desired::Killed => {
-                tx.execute(
-                    "UPDATE tasks SET state = 'killed', desired = 'killed', reason = 'killed while queued',
-                     finished_at_ms = ?2 WHERE id = ?1",
-                    params![id as i64, now_ms],
-                )?;
-            }
-            _ => {
-                return Err(StoreError::Conflict(format!(
-                    "task {id} is still queued ({}); only kill applies",
-                    t.reason
-                )))
-            }
-        }
-    } else if desired == Desired::Stopped && t.spec.kind != crate::api::Kind::Vps {
+    if t.state == TaskState::Deleted || t.desired == Desired::Deleted {
         return Err(StoreError::Conflict(format!(
-            "task {id} is a command: only a VPS can be stopped and restarted (kill ends a command)"
+            "VPS {id} is deleted{}",
+            if t.state == TaskState::Deleted {
+                ""
+            } else {
+                " (its node is removing it)"
+            }
         )));
-    } else if t.state == TaskState::Stopped && desired == Desired::Running {
-        requeue(&tx, &t, None)?;
-    } else {
-        tx.execute(
-            "UPDATE tasks SET desired = ?2 WHERE id = ?1",
-            params![id as i64, desired_str(desired)],
-        )?;
+    }
+    // A VPS's disk is on its node while it has a placement: only that
+    // node's runner removes it, so a delete goes there as `desired`.
+    let disk_on_node = vps && t.placement.is_some();
+    match (t.state, desired) {
+        (_, Desired::Deleted) if !disk_on_node => {
+            tx.execute(
+                "UPDATE tasks SET state = 'deleted', desired = 'deleted', reason = 'deleted',
+                 finished_at_ms = COALESCE(finished_at_ms, ?2) WHERE id = ?1",
+                params![id as i64, now_ms],
+            )?;
+        }
+        (TaskState::Pending, Desired::Deleted) => {
+            // Queued for a restart: back to stopped, to be deleted by its node.
+            tx.execute(
+                "UPDATE tasks SET state = 'stopped', desired = 'deleted',
+                 reason = 'deleted while queued for a restart' WHERE id = ?1",
+                params![id as i64],
+            )?;
+        }
+        (_, Desired::Deleted) => {
+            tx.execute(
+                "UPDATE tasks SET desired = 'deleted' WHERE id = ?1",
+                params![id as i64],
+            )?;
+        }
+        (s, _) if s.is_final() => {
+            return Err(StoreError::Conflict(format!(
+                "task {id} already ended ({s}){}",
+                if vps {
+                    ": `vps restart` starts it again, `vps delete` removes it"
+                } else {
+                    ""
+                }
+            )));
+        }
+        (TaskState::Pending, Desired::Killed) => {
+            tx.execute(
+                "UPDATE tasks SET state = 'killed', desired = 'killed', reason = 'killed while queued',
+                 finished_at_ms = ?2 WHERE id = ?1",
+                params![id as i64, now_ms],
+            )?;
+        }
+        (TaskState::Pending, _) => {
+            return Err(StoreError::Conflict(format!(
+                "task {id} is still queued ({}); only kill applies",
+                t.reason
+            )))
+        }
+        (_, Desired::Stopped | Desired::Restarting) if !vps => {
+            return Err(StoreError::Conflict(format!(
+                "task {id} is a command: only a VPS can be stopped and restarted (kill ends a command)"
+            )));
+        }
+        (TaskState::Stopped, Desired::Running) => requeue(&tx, &t, None)?,
+        (TaskState::Stopped, Desired::Killed) => {
+            return Err(StoreError::Conflict(format!(
+                "VPS {id} is stopped already: `vps restart` starts it, `vps delete` removes it"
+            )));
+        }
+        _ => {
+            tx.execute(
+                "UPDATE tasks SET desired = ?2 WHERE id = ?1",
+                params![id as i64, desired_str(desired)],
+            )?;
+        }
     }
     bump(&tx)?;
     let view = query(&tx, "WHERE id = ?1", &[&(id as i64)])?.remove(0);
@@ -379,9 +435,14 @@ fn change_desired(
 pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments, StoreError> {
     let tx = c.transaction()?;
     let revision = revision(&tx)?;
+    // Ended tasks are not the runner's business, but a VPS to delete is:
+    // its disk is on that node.
     let tasks = query(
         &tx,
-        "WHERE node = ?1 AND state NOT IN ('pending', 'completed', 'failed', 'killed', 'killed_oom')",
+        &format!(
+            "WHERE node = ?1 AND state NOT IN ('pending', 'deleted')
+             AND (state NOT IN {ENDED} OR desired = 'deleted')"
+        ),
         &[&node],
     )?;
     tx.commit()?;
@@ -394,6 +455,7 @@ pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments,
                     id: t.id,
                     desired: t.desired,
                     state: t.state,
+                    started: t.started_at_unix_ms.is_some(),
                     placement: t.placement?,
                     spec: t.spec,
                 })
@@ -632,15 +694,95 @@ mod tests {
             s.schedule().unwrap().is_empty(),
             "a queued restart reserves nothing"
         );
-        let t = s.set_desired(a, Desired::Killed, 4).unwrap();
-        assert_eq!((t.state, t.desired), (TaskState::Stopped, Desired::Killed));
+        let t = s.set_desired(a, Desired::Deleted, 4).unwrap();
+        assert_eq!((t.state, t.desired), (TaskState::Stopped, Desired::Deleted));
         let asg = s.assignments("n1").unwrap();
         assert!(
             asg.tasks
                 .iter()
-                .any(|x| x.id == a && x.desired == Desired::Killed),
+                .any(|x| x.id == a && x.desired == Desired::Deleted),
             "its runner hears of the delete and removes the disk"
         );
+    }
+
+    #[test]
+    fn a_killed_vps_keeps_its_disk_restarts_and_only_delete_removes_it() {
+        let s = store_with_node("n1");
+        let vps = TaskSpec {
+            kind: crate::api::Kind::Vps,
+            ..spec(2, 0)
+        };
+        let a = s.submit_task(&vps, None, 0).unwrap();
+        s.schedule().unwrap();
+        report(&s, a, TaskState::Running).unwrap();
+        s.set_desired(a, Desired::Killed, 1).unwrap();
+        let t = report(&s, a, TaskState::Killed).unwrap();
+        assert!(t.finished_at_unix_ms.is_some());
+        assert!(
+            !s.assignments("n1").unwrap().tasks.iter().any(|x| x.id == a),
+            "an ended VPS is not its runner's business"
+        );
+        assert!(s.schedule().unwrap().is_empty(), "nothing to place");
+        // Killed is no dead end for a VPS: it restarts on its node.
+        let t = s.restart(a, None).unwrap();
+        assert_eq!((t.state, t.finished_at_unix_ms), (TaskState::Pending, None));
+        assert_eq!(s.schedule().unwrap(), vec![a]);
+        let asg = s.assignments("n1").unwrap();
+        let x = asg.tasks.iter().find(|x| x.id == a).unwrap();
+        assert!(x.started, "the runner knows it ran before");
+        report(&s, a, TaskState::Running).unwrap();
+        report(&s, a, TaskState::Failed).unwrap();
+        // Delete of an ended VPS goes to its node, which removes the disk.
+        let t = s.set_desired(a, Desired::Deleted, 2).unwrap();
+        assert_eq!((t.state, t.desired), (TaskState::Failed, Desired::Deleted));
+        assert!(s
+            .assignments("n1")
+            .unwrap()
+            .tasks
+            .iter()
+            .any(|x| x.id == a && x.desired == Desired::Deleted));
+        let e = s.restart(a, None).unwrap_err().to_string();
+        assert!(e.contains("not deleted"), "{e}");
+        report(&s, a, TaskState::Deleted).unwrap();
+        assert!(!s.assignments("n1").unwrap().tasks.iter().any(|x| x.id == a));
+        let e = s
+            .set_desired(a, Desired::Deleted, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("deleted"), "{e}");
+        assert!(s.restart(a, None).is_err(), "nothing leaves deleted");
+    }
+
+    #[test]
+    fn delete_is_for_a_vps_and_a_stopped_vps_is_not_killed() {
+        let s = store_with_node("n1");
+        let cmd = s.submit_task(&spec(1, 0), None, 0).unwrap();
+        let e = s
+            .set_desired(cmd, Desired::Deleted, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kill ends it"), "{e}");
+        let vps = TaskSpec {
+            kind: crate::api::Kind::Vps,
+            ..spec(1, 0)
+        };
+        let a = s.submit_task(&vps, None, 0).unwrap();
+        s.schedule().unwrap();
+        report(&s, a, TaskState::Running).unwrap();
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        report(&s, a, TaskState::Stopped).unwrap();
+        let e = s
+            .set_desired(a, Desired::Killed, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vps delete"), "{e}");
+        // Never placed (the command and `full` hold all 8 cores): deleted at once.
+        let full = s.submit_task(&spec(7, 0), None, 0).unwrap();
+        assert_eq!(s.schedule().unwrap(), vec![full]);
+        let q = s.submit_task(&vps, None, 0).unwrap();
+        assert!(s.schedule().unwrap().is_empty());
+        let t = s.set_desired(q, Desired::Deleted, 3).unwrap();
+        assert_eq!(t.state, TaskState::Deleted);
     }
 
     #[test]

@@ -1,0 +1,126 @@
+//! The runner's client of the host API: one place that builds the URLs of
+//! the node routes, sends the node's credential and decodes `ErrorBody`.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use super::{Assignments, ErrorBody, TaskReport};
+
+/// Why a call to the host did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostCallError {
+    /// The host answered 4xx: retrying the same call cannot help.
+    #[error("the host refused it ({status}): {message}")]
+    Refused {
+        status: reqwest::StatusCode,
+        message: String,
+    },
+    /// 5xx, or no answer: worth retrying.
+    #[error("the host answered {status}: {message}")]
+    Failed {
+        status: reqwest::StatusCode,
+        message: String,
+    },
+    #[error("cannot reach the host")]
+    Unreachable(#[source] reqwest::Error),
+    #[error("unreadable answer from the host")]
+    Decode(#[source] reqwest::Error),
+}
+
+impl HostCallError {
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, HostCallError::Refused { .. })
+    }
+}
+
+/// The node routes of the host API, as one node.
+pub struct HostClient {
+    http: reqwest::Client,
+    base: String,
+    node: String,
+    /// Replaced when the node registers again.
+    credential: RwLock<String>,
+}
+
+impl HostClient {
+    pub fn new(http: reqwest::Client, base: &str, node: &str, credential: &str) -> Self {
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            node: node.to_string(),
+            credential: RwLock::new(credential.to_string()),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn set_credential(&self, credential: &str) {
+        *self.credential.write().unwrap_or_else(|p| p.into_inner()) = credential.to_string();
+    }
+
+    fn credential(&self) -> String {
+        self.credential
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, HostCallError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or(text);
+        Err(if status.is_client_error() {
+            HostCallError::Refused { status, message }
+        } else {
+            HostCallError::Failed { status, message }
+        })
+    }
+
+    /// The node's assignments; with `after`, a long poll that answers when
+    /// they change after that revision (or after `wait`).
+    pub async fn assignments(
+        &self,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<Assignments, HostCallError> {
+        let mut req = self
+            .http
+            .get(format!("{}/api/nodes/{}/assignments", self.base, self.node))
+            .bearer_auth(self.credential())
+            .timeout(wait + Duration::from_secs(20));
+        if let Some(r) = after {
+            req = req.query(&[
+                ("after", r.to_string()),
+                ("wait_ms", wait.as_millis().to_string()),
+            ]);
+        }
+        let resp = req.send().await.map_err(HostCallError::Unreachable)?;
+        Self::check(resp)
+            .await?
+            .json()
+            .await
+            .map_err(HostCallError::Decode)
+    }
+
+    /// What the runner observed of task `id`. The host applies a repeated
+    /// report once, so a retry after a lost answer is safe.
+    pub async fn report(&self, id: u64, report: &TaskReport) -> Result<(), HostCallError> {
+        let resp = self
+            .http
+            .put(format!("{}/api/nodes/{}/tasks/{id}", self.base, self.node))
+            .bearer_auth(self.credential())
+            .timeout(Duration::from_secs(10))
+            .json(report)
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        Self::check(resp).await.map(|_| ())
+    }
+}

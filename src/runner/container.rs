@@ -1,0 +1,520 @@
+//! The containerd driver: instances as containers in the node's containerd,
+//! found again by their labels (`io.rivernode.task`, `io.rivernode.kind`,
+//! `io.rivernode.restore`), with a VPS's network and SSH server from `vps`
+//! and its snapshots from `snapshots`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::api::{Assignment, ImageSource, Kind};
+use crate::config::RunnerConfig;
+use crate::oci::{self, Containerd, MountInput, RuntimeSpecInput, TaskStatus, TASK_LABEL};
+
+use super::driver::{Driver, Found, InstanceError, Signal, Started, TeardownFailure};
+use super::lifecycle::Observed;
+use super::vps::{ImageSsh, SshLogin, VpsKit};
+
+/// Container label: the restore request its disk was made for.
+pub const RESTORE_LABEL: &str = "io.rivernode.restore";
+/// Container label: `command` or `vps` (a VPS's container is its disk).
+pub const KIND_LABEL: &str = "io.rivernode.kind";
+
+/// Where an image's own SSH server is looked for (Debian, Ubuntu, Fedora, Alpine).
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// The node's containerd, networking and SSH kit: what the driver works with.
+pub struct TaskContext {
+    pub node: String,
+    pub config: RunnerConfig,
+    pub ctd: Containerd,
+    /// Networking and SSH for VPS instances.
+    pub vps: VpsKit,
+    pub snapshot_locks: super::snapshots::SnapshotLocks,
+    /// Where cgroupfs is mounted (for the OOM counters).
+    pub cgroup_root: PathBuf,
+    /// Test-only crash points (`RIVERNODE_CRASH_AT`).
+    pub crash_at: Option<String>,
+}
+
+fn kind_label(k: Kind) -> &'static str {
+    match k {
+        Kind::Command => "command",
+        Kind::Vps => "vps",
+    }
+}
+
+fn observed(s: TaskStatus) -> Observed {
+    match s {
+        TaskStatus::Absent => Observed::Kept,
+        TaskStatus::Created => Observed::Created,
+        TaskStatus::Running => Observed::Running,
+        TaskStatus::Paused => Observed::Paused,
+        TaskStatus::Stopped { exit_code } => Observed::Exited(exit_code),
+    }
+}
+
+impl TaskContext {
+    pub fn logs_dir(&self) -> PathBuf {
+        logs_dir(&self.config)
+    }
+
+    /// The node's name is part of the id: runc keeps container state in a
+    /// machine-wide directory, and two clusters (or test runs) on one machine
+    /// must not collide there.
+    pub(super) fn container_id(&self, id: u64) -> String {
+        format!("{}-task-{id}", self.node)
+    }
+
+    fn cgroups_path(&self, id: u64) -> String {
+        format!(
+            "{}/{}",
+            self.config.cgroup_parent.trim_end_matches('/'),
+            self.container_id(id)
+        )
+    }
+
+    fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
+        move |source| InstanceError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    async fn image(&self, source: &ImageSource) -> Result<oci::ImportedImage, InstanceError> {
+        let scratch = self.config.data_dir.join(super::STATE_DIR).join("import");
+        match source {
+            ImageSource::Environment(name) => {
+                let archive = self
+                    .config
+                    .shared_dir
+                    .join("environments")
+                    .join(format!("{name}.tar"));
+                if !archive.is_file() {
+                    return Err(InstanceError::NoEnvironment {
+                        name: name.clone(),
+                        path: archive,
+                        node: self.node.clone(),
+                    });
+                }
+                std::fs::create_dir_all(&scratch).map_err(Self::io(&scratch))?;
+                Ok(self
+                    .ctd
+                    .import_archive(
+                        &format!("rivernode.local/env/{name}:latest"),
+                        &archive,
+                        &scratch,
+                    )
+                    .await?)
+            }
+            ImageSource::Snapshot { vps, snapshot } => {
+                Ok(self.snapshot_image(*vps, snapshot).await?)
+            }
+            ImageSource::Registry(r) => {
+                std::fs::create_dir_all(&scratch).map_err(Self::io(&scratch))?;
+                Ok(self
+                    .ctd
+                    .pull(r, &self.config.insecure_registries, &scratch)
+                    .await?)
+            }
+        }
+    }
+
+    fn spec_input(&self, a: &Assignment) -> Result<RuntimeSpecInput, InstanceError> {
+        let mut mounts = Vec::new();
+        let mut cwd = None;
+        if self.config.shared_dir.is_dir() {
+            mounts.push(MountInput {
+                source: self.config.shared_dir.clone(),
+                target: "/shared".into(),
+                read_only: false,
+            });
+            cwd = Some("/shared".to_string());
+            // Everyone's tasks run the archives in environments/: no task may
+            // change them, nor replace the directory with a link of its own.
+            let envs = self.config.shared_dir.join("environments");
+            let _ = std::fs::create_dir(&envs);
+            if !envs.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                return Err(InstanceError::SharedDir {
+                    path: envs,
+                    node: self.node.clone(),
+                });
+            }
+            mounts.push(MountInput {
+                source: envs,
+                target: "/shared/environments".into(),
+                read_only: true,
+            });
+        }
+        for m in &a.spec.mounts {
+            if !std::path::Path::new(&m.source).exists() {
+                return Err(InstanceError::NoMountSource {
+                    path: m.source.clone(),
+                    node: self.node.clone(),
+                });
+            }
+            mounts.push(MountInput {
+                source: m.source.clone().into(),
+                target: m.target.clone(),
+                read_only: m.read_only,
+            });
+        }
+        let p = &a.placement;
+        let rivernode_env: BTreeMap<String, String> = [
+            ("RIVERNODE_TASK_ID", a.id.to_string()),
+            ("RIVERNODE_NODE", self.node.clone()),
+            ("RIVERNODE_CPUS", p.cpus.to_string()),
+            ("RIVERNODE_CORES", p.cpus.len().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Ok(RuntimeSpecInput {
+            hostname: format!("task-{}", a.id),
+            args: a.spec.command.clone(),
+            env: a.spec.env.clone(),
+            rivernode_env,
+            cwd,
+            mounts,
+            cpus: p.cpus.clone(),
+            mems: p.numa.map(|n| [n].into_iter().collect()),
+            memory_bytes: a.spec.memory_bytes,
+            pids_max: 32768,
+            cgroups_path: self.cgroups_path(a.id),
+            netns: None,
+            privileged: if a.spec.privileged {
+                Some(
+                    oci::capability_bound(&self.config.proc_root)
+                        .map_err(InstanceError::Capabilities)?,
+                )
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The shim's log driver URI for task `id`.
+    fn log_uri(&self, id: u64) -> Result<String, InstanceError> {
+        let logs = self.logs_dir();
+        std::fs::create_dir_all(&logs).map_err(Self::io(&logs))?;
+        let exe = std::env::current_exe().map_err(InstanceError::Exe)?;
+        Ok(super::logdriver::uri(
+            &exe,
+            &logs,
+            &format!("task-{id}"),
+            self.config.max_log_bytes,
+        ))
+    }
+
+    fn started(&self, a: &Assignment, pid: u32) -> Started {
+        Started {
+            pid,
+            host_key: (a.spec.kind == Kind::Vps)
+                .then(|| self.vps.host_key(&self.container_id(a.id)))
+                .flatten(),
+        }
+    }
+
+    async fn make(
+        &self,
+        a: &Assignment,
+        labels: Option<&HashMap<String, String>>,
+    ) -> Result<u32, InstanceError> {
+        let id = a.id;
+        let cid = self.container_id(id);
+        let is_vps = a.spec.kind == Kind::Vps;
+        // `restart --from-snapshot`: the disk is recreated once per request.
+        let restore =
+            a.spec.restore.as_ref().filter(|r| {
+                labels.and_then(|l| l.get(RESTORE_LABEL)) != Some(&r.request.to_string())
+            });
+        let uri = self.log_uri(id)?;
+        // A restore must not race a snapshot or rotation of the same VPS.
+        let lock = self.snapshot_locks.of(id);
+        let _held = match restore {
+            Some(_) => Some(lock.lock().await),
+            None => None,
+        };
+        let image = match restore {
+            Some(r) => self.snapshot_image(id, &r.snapshot).await?,
+            None => self.image(&a.spec.image).await?,
+        };
+        super::supervisor::crash_point(&self.crash_at, "imported");
+        let mut input = self.spec_input(a)?;
+        if is_vps {
+            let found = self
+                .ctd
+                .find_in_image(&image, &[SSHD, "/etc/shadow"])
+                .await?;
+            let image_ssh = ImageSsh {
+                sshd: oci::rootfs::is_file(&found[0]).then(|| SSHD.to_string()),
+                shadow: found[1].clone(),
+            };
+            let login = SshLogin {
+                keys: &a.spec.ssh_keys,
+                password_hash: a.spec.ssh_password_hash.as_deref(),
+            };
+            // dropbearkey, ldd and file copies: blocking work, off the async workers.
+            let (args, mounts) =
+                tokio::task::block_in_place(|| self.vps.ssh_server(&cid, &login, &image_ssh))?;
+            tracing::info!(
+                task = id,
+                server = if image_ssh.sshd.is_some() {
+                    "the image's sshd"
+                } else {
+                    "injected dropbear"
+                },
+                "VPS SSH server"
+            );
+            let inet = self
+                .vps
+                .start_network(id, &cid, a.placement.node_port)
+                .await?;
+            input.args = args;
+            input.mounts.extend(mounts);
+            input.netns = Some(inet.netns);
+        }
+        let spec = oci::build_spec(&image.config, &input)?;
+        if labels.is_some() {
+            // Restoring: the old disk goes only now that everything else is
+            // ready (a failure before this leaves the VPS stopped, disk intact).
+            if let Some(e) = self.ctd.cleanup(&cid).await.into_iter().next() {
+                return Err(InstanceError::OldDisk(TeardownFailure::Container(e)));
+            }
+        }
+        let mut labels = HashMap::from([
+            (TASK_LABEL.to_string(), id.to_string()),
+            (KIND_LABEL.to_string(), kind_label(a.spec.kind).to_string()),
+        ]);
+        if let Some(r) = &a.spec.restore {
+            labels.insert(RESTORE_LABEL.to_string(), r.request.to_string());
+        }
+        self.ctd
+            .create_container(&cid, labels, &image, &spec)
+            .await?;
+        super::supervisor::crash_point(&self.crash_at, "created");
+        match self.ctd.start_existing(&cid, &uri, &uri).await {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                // A first start that failed leaves nothing behind.
+                self.ctd.cleanup(&cid).await;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Where task logs are written: DATA_DIR/runner/logs/task-<id>.{stdout,stderr}.
+pub fn logs_dir(config: &RunnerConfig) -> PathBuf {
+    config.data_dir.join(super::STATE_DIR).join("logs")
+}
+
+impl Driver for TaskContext {
+    async fn list(&self) -> Result<Vec<Found>, InstanceError> {
+        let mut out = Vec::new();
+        for (cid, labels) in self.ctd.containers_with_label(TASK_LABEL).await? {
+            let Some(id) = labels.get(TASK_LABEL).and_then(|v| v.parse::<u64>().ok()) else {
+                continue;
+            };
+            // Another node's container in a shared containerd is not ours.
+            if cid != self.container_id(id) {
+                continue;
+            }
+            let kind = match labels.get(KIND_LABEL).map(String::as_str) {
+                Some("command") => Some(Kind::Command),
+                Some("vps") => Some(Kind::Vps),
+                _ => None,
+            };
+            out.push(Found {
+                id,
+                kind,
+                observed: observed(self.ctd.status(&cid).await?),
+                restore_request: labels.get(RESTORE_LABEL).cloned(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn observe(&self, id: u64) -> Result<Observed, InstanceError> {
+        let cid = self.container_id(id);
+        if !self.ctd.container_exists(&cid).await? {
+            return Ok(Observed::Absent);
+        }
+        Ok(observed(self.ctd.status(&cid).await?))
+    }
+
+    async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
+        let labels = self.ctd.container_labels(&self.container_id(a.id)).await?;
+        let restoring = a.spec.restore.as_ref().is_some_and(|r| {
+            labels.as_ref().and_then(|l| l.get(RESTORE_LABEL)) != Some(&r.request.to_string())
+        });
+        if labels.is_some() && !restoring {
+            // Made already (by a runner that crashed before reporting): start it.
+            return self.start(a).await;
+        }
+        let pid = self.make(a, labels.as_ref()).await?;
+        Ok(self.started(a, pid))
+    }
+
+    async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {
+        let cid = self.container_id(a.id);
+        if a.spec.kind == Kind::Vps {
+            self.vps
+                .start_network(a.id, &cid, a.placement.node_port)
+                .await?;
+        }
+        let uri = self.log_uri(a.id)?;
+        let pid = self.ctd.start_existing(&cid, &uri, &uri).await?;
+        Ok(self.started(a, pid))
+    }
+
+    async fn start_created(&self, id: u64) -> Result<(), InstanceError> {
+        Ok(self.ctd.start_created(&self.container_id(id)).await?)
+    }
+
+    async fn wait(&self, id: u64) -> Result<u32, InstanceError> {
+        Ok(self.ctd.wait(&self.container_id(id)).await?)
+    }
+
+    async fn signal(&self, id: u64, s: Signal) -> Result<(), InstanceError> {
+        let n = match s {
+            Signal::Term => 15,
+            Signal::Kill => 9,
+        };
+        Ok(self.ctd.kill(&self.container_id(id), n).await?)
+    }
+
+    async fn pause(&self, id: u64) -> Result<(), InstanceError> {
+        Ok(self.ctd.pause(&self.container_id(id)).await?)
+    }
+
+    async fn resume(&self, id: u64) -> Result<(), InstanceError> {
+        Ok(self.ctd.resume(&self.container_id(id)).await?)
+    }
+
+    fn oom_kills(&self, id: u64) -> u64 {
+        oci::oom_kills(&self.cgroup_root, &self.cgroups_path(id))
+    }
+
+    async fn keep(&self, id: u64) -> Vec<TeardownFailure> {
+        let cid = self.container_id(id);
+        let mut problems = Vec::new();
+        if let Err(e) = self.ctd.delete_task(&cid).await {
+            problems.push(TeardownFailure::Container(e));
+        }
+        if self.vps.address_of(&cid).is_some() {
+            problems.extend(
+                self.vps
+                    .stop_network(id, &cid)
+                    .await
+                    .into_iter()
+                    .map(TeardownFailure::Network),
+            );
+        }
+        problems
+    }
+
+    async fn snapshot_on_stop(&self, id: u64) -> Result<(), InstanceError> {
+        self.take_snapshot(id, Some("automatic, on stop")).await?;
+        Ok(())
+    }
+
+    async fn remove(&self, id: u64, snapshots: bool) -> Vec<TeardownFailure> {
+        let cid = self.container_id(id);
+        let mut problems: Vec<TeardownFailure> = self
+            .ctd
+            .cleanup(&cid)
+            .await
+            .into_iter()
+            .map(TeardownFailure::Container)
+            .collect();
+        if snapshots {
+            problems.extend(
+                self.delete_all_snapshots(id)
+                    .await
+                    .into_iter()
+                    .map(TeardownFailure::Snapshots),
+            );
+        }
+        if self.vps.address_of(&cid).is_some() {
+            problems.extend(
+                self.vps
+                    .stop_network(id, &cid)
+                    .await
+                    .into_iter()
+                    .map(TeardownFailure::Network),
+            );
+        }
+        self.vps.forget(&cid);
+        problems
+    }
+
+    fn lock(&self, id: u64) -> Arc<tokio::sync::Mutex<()>> {
+        self.snapshot_locks.of(id)
+    }
+
+    async fn converge_network(&self, assigned: &[Assignment]) {
+        // Node ports of running instances (after a runner restart the table
+        // is rebuilt from the assignments and the addresses IPAM kept).
+        for a in assigned.iter().filter(|a| {
+            a.spec.kind == Kind::Vps
+                && !a.state.is_final()
+                && a.state != crate::api::TaskState::Stopped
+        }) {
+            let cid = self.container_id(a.id);
+            if let (Some(port), Some(ip)) = (a.placement.node_port, self.vps.address_of(&cid)) {
+                let map = crate::net::PortMap {
+                    node_port: port,
+                    ip,
+                    port: 22,
+                };
+                if let Err(e) = self.vps.set_port(a.id, Some(map)) {
+                    tracing::warn!(task = a.id, error = %crate::error_chain(&e), "cannot publish the node port");
+                }
+            }
+        }
+    }
+
+    async fn recover(&self) {
+        reconcile_networks(self).await
+    }
+}
+
+/// After a crash: instance networks whose container is gone are taken down,
+/// and the nftables table is rebuilt (the node ports of live instances come
+/// back with the first assignments).
+async fn reconcile_networks(ctx: &TaskContext) {
+    let live: std::collections::HashSet<String> = match ctx
+        .ctd
+        .containers_with_label(TASK_LABEL)
+        .await
+    {
+        Ok(f) => f.into_iter().map(|(cid, _)| cid).collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list containers; instance networks left as they are");
+            return;
+        }
+    };
+    let leases = ctx.vps.network.ipam.leases().unwrap_or_default();
+    if leases.is_empty() {
+        // This node has no instances: its firewall is not ours to touch.
+        return;
+    }
+    for cid in leases.into_keys() {
+        if !live.contains(&cid) {
+            tracing::info!(instance = %cid, "removing the network of a vanished instance");
+            match crate::net::link::connect() {
+                Ok(h) => {
+                    let problems = ctx.vps.network.teardown(&h, &cid).await;
+                    if !problems.is_empty() {
+                        tracing::warn!(instance = %cid, ?problems, "network cleanup left problems");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "netlink"),
+            }
+        }
+    }
+    if let Err(e) = tokio::task::block_in_place(|| ctx.vps.network.apply_firewall(vec![])) {
+        tracing::warn!(error = %e, "cannot rebuild the nftables table");
+    }
+}

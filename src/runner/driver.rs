@@ -1,0 +1,328 @@
+//! The seam between the runner's lifecycle and what runs an instance: a
+//! driver (containerd today, libvirt next) makes, starts, signals, watches
+//! and removes instances; the supervisor and the reconcile loop decide when.
+//! Modelled on Nomad's task driver interface, with a fake driver (in
+//! `fake`) that the supervisor's unit tests run on.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::api::{Assignment, Kind};
+
+use super::lifecycle::Observed;
+
+/// Why an instance could not be made, started or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("environment {name:?} not found: {} does not exist on node {node}", path.display())]
+    NoEnvironment {
+        name: String,
+        path: std::path::PathBuf,
+        node: String,
+    },
+    #[error("mount source {path} does not exist on node {node}")]
+    NoMountSource { path: String, node: String },
+    #[error("{} is not a directory (a link?): fix the shared directory on node {node}", path.display())]
+    SharedDir {
+        path: std::path::PathBuf,
+        node: String,
+    },
+    #[error("{}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("locating the rivernode binary (for the log driver)")]
+    Exe(#[source] std::io::Error),
+    #[error("reading the runner's capabilities for a privileged instance")]
+    Capabilities(#[source] crate::oci::OciError),
+    #[error("removing the old disk for the restore")]
+    OldDisk(#[source] TeardownFailure),
+    #[error("instance {0} has no container on this node")]
+    NoContainer(u64),
+    #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshots::SnapshotError),
+    #[error(transparent)]
+    Vps(#[from] super::vps::VpsError),
+    /// The fake driver's scripted failure (tests only).
+    #[cfg(test)]
+    #[error("scripted failure: {0}")]
+    Scripted(String),
+}
+
+/// One thing teardown could not remove. Teardown goes on past each and
+/// returns them all (netavark's error list).
+#[derive(Debug, thiserror::Error)]
+pub enum TeardownFailure {
+    #[error("container")]
+    Container(#[source] crate::oci::OciError),
+    #[error("network: {0}")]
+    Network(String),
+    #[error("snapshot")]
+    Snapshot(#[source] crate::oci::OciError),
+    #[error("snapshots")]
+    Snapshots(#[source] super::snapshots::SnapshotError),
+}
+
+/// A started instance.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Started {
+    pub pid: u32,
+    /// A VPS's public SSH host key, for clients to pin.
+    pub host_key: Option<String>,
+}
+
+/// An instance the driver holds on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub id: u64,
+    /// `None` for one made by an older runner that did not record it.
+    pub kind: Option<Kind>,
+    pub observed: Observed,
+    /// The `restart --from-snapshot` request its disk was made for.
+    pub restore_request: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Kill,
+}
+
+/// What runs instances on this node. Every call names the instance by its
+/// task id; the driver keeps no record of its own beyond what its backend
+/// holds (containerd labels, libvirt domain metadata), so a runner killed
+/// at any point finds everything again with `list`.
+pub trait Driver: Send + Sync + 'static {
+    /// Every instance on the node, with what each is doing.
+    fn list(&self) -> impl Future<Output = Result<Vec<Found>, InstanceError>> + Send;
+    fn observe(&self, id: u64) -> impl Future<Output = Result<Observed, InstanceError>> + Send;
+    /// Makes the instance from its image (or, for a restore, its snapshot,
+    /// replacing the old disk only once everything else is ready) and starts it.
+    fn create(&self, a: &Assignment)
+        -> impl Future<Output = Result<Started, InstanceError>> + Send;
+    /// Starts a new task on the kept container and disk.
+    fn start(&self, a: &Assignment) -> impl Future<Output = Result<Started, InstanceError>> + Send;
+    /// Starts a task that was created but never started.
+    fn start_created(&self, id: u64) -> impl Future<Output = Result<(), InstanceError>> + Send;
+    /// Resolves with the main process's exit status (128 + signal number
+    /// for a signal); works for instances an earlier runner started.
+    fn wait(&self, id: u64) -> impl Future<Output = Result<u32, InstanceError>> + Send;
+    fn signal(&self, id: u64, s: Signal) -> impl Future<Output = Result<(), InstanceError>> + Send;
+    fn pause(&self, id: u64) -> impl Future<Output = Result<(), InstanceError>> + Send;
+    fn resume(&self, id: u64) -> impl Future<Output = Result<(), InstanceError>> + Send;
+    /// The kernel's OOM-kill counter of the instance's cgroup (0 if unknown).
+    fn oom_kills(&self, id: u64) -> u64;
+    /// Removes the ended task and the instance's network; the container and
+    /// its disk stay for a restart.
+    fn keep(&self, id: u64) -> impl Future<Output = Vec<TeardownFailure>> + Send;
+    /// The snapshot taken when a VPS stops.
+    fn snapshot_on_stop(&self, id: u64) -> impl Future<Output = Result<(), InstanceError>> + Send;
+    /// Removes the task, container, disk, network and instance files, and
+    /// with `snapshots` every snapshot of it too (a delete).
+    fn remove(&self, id: u64, snapshots: bool)
+        -> impl Future<Output = Vec<TeardownFailure>> + Send;
+    /// Serializes pause, resume and snapshots of one instance.
+    fn lock(&self, id: u64) -> Arc<tokio::sync::Mutex<()>>;
+    /// After a runner restart: takes down the networks of instances that
+    /// are gone and republishes node ports of the assigned ones.
+    fn converge_network(&self, assigned: &[Assignment]) -> impl Future<Output = ()> + Send;
+    /// At runner start: removes what instances that are gone left behind
+    /// (their networks), before anything is adopted.
+    fn recover(&self) -> impl Future<Output = ()> + Send;
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! An in-memory driver: instances are records, exits are scripted.
+
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use tokio::sync::watch;
+
+    use super::*;
+
+    #[derive(Debug)]
+    pub struct FakeInstance {
+        pub kind: Kind,
+        /// The container (disk) exists.
+        pub disk: bool,
+        pub observed: Observed,
+        pub oom_kills: u64,
+        pub snapshots: u32,
+        /// Every signal it received, in order.
+        pub signals: Vec<Signal>,
+        exit: watch::Sender<Option<u32>>,
+    }
+
+    #[derive(Default)]
+    pub struct FakeDriver {
+        pub instances: Mutex<HashMap<u64, FakeInstance>>,
+        /// `create` and `start` fail with this message when set.
+        pub fail_start: Mutex<Option<String>>,
+        locks: super::super::snapshots::SnapshotLocks,
+        /// A signalled instance exits with 128 + signal at once.
+        pub obey_signals: bool,
+    }
+
+    impl FakeDriver {
+        pub fn obedient() -> Self {
+            Self {
+                obey_signals: true,
+                ..Default::default()
+            }
+        }
+
+        pub fn with<T>(&self, id: u64, f: impl FnOnce(&mut FakeInstance) -> T) -> T {
+            let mut all = self.instances.lock().unwrap();
+            f(all.get_mut(&id).expect("no such fake instance"))
+        }
+
+        /// Puts an instance there, as an earlier runner would have left it.
+        pub fn insert(&self, id: u64, kind: Kind, observed: Observed) {
+            let (exit, _) = watch::channel(match observed {
+                Observed::Exited(c) => Some(c),
+                _ => None,
+            });
+            self.instances.lock().unwrap().insert(
+                id,
+                FakeInstance {
+                    kind,
+                    disk: observed != Observed::Absent,
+                    observed,
+                    oom_kills: 0,
+                    snapshots: 0,
+                    signals: vec![],
+                    exit,
+                },
+            );
+        }
+
+        /// The instance's main process exits with `code`.
+        pub fn exit(&self, id: u64, code: u32) {
+            self.with(id, |i| {
+                i.observed = Observed::Exited(code);
+                let _ = i.exit.send(Some(code));
+            });
+        }
+
+        pub fn exists(&self, id: u64) -> bool {
+            self.instances.lock().unwrap().contains_key(&id)
+        }
+
+        fn started(&self, a: &Assignment) -> Result<Started, InstanceError> {
+            if let Some(m) = self.fail_start.lock().unwrap().clone() {
+                return Err(InstanceError::Scripted(m));
+            }
+            let mut all = self.instances.lock().unwrap();
+            let (exit, _) = watch::channel(None);
+            let i = all.entry(a.id).or_insert_with(|| FakeInstance {
+                kind: a.spec.kind,
+                disk: true,
+                observed: Observed::Kept,
+                oom_kills: 0,
+                snapshots: 0,
+                signals: vec![],
+                exit,
+            });
+            i.observed = Observed::Running;
+            let _ = i.exit.send(None);
+            Ok(Started {
+                pid: 1,
+                host_key: (a.spec.kind == Kind::Vps).then(|| "ssh-ed25519 AAAAfake".into()),
+            })
+        }
+    }
+
+    impl Driver for FakeDriver {
+        async fn list(&self) -> Result<Vec<Found>, InstanceError> {
+            Ok(self
+                .instances
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, i)| Found {
+                    id: *id,
+                    kind: Some(i.kind),
+                    observed: i.observed,
+                    restore_request: None,
+                })
+                .collect())
+        }
+        async fn observe(&self, id: u64) -> Result<Observed, InstanceError> {
+            Ok(self
+                .instances
+                .lock()
+                .unwrap()
+                .get(&id)
+                .map_or(Observed::Absent, |i| i.observed))
+        }
+        async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
+            self.started(a)
+        }
+        async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {
+            self.started(a)
+        }
+        async fn start_created(&self, id: u64) -> Result<(), InstanceError> {
+            self.with(id, |i| i.observed = Observed::Running);
+            Ok(())
+        }
+        async fn wait(&self, id: u64) -> Result<u32, InstanceError> {
+            let mut rx = self.with(id, |i| i.exit.subscribe());
+            let code = rx
+                .wait_for(|c| c.is_some())
+                .await
+                .map_err(|_| InstanceError::NoContainer(id))?;
+            Ok(code.unwrap_or_default())
+        }
+        async fn signal(&self, id: u64, s: Signal) -> Result<(), InstanceError> {
+            self.with(id, |i| i.signals.push(s));
+            if self.obey_signals {
+                self.exit(
+                    id,
+                    128 + match s {
+                        Signal::Term => 15,
+                        Signal::Kill => 9,
+                    },
+                );
+            }
+            Ok(())
+        }
+        async fn pause(&self, id: u64) -> Result<(), InstanceError> {
+            self.with(id, |i| i.observed = Observed::Paused);
+            Ok(())
+        }
+        async fn resume(&self, id: u64) -> Result<(), InstanceError> {
+            self.with(id, |i| i.observed = Observed::Running);
+            Ok(())
+        }
+        fn oom_kills(&self, id: u64) -> u64 {
+            self.instances
+                .lock()
+                .unwrap()
+                .get(&id)
+                .map_or(0, |i| i.oom_kills)
+        }
+        async fn keep(&self, id: u64) -> Vec<TeardownFailure> {
+            self.with(id, |i| i.observed = Observed::Kept);
+            vec![]
+        }
+        async fn snapshot_on_stop(&self, id: u64) -> Result<(), InstanceError> {
+            self.with(id, |i| i.snapshots += 1);
+            Ok(())
+        }
+        async fn remove(&self, id: u64, _snapshots: bool) -> Vec<TeardownFailure> {
+            self.instances.lock().unwrap().remove(&id);
+            vec![]
+        }
+        fn lock(&self, id: u64) -> Arc<tokio::sync::Mutex<()>> {
+            self.locks.of(id)
+        }
+        async fn converge_network(&self, _assigned: &[Assignment]) {}
+        async fn recover(&self) {}
+    }
+}
