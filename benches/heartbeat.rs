@@ -61,6 +61,7 @@ fn main() {
                 heartbeat_interval_ms: 5000,
                 version: "bench".into(),
                 inventory,
+                registration_key: None,
             })
             .send()
             .await

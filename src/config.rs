@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -300,6 +300,17 @@ fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
         });
     }
     Ok(())
+}
+
+/// `rivernode up --config FILE`: both daemons' settings in one file, as a
+/// `[host]` and a `[runner]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpLayer {
+    #[serde(default)]
+    pub host: HostLayer,
+    #[serde(default)]
+    pub runner: RunnerLayer,
 }
 
 /// Reads one TOML layer. A missing file is an error only when `required`.

@@ -217,6 +217,34 @@ fn a_second_machine_cannot_take_a_registered_name() {
 }
 
 #[test]
+fn a_runner_whose_registration_answer_was_lost_registers_again() {
+    // F8d: the host committed the node but its answer never reached the
+    // runner (killed before it saved the credential). Its retry must not
+    // meet "name taken" forever.
+    let tmp = tempfile::tempdir().unwrap();
+    let (_host, url) = start_host(tmp.path());
+    let host_data = tmp.path().join("host");
+    let join = host_data.join("join.token");
+    let mut r1 = start_runner(tmp.path(), "r1", &url, &join, "node-l");
+    let first = runner_credential(&tmp.path().join("r1"));
+    r1.kill();
+    std::fs::remove_file(tmp.path().join("r1/runner/node.json")).unwrap();
+    let mut r1 = start_runner(tmp.path(), "r1", &url, &join, "node-l");
+    let second = runner_credential(&tmp.path().join("r1"));
+    assert_ne!(first["credential"], second["credential"], "fresh secrets");
+    wait_for("node-l online again", || {
+        node(&nodes(&host_data), "node-l")
+            .filter(|n| n["state"] == "online")
+            .map(|_| ())
+    });
+    assert!(
+        r1.wait_exit(Duration::from_millis(500)).is_none(),
+        "the runner keeps running: {}",
+        r1.log_text()
+    );
+}
+
+#[test]
 fn removed_node_is_forgotten_and_its_credential_revoked() {
     let tmp = tempfile::tempdir().unwrap();
     let (_host, url) = start_host(tmp.path());

@@ -168,3 +168,62 @@ fn completions_for_each_shell() {
         );
     }
 }
+
+#[test]
+fn up_takes_both_tables_of_one_file_and_an_unknown_key_still_stops_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("up.toml");
+    std::fs::write(
+        &f,
+        "[host]\napi_port = 9000\n[runner]\nauto_snapshot_on_stop = false\nsnapshot_every = 5\n",
+    )
+    .unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["--data-dir", tmp.path().join("data").to_str().unwrap()])
+        .args(["up", "--config", f.to_str().unwrap()])
+        .env("RIVERNODE_LOG", "off")
+        .output()
+        .unwrap();
+    let line = one_error_line(&o);
+    assert!(
+        line.contains("snapshot_every") && line.contains("up.toml"),
+        "{line}"
+    );
+    let o = std::process::Command::new(BIN)
+        .args(["--data-dir", tmp.path().join("data").to_str().unwrap()])
+        .args(["up", "--config", "/dev/null"])
+        .env("RIVERNODE_LOG", "off")
+        .env("RIVERNODE_AUTO_SNAPSHOT_ON_STOP", "maybe")
+        .output()
+        .unwrap();
+    let line = one_error_line(&o);
+    assert!(
+        line.contains("RIVERNODE_AUTO_SNAPSHOT_ON_STOP"),
+        "the runner's variables count under up: {line}"
+    );
+}
+
+#[test]
+fn a_busy_port_is_named_once_with_its_cause() {
+    // Each error in the printed chain says its own part; the cause comes once.
+    let tmp = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let o = std::process::Command::new(BIN)
+        .args(["--data-dir", tmp.path().join("data").to_str().unwrap()])
+        .args(["up", "--config", "/dev/null", "--api-port", &port])
+        .args(["--runner-port", "0", "--ssh-proxy-port", "0"])
+        .env("RIVERNODE_LOG", "off")
+        .output()
+        .unwrap();
+    let line = one_error_line(&o);
+    assert!(
+        line.starts_with("error: cannot listen on 127.0.0.1:"),
+        "{line}"
+    );
+    assert_eq!(
+        line.matches("Address already in use").count(),
+        1,
+        "the cause is printed once: {line}"
+    );
+}

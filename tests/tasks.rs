@@ -18,6 +18,8 @@ struct Cluster {
     url: String,
     node: String,
     runner_extra: Vec<String>,
+    /// Environment of the runner (RIVERNODE_CRASH_AT for crash-point tests).
+    runner_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -44,6 +46,7 @@ impl Cluster {
             url,
             node: name.to_string(),
             runner_extra: runner_extra.iter().map(|s| s.to_string()).collect(),
+            runner_env: vec![],
         };
         c.start_runner();
         let hd = c.host_data();
@@ -90,7 +93,17 @@ impl Cluster {
             "1s",
         ];
         args.extend(self.runner_extra.iter().map(String::as_str));
-        self.runner = Some(Daemon::start(self.dir.path(), "runner", &args));
+        let env: Vec<(&str, &str)> = self
+            .runner_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.runner = Some(Daemon::start_with_env(
+            self.dir.path(),
+            "runner",
+            &args,
+            &env,
+        ));
     }
 
     fn rn(&self, args: &[&str]) -> std::process::Output {
@@ -124,7 +137,7 @@ impl Cluster {
         wait_for(&format!("task {id} {state}"), || {
             let t = self.task(id);
             let s = t["state"].as_str().unwrap_or_default();
-            let is_final = ["completed", "failed", "killed", "killed_oom"].contains(&s);
+            let is_final = ["completed", "failed", "killed", "killed_oom", "deleted"].contains(&s);
             assert!(
                 s == state || !is_final,
                 "task {id} ended {s}, not {state}: {t}"
@@ -198,6 +211,26 @@ fn tasks_complete_fail_and_are_oom_killed_with_logs() {
     ]);
     let t = c.wait_state(id, "killed_oom");
     assert!(t["message"].as_str().unwrap().contains("OOM"), "{t}");
+
+    // Only a child is OOM-killed; the main process goes on and exits 0.
+    let id = c.submit(&[
+        "--container",
+        "busybox",
+        "-m",
+        "32M",
+        "--",
+        "sh",
+        "-c",
+        "head -c 200000000 /dev/zero | tr '\\0' a | sort >/dev/null; echo survived",
+    ]);
+    let t = c.wait_state(id, "completed");
+    assert_eq!(t["exit_code"], 0, "{t}");
+    let m = t["message"].as_str().unwrap_or_default();
+    assert!(m.contains("OOM-killed") && m.contains("1 process"), "{t}");
+    assert_eq!(
+        stdout(&c.rn(&["task", "logs", &id.to_string()])),
+        "survived\n"
+    );
 
     // The environment and RIVERNODE_* variables reach the task.
     let id = c.submit(&[
@@ -380,4 +413,57 @@ fn a_stalled_runner_brings_its_lost_task_back() {
     c.wait_state(id, "running");
     c.rn(&["task", "kill", &id.to_string()]);
     c.wait_state(id, "killed");
+}
+
+impl Cluster {
+    fn ctr(&self, args: &[&str]) -> String {
+        self.ctd.ctr(args)
+    }
+
+    /// Starts the runner again, dying at `step` (or not, with `None`).
+    fn restart_runner(&mut self, crash_at: Option<&str>) {
+        if let Some(r) = self.runner.as_mut() {
+            r.kill();
+        }
+        self.runner_env = common::crash_at(crash_at);
+        self.start_runner();
+    }
+
+    fn wait_runner_died(&mut self) {
+        self.runner.as_mut().unwrap().wait_died_at_crash_point();
+    }
+}
+
+#[test]
+fn work_accepted_before_a_runner_crash_runs_exactly_once() {
+    // Kill the runner at each step of a command's start (and right after its
+    // end was reported): each task still runs, once, and nothing is left.
+    let Some(mut c) = Cluster::start("tasks-h") else {
+        return;
+    };
+    let shared = c.dir.path().join("shared");
+    for step in ["imported", "created", "started", "reported"] {
+        c.restart_runner(Some(step));
+        let id = c.submit(&[
+            "--container",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "echo ran >> /shared/once-$RIVERNODE_TASK_ID; sleep 1",
+        ]);
+        c.wait_runner_died();
+        c.restart_runner(None);
+        let t = c.wait_state(id, "completed");
+        assert_eq!(t["exit_code"], 0, "{step}: {t}");
+        let ran = std::fs::read_to_string(shared.join(format!("once-{id}"))).unwrap_or_default();
+        assert_eq!(ran, "ran\n", "{step}: the task ran exactly once");
+        // Its container went (after "reported", by the restarted runner's sweep).
+        wait_for(&format!("{step}: no container left"), || {
+            c.ctr(&["containers", "ls", "-q"])
+                .trim()
+                .is_empty()
+                .then_some(())
+        });
+    }
 }

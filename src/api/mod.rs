@@ -32,6 +32,11 @@ pub struct RegisterRequest {
     pub heartbeat_interval_ms: u64,
     pub version: String,
     pub inventory: Inventory,
+    /// A secret the runner saved before its first try: with it, a retry
+    /// after a lost answer registers the same node again (fresh secrets,
+    /// the old credential revoked) instead of meeting "name taken".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_key: Option<String>,
 }
 
 /// The node's two secrets, shown once: `credential` authenticates the runner

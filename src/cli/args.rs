@@ -158,6 +158,10 @@ pub struct RunnerArgs {
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
+    /// One file with both daemons' settings as `[host]` and `[runner]`
+    /// tables (default: /etc/rivernode/host.toml and runner.toml, if present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[arg(long, value_name = "PORT", default_value_t = 8000)]
     pub api_port: u16,
     #[arg(long, value_name = "PORT", default_value_t = 8001)]
@@ -167,8 +171,9 @@ pub struct UpArgs {
     /// Node name (default: hostname).
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long, value_name = "DURATION", default_value = "5s")]
-    pub heartbeat_interval: HumanDuration,
+    /// Between heartbeats (default 5s, or the runner settings').
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat_interval: Option<HumanDuration>,
     /// Shared directory (default DATA_DIR/shared): environments/<name>.tar, mounted at /shared.
     #[arg(long, value_name = "DIR")]
     pub shared_dir: Option<PathBuf>,

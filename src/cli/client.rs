@@ -19,11 +19,11 @@ pub enum ClientError {
     NoToken,
     #[error("{path}: {message}")]
     UserConfig { path: PathBuf, message: String },
-    #[error("cannot reach the host at {url}: {source}; is `rivernode host` (or `rivernode up`) running? Set the address with --host or RIVERNODE_HOST")]
+    #[error("cannot reach the host at {url}; is `rivernode host` (or `rivernode up`) running? Set the address with --host or RIVERNODE_HOST")]
     Connect { url: String, source: reqwest::Error },
     #[error("{message} (HTTP {status})")]
     Api { status: u16, message: String },
-    #[error("unreadable answer from {url}: {source}")]
+    #[error("unreadable answer from {url}")]
     Decode { url: String, source: reqwest::Error },
 }
 

@@ -10,6 +10,7 @@ use crate::cli::args::{HostArgs, RunnerArgs, UpArgs};
 use crate::cli::client::DEFAULT_DATA_DIR;
 use crate::config::{
     read_env_layer, read_file_layer, ConfigError, HostConfig, HostLayer, RunnerConfig, RunnerLayer,
+    UpLayer,
 };
 use crate::host::BoundHost;
 use crate::runner::BoundRunner;
@@ -106,7 +107,7 @@ async fn shutdown_signal() {
 fn notify_ready() {
     // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
-        tracing::warn!(error = %e, "could not notify systemd");
+        tracing::warn!(error = %crate::error_chain(&e), "could not notify systemd");
     }
 }
 
@@ -126,24 +127,44 @@ pub async fn runner(args: RunnerArgs, data_dir: Option<PathBuf>) -> anyhow::Resu
     Ok(())
 }
 
+/// The two layers of `up`'s files: one file with both tables (`--config`),
+/// or the two daemons' own files where they exist.
+fn up_files(args: &UpArgs) -> Result<(HostLayer, RunnerLayer), ConfigError> {
+    match &args.config {
+        Some(path) => {
+            let both: UpLayer = read_file_layer(path, true)?;
+            Ok((both.host, both.runner))
+        }
+        None => Ok((
+            read_file_layer(Path::new("/etc/rivernode/host.toml"), false)?,
+            read_file_layer(Path::new("/etc/rivernode/runner.toml"), false)?,
+        )),
+    }
+}
+
 pub async fn up(args: UpArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let (host_file, runner_file) = up_files(&args)?;
+    // Files, then RIVERNODE_* variables, then what `up` itself decides
+    // (one data directory, loopback, the ports of its flags).
+    let mut host_cfg = HostConfig::default();
+    host_cfg.apply(host_file);
+    host_cfg.apply(read_env_layer::<HostLayer>(HostConfig::KEYS, env_var)?);
+    let mut runner_cfg = RunnerConfig::default();
+    runner_cfg.apply(runner_file);
+    runner_cfg.apply(read_env_layer::<RunnerLayer>(RunnerConfig::KEYS, env_var)?);
     let shared_dir = args
         .shared_dir
         .clone()
         .unwrap_or_else(|| data_dir.join("shared"));
     std::fs::create_dir_all(shared_dir.join("environments"))
         .with_context(|| format!("creating {}", shared_dir.join("environments").display()))?;
-    let mut host_cfg = HostConfig {
-        data_dir: data_dir.clone(),
-        shared_dir: shared_dir.clone(),
-        bind: loopback,
-        api_port: args.api_port,
-        ssh_proxy_port: args.ssh_proxy_port,
-        ..HostConfig::default()
-    };
-    host_cfg.apply(read_env_layer::<HostLayer>(HostConfig::KEYS, env_var)?);
+    host_cfg.data_dir = data_dir.clone();
+    host_cfg.shared_dir = shared_dir.clone();
+    host_cfg.bind = loopback;
+    host_cfg.api_port = args.api_port;
+    host_cfg.ssh_proxy_port = args.ssh_proxy_port;
     if args.allow_privileged {
         host_cfg.allow_privileged = true;
     }
@@ -152,23 +173,23 @@ pub async fn up(args: UpArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let join = host
         .join_token()
         .context("the host's join token file is missing from the data directory")?;
-    let runner_cfg = RunnerConfig {
-        data_dir: data_dir.clone(),
-        name: args.name.clone(),
-        host_url: host.api_url.clone(),
-        bind: loopback,
-        runner_port: args.runner_port,
-        heartbeat_interval: args.heartbeat_interval,
-        shared_dir,
-        containerd_socket: args
-            .containerd_socket
-            .clone()
-            .unwrap_or_else(|| RunnerConfig::default().containerd_socket),
-        kill_grace: args
-            .kill_grace
-            .unwrap_or(RunnerConfig::default().kill_grace),
-        ..RunnerConfig::default()
-    };
+    runner_cfg.data_dir = data_dir.clone();
+    runner_cfg.host_url = host.api_url.clone();
+    runner_cfg.bind = loopback;
+    runner_cfg.runner_port = args.runner_port;
+    runner_cfg.shared_dir = shared_dir;
+    if args.name.is_some() {
+        runner_cfg.name = args.name.clone();
+    }
+    if let Some(h) = args.heartbeat_interval {
+        runner_cfg.heartbeat_interval = h;
+    }
+    if let Some(s) = &args.containerd_socket {
+        runner_cfg.containerd_socket = s.clone();
+    }
+    if let Some(k) = args.kill_grace {
+        runner_cfg.kill_grace = k;
+    }
     runner_cfg.validate()?;
     let runner = BoundRunner::bind(runner_cfg, Some(join)).await?;
     print_next_steps(&data_dir, &host.api_url, runner.runner_addr, runner.name());

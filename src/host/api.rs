@@ -47,7 +47,7 @@ impl From<StoreError> for ApiError {
                 "node {name:?} is already registered; if this is a new machine give it another name, \
                  or remove the old entry with `rivernode node remove {name}`"
             )),
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::Internal(crate::error_chain(&other)),
         }
     }
 }

@@ -31,12 +31,12 @@ pub const API_URL_FILE: &str = "api.url";
 pub enum HostError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -321,7 +321,7 @@ async fn liveness_loop(state: Arc<HostState>, config: HostConfig) {
                     state.publish().await;
                 }
             }
-            Err(e) => tracing::error!(error = %e, "liveness check failed"),
+            Err(e) => tracing::error!(error = %crate::error_chain(&e), "liveness check failed"),
         }
     }
 }

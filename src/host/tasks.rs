@@ -91,7 +91,7 @@ pub async fn scheduler_loop(state: Arc<HostState>) {
                 state.publish().await;
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "scheduling failed"),
+            Err(e) => tracing::error!(error = %crate::error_chain(&e), "scheduling failed"),
         }
     }
 }

@@ -366,7 +366,7 @@ impl Containerd {
         };
         if froze {
             if let Err(e) = self.resume(cid).await {
-                tracing::error!(container = cid, error = %e, "thawing after a snapshot failed");
+                tracing::error!(container = cid, error = %crate::error_chain(&e), "thawing after a snapshot failed");
             }
         }
         self.remove_snapshot(&lower_key).await;

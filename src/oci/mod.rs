@@ -38,7 +38,7 @@ pub enum OciError {
     },
     #[error("archive {path}: {message}")]
     Archive { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -151,7 +151,7 @@ fn snapshot_error(e: super::snapshots::SnapshotError) -> Response {
         E::MessageTooLong => StatusCode::BAD_REQUEST,
         E::Oci(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    error(status, &e.to_string())
+    error(status, &crate::error_chain(&e))
 }
 
 fn no_tasks() -> Response {

@@ -491,7 +491,7 @@ async fn reconcile_networks(ctx: &TaskContext) {
     {
         Ok(f) => f.into_iter().map(|(cid, _)| cid).collect(),
         Err(e) => {
-            tracing::error!(error = %e, "cannot list containers; instance networks left as they are");
+            tracing::error!(error = %crate::error_chain(&e), "cannot list containers; instance networks left as they are");
             return;
         }
     };
@@ -510,11 +510,11 @@ async fn reconcile_networks(ctx: &TaskContext) {
                         tracing::warn!(instance = %cid, ?problems, "network cleanup left problems");
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "netlink"),
+                Err(e) => tracing::warn!(error = %crate::error_chain(&e), "netlink"),
             }
         }
     }
     if let Err(e) = tokio::task::block_in_place(|| ctx.vps.network.apply_firewall(vec![])) {
-        tracing::warn!(error = %e, "cannot rebuild the nftables table");
+        tracing::warn!(error = %crate::error_chain(&e), "cannot rebuild the nftables table");
     }
 }

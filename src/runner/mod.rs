@@ -71,20 +71,22 @@ fn host_addresses(url: &str) -> Vec<std::net::Ipv4Addr> {
 /// The runner's own subdirectory of the data directory.
 pub const STATE_DIR: &str = "runner";
 const CREDENTIAL_FILE: &str = "node.json";
+/// The key this runner registers with (0600), saved before the first try.
+const REGISTRATION_KEY_FILE: &str = "registration.key";
 /// The inventory is read again every this many heartbeats (GPUs, CPUs and
 /// memory can be hot-plugged, but rarely).
 const INVENTORY_EVERY_BEATS: u32 = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("reading the node inventory: {0}")]
+    #[error("reading the node inventory")]
     Topology(#[from] TopologyError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -246,8 +248,10 @@ async fn restore_orphaned_gpus(config: &RunnerConfig) {
             )
         }
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "cannot read VFIO bindings"),
-        Err(e) => tracing::error!(error = %e, "VFIO reconciliation task failed"),
+        Ok(Err(e)) => tracing::error!(error = %crate::error_chain(&e), "cannot read VFIO bindings"),
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "VFIO reconciliation task failed")
+        }
     }
 }
 
@@ -333,14 +337,16 @@ impl Control {
                         send_inventory = true;
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "re-reading the inventory failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "re-reading the inventory failed")
+                    }
                 }
             }
             beats = beats.wrapping_add(1);
             let usage = match sampler.sample() {
                 Ok(u) => u,
                 Err(e) => {
-                    tracing::warn!(error = %e, "usage sample failed");
+                    tracing::warn!(error = %crate::error_chain(&e), "usage sample failed");
                     Default::default()
                 }
             };
@@ -384,7 +390,7 @@ impl Control {
         {
             Ok(ctd) => ctd,
             Err(e) => {
-                tracing::warn!(error = %e, "tasks cannot run until containerd answers");
+                tracing::warn!(error = %crate::error_chain(&e), "tasks cannot run until containerd answers");
                 return;
             }
         };
@@ -461,10 +467,23 @@ impl Control {
                 None
             }
             Err(e) => {
-                tracing::warn!(path = %self.credential_path.display(), error = %e, "unreadable credential; registering again");
+                tracing::warn!(path = %self.credential_path.display(), error = %crate::error_chain(&e), "unreadable credential; registering again");
                 None
             }
         }
+    }
+
+    /// The registration key, made and saved (0600) before it is first sent:
+    /// a retry after a lost answer then proves it is the same runner.
+    fn registration_key(&self) -> Result<String, RunnerError> {
+        let path = self.credential_path.with_file_name(REGISTRATION_KEY_FILE);
+        if let Some(k) = crate::api::token::read(&path) {
+            return Ok(k);
+        }
+        let key = crate::api::token::generate("rnreg");
+        crate::files::write_secret(&path, key.as_bytes())
+            .map_err(|source| RunnerError::Io { path, source })?;
+        Ok(key)
     }
 
     async fn register(&self) -> Result<Credential, RegisterFailure> {
@@ -472,12 +491,14 @@ impl Control {
             .join_token
             .as_deref()
             .ok_or(RegisterFailure::Fatal(RunnerError::NoJoinToken))?;
+        let registration_key = Some(self.registration_key().map_err(RegisterFailure::Fatal)?);
         let req = RegisterRequest {
             name: self.api.name.clone(),
             runner_url: self.runner_url.clone(),
             heartbeat_interval_ms: self.interval.as_millis() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
             inventory: self.inventory.clone(),
+            registration_key,
         };
         let resp = self
             .http
@@ -486,7 +507,7 @@ impl Control {
             .json(&req)
             .send()
             .await
-            .map_err(|e| RegisterFailure::Retry(e.to_string()))?;
+            .map_err(|e| RegisterFailure::Retry(crate::error_chain(&e)))?;
         let status = resp.status();
         if status.is_success() {
             let r: RegisterResponse = resp
@@ -500,7 +521,7 @@ impl Control {
                 host_token_hash: hash_token(&r.host_token),
             };
             let json = serde_json::to_vec_pretty(&cred)
-                .map_err(|e| RegisterFailure::Retry(e.to_string()))?;
+                .map_err(|e| RegisterFailure::Retry(crate::error_chain(&e)))?;
             crate::files::write_secret(&self.credential_path, &json).map_err(|source| {
                 RegisterFailure::Fatal(RunnerError::Io {
                     path: self.credential_path.clone(),
@@ -537,7 +558,7 @@ impl Control {
             Ok(r) if r.status().is_success() => Beat::Ok,
             Ok(r) if matches!(r.status().as_u16(), 401 | 404) => Beat::Forgotten,
             Ok(r) => Beat::Failed(format!("{}: {}", r.status(), error_text(r).await)),
-            Err(e) => Beat::Failed(e.to_string()),
+            Err(e) => Beat::Failed(crate::error_chain(&e)),
         }
     }
 }

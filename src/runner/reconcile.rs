@@ -184,6 +184,9 @@ impl<D: Driver> Reconciler<D> {
                     *d = a.desired;
                     changed
                 });
+                if a.state == TaskState::Lost {
+                    self.tell_the_truth(a.id).await;
+                }
                 continue;
             }
             if self.ended.contains(&a.id) {
@@ -208,6 +211,29 @@ impl<D: Driver> Reconciler<D> {
         if sweep {
             self.sweep(tasks).await;
         }
+    }
+
+    /// The host lost sight of us (a partition, a slow heartbeat) while the
+    /// task kept running: tell it what is really happening. Not while a
+    /// snapshot holds it frozen: that is no user's pause.
+    async fn tell_the_truth(&self, id: u64) {
+        if self.sup.driver.lock(id).try_lock().is_err() {
+            return;
+        }
+        let state = match self.sup.driver.observe(id).await {
+            Ok(Observed::Paused) => TaskState::Paused,
+            Ok(Observed::Running | Observed::Created) => TaskState::Running,
+            _ => return,
+        };
+        self.sup.reports.push(
+            id,
+            crate::api::TaskReport {
+                state,
+                exit_code: None,
+                message: None,
+                ssh_host_key: None,
+            },
+        );
     }
 
     /// Instances that no assignment names: leftovers of ended commands go,

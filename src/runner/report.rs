@@ -89,11 +89,11 @@ async fn deliver_all<S: ReportSink>(
             match sink.send(q.id, &q.report).await {
                 Ok(()) => break,
                 Err(e) if e.is_refusal() => {
-                    tracing::warn!(task = q.id, state = %q.report.state, error = %e, "the host refused a report");
+                    tracing::warn!(task = q.id, state = %q.report.state, error = %crate::error_chain(&e), "the host refused a report");
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(task = q.id, state = %q.report.state, error = %e, retry_in = ?backoff, "report not delivered; retrying");
+                    tracing::warn!(task = q.id, state = %q.report.state, error = %crate::error_chain(&e), retry_in = ?backoff, "report not delivered; retrying");
                 }
             }
             tokio::select! {

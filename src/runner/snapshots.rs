@@ -143,7 +143,7 @@ impl TaskContext {
                         tracing::info!(task = vps, snapshot = %old.id, "old snapshot rotated out")
                     }
                     Err(e) => {
-                        tracing::warn!(task = vps, snapshot = %old.id, error = %e, "rotating out a snapshot failed")
+                        tracing::warn!(task = vps, snapshot = %old.id, error = %crate::error_chain(&e), "rotating out a snapshot failed")
                     }
                 }
             }

@@ -197,7 +197,7 @@ impl<D: Driver> Supervisors<D> {
                 _ = async { escalate.as_mut().expect("guarded").await }, if escalate.is_some() => {
                     tracing::info!(task = id, "grace period over: SIGKILL");
                     if let Err(e) = self.driver.signal(id, Signal::Kill).await {
-                        tracing::warn!(task = id, error = %e, "SIGKILL failed");
+                        tracing::warn!(task = id, error = %crate::error_chain(&e), "SIGKILL failed");
                     }
                     escalate = None;
                 }
@@ -235,7 +235,9 @@ impl<D: Driver> Supervisors<D> {
                 };
                 match paused {
                     Ok(()) => self.reports.push(id, report(TaskState::Paused)),
-                    Err(e) => tracing::warn!(task = id, error = %e, "pause failed"),
+                    Err(e) => {
+                        tracing::warn!(task = id, error = %crate::error_chain(&e), "pause failed")
+                    }
                 }
             }
             Desired::Running if !*signalled => {
@@ -249,7 +251,9 @@ impl<D: Driver> Supervisors<D> {
                 };
                 match resumed {
                     Some(Ok(())) => self.reports.push(id, report(TaskState::Running)),
-                    Some(Err(e)) => tracing::warn!(task = id, error = %e, "resume failed"),
+                    Some(Err(e)) => {
+                        tracing::warn!(task = id, error = %crate::error_chain(&e), "resume failed")
+                    }
                     None => {}
                 }
             }
@@ -268,7 +272,7 @@ impl<D: Driver> Supervisors<D> {
                 let hard = d == Desired::Killed && kind == Kind::Vps;
                 let signal = if hard { Signal::Kill } else { Signal::Term };
                 if let Err(e) = self.driver.signal(id, signal).await {
-                    tracing::warn!(task = id, error = %e, "signal failed");
+                    tracing::warn!(task = id, error = %crate::error_chain(&e), "signal failed");
                 }
                 self.crash_point("signalled");
                 if !hard {

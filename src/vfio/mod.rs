@@ -371,7 +371,7 @@ impl Vfio {
             state.groups.insert(plan.group, record.clone());
             self.save_state(&state)?;
             if let Err(e) = self.bind_group(plan) {
-                tracing::warn!(group = plan.group, error = %e, "binding failed; rolling back");
+                tracing::warn!(group = plan.group, error = %crate::error_chain(&e), "binding failed; rolling back");
                 let mut problems = Vec::new();
                 for g in done.iter().copied().chain([plan.group]) {
                     let left = state
@@ -501,7 +501,7 @@ impl Vfio {
             match self.restore(b.group) {
                 Ok(()) => restored.push(b.group),
                 Err(e) => {
-                    tracing::error!(group = b.group, owner = %b.owner, error = %e, "cannot restore orphaned binding")
+                    tracing::error!(group = b.group, owner = %b.owner, error = %crate::error_chain(&e), "cannot restore orphaned binding")
                 }
             }
         }

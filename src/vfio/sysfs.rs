@@ -28,7 +28,7 @@ impl SysfsWriter for RealSysfs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("writing {value:?} to {path} failed: {source}")]
+    #[error("writing {value:?} to {path} failed")]
     Failed {
         path: PathBuf,
         value: String,

@@ -62,6 +62,20 @@ impl PrivateContainerd {
     }
 }
 
+impl PrivateContainerd {
+    /// `ctr` in rivernode's namespace of this containerd; its stdout.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        let o = Command::new("ctr")
+            .arg("-a")
+            .arg(&self.socket)
+            .args(["-n", "rivernode"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
 impl Drop for PrivateContainerd {
     fn drop(&mut self) {
         if std::thread::panicking() {

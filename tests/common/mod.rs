@@ -1,6 +1,7 @@
 //! Helpers for tests that start the real `rivernode` binary.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod containerd;
 
 use std::fs::File;
@@ -50,6 +51,16 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Waits for a daemon started with `crash_at` to die at its crash point.
+    pub fn wait_died_at_crash_point(&mut self) {
+        let status = self.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.is_some(),
+            "the daemon should have died at its crash point: {}",
+            self.log_text()
+        );
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -67,6 +78,12 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The environment that makes a runner die at `step` (none: no crash).
+pub fn crash_at(step: Option<&str>) -> Vec<(String, String)> {
+    step.map(|s| vec![("RIVERNODE_CRASH_AT".to_string(), s.to_string())])
+        .unwrap_or_default()
 }
 
 /// Runs the CLI to completion.

@@ -56,7 +56,7 @@ pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, c
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "ssh proxy accept failed");
+                tracing::warn!(error = %crate::error_chain(&e), "ssh proxy accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -76,7 +76,9 @@ pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, c
                     tracing::info!(%peer, instance = id, up = moved.a_to_b, down = moved.b_to_a, "tunnel closed")
                 }
                 Ok(None) => {}
-                Err(e) => tracing::debug!(%peer, error = %e, "tunnel ended with an error"),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %crate::error_chain(&e), "tunnel ended with an error")
+                }
             }
             drop(permit);
         });

@@ -185,6 +185,9 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE tokens_v4 RENAME TO tokens;
     ALTER TABLE tasks ADD COLUMN owner TEXT;
     CREATE INDEX tasks_by_owner ON tasks(owner);",
+    // 5: the hash of the key a runner registered with, so that it can
+    // register again after a lost answer.
+    "ALTER TABLE nodes ADD COLUMN registration_key_hash TEXT;",
 ];
 
 pub struct SqliteStore {
@@ -412,27 +415,58 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let inventory = to_json("inventory", &req.inventory)?;
+        let key_hash = req.registration_key.as_deref().map(crate::api::token::hash);
         self.with(|c| {
             let tx = c.transaction()?;
-            let exists: bool =
-                tx.query_row("SELECT EXISTS(SELECT 1 FROM nodes WHERE name = ?1)", [&req.name], |r| r.get(0))?;
-            if exists {
-                return Err(StoreError::NodeExists(req.name.clone()));
+            let stored: Option<Option<String>> = tx
+                .query_row(
+                    "SELECT registration_key_hash FROM nodes WHERE name = ?1",
+                    [&req.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match stored {
+                None => {
+                    tx.execute(
+                        "INSERT INTO nodes (name, runner_url, host_token, state, version, registered_at_ms,
+                                            last_heartbeat_ms, heartbeat_interval_ms, inventory, usage,
+                                            registration_key_hash)
+                         VALUES (?1, ?2, ?3, 'online', ?4, ?5, ?5, ?6, ?7, NULL, ?8)",
+                        params![
+                            req.name,
+                            req.runner_url,
+                            host_token,
+                            req.version,
+                            now_ms,
+                            req.heartbeat_interval_ms as i64,
+                            inventory,
+                            key_hash
+                        ],
+                    )?;
+                }
+                // The same runner again (its answer was lost): new secrets, the
+                // old credential revoked, its tasks kept.
+                Some(Some(h)) if key_hash.as_deref() == Some(h.as_str()) => {
+                    tx.execute(
+                        "UPDATE nodes SET runner_url = ?2, host_token = ?3, state = 'online', version = ?4,
+                         last_heartbeat_ms = ?5, heartbeat_interval_ms = ?6, inventory = ?7 WHERE name = ?1",
+                        params![
+                            req.name,
+                            req.runner_url,
+                            host_token,
+                            req.version,
+                            now_ms,
+                            req.heartbeat_interval_ms as i64,
+                            inventory
+                        ],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM tokens WHERE role = 'node' AND node = ?1",
+                        [&req.name],
+                    )?;
+                }
+                Some(_) => return Err(StoreError::NodeExists(req.name.clone())),
             }
-            tx.execute(
-                "INSERT INTO nodes (name, runner_url, host_token, state, version, registered_at_ms,
-                                    last_heartbeat_ms, heartbeat_interval_ms, inventory, usage)
-                 VALUES (?1, ?2, ?3, 'online', ?4, ?5, ?5, ?6, ?7, NULL)",
-                params![
-                    req.name,
-                    req.runner_url,
-                    host_token,
-                    req.version,
-                    now_ms,
-                    req.heartbeat_interval_ms as i64,
-                    inventory
-                ],
-            )?;
             tx.execute(
                 "INSERT INTO tokens (hash, role, node, label, created_at_ms) VALUES (?1, 'node', ?2, 'node credential', ?3)",
                 params![credential_hash, req.name, now_ms],
@@ -618,6 +652,7 @@ mod tests {
             heartbeat_interval_ms: 1000,
             version: "0.1.0".into(),
             inventory: inventory(),
+            registration_key: None,
         };
         store
             .register_node(&req, &format!("hash-{name}"), "host-token", now)
@@ -632,6 +667,48 @@ mod tests {
             usage: Usage::default(),
             inventory: None,
         }
+    }
+
+    #[test]
+    fn a_runner_whose_answer_was_lost_registers_again_with_its_key() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let req = RegisterRequest {
+            name: "n1".into(),
+            runner_url: "http://127.0.0.1:8001".into(),
+            heartbeat_interval_ms: 1000,
+            version: "0.1.0".into(),
+            inventory: inventory(),
+            registration_key: Some("rnreg_secret".into()),
+        };
+        s.register_node(&req, "cred-1", "host-1", 1).unwrap();
+        // The answer never arrived: the runner tries again with the same key.
+        s.register_node(&req, "cred-2", "host-2", 2).unwrap();
+        assert_eq!(
+            s.find_token("cred-1").unwrap(),
+            None,
+            "the lost credential is revoked"
+        );
+        assert_eq!(
+            s.find_token("cred-2").unwrap().unwrap().node.as_deref(),
+            Some("n1")
+        );
+        assert_eq!(s.runner_access("n1").unwrap().unwrap().1, "host-2");
+        let other = RegisterRequest {
+            registration_key: Some("rnreg_other".into()),
+            ..req.clone()
+        };
+        assert!(matches!(
+            s.register_node(&other, "cred-3", "host-3", 3),
+            Err(StoreError::NodeExists(_))
+        ));
+        let none = RegisterRequest {
+            registration_key: None,
+            ..req
+        };
+        assert!(matches!(
+            s.register_node(&none, "cred-4", "host-4", 4),
+            Err(StoreError::NodeExists(_))
+        ));
     }
 
     #[test]
@@ -721,11 +798,23 @@ mod tests {
             heartbeat_interval_ms: 1000,
             version: "x".into(),
             inventory: inventory(),
+            registration_key: None,
         };
         assert!(matches!(
             s.register_node(&dup, "h2", "t2", 2_000),
             Err(StoreError::NodeExists(_))
         ));
+        let guess = RegisterRequest {
+            registration_key: Some("a guess".into()),
+            ..dup.clone()
+        };
+        assert!(
+            matches!(
+                s.register_node(&guess, "h2", "t2", 2_000),
+                Err(StoreError::NodeExists(_))
+            ),
+            "a node registered without a key cannot be taken with one"
+        );
         assert_eq!(
             s.runner_access("n1").unwrap().unwrap().0,
             "http://127.0.0.1:8001"

@@ -528,6 +528,7 @@ mod tests {
                 heartbeat_interval_ms: 1000,
                 version: "t".into(),
                 inventory: collect(&m.roots()).unwrap(),
+                registration_key: None,
             },
             &format!("cred-{name}"),
             "host-token",
