@@ -167,3 +167,61 @@ fn a_vps_whose_ssh_server_exits_keeps_its_disk_and_restarts() {
         assert_eq!(v.ssh_ok(&id, &["cat", "/root/data"]), "keep\n");
     });
 }
+
+#[test]
+fn after_a_node_reboot_a_vps_starts_again_and_a_command_is_not_run_twice() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(mut v) = Vps::start("vpl-e") else {
+            return;
+        };
+        let vps = v.create();
+        v.ssh_ok(&vps, &["echo keep > /root/data"]);
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "--container",
+            "busybox",
+            "--",
+            "sleep",
+            "1000",
+        ]);
+        let cmd = created_id(&o);
+        v.wait_state(&cmd, "running");
+        // A reboot while the runner is down: every task is gone, containers stay.
+        v.runner.as_mut().unwrap().kill();
+        for id in [&vps, &cmd] {
+            let cid = format!("vpl-e-task-{id}");
+            v.ctr(&["task", "kill", "-s", "SIGKILL", &cid]);
+            wait_for("the task stopped", || {
+                v.ctr(&["task", "ls"])
+                    .lines()
+                    .any(|l| l.starts_with(&cid) && l.contains("STOPPED"))
+                    .then_some(())
+            });
+            v.ctr(&["task", "rm", "-f", &cid]);
+        }
+        v.restart_runner(None);
+        v.wait_state(&vps, "running");
+        assert_eq!(v.ssh_ok(&vps, &["cat", "/root/data"]), "keep\n");
+        wait_for("the command reported", || {
+            (v.state(&cmd) != "running" && v.state(&cmd) != "lost").then_some(())
+        });
+        let t = v.json(&["task", "status", &cmd]);
+        assert_eq!(t["state"], "failed", "{t}");
+        assert!(
+            t["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not run twice"),
+            "{t}"
+        );
+        wait_for("the command's container removed", || {
+            (v.leftovers().0 == 1).then_some(())
+        });
+    });
+}
