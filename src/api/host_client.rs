@@ -4,7 +4,9 @@
 use std::sync::RwLock;
 use std::time::Duration;
 
-use super::{Assignments, ErrorBody, TaskReport};
+use super::{
+    Assignments, ErrorBody, HeartbeatRequest, RegisterRequest, RegisterResponse, TaskReport,
+};
 
 /// Why a call to the host did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,49 @@ impl HostClient {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// `POST /api/nodes/register` with the cluster's join token (before the
+    /// node has a credential, so no client of it exists yet).
+    pub async fn register(
+        http: &reqwest::Client,
+        base: &str,
+        join_token: &str,
+        req: &RegisterRequest,
+    ) -> Result<RegisterResponse, HostCallError> {
+        let resp = http
+            .post(format!("{}/api/nodes/register", base.trim_end_matches('/')))
+            .bearer_auth(join_token)
+            .json(req)
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        Self::check(resp)
+            .await?
+            .json()
+            .await
+            .map_err(HostCallError::Decode)
+    }
+
+    /// `PUT /api/nodes/{name}/heartbeat` with the node's credential.
+    pub async fn heartbeat(
+        http: &reqwest::Client,
+        base: &str,
+        node: &str,
+        credential: &str,
+        hb: &HeartbeatRequest,
+    ) -> Result<(), HostCallError> {
+        let resp = http
+            .put(format!(
+                "{}/api/nodes/{node}/heartbeat",
+                base.trim_end_matches('/')
+            ))
+            .bearer_auth(credential)
+            .json(hb)
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        Self::check(resp).await.map(|_| ())
     }
 
     async fn check(resp: reqwest::Response) -> Result<reqwest::Response, HostCallError> {

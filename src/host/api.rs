@@ -52,6 +52,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::api::runner_client::RunnerCallError> for ApiError {
+    fn from(e: crate::api::runner_client::RunnerCallError) -> Self {
+        use crate::api::runner_client::RunnerCallError as E;
+        match e {
+            // The runner's own refusals are the caller's answer.
+            E::Answered {
+                status, message, ..
+            } if status == reqwest::StatusCode::NOT_FOUND => ApiError::NotFound(message),
+            E::Answered {
+                status, message, ..
+            } if status == reqwest::StatusCode::BAD_REQUEST => ApiError::BadRequest(message),
+            other => ApiError::BadGateway(crate::error_chain(&other)),
+        }
+    }
+}
+
 impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(e: axum::extract::rejection::QueryRejection) -> Self {
         ApiError::BadRequest(e.body_text())
@@ -306,25 +322,25 @@ async fn probe_runner(
         .blocking(move |s| s.runner_access(&n))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no node named {name:?}")))?;
-    let resp = state
-        .http
-        .get(format!("{url}/api/status"))
-        .bearer_auth(token)
-        .timeout(Duration::from_secs(5))
-        .send()
+    let client = crate::api::runner_client::RunnerClient {
+        http: &state.http,
+        node: &name,
+        url: &url,
+        token: &token,
+    };
+    let resp = client
+        .call(
+            reqwest::Method::GET,
+            "/api/status",
+            &[],
+            None::<&()>,
+            Duration::from_secs(5),
+        )
         .await
-        .map_err(|e| {
-            ApiError::BadGateway(format!("runner of {name:?} at {url} unreachable: {e}"))
-        })?;
-    if !resp.status().is_success() {
-        return Err(ApiError::BadGateway(format!(
-            "runner of {name:?} at {url} answered {}",
-            resp.status()
-        )));
-    }
-    resp.json().await.map(Json).map_err(|e| {
-        ApiError::BadGateway(format!("runner of {name:?} sent an unreadable status: {e}"))
-    })
+        .map_err(|e| ApiError::BadGateway(format!("{} (at {url})", crate::error_chain(&e))))?;
+    Ok(Json(client.json(resp).await.map_err(|e| {
+        ApiError::BadGateway(crate::error_chain(&e))
+    })?))
 }
 
 fn check_url(field: &str, url: &str) -> Result<(), ApiError> {

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::api::runner_client::RunnerClient;
+
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -74,32 +76,16 @@ async fn runner(
         .blocking(move |s| s.runner_access(&n))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node {node:?} is gone")))?;
-    let mut req = state
-        .http
-        .request(method, format!("{url}{path}"))
-        .bearer_auth(token)
-        // A snapshot of a large disk takes as long as reading its changes.
-        .timeout(Duration::from_secs(3600));
-    if let Some(b) = body {
-        req = req.json(b);
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| ApiError::BadGateway(format!("runner of {node:?} unreachable: {e}")))?;
-    if resp.status().is_success() {
-        return Ok(resp);
-    }
-    let code = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let msg = serde_json::from_str::<crate::api::ErrorBody>(&text)
-        .map(|b| b.error)
-        .unwrap_or(text);
-    Err(match code {
-        reqwest::StatusCode::NOT_FOUND => ApiError::NotFound(msg),
-        reqwest::StatusCode::BAD_REQUEST => ApiError::BadRequest(msg),
-        _ => ApiError::BadGateway(format!("runner of {node:?} answered {code}: {msg}")),
-    })
+    let client = RunnerClient {
+        http: &state.http,
+        node,
+        url: &url,
+        token: &token,
+    };
+    // A snapshot of a large disk takes as long as reading its changes.
+    Ok(client
+        .call(method, path, &[], body, Duration::from_secs(3600))
+        .await?)
 }
 
 async fn decode<T: serde::de::DeserializeOwned>(
@@ -107,7 +93,10 @@ async fn decode<T: serde::de::DeserializeOwned>(
     node: &str,
 ) -> Result<T, ApiError> {
     resp.json().await.map_err(|e| {
-        ApiError::BadGateway(format!("runner of {node:?} sent an unreadable answer: {e}"))
+        ApiError::BadGateway(format!(
+            "runner of {node:?} sent an unreadable answer: {}",
+            crate::error_chain(&e)
+        ))
     })
 }
 

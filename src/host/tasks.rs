@@ -355,27 +355,33 @@ async fn logs(
         .blocking(move |s| s.runner_access(&node))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node {:?} of task {id} is gone", p.node)))?;
-    let resp = state
-        .http
-        .get(format!("{url}/api/tasks/{id}/logs"))
-        .query(&[
-            ("stream", stream.as_str()),
-            ("offset", &q.offset.unwrap_or(0).to_string()),
-        ])
-        .bearer_auth(token)
-        .timeout(Duration::from_secs(30))
-        .send()
+    let client = crate::api::runner_client::RunnerClient {
+        http: &state.http,
+        node: &p.node,
+        url: &url,
+        token: &token,
+    };
+    let query = [
+        ("stream", stream.clone()),
+        ("offset", q.offset.unwrap_or(0).to_string()),
+    ];
+    let resp = client
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/tasks/{id}/logs"),
+            &query,
+            None::<&()>,
+            Duration::from_secs(30),
+        )
         .await
-        .map_err(|e| ApiError::BadGateway(format!("runner of {:?} unreachable: {e}", p.node)))?;
-    if !resp.status().is_success() {
-        let code = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        return Err(if code == reqwest::StatusCode::NOT_FOUND {
-            ApiError::NotFound(format!("no logs for task {id} on {:?}", p.node))
-        } else {
-            ApiError::BadGateway(format!("runner answered {code}: {text}"))
-        });
-    }
+        .map_err(|e| match e {
+            crate::api::runner_client::RunnerCallError::Answered { status, .. }
+                if status == reqwest::StatusCode::NOT_FOUND =>
+            {
+                ApiError::NotFound(format!("no logs for task {id} on {:?}", p.node))
+            }
+            other => ApiError::BadGateway(crate::error_chain(&other)),
+        })?;
     let mut headers = HeaderMap::new();
     if let Some(v) = resp.headers().get("x-next-offset").cloned() {
         headers.insert("x-next-offset", v);

@@ -27,9 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::token::hash as hash_token;
-use crate::api::{
-    node_name_from_hostname, ErrorBody, HeartbeatRequest, RegisterRequest, RegisterResponse,
-};
+use crate::api::{node_name_from_hostname, HeartbeatRequest, RegisterRequest};
 use crate::config::RunnerConfig;
 use crate::topology::{self, Inventory, KernelRoots, TopologyError, UsageSampler};
 use api::{HostKey, RunnerApiState};
@@ -500,64 +498,46 @@ impl Control {
             inventory: self.inventory.clone(),
             registration_key,
         };
-        let resp = self
-            .http
-            .post(format!("{}/api/nodes/register", self.host_url))
-            .bearer_auth(token)
-            .json(&req)
-            .send()
-            .await
+        use crate::api::host_client::{HostCallError, HostClient};
+        let r = match HostClient::register(&self.http, &self.host_url, token, &req).await {
+            Ok(r) => r,
+            Err(HostCallError::Refused { status, message }) => {
+                let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
+                    " (check the join token)"
+                } else {
+                    ""
+                };
+                return Err(RegisterFailure::Fatal(RunnerError::Refused(format!(
+                    "{status}: {message}{hint}"
+                ))));
+            }
+            Err(e) => return Err(RegisterFailure::Retry(crate::error_chain(&e))),
+        };
+        let cred = Credential {
+            name: r.name,
+            host_url: self.host_url.clone(),
+            credential: r.credential,
+            host_token_hash: hash_token(&r.host_token),
+        };
+        let json = serde_json::to_vec_pretty(&cred)
             .map_err(|e| RegisterFailure::Retry(crate::error_chain(&e)))?;
-        let status = resp.status();
-        if status.is_success() {
-            let r: RegisterResponse = resp
-                .json()
-                .await
-                .map_err(|e| RegisterFailure::Retry(format!("unreadable answer: {e}")))?;
-            let cred = Credential {
-                name: r.name,
-                host_url: self.host_url.clone(),
-                credential: r.credential,
-                host_token_hash: hash_token(&r.host_token),
-            };
-            let json = serde_json::to_vec_pretty(&cred)
-                .map_err(|e| RegisterFailure::Retry(crate::error_chain(&e)))?;
-            crate::files::write_secret(&self.credential_path, &json).map_err(|source| {
-                RegisterFailure::Fatal(RunnerError::Io {
-                    path: self.credential_path.clone(),
-                    source,
-                })
-            })?;
-            tracing::info!(node = %cred.name, host = %self.host_url, "registered with the host");
-            return Ok(cred);
-        }
-        let msg = error_text(resp).await;
-        if status.is_client_error() {
-            let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
-                " (check the join token)"
-            } else {
-                ""
-            };
-            Err(RegisterFailure::Fatal(RunnerError::Refused(format!(
-                "{status}: {msg}{hint}"
-            ))))
-        } else {
-            Err(RegisterFailure::Retry(format!("{status}: {msg}")))
-        }
+        crate::files::write_secret(&self.credential_path, &json).map_err(|source| {
+            RegisterFailure::Fatal(RunnerError::Io {
+                path: self.credential_path.clone(),
+                source,
+            })
+        })?;
+        tracing::info!(node = %cred.name, host = %self.host_url, "registered with the host");
+        Ok(cred)
     }
 
     async fn heartbeat(&self, c: &Credential, hb: &HeartbeatRequest) -> Beat {
-        let sent = self
-            .http
-            .put(format!("{}/api/nodes/{}/heartbeat", self.host_url, c.name))
-            .bearer_auth(&c.credential)
-            .json(hb)
-            .send()
-            .await;
-        match sent {
-            Ok(r) if r.status().is_success() => Beat::Ok,
-            Ok(r) if matches!(r.status().as_u16(), 401 | 404) => Beat::Forgotten,
-            Ok(r) => Beat::Failed(format!("{}: {}", r.status(), error_text(r).await)),
+        use crate::api::host_client::{HostCallError, HostClient};
+        match HostClient::heartbeat(&self.http, &self.host_url, &c.name, &c.credential, hb).await {
+            Ok(()) => Beat::Ok,
+            Err(HostCallError::Refused { status, .. }) if matches!(status.as_u16(), 401 | 404) => {
+                Beat::Forgotten
+            }
             Err(e) => Beat::Failed(crate::error_chain(&e)),
         }
     }
@@ -566,13 +546,6 @@ impl Control {
 enum RegisterFailure {
     Retry(String),
     Fatal(RunnerError),
-}
-
-async fn error_text(resp: reqwest::Response) -> String {
-    let text = resp.text().await.unwrap_or_default();
-    serde_json::from_str::<ErrorBody>(&text)
-        .map(|b| b.error)
-        .unwrap_or(text)
 }
 
 #[cfg(test)]
