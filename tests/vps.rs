@@ -83,7 +83,7 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
         });
         let o = v.ssh(&id, &["true"]);
         assert!(
-            stderr(&o).contains(&format!("ERROR instance {id} is killed")),
+            stderr(&o).contains(&format!("ERROR instance {id} is deleted")),
             "{}",
             stderr(&o)
         );

@@ -35,6 +35,9 @@ pub struct TaskContext {
     pub cgroup_root: PathBuf,
     /// Test-only crash points (`RIVERNODE_CRASH_AT`).
     pub crash_at: Option<String>,
+    /// One import or pull of an image at a time: containerd locks a content
+    /// ref while it is written, and a second writer of the same layer fails.
+    pub image_lock: tokio::sync::Mutex<()>,
 }
 
 fn kind_label(k: Kind) -> &'static str {
@@ -83,6 +86,8 @@ impl TaskContext {
 
     async fn image(&self, source: &ImageSource) -> Result<oci::ImportedImage, InstanceError> {
         let scratch = self.config.data_dir.join(super::STATE_DIR).join("import");
+        // Every import shares the content store's layers: one at a time.
+        let _held = self.image_lock.lock().await;
         match source {
             ImageSource::Environment(name) => {
                 let archive = self

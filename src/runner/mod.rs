@@ -427,6 +427,7 @@ impl Control {
             snapshot_locks: Default::default(),
             cgroup_root: self.config.sys_root.join("fs/cgroup"),
             crash_at: crash_at.clone(),
+            image_lock: Default::default(),
         });
         let host = Arc::new(crate::api::host_client::HostClient::new(
             reqwest::Client::builder()
