@@ -225,3 +225,119 @@ fn after_a_node_reboot_a_vps_starts_again_and_a_command_is_not_run_twice() {
         });
     });
 }
+
+#[test]
+fn stop_keeps_the_disk_and_restart_brings_it_back_key_only() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-d") else { return };
+        let id = v.create();
+        assert_eq!(
+            v.ssh_ok(&id, &["echo keep > /root/data && echo written"]),
+            "written\n"
+        );
+        let o = v.rn(&["vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "stopped");
+        let o = v.ssh(&id, &["true"]);
+        assert!(
+            stderr(&o).contains(&format!("ERROR instance {id} is stopped")),
+            "{}",
+            stderr(&o)
+        );
+        let o = v.rn(&["vps", "restart", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "running");
+        // Same disk, same host key (the pinned known_hosts entry still matches; ssh checks strictly).
+        assert_eq!(v.ssh_ok(&id, &["cat", "/root/data"]), "keep\n");
+        let o = v.rn(&[
+            "ssh",
+            &id,
+            "--known-hosts",
+            v.known_hosts.to_str().unwrap(),
+            "--",
+            "true",
+        ]);
+        assert!(!o.status.success(), "still key-only after a restart");
+        // A real password attempt with stock ssh: the server does not even offer it.
+        let cfg = v.ssh_config("ssh_config_d");
+        let askpass = v.dir.path().join("askpass");
+        std::fs::write(&askpass, "#!/bin/sh\necho root\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let o = std::process::Command::new("ssh")
+            .args(["-F", cfg.to_str().unwrap()])
+            .args([
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "PasswordAuthentication=yes",
+            ])
+            .args(["-o", "KbdInteractiveAuthentication=yes"])
+            .arg(format!("rivernode-vps-{id}"))
+            .arg("true")
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("Permission denied (publickey)"), "{err}");
+
+        // A restart of a running VPS stops and starts it: memory (/dev/shm) is gone, the disk stays.
+        v.ssh_ok(&id, &["echo x > /dev/shm/marker"]);
+        let o = v.rn(&["vps", "restart", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        wait_for("the restart", || {
+            let o = v.ssh(&id, &["test -e /dev/shm/marker || echo restarted"]);
+            (stdout(&o) == "restarted\n").then_some(())
+        });
+        assert_eq!(v.ssh_ok(&id, &["cat", "/root/data"]), "keep\n");
+        assert_eq!(v.state(&id), "running");
+        v.delete(&id);
+    });
+}
+
+#[test]
+fn a_restarted_runner_keeps_stopped_instances_and_cleans_up_vanished_ones() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(mut v) = Vps::start("vps-e") else {
+            return;
+        };
+        let kept = v.create();
+        v.ssh_ok(&kept, &["echo keep > /root/data"]);
+        let gone = v.create();
+        v.ssh_ok(&gone, &["true"]);
+        v.rn(&["vps", "stop", &kept]);
+        v.wait_state(&kept, "stopped");
+        // The runner crashes; meanwhile one instance's container disappears.
+        v.runner.as_mut().unwrap().kill();
+        let gone_cid = format!("vps-e-task-{gone}");
+        v.ctr(&["task", "kill", "-s", "SIGKILL", &gone_cid]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        v.ctr(&["task", "rm", "-f", &gone_cid]);
+        v.ctr(&["containers", "rm", &gone_cid]);
+        v.start_runner();
+        // The vanished one's network is taken down and the host hears it failed.
+        let runner = v.runner_data();
+        wait_for("the vanished instance's network gone", || {
+            let leases =
+                std::fs::read_to_string(runner.join("runner/ipam.json")).unwrap_or_default();
+            (!leases.contains(&gone_cid)).then_some(())
+        });
+        wait_for("the vanished instance reported", || {
+            (v.state(&gone) == "failed").then_some(())
+        });
+        // The stopped one kept its disk through the crash.
+        assert_eq!(v.state(&kept), "stopped");
+        v.rn(&["vps", "restart", &kept]);
+        v.wait_state(&kept, "running");
+        assert_eq!(v.ssh_ok(&kept, &["cat", "/root/data"]), "keep\n");
+    });
+}

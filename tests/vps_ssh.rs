@@ -1,0 +1,341 @@
+//! Container VPS reached over SSH, end to end on real parts and each test in
+//! private namespaces: dropbear injected into busybox or an image's own sshd,
+//! stock OpenSSH, scp and sessions through the host's proxy, fences around
+//! the node's APIs, and sessions that outlive a runner crash.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+
+#[test]
+fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-a") else { return };
+        let id = v.create();
+        assert_eq!(v.ssh_ok(&id, &["echo", "ok"]), "ok\n");
+        // The instance has a resolver configuration and a hosts file of its own.
+        let resolv = v.ssh_ok(&id, &["cat", "/etc/resolv.conf", "/etc/hosts"]);
+        assert!(
+            resolv.contains("nameserver ") && !resolv.contains("nameserver 127."),
+            "{resolv}"
+        );
+        assert!(
+            resolv.contains("localhost") && resolv.contains(&format!("vps-a-task-{id}")),
+            "{resolv}"
+        );
+        let status: serde_json::Value =
+            serde_json::from_slice(&v.rn(&["-o", "json", "task", "status", &id]).stdout).unwrap();
+        let key = status["ssh_host_key"]
+            .as_str()
+            .expect("the runner reports the host key")
+            .to_string();
+        assert!(key.starts_with("ssh-ed25519 "), "{key}");
+        let known = std::fs::read_to_string(&v.known_hosts).unwrap();
+        assert!(
+            known
+                .lines()
+                .any(|l| l == format!("rivernode-vps-{id} {key}")),
+            "the reported key is pinned: {known}"
+        );
+
+        // ssh config entries work with stock ssh and scp (files in and back, bytes identical).
+        let cfg = v.ssh_config("ssh_config");
+        let entry = format!("rivernode-vps-{id}");
+        assert_eq!(
+            Vps::with_config(&cfg, &["ssh", &entry, "echo", "via-config"]),
+            "via-config\n"
+        );
+        let data: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        assert!(
+            v.scp_round_trip(&cfg, &entry, "/tmp/payload", &data) == data,
+            "scp round trip"
+        );
+
+        // No key, no login: passwords are off.
+        let o = v.rn(&[
+            "ssh",
+            &id,
+            "--known-hosts",
+            v.known_hosts.to_str().unwrap(),
+            "--",
+            "true",
+        ]);
+        assert!(!o.status.success());
+
+        let o = v.rn(&["vps", "delete", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "deleted");
+        let runner = v.runner_data();
+        wait_for("its network gone", || {
+            let leases =
+                std::fs::read_to_string(runner.join("runner/ipam.json")).unwrap_or_default();
+            let netns = std::fs::read_dir(runner.join("runner/netns"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            (!leases.contains("task") && netns == 0).then_some(())
+        });
+        let o = v.ssh(&id, &["true"]);
+        assert!(
+            stderr(&o).contains(&format!("ERROR instance {id} is deleted")),
+            "{}",
+            stderr(&o)
+        );
+        // Nothing left: no container (nor its snapshot), no veth, no node port rule.
+        assert_eq!(v.ctr(&["containers", "ls", "-q"]).trim(), "");
+        assert!(!v
+            .ctr(&["snapshots", "ls"])
+            .contains(&format!("vps-a-task-{id}")));
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&links.stdout)
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .any(|n| n.starts_with("rv") && !n.starts_with("rvt9")),
+            "no veth left"
+        );
+        wait_for("no node port left", || {
+            let nft = std::process::Command::new("nft")
+                .args(["list", "table", "inet", "rivernode"])
+                .output()
+                .unwrap();
+            (!String::from_utf8_lossy(&nft.stdout).contains("dnat ip to")).then_some(())
+        });
+    });
+}
+
+#[test]
+fn a_vps_cannot_reach_the_node_apis_and_pause_freezes_it() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-b") else { return };
+        let id = v.create();
+        v.ssh_ok(&id, &["true"]);
+        let port_of = |url: &str| {
+            url.rsplit(':')
+                .next()
+                .unwrap()
+                .trim_end_matches('/')
+                .to_string()
+        };
+        let runner_url = node(&nodes(&v.host_data()), "vps-b").unwrap()["runner_url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // A node service nobody protects: the control showing the path itself works.
+        let open = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let open_port = open.local_addr().unwrap().port().to_string();
+        // It greets and hangs up, so a probe sees that it got through.
+        std::thread::spawn(move || {
+            for c in open.incoming().flatten() {
+                use std::io::Write;
+                let mut c = c;
+                let _ = c.write_all(b"hello\n");
+            }
+        });
+        // "open" when a greeting came back; a dropped SYN gives nothing within 3 s.
+        let reach = |port: &str| {
+            // One string: ssh hands the remote shell a single command line.
+            let o = v.ssh(&id, &[&format!("nc -w 3 10.253.0.1 {port} </dev/null")]);
+            if stdout(&o).contains("hello") {
+                "open"
+            } else {
+                "closed"
+            }
+        };
+        assert_eq!(reach(&open_port), "open");
+        assert_eq!(
+            reach(&port_of(&runner_url)),
+            "closed",
+            "the runner API is closed to instances"
+        );
+        assert_eq!(
+            reach(&port_of(&v.url)),
+            "closed",
+            "the host API is closed to instances"
+        );
+
+        // Paused, its processes are frozen: a login cannot complete.
+        let login = || {
+            let key = v.key.to_str().unwrap().to_string();
+            let known = v.known_hosts.to_str().unwrap().to_string();
+            let data = v.host_data();
+            std::process::Command::new("timeout")
+                .arg("8")
+                .arg(BIN)
+                .args([
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "ssh",
+                    &id,
+                    "-i",
+                    &key,
+                    "--known-hosts",
+                    &known,
+                    "--",
+                    "echo",
+                    "in",
+                ])
+                .env("HOME", "/nonexistent")
+                .output()
+                .unwrap()
+        };
+        v.rn(&["task", "pause", &id]);
+        v.wait_state(&id, "paused");
+        assert!(!login().status.success(), "no login into a paused VPS");
+        v.rn(&["task", "resume", &id]);
+        v.wait_state(&id, "running");
+        assert_eq!(stdout(&login()), "in\n", "after resume it answers again");
+    });
+}
+
+#[test]
+fn an_ssh_session_survives_kill_9_of_the_runner_and_nothing_is_duplicated() {
+    use std::io::{BufRead, BufReader};
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(mut v) = Vps::start("vps-c") else {
+            return;
+        };
+        let id = v.create();
+        v.ssh_ok(&id, &["true"]);
+        let data = v.host_data();
+        let mut session = std::process::Command::new(BIN)
+            .args([
+                "--data-dir",
+                data.to_str().unwrap(),
+                "ssh",
+                &id,
+                "-i",
+                v.key.to_str().unwrap(),
+            ])
+            .args(["--known-hosts", v.known_hosts.to_str().unwrap(), "--"])
+            .arg("i=0; while [ $i -lt 25 ]; do echo $i; i=$((i+1)); sleep 0.2; done")
+            .env("HOME", "/nonexistent")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(session.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "0");
+        // The runner dies mid-session and comes back.
+        v.runner.as_mut().unwrap().kill();
+        v.start_runner();
+        let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+        assert_eq!(
+            rest.last().map(String::as_str),
+            Some("24"),
+            "the session streamed to the end: {rest:?}"
+        );
+        assert_eq!(rest.len(), 24, "no line lost: {rest:?}");
+        assert!(session.wait().unwrap().success());
+
+        // Re-adopted, not recreated: one container, one veth, the node port once.
+        v.wait_state(&id, "running");
+        assert_eq!(v.ssh_ok(&id, &["echo", "again"]), "again\n");
+        assert_eq!(v.ctr(&["containers", "ls", "-q"]).lines().count(), 1);
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap();
+        let veths = String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .filter(|name| name.starts_with("rv") && !name.starts_with("rvt9"))
+            .count();
+        assert_eq!(veths, 1);
+        let nft = std::process::Command::new("nft")
+            .args(["list", "table", "inet", "rivernode"])
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&nft.stdout);
+        assert_eq!(
+            rules.matches("dnat ip to").count(),
+            2,
+            "prerouting + output, once each: {rules}"
+        );
+    });
+}
+
+#[test]
+fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
+    if !parts_present() {
+        return;
+    }
+    let Some(debian) = common::containerd::debian_sshd_archive() else {
+        return;
+    };
+    private_namespaces(move || {
+        let Some(v) = Vps::start("vps-g") else { return };
+        std::fs::copy(&debian, v.dir.path().join("shared/environments/debian.tar")).unwrap();
+        // A key for the user, and a password too.
+        let o = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&v.key)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let data = v.host_data();
+        let o = cli_with_stdin(
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "-o",
+                "json",
+                "vps",
+                "create",
+                "--container",
+                "debian",
+                "--public-key-file",
+                v.key.with_extension("pub").to_str().unwrap(),
+                "--password-stdin",
+            ],
+            "debian pass\n",
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let id = created_id(&o);
+        v.wait_state(&id, "running");
+        // The image's own OpenSSH server answers, under our configuration.
+        let cmdline = v.ssh_ok(&id, &["tr '\\0' ' ' </proc/1/cmdline"]);
+        assert!(
+            // sshd rewrites its process title: "sshd: /usr/sbin/sshd -D ... [listener] ...".
+            cmdline.contains("/usr/sbin/sshd -D -e -f /.rivernode/instance/sshd_config"),
+            "{cmdline}"
+        );
+        let banner = v.ssh_ok(&id, &["echo $SSH_CONNECTION; cat /etc/debian_version"]);
+        assert!(
+            banner.lines().nth(1).unwrap_or("").starts_with("12"),
+            "{banner}"
+        );
+        let admin = read_trimmed(&data.join("admin.token")).unwrap();
+        let o = v.ssh_password(&admin, &id, "debian pass", "echo by-password");
+        assert_eq!(stdout(&o), "by-password\n", "{}", stderr(&o));
+        assert!(!v.ssh_password(&admin, &id, "nope", "true").status.success());
+
+        // scp (OpenSSH's internal sftp) in and back.
+        let data_bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let cfg = v.ssh_config("deb_ssh_config");
+        let entry = format!("rivernode-vps-{id}");
+        assert!(v.scp_round_trip(&cfg, &entry, "/root/payload", &data_bytes) == data_bytes);
+
+        // Stop and restart: same disk, same host key, same logins.
+        v.rn(&["vps", "stop", &id]);
+        v.wait_state(&id, "stopped");
+        v.rn(&["vps", "restart", &id]);
+        v.wait_state(&id, "running");
+        assert_eq!(v.ssh_ok(&id, &["wc -c < /root/payload"]).trim(), "300000");
+        v.delete(&id);
+    });
+}
