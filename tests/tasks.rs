@@ -64,45 +64,26 @@ impl Cluster {
     }
 
     fn start_runner(&mut self) {
-        let data = self.dir.path().join("runner");
+        let (data, shared) = (
+            self.dir.path().join("runner"),
+            self.dir.path().join("shared"),
+        );
         let join = self.host_data().join("join.token");
-        let shared = self.dir.path().join("shared");
-        let mut args = vec![
-            "--data-dir",
-            data.to_str().unwrap(),
-            "runner",
-            "--config",
-            "/dev/null",
-            "--name",
-            &self.node,
-            "--host-url",
-            &self.url,
-            "--join-token-file",
-            join.to_str().unwrap(),
-            "--bind",
-            "127.0.0.1",
-            "--runner-port",
-            "0",
-            "--heartbeat-interval",
-            "300ms",
-            "--containerd-socket",
-            self.ctd.socket.to_str().unwrap(),
-            "--shared-dir",
-            shared.to_str().unwrap(),
-            "--kill-grace",
-            "1s",
-        ];
-        args.extend(self.runner_extra.iter().map(String::as_str));
-        let env: Vec<(&str, &str)> = self
-            .runner_env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        self.runner = Some(Daemon::start_with_env(
+        let mut args = RunnerSetup {
+            data: &data,
+            name: &self.node,
+            host_url: &self.url,
+            join_file: &join,
+            containerd: &self.ctd.socket,
+            shared: &shared,
+        }
+        .args();
+        args.extend(["--bind".to_string(), "127.0.0.1".to_string()]);
+        args.extend(self.runner_extra.iter().cloned());
+        self.runner = Some(start_runner_daemon(
             self.dir.path(),
-            "runner",
             &args,
-            &env,
+            &self.runner_env,
         ));
     }
 

@@ -115,42 +115,27 @@ impl Vps {
     pub fn start_runner(&mut self) {
         let (data, shared) = (self.runner_data(), self.dir.path().join("shared"));
         let join = self.host_data().join("join.token");
-        let env: Vec<(&str, &str)> = self
-            .runner_env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        self.runner = Some(Daemon::start_with_env(
+        let mut args = RunnerSetup {
+            data: &data,
+            name: &self.node,
+            host_url: &self.url,
+            join_file: &join,
+            containerd: &self.ctd.socket,
+            shared: &shared,
+        }
+        .args();
+        for a in [
+            "--instance-bridge",
+            "rvt9",
+            "--instance-subnet",
+            "10.253.0.0/24",
+        ] {
+            args.push(a.to_string());
+        }
+        self.runner = Some(start_runner_daemon(
             self.dir.path(),
-            "runner",
-            &[
-                "--data-dir",
-                data.to_str().unwrap(),
-                "runner",
-                "--config",
-                "/dev/null",
-                "--name",
-                &self.node,
-                "--host-url",
-                &self.url,
-                "--join-token-file",
-                join.to_str().unwrap(),
-                "--runner-port",
-                "0",
-                "--heartbeat-interval",
-                "300ms",
-                "--containerd-socket",
-                self.ctd.socket.to_str().unwrap(),
-                "--shared-dir",
-                shared.to_str().unwrap(),
-                "--instance-bridge",
-                "rvt9",
-                "--instance-subnet",
-                "10.253.0.0/24",
-                "--kill-grace",
-                "1s",
-            ],
-            &env,
+            &args,
+            &self.runner_env,
         ));
     }
 

@@ -80,6 +80,57 @@ impl Drop for Daemon {
     }
 }
 
+/// What a test runner needs: where it keeps state, who it is, its host, a
+/// private containerd and the shared directory; fast heartbeats, 1 s grace.
+pub struct RunnerSetup<'a> {
+    pub data: &'a Path,
+    pub name: &'a str,
+    pub host_url: &'a str,
+    pub join_file: &'a Path,
+    pub containerd: &'a Path,
+    pub shared: &'a Path,
+}
+
+impl RunnerSetup<'_> {
+    /// `rivernode runner` and its flags; add more after them.
+    pub fn args(&self) -> Vec<String> {
+        let p = |p: &Path| p.to_str().unwrap().to_string();
+        [
+            "--data-dir",
+            &p(self.data),
+            "runner",
+            "--config",
+            "/dev/null",
+            "--name",
+            self.name,
+            "--host-url",
+            self.host_url,
+            "--join-token-file",
+            &p(self.join_file),
+            "--runner-port",
+            "0",
+            "--heartbeat-interval",
+            "300ms",
+            "--containerd-socket",
+            &p(self.containerd),
+            "--shared-dir",
+            &p(self.shared),
+            "--kill-grace",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// Starts a runner with `args` and `env` (pairs of owned strings).
+pub fn start_runner_daemon(dir: &Path, args: &[String], env: &[(String, String)]) -> Daemon {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Daemon::start_with_env(dir, "runner", &args, &env)
+}
+
 /// The environment that makes a runner die at `step` (none: no crash).
 pub fn crash_at(step: Option<&str>) -> Vec<(String, String)> {
     step.map(|s| vec![("RIVERNODE_CRASH_AT".to_string(), s.to_string())])
