@@ -298,12 +298,34 @@ impl TaskContext {
             .create_container(&cid, labels, &image, &spec)
             .await?;
         super::supervisor::crash_point(&self.crash_at, "created");
-        match self.ctd.start_existing(&cid, &uri, &uri).await {
+        match self.start_task(&cid, &uri).await {
             Ok(pid) => Ok(pid),
             Err(e) => {
                 // A first start that failed leaves nothing behind.
                 self.ctd.cleanup(&cid).await;
                 Err(e.into())
+            }
+        }
+    }
+}
+
+impl TaskContext {
+    /// Starts a new task on container `cid`. A runner killed while
+    /// containerd was creating a task leaves that creation running on
+    /// (its shim directory appears a moment later), and a new create meets
+    /// it: such a start is tried again, each try first removing the
+    /// leftover task, which never ran (it was created, not started).
+    async fn start_task(&self, cid: &str, uri: &str) -> Result<u32, oci::OciError> {
+        let mut tries = 0;
+        loop {
+            match self.ctd.start_existing(cid, uri, uri).await {
+                Ok(pid) => return Ok(pid),
+                Err(e) if tries < 4 => {
+                    tries += 1;
+                    tracing::warn!(instance = cid, error = %crate::error_chain(&e), "starting the task failed; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(300 * tries)).await;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -369,7 +391,7 @@ impl Driver for TaskContext {
                 .await?;
         }
         let uri = self.log_uri(a.id)?;
-        let pid = self.ctd.start_existing(&cid, &uri, &uri).await?;
+        let pid = self.start_task(&cid, &uri).await?;
         Ok(self.started(a, pid))
     }
 
