@@ -30,8 +30,11 @@ pub enum HostCallError {
 }
 
 impl HostCallError {
+    /// A refusal for good: the host understood the call and will never take
+    /// it (400, 409, 422). 401, 404, 408 or 429 can come from a proxy or a
+    /// node between registrations, and are worth retrying.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, HostCallError::Refused { .. })
+        matches!(self, HostCallError::Refused { status, .. } if matches!(status.as_u16(), 400 | 409 | 422))
     }
 }
 

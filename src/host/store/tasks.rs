@@ -286,7 +286,7 @@ pub(super) fn restart(
         {
             requeue(&tx, &t, restore)?
         }
-        TaskState::Running | TaskState::Paused => {
+        TaskState::Running | TaskState::Paused if t.desired != Desired::Deleted => {
             let mut spec = t.spec.clone();
             spec.restore = restore.cloned();
             tx.execute(
@@ -414,6 +414,18 @@ fn change_desired(
             )));
         }
         (TaskState::Stopped, Desired::Running) => requeue(&tx, &t, None)?,
+        // Its runner has signalled it already: an end under way is not undone.
+        (_, Desired::Running | Desired::Paused)
+            if matches!(
+                t.desired,
+                Desired::Stopped | Desired::Restarting | Desired::Killed
+            ) =>
+        {
+            return Err(StoreError::Conflict(format!(
+                "task {id} is being {} already; wait until it has ended",
+                desired_str(t.desired)
+            )));
+        }
         (TaskState::Stopped, Desired::Killed) => {
             return Err(StoreError::Conflict(format!(
                 "VPS {id} is stopped already: `vps restart` starts it, `vps delete` removes it"
