@@ -245,17 +245,8 @@ fn an_ssh_session_survives_kill_9_of_the_runner_and_nothing_is_duplicated() {
         // Re-adopted, not recreated: one container, one veth, the node port once.
         v.wait_state(&id, "running");
         assert_eq!(v.ssh_ok(&id, &["echo", "again"]), "again\n");
-        assert_eq!(v.ctr(&["containers", "ls", "-q"]).lines().count(), 1);
-        let links = std::process::Command::new("ip")
-            .args(["-o", "link"])
-            .output()
-            .unwrap();
-        let veths = String::from_utf8_lossy(&links.stdout)
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .filter(|name| name.starts_with("rv") && !name.starts_with("rvt9"))
-            .count();
-        assert_eq!(veths, 1);
+        let (containers, veths, _) = v.leftovers();
+        assert_eq!((containers, veths), (1, 1));
         let nft = std::process::Command::new("nft")
             .args(["list", "table", "inet", "rivernode"])
             .output()

@@ -121,9 +121,7 @@ impl HostClient {
             return Ok(resp);
         }
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&text)
-            .map(|b| b.error)
-            .unwrap_or(text);
+        let message = ErrorBody::message_of(&text).unwrap_or(text);
         Err(if status.is_client_error() {
             HostCallError::Refused { status, message }
         } else {

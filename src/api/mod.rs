@@ -24,6 +24,15 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+impl ErrorBody {
+    /// The `error` of an answer's body, or `None` when it is not an ErrorBody.
+    pub fn message_of(text: &str) -> Option<String> {
+        serde_json::from_str::<ErrorBody>(text)
+            .ok()
+            .map(|b| b.error)
+    }
+}
+
 /// `POST /api/nodes/register`, authenticated with the cluster's join token.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RegisterRequest {

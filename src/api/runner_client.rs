@@ -71,9 +71,7 @@ impl RunnerClient<'_> {
             return Ok(resp);
         }
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&text)
-            .map(|b| b.error)
-            .unwrap_or(text);
+        let message = ErrorBody::message_of(&text).unwrap_or(text);
         Err(RunnerCallError::Answered {
             node: self.node.to_string(),
             status,

@@ -168,9 +168,7 @@ impl Client {
             return Ok(resp);
         }
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&text)
-            .map(|b| b.error)
-            .unwrap_or_else(|_| format!("{url}: {text}"));
+        let message = ErrorBody::message_of(&text).unwrap_or_else(|| format!("{url}: {text}"));
         Err(ClientError::Api {
             status: status.as_u16(),
             message,
