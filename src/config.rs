@@ -87,6 +87,52 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// A size written as `512M`, `8G`, `1.5T` or a bare number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl std::str::FromStr for HumanSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        crate::api::parse_memory_size(s).map(Self)
+    }
+}
+
+impl fmt::Display for HumanSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
+        match units
+            .iter()
+            .find(|(shift, _)| self.0 != 0 && self.0 % (1u64 << shift) == 0)
+        {
+            Some((shift, unit)) => write!(f, "{}{unit}", self.0 >> shift),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl Serialize for HumanSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Self(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Declares a config struct, its all-optional layer (one per source), the
 /// list of keys with their documentation, and the merge of a layer onto it.
 macro_rules! layered_config {
@@ -202,6 +248,14 @@ layered_config! {
         node_port_sources: Vec<std::net::Ipv4Addr> = Vec::new(),
         /// Instances (VPS) cannot reach each other on the instance bridge (its ports are isolated).
         isolate_instances: bool = true,
+        /// CDI spec directories, in priority order (a later one wins), as nvidia-ctk writes them.
+        cdi_spec_dirs: Vec<PathBuf> = vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
+        /// The NVIDIA driver's procfs directory (GPU UUIDs and device minors).
+        nvidia_driver_root: PathBuf = PathBuf::from("/proc/driver/nvidia"),
+        /// Where the node's device nodes are (tests point this at a fake tree).
+        dev_root: PathBuf = PathBuf::from("/dev"),
+        /// Size of /dev/shm for an instance without a memory limit or --shm-size.
+        default_shm_size: HumanSize = HumanSize(8 << 30),
     }
 }
 

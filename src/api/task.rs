@@ -231,6 +231,10 @@ pub struct TaskSpec {
     /// operator sets `allow_privileged`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub privileged: bool,
+    /// Size of `/dev/shm`; default: half the memory limit, or the runner's
+    /// `default_shm_size` without one (counts against the memory limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_bytes: Option<u64>,
     /// Set by the host on `restart --from-snapshot` (VPS only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,

@@ -154,6 +154,16 @@ pub struct RunnerArgs {
     /// Snapshots kept per VPS; the oldest beyond it are deleted (0: no limit).
     #[arg(long, value_name = "N")]
     pub max_snapshots_per_vps: Option<u32>,
+    /// A CDI spec directory; repeatable, later ones win (default /etc/cdi, /var/run/cdi).
+    #[arg(long = "cdi-spec-dir", value_name = "DIR")]
+    pub cdi_spec_dirs: Vec<PathBuf>,
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub nvidia_driver_root: Option<PathBuf>,
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub dev_root: Option<PathBuf>,
+    /// /dev/shm size of instances with neither --memory nor --shm-size (e.g. 8G).
+    #[arg(long, value_name = "SIZE")]
+    pub default_shm_size: Option<crate::config::HumanSize>,
 }
 
 #[derive(Args, Debug)]
@@ -299,6 +309,10 @@ pub struct ResourceArgs {
     /// Number of GPUs, when the target does not name them.
     #[arg(long, default_value_t = 0)]
     pub gpus: u32,
+    /// Size of /dev/shm, e.g. 1G (Docker's flag); default: half of --memory,
+    /// else the runner's default_shm_size (8G). Counts against --memory.
+    #[arg(long, value_name = "SIZE")]
+    pub shm_size: Option<String>,
     /// Environment: SHARED_DIR/environments/<ENV>.tar.
     #[arg(long, value_name = "ENV", conflicts_with = "image")]
     pub container: Option<String>,

@@ -82,6 +82,10 @@ pub fn runner_config(
         max_snapshots_per_vps: args.max_snapshots_per_vps,
         node_port_sources: None,
         isolate_instances: None,
+        cdi_spec_dirs: (!args.cdi_spec_dirs.is_empty()).then(|| args.cdi_spec_dirs.clone()),
+        nvidia_driver_root: args.nvidia_driver_root.clone(),
+        dev_root: args.dev_root.clone(),
+        default_shm_size: args.default_shm_size,
     });
     cfg.validate()?;
     Ok(cfg)

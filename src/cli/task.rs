@@ -35,6 +35,17 @@ pub fn base_spec_from(
         .map(parse_memory_size)
         .transpose()
         .map_err(|e| anyhow::anyhow!("-m/--memory: {e}"))?;
+    let shm_bytes = r
+        .shm_size
+        .as_deref()
+        .map(parse_memory_size)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--shm-size: {e}"))?;
+    if let (Some(shm), Some(mem)) = (shm_bytes, memory_bytes) {
+        if shm > mem {
+            bail!("--shm-size is larger than --memory: /dev/shm counts against the memory limit; raise -m or lower --shm-size");
+        }
+    }
     let image = match (image, &r.container, &r.image) {
         (Some(i), None, None) => i,
         (None, Some(env), None) => ImageSource::Environment(env.clone()),
@@ -55,6 +66,7 @@ pub fn base_spec_from(
         ssh_password_hash: None,
         privileged: false,
         restore: None,
+        shm_bytes,
     })
 }
 

@@ -48,21 +48,13 @@ pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
         return Err("cores: must be at least 1".into());
     }
     let Some(t) = &spec.target else {
-        let fits = nodes.iter().any(|n| fits_at_all(spec, &n.inventory));
-        return if nodes.is_empty() {
-            Err("no nodes are registered; start a runner first".into())
-        } else if fits {
-            Ok(())
-        } else {
-            Err(format!(
-                "no node has {} cores, {} GPUs and {} of memory",
-                spec.cores,
-                spec.gpu_count,
-                spec.memory_bytes
-                    .map(|m| format!("{m} bytes"))
-                    .unwrap_or_else(|| "any amount".into())
-            ))
-        };
+        if nodes.is_empty() {
+            return Err("no nodes are registered; start a runner first".into());
+        }
+        if nodes.iter().any(|n| fits_at_all(spec, &n.inventory)) {
+            return Ok(());
+        }
+        return Err(never_fits(spec, nodes));
     };
     let node = nodes
         .iter()
@@ -98,6 +90,36 @@ pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Why no node could ever take `spec`: the first resource no node has enough of.
+fn never_fits(spec: &TaskSpec, nodes: &[NodeView]) -> String {
+    let most = |f: &dyn Fn(&Inventory) -> u64| nodes.iter().map(|n| f(&n.inventory)).max().unwrap_or(0);
+    let gpus = most(&|i| i.gpus.len() as u64);
+    let cores = most(&|i| i.cpus.len() as u64);
+    if u64::from(spec.gpu_count) > gpus {
+        return format!(
+            "gpu_count: no node has {} GPUs (the most any node has is {gpus})",
+            spec.gpu_count
+        );
+    }
+    if u64::from(spec.cores) > cores {
+        return format!(
+            "cores: no node has {} cores (the most any node has is {cores})",
+            spec.cores
+        );
+    }
+    let mem = most(&|i| i.memory_total_bytes);
+    if spec.memory_bytes.is_some_and(|m| m > mem) {
+        return format!(
+            "memory_bytes: no node has {} bytes of memory (the most any node has is {mem})",
+            spec.memory_bytes.unwrap_or(0)
+        );
+    }
+    format!(
+        "no single node has {} cores, {} GPUs and this memory together",
+        spec.cores, spec.gpu_count
+    )
 }
 
 fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
@@ -175,7 +197,11 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         Some(t) => {
             let named: Vec<&Gpu> = t.gpus.iter().filter_map(|g| resolve_gpu(inv, g)).collect();
             if let Some(busy) = named.iter().find(|g| !usable_gpu(g)) {
-                return Err(format!("GPU {} is in use", busy.address));
+                return Err(if busy.driver.as_deref() == Some(VFIO_DRIVER) {
+                    format!("GPU {} is bound to vfio-pci", busy.address)
+                } else {
+                    format!("GPU {} is in use", busy.address)
+                });
             }
             named
         }
@@ -183,7 +209,21 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         None => {
             let free: Vec<&Gpu> = inv.gpus.iter().filter(usable_gpu).collect();
             if (free.len() as u32) < spec.gpu_count {
-                return Err(format!("{} of {} GPUs free", free.len(), spec.gpu_count));
+                let vfio = inv
+                    .gpus
+                    .iter()
+                    .filter(|g| g.driver.as_deref() == Some(VFIO_DRIVER))
+                    .count();
+                return Err(format!(
+                    "{} of {} GPUs free{}",
+                    free.len(),
+                    spec.gpu_count,
+                    if vfio > 0 {
+                        format!(" ({vfio} on vfio-pci)")
+                    } else {
+                        String::new()
+                    }
+                ));
             }
             let n = spec.gpu_count as usize;
             let numa_with_room = |numa: Option<u32>| {
@@ -350,6 +390,7 @@ mod tests {
             ssh_password_hash: None,
             privileged: false,
             restore: None,
+            shm_bytes: None,
         }
     }
 
@@ -414,9 +455,35 @@ mod tests {
         }
         let busy = place(&spec(1, 0, Some("n1::0000:cb:00.0")), &nodes, &[]);
         assert!(
-            matches!(&busy, Decision::Wait(w) if w.contains("in use")),
+            matches!(&busy, Decision::Wait(w) if w.contains("0000:cb:00.0 is bound to vfio-pci")),
             "vfio-bound GPU: {busy:?}"
         );
+    }
+
+    #[test]
+    fn what_no_node_could_ever_give_is_refused_naming_it() {
+        let nodes = [node("n1")];
+        for (s, want) in [
+            (spec(1, 5, None), "gpu_count: no node has 5 GPUs (the most any node has is 4)"),
+            (spec(99, 0, None), "cores: no node has 99 cores"),
+            (
+                TaskSpec {
+                    memory_bytes: Some(1 << 50),
+                    ..spec(1, 0, None)
+                },
+                "memory_bytes: no node has",
+            ),
+        ] {
+            match place(&s, &nodes, &[]) {
+                Decision::Refuse(e) => assert!(e.contains(want), "{e}"),
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+        // Four GPUs exist, one is on vfio-pci: four wait (it may come back), saying why.
+        match place(&spec(1, 4, None), &nodes, &[]) {
+            Decision::Wait(w) => assert!(w.contains("3 of 4 GPUs free (1 on vfio-pci)"), "{w}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -102,6 +102,19 @@ fn check_spec(spec: &TaskSpec, allow_privileged: bool) -> Result<(), ApiError> {
             "privileged: this cluster does not allow privileged instances (the operator can set allow_privileged = true in host.toml)".into(),
         ));
     }
+    match (spec.shm_bytes, spec.memory_bytes) {
+        (Some(0), _) => {
+            return Err(ApiError::BadRequest(
+                "shm_bytes: must be more than 0".into(),
+            ))
+        }
+        (Some(shm), Some(mem)) if shm > mem => {
+            return Err(ApiError::BadRequest(format!(
+                "shm_bytes: {shm} is more than memory_bytes {mem}; /dev/shm counts against the memory limit"
+            )))
+        }
+        _ => {}
+    }
     if let Some(h) = &spec.ssh_password_hash {
         // A crypt(3) hash goes into passwd/shadow files: no field or line separators.
         let ok = (h.starts_with("$6$") || h.starts_with("$5$") || h.starts_with("$y$"))

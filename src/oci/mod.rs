@@ -4,8 +4,9 @@
 //! would also offer a server-side Transfer service), the OCI runtime spec
 //! built as a typed value, containers and tasks with file-backed logs, OOM
 //! events, pause/resume, kill and cleanup, registry pulls, and commits of
-//! a container's changes as images (VPS snapshots). Later: CDI device injection.
+//! a container's changes as images (VPS snapshots), and CDI device edits (`cdi`).
 
+pub mod cdi;
 mod commit;
 mod import;
 mod registry;
@@ -21,7 +22,7 @@ use tonic::transport::Channel;
 pub use commit::{Committed, BASE_MANIFEST_LABEL, COMMIT_SIZE_LABEL};
 pub use import::{chain_ids, ImageConfig, ImportedImage};
 pub use registry::Reference;
-pub use spec::{build as build_spec, capability_bound, MountInput, RuntimeSpecInput};
+pub use spec::{build as build_spec, capability_bound, set_env, MountInput, RuntimeSpecInput};
 pub use task::{oom_kills, TaskStatus, TASK_LABEL};
 
 /// containerd namespace of everything rivernode creates.

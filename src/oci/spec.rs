@@ -45,6 +45,29 @@ pub struct RuntimeSpecInput {
     /// (Docker's `--privileged`, less the node's device nodes, which are not
     /// copied in).
     pub privileged: Option<u64>,
+    /// Size of the `/dev/shm` tmpfs (its pages count against the memory
+    /// limit, as any tmpfs page a cgroup writes does).
+    pub shm_bytes: u64,
+}
+
+/// Sets each of `vars` in the process environment, replacing any entry of
+/// the same name (CDI edits append theirs; ours must win).
+pub fn set_env(spec: &mut Spec, vars: &BTreeMap<String, String>) {
+    let Some(p) = spec.process_mut().as_mut() else {
+        return;
+    };
+    let mut env: Vec<String> = p
+        .env()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|kv| {
+            let key = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+            !vars.contains_key(key)
+        })
+        .collect();
+    env.extend(vars.iter().map(|(k, v)| format!("{k}={v}")));
+    p.set_env(Some(env));
 }
 
 /// The capability bounding set of this process (`CapBnd` in `/proc/self/status`).
@@ -200,6 +223,21 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
         p.set_cwd(PathBuf::from(cwd));
     }
     let mut mounts = spec.mounts().clone().unwrap_or_default();
+    // Not the 64 MiB default that multi-worker data loaders and NCCL fail with.
+    for m in mounts
+        .iter_mut()
+        .filter(|m| m.destination() == std::path::Path::new("/dev/shm"))
+    {
+        let mut opts: Vec<String> = m
+            .options()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|o| !o.starts_with("size="))
+            .collect();
+        opts.push(format!("size={}k", input.shm_bytes.div_ceil(1024).max(1)));
+        m.set_options(Some(opts));
+    }
     if input.privileged.is_some() {
         // /sys writable, as Docker's --privileged has it.
         for m in mounts
@@ -290,6 +328,24 @@ pub fn to_any(spec: &Spec) -> Result<prost_types::Any, OciError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn set_env_replaces_what_cdi_appended() {
+        let mut spec = build(&ImageConfig::default(), &input()).unwrap();
+        if let Some(p) = spec.process_mut().as_mut() {
+            let mut env = p.env().clone().unwrap();
+            env.push("NVIDIA_VISIBLE_DEVICES=void".into());
+            p.set_env(Some(env));
+        }
+        set_env(
+            &mut spec,
+            &[("NVIDIA_VISIBLE_DEVICES".to_string(), "GPU-1".to_string())].into(),
+        );
+        let env = spec.process().as_ref().unwrap().env().clone().unwrap();
+        let nv: Vec<&String> = env.iter().filter(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES=")).collect();
+        assert_eq!(nv, ["NVIDIA_VISIBLE_DEVICES=GPU-1"]);
+        assert!(env.contains(&"RIVERNODE_TASK_ID=7".to_string()));
+    }
+
     fn input() -> RuntimeSpecInput {
         RuntimeSpecInput {
             hostname: "task-7".into(),
@@ -313,6 +369,7 @@ mod tests {
             cgroups_path: "/rivernode/task-7".into(),
             netns: None,
             privileged: None,
+            shm_bytes: 1 << 30,
         }
     }
 
@@ -408,6 +465,19 @@ mod tests {
         assert_eq!(r["memory"]["limit"], 32 << 20);
         assert_eq!(r["pids"]["limit"], 4096);
         assert_eq!(j["linux"]["cgroupsPath"], "/rivernode/task-7");
+        let shm = j["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/dev/shm")
+            .unwrap();
+        let opts: Vec<&str> = shm["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        assert!(opts.contains(&"size=1048576k") && !opts.contains(&"size=65536k"), "{opts:?}");
         assert!(j["mounts"]
             .as_array()
             .unwrap()

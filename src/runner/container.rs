@@ -26,6 +26,8 @@ const SSHD: &str = "/usr/sbin/sshd";
 /// The node's containerd, networking and SSH kit: what the driver works with.
 pub struct TaskContext {
     pub node: String,
+    /// The node's GPU ledger and CDI specs.
+    pub gpus: super::gpus::NodeGpus,
     pub config: RunnerConfig,
     pub ctd: Containerd,
     /// Networking and SSH for VPS instances.
@@ -187,6 +189,7 @@ impl TaskContext {
             pids_max: 32768,
             cgroups_path: self.cgroups_path(a.id),
             netns: None,
+            shm_bytes: shm_bytes(a, self.config.default_shm_size.0),
             privileged: if a.spec.privileged {
                 Some(
                     oci::capability_bound(&self.config.proc_root)
@@ -279,7 +282,36 @@ impl TaskContext {
             input.mounts.extend(mounts);
             input.netns = Some(inet.netns);
         }
-        let spec = oci::build_spec(&image.config, &input)?;
+        let mut spec = oci::build_spec(&image.config, &input)?;
+        // The reserved GPUs, and only those, from their CDI specs; then our
+        // variables over anything a spec set.
+        let grants = tokio::task::block_in_place(|| {
+            self.gpus.equip(
+                id,
+                &a.placement.gpus,
+                &mut spec,
+                &oci::cdi::RealDeviceNodes,
+            )
+        })?;
+        let mut env = input.rivernode_env.clone();
+        env.extend(super::gpus::env(&grants));
+        oci::set_env(&mut spec, &env);
+        let made = self.create_and_start(a, labels, &image, &spec, &uri).await;
+        if made.is_err() {
+            self.gpus.release(id);
+        }
+        made
+    }
+
+    async fn create_and_start(
+        &self,
+        a: &Assignment,
+        labels: Option<&HashMap<String, String>>,
+        image: &oci::ImportedImage,
+        spec: &oci_spec::runtime::Spec,
+        uri: &str,
+    ) -> Result<u32, InstanceError> {
+        let (id, cid) = (a.id, self.container_id(a.id));
         if labels.is_some() {
             // Restoring: the old disk goes only now that everything else is
             // ready (a failure before this leaves the VPS stopped, disk intact).
@@ -294,11 +326,9 @@ impl TaskContext {
         if let Some(r) = &a.spec.restore {
             labels.insert(RESTORE_LABEL.to_string(), r.request.to_string());
         }
-        self.ctd
-            .create_container(&cid, labels, &image, &spec)
-            .await?;
+        self.ctd.create_container(&cid, labels, image, spec).await?;
         super::supervisor::crash_point(&self.crash_at, "created");
-        match self.start_task(&cid, &uri).await {
+        match self.start_task(&cid, uri).await {
             Ok(pid) => Ok(pid),
             Err(e) => {
                 // A first start that failed leaves nothing behind.
@@ -329,6 +359,15 @@ impl TaskContext {
             }
         }
     }
+}
+
+/// `/dev/shm`: what was asked, else half the memory limit, else the
+/// runner's default.
+pub fn shm_bytes(a: &Assignment, default: u64) -> u64 {
+    a.spec
+        .shm_bytes
+        .or(a.spec.memory_bytes.map(|m| m / 2))
+        .unwrap_or(default)
 }
 
 /// Where task logs are written: DATA_DIR/runner/logs/task-<id>.{stdout,stderr}.
@@ -385,14 +424,24 @@ impl Driver for TaskContext {
 
     async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {
         let cid = self.container_id(a.id);
+        // The container keeps the devices it was made with; the host gives
+        // a restarted VPS the same GPUs, claimed again here.
+        let holder = super::gpus::NodeGpus::holder(a.id);
+        tokio::task::block_in_place(|| self.gpus.ledger.claim(&a.placement.gpus, &holder))
+            .map_err(|e| InstanceError::Gpu(e.into()))?;
         if a.spec.kind == Kind::Vps {
             self.vps
                 .start_network(a.id, &cid, a.placement.node_port)
                 .await?;
         }
         let uri = self.log_uri(a.id)?;
-        let pid = self.start_task(&cid, &uri).await?;
-        Ok(self.started(a, pid))
+        match self.start_task(&cid, &uri).await {
+            Ok(pid) => Ok(self.started(a, pid)),
+            Err(e) => {
+                self.gpus.release(a.id);
+                Err(e.into())
+            }
+        }
     }
 
     async fn start_created(&self, id: u64) -> Result<(), InstanceError> {
@@ -426,8 +475,10 @@ impl Driver for TaskContext {
     async fn keep(&self, id: u64) -> Vec<TeardownFailure> {
         let cid = self.container_id(id);
         let mut problems = Vec::new();
-        if let Err(e) = self.ctd.delete_task(&cid).await {
-            problems.push(TeardownFailure::Container(e));
+        match self.ctd.delete_task(&cid).await {
+            // No process left: its GPUs are free for the next instance.
+            Ok(()) => self.gpus.release(id),
+            Err(e) => problems.push(TeardownFailure::Container(e)),
         }
         if self.vps.address_of(&cid).is_some() {
             problems.extend(
@@ -455,6 +506,9 @@ impl Driver for TaskContext {
             .into_iter()
             .map(TeardownFailure::Container)
             .collect();
+        if problems.is_empty() {
+            self.gpus.release(id);
+        }
         if snapshots {
             problems.extend(
                 self.delete_all_snapshots(id)
@@ -503,7 +557,44 @@ impl Driver for TaskContext {
     }
 
     async fn recover(&self) {
+        reconcile_gpu_claims(self).await;
         reconcile_networks(self).await
+    }
+}
+
+/// After a crash: GPU claims of instances with no process left (they ended
+/// while no runner was watching, or it died between claim and start) are
+/// given back; running, paused and created instances keep theirs.
+async fn reconcile_gpu_claims(ctx: &TaskContext) {
+    let claims = match ctx.gpus.ledger.claims() {
+        Ok(c) if c.is_empty() => return,
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot read the GPU ledger");
+            return;
+        }
+    };
+    let mut live = std::collections::HashSet::new();
+    for holder in claims.values() {
+        let Some(id) = holder
+            .strip_prefix("task ")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        match ctx.observe(id).await {
+            Ok(Observed::Running | Observed::Paused | Observed::Created) => {
+                live.insert(holder.clone());
+            }
+            Ok(_) => {}
+            // Unknown is not gone: keep it for the next start.
+            Err(_) => {
+                live.insert(holder.clone());
+            }
+        }
+    }
+    if let Err(e) = ctx.gpus.ledger.retain_claims(|h| live.contains(h)) {
+        tracing::warn!(error = %crate::error_chain(&e), "cannot update the GPU ledger");
     }
 }
 

@@ -35,6 +35,8 @@ pub enum InstanceError {
     },
     #[error("locating the rivernode binary (for the log driver)")]
     Exe(#[source] std::io::Error),
+    #[error("GPUs")]
+    Gpu(#[from] super::gpus::GpuError),
     #[error("reading the runner's capabilities for a privileged instance")]
     Capabilities(#[source] crate::oci::OciError),
     #[error("removing the old disk for the restore")]

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod container;
 pub mod driver;
+pub mod gpus;
 pub mod lifecycle;
 pub mod logdriver;
 pub mod reconcile;
@@ -144,7 +145,7 @@ impl BoundRunner {
             ..KernelRoots::default()
         };
         restore_orphaned_gpus(&config).await;
-        let inventory = collect_inventory(&roots).await?;
+        let inventory = collect_inventory(&roots, &config.nvidia_driver_root).await?;
         let name = config
             .name
             .clone()
@@ -229,7 +230,7 @@ impl BoundRunner {
 async fn restore_orphaned_gpus(config: &RunnerConfig) {
     let vfio = crate::vfio::Vfio::new(
         &config.sys_root,
-        std::path::Path::new("/dev"),
+        &config.dev_root,
         &crate::vfio::state_file(&config.data_dir),
         Duration::from_secs(10),
         Arc::new(crate::vfio::RealSysfs),
@@ -253,10 +254,23 @@ async fn restore_orphaned_gpus(config: &RunnerConfig) {
     }
 }
 
-async fn collect_inventory(roots: &KernelRoots) -> Result<Inventory, TopologyError> {
+async fn collect_inventory(
+    roots: &KernelRoots,
+    nvidia_driver: &std::path::Path,
+) -> Result<Inventory, TopologyError> {
     let roots = roots.clone();
+    let nvidia_driver = nvidia_driver.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let mut inv = topology::collect(&roots)?;
+        // The driver's own files name each GPU's UUID, NVML or not.
+        for d in crate::oci::cdi::nvidia::driver_gpus(&nvidia_driver) {
+            if let Some(g) = inv.gpus.iter_mut().find(|g| g.address == d.address) {
+                g.uuid.get_or_insert(d.uuid);
+                if g.name.is_none() {
+                    g.name = d.model;
+                }
+            }
+        }
         // Only the real sysfs has GPUs NVML can know about.
         if !inv.gpus.is_empty() && roots.sys == std::path::Path::new("/sys") {
             match topology::nvml::query() {
@@ -329,7 +343,7 @@ impl Control {
             self.api.host_key.set(Some(c.host_token_hash.clone()));
             self.ensure_task_loop(&c).await;
             if beats % INVENTORY_EVERY_BEATS == INVENTORY_EVERY_BEATS - 1 {
-                match collect_inventory(&self.roots).await {
+                match collect_inventory(&self.roots, &self.config.nvidia_driver_root).await {
                     Ok(inv) if inv != self.inventory => {
                         self.inventory = inv;
                         send_inventory = true;
@@ -419,8 +433,24 @@ impl Control {
         let crash_at = std::env::var("RIVERNODE_CRASH_AT")
             .ok()
             .filter(|s| !s.is_empty());
+        let gpus = gpus::NodeGpus {
+            cdi_dirs: self.config.cdi_spec_dirs.clone(),
+            nvidia: crate::oci::cdi::nvidia::NvidiaRoots {
+                driver: self.config.nvidia_driver_root.clone(),
+                dev: self.config.dev_root.clone(),
+                ..Default::default()
+            },
+            ledger: crate::vfio::Vfio::new(
+                &self.config.sys_root,
+                &self.config.dev_root,
+                &crate::vfio::state_file(&self.config.data_dir),
+                Duration::from_secs(10),
+                Arc::new(crate::vfio::RealSysfs),
+            ),
+        };
         let ctx = Arc::new(container::TaskContext {
             node: c.name.clone(),
+            gpus,
             config: self.config.clone(),
             ctd,
             vps,

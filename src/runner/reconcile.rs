@@ -59,6 +59,7 @@ fn placeholder(id: u64, kind: Kind) -> Assignment {
             ssh_password_hash: None,
             privileged: false,
             restore: None,
+            shm_bytes: None,
         },
         placement: crate::api::Placement {
             node: String::new(),

@@ -68,6 +68,10 @@ pub enum VfioError {
     State { path: PathBuf, message: String },
     #[error(transparent)]
     Topology(#[from] TopologyError),
+    #[error("GPU {device} is in use by {holder}: stop it first (a GPU is never in a container and on vfio-pci at once)")]
+    HeldByInstance { device: PciAddress, holder: String },
+    #[error("GPU {device} is bound to vfio-pci ({holder}): `rivernode gpu unbind {device}` gives it back to the host")]
+    OnVfio { device: PciAddress, holder: String },
     #[error("restoring IOMMU group {group} left problems: {}", problems.join("; "))]
     Restore { group: u32, problems: Vec<String> },
 }
@@ -125,6 +129,18 @@ pub struct GroupBinding {
 #[derive(Default, Serialize, Deserialize)]
 struct State {
     groups: BTreeMap<u32, GroupBinding>,
+    /// GPUs a container holds, by its holder (`task 7`): the other half of
+    /// the node's one GPU ledger, so that a GPU is never on vfio-pci and in
+    /// a container at once.
+    #[serde(default)]
+    held: BTreeMap<PciAddress, String>,
+}
+
+/// An exclusive lock on the state file (flock on a sibling `.lock` file),
+/// held by every read-modify-write: the runner and `rivernode gpu` both
+/// change the state.
+struct StateLock {
+    _flock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// Machine-level facts for `rivernode gpu check`.
@@ -255,6 +271,90 @@ impl Vfio {
         crate::files::write_secret(&self.state_file, &json).map_err(|e| err(e.to_string()))
     }
 
+    fn lock(&self) -> Result<StateLock, VfioError> {
+        let err = |message: String| VfioError::State {
+            path: self.state_file.clone(),
+            message,
+        };
+        if let Some(parent) = self.state_file.parent() {
+            crate::files::ensure_private_dir(parent).map_err(|e| err(e.to_string()))?;
+        }
+        let path = self.state_file.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map(|f| StateLock { _flock: f })
+            .map_err(|(_, e)| err(format!("locking {}: {e}", path.display())))
+    }
+
+    /// Records that `holder` (an instance) uses `gpus` in a container. Refused
+    /// for a GPU on vfio-pci (bound by rivernode or not) or held by another.
+    pub fn claim(&self, gpus: &[PciAddress], holder: &str) -> Result<(), VfioError> {
+        let _lock = self.lock()?;
+        let mut state = self.load_state()?;
+        for &g in gpus {
+            if let Some(b) = state
+                .groups
+                .values()
+                .find(|b| b.members.iter().any(|m| m.address == g))
+            {
+                return Err(VfioError::OnVfio {
+                    device: g,
+                    holder: format!("bound by rivernode for {}", b.owner),
+                });
+            }
+            if self.driver_of(g).as_deref() == Some(VFIO_DRIVER) {
+                return Err(VfioError::OnVfio {
+                    device: g,
+                    holder: "bound outside rivernode".into(),
+                });
+            }
+            match state.held.get(&g) {
+                Some(h) if h != holder => {
+                    return Err(VfioError::HeldByInstance {
+                        device: g,
+                        holder: h.clone(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        for &g in gpus {
+            state.held.insert(g, holder.to_string());
+        }
+        if !gpus.is_empty() {
+            self.save_state(&state)?;
+        }
+        Ok(())
+    }
+
+    /// Gives back every GPU `holder` has in a container.
+    pub fn release(&self, holder: &str) -> Result<(), VfioError> {
+        self.retain_claims(|h| h != holder)
+    }
+
+    /// Keeps only the claims whose holder passes `keep` (after a crash: the
+    /// instances that still run).
+    pub fn retain_claims(&self, keep: impl Fn(&str) -> bool) -> Result<(), VfioError> {
+        let _lock = self.lock()?;
+        let mut state = self.load_state()?;
+        let before = state.held.len();
+        state.held.retain(|_, h| keep(h));
+        if state.held.len() != before {
+            self.save_state(&state)?;
+        }
+        Ok(())
+    }
+
+    /// GPUs held by containers, with their holders.
+    pub fn claims(&self) -> Result<BTreeMap<PciAddress, String>, VfioError> {
+        Ok(self.load_state()?.held)
+    }
+
     /// Every binding rivernode holds.
     pub fn bindings(&self) -> Result<Vec<GroupBinding>, VfioError> {
         Ok(self.load_state()?.groups.into_values().collect())
@@ -301,6 +401,12 @@ impl Vfio {
                 if m.kind == MemberKind::Bridge {
                     plan.bridges.push(a);
                 } else if wanted(&a) {
+                    if let Some(h) = state.held.get(&a) {
+                        return Err(VfioError::HeldByInstance {
+                            device: a,
+                            holder: h.clone(),
+                        });
+                    }
                     if m.boot_vga {
                         return Err(VfioError::BootVga(a));
                     }
@@ -347,6 +453,9 @@ impl Vfio {
         if !driver_dir.is_dir() {
             return Err(VfioError::NoVfioDriver(driver_dir));
         }
+        // Held from the check to the last write: a container cannot claim a
+        // GPU of this request in between.
+        let _lock = self.lock()?;
         let plans = self.plan(request, owner)?;
         let mut state = self.load_state()?;
         let mut done: Vec<u32> = Vec::new();
@@ -469,6 +578,7 @@ impl Vfio {
     /// Restores the group rivernode bound; a group it did not bind is left
     /// alone (no-op). The record is dropped only when every member is back.
     pub fn restore(&self, group: u32) -> Result<(), VfioError> {
+        let _lock = self.lock()?;
         let mut state = self.load_state()?;
         let Some(b) = state.groups.get(&group).cloned() else {
             return Ok(());

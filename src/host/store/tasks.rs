@@ -315,15 +315,15 @@ fn requeue(
     let mut spec = t.spec.clone();
     spec.restore = restore.cloned();
     if let Some(p) = &t.placement {
-        match &mut spec.target {
-            Some(target) => target.node = p.node.clone(),
-            None => {
-                spec.target = Some(crate::api::Target {
-                    node: p.node.clone(),
-                    numa: None,
-                    gpus: vec![],
-                })
-            }
+        let target = spec.target.get_or_insert_with(|| crate::api::Target {
+            node: p.node.clone(),
+            numa: None,
+            gpus: vec![],
+        });
+        target.node = p.node.clone();
+        // Its container was made with these GPUs' devices: the same ones again.
+        if target.gpus.is_empty() {
+            target.gpus = p.gpus.iter().map(|g| g.to_string()).collect();
         }
     }
     tx.execute(
@@ -565,6 +565,7 @@ mod tests {
             ssh_password_hash: None,
             privileged: false,
             restore: None,
+            shm_bytes: None,
         }
     }
 
@@ -716,6 +717,35 @@ mod tests {
                 .any(|x| x.id == a && x.desired == Desired::Deleted),
             "its runner hears of the delete and removes the disk"
         );
+    }
+
+    #[test]
+    fn a_restarted_vps_gets_the_gpus_its_container_was_made_with() {
+        let s = store_with_node("n1");
+        let vps = TaskSpec {
+            kind: crate::api::Kind::Vps,
+            ..spec(1, 1)
+        };
+        let a = s.submit_task(&vps, None, 0).unwrap();
+        s.schedule().unwrap();
+        let first = s.get_task(a).unwrap().unwrap().placement.unwrap().gpus;
+        report(&s, a, TaskState::Running).unwrap();
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        report(&s, a, TaskState::Stopped).unwrap();
+        // While it is stopped, another instance takes the first free GPU ...
+        let b = s.submit_task(&spec(1, 1), None, 0).unwrap();
+        s.schedule().unwrap();
+        let taken = s.get_task(b).unwrap().unwrap().placement.unwrap().gpus;
+        assert_eq!(taken, first, "a stopped VPS holds no GPU");
+        // ... so the VPS waits for its own rather than take another.
+        s.restart(a, None).unwrap();
+        assert!(s.schedule().unwrap().is_empty());
+        let t = s.get_task(a).unwrap().unwrap();
+        assert!(t.reason.contains("in use"), "{}", t.reason);
+        report(&s, b, TaskState::Running).unwrap();
+        report(&s, b, TaskState::Completed).unwrap();
+        assert_eq!(s.schedule().unwrap(), vec![a]);
+        assert_eq!(s.get_task(a).unwrap().unwrap().placement.unwrap().gpus, first);
     }
 
     #[test]

@@ -1,0 +1,256 @@
+//! The GPUs of an instance: the ledger's PCI addresses, claimed in the
+//! node's GPU ledger (never a GPU on vfio-pci), resolved to CDI devices (by
+//! UUID, else by PCI address; a spec generated from the NVIDIA driver when
+//! no spec names them), applied to the runtime spec, and told to the
+//! workload (`CUDA_VISIBLE_DEVICES`, `NVIDIA_VISIBLE_DEVICES`, `GPU_COUNT`,
+//! `RIVERNODE_GPUS`), all in the ledger's order.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use oci_spec::runtime::Spec;
+
+use crate::oci::cdi::nvidia::{self, DriverGpu, NvidiaRoots};
+use crate::oci::cdi::{CdiError, DeviceNodes, Registry};
+use crate::topology::PciAddress;
+use crate::vfio::{Vfio, VfioError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(transparent)]
+    Cdi(#[from] CdiError),
+    #[error(transparent)]
+    Ledger(#[from] VfioError),
+    #[error("GPU {gpu} is named {names} in more than one CDI spec; keep one")]
+    Ambiguous { gpu: PciAddress, names: String },
+    #[error("no CDI spec in {dirs} names GPU {gpu}{uuid}: run `nvidia-ctk cdi generate --device-name-strategy=uuid --output=/etc/cdi/nvidia.yaml`, or write a spec whose device is named by the GPU's UUID or PCI address")]
+    Unnamed {
+        gpu: PciAddress,
+        uuid: String,
+        dirs: String,
+    },
+}
+
+/// One GPU as it reaches the instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub address: PciAddress,
+    pub uuid: Option<String>,
+    /// The qualified CDI device, `kind=name`.
+    pub cdi: String,
+}
+
+/// Finds each GPU's CDI device: the one named by its UUID, else by its PCI
+/// address. `Ok(None)` for a GPU no spec names.
+pub fn resolve(
+    gpus: &[PciAddress],
+    driver: &[DriverGpu],
+    registry: &Registry,
+) -> Result<Vec<(PciAddress, Option<String>, Option<String>)>, GpuError> {
+    let mut out = Vec::new();
+    for &gpu in gpus {
+        let uuid = driver
+            .iter()
+            .find(|d| d.address == gpu)
+            .map(|d| d.uuid.clone());
+        let mut found = uuid
+            .as_deref()
+            .map(|u| registry.named(u))
+            .unwrap_or_default();
+        if found.is_empty() {
+            found = registry.named(&gpu.to_string());
+        }
+        if found.len() > 1 {
+            return Err(GpuError::Ambiguous {
+                gpu,
+                names: found.join(" and "),
+            });
+        }
+        out.push((gpu, uuid, found.pop()));
+    }
+    Ok(out)
+}
+
+/// The variables a workload reads to find its GPUs. CUDA and NVIDIA's tools
+/// take UUIDs (an index would depend on enumeration order); a GPU without
+/// one is named by its PCI address.
+pub fn env(grants: &[Grant]) -> BTreeMap<String, String> {
+    let ids: Vec<String> = grants
+        .iter()
+        .map(|g| g.uuid.clone().unwrap_or_else(|| g.address.to_string()))
+        .collect();
+    let mut env = BTreeMap::from([("GPU_COUNT".to_string(), grants.len().to_string())]);
+    if !grants.is_empty() {
+        env.insert("CUDA_VISIBLE_DEVICES".into(), ids.join(","));
+        env.insert("NVIDIA_VISIBLE_DEVICES".into(), ids.join(","));
+        env.insert(
+            "RIVERNODE_GPUS".into(),
+            grants
+                .iter()
+                .map(|g| g.address.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    } else {
+        // An image built for nvidia-container-runtime must not think it has all.
+        env.insert("NVIDIA_VISIBLE_DEVICES".into(), "void".into());
+    }
+    env
+}
+
+/// The node's GPU plumbing, from the runner settings.
+pub struct NodeGpus {
+    pub cdi_dirs: Vec<PathBuf>,
+    pub nvidia: NvidiaRoots,
+    pub ledger: Vfio,
+}
+
+impl NodeGpus {
+    /// The instance's holder name in the ledger.
+    pub fn holder(id: u64) -> String {
+        format!("task {id}")
+    }
+
+    /// Claims `gpus` for instance `id` and applies their CDI devices to
+    /// `spec`. On any error nothing is claimed and `spec` is unchanged.
+    pub fn equip(
+        &self,
+        id: u64,
+        gpus: &[PciAddress],
+        spec: &mut Spec,
+        nodes: &dyn DeviceNodes,
+    ) -> Result<Vec<Grant>, GpuError> {
+        if gpus.is_empty() {
+            return Ok(Vec::new());
+        }
+        let holder = Self::holder(id);
+        self.ledger.claim(gpus, &holder)?;
+        let result = self.apply(gpus, spec, nodes);
+        if result.is_err() {
+            if let Err(e) = self.ledger.release(&holder) {
+                tracing::warn!(task = id, error = %crate::error_chain(&e), "cannot give back the GPU claim");
+            }
+        }
+        result
+    }
+
+    fn apply(
+        &self,
+        gpus: &[PciAddress],
+        spec: &mut Spec,
+        nodes: &dyn DeviceNodes,
+    ) -> Result<Vec<Grant>, GpuError> {
+        let driver = nvidia::driver_gpus(&self.nvidia.driver);
+        let mut registry = Registry::load(&self.cdi_dirs)?;
+        let mut found = resolve(gpus, &driver, &registry)?;
+        if found.iter().any(|(_, _, cdi)| cdi.is_none()) {
+            if let Some(node) = nvidia::discover(&self.nvidia) {
+                let origin = self.nvidia.driver.join("(generated)");
+                registry.add_generated(origin, nvidia::generate(&node))?;
+                found = resolve(gpus, &driver, &registry)?;
+            }
+        }
+        let mut grants = Vec::new();
+        for (address, uuid, cdi) in found {
+            let Some(cdi) = cdi else {
+                return Err(GpuError::Unnamed {
+                    gpu: address,
+                    uuid: uuid.map(|u| format!(" ({u})")).unwrap_or_default(),
+                    dirs: registry.dirs(),
+                });
+            };
+            grants.push(Grant { address, uuid, cdi });
+        }
+        let names: Vec<String> = grants.iter().map(|g| g.cdi.clone()).collect();
+        registry.apply(spec, &names, nodes)?;
+        Ok(grants)
+    }
+
+    /// Gives back instance `id`'s GPUs.
+    pub fn release(&self, id: u64) {
+        if let Err(e) = self.ledger.release(&Self::holder(id)) {
+            tracing::warn!(task = id, error = %crate::error_chain(&e), "cannot give back the GPU claim");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::cdi::{CdiDevice, CdiSpec};
+
+    fn a(s: &str) -> PciAddress {
+        s.parse().unwrap()
+    }
+
+    fn spec_naming(kind: &str, names: &[&str]) -> CdiSpec {
+        CdiSpec {
+            cdi_version: "0.5.0".into(),
+            kind: kind.into(),
+            devices: names
+                .iter()
+                .map(|n| CdiDevice {
+                    name: n.to_string(),
+                    ..CdiDevice::default()
+                })
+                .collect(),
+            ..CdiSpec::default()
+        }
+    }
+
+    #[test]
+    fn gpus_resolve_by_uuid_then_by_address_in_ledger_order() {
+        let driver = vec![DriverGpu {
+            address: a("0000:17:00.0"),
+            uuid: "GPU-aaaa".into(),
+            minor: 0,
+            model: None,
+        }];
+        let r = Registry::from_specs(vec![
+            ("/etc/cdi/n.yaml".into(), spec_naming("nvidia.com/gpu", &["GPU-aaaa"])),
+            ("/etc/cdi/o.yaml".into(), spec_naming("other.com/gpu", &["0000:65:00.0"])),
+        ])
+        .unwrap();
+        let got = resolve(&[a("0000:65:00.0"), a("0000:17:00.0"), a("0000:99:00.0")], &driver, &r).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (a("0000:65:00.0"), None, Some("other.com/gpu=0000:65:00.0".into())),
+                (a("0000:17:00.0"), Some("GPU-aaaa".into()), Some("nvidia.com/gpu=GPU-aaaa".into())),
+                (a("0000:99:00.0"), None, None),
+            ]
+        );
+        // Two kinds naming one GPU: refused, not a guess.
+        let r = Registry::from_specs(vec![
+            ("/a.json".into(), spec_naming("nvidia.com/gpu", &["GPU-aaaa"])),
+            ("/b.json".into(), spec_naming("test.com/gpu", &["GPU-aaaa"])),
+        ])
+        .unwrap();
+        let e = resolve(&[a("0000:17:00.0")], &driver, &r).unwrap_err().to_string();
+        assert!(e.contains("nvidia.com/gpu=GPU-aaaa") && e.contains("test.com/gpu=GPU-aaaa"), "{e}");
+    }
+
+    #[test]
+    fn the_workload_is_told_its_gpus_by_uuid() {
+        let grants = vec![
+            Grant {
+                address: a("0000:65:00.0"),
+                uuid: Some("GPU-bbbb".into()),
+                cdi: "x/y=GPU-bbbb".into(),
+            },
+            Grant {
+                address: a("0000:17:00.0"),
+                uuid: None,
+                cdi: "x/y=0000:17:00.0".into(),
+            },
+        ];
+        let e = env(&grants);
+        assert_eq!(e["CUDA_VISIBLE_DEVICES"], "GPU-bbbb,0000:17:00.0");
+        assert_eq!(e["NVIDIA_VISIBLE_DEVICES"], e["CUDA_VISIBLE_DEVICES"]);
+        assert_eq!(e["GPU_COUNT"], "2");
+        assert_eq!(e["RIVERNODE_GPUS"], "0000:65:00.0,0000:17:00.0");
+        let none = env(&[]);
+        assert_eq!((none["GPU_COUNT"].as_str(), none["NVIDIA_VISIBLE_DEVICES"].as_str()), ("0", "void"));
+        assert!(!none.contains_key("CUDA_VISIBLE_DEVICES"));
+    }
+}
