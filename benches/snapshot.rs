@@ -57,6 +57,7 @@ fn main() {
                 cgroups_path: format!("/rivernode-bench/{id}"),
                 netns: None,
                 privileged: None,
+                shm_bytes: 64 << 20,
             };
             let spec = build_spec(&img.config, &input).unwrap();
             let log = format!("file://{}", work.path().join("log").display());

@@ -32,6 +32,7 @@ fn input(id: &str, args: &[&str], memory: Option<u64>) -> RuntimeSpecInput {
         cgroups_path: format!("/rivernode-test/{id}"),
         netns: None,
         privileged: None,
+        shm_bytes: 64 << 20,
     }
 }
 

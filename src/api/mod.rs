@@ -97,6 +97,9 @@ pub struct NodeView {
     pub heartbeat_interval_ms: u64,
     pub inventory: Inventory,
     pub usage: Option<Usage>,
+    /// GPUs (by PCI address) that instances hold, with the instance's id.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub gpu_holders: std::collections::BTreeMap<crate::topology::PciAddress, u64>,
 }
 
 /// What the runner API answers on `GET /api/status`.

@@ -271,8 +271,17 @@ pub struct GpuOpts {
 
 #[derive(Subcommand, Debug)]
 pub enum GpuCommand {
-    /// GPUs with vendor:device, name, driver, NUMA node, IOMMU group, and host or VM.
+    /// GPUs with vendor:device, name, UUID, driver, NUMA node, IOMMU group, and
+    /// state: free on the host driver, on vfio-pci, or in use by an instance.
     List(GpuOpts),
+    /// Print the CDI spec the runner makes from this node's NVIDIA driver when
+    /// no spec in /etc/cdi or /var/run/cdi names its GPUs (YAML; -o json for JSON).
+    CdiSpec {
+        #[arg(long, default_value = "/proc/driver/nvidia", hide = true)]
+        driver_root: PathBuf,
+        #[command(flatten)]
+        opts: GpuOpts,
+    },
     /// Is the IOMMU on, is vfio-pci loaded, can each GPU's group be passed through?
     Check(GpuOpts),
     /// Bind devices (PCI address or GPU UUID) and their IOMMU groups to vfio-pci.

@@ -1,6 +1,7 @@
 //! `rivernode gpu list|check|bind|unbind`: node-local GPU passthrough admin.
 //! Reads sysfs directly and binds through src/vfio; needs root for bind/unbind.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,8 +17,27 @@ use crate::vfio::{state_file, GroupBinding, RealSysfs, Vfio, VFIO_DRIVER};
 pub struct GpuEntry {
     #[serde(flatten)]
     pub gpu: Gpu,
-    /// `host`, `vfio:<owner>` (bound by rivernode) or `vfio:unmanaged`.
+    /// `host`, `vfio:<owner>` (bound by rivernode), `vfio:unmanaged`, or
+    /// `task <id>` (a container holds it).
     pub assignment: String,
+}
+
+/// A GPU's state in words: in use by an instance, on vfio-pci (for whom),
+/// or free on its host driver.
+pub fn state_text(
+    driver: Option<&str>,
+    holder: Option<String>,
+    vfio_owner: Option<&str>,
+) -> String {
+    match (holder, driver) {
+        (Some(h), _) => format!("in use by {h}"),
+        (None, Some(VFIO_DRIVER)) => match vfio_owner {
+            Some(o) => format!("vfio-pci ({o})"),
+            None => "vfio-pci".into(),
+        },
+        (None, Some(d)) => format!("free (host driver {d})"),
+        (None, None) => "free (no driver)".into(),
+    }
 }
 
 fn vfio(opts: &GpuOpts, data_dir: &Path) -> Vfio {
@@ -34,6 +54,7 @@ pub fn entries(
     sys: &Path,
     pci_ids: &Path,
     bindings: &[GroupBinding],
+    claims: &BTreeMap<PciAddress, String>,
 ) -> anyhow::Result<Vec<GpuEntry>> {
     let mut warnings = Vec::new();
     let mut gpus = topology::scan_gpus(sys, &mut warnings)?;
@@ -41,6 +62,11 @@ pub fn entries(
     if sys == Path::new("/sys") && !gpus.is_empty() {
         if let Ok(list) = topology::nvml::query() {
             topology::nvml::attach_uuids(&mut gpus, &list);
+        }
+        for d in crate::oci::cdi::nvidia::driver_gpus(Path::new("/proc/driver/nvidia")) {
+            if let Some(g) = gpus.iter_mut().find(|g| g.address == d.address) {
+                g.uuid.get_or_insert(d.uuid);
+            }
         }
     }
     Ok(gpus
@@ -50,9 +76,10 @@ pub fn entries(
                 .iter()
                 .find(|b| b.members.iter().any(|m| m.address == gpu.address))
                 .map(|b| b.owner.clone());
-            let assignment = match (gpu.driver.as_deref(), owner) {
-                (Some(VFIO_DRIVER), Some(o)) => format!("vfio:{o}"),
-                (Some(VFIO_DRIVER), None) => "vfio:unmanaged".into(),
+            let assignment = match (claims.get(&gpu.address), gpu.driver.as_deref(), owner) {
+                (Some(holder), _, _) => holder.clone(),
+                (None, Some(VFIO_DRIVER), Some(o)) => format!("vfio:{o}"),
+                (None, Some(VFIO_DRIVER), None) => "vfio:unmanaged".into(),
                 _ => "host".into(),
             };
             GpuEntry { gpu, assignment }
@@ -89,7 +116,13 @@ fn list_table(list: &[GpuEntry]) -> String {
         .iter()
         .map(|e| {
             let mut row = gpu_cells(&e.gpu).to_vec();
-            row.push(e.assignment.clone());
+            row.insert(3, e.gpu.uuid.clone().unwrap_or_else(|| "-".into()));
+            let (holder, owner) = match e.assignment.split_once(':') {
+                Some(("vfio", o)) => (None, Some(o)),
+                _ if e.assignment.starts_with("task ") => (Some(e.assignment.clone()), None),
+                _ => (None, None),
+            };
+            row.push(state_text(e.gpu.driver.as_deref(), holder, owner));
             row
         })
         .collect();
@@ -98,10 +131,11 @@ fn list_table(list: &[GpuEntry]) -> String {
             "ADDRESS",
             "ID",
             "NAME",
+            "UUID",
             "DRIVER",
             "NUMA",
             "IOMMU GROUP",
-            "ASSIGNED",
+            "STATE",
         ],
         &rows,
     )
@@ -129,11 +163,30 @@ pub fn run(cmd: GpuCommand, output: Output, data_dir: &Path) -> anyhow::Result<(
                 &opts.sys_root,
                 Path::new("/usr/share/misc/pci.ids"),
                 &v.bindings()?,
+                &v.claims()?,
             )?;
             match output {
                 Output::Json => emit_json(&list),
                 Output::Table if list.is_empty() => emit("no GPUs on this node\n"),
                 Output::Table => emit(&list_table(&list)),
+            }
+        }
+        GpuCommand::CdiSpec { driver_root, opts } => {
+            let roots = crate::oci::cdi::nvidia::NvidiaRoots {
+                driver: driver_root.clone(),
+                dev: opts.dev_root.clone(),
+                ..Default::default()
+            };
+            let node = crate::oci::cdi::nvidia::discover(&roots).with_context(|| {
+                format!(
+                    "no NVIDIA GPUs here: {} lists none (is the nvidia driver loaded?)",
+                    driver_root.join("gpus").display()
+                )
+            })?;
+            let spec = crate::oci::cdi::nvidia::generate(&node);
+            match output {
+                Output::Json => emit_json(&spec),
+                Output::Table => emit(&serde_yaml_ng::to_string(&spec)?),
             }
         }
         GpuCommand::Check(opts) => {
@@ -143,6 +196,7 @@ pub fn run(cmd: GpuCommand, output: Output, data_dir: &Path) -> anyhow::Result<(
                 &opts.sys_root,
                 Path::new("/usr/share/misc/pci.ids"),
                 &v.bindings()?,
+                &v.claims()?,
             )?;
             let verdicts: Vec<serde_json::Value> = list
                 .iter()
@@ -241,15 +295,20 @@ mod tests {
     #[test]
     fn lists_gpus_with_numa_group_and_assignment() {
         let m = FakeMachine::two_socket_four_gpus();
-        let list = entries(&m.path("sys"), &m.path("pci.ids"), &[]).unwrap();
+        let claims = BTreeMap::from([("0000:18:00.0".parse().unwrap(), "task 7".to_string())]);
+        let list = entries(&m.path("sys"), &m.path("pci.ids"), &[], &claims).unwrap();
         assert_eq!(list.len(), 4);
         assert_eq!(list[2].gpu.numa_node, Some(1));
         assert_eq!(list[0].gpu.iommu_group, Some(20));
         assert_eq!(list[0].assignment, "host");
         assert_eq!(list[3].assignment, "vfio:unmanaged");
+        assert_eq!(list[1].assignment, "task 7");
         let t = list_table(&list);
+        let row = |a: &str| t.lines().find(|l| l.starts_with(a)).unwrap().to_string();
+        assert!(row("0000:cb:00.0").ends_with("vfio-pci (unmanaged)"), "{t}");
+        assert!(row("0000:18:00.0").ends_with("in use by task 7"), "{t}");
         assert!(
-            t.contains("0000:cb:00.0") && t.contains("vfio:unmanaged"),
+            row("0000:17:00.0").ends_with("free (host driver nvidia)"),
             "{t}"
         );
         let j = serde_json::to_value(&list).unwrap();

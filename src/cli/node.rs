@@ -159,6 +159,11 @@ fn status_text(n: &NodeView, runner: &Result<RunnerStatus, String>, now: i64) ->
             .map(|g| {
                 let mut row = crate::cli::gpu::gpu_cells(g).to_vec();
                 row.insert(3, g.uuid.clone().unwrap_or_else(|| "-".into()));
+                row.push(crate::cli::gpu::state_text(
+                    g.driver.as_deref(),
+                    n.gpu_holders.get(&g.address).map(|id| format!("task {id}")),
+                    None,
+                ));
                 row
             })
             .collect();
@@ -171,6 +176,7 @@ fn status_text(n: &NodeView, runner: &Result<RunnerStatus, String>, now: i64) ->
                 "DRIVER",
                 "NUMA",
                 "IOMMU GROUP",
+                "STATE",
             ],
             &rows,
         )));
@@ -206,12 +212,17 @@ mod tests {
             heartbeat_interval_ms: 5_000,
             inventory: collect(&m.roots()).unwrap(),
             usage: None,
+            gpu_holders: Default::default(),
         }
     }
 
     #[test]
     fn status_shows_numa_map_and_gpus_with_iommu_groups() {
-        let text = status_text(&view(), &Err("connection refused".into()), 4_000);
+        let mut v = view();
+        v.gpu_holders.insert("0000:18:00.0".parse().unwrap(), 7);
+        let text = status_text(&v, &Err("connection refused".into()), 4_000);
+        let g18 = text.lines().find(|l| l.contains("0000:18:00.0  ")).unwrap();
+        assert!(g18.ends_with("in use by task 7"), "{g18}");
         assert!(
             text.contains("CPUs:       8 logical (0-7), 4 cores"),
             "{text}"
@@ -241,6 +252,7 @@ mod tests {
             gcb.contains("vfio-pci") && gcb.contains("31 (+0000:cb:00.1)"),
             "{gcb}"
         );
+        assert!(g17.ends_with("free (host driver nvidia)"), "{g17}");
     }
 
     #[test]

@@ -94,7 +94,8 @@ pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
 
 /// Why no node could ever take `spec`: the first resource no node has enough of.
 fn never_fits(spec: &TaskSpec, nodes: &[NodeView]) -> String {
-    let most = |f: &dyn Fn(&Inventory) -> u64| nodes.iter().map(|n| f(&n.inventory)).max().unwrap_or(0);
+    let most =
+        |f: &dyn Fn(&Inventory) -> u64| nodes.iter().map(|n| f(&n.inventory)).max().unwrap_or(0);
     let gpus = most(&|i| i.gpus.len() as u64);
     let cores = most(&|i| i.cpus.len() as u64);
     if u64::from(spec.gpu_count) > gpus {
@@ -372,6 +373,7 @@ mod tests {
             heartbeat_interval_ms: 1000,
             inventory: collect(&m.roots()).unwrap(),
             usage: None,
+            gpu_holders: Default::default(),
         }
     }
 
@@ -464,7 +466,10 @@ mod tests {
     fn what_no_node_could_ever_give_is_refused_naming_it() {
         let nodes = [node("n1")];
         for (s, want) in [
-            (spec(1, 5, None), "gpu_count: no node has 5 GPUs (the most any node has is 4)"),
+            (
+                spec(1, 5, None),
+                "gpu_count: no node has 5 GPUs (the most any node has is 4)",
+            ),
             (spec(99, 0, None), "cores: no node has 99 cores"),
             (
                 TaskSpec {

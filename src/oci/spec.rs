@@ -341,7 +341,10 @@ mod tests {
             &[("NVIDIA_VISIBLE_DEVICES".to_string(), "GPU-1".to_string())].into(),
         );
         let env = spec.process().as_ref().unwrap().env().clone().unwrap();
-        let nv: Vec<&String> = env.iter().filter(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES=")).collect();
+        let nv: Vec<&String> = env
+            .iter()
+            .filter(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES="))
+            .collect();
         assert_eq!(nv, ["NVIDIA_VISIBLE_DEVICES=GPU-1"]);
         assert!(env.contains(&"RIVERNODE_TASK_ID=7".to_string()));
     }
@@ -477,7 +480,10 @@ mod tests {
             .iter()
             .map(|o| o.as_str().unwrap())
             .collect();
-        assert!(opts.contains(&"size=1048576k") && !opts.contains(&"size=65536k"), "{opts:?}");
+        assert!(
+            opts.contains(&"size=1048576k") && !opts.contains(&"size=65536k"),
+            "{opts:?}"
+        );
         assert!(j["mounts"]
             .as_array()
             .unwrap()

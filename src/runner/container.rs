@@ -286,12 +286,8 @@ impl TaskContext {
         // The reserved GPUs, and only those, from their CDI specs; then our
         // variables over anything a spec set.
         let grants = tokio::task::block_in_place(|| {
-            self.gpus.equip(
-                id,
-                &a.placement.gpus,
-                &mut spec,
-                &oci::cdi::RealDeviceNodes,
-            )
+            self.gpus
+                .equip(id, &a.placement.gpus, &mut spec, &oci::cdi::RealDeviceNodes)
         })?;
         let mut env = input.rivernode_env.clone();
         env.extend(super::gpus::env(&grants));

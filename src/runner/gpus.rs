@@ -40,13 +40,21 @@ pub struct Grant {
     pub cdi: String,
 }
 
+/// A GPU and the CDI device that names it, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub address: PciAddress,
+    pub uuid: Option<String>,
+    pub cdi: Option<String>,
+}
+
 /// Finds each GPU's CDI device: the one named by its UUID, else by its PCI
-/// address. `Ok(None)` for a GPU no spec names.
+/// address; `cdi: None` for a GPU no spec names.
 pub fn resolve(
     gpus: &[PciAddress],
     driver: &[DriverGpu],
     registry: &Registry,
-) -> Result<Vec<(PciAddress, Option<String>, Option<String>)>, GpuError> {
+) -> Result<Vec<Resolved>, GpuError> {
     let mut out = Vec::new();
     for &gpu in gpus {
         let uuid = driver
@@ -66,7 +74,11 @@ pub fn resolve(
                 names: found.join(" and "),
             });
         }
-        out.push((gpu, uuid, found.pop()));
+        out.push(Resolved {
+            address: gpu,
+            uuid,
+            cdi: found.pop(),
+        });
     }
     Ok(out)
 }
@@ -143,7 +155,7 @@ impl NodeGpus {
         let driver = nvidia::driver_gpus(&self.nvidia.driver);
         let mut registry = Registry::load(&self.cdi_dirs)?;
         let mut found = resolve(gpus, &driver, &registry)?;
-        if found.iter().any(|(_, _, cdi)| cdi.is_none()) {
+        if found.iter().any(|r| r.cdi.is_none()) {
             if let Some(node) = nvidia::discover(&self.nvidia) {
                 let origin = self.nvidia.driver.join("(generated)");
                 registry.add_generated(origin, nvidia::generate(&node))?;
@@ -151,7 +163,7 @@ impl NodeGpus {
             }
         }
         let mut grants = Vec::new();
-        for (address, uuid, cdi) in found {
+        for Resolved { address, uuid, cdi } in found {
             let Some(cdi) = cdi else {
                 return Err(GpuError::Unnamed {
                     gpu: address,
@@ -207,27 +219,58 @@ mod tests {
             model: None,
         }];
         let r = Registry::from_specs(vec![
-            ("/etc/cdi/n.yaml".into(), spec_naming("nvidia.com/gpu", &["GPU-aaaa"])),
-            ("/etc/cdi/o.yaml".into(), spec_naming("other.com/gpu", &["0000:65:00.0"])),
+            (
+                "/etc/cdi/n.yaml".into(),
+                spec_naming("nvidia.com/gpu", &["GPU-aaaa"]),
+            ),
+            (
+                "/etc/cdi/o.yaml".into(),
+                spec_naming("other.com/gpu", &["0000:65:00.0"]),
+            ),
         ])
         .unwrap();
-        let got = resolve(&[a("0000:65:00.0"), a("0000:17:00.0"), a("0000:99:00.0")], &driver, &r).unwrap();
+        let got = resolve(
+            &[a("0000:65:00.0"), a("0000:17:00.0"), a("0000:99:00.0")],
+            &driver,
+            &r,
+        )
+        .unwrap();
         assert_eq!(
             got,
             vec![
-                (a("0000:65:00.0"), None, Some("other.com/gpu=0000:65:00.0".into())),
-                (a("0000:17:00.0"), Some("GPU-aaaa".into()), Some("nvidia.com/gpu=GPU-aaaa".into())),
-                (a("0000:99:00.0"), None, None),
+                Resolved {
+                    address: a("0000:65:00.0"),
+                    uuid: None,
+                    cdi: Some("other.com/gpu=0000:65:00.0".into())
+                },
+                Resolved {
+                    address: a("0000:17:00.0"),
+                    uuid: Some("GPU-aaaa".into()),
+                    cdi: Some("nvidia.com/gpu=GPU-aaaa".into())
+                },
+                Resolved {
+                    address: a("0000:99:00.0"),
+                    uuid: None,
+                    cdi: None
+                },
             ]
         );
         // Two kinds naming one GPU: refused, not a guess.
         let r = Registry::from_specs(vec![
-            ("/a.json".into(), spec_naming("nvidia.com/gpu", &["GPU-aaaa"])),
+            (
+                "/a.json".into(),
+                spec_naming("nvidia.com/gpu", &["GPU-aaaa"]),
+            ),
             ("/b.json".into(), spec_naming("test.com/gpu", &["GPU-aaaa"])),
         ])
         .unwrap();
-        let e = resolve(&[a("0000:17:00.0")], &driver, &r).unwrap_err().to_string();
-        assert!(e.contains("nvidia.com/gpu=GPU-aaaa") && e.contains("test.com/gpu=GPU-aaaa"), "{e}");
+        let e = resolve(&[a("0000:17:00.0")], &driver, &r)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nvidia.com/gpu=GPU-aaaa") && e.contains("test.com/gpu=GPU-aaaa"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -250,7 +293,13 @@ mod tests {
         assert_eq!(e["GPU_COUNT"], "2");
         assert_eq!(e["RIVERNODE_GPUS"], "0000:65:00.0,0000:17:00.0");
         let none = env(&[]);
-        assert_eq!((none["GPU_COUNT"].as_str(), none["NVIDIA_VISIBLE_DEVICES"].as_str()), ("0", "void"));
+        assert_eq!(
+            (
+                none["GPU_COUNT"].as_str(),
+                none["NVIDIA_VISIBLE_DEVICES"].as_str()
+            ),
+            ("0", "void")
+        );
         assert!(!none.contains_key("CUDA_VISIBLE_DEVICES"));
     }
 }

@@ -378,7 +378,7 @@ mod tests {
                 ssh_password_hash: None,
                 privileged: false,
                 restore: None,
-            shm_bytes: None,
+                shm_bytes: None,
             },
             placement: Placement {
                 node: "n1".into(),

@@ -485,12 +485,18 @@ fn one_ledger_a_held_gpu_is_not_bound_and_a_bound_gpu_is_not_held() {
     // A container holds 41:00.0: binding it (or its group) is refused, naming the holder.
     v.claim(&[a("0000:41:00.0")], "task 7").unwrap();
     let writes = r.writes();
-    let e = v.bind(&[a("0000:41:00.0")], "admin").unwrap_err().to_string();
+    let e = v
+        .bind(&[a("0000:41:00.0")], "admin")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("0000:41:00.0") && e.contains("task 7"), "{e}");
     assert_eq!(r.writes(), writes, "nothing written");
     assert_eq!(r.driver("0000:41:00.0").as_deref(), Some("nvidia"));
     // Another instance cannot take it either; the same one may claim again (restart).
-    let e = v.claim(&[a("0000:41:00.0")], "task 8").unwrap_err().to_string();
+    let e = v
+        .claim(&[a("0000:41:00.0")], "task 8")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("task 7"), "{e}");
     v.claim(&[a("0000:41:00.0")], "task 7").unwrap();
     // Given back, it binds.
@@ -498,11 +504,20 @@ fn one_ledger_a_held_gpu_is_not_bound_and_a_bound_gpu_is_not_held() {
     assert!(v.claims().unwrap().is_empty());
     v.bind(&[a("0000:41:00.0")], "admin").unwrap();
     // Bound to vfio-pci, by rivernode or not: never given to a container.
-    let e = v.claim(&[a("0000:41:00.0")], "task 9").unwrap_err().to_string();
+    let e = v
+        .claim(&[a("0000:41:00.0")], "task 9")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("vfio-pci") && e.contains("admin"), "{e}");
-    let e = v.claim(&[a("0000:cb:00.0")], "task 9").unwrap_err().to_string();
+    let e = v
+        .claim(&[a("0000:cb:00.0")], "task 9")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("outside rivernode"), "{e}");
-    assert!(v.claims().unwrap().is_empty(), "a refused claim records nothing");
+    assert!(
+        v.claims().unwrap().is_empty(),
+        "a refused claim records nothing"
+    );
 }
 
 #[test]

@@ -52,6 +52,8 @@ pub struct Vps {
     pub known_hosts: PathBuf,
     /// Environment of the runner (e.g. RIVERNODE_CRASH_AT for crash-point tests).
     pub runner_env: Vec<(String, String)>,
+    /// More runner flags (a fake sysfs, CDI spec directories).
+    pub runner_extra: Vec<String>,
 }
 
 impl Vps {
@@ -60,6 +62,11 @@ impl Vps {
     }
 
     pub fn start_with(node: &str, host_extra: &[&str]) -> Option<Vps> {
+        Self::start_full(node, host_extra, &[])
+    }
+
+    /// A cluster whose runner gets `runner_extra` flags too.
+    pub fn start_full(node: &str, host_extra: &[&str], runner_extra: &[String]) -> Option<Vps> {
         let ctd = PrivateContainerd::start()?;
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
@@ -97,6 +104,7 @@ impl Vps {
             url,
             node: node.into(),
             runner_env: vec![],
+            runner_extra: runner_extra.to_vec(),
         };
         v.start_runner();
         let (hd, n) = (v.host_data(), v.node.clone());
@@ -132,6 +140,7 @@ impl Vps {
         ] {
             args.push(a.to_string());
         }
+        args.extend(self.runner_extra.iter().cloned());
         self.runner = Some(start_runner_daemon(
             self.dir.path(),
             &args,

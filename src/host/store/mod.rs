@@ -301,6 +301,7 @@ pub(super) fn node_from_row(
         heartbeat_interval_ms: row.get::<_, i64>(6)?.max(0) as u64,
         inventory,
         usage,
+        gpu_holders: Default::default(),
     }))
 }
 
@@ -514,18 +515,26 @@ impl Store for SqliteStore {
     }
 
     fn list_nodes(&self) -> Result<Vec<NodeView>, StoreError> {
-        self.with(|c| tasks::nodes(c))
+        self.with(|c| {
+            let mut nodes = tasks::nodes(c)?;
+            tasks::fill_gpu_holders(c, &mut nodes)?;
+            Ok(nodes)
+        })
     }
 
     fn get_node(&self, name: &str) -> Result<Option<NodeView>, StoreError> {
         self.with(|c| {
-            c.query_row(
-                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"),
-                [name],
-                node_from_row,
-            )
-            .optional()?
-            .transpose()
+            let node = c
+                .query_row(
+                    &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"),
+                    [name],
+                    node_from_row,
+                )
+                .optional()?
+                .transpose()?;
+            let mut nodes: Vec<NodeView> = node.into_iter().collect();
+            tasks::fill_gpu_holders(c, &mut nodes)?;
+            Ok(nodes.pop())
         })
     }
 

@@ -162,6 +162,25 @@ fn reservations(c: &Connection) -> Result<Vec<Placement>, StoreError> {
     Ok(out)
 }
 
+/// Who holds each node's GPUs: the instances whose placement reserves them.
+pub(super) fn fill_gpu_holders(c: &Connection, nodes: &mut [NodeView]) -> Result<(), StoreError> {
+    let mut stmt = c.prepare(&format!(
+        "SELECT id, placement FROM tasks WHERE placement IS NOT NULL
+         AND state NOT IN ('pending', 'stopped') AND state NOT IN {ENDED}"
+    ))?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+    for r in rows {
+        let (id, placement) = r?;
+        let p: Placement = serde_json::from_str(&placement).map_err(json_err("tasks.placement"))?;
+        if let Some(n) = nodes.iter_mut().find(|n| n.name == p.node) {
+            for g in p.gpus {
+                n.gpu_holders.insert(g, id as u64);
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn submit(
     c: &mut Connection,
     spec: &TaskSpec,
@@ -745,7 +764,10 @@ mod tests {
         report(&s, b, TaskState::Running).unwrap();
         report(&s, b, TaskState::Completed).unwrap();
         assert_eq!(s.schedule().unwrap(), vec![a]);
-        assert_eq!(s.get_task(a).unwrap().unwrap().placement.unwrap().gpus, first);
+        assert_eq!(
+            s.get_task(a).unwrap().unwrap().placement.unwrap().gpus,
+            first
+        );
     }
 
     #[test]

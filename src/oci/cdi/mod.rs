@@ -19,8 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    HookBuilder, LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, MountBuilder,
-    Spec,
+    HookBuilder, LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, MountBuilder, Spec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -202,12 +201,7 @@ pub fn validate(path: &Path, spec: &CdiSpec) -> Result<(), CdiError> {
     };
     match spec.kind.split_once('/') {
         Some((vendor, class)) if name_ok(vendor, b"") && name_ok(class, b"") => {}
-        _ => {
-            return Err(bad(format!(
-                "kind {:?} is not vendor.com/class",
-                spec.kind
-            )))
-        }
+        _ => return Err(bad(format!("kind {:?} is not vendor.com/class", spec.kind))),
     }
     if spec.devices.is_empty() {
         return Err(bad("no devices".into()));
@@ -226,9 +220,7 @@ pub fn validate(path: &Path, spec: &CdiSpec) -> Result<(), CdiError> {
 
 /// Parses one spec file: JSON, or YAML (`.yaml`, `.yml`).
 pub fn parse(path: &Path, text: &str) -> Result<CdiSpec, CdiError> {
-    let yaml = path
-        .extension()
-        .is_some_and(|e| e == "yaml" || e == "yml");
+    let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
     let spec: CdiSpec = if yaml {
         serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
     } else {
@@ -492,12 +484,18 @@ fn add_device_node(
     if !d.path.starts_with('/') {
         return Err(format!("device node path {:?} is not absolute", d.path));
     }
-    let host = d.host_path.clone().unwrap_or_else(|| PathBuf::from(&d.path));
+    let host = d
+        .host_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&d.path));
     let facts = match nodes.stat(&host) {
         Ok(Some(f)) => f,
         Ok(None) => return Err(format!("{} is not a device node", host.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("device node {} does not exist on this node", host.display()))
+            return Err(format!(
+                "device node {} does not exist on this node",
+                host.display()
+            ))
         }
         Err(e) => return Err(format!("device node {}: {e}", host.display())),
     };
@@ -540,13 +538,11 @@ fn add_device_node(
         .minor(facts.minor)
         .file_mode(d.file_mode.unwrap_or(facts.mode));
     // As the reference does: unset owner means the container's user (when not root).
-    match d.uid.or((uid > 0).then_some(uid)) {
-        Some(u) => dev = dev.uid(u),
-        None => {}
+    if let Some(u) = d.uid.or((uid > 0).then_some(uid)) {
+        dev = dev.uid(u);
     }
-    match d.gid.or((gid > 0).then_some(gid)) {
-        Some(g) => dev = dev.gid(g),
-        None => {}
+    if let Some(g) = d.gid.or((gid > 0).then_some(gid)) {
+        dev = dev.gid(g);
     }
     let dev = dev.build().map_err(|e| e.to_string())?;
     let linux = spec.linux_mut().get_or_insert_with(Default::default);

@@ -158,7 +158,8 @@ pub fn parse_version(text: &str) -> Option<String> {
         .find(|w| {
             w.contains('.')
                 && w.split('.').count() >= 2
-                && w.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                && w.split('.')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         })
         .map(str::to_string)
 }

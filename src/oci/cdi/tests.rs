@@ -95,12 +95,8 @@ fn yaml_spec_parses_and_names_are_found_by_device_name() {
 fn edits_apply_with_the_reference_semantics() {
     let r = registry();
     let mut spec = base();
-    r.apply(
-        &mut spec,
-        &["example.com/gpu=GPU-bbbb".into()],
-        &fake_dev(),
-    )
-    .unwrap();
+    r.apply(&mut spec, &["example.com/gpu=GPU-bbbb".into()], &fake_dev())
+        .unwrap();
     let v = j(&spec);
     // Spec-wide edits once, then the device's.
     let env: Vec<&str> = v["process"]["env"]
@@ -111,12 +107,21 @@ fn edits_apply_with_the_reference_semantics() {
         .collect();
     assert!(env.ends_with(&["VENDOR=example", "ONE=1"]), "{env:?}");
     let devices = v["linux"]["devices"].as_array().unwrap();
-    let paths: Vec<&str> = devices.iter().map(|d| d["path"].as_str().unwrap()).collect();
+    let paths: Vec<&str> = devices
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
     assert_eq!(paths, ["/dev/nvidiactl", "/dev/nvidia1", "/dev/zero-ish"]);
     // Type and numbers come from the node, not the spec.
     assert_eq!(devices[1]["type"], "c");
-    assert_eq!((devices[1]["major"].as_i64(), devices[1]["minor"].as_i64()), (Some(195), Some(1)));
-    assert_eq!((devices[2]["major"].as_i64(), devices[2]["minor"].as_i64()), (Some(1), Some(3)));
+    assert_eq!(
+        (devices[1]["major"].as_i64(), devices[1]["minor"].as_i64()),
+        (Some(195), Some(1))
+    );
+    assert_eq!(
+        (devices[2]["major"].as_i64(), devices[2]["minor"].as_i64()),
+        (Some(1), Some(3))
+    );
     // nvidia0 was not asked for: not there, and not allowed.
     assert!(!paths.contains(&"/dev/nvidia0"));
     let rules = v["linux"]["resources"]["devices"].as_array().unwrap();
@@ -134,7 +139,10 @@ fn edits_apply_with_the_reference_semantics() {
     // `none` gives the node but no access; default is rwm.
     assert_eq!(allowed, [(195, 255, "rwm"), (195, 1, "rw")]);
     // additionalGids: appended, 0 skipped.
-    assert_eq!(v["process"]["user"]["additionalGids"], serde_json::json!([44]));
+    assert_eq!(
+        v["process"]["user"]["additionalGids"],
+        serde_json::json!([44])
+    );
     // Mounts: same destination replaced (the default /dev/shm tmpfs), sorted by depth.
     let mounts = v["mounts"].as_array().unwrap();
     let shm: Vec<&serde_json::Value> = mounts
@@ -145,7 +153,11 @@ fn edits_apply_with_the_reference_semantics() {
     assert_eq!(shm[0]["type"], "bind");
     let depths: Vec<usize> = mounts
         .iter()
-        .map(|m| Path::new(m["destination"].as_str().unwrap()).components().count())
+        .map(|m| {
+            Path::new(m["destination"].as_str().unwrap())
+                .components()
+                .count()
+        })
         .collect();
     assert!(depths.windows(2).all(|w| w[0] <= w[1]), "{depths:?}");
     let opt = mounts.iter().find(|m| m["destination"] == "/opt").unwrap();
@@ -175,12 +187,23 @@ fn spec_wide_edits_apply_once_for_two_devices() {
         .map(|d| d["path"].as_str().unwrap())
         .collect();
     // In the order asked: the ledger's order.
-    assert_eq!(paths, ["/dev/nvidiactl", "/dev/nvidia1", "/dev/zero-ish", "/dev/nvidia0"]);
+    assert_eq!(
+        paths,
+        [
+            "/dev/nvidiactl",
+            "/dev/nvidia1",
+            "/dev/zero-ish",
+            "/dev/nvidia0"
+        ]
+    );
 }
 
 #[test]
 fn a_bad_device_leaves_the_spec_untouched_and_names_file_and_device() {
-    let text = YAML.replace("path: /dev/nvidia1\n", "path: /dev/nvidia1\n          major: 10\n");
+    let text = YAML.replace(
+        "path: /dev/nvidia1\n",
+        "path: /dev/nvidia1\n          major: 10\n",
+    );
     let spec = parse(Path::new("/etc/cdi/example.yaml"), &text).unwrap();
     let r = Registry::from_specs(vec![("/etc/cdi/example.yaml".into(), spec)]).unwrap();
     let mut s = base();
@@ -196,20 +219,34 @@ fn a_bad_device_leaves_the_spec_untouched_and_names_file_and_device() {
     assert_eq!(j(&s), before, "not half-equipped");
 
     // A node that is missing, or not a device.
-    for (path, want) in [("/dev/nvidia7", "does not exist"), ("/etc/hostname", "not a device node")] {
+    for (path, want) in [
+        ("/dev/nvidia7", "does not exist"),
+        ("/etc/hostname", "not a device node"),
+    ] {
         let text = YAML.replace("path: /dev/nvidia0", &format!("path: {path}"));
         let spec = parse(Path::new("/etc/cdi/x.yaml"), &text).unwrap();
         let r = Registry::from_specs(vec![("/etc/cdi/x.yaml".into(), spec)]).unwrap();
         let e = r
-            .apply(&mut base(), &["example.com/gpu=GPU-aaaa".into()], &fake_dev())
+            .apply(
+                &mut base(),
+                &["example.com/gpu=GPU-aaaa".into()],
+                &fake_dev(),
+            )
             .unwrap_err()
             .to_string();
-        assert!(e.contains(path) && e.contains(want) && e.contains("GPU-aaaa"), "{e}");
+        assert!(
+            e.contains(path) && e.contains(want) && e.contains("GPU-aaaa"),
+            "{e}"
+        );
     }
 
     // An unknown device.
     let e = registry()
-        .apply(&mut base(), &["example.com/gpu=GPU-zzzz".into()], &fake_dev())
+        .apply(
+            &mut base(),
+            &["example.com/gpu=GPU-zzzz".into()],
+            &fake_dev(),
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("GPU-zzzz"), "{e}");
@@ -219,13 +256,28 @@ fn a_bad_device_leaves_the_spec_untouched_and_names_file_and_device() {
 fn bad_specs_are_refused_naming_the_file() {
     let p = Path::new("/etc/cdi/bad.yaml");
     let cases = [
-        (YAML.replace("cdiVersion: 0.7.0", "cdiVersion: 9.9.9"), "9.9.9"),
+        (
+            YAML.replace("cdiVersion: 0.7.0", "cdiVersion: 9.9.9"),
+            "9.9.9",
+        ),
         // additionalGids needs 0.7.0.
-        (YAML.replace("cdiVersion: 0.7.0", "cdiVersion: 0.5.0"), "0.7.0"),
-        (YAML.replace("kind: example.com/gpu", "kind: gpu"), "vendor.com/class"),
-        (YAML.replace("  env: [VENDOR=example]", "  envv: [X=1]"), "envv"),
+        (
+            YAML.replace("cdiVersion: 0.7.0", "cdiVersion: 0.5.0"),
+            "0.7.0",
+        ),
+        (
+            YAML.replace("kind: example.com/gpu", "kind: gpu"),
+            "vendor.com/class",
+        ),
+        (
+            YAML.replace("  env: [VENDOR=example]", "  envv: [X=1]"),
+            "envv",
+        ),
         (YAML.replace("name: GPU-aaaa", "name: GPU-bbbb"), "twice"),
-        (YAML.replace("name: GPU-aaaa", "name: 'bad name'"), "bad name"),
+        (
+            YAML.replace("name: GPU-aaaa", "name: 'bad name'"),
+            "bad name",
+        ),
         ("cdiVersion: [".to_string(), ""),
     ];
     for (text, want) in cases {
@@ -237,7 +289,11 @@ fn bad_specs_are_refused_naming_the_file() {
     let spec = parse(p, &text).unwrap();
     let r = Registry::from_specs(vec![(p.into(), spec)]).unwrap();
     let e = r
-        .apply(&mut base(), &["example.com/gpu=GPU-aaaa".into()], &fake_dev())
+        .apply(
+            &mut base(),
+            &["example.com/gpu=GPU-aaaa".into()],
+            &fake_dev(),
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("intelRdt"), "{e}");
@@ -279,7 +335,10 @@ fn hooks_go_to_their_phase_and_must_be_installed() {
     r.apply(&mut s, &["example.com/gpu=0".into()], &fake_dev())
         .unwrap();
     let v = j(&s);
-    assert_eq!(v["hooks"]["createContainer"][0]["args"], serde_json::json!(["hook", "a"]));
+    assert_eq!(
+        v["hooks"]["createContainer"][0]["args"],
+        serde_json::json!(["hook", "a"])
+    );
     assert_eq!(v["hooks"]["poststop"][0]["timeout"], 5);
     assert!(v["hooks"]["startContainer"].is_null());
 
@@ -309,7 +368,10 @@ fn directories_load_in_order_later_wins_and_a_clash_in_one_is_an_error() {
     // Twice in one directory.
     std::fs::write(etc.join("c.json"), &json).unwrap();
     let e = Registry::load(&dirs).unwrap_err().to_string();
-    assert!(e.contains("a.yaml") && e.contains("c.json") && e.contains("GPU-aaaa"), "{e}");
+    assert!(
+        e.contains("a.yaml") && e.contains("c.json") && e.contains("GPU-aaaa"),
+        "{e}"
+    );
     // A broken file is named.
     std::fs::remove_file(etc.join("c.json")).unwrap();
     std::fs::write(etc.join("d.yaml"), "kind: [").unwrap();
@@ -331,7 +393,10 @@ fn driver_files_parse() {
     let info = "Model: \t\t NVIDIA H200\nIRQ:   \t\t 123\nGPU UUID: \t GPU-4a2b\nVideo BIOS: \t ??\nBus Type: \t PCIe\nDMA Size: \t 52 bits\nDevice Minor: \t 3\nBus Location: \t 0000:17:00.0\n";
     let a: PciAddress = "0000:17:00.0".parse().unwrap();
     let g = nvidia::parse_information(a, info).unwrap();
-    assert_eq!((g.uuid.as_str(), g.minor, g.model.as_deref()), ("GPU-4a2b", 3, Some("NVIDIA H200")));
+    assert_eq!(
+        (g.uuid.as_str(), g.minor, g.model.as_deref()),
+        ("GPU-4a2b", 3, Some("NVIDIA H200"))
+    );
     assert!(nvidia::parse_information(a, "Model: x\n").is_none());
     let v = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\nGCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n";
     assert_eq!(nvidia::parse_version(v).as_deref(), Some("535.104.05"));
@@ -347,9 +412,18 @@ fn a_spec_is_generated_from_a_fake_nvidia_node() {
         std::fs::create_dir_all(p(rel).parent().unwrap()).unwrap();
         std::fs::write(p(rel), text).unwrap();
     };
-    write("proc/gpus/0000:65:00.0/information", "GPU UUID: GPU-bbbb\nDevice Minor: 1\n");
-    write("proc/gpus/0000:17:00.0/information", "GPU UUID: GPU-aaaa\nDevice Minor: 0\n");
-    write("proc/version", "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  x\n");
+    write(
+        "proc/gpus/0000:65:00.0/information",
+        "GPU UUID: GPU-bbbb\nDevice Minor: 1\n",
+    );
+    write(
+        "proc/gpus/0000:17:00.0/information",
+        "GPU UUID: GPU-aaaa\nDevice Minor: 0\n",
+    );
+    write(
+        "proc/version",
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  x\n",
+    );
     write("dev/nvidiactl", "");
     write("dev/nvidia-uvm", "");
     write("lib/libcuda.so.535.104.05", "elf");
@@ -369,7 +443,13 @@ fn a_spec_is_generated_from_a_fake_nvidia_node() {
     };
     let node = nvidia::discover(&roots).unwrap();
     assert_eq!(node.version.as_deref(), Some("535.104.05"));
-    assert_eq!(node.gpus, vec![gpu("0000:17:00.0", "GPU-aaaa", 0), gpu("0000:65:00.0", "GPU-bbbb", 1)]);
+    assert_eq!(
+        node.gpus,
+        vec![
+            gpu("0000:17:00.0", "GPU-aaaa", 0),
+            gpu("0000:65:00.0", "GPU-bbbb", 1)
+        ]
+    );
     assert_eq!(node.control_nodes, ["nvidiactl", "nvidia-uvm"]);
     let spec = nvidia::generate(&node);
     validate(Path::new("generated"), &spec).unwrap();
@@ -377,14 +457,21 @@ fn a_spec_is_generated_from_a_fake_nvidia_node() {
     let names: Vec<&str> = spec.devices.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["GPU-aaaa", "GPU-bbbb"]);
     let node1 = &spec.devices[1].container_edits.device_nodes[0];
-    assert_eq!((node1.path.as_str(), node1.host_path.clone()), ("/dev/nvidia1", Some(p("dev/nvidia1"))));
+    assert_eq!(
+        (node1.path.as_str(), node1.host_path.clone()),
+        ("/dev/nvidia1", Some(p("dev/nvidia1")))
+    );
     let mounts: Vec<(String, String)> = spec
         .container_edits
         .mounts
         .iter()
         .map(|m| {
             (
-                m.host_path.strip_prefix(root.path()).unwrap().display().to_string(),
+                m.host_path
+                    .strip_prefix(root.path())
+                    .unwrap()
+                    .display()
+                    .to_string(),
                 m.container_path.replace(root.path().to_str().unwrap(), ""),
             )
         })
@@ -393,15 +480,23 @@ fn a_spec_is_generated_from_a_fake_nvidia_node() {
         ("lib/libcuda.so.535.104.05", "/lib/libcuda.so.535.104.05"),
         ("lib/libcuda.so.535.104.05", "/lib/libcuda.so"),
         ("lib/libcuda.so.535.104.05", "/lib/libcuda.so.1"),
-        ("lib/libnvidia-ml.so.535.104.05", "/lib/libnvidia-ml.so.535.104.05"),
+        (
+            "lib/libnvidia-ml.so.535.104.05",
+            "/lib/libnvidia-ml.so.535.104.05",
+        ),
         ("bin/nvidia-smi", "/bin/nvidia-smi"),
-        ("run/nvidia-persistenced/socket", "/run/nvidia-persistenced/socket"),
+        (
+            "run/nvidia-persistenced/socket",
+            "/run/nvidia-persistenced/socket",
+        ),
     ]
     .iter()
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
     assert_eq!(mounts, want);
-    assert!(spec.container_edits.mounts[0].options.contains(&"ro".to_string()));
+    assert!(spec.container_edits.mounts[0]
+        .options
+        .contains(&"ro".to_string()));
 
     // Pure generation from a fake library list.
     let spec = nvidia::generate(&NvidiaNode {
@@ -414,7 +509,10 @@ fn a_spec_is_generated_from_a_fake_nvidia_node() {
         ..NvidiaNode::default()
     });
     let json = serde_json::to_value(&spec).unwrap();
-    assert_eq!(json["devices"][0]["containerEdits"]["deviceNodes"][0]["path"], "/dev/nvidia4");
+    assert_eq!(
+        json["devices"][0]["containerEdits"]["deviceNodes"][0]["path"],
+        "/dev/nvidia4"
+    );
     assert_eq!(
         json["containerEdits"]["mounts"][1]["containerPath"],
         "/usr/lib/x86_64-linux-gnu/libcuda.so.1"

@@ -1,0 +1,356 @@
+//! GPUs reach containers, on real containerd and runc without a GPU: the
+//! runner reads a fake sysfs with two NVIDIA GPUs, a fake
+//! `/proc/driver/nvidia` with their UUIDs and minors, and a CDI spec of a
+//! test vendor whose device nodes are real char devices made with mknod
+//! (NVIDIA's major 195, minors 0 and 1, and /dev/null's 1:3). Opening a GPU
+//! node the device cgroup allows gives ENXIO (no driver behind it); one it
+//! denies gives EPERM: that difference is the proof.
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use common::cluster::*;
+use common::*;
+
+const GPU0: &str = "0000:17:00.0";
+const GPU1: &str = "0000:65:00.0";
+const UUID0: &str = "GPU-00000000-1111-2222-3333-444444444444";
+const UUID1: &str = "GPU-11111111-2222-3333-4444-555555555555";
+
+/// The fake node's trees; the runner flags that point at them.
+struct FakeGpus {
+    root: tempfile::TempDir,
+}
+
+impl FakeGpus {
+    fn new() -> FakeGpus {
+        let root = tempfile::tempdir().unwrap();
+        let p = |rel: &str| root.path().join(rel);
+        let write = |rel: &str, text: &str| {
+            std::fs::create_dir_all(p(rel).parent().unwrap()).unwrap();
+            std::fs::write(p(rel), text).unwrap();
+        };
+        // The real CPUs, NUMA nodes and cgroupfs; fake PCI devices.
+        std::fs::create_dir_all(p("sys")).unwrap();
+        symlink("/sys/devices", p("sys/devices")).unwrap();
+        symlink("/sys/fs", p("sys/fs")).unwrap();
+        std::fs::create_dir_all(p("sys/bus/pci/drivers/vfio-pci")).unwrap();
+        for (i, (bdf, uuid)) in [(GPU0, UUID0), (GPU1, UUID1)].into_iter().enumerate() {
+            let d = format!("sys/bus/pci/devices/{bdf}");
+            write(&format!("{d}/class"), "0x030200\n");
+            write(&format!("{d}/vendor"), "0x10de\n");
+            write(&format!("{d}/device"), "0x2335\n");
+            write(&format!("{d}/numa_node"), "-1\n");
+            let group = p(&format!("sys/kernel/iommu_groups/{}", 40 + i));
+            std::fs::create_dir_all(group.join("devices")).unwrap();
+            symlink(p(&d), group.join("devices").join(bdf)).unwrap();
+            symlink(&group, p(&d).join("iommu_group")).unwrap();
+            write(
+                &format!("nvidia/gpus/{bdf}/information"),
+                &format!("Model: \t Test GPU\nGPU UUID: \t {uuid}\nDevice Minor: \t {i}\nBus Location: \t {bdf}\n"),
+            );
+            mknod(&p(&format!("dev/nvidia{i}")), 195, i as u64);
+        }
+        write("driverlib/libtest.so.1", "not really a library\n");
+        let spec = format!(
+            r#"cdiVersion: 0.6.0
+kind: rivernode.test/gpu
+containerEdits:
+  env: [TEST_VENDOR=yes, NVIDIA_VISIBLE_DEVICES=void]
+  deviceNodes:
+    - path: /dev/rivernode-test
+      hostPath: /dev/null
+  mounts:
+    - hostPath: {lib}
+      containerPath: /usr/lib/rivernode-test
+      options: [ro, nosuid, nodev, rbind]
+devices:
+  - name: {UUID0}
+    containerEdits:
+      deviceNodes: [{{path: /dev/nvidia0, hostPath: {dev}/nvidia0}}]
+  - name: {UUID1}
+    containerEdits:
+      deviceNodes: [{{path: /dev/nvidia1, hostPath: {dev}/nvidia1}}]
+"#,
+            lib = p("driverlib").display(),
+            dev = p("dev").display(),
+        );
+        write("cdi/test.yaml", &spec);
+        FakeGpus { root }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    fn runner_flags(&self) -> Vec<String> {
+        let s = |rel: &str| self.path(rel).display().to_string();
+        [
+            "--sys-root".to_string(),
+            s("sys"),
+            "--nvidia-driver-root".into(),
+            s("nvidia"),
+            "--dev-root".into(),
+            s("dev"),
+            "--cdi-spec-dir".into(),
+            s("cdi"),
+        ]
+        .to_vec()
+    }
+
+    /// `rivernode gpu ...` on the runner's node (its data directory, the fake sysfs).
+    fn gpu_cli(&self, v: &Vps, args: &[&str]) -> std::process::Output {
+        let data = v.runner_data();
+        let (sys, dev) = (self.path("sys"), self.path("dev"));
+        let mut a = vec!["--data-dir", data.to_str().unwrap(), "gpu"];
+        a.extend_from_slice(args);
+        a.extend([
+            "--sys-root",
+            sys.to_str().unwrap(),
+            "--dev-root",
+            dev.to_str().unwrap(),
+        ]);
+        cli(&a)
+    }
+}
+
+fn mknod(path: &Path, major: u64, minor: u64) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    nix::sys::stat::mknod(
+        path,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(major, minor),
+    )
+    .expect("mknod (root needed)");
+}
+
+/// A script that reports what a workload sees of its GPUs, one `key=value`
+/// line per probe, for an instance meant to hold GPU `mine` only.
+fn probe(mine: usize) -> String {
+    let other = 1 - mine;
+    format!(
+        r#"
+echo "nodes=$(ls /dev | grep -E '^(nvidia|rivernode)' | tr '\n' ' ')"
+echo "numbers=$(stat -c '%t:%T' /dev/nvidia{mine} 2>&1)"
+echo "env=$CUDA_VISIBLE_DEVICES|$NVIDIA_VISIBLE_DEVICES|$GPU_COUNT|$RIVERNODE_GPUS|$TEST_VENDOR"
+mknod /dev/other-gpu c 195 {other}
+echo "other=$(cat /dev/other-gpu 2>&1)"
+echo "mine=$(cat /dev/nvidia{mine} 2>&1)"
+cat /dev/rivernode-test && echo "harmless=read"
+echo "lib=$(cat /usr/lib/rivernode-test/libtest.so.1); $(touch /usr/lib/rivernode-test/x 2>&1)"
+echo "shm=$(df -k /dev/shm | tail -1 | awk '{{print $2}}')"
+"#
+    )
+}
+
+fn line<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= line in:\n{out}"))
+}
+
+/// The probe's findings for an instance that holds GPU `mine` only.
+fn assert_holds_only(out: &str, mine: usize) {
+    let (bdf, uuid) = [(GPU0, UUID0), (GPU1, UUID1)][mine];
+    assert_eq!(
+        line(out, "nodes").trim(),
+        format!("nvidia{mine} rivernode-test"),
+        "{out}"
+    );
+    // Type and numbers from the node: c 195:<minor> (hex c3:<minor>).
+    assert_eq!(line(out, "numbers"), format!("c3:{mine}"), "{out}");
+    assert_eq!(
+        line(out, "env"),
+        format!("{uuid}|{uuid}|1|{bdf}|yes"),
+        "our variables win over the spec's NVIDIA_VISIBLE_DEVICES=void: {out}"
+    );
+    // The other GPU's node, made by hand inside: the device cgroup refuses it.
+    assert!(
+        line(out, "other").contains("Operation not permitted"),
+        "{out}"
+    );
+    // Its own GPU: allowed; with no driver behind the number, ENXIO.
+    assert!(
+        line(out, "mine").contains("No such device or address"),
+        "{out}"
+    );
+    assert!(out.contains("harmless=read"), "{out}");
+    let lib = line(out, "lib");
+    assert!(
+        lib.starts_with("not really a library") && lib.contains("Read-only file system"),
+        "{lib}"
+    );
+}
+
+/// Runs `f` with a one-node cluster on the fake GPU node, in private namespaces.
+fn on_a_fake_gpu_node(name: &'static str, f: impl FnOnce(&FakeGpus, &Vps) + Send + 'static) {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(move || {
+        let fake = FakeGpus::new();
+        let Some(v) = Vps::start_full(name, &[], &fake.runner_flags()) else {
+            return;
+        };
+        f(&fake, &v);
+    });
+}
+
+#[test]
+fn a_task_sees_exactly_its_gpu_and_the_ledger_refuses_to_bind_it() {
+    on_a_fake_gpu_node("gpu-a", |fake, v| {
+        let node = v.json(&["node", "status", "gpu-a"]);
+        let uuids: Vec<&str> = node["node"]["inventory"]["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["uuid"].as_str().unwrap_or("-"))
+            .collect();
+        assert_eq!(
+            uuids,
+            [UUID0, UUID1],
+            "UUIDs from the driver's files: {node}"
+        );
+
+        // Index 1 is the second GPU by PCI address.
+        let target = "gpu-a::1";
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "-t",
+            target,
+            "--shm-size",
+            "1G",
+            "--container",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            &probe(1),
+        ]);
+        let id = created_id(&o);
+        v.wait_state(&id, "completed");
+        let out = stdout(&v.rn(&["task", "logs", &id]));
+        assert_holds_only(&out, 1);
+        assert_eq!(line(&out, "shm"), "1048576", "--shm-size 1G: {out}");
+
+        // While a container holds GPU 1, binding it to vfio-pci is refused, naming it.
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "-t",
+            target,
+            "--container",
+            "busybox",
+            "--",
+            "sleep",
+            "600",
+        ]);
+        let holder = created_id(&o);
+        v.wait_state(&holder, "running");
+        let o = fake.gpu_cli(v, &["bind", GPU1]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(
+            e.contains(GPU1) && e.contains(&format!("task {holder}")),
+            "{e}"
+        );
+        let list = stdout(&fake.gpu_cli(v, &["list"]));
+        let row = |l: &str, a: &str| l.lines().find(|x| x.starts_with(a)).unwrap().to_string();
+        assert!(
+            row(&list, GPU1).ends_with(&format!("in use by task {holder}")),
+            "{list}"
+        );
+        assert!(row(&list, GPU0).ends_with("free (no driver)"), "{list}");
+        let status = stdout(&v.rn(&["node", "status", "gpu-a"]));
+        assert!(
+            status.contains(&format!("in use by task {holder}")),
+            "{status}"
+        );
+        // The other GPU is still free: a second task gets it, not this one.
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "--gpus",
+            "1",
+            "--container",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "ls /dev | grep nvidia",
+        ]);
+        let other = created_id(&o);
+        v.wait_state(&other, "completed");
+        assert_eq!(stdout(&v.rn(&["task", "logs", &other])), "nvidia0\n");
+
+        // Ended, it gives its GPU back.
+        assert!(v.rn(&["task", "kill", &holder]).status.success());
+        v.wait_state(&holder, "killed");
+        wait_for("the claim given back", || {
+            let list = stdout(&fake.gpu_cli(v, &["list"]));
+            row(&list, GPU1).ends_with("free (no driver)").then_some(())
+        });
+
+        // A request no node could ever meet is refused at submit, naming the field.
+        let o = v.rn(&[
+            "task",
+            "submit",
+            "--gpus",
+            "3",
+            "--container",
+            "busybox",
+            "--",
+            "true",
+        ]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("no node has 3 GPUs"), "{}", stderr(&o));
+    });
+}
+
+#[test]
+fn a_vps_keeps_its_gpu_across_stop_and_restart() {
+    on_a_fake_gpu_node("gpu-b", |fake, v| {
+        // --gpus 1: the first free GPU, 0000:17:00.0.
+        let id = v.create_with(&["--gpus", "1", "-m", "256M"]);
+        // An SSH session has its own environment: the instance's is PID 1's.
+        let script = format!(
+            "export $(tr '\\0' '\\n' < /proc/1/environ | grep -E '^(CUDA|NVIDIA|GPU_COUNT|RIVERNODE_GPUS|TEST)' | xargs); {}",
+            probe(0)
+        );
+        let out = v.ssh_ok(&id, &[&script]);
+        assert_holds_only(&out, 0);
+        assert_eq!(
+            line(&out, "shm"),
+            "131072",
+            "default: half of -m 256M: {out}"
+        );
+
+        assert!(v.rn(&["vps", "stop", &id]).status.success());
+        v.wait_state(&id, "stopped");
+        let list = stdout(&fake.gpu_cli(v, &["list"]));
+        assert!(
+            !list.contains("in use"),
+            "a stopped VPS holds no GPU: {list}"
+        );
+        assert!(v.rn(&["vps", "restart", &id]).status.success());
+        v.wait_state(&id, "running");
+        let out = v.ssh_ok(&id, &[&script]);
+        assert_holds_only(&out, 0);
+        let t = v.json(&["task", "status", &id]);
+        assert_eq!(t["placement"]["gpus"], serde_json::json!([GPU0]), "{t}");
+
+        v.delete(&id);
+        let list = stdout(&fake.gpu_cli(v, &["list"]));
+        assert!(!list.contains("in use"), "{list}");
+    });
+}
