@@ -284,9 +284,10 @@ pub enum GpuCommand {
     },
     /// Is the IOMMU on, is vfio-pci loaded, can each GPU's group be passed through?
     Check(GpuOpts),
-    /// Bind devices (PCI address or GPU UUID) and their IOMMU groups to vfio-pci.
+    /// Bind GPUs (index, PCI address or UUID) and their IOMMU groups to vfio-pci;
+    /// refused for a GPU an instance holds.
     Bind {
-        #[arg(required = true, value_name = "PCI-ADDRESS|UUID")]
+        #[arg(required = true, value_name = "INDEX|PCI-ADDRESS|UUID")]
         devices: Vec<String>,
         /// Who the binding is for (VMs use their instance id).
         #[arg(long, default_value = crate::vfio::ADMIN_OWNER)]
@@ -296,7 +297,7 @@ pub enum GpuCommand {
     },
     /// Give a device's IOMMU group back to its host drivers.
     Unbind {
-        #[arg(value_name = "PCI-ADDRESS|UUID")]
+        #[arg(value_name = "INDEX|PCI-ADDRESS|UUID")]
         device: String,
         #[command(flatten)]
         opts: GpuOpts,

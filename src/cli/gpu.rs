@@ -13,6 +13,9 @@ use crate::cli::output::{emit, emit_json, table};
 use crate::topology::{self, Gpu, PciAddress};
 use crate::vfio::{state_file, GroupBinding, RealSysfs, Vfio, VFIO_DRIVER};
 
+/// Where the NVIDIA driver describes its GPUs.
+const NVIDIA_DRIVER: &str = "/proc/driver/nvidia";
+
 #[derive(Debug, Serialize)]
 pub struct GpuEntry {
     #[serde(flatten)]
@@ -63,7 +66,7 @@ pub fn entries(
         if let Ok(list) = topology::nvml::query() {
             topology::nvml::attach_uuids(&mut gpus, &list);
         }
-        for d in crate::oci::cdi::nvidia::driver_gpus(Path::new("/proc/driver/nvidia")) {
+        for d in crate::oci::cdi::nvidia::driver_gpus(Path::new(NVIDIA_DRIVER)) {
             if let Some(g) = gpus.iter_mut().find(|g| g.address == d.address) {
                 g.uuid.get_or_insert(d.uuid);
             }
@@ -141,9 +144,17 @@ fn list_table(list: &[GpuEntry]) -> String {
     )
 }
 
-/// A PCI address, or an NVML UUID (`GPU-...`) looked up by address.
-fn resolve(arg: &str) -> anyhow::Result<PciAddress> {
+/// A GPU named by index (its place in PCI-address order, as `gpu list`
+/// shows them), PCI address, or UUID (`GPU-...`, from the NVIDIA driver's
+/// files or NVML).
+fn resolve(arg: &str, sys: &Path, driver_root: &Path) -> anyhow::Result<PciAddress> {
     if arg.starts_with("GPU-") {
+        if let Some(d) = crate::oci::cdi::nvidia::driver_gpus(driver_root)
+            .into_iter()
+            .find(|g| g.uuid == arg)
+        {
+            return Ok(d.address);
+        }
         let list = topology::nvml::query().with_context(|| format!("looking up {arg}"))?;
         return list
             .iter()
@@ -151,8 +162,18 @@ fn resolve(arg: &str) -> anyhow::Result<PciAddress> {
             .map(|g| g.address)
             .with_context(|| format!("no GPU with UUID {arg} (`rivernode gpu list` shows them)"));
     }
+    if let Ok(i) = arg.parse::<usize>() {
+        let mut gpus = topology::scan_gpus(sys, &mut Vec::new())?;
+        gpus.sort_by_key(|g| g.address);
+        return gpus.get(i).map(|g| g.address).with_context(|| {
+            format!(
+                "no GPU {i}: this node has {} (`rivernode gpu list` shows them)",
+                gpus.len()
+            )
+        });
+    }
     arg.parse::<PciAddress>()
-        .map_err(|e| anyhow::anyhow!("{e}; or give a GPU UUID (GPU-...)"))
+        .map_err(|e| anyhow::anyhow!("{e}; or give a GPU index or UUID (GPU-...)"))
 }
 
 pub fn run(cmd: GpuCommand, output: Output, data_dir: &Path) -> anyhow::Result<()> {
@@ -255,7 +276,7 @@ pub fn run(cmd: GpuCommand, output: Output, data_dir: &Path) -> anyhow::Result<(
         } => {
             let addrs = devices
                 .iter()
-                .map(|d| resolve(d))
+                .map(|d| resolve(d, &opts.sys_root, Path::new(NVIDIA_DRIVER)))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let bound = vfio(&opts, data_dir).bind(&addrs, &owner)?;
             match output {
@@ -275,7 +296,7 @@ pub fn run(cmd: GpuCommand, output: Output, data_dir: &Path) -> anyhow::Result<(
             }
         }
         GpuCommand::Unbind { device, opts } => {
-            let a = resolve(&device)?;
+            let a = resolve(&device, &opts.sys_root, Path::new(NVIDIA_DRIVER))?;
             vfio(&opts, data_dir).restore_device(a)?;
             if output == Output::Table {
                 emit(&format!(
@@ -319,8 +340,23 @@ mod tests {
 
     #[test]
     fn resolve_names_the_problem() {
-        assert_eq!(resolve("0000:17:00.0").unwrap().to_string(), "0000:17:00.0");
-        let e = resolve("seventeen").unwrap_err().to_string();
+        let m = FakeMachine::two_socket_four_gpus();
+        let (sys, drv) = (m.path("sys"), m.path("nvidia"));
+        m.write(
+            "nvidia/gpus/0000:ca:00.0/information",
+            "GPU UUID: GPU-cafe\nDevice Minor: 2\n",
+        );
+        let r = |a: &str| resolve(a, &sys, &drv).map(|a| a.to_string());
+        assert_eq!(r("0000:17:00.0").unwrap(), "0000:17:00.0");
+        assert_eq!(
+            r("1").unwrap(),
+            "0000:18:00.0",
+            "index in PCI-address order"
+        );
+        assert_eq!(r("GPU-cafe").unwrap(), "0000:ca:00.0");
+        let e = r("9").unwrap_err().to_string();
+        assert!(e.contains("no GPU 9") && e.contains("has 4"), "{e}");
+        let e = resolve("seventeen", &sys, &drv).unwrap_err().to_string();
         assert!(e.contains("seventeen") && e.contains("GPU-"), "{e}");
     }
 }

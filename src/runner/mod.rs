@@ -254,6 +254,25 @@ async fn restore_orphaned_gpus(config: &RunnerConfig) {
     }
 }
 
+/// Re-reads the bound driver of each GPU (one readlink each); true when one changed.
+fn refresh_gpu_drivers(sys: &std::path::Path, gpus: &mut [topology::Gpu]) -> bool {
+    let mut changed = false;
+    for g in gpus {
+        let link = sys
+            .join("bus/pci/devices")
+            .join(g.address.to_string())
+            .join("driver");
+        let now = std::fs::read_link(link)
+            .ok()
+            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()));
+        if now != g.driver {
+            g.driver = now;
+            changed = true;
+        }
+    }
+    changed
+}
+
 async fn collect_inventory(
     roots: &KernelRoots,
     nvidia_driver: &std::path::Path,
@@ -353,6 +372,11 @@ impl Control {
                         tracing::warn!(error = %crate::error_chain(&e), "re-reading the inventory failed")
                     }
                 }
+            }
+            // A GPU moved to or from vfio-pci (`gpu bind`): the scheduler
+            // must know at once, so that it never places a container on it.
+            if refresh_gpu_drivers(&self.roots.sys, &mut self.inventory.gpus) {
+                send_inventory = true;
             }
             beats = beats.wrapping_add(1);
             let usage = match sampler.sample() {
@@ -592,5 +616,26 @@ mod host_address_tests {
             vec!["127.0.0.1".parse::<std::net::Ipv4Addr>().unwrap()]
         );
         assert!(super::host_addresses("http://[::1]:8000").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::fake::FakeMachine;
+
+    #[test]
+    fn a_gpu_moved_to_vfio_is_seen_on_the_next_beat() {
+        let m = FakeMachine::two_socket_four_gpus();
+        let mut inv = topology::collect(&m.roots()).unwrap();
+        let sys = m.path("sys");
+        assert!(!refresh_gpu_drivers(&sys, &mut inv.gpus), "nothing moved");
+        let link = sys.join("bus/pci/devices/0000:17:00.0/driver");
+        std::fs::remove_file(&link).unwrap();
+        let vfio = sys.join("bus/pci/drivers/vfio-pci");
+        std::fs::create_dir_all(&vfio).unwrap();
+        std::os::unix::fs::symlink(&vfio, &link).unwrap();
+        assert!(refresh_gpu_drivers(&sys, &mut inv.gpus));
+        assert_eq!(inv.gpus[0].driver.as_deref(), Some("vfio-pci"));
     }
 }

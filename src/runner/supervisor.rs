@@ -117,7 +117,25 @@ impl<D: Driver> Supervisors<D> {
                 }
             }
             BringUp::Adopt => {
-                let state = match self.driver.observe(id).await {
+                let observed = self.driver.observe(id).await;
+                let asked = Asked::from_desired(*desired.borrow());
+                if matches!(observed, Ok(Observed::Created)) && asked != Asked::Nothing {
+                    // Never started, and asked to end meanwhile: it ends
+                    // without running (and a never-run disk needs no snapshot).
+                    let outcome = Outcome {
+                        snapshot: false,
+                        ..classify(&ExitFacts {
+                            kind,
+                            exit: None,
+                            asked,
+                            oom_at_start: 0,
+                            oom_at_exit: 0,
+                        })
+                    };
+                    self.finish(id, outcome).await;
+                    return;
+                }
+                let state = match observed {
                     Ok(Observed::Created) => match self.driver.start_created(id).await {
                         // Created but never started: no code of it has run, so
                         // starting it now runs the work exactly once.
@@ -530,6 +548,29 @@ mod tests {
             b.rec.states(7),
             vec![TaskState::Running, TaskState::Completed]
         );
+    }
+
+    #[tokio::test]
+    async fn a_created_task_whose_end_was_asked_is_never_started() {
+        let b = bench(FakeDriver::default());
+        b.driver.insert(9, Kind::Command, Observed::Created);
+        let (_tx, h) = b.spawn(
+            assignment(9, Kind::Command),
+            BringUp::Adopt,
+            Desired::Killed,
+        );
+        h.await.unwrap();
+        assert_eq!(b.rec.states(9), vec![TaskState::Killed]);
+        assert!(!b.driver.exists(9), "removed without running");
+        // A VPS asked to stop keeps its disk, unstarted.
+        b.driver.insert(10, Kind::Vps, Observed::Created);
+        let (_tx, h) = b.spawn(assignment(10, Kind::Vps), BringUp::Adopt, Desired::Stopped);
+        h.await.unwrap();
+        assert_eq!(b.rec.states(10), vec![TaskState::Stopped]);
+        b.driver.with(10, |i| {
+            assert!(i.disk);
+            assert_ne!(i.observed, Observed::Running);
+        });
     }
 
     #[tokio::test]
