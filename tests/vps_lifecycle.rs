@@ -192,6 +192,16 @@ fn after_a_node_reboot_a_vps_starts_again_and_a_command_is_not_run_twice() {
         ]);
         let cmd = created_id(&o);
         v.wait_state(&cmd, "running");
+        // The command's container says in which boot its task started.
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        let info = v.ctr(&["c", "info", &format!("vpl-e-task-{cmd}")]);
+        assert!(
+            info.contains(&format!(
+                "\"io.rivernode.started-boot\": \"{}\"",
+                boot.trim()
+            )),
+            "{info}"
+        );
         // A reboot while the runner is down: every task is gone, containers stay.
         v.runner.as_mut().unwrap().kill();
         for id in [&vps, &cmd] {

@@ -222,6 +222,28 @@ impl Containerd {
     }
 
     /// Whether the container record exists.
+    /// Sets one label of container `id`.
+    pub async fn set_label(&self, id: &str, key: &str, value: &str) -> Result<(), OciError> {
+        use containerd_client::services::v1::UpdateContainerRequest;
+        ContainersClient::new(self.channel())
+            .update(self.req(
+                UpdateContainerRequest {
+                    container: Some(Container {
+                        id: id.into(),
+                        labels: HashMap::from([(key.to_string(), value.to_string())]),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec![format!("labels.{key}")],
+                    }),
+                },
+                None,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(OciError::rpc(format!("label container {id}")))
+    }
+
     pub async fn container_exists(&self, id: &str) -> Result<bool, OciError> {
         Ok(self.container_labels(id).await?.is_some())
     }

@@ -19,6 +19,9 @@ use super::vps::{ImageSsh, SshLogin, VpsKit};
 pub const RESTORE_LABEL: &str = "io.rivernode.restore";
 /// Container label: `command` or `vps` (a VPS's container is its disk).
 pub const KIND_LABEL: &str = "io.rivernode.kind";
+/// Container label: the boot id of the node when a command's task start
+/// began. Found after a reboot, it means the work may have run.
+pub const STARTED_BOOT_LABEL: &str = "io.rivernode.started-boot";
 
 /// Where an image's own SSH server is looked for (Debian, Ubuntu, Fedora, Alpine).
 const SSHD: &str = "/usr/sbin/sshd";
@@ -324,6 +327,7 @@ impl TaskContext {
         }
         self.ctd.create_container(&cid, labels, image, spec).await?;
         super::supervisor::crash_point(&self.crash_at, "created");
+        self.mark_start(a).await?;
         match self.start_task(&cid, uri).await {
             Ok(pid) => Ok(pid),
             Err(e) => {
@@ -336,6 +340,26 @@ impl TaskContext {
 }
 
 impl TaskContext {
+    /// The node's boot id (`/proc/sys/kernel/random/boot_id`), if readable.
+    fn boot_id(&self) -> Option<String> {
+        std::fs::read_to_string(self.config.proc_root.join("sys/kernel/random/boot_id"))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// Records on a command's container, before its task starts, in which
+    /// boot it started: the host may never hear that it ran.
+    async fn mark_start(&self, a: &Assignment) -> Result<(), InstanceError> {
+        if a.spec.kind != Kind::Command {
+            return Ok(());
+        }
+        let boot = self.boot_id().unwrap_or_else(|| "unknown".into());
+        Ok(self
+            .ctd
+            .set_label(&self.container_id(a.id), STARTED_BOOT_LABEL, &boot)
+            .await?)
+    }
+
     /// Starts a new task on container `cid`. A runner killed while
     /// containerd was creating a task leaves that creation running on
     /// (its shim directory appears a moment later), and a new create meets
@@ -354,6 +378,20 @@ impl TaskContext {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// From a command container's start label and the node's boot id now:
+/// whether its task may have run in a boot that is over.
+pub fn started_in_an_earlier_boot(label: Option<&str>, now: Option<&str>) -> bool {
+    match (label, now) {
+        // The start never began.
+        (None, _) => false,
+        // Same boot, and no task: the start never got as far as a task
+        // (a task that ran stays, exited, until the runner removes it).
+        (Some(b), Some(now)) => b != now,
+        // Cannot tell: failing it beats running it twice.
+        (Some(_), None) => true,
     }
 }
 
@@ -431,6 +469,10 @@ impl Driver for TaskContext {
                 .await?;
         }
         let uri = self.log_uri(a.id)?;
+        if let Err(e) = self.mark_start(a).await {
+            self.gpus.release(a.id);
+            return Err(e);
+        }
         match self.start_task(&cid, &uri).await {
             Ok(pid) => Ok(self.started(a, pid)),
             Err(e) => {
@@ -442,6 +484,19 @@ impl Driver for TaskContext {
 
     async fn start_created(&self, id: u64) -> Result<(), InstanceError> {
         Ok(self.ctd.start_created(&self.container_id(id)).await?)
+    }
+
+    async fn may_have_run(&self, id: u64) -> bool {
+        let labels = match self.ctd.container_labels(&self.container_id(id)).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return false,
+            // Unknown: treat as run; failing it beats running it twice.
+            Err(_) => return true,
+        };
+        started_in_an_earlier_boot(
+            labels.get(STARTED_BOOT_LABEL).map(String::as_str),
+            self.boot_id().as_deref(),
+        )
     }
 
     async fn wait(&self, id: u64) -> Result<u32, InstanceError> {
@@ -630,5 +685,28 @@ async fn reconcile_networks(ctx: &TaskContext) {
     }
     if let Err(e) = tokio::task::block_in_place(|| ctx.vps.network.apply_firewall(vec![])) {
         tracing::warn!(error = %crate::error_chain(&e), "cannot rebuild the nftables table");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_start_in_an_earlier_boot_may_have_run() {
+        assert!(!started_in_an_earlier_boot(None, Some("b1")));
+        assert!(!started_in_an_earlier_boot(Some("b1"), Some("b1")));
+        assert!(started_in_an_earlier_boot(Some("b0"), Some("b1")));
+        assert!(started_in_an_earlier_boot(Some("b0"), None));
+    }
+
+    #[test]
+    fn shm_is_asked_else_half_the_memory_else_the_default() {
+        let mut a = super::super::reconcile::placeholder(1, Kind::Command);
+        assert_eq!(shm_bytes(&a, 8 << 30), 8 << 30);
+        a.spec.memory_bytes = Some(1 << 30);
+        assert_eq!(shm_bytes(&a, 8 << 30), 512 << 20);
+        a.spec.shm_bytes = Some(2 << 30);
+        assert_eq!(shm_bytes(&a, 8 << 30), 2 << 30);
     }
 }

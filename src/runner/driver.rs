@@ -110,6 +110,10 @@ pub trait Driver: Send + Sync + 'static {
     fn start(&self, a: &Assignment) -> impl Future<Output = Result<Started, InstanceError>> + Send;
     /// Starts a task that was created but never started.
     fn start_created(&self, id: u64) -> impl Future<Output = Result<(), InstanceError>> + Send;
+    /// True when a start of the instance's task began before the node last
+    /// booted: its work may have run (a reboot takes the task and its
+    /// record), so it must not run again.
+    fn may_have_run(&self, id: u64) -> impl Future<Output = bool> + Send;
     /// Resolves with the main process's exit status (128 + signal number
     /// for a signal); works for instances an earlier runner started.
     fn wait(&self, id: u64) -> impl Future<Output = Result<u32, InstanceError>> + Send;
@@ -159,6 +163,8 @@ pub mod fake {
         /// Every signal it received, in order.
         pub signals: Vec<Signal>,
         exit: watch::Sender<Option<u32>>,
+        /// Its task was started before the (fake) node last booted.
+        pub started_before_boot: bool,
     }
 
     #[derive(Default)]
@@ -200,6 +206,7 @@ pub mod fake {
                     snapshots: 0,
                     signals: vec![],
                     exit,
+                    started_before_boot: false,
                 },
             );
         }
@@ -230,6 +237,7 @@ pub mod fake {
                 snapshots: 0,
                 signals: vec![],
                 exit,
+                started_before_boot: false,
             });
             i.observed = Observed::Running;
             let _ = i.exit.send(None);
@@ -268,6 +276,13 @@ pub mod fake {
         }
         async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {
             self.started(a)
+        }
+        async fn may_have_run(&self, id: u64) -> bool {
+            self.instances
+                .lock()
+                .unwrap()
+                .get(&id)
+                .is_some_and(|i| i.started_before_boot)
         }
         async fn start_created(&self, id: u64) -> Result<(), InstanceError> {
             self.with(id, |i| i.observed = Observed::Running);

@@ -39,7 +39,7 @@ fn wanted(a: &Assignment) -> Wanted {
 }
 
 /// What a supervisor needs of an instance no assignment names: its id and kind.
-fn placeholder(id: u64, kind: Kind) -> Assignment {
+pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
     Assignment {
         id,
         desired: Desired::Killed,
@@ -200,7 +200,17 @@ impl<D: Driver> Reconciler<D> {
                     continue;
                 }
             };
-            let action = plan(Some(&wanted(a)), observed, None);
+            let mut w = wanted(a);
+            // The host may not have heard that a command started (its report
+            // was still queued) when the node rebooted: the node's own record says.
+            if observed == Observed::Kept
+                && w.kind == Kind::Command
+                && !w.started
+                && self.sup.driver.may_have_run(a.id).await
+            {
+                w.started = true;
+            }
+            let action = plan(Some(&w), observed, None);
             self.act(a.clone(), action, observed);
         }
         // Supervised tasks the host no longer assigns here are stopped (a VPS keeps its disk).
