@@ -523,6 +523,10 @@ impl Driver for TaskContext {
         oci::oom_kills(&self.cgroup_root, &self.cgroups_path(id))
     }
 
+    fn exited(&self, id: u64) {
+        tokio::task::block_in_place(|| self.gpus.release(id));
+    }
+
     async fn keep(&self, id: u64) -> Vec<TeardownFailure> {
         let cid = self.container_id(id);
         let mut problems = Vec::new();

@@ -122,6 +122,10 @@ pub trait Driver: Send + Sync + 'static {
     fn resume(&self, id: u64) -> impl Future<Output = Result<(), InstanceError>> + Send;
     /// The kernel's OOM-kill counter of the instance's cgroup (0 if unknown).
     fn oom_kills(&self, id: u64) -> u64;
+    /// Its main process has exited (and with it every process of its PID
+    /// namespace): gives back what only a live instance holds, its GPUs,
+    /// before the host hears of the end and hands them out again.
+    fn exited(&self, id: u64);
     /// Removes the ended task and the instance's network; the container and
     /// its disk stay for a restart.
     fn keep(&self, id: u64) -> impl Future<Output = Vec<TeardownFailure>> + Send;
@@ -317,6 +321,7 @@ pub mod fake {
             self.with(id, |i| i.observed = Observed::Running);
             Ok(())
         }
+        fn exited(&self, _id: u64) {}
         fn oom_kills(&self, id: u64) -> u64 {
             self.instances
                 .lock()

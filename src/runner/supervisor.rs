@@ -304,6 +304,7 @@ impl<D: Driver> Supervisors<D> {
     /// describes is removed only once the host has it, so a crash in
     /// between leaves something to find, never a report of nothing.
     async fn finish(&self, id: u64, outcome: Outcome) {
+        self.driver.exited(id);
         let mut problems = Vec::new();
         let mut message = outcome.message.clone();
         let r = |message| TaskReport {

@@ -164,7 +164,10 @@ impl Vps {
     pub fn wait_state(&self, id: &str, want: &str) {
         wait_for(&format!("vps {id} {want}"), || {
             let s = self.state(id);
-            assert_ne!(s, "failed", "vps {id} failed");
+            if s == "failed" && want != "failed" {
+                let o = self.rn(&["-o", "json", "task", "status", id]);
+                panic!("task {id} failed: {}", stdout(&o));
+            }
             (s == want).then_some(())
         });
     }
