@@ -53,6 +53,8 @@ impl FakeGpus {
             );
             mknod(&p(&format!("dev/nvidia{i}")), 195, i as u64);
         }
+        // A control node, spec-wide: allowed by the spec's rule (ENXIO, not EPERM).
+        mknod(&p("dev/nvidiactl"), 195, 255);
         write("driverlib/libtest.so.1", "not really a library\n");
         let spec = format!(
             r#"cdiVersion: 0.6.0
@@ -62,6 +64,8 @@ containerEdits:
   deviceNodes:
     - path: /dev/rivernode-test
       hostPath: /dev/null
+    - path: /dev/nvidiactl
+      hostPath: {dev}/nvidiactl
   mounts:
     - hostPath: {lib}
       containerPath: /usr/lib/rivernode-test
@@ -139,6 +143,7 @@ echo "env=$CUDA_VISIBLE_DEVICES|$NVIDIA_VISIBLE_DEVICES|$GPU_COUNT|$RIVERNODE_GP
 mknod /dev/other-gpu c 195 {other}
 echo "other=$(cat /dev/other-gpu 2>&1)"
 echo "mine=$(cat /dev/nvidia{mine} 2>&1)"
+echo "ctl=$(cat /dev/nvidiactl 2>&1)"
 cat /dev/rivernode-test && echo "harmless=read"
 echo "lib=$(cat /usr/lib/rivernode-test/libtest.so.1); $(touch /usr/lib/rivernode-test/x 2>&1)"
 echo "shm=$(df -k /dev/shm | tail -1 | awk '{{print $2}}')"
@@ -157,7 +162,7 @@ fn assert_holds_only(out: &str, mine: usize) {
     let (bdf, uuid) = [(GPU0, UUID0), (GPU1, UUID1)][mine];
     assert_eq!(
         line(out, "nodes").trim(),
-        format!("nvidia{mine} rivernode-test"),
+        format!("nvidia{mine} nvidiactl rivernode-test"),
         "{out}"
     );
     // Type and numbers from the node: c 195:<minor> (hex c3:<minor>).
@@ -287,7 +292,7 @@ fn a_task_sees_exactly_its_gpu_and_the_ledger_refuses_to_bind_it() {
             "--",
             "sh",
             "-c",
-            "ls /dev | grep nvidia",
+            "ls /dev | grep -E '^nvidia[0-9]'",
         ]);
         let other = created_id(&o);
         v.wait_state(&other, "completed");
@@ -320,15 +325,34 @@ fn a_task_sees_exactly_its_gpu_and_the_ledger_refuses_to_bind_it() {
 #[test]
 fn a_vps_keeps_its_gpu_across_stop_and_restart() {
     on_a_fake_gpu_node("gpu-b", |fake, v| {
-        // --gpus 1: the first free GPU, 0000:17:00.0.
+        // GPU 0 is busy when the VPS is made: it gets GPU 1.
+        let busy = |v: &Vps| {
+            let o = v.rn(&[
+                "-o",
+                "json",
+                "task",
+                "submit",
+                "-t",
+                "gpu-b::0",
+                "--container",
+                "busybox",
+                "--",
+                "sleep",
+                "600",
+            ]);
+            let id = created_id(&o);
+            v.wait_state(&id, "running");
+            id
+        };
+        let first = busy(v);
         let id = v.create_with(&["--gpus", "1", "-m", "256M"]);
         // An SSH session has its own environment: the instance's is PID 1's.
         let script = format!(
             "export $(tr '\\0' '\\n' < /proc/1/environ | grep -E '^(CUDA|NVIDIA|GPU_COUNT|RIVERNODE_GPUS|TEST)' | xargs); {}",
-            probe(0)
+            probe(1)
         );
         let out = v.ssh_ok(&id, &[&script]);
-        assert_holds_only(&out, 0);
+        assert_holds_only(&out, 1);
         assert_eq!(
             line(&out, "shm"),
             "131072",
@@ -339,15 +363,18 @@ fn a_vps_keeps_its_gpu_across_stop_and_restart() {
         v.wait_state(&id, "stopped");
         let list = stdout(&fake.gpu_cli(v, &["list"]));
         assert!(
-            !list.contains("in use"),
+            !list.contains(&format!("in use by task {id}")),
             "a stopped VPS holds no GPU: {list}"
         );
+        // GPU 0 is free now, GPU 1 is the VPS's: the restart gets GPU 1 back.
+        assert!(v.rn(&["task", "kill", &first]).status.success());
+        v.wait_state(&first, "killed");
         assert!(v.rn(&["vps", "restart", &id]).status.success());
         v.wait_state(&id, "running");
-        let out = v.ssh_ok(&id, &[&script]);
-        assert_holds_only(&out, 0);
         let t = v.json(&["task", "status", &id]);
-        assert_eq!(t["placement"]["gpus"], serde_json::json!([GPU0]), "{t}");
+        assert_eq!(t["placement"]["gpus"], serde_json::json!([GPU1]), "{t}");
+        let out = v.ssh_ok(&id, &[&script]);
+        assert_holds_only(&out, 1);
 
         v.delete(&id);
         let list = stdout(&fake.gpu_cli(v, &["list"]));

@@ -85,8 +85,8 @@ pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
     }
     if !fits_at_all(spec, inv) {
         return Err(format!(
-            "target: node {:?} is too small for {} cores and this memory",
-            t.node, spec.cores
+            "target: node {:?} is too small for {} cores, {} GPUs and this memory",
+            t.node, spec.cores, spec.gpu_count
         ));
     }
     Ok(())
@@ -128,6 +128,7 @@ fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
         .target
         .as_ref()
         .map(|t| t.gpus.len() as u32)
+        .filter(|n| *n > 0)
         .unwrap_or(spec.gpu_count);
     inv.cpus.len() as u32 >= spec.cores
         && spec
@@ -483,6 +484,10 @@ mod tests {
                 Decision::Refuse(e) => assert!(e.contains(want), "{e}"),
                 other => panic!("{want}: {other:?}"),
             }
+        }
+        match place(&spec(1, 5, Some("n1")), &nodes, &[]) {
+            Decision::Refuse(e) => assert!(e.contains("too small"), "{e}"),
+            other => panic!("a node target with --gpus 5: {other:?}"),
         }
         // Four GPUs exist, one is on vfio-pci: four wait (it may come back), saying why.
         match place(&spec(1, 4, None), &nodes, &[]) {

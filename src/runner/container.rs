@@ -19,6 +19,9 @@ use super::vps::{ImageSsh, SshLogin, VpsKit};
 pub const RESTORE_LABEL: &str = "io.rivernode.restore";
 /// Container label: `command` or `vps` (a VPS's container is its disk).
 pub const KIND_LABEL: &str = "io.rivernode.kind";
+/// Container label: the GPUs (PCI addresses, in order) whose devices the
+/// container was made with; a restart must be placed on the same ones.
+pub const GPUS_LABEL: &str = "io.rivernode.gpus";
 /// Container label: the boot id of the node when a command's task start
 /// began. Found after a reboot, it means the work may have run.
 pub const STARTED_BOOT_LABEL: &str = "io.rivernode.started-boot";
@@ -226,7 +229,36 @@ impl TaskContext {
         }
     }
 
+    /// Makes and starts the instance, its GPUs claimed in the node's ledger
+    /// first: from then on `gpu bind` refuses them, also while the image is
+    /// pulled. Any failure gives them back.
     async fn make(
+        &self,
+        a: &Assignment,
+        labels: Option<&HashMap<String, String>>,
+    ) -> Result<u32, InstanceError> {
+        self.claim_gpus(a)?;
+        let made = self.make_claimed(a, labels).await;
+        if made.is_err() {
+            self.release_gpus(a.id);
+        }
+        made
+    }
+
+    fn claim_gpus(&self, a: &Assignment) -> Result<(), InstanceError> {
+        if a.placement.gpus.is_empty() {
+            return Ok(());
+        }
+        let holder = super::gpus::NodeGpus::holder(a.id);
+        tokio::task::block_in_place(|| self.gpus.ledger.claim(&a.placement.gpus, &holder))
+            .map_err(|e| InstanceError::Gpu(e.into()))
+    }
+
+    fn release_gpus(&self, id: u64) {
+        tokio::task::block_in_place(|| self.gpus.release(id));
+    }
+
+    async fn make_claimed(
         &self,
         a: &Assignment,
         labels: Option<&HashMap<String, String>>,
@@ -290,16 +322,12 @@ impl TaskContext {
         // variables over anything a spec set.
         let grants = tokio::task::block_in_place(|| {
             self.gpus
-                .equip(id, &a.placement.gpus, &mut spec, &oci::cdi::RealDeviceNodes)
+                .apply(&a.placement.gpus, &mut spec, &oci::cdi::RealDeviceNodes)
         })?;
         let mut env = input.rivernode_env.clone();
         env.extend(super::gpus::env(&grants));
         oci::set_env(&mut spec, &env);
-        let made = self.create_and_start(a, labels, &image, &spec, &uri).await;
-        if made.is_err() {
-            self.gpus.release(id);
-        }
-        made
+        self.create_and_start(a, labels, &image, &spec, &uri).await
     }
 
     async fn create_and_start(
@@ -325,6 +353,7 @@ impl TaskContext {
         if let Some(r) = &a.spec.restore {
             labels.insert(RESTORE_LABEL.to_string(), r.request.to_string());
         }
+        labels.insert(GPUS_LABEL.to_string(), gpus_label(&a.placement.gpus));
         self.ctd.create_container(&cid, labels, image, spec).await?;
         super::supervisor::crash_point(&self.crash_at, "created");
         self.mark_start(a).await?;
@@ -379,6 +408,13 @@ impl TaskContext {
             }
         }
     }
+}
+
+fn gpus_label(gpus: &[crate::topology::PciAddress]) -> String {
+    gpus.iter()
+        .map(|g| g.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// From a command container's start label and the node's boot id now:
@@ -458,26 +494,36 @@ impl Driver for TaskContext {
 
     async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {
         let cid = self.container_id(a.id);
-        // The container keeps the devices it was made with; the host gives
-        // a restarted VPS the same GPUs, claimed again here.
-        let holder = super::gpus::NodeGpus::holder(a.id);
-        tokio::task::block_in_place(|| self.gpus.ledger.claim(&a.placement.gpus, &holder))
-            .map_err(|e| InstanceError::Gpu(e.into()))?;
-        if a.spec.kind == Kind::Vps {
-            self.vps
-                .start_network(a.id, &cid, a.placement.node_port)
-                .await?;
+        // The container keeps the devices it was made with: the placement
+        // must name the same GPUs (the host pins a restart to them), or the
+        // ledger and the devices would disagree.
+        let made_with = self
+            .ctd
+            .container_labels(&cid)
+            .await?
+            .and_then(|l| l.get(GPUS_LABEL).cloned())
+            .unwrap_or_default();
+        let placed = gpus_label(&a.placement.gpus);
+        if made_with != placed {
+            return Err(InstanceError::GpuMismatch { made_with, placed });
         }
-        let uri = self.log_uri(a.id)?;
-        if let Err(e) = self.mark_start(a).await {
-            self.gpus.release(a.id);
-            return Err(e);
+        self.claim_gpus(a)?;
+        let started = async {
+            if a.spec.kind == Kind::Vps {
+                self.vps
+                    .start_network(a.id, &cid, a.placement.node_port)
+                    .await?;
+            }
+            let uri = self.log_uri(a.id)?;
+            self.mark_start(a).await?;
+            Ok::<_, InstanceError>(self.start_task(&cid, &uri).await?)
         }
-        match self.start_task(&cid, &uri).await {
+        .await;
+        match started {
             Ok(pid) => Ok(self.started(a, pid)),
             Err(e) => {
-                self.gpus.release(a.id);
-                Err(e.into())
+                self.release_gpus(a.id);
+                Err(e)
             }
         }
     }
@@ -524,7 +570,7 @@ impl Driver for TaskContext {
     }
 
     fn exited(&self, id: u64) {
-        tokio::task::block_in_place(|| self.gpus.release(id));
+        self.release_gpus(id);
     }
 
     async fn keep(&self, id: u64) -> Vec<TeardownFailure> {
@@ -532,7 +578,7 @@ impl Driver for TaskContext {
         let mut problems = Vec::new();
         match self.ctd.delete_task(&cid).await {
             // No process left: its GPUs are free for the next instance.
-            Ok(()) => self.gpus.release(id),
+            Ok(()) => self.release_gpus(id),
             Err(e) => problems.push(TeardownFailure::Container(e)),
         }
         if self.vps.address_of(&cid).is_some() {
@@ -562,7 +608,7 @@ impl Driver for TaskContext {
             .map(TeardownFailure::Container)
             .collect();
         if problems.is_empty() {
-            self.gpus.release(id);
+            self.release_gpus(id);
         }
         if snapshots {
             problems.extend(

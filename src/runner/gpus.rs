@@ -21,13 +21,16 @@ pub enum GpuError {
     Cdi(#[from] CdiError),
     #[error(transparent)]
     Ledger(#[from] VfioError),
+    #[error("no CDI spec names this node's GPUs, and the NVIDIA driver's {missing} is not in {dirs}: install the driver's user-space libraries, or put a CDI spec in /etc/cdi")]
+    DriverLibraries { missing: String, dirs: String },
     #[error("GPU {gpu} is named {names} in more than one CDI spec; keep one")]
     Ambiguous { gpu: PciAddress, names: String },
-    #[error("no CDI spec in {dirs} names GPU {gpu}{uuid}: run `nvidia-ctk cdi generate --device-name-strategy=uuid --output=/etc/cdi/nvidia.yaml`, or write a spec whose device is named by the GPU's UUID or PCI address")]
+    #[error("no CDI spec in {dirs} names GPU {gpu}{uuid}{problems}: run `nvidia-ctk cdi generate --device-name-strategy=uuid --output=/etc/cdi/nvidia.yaml`, or write a spec whose device is named by the GPU's UUID or PCI address")]
     Unnamed {
         gpu: PciAddress,
         uuid: String,
         dirs: String,
+        problems: String,
     },
 }
 
@@ -123,11 +126,10 @@ impl NodeGpus {
         format!("task {id}")
     }
 
-    /// Claims `gpus` for instance `id` and applies their CDI devices to
-    /// `spec`. On any error nothing is claimed and `spec` is unchanged.
-    pub fn equip(
+    /// Applies the CDI devices of `gpus` (claimed already) to `spec`, with
+    /// the grants that tell the workload; on error `spec` is unchanged.
+    pub fn apply(
         &self,
-        id: u64,
         gpus: &[PciAddress],
         spec: &mut Spec,
         nodes: &dyn DeviceNodes,
@@ -135,28 +137,24 @@ impl NodeGpus {
         if gpus.is_empty() {
             return Ok(Vec::new());
         }
-        let holder = Self::holder(id);
-        self.ledger.claim(gpus, &holder)?;
-        let result = self.apply(gpus, spec, nodes);
-        if result.is_err() {
-            if let Err(e) = self.ledger.release(&holder) {
-                tracing::warn!(task = id, error = %crate::error_chain(&e), "cannot give back the GPU claim");
-            }
-        }
-        result
-    }
-
-    fn apply(
-        &self,
-        gpus: &[PciAddress],
-        spec: &mut Spec,
-        nodes: &dyn DeviceNodes,
-    ) -> Result<Vec<Grant>, GpuError> {
         let driver = nvidia::driver_gpus(&self.nvidia.driver);
         let mut registry = Registry::load(&self.cdi_dirs)?;
         let mut found = resolve(gpus, &driver, &registry)?;
         if found.iter().any(|r| r.cdi.is_none()) {
             if let Some(node) = nvidia::discover(&self.nvidia) {
+                let missing = nvidia::missing_essentials(&node);
+                if !missing.is_empty() {
+                    return Err(GpuError::DriverLibraries {
+                        missing: missing.join(", "),
+                        dirs: self
+                            .nvidia
+                            .lib_dirs
+                            .iter()
+                            .map(|d| d.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
                 let origin = self.nvidia.driver.join("(generated)");
                 registry.add_generated(origin, nvidia::generate(&node))?;
                 found = resolve(gpus, &driver, &registry)?;
@@ -169,6 +167,7 @@ impl NodeGpus {
                     gpu: address,
                     uuid: uuid.map(|u| format!(" ({u})")).unwrap_or_default(),
                     dirs: registry.dirs(),
+                    problems: registry.problems_text(),
                 });
             };
             grants.push(Grant { address, uuid, cdi });

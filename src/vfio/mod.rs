@@ -286,14 +286,36 @@ impl Vfio {
             .write(true)
             .open(&path)
             .map_err(|e| err(format!("{}: {e}", path.display())))?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map(|f| StateLock { _flock: f })
-            .map_err(|(_, e)| err(format!("locking {}: {e}", path.display())))
+        // Never wait without bound: a `gpu bind` stuck in a hanging sysfs
+        // write must not stall the runner's teardowns behind it.
+        let deadline = std::time::Instant::now() + self.timeout * 3;
+        let mut file = file;
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(f) => return Ok(StateLock { _flock: f }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(err(format!(
+                        "{} is held by another rivernode process (a `gpu bind` or `unbind` still running?)",
+                        path.display()
+                    )))
+                }
+                Err((_, e)) => return Err(err(format!("locking {}: {e}", path.display()))),
+            }
+        }
     }
 
     /// Records that `holder` (an instance) uses `gpus` in a container. Refused
     /// for a GPU on vfio-pci (bound by rivernode or not) or held by another.
     pub fn claim(&self, gpus: &[PciAddress], holder: &str) -> Result<(), VfioError> {
+        if gpus.is_empty() {
+            return Ok(());
+        }
         let _lock = self.lock()?;
         let mut state = self.load_state()?;
         for &g in gpus {
@@ -323,17 +345,20 @@ impl Vfio {
                 _ => {}
             }
         }
+        // A holder has one set: a claim replaces what it held before.
+        state.held.retain(|_, h| h != holder);
         for &g in gpus {
             state.held.insert(g, holder.to_string());
         }
-        if !gpus.is_empty() {
-            self.save_state(&state)?;
-        }
-        Ok(())
+        self.save_state(&state)
     }
 
     /// Gives back every GPU `holder` has in a container.
     pub fn release(&self, holder: &str) -> Result<(), VfioError> {
+        // Most instances hold no GPU: no lock, no write for them.
+        if !self.load_state()?.held.values().any(|h| h == holder) {
+            return Ok(());
+        }
         self.retain_claims(|h| h != holder)
     }
 

@@ -340,10 +340,9 @@ fn requeue(
             gpus: vec![],
         });
         target.node = p.node.clone();
-        // Its container was made with these GPUs' devices: the same ones again.
-        if target.gpus.is_empty() {
-            target.gpus = p.gpus.iter().map(|g| g.to_string()).collect();
-        }
+        // Its container was made with these GPUs' devices: the same ones
+        // again, by address (an index could name another GPU by then).
+        target.gpus = p.gpus.iter().map(|g| g.to_string()).collect();
     }
     tx.execute(
         // The placement stays (it names the node with the disk) but reserves

@@ -30,7 +30,7 @@ const VERSIONS: [&str; 8] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum CdiError {
-    #[error("CDI spec {path}: {source}")]
+    #[error("CDI spec {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -49,8 +49,12 @@ pub enum CdiError {
         device: String,
         message: String,
     },
-    #[error("no CDI spec in {dirs} defines device {name}")]
-    Unknown { name: String, dirs: String },
+    #[error("no CDI spec in {dirs} defines device {name}{problems}")]
+    Unknown {
+        name: String,
+        dirs: String,
+        problems: String,
+    },
 }
 
 /// A CDI spec file as written by `nvidia-ctk cdi generate` or an operator.
@@ -165,7 +169,10 @@ fn required_version(spec: &CdiSpec) -> &'static str {
             need = "0.7.0";
         }
     }
-    if need < "0.6.0"
+    let older = |a: &str, b: &str| {
+        VERSIONS.iter().position(|v| *v == a) < VERSIONS.iter().position(|v| *v == b)
+    };
+    if older(need, "0.6.0")
         && (!spec.annotations.is_empty() || spec.devices.iter().any(|d| !d.annotations.is_empty()))
     {
         need = "0.6.0";
@@ -238,12 +245,16 @@ pub fn parse(path: &Path, text: &str) -> Result<CdiSpec, CdiError> {
 /// driver is upgraded). A device defined in a later directory replaces one
 /// of the same name in an earlier one; defined twice in one directory, it is
 /// an error, as in the reference implementation.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Registry {
     /// Qualified name (`kind=name`) to the spec file and its index in `specs`.
     devices: BTreeMap<String, (PathBuf, usize)>,
     specs: Vec<(PathBuf, CdiSpec)>,
     dirs: Vec<PathBuf>,
+    /// Files that could not be read and devices defined twice: left out,
+    /// as the reference loader does, so one bad file does not take every
+    /// device down; a request that needs them is told why.
+    problems: Vec<CdiError>,
 }
 
 impl Registry {
@@ -273,15 +284,37 @@ impl Registry {
             files.sort();
             let mut this_dir: BTreeMap<String, PathBuf> = BTreeMap::new();
             for path in files {
-                let text = std::fs::read_to_string(&path).map_err(|source| CdiError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                let spec = parse(&path, &text)?;
-                r.add(path, spec, &mut this_dir)?;
+                let spec = std::fs::read_to_string(&path)
+                    .map_err(|source| CdiError::Read {
+                        path: path.clone(),
+                        source,
+                    })
+                    .and_then(|text| parse(&path, &text));
+                match spec {
+                    Ok(spec) => r.add(path, spec, &mut this_dir),
+                    Err(e) => r.problems.push(e),
+                }
             }
         }
         Ok(r)
+    }
+
+    /// What was left out while loading.
+    pub fn problems(&self) -> &[CdiError] {
+        &self.problems
+    }
+
+    /// The problems, for an error message ("" when there are none).
+    pub fn problems_text(&self) -> String {
+        if self.problems.is_empty() {
+            return String::new();
+        }
+        let list: Vec<String> = self
+            .problems
+            .iter()
+            .map(|p| crate::error_chain(p))
+            .collect();
+        format!(" (left out: {})", list.join("; "))
     }
 
     /// A registry of specs already in memory (a generated one, tests).
@@ -290,38 +323,40 @@ impl Registry {
         let mut names = BTreeMap::new();
         for (path, spec) in specs {
             validate(&path, &spec)?;
-            r.add(path, spec, &mut names)?;
+            r.add(path, spec, &mut names);
         }
-        Ok(r)
+        match r.problems.pop() {
+            Some(e) => Err(e),
+            None => Ok(r),
+        }
     }
 
     /// Adds a spec made in memory (from the driver); its devices replace
     /// same-named ones, as a later directory's would.
     pub fn add_generated(&mut self, origin: PathBuf, spec: CdiSpec) -> Result<(), CdiError> {
         validate(&origin, &spec)?;
-        self.add(origin, spec, &mut BTreeMap::new())
+        self.add(origin, spec, &mut BTreeMap::new());
+        Ok(())
     }
 
-    fn add(
-        &mut self,
-        path: PathBuf,
-        spec: CdiSpec,
-        this_dir: &mut BTreeMap<String, PathBuf>,
-    ) -> Result<(), CdiError> {
+    /// Adds a spec's devices; one defined already in the same directory is
+    /// a conflict: neither definition is used.
+    fn add(&mut self, path: PathBuf, spec: CdiSpec, this_dir: &mut BTreeMap<String, PathBuf>) {
         let index = self.specs.len();
         for d in &spec.devices {
             let q = format!("{}={}", spec.kind, d.name);
             if let Some(first) = this_dir.insert(q.clone(), path.clone()) {
-                return Err(CdiError::Conflict {
+                self.devices.remove(&q);
+                self.problems.push(CdiError::Conflict {
                     name: q,
                     first,
-                    second: path,
+                    second: path.clone(),
                 });
+                continue;
             }
             self.devices.insert(q, (path.clone(), index));
         }
         self.specs.push((path, spec));
-        Ok(())
     }
 
     /// Qualified names of every device called `name`, whatever its kind.
@@ -360,6 +395,7 @@ impl Registry {
             let (path, index) = self.devices.get(q).ok_or_else(|| CdiError::Unknown {
                 name: q.clone(),
                 dirs: self.dirs(),
+                problems: self.problems_text(),
             })?;
             let cdi = &self.specs[*index].1;
             let name = q.split_once('=').map(|(_, n)| n).unwrap_or(q);

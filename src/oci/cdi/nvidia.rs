@@ -74,6 +74,8 @@ impl Default for NvidiaRoots {
             dev: "/dev".into(),
             lib_dirs: [
                 "/usr/lib/x86_64-linux-gnu",
+                // Debian's packaged driver.
+                "/usr/lib/x86_64-linux-gnu/nvidia/current",
                 "/usr/lib64",
                 "/usr/lib",
                 "/lib/x86_64-linux-gnu",
@@ -164,9 +166,12 @@ pub fn parse_version(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The driver's libraries in `dirs`: `<name>.so.<version>` files, with the
-/// links in the same directory that point at them. Without a version, any
-/// `<name>.so.<digits...>` regular file is taken.
+/// The driver's libraries reachable from `dirs`: every `<name>.so*` entry
+/// (file or link) is followed to its real file, which must be
+/// `<name>.so.<version>` of this driver (any version when it is unknown).
+/// Each real file is bound once, with every link that leads to it: on
+/// Debian the links in the multiarch directory go through
+/// /etc/alternatives into `nvidia/current/`.
 pub fn find_libraries(dirs: &[PathBuf], version: Option<&str>) -> Vec<Library> {
     let mut out: Vec<Library> = Vec::new();
     for dir in dirs {
@@ -178,31 +183,60 @@ pub fn find_libraries(dirs: &[PathBuf], version: Option<&str>) -> Vec<Library> {
             .collect();
         names.sort();
         for name in &names {
-            let path = dir.join(name);
-            let is_file = path.symlink_metadata().is_ok_and(|m| m.is_file());
-            let Some((stem, ver)) = name.split_once(".so.") else {
+            let Some(stem) = LIBRARIES.iter().find(|l| {
+                name.strip_prefix(*l)
+                    .is_some_and(|rest| rest == ".so" || rest.starts_with(".so."))
+            }) else {
                 continue;
             };
-            let wanted = LIBRARIES.contains(&stem)
-                && match version {
-                    Some(v) => ver == v,
-                    None => ver.contains('.'),
+            let path = dir.join(name);
+            let Ok(real) = std::fs::canonicalize(&path) else {
+                continue; // a dangling link
+            };
+            let real_version = real
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(&format!("{stem}.so.")).map(str::to_string));
+            let wanted = real.is_file()
+                && match (version, real_version.as_deref()) {
+                    (Some(v), Some(rv)) => rv == v,
+                    (None, Some(rv)) => rv.contains('.'),
+                    (_, None) => false,
                 };
-            // The same library reached twice (/lib -> /usr/lib) is bound once.
-            let real = std::fs::canonicalize(&path).unwrap_or(path.clone());
-            if !is_file || !wanted || out.iter().any(|l| l.path == real) {
+            if !wanted {
                 continue;
             }
-            let links = names
-                .iter()
-                .filter(|n| *n != name && n.starts_with(&format!("{stem}.so")))
-                .map(|n| dir.join(n))
-                .filter(|l| std::fs::canonicalize(l).is_ok_and(|t| t == real))
-                .collect();
-            out.push(Library { path: real, links });
+            let i = match out.iter().position(|l| l.path == real) {
+                Some(i) => i,
+                None => {
+                    out.push(Library {
+                        path: real.clone(),
+                        links: Vec::new(),
+                    });
+                    out.len() - 1
+                }
+            };
+            if path != real && !out[i].links.contains(&path) {
+                out[i].links.push(path);
+            }
         }
     }
     out
+}
+
+/// What CUDA and `nvidia-smi` cannot do without, if the node lacks it.
+pub fn missing_essentials(node: &NvidiaNode) -> Vec<&'static str> {
+    ["libcuda", "libnvidia-ml"]
+        .into_iter()
+        .filter(|stem| {
+            !node.libraries.iter().any(|l| {
+                l.path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{stem}.so.")))
+            })
+        })
+        .collect()
 }
 
 /// Reads what an NVIDIA node has. `None` when the driver is not loaded.

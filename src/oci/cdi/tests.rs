@@ -365,18 +365,35 @@ fn directories_load_in_order_later_wins_and_a_clash_in_one_is_an_error() {
     let dirs = vec![etc.clone(), run.clone(), root.path().join("absent")];
     let r = Registry::load(&dirs).unwrap();
     assert_eq!(r.devices["example.com/gpu=GPU-aaaa"].0, run.join("b.json"));
-    // Twice in one directory.
+    assert!(r.problems().is_empty());
+    // Twice in one directory: neither is used, and a request for it says why;
+    // the other devices stay usable.
+    std::fs::remove_file(run.join("b.json")).unwrap();
     std::fs::write(etc.join("c.json"), &json).unwrap();
-    let e = Registry::load(&dirs).unwrap_err().to_string();
+    let r = Registry::load(&dirs).unwrap();
+    assert!(r.named("GPU-aaaa").is_empty());
+    let e = r
+        .apply(
+            &mut base(),
+            &["example.com/gpu=GPU-aaaa".into()],
+            &fake_dev(),
+        )
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("a.yaml") && e.contains("c.json") && e.contains("GPU-aaaa"),
         "{e}"
     );
-    // A broken file is named.
+    // A broken file is left out, named; the good ones load.
     std::fs::remove_file(etc.join("c.json")).unwrap();
     std::fs::write(etc.join("d.yaml"), "kind: [").unwrap();
-    let e = Registry::load(&dirs).unwrap_err().to_string();
-    assert!(e.contains("d.yaml"), "{e}");
+    let r = Registry::load(&dirs).unwrap();
+    assert_eq!(r.named("GPU-bbbb"), ["example.com/gpu=GPU-bbbb"]);
+    assert!(
+        r.problems_text().contains("d.yaml"),
+        "{}",
+        r.problems_text()
+    );
 }
 
 fn gpu(addr: &str, uuid: &str, minor: u32) -> DriverGpu {
@@ -497,6 +514,34 @@ fn a_spec_is_generated_from_a_fake_nvidia_node() {
     assert!(spec.container_edits.mounts[0]
         .options
         .contains(&"ro".to_string()));
+
+    assert!(nvidia::missing_essentials(&node).is_empty());
+
+    // Debian's layout: links in the multiarch directory lead, through
+    // /etc/alternatives, to the real files in nvidia/current.
+    write("deb/current/libcuda.so.535.104.05", "elf");
+    write("deb/current/libnvidia-ml.so.535.104.05", "elf");
+    std::os::unix::fs::symlink("libcuda.so.535.104.05", p("deb/current/libcuda.so.1")).unwrap();
+    std::fs::create_dir_all(p("deb/alternatives")).unwrap();
+    std::os::unix::fs::symlink(p("deb/current/libcuda.so.1"), p("deb/alternatives/cuda")).unwrap();
+    std::fs::create_dir_all(p("deb/multiarch")).unwrap();
+    std::os::unix::fs::symlink(p("deb/alternatives/cuda"), p("deb/multiarch/libcuda.so.1"))
+        .unwrap();
+    let libs = nvidia::find_libraries(&[p("deb/multiarch"), p("deb/current")], Some("535.104.05"));
+    assert_eq!(libs.len(), 2, "{libs:?}");
+    assert_eq!(libs[0].path, p("deb/current/libcuda.so.535.104.05"));
+    assert_eq!(
+        libs[0].links,
+        [
+            p("deb/multiarch/libcuda.so.1"),
+            p("deb/current/libcuda.so.1")
+        ]
+    );
+    let mut without = node.clone();
+    without
+        .libraries
+        .retain(|l| !l.path.to_string_lossy().contains("libcuda"));
+    assert_eq!(nvidia::missing_essentials(&without), ["libcuda"]);
 
     // Pure generation from a fake library list.
     let spec = nvidia::generate(&NvidiaNode {
