@@ -190,6 +190,26 @@ fn assert_holds_only(out: &str, mine: usize) {
     );
 }
 
+/// A task that holds the GPUs of `target` until killed; its id, once running.
+fn hold(v: &Vps, target: &str) -> String {
+    let o = v.rn(&[
+        "-o",
+        "json",
+        "task",
+        "submit",
+        "-t",
+        target,
+        "--container",
+        "busybox",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    let id = created_id(&o);
+    v.wait_state(&id, "running");
+    id
+}
+
 /// Runs `f` with a one-node cluster on the fake GPU node, in private namespaces.
 fn on_a_fake_gpu_node(name: &'static str, f: impl FnOnce(&FakeGpus, &Vps) + Send + 'static) {
     if !parts_present() {
@@ -222,44 +242,7 @@ fn a_task_sees_exactly_its_gpu_and_the_ledger_refuses_to_bind_it() {
 
         // Index 1 is the second GPU by PCI address.
         let target = "gpu-a::1";
-        let o = v.rn(&[
-            "-o",
-            "json",
-            "task",
-            "submit",
-            "-t",
-            target,
-            "--shm-size",
-            "1G",
-            "--container",
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            &probe(1),
-        ]);
-        let id = created_id(&o);
-        v.wait_state(&id, "completed");
-        let out = stdout(&v.rn(&["task", "logs", &id]));
-        assert_holds_only(&out, 1);
-        assert_eq!(line(&out, "shm"), "1048576", "--shm-size 1G: {out}");
-
-        // While a container holds GPU 1, binding it to vfio-pci is refused, naming it.
-        let o = v.rn(&[
-            "-o",
-            "json",
-            "task",
-            "submit",
-            "-t",
-            target,
-            "--container",
-            "busybox",
-            "--",
-            "sleep",
-            "600",
-        ]);
-        let holder = created_id(&o);
-        v.wait_state(&holder, "running");
+        let holder = hold(v, target);
         let o = fake.gpu_cli(v, &["bind", GPU1]);
         assert!(!o.status.success());
         let e = stderr(&o);
@@ -326,25 +309,7 @@ fn a_task_sees_exactly_its_gpu_and_the_ledger_refuses_to_bind_it() {
 fn a_vps_keeps_its_gpu_across_stop_and_restart() {
     on_a_fake_gpu_node("gpu-b", |fake, v| {
         // GPU 0 is busy when the VPS is made: it gets GPU 1.
-        let busy = |v: &Vps| {
-            let o = v.rn(&[
-                "-o",
-                "json",
-                "task",
-                "submit",
-                "-t",
-                "gpu-b::0",
-                "--container",
-                "busybox",
-                "--",
-                "sleep",
-                "600",
-            ]);
-            let id = created_id(&o);
-            v.wait_state(&id, "running");
-            id
-        };
-        let first = busy(v);
+        let first = hold(v, "gpu-b::0");
         let id = v.create_with(&["--gpus", "1", "-m", "256M"]);
         // An SSH session has its own environment: the instance's is PID 1's.
         let script = format!(

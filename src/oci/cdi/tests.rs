@@ -80,6 +80,17 @@ fn base() -> Spec {
     Spec::default()
 }
 
+/// Applies device `name` of example.com/gpu to a fresh spec: the error.
+fn apply_err(r: &Registry, name: &str) -> String {
+    r.apply(
+        &mut base(),
+        &[format!("example.com/gpu={name}")],
+        &fake_dev(),
+    )
+    .unwrap_err()
+    .to_string()
+}
+
 fn j(spec: &Spec) -> serde_json::Value {
     serde_json::to_value(spec).unwrap()
 }
@@ -226,14 +237,7 @@ fn a_bad_device_leaves_the_spec_untouched_and_names_file_and_device() {
         let text = YAML.replace("path: /dev/nvidia0", &format!("path: {path}"));
         let spec = parse(Path::new("/etc/cdi/x.yaml"), &text).unwrap();
         let r = Registry::from_specs(vec![("/etc/cdi/x.yaml".into(), spec)]).unwrap();
-        let e = r
-            .apply(
-                &mut base(),
-                &["example.com/gpu=GPU-aaaa".into()],
-                &fake_dev(),
-            )
-            .unwrap_err()
-            .to_string();
+        let e = apply_err(&r, "GPU-aaaa");
         assert!(
             e.contains(path) && e.contains(want) && e.contains("GPU-aaaa"),
             "{e}"
@@ -288,14 +292,7 @@ fn bad_specs_are_refused_naming_the_file() {
     let text = YAML.replace("  env: [VENDOR=example]", "  intelRdt: {closID: x}");
     let spec = parse(p, &text).unwrap();
     let r = Registry::from_specs(vec![(p.into(), spec)]).unwrap();
-    let e = r
-        .apply(
-            &mut base(),
-            &["example.com/gpu=GPU-aaaa".into()],
-            &fake_dev(),
-        )
-        .unwrap_err()
-        .to_string();
+    let e = apply_err(&r, "GPU-aaaa");
     assert!(e.contains("intelRdt"), "{e}");
 }
 
@@ -345,10 +342,7 @@ fn hooks_go_to_their_phase_and_must_be_installed() {
     let mut missing = spec;
     missing.devices[0].container_edits.hooks[1].path = dir.path().join("absent");
     let r = Registry::from_specs(vec![("/mem".into(), missing)]).unwrap();
-    let e = r
-        .apply(&mut base(), &["example.com/gpu=0".into()], &fake_dev())
-        .unwrap_err()
-        .to_string();
+    let e = apply_err(&r, "0");
     assert!(e.contains("absent") && e.contains("not installed"), "{e}");
 }
 
@@ -372,14 +366,7 @@ fn directories_load_in_order_later_wins_and_a_clash_in_one_is_an_error() {
     std::fs::write(etc.join("c.json"), &json).unwrap();
     let r = Registry::load(&dirs).unwrap();
     assert!(r.named("GPU-aaaa").is_empty());
-    let e = r
-        .apply(
-            &mut base(),
-            &["example.com/gpu=GPU-aaaa".into()],
-            &fake_dev(),
-        )
-        .unwrap_err()
-        .to_string();
+    let e = apply_err(&r, "GPU-aaaa");
     assert!(
         e.contains("a.yaml") && e.contains("c.json") && e.contains("GPU-aaaa"),
         "{e}"
