@@ -257,6 +257,19 @@ fn a_task_sees_exactly_its_gpu_and_the_ledger_refuses_to_bind_it() {
             "{list}"
         );
         assert!(row(&list, GPU0).ends_with("free (no driver)"), "{list}");
+        // Without --data-dir, the runner's own settings say where the ledger is.
+        let o = std::process::Command::new(BIN)
+            .env("RIVERNODE_DATA_DIR", v.runner_data())
+            .args(["gpu", "list", "--sys-root"])
+            .arg(fake.path("sys"))
+            .output()
+            .unwrap();
+        assert!(
+            stdout(&o).contains(&format!("in use by task {holder}")),
+            "{}{}",
+            stdout(&o),
+            stderr(&o)
+        );
         let status = stdout(&v.rn(&["node", "status", "gpu-a"]));
         assert!(
             status.contains(&format!("in use by task {holder}")),

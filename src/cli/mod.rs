@@ -98,9 +98,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             task::env(&client, cmd, cli.output).await
         }
         Command::Gpu(cmd) => {
-            let dir = cli
-                .data_dir
-                .unwrap_or_else(|| std::path::PathBuf::from(client::DEFAULT_DATA_DIR));
+            // The node's ledger is the runner's: its data directory, as the
+            // runner's config file and environment set it.
+            let dir = match cli.data_dir {
+                Some(d) => d,
+                None => daemon::runner_config(&Default::default(), None)?.data_dir,
+            };
             gpu::run(cmd, cli.output, &dir)
         }
         Command::Completion { shell } => {
