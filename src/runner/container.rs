@@ -677,21 +677,13 @@ async fn reconcile_gpu_claims(ctx: &TaskContext) {
     };
     let mut live = std::collections::HashSet::new();
     for holder in claims.values() {
-        let Some(id) = holder
-            .strip_prefix("task ")
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
+        // A holder that is not one of ours (a VM's, later) is left alone.
+        let Some(id) = super::gpus::NodeGpus::holder_task(holder) else {
+            live.insert(holder.clone());
             continue;
         };
-        match ctx.observe(id).await {
-            Ok(Observed::Running | Observed::Paused | Observed::Created) => {
-                live.insert(holder.clone());
-            }
-            Ok(_) => {}
-            // Unknown is not gone: keep it for the next start.
-            Err(_) => {
-                live.insert(holder.clone());
-            }
+        if super::gpus::claim_survives(ctx.observe(id).await.ok()) {
+            live.insert(holder.clone());
         }
     }
     if let Err(e) = ctx.gpus.ledger.retain_claims(|h| live.contains(h)) {

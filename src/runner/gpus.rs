@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use oci_spec::runtime::Spec;
 
+use super::lifecycle::Observed;
 use crate::oci::cdi::nvidia::{self, DriverGpu, NvidiaRoots};
 use crate::oci::cdi::{CdiError, DeviceNodes, Registry};
 use crate::topology::PciAddress;
@@ -113,6 +114,17 @@ pub fn env(grants: &[Grant]) -> BTreeMap<String, String> {
     env
 }
 
+/// After a runner restart: whether an instance's GPU claim stays, from what
+/// its container shows (`None`: cannot tell). Only an instance with a live
+/// process (or one created, about to start) holds its GPUs; not knowing is
+/// not gone.
+pub fn claim_survives(observed: Option<Observed>) -> bool {
+    match observed {
+        Some(Observed::Running | Observed::Paused | Observed::Created) | None => true,
+        Some(Observed::Absent | Observed::Kept | Observed::Exited(_)) => false,
+    }
+}
+
 /// The node's GPU plumbing, from the runner settings.
 pub struct NodeGpus {
     pub cdi_dirs: Vec<PathBuf>,
@@ -124,6 +136,11 @@ impl NodeGpus {
     /// The instance's holder name in the ledger.
     pub fn holder(id: u64) -> String {
         format!("task {id}")
+    }
+
+    /// The task a holder name stands for, if it is one.
+    pub fn holder_task(holder: &str) -> Option<u64> {
+        holder.strip_prefix("task ")?.parse().ok()
     }
 
     /// Applies the CDI devices of `gpus` (claimed already) to `spec`, with
@@ -270,6 +287,23 @@ mod tests {
             e.contains("nvidia.com/gpu=GPU-aaaa") && e.contains("test.com/gpu=GPU-aaaa"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn only_a_live_instance_keeps_its_claim_after_a_restart() {
+        for (o, keep) in [
+            (Some(Observed::Running), true),
+            (Some(Observed::Paused), true),
+            (Some(Observed::Created), true),
+            (None, true),
+            (Some(Observed::Exited(0)), false),
+            (Some(Observed::Kept), false),
+            (Some(Observed::Absent), false),
+        ] {
+            assert_eq!(claim_survives(o), keep, "{o:?}");
+        }
+        assert_eq!(NodeGpus::holder_task(&NodeGpus::holder(7)), Some(7));
+        assert_eq!(NodeGpus::holder_task("vm 3"), None);
     }
 
     #[test]

@@ -43,11 +43,11 @@ pub enum CdiError {
         first: PathBuf,
         second: PathBuf,
     },
-    #[error("CDI device {device} (spec {path}): {message}")]
+    #[error("CDI device {device} (spec {path})")]
     Device {
         path: PathBuf,
         device: String,
-        message: String,
+        source: EditError,
     },
     #[error("no CDI spec in {dirs} defines device {name}{problems}")]
     Unknown {
@@ -55,6 +55,50 @@ pub enum CdiError {
         dirs: String,
         problems: String,
     },
+}
+
+/// Why one container edit cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("{what} {path:?} is not absolute")]
+    NotAbsolute { what: &'static str, path: String },
+    #[error("device node {} does not exist on this node", .0.display())]
+    NoNode(PathBuf),
+    #[error("{} is not a device node", .0.display())]
+    NotADevice(PathBuf),
+    #[error("device node {}", path.display())]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is a {found} device, the spec says type {said}", path.display())]
+    Type {
+        path: PathBuf,
+        found: &'static str,
+        said: String,
+    },
+    #[error("{} is {found}, the spec says {said}", path.display())]
+    Numbers {
+        path: PathBuf,
+        found: String,
+        said: String,
+    },
+    #[error("permissions {0:?}: expected r, w and/or m")]
+    Permissions(String),
+    #[error("mount hostPath {} does not exist (a driver upgrade leaves specs stale: regenerate it)", .0.display())]
+    NoMountSource(PathBuf),
+    #[error("hook {} is not installed on this node", .0.display())]
+    NoHook(PathBuf),
+    #[error("unknown hook name {0:?}")]
+    HookName(String),
+    #[error("{0} edits are not supported by rivernode")]
+    Unsupported(&'static str),
+    #[error("building the runtime spec entry: {0}")]
+    Build(String),
+}
+
+fn build_err(e: impl std::fmt::Display) -> EditError {
+    EditError::Build(e.to_string())
 }
 
 /// A CDI spec file as written by `nvidia-ctk cdi generate` or an operator.
@@ -405,19 +449,19 @@ impl Registry {
                 .find(|d| d.name == name)
                 .expect("the index names a device of this spec");
             if spec_done.insert(*index) {
-                apply_edits(&mut out, &cdi.container_edits, nodes).map_err(|message| {
+                apply_edits(&mut out, &cdi.container_edits, nodes).map_err(|source| {
                     CdiError::Device {
                         path: path.clone(),
                         device: format!("{} (spec-wide edits)", cdi.kind),
-                        message,
+                        source,
                     }
                 })?;
             }
-            apply_edits(&mut out, &device.container_edits, nodes).map_err(|message| {
+            apply_edits(&mut out, &device.container_edits, nodes).map_err(|source| {
                 CdiError::Device {
                     path: path.clone(),
                     device: q.clone(),
-                    message,
+                    source,
                 }
             })?;
         }
@@ -468,12 +512,12 @@ fn apply_edits(
     spec: &mut Spec,
     edits: &ContainerEdits,
     nodes: &dyn DeviceNodes,
-) -> Result<(), String> {
+) -> Result<(), EditError> {
     if edits.intel_rdt.is_some() {
-        return Err("intelRdt edits are not supported by rivernode".into());
+        return Err(EditError::Unsupported("intelRdt"));
     }
     if !edits.net_devices.is_empty() {
-        return Err("netDevices edits are not supported by rivernode".into());
+        return Err(EditError::Unsupported("netDevices"));
     }
     let process = spec.process_mut().get_or_insert_with(Default::default);
     if !edits.env.is_empty() {
@@ -516,9 +560,12 @@ fn add_device_node(
     nodes: &dyn DeviceNodes,
     uid: u32,
     gid: u32,
-) -> Result<(), String> {
+) -> Result<(), EditError> {
     if !d.path.starts_with('/') {
-        return Err(format!("device node path {:?} is not absolute", d.path));
+        return Err(EditError::NotAbsolute {
+            what: "device node path",
+            path: d.path.clone(),
+        });
     }
     let host = d
         .host_path
@@ -526,41 +573,35 @@ fn add_device_node(
         .unwrap_or_else(|| PathBuf::from(&d.path));
     let facts = match nodes.stat(&host) {
         Ok(Some(f)) => f,
-        Ok(None) => return Err(format!("{} is not a device node", host.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!(
-                "device node {} does not exist on this node",
-                host.display()
-            ))
-        }
-        Err(e) => return Err(format!("device node {}: {e}", host.display())),
+        Ok(None) => return Err(EditError::NotADevice(host)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(EditError::NoNode(host)),
+        Err(source) => return Err(EditError::Stat { path: host, source }),
     };
     let typ = if facts.char_device { "c" } else { "b" };
     // The spec may say what it expects; the node decides what is granted.
     if let Some(t) = d.typ.as_deref() {
         let t = if t == "u" { "c" } else { t };
         if t != typ {
-            return Err(format!(
-                "{} is a {typ} device, the spec says type {t}",
-                host.display()
-            ));
+            return Err(EditError::Type {
+                path: host,
+                found: typ,
+                said: t.to_string(),
+            });
         }
     }
     if d.major.is_some_and(|m| m != facts.major) || d.minor.is_some_and(|m| m != facts.minor) {
-        return Err(format!(
-            "{} is {}:{}, the spec says {}:{}",
-            host.display(),
-            facts.major,
-            facts.minor,
-            d.major.map(|m| m.to_string()).unwrap_or("*".into()),
-            d.minor.map(|m| m.to_string()).unwrap_or("*".into())
-        ));
+        let said = |n: Option<i64>| n.map(|m| m.to_string()).unwrap_or("*".into());
+        return Err(EditError::Numbers {
+            path: host,
+            found: format!("{}:{}", facts.major, facts.minor),
+            said: format!("{}:{}", said(d.major), said(d.minor)),
+        });
     }
     let access = match d.permissions.as_deref() {
         None | Some("") => "rwm".to_string(),
         Some("none") => String::new(),
         Some(p) if p.chars().all(|c| "rwm".contains(c)) => p.to_string(),
-        Some(p) => return Err(format!("permissions {p:?}: expected r, w and/or m")),
+        Some(p) => return Err(EditError::Permissions(p.to_string())),
     };
     let dtype = if facts.char_device {
         LinuxDeviceType::C
@@ -580,7 +621,7 @@ fn add_device_node(
     if let Some(g) = d.gid.or((gid > 0).then_some(gid)) {
         dev = dev.gid(g);
     }
-    let dev = dev.build().map_err(|e| e.to_string())?;
+    let dev = dev.build().map_err(build_err)?;
     let linux = spec.linux_mut().get_or_insert_with(Default::default);
     let mut devices = linux.devices().clone().unwrap_or_default();
     devices.retain(|x| x.path() != dev.path());
@@ -594,7 +635,7 @@ fn add_device_node(
             .minor(facts.minor)
             .access(access)
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(build_err)?;
         let resources = linux.resources_mut().get_or_insert_with(Default::default);
         let mut rules = resources.devices().clone().unwrap_or_default();
         rules.push(rule);
@@ -603,18 +644,15 @@ fn add_device_node(
     Ok(())
 }
 
-fn add_mount(spec: &mut Spec, m: &CdiMount) -> Result<(), String> {
+fn add_mount(spec: &mut Spec, m: &CdiMount) -> Result<(), EditError> {
     if !m.container_path.starts_with('/') {
-        return Err(format!(
-            "mount containerPath {:?} is not absolute",
-            m.container_path
-        ));
+        return Err(EditError::NotAbsolute {
+            what: "mount containerPath",
+            path: m.container_path.clone(),
+        });
     }
     if !m.host_path.exists() {
-        return Err(format!(
-            "mount hostPath {} does not exist (a driver upgrade leaves specs stale: regenerate it)",
-            m.host_path.display()
-        ));
+        return Err(EditError::NoMountSource(m.host_path.clone()));
     }
     let bind = m.options.iter().any(|o| o == "bind" || o == "rbind");
     let typ = m
@@ -627,7 +665,7 @@ fn add_mount(spec: &mut Spec, m: &CdiMount) -> Result<(), String> {
         .typ(typ)
         .options(m.options.clone())
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(build_err)?;
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     mounts.retain(|x| x.destination() != mount.destination());
     mounts.push(mount);
@@ -635,15 +673,15 @@ fn add_mount(spec: &mut Spec, m: &CdiMount) -> Result<(), String> {
     Ok(())
 }
 
-fn add_hook(spec: &mut Spec, h: &CdiHook) -> Result<(), String> {
+fn add_hook(spec: &mut Spec, h: &CdiHook) -> Result<(), EditError> {
     if !h.path.is_absolute() {
-        return Err(format!("hook path {} is not absolute", h.path.display()));
+        return Err(EditError::NotAbsolute {
+            what: "hook path",
+            path: h.path.display().to_string(),
+        });
     }
     if !h.path.is_file() {
-        return Err(format!(
-            "hook {} is not installed on this node",
-            h.path.display()
-        ));
+        return Err(EditError::NoHook(h.path.clone()));
     }
     let mut hook = HookBuilder::default().path(h.path.clone());
     if !h.args.is_empty() {
@@ -655,7 +693,7 @@ fn add_hook(spec: &mut Spec, h: &CdiHook) -> Result<(), String> {
     if let Some(t) = h.timeout {
         hook = hook.timeout(t);
     }
-    let hook = hook.build().map_err(|e| e.to_string())?;
+    let hook = hook.build().map_err(build_err)?;
     let hooks = spec.hooks_mut().get_or_insert_with(Default::default);
     let push = |list: &Option<Vec<oci_spec::runtime::Hook>>| {
         let mut l = list.clone().unwrap_or_default();
@@ -670,7 +708,7 @@ fn add_hook(spec: &mut Spec, h: &CdiHook) -> Result<(), String> {
         "poststop" => hooks.set_poststop(push(hooks.poststop())),
         // `prestart` is deprecated in OCI; the reference maps it the same way.
         "prestart" => hooks.set_prestart(push(hooks.prestart())),
-        other => return Err(format!("unknown hook name {other:?}")),
+        other => return Err(EditError::HookName(other.to_string())),
     };
     Ok(())
 }

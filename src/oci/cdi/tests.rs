@@ -82,13 +82,14 @@ fn base() -> Spec {
 
 /// Applies device `name` of example.com/gpu to a fresh spec: the error.
 fn apply_err(r: &Registry, name: &str) -> String {
-    r.apply(
-        &mut base(),
-        &[format!("example.com/gpu={name}")],
-        &fake_dev(),
-    )
-    .unwrap_err()
-    .to_string()
+    let e = r
+        .apply(
+            &mut base(),
+            &[format!("example.com/gpu={name}")],
+            &fake_dev(),
+        )
+        .unwrap_err();
+    crate::error_chain(&e)
 }
 
 fn j(spec: &Spec) -> serde_json::Value {
@@ -219,10 +220,10 @@ fn a_bad_device_leaves_the_spec_untouched_and_names_file_and_device() {
     let r = Registry::from_specs(vec![("/etc/cdi/example.yaml".into(), spec)]).unwrap();
     let mut s = base();
     let before = j(&s);
-    let e = r
-        .apply(&mut s, &["example.com/gpu=GPU-bbbb".into()], &fake_dev())
-        .unwrap_err()
-        .to_string();
+    let e = crate::error_chain(
+        &r.apply(&mut s, &["example.com/gpu=GPU-bbbb".into()], &fake_dev())
+            .unwrap_err(),
+    );
     assert!(
         e.contains("/etc/cdi/example.yaml") && e.contains("GPU-bbbb") && e.contains("195:1"),
         "{e}"
@@ -245,14 +246,7 @@ fn a_bad_device_leaves_the_spec_untouched_and_names_file_and_device() {
     }
 
     // An unknown device.
-    let e = registry()
-        .apply(
-            &mut base(),
-            &["example.com/gpu=GPU-zzzz".into()],
-            &fake_dev(),
-        )
-        .unwrap_err()
-        .to_string();
+    let e = apply_err(&registry(), "GPU-zzzz");
     assert!(e.contains("GPU-zzzz"), "{e}");
 }
 
