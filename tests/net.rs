@@ -71,7 +71,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
         );
         let rules = listed.matches("\"rule\"").count();
         assert_eq!(
-            rules, 9,
+            rules, 10,
             "applying twice replaces, never duplicates: {listed}"
         );
         assert!(!reachable(pp), "a protected port is closed to the bridge");
@@ -332,6 +332,54 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             .join()
             .unwrap();
             assert!(!from_i2.4, "nor routed through the node");
+            // F3: the node's loopback-only services stay closed to an
+            // instance that routes 127.0.0.0/8 to the bridge itself.
+            let lo_only = TcpListener::bind("127.0.0.5:0").unwrap();
+            let lo_port = lo_only.local_addr().unwrap().port();
+            let to_loopback = in_ns(&i2.netns, move || {
+                let ip = |args: &[&str]| {
+                    let o = std::process::Command::new("ip")
+                        .args(args)
+                        .output()
+                        .unwrap();
+                    assert!(
+                        o.status.success(),
+                        "ip {args:?}: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                };
+                ip(&[
+                    "route",
+                    "del",
+                    "local",
+                    "127.0.0.0/8",
+                    "dev",
+                    "lo",
+                    "table",
+                    "local",
+                ]);
+                for k in ["all", "eth0"] {
+                    std::fs::write(format!("/proc/sys/net/ipv4/conf/{k}/route_localnet"), "1")
+                        .unwrap();
+                }
+                ip(&[
+                    "route",
+                    "add",
+                    "127.0.0.5/32",
+                    "via",
+                    "10.251.0.1",
+                    "dev",
+                    "eth0",
+                ]);
+                connects(&format!("127.0.0.5:{lo_port}"))
+            })
+            .join()
+            .unwrap();
+            drop(lo_only);
+            assert!(
+                !to_loopback,
+                "the node's loopback is not reachable from an instance"
+            );
             let from_outside = in_ns(&outside.clone(), move || {
                 let from = |src: &str, to: &str| {
                     let rt = tokio::runtime::Builder::new_current_thread()

@@ -79,6 +79,31 @@ impl Firewall {
         cmds.push(self.chain("postrouting", "nat", "postrouting", 100));
         cmds.push(self.chain("input", "filter", "input", 0));
         cmds.push(self.chain("forward", "filter", "forward", 0));
+        // Before NAT: route_localnet (needed for node ports used as
+        // 127.0.0.1) would make loopback addresses that arrive from an
+        // instance local, and open the node's loopback-only services to
+        // it (the CVE-2020-8558 class). Nothing from the bridge is for 127/8.
+        cmds.push(self.chain("guard", "filter", "prerouting", -150));
+        // (A packet from 127/8 itself is the node's own, or a spoof whose
+        // answer stays on the node.)
+        let loopback = json!({"prefix": {"addr": "127.0.0.0", "len": 8}});
+        cmds.push(self.rule(
+            "guard",
+            vec![
+                m("==", iif.clone(), json!(self.bridge)),
+                m(
+                    "==",
+                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                    loopback.clone(),
+                ),
+                m(
+                    "!=",
+                    json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+                    loopback,
+                ),
+                json!({"drop": null}),
+            ],
+        ));
         for p in &self.port_maps {
             let expr = vec![
                 local.clone(),

@@ -55,11 +55,7 @@ pub fn find_in_layers(dirs: &[PathBuf], path: &str) -> Option<PathBuf> {
             }
             _ => at.push(part),
         }
-        let rel = at.join("/");
-        let (hit, meta) = dirs
-            .iter()
-            .map(|d| d.join(&rel))
-            .find_map(|p| p.symlink_metadata().ok().map(|m| (p, m)))?;
+        let (hit, meta) = lookup(dirs, &at)?;
         if meta.file_type().is_symlink() {
             links += 1;
             if links > MAX_LINKS {
@@ -82,6 +78,35 @@ pub fn find_in_layers(dirs: &[PathBuf], path: &str) -> Option<PathBuf> {
         }
     }
     found
+}
+
+/// Where the component path `at` (each ancestor already resolved to a
+/// directory) lives, as overlayfs decides it: the top-most layer that has
+/// it, among the layers in which every ancestor is a real directory. A
+/// layer with a non-directory (a file, or a symlink) at an ancestor is
+/// hidden, with every layer under it, by the directory above it: its
+/// entries are never looked at, so `lstat` never follows a link on the node.
+fn lookup(dirs: &[PathBuf], at: &[String]) -> Option<(PathBuf, std::fs::Metadata)> {
+    'layers: for d in dirs {
+        let mut p = d.clone();
+        for ancestor in &at[..at.len().saturating_sub(1)] {
+            p.push(ancestor);
+            match p.symlink_metadata() {
+                Ok(m) if m.is_dir() => {}
+                // Not in this layer: a lower one may have it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'layers,
+                // A file or link here is shadowed by the directory above: so is all below.
+                _ => return None,
+            }
+        }
+        p.push(at.last()?);
+        match p.symlink_metadata() {
+            Ok(m) => return Some((p, m)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 fn split(path: &str) -> impl DoubleEndedIterator<Item = String> + '_ {
@@ -235,6 +260,37 @@ mod tests {
         assert_eq!(
             read_small_file(&top.join("etc/shadow"), 100).as_deref(),
             Some("new")
+        );
+        // F1: a lower layer's `etc -> /etc` (on the node) under an upper
+        // layer's real etc/ must not lead to the node's files.
+        let (upper, lower, node) = (
+            d.path().join("u"),
+            d.path().join("l"),
+            d.path().join("node"),
+        );
+        std::fs::create_dir_all(upper.join("etc")).unwrap();
+        std::fs::create_dir_all(&lower).unwrap();
+        std::fs::create_dir_all(&node).unwrap();
+        std::fs::write(node.join("shadow"), "admin:$y$SECRET:").unwrap();
+        std::os::unix::fs::symlink(&node, lower.join("etc")).unwrap();
+        assert_eq!(
+            find_in_layers(&[upper.clone(), lower.clone()], "/etc/shadow"),
+            None,
+            "the node's file through a lower layer's link"
+        );
+        // Nor through a lower layer's file at an ancestor path.
+        let lower2 = d.path().join("l2");
+        std::fs::create_dir_all(lower2.join("etc")).unwrap();
+        std::fs::write(lower2.join("etc/shadow"), "lower").unwrap();
+        assert_eq!(
+            find_in_layers(&[upper.clone(), lower2.clone()], "/etc/shadow"),
+            Some(lower2.join("etc/shadow")),
+            "a real lower directory still merges"
+        );
+        assert_eq!(
+            find_in_layers(&[upper, lower, lower2], "/etc/shadow"),
+            None,
+            "a link at an ancestor hides the layers under it"
         );
         let bind = Mount {
             r#type: "bind".into(),
