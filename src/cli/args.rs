@@ -344,6 +344,10 @@ pub struct SubmitArgs {
     /// Wait until the task ends and exit with its exit code.
     #[arg(long)]
     pub wait: bool,
+    /// Every capability, no seccomp profile and no masked kernel paths (only
+    /// where the operator allows it).
+    #[arg(long)]
+    pub privileged: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

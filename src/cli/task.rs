@@ -101,6 +101,7 @@ pub fn spec_from_args(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
         command: a.command.clone(),
         env,
         mounts,
+        privileged: a.privileged,
         ..base
     })
 }

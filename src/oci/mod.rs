@@ -11,6 +11,7 @@ mod commit;
 mod import;
 mod registry;
 pub mod rootfs;
+pub mod seccomp;
 mod spec;
 mod task;
 

@@ -219,6 +219,8 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
             None => default_capabilities()?,
         }));
         p.set_args(Some(input.args.clone()));
+        // setuid programs and file capabilities gain nothing inside.
+        p.set_no_new_privileges(Some(input.privileged.is_none()));
         p.set_env(Some(merged_env(image, input)));
         p.set_cwd(PathBuf::from(cwd));
     }
@@ -304,6 +306,14 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
         if input.privileged.is_some() {
             linux.set_masked_paths(None);
             linux.set_readonly_paths(None);
+        } else {
+            // Unprivileged: only the syscalls a workload needs (no new
+            // namespaces, mounts, keyrings, BPF, ...).
+            linux.set_seccomp(Some(super::seccomp::default_profile()));
+            let mut masked = linux.masked_paths().clone().unwrap_or_default();
+            // The RAPL energy counters leak what other tenants compute (L2).
+            masked.push("/sys/devices/virtual/powercap".into());
+            linux.set_masked_paths(Some(masked));
         }
         if let (Some(path), Some(namespaces)) = (&input.netns, linux.namespaces_mut().as_mut()) {
             for ns in namespaces.iter_mut() {
@@ -406,6 +416,14 @@ mod tests {
             .contains(&serde_json::json!("CAP_SYS_ADMIN")));
         assert!(p["linux"]["maskedPaths"].is_null());
         assert_eq!(p["linux"]["resources"]["devices"][0]["allow"], true);
+        assert!(p["linux"]["seccomp"].is_null(), "privileged: unconfined");
+        assert_eq!(p["process"]["noNewPrivileges"], false);
+        assert_eq!(plain["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(plain["process"]["noNewPrivileges"], true);
+        assert!(plain["linux"]["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("/sys/devices/virtual/powercap")));
         // Never more than the runtime holds itself.
         let p = serde_json::to_value(
             build(

@@ -169,7 +169,7 @@ pub fn busybox_oci_archive(dir: &Path) -> Option<PathBuf> {
     std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "sleep", "head", "tr", "true", "false", "env", "ls", "id", "touch",
-        "rm", "stat", "grep", "df", "awk", "mknod", "tail",
+        "rm", "stat", "grep", "df", "awk", "mknod", "tail", "unshare",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
