@@ -58,6 +58,7 @@ fn main() {
                 netns: None,
                 privileged: None,
                 shm_bytes: 64 << 20,
+                user: Default::default(),
             };
             let spec = build_spec(&img.config, &input).unwrap();
             let log = format!("file://{}", work.path().join("log").display());

@@ -44,3 +44,65 @@ fn unprivileged_containers_are_confined_and_privileged_ones_are_not() {
         );
     });
 }
+
+#[test]
+fn a_command_runs_as_the_images_user_looked_up_in_the_image() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("conf-b") else {
+            return;
+        };
+        let passwd = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n";
+        let group = "root:x:0:\napp:x:1000:\nvideo:x:44:app\n";
+        let envs = v.dir.path().join("shared/environments");
+        let image_as = |user: &str, env: &str| {
+            let build = v.dir.path().join(env);
+            std::fs::create_dir_all(&build).unwrap();
+            let archive =
+                common::containerd::busybox_oci_archive_as(&build, Some((user, passwd, group)))
+                    .unwrap();
+            std::fs::copy(&archive, envs.join(format!("{env}.tar"))).unwrap();
+        };
+        image_as("app", "busybox-app");
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "--container",
+            "busybox-app",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$(id -u):$(id -g):$(id -G):$HOME\"",
+        ]);
+        let id = created_id(&o);
+        v.wait_state(&id, "completed");
+        assert_eq!(
+            stdout(&v.rn(&["task", "logs", &id])),
+            "1000:1000:1000 44:/home/app\n"
+        );
+
+        // A User the image's passwd does not have fails, saying so.
+        image_as("ghost", "busybox-ghost");
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "--container",
+            "busybox-ghost",
+            "--",
+            "true",
+        ]);
+        let id = created_id(&o);
+        v.wait_state(&id, "failed");
+        let t = v.json(&["task", "status", &id]);
+        assert!(
+            t["message"].as_str().unwrap_or_default().contains("ghost"),
+            "{t}"
+        );
+    });
+}

@@ -33,6 +33,7 @@ fn input(id: &str, args: &[&str], memory: Option<u64>) -> RuntimeSpecInput {
         netns: None,
         privileged: None,
         shm_bytes: 64 << 20,
+        user: Default::default(),
     }
 }
 

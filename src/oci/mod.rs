@@ -14,6 +14,7 @@ pub mod rootfs;
 pub mod seccomp;
 mod spec;
 mod task;
+pub mod user;
 
 use std::path::{Path, PathBuf};
 

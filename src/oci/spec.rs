@@ -48,6 +48,8 @@ pub struct RuntimeSpecInput {
     /// Size of the `/dev/shm` tmpfs (its pages count against the memory
     /// limit, as any tmpfs page a cgroup writes does).
     pub shm_bytes: u64,
+    /// Who the process runs as (the image's `User`; root by default).
+    pub user: super::user::ImageUser,
 }
 
 /// Sets each of `vars` in the process environment, replacing any entry of
@@ -98,6 +100,9 @@ fn merged_env(image: &ImageConfig, input: &RuntimeSpecInput) -> Vec<String> {
         if let Some((k, v)) = kv.split_once('=') {
             env.insert(k.into(), v.into());
         }
+    }
+    if let (false, Some(home)) = (env.contains_key("HOME"), &input.user.home) {
+        env.insert("HOME".into(), home.clone());
     }
     env.extend(input.env.clone());
     env.extend(input.rivernode_env.clone());
@@ -219,6 +224,14 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
             None => default_capabilities()?,
         }));
         p.set_args(Some(input.args.clone()));
+        let u = &input.user;
+        let user = oci_spec::runtime::UserBuilder::default()
+            .uid(u.uid)
+            .gid(u.gid)
+            .additional_gids(u.additional_gids.clone())
+            .build()
+            .map_err(spec_err)?;
+        p.set_user(user);
         // setuid programs and file capabilities gain nothing inside.
         p.set_no_new_privileges(Some(input.privileged.is_none()));
         p.set_env(Some(merged_env(image, input)));
@@ -383,6 +396,7 @@ mod tests {
             netns: None,
             privileged: None,
             shm_bytes: 1 << 30,
+            user: Default::default(),
         }
     }
 
@@ -478,6 +492,32 @@ mod tests {
         );
         assert!(env.contains(&"RIVERNODE_TASK_ID=7"));
         assert_eq!(j["process"]["cwd"], "/shared");
+        assert_eq!(j["process"]["user"]["uid"], 0);
+        let as_app = build(
+            &image,
+            &RuntimeSpecInput {
+                user: crate::oci::user::ImageUser {
+                    uid: 1000,
+                    gid: 1000,
+                    additional_gids: vec![44],
+                    home: Some("/home/app".into()),
+                },
+                ..input()
+            },
+        )
+        .unwrap();
+        let a = serde_json::to_value(&as_app).unwrap();
+        assert_eq!(
+            (
+                &a["process"]["user"]["uid"],
+                &a["process"]["user"]["additionalGids"]
+            ),
+            (&serde_json::json!(1000), &serde_json::json!([44]))
+        );
+        assert!(a["process"]["env"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("HOME=/home/app")));
         assert_eq!(j["root"]["readonly"], false);
         let r = &j["linux"]["resources"];
         assert_eq!(r["cpu"]["cpus"], "2-3");

@@ -196,6 +196,7 @@ impl TaskContext {
             cgroups_path: self.cgroups_path(a.id),
             netns: None,
             shm_bytes: shm_bytes(a, self.config.default_shm_size.0),
+            user: Default::default(),
             privileged: if a.spec.privileged {
                 Some(
                     oci::capability_bound(&self.config.proc_root)
@@ -284,6 +285,21 @@ impl TaskContext {
         };
         super::supervisor::crash_point(&self.crash_at, "imported");
         let mut input = self.spec_input(a)?;
+        // A command runs as the image's User. A VPS's main process is its
+        // SSH server, which needs root (its logins choose their users).
+        let wanted_user = image.config.user.as_deref().filter(|u| !u.is_empty());
+        if let (Kind::Command, Some(user)) = (a.spec.kind, wanted_user) {
+            let found = self
+                .ctd
+                .find_in_image(&image, &["/etc/passwd", "/etc/group"])
+                .await?;
+            let read = |p: &Option<PathBuf>| {
+                p.as_deref()
+                    .and_then(|p| oci::rootfs::read_small_file(p, 4 << 20))
+            };
+            let (passwd, group) = (read(&found[0]), read(&found[1]));
+            input.user = oci::user::resolve(user, passwd.as_deref(), group.as_deref())?;
+        }
         if is_vps {
             let found = self
                 .ctd

@@ -37,6 +37,8 @@ pub enum InstanceError {
     Exe(#[source] std::io::Error),
     #[error("GPUs")]
     Gpu(#[from] super::gpus::GpuError),
+    #[error(transparent)]
+    ImageUser(#[from] crate::oci::user::UserError),
     #[error("its container was made with GPUs [{made_with}] but is placed on [{placed}]; `vps delete` and create it again")]
     GpuMismatch { made_with: String, placed: String },
     #[error("reading the runner's capabilities for a privileged instance")]

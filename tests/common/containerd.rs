@@ -152,6 +152,12 @@ fn run(cmd: &mut Command) {
 
 /// A busybox OCI archive (about 1 MiB) at `dir/busybox.tar`.
 pub fn busybox_oci_archive(dir: &Path) -> Option<PathBuf> {
+    busybox_oci_archive_as(dir, None)
+}
+
+/// The busybox archive; with `user` = (User, passwd line, group line) it
+/// runs as that user (its config's `User`) and has those /etc files.
+pub fn busybox_oci_archive_as(dir: &Path, user: Option<(&str, &str, &str)>) -> Option<PathBuf> {
     let present = command_exists("umoci") && Path::new("/bin/busybox").exists();
     if !real_part_available("umoci and busybox-static", present) {
         return None;
@@ -176,6 +182,10 @@ pub fn busybox_oci_archive(dir: &Path) -> Option<PathBuf> {
     for d in ["tmp", "proc", "sys", "dev", "etc"] {
         std::fs::create_dir_all(bundle.join("rootfs").join(d)).unwrap();
     }
+    if let Some((_, passwd, group)) = user {
+        std::fs::write(bundle.join("rootfs/etc/passwd"), passwd).unwrap();
+        std::fs::write(bundle.join("rootfs/etc/group"), group).unwrap();
+    }
     run(Command::new("umoci")
         .args(["repack", "--image", &layout])
         .arg(&bundle));
@@ -188,6 +198,9 @@ pub fn busybox_oci_archive(dir: &Path) -> Option<PathBuf> {
         "--config.cmd",
         "/bin/sh",
     ]));
+    if let Some((u, _, _)) = user {
+        run(Command::new("umoci").args(["config", "--image", &layout, "--config.user", u]));
+    }
     let archive = dir.join("busybox.tar");
     run(Command::new("tar")
         .arg("cf")
