@@ -102,6 +102,40 @@ pub struct NodeView {
     pub gpu_holders: std::collections::BTreeMap<crate::topology::PciAddress, u64>,
 }
 
+/// A runner URL's origin, `(scheme, host, port)`. Only an origin is
+/// accepted (`http[s]://host[:port][/]`): the host appends its own paths,
+/// and a query, fragment or user part would let a node aim the host's
+/// requests (and the answers it relays) anywhere.
+pub fn runner_origin(url: &str) -> Result<(String, String, u16), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not an http(s) URL"))?;
+    let default_port = match scheme {
+        "http" => 80,
+        "https" => 443,
+        _ => return Err(format!("{url:?} is not an http(s) URL")),
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "{url:?} must be only scheme://host[:port], with no path, query or user"
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        // An IPv6 literal without a port: [::1]
+        Some((h, p)) if !p.contains(']') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url:?} has a bad port"))?,
+        ),
+        _ => (authority, default_port),
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok((scheme.to_string(), host.to_ascii_lowercase(), port))
+}
+
 /// What the runner API answers on `GET /api/status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunnerStatus {
@@ -215,6 +249,25 @@ mod tests {
     #[test]
     fn node_names() {
         assert!(validate_node_name("gpu-node1.lab").is_ok());
+        assert_eq!(
+            runner_origin("http://10.0.0.2:8001").unwrap(),
+            ("http".into(), "10.0.0.2".into(), 8001)
+        );
+        assert_eq!(runner_origin("https://Node1/").unwrap().1, "node1");
+        assert_eq!(runner_origin("https://node1").unwrap().2, 443);
+        assert_eq!(runner_origin("http://[::1]:8001").unwrap().1, "[::1]");
+        for bad in [
+            "ftp://x",
+            "http://169.254.169.254/latest/meta-data?",
+            "http://x:8001/?",
+            "http://u@x:8001",
+            "http://x:8001#f",
+            "http://:8001",
+            "http://x:port",
+            "x:8001",
+        ] {
+            assert!(runner_origin(bad).is_err(), "{bad}");
+        }
         for bad in ["", "-x", "UPPER", "a b", "a/b", &"x".repeat(64)] {
             assert!(validate_node_name(bad).is_err(), "{bad}");
         }

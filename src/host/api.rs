@@ -344,13 +344,9 @@ async fn probe_runner(
 }
 
 fn check_url(field: &str, url: &str) -> Result<(), ApiError> {
-    if url.starts_with("http://") || url.starts_with("https://") {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!(
-            "{field}: {url:?} is not an http(s) URL"
-        )))
-    }
+    crate::api::runner_origin(url)
+        .map(|_| ())
+        .map_err(|e| ApiError::BadRequest(format!("{field}: {e}")))
 }
 
 fn check_interval(ms: u64) -> Result<(), ApiError> {

@@ -146,6 +146,8 @@ impl BoundHost {
         })?;
         let http = reqwest::Client::builder()
             .user_agent(concat!("rivernode-host/", env!("CARGO_PKG_VERSION")))
+            // A runner's answer is relayed to users: it must come from the runner.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| HostError::Serve(std::io::Error::other(e)))?;
         let revision = {

@@ -491,10 +491,25 @@ impl Store for SqliteStore {
             .transpose()?;
         self.with(|c| {
             let tx = c.transaction()?;
-            let prev: Option<String> = tx
-                .query_row("SELECT state FROM nodes WHERE name = ?1", [name], |r| r.get(0))
+            let prev: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT state, runner_url FROM nodes WHERE name = ?1",
+                    [name],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()?;
-            let Some(prev) = prev else { return Ok(None) };
+            let Some((prev, url)) = prev else {
+                return Ok(None);
+            };
+            // A restarted runner may listen on another port, never on
+            // another machine: the host calls only the host it registered.
+            let host_of = |u: &str| crate::api::runner_origin(u).map(|(s, h, _)| (s, h)).ok();
+            if host_of(&url) != host_of(&hb.runner_url) {
+                return Err(StoreError::Conflict(format!(
+                    "runner_url: node {name:?} registered at {url}; a heartbeat cannot move it to {} (remove the node and register it again)",
+                    hb.runner_url
+                )));
+            }
             tx.execute(
                 "UPDATE nodes SET state = 'online', runner_url = ?2, version = ?3, last_heartbeat_ms = ?4,
                         heartbeat_interval_ms = ?5, usage = ?6, inventory = COALESCE(?7, inventory)
@@ -857,6 +872,26 @@ mod tests {
             "inventory kept when not resent"
         );
         assert_eq!(s.heartbeat("ghost", &beat(), 10_000).unwrap(), None);
+        // F6: a heartbeat may change the port (a restarted runner), never the host.
+        let moved = HeartbeatRequest {
+            runner_url: "http://127.0.0.1:9999".into(),
+            ..beat()
+        };
+        s.heartbeat("n1", &moved, 10_001).unwrap();
+        assert_eq!(
+            s.runner_access("n1").unwrap().unwrap().0,
+            "http://127.0.0.1:9999"
+        );
+        let away = HeartbeatRequest {
+            runner_url: "http://169.254.169.254:80".into(),
+            ..beat()
+        };
+        let e = s.heartbeat("n1", &away, 10_002).unwrap_err().to_string();
+        assert!(e.contains("runner_url") && e.contains("127.0.0.1"), "{e}");
+        assert_eq!(
+            s.runner_access("n1").unwrap().unwrap().0,
+            "http://127.0.0.1:9999"
+        );
 
         assert!(s.delete_node("n1").unwrap());
         assert_eq!(
