@@ -188,7 +188,10 @@ layered_config! {
         shared_dir: PathBuf = PathBuf::from("/mnt/cluster-share"),
         /// Whether tasks and VPS may ask for `--privileged` (every capability,
         /// no masked /proc and /sys paths): a privileged instance can take over its node.
+        /// Only the admin may, unless privileged_users names others.
         allow_privileged: bool = false,
+        /// Users (besides the admin) who may ask for `--privileged` when allow_privileged is on.
+        privileged_users: Vec<String> = Vec::new(),
     }
 }
 

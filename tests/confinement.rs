@@ -36,6 +36,25 @@ fn unprivileged_containers_are_confined_and_privileged_ones_are_not() {
         assert!(out.contains("Seccomp:\t2"), "{out}");
         assert!(out.contains("NoNewPrivs:\t1"), "{out}");
 
+        // F13: allow_privileged is the admin's; a user is refused.
+        let alice = v.add_user("alice");
+        let data = v.host_data();
+        let o = cli(&[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--token",
+            &alice,
+            "task",
+            "submit",
+            "--privileged",
+            "--container",
+            "busybox",
+            "--",
+            "true",
+        ]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("only the admin"), "{}", stderr(&o));
+
         let out = run(&v, &["--privileged"]);
         assert!(out.contains("rc=0"), "privileged: unconfined: {out}");
         assert!(

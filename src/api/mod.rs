@@ -217,7 +217,40 @@ pub fn validate_node_name(name: &str) -> Result<(), String> {
             "node name {name:?} may hold only lower-case letters, digits, '-' and '.', and must start with a letter or digit"
         ));
     }
+    // `/api/nodes/register` would shadow `/api/nodes/{name}` (L3).
+    if RESERVED_NODE_NAMES.contains(&name) {
+        return Err(format!("node name {name:?} is reserved; choose another"));
+    }
     Ok(())
+}
+
+/// Names that are API paths under `/api/nodes/`.
+pub const RESERVED_NODE_NAMES: &[&str] = &["register"];
+
+/// An SSH host key as `ssh-keygen` writes one: `type base64 [comment]` on
+/// one line, of a key type OpenSSH knows. The host writes it into users'
+/// known_hosts files, so nothing else may pass (L1).
+pub fn valid_ssh_host_key(key: &str) -> bool {
+    const TYPES: [&str; 6] = [
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+    ];
+    let mut parts = key.split(' ');
+    let (Some(t), Some(b64)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    key.len() <= 16 << 10
+        && !key.contains(['\n', '\r', '\0'])
+        && key.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        && TYPES.contains(&t)
+        && !b64.is_empty()
+        && b64
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
 }
 
 /// A hostname turned into a valid node name (lower-cased, other characters replaced).
@@ -249,6 +282,22 @@ mod tests {
     #[test]
     fn node_names() {
         assert!(validate_node_name("gpu-node1.lab").is_ok());
+        assert!(validate_node_name("register")
+            .unwrap_err()
+            .contains("reserved"));
+        assert!(valid_ssh_host_key(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG4x root@vps"
+        ));
+        assert!(valid_ssh_host_key("ecdsa-sha2-nistp256 AAAAE2Vj="));
+        for bad in [
+            "ssh-ed25519 AAAA\n@cert-authority * ssh-ed25519 AAAA",
+            "ssh-ed25519",
+            "bogus AAAA",
+            "ssh-ed25519 AA*A",
+            "ssh-ed25519 AAAA\r",
+        ] {
+            assert!(!valid_ssh_host_key(bad), "{bad:?}");
+        }
         assert_eq!(
             runner_origin("http://10.0.0.2:8001").unwrap(),
             ("http".into(), "10.0.0.2".into(), 8001)

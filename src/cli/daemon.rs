@@ -41,6 +41,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         liveness_check_interval: args.liveness_check_interval,
         shared_dir: args.shared_dir.clone(),
         allow_privileged: args.allow_privileged.then_some(true),
+        privileged_users: None,
     });
     cfg.validate()?;
     Ok(cfg)

@@ -59,6 +59,8 @@ pub struct HostState {
     pub ssh_proxy_port: u16,
     /// The operator's `allow_privileged`.
     pub allow_privileged: bool,
+    /// Users besides the admin it extends to (`privileged_users`).
+    pub privileged_users: Vec<String>,
 }
 
 impl HostState {
@@ -165,6 +167,7 @@ impl BoundHost {
                 shared_dir: config.shared_dir.clone(),
                 ssh_proxy_port: ssh_proxy_addr.port(),
                 allow_privileged: config.allow_privileged,
+                privileged_users: config.privileged_users.clone(),
             }),
             listener,
             ssh_listener,
@@ -233,7 +236,11 @@ impl proxy::TunnelResolver for Tunnels {
                 Ok((who, task, node))
             })
             .await
-            .map_err(|e| format!("the host cannot check this right now: {e}"))?;
+            .map_err(|e| {
+                // The cause is for the operator's log, not for an anonymous peer (L4).
+                tracing::warn!(error = %crate::error_chain(&e), "tunnel check failed");
+                "the host cannot check this right now; try again".to_string()
+            })?;
         let (who, task, runner_url) = found;
         // Nothing about instances is said before the token checks out, and
         // another user's instance looks like no instance at all.

@@ -195,7 +195,7 @@ async fn restart(
 ) -> Result<Json<TaskView>, ApiError> {
     let req: RestartRequest = optional_body(&body)?;
     let t = visible_task(&state, &p, id).await?;
-    super::tasks::still_allowed(&state, &t)?;
+    super::tasks::still_allowed(&state, &p, &t)?;
     let restore = match req.from_snapshot {
         None => None,
         Some(wanted) => {

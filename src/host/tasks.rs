@@ -96,12 +96,28 @@ pub async fn scheduler_loop(state: Arc<HostState>) {
     }
 }
 
-fn check_spec(spec: &TaskSpec, allow_privileged: bool) -> Result<(), ApiError> {
-    if spec.privileged && !allow_privileged {
+/// Whether `p` may have privileged instances: the operator allows them,
+/// to the admin, and to the users `privileged_users` names (F13).
+pub(super) fn may_be_privileged(state: &HostState, p: &Principal) -> Result<(), ApiError> {
+    if !state.allow_privileged {
         return Err(ApiError::BadRequest(
             "privileged: this cluster does not allow privileged instances (the operator can set allow_privileged = true in host.toml)".into(),
         ));
     }
+    let listed = p
+        .user
+        .as_ref()
+        .is_some_and(|u| state.privileged_users.contains(u));
+    if p.role == Role::Admin || listed {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "privileged: only the admin, and the users privileged_users names, may ask for privileged instances (they own their node)".into(),
+        ))
+    }
+}
+
+fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
     match (spec.shm_bytes, spec.memory_bytes) {
         (Some(0), _) => {
             return Err(ApiError::BadRequest(
@@ -197,12 +213,18 @@ const REDACTED: &str = "(set)";
 
 /// A privileged task runs again (restart, resume) only while the operator
 /// still allows privileged instances.
-pub(super) fn still_allowed(state: &HostState, t: &TaskView) -> Result<(), ApiError> {
-    if t.spec.privileged && !state.allow_privileged {
-        return Err(ApiError::BadRequest(format!(
-            "privileged: task {} is privileged and this cluster no longer allows that",
-            t.id
-        )));
+pub(super) fn still_allowed(
+    state: &HostState,
+    p: &Principal,
+    t: &TaskView,
+) -> Result<(), ApiError> {
+    if t.spec.privileged {
+        may_be_privileged(state, p).map_err(|_| {
+            ApiError::BadRequest(format!(
+                "privileged: task {} is privileged and this cluster no longer allows that for you",
+                t.id
+            ))
+        })?;
     }
     Ok(())
 }
@@ -225,7 +247,10 @@ async fn submit(
     Extension(p): Extension<Principal>,
     ApiJson(mut spec): ApiJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
-    check_spec(&spec, state.allow_privileged)?;
+    check_spec(&spec)?;
+    if spec.privileged {
+        may_be_privileged(&state, &p)?;
+    }
     if p.role == Role::User && !spec.mounts.is_empty() {
         // A node path in a container is the node's files in a tenant's hands.
         return Err(ApiError::Forbidden(
@@ -327,7 +352,7 @@ async fn desire(
 ) -> Result<Json<TaskView>, ApiError> {
     let t = visible_task(&state, &p, id).await?;
     if d == Desired::Running {
-        still_allowed(&state, &t)?;
+        still_allowed(&state, &p, &t)?;
     }
     let now = crate::now_unix_ms();
     let t = state.blocking(move |s| s.set_desired(id, d, now)).await?;
@@ -451,6 +476,13 @@ async fn report(
     ApiJson(r): ApiJson<TaskReport>,
 ) -> Result<Json<TaskView>, ApiError> {
     own_node(&p, &name)?;
+    if let Some(k) = &r.ssh_host_key {
+        if !crate::api::valid_ssh_host_key(k) {
+            return Err(ApiError::BadRequest(
+                "ssh_host_key: not one OpenSSH public key line (type and base64 key)".into(),
+            ));
+        }
+    }
     let now = crate::now_unix_ms();
     let (before, t) = state
         .blocking(move |s| {
