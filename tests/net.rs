@@ -60,6 +60,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
             // The kernel takes the source-restricted prerouting rule too.
             node_port_sources: vec!["127.0.0.1".parse().unwrap()],
             isolate_instances: true,
+            instances: vec![],
         };
         assert!(reachable(pp));
         fw.apply().unwrap();
@@ -189,6 +190,24 @@ fn in_ns<T: Send + 'static>(
     })
 }
 
+/// A TCP connection from `src` (an address of this namespace) to `to`.
+fn connects_from(src: &str, to: &str) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        tokio::time::timeout(
+            Duration::from_millis(700),
+            sock.connect(to.parse().unwrap()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    })
+}
+
 fn connects(addr: &str) -> bool {
     TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(700)).is_ok()
 }
@@ -241,6 +260,7 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 // The "host" on the outside network below.
                 node_port_sources: vec!["192.0.2.2".parse().unwrap()],
                 isolate_instances: true,
+                instances: vec![],
             },
             isolate_instances: true,
         };
@@ -380,6 +400,37 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 !to_loopback,
                 "the node's loopback is not reachable from an instance"
             );
+            // F4: an instance sends only from its own address and MAC.
+            let spoofed = in_ns(&i2.netns, move || {
+                let ip = |args: &[&str]| {
+                    let o = std::process::Command::new("ip")
+                        .args(args)
+                        .output()
+                        .unwrap();
+                    assert!(
+                        o.status.success(),
+                        "ip {args:?}: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                };
+                let to = format!("10.251.0.1:{op2}");
+                let honest = connects_from(&i2_ip.to_string(), &to);
+                ip(&["addr", "add", "10.251.0.77/24", "dev", "eth0"]);
+                let other_ip = connects_from("10.251.0.77", &to);
+                ip(&["addr", "del", "10.251.0.77/24", "dev", "eth0"]);
+                ip(&["link", "set", "eth0", "address", "02:00:00:00:00:99"]);
+                ip(&["neigh", "flush", "all"]);
+                let other_mac = connects_from(&i2_ip.to_string(), &to);
+                (honest, other_ip, other_mac)
+            })
+            .join()
+            .unwrap();
+            assert!(spoofed.0, "its own address and MAC pass");
+            assert!(
+                !spoofed.1,
+                "another source address is dropped on the bridge"
+            );
+            assert!(!spoofed.2, "another source MAC is dropped on the bridge");
             let from_outside = in_ns(&outside.clone(), move || {
                 let from = |src: &str, to: &str| {
                     let rt = tokio::runtime::Builder::new_current_thread()

@@ -39,6 +39,24 @@ pub struct Firewall {
     pub node_port_sources: Vec<Ipv4Addr>,
     /// Instances may not reach each other, also not routed through the node.
     pub isolate_instances: bool,
+    /// Each instance's bridge port (host-side veth) and address: it may
+    /// send only from these (anti-spoofing in the bridge table).
+    pub instances: Vec<(String, Ipv4Addr)>,
+}
+
+/// The MAC of an instance's interface, from its address (as Kubernetes'
+/// bridge plugin does, 0a:58 + the IPv4 bytes): the bridge table knows it
+/// without asking the instance, and it is locally administered.
+pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn m(op: &str, left: Value, right: Value) -> Value {
@@ -209,7 +227,61 @@ impl Firewall {
                 json!({"drop": null}),
             ],
         ));
+        cmds.extend(self.bridge_guard());
         json!({"nftables": cmds})
+    }
+
+    /// The bridge-family table: frames entering the bridge from an
+    /// instance's port must carry its own MAC and IPv4 address (Ethernet,
+    /// ARP and IP source alike), only IPv4 and ARP pass (so no IPv6 router
+    /// advertisements), and no instance answers as a DHCP server (F4).
+    fn bridge_guard(&self) -> Vec<Value> {
+        let table = json!({"table": {"family": "bridge", "name": self.table}});
+        let mut cmds = vec![
+            json!({"add": table.clone()}),
+            json!({"delete": table.clone()}),
+            json!({"add": table}),
+            json!({"add": {"chain": {
+                "family": "bridge", "table": self.table, "name": "guard",
+                "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept",
+            }}}),
+        ];
+        let iif = json!({"meta": {"key": "iifname"}});
+        let field = |protocol: &str, field: &str| json!({"payload": {"protocol": protocol, "field": field}});
+        let ether_type = field("ether", "type");
+        for (port, ip) in &self.instances {
+            let mac = mac_text(instance_mac(*ip));
+            let from = m("==", iif.clone(), json!(port));
+            let rules = [
+                vec![m("!=", field("ether", "saddr"), json!(mac))],
+                vec![
+                    m("==", ether_type.clone(), json!("arp")),
+                    m("!=", field("arp", "saddr ether"), json!(mac)),
+                ],
+                vec![
+                    m("==", ether_type.clone(), json!("arp")),
+                    m("!=", field("arp", "saddr ip"), json!(ip.to_string())),
+                ],
+                vec![
+                    m("==", ether_type.clone(), json!("ip")),
+                    m("!=", field("ip", "saddr"), json!(ip.to_string())),
+                ],
+                vec![m("!=", ether_type.clone(), json!({"set": ["ip", "arp"]}))],
+                vec![
+                    m("==", ether_type.clone(), json!("ip")),
+                    m("==", field("udp", "sport"), json!(67)),
+                ],
+            ];
+            for r in rules {
+                let mut expr = vec![from.clone()];
+                expr.extend(r);
+                expr.push(json!({"drop": null}));
+                cmds.push(json!({"add": {"rule": {
+                    "family": "bridge", "table": self.table, "chain": "guard", "expr": expr,
+                }}}));
+            }
+        }
+        cmds
     }
 
     fn nft(&self, input: &str) -> Result<String, NetError> {
@@ -244,7 +316,11 @@ impl Firewall {
     /// Removes the table; a missing table is fine.
     pub fn remove(&self) -> Result<(), NetError> {
         let table = json!({"table": {"family": "inet", "name": self.table}});
-        let tx = json!({"nftables": [{"add": table.clone()}, {"delete": table}]});
+        let bridge = json!({"table": {"family": "bridge", "name": self.table}});
+        let tx = json!({"nftables": [
+            {"add": table.clone()}, {"delete": table},
+            {"add": bridge.clone()}, {"delete": bridge},
+        ]});
         self.nft(&tx.to_string()).map(|_| ())
     }
 
@@ -274,7 +350,33 @@ mod tests {
             }],
             node_port_sources: sources,
             isolate_instances: true,
+            instances: vec![("rvabc".into(), "10.88.0.2".parse().unwrap())],
         }
+    }
+
+    #[test]
+    fn an_instance_port_sends_only_from_its_own_mac_and_address() {
+        let f = fw(vec![]);
+        let all = f.ruleset();
+        let guard: Vec<&Value> = all["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"]["rule"].as_object())
+            .filter(|r| r["family"] == "bridge" && r["chain"] == "guard")
+            .map(|r| &r["expr"])
+            .collect();
+        assert_eq!(guard.len(), 6);
+        let text = serde_json::to_string(&guard).unwrap();
+        assert!(
+            text.contains("0a:58:0a:58:00:02") && text.contains("10.88.0.2"),
+            "{text}"
+        );
+        assert!(guard.iter().all(|e| e[0]["match"]["right"] == "rvabc"));
+        assert_eq!(
+            instance_mac("10.88.0.2".parse().unwrap()),
+            [0x0a, 0x58, 10, 88, 0, 2]
+        );
     }
 
     fn rules(f: &Firewall, chain: &str) -> Vec<Value> {

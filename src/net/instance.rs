@@ -90,8 +90,15 @@ impl NodeNetwork {
 
     /// Rewrites the node's table with these node ports.
     pub fn apply_firewall(&self, port_maps: Vec<PortMap>) -> Result<(), NetError> {
+        let instances = self
+            .ipam
+            .leases()?
+            .into_iter()
+            .map(|(id, ip)| (host_if(&id), ip))
+            .collect();
         let fw = Firewall {
             port_maps,
+            instances,
             ..self.firewall.clone()
         };
         fw.apply()

@@ -252,6 +252,16 @@ pub async fn attach(
                     .await?
                     .ok_or_else(|| NetError::Netlink("no eth0".into()))?,
             };
+            // The MAC the bridge table allows for this address.
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .address(super::firewall::instance_mac(ip).to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl("eth0 address"))?;
             // Adding an address or route that exists fails with EEXIST: fine when re-attaching.
             let _ = h.address().add(idx, ip.into(), prefix).execute().await;
             h.link()

@@ -244,6 +244,7 @@ impl VpsKit {
                     port_maps: vec![],
                     node_port_sources,
                     isolate_instances: config.isolate_instances,
+                    instances: vec![],
                 },
                 isolate_instances: config.isolate_instances,
             },
