@@ -279,6 +279,34 @@ fn removed_node_is_forgotten_and_its_credential_revoked() {
             .status()
     });
     assert_eq!(status.as_u16(), 401);
+
+    // F5: the runner comes back with the join token it has: refused for good.
+    let mut r = start_runner(tmp.path(), "r1", &url, &join, "node-b");
+    let exit = r.wait_exit(Duration::from_secs(30));
+    assert!(exit.is_some_and(|e| !e.success()), "the runner gives up");
+    assert!(
+        r.log_text().contains("join-token rotate"),
+        "{}",
+        r.log_text()
+    );
+    assert!(nodes(&host_data).is_empty(), "the name stays free");
+    // A rotated token (written where the runner reads it) brings the node back.
+    let o = cli(&[
+        "--data-dir",
+        hd,
+        "node",
+        "join-token",
+        "rotate",
+        "--expires-in",
+        "1h",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let new_token = stdout(&o).lines().next().unwrap().to_string();
+    assert_eq!(read_trimmed(&join).as_deref(), Some(new_token.as_str()));
+    let _r = start_runner(tmp.path(), "r1", &url, &join, "node-b");
+    wait_for("node-b back", || {
+        node(&nodes(&host_data), "node-b").map(|_| ())
+    });
 }
 
 #[test]

@@ -203,8 +203,23 @@ pub enum NodeCommand {
     List,
     /// One node: cores, NUMA map, memory, GPUs, heartbeat, runner reachability.
     Status { name: String },
-    /// Forget a node and revoke its credential.
+    /// Remove a node for good: its credential is revoked, its tasks end, and
+    /// its name registers again only with a new join token.
     Remove { name: String },
+    /// The join token runners register with.
+    #[command(subcommand)]
+    JoinToken(JoinTokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JoinTokenCommand {
+    /// Replace it (registered nodes keep working) and print the new one,
+    /// which the host also writes to its DATA_DIR/join.token.
+    Rotate {
+        /// How long the new token is valid (e.g. 1h, 7d is 168h); default: until the next rotation.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<crate::config::HumanDuration>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

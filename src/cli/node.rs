@@ -1,9 +1,10 @@
 //! `rivernode node list|status|remove`.
 
 use crate::api::{NodeView, RunnerStatus};
-use crate::cli::args::{NodeCommand, Output};
+use crate::cli::args::{JoinTokenCommand, NodeCommand, Output};
 use crate::cli::client::{Client, ClientError};
 use crate::cli::output::{ago, bytes, emit, emit_json, table};
+use crate::host::api::JoinTokenView;
 use crate::topology::CpuList;
 
 pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<(), ClientError> {
@@ -35,10 +36,39 @@ pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<()
         }
         NodeCommand::Remove { name } => {
             client.delete(&format!("/api/nodes/{name}")).await?;
-            emit(&format!("node {name} removed; its credential is revoked\n"));
+            emit(&format!(
+                "node {name} removed: its credential is revoked and its tasks ended; it registers again only with a new join token\n"
+            ));
+        }
+        NodeCommand::JoinToken(JoinTokenCommand::Rotate { expires_in }) => {
+            let body = serde_json::json!({
+                "expires_in_ms": expires_in.map(|d| d.0.as_millis() as u64),
+            });
+            let t: JoinTokenView = client.post("/api/join-token", &body).await?;
+            match output {
+                Output::Json => emit_json(&t),
+                Output::Table => emit(&format!(
+                    "{}\n(written to {} on the host{})\n",
+                    t.token,
+                    t.file,
+                    t.expires_at_unix_ms
+                        .map(|e| format!("; expires in {}", ago_future(e, crate::now_unix_ms())))
+                        .unwrap_or_default()
+                )),
+            }
         }
     }
     Ok(())
+}
+
+/// `at` (in the future) as a duration from `now`.
+fn ago_future(at: i64, now: i64) -> String {
+    let s = (at - now).max(0) / 1000;
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
 }
 
 fn list_table(nodes: &[NodeView], now: i64) -> String {

@@ -134,6 +134,7 @@ pub fn router(state: Arc<HostState>) -> Router {
         .route("/api/users/{name}", delete(remove_user))
         .route("/api/nodes", get(list_nodes))
         .route("/api/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/api/join-token", post(rotate_join_token))
         .route("/api/nodes/{name}/runner", get(probe_runner))
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(&[Role::Admin], req, next)
@@ -241,13 +242,71 @@ async fn get_node(
         })
 }
 
+/// `POST /api/join-token`: what a rotation asks for.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateJoinToken {
+    /// How long the new token stays valid; none: until the next rotation.
+    #[serde(default)]
+    pub expires_in_ms: Option<u64>,
+}
+
+/// The new join token (shown once), when it expires, and where the host wrote it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct JoinTokenView {
+    pub token: String,
+    pub expires_at_unix_ms: Option<i64>,
+    pub file: String,
+}
+
+/// Replaces the join token: registered nodes keep their credentials, and
+/// a removed node's name can come back only with the new token.
+async fn rotate_join_token(
+    State(state): State<Arc<HostState>>,
+    ApiJson(req): ApiJson<RotateJoinToken>,
+) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
+    let now = crate::now_unix_ms();
+    let expires_at = match req.expires_in_ms {
+        Some(0) => {
+            return Err(ApiError::BadRequest(
+                "expires_in_ms: must be more than 0".into(),
+            ))
+        }
+        Some(ms) => Some(now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))),
+        None => None,
+    };
+    let token = generate_token("rnjoin");
+    let hash = hash_token(&token);
+    state
+        .blocking(move |s| s.rotate_join_token(&hash, expires_at, now))
+        .await?;
+    let file = state.data_dir.join(super::JOIN_TOKEN_FILE);
+    crate::files::write_secret(&file, format!("{token}\n").as_bytes()).map_err(|e| {
+        ApiError::Internal(format!(
+            "the token is rotated but {} was not written: {e}",
+            file.display()
+        ))
+    })?;
+    tracing::info!(file = %file.display(), ?expires_at, "join token rotated");
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinTokenView {
+            token,
+            expires_at_unix_ms: expires_at,
+            file: file.display().to_string(),
+        }),
+    ))
+}
+
 async fn remove_node(
     State(state): State<Arc<HostState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let n = name.clone();
-    if state.blocking(move |s| s.delete_node(&n)).await? {
-        tracing::info!(node = %name, "node removed; its credential is revoked");
+    let now = crate::now_unix_ms();
+    if state.blocking(move |s| s.delete_node(&n, now)).await? {
+        tracing::info!(node = %name, "node removed; its credential is revoked and its tasks ended");
+        state.publish().await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("no node named {name:?}")))

@@ -61,6 +61,8 @@ pub struct HostState {
     pub allow_privileged: bool,
     /// Users besides the admin it extends to (`privileged_users`).
     pub privileged_users: Vec<String>,
+    /// The host's data directory (the join token file is rewritten on rotation).
+    pub data_dir: PathBuf,
 }
 
 impl HostState {
@@ -168,6 +170,7 @@ impl BoundHost {
                 ssh_proxy_port: ssh_proxy_addr.port(),
                 allow_privileged: config.allow_privileged,
                 privileged_users: config.privileged_users.clone(),
+                data_dir: config.data_dir.clone(),
             }),
             listener,
             ssh_listener,

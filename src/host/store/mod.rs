@@ -77,8 +77,17 @@ pub trait Store: Send + Sync + 'static {
     fn runner_access(&self, name: &str) -> Result<Option<(String, String)>, StoreError>;
     /// Marks offline every online node silent for `missed` of its own intervals.
     fn mark_silent_offline(&self, now_ms: i64, missed: u32) -> Result<Vec<String>, StoreError>;
-    /// Removes a node and revokes its credential.
-    fn delete_node(&self, name: &str) -> Result<bool, StoreError>;
+    /// Removes a node for good: its credential is revoked, its tasks end
+    /// (a new holder of the name inherits none of them), and the name
+    /// registers again only with a join token made after now.
+    fn delete_node(&self, name: &str, now_ms: i64) -> Result<bool, StoreError>;
+    /// Replaces every join token with `hash`, valid until `expires_at_ms` (none: no expiry).
+    fn rotate_join_token(
+        &self,
+        hash: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// Queues a task for `owner` (none: the admin); refused if it can never
     /// run. Returns its id.
@@ -188,6 +197,11 @@ const MIGRATIONS: &[&str] = &[
     // 5: the hash of the key a runner registered with, so that it can
     // register again after a lost answer.
     "ALTER TABLE nodes ADD COLUMN registration_key_hash TEXT;",
+    // 6: tokens that expire (join tokens), and the names of removed nodes:
+    // such a name registers again only with a join token made after it was
+    // removed, and inherits nothing.
+    "ALTER TABLE tokens ADD COLUMN expires_at_ms INTEGER;
+    CREATE TABLE removed_nodes (name TEXT PRIMARY KEY, removed_at_ms INTEGER NOT NULL);",
 ];
 
 pub struct SqliteStore {
@@ -330,8 +344,9 @@ impl Store for SqliteStore {
         self.with(|c| {
             let row: Option<(String, Option<String>, Option<String>)> = c
                 .query_row(
-                    "SELECT role, node, user FROM tokens WHERE hash = ?1",
-                    [hash],
+                    "SELECT role, node, user FROM tokens
+                     WHERE hash = ?1 AND (expires_at_ms IS NULL OR expires_at_ms > ?2)",
+                    params![hash, crate::now_unix_ms()],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
@@ -419,6 +434,28 @@ impl Store for SqliteStore {
         let key_hash = req.registration_key.as_deref().map(crate::api::token::hash);
         self.with(|c| {
             let tx = c.transaction()?;
+            // A removed name comes back only with a join token newer than its removal.
+            let removed_at: Option<i64> = tx
+                .query_row(
+                    "SELECT removed_at_ms FROM removed_nodes WHERE name = ?1",
+                    [&req.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(removed_at) = removed_at {
+                let newest_join: Option<i64> = tx.query_row(
+                    "SELECT MAX(created_at_ms) FROM tokens WHERE role = 'join'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if newest_join.is_none_or(|t| t <= removed_at) {
+                    return Err(StoreError::Conflict(format!(
+                        "node {:?} was removed; it registers again only with a new join token (`rivernode node join-token rotate` on the host)",
+                        req.name
+                    )));
+                }
+                tx.execute("DELETE FROM removed_nodes WHERE name = ?1", [&req.name])?;
+            }
             let stored: Option<Option<String>> = tx
                 .query_row(
                     "SELECT registration_key_hash FROM nodes WHERE name = ?1",
@@ -595,8 +632,63 @@ impl Store for SqliteStore {
         })
     }
 
-    fn delete_node(&self, name: &str) -> Result<bool, StoreError> {
-        self.with(|c| Ok(c.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0))
+    fn delete_node(&self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let gone = tx.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0;
+            if gone {
+                tx.execute(
+                    "INSERT OR REPLACE INTO removed_nodes (name, removed_at_ms) VALUES (?1, ?2)",
+                    params![name, now_ms],
+                )?;
+                // A delete under way there is done as far as the cluster goes.
+                tx.execute(
+                    "UPDATE tasks SET state = 'deleted', reason = 'deleted (its node was removed)',
+                     finished_at_ms = COALESCE(finished_at_ms, ?2)
+                     WHERE node = ?1 AND desired = 'deleted'",
+                    params![name, now_ms],
+                )?;
+                let message = format!(
+                    "its node {name} was removed (a VPS's disk, if any, stays on that machine)"
+                );
+                tx.execute(
+                    &format!(
+                        "UPDATE tasks SET state = 'failed', reason = ?2, message = ?2,
+                         finished_at_ms = COALESCE(finished_at_ms, ?3)
+                         WHERE node = ?1 AND state NOT IN {}",
+                        tasks::ENDED
+                    ),
+                    params![name, message, now_ms],
+                )?;
+                // No holder of the name ever sees them again.
+                tx.execute(
+                    "UPDATE tasks SET node = NULL, placement = NULL WHERE node = ?1",
+                    [name],
+                )?;
+                tasks::bump(&tx)?;
+            }
+            tx.commit()?;
+            Ok(gone)
+        })
+    }
+
+    fn rotate_join_token(
+        &self,
+        hash: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM tokens WHERE role = 'join'", [])?;
+            tx.execute(
+                "INSERT INTO tokens (hash, role, node, label, created_at_ms, expires_at_ms)
+                 VALUES (?1, 'join', NULL, 'join token (rotated)', ?2, ?3)",
+                params![hash, now_ms, expires_at_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn submit_task(
@@ -691,6 +783,78 @@ mod tests {
             usage: Usage::default(),
             inventory: None,
         }
+    }
+
+    #[test]
+    fn a_removed_node_comes_back_only_with_a_new_join_token_and_inherits_nothing() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.rotate_join_token("join-1", None, 1_000).unwrap();
+        let m = crate::topology::fake::FakeMachine::two_socket_four_gpus();
+        let machine = crate::topology::collect(&m.roots()).unwrap();
+        let first = RegisterRequest {
+            name: "n1".into(),
+            runner_url: "http://127.0.0.1:8001".into(),
+            heartbeat_interval_ms: 1000,
+            version: "x".into(),
+            inventory: machine,
+            registration_key: None,
+        };
+        s.register_node(&first, "cred-1", "t1", 1_000).unwrap();
+        let spec = crate::api::TaskSpec {
+            command: vec!["true".into()],
+            env: Default::default(),
+            mounts: vec![],
+            image: crate::api::ImageSource::Environment("base".into()),
+            cores: 1,
+            memory_bytes: None,
+            gpu_count: 0,
+            target: None,
+            kind: crate::api::Kind::Vps,
+            ssh_keys: vec![],
+            ssh_password_hash: Some("$6$salt$secret".into()),
+            privileged: false,
+            restore: None,
+            shm_bytes: None,
+        };
+        let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
+        s.schedule().unwrap();
+        assert_eq!(s.assignments("n1").unwrap().tasks.len(), 1);
+
+        assert!(s.delete_node("n1", 5_000).unwrap());
+        let t = s.get_task(id).unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Failed);
+        assert!(t.message.unwrap().contains("n1 was removed"));
+        assert!(t.placement.is_none());
+        // The same join token cannot bring the name back ...
+        let req = RegisterRequest {
+            name: "n1".into(),
+            runner_url: "http://10.9.9.9:8001".into(),
+            heartbeat_interval_ms: 1000,
+            version: "x".into(),
+            inventory: inventory(),
+            registration_key: None,
+        };
+        let e = s
+            .register_node(&req, "cred-2", "t2", 6_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("join-token rotate"), "{e}");
+        // ... a new one can, and the name inherits nothing.
+        s.rotate_join_token("join-2", None, 7_000).unwrap();
+        assert_eq!(
+            s.find_token("join-1").unwrap(),
+            None,
+            "the old token is revoked"
+        );
+        s.register_node(&req, "cred-2", "t2", 8_000).unwrap();
+        assert!(s.assignments("n1").unwrap().tasks.is_empty());
+        // A token past its expiry is no token.
+        s.rotate_join_token("join-3", Some(crate::now_unix_ms() - 1), 9_000)
+            .unwrap();
+        assert_eq!(s.find_token("join-3").unwrap(), None);
+        s.rotate_join_token("join-4", Some(crate::now_unix_ms() + 60_000), 9_001)
+            .unwrap();
+        assert_eq!(s.find_token("join-4").unwrap().unwrap().role, Role::Join);
     }
 
     #[test]
@@ -893,14 +1057,14 @@ mod tests {
             "http://127.0.0.1:9999"
         );
 
-        assert!(s.delete_node("n1").unwrap());
+        assert!(s.delete_node("n1", 20_000).unwrap());
         assert_eq!(
             s.find_token("hash-n1").unwrap(),
             None,
             "credential revoked with the node"
         );
         assert!(s.list_nodes().unwrap().is_empty());
-        assert!(!s.delete_node("n1").unwrap());
+        assert!(!s.delete_node("n1", 20_001).unwrap());
     }
 
     #[test]
