@@ -376,6 +376,78 @@ fn a_registry_image_is_pulled_and_runs() {
     assert!(stderr(&bad).contains("image.registry"), "{}", stderr(&bad));
 }
 
+/// A registry that misbehaves on purpose: for the tag `realm` it names a
+/// token endpoint elsewhere on this machine (the canary, which records any
+/// visit); for `huge` it sends a manifest that never ends.
+fn hostile_registry() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{Read, Write};
+    let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let canary_port = canary.local_addr().unwrap().port();
+    let visited = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let v = visited.clone();
+    std::thread::spawn(move || {
+        for c in canary.incoming().flatten() {
+            v.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(c);
+        }
+    });
+    let reg = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = reg.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for mut c in reg.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                if req.contains("/manifests/realm") {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{canary_port}/metrics\",service=\"x\"\r\nContent-Length: 0\r\n\r\n"
+                    );
+                } else {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n"
+                    );
+                    let zeros = vec![b' '; 1 << 16];
+                    while c.write_all(&zeros).is_ok() {}
+                }
+            });
+        }
+    });
+    (addr, visited)
+}
+
+#[test]
+fn a_hostile_registry_can_neither_aim_the_node_nor_flood_it() {
+    let (addr, visited) = hostile_registry();
+    let Some(c) = Cluster::start_with("tasks-i", &["--insecure-registry", &addr]) else {
+        return;
+    };
+    let id = c.submit(&["--image", &format!("{addr}/x:realm"), "--", "true"]);
+    let t = c.wait_state(id, "failed");
+    assert!(
+        t["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not HTTPS"),
+        "{t}"
+    );
+    assert!(
+        !visited.load(std::sync::atomic::Ordering::SeqCst),
+        "the node never called the named endpoint"
+    );
+    let id = c.submit(&["--image", &format!("{addr}/x:huge"), "--", "true"]);
+    let t = c.wait_state(id, "failed");
+    assert!(
+        t["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("larger than"),
+        "{t}"
+    );
+}
+
 #[test]
 fn a_stalled_runner_brings_its_lost_task_back() {
     use nix::sys::signal::{kill, Signal};

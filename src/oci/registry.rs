@@ -144,6 +144,21 @@ impl Session<'_> {
                 format!("unsupported authentication challenge {challenge:?}"),
             )
         })?;
+        // The token endpoint is the registry's to name, but not to aim the
+        // node anywhere: HTTPS only, unless the registry itself is plain HTTP
+        // (an operator's insecure registry) and the realm is on it (F7).
+        let realm_ok = realm.starts_with("https://")
+            || (self.base.starts_with("http://")
+                && realm
+                    .strip_prefix("http://")
+                    .and_then(|r| r.split(['/', '?']).next())
+                    == Some(self.r.api_host()));
+        if !realm_ok {
+            return Err(reg_err(
+                self.r,
+                format!("the registry names a token endpoint {realm:?} that is not HTTPS (nor on the registry itself)"),
+            ));
+        }
         let mut q = vec![("scope", format!("repository:{}:pull", self.r.repository))];
         if let Some(s) = params.get("service") {
             q.push(("service", s.clone()));
@@ -178,11 +193,23 @@ impl Session<'_> {
             source,
         })?;
         let mut h = Sha256::new();
+        let mut written: u64 = 0;
         while let Some(chunk) = resp
             .chunk()
             .await
             .map_err(|e| reg_err(self.r, format!("blob {}: {e}", d.digest)))?
         {
+            written += chunk.len() as u64;
+            // The manifest says how big the blob is: not a byte more.
+            if written > d.size.max(0) as u64 {
+                return Err(reg_err(
+                    self.r,
+                    format!(
+                        "blob {} is larger than the {} bytes its manifest says",
+                        d.digest, d.size
+                    ),
+                ));
+            }
             h.update(&chunk);
             std::io::Write::write_all(&mut f, &chunk).map_err(|source| OciError::Io {
                 path: path.clone(),
@@ -198,6 +225,40 @@ impl Session<'_> {
         }
         Ok(path)
     }
+}
+
+/// Manifests and indexes are small; a bigger one is refused, not buffered.
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// Follows at most 5 redirects (registries send blobs to their storage),
+/// never from HTTPS down to HTTP unless the registry is plain HTTP itself.
+fn redirects(allow_http: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 5 {
+            attempt.error("more than 5 redirects")
+        } else if attempt.url().scheme() == "https"
+            || allow_http && attempt.url().scheme() == "http"
+        {
+            attempt.follow()
+        } else {
+            attempt.error("a redirect to another scheme")
+        }
+    })
+}
+
+/// The body, refused once it passes `cap` bytes.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(format!("a manifest larger than {cap} bytes"));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() + chunk.len() > cap {
+            return Err(format!("a manifest larger than {cap} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -230,6 +291,10 @@ impl Containerd {
         let mut s = Session {
             http: reqwest::Client::builder()
                 .user_agent(concat!("rivernode/", env!("CARGO_PKG_VERSION")))
+                // A registry that stops answering fails the pull, not holds it forever.
+                .connect_timeout(std::time::Duration::from_secs(15))
+                .read_timeout(std::time::Duration::from_secs(60))
+                .redirect(redirects(scheme == "http"))
                 .build()
                 .map_err(|e| reg_err(&r, e.to_string()))?,
             base: format!("{scheme}://{}", r.api_host()),
@@ -237,7 +302,13 @@ impl Containerd {
             token: None,
         };
         let mut reference_now = r.reference.clone();
+        let mut hops = 0;
         let (manifest_desc, manifest_bytes) = loop {
+            // An index names a manifest, never another index chain without end.
+            hops += 1;
+            if hops > 3 {
+                return Err(reg_err(&r, "the index leads to more indexes"));
+            }
             let resp = s
                 .get(
                     &format!("/v2/{}/manifests/{reference_now}", r.repository),
@@ -253,11 +324,19 @@ impl Containerd {
                 .next()
                 .unwrap_or_default()
                 .to_string();
-            let bytes = resp
-                .bytes()
+            let bytes = read_capped(resp, MAX_MANIFEST)
                 .await
-                .map_err(|e| reg_err(&r, e.to_string()))?
-                .to_vec();
+                .map_err(|e| reg_err(&r, e))?;
+            // Asked for by digest: what came must be that.
+            if reference_now.starts_with("sha256:") {
+                let got = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+                if got != reference_now {
+                    return Err(reg_err(
+                        &r,
+                        format!("manifest {reference_now} arrived with digest {got}"),
+                    ));
+                }
+            }
             if media_type == INDEX_OCI || media_type == INDEX_DOCKER {
                 let index: Index = serde_json::from_slice(&bytes)
                     .map_err(|e| reg_err(&r, format!("index: {e}")))?;
