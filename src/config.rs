@@ -192,6 +192,10 @@ layered_config! {
         allow_privileged: bool = false,
         /// Users (besides the admin) who may ask for `--privileged` when allow_privileged is on.
         privileged_users: Vec<String> = Vec::new(),
+        /// Time a client has to send a request's headers before the API closes its connection.
+        http_header_timeout: HumanDuration = HumanDuration(Duration::from_secs(10)),
+        /// Connections the API holds open at once; one more is closed at once.
+        http_max_connections: usize = 1024,
     }
 }
 
@@ -259,6 +263,10 @@ layered_config! {
         dev_root: PathBuf = PathBuf::from("/dev"),
         /// Size of /dev/shm for an instance without a memory limit or --shm-size.
         default_shm_size: HumanSize = HumanSize(8 << 30),
+        /// Time a client has to send a request's headers before the runner API closes its connection.
+        http_header_timeout: HumanDuration = HumanDuration(Duration::from_secs(10)),
+        /// Connections the runner API holds open at once.
+        http_max_connections: usize = 64,
     }
 }
 

@@ -323,3 +323,31 @@ fn the_ssh_proxy_checks_the_token_before_anything_else() {
         "ERROR no instance 1\n"
     );
 }
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let (_host, url) = start_host_with(tmp.path(), &["--http-header-timeout", "300ms"]);
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    // F12: half a request, then silence (slowloris).
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /api/whoami HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = slow.read(&mut buf);
+    let closed = match n {
+        Ok(n) => n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
+        Err(ref e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "the server still holds the connection: {n:?}");
+    // Whole requests are still served.
+    let o = cli(&["--host", &url, "--token", "nope", "node", "list"]);
+    assert!(
+        stderr(&o).contains("401") || stderr(&o).contains("invalid"),
+        "{}",
+        stderr(&o)
+    );
+}

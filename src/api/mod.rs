@@ -2,6 +2,7 @@
 //! what users type (placement targets, sizes).
 
 pub mod host_client;
+pub mod http;
 pub mod runner_client;
 mod target;
 mod task;

@@ -104,6 +104,9 @@ pub struct HostArgs {
     /// Let tasks and VPS ask for --privileged (they can take over their node).
     #[arg(long)]
     pub allow_privileged: bool,
+    /// Time a client has to send a request's headers.
+    #[arg(long, value_name = "DURATION")]
+    pub http_header_timeout: Option<HumanDuration>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -164,6 +167,9 @@ pub struct RunnerArgs {
     /// /dev/shm size of instances with neither --memory nor --shm-size (e.g. 8G).
     #[arg(long, value_name = "SIZE")]
     pub default_shm_size: Option<crate::config::HumanSize>,
+    /// Time a client has to send a request's headers.
+    #[arg(long, value_name = "DURATION")]
+    pub http_header_timeout: Option<HumanDuration>,
 }
 
 #[derive(Args, Debug)]

@@ -42,6 +42,8 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         shared_dir: args.shared_dir.clone(),
         allow_privileged: args.allow_privileged.then_some(true),
         privileged_users: None,
+        http_header_timeout: args.http_header_timeout,
+        http_max_connections: None,
     });
     cfg.validate()?;
     Ok(cfg)
@@ -87,6 +89,8 @@ pub fn runner_config(
         nvidia_driver_root: args.nvidia_driver_root.clone(),
         dev_root: args.dev_root.clone(),
         default_shm_size: args.default_shm_size,
+        http_header_timeout: args.http_header_timeout,
+        http_max_connections: None,
     });
     cfg.validate()?;
     Ok(cfg)

@@ -203,10 +203,14 @@ impl BoundHost {
             tunnels,
             proxy::ProxyConfig::default(),
         ));
-        let result = axum::serve(self.listener, api::router(self.state))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(HostError::Serve);
+        let limits = crate::api::http::Limits {
+            header_timeout: self.config.http_header_timeout.0,
+            max_connections: self.config.http_max_connections,
+        };
+        let result =
+            crate::api::http::serve(self.listener, api::router(self.state), limits, shutdown)
+                .await
+                .map_err(HostError::Serve);
         liveness.abort();
         scheduler.abort();
         proxy.abort();

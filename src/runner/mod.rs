@@ -189,12 +189,20 @@ impl BoundRunner {
             let _ = stop_tx.send(true);
         });
         let mut server_stop = stop_rx.clone();
-        let server = axum::serve(self.listener, api::router(self.api.clone()))
-            .with_graceful_shutdown(async move {
+        let limits = crate::api::http::Limits {
+            header_timeout: self.config.http_header_timeout.0,
+            max_connections: self.config.http_max_connections,
+        };
+        let server = crate::api::http::serve(
+            self.listener,
+            api::router(self.api.clone()),
+            limits,
+            async move {
                 let _ = server_stop.wait_for(|s| *s).await;
-            });
+            },
+        );
         tracing::info!(addr = %self.runner_addr, node = %self.api.name, "runner API listening");
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(server);
         let mut control = Control {
             http: reqwest::Client::builder()
                 .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
