@@ -72,7 +72,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
         );
         let rules = listed.matches("\"rule\"").count();
         assert_eq!(
-            rules, 10,
+            rules, 11,
             "applying twice replaces, never duplicates: {listed}"
         );
         assert!(!reachable(pp), "a protected port is closed to the bridge");
@@ -399,6 +399,27 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             assert!(
                 !to_loopback,
                 "the node's loopback is not reachable from an instance"
+            );
+            // F9: an instance reaches the world, but no other machine's node ports.
+            let (outside_done_tx, outside_done_rx) = std::sync::mpsc::channel::<()>();
+            let outside_servers = in_ns(&outside, move || {
+                let a = TcpListener::bind("0.0.0.0:8080").unwrap();
+                let b = TcpListener::bind("0.0.0.0:30500").unwrap();
+                let _ = outside_done_rx.recv();
+                drop((a, b));
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            let to_other_node = in_ns(&i1.netns, || {
+                (connects("192.0.2.3:8080"), connects("192.0.2.3:30500"))
+            })
+            .join()
+            .unwrap();
+            let _ = outside_done_tx.send(());
+            outside_servers.join().unwrap();
+            assert!(to_other_node.0, "egress to the world works");
+            assert!(
+                !to_other_node.1,
+                "another node's node port is not reachable from an instance"
             );
             // F4: an instance sends only from its own address and MAC.
             let spoofed = in_ns(&i2.netns, move || {

@@ -103,6 +103,9 @@ pub struct NodeView {
     pub gpu_holders: std::collections::BTreeMap<crate::topology::PciAddress, u64>,
 }
 
+/// Node ports handed to instances for SSH (the Kubernetes NodePort range).
+pub const NODE_PORTS: (u16, u16) = (30000, 32767);
+
 /// A runner URL's origin, `(scheme, host, port)`. Only an origin is
 /// accepted (`http[s]://host[:port][/]`): the host appends its own paths,
 /// and a query, fragment or user part would let a node aim the host's

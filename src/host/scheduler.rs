@@ -9,8 +9,7 @@ use crate::api::{Kind, NodeState, NodeView, Placement, TaskSpec};
 use crate::topology::{CpuList, Gpu, Inventory, PciAddress};
 use crate::vfio::VFIO_DRIVER;
 
-/// Node ports handed to instances for SSH (the Kubernetes NodePort range).
-pub const NODE_PORTS: (u16, u16) = (30000, 32767);
+pub use crate::api::NODE_PORTS;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {

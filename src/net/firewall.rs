@@ -181,7 +181,7 @@ impl Firewall {
                 "input",
                 vec![
                     m("==", iif.clone(), json!(self.bridge)),
-                    m("==", dport, json!({"set": self.protected_ports})),
+                    m("==", dport.clone(), json!({"set": self.protected_ports})),
                     json!({"drop": null}),
                 ],
             ));
@@ -194,6 +194,22 @@ impl Firewall {
                 m("==", iif.clone(), json!(self.bridge)),
                 m("==", oif.clone(), json!(self.bridge)),
                 dnat.clone(),
+                json!({"drop": null}),
+            ],
+        ));
+        // Node ports of other machines trust the host's address, and an
+        // instance on the host's machine leaves masqueraded as exactly that:
+        // instances never reach a node port off this node (F9).
+        cmds.push(self.rule(
+            "forward",
+            vec![
+                m("==", iif.clone(), json!(self.bridge)),
+                m("!=", oif.clone(), json!(self.bridge)),
+                m(
+                    "==",
+                    dport.clone(),
+                    json!({"range": [crate::api::NODE_PORTS.0, crate::api::NODE_PORTS.1]}),
+                ),
                 json!({"drop": null}),
             ],
         ));
