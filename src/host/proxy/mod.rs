@@ -30,9 +30,15 @@ pub trait TunnelResolver: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub max_connections: usize,
+    /// Connections one address may hold at once: one peer cannot take
+    /// every slot (F11).
+    pub max_per_peer: usize,
     pub handshake_timeout: Duration,
     pub max_line: usize,
     pub connect_timeout: Duration,
+    /// How often an open tunnel's token and instance are checked again: a
+    /// revoked token or a stopped VPS ends its tunnels.
+    pub recheck_interval: Duration,
     pub mode: RelayMode,
 }
 
@@ -40,17 +46,67 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             max_connections: 4096,
+            max_per_peer: 64,
             handshake_timeout: Duration::from_secs(10),
             max_line: 1024,
             connect_timeout: Duration::from_secs(5),
+            recheck_interval: Duration::from_secs(10),
             mode: RelayMode::Splice,
         }
     }
 }
 
+/// Open connections by peer address.
+#[derive(Default)]
+struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One peer's connection, counted while it lives.
+struct PeerSlot {
+    peers: Arc<PerPeer>,
+    ip: std::net::IpAddr,
+}
+
+impl PerPeer {
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// TCP keepalive: a peer that vanished without a FIN frees its tunnel
+/// within minutes instead of never.
+fn keepalive(s: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::KeepAlive, &true);
+    let _ = setsockopt(s, sockopt::TcpKeepIdle, &60);
+    let _ = setsockopt(s, sockopt::TcpKeepInterval, &10);
+    let _ = setsockopt(s, sockopt::TcpKeepCount, &6);
+}
+
 /// Accepts until the task is dropped.
 pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, cfg: ProxyConfig) {
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let peers = Arc::new(PerPeer::default());
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -60,6 +116,14 @@ pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, c
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Some(peer_slot) = peers.enter(peer.ip(), cfg.max_per_peer) else {
+            tokio::spawn(async move {
+                let _ = stream
+                    .write_all(b"ERROR too many connections from your address\n")
+                    .await;
+            });
+            continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tokio::spawn(async move {
@@ -80,7 +144,7 @@ pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, c
                     tracing::debug!(%peer, error = %crate::error_chain(&e), "tunnel ended with an error")
                 }
             }
-            drop(permit);
+            drop((permit, peer_slot));
         });
     }
 }
@@ -160,10 +224,18 @@ async fn handle<R: TunnelResolver>(
     let Ok(id) = id.parse::<u64>() else {
         return refuse(&mut stream, "the instance id must be a number").await;
     };
-    let target = match resolver.resolve(id, token).await {
-        Ok(t) => t,
-        Err(reason) => return refuse(&mut stream, &reason).await,
-    };
+    let target =
+        match tokio::time::timeout(cfg.handshake_timeout, resolver.resolve(id, token)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(reason)) => return refuse(&mut stream, &reason).await,
+            Err(_) => {
+                return refuse(
+                    &mut stream,
+                    "the host cannot check this right now; try again",
+                )
+                .await
+            }
+        };
     let mut upstream =
         match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(target)).await {
             Ok(Ok(u)) => u,
@@ -176,8 +248,27 @@ async fn handle<R: TunnelResolver>(
     if !rest.is_empty() {
         upstream.write_all(&rest).await?;
     }
-    let moved = relay(stream, upstream, cfg.mode).await?;
-    Ok(Some((id, moved)))
+    keepalive(&stream);
+    keepalive(&upstream);
+    // The tunnel lasts while its token may still use a running instance.
+    let still_allowed = async {
+        loop {
+            tokio::time::sleep(cfg.recheck_interval).await;
+            match tokio::time::timeout(cfg.handshake_timeout, resolver.resolve(id, token)).await {
+                Ok(Ok(t)) if t == target => {}
+                // A check the host could not answer is not a revocation.
+                Err(_) => {}
+                Ok(Ok(_)) | Ok(Err(_)) => return,
+            }
+        }
+    };
+    tokio::select! {
+        moved = relay(stream, upstream, cfg.mode) => Ok(Some((id, moved?))),
+        () = still_allowed => {
+            tracing::info!(instance = id, "tunnel closed: its token or instance is no longer valid");
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,12 @@ async fn proxy(cfg: ProxyConfig) -> SocketAddr {
     addr
 }
 
+async fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    sock.connect(to).await.unwrap()
+}
+
 async fn answer(addr: SocketAddr, send: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(send).await.unwrap();
@@ -103,8 +109,9 @@ async fn every_bad_handshake_gets_an_error_line() {
 async fn valid_clients_are_served_while_500_bad_ones_hang() {
     let addr = proxy(ProxyConfig::default()).await;
     let mut idle = Vec::new();
-    for _ in 0..500 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+    for i in 0..500 {
+        // From 20 addresses, under the per-peer cap each.
+        let mut s = connect_from(&format!("127.0.0.{}", 2 + i % 20), addr).await;
         s.write_all(b"REQUEST_TUNNEL 7 go").await.unwrap(); // never finishes the line
         idle.push(s);
     }
@@ -140,4 +147,90 @@ async fn the_connection_limit_answers_instead_of_queueing() {
         .await
         .starts_with("ERROR too many connections"));
     drop(held);
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_slot() {
+    let addr = proxy(ProxyConfig {
+        max_per_peer: 3,
+        ..ProxyConfig::default()
+    })
+    .await;
+    let mut hogs = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.9", addr).await;
+        s.write_all(b"REQUEST_TUNNEL 7 go").await.unwrap();
+        hogs.push(s);
+    }
+    let mut fourth = connect_from("127.0.0.9", addr).await;
+    let mut line = String::new();
+    let mut b = [0u8; 64];
+    let n = fourth.read(&mut b).await.unwrap();
+    line.push_str(&String::from_utf8_lossy(&b[..n]));
+    assert!(
+        line.starts_with("ERROR too many connections from your address"),
+        "{line}"
+    );
+    // Another address is served.
+    let mut s = connect_from("127.0.0.1", addr).await;
+    s.write_all(b"REQUEST_TUNNEL 7 good\n").await.unwrap();
+    let mut ok = [0u8; 8];
+    s.read_exact(&mut ok).await.unwrap();
+    assert_eq!(&ok, b"SUCCESS\n");
+    drop(hogs);
+}
+
+/// Says yes until told otherwise (a token revoked, a VPS stopped).
+struct Revocable {
+    echo: SocketAddr,
+    valid: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TunnelResolver for Revocable {
+    async fn resolve(&self, _id: u64, _token: &str) -> Result<SocketAddr, String> {
+        if self.valid.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(self.echo)
+        } else {
+            Err("invalid token".into())
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_open_tunnel_ends_when_its_token_is_revoked() {
+    let echo = echo_server().await;
+    let valid = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let cfg = ProxyConfig {
+        recheck_interval: Duration::from_millis(100),
+        ..ProxyConfig::default()
+    };
+    tokio::spawn(serve(
+        l,
+        Arc::new(Revocable {
+            echo,
+            valid: valid.clone(),
+        }),
+        cfg,
+    ));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"REQUEST_TUNNEL 7 t\nping").await.unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"SUCCESS\nping");
+    valid.store(false, std::sync::atomic::Ordering::SeqCst);
+    // The proxy closes it: the next read ends (EOF or reset), whatever is sent.
+    let mut b = [0u8; 16];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let _ = s.write_all(b"x").await;
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the tunnel outlived its token");
 }
