@@ -72,7 +72,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
         );
         let rules = listed.matches("\"rule\"").count();
         assert_eq!(
-            rules, 11,
+            rules, 13,
             "applying twice replaces, never duplicates: {listed}"
         );
         assert!(!reachable(pp), "a protected port is closed to the bridge");
@@ -405,15 +405,25 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             let outside_servers = in_ns(&outside, move || {
                 let a = TcpListener::bind("0.0.0.0:8080").unwrap();
                 let b = TcpListener::bind("0.0.0.0:30500").unwrap();
+                // Another machine's runner API, on the protected port.
+                let c = TcpListener::bind(format!("0.0.0.0:{pp2}")).unwrap();
                 let _ = outside_done_rx.recv();
-                drop((a, b));
+                drop((a, b, c));
             });
             std::thread::sleep(Duration::from_millis(100));
-            let to_other_node = in_ns(&i1.netns, || {
-                (connects("192.0.2.3:8080"), connects("192.0.2.3:30500"))
+            let to_other_node = in_ns(&i1.netns, move || {
+                (
+                    connects("192.0.2.3:8080"),
+                    connects("192.0.2.3:30500"),
+                    connects(&format!("192.0.2.3:{pp2}")),
+                )
             })
             .join()
             .unwrap();
+            assert!(
+                !to_other_node.2,
+                "another machine's runner API is not reachable"
+            );
             let _ = outside_done_tx.send(());
             outside_servers.join().unwrap();
             assert!(to_other_node.0, "egress to the world works");

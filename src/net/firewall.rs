@@ -197,6 +197,32 @@ impl Firewall {
                 json!({"drop": null}),
             ],
         ));
+        // Cloud metadata and other link-local services answer as the node's
+        // identity: never an instance's (F14).
+        cmds.push(self.rule(
+            "forward",
+            vec![
+                m("==", iif.clone(), json!(self.bridge)),
+                m(
+                    "==",
+                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                    json!({"prefix": {"addr": "169.254.0.0", "len": 16}}),
+                ),
+                json!({"drop": null}),
+            ],
+        ));
+        // The runner and host APIs of other machines, too (they listen on the
+        // same ports as this node's, which input already closes).
+        if !self.protected_ports.is_empty() {
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", iif.clone(), json!(self.bridge)),
+                    m("==", dport.clone(), json!({"set": self.protected_ports})),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
         // Node ports of other machines trust the host's address, and an
         // instance on the host's machine leaves masqueraded as exactly that:
         // instances never reach a node port off this node (F9).
@@ -371,6 +397,14 @@ mod tests {
     }
 
     #[test]
+    fn instances_reach_no_metadata_service_and_no_other_nodes_apis_or_node_ports() {
+        let fwd = serde_json::to_string(&rules(&fw(vec![]), "forward")).unwrap();
+        assert!(fwd.contains("169.254.0.0"), "{fwd}");
+        assert!(fwd.contains("[30000,32767]"), "{fwd}");
+        assert!(fwd.contains("\"set\":[8001]"), "{fwd}");
+    }
+
+    #[test]
     fn an_instance_port_sends_only_from_its_own_mac_and_address() {
         let f = fw(vec![]);
         let all = f.ruleset();
@@ -428,9 +462,9 @@ mod tests {
         );
         assert_eq!(pre[0][0]["match"]["right"]["set"], json!(["192.0.2.10"]));
         let fwd = rules(&host, "forward");
-        assert_eq!(fwd.len(), 4, "{fwd:?}");
+        assert_eq!(fwd.len(), 7, "{fwd:?}");
         let mut open_bridge = fw(vec![]);
         open_bridge.isolate_instances = false;
-        assert_eq!(rules(&open_bridge, "forward").len(), 3);
+        assert_eq!(rules(&open_bridge, "forward").len(), 6);
     }
 }
