@@ -262,6 +262,20 @@ async fn restore_orphaned_gpus(config: &RunnerConfig) {
     }
 }
 
+/// The TCP port a URL names, the scheme's default when it names none.
+fn url_port(url: &str) -> Option<u16> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    match authority.rsplit_once(':') {
+        Some((_, p)) if !p.contains(']') => p.parse().ok(),
+        _ => match scheme {
+            "https" => Some(443),
+            "http" => Some(80),
+            _ => None,
+        },
+    }
+}
+
 /// Re-reads the bound driver of each GPU (one readlink each); true when one changed.
 fn refresh_gpu_drivers(sys: &std::path::Path, gpus: &mut [topology::Gpu]) -> bool {
     let mut changed = false;
@@ -439,15 +453,15 @@ impl Control {
             }
         };
         // Instances may not reach the runner's or the host's API through the node.
-        let port_of = |url: &str| {
-            url.rsplit(':')
-                .next()
-                .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
-        };
-        let protected: Vec<u16> = [port_of(&self.runner_url), port_of(&self.host_url)]
+        // The ports as the URLs say them (an implicit 80 or 443 included) and
+        // the port this runner listens on, which a proxy in front may hide (L10).
+        let mut protected: Vec<u16> = [url_port(&self.runner_url), url_port(&self.host_url)]
             .into_iter()
             .flatten()
+            .chain(Some(self.config.runner_port).filter(|p| *p != 0))
             .collect();
+        protected.sort_unstable();
+        protected.dedup();
         // Node ports answer the host's SSH proxy, from outside: no one else.
         let mut sources = host_addresses(&self.host_url);
         sources.extend(self.config.node_port_sources.iter().copied());
@@ -631,6 +645,16 @@ mod host_address_tests {
 mod tests {
     use super::*;
     use crate::topology::fake::FakeMachine;
+
+    #[test]
+    fn ports_come_from_urls_with_their_schemes_defaults() {
+        assert_eq!(url_port("http://head:8000/"), Some(8000));
+        assert_eq!(url_port("https://head.lab/rivernode"), Some(443));
+        assert_eq!(url_port("http://10.0.0.1"), Some(80));
+        assert_eq!(url_port("http://[::1]:8001"), Some(8001));
+        assert_eq!(url_port("http://[::1]"), Some(80));
+        assert_eq!(url_port("head:8000"), None);
+    }
 
     #[test]
     fn a_gpu_moved_to_vfio_is_seen_on_the_next_beat() {

@@ -452,6 +452,7 @@ impl VpsKit {
     /// Adds, changes or removes one node port and rewrites the table if that changed it.
     pub fn set_port(&self, id: u64, map: Option<PortMap>) -> Result<(), VpsError> {
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let before = ports.get(&id).copied();
         let changed = match map {
             Some(m) => ports.insert(id, m) != Some(m),
             None => ports.remove(&id).is_some(),
@@ -460,7 +461,15 @@ impl VpsKit {
             tracing::debug!(task = id, ?map, "node ports changed");
             // nft is a blocking child process: keep it off the async workers.
             let maps = ports.values().copied().collect();
-            tokio::task::block_in_place(|| self.network.apply_firewall(maps))?;
+            if let Err(e) = tokio::task::block_in_place(|| self.network.apply_firewall(maps)) {
+                // Not applied: forget the change, so that the same call tries
+                // again instead of finding nothing to do (L7).
+                match before {
+                    Some(b) => ports.insert(id, b),
+                    None => ports.remove(&id),
+                };
+                return Err(e.into());
+            }
         }
         Ok(())
     }
