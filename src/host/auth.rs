@@ -140,9 +140,39 @@ pub async fn require(roles: &[Role], req: Request, next: Next) -> Result<Respons
     Ok(next.run(req).await)
 }
 
+/// The node a `/api/nodes/<name>/...` path is about.
+pub fn node_in_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/nodes/")?.split('/').next()
+}
+
+/// Middleware for a node's own routes: its credential is for the node the
+/// path names, checked before the body is read (another node's calls get
+/// 403 whatever they send).
+pub async fn require_own_node(req: Request, next: Next) -> Result<Response, ApiError> {
+    let principal = req
+        .extensions()
+        .get::<Principal>()
+        .ok_or_else(|| ApiError::Unauthorized("not authenticated".into()))?;
+    let named = node_in_path(req.uri().path());
+    if principal.node.as_deref() != named || named.is_none() {
+        return Err(ApiError::Forbidden(format!(
+            "this credential is not for node {:?}",
+            named.unwrap_or_default()
+        )));
+    }
+    Ok(next.run(req).await)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_of_a_path() {
+        assert_eq!(node_in_path("/api/nodes/n1/heartbeat"), Some("n1"));
+        assert_eq!(node_in_path("/api/nodes/n1/tasks/7"), Some("n1"));
+        assert_eq!(node_in_path("/api/tasks/7"), None);
+    }
 
     #[test]
     fn roles_round_trip() {

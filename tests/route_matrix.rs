@@ -1,0 +1,294 @@
+//! Every route of the host API against every kind of caller: anonymous, a
+//! bad token, the join token, one node's credential on another node's
+//! routes, one user on another user's task, that task's owner, and the
+//! admin. The table below is the expected access; the routes themselves
+//! are read from the router's source, so a route added without a row here
+//! fails this test.
+
+mod common;
+
+use common::*;
+use reqwest::{Method, StatusCode};
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Access {
+    /// Any valid token.
+    Anyone,
+    Admin,
+    /// The admin, and users (a task route: only the task's owner).
+    People,
+    /// A task's owner and the admin; other users see 404.
+    Owner,
+    Join,
+    /// The node named in the path, with its own credential.
+    OwnNode,
+}
+
+/// (method, path with `{node}`, `{task}`, `{user}` placeholders, access).
+const ROUTES: &[(&str, &str, Access)] = &[
+    ("GET", "/api/whoami", Access::Anyone),
+    ("POST", "/api/users", Access::Admin),
+    ("GET", "/api/users", Access::Admin),
+    ("DELETE", "/api/users/{user}", Access::Admin),
+    ("GET", "/api/nodes", Access::Admin),
+    ("GET", "/api/nodes/{node}", Access::Admin),
+    ("DELETE", "/api/nodes/{node}", Access::Admin),
+    ("POST", "/api/join-token", Access::Admin),
+    ("GET", "/api/nodes/{node}/runner", Access::Admin),
+    ("POST", "/api/nodes/register", Access::Join),
+    ("PUT", "/api/nodes/{node}/heartbeat", Access::OwnNode),
+    ("GET", "/api/nodes/{node}/assignments", Access::OwnNode),
+    ("PUT", "/api/nodes/{node}/tasks/{task}", Access::OwnNode),
+    ("POST", "/api/tasks", Access::People),
+    ("GET", "/api/tasks", Access::People),
+    ("GET", "/api/environments", Access::People),
+    ("GET", "/api/tasks/{task}", Access::Owner),
+    ("GET", "/api/tasks/{task}/logs", Access::Owner),
+    ("POST", "/api/tasks/{task}/kill", Access::Owner),
+    ("POST", "/api/tasks/{task}/delete", Access::Owner),
+    ("POST", "/api/tasks/{task}/pause", Access::Owner),
+    ("POST", "/api/tasks/{task}/resume", Access::Owner),
+    ("POST", "/api/tasks/{task}/stop", Access::Owner),
+    ("POST", "/api/tasks/{task}/restart", Access::Owner),
+    ("POST", "/api/vps/snapshots/{task}", Access::Owner),
+    ("GET", "/api/vps/snapshots/{task}", Access::Owner),
+    ("GET", "/api/vps/snapshots/{task}/latest", Access::Owner),
+    (
+        "DELETE",
+        "/api/vps/snapshots/{task}/{snapshot}",
+        Access::Owner,
+    ),
+];
+
+/// The callers, in the order they are tried (the admin last: its calls change things).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Caller {
+    Anonymous,
+    BadToken,
+    Join,
+    /// node-a's credential (on node-b's routes).
+    OtherNode,
+    /// node-b's credential on its own routes.
+    Node,
+    /// alice, on bob's task.
+    OtherUser,
+    /// bob, who owns the task.
+    User,
+    Admin,
+}
+
+const CALLERS: [Caller; 8] = [
+    Caller::Anonymous,
+    Caller::BadToken,
+    Caller::Join,
+    Caller::OtherNode,
+    Caller::Node,
+    Caller::OtherUser,
+    Caller::User,
+    Caller::Admin,
+];
+
+/// What a caller must get: `Some(status)`, or `None` for "let in" (any
+/// answer but 401, 403 and the other user's 404).
+fn expected(access: Access, caller: Caller) -> Option<StatusCode> {
+    use Caller::*;
+    match (caller, access) {
+        (Anonymous | BadToken, _) => Some(StatusCode::UNAUTHORIZED),
+        (_, Access::Anyone) => None,
+        (Admin, Access::Admin | Access::People | Access::Owner) => None,
+        (User, Access::People | Access::Owner) => None,
+        (OtherUser, Access::People) => None,
+        // Another user's task looks like no task at all.
+        (OtherUser, Access::Owner) => Some(StatusCode::NOT_FOUND),
+        (Join, Access::Join) => None,
+        (Node, Access::OwnNode) => None,
+        _ => Some(StatusCode::FORBIDDEN),
+    }
+}
+
+/// Every `.route("...")` path in the host's router sources.
+fn routes_in_source() -> Vec<String> {
+    let mut out = Vec::new();
+    for f in [
+        "src/host/api.rs",
+        "src/host/tasks.rs",
+        "src/host/snapshots.rs",
+    ] {
+        let text = std::fs::read_to_string(f).unwrap();
+        for part in text.split(".route(").skip(1) {
+            let Some(start) = part.find('"') else {
+                continue;
+            };
+            let rest = &part[start + 1..];
+            let path = &rest[..rest.find('"').unwrap()];
+            if path.starts_with("/api/") {
+                out.push(path.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A path with every `{placeholder}` made `{}`.
+fn shape(path: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for c in path.chars() {
+        match c {
+            '{' => {
+                inside = true;
+                out.push('{');
+            }
+            '}' => {
+                inside = false;
+                out.push('}');
+            }
+            _ if inside => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn inventory() -> serde_json::Value {
+    serde_json::json!({
+        "hostname": "m", "kernel": "6.1",
+        "cpus": (0..4).map(|i| serde_json::json!({
+            "id": i, "core_id": i, "package_id": 0, "numa_node": 0, "thread_siblings": i.to_string(),
+        })).collect::<Vec<_>>(),
+        "numa_nodes": [{"id": 0, "cpus": "0-3", "memory_total_bytes": 1u64 << 33}],
+        "memory_total_bytes": 1u64 << 33,
+        "gpus": [],
+    })
+}
+
+async fn call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> StatusCode {
+    let mut req =
+        reqwest::Client::new().request(Method::from_bytes(method.as_bytes()).unwrap(), url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.expect("request").status()
+}
+
+async fn register(url: &str, join: &str, name: &str) -> String {
+    let body = serde_json::json!({
+        "name": name, "runner_url": "http://127.0.0.1:9", "heartbeat_interval_ms": 60000,
+        "version": "t", "inventory": inventory(),
+    });
+    let r = reqwest::Client::new()
+        .post(format!("{url}/api/nodes/register"))
+        .bearer_auth(join)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["credential"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn every_route_matches_the_matrix_and_every_route_has_a_row() {
+    let in_source = routes_in_source();
+    for path in &in_source {
+        assert!(
+            ROUTES.iter().any(|(_, p, _)| shape(p) == shape(path)),
+            "route {path} has no row in the matrix"
+        );
+    }
+    assert!(
+        in_source.len() >= 20,
+        "the scan found the routes: {in_source:?}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(shared.join("environments")).unwrap();
+    std::fs::write(shared.join("environments/base.tar"), "").unwrap();
+    let (_host, url) = start_host_with(tmp.path(), &["--shared-dir", shared.to_str().unwrap()]);
+    let host_data = tmp.path().join("host");
+    let hd = host_data.to_str().unwrap();
+    let admin = read_trimmed(&host_data.join("admin.token")).unwrap();
+    let join = read_trimmed(&host_data.join("join.token")).unwrap();
+    let add_user = |name: &str| {
+        let o = cli(&["--data-dir", hd, "-o", "json", "user", "add", name]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+    let (alice, bob) = (add_user("alice"), add_user("bob"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let node_a = register(&url, &join, "node-a").await;
+        let node_b = register(&url, &join, "node-b").await;
+        let spec = serde_json::json!({
+            "command": [], "image": {"environment": "base"}, "kind": "vps", "target": {"node": "node-b", "numa": null, "gpus": []},
+        });
+        let r = reqwest::Client::new()
+            .post(format!("{url}/api/tasks"))
+            .bearer_auth(&bob)
+            .json(&spec)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let task = v["id"].as_u64().unwrap().to_string();
+
+        let mut failures = Vec::new();
+        for caller in CALLERS {
+            let token = match caller {
+                Caller::Anonymous => None,
+                Caller::BadToken => Some("rnadm_not_a_token"),
+                Caller::Join => Some(join.as_str()),
+                Caller::OtherNode => Some(node_a.as_str()),
+                Caller::Node => Some(node_b.as_str()),
+                Caller::OtherUser => Some(alice.as_str()),
+                Caller::User => Some(bob.as_str()),
+                Caller::Admin => Some(admin.as_str()),
+            };
+            for (method, path, access) in ROUTES {
+                // The admin's destructive calls aim at nothing that matters.
+                let (node, user) = match (caller, *method) {
+                    (Caller::Admin, "DELETE") => ("ghost", "nobody"),
+                    _ => ("node-b", "nobody"),
+                };
+                let p = path
+                    .replace("{node}", node)
+                    .replace("{task}", &task)
+                    .replace("{user}", user)
+                    .replace("{snapshot}", "1");
+                let body = (*method != "GET" && *method != "DELETE").then(|| serde_json::json!({}));
+                let got = call(method, &format!("{url}{p}"), token, body).await;
+                let ok = match expected(*access, caller) {
+                    Some(want) => got == want,
+                    None => {
+                        got != StatusCode::UNAUTHORIZED
+                            && got != StatusCode::FORBIDDEN
+                            && !(caller == Caller::OtherUser && got == StatusCode::NOT_FOUND)
+                    }
+                };
+                if !ok {
+                    failures.push(format!(
+                        "{method} {path} as {caller:?}: got {got}, expected {}",
+                        expected(*access, caller)
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "to be let in".into())
+                    ));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
