@@ -12,3 +12,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked --no-fail-fast
+# Every fuzz target for a bounded time (4 minutes in all; FUZZ_SECONDS=0 skips).
+if [ "${FUZZ_SECONDS:-240}" != 0 ]; then
+    bash scripts/fuzz.sh
+fi

@@ -113,8 +113,15 @@ impl fmt::Display for HumanSize {
 }
 
 impl Serialize for HumanSize {
+    /// `8G` when a unit divides it, else the number of bytes: a size is
+    /// written back only in a form that reads as the same size (a bare
+    /// number in text would be refused as unit-less; found by fuzzing).
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        if self.0 != 0 && self.0 % 1024 == 0 {
+            s.collect_str(self)
+        } else {
+            s.serialize_u64(self.0)
+        }
     }
 }
 
@@ -462,6 +469,19 @@ pub fn render_defaults<C: Serialize>(title: &str, keys: &[(&str, &str)], default
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn sizes_are_written_back_as_what_reads_as_the_same_size() {
+        // A fuzz find: 1.1M is 1153434 bytes, and "1153434" alone reads as no unit.
+        for n in [8u64 << 30, 1_153_434, 1024, 1] {
+            let v = serde_json::to_value(HumanSize(n)).unwrap();
+            assert_eq!(serde_json::from_value::<HumanSize>(v).unwrap().0, n);
+        }
+        assert_eq!(
+            serde_json::to_value(HumanSize(8 << 30)).unwrap(),
+            serde_json::json!("8G")
+        );
+    }
 
     #[test]
     fn durations() {

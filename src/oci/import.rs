@@ -177,6 +177,15 @@ fn archive_err(path: &Path, message: impl Into<String>) -> OciError {
     }
 }
 
+/// Reads an archive's layout as an import would, then removes what it
+/// unpacked: whether `archive` is one rivernode can import (the fuzz target
+/// of the archive reader).
+pub fn check_archive(archive: &Path, scratch: &Path) -> Result<(), OciError> {
+    let layout = read_layout(archive, scratch)?;
+    let _ = std::fs::remove_dir_all(&layout.dir);
+    Ok(())
+}
+
 fn read_layout(archive: &Path, scratch: &Path) -> Result<Layout, OciError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();

@@ -190,6 +190,21 @@ async fn read_line(stream: &mut TcpStream, max: usize) -> std::io::Result<Line> 
     }
 }
 
+/// The handshake line, `REQUEST_TUNNEL <id> <token>`: the instance and the
+/// token, or why not (sent as `ERROR <reason>`).
+pub fn parse_request(line: &str) -> Result<(u64, &str), &'static str> {
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let (id, token) = match parts.as_slice() {
+        ["REQUEST_TUNNEL", id, token] => (*id, *token),
+        ["REQUEST_TUNNEL", _] => return Err("missing token: REQUEST_TUNNEL <id> <token>"),
+        _ => return Err("expected REQUEST_TUNNEL <id> <token>"),
+    };
+    let id = id
+        .parse::<u64>()
+        .map_err(|_| "the instance id must be a number")?;
+    Ok((id, token))
+}
+
 async fn handle<R: TunnelResolver>(
     mut stream: TcpStream,
     resolver: &R,
@@ -213,16 +228,9 @@ async fn handle<R: TunnelResolver>(
         Line::TooLong => return refuse(&mut stream, "handshake line too long").await,
         Line::Closed => return Ok(None),
     };
-    let parts: Vec<&str> = line.split_whitespace().collect();
-    let (id, token) = match parts.as_slice() {
-        ["REQUEST_TUNNEL", id, token] => (*id, *token),
-        ["REQUEST_TUNNEL", _] => {
-            return refuse(&mut stream, "missing token: REQUEST_TUNNEL <id> <token>").await
-        }
-        _ => return refuse(&mut stream, "expected REQUEST_TUNNEL <id> <token>").await,
-    };
-    let Ok(id) = id.parse::<u64>() else {
-        return refuse(&mut stream, "the instance id must be a number").await;
+    let (id, token) = match parse_request(&line) {
+        Ok(r) => r,
+        Err(reason) => return refuse(&mut stream, reason).await,
     };
     let target =
         match tokio::time::timeout(cfg.handshake_timeout, resolver.resolve(id, token)).await {
