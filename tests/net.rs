@@ -190,6 +190,19 @@ fn in_ns<T: Send + 'static>(
     })
 }
 
+/// Runs `ip ARGS` in this thread's namespace; it must succeed.
+fn ip(args: &[&str]) {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// A TCP connection from `src` (an address of this namespace) to `to`.
 fn connects_from(src: &str, to: &str) -> bool {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -357,17 +370,6 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             let lo_only = TcpListener::bind("127.0.0.5:0").unwrap();
             let lo_port = lo_only.local_addr().unwrap().port();
             let to_loopback = in_ns(&i2.netns, move || {
-                let ip = |args: &[&str]| {
-                    let o = std::process::Command::new("ip")
-                        .args(args)
-                        .output()
-                        .unwrap();
-                    assert!(
-                        o.status.success(),
-                        "ip {args:?}: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                    );
-                };
                 ip(&[
                     "route",
                     "del",
@@ -433,17 +435,6 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             );
             // F4: an instance sends only from its own address and MAC.
             let spoofed = in_ns(&i2.netns, move || {
-                let ip = |args: &[&str]| {
-                    let o = std::process::Command::new("ip")
-                        .args(args)
-                        .output()
-                        .unwrap();
-                    assert!(
-                        o.status.success(),
-                        "ip {args:?}: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                    );
-                };
                 let to = format!("10.251.0.1:{op2}");
                 let honest = connects_from(&i2_ip.to_string(), &to);
                 ip(&["addr", "add", "10.251.0.77/24", "dev", "eth0"]);
@@ -463,22 +454,7 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             );
             assert!(!spoofed.2, "another source MAC is dropped on the bridge");
             let from_outside = in_ns(&outside.clone(), move || {
-                let from = |src: &str, to: &str| {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap();
-                    rt.block_on(async {
-                        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-                        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-                        tokio::time::timeout(
-                            Duration::from_millis(700),
-                            sock.connect(to.parse().unwrap()),
-                        )
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                    })
-                };
+                let from = connects_from;
                 (
                     from("192.0.2.2", "192.0.2.1:30022"),
                     from("192.0.2.3", "192.0.2.1:30022"),
