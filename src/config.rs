@@ -203,6 +203,9 @@ layered_config! {
         http_header_timeout: HumanDuration = HumanDuration(Duration::from_secs(10)),
         /// Connections the API holds open at once; one more is closed at once.
         http_max_connections: usize = 1024,
+        /// Tasks one user may have waiting for resources at once; one more is refused (429).
+        /// The admin is not capped.
+        max_waiting_per_user: u32 = 1000,
     }
 }
 
@@ -237,6 +240,9 @@ layered_config! {
         snapshotter: String = "overlayfs".to_string(),
         /// Cluster-shared directory: environments/<name>.tar live here; mounted at /shared in tasks.
         shared_dir: PathBuf = PathBuf::from("/mnt/cluster-share"),
+        /// /shared in an instance is SHARED_DIR/users/<owner> (the admin's: SHARED_DIR/admin), so
+        /// users cannot change each other's files; false mounts all of SHARED_DIR (one trusted team).
+        shared_per_user: bool = true,
         /// Time between SIGTERM and SIGKILL when a task is killed.
         kill_grace: HumanDuration = HumanDuration(Duration::from_secs(10)),
         /// cgroup parent of task containers, relative to the cgroup root.
@@ -262,6 +268,9 @@ layered_config! {
         node_port_sources: Vec<std::net::Ipv4Addr> = Vec::new(),
         /// Instances (VPS) cannot reach each other on the instance bridge (its ports are isolated).
         isolate_instances: bool = true,
+        /// IPv4 networks (CIDR) instances may not reach, e.g. a storage network that trusts
+        /// this node's address. Link-local (cloud metadata) is always closed.
+        blocked_networks: Vec<String> = Vec::new(),
         /// CDI spec directories, in priority order (a later one wins), as nvidia-ctk writes them.
         cdi_spec_dirs: Vec<PathBuf> = vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
         /// The NVIDIA driver's procfs directory (GPU UUIDs and device minors).
@@ -320,6 +329,13 @@ impl RunnerConfig {
                 key: "instance_subnet",
                 message,
             })?;
+        for net in &self.blocked_networks {
+            net.parse::<crate::net::Ipv4Net>()
+                .map_err(|message| ConfigError::Invalid {
+                    key: "blocked_networks",
+                    message,
+                })?;
+        }
         if self.instance_bridge.is_empty() || self.instance_bridge.len() > 15 {
             return Err(ConfigError::Invalid {
                 key: "instance_bridge",

@@ -38,20 +38,18 @@ fn unprivileged_containers_are_confined_and_privileged_ones_are_not() {
 
         // F13: allow_privileged is the admin's; a user is refused.
         let alice = v.add_user("alice");
-        let data = v.host_data();
-        let o = cli(&[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--token",
+        let o = v.rn_as(
             &alice,
-            "task",
-            "submit",
-            "--privileged",
-            "--container",
-            "busybox",
-            "--",
-            "true",
-        ]);
+            &[
+                "task",
+                "submit",
+                "--privileged",
+                "--container",
+                "busybox",
+                "--",
+                "true",
+            ],
+        );
         assert!(!o.status.success());
         assert!(stderr(&o).contains("only the admin"), "{}", stderr(&o));
 
@@ -123,5 +121,61 @@ fn a_command_runs_as_the_images_user_looked_up_in_the_image() {
             t["message"].as_str().unwrap_or_default().contains("ghost"),
             "{t}"
         );
+    });
+}
+
+#[test]
+fn each_user_sees_only_their_own_part_of_the_share() {
+    // F10: one user cannot plant a module next to another's training script.
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("conf-c") else {
+            return;
+        };
+        let as_user = |token: &str, script: &str| {
+            let o = v.rn_as(
+                token,
+                &[
+                    "-o",
+                    "json",
+                    "task",
+                    "submit",
+                    "--container",
+                    "busybox",
+                    "--",
+                    "sh",
+                    "-c",
+                    script,
+                ],
+            );
+            let id = created_id(&o);
+            v.wait_state(&id, "completed");
+            stdout(&v.rn(&["task", "logs", &id]))
+        };
+        let (alice, bob) = (v.add_user("alice"), v.add_user("bob"));
+        let out = as_user(
+            &alice,
+            "echo evil > /shared/numpy.py && pwd && grep ' /shared ' /proc/self/mounts",
+        );
+        assert!(out.starts_with("/shared\n"), "{out}");
+        assert!(out.contains("nosuid") && out.contains("nodev"), "{out}");
+        let share = v.dir.path().join("shared");
+        assert_eq!(
+            std::fs::read_to_string(share.join("users/alice/numpy.py")).unwrap(),
+            "evil\n"
+        );
+        // Bob's /shared is his own: no numpy.py, and no way up to alice's.
+        let out = as_user(
+            &bob,
+            "ls -a /shared; cat /shared/numpy.py ../users/alice/numpy.py 2>&1; true",
+        );
+        assert!(!out.contains("evil"), "{out}");
+        assert!(
+            out.contains("environments"),
+            "environments are still there: {out}"
+        );
+        assert!(!share.join("users/bob/numpy.py").exists());
     });
 }

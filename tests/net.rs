@@ -61,6 +61,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
             node_port_sources: vec!["127.0.0.1".parse().unwrap()],
             isolate_instances: true,
             instances: vec![],
+            blocked_networks: vec![],
         };
         assert!(reachable(pp));
         fw.apply().unwrap();
@@ -72,7 +73,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
         );
         let rules = listed.matches("\"rule\"").count();
         assert_eq!(
-            rules, 13,
+            rules, 14,
             "applying twice replaces, never duplicates: {listed}"
         );
         assert!(!reachable(pp), "a protected port is closed to the bridge");
@@ -274,6 +275,8 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 node_port_sources: vec!["192.0.2.2".parse().unwrap()],
                 isolate_instances: true,
                 instances: vec![],
+                // A "storage network" on the outside machine below.
+                blocked_networks: vec!["198.51.100.0/24".parse().unwrap()],
             },
             isolate_instances: true,
         };
@@ -405,19 +408,44 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             // F9: an instance reaches the world, but no other machine's node ports.
             let (outside_done_tx, outside_done_rx) = std::sync::mpsc::channel::<()>();
             let outside_servers = in_ns(&outside, move || {
+                // The outside machine also sits on a storage network.
+                ip(&["addr", "add", "198.51.100.3/24", "dev", "eth0"]);
                 let a = TcpListener::bind("0.0.0.0:8080").unwrap();
                 let b = TcpListener::bind("0.0.0.0:30500").unwrap();
                 // Another machine's runner API, on the protected port.
                 let c = TcpListener::bind(format!("0.0.0.0:{pp2}")).unwrap();
+                // A server that trusts reserved source ports (NFS, AUTH_SYS).
+                let d = TcpListener::bind("0.0.0.0:2049").unwrap();
                 let _ = outside_done_rx.recv();
+                d.set_nonblocking(true).unwrap();
+                let peer_port = d.accept().map(|(_, peer)| peer.port()).ok();
                 drop((a, b, c));
+                peer_port
             });
+            ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.3"]);
             std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                connects("198.51.100.3:8080"),
+                "the node reaches the storage network"
+            );
             let to_other_node = in_ns(&i1.netns, move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let from_reserved_port = rt.block_on(async {
+                    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                    sock.bind("0.0.0.0:700".parse().unwrap()).unwrap();
+                    sock.connect("192.0.2.3:2049".parse().unwrap())
+                        .await
+                        .is_ok()
+                });
                 (
                     connects("192.0.2.3:8080"),
                     connects("192.0.2.3:30500"),
                     connects(&format!("192.0.2.3:{pp2}")),
+                    from_reserved_port,
+                    connects("198.51.100.3:8080"),
                 )
             })
             .join()
@@ -427,7 +455,14 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 "another machine's runner API is not reachable"
             );
             let _ = outside_done_tx.send(());
-            outside_servers.join().unwrap();
+            let peer_port = outside_servers.join().unwrap();
+            assert!(to_other_node.3, "an instance connects from its port 700");
+            let peer_port = peer_port.expect("the connection from port 700 arrived");
+            assert!(
+                peer_port >= 1024,
+                "it leaves the node from an unprivileged port, not {peer_port}"
+            );
+            assert!(!to_other_node.4, "a blocked network is not reachable");
             assert!(to_other_node.0, "egress to the world works");
             assert!(
                 !to_other_node.1,

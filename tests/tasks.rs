@@ -378,8 +378,14 @@ fn a_registry_image_is_pulled_and_runs() {
 
 /// A registry that misbehaves on purpose: for the tag `realm` it names a
 /// token endpoint elsewhere on this machine (the canary, which records any
-/// visit); for `huge` it sends a manifest that never ends.
-fn hostile_registry() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// visit); for `huge` it sends a manifest that never ends; for `slow` it
+/// sends headers and then nothing (and records that it was asked).
+#[allow(clippy::type_complexity)]
+fn hostile_registry() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     use std::io::{Read, Write};
     let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let canary_port = canary.local_addr().unwrap().port();
@@ -393,13 +399,23 @@ fn hostile_registry() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>)
     });
     let reg = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = reg.local_addr().unwrap().to_string();
+    let slow_asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = slow_asked.clone();
     std::thread::spawn(move || {
         for mut c in reg.incoming().flatten() {
+            let slow = slow.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 let n = c.read(&mut buf).unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                if req.contains("/manifests/realm") {
+                if req.contains("/manifests/slow") {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 1000\r\n\r\n"
+                    );
+                    slow.store(true, std::sync::atomic::Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_secs(600));
+                } else if req.contains("/manifests/realm") {
                     let _ = write!(
                         c,
                         "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{canary_port}/metrics\",service=\"x\"\r\nContent-Length: 0\r\n\r\n"
@@ -415,12 +431,12 @@ fn hostile_registry() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>)
             });
         }
     });
-    (addr, visited)
+    (addr, visited, slow_asked)
 }
 
 #[test]
 fn a_hostile_registry_can_neither_aim_the_node_nor_flood_it() {
-    let (addr, visited) = hostile_registry();
+    let (addr, visited, slow_asked) = hostile_registry();
     let Some(c) = Cluster::start_with("tasks-i", &["--insecure-registry", &addr]) else {
         return;
     };
@@ -446,6 +462,17 @@ fn a_hostile_registry_can_neither_aim_the_node_nor_flood_it() {
             .contains("larger than"),
         "{t}"
     );
+    // Killed while its pull is stalled, a task ends now (not when the
+    // registry or the read timeout lets go), and was never running.
+    let id = c.submit(&["--image", &format!("{addr}/x:slow"), "--", "true"]);
+    wait_for("the runner is pulling", || {
+        slow_asked
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(())
+    });
+    c.rn(&["task", "kill", &id.to_string()]);
+    let t = c.wait_state(id, "killed");
+    assert!(t["started_at_unix_ms"].is_null(), "{t}");
 }
 
 #[test]
@@ -494,7 +521,8 @@ fn work_accepted_before_a_runner_crash_runs_exactly_once() {
     let Some(mut c) = Cluster::start("tasks-h") else {
         return;
     };
-    let shared = c.dir.path().join("shared");
+    // The admin's part of the share is what its tasks see at /shared.
+    let shared = c.dir.path().join("shared/admin");
     for step in ["imported", "created", "started", "reported"] {
         c.restart_runner(Some(step));
         let id = c.submit(&[

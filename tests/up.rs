@@ -125,7 +125,7 @@ fn a_burst_of_submissions_runs_exactly_once_across_a_sigkill_of_up() {
     let Some(mut up) = Up::new("up-a", "", &[]) else {
         return;
     };
-    let out = up.dir.path().join("shared/burst");
+    let out = up.dir.path().join("shared/admin/burst");
     std::fs::create_dir_all(&out).unwrap();
     let ids = Arc::new(Mutex::new(Vec::<u64>::new()));
     let clients: Vec<_> = (0..2)

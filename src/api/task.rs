@@ -301,6 +301,9 @@ pub struct Assignment {
     pub started: bool,
     pub spec: TaskSpec,
     pub placement: Placement,
+    /// The user it runs for; none for the admin. Picks its part of /shared.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// `GET /api/nodes/{name}/assignments?after=REV`: answered when the node's

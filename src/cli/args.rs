@@ -104,6 +104,9 @@ pub struct HostArgs {
     /// Let tasks and VPS ask for --privileged (they can take over their node).
     #[arg(long)]
     pub allow_privileged: bool,
+    /// Tasks one user may have waiting for resources at once (default 1000).
+    #[arg(long, value_name = "N")]
+    pub max_waiting_per_user: Option<u32>,
     /// Time a client has to send a request's headers.
     #[arg(long, value_name = "DURATION")]
     pub http_header_timeout: Option<HumanDuration>,
@@ -137,7 +140,7 @@ pub struct RunnerArgs {
     pub proc_root: Option<PathBuf>,
     #[arg(long, value_name = "SOCKET")]
     pub containerd_socket: Option<PathBuf>,
-    /// Cluster-shared directory (environments/<name>.tar; mounted at /shared).
+    /// Cluster-shared directory (environments/<name>.tar; each user's users/<name> is their /shared).
     #[arg(long, value_name = "DIR")]
     pub shared_dir: Option<PathBuf>,
     #[arg(long, value_name = "DURATION")]
@@ -190,7 +193,7 @@ pub struct UpArgs {
     /// Between heartbeats (default 5s, or the runner settings').
     #[arg(long, value_name = "DURATION")]
     pub heartbeat_interval: Option<HumanDuration>,
-    /// Shared directory (default DATA_DIR/shared): environments/<name>.tar, mounted at /shared.
+    /// Shared directory (default DATA_DIR/shared): environments/<name>.tar; users/<name> is each user's /shared.
     #[arg(long, value_name = "DIR")]
     pub shared_dir: Option<PathBuf>,
     #[arg(long, value_name = "SOCKET")]
@@ -334,14 +337,15 @@ pub struct ResourceArgs {
     /// Cores (logical CPUs) reserved exclusively.
     #[arg(short = 'c', long, default_value_t = 1)]
     pub cores: u32,
-    /// Memory limit, e.g. 512M, 8G, 1.5T.
+    /// Memory limit, e.g. 512M, 8G, 1.5T; default: the node's memory in
+    /// proportion to the cores (or GPUs, if that share is larger) asked for.
     #[arg(short = 'm', long)]
     pub memory: Option<String>,
     /// Number of GPUs, when the target does not name them.
     #[arg(long, default_value_t = 0)]
     pub gpus: u32,
-    /// Size of /dev/shm, e.g. 1G (Docker's flag); default: half of --memory,
-    /// else the runner's default_shm_size (8G). Counts against --memory.
+    /// Size of /dev/shm, e.g. 1G (Docker's flag); default: half of the
+    /// memory limit. Counts against the memory limit.
     #[arg(long, value_name = "SIZE")]
     pub shm_size: Option<String>,
     /// Environment: SHARED_DIR/environments/<ENV>.tar.

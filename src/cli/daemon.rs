@@ -44,6 +44,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         privileged_users: None,
         http_header_timeout: args.http_header_timeout,
         http_max_connections: None,
+        max_waiting_per_user: args.max_waiting_per_user,
     });
     cfg.validate()?;
     Ok(cfg)
@@ -72,6 +73,7 @@ pub fn runner_config(
         containerd_socket: args.containerd_socket.clone(),
         snapshotter: None,
         shared_dir: args.shared_dir.clone(),
+        shared_per_user: None,
         kill_grace: args.kill_grace,
         cgroup_parent: None,
         max_log_bytes: None,
@@ -85,6 +87,7 @@ pub fn runner_config(
         max_snapshots_per_vps: args.max_snapshots_per_vps,
         node_port_sources: None,
         isolate_instances: None,
+        blocked_networks: None,
         cdi_spec_dirs: (!args.cdi_spec_dirs.is_empty()).then(|| args.cdi_spec_dirs.clone()),
         nvidia_driver_root: args.nvidia_driver_root.clone(),
         dev_root: args.dev_root.clone(),

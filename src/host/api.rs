@@ -33,6 +33,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     BadGateway(String),
+    #[error("{0}")]
+    TooMany(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -43,6 +45,7 @@ impl From<StoreError> for ApiError {
             StoreError::Refused(msg) => ApiError::BadRequest(msg),
             StoreError::NoTask(id) => ApiError::NotFound(format!("no task {id}; `rivernode task list` shows the tasks")),
             StoreError::Conflict(msg) => ApiError::Conflict(msg),
+            StoreError::TooMany(msg) => ApiError::TooMany(msg),
             StoreError::NodeExists(name) => ApiError::Conflict(format!(
                 "node {name:?} is already registered; if this is a new machine give it another name, \
                  or remove the old entry with `rivernode node remove {name}`"
@@ -94,6 +97,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(msg) => {
                 tracing::error!(error = %msg, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR

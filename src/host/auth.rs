@@ -121,10 +121,12 @@ pub async fn authenticate(
     next: Next,
 ) -> Result<Response, ApiError> {
     let hash = hash_token(bearer(&req)?);
-    let principal = state
-        .blocking(move |s| s.find_token(&hash))
-        .await?
-        .ok_or_else(|| ApiError::Unauthorized("invalid or revoked token".into()))?;
+    let found = match state.store.find_token_now(&hash) {
+        Some(found) => found,
+        None => state.blocking(move |s| s.find_token(&hash)).await?,
+    };
+    let principal =
+        found.ok_or_else(|| ApiError::Unauthorized("invalid or revoked token".into()))?;
     req.extensions_mut().insert(principal);
     Ok(next.run(req).await)
 }

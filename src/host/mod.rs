@@ -63,6 +63,8 @@ pub struct HostState {
     pub privileged_users: Vec<String>,
     /// The host's data directory (the join token file is rewritten on rotation).
     pub data_dir: PathBuf,
+    /// Tasks a user may have waiting for resources at once (`max_waiting_per_user`).
+    pub max_waiting_per_user: u32,
 }
 
 impl HostState {
@@ -171,6 +173,7 @@ impl BoundHost {
                 allow_privileged: config.allow_privileged,
                 privileged_users: config.privileged_users.clone(),
                 data_dir: config.data_dir.clone(),
+                max_waiting_per_user: config.max_waiting_per_user,
             }),
             listener,
             ssh_listener,

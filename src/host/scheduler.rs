@@ -136,6 +136,24 @@ fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
         && inv.gpus.len() as u32 >= gpus
 }
 
+/// The memory a task that names none gets on `inv`: the node's memory in
+/// proportion to the larger of its share of the cores and of the GPUs (as
+/// Vast.ai sizes an instance). It is both its limit and its reservation, so
+/// a task without `--memory` can neither take the node's memory from the
+/// others nor be placed where its share is already taken.
+pub fn memory_share(spec: &TaskSpec, inv: &Inventory) -> u64 {
+    let share = |asked: u64, of: u64| if of == 0 { (0, 1) } else { (asked.min(of), of) };
+    let (c, cn) = share(u64::from(spec.cores), inv.cpus.len() as u64);
+    let (g, gn) = share(u64::from(spec.gpu_count), inv.gpus.len() as u64);
+    // The larger fraction of c/cn and g/gn, compared without rounding.
+    let (n, d) = if u128::from(c) * u128::from(gn) >= u128::from(g) * u128::from(cn) {
+        (c, cn)
+    } else {
+        (g, gn)
+    };
+    (u128::from(inv.memory_total_bytes) * u128::from(n) / u128::from(d)) as u64
+}
+
 /// Decides for one task. `reserved` holds every placement of every non-final task.
 pub fn place(spec: &TaskSpec, nodes: &[NodeView], reserved: &[Placement]) -> Decision {
     if let Err(e) = validate(spec, nodes) {
@@ -166,7 +184,7 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
     let used_gpus: BTreeSet<PciAddress> =
         mine.iter().flat_map(|p| p.gpus.iter().copied()).collect();
     let used_mem: u64 = mine.iter().map(|p| p.memory_bytes).sum();
-    let memory = spec.memory_bytes.unwrap_or(0);
+    let memory = spec.memory_bytes.unwrap_or_else(|| memory_share(spec, inv));
     let node_port = if spec.kind == Kind::Vps {
         let used: BTreeSet<u16> = mine.iter().filter_map(|p| p.node_port).collect();
         match (NODE_PORTS.0..=NODE_PORTS.1).find(|p| !used.contains(p)) {
@@ -176,10 +194,6 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
     } else {
         None
     };
-    let free_mem = inv.memory_total_bytes.saturating_sub(used_mem);
-    if memory > free_mem {
-        return Err(format!("{free_mem} of {memory} bytes of memory free"));
-    }
     let free_cpus: Vec<u32> = inv
         .cpus
         .iter()
@@ -188,6 +202,10 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         .collect();
     if (free_cpus.len() as u32) < spec.cores {
         return Err(format!("{} of {} cores free", free_cpus.len(), spec.cores));
+    }
+    let free_mem = inv.memory_total_bytes.saturating_sub(used_mem);
+    if memory > free_mem {
+        return Err(format!("{free_mem} of {memory} bytes of memory free"));
     }
     let usable_gpu =
         |g: &&Gpu| !used_gpus.contains(&g.address) && g.driver.as_deref() != Some(VFIO_DRIVER);
@@ -401,6 +419,44 @@ mod tests {
             Decision::Place { placement, .. } => placement,
             other => panic!("not placed: {other:?}"),
         }
+    }
+
+    #[test]
+    fn without_memory_a_task_gets_its_share_of_the_node() {
+        let n = node("a");
+        let inv = &n.inventory;
+        let (cpus, gpus, mem) = (
+            inv.cpus.len() as u64,
+            inv.gpus.len() as u64,
+            inv.memory_total_bytes,
+        );
+        let mut s = spec(2, 0, None);
+        s.memory_bytes = None;
+        assert_eq!(memory_share(&s, inv), mem * 2 / cpus);
+        // The GPU share wins when it is the larger one.
+        s.gpu_count = 2;
+        assert_eq!(memory_share(&s, inv), mem * 2 / gpus);
+        // Placed, it is reserved: as many such tasks as the node has room
+        // for by memory, and the next waits although cores are free.
+        let mut s = spec(1, 0, None);
+        s.memory_bytes = None;
+        let mut reserved = vec![];
+        for _ in 0..cpus {
+            match place(&s, std::slice::from_ref(&n), &reserved) {
+                Decision::Place { placement, .. } => {
+                    assert_eq!(placement.memory_bytes, mem / cpus);
+                    reserved.push(placement)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut big = spec(1, 0, None);
+        big.memory_bytes = Some(mem / cpus + cpus);
+        reserved.pop();
+        assert!(matches!(
+            place(&big, std::slice::from_ref(&n), &reserved),
+            Decision::Wait(_)
+        ));
     }
 
     #[test]

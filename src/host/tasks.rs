@@ -277,8 +277,9 @@ async fn submit(
     }
     let now = crate::now_unix_ms();
     let owner = p.owner();
+    let cap = state.max_waiting_per_user;
     let id = state
-        .blocking(move |s| s.submit_task(&spec, owner.as_deref(), now))
+        .blocking(move |s| s.submit_task_capped(&spec, owner.as_deref(), cap, now))
         .await?;
     // Place it now if it fits, so the answer says where (or why it waits).
     state.blocking(|s| s.schedule()).await?;

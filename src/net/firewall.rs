@@ -42,6 +42,9 @@ pub struct Firewall {
     /// Each instance's bridge port (host-side veth) and address: it may
     /// send only from these (anti-spoofing in the bridge table).
     pub instances: Vec<(String, Ipv4Addr)>,
+    /// Networks instances may not reach at all (e.g. the storage network,
+    /// which trusts the node's address).
+    pub blocked_networks: Vec<Ipv4Net>,
 }
 
 /// The MAC of an instance's interface, from its address (as Kubernetes'
@@ -146,18 +149,28 @@ impl Firewall {
             }
             cmds.push(self.rule("output", expr));
         }
-        cmds.push(self.rule(
-            "postrouting",
-            vec![
-                m(
-                    "==",
-                    json!({"payload": {"protocol": "ip", "field": "saddr"}}),
-                    json!({"prefix": {"addr": self.subnet.addr.to_string(), "len": self.subnet.prefix}}),
-                ),
-                m("!=", oif.clone(), json!(self.bridge)),
-                json!({"masquerade": null}),
-            ],
+        let egress = vec![
+            m(
+                "==",
+                json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+                json!({"prefix": {"addr": self.subnet.addr.to_string(), "len": self.subnet.prefix}}),
+            ),
+            m("!=", oif.clone(), json!(self.bridge)),
+        ];
+        // TCP and UDP leave from unprivileged ports: a server that trusts a
+        // reserved source port as the node's root (NFS with AUTH_SYS, rsh)
+        // must not take an instance's root for it (F14).
+        let mut tcp_udp = egress.clone();
+        tcp_udp.push(m(
+            "==",
+            json!({"meta": {"key": "l4proto"}}),
+            json!({"set": ["tcp", "udp"]}),
         ));
+        tcp_udp.push(json!({"masquerade": {"port": {"range": [1024, 65535]}}}));
+        cmds.push(self.rule("postrouting", tcp_udp));
+        let mut other = egress;
+        other.push(json!({"masquerade": null}));
+        cmds.push(self.rule("postrouting", other));
         // Node ports used from the node itself as 127.0.0.1: give them a routable source.
         cmds.push(self.rule(
             "postrouting",
@@ -198,19 +211,26 @@ impl Firewall {
             ],
         ));
         // Cloud metadata and other link-local services answer as the node's
-        // identity: never an instance's (F14).
-        cmds.push(self.rule(
-            "forward",
-            vec![
-                m("==", iif.clone(), json!(self.bridge)),
-                m(
-                    "==",
-                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
-                    json!({"prefix": {"addr": "169.254.0.0", "len": 16}}),
-                ),
-                json!({"drop": null}),
-            ],
-        ));
+        // identity: never an instance's (F14); nor do the networks the
+        // operator names (storage that trusts this node's address).
+        let link_local = Ipv4Net {
+            addr: Ipv4Addr::new(169, 254, 0, 0),
+            prefix: 16,
+        };
+        for net in std::iter::once(&link_local).chain(&self.blocked_networks) {
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", iif.clone(), json!(self.bridge)),
+                    m(
+                        "==",
+                        json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                        json!({"prefix": {"addr": net.addr.to_string(), "len": net.prefix}}),
+                    ),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
         // The runner and host APIs of other machines, too (they listen on the
         // same ports as this node's, which input already closes).
         if !self.protected_ports.is_empty() {
@@ -393,6 +413,7 @@ mod tests {
             node_port_sources: sources,
             isolate_instances: true,
             instances: vec![("rvabc".into(), "10.88.0.2".parse().unwrap())],
+            blocked_networks: vec!["198.51.100.0/24".parse().unwrap()],
         }
     }
 
@@ -400,6 +421,7 @@ mod tests {
     fn instances_reach_no_metadata_service_and_no_other_nodes_apis_or_node_ports() {
         let fwd = serde_json::to_string(&rules(&fw(vec![]), "forward")).unwrap();
         assert!(fwd.contains("169.254.0.0"), "{fwd}");
+        assert!(fwd.contains("198.51.100.0"), "blocked networks: {fwd}");
         assert!(fwd.contains("[30000,32767]"), "{fwd}");
         assert!(fwd.contains("\"set\":[8001]"), "{fwd}");
     }
@@ -462,9 +484,9 @@ mod tests {
         );
         assert_eq!(pre[0][0]["match"]["right"]["set"], json!(["192.0.2.10"]));
         let fwd = rules(&host, "forward");
-        assert_eq!(fwd.len(), 7, "{fwd:?}");
+        assert_eq!(fwd.len(), 8, "{fwd:?}");
         let mut open_bridge = fw(vec![]);
         open_bridge.isolate_instances = false;
-        assert_eq!(rules(&open_bridge, "forward").len(), 6);
+        assert_eq!(rules(&open_bridge, "forward").len(), 7);
     }
 }

@@ -264,7 +264,11 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
         }
     }
     for m in &input.mounts {
-        let mut opts = vec!["rbind".to_string(), "nosuid".to_string()];
+        let mut opts = vec![
+            "rbind".to_string(),
+            "nosuid".to_string(),
+            "nodev".to_string(),
+        ];
         opts.push(if m.read_only { "ro" } else { "rw" }.to_string());
         mounts.push(
             MountBuilder::default()

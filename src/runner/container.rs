@@ -4,6 +4,7 @@
 //! and its snapshots from `snapshots`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -137,8 +138,29 @@ impl TaskContext {
         let mut mounts = Vec::new();
         let mut cwd = None;
         if self.config.shared_dir.is_dir() {
+            let own = shared_part(
+                &self.config.shared_dir,
+                self.config.shared_per_user,
+                a.owner.as_deref(),
+            );
+            if own != self.config.shared_dir {
+                // Sticky and open to every uid: an image's user is not the
+                // node's, and only this owner's instances mount it.
+                if !own.is_dir() {
+                    std::fs::create_dir_all(&own).map_err(Self::io(&own))?;
+                    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o1777))
+                        .map_err(Self::io(&own))?;
+                }
+                // A link would send the mount anywhere on the node.
+                if !own.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    return Err(InstanceError::SharedDir {
+                        path: own,
+                        node: self.node.clone(),
+                    });
+                }
+            }
             mounts.push(MountInput {
-                source: self.config.shared_dir.clone(),
+                source: own,
                 target: "/shared".into(),
                 read_only: false,
             });
@@ -191,7 +213,8 @@ impl TaskContext {
             mounts,
             cpus: p.cpus.clone(),
             mems: p.numa.map(|n| [n].into_iter().collect()),
-            memory_bytes: a.spec.memory_bytes,
+            // The placement's: the asked limit, or the share the scheduler gave.
+            memory_bytes: Some(a.placement.memory_bytes).filter(|m| *m > 0),
             pids_max: 32768,
             cgroups_path: self.cgroups_path(a.id),
             netns: None,
@@ -452,8 +475,20 @@ pub fn started_in_an_earlier_boot(label: Option<&str>, now: Option<&str>) -> boo
 pub fn shm_bytes(a: &Assignment, default: u64) -> u64 {
     a.spec
         .shm_bytes
-        .or(a.spec.memory_bytes.map(|m| m / 2))
+        .or(Some(a.placement.memory_bytes / 2).filter(|m| *m > 0))
         .unwrap_or(default)
+}
+
+/// The part of the cluster share an instance of `owner` (none: the admin)
+/// sees at /shared: its owner's own directory, so one user can neither read
+/// nor plant files in another's (a `numpy.py` next to their `train.py`);
+/// the whole share when `per_user` is off (one trusted team).
+pub fn shared_part(shared: &std::path::Path, per_user: bool, owner: Option<&str>) -> PathBuf {
+    match (per_user, owner) {
+        (false, _) => shared.to_path_buf(),
+        (true, Some(user)) => shared.join("users").join(user),
+        (true, None) => shared.join("admin"),
+    }
 }
 
 /// Where task logs are written: DATA_DIR/runner/logs/task-<id>.{stdout,stderr}.
@@ -759,10 +794,22 @@ mod tests {
     }
 
     #[test]
+    fn each_owner_has_its_own_part_of_the_share() {
+        let s = std::path::Path::new("/mnt/share");
+        assert_eq!(shared_part(s, true, Some("alice")), s.join("users/alice"));
+        assert_eq!(shared_part(s, true, None), s.join("admin"));
+        assert_ne!(
+            shared_part(s, true, Some("bob")),
+            shared_part(s, true, Some("alice"))
+        );
+        assert_eq!(shared_part(s, false, Some("alice")), s);
+    }
+
+    #[test]
     fn shm_is_asked_else_half_the_memory_else_the_default() {
         let mut a = super::super::reconcile::placeholder(1, Kind::Command);
         assert_eq!(shm_bytes(&a, 8 << 30), 8 << 30);
-        a.spec.memory_bytes = Some(1 << 30);
+        a.placement.memory_bytes = 1 << 30;
         assert_eq!(shm_bytes(&a, 8 << 30), 512 << 20);
         a.spec.shm_bytes = Some(2 << 30);
         assert_eq!(shm_bytes(&a, 8 << 30), 2 << 30);

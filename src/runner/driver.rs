@@ -183,6 +183,8 @@ pub mod fake {
         locks: super::super::snapshots::SnapshotLocks,
         /// A signalled instance exits with 128 + signal at once.
         pub obey_signals: bool,
+        /// `create` never finishes (a registry that stalls the pull).
+        pub stall_create: bool,
     }
 
     impl FakeDriver {
@@ -280,6 +282,9 @@ pub mod fake {
                 .map_or(Observed::Absent, |i| i.observed))
         }
         async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
+            if self.stall_create {
+                std::future::pending::<()>().await;
+            }
             self.started(a)
         }
         async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {

@@ -69,6 +69,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             gpus: vec![],
             node_port: None,
         },
+        owner: None,
     }
 }
 

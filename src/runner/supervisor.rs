@@ -59,6 +59,19 @@ fn report(state: TaskState) -> TaskReport {
     }
 }
 
+/// Resolves once the host asks for the instance to end (never, if the
+/// host goes away: the runner's own stop ends the work another way).
+async fn asked_to_end(desired: &mut watch::Receiver<Desired>) {
+    loop {
+        if Asked::from_desired(*desired.borrow_and_update()) != Asked::Nothing {
+            return;
+        }
+        if desired.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 impl<D: Driver> Supervisors<D> {
     fn crash_point(&self, step: &str) {
         crash_point(&self.crash_at, step)
@@ -90,7 +103,27 @@ impl<D: Driver> Supervisors<D> {
                 return;
             }
             BringUp::Create | BringUp::Start => {
-                let started = if bring == BringUp::Create {
+                let started = if bring == BringUp::Create && kind == Kind::Command {
+                    // A command asked to end while its image is still being
+                    // pulled ends now, not when a slow registry lets go (F7).
+                    // Its half-made container, if any, goes with it. Not a
+                    // VPS: its create may be on a disk that must stay.
+                    tokio::select! {
+                        r = self.driver.create(&a) => r,
+                        _ = asked_to_end(&mut desired) => {
+                            tracing::info!(task = id, "killed while it was being created");
+                            self.finish(id, Outcome {
+                                state: TaskState::Killed,
+                                exit_code: None,
+                                message: Some("killed before it started".into()),
+                                keep_disk: false,
+                                snapshot: false,
+                            })
+                            .await;
+                            return;
+                        }
+                    }
+                } else if bring == BringUp::Create {
                     self.driver.create(&a).await
                 } else {
                     self.driver.start(&a).await
@@ -407,6 +440,7 @@ mod tests {
                 gpus: vec![],
                 node_port: None,
             },
+            owner: None,
         }
     }
 
@@ -430,6 +464,28 @@ mod tests {
                 notified.await;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_command_killed_while_it_is_created_ends_at_once() {
+        let mut d = FakeDriver::obedient();
+        d.stall_create = true;
+        let b = bench(d);
+        let (tx, h) = b.spawn(
+            assignment(1, Kind::Command),
+            BringUp::Create,
+            Desired::Running,
+        );
+        tokio::task::yield_now().await;
+        tx.send(Desired::Killed).unwrap();
+        h.await.unwrap();
+        let last = b.rec.last(1).unwrap();
+        assert_eq!(last.state, TaskState::Killed);
+        assert_eq!(
+            b.rec.states(1),
+            vec![TaskState::Killed],
+            "never reported running"
+        );
     }
 
     #[tokio::test]

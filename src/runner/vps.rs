@@ -57,6 +57,8 @@ pub enum VpsError {
     NoLogin,
     #[error("instance_subnet: {0}")]
     Subnet(String),
+    #[error("blocked_networks: {0}")]
+    BlockedNetwork(String),
     #[error("instance network")]
     Net(#[from] crate::net::NetError),
 }
@@ -245,6 +247,12 @@ impl VpsKit {
                     node_port_sources,
                     isolate_instances: config.isolate_instances,
                     instances: vec![],
+                    blocked_networks: config
+                        .blocked_networks
+                        .iter()
+                        .map(|n| n.parse())
+                        .collect::<Result<_, _>>()
+                        .map_err(VpsError::BlockedNetwork)?,
                 },
                 isolate_instances: config.isolate_instances,
             },

@@ -155,6 +155,13 @@ impl Vps {
         cli(&a)
     }
 
+    /// `rivernode ARGS` as the user whose token is `token`.
+    pub fn rn_as(&self, token: &str, args: &[&str]) -> Output {
+        let mut a = vec!["--token", token];
+        a.extend_from_slice(args);
+        self.rn(&a)
+    }
+
     pub fn state(&self, id: &str) -> String {
         let o = self.rn(&["-o", "json", "task", "status", id]);
         let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();

@@ -2,8 +2,10 @@
 //! migrations) as the embedded backend. A PostgreSQL backend for an HA
 //! control plane would implement the same trait.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -37,6 +39,8 @@ pub enum StoreError {
     NoTask(u64),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    TooMany(String),
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("stored JSON in {what}: {source}")]
@@ -51,6 +55,11 @@ pub trait Store: Send + Sync + 'static {
     fn insert_token(&self, hash: &str, role: Role, label: &str) -> Result<(), StoreError>;
     fn has_token_with_role(&self, role: Role) -> Result<bool, StoreError>;
     fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError>;
+    /// `find_token` answered from memory, without waiting for the database;
+    /// `None` when that cannot be done now (call `find_token`).
+    fn find_token_now(&self, _hash: &str) -> Option<Option<Principal>> {
+        None
+    }
     /// Adds a user with their first token (`Conflict` if the name is taken).
     fn add_user(&self, name: &str, token_hash: &str, now_ms: i64) -> Result<(), StoreError>;
     fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
@@ -95,6 +104,17 @@ pub trait Store: Send + Sync + 'static {
         &self,
         spec: &TaskSpec,
         owner: Option<&str>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.submit_task_capped(spec, owner, u32::MAX, now_ms)
+    }
+    /// `submit_task`, refused (`TooMany`) when a user already has
+    /// `max_waiting` tasks waiting to be placed; the admin is not capped.
+    fn submit_task_capped(
+        &self,
+        spec: &TaskSpec,
+        owner: Option<&str>,
+        max_waiting: u32,
         now_ms: i64,
     ) -> Result<u64, StoreError>;
     /// Places queued tasks in submission order; returns the ids placed.
@@ -206,6 +226,57 @@ const MIGRATIONS: &[&str] = &[
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    tokens: TokenCache,
+}
+
+/// Every token (hash, whom it is for, expiry) in memory, so that checking a
+/// request's token, anonymous and bogus ones included, never waits for the
+/// database's one connection behind heartbeats and submissions (F12).
+/// SQLite's update hook marks it stale on any change to `tokens`, so no
+/// write path can forget to.
+#[derive(Default)]
+struct TokenCache {
+    stale: Arc<AtomicBool>,
+    map: RwLock<HashMap<String, (Principal, Option<i64>)>>,
+}
+
+impl TokenCache {
+    fn lookup(&self, hash: &str, now_ms: i64) -> Option<Option<Principal>> {
+        if self.stale.load(Ordering::Acquire) {
+            return None;
+        }
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        Some(
+            map.get(hash)
+                .filter(|(_, expires)| expires.is_none_or(|e| e > now_ms))
+                .map(|(p, _)| p.clone()),
+        )
+    }
+
+    /// Reads the table again; called with the connection held, so no write
+    /// can come between clearing the mark and the read.
+    fn reload(&self, c: &Connection) -> Result<(), StoreError> {
+        self.stale.store(false, Ordering::Release);
+        let mut stmt = c.prepare("SELECT hash, role, node, user, expires_at_ms FROM tokens")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+            ))
+        })?;
+        let mut map = HashMap::new();
+        for row in rows {
+            let (hash, role, node, user, expires) = row?;
+            if let Some(role) = Role::parse(&role) {
+                map.insert(hash, (Principal { role, node, user }, expires));
+            }
+        }
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
+    }
 }
 
 impl SqliteStore {
@@ -231,8 +302,19 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
+        let tokens = TokenCache::default();
+        tokens.reload(&conn)?;
+        let stale = tokens.stale.clone();
+        conn.update_hook(Some(
+            move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
+                if table == "tokens" {
+                    stale.store(true, Ordering::Release);
+                }
+            },
+        ));
         Ok(Self {
             conn: Mutex::new(conn),
+            tokens,
         })
     }
 
@@ -341,23 +423,20 @@ impl Store for SqliteStore {
     }
 
     fn find_token(&self, hash: &str) -> Result<Option<Principal>, StoreError> {
+        let now = crate::now_unix_ms();
+        if let Some(found) = self.tokens.lookup(hash, now) {
+            return Ok(found);
+        }
         self.with(|c| {
-            let row: Option<(String, Option<String>, Option<String>)> = c
-                .query_row(
-                    "SELECT role, node, user FROM tokens
-                     WHERE hash = ?1 AND (expires_at_ms IS NULL OR expires_at_ms > ?2)",
-                    params![hash, crate::now_unix_ms()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            Ok(row.and_then(|(role, node, user)| {
-                Some(Principal {
-                    role: Role::parse(&role)?,
-                    node,
-                    user,
-                })
-            }))
+            if self.tokens.stale.load(Ordering::Acquire) {
+                self.tokens.reload(c)?;
+            }
+            Ok(self.tokens.lookup(hash, now).flatten())
         })
+    }
+
+    fn find_token_now(&self, hash: &str) -> Option<Option<Principal>> {
+        self.tokens.lookup(hash, crate::now_unix_ms())
     }
 
     fn add_user(&self, name: &str, token_hash: &str, now_ms: i64) -> Result<(), StoreError> {
@@ -691,13 +770,14 @@ impl Store for SqliteStore {
         })
     }
 
-    fn submit_task(
+    fn submit_task_capped(
         &self,
         spec: &TaskSpec,
         owner: Option<&str>,
+        max_waiting: u32,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
-        self.with(|c| tasks::submit(c, spec, owner, now_ms))
+        self.with(|c| tasks::submit(c, spec, owner, max_waiting, now_ms))
     }
 
     fn schedule(&self) -> Result<Vec<u64>, StoreError> {
@@ -1065,6 +1145,35 @@ mod tests {
         );
         assert!(s.list_nodes().unwrap().is_empty());
         assert!(!s.delete_node("n1", 20_001).unwrap());
+    }
+
+    #[test]
+    fn tokens_are_checked_from_memory_and_every_change_is_seen() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.add_user("alice", "ha", 0).unwrap();
+        assert_eq!(
+            s.find_token("ha").unwrap().unwrap().user.as_deref(),
+            Some("alice")
+        );
+        // With the database busy (its one connection held), a token is
+        // still checked, and a bogus one refused, without waiting.
+        {
+            let _busy = s.conn.lock().unwrap();
+            assert_eq!(s.find_token_now("ha").flatten().unwrap().role, Role::User);
+            assert_eq!(s.find_token_now("bogus"), Some(None));
+        }
+        // A revocation is seen at once, whichever statement made it.
+        assert!(s.remove_user("alice").unwrap());
+        assert_eq!(s.find_token_now("ha"), None, "stale: ask the database");
+        assert_eq!(s.find_token("ha").unwrap(), None);
+        assert_eq!(s.find_token_now("ha"), Some(None));
+        // An expired join token is refused from memory too.
+        s.rotate_join_token("hj", Some(crate::now_unix_ms() - 1), 0)
+            .unwrap();
+        assert_eq!(s.find_token("hj").unwrap(), None);
+        s.rotate_join_token("hj2", Some(crate::now_unix_ms() + 60_000), 0)
+            .unwrap();
+        assert_eq!(s.find_token("hj2").unwrap().unwrap().role, Role::Join);
     }
 
     #[test]

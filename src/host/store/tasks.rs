@@ -185,10 +185,27 @@ pub(super) fn submit(
     c: &mut Connection,
     spec: &TaskSpec,
     owner: Option<&str>,
+    max_waiting: u32,
     now_ms: i64,
 ) -> Result<u64, StoreError> {
     let tx = c.transaction()?;
     scheduler::validate(spec, &nodes(&tx)?).map_err(StoreError::Refused)?;
+    if let Some(user) = owner {
+        // Every pending task is looked at on each scheduling pass: one
+        // user's flood must not slow everyone's heartbeats and calls.
+        let waiting: u32 = tx.query_row(
+            "SELECT COUNT(*) FROM tasks WHERE owner = ?1 AND state = 'pending'
+             AND desired NOT IN ('killed', 'deleted')",
+            [user],
+            |r| r.get(0),
+        )?;
+        if waiting >= max_waiting {
+            return Err(StoreError::TooMany(format!(
+                "{user} has {waiting} tasks waiting for resources, the most max_waiting_per_user allows; \
+                 kill some (`rivernode task list --state pending`) or wait for them to start"
+            )));
+        }
+    }
     let id: i64 = tx.query_row(
         "INSERT INTO tasks (spec, state, desired, reason, submitted_at_ms, owner)
          VALUES (?1, 'pending', 'running', 'queued', ?2, ?3) RETURNING id",
@@ -488,6 +505,7 @@ pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments,
                     started: t.started_at_unix_ms.is_some(),
                     placement: t.placement?,
                     spec: t.spec,
+                    owner: t.owner,
                 })
             })
             .collect(),
@@ -603,6 +621,30 @@ mod tests {
             },
             1,
         )
+    }
+
+    #[test]
+    fn a_user_may_have_only_so_many_tasks_waiting() {
+        let s = store_with_node("n1");
+        let submit = |owner| s.submit_task_capped(&spec(8, 0), owner, 2, 0);
+        let first = submit(Some("alice")).unwrap();
+        assert_eq!(s.schedule().unwrap(), vec![first]);
+        // The placed one does not count; two more wait, the next is refused.
+        submit(Some("alice")).unwrap();
+        let killed = submit(Some("alice")).unwrap();
+        let e = submit(Some("alice")).unwrap_err();
+        assert!(
+            matches!(&e, super::StoreError::TooMany(m) if m.contains("max_waiting_per_user")),
+            "{e}"
+        );
+        // Others are not held back by alice's queue, nor is the admin.
+        submit(Some("bob")).unwrap();
+        submit(None).unwrap();
+        submit(None).unwrap();
+        // A killed one makes room.
+        s.set_desired(killed, crate::api::Desired::Killed, 1)
+            .unwrap();
+        submit(Some("alice")).unwrap();
     }
 
     #[test]
