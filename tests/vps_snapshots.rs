@@ -168,3 +168,53 @@ fn stopping_seven_times_keeps_the_five_newest_snapshots() {
         v.delete(&id);
     });
 }
+
+#[test]
+fn an_id_handed_out_again_inherits_no_snapshot_and_no_log() {
+    // L8: after the host's database is reset, ids start again; what the
+    // node still has under an id belongs to its earlier owner.
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-l") else {
+            return;
+        };
+        let id = v.create();
+        let s = v.json(&["vps", "snapshot", "create", &id]);
+        let image = s["image"].as_str().unwrap().to_string();
+        // The earlier life of the next id: a snapshot and a log of its own.
+        let next = (id.parse::<u64>().unwrap() + 1).to_string();
+        v.ctr(&[
+            "images",
+            "label",
+            &image,
+            &format!("io.rivernode.snapshot.vps={next}"),
+        ]);
+        let logs = v.runner_data().join("runner/logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        std::fs::write(
+            logs.join(format!("task-{next}.stdout")),
+            "the earlier owner's secret\n",
+        )
+        .unwrap();
+        assert_eq!(v.create(), next);
+        let listed = v.json(&["vps", "snapshot", "list", &next]);
+        assert_eq!(listed, serde_json::json!([]), "no inherited snapshot");
+        let o = v.rn(&["task", "logs", &next]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(!stdout(&o).contains("secret"), "{}", stdout(&o));
+        // Set aside, not deleted.
+        assert!(
+            v.ctr(&["images", "ls"])
+                .contains(&format!("set-aside-{next}")),
+            "the snapshot is kept, labelled"
+        );
+        let aside = std::fs::read_dir(&logs).unwrap().flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains(&format!("task-{next}.stdout.set-aside-"))
+        });
+        assert!(aside, "the log is kept, renamed");
+    });
+}

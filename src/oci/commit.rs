@@ -17,7 +17,7 @@ use containerd_client::services::v1::snapshots::{
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
     images_client::ImagesClient, CreateImageRequest, DeleteImageRequest, DiffRequest,
-    GetContainerRequest, Image, InfoRequest, ListImagesRequest,
+    GetContainerRequest, Image, InfoRequest, ListImagesRequest, UpdateImageRequest,
 };
 use containerd_client::tonic;
 use containerd_client::types::Descriptor;
@@ -393,6 +393,33 @@ impl Containerd {
             .map_err(OciError::rpc(format!("list images with {filter}")))?
             .into_inner()
             .images)
+    }
+
+    /// Sets one label of image `name` (the image itself is untouched).
+    pub async fn set_image_label(
+        &self,
+        name: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), OciError> {
+        ImagesClient::new(self.channel())
+            .update(self.req(
+                UpdateImageRequest {
+                    image: Some(Image {
+                        name: name.into(),
+                        labels: HashMap::from([(key.to_string(), value.to_string())]),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec![format!("labels.{key}")],
+                    }),
+                    source_date_epoch: None,
+                },
+                None,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(OciError::rpc(format!("label image {name}")))
     }
 
     /// Deletes an image record and waits for containerd's GC to free what

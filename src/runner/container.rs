@@ -539,6 +539,10 @@ impl Driver for TaskContext {
             // Made already (by a runner that crashed before reporting): start it.
             return self.start(a).await;
         }
+        if labels.is_none() && !a.started {
+            // Never run in this cluster, so nothing on this node is its yet.
+            self.set_aside_earlier_life(a.id).await?;
+        }
         let pid = self.make(a, labels.as_ref()).await?;
         Ok(self.started(a, pid))
     }

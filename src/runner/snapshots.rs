@@ -85,7 +85,37 @@ async fn list(ctd: &Containerd, node: &str, vps: u64) -> Result<Vec<SnapshotView
     Ok(out)
 }
 
+/// The value a set-aside snapshot's VPS label gets: no VPS id, so no
+/// listing finds it, and it says whose it was.
+fn set_aside_label(vps: u64) -> String {
+    format!("set-aside-{vps}")
+}
+
 impl TaskContext {
+    /// Hides the snapshots and logs that an id the host hands out for the
+    /// first time already has on this node: they belong to an earlier life of
+    /// the cluster (its database was reset), never to this id's new owner
+    /// (L8). Nothing is deleted: the snapshots stay in containerd, labelled
+    /// `set-aside-<id>`, and the logs get a `.set-aside-<ms>` suffix.
+    pub async fn set_aside_earlier_life(&self, id: u64) -> Result<(), SnapshotError> {
+        let stamp = crate::now_unix_ms();
+        for stream in ["stdout", "stderr", "stdout.1", "stderr.1"] {
+            let path = super::container::logs_dir(&self.config).join(format!("task-{id}.{stream}"));
+            if path.exists() {
+                let aside = path.with_file_name(format!("task-{id}.{stream}.set-aside-{stamp}"));
+                tracing::warn!(task = id, from = %path.display(), to = %aside.display(), "an earlier task's log set aside");
+                let _ = std::fs::rename(&path, &aside);
+            }
+        }
+        for s in list(&self.ctd, &self.node, id).await? {
+            tracing::warn!(task = id, image = %s.image, "an earlier VPS's snapshot set aside");
+            self.ctd
+                .set_image_label(&s.image, VPS_LABEL, &set_aside_label(id))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// A VPS's snapshots, oldest first.
     pub async fn snapshots(&self, vps: u64) -> Result<Vec<SnapshotView>, SnapshotError> {
         Ok(list(&self.ctd, &self.node, vps).await?)
