@@ -30,7 +30,13 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    // The rename itself is durable only once its directory is (L6): after
+    // a power loss the old file, or no file, would be back.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Writes a secret readable by its owner only; readers never see a partial file.

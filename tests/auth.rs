@@ -351,3 +351,83 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_user_rotates_their_token_and_the_old_one_stops_at_once() {
+    // L5: a token is replaced without removing the user (who keeps their tasks).
+    let tmp = tempfile::tempdir().unwrap();
+    let (_host, _url) = start_host_with(tmp.path(), &[]);
+    let data = tmp.path().join("host");
+    let hd = data.to_str().unwrap();
+    let json = |o: &std::process::Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", stderr(o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let old = json(&cli(&[
+        "--data-dir",
+        hd,
+        "-o",
+        "json",
+        "user",
+        "add",
+        "carol",
+    ]))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let whoami = |token: &str| cli(&["--data-dir", hd, "--token", token, "-o", "json", "whoami"]);
+    assert!(whoami(&old).status.success());
+    // Carol rotates her own; another user's name is refused.
+    let o = cli(&[
+        "--data-dir",
+        hd,
+        "--token",
+        &old,
+        "user",
+        "rotate-token",
+        "dave",
+    ]);
+    assert!(stderr(&o).contains("only their own"), "{}", stderr(&o));
+    let new = json(&cli(&[
+        "--data-dir",
+        hd,
+        "--token",
+        &old,
+        "-o",
+        "json",
+        "user",
+        "rotate-token",
+        "carol",
+    ]))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = whoami(&old);
+    assert!(
+        !o.status.success() && stderr(&o).contains("401"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(json(&whoami(&new))["user"], "carol");
+    // The admin gives her one that has already run out.
+    let short = json(&cli(&[
+        "--data-dir",
+        hd,
+        "-o",
+        "json",
+        "user",
+        "rotate-token",
+        "carol",
+        "--expires-in",
+        "1ms",
+    ]))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert!(
+        !whoami(&new).status.success(),
+        "the admin's rotation revoked hers"
+    );
+    assert!(!whoami(&short).status.success(), "expired");
+}

@@ -23,6 +23,8 @@ enum Access {
     Join,
     /// The node named in the path, with its own credential.
     OwnNode,
+    /// The admin, and the user the path names (bob, the task's owner).
+    OwnUser,
 }
 
 /// (method, path with `{node}`, `{task}`, `{user}` placeholders, access).
@@ -59,6 +61,8 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/vps/snapshots/{task}/{snapshot}",
         Access::Owner,
     ),
+    // Last: bob's own call revokes the token he makes it with.
+    ("POST", "/api/users/{bob}/token", Access::OwnUser),
 ];
 
 /// The callers, in the order they are tried (the admin last: its calls change things).
@@ -96,8 +100,8 @@ fn expected(access: Access, caller: Caller) -> Option<StatusCode> {
     match (caller, access) {
         (Anonymous | BadToken, _) => Some(StatusCode::UNAUTHORIZED),
         (_, Access::Anyone) => None,
-        (Admin, Access::Admin | Access::People | Access::Owner) => None,
-        (User, Access::People | Access::Owner) => None,
+        (Admin, Access::Admin | Access::People | Access::Owner | Access::OwnUser) => None,
+        (User, Access::People | Access::Owner | Access::OwnUser) => None,
         (OtherUser, Access::People) => None,
         // Another user's task looks like no task at all.
         (OtherUser, Access::Owner) => Some(StatusCode::NOT_FOUND),
@@ -264,7 +268,10 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                     (Caller::Admin, "DELETE") => ("ghost", "nobody"),
                     _ => ("node-b", "nobody"),
                 };
+                // The admin rotates nobody's token (404), others try bob's.
+                let bob_name = if caller == Caller::Admin { "nobody" } else { "bob" };
                 let p = path
+                    .replace("{bob}", bob_name)
                     .replace("{node}", node)
                     .replace("{task}", &task)
                     .replace("{user}", user)

@@ -52,6 +52,8 @@ pub enum Command {
     /// Users: each has a token and sees and controls only their own tasks and VPS (admin).
     #[command(subcommand)]
     User(UserCommand),
+    /// Who this token is (admin, user NAME, node NAME) on which host.
+    Whoami,
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -239,6 +241,13 @@ pub enum UserCommand {
     List,
     /// Remove a user and revoke their token; their tasks stay, for the admin to end.
     Remove { name: String },
+    /// Give a user a new token (shown once) and revoke their old one; a user may rotate their own.
+    RotateToken {
+        name: String,
+        /// How long the new token stays valid (e.g. 90d); default: until the next rotation.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<crate::config::HumanDuration>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

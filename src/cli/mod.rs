@@ -35,6 +35,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             Ok(user::run(&client, cmd, cli.output).await?)
         }
+        Command::Whoami => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            Ok(user::whoami(&client, cli.output).await?)
+        }
         Command::Config(ConfigCommand::Init { daemon, file }) => {
             let text = match daemon {
                 Daemon::Host => render_defaults(

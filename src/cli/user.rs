@@ -1,6 +1,6 @@
-//! `rivernode user add|list|remove` (admin).
+//! `rivernode user add|list|remove|rotate-token` (admin; rotate-token also a user's own).
 
-use crate::api::{NewUser, UserView};
+use crate::api::{NewUser, UserView, WhoAmI};
 use crate::cli::args::{Output, UserCommand};
 use crate::cli::client::{Client, ClientError};
 use crate::cli::output::{ago, emit, emit_json, table};
@@ -41,9 +41,43 @@ pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<()
                 }
             }
         }
+        UserCommand::RotateToken { name, expires_in } => {
+            let u: NewUser = client
+                .post(
+                    &format!("/api/users/{name}/token"),
+                    &serde_json::json!({
+                        "expires_in_ms": expires_in.map(|d| d.0.as_millis() as u64),
+                    }),
+                )
+                .await?;
+            match output {
+                Output::Json => emit_json(&u),
+                Output::Table => emit(&format!(
+                    "user {}'s new token (shown once; the old one no longer works):\n{}\n",
+                    u.name, u.token
+                )),
+            }
+        }
         UserCommand::Remove { name } => {
             client.delete(&format!("/api/users/{name}")).await?;
             emit(&format!("user {name} removed; their token is revoked\n"));
+        }
+    }
+    Ok(())
+}
+
+/// `rivernode whoami`: the token's principal, as the host sees it.
+pub async fn whoami(client: &Client, output: Output) -> Result<(), ClientError> {
+    let w: WhoAmI = client.get("/api/whoami").await?;
+    match output {
+        Output::Json => emit_json(&w),
+        Output::Table => {
+            let who = match (&w.user, &w.node) {
+                (Some(u), _) => format!("user {u}"),
+                (None, Some(n)) => format!("node {n}"),
+                (None, None) => w.role.clone(),
+            };
+            emit(&format!("{who} on {}\n", client.base))
         }
     }
     Ok(())

@@ -130,6 +130,7 @@ pub struct ApiJson<T>(pub T);
 pub fn router(state: Arc<HostState>) -> Router {
     let people = Router::new()
         .merge(super::tasks::user_routes())
+        .route("/api/users/{name}/token", post(rotate_user_token))
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(&[Role::Admin, Role::User], req, next)
         }));
@@ -264,6 +265,48 @@ pub struct JoinTokenView {
     pub file: String,
 }
 
+/// When a token asked to last `expires_in_ms` from `now` expires.
+fn expiry(now: i64, expires_in_ms: Option<u64>) -> Result<Option<i64>, ApiError> {
+    match expires_in_ms {
+        Some(0) => Err(ApiError::BadRequest(
+            "expires_in_ms: must be more than 0".into(),
+        )),
+        Some(ms) => Ok(Some(
+            now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX)),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// `POST /api/users/{name}/token`: the admin gives any user a new token,
+/// a user themselves; their other tokens are revoked at once.
+async fn rotate_user_token(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<RotateJoinToken>,
+) -> Result<(StatusCode, Json<NewUser>), ApiError> {
+    if p.role != Role::Admin && p.user.as_deref() != Some(name.as_str()) {
+        return Err(ApiError::Forbidden(
+            "a user may rotate only their own token".into(),
+        ));
+    }
+    let now = crate::now_unix_ms();
+    let expires_at = expiry(now, req.expires_in_ms)?;
+    let token = generate_token("rnusr");
+    let (hash, n) = (hash_token(&token), name.clone());
+    let found = state
+        .blocking(move |s| s.rotate_user_token(&n, &hash, expires_at, now))
+        .await?;
+    if !found {
+        return Err(ApiError::NotFound(format!(
+            "no user named {name:?}; `rivernode user list` shows the users"
+        )));
+    }
+    tracing::info!(user = %name, ?expires_at, "user token rotated");
+    Ok((StatusCode::CREATED, Json(NewUser { name, token })))
+}
+
 /// Replaces the join token: registered nodes keep their credentials, and
 /// a removed node's name can come back only with the new token.
 async fn rotate_join_token(
@@ -271,15 +314,7 @@ async fn rotate_join_token(
     ApiJson(req): ApiJson<RotateJoinToken>,
 ) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
     let now = crate::now_unix_ms();
-    let expires_at = match req.expires_in_ms {
-        Some(0) => {
-            return Err(ApiError::BadRequest(
-                "expires_in_ms: must be more than 0".into(),
-            ))
-        }
-        Some(ms) => Some(now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))),
-        None => None,
-    };
+    let expires_at = expiry(now, req.expires_in_ms)?;
     let token = generate_token("rnjoin");
     let hash = hash_token(&token);
     state

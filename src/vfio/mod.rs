@@ -486,8 +486,20 @@ impl Vfio {
         let mut done: Vec<u32> = Vec::new();
         for plan in &plans {
             let record = match state.groups.get(&plan.group) {
-                // Already ours: re-verify (and finish, if a crash interrupted it).
-                Some(b) => b.clone(),
+                // Already ours: re-verify (and finish, if a crash interrupted
+                // it), recording any member the group gained since.
+                Some(b) => {
+                    let mut b = b.clone();
+                    for &addr in &plan.bind {
+                        if !b.members.iter().any(|m| m.address == addr) {
+                            b.members.push(MemberRecord {
+                                address: addr,
+                                original_driver: self.driver_of(addr),
+                            });
+                        }
+                    }
+                    b
+                }
                 None => GroupBinding {
                     group: plan.group,
                     owner: owner.to_string(),

@@ -389,6 +389,39 @@ fn a_device_vfio_will_not_take_rolls_back_the_whole_request() {
 }
 
 #[test]
+fn a_member_that_joined_a_bound_group_is_recorded_and_restored() {
+    // L6: a group already recorded for this owner gains a function (hot
+    // plug, or a bind interrupted before a rescan): binding again records
+    // it too, so a restore gives it back.
+    let r = machine();
+    let v = r.vfio();
+    v.bind(&[a("0000:41:00.0")], "vm-1").unwrap();
+    r.m.pci(
+        "0000:41:00.2",
+        AUDIO,
+        (0x10de, 0x1aef),
+        "0",
+        Some(101),
+        Some("snd_hda_intel"),
+    );
+    std::fs::write(
+        r.m.path("sys/bus/pci/devices/0000:41:00.2/native_driver"),
+        "snd_hda_intel",
+    )
+    .unwrap();
+    let bound = v.bind(&[a("0000:41:00.0")], "vm-1").unwrap();
+    let members: Vec<String> = bound[0]
+        .members
+        .iter()
+        .map(|m| m.address.to_string())
+        .collect();
+    assert_eq!(members, ["0000:41:00.0", "0000:41:00.1", "0000:41:00.2"]);
+    assert_eq!(r.driver("0000:41:00.2").as_deref(), Some("vfio-pci"));
+    v.restore(101).unwrap();
+    assert_eq!(r.driver("0000:41:00.2").as_deref(), Some("snd_hda_intel"));
+}
+
+#[test]
 fn repeated_bind_and_restore_are_no_ops() {
     let r = machine();
     let v = r.vfio();

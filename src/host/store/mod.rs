@@ -65,6 +65,15 @@ pub trait Store: Send + Sync + 'static {
     fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
     /// Removes a user and revokes their tokens; their tasks stay (the admin sees them).
     fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
+    /// Gives a user a new token valid until `expires_at_ms` (none: no
+    /// expiry) and revokes their others; `false` if there is no such user.
+    fn rotate_user_token(
+        &self,
+        name: &str,
+        token_hash: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
     /// Adds a node with its credential hash and the token the host uses on its runner.
     fn register_node(
         &self,
@@ -499,6 +508,34 @@ impl Store for SqliteStore {
             tx.execute("DELETE FROM tokens WHERE user = ?1", [name])?;
             tx.commit()?;
             Ok(removed)
+        })
+    }
+
+    fn rotate_user_token(
+        &self,
+        name: &str,
+        token_hash: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let active: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM users WHERE name = ?1 AND removed_at_ms IS NULL)",
+                [name],
+                |r| r.get(0),
+            )?;
+            if !active {
+                return Ok(false);
+            }
+            tx.execute("DELETE FROM tokens WHERE user = ?1", [name])?;
+            tx.execute(
+                "INSERT INTO tokens (hash, role, user, label, created_at_ms, expires_at_ms)
+                 VALUES (?1, 'user', ?2, 'user token', ?3, ?4)",
+                params![token_hash, name, now_ms, expires_at_ms],
+            )?;
+            tx.commit()?;
+            Ok(true)
         })
     }
 
@@ -1174,6 +1211,32 @@ mod tests {
         s.rotate_join_token("hj2", Some(crate::now_unix_ms() + 60_000), 0)
             .unwrap();
         assert_eq!(s.find_token("hj2").unwrap().unwrap().role, Role::Join);
+    }
+
+    #[test]
+    fn a_users_token_is_rotated_and_can_expire() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.add_user("alice", "old", 0).unwrap();
+        assert!(s.rotate_user_token("alice", "new", None, 1).unwrap());
+        assert_eq!(s.find_token("old").unwrap(), None, "the old one is revoked");
+        assert_eq!(
+            s.find_token("new").unwrap().unwrap().user.as_deref(),
+            Some("alice")
+        );
+        let past = crate::now_unix_ms() - 1;
+        assert!(s
+            .rotate_user_token("alice", "short", Some(past), 2)
+            .unwrap());
+        assert_eq!(s.find_token("short").unwrap(), None, "expired");
+        assert!(
+            !s.rotate_user_token("bob", "x", None, 3).unwrap(),
+            "no such user"
+        );
+        s.remove_user("alice").unwrap();
+        assert!(
+            !s.rotate_user_token("alice", "back", None, 4).unwrap(),
+            "removed stays removed"
+        );
     }
 
     #[test]
