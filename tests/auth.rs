@@ -183,14 +183,47 @@ async fn node_credentials_and_the_runner_api() {
     );
 
     // The runner API accepts only its host: not anonymous callers, not the admin, not the node itself.
-    for token in [
-        None,
-        Some(admin.as_str()),
-        Some(credential),
-        Some("rnhost_guess"),
-    ] {
-        let (s, _) = call(M::GET, &format!("{runner_url}/api/status"), token, None).await;
-        assert_eq!(s, StatusCode::UNAUTHORIZED, "runner API with {token:?}");
+    // Every route, read from the runner's router source (a new route
+    // without a row here fails), and a path that is no route at all.
+    let source = std::fs::read_to_string("src/runner/api.rs").unwrap();
+    let in_source: Vec<&str> = source
+        .split(".route(")
+        .skip(1)
+        .filter_map(|p| p.split('"').nth(1))
+        .collect();
+    let runner_routes = [
+        (M::GET, "/api/status"),
+        (M::GET, "/api/tasks/{id}/logs"),
+        (M::GET, "/api/vps/{id}/snapshots"),
+        (M::POST, "/api/vps/{id}/snapshots"),
+        (M::DELETE, "/api/vps/{id}/snapshots/{snapshot}"),
+        (M::GET, "/api/no-such-route"),
+    ];
+    for path in &in_source {
+        assert!(
+            runner_routes.iter().any(|(_, p)| p == path),
+            "runner route {path} has no row here"
+        );
+    }
+    assert!(
+        in_source.len() >= 4,
+        "the scan found the routes: {in_source:?}"
+    );
+    for (method, path) in &runner_routes {
+        let p = path.replace("{id}", "1").replace("{snapshot}", "1");
+        for token in [
+            None,
+            Some(admin.as_str()),
+            Some(credential),
+            Some("rnhost_guess"),
+        ] {
+            let (s, _) = call(method.clone(), &format!("{runner_url}{p}"), token, None).await;
+            assert_eq!(
+                s,
+                StatusCode::UNAUTHORIZED,
+                "runner {method} {p} with {token:?}"
+            );
+        }
     }
     // ...while the host, with the token it got at registration, gets through.
     let (s, body) = call(
