@@ -143,14 +143,20 @@ fn a_vps_cannot_reach_the_node_apis_and_pause_freezes_it() {
                 let _ = c.write_all(b"hello\n");
             }
         });
-        // "open" when a greeting came back; a dropped SYN gives nothing within 3 s.
+        // "open" when anything came back (the greeting, an HTTP answer, the
+        // proxy's ERROR line); a dropped SYN gives nothing within 3 s.
         let reach = |port: &str| {
             // One string: ssh hands the remote shell a single command line.
-            let o = v.ssh(&id, &[&format!("nc -w 3 10.253.0.1 {port} </dev/null")]);
-            if stdout(&o).contains("hello") {
-                "open"
-            } else {
+            let o = v.ssh(
+                &id,
+                &[&format!(
+                    "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.253.0.1 {port}"
+                )],
+            );
+            if stdout(&o).trim().is_empty() {
                 "closed"
+            } else {
+                "open"
             }
         };
         assert_eq!(reach(&open_port), "open");
@@ -163,6 +169,12 @@ fn a_vps_cannot_reach_the_node_apis_and_pause_freezes_it() {
             reach(&port_of(&v.url)),
             "closed",
             "the host API is closed to instances"
+        );
+        let proxy = v.json(&["whoami"])["ssh_proxy_port"].to_string();
+        assert_eq!(
+            reach(&proxy),
+            "closed",
+            "the host's SSH proxy is closed to instances"
         );
 
         // Paused, its processes are frozen: a login cannot complete.

@@ -80,18 +80,12 @@ impl HostClient {
         join_token: &str,
         req: &RegisterRequest,
     ) -> Result<RegisterResponse, HostCallError> {
-        let resp = http
-            .post(format!("{}/api/nodes/register", base.trim_end_matches('/')))
-            .bearer_auth(join_token)
-            .json(req)
-            .send()
-            .await
-            .map_err(HostCallError::Unreachable)?;
-        Self::check(resp)
-            .await?
-            .json()
-            .await
-            .map_err(HostCallError::Decode)
+        Self::answer(
+            http.post(format!("{}/api/nodes/register", base.trim_end_matches('/')))
+                .bearer_auth(join_token)
+                .json(req),
+        )
+        .await
     }
 
     /// `PUT /api/nodes/{name}/heartbeat` with the node's credential.
@@ -113,6 +107,32 @@ impl HostClient {
             .await
             .map_err(HostCallError::Unreachable)?;
         Self::check(resp).await.map(|_| ())
+    }
+
+    /// `GET /api/whoami` with the node's credential: what the host says of
+    /// itself (its SSH proxy's port).
+    pub async fn whoami(
+        http: &reqwest::Client,
+        base: &str,
+        credential: &str,
+    ) -> Result<super::WhoAmI, HostCallError> {
+        Self::answer(
+            http.get(format!("{}/api/whoami", base.trim_end_matches('/')))
+                .bearer_auth(credential),
+        )
+        .await
+    }
+
+    /// Sends `req` and reads its JSON answer.
+    async fn answer<T: serde::de::DeserializeOwned>(
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, HostCallError> {
+        let resp = req.send().await.map_err(HostCallError::Unreachable)?;
+        Self::check(resp)
+            .await?
+            .json()
+            .await
+            .map_err(HostCallError::Decode)
     }
 
     async fn check(resp: reqwest::Response) -> Result<reqwest::Response, HostCallError> {

@@ -455,10 +455,25 @@ impl Control {
         // Instances may not reach the runner's or the host's API through the node.
         // The ports as the URLs say them (an implicit 80 or 443 included) and
         // the port this runner listens on, which a proxy in front may hide (L10).
+        // The host's SSH proxy too: instances are no client of the host.
+        let proxy_port = match crate::api::host_client::HostClient::whoami(
+            &self.http,
+            &self.host_url,
+            &c.credential,
+        )
+        .await
+        {
+            Ok(w) => Some(w.ssh_proxy_port).filter(|p| *p != 0),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot learn the host's SSH proxy port: instances may reach it");
+                None
+            }
+        };
         let mut protected: Vec<u16> = [url_port(&self.runner_url), url_port(&self.host_url)]
             .into_iter()
             .flatten()
             .chain(Some(self.config.runner_port).filter(|p| *p != 0))
+            .chain(proxy_port)
             .collect();
         protected.sort_unstable();
         protected.dedup();
