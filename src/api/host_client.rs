@@ -167,12 +167,7 @@ impl HostClient {
                 ("wait_ms", wait.as_millis().to_string()),
             ]);
         }
-        let resp = req.send().await.map_err(HostCallError::Unreachable)?;
-        Self::check(resp)
-            .await?
-            .json()
-            .await
-            .map_err(HostCallError::Decode)
+        Self::answer(req).await
     }
 
     /// What the runner observed of task `id`. The host applies a repeated
