@@ -463,4 +463,43 @@ fn a_user_rotates_their_token_and_the_old_one_stops_at_once() {
         "the admin's rotation revoked hers"
     );
     assert!(!whoami(&short).status.success(), "expired");
+
+    // The admin token rotates too; the host rewrites admin.token, which
+    // local clients read, and the old one stops.
+    let old_admin = read_trimmed(&data.join("admin.token")).unwrap();
+    let erin = json(&cli(&[
+        "--data-dir",
+        hd,
+        "-o",
+        "json",
+        "user",
+        "add",
+        "erin",
+    ]))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = cli(&[
+        "--data-dir",
+        hd,
+        "--token",
+        &erin,
+        "user",
+        "rotate-token",
+        "admin",
+    ]);
+    assert!(stderr(&o).contains("403"), "a user cannot: {}", stderr(&o));
+    let rotated = cli(&[
+        "--data-dir",
+        hd,
+        "-o",
+        "json",
+        "user",
+        "rotate-token",
+        "admin",
+    ]);
+    let new_admin = json(&rotated)["token"].as_str().unwrap().to_string();
+    assert_eq!(read_trimmed(&data.join("admin.token")).unwrap(), new_admin);
+    assert!(!whoami(&old_admin).status.success());
+    assert_eq!(json(&whoami(&new_admin))["role"], "admin");
 }

@@ -242,6 +242,7 @@ pub enum UserCommand {
     /// Remove a user and revoke their token; their tasks stay, for the admin to end.
     Remove { name: String },
     /// Give a user a new token (shown once) and revoke their old one; a user may rotate their own.
+    /// `admin` rotates the admin token (and rewrites DATA_DIR/admin.token on the host).
     RotateToken {
         name: String,
         /// How long the new token stays valid (e.g. 90d); default: until the next rotation.

@@ -292,6 +292,9 @@ async fn rotate_user_token(
         ));
     }
     let now = crate::now_unix_ms();
+    if name == "admin" {
+        return rotate_admin_token(&state, &p, req.expires_in_ms, now).await;
+    }
     let expires_at = expiry(now, req.expires_in_ms)?;
     let token = generate_token("rnusr");
     let (hash, n) = (hash_token(&token), name.clone());
@@ -305,6 +308,43 @@ async fn rotate_user_token(
     }
     tracing::info!(user = %name, ?expires_at, "user token rotated");
     Ok((StatusCode::CREATED, Json(NewUser { name, token })))
+}
+
+/// The admin's own rotation (`user rotate-token admin`): every admin token
+/// is replaced, and DATA_DIR/admin.token rewritten for local clients.
+async fn rotate_admin_token(
+    state: &HostState,
+    p: &Principal,
+    expires_in_ms: Option<u64>,
+    now: i64,
+) -> Result<(StatusCode, Json<NewUser>), ApiError> {
+    p.require(Role::Admin)?;
+    if expires_in_ms.is_some() {
+        return Err(ApiError::BadRequest(
+            "expires_in_ms: the admin token does not expire (an expired one would lock everyone out)"
+                .into(),
+        ));
+    }
+    let token = generate_token("rnadm");
+    let hash = hash_token(&token);
+    state
+        .blocking(move |s| s.rotate_admin_token(&hash, now))
+        .await?;
+    let file = state.data_dir.join(super::ADMIN_TOKEN_FILE);
+    crate::files::write_secret(&file, format!("{token}\n").as_bytes()).map_err(|e| {
+        ApiError::Internal(format!(
+            "the admin token is rotated but {} was not written: {e}",
+            file.display()
+        ))
+    })?;
+    tracing::info!(file = %file.display(), "admin token rotated");
+    Ok((
+        StatusCode::CREATED,
+        Json(NewUser {
+            name: "admin".into(),
+            token,
+        }),
+    ))
 }
 
 /// Replaces the join token: registered nodes keep their credentials, and

@@ -65,6 +65,8 @@ pub trait Store: Send + Sync + 'static {
     fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
     /// Removes a user and revokes their tokens; their tasks stay (the admin sees them).
     fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
+    /// Replaces every admin token with `hash`.
+    fn rotate_admin_token(&self, hash: &str, now_ms: i64) -> Result<(), StoreError>;
     /// Gives a user a new token valid until `expires_at_ms` (none: no
     /// expiry) and revokes their others; `false` if there is no such user.
     fn rotate_user_token(
@@ -508,6 +510,19 @@ impl Store for SqliteStore {
             tx.execute("DELETE FROM tokens WHERE user = ?1", [name])?;
             tx.commit()?;
             Ok(removed)
+        })
+    }
+
+    fn rotate_admin_token(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM tokens WHERE role = 'admin'", [])?;
+            tx.execute(
+                "INSERT INTO tokens (hash, role, node, label, created_at_ms) VALUES (?1, 'admin', NULL, 'admin', ?2)",
+                params![hash, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
         })
     }
 
