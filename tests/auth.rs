@@ -396,18 +396,11 @@ fn a_user_rotates_their_token_and_the_old_one_stops_at_once() {
         assert!(o.status.success(), "{}", stderr(o));
         serde_json::from_slice(&o.stdout).unwrap()
     };
-    let old = json(&cli(&[
-        "--data-dir",
-        hd,
-        "-o",
-        "json",
-        "user",
-        "add",
-        "carol",
-    ]))["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let add_user = |name: &str| -> String {
+        let o = cli(&["--data-dir", hd, "-o", "json", "user", "add", name]);
+        json(&o)["token"].as_str().unwrap().to_string()
+    };
+    let old = add_user("carol");
     let whoami = |token: &str| cli(&["--data-dir", hd, "--token", token, "-o", "json", "whoami"]);
     assert!(whoami(&old).status.success());
     // Carol rotates her own; another user's name is refused.
@@ -467,18 +460,7 @@ fn a_user_rotates_their_token_and_the_old_one_stops_at_once() {
     // The admin token rotates too; the host rewrites admin.token, which
     // local clients read, and the old one stops.
     let old_admin = read_trimmed(&data.join("admin.token")).unwrap();
-    let erin = json(&cli(&[
-        "--data-dir",
-        hd,
-        "-o",
-        "json",
-        "user",
-        "add",
-        "erin",
-    ]))["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let erin = add_user("erin");
     let o = cli(&[
         "--data-dir",
         hd,
