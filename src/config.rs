@@ -206,6 +206,9 @@ layered_config! {
         /// Tasks one user may have waiting for resources at once; one more is refused (429).
         /// The admin is not capped.
         max_waiting_per_user: u32 = 1000,
+        /// The environment a task or VPS without --container or --image runs in
+        /// (KohakuRiver's default container); none: they must say.
+        default_environment: Option<String> = None,
     }
 }
 

@@ -152,6 +152,9 @@ pub struct RunnerStatus {
 pub struct Environments {
     pub shared_dir: String,
     pub environments: Vec<Environment>,
+    /// What a task or VPS without --container or --image runs in.
+    #[serde(default)]
+    pub default: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

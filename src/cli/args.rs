@@ -22,8 +22,9 @@ pub struct Cli {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
-    /// Output format of listings and status.
-    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    /// Output format of listings and status (`--output FILE` is the
+    /// seeds' `ssh config` flag, so the long form here is `--format`).
+    #[arg(short = 'o', long = "format", global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     /// State directory of a local host/runner (default /var/lib/rivernode).
     #[arg(long, global = true, env = "RIVERNODE_DATA_DIR", value_name = "DIR")]
@@ -109,6 +110,9 @@ pub struct HostArgs {
     /// Tasks one user may have waiting for resources at once (default 1000).
     #[arg(long, value_name = "N")]
     pub max_waiting_per_user: Option<u32>,
+    /// The environment work without --container or --image runs in.
+    #[arg(long, value_name = "NAME")]
+    pub default_environment: Option<String>,
     /// Time a client has to send a request's headers.
     #[arg(long, value_name = "DURATION")]
     pub http_header_timeout: Option<HumanDuration>,
@@ -438,6 +442,19 @@ pub enum EnvCommand {
 pub struct VpsCreateArgs {
     #[command(flatten)]
     pub resources: ResourceArgs,
+    /// The VPS's kind: `container` (also `docker`); VMs (`qemu`, `vm`) are not built yet.
+    #[arg(long, value_name = "BACKEND", default_value = "container")]
+    pub backend: String,
+    /// SSH access (on by default; KohakuRiver's flag, accepted as written).
+    #[arg(long)]
+    pub ssh: bool,
+    /// VM flags of the seed (`--backend qemu`): refused until VMs are built.
+    #[arg(long, hide = true, value_name = "MIB")]
+    pub vm_memory: Option<String>,
+    #[arg(long, hide = true, value_name = "NAME")]
+    pub vm_image: Option<String>,
+    #[arg(long, hide = true, value_name = "GB")]
+    pub vm_disk: Option<String>,
     /// Generate an ed25519 key pair; the private key is written 0600 locally.
     #[arg(long)]
     pub gen_ssh_key: bool,
@@ -467,12 +484,20 @@ pub struct VpsCreateArgs {
 #[derive(Subcommand, Debug)]
 pub enum VpsCommand {
     /// Create a VPS; by default your ~/.ssh/id_*.pub keys may log in.
-    Create(VpsCreateArgs),
-    List,
-    /// Stop the VPS: its processes end, its disk stays, its cores and GPUs are freed.
-    Stop {
-        id: u64,
+    Create(Box<VpsCreateArgs>),
+    /// Your VPS that have not been deleted (--all: deleted ones too).
+    List {
+        #[arg(long)]
+        all: bool,
     },
+    /// One VPS: state, placement and why, how to log in.
+    Status { id: u64 },
+    /// Freeze every process of the VPS (its memory and reservation stay).
+    Pause { id: u64 },
+    /// Thaw a paused VPS.
+    Resume { id: u64 },
+    /// Stop the VPS: its processes end, its disk stays, its cores and GPUs are freed.
+    Stop { id: u64 },
     /// Start a stopped VPS again on its node, with its disk and host key.
     Restart {
         id: u64,
@@ -485,9 +510,7 @@ pub enum VpsCommand {
     Snapshot(SnapshotCommand),
     /// Stop the VPS and remove its container, disk, snapshots, network and
     /// node port: the only command that removes a VPS's disk.
-    Delete {
-        id: u64,
-    },
+    Delete { id: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -526,7 +549,7 @@ pub enum SshSub {
     /// Print (or write) ssh_config entries `rivernode-vps-<id>` for every running VPS.
     Config {
         /// Write to this file instead of standard output.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, visible_alias = "output", value_name = "FILE")]
         file: Option<PathBuf>,
         #[arg(short = 'i', long)]
         key: Option<PathBuf>,
@@ -546,6 +569,13 @@ pub struct SshArgs {
     /// Host keys seen before (default ~/.config/rivernode/known_hosts).
     #[arg(long, value_name = "FILE")]
     pub known_hosts: Option<PathBuf>,
+    /// The host's SSH proxy port (default: what the host says).
+    #[arg(long, value_name = "PORT")]
+    pub proxy_port: Option<u16>,
+    /// Instead of logging in, listen on 127.0.0.1:PORT and carry each
+    /// connection to the VPS's SSH server (for tools that want host:port).
+    #[arg(long, value_name = "PORT", conflicts_with = "command")]
+    pub local_port: Option<u16>,
     /// Command to run instead of a login shell.
     #[arg(last = true)]
     pub command: Vec<String>,

@@ -18,6 +18,29 @@ pub fn base_spec(r: &ResourceArgs, kind: crate::api::Kind) -> anyhow::Result<Tas
     base_spec_from(r, kind, None)
 }
 
+/// What to run in when the flags name nothing: the host's default
+/// environment, or an error that lists the environments there are.
+pub async fn default_image(
+    client: &Client,
+    r: &ResourceArgs,
+) -> anyhow::Result<Option<ImageSource>> {
+    if r.container.is_some() || r.image.is_some() {
+        return Ok(None);
+    }
+    let envs: crate::api::Environments = client.get("/api/environments").await?;
+    match envs.default {
+        Some(name) => Ok(Some(ImageSource::Environment(name))),
+        None => {
+            let names: Vec<&str> = envs.environments.iter().map(|e| e.name.as_str()).collect();
+            bail!(
+                "say what to run in: --container ENV (an environment: {}) or --image REF (a registry image); \
+                 the operator can set the host's default_environment",
+                if names.is_empty() { "none yet".to_string() } else { names.join(", ") }
+            )
+        }
+    }
+}
+
 /// The spec of the resource flags; `image` stands in for --container/--image.
 pub fn base_spec_from(
     r: &ResourceArgs,
@@ -71,8 +94,9 @@ pub fn base_spec_from(
 }
 
 /// Turns the command line into a task spec, refusing bad input before anything is sent.
-pub fn spec_from_args(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
-    let base = base_spec(&a.resources, crate::api::Kind::Command)?;
+/// `image` stands in for --container/--image (the host's default).
+pub fn spec_from_args(a: &SubmitArgs, image: Option<ImageSource>) -> anyhow::Result<TaskSpec> {
+    let base = base_spec_from(&a.resources, crate::api::Kind::Command, image)?;
     let mut env = BTreeMap::new();
     for kv in &a.env {
         let (k, v) = kv
@@ -137,7 +161,7 @@ fn list_table(tasks: &[TaskView], now: i64) -> String {
     )
 }
 
-fn status_text(t: &TaskView) -> String {
+pub fn status_text(t: &TaskView) -> String {
     let mut out = format!(
         "Task:       {}\nState:      {} (wanted: {:?})\nCommand:    {}\n",
         t.id,
@@ -159,7 +183,7 @@ fn status_text(t: &TaskView) -> String {
         t.spec
             .memory_bytes
             .map(bytes)
-            .unwrap_or_else(|| "no memory limit".into()),
+            .unwrap_or_else(|| "its share of the node's memory".into()),
         t.spec.gpu_count,
         t.spec
             .target
@@ -169,10 +193,15 @@ fn status_text(t: &TaskView) -> String {
     ));
     if let Some(p) = &t.placement {
         out.push_str(&format!(
-            "Placed:     {} NUMA {} cpus {}{}\n",
+            "Placed:     {} NUMA {} cpus {} memory {}{}\n",
             p.node,
             p.numa.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
             p.cpus,
+            if p.memory_bytes > 0 {
+                bytes(p.memory_bytes)
+            } else {
+                "unlimited".into()
+            },
             if p.gpus.is_empty() {
                 String::new()
             } else {
@@ -210,7 +239,8 @@ async fn wait_final(client: &Client, id: u64) -> anyhow::Result<TaskView> {
 pub async fn run(client: &Client, cmd: TaskCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         TaskCommand::Submit(a) => {
-            let spec = spec_from_args(&a)?;
+            let image = default_image(client, &a.resources).await?;
+            let spec = spec_from_args(&a, image)?;
             let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
             if !a.wait {
                 match output {

@@ -44,7 +44,10 @@ fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
             bail!("ssh-keygen: {}", String::from_utf8_lossy(&o.stderr).trim());
         }
         eprintln!("private key written to {} (0600)", out.display());
-        let public = std::fs::read_to_string(out.with_extension("pub"))?;
+        // ssh-keygen appends ".pub" to the whole name (vps.key -> vps.key.pub).
+        let public_file = public_key_file_of(&out);
+        let public = std::fs::read_to_string(&public_file)
+            .with_context(|| format!("reading {}", public_file.display()))?;
         return Ok(vec![public.trim().to_string()]);
     }
     if let Some(k) = &a.public_key_string {
@@ -54,10 +57,9 @@ fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
         let k = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         return Ok(vec![k.trim().to_string()]);
     }
-    let dir = home().map(|h| h.join(".ssh")).unwrap_or_default();
     let mut found = Vec::new();
-    for name in ["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"] {
-        if let Ok(k) = std::fs::read_to_string(dir.join(name)) {
+    for private in default_private_keys() {
+        if let Ok(k) = std::fs::read_to_string(public_key_file_of(&private)) {
             found.push(k.trim().to_string());
         }
     }
@@ -65,6 +67,75 @@ fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
         bail!("no SSH public key in ~/.ssh: pass --gen-ssh-key, --public-key-file or --public-key-string");
     }
     Ok(found)
+}
+
+/// Where this machine remembers which private key a VPS was created with
+/// (`<id> <path>` lines), so `ssh` and `ssh config` use it without `-i`.
+fn key_records() -> Option<PathBuf> {
+    home().map(|h| h.join(".config/rivernode/vps-keys"))
+}
+
+/// The private key recorded for VPS `id` at `host`, if it still exists.
+fn recorded_key(host: &str, id: u64) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(key_records()?).ok()?;
+    let prefix = format!("{host} {id} ");
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+}
+
+fn record_key(host: &str, id: u64, private: &Path) -> anyhow::Result<()> {
+    let Some(file) = key_records() else {
+        return Ok(());
+    };
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let private = std::fs::canonicalize(private).unwrap_or_else(|_| private.to_path_buf());
+    let mut text = std::fs::read_to_string(&file).unwrap_or_default();
+    text.push_str(&format!("{host} {id} {}\n", private.display()));
+    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))
+}
+
+/// The private key of a VPS's creation flags, when this machine has it.
+fn private_key_of(a: &VpsCreateArgs) -> Option<PathBuf> {
+    if a.gen_ssh_key {
+        return a.key_out_file.clone();
+    }
+    let public = a.public_key_file.as_ref()?;
+    let private = public.to_str()?.strip_suffix(".pub").map(PathBuf::from)?;
+    private.exists().then_some(private)
+}
+
+/// The user's usual keys (`$HOME/.ssh/id_*` with their `.pub`), which a
+/// VPS accepts unless other key flags were given.
+fn default_private_keys() -> Vec<PathBuf> {
+    let dir = home().map(|h| h.join(".ssh")).unwrap_or_default();
+    ["id_ed25519", "id_ecdsa", "id_rsa"]
+        .iter()
+        .map(|n| dir.join(n))
+        .filter(|k| public_key_file_of(k).exists())
+        .collect()
+}
+
+/// Where ssh-keygen puts the public half of the key it writes to `private`.
+fn public_key_file_of(private: &Path) -> PathBuf {
+    let mut name = private.as_os_str().to_owned();
+    name.push(".pub");
+    PathBuf::from(name)
+}
+
+/// A VPS kind of `--backend`, or what to do instead.
+fn check_backend(backend: &str) -> anyhow::Result<()> {
+    match backend {
+        "container" | "docker" => Ok(()),
+        "qemu" | "vm" => bail!(
+            "--backend {backend}: VM VPS are not built yet; create a container VPS (--backend container) for now"
+        ),
+        other => bail!("--backend {other:?}: say container (or docker)"),
+    }
 }
 
 /// SHA-512 crypt rounds for VPS passwords (glibc's default is 5000).
@@ -97,6 +168,10 @@ fn crypt_sha512(password: &str, salt: &str, rounds: usize) -> String {
 pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         VpsCommand::Create(a) => {
+            check_backend(&a.backend)?;
+            if a.vm_memory.is_some() || a.vm_image.is_some() || a.vm_disk.is_some() {
+                bail!("--vm-memory, --vm-image and --vm-disk are for VM VPS, which are not built yet; a container VPS takes -m for memory");
+            }
             let ssh_password_hash = if a.password_stdin {
                 let mut line = String::new();
                 std::io::stdin()
@@ -110,11 +185,10 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
             } else {
                 None
             };
-            let source = a
-                .from_snapshot
-                .as_deref()
-                .map(snapshot_source)
-                .transpose()?;
+            let source = match a.from_snapshot.as_deref() {
+                Some(s) => Some(snapshot_source(s)?),
+                None => crate::cli::task::default_image(client, &a.resources).await?,
+            };
             let spec = TaskSpec {
                 ssh_keys: keys(&a)?,
                 ssh_password_hash,
@@ -122,19 +196,29 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 ..crate::cli::task::base_spec_from(&a.resources, Kind::Vps, source)?
             };
             let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
+            let private = private_key_of(&a);
+            if let Some(k) = &private {
+                record_key(&client.base, r.id, k)?;
+            }
             match output {
                 Output::Json => emit_json(&r),
-                Output::Table => emit(&format!(
-                    "vps {} {}: {}\nlog in with: rivernode ssh {}\n",
-                    r.id, r.state, r.reason, r.id
-                )),
+                Output::Table => {
+                    let with_key = private
+                        .map(|k| format!(" (key {})", k.display()))
+                        .unwrap_or_default();
+                    emit(&format!(
+                        "vps {} {}: {}\nlog in with: rivernode ssh {}{with_key}\n",
+                        r.id, r.state, r.reason, r.id
+                    ))
+                }
             }
         }
-        VpsCommand::List => {
-            let all: Vec<TaskView> = client.get("/api/tasks").await?;
-            let vps: Vec<TaskView> = all
+        VpsCommand::List { all } => {
+            let tasks: Vec<TaskView> = client.get("/api/tasks").await?;
+            let vps: Vec<TaskView> = tasks
                 .into_iter()
                 .filter(|t| t.spec.kind == Kind::Vps)
+                .filter(|t| all || t.state != crate::api::TaskState::Deleted)
                 .collect();
             match output {
                 Output::Json => emit_json(&vps),
@@ -157,6 +241,25 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 }
             }
         }
+        VpsCommand::Status { id } => {
+            let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+            if t.spec.kind != Kind::Vps {
+                bail!("task {id} is a command, not a VPS: rivernode task status {id}");
+            }
+            match output {
+                Output::Json => emit_json(&t),
+                Output::Table => {
+                    let mut text = crate::cli::task::status_text(&t);
+                    if let Some(port) = t.placement.as_ref().and_then(|p| p.node_port) {
+                        text.push_str(&format!("Node port:  {port}\n"));
+                    }
+                    text.push_str(&format!("Log in:     rivernode ssh {id}\n"));
+                    emit(&text)
+                }
+            }
+        }
+        VpsCommand::Pause { id } => lifecycle(client, id, "pause", output).await?,
+        VpsCommand::Resume { id } => lifecycle(client, id, "resume", output).await?,
         VpsCommand::Stop { id } => lifecycle(client, id, "stop", output).await?,
         VpsCommand::Restart { id, from_snapshot } => {
             let t: TaskView = client
@@ -292,7 +395,13 @@ pub async fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
         }
         None => "accept-new",
     };
+    if let Some(port) = a.local_port {
+        return local_forward(client, id, port, a.proxy_port).await;
+    }
     let mut cmd = std::process::Command::new("ssh");
+    if let Some(p) = a.proxy_port {
+        cmd.env(PROXY_PORT_ENV, p.to_string());
+    }
     cmd.env("RIVERNODE_HOST", &client.base)
         .env("RIVERNODE_TOKEN", client.token())
         .arg("-o")
@@ -310,8 +419,17 @@ pub async fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
     if t.spec.ssh_password_hash.is_none() {
         cmd.args(["-o", "PasswordAuthentication=no"]);
     }
-    if let Some(k) = &a.key {
-        cmd.arg("-i").arg(k).args(["-o", "IdentitiesOnly=yes"]);
+    // The key given, else the one this VPS was made with, else the ones
+    // `vps create` uploads by default (from $HOME, which ssh itself ignores).
+    let keys: Vec<PathBuf> = match a.key.or_else(|| recorded_key(&client.base, id)) {
+        Some(k) => vec![k],
+        None => default_private_keys(),
+    };
+    for k in &keys {
+        cmd.arg("-i").arg(k);
+    }
+    if !keys.is_empty() {
+        cmd.args(["-o", "IdentitiesOnly=yes"]);
     }
     cmd.arg(format!("{}@rivernode-vps-{id}", a.user));
     cmd.args(&a.command);
@@ -358,7 +476,18 @@ pub async fn ssh_config(
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the rivernode binary")?;
     let known = known_hosts(known)?;
-    let all: Vec<TaskView> = client.get("/api/tasks?state=running").await?;
+    // Every VPS that can run again keeps its entry (a stopped one too).
+    let all: Vec<TaskView> = client.get("/api/tasks").await?;
+    let all: Vec<TaskView> = all
+        .into_iter()
+        .filter(|t| {
+            use crate::api::TaskState as S;
+            matches!(
+                t.state,
+                S::Pending | S::Assigning | S::Running | S::Paused | S::Stopped | S::Lost
+            )
+        })
+        .collect();
     let mut out = String::from("# Generated by `rivernode ssh config`.\n");
     let dd = data_dir
         .map(|d| format!(" --data-dir {}", shell_quote(d)))
@@ -368,13 +497,19 @@ pub async fn ssh_config(
             pin_host_key(&known, t.id, key)?;
         }
         out.push_str(&format!(
-            "\nHost rivernode-vps-{id}\n  User root\n  ProxyCommand {exe}{dd} ssh-proxy-command {id}\n  HostKeyAlias rivernode-vps-{id}\n  UserKnownHostsFile {known}\n  StrictHostKeyChecking {checking}\n  PasswordAuthentication no\n",
+            "\nHost rivernode-vps-{id}\n  User root\n  ProxyCommand {exe}{dd} ssh-proxy-command {id}\n  HostKeyAlias rivernode-vps-{id}\n  UserKnownHostsFile {known}\n  StrictHostKeyChecking {checking}\n{password}",
             id = t.id,
             checking = if t.ssh_host_key.is_some() { "yes" } else { "accept-new" },
+            // A prompt could only fail without a password on the VPS.
+            password = if t.spec.ssh_password_hash.is_none() {
+                "  PasswordAuthentication no\n"
+            } else {
+                ""
+            },
             exe = shell_quote(&exe),
             known = known.display(),
         ));
-        if let Some(k) = &key {
+        if let Some(k) = key.clone().or_else(|| recorded_key(&client.base, t.id)) {
             out.push_str(&format!(
                 "  IdentityFile {}\n  IdentitiesOnly yes\n",
                 k.display()
@@ -401,36 +536,10 @@ fn shell_quote(p: &Path) -> String {
 
 /// Connects stdin/stdout to instance `id` through the host's SSH proxy.
 pub async fn proxy_command(client: &Client, id: u64) -> anyhow::Result<()> {
-    let who: WhoAmI = client.get("/api/whoami").await?;
-    let host = client
-        .base
-        .split("://")
-        .nth(1)
-        .and_then(|r| {
-            r.rsplit_once(':')
-                .map(|(h, _)| h.to_string())
-                .or(Some(r.to_string()))
-        })
-        .context("cannot tell the host's address from its URL")?;
-    let mut s = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), who.ssh_proxy_port))
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the SSH proxy at {host}:{}",
-                who.ssh_proxy_port
-            )
-        })?;
-    s.write_all(format!("REQUEST_TUNNEL {id} {}\n", client.token()).as_bytes())
-        .await?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).await? == 1 && b[0] != b'\n' {
-        line.push(b[0]);
-    }
-    let line = String::from_utf8_lossy(&line).to_string();
-    if line != "SUCCESS" {
-        bail!("the SSH proxy said: {line}");
-    }
+    let port = std::env::var(PROXY_PORT_ENV)
+        .ok()
+        .and_then(|p| p.parse().ok());
+    let s = open_tunnel(client, id, port).await?;
     let (mut r, mut w) = s.into_split();
     let up = async {
         let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut w).await;
@@ -447,9 +556,99 @@ pub async fn proxy_command(client: &Client, id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ssh --proxy-port`, handed to the ProxyCommand ssh runs.
+const PROXY_PORT_ENV: &str = "RIVERNODE_SSH_PROXY_PORT";
+
+/// `ssh --local-port`: 127.0.0.1:PORT carries each connection to the VPS's
+/// SSH server through its own tunnel, until interrupted.
+async fn local_forward(
+    client: &Client,
+    id: u64,
+    port: u16,
+    proxy_port: Option<u16>,
+) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("--local-port {port}: cannot listen on 127.0.0.1:{port}"))?;
+    let port = l.local_addr()?.port();
+    eprintln!(
+        "VPS {id}'s SSH server is at 127.0.0.1:{port}: ssh -p {port} root@127.0.0.1 (Ctrl-C ends)"
+    );
+    loop {
+        let (mut local, _) = l.accept().await?;
+        let tunnel = open_tunnel(client, id, proxy_port).await;
+        tokio::spawn(async move {
+            match tunnel {
+                Ok(mut t) => {
+                    let _ = tokio::io::copy_bidirectional(&mut local, &mut t).await;
+                }
+                Err(e) => eprintln!("{}", crate::error_chain(e.as_ref())),
+            }
+        });
+    }
+}
+
+/// A connection to VPS `id`'s SSH server through the host's SSH proxy.
+async fn open_tunnel(
+    client: &Client,
+    id: u64,
+    proxy_port: Option<u16>,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let port = match proxy_port {
+        Some(p) => p,
+        None => client.get::<WhoAmI>("/api/whoami").await?.ssh_proxy_port,
+    };
+    let host = client
+        .base
+        .split("://")
+        .nth(1)
+        .and_then(|r| {
+            r.rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .or(Some(r.to_string()))
+        })
+        .context("cannot tell the host's address from its URL")?;
+    let mut s = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+        .await
+        .with_context(|| format!("connecting to the SSH proxy at {host}:{port}"))?;
+    s.write_all(format!("REQUEST_TUNNEL {id} {}\n", client.token()).as_bytes())
+        .await?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).await? == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    let line = String::from_utf8_lossy(&line).to_string();
+    if line != "SUCCESS" {
+        bail!("the SSH proxy said: {line}");
+    }
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_public_half_is_the_whole_name_plus_pub() {
+        // Not with_extension: "vps.key" must give "vps.key.pub", not "vps.pub".
+        assert_eq!(
+            public_key_file_of(Path::new("/h/.ssh/vps.key")),
+            Path::new("/h/.ssh/vps.key.pub")
+        );
+        assert_eq!(
+            public_key_file_of(Path::new("/h/.ssh/mynode_vps")),
+            Path::new("/h/.ssh/mynode_vps.pub")
+        );
+    }
+
+    #[test]
+    fn only_container_backends_are_built() {
+        assert!(check_backend("container").is_ok() && check_backend("docker").is_ok());
+        let e = check_backend("qemu").unwrap_err().to_string();
+        assert!(e.contains("not built yet"), "{e}");
+        assert!(check_backend("lxc").is_err());
+    }
 
     #[test]
     fn crypt_matches_the_reference_vectors() {

@@ -65,6 +65,8 @@ pub struct HostState {
     pub data_dir: PathBuf,
     /// Tasks a user may have waiting for resources at once (`max_waiting_per_user`).
     pub max_waiting_per_user: u32,
+    /// What work without --container or --image runs in (`default_environment`).
+    pub default_environment: Option<String>,
 }
 
 impl HostState {
@@ -174,6 +176,7 @@ impl BoundHost {
                 privileged_users: config.privileged_users.clone(),
                 data_dir: config.data_dir.clone(),
                 max_waiting_per_user: config.max_waiting_per_user,
+                default_environment: config.default_environment.clone(),
             }),
             listener,
             ssh_listener,

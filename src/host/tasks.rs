@@ -71,6 +71,7 @@ async fn environments(
     Ok(Json(crate::api::Environments {
         shared_dir: state.shared_dir.display().to_string(),
         environments: list,
+        default: state.default_environment.clone(),
     }))
 }
 
