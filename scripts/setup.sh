@@ -33,6 +33,8 @@ if [ "$want_test" = 1 ]; then
     packages+=(umoci skopeo docker-registry iproute2)
     # The VPS test of an image with its own sshd builds Debian with debootstrap.
     packages+=(debootstrap)
+    # `connect` is tested as a person uses it: typed into a terminal (tmux).
+    packages+=(tmux)
 fi
 
 missing=()

@@ -47,6 +47,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/api/environments", Access::People),
     ("GET", "/api/tasks/{task}", Access::Owner),
     ("GET", "/api/tasks/{task}/logs", Access::Owner),
+    ("GET", "/api/tasks/{task}/exec", Access::Owner),
     ("POST", "/api/tasks/{task}/kill", Access::Owner),
     ("POST", "/api/tasks/{task}/delete", Access::Owner),
     ("POST", "/api/tasks/{task}/pause", Access::Owner),

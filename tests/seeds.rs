@@ -143,6 +143,23 @@ const LINES: &[(&str, &str, Expect)] = &[
         "vps create --backend qemu -t mynode::0 --vm-memory 16384 -c 8 --ssh",
         Says("VM VPS are not built yet"),
     ),
+    // Interactive as written; with no terminal on stdin the shell sees its end.
+    ("kohakuriver-vps-overview.md", "connect <task_id>", Works),
+    (
+        "kohakuriver-vps-overview.md",
+        "terminal attach <task_id>",
+        Works,
+    ),
+    (
+        "kohakuriver-vps-overview.md",
+        "terminal exec <task_id> -- ps aux",
+        Works,
+    ),
+    (
+        "kohakuriver-ssh-access.md",
+        "terminal exec <task_id> -- cat /root/.ssh/authorized_keys",
+        Works,
+    ),
     ("kohakuriver-vps-overview.md", "vps list", Works),
     ("kohakuriver-vps-overview.md", "vps status <task_id>", Works),
 ];
@@ -212,8 +229,11 @@ fn the_seeds_command_lines_work_as_written() {
                 "-o".into(),
                 "json".into(),
             ];
-            // `ssh` prints its session, not JSON.
-            if filled.starts_with("ssh") {
+            // `ssh` and the terminals print their session, not JSON.
+            if ["ssh", "connect", "terminal"]
+                .iter()
+                .any(|c| filled.starts_with(c))
+            {
                 args.truncate(2);
             }
             args.extend(words(&filled));
@@ -235,7 +255,7 @@ fn the_seeds_command_lines_work_as_written() {
             let created =
                 (line.starts_with("vps create") && o.status.success()).then(|| created_id(&o));
             match expect {
-                Works | Then(_) => assert!(o.status.success(), "{what}: {err}"),
+                Works | Then(_) => assert!(o.status.success(), "{what}: {:?} {err}", o.status),
                 FitsOrNames(fields) => assert!(
                     o.status.success() || fields.iter().any(|f| err.contains(f)),
                     "{what}: {err}"

@@ -1,6 +1,7 @@
 //! Wire types shared by the host, the runner and the CLI, and the parsers of
 //! what users type (placement targets, sizes).
 
+pub mod exec;
 pub mod host_client;
 pub mod http;
 pub mod runner_client;

@@ -55,6 +55,16 @@ pub enum Command {
     User(UserCommand),
     /// Who this token is (admin, user NAME, node NAME) on which host.
     Whoami,
+    /// An interactive shell in a task or VPS on any node, without SSH (bash if the image has it).
+    Connect {
+        id: u64,
+        /// The shell to start instead.
+        #[arg(long)]
+        shell: Option<String>,
+    },
+    /// A terminal in an instance (`attach`) or one command in it (`exec`).
+    #[command(subcommand)]
+    Terminal(TerminalCommand),
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -252,6 +262,25 @@ pub enum UserCommand {
         /// How long the new token stays valid (e.g. 90d); default: until the next rotation.
         #[arg(long, value_name = "DURATION")]
         expires_in: Option<crate::config::HumanDuration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TerminalCommand {
+    /// An interactive shell in the instance (as `connect`).
+    Attach {
+        id: u64,
+        #[arg(long)]
+        shell: Option<String>,
+    },
+    /// Run one command in the instance: its stdout and stderr apart, its exit status ours.
+    Exec {
+        id: u64,
+        /// Give it a terminal (stdout and stderr are one stream then).
+        #[arg(short = 't', long)]
+        tty: bool,
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
     },
 }
 

@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod node;
 pub mod output;
 pub mod task;
+pub mod terminal;
 pub mod user;
 pub mod vps;
 
@@ -34,6 +35,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User(cmd) => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             Ok(user::run(&client, cmd, cli.output).await?)
+        }
+        Command::Connect { id, shell }
+        | Command::Terminal(args::TerminalCommand::Attach { id, shell }) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            let code =
+                terminal::exec(&client, id, terminal::login_shell(shell.as_deref()), true).await?;
+            std::process::exit(code);
+        }
+        Command::Terminal(args::TerminalCommand::Exec { id, tty, command }) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            let code = terminal::exec(&client, id, command, tty).await?;
+            std::process::exit(code);
         }
         Command::Whoami => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;

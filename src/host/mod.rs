@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+mod exec;
 pub mod proxy;
 pub mod scheduler;
 mod snapshots;

@@ -8,6 +8,7 @@
 
 pub mod cdi;
 mod commit;
+pub mod exec;
 mod import;
 mod registry;
 pub mod rootfs;

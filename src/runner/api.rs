@@ -42,6 +42,7 @@ pub fn router(state: Arc<RunnerApiState>) -> Router {
     Router::new()
         .route("/api/status", get(status))
         .route("/api/tasks/{id}/logs", get(logs))
+        .route("/api/tasks/{id}/exec", get(exec))
         .route(
             "/api/vps/{id}/snapshots",
             get(list_snapshots).post(take_snapshot),
@@ -87,6 +88,22 @@ async fn only_the_host(
             "missing Authorization: Bearer <token> header",
         ),
     }
+}
+
+/// `GET /api/tasks/{id}/exec`: a websocket carrying a command run in the
+/// instance (the host relays the client's).
+async fn exec(
+    State(state): State<Arc<RunnerApiState>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let Some(tasks) = state.tasks.get().cloned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "containerd is not answering on this node yet",
+        );
+    };
+    ws.on_upgrade(move |socket| super::exec::serve(tasks, id, socket))
 }
 
 async fn status(State(state): State<Arc<RunnerApiState>>) -> Json<RunnerStatus> {

@@ -74,7 +74,7 @@ impl TaskContext {
     /// The node's name is part of the id: runc keeps container state in a
     /// machine-wide directory, and two clusters (or test runs) on one machine
     /// must not collide there.
-    pub(super) fn container_id(&self, id: u64) -> String {
+    pub(crate) fn container_id(&self, id: u64) -> String {
         format!("{}-task-{id}", self.node)
     }
 

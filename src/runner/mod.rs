@@ -8,6 +8,7 @@
 pub mod api;
 pub mod container;
 pub mod driver;
+pub mod exec;
 pub mod gpus;
 pub mod lifecycle;
 pub mod logdriver;
