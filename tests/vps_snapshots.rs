@@ -218,3 +218,39 @@ fn an_id_handed_out_again_inherits_no_snapshot_and_no_log() {
         assert!(aside, "the log is kept, renamed");
     });
 }
+
+#[test]
+fn a_container_of_an_earlier_task_with_the_same_id_is_left_alone() {
+    // After a host database reset a new task N meets the node's container of
+    // the earlier task N: never adopted, started or removed for the new one.
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(mut v) = Vps::start("vps-m") else {
+            return;
+        };
+        let id = v.create();
+        let cid = format!("vps-m-task-{id}");
+        // As if the earlier life's task had been submitted at another time.
+        v.ctr(&["containers", "label", &cid, "io.rivernode.submitted-ms=1"]);
+        v.restart_runner(None);
+        v.wait_state(&id, "failed");
+        let t = v.json(&["task", "status", &id]);
+        assert!(
+            t["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("earlier task"),
+            "{t}"
+        );
+        assert!(v.ctr(&["containers", "ls", "-q"]).contains(&cid));
+        // Deleting the new one removes nothing of the earlier owner's.
+        assert!(v.rn(&["vps", "delete", &id]).status.success());
+        wait_for("deleted", || (v.state(&id) == "deleted").then_some(()));
+        assert!(
+            v.ctr(&["containers", "ls", "-q"]).contains(&cid),
+            "the earlier disk stays"
+        );
+    });
+}

@@ -304,6 +304,10 @@ pub struct Assignment {
     /// The user it runs for; none for the admin. Picks its part of /shared.
     #[serde(default)]
     pub owner: Option<String>,
+    /// When the host accepted it: with the id, which task this is (an id
+    /// can come again after the host's database is reset; this does not).
+    #[serde(default)]
+    pub submitted_at_unix_ms: i64,
 }
 
 /// `GET /api/nodes/{name}/assignments?after=REV`: answered when the node's

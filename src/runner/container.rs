@@ -23,6 +23,8 @@ pub const KIND_LABEL: &str = "io.rivernode.kind";
 /// Container label: the GPUs (PCI addresses, in order) whose devices the
 /// container was made with; a restart must be placed on the same ones.
 pub const GPUS_LABEL: &str = "io.rivernode.gpus";
+/// When the host accepted the task a container was made for (`Assignment::submitted_at_unix_ms`).
+pub const SUBMITTED_LABEL: &str = "io.rivernode.submitted-ms";
 /// Container label: the boot id of the node when a command's task start
 /// began. Found after a reboot, it means the work may have run.
 pub const STARTED_BOOT_LABEL: &str = "io.rivernode.started-boot";
@@ -393,6 +395,10 @@ impl TaskContext {
             labels.insert(RESTORE_LABEL.to_string(), r.request.to_string());
         }
         labels.insert(GPUS_LABEL.to_string(), gpus_label(&a.placement.gpus));
+        labels.insert(
+            SUBMITTED_LABEL.to_string(),
+            a.submitted_at_unix_ms.to_string(),
+        );
         self.ctd.create_container(&cid, labels, image, spec).await?;
         super::supervisor::crash_point(&self.crash_at, "created");
         self.mark_start(a).await?;
@@ -477,6 +483,16 @@ pub fn shm_bytes(a: &Assignment, default: u64) -> u64 {
         .shm_bytes
         .or(Some(a.placement.memory_bytes / 2).filter(|m| *m > 0))
         .unwrap_or(default)
+}
+
+/// Whether a container labelled `label` was made for the task submitted at
+/// `submitted_ms`. One without the label (made before it existed) or an
+/// assignment without the time (an older host) is taken as its own.
+pub fn made_for(label: Option<&str>, submitted_ms: i64) -> bool {
+    match label.and_then(|l| l.parse::<i64>().ok()) {
+        Some(ms) => submitted_ms == 0 || ms == submitted_ms,
+        None => true,
+    }
 }
 
 /// The part of the cluster share an instance of `owner` (none: the admin)
@@ -585,6 +601,18 @@ impl Driver for TaskContext {
 
     async fn start_created(&self, id: u64) -> Result<(), InstanceError> {
         Ok(self.ctd.start_created(&self.container_id(id)).await?)
+    }
+
+    async fn made_for(&self, a: &Assignment) -> bool {
+        match self.ctd.container_labels(&self.container_id(a.id)).await {
+            Ok(Some(l)) => made_for(
+                l.get(SUBMITTED_LABEL).map(String::as_str),
+                a.submitted_at_unix_ms,
+            ),
+            Ok(None) => true,
+            // Unknown: not ours to touch this round.
+            Err(_) => false,
+        }
     }
 
     async fn may_have_run(&self, id: u64) -> bool {
@@ -795,6 +823,17 @@ mod tests {
         assert!(!started_in_an_earlier_boot(Some("b1"), Some("b1")));
         assert!(started_in_an_earlier_boot(Some("b0"), Some("b1")));
         assert!(started_in_an_earlier_boot(Some("b0"), None));
+    }
+
+    #[test]
+    fn a_container_is_its_tasks_only_when_made_for_it() {
+        assert!(made_for(Some("1700"), 1700));
+        assert!(
+            !made_for(Some("1700"), 1800),
+            "an earlier task with the same id"
+        );
+        assert!(made_for(None, 1800), "made before the label existed");
+        assert!(made_for(Some("1700"), 0), "an older host sends no time");
     }
 
     #[test]

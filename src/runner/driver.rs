@@ -118,6 +118,10 @@ pub trait Driver: Send + Sync + 'static {
     /// booted: its work may have run (a reboot takes the task and its
     /// record), so it must not run again.
     fn may_have_run(&self, id: u64) -> impl Future<Output = bool> + Send;
+    /// False when the instance on the node was made for another task that
+    /// had `a`'s id (before the host's database was reset): it is an earlier
+    /// owner's, never to be adopted, started or removed for `a`.
+    fn made_for(&self, a: &Assignment) -> impl Future<Output = bool> + Send;
     /// Resolves with the main process's exit status (128 + signal number
     /// for a signal); works for instances an earlier runner started.
     fn wait(&self, id: u64) -> impl Future<Output = Result<u32, InstanceError>> + Send;
@@ -173,6 +177,8 @@ pub mod fake {
         exit: watch::Sender<Option<u32>>,
         /// Its task was started before the (fake) node last booted.
         pub started_before_boot: bool,
+        /// The submission time of the task it was made for (`None`: unrecorded).
+        pub made_for: Option<i64>,
     }
 
     #[derive(Default)]
@@ -217,6 +223,7 @@ pub mod fake {
                     signals: vec![],
                     exit,
                     started_before_boot: false,
+                    made_for: None,
                 },
             );
         }
@@ -248,6 +255,7 @@ pub mod fake {
                 signals: vec![],
                 exit,
                 started_before_boot: false,
+                made_for: Some(a.submitted_at_unix_ms),
             });
             i.observed = Observed::Running;
             let _ = i.exit.send(None);
@@ -289,6 +297,13 @@ pub mod fake {
         }
         async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {
             self.started(a)
+        }
+        async fn made_for(&self, a: &Assignment) -> bool {
+            self.instances
+                .lock()
+                .unwrap()
+                .get(&a.id)
+                .is_none_or(|i| i.made_for.is_none_or(|ms| ms == a.submitted_at_unix_ms))
         }
         async fn may_have_run(&self, id: u64) -> bool {
             self.instances

@@ -70,6 +70,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             node_port: None,
         },
         owner: None,
+        submitted_at_unix_ms: 0,
     }
 }
 
@@ -103,6 +104,9 @@ pub struct Reconciler<D: Driver> {
     running: HashMap<u64, Running>,
     /// Tasks whose supervisor ended while the host may not show it yet.
     ended: HashSet<u64>,
+    /// Ids whose container on the node is an earlier task's, and whether
+    /// their delete was reported (each end is reported once).
+    foreign: HashSet<(u64, bool)>,
     /// Woken when a supervisor ends, so the next assignments come at once.
     finished: Arc<Notify>,
 }
@@ -114,6 +118,7 @@ impl<D: Driver> Reconciler<D> {
             host,
             running: HashMap::new(),
             ended: HashSet::new(),
+            foreign: HashSet::new(),
             finished: Arc::new(Notify::new()),
         }
     }
@@ -201,6 +206,10 @@ impl<D: Driver> Reconciler<D> {
                     continue;
                 }
             };
+            if observed != Observed::Absent && !self.sup.driver.made_for(a).await {
+                self.earlier_life(a);
+                continue;
+            }
             let mut w = wanted(a);
             // The host may not have heard that a command started (its report
             // was still queued) when the node rebooted: the node's own record says.
@@ -223,6 +232,43 @@ impl<D: Driver> Reconciler<D> {
         if sweep {
             self.sweep(tasks).await;
         }
+    }
+
+    /// The container under `a`'s id belongs to an earlier task that had the
+    /// same id: it is left exactly as it is (another owner's disk), and `a`
+    /// ends without it, once: a delete is done (nothing of `a` is here),
+    /// anything else fails, saying what the operator can do.
+    fn earlier_life(&mut self, a: &Assignment) {
+        if !self.foreign.insert((a.id, a.desired == Desired::Deleted)) {
+            return;
+        }
+        let (state, message) = if a.desired == Desired::Deleted {
+            (TaskState::Deleted, None)
+        } else {
+            (
+                TaskState::Failed,
+                Some(format!(
+                    "this node still has the container of an earlier task {} (from before the host's \
+                     database was reset), which is another owner's: it was left alone. The operator \
+                     removes it (`ctr -n rivernode containers rm {}-task-{}` after saving what is needed), \
+                     then restart this one",
+                    a.id, self.host.node(), a.id
+                )),
+            )
+        };
+        tracing::warn!(
+            task = a.id,
+            "the node's container of this id is an earlier task's; left alone"
+        );
+        self.sup.reports.push(
+            a.id,
+            crate::api::TaskReport {
+                state,
+                exit_code: None,
+                message,
+                ssh_host_key: None,
+            },
+        );
     }
 
     /// The host lost sight of us (a partition, a slow heartbeat) while the

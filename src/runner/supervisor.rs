@@ -441,6 +441,7 @@ mod tests {
                 node_port: None,
             },
             owner: None,
+            submitted_at_unix_ms: 0,
         }
     }
 

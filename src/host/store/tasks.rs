@@ -506,6 +506,7 @@ pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments,
                     placement: t.placement?,
                     spec: t.spec,
                     owner: t.owner,
+                    submitted_at_unix_ms: t.submitted_at_unix_ms,
                 })
             })
             .collect(),
