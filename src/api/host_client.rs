@@ -31,10 +31,19 @@ pub enum HostCallError {
 
 impl HostCallError {
     /// A refusal for good: the host understood the call and will never take
-    /// it (400, 409, 422). 401, 404, 408 or 429 can come from a proxy or a
-    /// node between registrations, and are worth retrying.
+    /// it (400, 409, 422, and its own 404 for a task it does not have, as
+    /// after a database reset: retrying that would hold up every later
+    /// report of the node). 401, other 404s, 408 or 429 can come from a
+    /// proxy or a node between registrations, and are worth retrying.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, HostCallError::Refused { status, .. } if matches!(status.as_u16(), 400 | 409 | 422))
+        match self {
+            HostCallError::Refused { status, message } => match status.as_u16() {
+                400 | 409 | 422 => true,
+                404 => message.starts_with("no task "),
+                _ => false,
+            },
+            _ => false,
+        }
     }
 }
 
@@ -183,5 +192,22 @@ impl HostClient {
             .await
             .map_err(HostCallError::Unreachable)?;
         Self::check(resp).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_hosts_own_answers_are_refusals_for_good() {
+        let refused = |code: u16, message: &str| HostCallError::Refused {
+            status: reqwest::StatusCode::from_u16(code).unwrap(),
+            message: message.into(),
+        };
+        assert!(refused(409, "x").is_refusal());
+        assert!(refused(404, "no task 7; `rivernode task list` shows the tasks").is_refusal());
+        assert!(!refused(404, "<html>Not Found</html>").is_refusal(), "a proxy's 404");
+        assert!(!refused(401, "x").is_refusal());
     }
 }
