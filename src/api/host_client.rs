@@ -207,7 +207,10 @@ mod tests {
         };
         assert!(refused(409, "x").is_refusal());
         assert!(refused(404, "no task 7; `rivernode task list` shows the tasks").is_refusal());
-        assert!(!refused(404, "<html>Not Found</html>").is_refusal(), "a proxy's 404");
+        assert!(
+            !refused(404, "<html>Not Found</html>").is_refusal(),
+            "a proxy's 404"
+        );
         assert!(!refused(401, "x").is_refusal());
     }
 }
