@@ -195,6 +195,7 @@ async fn node_credentials_and_the_runner_api() {
         (M::GET, "/api/status"),
         (M::GET, "/api/tasks/{id}/logs"),
         (M::GET, "/api/tasks/{id}/exec"),
+        (M::GET, "/api/tasks/{id}/forward"),
         (M::GET, "/api/vps/{id}/snapshots"),
         (M::POST, "/api/vps/{id}/snapshots"),
         (M::DELETE, "/api/vps/{id}/snapshots/{snapshot}"),

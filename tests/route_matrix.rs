@@ -48,6 +48,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/api/tasks/{task}", Access::Owner),
     ("GET", "/api/tasks/{task}/logs", Access::Owner),
     ("GET", "/api/tasks/{task}/exec", Access::Owner),
+    ("GET", "/api/tasks/{task}/forward", Access::Owner),
     ("POST", "/api/tasks/{task}/kill", Access::Owner),
     ("POST", "/api/tasks/{task}/delete", Access::Owner),
     ("POST", "/api/tasks/{task}/pause", Access::Owner),

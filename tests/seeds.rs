@@ -332,6 +332,31 @@ fn the_seeds_command_lines_work_as_written() {
         let _ = fwd.kill();
         let _ = fwd.wait();
         assert!(banner.starts_with("SSH-2.0-"), "{banner}");
+        // `forward <task_id> 8080 --local-port 8080`
+        // (kohakuriver-vps-overview.md), to a web server in the VPS.
+        let (_, o) = run(
+            "terminal exec <task_id> -- httpd -p 127.0.0.1:8080 -h /tmp",
+            &task,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut fwd = std::process::Command::new(BIN)
+            .args(["--data-dir", data.to_str().unwrap()])
+            .args(words(&format!("forward {task} 8080 --local-port 8080")))
+            .env("HOME", &home)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let answer = wait_for("the forwarded port answers", || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect("127.0.0.1:8080").ok()?;
+            c.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+            let mut a = String::new();
+            c.read_to_string(&mut a).ok()?;
+            Some(a)
+        });
+        let _ = fwd.kill();
+        let _ = fwd.wait();
+        assert!(answer.starts_with("HTTP/1."), "{answer}");
         // `ssh config --output` wrote entries for both, the stopped one kept.
         let config = std::fs::read_to_string(home.join(".ssh/kohakuriver_config")).unwrap();
         assert!(

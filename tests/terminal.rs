@@ -167,3 +167,153 @@ fn connect_gives_a_shell_that_answers_what_is_typed() {
         );
     });
 }
+
+/// `rivernode forward ...` with its stdout read up to the line that says
+/// where it listens; the child and that local address.
+fn forward(v: &Vps, token: Option<&str>, args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let data = v.host_data();
+    let mut c = Command::new(BIN);
+    c.args(["--data-dir", data.to_str().unwrap()]);
+    if let Some(t) = token {
+        c.args(["--token", t]);
+    }
+    let mut child = c
+        .arg("forward")
+        .args(args)
+        .args(["--local-port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .strip_prefix("Forwarding ")
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .unwrap_or_default();
+    (child, addr)
+}
+
+/// An HTTP/1.0 GET of `path` on `conn`; the whole answer.
+fn get(conn: &mut std::net::TcpStream, path: &str) -> Vec<u8> {
+    use std::io::Read;
+    write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).unwrap();
+    answer
+}
+
+/// A UDP echo server on 127.0.0.1:`port` inside the network namespace of
+/// the process `pid` (as a server in the instance would be: busybox has
+/// none); it answers each datagram with "echo:" and the datagram.
+fn udp_echo_in(pid: u32, port: u16) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let s = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let mut answer = b"echo:".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&answer, from);
+        }
+    });
+    rx.recv().unwrap();
+}
+
+#[test]
+fn forward_reaches_tcp_and_udp_ports_of_a_vps_for_its_owner_only() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("term-c") else {
+            return;
+        };
+        let vps = v.create();
+        // An HTTP server on the instance's loopback only, with a file
+        // larger than a connection's window (flow control is exercised).
+        let o = exec(
+            &v,
+            &[
+                &vps,
+                "--",
+                "sh",
+                "-c",
+                "mkdir -p /tmp/www && echo hello-forward > /tmp/www/index.html \
+                 && head -c 3000000 /dev/zero > /tmp/www/big \
+                 && httpd -p 127.0.0.1:8080 -h /tmp/www",
+            ],
+            "",
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+
+        let (mut tcp, addr) = forward(&v, None, &[&vps, "8080"]);
+        assert!(!addr.is_empty(), "forward said where it listens");
+        // Two connections at once over the one session: the first is
+        // opened and left waiting while the second is answered.
+        let mut first = std::net::TcpStream::connect(&addr).unwrap();
+        let mut second = std::net::TcpStream::connect(&addr).unwrap();
+        let b = get(&mut second, "/index.html");
+        assert!(
+            String::from_utf8_lossy(&b).contains("hello-forward"),
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+        let big = get(&mut first, "/big");
+        let body = big.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(big.len() - body, 3_000_000, "the whole file came through");
+
+        // UDP: two local peers, each answered on its own.
+        let pid: u32 = v
+            .ctr(&["task", "ls"])
+            .lines()
+            .find(|l| l.starts_with(&format!("term-c-task-{vps} ")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .expect("the VPS's pid");
+        udp_echo_in(pid, 5353);
+        let (mut udp, uaddr) = forward(&v, None, &[&vps, "5353", "--proto", "udp"]);
+        let peers: Vec<std::net::UdpSocket> = (0..2)
+            .map(|_| {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+                    .unwrap();
+                s.connect(&uaddr).unwrap();
+                s
+            })
+            .collect();
+        for (i, p) in peers.iter().enumerate() {
+            p.send(format!("ping{i}").as_bytes()).unwrap();
+        }
+        for (i, p) in peers.iter().enumerate() {
+            let mut buf = [0u8; 64];
+            let n = p.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], format!("echo:ping{i}").as_bytes());
+        }
+
+        // Another user: no such task, and nothing listens.
+        let bob = v.add_user("bob");
+        let (refused, none) = forward(&v, Some(&bob), &[&vps, "8080"]);
+        let o = refused.wait_with_output().unwrap();
+        assert!(!o.status.success() && none.is_empty());
+        assert!(stderr(&o).contains("no task"), "{}", stderr(&o));
+
+        // The instance stops: both sessions end, saying so.
+        v.rn(&["vps", "stop", &vps]);
+        v.wait_state(&vps, "stopped");
+        for child in [&mut tcp, &mut udp] {
+            let status = child.wait().unwrap();
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(status.success(), "{err}");
+            assert!(err.contains(&format!("task {vps} stopped")), "{err}");
+        }
+    });
+}

@@ -2,6 +2,7 @@
 //! what users type (placement targets, sizes).
 
 pub mod exec;
+pub mod forward;
 pub mod host_client;
 pub mod http;
 pub mod runner_client;

@@ -34,6 +34,12 @@ pub struct Cli {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ForwardProto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
     Json,
@@ -61,6 +67,20 @@ pub enum Command {
         /// The shell to start instead.
         #[arg(long)]
         shell: Option<String>,
+    },
+    /// Reach a port of a task or VPS on any node from a local port (Jupyter, TensorBoard), through the host.
+    Forward {
+        id: u64,
+        /// The port inside the instance (reached on its 127.0.0.1).
+        port: u16,
+        /// The local port (default: the same number; 0 picks a free one).
+        #[arg(long, value_name = "PORT")]
+        local_port: Option<u16>,
+        /// The local address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+        local_host: String,
+        #[arg(long, value_enum, default_value_t = ForwardProto::Tcp)]
+        proto: ForwardProto,
     },
     /// A terminal in an instance (`attach`) or one command in it (`exec`).
     #[command(subcommand)]

@@ -6,6 +6,7 @@ pub mod args;
 pub mod cgroup;
 pub mod client;
 pub mod daemon;
+pub mod forward;
 pub mod gpu;
 pub mod node;
 pub mod output;
@@ -42,6 +43,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let code =
                 terminal::exec(&client, id, terminal::login_shell(shell.as_deref()), true).await?;
             std::process::exit(code);
+        }
+        Command::Forward {
+            id,
+            port,
+            local_port,
+            local_host,
+            proto,
+        } => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            let proto = match proto {
+                args::ForwardProto::Tcp => crate::api::forward::Proto::Tcp,
+                args::ForwardProto::Udp => crate::api::forward::Proto::Udp,
+            };
+            let a = forward::ForwardArgs {
+                id,
+                port,
+                local_host,
+                local_port,
+                proto,
+            };
+            forward::forward(&client, a).await
         }
         Command::Terminal(args::TerminalCommand::Exec { id, tty, command }) => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;

@@ -73,15 +73,13 @@ fn terminal_size() -> (u16, u16) {
     }
 }
 
-/// Runs `command` in instance `id`; its exit status.
-pub async fn exec(
-    client: &Client,
-    id: u64,
-    command: Vec<String>,
-    tty: bool,
-) -> anyhow::Result<i32> {
-    use std::io::IsTerminal;
-    let mut req = ws_url(&client.base, &format!("/api/tasks/{id}/exec"))
+pub type HostSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The host's websocket at `path`, with our token; the host's refusal (no
+/// such task, not running) as its own message.
+pub async fn dial(client: &Client, path: &str) -> anyhow::Result<HostSocket> {
+    let mut req = ws_url(&client.base, path)
         .into_client_request()
         .with_context(|| format!("host URL {}", client.base))?;
     req.headers_mut().insert(
@@ -90,8 +88,8 @@ pub async fn exec(
             .parse()
             .context("the token is not a header value")?,
     );
-    let (ws, _) = match tokio_tungstenite::connect_async(req).await {
-        Ok(c) => c,
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let status = resp.status();
             let body = resp.body().as_deref().unwrap_or_default();
@@ -100,7 +98,18 @@ pub async fn exec(
             bail!("the host answered {status}: {message}");
         }
         Err(e) => bail!("connecting to {}: {e}", client.base),
-    };
+    }
+}
+
+/// Runs `command` in instance `id`; its exit status.
+pub async fn exec(
+    client: &Client,
+    id: u64,
+    command: Vec<String>,
+    tty: bool,
+) -> anyhow::Result<i32> {
+    use std::io::IsTerminal;
+    let ws = dial(client, &format!("/api/tasks/{id}/exec")).await?;
     let (mut tx, mut rx) = ws.split();
     let (cols, rows) = if tty { terminal_size() } else { (80, 24) };
     let start = ExecStart {

@@ -13,8 +13,13 @@ use crate::cli::args::{Output, SnapshotCommand, SshArgs, VpsCommand, VpsCreateAr
 use crate::cli::client::Client;
 use crate::cli::output::{ago, bytes, emit, emit_json, table};
 
+/// The user's home directory, when it exists: a HOME that names none
+/// (`/nonexistent`, as services and tests run) is no place to create one,
+/// and nothing is remembered there.
 fn home() -> Option<PathBuf> {
-    std::env::var_os("HOME").map(PathBuf::from)
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|h| h.is_dir())
 }
 
 /// The public keys a new VPS accepts, per the key flags.

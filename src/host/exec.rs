@@ -1,12 +1,14 @@
-//! `GET /api/tasks/{id}/exec`: the owner's (or the admin's) websocket to a
-//! command in their instance, relayed frame by frame to the runner of the
-//! instance's node, which is reached with the host's own token. The host
-//! reads nothing of the frames; it only carries them (see `api::exec`).
+//! `GET /api/tasks/{id}/exec` and `/forward`: the owner's (or the admin's)
+//! websocket to a command in their instance or to a port of it, relayed
+//! frame by frame to the runner of the instance's node, which is reached
+//! with the host's own token. The host reads nothing of the frames; it only
+//! carries them (see `api::exec`, `api::forward`).
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Message as AxMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
@@ -16,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message as TMessage;
 use super::api::ApiError;
 use super::auth::Principal;
 use super::HostState;
+use crate::api::forward::ForwardQuery;
 use crate::api::TaskState;
 
 type RunnerSocket =
@@ -26,20 +29,71 @@ pub async fn exec(
     Extension(p): Extension<Principal>,
     Path(id): Path<u64>,
     // Taken as a result so that who may see the task is decided first.
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: Result<WebSocketUpgrade, WsRejection>,
 ) -> Result<Response, ApiError> {
-    let t = super::tasks::visible_task(&state, &p, id).await?;
-    if t.state != TaskState::Running {
-        return Err(ApiError::Conflict(format!(
-            "task {id} is {}, not running: a command runs only in a running instance",
-            t.state
-        )));
-    }
-    let ws = ws.map_err(|e| {
+    let runner = dial_runner(&state, &p, id, ws.is_ok(), &format!("/api/tasks/{id}/exec")).await?;
+    let ws = upgrade(ws)?;
+    tracing::info!(task = id, "exec relayed");
+    Ok(ws.on_upgrade(move |client| relay(client, runner)))
+}
+
+/// `GET /api/tasks/{id}/forward?port=P&proto=tcp|udp`: the owner's (or the
+/// admin's) connections to a port of their instance (`api::forward`),
+/// relayed like exec.
+pub async fn forward(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<u64>,
+    q: Result<Query<ForwardQuery>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WsRejection>,
+) -> Result<Response, ApiError> {
+    // Who may see the task first: another user learns nothing of its ports.
+    super::tasks::visible_task(&state, &p, id).await?;
+    let q = q
+        .map_err(|e| ApiError::BadRequest(format!("port, proto: {e}")))?
+        .0;
+    q.check().map_err(ApiError::BadRequest)?;
+    let path = format!("/api/tasks/{id}/forward?{}", q.to_query());
+    let runner = dial_runner(&state, &p, id, ws.is_ok(), &path).await?;
+    let ws = upgrade(ws)?;
+    tracing::info!(task = id, port = q.port, proto = %q.proto, "forward relayed");
+    Ok(ws.on_upgrade(move |client| relay(client, runner)))
+}
+
+type WsRejection = axum::extract::ws::rejection::WebSocketUpgradeRejection;
+
+fn upgrade(ws: Result<WebSocketUpgrade, WsRejection>) -> Result<WebSocketUpgrade, ApiError> {
+    ws.map_err(|e| {
         ApiError::BadRequest(format!(
             "this route is a websocket (Upgrade: websocket): {e}"
         ))
-    })?;
+    })
+}
+
+/// The websocket `path` of the runner of task `id`'s node, after checking
+/// that `p` may see the task and that it runs. It is connected before the
+/// client's upgrade, so a runner that cannot be reached, or refuses, is an
+/// HTTP error the client sees, not a closed socket.
+async fn dial_runner(
+    state: &Arc<HostState>,
+    p: &Principal,
+    id: u64,
+    is_websocket: bool,
+    path: &str,
+) -> Result<RunnerSocket, ApiError> {
+    let t = super::tasks::visible_task(state, p, id).await?;
+    if t.state != TaskState::Running {
+        return Err(ApiError::Conflict(format!(
+            "task {id} is {}, not running: start or resume it first",
+            t.state
+        )));
+    }
+    if !is_websocket {
+        // Answered before any runner is dialled.
+        return Err(ApiError::BadRequest(
+            "this route is a websocket (Upgrade: websocket)".into(),
+        ));
+    }
     let node = t
         .placement
         .map(|p| p.node)
@@ -49,9 +103,7 @@ pub async fn exec(
         .blocking(move |s| s.runner_access(&n))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node {node:?} of task {id} is gone")))?;
-    // Connected before the client's upgrade, so a runner that cannot be
-    // reached is an HTTP error the client sees, not a closed socket.
-    let mut req = crate::api::exec::ws_url(&url, &format!("/api/tasks/{id}/exec"))
+    let mut req = crate::api::exec::ws_url(&url, path)
         .into_client_request()
         .map_err(|e| ApiError::Internal(format!("runner URL {url}: {e}")))?;
     let bearer = format!("Bearer {token}")
@@ -60,12 +112,27 @@ pub async fn exec(
     req.headers_mut()
         .insert(axum::http::header::AUTHORIZATION, bearer);
     let connect = tokio_tungstenite::connect_async_with_config(req, None, false);
-    let (runner, _) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
-        .await
-        .map_err(|_| ApiError::BadGateway(format!("node {node}'s runner did not answer in 10 s")))?
-        .map_err(|e| ApiError::BadGateway(format!("node {node}'s runner: {e}")))?;
-    tracing::info!(task = id, node = %node, "exec relayed");
-    Ok(ws.on_upgrade(move |client| relay(client, runner)))
+    match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+        Err(_) => Err(ApiError::BadGateway(format!(
+            "node {node}'s runner did not answer in 10 s"
+        ))),
+        Ok(Ok((runner, _))) => Ok(runner),
+        // The runner's own refusal (the instance is not running there, a
+        // bad port) is the client's answer.
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp)))
+            if resp.status().is_client_error() =>
+        {
+            let body = resp.body().as_deref().unwrap_or_default();
+            let text = String::from_utf8_lossy(body).to_string();
+            let message = crate::api::ErrorBody::message_of(&text).unwrap_or(text);
+            Err(match resp.status().as_u16() {
+                400 => ApiError::BadRequest(message),
+                404 => ApiError::NotFound(message),
+                _ => ApiError::Conflict(message),
+            })
+        }
+        Ok(Err(e)) => Err(ApiError::BadGateway(format!("node {node}'s runner: {e}"))),
+    }
 }
 
 /// Carries frames both ways until either side closes.

@@ -24,6 +24,7 @@ pub fn user_routes() -> Router<Arc<HostState>> {
         .route("/api/tasks", post(submit).get(list))
         .route("/api/tasks/{id}", get(status))
         .route("/api/tasks/{id}/exec", get(super::exec::exec))
+        .route("/api/tasks/{id}/forward", get(super::exec::forward))
         .route(
             "/api/tasks/{id}/kill",
             post(|s, who, id| desire(s, who, id, Desired::Killed)),

@@ -296,7 +296,12 @@ impl Containerd {
         Ok(r.exit_status)
     }
 
-    pub async fn status(&self, id: &str) -> Result<TaskStatus, OciError> {
+    /// The container's first process as containerd reports it; `None`
+    /// when it has no task.
+    async fn process(
+        &self,
+        id: &str,
+    ) -> Result<Option<containerd_client::types::v1::Process>, OciError> {
         let r = TasksClient::new(self.channel())
             .get(self.req(
                 GetRequest {
@@ -306,12 +311,15 @@ impl Containerd {
                 None,
             ))
             .await;
-        let p = match r {
-            Ok(r) => r.into_inner().process,
-            Err(s) if s.code() == tonic::Code::NotFound => return Ok(TaskStatus::Absent),
-            Err(s) => return Err(OciError::rpc(format!("status of {id}"))(s)),
-        };
-        let Some(p) = p else {
+        match r {
+            Ok(r) => Ok(r.into_inner().process),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(OciError::rpc(format!("status of {id}"))(s)),
+        }
+    }
+
+    pub async fn status(&self, id: &str) -> Result<TaskStatus, OciError> {
+        let Some(p) = self.process(id).await? else {
             return Ok(TaskStatus::Absent);
         };
         Ok(
@@ -325,6 +333,20 @@ impl Containerd {
                 Status::Unknown => TaskStatus::Absent,
             },
         )
+    }
+
+    /// The pid (in the node's pid namespace) of the container's first
+    /// process while it runs; `None` when it is not running or has none.
+    pub async fn running_pid(&self, id: &str) -> Result<Option<u32>, OciError> {
+        let p = self.process(id).await?;
+        Ok(p.filter(|p| {
+            p.pid > 0
+                && matches!(
+                    Status::try_from(p.status).unwrap_or(Status::Unknown),
+                    Status::Running | Status::Pausing | Status::Paused
+                )
+        })
+        .map(|p| p.pid))
     }
 
     /// Sends `signal` to every process of the container.

@@ -43,6 +43,7 @@ pub fn router(state: Arc<RunnerApiState>) -> Router {
         .route("/api/status", get(status))
         .route("/api/tasks/{id}/logs", get(logs))
         .route("/api/tasks/{id}/exec", get(exec))
+        .route("/api/tasks/{id}/forward", get(forward))
         .route(
             "/api/vps/{id}/snapshots",
             get(list_snapshots).post(take_snapshot),
@@ -104,6 +105,60 @@ async fn exec(
         );
     };
     ws.on_upgrade(move |socket| super::exec::serve(tasks, id, socket))
+}
+
+/// `GET /api/tasks/{id}/forward?port=P&proto=tcp|udp`: a websocket carrying
+/// connections to a port inside the instance. What can be refused is
+/// refused before the upgrade, as an HTTP error the host passes on.
+async fn forward(
+    State(state): State<Arc<RunnerApiState>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+    q: Result<
+        axum::extract::Query<crate::api::forward::ForwardQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let q = match q {
+        Ok(q) => q.0,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("port, proto: {e}")),
+    };
+    if let Err(e) = q.check() {
+        return error(StatusCode::BAD_REQUEST, &e);
+    }
+    let Some(tasks) = state.tasks.get().cloned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "containerd is not answering on this node yet",
+        );
+    };
+    let cid = tasks.container_id(id);
+    let not_running = || {
+        error(
+            StatusCode::CONFLICT,
+            &format!("task {id} has no running instance on this node"),
+        )
+    };
+    let pid = match tasks.ctd.running_pid(&cid).await {
+        Ok(Some(pid)) => pid,
+        Ok(None) => return not_running(),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                &format!("containerd: {}", crate::error_chain(&e)),
+            )
+        }
+    };
+    let pidfd = match super::forward::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(_) => return not_running(),
+    };
+    // The pid was the instance's when asked; still so now that the pidfd
+    // holds it, or it was reused by another process in between.
+    if !matches!(tasks.ctd.running_pid(&cid).await, Ok(Some(p)) if p == pid) {
+        return not_running();
+    }
+    ws.on_upgrade(move |socket| super::forward::serve(id, pidfd, q, socket))
 }
 
 async fn status(State(state): State<Arc<RunnerApiState>>) -> Json<RunnerStatus> {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod container;
 pub mod driver;
 pub mod exec;
+pub mod forward;
 pub mod gpus;
 pub mod lifecycle;
 pub mod logdriver;

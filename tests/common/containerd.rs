@@ -175,7 +175,8 @@ pub fn busybox_oci_archive_as(dir: &Path, user: Option<(&str, &str, &str)>) -> O
     std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "sleep", "head", "tr", "true", "false", "env", "ls", "id", "touch",
-        "rm", "stat", "grep", "df", "awk", "mknod", "tail", "unshare", "ps", "stty",
+        "rm", "stat", "grep", "df", "awk", "mknod", "tail", "unshare", "ps", "stty", "httpd",
+        "mkdir",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
