@@ -140,7 +140,8 @@ fn tasks_complete_fail_and_are_oom_killed_with_logs() {
     let Some(c) = Cluster::start("tasks-a") else {
         return;
     };
-    // --wait prints the final task and exits with its code.
+    // --wait streams the task's stdout and stderr to ours, each apart,
+    // says how it ended on stderr and exits with its code.
     let o = c.rn(&[
         "task",
         "submit",
@@ -153,11 +154,51 @@ fn tasks_complete_fail_and_are_oom_killed_with_logs() {
         "echo hello; echo oops >&2",
     ]);
     assert!(o.status.success(), "{} {}", stdout(&o), stderr(&o));
+    assert_eq!(stdout(&o), "hello\n");
+    assert!(stderr(&o).starts_with("oops\n"), "{}", stderr(&o));
     assert!(
-        stdout(&o).contains("completed (exit code 0)"),
+        stderr(&o).contains("completed (exit code 0)"),
         "{}",
-        stdout(&o)
+        stderr(&o)
     );
+    // While it runs, not only at its end: the first line arrives while the
+    // task still sleeps, and it is then killed.
+    let mut w = std::process::Command::new(BIN)
+        .args(["--data-dir", c.host_data().to_str().unwrap()])
+        .args(["task", "submit", "--container", "busybox", "--wait", "--"])
+        .args(["sh", "-c", "echo started; sleep 1000; echo never"])
+        .env("HOME", "/nonexistent")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(w.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "started\n");
+    // The table shows the cores asked for and the CPUs held apart.
+    let table = stdout(&c.rn(&["task", "list", "--state", "running"]));
+    let head: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        &head[..6],
+        ["ID", "STATE", "NODE", "CORES", "CPU", "LIST"],
+        "{table}"
+    );
+    assert_eq!(row[3], "1", "one core asked for: {table}");
+    let running = c.rn(&["-o", "json", "task", "list", "--state", "running"]);
+    let running: serde_json::Value = serde_json::from_slice(&running.stdout).unwrap();
+    let streaming = running.as_array().unwrap()[0]["id"].as_u64().unwrap();
+    assert!(c
+        .rn(&["task", "kill", &streaming.to_string()])
+        .status
+        .success());
+    let o = w.wait_with_output().unwrap();
+    assert!(!o.status.success(), "a killed task's --wait fails");
+    assert!(stderr(&o).contains("killed"), "{}", stderr(&o));
     let o = c.rn(&["task", "logs", "1"]);
     assert_eq!(stdout(&o), "hello\n");
     let o = c.rn(&["task", "logs", "1", "--stderr"]);

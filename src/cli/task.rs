@@ -139,6 +139,9 @@ fn list_table(tasks: &[TaskView], now: i64) -> String {
                 t.id.to_string(),
                 t.state.to_string(),
                 p.map(|p| p.node.clone()).unwrap_or_else(|| "-".into()),
+                // The count asked for, and which CPUs it has (a list such
+                // as "0" would read like a count on its own).
+                t.spec.cores.to_string(),
                 p.map(|p| p.cpus.to_string()).unwrap_or_else(|| "-".into()),
                 p.map(|p| p.gpus.len().to_string())
                     .unwrap_or_else(|| "-".into()),
@@ -152,7 +155,8 @@ fn list_table(tasks: &[TaskView], now: i64) -> String {
             "ID",
             "STATE",
             "NODE",
-            "CPUS",
+            "CORES",
+            "CPU LIST",
             "GPUS",
             "SUBMITTED",
             "COMMAND",
@@ -236,6 +240,73 @@ async fn wait_final(client: &Client, id: u64) -> anyhow::Result<TaskView> {
     }
 }
 
+/// Copies task `id`'s log `stream` to `to` from the start; with `follow`,
+/// until the task has ended and what it wrote last has been read.
+async fn copy_log(
+    client: &Client,
+    id: u64,
+    stream: &str,
+    follow: bool,
+    to: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<()> {
+    let mut offset = 0u64;
+    let mut ended = false;
+    loop {
+        let (data, next) = client
+            .get_bytes(&format!(
+                "/api/tasks/{id}/logs?stream={stream}&offset={offset}"
+            ))
+            .await?;
+        to.write_all(&data)?;
+        to.flush()?;
+        offset = next.unwrap_or(offset + data.len() as u64);
+        if !data.is_empty() {
+            continue;
+        }
+        // One more read after the end was seen: what the task wrote just
+        // before it ended is not lost.
+        if !follow || ended {
+            return Ok(());
+        }
+        let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+        ended = t.state.is_final();
+        if !ended {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Waits for task `id` to start, streams its stdout and stderr to ours
+/// while it runs, and returns it once it has ended.
+async fn stream_until_final(client: &Client, id: u64) -> anyhow::Result<TaskView> {
+    use crate::api::TaskState;
+    let mut said = String::new();
+    loop {
+        let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+        if t.state.is_final() && t.placement.is_none() {
+            return Ok(t);
+        }
+        if t.placement.is_some() && !matches!(t.state, TaskState::Pending | TaskState::Assigning) {
+            break;
+        }
+        // Why it waits, once each time the reason changes.
+        let why = t.reason.clone();
+        if t.state == TaskState::Pending && !why.is_empty() && why != said {
+            eprintln!("task {id} {}: {why}", t.state);
+            said = why;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+    let (out, err) = tokio::join!(
+        copy_log(client, id, "stdout", true, &mut stdout),
+        copy_log(client, id, "stderr", true, &mut stderr),
+    );
+    out?;
+    err?;
+    wait_final(client, id).await
+}
+
 pub async fn run(client: &Client, cmd: TaskCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         TaskCommand::Submit(a) => {
@@ -249,18 +320,32 @@ pub async fn run(client: &Client, cmd: TaskCommand, output: Output) -> anyhow::R
                 }
                 return Ok(());
             }
-            let t = wait_final(client, r.id).await?;
-            match output {
-                Output::Json => emit_json(&t),
-                Output::Table => emit(&format!(
-                    "task {} {}{}\n",
-                    t.id,
-                    t.state,
-                    t.exit_code
-                        .map(|c| format!(" (exit code {c})"))
-                        .unwrap_or_default()
-                )),
-            }
+            let t = match output {
+                Output::Json => {
+                    let t = wait_final(client, r.id).await?;
+                    emit_json(&t);
+                    t
+                }
+                // As `docker run` does: the task's output while it runs,
+                // stdout and stderr each to ours, then how it ended (on
+                // stderr, so stdout is the task's alone).
+                Output::Table => {
+                    let t = stream_until_final(client, r.id).await?;
+                    eprintln!(
+                        "task {} {}{}",
+                        t.id,
+                        t.state,
+                        t.exit_code
+                            .map(|c| format!(" (exit code {c})"))
+                            .unwrap_or_else(|| t
+                                .message
+                                .as_deref()
+                                .map(|m| format!(": {m}"))
+                                .unwrap_or_default())
+                    );
+                    t
+                }
+            };
             if t.state != crate::api::TaskState::Completed {
                 std::process::exit(t.exit_code.filter(|c| *c != 0).unwrap_or(1));
             }
@@ -293,27 +378,9 @@ pub async fn run(client: &Client, cmd: TaskCommand, output: Output) -> anyhow::R
         }
         TaskCommand::Logs { id, stderr, follow } => {
             let stream = if stderr { "stderr" } else { "stdout" };
-            let mut offset = 0u64;
-            loop {
-                let (data, next) = client
-                    .get_bytes(&format!(
-                        "/api/tasks/{id}/logs?stream={stream}&offset={offset}"
-                    ))
-                    .await?;
-                emit(&String::from_utf8_lossy(&data));
-                offset = next.unwrap_or(offset + data.len() as u64);
-                if !data.is_empty() {
-                    continue;
-                }
-                if !follow {
-                    break;
-                }
-                let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
-                if t.state.is_final() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            // Written to our stdout either way: `logs --stderr > f` keeps it.
+            let mut stdout = std::io::stdout();
+            copy_log(client, id, stream, follow, &mut stdout).await?;
         }
         TaskCommand::Kill { id } => desire(client, "kill", id, output).await?,
         TaskCommand::Pause { id } => desire(client, "pause", id, output).await?,
