@@ -266,9 +266,7 @@ fn a_runner_with_a_bad_join_token_is_refused() {
             "0",
         ],
     );
-    let status = r
-        .wait_exit(std::time::Duration::from_secs(30))
-        .expect("runner exits");
+    let status = r.wait_exit(common::WAIT).expect("runner exits");
     assert!(!status.success());
     let log = r.log_text();
     assert!(

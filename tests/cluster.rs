@@ -202,9 +202,7 @@ fn a_second_machine_cannot_take_a_registered_name() {
 
     // Same name, other data dir (no credential): refused, and the runner says why.
     let mut r2 = start_runner(tmp.path(), "r2", &url, &join, "node-a");
-    let status = r2
-        .wait_exit(Duration::from_secs(30))
-        .expect("the impostor runner exits");
+    let status = r2.wait_exit(WAIT).expect("the impostor runner exits");
     assert!(!status.success());
     let log = r2.log_text();
     assert!(log.contains("already registered"), "{log}");
@@ -247,7 +245,7 @@ fn a_runner_whose_registration_answer_was_lost_registers_again() {
 #[test]
 fn removed_node_is_forgotten_and_its_credential_revoked() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_host, url) = start_host(tmp.path());
+    let (host, url) = start_host(tmp.path());
     let host_data = tmp.path().join("host");
     let hd = host_data.to_str().unwrap();
     let join = host_data.join("join.token");
@@ -282,7 +280,7 @@ fn removed_node_is_forgotten_and_its_credential_revoked() {
 
     // F5: the runner comes back with the join token it has: refused for good.
     let mut r = start_runner(tmp.path(), "r1", &url, &join, "node-b");
-    let exit = r.wait_exit(Duration::from_secs(30));
+    let exit = r.wait_exit(WAIT);
     assert!(exit.is_some_and(|e| !e.success()), "the runner gives up");
     assert!(
         r.log_text().contains("join-token rotate"),
@@ -303,8 +301,8 @@ fn removed_node_is_forgotten_and_its_credential_revoked() {
     assert!(o.status.success(), "{}", stderr(&o));
     let new_token = stdout(&o).lines().next().unwrap().to_string();
     assert_eq!(read_trimmed(&join).as_deref(), Some(new_token.as_str()));
-    let _r = start_runner(tmp.path(), "r1", &url, &join, "node-b");
-    wait_for("node-b back", || {
+    let r = start_runner(tmp.path(), "r1", &url, &join, "node-b");
+    wait_for_logged("node-b back", &[&host, &r], || {
         node(&nodes(&host_data), "node-b").map(|_| ())
     });
 }

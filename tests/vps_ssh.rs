@@ -249,16 +249,18 @@ fn an_ssh_session_survives_kill_9_of_the_runner_and_nothing_is_duplicated() {
         assert_eq!(
             rest.last().map(String::as_str),
             Some("24"),
-            "the session streamed to the end: {rest:?}"
+            "the session streamed to the end: {rest:?}\n{}",
+            v.logs()
         );
         assert_eq!(rest.len(), 24, "no line lost: {rest:?}");
-        assert!(session.wait().unwrap().success());
+        let status = session.wait().unwrap();
+        assert!(status.success(), "{status}\n{}", v.logs());
 
         // Re-adopted, not recreated: one container, one veth, the node port once.
         v.wait_state(&id, "running");
         assert_eq!(v.ssh_ok(&id, &["echo", "again"]), "again\n");
         let (containers, veths, _) = v.leftovers();
-        assert_eq!((containers, veths), (1, 1));
+        assert_eq!((containers, veths), (1, 1), "{}", v.logs());
         let nft = std::process::Command::new("nft")
             .args(["list", "table", "inet", "rivernode"])
             .output()

@@ -120,6 +120,19 @@ impl Vps {
         self.dir.path().join("runner")
     }
 
+    /// The logs of the host and the runner, for a failure message.
+    pub fn logs(&self) -> String {
+        let runner = self
+            .runner
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default();
+        format!(
+            "--- host ---\n{}\n--- runner ---\n{runner}",
+            self.host.log_text()
+        )
+    }
+
     pub fn start_runner(&mut self) {
         let (data, shared) = (self.runner_data(), self.dir.path().join("shared"));
         let join = self.host_data().join("join.token");
@@ -169,7 +182,10 @@ impl Vps {
     }
 
     pub fn wait_state(&self, id: &str, want: &str) {
-        wait_for(&format!("vps {id} {want}"), || {
+        let logs: Vec<&Daemon> = std::iter::once(&self.host)
+            .chain(self.runner.as_ref())
+            .collect();
+        wait_for_logged(&format!("vps {id} {want}"), &logs, || {
             let s = self.state(id);
             if s == "failed" && want != "failed" {
                 let o = self.rn(&["-o", "json", "task", "status", id]);
@@ -279,10 +295,17 @@ impl Vps {
 
     /// Retries while dropbear starts up.
     pub fn ssh_ok(&self, id: &str, cmd: &[&str]) -> String {
-        wait_for("ssh", || {
+        let deadline = Instant::now() + WAIT;
+        loop {
             let o = self.ssh(id, cmd);
-            o.status.success().then(|| stdout(&o))
-        })
+            if o.status.success() {
+                return stdout(&o);
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out waiting for ssh: {}\n{}", stderr(&o), self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -46,7 +46,7 @@ impl PrivateContainerd {
             .stderr(log)
             .spawn()
             .expect("start containerd");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + super::WAIT;
         while !socket.exists() {
             assert!(
                 Instant::now() < deadline,
@@ -262,7 +262,7 @@ impl PrivateRegistry {
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + super::WAIT;
         while std::net::TcpStream::connect(&addr).is_err() {
             assert!(
                 Instant::now() < deadline,

@@ -157,15 +157,38 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Polls `f` until it returns `Some`, failing the test with `what` after 30 s.
-/// This bounds a wait; it asserts nothing about speed.
+/// How long a test waits for something that should happen before it calls
+/// the thing lost. A bound, never a speed claim: generous, because CI's two
+/// cores run four clusters of one test binary at once.
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// Polls `f` until it returns `Some`, failing the test with `what` after `WAIT`.
 pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + WAIT;
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `wait_for`, and on a timeout the failure shows the daemons' logs: a wait
+/// that fails in CI is then explained by its own output.
+pub fn wait_for_logged<T>(what: &str, logs: &[&Daemon], mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            let text: Vec<String> = logs
+                .iter()
+                .map(|d| format!("--- {} ---\n{}", d.log.display(), d.log_text()))
+                .collect();
+            panic!("timed out waiting for {what}\n{}", text.join("\n"));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
