@@ -3,7 +3,7 @@
 //! websocket that carries every connection (`api::forward`). TCP
 //! connections are accepted locally and each becomes a stream; for UDP,
 //! each local peer becomes a flow that ends after `UDP_IDLE` without a
-//! datagram from that peer.
+//! datagram either way.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,7 +14,9 @@ use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::api::forward::{decode, Endpoint, ForwardEnd, ForwardQuery, Mux, Proto, OPEN};
+use crate::api::forward::{
+    decode, Endpoint, ForwardEnd, ForwardQuery, Mux, Proto, CLOSE, DATA, OPEN,
+};
 use crate::cli::client::Client;
 
 /// A UDP flow with no datagram from its peer for this long is closed.
@@ -86,6 +88,7 @@ pub async fn forward(client: &Client, a: ForwardArgs) -> anyhow::Result<()> {
 
     let (mut ws_tx, mut ws_rx) = ws.split();
     let (mut mux, mut out, mut finished) = Mux::new();
+    let overflow = mux.overflow();
     tokio::spawn(async move {
         while let Some(f) = out.recv().await {
             if ws_tx.send(Message::Binary(f.into())).await.is_err() {
@@ -94,7 +97,10 @@ pub async fn forward(client: &Client, a: ForwardArgs) -> anyhow::Result<()> {
         }
     });
     let mut next: u32 = 0;
+    // UDP: each local peer's flow, and when the flow last carried a
+    // datagram either way (an answer keeps it alive too).
     let mut peers: HashMap<SocketAddr, (u32, Instant)> = HashMap::new();
+    let mut flows: HashMap<u32, SocketAddr> = HashMap::new();
     let mut udp_buf = vec![0u8; 64 << 10];
     let mut sweep = tokio::time::interval(UDP_IDLE / 4);
     loop {
@@ -102,12 +108,19 @@ pub async fn forward(client: &Client, a: ForwardArgs) -> anyhow::Result<()> {
             m = ws_rx.next() => match m {
                 Some(Ok(Message::Binary(b))) => {
                     if let Some(f) = decode(&b) {
-                        if f.op == crate::api::forward::CLOSE && !f.data.is_empty() {
+                        if f.op == CLOSE && !f.data.is_empty() {
                             eprintln!(
-                                "connection {}: {}",
+                                "connection {} to port {} of task {}: {}",
                                 f.conn,
+                                a.port,
+                                a.id,
                                 String::from_utf8_lossy(f.data)
                             );
+                        }
+                        if f.op == DATA {
+                            if let Some(seen) = flows.get(&f.conn).and_then(|p| peers.get_mut(p)) {
+                                seen.1 = Instant::now();
+                            }
                         }
                         if f.op != OPEN {
                             mux.frame(f);
@@ -120,25 +133,42 @@ pub async fn forward(client: &Client, a: ForwardArgs) -> anyhow::Result<()> {
                     eprintln!("forward ended: {}", end.reason);
                     return Ok(());
                 }
-                Some(Ok(Message::Close(_))) | None => bail!("the host closed the session"),
+                Some(Ok(Message::Close(_))) | None => bail!("the host closed the session; run forward again"),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => bail!("the session broke: {e}"),
+                Some(Err(e)) => bail!("the session broke ({e}); run forward again"),
             },
+            _ = overflow.wait() => bail!("the host stopped reading what this side sends; run forward again"),
             c = finished.recv() => {
                 if let Some(c) = c {
                     mux.finished(c);
-                    peers.retain(|_, (id, _)| *id != c);
+                    if let Some(p) = flows.remove(&c) {
+                        peers.remove(&p);
+                    }
                 }
             }
             accepted = accept(&local) => {
-                let stream = accepted.context("accepting a local connection")?;
+                let stream = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of descriptors, or a connection reset while
+                        // queued: the listener goes on, and so do the others.
+                        eprintln!("accepting a local connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let conn = next;
                 next = next.wrapping_add(1);
                 mux.send(OPEN, conn, b"");
                 mux.open(conn, Endpoint::Tcp(Box::pin(async move { Ok(stream) })));
             }
             got = recv_from(&local, &mut udp_buf) => {
-                let (n, peer) = got.context("reading a local datagram")?;
+                let (n, peer) = match got {
+                    Ok(got) => got,
+                    // An ICMP error for an earlier datagram to a local peer: the others go on.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => return Err(e).context("reading a local datagram"),
+                };
                 let Local::Udp(sock) = &local else { continue };
                 let conn = match peers.get_mut(&peer) {
                     Some((conn, seen)) if mux.contains(*conn) => {
@@ -151,6 +181,7 @@ pub async fn forward(client: &Client, a: ForwardArgs) -> anyhow::Result<()> {
                         mux.send(OPEN, conn, b"");
                         mux.open(conn, Endpoint::UdpPeer(sock.clone(), peer));
                         peers.insert(peer, (conn, Instant::now()));
+                        flows.insert(conn, peer);
                         conn
                     }
                 };
@@ -165,6 +196,7 @@ pub async fn forward(client: &Client, a: ForwardArgs) -> anyhow::Result<()> {
                     .collect();
                 for p in idle {
                     if let Some((conn, _)) = peers.remove(&p) {
+                        flows.remove(&conn);
                         mux.close(conn);
                     }
                 }

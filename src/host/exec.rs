@@ -70,6 +70,20 @@ fn upgrade(ws: Result<WebSocketUpgrade, WsRejection>) -> Result<WebSocketUpgrade
     })
 }
 
+/// Why a task in `state` cannot be reached, and what the user can do.
+fn not_running(id: u64, state: TaskState) -> String {
+    let what = match state {
+        TaskState::Paused => format!("resume it first (`rivernode task resume {id}`)"),
+        TaskState::Stopped => format!("start it again first (`rivernode vps restart {id}`)"),
+        TaskState::Pending | TaskState::Assigning => {
+            format!("it has not started yet (`rivernode task status {id}` says why)")
+        }
+        TaskState::Lost => "its node has gone silent; it is back when the node is".into(),
+        _ => "it has ended".into(),
+    };
+    format!("task {id} is {state}, not running: {what}")
+}
+
 /// The websocket `path` of the runner of task `id`'s node, after checking
 /// that `p` may see the task and that it runs. It is connected before the
 /// client's upgrade, so a runner that cannot be reached, or refuses, is an
@@ -83,10 +97,7 @@ async fn dial_runner(
 ) -> Result<RunnerSocket, ApiError> {
     let t = super::tasks::visible_task(state, p, id).await?;
     if t.state != TaskState::Running {
-        return Err(ApiError::Conflict(format!(
-            "task {id} is {}, not running: start or resume it first",
-            t.state
-        )));
+        return Err(ApiError::Conflict(not_running(id, t.state)));
     }
     if !is_websocket {
         // Answered before any runner is dialled.
@@ -171,5 +182,19 @@ async fn relay(client: WebSocket, runner: RunnerSocket) {
     tokio::select! {
         _ = up => {}
         _ = down => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_that_does_not_run_says_what_to_do() {
+        assert!(not_running(3, TaskState::Paused).contains("rivernode task resume 3"));
+        assert!(not_running(3, TaskState::Stopped).contains("rivernode vps restart 3"));
+        assert!(not_running(3, TaskState::Pending).contains("not started yet"));
+        let done = not_running(3, TaskState::Completed);
+        assert!(done.contains("ended") && !done.contains("resume"), "{done}");
     }
 }

@@ -9,6 +9,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
@@ -33,37 +34,48 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// How long a connection to the instance's port may take to be accepted.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one frame may wait for the websocket to take it before the
+/// session is ended (the client stopped reading).
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A socket made inside the network namespace of the process behind
-/// `pidfd`, connected to 127.0.0.1:`port` there. It is made on a thread of
-/// its own that enters the namespace and then ends, so no thread of the
-/// runner is left in an instance's namespace.
-async fn connect_inside(
-    pidfd: Arc<OwnedFd>,
-    proto: Proto,
-    port: u16,
-) -> std::io::Result<std::os::fd::OwnedFd> {
+/// `pidfd` (a socket stays in the namespace it was made in): for TCP
+/// unconnected, for UDP bound to 127.0.0.1 and connected to `port`. It is
+/// made on a short thread of its own that enters the namespace and ends,
+/// so no thread of the runner is left in an instance's namespace and none
+/// waits there; a TCP connect then waits on the runtime, with a deadline.
+async fn socket_inside(pidfd: Arc<OwnedFd>, proto: Proto, port: u16) -> std::io::Result<OwnedFd> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let made = (|| -> std::io::Result<OwnedFd> {
-            nix::sched::setns(&*pidfd, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-            let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            Ok(match proto {
-                Proto::Tcp => {
-                    let s = std::net::TcpStream::connect(to)?;
-                    s.set_nonblocking(true)?;
-                    OwnedFd::from(s)
-                }
-                Proto::Udp => {
-                    let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-                    s.connect(to)?;
-                    s.set_nonblocking(true)?;
-                    OwnedFd::from(s)
-                }
-            })
-        })();
-        let _ = tx.send(made);
-    });
+    std::thread::Builder::new()
+        .name("rn-forward-ns".into())
+        .spawn(move || {
+            let made = (|| -> std::io::Result<OwnedFd> {
+                nix::sched::setns(&*pidfd, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                Ok(match proto {
+                    Proto::Tcp => {
+                        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+                        socket(
+                            AddressFamily::Inet,
+                            SockType::Stream,
+                            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                            None,
+                        )
+                        .map_err(std::io::Error::from)?
+                    }
+                    Proto::Udp => {
+                        let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+                        s.connect((Ipv4Addr::LOCALHOST, port))?;
+                        s.set_nonblocking(true)?;
+                        OwnedFd::from(s)
+                    }
+                })
+            })();
+            let _ = tx.send(made);
+        })?;
     rx.await
         .map_err(|_| std::io::Error::other("the namespace thread ended without a socket"))?
 }
@@ -71,14 +83,47 @@ async fn connect_inside(
 fn endpoint(pidfd: Arc<OwnedFd>, proto: Proto, port: u16) -> Endpoint {
     match proto {
         Proto::Tcp => Endpoint::Tcp(Box::pin(async move {
-            let fd = connect_inside(pidfd, proto, port).await?;
-            tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))
+            let fd = socket_inside(pidfd, proto, port).await?;
+            let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+            let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("port {port} did not answer within {CONNECT_TIMEOUT:?}"),
+                    )
+                })?
         })),
         Proto::Udp => Endpoint::Udp(Box::pin(async move {
-            let fd = connect_inside(pidfd, proto, port).await?;
+            let fd = socket_inside(pidfd, proto, port).await?;
             tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))
         })),
     }
+}
+
+/// Resolves once the process behind `pidfd` has ended; at once when that
+/// cannot be watched (the session must not outlive an instance unseen).
+async fn exited(pidfd: Arc<OwnedFd>) -> Option<String> {
+    // SAFETY: the AsyncFd owns a clone of the Arc, so the pidfd stays
+    // open, and the same descriptor, for as long as it is registered.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+    match registered {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+            None
+        }
+        Err(e) => Some(format!("cannot watch the instance's process: {e}")),
+    }
+}
+
+/// Sends `m`, false when the client did not take it within `SEND_TIMEOUT`.
+async fn send(ws_tx: &mut futures_util::stream::SplitSink<WebSocket, Message>, m: Message) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, ws_tx.send(m)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Serves one forward session for instance `id` (its first process behind
@@ -87,39 +132,48 @@ pub async fn serve(id: u64, pidfd: OwnedFd, q: ForwardQuery, ws: WebSocket) {
     let pidfd = Arc::new(pidfd);
     let (mut ws_tx, mut ws_rx) = ws.split();
     let (mut mux, mut out, mut finished) = Mux::new();
+    let overflow = mux.overflow();
     // Sending has its own task, so reading the socket never waits on it.
-    let (end_tx, end_rx) = tokio::sync::oneshot::channel::<String>();
+    // Told the session's end, it sends what is queued by then, the reason
+    // and a close; a client that stops reading ends it too.
+    let (end_tx, mut end_rx) = tokio::sync::oneshot::channel::<Option<String>>();
+    let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel::<()>();
     let sender = tokio::spawn(async move {
-        while let Some(f) = out.recv().await {
-            if ws_tx.send(Message::Binary(f.into())).await.is_err() {
+        let reason = loop {
+            tokio::select! {
+                f = out.recv() => match f {
+                    Some(f) => {
+                        if !send(&mut ws_tx, Message::Binary(f.into())).await {
+                            let _ = stalled_tx.send(());
+                            return;
+                        }
+                    }
+                    None => break None,
+                },
+                r = &mut end_rx => break r.ok().flatten(),
+            }
+        };
+        while let Some(f) = out.try_recv() {
+            if !send(&mut ws_tx, Message::Binary(f.into())).await {
                 return;
             }
         }
-        if let Ok(reason) = end_rx.await {
+        if let Some(reason) = reason {
             if let Ok(text) = serde_json::to_string(&ForwardEnd { reason }) {
-                let _ = ws_tx.send(Message::Text(text.into())).await;
+                send(&mut ws_tx, Message::Text(text.into())).await;
             }
-            let _ = ws_tx.send(Message::Close(None)).await;
         }
+        send(&mut ws_tx, Message::Close(None)).await;
     });
-    let exited = async {
-        // SAFETY: the AsyncFd owns a clone of the Arc, so the pidfd stays
-        // open, and the same descriptor, for as long as it is registered.
-        let registered = unsafe {
-            AsyncFd::register_with_interest(pidfd.clone(), tokio::io::Interest::READABLE)
-        };
-        match registered {
-            Ok(fd) => {
-                let _ = fd.readable().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    let exited = exited(pidfd.clone());
     tokio::pin!(exited);
+    tokio::pin!(stalled_rx);
     tracing::info!(task = id, port = q.port, proto = %q.proto, "forward started");
     let reason = loop {
         tokio::select! {
-            _ = &mut exited => break Some(format!("task {id} stopped")),
+            why = &mut exited => break Some(why.unwrap_or_else(|| format!("task {id} stopped"))),
+            _ = overflow.wait() => break Some("the client does not read what it is sent".into()),
+            _ = &mut stalled_rx => break None,
             c = finished.recv() => {
                 if let Some(c) = c {
                     mux.finished(c);
@@ -131,8 +185,8 @@ pub async fn serve(id: u64, pidfd: OwnedFd, q: ForwardQuery, ws: WebSocket) {
                     if f.op != OPEN {
                         mux.frame(f);
                     } else if mux.contains(f.conn) {
-                        // A number in use: the client's mistake, not a new stream.
-                    } else if mux.len() >= MAX_CONNECTIONS {
+                        mux.send(CLOSE, f.conn, b"connection number already in use");
+                    } else if mux.live() >= MAX_CONNECTIONS {
                         mux.send(
                             CLOSE,
                             f.conn,
@@ -150,10 +204,6 @@ pub async fn serve(id: u64, pidfd: OwnedFd, q: ForwardQuery, ws: WebSocket) {
     tracing::info!(task = id, port = q.port, ?reason, "forward ended");
     // Every connection's sockets close with the mux.
     drop(mux);
-    if let Some(reason) = reason {
-        let _ = end_tx.send(reason);
-    } else {
-        drop(end_tx);
-    }
+    let _ = end_tx.send(reason);
     let _ = sender.await;
 }
