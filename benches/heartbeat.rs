@@ -75,6 +75,7 @@ fn main() {
             version: "bench".into(),
             usage: Default::default(),
             inventory: None,
+            degraded: None,
         };
         let t = Instant::now();
         for _ in 0..N {

@@ -71,7 +71,7 @@ fn up_brings_up_a_one_node_cluster_of_this_machine() {
     assert_eq!(list.len(), 1, "{list:?}");
     let n = &list[0];
     assert_eq!(n["name"], "solo");
-    assert_eq!(n["state"], "online");
+    assert!(alive(n), "{n}");
     let inv = &n["inventory"];
     assert_eq!(
         inv["cpus"].as_array().unwrap().len(),
@@ -90,7 +90,12 @@ fn up_brings_up_a_one_node_cluster_of_this_machine() {
     let o = cli(&["--data-dir", data_s, "node", "status", "solo"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("State:      online"), "{text}");
+    // Online, or (no containerd on this machine) degraded, saying what to do.
+    assert!(
+        text.contains("State:      online")
+            || text.contains("State:      degraded: cannot connect to containerd"),
+        "{text}"
+    );
     assert!(
         text.contains(&format!("CPUs:       {} logical", nproc())),
         "{text}"
@@ -139,9 +144,7 @@ fn runner_registers_heartbeats_goes_offline_and_comes_back() {
     let mut runner = start_runner(tmp.path(), "r1", &url, &join, "node-a");
     let first = wait_for("node-a online", || {
         let l = nodes(&host_data);
-        node(&l, "node-a")
-            .filter(|n| n["state"] == "online")
-            .cloned()
+        node(&l, "node-a").filter(|n| alive(n)).cloned()
     });
     let registered_at = first["registered_at_unix_ms"].as_i64().unwrap();
     let beat0 = first["last_heartbeat_unix_ms"].as_i64().unwrap();
@@ -170,9 +173,7 @@ fn runner_registers_heartbeats_goes_offline_and_comes_back() {
     let _runner = start_runner(tmp.path(), "r1", &url, &join, "node-a");
     let back = wait_for("node-a online again", || {
         let l = nodes(&host_data);
-        node(&l, "node-a")
-            .filter(|n| n["state"] == "online")
-            .cloned()
+        node(&l, "node-a").filter(|n| alive(n)).cloned()
     });
     assert_eq!(
         back["registered_at_unix_ms"].as_i64().unwrap(),
@@ -232,7 +233,7 @@ fn a_runner_whose_registration_answer_was_lost_registers_again() {
     assert_ne!(first["credential"], second["credential"], "fresh secrets");
     wait_for("node-l online again", || {
         node(&nodes(&host_data), "node-l")
-            .filter(|n| n["state"] == "online")
+            .filter(|n| alive(n))
             .map(|_| ())
     });
     assert!(

@@ -589,3 +589,41 @@ fn work_accepted_before_a_runner_crash_runs_exactly_once() {
         });
     }
 }
+
+#[test]
+fn a_node_whose_containerd_stops_answering_is_degraded_and_gets_nothing_new() {
+    let Some(c) = Cluster::start("tasks-deg") else {
+        return;
+    };
+    let hd = c.host_data();
+    c.ctd.freeze(true);
+    let n = wait_for("the node degraded", || {
+        node(&nodes(&hd), "tasks-deg")
+            .filter(|v| v["state"] == "degraded")
+            .cloned()
+    });
+    let why = n["degraded"].as_str().unwrap_or_default();
+    assert!(why.contains("containerd"), "{n}");
+    let o = c.rn(&["node", "list"]);
+    assert!(
+        stdout(&o).contains("degraded") && stdout(&o).contains("PROBLEM"),
+        "{}",
+        stdout(&o)
+    );
+    // Nothing new is placed there, and the task says why it waits.
+    let id = c.submit(&["--container", "busybox", "--", "echo", "after"]);
+    let t = wait_for("the reason", || {
+        let t = c.task(id);
+        t["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("degraded"))
+            .then_some(t)
+    });
+    assert_eq!(t["state"], "pending", "{t}");
+    // containerd answers again: the node is online and the task runs.
+    c.ctd.freeze(false);
+    c.wait_state(id, "completed");
+    let n = node(&nodes(&hd), "tasks-deg").cloned().unwrap();
+    assert_eq!(n["state"], "online", "{n}");
+    assert!(n.get("degraded").is_none(), "{n}");
+}

@@ -729,7 +729,11 @@ mod tests {
         c.grant(1 << 30);
         assert_eq!(c.sem.available_permits(), WINDOW_BYTES);
         c.grant(5);
-        assert_eq!(c.sem.available_permits(), WINDOW_BYTES, "nothing was outstanding");
+        assert_eq!(
+            c.sem.available_permits(),
+            WINDOW_BYTES,
+            "nothing was outstanding"
+        );
         assert!(c.try_take(WINDOW_BYTES));
         assert!(!c.try_take(1));
     }

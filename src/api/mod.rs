@@ -70,12 +70,19 @@ pub struct HeartbeatRequest {
     pub usage: Usage,
     /// Sent at start and whenever it changes, not on every beat.
     pub inventory: Option<Inventory>,
+    /// Why this node cannot start instances now (containerd does not
+    /// answer), on every beat while it lasts; none when it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
     Online,
+    /// Heartbeating, but unable to start instances (see `NodeView::degraded`):
+    /// nothing new is placed there.
+    Degraded,
     Offline,
 }
 
@@ -83,6 +90,7 @@ impl NodeState {
     pub fn as_str(self) -> &'static str {
         match self {
             NodeState::Online => "online",
+            NodeState::Degraded => "degraded",
             NodeState::Offline => "offline",
         }
     }
@@ -100,6 +108,9 @@ pub struct NodeView {
     pub heartbeat_interval_ms: u64,
     pub inventory: Inventory,
     pub usage: Option<Usage>,
+    /// Why the node is degraded, as its runner last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
     /// GPUs (by PCI address) that instances hold, with the instance's id.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub gpu_holders: std::collections::BTreeMap<crate::topology::PciAddress, u64>,

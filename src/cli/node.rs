@@ -72,11 +72,13 @@ fn ago_future(at: i64, now: i64) -> String {
 }
 
 fn list_table(nodes: &[NodeView], now: i64) -> String {
+    // The column of problems only when there is one.
+    let problems = nodes.iter().any(|n| n.degraded.is_some());
     let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|n| {
             let inv = &n.inventory;
-            vec![
+            let mut row = vec![
                 n.name.clone(),
                 n.state.as_str().to_string(),
                 inv.cpu_count().to_string(),
@@ -84,21 +86,26 @@ fn list_table(nodes: &[NodeView], now: i64) -> String {
                 bytes(inv.memory_total_bytes),
                 inv.gpus.len().to_string(),
                 ago(n.last_heartbeat_unix_ms, now),
-            ]
+            ];
+            if problems {
+                row.push(n.degraded.clone().unwrap_or_default());
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "NAME",
-            "STATE",
-            "CPUS",
-            "NUMA",
-            "MEMORY",
-            "GPUS",
-            "HEARTBEAT",
-        ],
-        &rows,
-    )
+    let mut head = vec![
+        "NAME",
+        "STATE",
+        "CPUS",
+        "NUMA",
+        "MEMORY",
+        "GPUS",
+        "HEARTBEAT",
+    ];
+    if problems {
+        head.push("PROBLEM");
+    }
+    table(&head, &rows)
 }
 
 fn status_text(n: &NodeView, runner: &Result<RunnerStatus, String>, now: i64) -> String {
@@ -123,7 +130,15 @@ fn status_text(n: &NodeView, runner: &Result<RunnerStatus, String>, now: i64) ->
     let all_cpus: CpuList = inv.cpus.iter().map(|c| c.id).collect();
     let fields = [
         ("Name", n.name.clone()),
-        ("State", n.state.as_str().to_string()),
+        (
+            "State",
+            match &n.degraded {
+                Some(why) if n.state == crate::api::NodeState::Degraded => {
+                    format!("degraded: {why}")
+                }
+                _ => n.state.as_str().to_string(),
+            },
+        ),
         ("Hostname", inv.hostname.clone()),
         ("Kernel", inv.kernel.clone()),
         ("Version", n.version.clone()),
@@ -242,6 +257,7 @@ mod tests {
             heartbeat_interval_ms: 5_000,
             inventory: collect(&m.roots()).unwrap(),
             usage: None,
+            degraded: None,
             gpu_holders: Default::default(),
         }
     }

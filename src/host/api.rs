@@ -438,16 +438,30 @@ async fn heartbeat(
     check_interval(hb.heartbeat_interval_ms)?;
     let n = name.clone();
     let now = crate::now_unix_ms();
-    match state.blocking(move |s| s.heartbeat(&n, &hb, now)).await? {
-        None => Err(ApiError::NotFound(format!(
+    let degraded = hb.degraded.clone();
+    use crate::api::NodeState;
+    let prev = state.blocking(move |s| s.heartbeat(&n, &hb, now)).await?;
+    let Some(prev) = prev else {
+        return Err(ApiError::NotFound(format!(
             "node {name:?} is not registered"
-        ))),
-        Some(crate::api::NodeState::Offline) => {
-            tracing::info!(node = %name, "node is back online");
-            Ok(StatusCode::NO_CONTENT)
+        )));
+    };
+    let now_state = if degraded.is_some() {
+        NodeState::Degraded
+    } else {
+        NodeState::Online
+    };
+    if prev != now_state {
+        match &degraded {
+            Some(why) => tracing::warn!(node = %name, "node degraded: {why}"),
+            None => tracing::info!(node = %name, was = prev.as_str(), "node is online"),
         }
-        Some(crate::api::NodeState::Online) => Ok(StatusCode::NO_CONTENT),
+        // It may take what waits for it now.
+        if now_state == NodeState::Online {
+            state.schedule.notify_one();
+        }
     }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Calls the node's runner API with the host's token for it: shows that the

@@ -165,9 +165,17 @@ pub fn place(spec: &TaskSpec, nodes: &[NodeView], reserved: &[Placement]) -> Dec
         None => nodes.iter().collect(),
     };
     for node in candidates {
-        if node.state != NodeState::Online {
-            why_not.push(format!("{}: offline", node.name));
-            continue;
+        match node.state {
+            NodeState::Online => {}
+            NodeState::Offline => {
+                why_not.push(format!("{}: offline", node.name));
+                continue;
+            }
+            NodeState::Degraded => {
+                let why = node.degraded.as_deref().unwrap_or("cannot start instances");
+                why_not.push(format!("{}: degraded ({why})", node.name));
+                continue;
+            }
         }
         match place_on(spec, node, reserved) {
             Ok(d) => return d,
@@ -391,6 +399,7 @@ mod tests {
             heartbeat_interval_ms: 1000,
             inventory: collect(&m.roots()).unwrap(),
             usage: None,
+            degraded: None,
             gpu_holders: Default::default(),
         }
     }
@@ -583,6 +592,23 @@ mod tests {
             placed(place(&spec(1, 0, None), &nodes, &[])).node_port,
             None,
             "commands get none"
+        );
+    }
+
+    #[test]
+    fn a_degraded_node_gets_nothing_and_the_wait_says_why() {
+        let mut sick = node("n1");
+        sick.state = NodeState::Degraded;
+        sick.degraded = Some("containerd at /run/c.sock does not answer".into());
+        let d = place(&spec(1, 0, None), std::slice::from_ref(&sick), &[]);
+        assert!(
+            matches!(&d, Decision::Wait(w) if w.contains("n1: degraded (containerd at /run/c.sock")),
+            "{d:?}"
+        );
+        // A healthy node next to it takes the task.
+        assert_eq!(
+            placed(place(&spec(1, 0, None), &[sick, node("n2")], &[])).node,
+            "n2"
         );
     }
 

@@ -222,6 +222,8 @@ impl BoundRunner {
             stop: stop_rx,
             config: self.config,
             tasks: None,
+            task_loop_problem: None,
+            containerd_problem: Default::default(),
         };
         if let Err(e) = control.run().await {
             server.abort();
@@ -231,6 +233,49 @@ impl BoundRunner {
             .await
             .map_err(|e| RunnerError::Serve(std::io::Error::other(e)))?
             .map_err(RunnerError::Serve)
+    }
+}
+
+/// Asks containerd for its version every `every` (and at most
+/// `CONTAINERD_PING` for an answer), recording what is wrong in `problem`.
+async fn watch_containerd(
+    ctd: crate::oci::Containerd,
+    socket: PathBuf,
+    every: Duration,
+    problem: Arc<std::sync::Mutex<Option<String>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let found = match tokio::time::timeout(CONTAINERD_PING, ctd.version()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!(
+                "containerd at {} does not answer: {}",
+                socket.display(),
+                crate::error_chain(&e)
+            )),
+            Err(_) => Some(format!(
+                "containerd at {} did not answer within {CONTAINERD_PING:?}",
+                socket.display()
+            )),
+        };
+        let changed = {
+            let mut p = problem.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = *p != found;
+            *p = found.clone();
+            changed
+        };
+        if changed {
+            match &found {
+                Some(why) => tracing::warn!("node degraded: {why}"),
+                None => tracing::info!("containerd answers again"),
+            }
+        }
+        if tokio::time::timeout(every, stop.wait_for(|s| *s))
+            .await
+            .is_ok()
+        {
+            return;
+        }
     }
 }
 
@@ -331,6 +376,9 @@ async fn collect_inventory(
     })?
 }
 
+/// How long the per-beat check of containerd waits for its answer.
+const CONTAINERD_PING: Duration = Duration::from_secs(5);
+
 struct Control {
     http: reqwest::Client,
     credential_path: PathBuf,
@@ -345,6 +393,12 @@ struct Control {
     config: RunnerConfig,
     /// The task loop's client of the host, once started (after the first registration).
     tasks: Option<Arc<crate::api::host_client::HostClient>>,
+    /// Why the task loop could not start, while it cannot.
+    task_loop_problem: Option<String>,
+    /// What the watch of containerd last found wrong (none: it answers),
+    /// once the task loop runs. Kept apart from the beat, so a containerd
+    /// that hangs never delays a heartbeat.
+    containerd_problem: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 enum Beat {
@@ -416,6 +470,7 @@ impl Control {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 usage,
                 inventory: send_inventory.then(|| self.inventory.clone()),
+                degraded: self.degraded(),
             };
             match self.heartbeat(&c, &hb).await {
                 Beat::Ok => send_inventory = false,
@@ -450,7 +505,11 @@ impl Control {
         {
             Ok(ctd) => ctd,
             Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "tasks cannot run until containerd answers");
+                let why = crate::error_chain(&e);
+                if self.task_loop_problem.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(error = %why, "tasks cannot run until containerd answers");
+                }
+                self.task_loop_problem = Some(why);
                 return;
             }
         };
@@ -488,7 +547,14 @@ impl Control {
         let vps = match vps::VpsKit::new(&self.config, protected, sources) {
             Ok(v) => v,
             Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), "instance networking settings are invalid");
+                let why = format!(
+                    "instance networking settings are invalid: {}",
+                    crate::error_chain(&e)
+                );
+                if self.task_loop_problem.as_deref() != Some(why.as_str()) {
+                    tracing::error!("{why}");
+                }
+                self.task_loop_problem = Some(why);
                 return;
             }
         };
@@ -540,8 +606,32 @@ impl Control {
         });
         tracing::info!(socket = %self.config.containerd_socket.display(), "containerd connected; task loop started");
         tokio::spawn(reconcile::Reconciler::new(sup, host.clone()).run(self.stop.clone()));
+        tokio::spawn(watch_containerd(
+            ctx.ctd.clone(),
+            self.config.containerd_socket.clone(),
+            self.interval,
+            self.containerd_problem.clone(),
+            self.stop.clone(),
+        ));
         let _ = self.api.tasks.set(ctx);
         self.tasks = Some(host);
+        self.task_loop_problem = None;
+    }
+
+    /// Why this node cannot start instances now, for the heartbeat: the
+    /// task loop has not started, or containerd stopped answering since.
+    fn degraded(&self) -> Option<String> {
+        if self.api.tasks.get().is_none() {
+            return Some(
+                self.task_loop_problem
+                    .clone()
+                    .unwrap_or_else(|| "the task loop has not started".into()),
+            );
+        }
+        self.containerd_problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     async fn sleep(&mut self, d: Duration) {

@@ -60,6 +60,16 @@ impl PrivateContainerd {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// SIGSTOP (`true`) or SIGCONT: a containerd that stops answering, and comes back.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
 }
 
 impl PrivateContainerd {

@@ -84,7 +84,8 @@ pub trait Store: Send + Sync + 'static {
         host_token: &str,
         now_ms: i64,
     ) -> Result<(), StoreError>;
-    /// Records a heartbeat; returns the state the node was in before, `None` if unknown.
+    /// Records a heartbeat (and whether the node is degraded); returns the
+    /// state the node was in before, `None` if unknown.
     fn heartbeat(
         &self,
         name: &str,
@@ -233,6 +234,9 @@ const MIGRATIONS: &[&str] = &[
     // removed, and inherits nothing.
     "ALTER TABLE tokens ADD COLUMN expires_at_ms INTEGER;
     CREATE TABLE removed_nodes (name TEXT PRIMARY KEY, removed_at_ms INTEGER NOT NULL);",
+    // 7: why an online node cannot start instances (its runner says so on
+    // every beat while it lasts).
+    "ALTER TABLE nodes ADD COLUMN degraded TEXT;",
 ];
 
 pub struct SqliteStore {
@@ -371,7 +375,7 @@ pub(super) fn to_json<T: serde::Serialize>(
     serde_json::to_string(v).map_err(|source| StoreError::Json { what, source })
 }
 
-pub(super) const NODE_COLUMNS: &str = "name, state, runner_url, version, registered_at_ms, last_heartbeat_ms, heartbeat_interval_ms, inventory, usage";
+pub(super) const NODE_COLUMNS: &str = "name, state, runner_url, version, registered_at_ms, last_heartbeat_ms, heartbeat_interval_ms, inventory, usage, degraded";
 
 pub(super) fn node_from_row(
     row: &rusqlite::Row<'_>,
@@ -397,13 +401,15 @@ pub(super) fn node_from_row(
             }))
         }
     };
+    let degraded: Option<String> = row.get(9)?;
     Ok(Ok(NodeView {
         name: row.get(0)?,
-        state: if state == "online" {
-            NodeState::Online
-        } else {
-            NodeState::Offline
+        state: match (state.as_str(), &degraded) {
+            ("online", None) => NodeState::Online,
+            ("online", Some(_)) => NodeState::Degraded,
+            _ => NodeState::Offline,
         },
+        degraded,
         runner_url: row.get(2)?,
         version: row.get(3)?,
         registered_at_unix_ms: row.get(4)?,
@@ -662,14 +668,14 @@ impl Store for SqliteStore {
             .transpose()?;
         self.with(|c| {
             let tx = c.transaction()?;
-            let prev: Option<(String, String)> = tx
+            let prev: Option<(String, String, Option<String>)> = tx
                 .query_row(
-                    "SELECT state, runner_url FROM nodes WHERE name = ?1",
+                    "SELECT state, runner_url, degraded FROM nodes WHERE name = ?1",
                     [name],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
-            let Some((prev, url)) = prev else {
+            let Some((prev, url, was_degraded)) = prev else {
                 return Ok(None);
             };
             // A restarted runner may listen on another port, never on
@@ -683,7 +689,8 @@ impl Store for SqliteStore {
             }
             tx.execute(
                 "UPDATE nodes SET state = 'online', runner_url = ?2, version = ?3, last_heartbeat_ms = ?4,
-                        heartbeat_interval_ms = ?5, usage = ?6, inventory = COALESCE(?7, inventory)
+                        heartbeat_interval_ms = ?5, usage = ?6, inventory = COALESCE(?7, inventory),
+                        degraded = ?8
                  WHERE name = ?1",
                 params![
                     name,
@@ -692,11 +699,23 @@ impl Store for SqliteStore {
                     now_ms,
                     hb.heartbeat_interval_ms as i64,
                     usage,
-                    inventory
+                    inventory,
+                    hb.degraded
                 ],
             )?;
+            // What was handed to the node and has not started says why it waits.
+            if let Some(why) = &hb.degraded {
+                tx.execute(
+                    "UPDATE tasks SET reason = ?2 WHERE node = ?1 AND state = 'assigning'",
+                    params![name, format!("waiting for node {name}, which cannot start instances: {why}")],
+                )?;
+            }
             tx.commit()?;
-            Ok(Some(if prev == "online" { NodeState::Online } else { NodeState::Offline }))
+            Ok(Some(match (prev.as_str(), was_degraded) {
+                ("online", None) => NodeState::Online,
+                ("online", Some(_)) => NodeState::Degraded,
+                _ => NodeState::Offline,
+            }))
         })
     }
 
@@ -916,6 +935,7 @@ mod tests {
             heartbeat_interval_ms: 1000,
             version: "0.1.0".into(),
             usage: Usage::default(),
+            degraded: None,
             inventory: None,
         }
     }
