@@ -269,9 +269,11 @@ impl TokenCache {
     }
 
     /// Reads the table again; called with the connection held, so no write
-    /// can come between clearing the mark and the read.
+    /// can come between the read and clearing the mark. The mark is cleared
+    /// only once the new map is in place: a lookup that found it clear
+    /// earlier read the old map, which lacked the newest tokens (the admin's,
+    /// just after the host started), and refused them.
     fn reload(&self, c: &Connection) -> Result<(), StoreError> {
-        self.stale.store(false, Ordering::Release);
         let mut stmt = c.prepare("SELECT hash, role, node, user, expires_at_ms FROM tokens")?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -290,6 +292,7 @@ impl TokenCache {
             }
         }
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = map;
+        self.stale.store(false, Ordering::Release);
         Ok(())
     }
 }
@@ -1285,6 +1288,39 @@ mod tests {
             .with(|c| Ok(c.pragma_query_value(None, "synchronous", |r| r.get(0))?))
             .unwrap();
         assert_eq!(sync, 2, "synchronous = FULL");
+    }
+
+    #[test]
+    fn a_token_is_never_refused_while_the_cache_reloads() {
+        // The admin's token is made after the store opened (as the host
+        // does), then tokens come and go while another thread checks it:
+        // each change reloads the cache, and no check may miss it meanwhile.
+        let s = Arc::new(SqliteStore::open_in_memory().unwrap());
+        s.insert_token("admin", Role::Admin, "admin").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let checker = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut missed = 0;
+                while !stop.load(Ordering::Acquire) {
+                    if s.find_token("admin").unwrap().is_none() {
+                        missed += 1;
+                    }
+                }
+                missed
+            })
+        };
+        for i in 0..1500 {
+            s.insert_token(&format!("t{i}"), Role::Admin, "other")
+                .unwrap();
+            assert!(s.find_token(&format!("t{i}")).unwrap().is_some());
+        }
+        stop.store(true, Ordering::Release);
+        assert_eq!(
+            checker.join().unwrap(),
+            0,
+            "checks that missed the admin's token"
+        );
     }
 
     #[test]
