@@ -51,6 +51,7 @@ fn main() {
                 cwd: None,
                 mounts: vec![],
                 cpus: "0".parse().unwrap(),
+                cpu_quota_cores: Some(1),
                 mems: None,
                 memory_bytes: None,
                 pids_max: 256,

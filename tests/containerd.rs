@@ -26,6 +26,7 @@ fn input(id: &str, args: &[&str], memory: Option<u64>) -> RuntimeSpecInput {
         cwd: None,
         mounts: vec![],
         cpus: "0".parse().unwrap(),
+        cpu_quota_cores: Some(1),
         mems: None,
         memory_bytes: memory,
         pids_max: 256,

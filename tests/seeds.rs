@@ -47,6 +47,13 @@ const LINES: &[(&str, &str, Expect)] = &[
         "vps create -t mynode --container my-env --ssh",
         Works,
     ),
+    // The flags table's `-c 0` ("no limit"): no cores of its own, it shares
+    // the node's unreserved ones.
+    (
+        "kohakuriver-vps-overview.md",
+        "vps create -t mynode --ssh -c 0",
+        Works,
+    ),
     (
         "kohakuriver-docker-vps.md",
         "vps create -t mynode --ssh --gen-ssh-key --key-out-file ~/.ssh/mynode_vps",

@@ -627,3 +627,66 @@ fn a_node_whose_containerd_stops_answering_is_degraded_and_gets_nothing_new() {
     assert_eq!(n["state"], "online", "{n}");
     assert!(n.get("degraded").is_none(), "{n}");
 }
+
+/// CPU numbers of a kernel cpulist ("0-3,6").
+fn cpulist(s: &str) -> std::collections::BTreeSet<u32> {
+    s.trim()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .flat_map(|p| match p.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<u32>>(),
+            None => vec![p.parse().unwrap()],
+        })
+        .collect()
+}
+
+#[test]
+fn tasks_on_shared_cores_run_on_the_unreserved_ones_and_follow_them() {
+    let online = cpulist(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap());
+    if online.len() < 2 {
+        eprintln!("SKIP: shared cores need a machine with two CPUs or more");
+        return;
+    }
+    let Some(c) = Cluster::start("tasks-shr") else {
+        return;
+    };
+    let hold = c.submit(&["--container", "busybox", "-c", "1", "--", "sleep", "600"]);
+    let t = c.wait_state(hold, "running");
+    let held = cpulist(t["placement"]["cpus"].as_str().unwrap());
+    let shared = c.submit(&[
+        "--container",
+        "busybox",
+        "-c",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        "while true; do grep Cpus_allowed_list /proc/self/status; sleep 0.2; done",
+    ]);
+    let t = c.wait_state(shared, "running");
+    assert_eq!(t["placement"]["cpus"], "", "no cores of its own: {t}");
+    let allowed = |want: &std::collections::BTreeSet<u32>| {
+        let runner: Vec<&Daemon> = c.runner.iter().collect();
+        wait_for_logged(&format!("task {shared} on cpus {want:?}"), &runner, || {
+            let logs = stdout(&c.rn(&["task", "logs", &shared.to_string()]));
+            let last = logs
+                .lines()
+                .rev()
+                .find(|l| l.contains("Cpus_allowed_list"))?;
+            let now = cpulist(last.split_once(':')?.1);
+            (now == *want).then_some(())
+        })
+    };
+    // Every CPU but the one the exclusive task holds...
+    let unreserved: std::collections::BTreeSet<u32> = online.difference(&held).copied().collect();
+    allowed(&unreserved);
+    let list = stdout(&c.rn(&["task", "list"]));
+    assert!(list.contains("shared"), "{list}");
+    // ...and all of them once it is gone.
+    let o = c.rn(&["task", "kill", &hold.to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    c.wait_state(hold, "killed");
+    allowed(&online);
+    let o = c.rn(&["task", "kill", &shared.to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

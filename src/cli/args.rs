@@ -397,7 +397,8 @@ pub struct ResourceArgs {
     /// Where: NODE[:NUMA][::GPU,GPU...] (GPUs by index, PCI address or UUID); default: automatic.
     #[arg(short = 't', long)]
     pub target: Option<String>,
-    /// Cores (logical CPUs) reserved exclusively.
+    /// Cores (logical CPUs) reserved exclusively; 0: none of its own, it
+    /// shares the node's unreserved cores (they change as others come and go).
     #[arg(short = 'c', long, default_value_t = 1)]
     pub cores: u32,
     /// Memory limit, e.g. 512M, 8G, 1.5T; default: the node's memory in

@@ -142,7 +142,14 @@ fn list_table(tasks: &[TaskView], now: i64) -> String {
                 // The count asked for, and which CPUs it has (a list such
                 // as "0" would read like a count on its own).
                 t.spec.cores.to_string(),
-                p.map(|p| p.cpus.to_string()).unwrap_or_else(|| "-".into()),
+                p.map(|p| {
+                    if p.cpus.is_empty() {
+                        "shared".to_string()
+                    } else {
+                        p.cpus.to_string()
+                    }
+                })
+                .unwrap_or_else(|| "-".into()),
                 p.map(|p| p.gpus.len().to_string())
                     .unwrap_or_else(|| "-".into()),
                 ago(t.submitted_at_unix_ms, now),
@@ -182,8 +189,11 @@ pub fn status_text(t: &TaskView) -> String {
         }
     ));
     out.push_str(&format!(
-        "Asked:      {} cores, {}, {} GPUs{}\n",
-        t.spec.cores,
+        "Asked:      {}, {}, {} GPUs{}\n",
+        match t.spec.cores {
+            0 => "shared cores".to_string(),
+            n => format!("{n} cores"),
+        },
         t.spec
             .memory_bytes
             .map(bytes)
@@ -200,7 +210,11 @@ pub fn status_text(t: &TaskView) -> String {
             "Placed:     {} NUMA {} cpus {} memory {}{}\n",
             p.node,
             p.numa.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
-            p.cpus,
+            if p.cpus.is_empty() {
+                "shared (the node's unreserved ones)".to_string()
+            } else {
+                p.cpus.to_string()
+            },
             if p.memory_bytes > 0 {
                 bytes(p.memory_bytes)
             } else {

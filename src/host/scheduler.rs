@@ -43,9 +43,6 @@ pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
     if needs_command && (spec.command.is_empty() || spec.command[0].trim().is_empty()) {
         return Err("command: empty; give the command to run after --".into());
     }
-    if spec.cores == 0 {
-        return Err("cores: must be at least 1".into());
-    }
     let Some(t) = &spec.target else {
         if nodes.is_empty() {
             return Err("no nodes are registered; start a runner first".into());
@@ -143,7 +140,9 @@ fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
 /// others nor be placed where its share is already taken.
 pub fn memory_share(spec: &TaskSpec, inv: &Inventory) -> u64 {
     let share = |asked: u64, of: u64| if of == 0 { (0, 1) } else { (asked.min(of), of) };
-    let (c, cn) = share(u64::from(spec.cores), inv.cpus.len() as u64);
+    // A task on shared cores (`-c 0`) counts as one core here: it gets a
+    // share, not the node.
+    let (c, cn) = share(u64::from(spec.cores.max(1)), inv.cpus.len() as u64);
     let (g, gn) = share(u64::from(spec.gpu_count), inv.gpus.len() as u64);
     // The larger fraction of c/cn and g/gn, compared without rounding.
     let (n, d) = if u128::from(c) * u128::from(gn) >= u128::from(g) * u128::from(cn) {
@@ -208,6 +207,20 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         .map(|c| c.id)
         .filter(|c| !used_cpus.contains(c))
         .collect();
+    // Tasks on shared cores (`-c 0`, no cpus of their own) run on the
+    // node's unreserved cores, so while one is here at least one core
+    // stays unreserved.
+    let shared_here = mine.iter().any(|p| p.cpus.is_empty());
+    if spec.cores == 0 && free_cpus.is_empty() {
+        return Err("no unreserved core to share".into());
+    }
+    if spec.cores > 0 && shared_here && free_cpus.len() as u32 <= spec.cores {
+        return Err(format!(
+            "{} of {} cores free, and one stays unreserved for the tasks on shared cores here",
+            free_cpus.len(),
+            spec.cores
+        ));
+    }
     if (free_cpus.len() as u32) < spec.cores {
         return Err(format!("{} of {} cores free", free_cpus.len(), spec.cores));
     }
@@ -277,6 +290,28 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         }
     };
     let gpu_numa: BTreeSet<Option<u32>> = gpus.iter().map(|g| g.numa_node).collect();
+
+    if spec.cores == 0 {
+        // No cores of its own: memory stays on the target's NUMA node, if one is named.
+        let numa = target.and_then(|t| t.numa);
+        let reason = format!(
+            "placed on {} on shared cores (the node's unreserved ones){}",
+            node.name,
+            numa.map(|n| format!(", memory on NUMA node {n}"))
+                .unwrap_or_default()
+        );
+        return Ok(Decision::Place {
+            placement: Placement {
+                node: node.name.clone(),
+                numa,
+                cpus: CpuList::default(),
+                memory_bytes: memory,
+                gpus: gpus.iter().map(|g| g.address).collect(),
+                node_port,
+            },
+            reason,
+        });
+    }
 
     // NUMA node for the cores: the target's, the GPUs', else any with room.
     let numa_order: Vec<u32> = match target.and_then(|t| t.numa) {
@@ -593,6 +628,41 @@ mod tests {
             None,
             "commands get none"
         );
+    }
+
+    #[test]
+    fn shared_cores_take_none_and_always_leave_one_unreserved() {
+        let n = node("n1");
+        let all = n.inventory.cpus.len() as u32;
+        let mut shared = spec(0, 0, None);
+        shared.memory_bytes = None;
+        let s = placed(place(&shared, std::slice::from_ref(&n), &[]));
+        assert!(s.cpus.is_empty() && s.numa.is_none(), "{s:?}");
+        assert_eq!(
+            s.memory_bytes,
+            memory_share(&spec(1, 0, None), &n.inventory),
+            "a memory share of one core, not the node"
+        );
+        let on = |t: &TaskSpec, beside: &Placement| {
+            place(t, std::slice::from_ref(&n), std::slice::from_ref(beside))
+        };
+        let waits = |d: Decision, why: &str| match d {
+            Decision::Wait(w) => assert!(w.contains(why), "{w}"),
+            other => panic!("not waiting: {other:?}"),
+        };
+        // Beside it an exclusive task gets every core but one.
+        waits(on(&spec(all, 0, None), &s), "one stays unreserved");
+        let big = placed(on(&spec(all - 1, 0, None), &s));
+        // With every core reserved, a shared task waits.
+        let full = placed(place(&spec(all, 0, None), std::slice::from_ref(&n), &[]));
+        waits(on(&shared, &full), "no unreserved core");
+        // A named NUMA node keeps its memory there.
+        let on1 = placed(place(
+            &spec(0, 0, Some("n1:1")),
+            std::slice::from_ref(&n),
+            &[big],
+        ));
+        assert_eq!(on1.numa, Some(1));
     }
 
     #[test]

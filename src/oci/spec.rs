@@ -32,6 +32,9 @@ pub struct RuntimeSpecInput {
     pub cwd: Option<String>,
     pub mounts: Vec<MountInput>,
     pub cpus: CpuList,
+    /// A CFS quota of this many cores (none: the cpuset alone bounds it,
+    /// as for instances on shared cores, whose set changes).
+    pub cpu_quota_cores: Option<i64>,
     pub mems: Option<CpuList>,
     pub memory_bytes: Option<u64>,
     pub pids_max: i64,
@@ -282,11 +285,10 @@ pub fn build(image: &ImageConfig, input: &RuntimeSpecInput) -> Result<Spec, OciE
     }
     spec.set_mounts(Some(mounts));
 
-    let cores = input.cpus.len().max(1) as i64;
-    let mut cpu = LinuxCpuBuilder::default()
-        .cpus(input.cpus.to_string())
-        .quota(cores * 100_000)
-        .period(100_000u64);
+    let mut cpu = LinuxCpuBuilder::default().cpus(input.cpus.to_string());
+    if let Some(cores) = input.cpu_quota_cores {
+        cpu = cpu.quota(cores * 100_000).period(100_000u64);
+    }
     if let Some(m) = &input.mems {
         cpu = cpu.mems(m.to_string());
     }
@@ -393,6 +395,7 @@ mod tests {
                 read_only: false,
             }],
             cpus: "2-3".parse().unwrap(),
+            cpu_quota_cores: Some(2),
             mems: Some("1".parse().unwrap()),
             memory_bytes: Some(32 << 20),
             pids_max: 4096,

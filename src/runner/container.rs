@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::api::{Assignment, ImageSource, Kind};
 use crate::config::RunnerConfig;
 use crate::oci::{self, Containerd, MountInput, RuntimeSpecInput, TaskStatus, TASK_LABEL};
+use crate::topology::CpuList;
 
 use super::driver::{Driver, Found, InstanceError, Signal, Started, TeardownFailure};
 use super::lifecycle::Observed;
@@ -49,6 +50,32 @@ pub struct TaskContext {
     /// One import or pull of an image at a time: containerd locks a content
     /// ref while it is written, and a second writer of the same layer fails.
     pub image_lock: tokio::sync::Mutex<()>,
+    /// Every CPU of the node.
+    pub node_cpus: CpuList,
+    /// The node's unreserved CPUs, which instances on shared cores (`-c 0`)
+    /// run on; recomputed on every pass of the reconciler.
+    pub shared_cpus: std::sync::Mutex<CpuList>,
+}
+
+/// The `cpuset.cpus` file of cgroup `path`: in the unified hierarchy
+/// (cgroup v2), else in v1's cpuset hierarchy; none while it does not exist.
+fn cpuset_file(cgroup_root: &std::path::Path, path: &str) -> Option<PathBuf> {
+    let rel = path.trim_start_matches('/');
+    [cgroup_root.join(rel), cgroup_root.join("cpuset").join(rel)]
+        .into_iter()
+        .map(|d| d.join("cpuset.cpus"))
+        .find(|f| f.is_file())
+}
+
+/// The CPUs no live instance of `assigned` holds as its own: where the
+/// instances on shared cores run. A stopped VPS holds none.
+pub fn shared_pool(node_cpus: &CpuList, assigned: &[Assignment]) -> CpuList {
+    let held: std::collections::BTreeSet<u32> = assigned
+        .iter()
+        .filter(|a| !a.state.is_final() && a.state != crate::api::TaskState::Stopped)
+        .flat_map(|a| a.placement.cpus.iter())
+        .collect();
+    node_cpus.iter().filter(|c| !held.contains(c)).collect()
 }
 
 fn kind_label(k: Kind) -> &'static str {
@@ -197,10 +224,27 @@ impl TaskContext {
             });
         }
         let p = &a.placement;
+        // No cores of its own (`-c 0`): the node's unreserved ones, as they
+        // are now (the reconciler follows them as they change), no quota.
+        let shared = p.cpus.is_empty();
+        let cpus = if shared {
+            let pool = self
+                .shared_cpus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if pool.is_empty() {
+                self.node_cpus.clone()
+            } else {
+                pool
+            }
+        } else {
+            p.cpus.clone()
+        };
         let rivernode_env: BTreeMap<String, String> = [
             ("RIVERNODE_TASK_ID", a.id.to_string()),
             ("RIVERNODE_NODE", self.node.clone()),
-            ("RIVERNODE_CPUS", p.cpus.to_string()),
+            ("RIVERNODE_CPUS", cpus.to_string()),
             ("RIVERNODE_CORES", p.cpus.len().to_string()),
         ]
         .into_iter()
@@ -213,7 +257,8 @@ impl TaskContext {
             rivernode_env,
             cwd,
             mounts,
-            cpus: p.cpus.clone(),
+            cpu_quota_cores: (!shared).then(|| p.cpus.len().max(1) as i64),
+            cpus,
             mems: p.numa.map(|n| [n].into_iter().collect()),
             // The placement's: the asked limit, or the share the scheduler gave.
             memory_bytes: Some(a.placement.memory_bytes).filter(|m| *m > 0),
@@ -740,6 +785,40 @@ impl Driver for TaskContext {
         }
     }
 
+    async fn converge_cpus(&self, assigned: &[Assignment]) {
+        let pool = shared_pool(&self.node_cpus, assigned);
+        *self.shared_cpus.lock().unwrap_or_else(|e| e.into_inner()) = pool.clone();
+        if pool.is_empty() {
+            return;
+        }
+        let want = pool.to_string();
+        for a in assigned.iter().filter(|a| {
+            a.placement.cpus.is_empty()
+                && matches!(
+                    a.state,
+                    crate::api::TaskState::Running | crate::api::TaskState::Paused
+                )
+        }) {
+            let path = self.cgroups_path(a.id);
+            let Some(file) = cpuset_file(&self.cgroup_root, &path) else {
+                continue;
+            };
+            let Ok(now) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            if now.trim() != want {
+                match std::fs::write(&file, &want) {
+                    Ok(()) => {
+                        tracing::info!(task = a.id, cpus = %want, "shared cores follow the node's unreserved ones")
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = a.id, file = %file.display(), error = %e, "cannot set the shared cores")
+                    }
+                }
+            }
+        }
+    }
+
     async fn recover(&self) {
         reconcile_gpu_claims(self).await;
         reconcile_networks(self).await
@@ -816,6 +895,50 @@ async fn reconcile_networks(ctx: &TaskContext) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpuset_file_is_found_in_either_hierarchy() {
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(v2.path().join("rivernode/n-task-1")).unwrap();
+        std::fs::write(v2.path().join("rivernode/n-task-1/cpuset.cpus"), "0-3").unwrap();
+        assert_eq!(
+            cpuset_file(v2.path(), "/rivernode/n-task-1"),
+            Some(v2.path().join("rivernode/n-task-1/cpuset.cpus"))
+        );
+        let v1 = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(v1.path().join("cpuset/rivernode/n-task-1")).unwrap();
+        std::fs::write(
+            v1.path().join("cpuset/rivernode/n-task-1/cpuset.cpus"),
+            "0-3",
+        )
+        .unwrap();
+        assert_eq!(
+            cpuset_file(v1.path(), "/rivernode/n-task-1"),
+            Some(v1.path().join("cpuset/rivernode/n-task-1/cpuset.cpus"))
+        );
+        assert_eq!(cpuset_file(v1.path(), "/rivernode/n-task-2"), None);
+    }
+
+    #[test]
+    fn the_shared_pool_is_what_no_live_instance_holds() {
+        use crate::api::TaskState;
+        let node: CpuList = "0-7".parse().unwrap();
+        let with = |id, cpus: &str, state| {
+            let mut a = super::super::reconcile::placeholder(id, Kind::Vps);
+            a.placement.cpus = cpus.parse().unwrap();
+            a.state = state;
+            a
+        };
+        let assigned = [
+            with(1, "0-1", TaskState::Running),
+            with(2, "4", TaskState::Paused),
+            with(3, "5", TaskState::Stopped),
+            with(4, "6", TaskState::Completed),
+            with(5, "", TaskState::Running),
+        ];
+        assert_eq!(shared_pool(&node, &assigned).to_string(), "2-3,5-7");
+        assert_eq!(shared_pool(&node, &[]).to_string(), "0-7");
+    }
 
     #[test]
     fn only_a_start_in_an_earlier_boot_may_have_run() {

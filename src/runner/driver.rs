@@ -148,6 +148,9 @@ pub trait Driver: Send + Sync + 'static {
     /// After a runner restart: takes down the networks of instances that
     /// are gone and republishes node ports of the assigned ones.
     fn converge_network(&self, assigned: &[Assignment]) -> impl Future<Output = ()> + Send;
+    /// Keeps the instances on shared cores on the node's unreserved CPUs
+    /// as the assignments change.
+    fn converge_cpus(&self, assigned: &[Assignment]) -> impl Future<Output = ()> + Send;
     /// At runner start: removes what instances that are gone left behind
     /// (their networks), before anything is adopted.
     fn recover(&self) -> impl Future<Output = ()> + Send;
@@ -369,6 +372,7 @@ pub mod fake {
             self.locks.of(id)
         }
         async fn converge_network(&self, _assigned: &[Assignment]) {}
+        async fn converge_cpus(&self, _assigned: &[Assignment]) {}
         async fn recover(&self) {}
     }
 }

@@ -587,6 +587,8 @@ impl Control {
             cgroup_root: self.config.sys_root.join("fs/cgroup"),
             crash_at: crash_at.clone(),
             image_lock: Default::default(),
+            node_cpus: self.inventory.cpus.iter().map(|c| c.id).collect(),
+            shared_cpus: Default::default(),
         });
         let host = Arc::new(crate::api::host_client::HostClient::new(
             reqwest::Client::builder()

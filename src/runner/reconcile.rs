@@ -184,6 +184,7 @@ impl<D: Driver> Reconciler<D> {
             })
         });
         self.sup.driver.converge_network(tasks).await;
+        self.sup.driver.converge_cpus(tasks).await;
         for a in tasks {
             if let Some(r) = self.running.get(&a.id) {
                 r.desired.send_if_modified(|d| {
