@@ -114,8 +114,13 @@ impl Cluster {
     }
 
     /// Waits for `state`; a task that ends in another final state fails the test at once.
+    /// The host's and the runner's logs, for a failure to show.
+    fn daemons(&self) -> Vec<&Daemon> {
+        std::iter::once(&self._host).chain(self.runner.as_ref()).collect()
+    }
+
     fn wait_state(&self, id: u64, state: &str) -> serde_json::Value {
-        wait_for(&format!("task {id} {state}"), || {
+        wait_for_logged(&format!("task {id} {state}"), &self.daemons(), || {
             let t = self.task(id);
             let s = t["state"].as_str().unwrap_or_default();
             let is_final = ["completed", "failed", "killed", "killed_oom", "deleted"].contains(&s);
@@ -597,7 +602,7 @@ fn a_node_whose_containerd_stops_answering_is_degraded_and_gets_nothing_new() {
     };
     let hd = c.host_data();
     c.ctd.freeze(true);
-    let n = wait_for("the node degraded", || {
+    let n = wait_for_logged("the node degraded", &c.daemons(), || {
         node(&nodes(&hd), "tasks-deg")
             .filter(|v| v["state"] == "degraded")
             .cloned()
@@ -612,7 +617,7 @@ fn a_node_whose_containerd_stops_answering_is_degraded_and_gets_nothing_new() {
     );
     // Nothing new is placed there, and the task says why it waits.
     let id = c.submit(&["--container", "busybox", "--", "echo", "after"]);
-    let t = wait_for("the reason", || {
+    let t = wait_for_logged("the reason", &c.daemons(), || {
         let t = c.task(id);
         t["reason"]
             .as_str()
