@@ -116,7 +116,9 @@ impl Cluster {
     /// Waits for `state`; a task that ends in another final state fails the test at once.
     /// The host's and the runner's logs, for a failure to show.
     fn daemons(&self) -> Vec<&Daemon> {
-        std::iter::once(&self._host).chain(self.runner.as_ref()).collect()
+        std::iter::once(&self._host)
+            .chain(self.runner.as_ref())
+            .collect()
     }
 
     fn wait_state(&self, id: u64, state: &str) -> serde_json::Value {
