@@ -100,6 +100,58 @@ fn exec_runs_in_a_vps_and_a_task_with_its_streams_apart_and_its_status() {
 }
 
 #[test]
+fn a_vps_without_ssh_runs_its_own_command_and_is_reached_by_terminal_only() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("term-n") else {
+            return;
+        };
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "vps",
+            "create",
+            "--no-ssh",
+            "--container",
+            "busybox",
+            "--",
+            "sleep",
+            "1000",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let vps = created_id(&o);
+        v.wait_state(&vps, "running");
+        // Its command is its first process: no SSH server was put in.
+        let o = exec(&v, &[&vps, "--", "cat", "/proc/1/cmdline"], "");
+        assert_eq!(stdout(&o), "sleep\u{0}1000\u{0}", "{}", stderr(&o));
+        let o = exec(&v, &[&vps, "--", "ls", "/root/.ssh"], "");
+        assert!(!o.status.success(), "no keys were put in: {}", stdout(&o));
+        // No node port, no host key; ssh and the proxy say what to use.
+        let t = v.json(&["vps", "status", &vps]);
+        assert!(t["placement"]["node_port"].is_null(), "{t}");
+        assert!(t["ssh_host_key"].is_null(), "{t}");
+        let o = v.rn(&["ssh", &vps]);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains(&format!("rivernode connect {vps}")),
+            "{}",
+            stderr(&o)
+        );
+        let o = v.rn(&["ssh-proxy-command", &vps]);
+        assert!(stderr(&o).contains("no SSH server"), "{}", stderr(&o));
+        let text = stdout(&v.rn(&["vps", "status", &vps]));
+        assert!(text.contains("--no-ssh"), "{text}");
+        // Its entry is left out of ssh config.
+        let known = v.runner_data().join("known_hosts");
+        let cfg = stdout(&v.rn(&["ssh", "config", "--known-hosts", known.to_str().unwrap()]));
+        assert!(!cfg.contains(&format!("rivernode-vps-{vps}")), "{cfg}");
+        v.delete(&vps);
+    });
+}
+
+#[test]
 fn connect_gives_a_shell_that_answers_what_is_typed() {
     if !parts_present() || !real_part_available("tmux", command_exists("tmux")) {
         return;

@@ -147,6 +147,18 @@ pub enum ImageSource {
     Snapshot { vps: u64, snapshot: String },
 }
 
+impl std::fmt::Display for ImageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageSource::Environment(n) => write!(f, "environment {n}"),
+            ImageSource::Registry(r) => write!(f, "{r}"),
+            ImageSource::Snapshot { vps, snapshot } => {
+                write!(f, "snapshot {snapshot} of VPS {vps}")
+            }
+        }
+    }
+}
+
 /// `vps restart --from-snapshot`: the runner recreates the instance's disk
 /// from `snapshot` once for each `request` (a new request, a new restore).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +247,11 @@ pub struct TaskSpec {
     /// `default_shm_size` without one (counts against the memory limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shm_bytes: Option<u64>,
+    /// A VPS without an SSH server (`vps create --no-ssh`): no node port, no
+    /// host key; its main process is `command`, else the image's Entrypoint
+    /// and Cmd. Reached with `connect`, `terminal` and `forward`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_ssh: bool,
     /// Set by the host on `restart --from-snapshot` (VPS only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,

@@ -496,8 +496,12 @@ pub struct VpsCreateArgs {
     #[arg(long, value_name = "BACKEND", default_value = "container")]
     pub backend: String,
     /// SSH access (on by default; KohakuRiver's flag, accepted as written).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_ssh")]
     pub ssh: bool,
+    /// No SSH server and no node port: the VPS runs CMD (after --), else its
+    /// image's Entrypoint and Cmd; reach it with `connect`, `terminal`, `forward`.
+    #[arg(long, conflicts_with_all = ["gen_ssh_key", "public_key_file", "public_key_string", "no_ssh_key", "password_stdin"])]
+    pub no_ssh: bool,
     /// VM flags of the seed (`--backend qemu`): refused until VMs are built.
     #[arg(long, hide = true, value_name = "MIB")]
     pub vm_memory: Option<String>,
@@ -529,6 +533,9 @@ pub struct VpsCreateArgs {
     /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
     #[arg(long, value_name = "VPS[:SNAPSHOT]", conflicts_with_all = ["container", "image"])]
     pub from_snapshot: Option<String>,
+    /// The main process of a --no-ssh VPS and its arguments.
+    #[arg(last = true, value_name = "CMD", requires = "no_ssh")]
+    pub command: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]

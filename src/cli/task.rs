@@ -89,6 +89,7 @@ pub fn base_spec_from(
         ssh_password_hash: None,
         privileged: false,
         restore: None,
+        no_ssh: false,
         shm_bytes,
     })
 }

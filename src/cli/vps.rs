@@ -24,7 +24,7 @@ fn home() -> Option<PathBuf> {
 
 /// The public keys a new VPS accepts, per the key flags.
 fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
-    if a.no_ssh_key {
+    if a.no_ssh_key || a.no_ssh {
         return Ok(vec![]);
     }
     if a.gen_ssh_key {
@@ -198,6 +198,8 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 ssh_keys: keys(&a)?,
                 ssh_password_hash,
                 privileged: a.privileged,
+                no_ssh: a.no_ssh,
+                command: a.command.clone(),
                 ..crate::cli::task::base_spec_from(&a.resources, Kind::Vps, source)?
             };
             let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
@@ -209,12 +211,14 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 Output::Json => emit_json(&r),
                 Output::Table => {
                     let with_key = private
-                        .map(|k| format!(" (key {})", k.display()))
+                        .map(|k| format!(" -i {}", k.display()))
                         .unwrap_or_default();
-                    emit(&format!(
-                        "vps {} {}: {}\nlog in with: rivernode ssh {}{with_key}\n",
-                        r.id, r.state, r.reason, r.id
-                    ))
+                    let how = if a.no_ssh {
+                        format!("no SSH server; a shell: rivernode connect {}", r.id)
+                    } else {
+                        format!("log in with: rivernode ssh {}{with_key}", r.id)
+                    };
+                    emit(&format!("vps {} {}: {}\n{how}\n", r.id, r.state, r.reason))
                 }
             }
         }
@@ -258,7 +262,13 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                     if let Some(port) = t.placement.as_ref().and_then(|p| p.node_port) {
                         text.push_str(&format!("Node port:  {port}\n"));
                     }
-                    text.push_str(&format!("Log in:     rivernode ssh {id}\n"));
+                    if t.spec.no_ssh {
+                        text.push_str(&format!(
+                            "SSH:        none (--no-ssh); a shell: rivernode connect {id}\n"
+                        ));
+                    } else {
+                        text.push_str(&format!("Log in:     rivernode ssh {id}\n"));
+                    }
                     emit(&text)
                 }
             }
@@ -390,8 +400,11 @@ pub async fn ssh(client: &Client, a: SshArgs) -> anyhow::Result<()> {
         bail!("which VPS? rivernode ssh <id> (rivernode vps list shows them)");
     };
     let exe = std::env::current_exe().context("locating the rivernode binary")?;
-    let known = known_hosts(a.known_hosts.clone())?;
     let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+    if t.spec.no_ssh {
+        bail!("VPS {id} has no SSH server (it was made with --no-ssh): rivernode connect {id} opens a shell in it");
+    }
+    let known = known_hosts(a.known_hosts.clone())?;
     // The key the runner reported is pinned; without one (an older runner), trust on first use.
     let checking = match &t.ssh_host_key {
         Some(key) => {
@@ -497,7 +510,11 @@ pub async fn ssh_config(
     let dd = data_dir
         .map(|d| format!(" --data-dir {}", shell_quote(d)))
         .unwrap_or_default();
-    for t in all.iter().filter(|t| t.spec.kind == Kind::Vps) {
+    // A VPS made with --no-ssh has nothing to log in to.
+    for t in all
+        .iter()
+        .filter(|t| t.spec.kind == Kind::Vps && !t.spec.no_ssh)
+    {
         if let Some(key) = &t.ssh_host_key {
             pin_host_key(&known, t.id, key)?;
         }

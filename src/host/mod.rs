@@ -269,6 +269,11 @@ impl proxy::TunnelResolver for Tunnels {
         if t.state != crate::api::TaskState::Running {
             return Err(format!("instance {id} is {}", t.state));
         }
+        if t.spec.no_ssh {
+            return Err(format!(
+                "instance {id} has no SSH server (made with --no-ssh): use rivernode connect {id}"
+            ));
+        }
         let port = t
             .placement
             .and_then(|p| p.node_port)

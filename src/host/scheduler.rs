@@ -192,7 +192,8 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         mine.iter().flat_map(|p| p.gpus.iter().copied()).collect();
     let used_mem: u64 = mine.iter().map(|p| p.memory_bytes).sum();
     let memory = spec.memory_bytes.unwrap_or_else(|| memory_share(spec, inv));
-    let node_port = if spec.kind == Kind::Vps {
+    // A node port carries SSH: a VPS without an SSH server needs none.
+    let node_port = if spec.kind == Kind::Vps && !spec.no_ssh {
         let used: BTreeSet<u16> = mine.iter().filter_map(|p| p.node_port).collect();
         match (NODE_PORTS.0..=NODE_PORTS.1).find(|p| !used.contains(p)) {
             Some(p) => Some(p),
@@ -454,6 +455,7 @@ mod tests {
             ssh_password_hash: None,
             privileged: false,
             restore: None,
+            no_ssh: false,
             shm_bytes: None,
         }
     }

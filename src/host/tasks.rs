@@ -145,6 +145,21 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             ));
         }
     }
+    if spec.no_ssh && spec.kind == crate::api::Kind::Command {
+        return Err(ApiError::BadRequest(
+            "no_ssh: only a VPS has an SSH server to leave out".into(),
+        ));
+    }
+    if spec.kind == crate::api::Kind::Vps && !spec.no_ssh && !spec.command.is_empty() {
+        return Err(ApiError::BadRequest(
+            "command: a VPS with SSH runs its SSH server; only a VPS without one (no_ssh) runs a command of its own".into(),
+        ));
+    }
+    if spec.no_ssh && (spec.ssh_password_hash.is_some() || !spec.ssh_keys.is_empty()) {
+        return Err(ApiError::BadRequest(
+            "ssh_keys, ssh_password_hash: a VPS without SSH (no_ssh) has no SSH logins".into(),
+        ));
+    }
     if spec.kind == crate::api::Kind::Command
         && (spec.ssh_password_hash.is_some() || !spec.ssh_keys.is_empty())
     {
@@ -503,4 +518,46 @@ async fn report(
         state.schedule.notify_one();
     }
     Ok(Json(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ImageSource, Kind};
+
+    fn spec(kind: Kind) -> TaskSpec {
+        serde_json::from_value(serde_json::json!({
+            "command": [],
+            "image": {"environment": "base"},
+            "kind": kind,
+        }))
+        .unwrap()
+    }
+
+    fn refusal(s: &TaskSpec) -> String {
+        match check_spec(s) {
+            Err(ApiError::BadRequest(m)) => m,
+            other => panic!("expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_vps_without_ssh_takes_a_command_and_no_logins() {
+        let mut s = spec(Kind::Vps);
+        s.no_ssh = true;
+        s.command = vec!["sleep".into(), "1".into()];
+        assert!(check_spec(&s).is_ok());
+        s.ssh_keys = vec!["ssh-ed25519 AAAA".into()];
+        assert!(refusal(&s).starts_with("ssh_keys"));
+        // With SSH, its SSH server is its main process: no command.
+        let mut s = spec(Kind::Vps);
+        s.command = vec!["sleep".into()];
+        assert!(refusal(&s).starts_with("command:"));
+        // A command task has no SSH server to leave out.
+        let mut s = spec(Kind::Command);
+        s.command = vec!["true".into()];
+        s.no_ssh = true;
+        assert!(refusal(&s).starts_with("no_ssh:"));
+        assert_eq!(s.image, ImageSource::Environment("base".into()));
+    }
 }

@@ -81,6 +81,20 @@ pub struct ImageConfig {
     pub working_dir: Option<String>,
     #[serde(rename = "User", default)]
     pub user: Option<String>,
+    #[serde(rename = "Entrypoint", default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    pub cmd: Option<Vec<String>>,
+}
+
+impl ImageConfig {
+    /// What the image runs when nothing else is asked: Entrypoint then Cmd,
+    /// as Docker starts it; empty when the image names neither.
+    pub fn default_command(&self) -> Vec<String> {
+        let mut argv = self.entrypoint.clone().unwrap_or_default();
+        argv.extend(self.cmd.clone().unwrap_or_default());
+        argv
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -480,6 +480,7 @@ mod tests {
             env: Some(vec!["LANG=C.UTF-8".into(), "A=image".into()]),
             working_dir: Some("/app".into()),
             user: None,
+            ..Default::default()
         };
         let spec = build(&image, &input()).unwrap();
         let j = serde_json::to_value(&spec).unwrap();

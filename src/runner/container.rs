@@ -294,7 +294,7 @@ impl TaskContext {
     fn started(&self, a: &Assignment, pid: u32) -> Started {
         Started {
             pid,
-            host_key: (a.spec.kind == Kind::Vps)
+            host_key: (a.spec.kind == Kind::Vps && !a.spec.no_ssh)
                 .then(|| self.vps.host_key(&self.container_id(a.id)))
                 .flatten(),
         }
@@ -370,7 +370,19 @@ impl TaskContext {
             let (passwd, group) = (read(&found[0]), read(&found[1]));
             input.user = oci::user::resolve(user, passwd.as_deref(), group.as_deref())?;
         }
-        if is_vps {
+        if is_vps && a.spec.no_ssh {
+            // No SSH server: the VPS runs its own command, or the image's.
+            if input.args.is_empty() {
+                input.args = image.config.default_command();
+            }
+            if input.args.is_empty() {
+                return Err(InstanceError::NoCommand {
+                    image: a.spec.image.to_string(),
+                });
+            }
+            let inet = self.vps.start_network(id, &cid, None).await?;
+            input.netns = Some(inet.netns);
+        } else if is_vps {
             let found = self
                 .ctd
                 .find_in_image(&image, &[SSHD, "/etc/shadow"])

@@ -45,6 +45,8 @@ pub enum InstanceError {
     Capabilities(#[source] crate::oci::OciError),
     #[error("removing the old disk for the restore")]
     OldDisk(#[source] TeardownFailure),
+    #[error("{image} names no Entrypoint or Cmd: give the VPS a command (`vps create --no-ssh ... -- CMD`)")]
+    NoCommand { image: String },
     #[error("instance {0} has no container on this node")]
     NoContainer(u64),
     #[error(transparent)]

@@ -59,6 +59,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             ssh_password_hash: None,
             privileged: false,
             restore: None,
+            no_ssh: false,
             shm_bytes: None,
         },
         placement: crate::api::Placement {

@@ -430,6 +430,7 @@ mod tests {
                 ssh_password_hash: None,
                 privileged: false,
                 restore: None,
+                no_ssh: false,
                 shm_bytes: None,
             },
             placement: Placement {

@@ -972,6 +972,7 @@ mod tests {
             ssh_password_hash: Some("$6$salt$secret".into()),
             privileged: false,
             restore: None,
+            no_ssh: false,
             shm_bytes: None,
         };
         let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
