@@ -10,6 +10,7 @@ pub mod forward;
 pub mod gpu;
 pub mod node;
 pub mod output;
+pub mod progress;
 pub mod task;
 pub mod terminal;
 pub mod user;
@@ -40,8 +41,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect { id, shell }
         | Command::Terminal(args::TerminalCommand::Attach { id, shell }) => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            // A terminal only for a terminal, as ssh does: piped input then
+            // ends the shell by closing its stdin. (A ^D sent down a pty can
+            // be flushed by the shell's own terminal setup, and it hangs.)
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
             let code =
-                terminal::exec(&client, id, terminal::login_shell(shell.as_deref()), true).await?;
+                terminal::exec(&client, id, terminal::login_shell(shell.as_deref()), tty).await?;
             std::process::exit(code);
         }
         Command::Forward {
