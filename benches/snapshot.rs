@@ -33,7 +33,12 @@ fn main() {
     rt.block_on(async {
         let c = Containerd::connect(&ctd.socket, "overlayfs").await.unwrap();
         let img = c
-            .import_archive("rivernode.local/env/busybox:latest", &oci, work.path())
+            .import_archive(
+                "rivernode.local/env/busybox:latest",
+                &oci,
+                work.path(),
+                &rivernode::oci::Progress::none(),
+            )
             .await
             .unwrap();
         println!("size      commit s  MB/s   gzip s  MB/s   layer MB  commit/gzip");

@@ -90,10 +90,27 @@ async fn environments_run_on_real_containerd() {
         return;
     };
     let c = Containerd::connect(&ctd.socket, "overlayfs").await.unwrap();
+    // How far the import got, as the runner hears it.
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = heard.clone();
+    let progress = rivernode::oci::Progress::new(move |phase, done, total| {
+        h.lock().unwrap().push((phase, done, total))
+    });
     let img = c
-        .import_archive("rivernode.local/env/busybox:latest", &oci, work.path())
+        .import_archive(
+            "rivernode.local/env/busybox:latest",
+            &oci,
+            work.path(),
+            &progress,
+        )
         .await
         .unwrap();
+    let heard = heard.lock().unwrap().clone();
+    let total = heard[0].2;
+    assert!(total > 0, "{heard:?}");
+    assert_eq!(heard.first(), Some(&("importing", 0, total)));
+    assert!(heard.contains(&("importing", total, total)), "{heard:?}");
+    assert_eq!(heard.last(), Some(&("unpacking", total, total)));
 
     let (code, oom, out) = run(
         &c,
@@ -167,7 +184,12 @@ async fn environments_run_on_real_containerd() {
 
     // The same archive again is not imported again: same image, same snapshot.
     let again = c
-        .import_archive("rivernode.local/env/busybox:latest", &oci, work.path())
+        .import_archive(
+            "rivernode.local/env/busybox:latest",
+            &oci,
+            work.path(),
+            &rivernode::oci::Progress::none(),
+        )
         .await
         .unwrap();
     assert_eq!(again.top_chain, img.top_chain);
@@ -181,6 +203,7 @@ async fn environments_run_on_real_containerd() {
             "rivernode.local/env/busybox-docker:latest",
             &docker,
             work.path(),
+            &rivernode::oci::Progress::none(),
         )
         .await
         .unwrap();
@@ -207,7 +230,12 @@ async fn pause_resume_and_kill() {
     };
     let c = Containerd::connect(&ctd.socket, "overlayfs").await.unwrap();
     let img = c
-        .import_archive("rivernode.local/env/busybox:latest", &oci, work.path())
+        .import_archive(
+            "rivernode.local/env/busybox:latest",
+            &oci,
+            work.path(),
+            &rivernode::oci::Progress::none(),
+        )
         .await
         .unwrap();
     let id = uid("t-sleep");

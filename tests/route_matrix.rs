@@ -42,6 +42,11 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("PUT", "/api/nodes/{node}/heartbeat", Access::OwnNode),
     ("GET", "/api/nodes/{node}/assignments", Access::OwnNode),
     ("PUT", "/api/nodes/{node}/tasks/{task}", Access::OwnNode),
+    (
+        "PUT",
+        "/api/nodes/{node}/tasks/{task}/progress",
+        Access::OwnNode,
+    ),
     ("POST", "/api/tasks", Access::People),
     ("GET", "/api/tasks", Access::People),
     ("GET", "/api/environments", Access::People),

@@ -424,6 +424,165 @@ fn a_registry_image_is_pulled_and_runs() {
     assert!(stderr(&bad).contains("image.registry"), "{}", stderr(&bad));
 }
 
+/// `oci` (an OCI archive) with `size` random bytes more in `/big`, as a new
+/// archive: a layer no cache has, too big to pull in an instant.
+fn with_random_file(oci: &std::path::Path, dir: &std::path::Path, size: usize) -> PathBuf {
+    let run = |c: &mut std::process::Command| {
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img).unwrap();
+    run(std::process::Command::new("tar")
+        .arg("xf")
+        .arg(oci)
+        .arg("-C")
+        .arg(&img));
+    let layout = format!("{}:latest", img.display());
+    let bundle = dir.join("bundle");
+    run(std::process::Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &layout])
+        .arg(&bundle));
+    let mut noise = vec![0u8; size];
+    getrandom::fill(&mut noise).unwrap();
+    std::fs::write(bundle.join("rootfs/big"), noise).unwrap();
+    run(std::process::Command::new("umoci")
+        .args(["repack", "--image", &layout])
+        .arg(&bundle));
+    let out = dir.join("big.tar");
+    run(std::process::Command::new("tar")
+        .arg("cf")
+        .arg(&out)
+        .arg("-C")
+        .arg(&img)
+        .arg("."));
+    out
+}
+
+/// A loopback relay to `to` that sends what comes back at about
+/// `per_second` bytes a second (a slow link to a registry); its address.
+fn throttled_relay(to: String, per_second: usize) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let chunk = (per_second / 16).max(1);
+                let mut buf = vec![0u8; chunk];
+                while let Ok(n) = s_in.read(&mut buf) {
+                    if n == 0 || c_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1000 / 16));
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// The percentages of the `phase` lines a waiting CLI printed.
+fn progress_lines(err: &str, phase: &str, image: &str) -> Vec<u64> {
+    err.lines()
+        .filter(|l| l.starts_with(&format!("{phase} {image}: ")))
+        .filter_map(|l| l.rsplit_once('(')?.1.strip_suffix("%)")?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_slow_pull_shows_how_far_it_got_while_the_cli_waits() {
+    // The VPS's network is made in namespaces of the test's own.
+    if !common::cluster::parts_present() {
+        return;
+    }
+    common::cluster::private_namespaces(|| {
+        let Some(reg) = PrivateRegistry::start() else {
+            return;
+        };
+        // About 4 s for each 3 MiB layer: long enough for several words of progress.
+        let relay = throttled_relay(reg.addr.clone(), 768 << 10);
+        let Some(c) = Cluster::start_with("tasks-p", &["--insecure-registry", &relay]) else {
+            return;
+        };
+        let oci = c.dir.path().join("shared/environments/busybox.tar");
+        for tag in ["big:1", "big:2"] {
+            let dir = c.dir.path().join(tag.replace(':', "-"));
+            reg.push(&with_random_file(&oci, &dir, 3 << 20), tag);
+        }
+        // A command: `--wait` shows the pull, then the task's own output.
+        let image = format!("{relay}/big:1");
+        let o = c.rn(&[
+            "task", "submit", "--wait", "--image", &image, "--", "echo", "ran",
+        ]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(stdout(&o), "ran\n");
+        let seen = progress_lines(&err, "pulling", &image);
+        assert!(seen.len() >= 2, "several words of the pull: {err}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{err}");
+        assert!(
+            seen.iter().any(|p| (1..100).contains(p)),
+            "part of the way: {err}"
+        );
+        // A VPS: `vps create` waits while its node pulls, then says how to log in.
+        let key = c.dir.path().join("vps.key");
+        let image = format!("{relay}/big:2");
+        let o = c.rn(&[
+            "vps",
+            "create",
+            "--image",
+            &image,
+            "--gen-ssh-key",
+            "--key-out-file",
+            key.to_str().unwrap(),
+        ]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        assert!(progress_lines(&err, "pulling", &image).len() >= 2, "{err}");
+        let out = stdout(&o);
+        assert!(out.contains(" running"), "it waited until it ran: {out}");
+        assert!(
+            out.contains(&format!("-i {}", key.display())),
+            "how to log in with the key it wrote: {out}"
+        );
+        // Once made, a task says nothing more of its making.
+        let id = out.split_whitespace().nth(1).unwrap();
+        assert!(c.json(&["task", "status", id]).get("progress").is_none());
+        // `env import` shows its copy the same way.
+        let o = c.rn(&["env", "import", "again", oci.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("copying environment again: ") && stderr(&o).contains("(100%)"),
+            "{}",
+            stderr(&o)
+        );
+        let o = c.rn(&["env", "import", "none", "/nonexistent.tar"]);
+        assert!(
+            stderr(&o).contains("/nonexistent.tar: no such file"),
+            "{}",
+            stderr(&o)
+        );
+        let o = c.rn(&["vps", "delete", id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(id.parse().unwrap(), "deleted");
+    });
+}
+
 /// A registry that misbehaves on purpose: for the tag `realm` it names a
 /// token endpoint elsewhere on this machine (the canary, which records any
 /// visit); for `huge` it sends a manifest that never ends; for `slow` it

@@ -5,7 +5,8 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use super::{
-    Assignments, ErrorBody, HeartbeatRequest, RegisterRequest, RegisterResponse, TaskReport,
+    Assignments, ErrorBody, HeartbeatRequest, RegisterRequest, RegisterResponse, TaskProgress,
+    TaskReport,
 };
 
 /// Why a call to the host did not succeed.
@@ -188,6 +189,24 @@ impl HostClient {
             .bearer_auth(self.credential())
             .timeout(Duration::from_secs(10))
             .json(report)
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        Self::check(resp).await.map(|_| ())
+    }
+
+    /// How far making task `id` got. Best effort: a lost one is followed
+    /// by a newer one, or made moot by the task's next report.
+    pub async fn progress(&self, id: u64, p: &TaskProgress) -> Result<(), HostCallError> {
+        let resp = self
+            .http
+            .put(format!(
+                "{}/api/nodes/{}/tasks/{id}/progress",
+                self.base, self.node
+            ))
+            .bearer_auth(self.credential())
+            .timeout(Duration::from_secs(5))
+            .json(p)
             .send()
             .await
             .map_err(HostCallError::Unreachable)?;

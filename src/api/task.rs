@@ -304,6 +304,21 @@ pub struct TaskView {
     /// The user who submitted it; none for the admin.
     #[serde(default)]
     pub owner: Option<String>,
+    /// How far its node got making it (image pull or import), while it is
+    /// being made; the host keeps this in memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TaskProgress>,
+}
+
+/// A node's word on how far it got making an instance: `phase` is what it
+/// does (`pulling`, `importing`, `unpacking`), bytes of it done and in all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    pub phase: String,
+    /// What is pulled or imported (an image reference, an environment).
+    pub what: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// What a runner must converge to for one task.

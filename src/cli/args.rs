@@ -533,6 +533,10 @@ pub struct VpsCreateArgs {
     /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
     #[arg(long, value_name = "VPS[:SNAPSHOT]", conflicts_with_all = ["container", "image"])]
     pub from_snapshot: Option<String>,
+    /// Return as soon as the host has the VPS, without waiting while its
+    /// node makes it (pulls or imports its image). `-o json` never waits.
+    #[arg(long)]
+    pub no_wait: bool,
     /// The main process of a --no-ssh VPS and its arguments.
     #[arg(last = true, value_name = "CMD", requires = "no_ssh")]
     pub command: Vec<String>,

@@ -291,26 +291,51 @@ async fn copy_log(
     }
 }
 
-/// Waits for task `id` to start, streams its stdout and stderr to ours
-/// while it runs, and returns it once it has ended.
-async fn stream_until_final(client: &Client, id: u64) -> anyhow::Result<TaskView> {
+/// Waits while task `id` waits for room or is being made on its node:
+/// says why it waits (once each time that changes) and shows how far the
+/// making got (image pull or import). With `pending_for`, gives up waiting
+/// once it has been queued for room that long (the task stays queued).
+/// Returns it as it was last seen.
+pub async fn wait_made(
+    client: &Client,
+    id: u64,
+    what: &str,
+    pending_for: Option<Duration>,
+) -> anyhow::Result<TaskView> {
     use crate::api::TaskState;
     let mut said = String::new();
+    let mut meter = crate::cli::progress::Meter::new();
+    let began = std::time::Instant::now();
     loop {
         let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
-        if t.state.is_final() && t.placement.is_none() {
+        let made =
+            t.placement.is_some() && !matches!(t.state, TaskState::Pending | TaskState::Assigning);
+        if made || t.state.is_final() {
             return Ok(t);
         }
-        if t.placement.is_some() && !matches!(t.state, TaskState::Pending | TaskState::Assigning) {
-            break;
+        if let Some(p) = &t.progress {
+            meter.show(p);
         }
         // Why it waits, once each time the reason changes.
         let why = t.reason.clone();
         if t.state == TaskState::Pending && !why.is_empty() && why != said {
-            eprintln!("task {id} {}: {why}", t.state);
+            meter.finish();
+            eprintln!("{what} {id} {}: {why}", t.state);
             said = why;
         }
+        if t.state == TaskState::Pending && pending_for.is_some_and(|d| began.elapsed() > d) {
+            return Ok(t);
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits for task `id` to start, streams its stdout and stderr to ours
+/// while it runs, and returns it once it has ended.
+async fn stream_until_final(client: &Client, id: u64) -> anyhow::Result<TaskView> {
+    let t = wait_made(client, id, "task", None).await?;
+    if t.state.is_final() && t.placement.is_none() {
+        return Ok(t);
     }
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     let (out, err) = tokio::join!(
@@ -450,7 +475,10 @@ pub async fn env(client: &Client, cmd: EnvCommand, output: Output) -> anyhow::Re
             })?;
             let dest = dir.join(format!("{name}.tar"));
             let tmp = dir.join(format!(".{name}.tar.importing"));
-            std::fs::copy(&archive, &tmp)
+            if !archive.is_file() {
+                bail!("{}: no such file (give an OCI or docker archive, e.g. from `docker save` or `skopeo copy ... oci-archive:FILE`)", archive.display());
+            }
+            crate::cli::progress::copy_file(&archive, &tmp, &format!("environment {name}"))
                 .with_context(|| format!("copying {} to {}", archive.display(), tmp.display()))?;
             std::fs::rename(&tmp, &dest)
                 .with_context(|| format!("renaming to {}", dest.display()))?;

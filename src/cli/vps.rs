@@ -207,6 +207,29 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
             if let Some(k) = &private {
                 record_key(&client.base, r.id, k)?;
             }
+            let mut r = r;
+            // A person waits while the VPS is made on its node (its image
+            // pulled or imported, shown as it goes); one queued for room is
+            // left queued. Scripts (-o json) get the id at once.
+            if output == Output::Table && !a.no_wait {
+                let t = crate::cli::task::wait_made(
+                    client,
+                    r.id,
+                    "vps",
+                    Some(std::time::Duration::from_secs(3)),
+                )
+                .await?;
+                if t.state.is_final() {
+                    bail!(
+                        "vps {} {}: {}",
+                        r.id,
+                        t.state,
+                        t.message.as_deref().unwrap_or("no reason given")
+                    );
+                }
+                r.state = t.state;
+                r.reason = t.reason;
+            }
             match output {
                 Output::Json => emit_json(&r),
                 Output::Table => {
@@ -341,12 +364,23 @@ fn snapshot_rows(list: &[SnapshotView]) -> String {
 async fn snapshot(client: &Client, cmd: SnapshotCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         SnapshotCommand::Create { id, message } => {
-            let s: SnapshotView = client
-                .post_long(
+            // The commit's size is known only at its end: a spinner, not a bar.
+            let spin = match output {
+                Output::Table => {
+                    crate::cli::progress::spinner(&format!("vps {id}: committing its changes"))
+                }
+                Output::Json => None,
+            };
+            let s = client
+                .post_long::<_, SnapshotView>(
                     &format!("/api/vps/snapshots/{id}"),
                     &SnapshotRequest { message },
                 )
-                .await?;
+                .await;
+            if let Some(spin) = spin {
+                spin.finish_and_clear();
+            }
+            let s = s?;
             match output {
                 Output::Json => emit_json(&s),
                 Output::Table => emit(&format!(

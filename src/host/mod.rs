@@ -68,6 +68,9 @@ pub struct HostState {
     pub max_waiting_per_user: u32,
     /// What work without --container or --image runs in (`default_environment`).
     pub default_environment: Option<String>,
+    /// How far nodes got making tasks that are being made (in memory only:
+    /// it matters while someone waits, and a runner sends it again).
+    pub progress: std::sync::Mutex<std::collections::HashMap<u64, crate::api::TaskProgress>>,
 }
 
 impl HostState {
@@ -178,6 +181,7 @@ impl BoundHost {
                 data_dir: config.data_dir.clone(),
                 max_waiting_per_user: config.max_waiting_per_user,
                 default_environment: config.default_environment.clone(),
+                progress: Default::default(),
             }),
             listener,
             ssh_listener,

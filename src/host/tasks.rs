@@ -81,6 +81,7 @@ pub fn node_routes() -> Router<Arc<HostState>> {
     Router::new()
         .route("/api/nodes/{name}/assignments", get(assignments))
         .route("/api/nodes/{name}/tasks/{id}", put(report))
+        .route("/api/nodes/{name}/tasks/{id}/progress", put(progress))
 }
 
 /// Places queued tasks whenever something may have freed or added room, and
@@ -227,6 +228,19 @@ pub(super) fn redacted(mut t: TaskView) -> TaskView {
     t
 }
 
+/// `redacted`, with how far its node got making it while that lasts; the
+/// word of a task that is made (or ended) is forgotten here.
+pub(super) fn outward(state: &HostState, t: TaskView) -> TaskView {
+    let mut t = redacted(t);
+    let mut all = state.progress.lock().unwrap_or_else(|e| e.into_inner());
+    if t.state == TaskState::Assigning {
+        t.progress = all.get(&t.id).cloned();
+    } else {
+        all.remove(&t.id);
+    }
+    t
+}
+
 const REDACTED: &str = "(set)";
 
 /// A privileged task runs again (restart, resume) only while the operator
@@ -348,7 +362,7 @@ async fn list(
             })
             .await?
             .into_iter()
-            .map(redacted)
+            .map(|t| outward(&state, t))
             .collect(),
     ))
 }
@@ -360,7 +374,7 @@ async fn status(
 ) -> Result<Json<TaskView>, ApiError> {
     visible_task(&state, &p, id)
         .await
-        .map(|t| Json(redacted(t)))
+        .map(|t| Json(outward(&state, t)))
 }
 
 async fn desire(
@@ -454,6 +468,28 @@ async fn logs(
     Ok((headers, body))
 }
 
+/// A node's word on how far it got making one of its tasks; kept only
+/// while the task is being made there.
+async fn progress(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path((name, id)): Path<(String, u64)>,
+    ApiJson(progress): ApiJson<crate::api::TaskProgress>,
+) -> Result<StatusCode, ApiError> {
+    own_node(&p, &name)?;
+    let t = state.blocking(move |s| s.get_task(id)).await?;
+    let Some(t) = t.filter(|t| t.placement.as_ref().is_some_and(|pl| pl.node == name)) else {
+        return Err(ApiError::NotFound(format!("no task {id} on this node")));
+    };
+    let mut all = state.progress.lock().unwrap_or_else(|e| e.into_inner());
+    if t.state == TaskState::Assigning {
+        all.insert(id, progress);
+    } else {
+        all.remove(&id);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 fn own_node(p: &Principal, name: &str) -> Result<(), ApiError> {
     if p.node.as_deref() == Some(name) {
         Ok(())
@@ -509,6 +545,14 @@ async fn report(
             Ok((before, s.report_task(&name, id, &r, now)?))
         })
         .await?;
+    // Made (or failed): how far the making got is moot.
+    if t.state != TaskState::Assigning {
+        state
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
     // A repeated report (a runner retrying after a lost answer) changes nothing.
     if before != Some(t.state) {
         tracing::info!(task = id, state = %t.state, exit_code = ?t.exit_code, "task state reported");

@@ -362,6 +362,7 @@ impl Containerd {
         name: &str,
         archive: &Path,
         scratch: &Path,
+        progress: &super::Progress,
     ) -> Result<ImportedImage, OciError> {
         let a = archive.to_path_buf();
         let digest = tokio::task::spawn_blocking(move || sha256_file(&a))
@@ -384,7 +385,9 @@ impl Containerd {
             .await
             .map_err(|e| archive_err(archive, e.to_string()))??;
         let lease = self.create_lease().await?;
-        let result = self.store_and_unpack(name, &layout, &digest, &lease).await;
+        let result = self
+            .store_and_unpack(name, &layout, &digest, &lease, "importing", progress)
+            .await;
         self.delete_lease(&lease).await;
         result
     }
@@ -395,6 +398,8 @@ impl Containerd {
         layout: &Layout,
         archive_digest: &str,
         lease: &str,
+        phase: &'static str,
+        progress: &super::Progress,
     ) -> Result<ImportedImage, OciError> {
         let config_bytes =
             std::fs::read(&layout.blobs[&layout.config.digest]).map_err(|source| OciError::Io {
@@ -423,6 +428,7 @@ impl Containerd {
         })?;
         let total: i64 = layout.layers.iter().map(|l| l.size).sum();
         let mut done: i64 = 0;
+        progress.report(phase, 0, total.max(0) as u64);
         for (i, l) in layout.layers.iter().enumerate() {
             done += l.size;
             tracing::info!(
@@ -441,6 +447,7 @@ impl Containerd {
                 lease,
             )
             .await?;
+            progress.report(phase, done.max(0) as u64, total.max(0) as u64);
         }
         // GC labels keep the blobs and the unpacked snapshot alive as long as the image is.
         let mut config_labels = HashMap::new();
@@ -474,7 +481,10 @@ impl Containerd {
             lease,
         )
         .await?;
+        let all = total.max(0) as u64;
+        progress.report("unpacking", 0, all);
         self.unpack(&layout.layers, &chains, lease).await?;
+        progress.report("unpacking", all, all);
         let mut labels = HashMap::new();
         labels.insert(ARCHIVE_LABEL.to_string(), archive_digest.to_string());
         let image = Image {

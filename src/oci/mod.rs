@@ -28,6 +28,31 @@ pub use registry::Reference;
 pub use spec::{build as build_spec, capability_bound, set_env, MountInput, RuntimeSpecInput};
 pub use task::{oom_kills, TaskStatus, TASK_LABEL};
 
+/// Where an import or a pull says how far it got: `(phase, done, total)`
+/// in bytes, phase `pulling` (download), `importing` (archive blobs into the
+/// content store) or `unpacking`. Called often; the receiver throttles.
+#[derive(Clone, Default)]
+pub struct Progress(Option<std::sync::Arc<ProgressFn>>);
+
+type ProgressFn = dyn Fn(&'static str, u64, u64) + Send + Sync;
+
+impl Progress {
+    pub fn new(f: impl Fn(&'static str, u64, u64) + Send + Sync + 'static) -> Self {
+        Progress(Some(std::sync::Arc::new(f)))
+    }
+
+    /// Reports nowhere.
+    pub fn none() -> Self {
+        Progress(None)
+    }
+
+    pub fn report(&self, phase: &'static str, done: u64, total: u64) {
+        if let Some(f) = &self.0 {
+            f(phase, done, total)
+        }
+    }
+}
+
 /// containerd namespace of everything rivernode creates.
 pub const NAMESPACE: &str = "rivernode";
 

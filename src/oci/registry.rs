@@ -180,7 +180,13 @@ impl Session<'_> {
             .ok_or_else(|| reg_err(self.r, "the token answer holds no token"))
     }
 
-    async fn blob_to_file(&mut self, d: &Desc, dir: &Path) -> Result<std::path::PathBuf, OciError> {
+    /// Downloads blob `d` into `dir`, verified; `got` hears of each chunk's size.
+    async fn blob_to_file(
+        &mut self,
+        d: &Desc,
+        dir: &Path,
+        got: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<std::path::PathBuf, OciError> {
         let mut resp = self
             .get(
                 &format!("/v2/{}/blobs/{}", self.r.repository, d.digest),
@@ -211,6 +217,7 @@ impl Session<'_> {
                 ));
             }
             h.update(&chunk);
+            got(chunk.len() as u64);
             std::io::Write::write_all(&mut f, &chunk).map_err(|source| OciError::Io {
                 path: path.clone(),
                 source,
@@ -271,6 +278,7 @@ impl Containerd {
         reference: &str,
         insecure: &[String],
         scratch: &Path,
+        progress: &super::Progress,
     ) -> Result<ImportedImage, OciError> {
         let r = Reference::parse(reference).map_err(|m| OciError::Image {
             name: reference.into(),
@@ -382,9 +390,17 @@ impl Containerd {
             layers: m.layers.clone(),
         };
         let blobs: Vec<&Desc> = std::iter::once(&m.config).chain(&m.layers).collect();
+        let total: u64 = blobs.iter().map(|d| d.size.max(0) as u64).sum();
+        let mut done = 0u64;
+        progress.report("pulling", 0, total);
         for (i, d) in blobs.iter().enumerate() {
             tracing::info!(image = %name, "downloading blob {}/{} ({} bytes)", i + 1, blobs.len(), d.size);
-            let path = s.blob_to_file(d, &dir).await?;
+            let path = s
+                .blob_to_file(d, &dir, &mut |n| {
+                    done += n;
+                    progress.report("pulling", done, total);
+                })
+                .await?;
             layout.blobs.insert(d.digest.clone(), path);
         }
         let lease = self.create_lease().await?;
@@ -394,6 +410,8 @@ impl Containerd {
                 &layout,
                 &format!("registry:{}", layout.manifest.digest),
                 &lease,
+                "unpacking",
+                progress,
             )
             .await;
         self.delete_lease(&lease).await;

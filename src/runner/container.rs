@@ -55,6 +55,8 @@ pub struct TaskContext {
     /// The node's unreserved CPUs, which instances on shared cores (`-c 0`)
     /// run on; recomputed on every pass of the reconciler.
     pub shared_cpus: std::sync::Mutex<CpuList>,
+    /// How far the making of each instance got, for the host.
+    pub progress: Arc<super::progress::Board>,
 }
 
 /// The `cpuset.cpus` file of cgroup `path`: in the unified hierarchy
@@ -122,7 +124,24 @@ impl TaskContext {
         }
     }
 
-    async fn image(&self, source: &ImageSource) -> Result<oci::ImportedImage, InstanceError> {
+    /// Instance `id`'s image, imported or pulled as needed; how far that
+    /// got goes to the progress board.
+    async fn image(
+        &self,
+        id: u64,
+        source: &ImageSource,
+    ) -> Result<oci::ImportedImage, InstanceError> {
+        let progress = self.progress.sink(id, source.to_string());
+        let r = self.image_with(source, &progress).await;
+        self.progress.clear(id);
+        r
+    }
+
+    async fn image_with(
+        &self,
+        source: &ImageSource,
+        progress: &oci::Progress,
+    ) -> Result<oci::ImportedImage, InstanceError> {
         let scratch = self.config.data_dir.join(super::STATE_DIR).join("import");
         // Every import shares the content store's layers: one at a time.
         let _held = self.image_lock.lock().await;
@@ -147,6 +166,7 @@ impl TaskContext {
                         &format!("rivernode.local/env/{name}:latest"),
                         &archive,
                         &scratch,
+                        progress,
                     )
                     .await?)
             }
@@ -157,7 +177,7 @@ impl TaskContext {
                 std::fs::create_dir_all(&scratch).map_err(Self::io(&scratch))?;
                 Ok(self
                     .ctd
-                    .pull(r, &self.config.insecure_registries, &scratch)
+                    .pull(r, &self.config.insecure_registries, &scratch, progress)
                     .await?)
             }
         }
@@ -351,7 +371,7 @@ impl TaskContext {
         };
         let image = match restore {
             Some(r) => self.snapshot_image(id, &r.snapshot).await?,
-            None => self.image(&a.spec.image).await?,
+            None => self.image(id, &a.spec.image).await?,
         };
         super::supervisor::crash_point(&self.crash_at, "imported");
         let mut input = self.spec_input(a)?;

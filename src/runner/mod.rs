@@ -13,6 +13,7 @@ pub mod forward;
 pub mod gpus;
 pub mod lifecycle;
 pub mod logdriver;
+pub mod progress;
 pub mod reconcile;
 pub mod report;
 pub mod snapshots;
@@ -589,6 +590,7 @@ impl Control {
             image_lock: Default::default(),
             node_cpus: self.inventory.cpus.iter().map(|c| c.id).collect(),
             shared_cpus: Default::default(),
+            progress: Default::default(),
         });
         let host = Arc::new(crate::api::host_client::HostClient::new(
             reqwest::Client::builder()
@@ -607,6 +609,11 @@ impl Control {
             crash_at,
         });
         tracing::info!(socket = %self.config.containerd_socket.display(), "containerd connected; task loop started");
+        tokio::spawn(progress::pump(
+            ctx.progress.clone(),
+            host.clone(),
+            self.stop.clone(),
+        ));
         tokio::spawn(reconcile::Reconciler::new(sup, host.clone()).run(self.stop.clone()));
         tokio::spawn(watch_containerd(
             ctx.ctd.clone(),

@@ -106,6 +106,7 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         finished_at_unix_ms: finished,
         ssh_host_key,
         owner,
+        progress: None,
     })
 }
 
