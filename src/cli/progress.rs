@@ -52,6 +52,14 @@ impl Meter {
         }
     }
 
+    /// Prints a line on stderr, above the bar when there is one.
+    pub fn say(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
     /// Ends the bar (it leaves no line behind); plain output needs nothing.
     pub fn finish(&mut self) {
         if let Some(b) = self.bar.take() {
@@ -75,9 +83,12 @@ impl Drop for Meter {
 /// The line to print for `p` after one about `said` (its phase and
 /// quarter), if it says something new: a new phase, or a further quarter.
 pub fn plain_line(said: Option<&(String, u8)>, p: &TaskProgress) -> Option<(String, (String, u8))> {
-    let quarter = (p.done_bytes.min(p.total_bytes) * 4)
-        .checked_div(p.total_bytes)
-        .map_or(4, |q| q as u8);
+    // u128: the numbers come from a node, and must not overflow here.
+    let (done, total) = (
+        p.done_bytes.min(p.total_bytes) as u128,
+        p.total_bytes as u128,
+    );
+    let quarter = (done * 4).checked_div(total).map_or(4, |q| q as u8);
     let new = match said {
         Some((phase, q)) => *phase != p.phase || quarter > *q,
         None => true,
@@ -90,9 +101,7 @@ pub fn plain_line(said: Option<&(String, u8)>, p: &TaskProgress) -> Option<(Stri
                 p.what,
                 bytes(p.done_bytes),
                 bytes(p.total_bytes),
-                (p.done_bytes.min(p.total_bytes) * 100)
-                    .checked_div(p.total_bytes)
-                    .unwrap_or(100)
+                (done * 100).checked_div(total).unwrap_or(100)
             ),
             (p.phase.clone(), quarter),
         )

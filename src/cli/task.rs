@@ -306,6 +306,7 @@ pub async fn wait_made(
     let mut said = String::new();
     let mut meter = crate::cli::progress::Meter::new();
     let began = std::time::Instant::now();
+    let mut told = false;
     loop {
         let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
         let made =
@@ -313,14 +314,20 @@ pub async fn wait_made(
         if made || t.state.is_final() {
             return Ok(t);
         }
+        if t.state == TaskState::Assigning && !told {
+            let node = t.placement.as_ref().map(|p| p.node.as_str()).unwrap_or("?");
+            meter.say(&format!(
+                "{what} {id}: being made on node {node} (Ctrl-C stops waiting, not the {what})"
+            ));
+            told = true;
+        }
         if let Some(p) = &t.progress {
             meter.show(p);
         }
         // Why it waits, once each time the reason changes.
         let why = t.reason.clone();
         if t.state == TaskState::Pending && !why.is_empty() && why != said {
-            meter.finish();
-            eprintln!("{what} {id} {}: {why}", t.state);
+            meter.say(&format!("{what} {id} {}: {why}", t.state));
             said = why;
         }
         if t.state == TaskState::Pending && pending_for.is_some_and(|d| began.elapsed() > d) {

@@ -202,12 +202,11 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 command: a.command.clone(),
                 ..crate::cli::task::base_spec_from(&a.resources, Kind::Vps, source)?
             };
-            let r: SubmitResponse = client.post("/api/tasks", &spec).await?;
+            let mut r: SubmitResponse = client.post("/api/tasks", &spec).await?;
             let private = private_key_of(&a);
             if let Some(k) = &private {
                 record_key(&client.base, r.id, k)?;
             }
-            let mut r = r;
             // A person waits while the VPS is made on its node (its image
             // pulled or imported, shown as it goes); one queued for room is
             // left queued. Scripts (-o json) get the id at once.

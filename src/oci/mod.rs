@@ -30,7 +30,7 @@ pub use task::{oom_kills, TaskStatus, TASK_LABEL};
 
 /// Where an import or a pull says how far it got: `(phase, done, total)`
 /// in bytes, phase `pulling` (download), `importing` (archive blobs into the
-/// content store) or `unpacking`. Called often; the receiver throttles.
+/// content store), `storing` (downloaded blobs into it) or `unpacking`. Called often; the receiver throttles.
 #[derive(Clone, Default)]
 pub struct Progress(Option<std::sync::Arc<ProgressFn>>);
 

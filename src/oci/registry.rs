@@ -410,7 +410,7 @@ impl Containerd {
                 &layout,
                 &format!("registry:{}", layout.manifest.digest),
                 &lease,
-                "unpacking",
+                "storing",
                 progress,
             )
             .await;

@@ -132,9 +132,9 @@ impl TaskContext {
         source: &ImageSource,
     ) -> Result<oci::ImportedImage, InstanceError> {
         let progress = self.progress.sink(id, source.to_string());
-        let r = self.image_with(source, &progress).await;
-        self.progress.clear(id);
-        r
+        // Cleared however this ends, a kill's cancellation of the pull too.
+        let _clear = super::progress::ClearOnDrop(&self.progress, id);
+        self.image_with(source, &progress).await
     }
 
     async fn image_with(
@@ -375,10 +375,11 @@ impl TaskContext {
         };
         super::supervisor::crash_point(&self.crash_at, "imported");
         let mut input = self.spec_input(a)?;
-        // A command runs as the image's User. A VPS's main process is its
-        // SSH server, which needs root (its logins choose their users).
+        // A command, and a VPS's own command (--no-ssh), run as the image's
+        // User. A VPS's SSH server needs root (its logins choose their users).
         let wanted_user = image.config.user.as_deref().filter(|u| !u.is_empty());
-        if let (Kind::Command, Some(user)) = (a.spec.kind, wanted_user) {
+        let own_command = a.spec.kind == Kind::Command || a.spec.no_ssh;
+        if let (true, Some(user)) = (own_command, wanted_user) {
             let found = self
                 .ctd
                 .find_in_image(&image, &["/etc/passwd", "/etc/group"])
@@ -397,7 +398,10 @@ impl TaskContext {
             }
             if input.args.is_empty() {
                 return Err(InstanceError::NoCommand {
-                    image: a.spec.image.to_string(),
+                    image: match &restore {
+                        Some(r) => format!("snapshot {} of VPS {id}", r.snapshot),
+                        None => a.spec.image.to_string(),
+                    },
                 });
             }
             let inet = self.vps.start_network(id, &cid, None).await?;

@@ -283,7 +283,8 @@ pub fn classify(f: &ExitFacts) -> Outcome {
                 Some(0) if !vps => outcome(TaskState::Completed, note.clone(), false, false),
                 Some(c) => {
                     let what = if vps {
-                        format!("its main process (the SSH server) exited with code {c}")
+                        // The SSH server, or a --no-ssh VPS's own command.
+                        format!("its main process exited with code {c}")
                     } else {
                         format!("exited with code {c}")
                     };

@@ -66,6 +66,15 @@ impl Board {
     }
 }
 
+/// Clears an instance's entry when dropped: however its making ended.
+pub struct ClearOnDrop<'a>(pub &'a Board, pub u64);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.clear(self.1);
+    }
+}
+
 /// Sends what changed every `PUMP` until `stop` turns true. A failed send
 /// is only logged: the next change replaces it.
 pub async fn pump(board: Arc<Board>, host: Arc<HostClient>, mut stop: watch::Receiver<bool>) {
