@@ -35,6 +35,9 @@ if [ "$want_test" = 1 ]; then
     packages+=(debootstrap)
     # `connect` is tested as a person uses it: typed into a terminal (tmux).
     packages+=(tmux)
+    # VMs: generated domain XML is checked against libvirt's schema
+    # (virt-xml-validate runs xmllint); the NoCloud seed is read back by isoinfo.
+    packages+=(libvirt-clients libxml2-utils genisoimage)
 fi
 
 missing=()

@@ -91,6 +91,9 @@ pub enum Command {
     /// rivernode's cgroups on this node, with limits and usage (node-local).
     #[command(subcommand)]
     Cgroup(CgroupCommand),
+    /// What this node offers VMs: KVM, IOMMU, VFIO, UEFI firmware, QEMU, libvirt (node-local).
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Command tasks: submit, list, status, logs, kill, pause, resume.
     #[command(subcommand)]
     Task(TaskCommand),
@@ -478,6 +481,13 @@ pub enum TaskCommand {
     Resume {
         id: u64,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Check this node for VMs and say what to do about what is missing;
+    /// exits 1 when QEMU or libvirt is missing (VMs cannot run at all).
+    Check,
 }
 
 #[derive(Subcommand, Debug)]

@@ -150,6 +150,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             gpu::run(cmd, cli.output, &dir)
         }
+        Command::Vm(args::VmCommand::Check) => {
+            let found = crate::kvm::check::check(&crate::kvm::check::Roots::default());
+            match cli.output {
+                args::Output::Json => output::emit_json(&found),
+                args::Output::Table => {
+                    let rows: Vec<Vec<String>> = found
+                        .iter()
+                        .map(|f| {
+                            vec![
+                                f.what.to_string(),
+                                if f.ok { "ok" } else { "missing" }.to_string(),
+                                f.detail.clone(),
+                                f.fix.clone(),
+                            ]
+                        })
+                        .collect();
+                    output::emit(&output::table(
+                        &["CHECK", "STATE", "FOUND", "WHAT TO DO"],
+                        &rows,
+                    ));
+                }
+            }
+            if !crate::kvm::check::vms_can_run(&found) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
             let mut buf = Vec::new();

@@ -1,1 +1,18 @@
-//! libvirt: domain XML, qcow2 overlays, cloud-init seed, lifecycle, snapshots (issue: VM VPS, not filed yet).
+//! libvirt VMs for VM VPS: the typed domain XML (`domain`), the NoCloud
+//! seed that configures the guest (`seed`), and what a node offers VMs
+//! (`check`). A library room: it knows nothing of the host or the runner.
+
+pub mod check;
+pub mod domain;
+pub mod seed;
+mod xml;
+
+/// A MAC address as libvirt and netplan write it: `0a:58:0a:fa:00:2a`.
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub use domain::{domain_name, Accel, Boot, DomainError, Instance, Vm, METADATA_NS};

@@ -10,6 +10,7 @@
 mod cgroup;
 mod guest;
 mod harness;
+mod kvm;
 mod vfio;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,7 @@ fn all_tests() -> Vec<KernelTest> {
     let mut t = harness_self_tests();
     t.extend(cgroup::tests());
     t.extend(vfio::tests());
+    t.extend(kvm::tests());
     t
 }
 
