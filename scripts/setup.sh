@@ -38,6 +38,9 @@ if [ "$want_test" = 1 ]; then
     # VMs: generated domain XML is checked against libvirt's schema
     # (virt-xml-validate runs xmllint); the NoCloud seed is read back by isoinfo.
     packages+=(libvirt-clients libxml2-utils genisoimage)
+    # A VM boots under a private libvirtd (TCG) in the VM tests; qemu-img
+    # makes their disks.
+    packages+=(libvirt-daemon libvirt-daemon-driver-qemu qemu-utils)
 fi
 
 missing=()
@@ -58,4 +61,14 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: installing the Rust toolchain with rustup"
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt
+fi
+
+# libvirt's QEMU driver, run as root, resolves its default user even when
+# qemu.conf names root: the user must exist (Debian's libvirt-daemon-system
+# makes it; the tests run libvirtd without that package).
+if [ "$want_test" = 1 ]; then
+    getent group kvm >/dev/null || groupadd -r kvm
+    getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+    getent passwd libvirt-qemu >/dev/null ||
+        useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
 fi

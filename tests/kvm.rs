@@ -136,3 +136,189 @@ fn vm_check_says_what_this_node_offers_and_what_to_do() {
         .all(|f| f["ok"] == true);
     assert_eq!(o.status.success(), runnable, "{found}");
 }
+
+/// A guest for the boot test: the node's kernel with an initramfs of
+/// busybox whose init says it is up (with its CPUs and the seed's label
+/// as the guest sees it), then waits.
+fn guest_initramfs(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = dir.join("initramfs");
+    for d in ["bin", "proc", "sys", "dev", "mnt"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let init = root.join("init");
+    std::fs::write(
+        &init,
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs devtmpfs /dev\necho \"RIVERNODE-VM-UP cpus=$(nproc)\"\nwhile true; do sleep 1; echo \"RIVERNODE-VM-TICK $(cat /proc/uptime)\"; done\n",
+    )
+    .unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&init).unwrap().permissions(),
+        0o755,
+    );
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = dir.join("initramfs.cpio");
+    let list = "init\nbin\nbin/busybox\nproc\nsys\ndev\nmnt\n";
+    let mut c = Command::new("busybox")
+        .args(["cpio", "-o", "-H", "newc"])
+        .current_dir(&root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), list.as_bytes()).unwrap();
+    assert!(c.wait().unwrap().success());
+    out
+}
+
+fn newest_kernel() -> Option<std::path::PathBuf> {
+    let mut k: Vec<std::path::PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .collect();
+    k.sort();
+    k.pop()
+}
+
+#[test]
+fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
+    use rivernode::kvm::libvirt::{Hypervisor, VmState};
+    use rivernode::kvm::{Accel, Boot, Instance, Vm};
+    if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
+        return;
+    }
+    let Some(kernel) = newest_kernel() else {
+        assert!(
+            !real_part_available("a kernel in /boot (linux-image-amd64)", false),
+            "no kernel"
+        );
+        return;
+    };
+    common::cluster::private_namespaces(move || {
+        let lv = common::libvirt::PrivateLibvirt::start();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let initrd = guest_initramfs(d);
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(d.join("base.qcow2"))
+            .arg("16M"));
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(d.join("base.qcow2"))
+            .arg(d.join("disk.qcow2")));
+        run(Command::new("ip").args(["tuntap", "add", "dev", "rvtap7", "mode", "tap"]));
+        let seed = SeedInput {
+            instance_id: "3f2a9c1e-0000-4000-8000-000000000007".into(),
+            hostname: "vps-7".into(),
+            ssh_keys: vec!["ssh-ed25519 AAAAC3Nza alice@laptop".into()],
+            password_hash: None,
+            host_key: None,
+            mac: [0x0a, 0x58, 10, 250, 0, 7],
+            ip: "10.250.0.7".parse().unwrap(),
+            prefix: 24,
+            gateway: "10.250.0.1".parse().unwrap(),
+            nameservers: vec![],
+        };
+        std::fs::write(d.join("seed.iso"), seed_iso(&seed)).unwrap();
+        // The last CPU of this machine: vCPU 0 and QEMU's own threads there.
+        let last = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32 - 1;
+        let vm = Vm {
+            uuid: seed.instance_id.clone(),
+            accel: Accel::Qemu,
+            memory_mib: 256,
+            vcpu_pins: vec![last],
+            emulator_cpus: [last].into_iter().collect(),
+            boot: Boot::Kernel {
+                kernel,
+                initrd: Some(initrd),
+                cmdline: "console=ttyS0 panic=-1 quiet".into(),
+            },
+            disk: d.join("disk.qcow2"),
+            base: d.join("base.qcow2"),
+            disk_cache: "writeback",
+            seed: d.join("seed.iso"),
+            mac: seed.mac,
+            console_log: d.join("console.log"),
+            hostdevs: vec![],
+            instance: Instance {
+                id: 7,
+                owner: Some("alice".into()),
+                node: "n1".into(),
+                submitted_at_unix_ms: 1_796_000_000_000,
+                cpus: [last].into_iter().collect(),
+                numa: Some(0),
+                gpus: vec![],
+                tap: "rvtap7".into(),
+                ip: seed.ip,
+            },
+        };
+        let h = Hypervisor::open(&lv.uri).unwrap();
+        h.define_and_start(&vm)
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", lv.log()));
+        let console = || std::fs::read_to_string(d.join("console.log")).unwrap_or_default();
+        let up = wait_for("the guest's init", || {
+            let c = console();
+            c.contains("RIVERNODE-VM-UP").then_some(c)
+        });
+        assert!(up.contains("RIVERNODE-VM-UP cpus=1"), "{up}");
+        // Its vCPU thread runs only on the reserved CPU.
+        let name = rivernode::kvm::domain_name(&vm.uuid);
+        let pid = lv.qemu_pid(&name).expect("QEMU's pid file");
+        let mut vcpus = 0;
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            if status
+                .lines()
+                .next()
+                .is_some_and(|l| l.contains("CPU 0/TCG"))
+            {
+                let allowed = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .unwrap()
+                    .trim()
+                    .to_string();
+                assert_eq!(allowed, last.to_string());
+                vcpus += 1;
+            }
+        }
+        assert_eq!(vcpus, 1, "one vCPU thread");
+        // What a restarted runner finds: our instance, from the metadata.
+        let found = h.list().unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].instance.clone(), found[0].state),
+            (vm.instance.clone(), VmState::Running)
+        );
+        // Paused, the guest's clock stops ticking on the console.
+        h.pause(&vm.uuid).unwrap();
+        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Paused));
+        let frozen = console().len();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        assert_eq!(console().len(), frozen, "no tick while paused");
+        h.resume(&vm.uuid).unwrap();
+        wait_for("a tick after resume", || {
+            (console().len() > frozen).then_some(())
+        });
+        // busybox init ignores the power button: the plug is pulled after the grace.
+        assert!(!h.stop(&vm.uuid, std::time::Duration::from_secs(2)).unwrap());
+        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Off));
+        assert!(
+            lv.qemu_pid(&name).is_none() || !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        );
+        h.undefine(&vm.uuid).unwrap();
+        assert_eq!(h.state(&vm.uuid).unwrap(), None);
+        assert!(h.list().unwrap().is_empty());
+        drop(h);
+        let _ = Command::new("ip").args(["link", "del", "rvtap7"]).status();
+    });
+}

@@ -453,7 +453,7 @@ impl Instance {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// The test profile: TCG, direct kernel boot, no GPUs.

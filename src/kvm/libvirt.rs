@@ -1,0 +1,290 @@
+//! VMs through libvirt (the `virt` crate, 0.4.3): define from our domain
+//! XML, start, stop (ACPI power button with a deadline, then destroy),
+//! pause and resume, undefine, and the list of our domains with their
+//! metadata, which is all a restarted runner needs to find its VMs again.
+//!
+//! Every call blocks (libvirt's API is synchronous): async callers run
+//! them with `spawn_blocking`. Domains are persistent, so libvirt owns the
+//! QEMU processes and a runner's crash touches no VM.
+
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::domain::{Instance, Vm, METADATA_NS, NAME_PREFIX};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("libvirt: {what}")]
+    Call {
+        what: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error(transparent)]
+    Domain(#[from] super::domain::DomainError),
+}
+
+fn call(what: impl Into<String>) -> impl FnOnce(virt::error::Error) -> LibvirtError {
+    let what = what.into();
+    move |source| LibvirtError::Call { what, source }
+}
+
+/// What a domain is doing, as far as the runner cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    Running,
+    Paused,
+    /// Defined, not running (stopped, crashed, or never started).
+    Off,
+    /// Shutting down, or a state we do not act on.
+    Other,
+}
+
+fn state_of(s: sys::virDomainState) -> VmState {
+    match s {
+        sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => VmState::Running,
+        sys::VIR_DOMAIN_PAUSED | sys::VIR_DOMAIN_PMSUSPENDED => VmState::Paused,
+        sys::VIR_DOMAIN_SHUTOFF | sys::VIR_DOMAIN_CRASHED => VmState::Off,
+        _ => VmState::Other,
+    }
+}
+
+/// One of our domains as libvirt has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundVm {
+    pub uuid: String,
+    pub instance: Instance,
+    pub state: VmState,
+}
+
+/// A connection to libvirt (`qemu:///system` on a node).
+pub struct Hypervisor {
+    conn: Connect,
+}
+
+impl Drop for Hypervisor {
+    fn drop(&mut self) {
+        // virt's Connect has no Drop of its own.
+        let _ = self.conn.close();
+    }
+}
+
+impl Hypervisor {
+    pub fn open(uri: &str) -> Result<Hypervisor, LibvirtError> {
+        // libvirt prints every error to stderr by default, an expected
+        // "no such domain" too; ours come back as values instead.
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        QUIET.call_once(virt::error::clear_error_callback);
+        Ok(Hypervisor {
+            conn: Connect::open(Some(uri)).map_err(call(format!(
+                "connecting to {uri} (is libvirtd running? `rivernode vm check` says)"
+            )))?,
+        })
+    }
+
+    fn lookup(&self, uuid: &str) -> Result<Option<Domain>, LibvirtError> {
+        match Domain::lookup_by_uuid_string(&self.conn, uuid) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
+            Err(e) => Err(call(format!("looking up domain {uuid}"))(e)),
+        }
+    }
+
+    /// Defines `vm` (again, if it exists: a newer definition replaces an
+    /// inactive one) and starts it unless it runs already.
+    pub fn define_and_start(&self, vm: &Vm) -> Result<(), LibvirtError> {
+        let xml = vm.to_xml()?;
+        let name = super::domain_name(&vm.uuid);
+        let dom = match self.lookup(&vm.uuid)? {
+            Some(d) if d.is_active().map_err(call(format!("state of {name}")))? => return Ok(()),
+            _ => Domain::define_xml(&self.conn, &xml).map_err(call(format!("defining {name}")))?,
+        };
+        dom.create().map_err(call(format!("starting {name}")))?;
+        Ok(())
+    }
+
+    pub fn state(&self, uuid: &str) -> Result<Option<VmState>, LibvirtError> {
+        let Some(d) = self.lookup(uuid)? else {
+            return Ok(None);
+        };
+        let (s, _) = d
+            .get_state()
+            .map_err(call(format!("state of domain {uuid}")))?;
+        Ok(Some(state_of(s)))
+    }
+
+    /// Presses the power button and waits up to `grace` for the guest to
+    /// turn itself off; then pulls the plug. True if the guest shut down
+    /// by itself. An absent or stopped domain is done already.
+    pub fn stop(&self, uuid: &str, grace: Duration) -> Result<bool, LibvirtError> {
+        let Some(d) = self.lookup(uuid)? else {
+            return Ok(true);
+        };
+        if !d
+            .is_active()
+            .map_err(call(format!("state of domain {uuid}")))?
+        {
+            return Ok(true);
+        }
+        // Some drivers (libvirt's test driver) take no ACPI flag.
+        if let Err(e) = d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
+            if e.code() != ErrorNumber::InvalidArg {
+                return Err(call(format!("shutting down domain {uuid}"))(e));
+            }
+            d.shutdown()
+                .map_err(call(format!("shutting down domain {uuid}")))?;
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !d
+                .is_active()
+                .map_err(call(format!("state of domain {uuid}")))?
+            {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.destroy(uuid)?;
+        Ok(false)
+    }
+
+    /// Stops the domain at once (the plug pulled), if it runs.
+    pub fn destroy(&self, uuid: &str) -> Result<(), LibvirtError> {
+        let Some(d) = self.lookup(uuid)? else {
+            return Ok(());
+        };
+        if !d
+            .is_active()
+            .map_err(call(format!("state of domain {uuid}")))?
+        {
+            return Ok(());
+        }
+        // Graceful first (QEMU gets SIGTERM and flushes), then SIGKILL.
+        if d.destroy_flags(sys::VIR_DOMAIN_DESTROY_GRACEFUL).is_err() {
+            d.destroy()
+                .map_err(call(format!("destroying domain {uuid}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self, uuid: &str) -> Result<(), LibvirtError> {
+        if let Some(d) = self.lookup(uuid)? {
+            d.suspend()
+                .map_err(call(format!("pausing domain {uuid}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self, uuid: &str) -> Result<(), LibvirtError> {
+        if let Some(d) = self.lookup(uuid)? {
+            d.resume()
+                .map_err(call(format!("resuming domain {uuid}")))?;
+        }
+        Ok(())
+    }
+
+    /// Destroys and undefines the domain, with its UEFI variables and
+    /// libvirt's snapshot records; its files are the caller's to remove.
+    pub fn undefine(&self, uuid: &str) -> Result<(), LibvirtError> {
+        self.destroy(uuid)?;
+        let Some(d) = self.lookup(uuid)? else {
+            return Ok(());
+        };
+        let all = sys::VIR_DOMAIN_UNDEFINE_NVRAM
+            | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
+        match d.undefine_flags(all) {
+            // A driver without NVRAM or checkpoints (libvirt's test driver)
+            // refuses those flags; it has nothing of them to remove.
+            Err(e) if e.code() == ErrorNumber::InvalidArg => d
+                .undefine()
+                .map_err(call(format!("undefining domain {uuid}"))),
+            r => r.map_err(call(format!("undefining domain {uuid}"))),
+        }
+    }
+
+    /// Every domain named `rivernode-*` with readable metadata; another
+    /// manager's domains (other names) are never touched.
+    pub fn list(&self) -> Result<Vec<FoundVm>, LibvirtError> {
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(call("listing domains"))?;
+        let mut out = Vec::new();
+        for d in doms {
+            let name = d.get_name().map_err(call("a domain's name"))?;
+            if !name.starts_with(NAME_PREFIX) {
+                continue;
+            }
+            let uuid = d
+                .get_uuid_string()
+                .map_err(call(format!("uuid of {name}")))?;
+            let meta = match d.get_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(METADATA_NS),
+                sys::VIR_DOMAIN_AFFECT_CONFIG,
+            ) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(domain = %name, error = %e, "a rivernode domain without our metadata is left alone");
+                    continue;
+                }
+            };
+            let instance = match Instance::from_metadata(&meta) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(domain = %name, error = %e, "a rivernode domain with unreadable metadata is left alone");
+                    continue;
+                }
+            };
+            let (s, _) = d.get_state().map_err(call(format!("state of {name}")))?;
+            out.push(FoundVm {
+                uuid,
+                instance,
+                state: state_of(s),
+            });
+        }
+        out.sort_by_key(|f| f.instance.id);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libvirt's in-process test driver: the same calls, no daemon, no QEMU.
+    #[test]
+    fn a_domain_goes_through_its_life_and_is_found_by_its_metadata() {
+        let h = Hypervisor::open("test:///default").unwrap();
+        let vm = super::super::domain::tests::tcg();
+        assert_eq!(h.state(&vm.uuid).unwrap(), None);
+        h.define_and_start(&vm).unwrap();
+        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Running));
+        // Starting what runs is nothing to do.
+        h.define_and_start(&vm).unwrap();
+        let found = h.list().unwrap();
+        let ours: Vec<&FoundVm> = found.iter().filter(|f| f.uuid == vm.uuid).collect();
+        assert_eq!(ours.len(), 1, "{found:?}");
+        assert_eq!(ours[0].instance, vm.instance);
+        assert!(
+            found.iter().all(|f| f.uuid == vm.uuid),
+            "the test driver's own domain (not rivernode-*) is not ours: {found:?}"
+        );
+        h.pause(&vm.uuid).unwrap();
+        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Paused));
+        h.resume(&vm.uuid).unwrap();
+        assert!(h.stop(&vm.uuid, Duration::from_secs(5)).unwrap());
+        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Off));
+        h.undefine(&vm.uuid).unwrap();
+        assert_eq!(h.state(&vm.uuid).unwrap(), None);
+        // Gone is gone: every step again is nothing to do.
+        assert!(h.stop(&vm.uuid, Duration::from_secs(1)).unwrap());
+        h.undefine(&vm.uuid).unwrap();
+    }
+}
