@@ -55,6 +55,20 @@ fn users_reach_only_their_own_vps_and_a_password_vps_takes_only_its_password() {
         assert_eq!(login, "in\n");
         let o = v.ssh_password(&alice, &id, "wrong", "echo in");
         assert!(!o.status.success(), "a wrong password is refused");
+        // Its ssh config entry leaves password logins possible.
+        let known = v.dir.path().join("alice_known_hosts");
+        let o = as_user(
+            &alice,
+            &["ssh", "config", "--known-hosts", known.to_str().unwrap()],
+            "",
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let config = stdout(&o);
+        let entry = config
+            .split("\nHost ")
+            .find(|e| e.starts_with(&format!("rivernode-vps-{id}\n")))
+            .unwrap_or_else(|| panic!("no entry for VPS {id}: {config}"));
+        assert!(!entry.contains("PasswordAuthentication no"), "{entry}");
         // The shared environments are read-only in every instance.
         let o = v.ssh_password(
             &alice,
