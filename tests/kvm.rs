@@ -212,7 +212,20 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
             .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
             .arg(d.join("base.qcow2"))
             .arg(d.join("disk.qcow2")));
-        run(Command::new("ip").args(["tuntap", "add", "dev", "rvtap7", "mode", "tap"]));
+        // The VM's tap, made and put on a bridge as the runner does.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use rivernode::net::{link, tap};
+            let h = link::connect().unwrap();
+            link::ensure_bridge(&h, "rvt0", "10.250.0.1".parse().unwrap(), 24)
+                .await
+                .unwrap();
+            tap::create_tap(std::path::Path::new("/dev"), "rvtap7").unwrap();
+            tap::attach_tap(&h, "rvt0", "rvtap7", true).await.unwrap();
+        });
         let seed = SeedInput {
             instance_id: "3f2a9c1e-0000-4000-8000-000000000007".into(),
             hostname: "vps-7".into(),
@@ -319,6 +332,11 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
         assert_eq!(h.state(&vm.uuid).unwrap(), None);
         assert!(h.list().unwrap().is_empty());
         drop(h);
-        let _ = Command::new("ip").args(["link", "del", "rvtap7"]).status();
+        rt.block_on(async {
+            let h = rivernode::net::link::connect().unwrap();
+            assert!(rivernode::net::link::delete_link(&h, "rvtap7")
+                .await
+                .unwrap());
+        });
     });
 }

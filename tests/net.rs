@@ -543,3 +543,48 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn a_vm_tap_is_made_persistent_joins_the_bridge_isolated_and_is_removed() {
+    use rivernode::net::link::{connect, delete_link, ensure_bridge, link_index};
+    use rivernode::net::tap::{attach_tap, create_tap};
+    common::cluster::private_namespaces(|| {
+        // sysfs shows the links of the namespace that mounted it: ours.
+        nix::mount::mount(
+            Some("sysfs"),
+            "/sys",
+            Some("sysfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let h = connect().unwrap();
+            ensure_bridge(&h, "rvt0", "10.250.0.1".parse().unwrap(), 24)
+                .await
+                .unwrap();
+            create_tap(std::path::Path::new("/dev"), "rvtap1").unwrap();
+            // It outlives the descriptor that made it, and making it again is fine.
+            create_tap(std::path::Path::new("/dev"), "rvtap1").unwrap();
+            assert!(link_index(&h, "rvtap1").await.unwrap().is_some());
+            let sys = std::path::Path::new("/sys/class/net/rvtap1");
+            // IFF_TAP | IFF_PERSIST | IFF_NO_PI | IFF_VNET_HDR
+            let flags = std::fs::read_to_string(sys.join("tun_flags")).unwrap();
+            assert_eq!(flags.trim(), "0x5802");
+            attach_tap(&h, "rvt0", "rvtap1", true).await.unwrap();
+            let master = std::fs::read_link(sys.join("master")).unwrap();
+            assert!(master.ends_with("rvt0"), "{}", master.display());
+            let isolated = std::fs::read_to_string(sys.join("brport/isolated")).unwrap();
+            assert_eq!(isolated.trim(), "1");
+            // A name that is a link of another kind is refused.
+            assert!(create_tap(std::path::Path::new("/dev"), "rvt0").is_err());
+            assert!(create_tap(std::path::Path::new("/dev"), "bad/name").is_err());
+            assert!(delete_link(&h, "rvtap1").await.unwrap());
+            assert!(link_index(&h, "rvtap1").await.unwrap().is_none());
+        });
+    });
+}

@@ -1,12 +1,13 @@
 //! Instance networking on a node: IPAM (persisted addresses on the bridge
 //! subnet), the nftables table (masquerade, node-port DNAT, the node's own
 //! services closed to instances), and links over rtnetlink (the bridge,
-//! named network namespaces, veth pairs into them). Later: taps and VXLAN.
+//! named network namespaces, veth pairs into them), taps for VMs. Later: VXLAN.
 
 pub mod firewall;
 pub mod instance;
 pub mod ipam;
 pub mod link;
+pub mod tap;
 
 use std::path::PathBuf;
 
