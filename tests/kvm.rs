@@ -208,10 +208,22 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
             .args(["create", "-q", "-f", "qcow2"])
             .arg(d.join("base.qcow2"))
             .arg("16M"));
-        run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(d.join("base.qcow2"))
+        // The VM's disk: an overlay on the read-only base, as the runner makes it.
+        rivernode::kvm::image::create_overlay(
+            &d.join("base.qcow2"),
+            &d.join("disk.qcow2"),
+            32 << 20,
+        )
+        .unwrap();
+        let info = run(Command::new("qemu-img")
+            .args(["info", "--output=json"])
             .arg(d.join("disk.qcow2")));
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["virtual-size"], 32 << 20);
+        assert_eq!(
+            info["backing-filename"],
+            d.join("base.qcow2").to_str().unwrap()
+        );
         // The VM's tap, made and put on a bridge as the runner does.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -339,4 +351,74 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
                 .unwrap());
         });
     });
+}
+
+#[test]
+fn vm_images_are_imported_read_only_with_their_digest_and_unsafe_ones_refused() {
+    if !real_part_available("qemu-img (qemu-utils)", command_exists("qemu-img")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    let (_host, _url) = start_host_with(dir.path(), &["--shared-dir", shared.to_str().unwrap()]);
+    let data = dir.path().join("host");
+    let rn = |args: &[&str]| {
+        let mut a = vec!["--data-dir", data.to_str().unwrap()];
+        a.extend_from_slice(args);
+        cli(&a)
+    };
+    let base = dir.path().join("mini.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M"));
+    let o = rn(&["vm", "image", "import", "mini", base.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stored = shared.join("vm-images/mini.qcow2");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&stored).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o444, "read-only");
+    let sum = run(Command::new("sha256sum").arg(&stored));
+    let digest = std::fs::read_to_string(shared.join("vm-images/mini.qcow2.sha256")).unwrap();
+    assert_eq!(digest.trim(), sum.split_whitespace().next().unwrap());
+    let o = rn(&["-o", "json", "vm", "image", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list[0]["name"], "mini");
+    assert_eq!(list[0]["virtual_bytes"], 16 << 20);
+    assert_eq!(list[0]["sha256"], digest.trim());
+    // An image that names a backing file would open that node file for the guest.
+    let backed = dir.path().join("backed.qcow2");
+    run(Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+        ])
+        .arg(&backed)
+        .arg("16M"));
+    let o = rn(&["vm", "image", "import", "evil", backed.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("backing file"), "{}", stderr(&o));
+    // Not qcow2, and not there: both say what to give.
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let o = rn(&["vm", "image", "import", "raw", raw.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("qcow2"), "{}", stderr(&o));
+    let o = rn(&["vm", "image", "import", "gone", "/nonexistent.qcow2"]);
+    assert!(
+        stderr(&o).contains("/nonexistent.qcow2: no such file"),
+        "{}",
+        stderr(&o)
+    );
+    let names: Vec<String> = std::fs::read_dir(shared.join("vm-images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "only mini and its digest: {names:?}");
 }

@@ -488,6 +488,18 @@ pub enum VmCommand {
     /// Check this node for VMs and say what to do about what is missing;
     /// exits 1 when QEMU or libvirt is missing (VMs cannot run at all).
     Check,
+    /// VM base images in the shared directory (SHARED_DIR/vm-images).
+    #[command(subcommand)]
+    Image(VmImageCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmImageCommand {
+    /// Copy a standalone qcow2 image into the shared directory as NAME
+    /// (read-only, with its SHA-256 beside it).
+    Import { name: String, file: PathBuf },
+    /// The VM base images, with their disk sizes and digests.
+    List,
 }
 
 #[derive(Subcommand, Debug)]

@@ -14,6 +14,7 @@ pub mod progress;
 pub mod task;
 pub mod terminal;
 pub mod user;
+pub mod vm;
 pub mod vps;
 
 use std::io::Write;
@@ -149,6 +150,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => daemon::runner_config(&Default::default(), None)?.data_dir,
             };
             gpu::run(cmd, cli.output, &dir)
+        }
+        Command::Vm(args::VmCommand::Image(cmd)) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            vm::image(&client, cmd, cli.output).await
         }
         Command::Vm(args::VmCommand::Check) => {
             let found = crate::kvm::check::check(&crate::kvm::check::Roots::default());

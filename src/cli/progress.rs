@@ -125,9 +125,16 @@ pub fn spinner(message: &str) -> Option<ProgressBar> {
     Some(s)
 }
 
-/// Copies `from` to `to` with a byte bar (or quarter lines), as `env import` does.
-pub fn copy_file(from: &std::path::Path, to: &std::path::Path, what: &str) -> std::io::Result<u64> {
+/// Copies `from` to `to` with a byte bar (or quarter lines), as `env import`
+/// and `vm image import` do; the SHA-256 of what was written, in hex.
+pub fn copy_file(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    what: &str,
+) -> std::io::Result<String> {
+    use sha2::Digest;
     use std::io::{Read, Write};
+    let mut hash = sha2::Sha256::new();
     let mut src = std::fs::File::open(from)?;
     let total = src.metadata()?.len();
     let mut dst = std::fs::File::create(to)?;
@@ -147,13 +154,14 @@ pub fn copy_file(from: &std::path::Path, to: &std::path::Path, what: &str) -> st
             break;
         }
         dst.write_all(&buf[..n])?;
+        hash.update(&buf[..n]);
         done += n as u64;
         p.done_bytes = done;
         meter.show(&p);
     }
     dst.sync_all()?;
     meter.finish();
-    Ok(done)
+    Ok(hex::encode(hash.finalize()))
 }
 
 #[cfg(test)]

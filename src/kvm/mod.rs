@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod domain;
+pub mod image;
 pub mod libvirt;
 pub mod seed;
 mod xml;

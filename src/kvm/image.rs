@@ -1,0 +1,170 @@
+//! VM base images and the disks made from them. A base image is a qcow2
+//! file a user gives (`rivernode vm image import`); each VM's disk is a
+//! qcow2 overlay whose backing file is the base, which stays read-only and
+//! shared. An image that names a backing file or an external data file of
+//! its own is refused: QEMU would open that path on the node for the guest
+//! (any file the node can read, `/etc/shadow` or a disk).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("running qemu-img (install qemu-utils)")]
+    Tool(#[source] std::io::Error),
+    #[error("qemu-img {what} {}: {message}", path.display())]
+    QemuImg {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("{}: {reason}", path.display())]
+    Refused { path: PathBuf, reason: String },
+}
+
+/// What a base image is, as far as VMs care.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    /// The disk size the guest sees.
+    pub virtual_bytes: u64,
+}
+
+/// Judges `qemu-img info --output=json` of the image at `path`: qcow2,
+/// standing alone (no backing file, no external data file), not
+/// encrypted, not marked corrupt.
+pub fn judge(path: &Path, info: &serde_json::Value) -> Result<ImageInfo, ImageError> {
+    let refuse = |reason: &str| ImageError::Refused {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    if info["format"] != "qcow2" {
+        return Err(refuse(&format!(
+            "a {} image; give a qcow2 image (qemu-img convert -O qcow2 IN OUT)",
+            info["format"].as_str().unwrap_or("unknown")
+        )));
+    }
+    if info.get("backing-filename").is_some() || info.get("full-backing-filename").is_some() {
+        return Err(refuse(
+            "it names a backing file; give a standalone image (qemu-img convert -O qcow2 IN OUT)",
+        ));
+    }
+    let data = &info["format-specific"]["data"];
+    if data.get("data-file").is_some() {
+        return Err(refuse("it names an external data file"));
+    }
+    if info["encrypted"] == true || data.get("encrypt").is_some() {
+        return Err(refuse("it is encrypted"));
+    }
+    if data["corrupt"] == true {
+        return Err(refuse("qemu-img marks it corrupt"));
+    }
+    let virtual_bytes = info["virtual-size"]
+        .as_u64()
+        .filter(|s| *s > 0)
+        .ok_or_else(|| refuse("no virtual size"))?;
+    Ok(ImageInfo { virtual_bytes })
+}
+
+fn qemu_img(
+    what: &'static str,
+    path: &Path,
+    args: &[&std::ffi::OsStr],
+) -> Result<Vec<u8>, ImageError> {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(ImageError::Tool)?;
+    if !o.status.success() {
+        return Err(ImageError::QemuImg {
+            what,
+            path: path.to_path_buf(),
+            message: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        });
+    }
+    Ok(o.stdout)
+}
+
+/// Reads and judges the image at `path`. The format is given, never
+/// probed (a raw file can look like anything), and qemu-img opens no
+/// backing file to answer.
+pub fn inspect(path: &Path) -> Result<ImageInfo, ImageError> {
+    let out = qemu_img(
+        "info",
+        path,
+        &[
+            "info".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "--output=json".as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&out).map_err(|e| ImageError::QemuImg {
+            what: "info",
+            path: path.to_path_buf(),
+            message: format!("unreadable answer: {e}"),
+        })?;
+    judge(path, &info)
+}
+
+/// Makes `disk`, a qcow2 overlay on `base` of `size` bytes (at least the
+/// base's own size: a disk never shrinks under its filesystem).
+pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> Result<(), ImageError> {
+    let size = size.to_string();
+    qemu_img(
+        "create",
+        disk,
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            disk.as_os_str(),
+            size.as_ref(),
+        ],
+    )
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn judged(info: serde_json::Value) -> Result<ImageInfo, String> {
+        judge(Path::new("/x.qcow2"), &info).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn only_a_standalone_qcow2_is_taken() {
+        let good = json!({"format": "qcow2", "virtual-size": 1024,
+            "format-specific": {"type": "qcow2", "data": {"corrupt": false}}});
+        assert_eq!(
+            judged(good.clone()),
+            Ok(ImageInfo {
+                virtual_bytes: 1024
+            })
+        );
+        let mut backed = good.clone();
+        backed["backing-filename"] = json!("/etc/shadow");
+        assert!(judged(backed).unwrap_err().contains("backing file"));
+        let mut data_file = good.clone();
+        data_file["format-specific"]["data"]["data-file"] = json!("/dev/sda");
+        assert!(judged(data_file)
+            .unwrap_err()
+            .contains("external data file"));
+        let mut encrypted = good.clone();
+        encrypted["encrypted"] = json!(true);
+        assert!(judged(encrypted).unwrap_err().contains("encrypted"));
+        let mut corrupt = good.clone();
+        corrupt["format-specific"]["data"]["corrupt"] = json!(true);
+        assert!(judged(corrupt).unwrap_err().contains("corrupt"));
+        let raw = json!({"format": "raw", "virtual-size": 1024});
+        assert!(judged(raw).unwrap_err().contains("qemu-img convert"));
+    }
+}
