@@ -30,6 +30,9 @@ pub struct VmSpec {
     pub devices: Vec<String>,
     /// Kernel modules to load before the test, dependencies resolved.
     pub modules: Vec<&'static str>,
+    /// The host's root directory shared read-only over 9p (tag `hostroot`):
+    /// programs the initramfs does not carry (a nested QEMU) run from it.
+    pub host_root: bool,
     pub timeout: Duration,
 }
 
@@ -42,6 +45,7 @@ impl Default for VmSpec {
             iommu: false,
             devices: Vec::new(),
             modules: Vec::new(),
+            host_root: false,
             timeout: Duration::from_secs(180),
         }
     }
@@ -443,6 +447,12 @@ pub fn run_guest(kit: &Kit, spec: &VmSpec, initramfs: &Path, name: &str, work: &
         cmd.args([
             "-numa",
             &format!("node,nodeid={i},cpus={first}-{last},memdev=m{i}"),
+        ]);
+    }
+    if spec.host_root {
+        cmd.args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         ]);
     }
     for d in &spec.devices {

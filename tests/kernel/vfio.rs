@@ -28,6 +28,20 @@ pub fn tests() -> Vec<KernelTest> {
             expect: Expect::Pass,
         },
         KernelTest {
+            name: "vfio_device_bound_by_rivernode_works_in_a_nested_qemu",
+            vm: || VmSpec {
+                iommu: true,
+                memory_mib: 1024,
+                devices: vec!["e1000,netdev=n0".into()],
+                modules: [&MODULES[..], &["virtio_pci", "9pnet_virtio", "9p"]].concat(),
+                host_root: true,
+                timeout: Duration::from_secs(300),
+                ..VmSpec::default()
+            },
+            body: device_works_in_a_nested_qemu,
+            expect: Expect::Pass,
+        },
+        KernelTest {
             name: "vfio_bridge_group_binds_together",
             vm: || VmSpec {
                 iommu: true,
@@ -211,4 +225,98 @@ fn bridge_group_binds_together() {
         (Some("e1000"), Some("e1000"))
     );
     assert!(has_netdev(a) && has_netdev(b));
+}
+
+/// A nested QEMU (the host's, run from its root over 9p) given the e1000
+/// that src/vfio bound, as libvirt's `<hostdev managed='no'>` hands a GPU
+/// to a VM: the nested machine reads the device's identity from its config
+/// space and writes and reads its registers through VFIO, driven by QEMU's
+/// qtest protocol (no guest OS needed); afterwards the device is back on
+/// its own driver.
+fn device_works_in_a_nested_qemu() {
+    use std::io::{BufRead, BufReader, Write};
+    let nics = e1000s();
+    assert_eq!(nics.len(), 1, "{nics:?}");
+    let nic = nics[0];
+    let v = vfio();
+    v.bind(&[nic], "vm-7").unwrap();
+    assert_eq!(driver(nic).as_deref(), Some("vfio-pci"));
+
+    let sh = |cmd: &str| {
+        let o = Command::new("/bin/sh").args(["-c", cmd]).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh("mkdir -p /host && mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot /host");
+    sh("mount --bind /dev /host/dev && mount --bind /proc /host/proc && mount --bind /sys /host/sys && mount -t tmpfs tmpfs /host/tmp");
+    let mut qemu = Command::new("/bin/chroot")
+        .args([
+            "/host",
+            "/usr/bin/qemu-system-x86_64",
+            "-machine",
+            "q35",
+            // No vCPU runs: the firmware never touches the device, only qtest does.
+            "-S",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-m",
+            "64M",
+            "-device",
+            &format!("vfio-pci,host={nic},addr=0x4,rombar=0"),
+            "-qtest",
+            "stdio",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to = qemu.stdin.take().unwrap();
+    let mut from = BufReader::new(qemu.stdout.take().unwrap());
+    // One qtest command, its answer ("OK [value]"); interrupt lines are skipped.
+    let mut ask = |cmd: &str| -> String {
+        writeln!(to, "{cmd}").unwrap();
+        loop {
+            let mut line = String::new();
+            if from.read_line(&mut line).unwrap() == 0 {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(qemu.stderr.as_mut().unwrap(), &mut err);
+                panic!("the nested QEMU ended at {cmd:?}: {err}");
+            }
+            if line.starts_with("OK") || line.starts_with("FAIL") || line.starts_with("ERR") {
+                return line.trim().to_string();
+            }
+        }
+    };
+    // Config space of bus 0, slot 4 through the 0xcf8/0xcfc ports.
+    let cfg = |reg: u32| format!("0x{:x}", 0x8000_0000u32 | (4 << 11) | reg);
+    ask(&format!("outl 0xcf8 {}", cfg(0)));
+    assert_eq!(
+        ask("inl 0xcfc"),
+        "OK 0x100e8086",
+        "the e1000's vendor and device id"
+    );
+    // Its first BAR at 0xfe000000, memory decoding on.
+    ask(&format!("outl 0xcf8 {}", cfg(0x10)));
+    ask("outl 0xcfc 0xfe000000");
+    ask(&format!("outl 0xcf8 {}", cfg(0x04)));
+    ask("outl 0xcfc 0x6");
+    // A read-write register of the device (RDBAL) keeps what is written.
+    assert_eq!(ask("writel 0xfe002800 0x12345670"), "OK");
+    let value = ask("readl 0xfe002800");
+    let value = value
+        .strip_prefix("OK 0x")
+        .and_then(|v| u64::from_str_radix(v, 16).ok());
+    assert_eq!(value, Some(0x1234_5670));
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    sh("umount /host/tmp /host/sys /host/proc /host/dev /host");
+
+    v.restore_device(nic).unwrap();
+    assert_eq!(driver(nic).as_deref(), Some("e1000"));
+    assert!(has_netdev(nic), "the interface is back");
 }
