@@ -251,8 +251,8 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
             nameservers: vec![],
         };
         std::fs::write(d.join("seed.iso"), seed_iso(&seed)).unwrap();
-        // The last CPU of this machine: vCPU 0 and QEMU's own threads there.
-        let last = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32 - 1;
+        // The last CPU this test may use: vCPU 0 and QEMU's own threads there.
+        let last = last_allowed_cpu();
         let vm = Vm {
             uuid: seed.instance_id.clone(),
             accel: Accel::Qemu,
@@ -327,6 +327,8 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
         // Paused, the guest's clock stops ticking on the console.
         h.pause(&vm.uuid).unwrap();
         assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Paused));
+        // What was on its way to the log has landed after a second.
+        std::thread::sleep(std::time::Duration::from_secs(1));
         let frozen = console().len();
         std::thread::sleep(std::time::Duration::from_secs(3));
         assert_eq!(console().len(), frozen, "no tick while paused");
@@ -409,7 +411,11 @@ fn vm_images_are_imported_read_only_with_their_digest_and_unsafe_ones_refused() 
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     let o = rn(&["vm", "image", "import", "raw", raw.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("qcow2"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("qemu-img convert"), "{}", stderr(&o));
+    // An image's name is taken for good: VMs' disks are overlays on it.
+    let o = rn(&["vm", "image", "import", "mini", base.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("exists"), "{}", stderr(&o));
     let o = rn(&["vm", "image", "import", "gone", "/nonexistent.qcow2"]);
     assert!(
         stderr(&o).contains("/nonexistent.qcow2: no such file"),
@@ -421,4 +427,315 @@ fn vm_images_are_imported_read_only_with_their_digest_and_unsafe_ones_refused() 
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names.len(), 2, "only mini and its digest: {names:?}");
+}
+
+/// Kernel modules `wanted` (by name) and everything they need, in load
+/// order, as paths under `modules` (the node's /lib/modules/VERSION).
+fn module_closure(modules: &std::path::Path, wanted: &[&str]) -> Vec<std::path::PathBuf> {
+    let dep = std::fs::read_to_string(modules.join("modules.dep")).unwrap();
+    let deps: std::collections::HashMap<String, Vec<String>> = dep
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| {
+            (
+                m.to_string(),
+                d.split_whitespace().map(str::to_string).collect(),
+            )
+        })
+        .collect();
+    let by_name = |n: &str| {
+        deps.keys()
+            .find(|k| k.rsplit('/').next() == Some(&format!("{n}.ko")))
+            .cloned()
+            .unwrap_or_else(|| panic!("no module {n}"))
+    };
+    fn visit(
+        m: &str,
+        deps: &std::collections::HashMap<String, Vec<String>>,
+        out: &mut Vec<String>,
+    ) {
+        if out.iter().any(|o| o == m) {
+            return;
+        }
+        // modules.dep lists a module's needs so that the last loads first.
+        for d in deps.get(m).into_iter().flatten().rev() {
+            visit(d, deps, out);
+        }
+        out.push(m.to_string());
+    }
+    let mut out = Vec::new();
+    for w in wanted {
+        visit(&by_name(w), &deps, &mut out);
+    }
+    out.into_iter().map(|m| modules.join(m)).collect()
+}
+
+/// The tier-1 guest: the node's kernel booting an initramfs of busybox,
+/// dropbear and its libraries, the modules for virtio-net and the seed's
+/// SATA cdrom, and an init that is a small NoCloud reader of our own: it
+/// mounts the `cidata` image, takes root's key, the host key and the
+/// static address from it, and starts dropbear.
+fn tier1_initramfs(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
+    let root = dir.join("tier1");
+    let mut files: Vec<String> = Vec::new();
+    let mut put = |from: &std::path::Path, to: &str| {
+        let dest = root.join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(from, &dest).unwrap();
+        files.push(to.trim_start_matches('/').to_string());
+    };
+    put(std::path::Path::new("/bin/busybox"), "/bin/busybox");
+    for bin in ["/usr/sbin/dropbear", "/usr/bin/dropbearconvert"] {
+        put(std::path::Path::new(bin), bin);
+        let ldd = run(Command::new("ldd").arg(bin));
+        for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+            put(std::path::Path::new(lib), lib);
+        }
+    }
+    let mods = std::path::Path::new("/lib/modules").join(version);
+    let mut order = String::new();
+    for m in module_closure(
+        &mods,
+        &["virtio_pci", "virtio_net", "ahci", "sr_mod", "isofs"],
+    ) {
+        let name = m.file_name().unwrap().to_string_lossy().into_owned();
+        put(&m, &format!("/modules/{name}"));
+        order.push_str(&name);
+        order.push('\n');
+    }
+    std::fs::write(root.join("modules.order"), order).unwrap();
+    files.push("modules.order".into());
+    let init = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+for m in $(cat /modules.order); do insmod /modules/$m; done
+mkdir -p /seed /etc/dropbear /root/.ssh
+for i in $(seq 50); do [ -b /dev/sr0 ] && break; sleep 0.2; done
+mount -t iso9660 -o ro /dev/sr0 /seed || echo "RIVERNODE-VM-NOSEED"
+# Our bodies are one-line JSON: each value is found by its key.
+field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p" "$2"; }
+key=$(sed -n 's/.*"ssh_authorized_keys":\["\([^"]*\)".*/\1/p' /seed/user-data)
+echo "$key" > /root/.ssh/authorized_keys
+chmod 700 /root/.ssh; chmod 600 /root/.ssh/authorized_keys
+printf '%b' "$(field ed25519_private /seed/user-data)" > /tmp/hostkey
+dropbearconvert openssh dropbear /tmp/hostkey /etc/dropbear/host_key
+echo "root:x:0:0:root:/root:/bin/sh" > /etc/passwd
+addr=$(sed -n 's/.*"addresses":\["\([^"]*\)".*/\1/p' /seed/network-config)
+gw=$(field via /seed/network-config)
+ip link set lo up
+ip link set eth0 up
+ip addr add "$addr" dev eth0
+ip route add default via "$gw"
+hostname "$(field local-hostname /seed/meta-data)"
+dropbear -E -s -p 22 -r /etc/dropbear/host_key -P /tmp/dropbear.pid
+echo "RIVERNODE-VM-UP $(hostname) $addr"
+while true; do sleep 3600; done
+"#;
+    std::fs::write(root.join("init"), init).unwrap();
+    std::fs::set_permissions(
+        root.join("init"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    files.push("init".into());
+    for d in ["proc", "sys", "dev", "tmp", "etc", "root", "seed", "lib64"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let out = dir.join("tier1.cpio");
+    // The kernel's unpacker makes no directory itself: each parent first.
+    let mut dirs: std::collections::BTreeSet<String> =
+        ["proc", "sys", "dev", "tmp", "etc", "root", "seed"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    for f in &files {
+        let mut p = std::path::Path::new(f).parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(d.to_string_lossy().into_owned());
+            p = d.parent();
+        }
+    }
+    let list = dirs.into_iter().chain(files).collect::<Vec<_>>().join("\n") + "\n";
+    let mut c = Command::new("busybox")
+        .args(["cpio", "-o", "-H", "newc"])
+        .current_dir(&root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), list.as_bytes()).unwrap();
+    assert!(c.wait().unwrap().success());
+    out
+}
+
+/// The highest CPU this process may run on (its affinity, not the count).
+fn last_allowed_cpu() -> u32 {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .rev()
+        .find(|&c| set.is_set(c).unwrap_or(false))
+        .unwrap() as u32
+}
+
+#[test]
+fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() {
+    use rivernode::kvm::libvirt::Hypervisor;
+    use rivernode::kvm::{Accel, Boot, Instance, Vm};
+    if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
+        return;
+    }
+    let Some(kernel) = newest_kernel() else {
+        assert!(!real_part_available(
+            "a kernel in /boot (linux-image-amd64)",
+            false
+        ));
+        return;
+    };
+    let version = kernel
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches("vmlinuz-")
+        .to_string();
+    common::cluster::private_namespaces(move || {
+        let lv = common::libvirt::PrivateLibvirt::start();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use rivernode::net::{link, tap};
+            let h = link::connect().unwrap();
+            link::ensure_bridge(&h, "rvt0", "10.250.0.1".parse().unwrap(), 24)
+                .await
+                .unwrap();
+            tap::create_tap(std::path::Path::new("/dev"), "rvtap8").unwrap();
+            tap::attach_tap(&h, "rvt0", "rvtap8", true).await.unwrap();
+        });
+        for k in ["client", "other", "hostkey"] {
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join(k)));
+        }
+        let public = |k: &str| std::fs::read_to_string(d.join(format!("{k}.pub"))).unwrap();
+        let host_public = public("hostkey")
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let seed = SeedInput {
+            instance_id: "3f2a9c1e-0000-4000-8000-000000000008".into(),
+            hostname: "vps-8".into(),
+            ssh_keys: vec![public("client").trim().to_string()],
+            password_hash: None,
+            host_key: Some((
+                std::fs::read_to_string(d.join("hostkey")).unwrap(),
+                host_public.clone(),
+            )),
+            mac: [0x0a, 0x58, 10, 250, 0, 8],
+            ip: "10.250.0.8".parse().unwrap(),
+            prefix: 24,
+            gateway: "10.250.0.1".parse().unwrap(),
+            nameservers: vec![],
+        };
+        std::fs::write(d.join("seed.iso"), seed_iso(&seed)).unwrap();
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(d.join("base.qcow2"))
+            .arg("16M"));
+        rivernode::kvm::image::create_overlay(
+            &d.join("base.qcow2"),
+            &d.join("disk.qcow2"),
+            16 << 20,
+        )
+        .unwrap();
+        let last = last_allowed_cpu();
+        let vm = Vm {
+            uuid: seed.instance_id.clone(),
+            accel: Accel::Qemu,
+            memory_mib: 256,
+            vcpu_pins: vec![last],
+            emulator_cpus: [last].into_iter().collect(),
+            boot: Boot::Kernel {
+                kernel,
+                initrd: Some(tier1_initramfs(d, &version)),
+                cmdline: "console=ttyS0 panic=-1 quiet".into(),
+            },
+            disk: d.join("disk.qcow2"),
+            base: d.join("base.qcow2"),
+            disk_cache: "writeback",
+            seed: d.join("seed.iso"),
+            mac: seed.mac,
+            console_log: d.join("console.log"),
+            hostdevs: vec![],
+            instance: Instance {
+                id: 8,
+                owner: None,
+                node: "n1".into(),
+                submitted_at_unix_ms: 1,
+                cpus: [last].into_iter().collect(),
+                numa: None,
+                gpus: vec![],
+                tap: "rvtap8".into(),
+                ip: seed.ip,
+            },
+        };
+        let h = Hypervisor::open(&lv.uri).unwrap();
+        h.define_and_start(&vm)
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", lv.log()));
+        let console = || std::fs::read_to_string(d.join("console.log")).unwrap_or_default();
+        let deadline = std::time::Instant::now() + WAIT;
+        let up = loop {
+            let c = console();
+            if c.contains("RIVERNODE-VM-UP") || c.contains("RIVERNODE-VM-NOSEED") {
+                break c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest did not come up:\n{c}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        assert!(up.contains("RIVERNODE-VM-UP vps-8 10.250.0.8/24"), "{up}");
+        // The host key it was given is the one it shows: pinned, not trusted on first use.
+        let known = d.join("known_hosts");
+        std::fs::write(&known, format!("10.250.0.8 {host_public}\n")).unwrap();
+        let ssh = |key: &str| {
+            Command::new("ssh")
+                .args(["-i", d.join(key).to_str().unwrap()])
+                .args(["-o", &format!("UserKnownHostsFile={}", known.display())])
+                .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+                .args(["-o", "ConnectTimeout=5", "-o", "IdentitiesOnly=yes"])
+                .args(["root@10.250.0.8", "uname -r; hostname"])
+                .output()
+                .unwrap()
+        };
+        let out = wait_for("ssh into the VM", || {
+            let o = ssh("client");
+            o.status.success().then(|| stdout(&o))
+        });
+        assert_eq!(
+            out,
+            format!("{version}\nvps-8\n"),
+            "the node's kernel, the seed's name"
+        );
+        let o = ssh("other");
+        assert!(
+            !o.status.success(),
+            "a key the seed did not name is refused"
+        );
+        h.undefine(&vm.uuid).unwrap();
+        drop(h);
+        rt.block_on(async {
+            let h = rivernode::net::link::connect().unwrap();
+            rivernode::net::link::delete_link(&h, "rvtap8")
+                .await
+                .unwrap();
+        });
+    });
 }

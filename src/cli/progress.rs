@@ -125,19 +125,25 @@ pub fn spinner(message: &str) -> Option<ProgressBar> {
     Some(s)
 }
 
-/// Copies `from` to `to` with a byte bar (or quarter lines), as `env import`
-/// and `vm image import` do; the SHA-256 of what was written, in hex.
+/// Copies `from` to a new file `to` (never one that exists: a link planted
+/// there is not followed) with mode `mode`, with a byte bar (or quarter
+/// lines), as `env import` and `vm image import` do; the SHA-256 of what
+/// was written, in hex.
 pub fn copy_file(
     from: &std::path::Path,
     to: &std::path::Path,
     what: &str,
+    mode: u32,
 ) -> std::io::Result<String> {
     use sha2::Digest;
     use std::io::{Read, Write};
     let mut hash = sha2::Sha256::new();
     let mut src = std::fs::File::open(from)?;
     let total = src.metadata()?.len();
-    let mut dst = std::fs::File::create(to)?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
     let mut meter = Meter::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
@@ -159,6 +165,8 @@ pub fn copy_file(
         p.done_bytes = done;
         meter.show(&p);
     }
+    // Through the descriptor: the mode is this file's, whatever the path is now.
+    dst.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     dst.sync_all()?;
     meter.finish();
     Ok(hex::encode(hash.finalize()))

@@ -485,7 +485,10 @@ pub async fn env(client: &Client, cmd: EnvCommand, output: Output) -> anyhow::Re
             if !archive.is_file() {
                 bail!("{}: no such file (give an OCI or docker archive, e.g. from `docker save` or `skopeo copy ... oci-archive:FILE`)", archive.display());
             }
-            crate::cli::progress::copy_file(&archive, &tmp, &format!("environment {name}"))
+            // A leftover of an import that was cut off (or a link planted
+            // there) goes first; the copy makes a new file.
+            let _ = std::fs::remove_file(&tmp);
+            crate::cli::progress::copy_file(&archive, &tmp, &format!("environment {name}"), 0o644)
                 .with_context(|| format!("copying {} to {}", archive.display(), tmp.display()))?;
             std::fs::rename(&tmp, &dest)
                 .with_context(|| format!("renaming to {}", dest.display()))?;

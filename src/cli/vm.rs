@@ -108,26 +108,35 @@ pub async fn image(client: &Client, cmd: VmImageCommand, output: Output) -> anyh
                 )
             })?;
             let dest = dir.join(format!("{name}.qcow2"));
-            let tmp = dir.join(format!(".{name}.qcow2.importing"));
-            let sha256 = crate::cli::progress::copy_file(&file, &tmp, &format!("VM image {name}"))
-                .with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
-            let info = match inspect(&tmp) {
-                Ok(i) => i,
+            // VMs' disks are overlays on it: an image is never replaced.
+            if dest.symlink_metadata().is_ok() {
+                bail!(
+                    "VM image {name} exists ({}); import under another name",
+                    dest.display()
+                );
+            }
+            // A name nobody can have planted a link at; made new, 0444.
+            let mut nonce = [0u8; 8];
+            getrandom::fill(&mut nonce).context("random bytes for a temporary name")?;
+            let tmp = dir.join(format!(".{name}.{}.importing", hex::encode(nonce)));
+            let copied =
+                crate::cli::progress::copy_file(&file, &tmp, &format!("VM image {name}"), 0o444)
+                    .with_context(|| format!("copying {} to {}", file.display(), tmp.display()))
+                    .and_then(|sha256| Ok((sha256, inspect(&tmp)?)));
+            let (sha256, info) = match copied {
+                Ok(c) => c,
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
-            // Read-only: every VM's disk is an overlay over it.
-            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o444))
-                .with_context(|| format!("making {} read-only", tmp.display()))?;
+            std::fs::rename(&tmp, &dest)
+                .with_context(|| format!("renaming to {}", dest.display()))?;
             crate::files::write_public(
                 &dest.with_extension("qcow2.sha256"),
                 format!("{sha256}\n").as_bytes(),
             )
             .with_context(|| format!("writing the digest of {}", dest.display()))?;
-            std::fs::rename(&tmp, &dest)
-                .with_context(|| format!("renaming to {}", dest.display()))?;
             let listed = Listed {
                 name: name.clone(),
                 virtual_bytes: info.virtual_bytes,

@@ -101,6 +101,8 @@ pub enum DomainError {
     Tap(String),
     #[error("metadata: {0}")]
     Metadata(String),
+    #[error("{what}: control characters or bytes that are not UTF-8")]
+    Text { what: &'static str },
 }
 
 /// True for a UUID as libvirt writes it: 8-4-4-4-12 lower-case hex.
@@ -159,6 +161,7 @@ impl Vm {
             }
             Boot::Bios => {}
         }
+        let plain = |t: &str| !t.chars().any(char::is_control);
         for (what, path) in paths {
             if !path.is_absolute() {
                 return Err(DomainError::Path {
@@ -166,6 +169,23 @@ impl Vm {
                     path: path.clone(),
                 });
             }
+            // A path must be written as it is, or the domain names another file.
+            if !path.to_str().is_some_and(plain) {
+                return Err(DomainError::Text { what });
+            }
+        }
+        if let Boot::Kernel { cmdline, .. } = &self.boot {
+            if !plain(cmdline) {
+                return Err(DomainError::Text {
+                    what: "kernel command line",
+                });
+            }
+        }
+        let i = &self.instance;
+        if !i.owner.as_deref().is_none_or(plain) || !plain(&i.node) {
+            return Err(DomainError::Text {
+                what: "owner or node name",
+            });
         }
         Ok(())
     }
@@ -576,5 +596,14 @@ pub(super) mod tests {
             vm.to_xml(),
             Err(DomainError::Path { what: "seed", .. })
         ));
+        let mut vm = tcg();
+        vm.disk = "/vms/42/disk\n.qcow2".into();
+        assert!(matches!(
+            vm.to_xml(),
+            Err(DomainError::Text { what: "disk" })
+        ));
+        let mut vm = tcg();
+        vm.instance.owner = Some("eve\u{7}".into());
+        assert!(matches!(vm.to_xml(), Err(DomainError::Text { .. })));
     }
 }

@@ -87,6 +87,10 @@ impl Hypervisor {
     }
 
     fn lookup(&self, uuid: &str) -> Result<Option<Domain>, LibvirtError> {
+        // virt turns a NUL in a string argument into a panic: only UUIDs pass.
+        if !super::domain::valid_uuid(uuid) {
+            return Err(super::domain::DomainError::Uuid(uuid.to_string()).into());
+        }
         match Domain::lookup_by_uuid_string(&self.conn, uuid) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
@@ -131,12 +135,18 @@ impl Hypervisor {
             return Ok(true);
         }
         // Some drivers (libvirt's test driver) take no ACPI flag.
-        if let Err(e) = d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
-            if e.code() != ErrorNumber::InvalidArg {
+        let pressed = match d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
+            Err(e) if e.code() == ErrorNumber::InvalidArg => d.shutdown(),
+            r => r,
+        };
+        if let Err(e) = pressed {
+            // Off already (it went down by itself meanwhile) is what we wanted.
+            if d.is_active()
+                .map_err(call(format!("state of domain {uuid}")))?
+            {
                 return Err(call(format!("shutting down domain {uuid}"))(e));
             }
-            d.shutdown()
-                .map_err(call(format!("shutting down domain {uuid}")))?;
+            return Ok(true);
         }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
@@ -157,16 +167,21 @@ impl Hypervisor {
         let Some(d) = self.lookup(uuid)? else {
             return Ok(());
         };
-        if !d
-            .is_active()
-            .map_err(call(format!("state of domain {uuid}")))?
-        {
+        let active = |d: &Domain| {
+            d.is_active()
+                .map_err(call(format!("state of domain {uuid}")))
+        };
+        if !active(&d)? {
             return Ok(());
         }
         // Graceful first (QEMU gets SIGTERM and flushes), then SIGKILL.
         if d.destroy_flags(sys::VIR_DOMAIN_DESTROY_GRACEFUL).is_err() {
-            d.destroy()
-                .map_err(call(format!("destroying domain {uuid}")))?;
+            if let Err(e) = d.destroy() {
+                // The guest may have turned itself off meanwhile: that is done too.
+                if active(&d)? {
+                    return Err(call(format!("destroying domain {uuid}"))(e));
+                }
+            }
         }
         Ok(())
     }
@@ -198,14 +213,20 @@ impl Hypervisor {
             | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
             | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
             | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
-        match d.undefine_flags(all) {
-            // A driver without NVRAM or checkpoints (libvirt's test driver)
-            // refuses those flags; it has nothing of them to remove.
-            Err(e) if e.code() == ErrorNumber::InvalidArg => d
-                .undefine()
-                .map_err(call(format!("undefining domain {uuid}"))),
-            r => r.map_err(call(format!("undefining domain {uuid}"))),
+        // A driver without checkpoints or NVRAM (libvirt's test driver)
+        // refuses those flags: fewer, then none. A UEFI domain needs the
+        // NVRAM flag, so the first refusal is the one reported.
+        let first = match d.undefine_flags(all) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if first.code() == ErrorNumber::InvalidArg {
+            let fewer = all & !sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
+            if d.undefine_flags(fewer).is_ok() || d.undefine().is_ok() {
+                return Ok(());
+            }
         }
+        Err(call(format!("undefining domain {uuid}"))(first))
     }
 
     /// Every domain named `rivernode-*` with readable metadata; another
@@ -230,10 +251,15 @@ impl Hypervisor {
                 sys::VIR_DOMAIN_AFFECT_CONFIG,
             ) {
                 Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(domain = %name, error = %e, "a rivernode domain without our metadata is left alone");
+                // Undefined while we listed: not there.
+                Err(e) if e.code() == ErrorNumber::NoDomain => continue,
+                Err(e) if e.code() == ErrorNumber::NoDomainMetadata => {
+                    tracing::warn!(domain = %name, "a rivernode domain without our metadata is left alone");
                     continue;
                 }
+                // Anything else fails the list: a VM missed here would have
+                // its cores and GPUs handed out again.
+                Err(e) => return Err(call(format!("metadata of {name}"))(e)),
             };
             let instance = match Instance::from_metadata(&meta) {
                 Ok(i) => i,
@@ -242,7 +268,11 @@ impl Hypervisor {
                     continue;
                 }
             };
-            let (s, _) = d.get_state().map_err(call(format!("state of {name}")))?;
+            let s = match d.get_state() {
+                Ok((s, _)) => s,
+                Err(e) if e.code() == ErrorNumber::NoDomain => continue,
+                Err(e) => return Err(call(format!("state of {name}"))(e)),
+            };
             out.push(FoundVm {
                 uuid,
                 instance,

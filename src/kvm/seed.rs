@@ -249,8 +249,13 @@ pub fn iso9660(label: &str, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
         for range in [702..739, 739..776, 776..813] {
             text(d, range, "");
         }
-        for at in [813, 830, 847, 864] {
+        // Made and modified at the epoch (reproducible); expiry and
+        // effective dates "not specified" (digits zero), per ECMA-119.
+        for at in [813, 830] {
             d[at..at + 16].copy_from_slice(b"1970010100000000");
+        }
+        for at in [847, 864] {
+            d[at..at + 16].copy_from_slice(b"0000000000000000");
         }
         d[881] = 1;
     }

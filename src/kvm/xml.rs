@@ -2,8 +2,9 @@
 //! two spaces, as libvirt writes its own documents. Enough for the domain
 //! documents we generate; it reads nothing.
 
-/// Escapes `&`, `<`, `>`, `'` and `"`, so any text is safe in content
-/// and in single- or double-quoted attributes.
+/// Escapes `&`, `<`, `>`, `'`, `"` and the whitespace controls, so any
+/// text without other control characters is safe in content and in single-
+/// or double-quoted attributes (callers refuse the other controls).
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -13,6 +14,10 @@ pub fn escape(text: &str) -> String {
             '>' => out.push_str("&gt;"),
             '\'' => out.push_str("&apos;"),
             '"' => out.push_str("&quot;"),
+            // A parser turns these into spaces inside attributes.
+            '\t' => out.push_str("&#9;"),
+            '\n' => out.push_str("&#10;"),
+            '\r' => out.push_str("&#13;"),
             c => out.push(c),
         }
     }

@@ -27,4 +27,10 @@ pub enum NetError {
     Netlink(String),
     #[error("network namespace: {0}")]
     Netns(String),
+    #[error("tap: {what}")]
+    Tun {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -25,7 +25,7 @@ const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
 
-nix::ioctl_write_ptr_bad!(tun_set_iff, 0x4004_54ca, IfReq);
+nix::ioctl_readwrite_bad!(tun_set_iff, 0x4004_54ca, IfReq);
 nix::ioctl_write_int_bad!(tun_set_persist, 0x4004_54cb);
 
 /// True for a name the kernel takes for a link: 1 to 15 bytes, no `/`,
@@ -52,7 +52,10 @@ pub fn create_tap(dev_root: &Path, name: &str) -> Result<(), NetError> {
         .read(true)
         .write(true)
         .open(&tun)
-        .map_err(|e| NetError::Netlink(format!("{}: {e}", tun.display())))?;
+        .map_err(|source| NetError::Tun {
+            what: format!("opening {}", tun.display()),
+            source,
+        })?;
     let mut req = IfReq {
         name: [0; 16],
         flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
@@ -60,13 +63,18 @@ pub fn create_tap(dev_root: &Path, name: &str) -> Result<(), NetError> {
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads one `struct ifreq` (40 bytes, laid out as
-    // `IfReq`) from a pointer to our own value, on a descriptor we own
-    // that stays open for both calls.
-    unsafe { tun_set_iff(f.as_raw_fd(), &req) }
-        .map_err(|e| NetError::Netlink(format!("TUNSETIFF {name}: {e}")))?;
+    // `IfReq`) from our own value and writes the name it chose back into
+    // it, through a unique reference; the descriptor is ours and stays
+    // open for both calls.
+    unsafe { tun_set_iff(f.as_raw_fd(), &mut req) }.map_err(|e| NetError::Tun {
+        what: format!("TUNSETIFF {name}"),
+        source: e.into(),
+    })?;
     // SAFETY: TUNSETPERSIST takes an integer by value; the descriptor is ours.
-    unsafe { tun_set_persist(f.as_raw_fd(), 1) }
-        .map_err(|e| NetError::Netlink(format!("TUNSETPERSIST {name}: {e}")))?;
+    unsafe { tun_set_persist(f.as_raw_fd(), 1) }.map_err(|e| NetError::Tun {
+        what: format!("TUNSETPERSIST {name}"),
+        source: e.into(),
+    })?;
     Ok(())
 }
 

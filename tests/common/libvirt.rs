@@ -71,9 +71,13 @@ impl PrivateLibvirt {
             ),
         )
         .unwrap();
-        let child = Command::new("libvirtd")
+        let mut child = Command::new("libvirtd")
             .arg("--config")
             .arg(&conf)
+            // Its own pid file: the default (/run/libvirtd.pid) is one lock
+            // for every libvirtd on the machine, so two tests could not both run one.
+            .arg("--pid-file")
+            .arg(dir.path().join("libvirtd.pid"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
             .spawn()
@@ -81,6 +85,10 @@ impl PrivateLibvirt {
         let socket = sock.join("libvirt-sock");
         let deadline = Instant::now() + WAIT;
         while !socket.exists() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             assert!(
                 Instant::now() < deadline,
                 "libvirtd did not listen at {}: {}",
