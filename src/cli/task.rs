@@ -314,7 +314,9 @@ pub async fn wait_made(
         if made || t.state.is_final() {
             return Ok(t);
         }
-        if t.state == TaskState::Assigning && !told {
+        // A task's stderr is its own (`--wait` passes it through, as
+        // `docker run` does): only a VPS gets this word.
+        if what == "vps" && t.state == TaskState::Assigning && !told {
             let node = t.placement.as_ref().map(|p| p.node.as_str()).unwrap_or("?");
             meter.say(&format!(
                 "{what} {id}: being made on node {node} (Ctrl-C stops waiting, not the {what})"

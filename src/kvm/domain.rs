@@ -31,6 +31,24 @@ pub enum Accel {
     Qemu,
 }
 
+/// How QEMU caches the VM's disk on the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskCache {
+    /// O_DIRECT: the guest's own page cache is the only one (production).
+    None,
+    /// Through the node's page cache: tmpfs (test directories) has no O_DIRECT.
+    Writeback,
+}
+
+impl DiskCache {
+    fn as_str(self) -> &'static str {
+        match self {
+            DiskCache::None => "none",
+            DiskCache::Writeback => "writeback",
+        }
+    }
+}
+
 /// How the guest boots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Boot {
@@ -77,8 +95,7 @@ pub struct Vm {
     /// The instance's own disk: a qcow2 overlay whose backing file is `base`.
     pub disk: PathBuf,
     pub base: PathBuf,
-    /// `none` (O_DIRECT) in production; test directories on tmpfs need `writeback`.
-    pub disk_cache: &'static str,
+    pub disk_cache: DiskCache,
     pub seed: PathBuf,
     pub mac: [u8; 6],
     pub console_log: PathBuf,
@@ -337,7 +354,7 @@ impl Vm {
                 &[
                     ("name", "qemu"),
                     ("type", "qcow2"),
-                    ("cache", self.disk_cache),
+                    ("cache", self.disk_cache.as_str()),
                     ("discard", "unmap"),
                 ],
             )
@@ -491,7 +508,7 @@ pub(super) mod tests {
             },
             disk: "/var/lib/rivernode/vms/42/disk.qcow2".into(),
             base: "/var/lib/rivernode/vm-images/mini.qcow2".into(),
-            disk_cache: "writeback",
+            disk_cache: DiskCache::Writeback,
             seed: "/var/lib/rivernode/vms/42/seed.iso".into(),
             mac: [0x0a, 0x58, 10, 250, 0, 42],
             console_log: "/var/lib/rivernode/vms/42/console.log".into(),
@@ -529,7 +546,7 @@ pub(super) mod tests {
         vm.boot = Boot::Uefi {
             nvram: "/var/lib/rivernode/vms/42/VARS.fd".into(),
         };
-        vm.disk_cache = "none";
+        vm.disk_cache = DiskCache::None;
         vm.hostdevs = gpus.clone();
         vm.instance.cpus = "8-15".parse().unwrap();
         vm.instance.numa = Some(1);

@@ -17,4 +17,4 @@ fn mac_text(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-pub use domain::{domain_name, Accel, Boot, DomainError, Instance, Vm, METADATA_NS};
+pub use domain::{domain_name, Accel, Boot, DiskCache, DomainError, Instance, Vm, METADATA_NS};
