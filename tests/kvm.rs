@@ -185,73 +185,49 @@ fn newest_kernel() -> Option<std::path::PathBuf> {
     k.pop()
 }
 
-#[test]
-fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
-    use rivernode::kvm::libvirt::{Hypervisor, VmState};
-    use rivernode::kvm::{Accel, Boot, Instance, Vm};
-    if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
-        return;
-    }
-    let Some(kernel) = newest_kernel() else {
-        assert!(
-            !real_part_available("a kernel in /boot (linux-image-amd64)", false),
-            "no kernel"
-        );
-        return;
-    };
-    common::cluster::private_namespaces(move || {
-        let lv = common::libvirt::PrivateLibvirt::start();
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let initrd = guest_initramfs(d);
+/// What both VM tests set up in their private namespaces, as the runner
+/// will: a bridge with the VM's tap on it, a base image with the VM's disk
+/// as an overlay, the seed, and the domain: one vCPU and QEMU's threads
+/// on the last CPU this test may use, booting `kernel` with `initrd`.
+struct TestVm {
+    rt: tokio::runtime::Runtime,
+    vm: rivernode::kvm::Vm,
+}
+
+impl TestVm {
+    fn new(
+        d: &std::path::Path,
+        seed: &SeedInput,
+        id: u64,
+        kernel: std::path::PathBuf,
+        initrd: std::path::PathBuf,
+    ) -> TestVm {
+        use rivernode::kvm::{Accel, Boot, Instance, Vm};
+        let tap = format!("rvtap{id}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use rivernode::net::{link, tap as taps};
+            let h = link::connect().unwrap();
+            link::ensure_bridge(&h, "rvt0", seed.gateway, seed.prefix)
+                .await
+                .unwrap();
+            taps::create_tap(std::path::Path::new("/dev"), &tap).unwrap();
+            taps::attach_tap(&h, "rvt0", &tap, true).await.unwrap();
+        });
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(d.join("base.qcow2"))
             .arg("16M"));
-        // The VM's disk: an overlay on the read-only base, as the runner makes it.
         rivernode::kvm::image::create_overlay(
             &d.join("base.qcow2"),
             &d.join("disk.qcow2"),
             32 << 20,
         )
         .unwrap();
-        let info = run(Command::new("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(d.join("disk.qcow2")));
-        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
-        assert_eq!(info["virtual-size"], 32 << 20);
-        assert_eq!(
-            info["backing-filename"],
-            d.join("base.qcow2").to_str().unwrap()
-        );
-        // The VM's tap, made and put on a bridge as the runner does.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            use rivernode::net::{link, tap};
-            let h = link::connect().unwrap();
-            link::ensure_bridge(&h, "rvt0", "10.250.0.1".parse().unwrap(), 24)
-                .await
-                .unwrap();
-            tap::create_tap(std::path::Path::new("/dev"), "rvtap7").unwrap();
-            tap::attach_tap(&h, "rvt0", "rvtap7", true).await.unwrap();
-        });
-        let seed = SeedInput {
-            instance_id: "3f2a9c1e-0000-4000-8000-000000000007".into(),
-            hostname: "vps-7".into(),
-            ssh_keys: vec!["ssh-ed25519 AAAAC3Nza alice@laptop".into()],
-            password_hash: None,
-            host_key: None,
-            mac: [0x0a, 0x58, 10, 250, 0, 7],
-            ip: "10.250.0.7".parse().unwrap(),
-            prefix: 24,
-            gateway: "10.250.0.1".parse().unwrap(),
-            nameservers: vec![],
-        };
-        std::fs::write(d.join("seed.iso"), seed_iso(&seed)).unwrap();
-        // The last CPU this test may use: vCPU 0 and QEMU's own threads there.
+        std::fs::write(d.join("seed.iso"), seed_iso(seed)).unwrap();
         let last = last_allowed_cpu();
         let vm = Vm {
             uuid: seed.instance_id.clone(),
@@ -272,19 +248,79 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
             console_log: d.join("console.log"),
             hostdevs: vec![],
             instance: Instance {
-                id: 7,
+                id,
                 owner: Some("alice".into()),
                 node: "n1".into(),
                 submitted_at_unix_ms: 1_796_000_000_000,
                 cpus: [last].into_iter().collect(),
                 numa: Some(0),
                 gpus: vec![],
-                tap: "rvtap7".into(),
+                tap,
                 ip: seed.ip,
             },
         };
+        TestVm { rt, vm }
+    }
+
+    /// Removes the tap (the domain is the test's to undefine).
+    fn remove_tap(&self) {
+        self.rt.block_on(async {
+            let h = rivernode::net::link::connect().unwrap();
+            assert!(rivernode::net::link::delete_link(&h, &self.vm.instance.tap)
+                .await
+                .unwrap());
+        });
+    }
+}
+
+/// The seed of test VM `id` (address 10.250.0.`id`).
+fn test_seed(id: u8, ssh_keys: Vec<String>, host_key: Option<(String, String)>) -> SeedInput {
+    SeedInput {
+        instance_id: format!("3f2a9c1e-0000-4000-8000-{id:012x}"),
+        hostname: format!("vps-{id}"),
+        ssh_keys,
+        password_hash: None,
+        host_key,
+        mac: [0x0a, 0x58, 10, 250, 0, id],
+        ip: format!("10.250.0.{id}").parse().unwrap(),
+        prefix: 24,
+        gateway: "10.250.0.1".parse().unwrap(),
+        nameservers: vec![],
+    }
+}
+
+#[test]
+fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
+    use rivernode::kvm::libvirt::{Hypervisor, VmState};
+    if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
+        return;
+    }
+    let Some(kernel) = newest_kernel() else {
+        assert!(
+            !real_part_available("a kernel in /boot (linux-image-amd64)", false),
+            "no kernel"
+        );
+        return;
+    };
+    common::cluster::private_namespaces(move || {
+        let lv = common::libvirt::PrivateLibvirt::start();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let seed = test_seed(7, vec!["ssh-ed25519 AAAAC3Nza alice@laptop".into()], None);
+        let t = TestVm::new(d, &seed, 7, kernel, guest_initramfs(d));
+        let (vm, last) = (&t.vm, t.vm.vcpu_pins[0]);
+        // The VM's disk is an overlay on the read-only base, as the runner makes it.
+        let info = run(Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(d.join("disk.qcow2")));
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["virtual-size"], 32 << 20);
+        assert_eq!(
+            info["backing-filename"],
+            d.join("base.qcow2").to_str().unwrap()
+        );
         let h = Hypervisor::open(&lv.uri).unwrap();
-        h.define_and_start(&vm)
+        h.define_and_start(vm)
             .unwrap_or_else(|e| panic!("{e:?}\n{}", lv.log()));
         let console = || std::fs::read_to_string(d.join("console.log")).unwrap_or_default();
         let up = wait_for("the guest's init", || {
@@ -346,12 +382,7 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
         assert_eq!(h.state(&vm.uuid).unwrap(), None);
         assert!(h.list().unwrap().is_empty());
         drop(h);
-        rt.block_on(async {
-            let h = rivernode::net::link::connect().unwrap();
-            assert!(rivernode::net::link::delete_link(&h, "rvtap7")
-                .await
-                .unwrap());
-        });
+        t.remove_tap();
     });
 }
 
@@ -583,7 +614,6 @@ fn last_allowed_cpu() -> u32 {
 #[test]
 fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() {
     use rivernode::kvm::libvirt::Hypervisor;
-    use rivernode::kvm::{Accel, Boot, Instance, Vm};
     if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
         return;
     }
@@ -604,19 +634,6 @@ fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() 
         let lv = common::libvirt::PrivateLibvirt::start();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            use rivernode::net::{link, tap};
-            let h = link::connect().unwrap();
-            link::ensure_bridge(&h, "rvt0", "10.250.0.1".parse().unwrap(), 24)
-                .await
-                .unwrap();
-            tap::create_tap(std::path::Path::new("/dev"), "rvtap8").unwrap();
-            tap::attach_tap(&h, "rvt0", "rvtap8", true).await.unwrap();
-        });
         for k in ["client", "other", "hostkey"] {
             run(Command::new("ssh-keygen")
                 .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -628,65 +645,18 @@ fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() 
             .take(2)
             .collect::<Vec<_>>()
             .join(" ");
-        let seed = SeedInput {
-            instance_id: "3f2a9c1e-0000-4000-8000-000000000008".into(),
-            hostname: "vps-8".into(),
-            ssh_keys: vec![public("client").trim().to_string()],
-            password_hash: None,
-            host_key: Some((
+        let seed = test_seed(
+            8,
+            vec![public("client").trim().to_string()],
+            Some((
                 std::fs::read_to_string(d.join("hostkey")).unwrap(),
                 host_public.clone(),
             )),
-            mac: [0x0a, 0x58, 10, 250, 0, 8],
-            ip: "10.250.0.8".parse().unwrap(),
-            prefix: 24,
-            gateway: "10.250.0.1".parse().unwrap(),
-            nameservers: vec![],
-        };
-        std::fs::write(d.join("seed.iso"), seed_iso(&seed)).unwrap();
-        run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(d.join("base.qcow2"))
-            .arg("16M"));
-        rivernode::kvm::image::create_overlay(
-            &d.join("base.qcow2"),
-            &d.join("disk.qcow2"),
-            16 << 20,
-        )
-        .unwrap();
-        let last = last_allowed_cpu();
-        let vm = Vm {
-            uuid: seed.instance_id.clone(),
-            accel: Accel::Qemu,
-            memory_mib: 256,
-            vcpu_pins: vec![last],
-            emulator_cpus: [last].into_iter().collect(),
-            boot: Boot::Kernel {
-                kernel,
-                initrd: Some(tier1_initramfs(d, &version)),
-                cmdline: "console=ttyS0 panic=-1 quiet".into(),
-            },
-            disk: d.join("disk.qcow2"),
-            base: d.join("base.qcow2"),
-            disk_cache: rivernode::kvm::domain::DiskCache::Writeback,
-            seed: d.join("seed.iso"),
-            mac: seed.mac,
-            console_log: d.join("console.log"),
-            hostdevs: vec![],
-            instance: Instance {
-                id: 8,
-                owner: None,
-                node: "n1".into(),
-                submitted_at_unix_ms: 1,
-                cpus: [last].into_iter().collect(),
-                numa: None,
-                gpus: vec![],
-                tap: "rvtap8".into(),
-                ip: seed.ip,
-            },
-        };
+        );
+        let t = TestVm::new(d, &seed, 8, kernel, tier1_initramfs(d, &version));
+        let vm = &t.vm;
         let h = Hypervisor::open(&lv.uri).unwrap();
-        h.define_and_start(&vm)
+        h.define_and_start(vm)
             .unwrap_or_else(|e| panic!("{e:?}\n{}", lv.log()));
         let console = || std::fs::read_to_string(d.join("console.log")).unwrap_or_default();
         let deadline = std::time::Instant::now() + WAIT;
@@ -731,11 +701,6 @@ fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() 
         );
         h.undefine(&vm.uuid).unwrap();
         drop(h);
-        rt.block_on(async {
-            let h = rivernode::net::link::connect().unwrap();
-            rivernode::net::link::delete_link(&h, "rvtap8")
-                .await
-                .unwrap();
-        });
+        t.remove_tap();
     });
 }
