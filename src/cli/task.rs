@@ -319,7 +319,7 @@ pub async fn wait_made(
         if what == "vps" && t.state == TaskState::Assigning && !told {
             let node = t.placement.as_ref().map(|p| p.node.as_str()).unwrap_or("?");
             meter.say(&format!(
-                "{what} {id}: being made on node {node} (Ctrl-C stops waiting, not the {what})"
+                "{what} {id}: being made on node {node} (Ctrl-C stops waiting, not the VPS)"
             ));
             told = true;
         }
