@@ -72,21 +72,16 @@ fn the_seed_reads_back_with_isoinfo_and_carries_the_cidata_label() {
     if !real_part_available("isoinfo and blkid (genisoimage, util-linux)", present) {
         return;
     }
-    let s = SeedInput {
-        instance_id: "3f2a9c1e-0000-4000-8000-00000000002a".into(),
-        hostname: "vps-42".into(),
-        ssh_keys: vec!["ssh-ed25519 AAAAC3Nza alice@laptop".into()],
-        password_hash: Some("$6$salt$hash".into()),
-        host_key: Some((
+    let mut s = test_seed(
+        42,
+        vec!["ssh-ed25519 AAAAC3Nza alice@laptop".into()],
+        Some((
             "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n".into(),
             "ssh-ed25519 AAAAhost".into(),
         )),
-        mac: [0x0a, 0x58, 10, 250, 0, 42],
-        ip: "10.250.0.42".parse().unwrap(),
-        prefix: 24,
-        gateway: "10.250.0.1".parse().unwrap(),
-        nameservers: vec!["10.250.0.1".parse().unwrap()],
-    };
+    );
+    s.password_hash = Some("$6$salt$hash".into());
+    s.nameservers = vec!["10.250.0.1".parse().unwrap()];
     let iso = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(iso.path(), seed_iso(&s)).unwrap();
     let path = iso.path().to_str().unwrap();
@@ -152,22 +147,14 @@ fn guest_initramfs(dir: &std::path::Path) -> std::path::PathBuf {
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs devtmpfs /dev\necho \"RIVERNODE-VM-UP cpus=$(nproc)\"\nwhile true; do sleep 1; echo \"RIVERNODE-VM-TICK $(cat /proc/uptime)\"; done\n",
     )
     .unwrap();
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut std::fs::metadata(&init).unwrap().permissions(),
-        0o755,
-    );
     std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = dir.join("initramfs.cpio");
-    let list = "init\nbin\nbin/busybox\nproc\nsys\ndev\nmnt\n";
-    let mut c = Command::new("busybox")
-        .args(["cpio", "-o", "-H", "newc"])
-        .current_dir(&root)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut c.stdin.take().unwrap(), list.as_bytes()).unwrap();
-    assert!(c.wait().unwrap().success());
+    write_cpio(
+        &root,
+        &["init", "bin/busybox"],
+        &["proc", "sys", "dev", "mnt"],
+        &out,
+    );
     out
 }
 
@@ -576,30 +563,43 @@ while true; do sleep 3600; done
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     let out = dir.join("tier1.cpio");
-    // The kernel's unpacker makes no directory itself: each parent first.
-    let mut dirs: std::collections::BTreeSet<String> =
-        ["proc", "sys", "dev", "tmp", "etc", "root", "seed"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    for f in &files {
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    write_cpio(
+        &root,
+        &files,
+        &["proc", "sys", "dev", "tmp", "etc", "root", "seed"],
+        &out,
+    );
+    out
+}
+
+/// An initramfs (cpio, newc) at `out` of `files` under `root` and the empty
+/// `dirs`. The kernel's unpacker makes no directory itself: every parent
+/// is listed before what it holds.
+fn write_cpio(root: &std::path::Path, files: &[&str], dirs: &[&str], out: &std::path::Path) {
+    let mut all: std::collections::BTreeSet<String> = dirs.iter().map(|d| d.to_string()).collect();
+    for f in files {
         let mut p = std::path::Path::new(f).parent();
         while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
-            dirs.insert(d.to_string_lossy().into_owned());
+            all.insert(d.to_string_lossy().into_owned());
             p = d.parent();
         }
     }
-    let list = dirs.into_iter().chain(files).collect::<Vec<_>>().join("\n") + "\n";
+    let list = all
+        .into_iter()
+        .chain(files.iter().map(|f| f.to_string()))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
     let mut c = Command::new("busybox")
         .args(["cpio", "-o", "-H", "newc"])
-        .current_dir(&root)
+        .current_dir(root)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::fs::File::create(&out).unwrap())
+        .stdout(std::fs::File::create(out).unwrap())
         .spawn()
         .unwrap();
     std::io::Write::write_all(&mut c.stdin.take().unwrap(), list.as_bytes()).unwrap();
     assert!(c.wait().unwrap().success());
-    out
 }
 
 /// The highest CPU this process may run on (its affinity, not the count).

@@ -183,30 +183,30 @@ impl HostClient {
     /// What the runner observed of task `id`. The host applies a repeated
     /// report once, so a retry after a lost answer is safe.
     pub async fn report(&self, id: u64, report: &TaskReport) -> Result<(), HostCallError> {
-        let resp = self
-            .http
-            .put(format!("{}/api/nodes/{}/tasks/{id}", self.base, self.node))
-            .bearer_auth(self.credential())
-            .timeout(Duration::from_secs(10))
-            .json(report)
-            .send()
+        self.put_task(&format!("tasks/{id}"), report, Duration::from_secs(10))
             .await
-            .map_err(HostCallError::Unreachable)?;
-        Self::check(resp).await.map(|_| ())
     }
 
     /// How far making task `id` got. Best effort: a lost one is followed
     /// by a newer one, or made moot by the task's next report.
     pub async fn progress(&self, id: u64, p: &TaskProgress) -> Result<(), HostCallError> {
+        self.put_task(&format!("tasks/{id}/progress"), p, Duration::from_secs(5))
+            .await
+    }
+
+    /// PUT `body` at this node's `/api/nodes/<node>/<path>`.
+    async fn put_task(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+        timeout: Duration,
+    ) -> Result<(), HostCallError> {
         let resp = self
             .http
-            .put(format!(
-                "{}/api/nodes/{}/tasks/{id}/progress",
-                self.base, self.node
-            ))
+            .put(format!("{}/api/nodes/{}/{path}", self.base, self.node))
             .bearer_auth(self.credential())
-            .timeout(Duration::from_secs(5))
-            .json(p)
+            .timeout(timeout)
+            .json(body)
             .send()
             .await
             .map_err(HostCallError::Unreachable)?;

@@ -223,6 +223,17 @@ pub fn validate_user_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Environment and VM image names are file names in the shared directory:
+/// 1–128 of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn valid_image_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
 /// Node names end up in URLs, file names and interface names: keep them to
 /// 1–63 characters of `[a-z0-9.-]`, starting with a letter or digit (a DNS label).
 pub fn validate_node_name(name: &str) -> Result<(), String> {
@@ -298,6 +309,16 @@ pub fn node_name_from_hostname(hostname: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_names_are_file_names_that_stay_in_their_directory() {
+        for ok in ["ubuntu-24.04", "mini", "a_b.c"] {
+            assert!(valid_image_name(ok), "{ok}");
+        }
+        for bad in ["", ".hidden", "../x", "a/b", "a b", &"x".repeat(129)] {
+            assert!(!valid_image_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn node_names() {

@@ -181,14 +181,7 @@ pub fn status_text(t: &TaskView) -> String {
         t.desired,
         t.spec.command.join(" ")
     );
-    out.push_str(&format!(
-        "Image:      {}\n",
-        match &t.spec.image {
-            ImageSource::Environment(e) => format!("environment {e}"),
-            ImageSource::Registry(r) => format!("registry {r}"),
-            ImageSource::Snapshot { vps, snapshot } => format!("snapshot {snapshot} of VPS {vps}"),
-        }
-    ));
+    out.push_str(&format!("Image:      {}\n", t.spec.image));
     out.push_str(&format!(
         "Asked:      {}, {}, {} GPUs{}\n",
         match t.spec.cores {
@@ -467,12 +460,7 @@ pub async fn env(client: &Client, cmd: EnvCommand, output: Output) -> anyhow::Re
             }
         },
         EnvCommand::Import { name, archive } => {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-                || name.starts_with('.')
-            {
+            if !crate::api::valid_image_name(&name) {
                 bail!("environment name {name:?}: use letters, digits, '.', '_' and '-'");
             }
             let dir = std::path::Path::new(&envs.shared_dir).join("environments");

@@ -21,15 +21,6 @@ struct Listed {
     sha256: String,
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-}
-
 /// Where the images are: `SHARED_DIR/vm-images`, as the host names the shared directory.
 async fn images_dir(client: &Client) -> anyhow::Result<std::path::PathBuf> {
     let envs: crate::api::Environments = client.get("/api/environments").await?;
@@ -49,7 +40,7 @@ fn list(dir: &Path) -> anyhow::Result<Vec<Listed>> {
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_suffix(".qcow2"))
-            .filter(|n| valid_name(n))
+            .filter(|n| crate::api::valid_image_name(n))
         else {
             continue;
         };
@@ -92,7 +83,7 @@ pub async fn image(client: &Client, cmd: VmImageCommand, output: Output) -> anyh
             }
         }
         VmImageCommand::Import { name, file } => {
-            if !valid_name(&name) {
+            if !crate::api::valid_image_name(&name) {
                 bail!("image name {name:?}: use letters, digits, '.', '_' and '-'");
             }
             if !file.is_file() {
@@ -155,19 +146,4 @@ pub async fn image(client: &Client, cmd: VmImageCommand, output: Output) -> anyh
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn image_names_are_file_names_that_stay_in_their_directory() {
-        for ok in ["ubuntu-24.04", "mini", "a_b.c"] {
-            assert!(valid_name(ok), "{ok}");
-        }
-        for bad in ["", ".hidden", "../x", "a/b", "a b", &"x".repeat(129)] {
-            assert!(!valid_name(bad), "{bad}");
-        }
-    }
 }

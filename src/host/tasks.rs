@@ -176,15 +176,8 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             )));
         }
     }
-    let name_ok = |n: &str| {
-        !n.is_empty()
-            && n.len() <= 128
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-            && !n.starts_with('.')
-    };
     match &spec.image {
-        crate::api::ImageSource::Environment(n) if !name_ok(n) => {
+        crate::api::ImageSource::Environment(n) if !crate::api::valid_image_name(n) => {
             return Err(ApiError::BadRequest(format!(
                 "image.environment: {n:?} is not an environment name (letters, digits, '.', '_', '-')"
             )))

@@ -12,8 +12,8 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use super::mac_text;
 use super::xml::Writer;
+use crate::net::firewall::mac_text;
 use crate::topology::{CpuList, PciAddress};
 
 /// The namespace of our `<metadata>` element (libvirt keeps one element per

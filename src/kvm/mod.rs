@@ -9,12 +9,4 @@ pub mod libvirt;
 pub mod seed;
 mod xml;
 
-/// A MAC address as libvirt and netplan write it: `0a:58:0a:fa:00:2a`.
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 pub use domain::{domain_name, Accel, Boot, DiskCache, DomainError, Instance, Vm, METADATA_NS};

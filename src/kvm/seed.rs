@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 
 use serde_json::json;
 
-use super::mac_text;
+use crate::net::firewall::mac_text;
 
 /// What the guest is told about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -55,7 +55,8 @@ pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
     [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
 
-fn mac_text(mac: [u8; 6]) -> String {
+/// A MAC address as nft, libvirt and netplan write it: `0a:58:0a:fa:00:2a`.
+pub fn mac_text(mac: [u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
