@@ -23,6 +23,9 @@ packages=(build-essential pkg-config protobuf-compiler libvirt-dev ca-certificat
 # Runtime: containerd and runc run the tasks; nft applies the node's firewall
 # table; dropbear is injected into VPS images without an SSH server; ssh logs in.
 packages+=(containerd runc nftables dropbear-bin openssh-client openssh-sftp-server)
+# VM VPS: libvirt runs QEMU; qemu-img judges base images and makes VM disks;
+# OVMF is the VMs' UEFI firmware; prlimit (util-linux) bounds qemu-img.
+packages+=(libvirt-daemon-system qemu-system-x86 qemu-utils ovmf util-linux)
 # Runtime of the tests: systemd-analyze checks the unit files; the kernel
 # tests boot Debian's kernel in QEMU (TCG) with a static busybox as userland
 # and decompress its .ko.xz modules with xz.

@@ -23,4 +23,13 @@ if [ ! -S "$socket" ]; then
     setsid containerd >/var/log/rivernode-containerd.log 2>&1 < /dev/null &
     for _ in $(seq 1 100); do [ -S "$socket" ] && break; sleep 0.1; done
 fi
+# VM VPS run under libvirtd (Debian's package starts it under systemd too).
+if [ ! -S /run/libvirt/libvirt-sock ]; then
+    systemctl start libvirtd 2>/dev/null || true
+fi
+if [ ! -S /run/libvirt/libvirt-sock ]; then
+    echo "up: starting libvirtd (log: /var/log/rivernode-libvirtd.log)"
+    setsid libvirtd >/var/log/rivernode-libvirtd.log 2>&1 < /dev/null &
+    for _ in $(seq 1 100); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+fi
 exec /usr/local/bin/rivernode up "$@"

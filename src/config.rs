@@ -286,6 +286,20 @@ layered_config! {
         http_header_timeout: HumanDuration = HumanDuration(Duration::from_secs(10)),
         /// Connections the runner API holds open at once.
         http_max_connections: usize = 64,
+        /// libvirt's URI for VM VPS; empty: this node runs no VMs.
+        libvirt_uri: String = "qemu:///system".to_string(),
+        /// How VMs run: kvm (hardware, the host's CPU model) or qemu (TCG emulation, for tests).
+        vm_accel: String = "kvm".to_string(),
+        /// VM firmware: uefi (OVMF, Secure Boot off; GPUs need it) or bios (SeaBIOS).
+        vm_firmware: String = "uefi".to_string(),
+        /// Boot every VM with this kernel from the node instead of its image's boot loader.
+        vm_kernel: Option<PathBuf> = None,
+        /// The initrd for vm_kernel.
+        vm_initrd: Option<PathBuf> = None,
+        /// The kernel command line for vm_kernel.
+        vm_cmdline: String = "console=ttyS0".to_string(),
+        /// How QEMU caches VM disks: none (O_DIRECT) or writeback (for filesystems without O_DIRECT, e.g. tmpfs).
+        vm_disk_cache: String = "none".to_string(),
     }
 }
 
@@ -350,6 +364,28 @@ impl RunnerConfig {
                 key: "name",
                 message,
             })?;
+        }
+        for (key, value, allowed) in [
+            ("vm_accel", &self.vm_accel, &["kvm", "qemu"][..]),
+            ("vm_firmware", &self.vm_firmware, &["uefi", "bios"][..]),
+            (
+                "vm_disk_cache",
+                &self.vm_disk_cache,
+                &["none", "writeback"][..],
+            ),
+        ] {
+            if !allowed.contains(&value.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{value:?}: say {}", allowed.join(" or ")),
+                });
+            }
+        }
+        if self.vm_initrd.is_some() && self.vm_kernel.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "vm_initrd",
+                message: "an initrd needs vm_kernel too".into(),
+            });
         }
         Ok(())
     }

@@ -48,6 +48,45 @@ pub fn write_public(path: &Path, data: &[u8]) -> std::io::Result<()> {
     write_atomic(path, data, 0o644)
 }
 
+/// Copies `from` to the new file `to` (never over an existing one, nor
+/// through a link planted there), made `mode` and synced; `progress` hears
+/// the bytes done and the total as it goes. Returns the SHA-256 (hex) of
+/// what was written.
+pub fn copy_hashed(
+    from: &Path,
+    to: &Path,
+    mode: u32,
+    mut progress: impl FnMut(u64, u64),
+) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut hash = sha2::Sha256::new();
+    let mut src = fs::File::open(from)?;
+    let total = src.metadata()?.len();
+    let mut dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    progress(0, total);
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all(&buf[..n])?;
+        hash.update(&buf[..n]);
+        done += n as u64;
+        progress(done, total);
+    }
+    // Through the descriptor: the mode is this file's, whatever the path is now.
+    dst.set_permissions(fs::Permissions::from_mode(mode))?;
+    dst.sync_all()?;
+    Ok(hex::encode(hash.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -158,6 +158,28 @@ fn guest_initramfs(dir: &std::path::Path) -> std::path::PathBuf {
     out
 }
 
+/// The node's newest kernel and its version, for guests to boot, when
+/// libvirt, QEMU and the SSH tools are here too; none (a clear skip, or a
+/// failure where real parts are required) without them.
+fn guest_kernel() -> Option<(std::path::PathBuf, String)> {
+    if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
+        return None;
+    }
+    let Some(kernel) = newest_kernel() else {
+        assert!(!real_part_available(
+            "a kernel in /boot (linux-image-amd64)",
+            false
+        ));
+        return None;
+    };
+    let version = kernel
+        .file_name()?
+        .to_string_lossy()
+        .trim_start_matches("vmlinuz-")
+        .to_string();
+    Some((kernel, version))
+}
+
 fn newest_kernel() -> Option<std::path::PathBuf> {
     let mut k: Vec<std::path::PathBuf> = std::fs::read_dir("/boot")
         .ok()?
@@ -318,28 +340,8 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
         // Its vCPU thread runs only on the reserved CPU.
         let name = rivernode::kvm::domain_name(&vm.uuid);
         let pid = lv.qemu_pid(&name).expect("QEMU's pid file");
-        let mut vcpus = 0;
-        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-        {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            if status
-                .lines()
-                .next()
-                .is_some_and(|l| l.contains("CPU 0/TCG"))
-            {
-                let allowed = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                    .unwrap()
-                    .trim()
-                    .to_string();
-                assert_eq!(allowed, last.to_string());
-                vcpus += 1;
-            }
-        }
-        assert_eq!(vcpus, 1, "one vCPU thread");
+        let vcpus = vcpu_affinity(pid);
+        assert_eq!(vcpus, vec![last.to_string()]);
         // What a restarted runner finds: our instance, from the metadata.
         let found = h.list().unwrap();
         assert_eq!(found.len(), 1);
@@ -361,7 +363,7 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
         });
         // busybox init ignores the power button: the plug is pulled after the grace.
         assert!(!h.stop(&vm.uuid, std::time::Duration::from_secs(2)).unwrap());
-        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Off));
+        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Off { exit: 137 }));
         assert!(
             lv.qemu_pid(&name).is_none() || !std::path::Path::new(&format!("/proc/{pid}")).exists()
         );
@@ -489,8 +491,9 @@ fn module_closure(modules: &std::path::Path, wanted: &[&str]) -> Vec<std::path::
 }
 
 /// The tier-1 guest: the node's kernel booting an initramfs of busybox,
-/// dropbear and its libraries, the modules for virtio-net and the seed's
-/// SATA cdrom, and an init that is a small NoCloud reader of our own: it
+/// dropbear and its libraries, the modules for virtio-net, virtio-blk (its
+/// disk, mounted at /data when it holds a filesystem) and the seed's SATA
+/// cdrom, and an init that is a small NoCloud reader of our own: it
 /// mounts the `cidata` image, takes root's key, the host key and the
 /// static address from it, and starts dropbear.
 fn tier1_initramfs(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
@@ -514,7 +517,16 @@ fn tier1_initramfs(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
     let mut order = String::new();
     for m in module_closure(
         &mods,
-        &["virtio_pci", "virtio_net", "ahci", "sr_mod", "isofs"],
+        &[
+            "virtio_pci",
+            "virtio_net",
+            "virtio_blk",
+            "ahci",
+            "sr_mod",
+            "isofs",
+            "crc32c_generic",
+            "ext4",
+        ],
     ) {
         let name = m.file_name().unwrap().to_string_lossy().into_owned();
         put(&m, &format!("/modules/{name}"));
@@ -533,6 +545,10 @@ for m in $(cat /modules.order); do insmod /modules/$m; done
 mkdir -p /seed /etc/dropbear /root/.ssh
 for i in $(seq 50); do [ -b /dev/sr0 ] && break; sleep 0.2; done
 mount -t iso9660 -o ro /dev/sr0 /seed || echo "RIVERNODE-VM-NOSEED"
+# The VM's own disk, where a filesystem is on it (the runner's tests put one).
+mkdir -p /data
+for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.2; done
+mount -t ext4 /dev/vda /data 2>/dev/null || echo "RIVERNODE-VM-NODISK"
 # Our bodies are one-line JSON: each value is found by its key.
 field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p" "$2"; }
 key=$(sed -n 's/.*"ssh_authorized_keys":\["\([^"]*\)".*/\1/p' /seed/user-data)
@@ -541,7 +557,8 @@ chmod 700 /root/.ssh; chmod 600 /root/.ssh/authorized_keys
 printf '%b' "$(field ed25519_private /seed/user-data)" > /tmp/hostkey
 dropbearconvert openssh dropbear /tmp/hostkey /etc/dropbear/host_key
 echo "root:x:0:0:root:/root:/bin/sh" > /etc/passwd
-addr=$(sed -n 's/.*"addresses":\["\([^"]*\)".*/\1/p' /seed/network-config)
+# The interface's address is the one with a prefix (the resolvers' have none).
+addr=$(sed -n 's/.*"addresses":\["\([^"]*\/[0-9]*\)".*/\1/p' /seed/network-config)
 gw=$(field via /seed/network-config)
 ip link set lo up
 ip link set eth0 up
@@ -602,6 +619,33 @@ fn write_cpio(root: &std::path::Path, files: &[&str], dirs: &[&str], out: &std::
     assert!(c.wait().unwrap().success());
 }
 
+/// The CPUs each vCPU thread of QEMU process `pid` may run on (TCG names
+/// them `CPU n/TCG`), in thread order.
+fn vcpu_affinity(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let is_vcpu = status
+            .lines()
+            .next()
+            .is_some_and(|l| l.starts_with("Name:") && l.contains("CPU ") && l.contains("/TCG"));
+        if is_vcpu {
+            out.push(
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .unwrap()
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+    out
+}
+
 /// The highest CPU this process may run on (its affinity, not the count).
 fn last_allowed_cpu() -> u32 {
     let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
@@ -614,22 +658,9 @@ fn last_allowed_cpu() -> u32 {
 #[test]
 fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() {
     use rivernode::kvm::libvirt::Hypervisor;
-    if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
-        return;
-    }
-    let Some(kernel) = newest_kernel() else {
-        assert!(!real_part_available(
-            "a kernel in /boot (linux-image-amd64)",
-            false
-        ));
+    let Some((kernel, version)) = guest_kernel() else {
         return;
     };
-    let version = kernel
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_start_matches("vmlinuz-")
-        .to_string();
     common::cluster::private_namespaces(move || {
         let lv = common::libvirt::PrivateLibvirt::start();
         let dir = tempfile::tempdir().unwrap();
@@ -702,5 +733,160 @@ fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() 
         h.undefine(&vm.uuid).unwrap();
         drop(h);
         t.remove_tap();
+    });
+}
+
+/// A base image for the runner's VMs: 16 MiB of ext2 (the tier-1 guest
+/// mounts it at /data), as qcow2.
+fn ext2_base(dir: &std::path::Path) -> std::path::PathBuf {
+    let raw = dir.join("base.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    run(Command::new("mke2fs")
+        .args(["-q", "-t", "ext2", "-F"])
+        .arg(&raw));
+    let q = dir.join("mini.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&q));
+    q
+}
+
+/// The whole life of a VM VPS through the CLI, the host and the runner:
+/// made from an imported image, reached with `rivernode ssh` through the
+/// proxy and node port, pinned, its disk kept over stop and restart,
+/// paused, left running by a runner killed with SIGKILL and adopted by the
+/// next one, and deleted without a trace.
+#[test]
+fn a_vm_vps_lives_its_whole_life_through_the_runner() {
+    use rivernode::kvm::libvirt::{Hypervisor, VmState};
+    let Some((kernel, version)) = guest_kernel() else {
+        return;
+    };
+    common::cluster::private_namespaces(move || {
+        let lv = common::libvirt::PrivateLibvirt::start();
+        let work = tempfile::tempdir().unwrap();
+        let initrd = tier1_initramfs(work.path(), &version);
+        let base = ext2_base(work.path());
+        let extra: Vec<String> = [
+            "--libvirt-uri",
+            &lv.uri,
+            "--vm-accel",
+            "qemu",
+            "--vm-kernel",
+            kernel.to_str().unwrap(),
+            "--vm-initrd",
+            initrd.to_str().unwrap(),
+            "--vm-cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--vm-disk-cache",
+            "writeback",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let Some(mut v) = common::cluster::Vps::start_full("n1", &[], &extra) else {
+            return;
+        };
+        let o = v.rn(&["vm", "image", "import", "mini", base.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "vps",
+            "create",
+            "--backend",
+            "vm",
+            "--vm-image",
+            "mini",
+            "--vm-memory",
+            "256",
+            "--vm-disk",
+            "64M",
+            "--gen-ssh-key",
+            "--key-out-file",
+            v.key.to_str().unwrap(),
+        ]);
+        let id = common::cluster::created_id(&o);
+        v.wait_state(&id, "running");
+        let cid = format!("n1-task-{id}");
+        let uuid = rivernode::runner::vm::vm_uuid(&cid);
+        let name = rivernode::kvm::domain_name(&uuid);
+        let console = v
+            .runner_data()
+            .join(format!("runner/vms/{cid}/console.log"));
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let c = std::fs::read_to_string(&console).unwrap_or_default();
+            if c.contains("RIVERNODE-VM-UP") {
+                assert!(!c.contains("RIVERNODE-VM-NODISK"), "the disk: {c}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest did not come up:\n{c}\n{}",
+                lv.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let out = v.ssh_ok(&id, &["uname -r; hostname; df -k /data | tail -1"]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[..2],
+            [version.as_str(), &format!("task-{id}")],
+            "the node's kernel, the instance's name: {out}\n{}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        // The disk is the asked 64 MiB, grown from the 16 MiB image (the
+        // filesystem stays 16 MiB: growing it is the guest's business).
+        let h = Hypervisor::open(&lv.uri).unwrap();
+        let disk = v.runner_data().join(format!("runner/vms/{cid}/disk.qcow2"));
+        let info: serde_json::Value = serde_json::from_str(&run(Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(&disk)))
+        .unwrap();
+        assert_eq!(info["virtual-size"], 64 << 20);
+        // Each vCPU runs on the cores the scheduler reserved, and only there.
+        let t = v.json(&["task", "status", &id]);
+        let cpus = t["placement"]["cpus"].as_str().unwrap().to_string();
+        let pid = lv.qemu_pid(&name).expect("QEMU's pid file");
+        assert_eq!(vcpu_affinity(pid), vec![cpus.clone()]);
+        // The disk keeps what is written over a stop and a restart.
+        v.ssh_ok(&id, &["echo kept > /data/f && sync"]);
+        let o = v.rn(&["vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "stopped");
+        assert_eq!(h.state(&uuid).unwrap(), Some(VmState::Off { exit: 137 }));
+        let o = v.rn(&["vps", "restart", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "running");
+        assert_eq!(v.ssh_ok(&id, &["cat /data/f"]), "kept\n");
+        // Paused, the guest does not run; resumed, it answers again.
+        let o = v.rn(&["vps", "pause", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "paused");
+        assert_eq!(h.state(&uuid).unwrap(), Some(VmState::Paused));
+        let o = v.rn(&["vps", "resume", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "running");
+        // A runner killed with SIGKILL leaves the VM running; the next
+        // one adopts it (and stops it when asked).
+        let qemu = lv.qemu_pid(&name).unwrap();
+        v.restart_runner(None);
+        assert_eq!(lv.qemu_pid(&name), Some(qemu), "the same QEMU");
+        assert!(std::path::Path::new(&format!("/proc/{qemu}")).exists());
+        assert_eq!(v.ssh_ok(&id, &["cat /data/f"]), "kept\n");
+        // Deleted, nothing of it is left: no domain, files, tap or address.
+        v.delete(&id);
+        assert_eq!(h.state(&uuid).unwrap(), None);
+        assert!(h.list().unwrap().is_empty());
+        assert!(!v.runner_data().join(format!("runner/vms/{cid}")).exists());
+        assert_eq!(v.leftovers(), (0, 0, 0), "containers, links, leases");
+        drop(h);
+        drop(v);
+        drop(lv);
     });
 }

@@ -145,6 +145,9 @@ pub enum ImageSource {
     Registry(String),
     /// A snapshot of a VPS, on the node that keeps it.
     Snapshot { vps: u64, snapshot: String },
+    /// A VM base image, `SHARED_DIR/vm-images/<name>.qcow2`: the instance
+    /// is a VM (`vps create --backend vm`), its disk an overlay on it.
+    VmImage(String),
 }
 
 impl std::fmt::Display for ImageSource {
@@ -155,6 +158,7 @@ impl std::fmt::Display for ImageSource {
             ImageSource::Snapshot { vps, snapshot } => {
                 write!(f, "snapshot {snapshot} of VPS {vps}")
             }
+            ImageSource::VmImage(n) => write!(f, "VM image {n}"),
         }
     }
 }
@@ -255,6 +259,16 @@ pub struct TaskSpec {
     /// Set by the host on `restart --from-snapshot` (VPS only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,
+    /// A VM's disk size (`--vm-disk`); default: its base image's own size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_disk_bytes: Option<u64>,
+}
+
+impl TaskSpec {
+    /// A VM VPS (its image a VM base image), not a container.
+    pub fn is_vm(&self) -> bool {
+        matches!(self.image, ImageSource::VmImage(_))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

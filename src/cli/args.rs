@@ -212,6 +212,25 @@ pub struct RunnerArgs {
     /// Time a client has to send a request's headers.
     #[arg(long, value_name = "DURATION")]
     pub http_header_timeout: Option<HumanDuration>,
+    /// libvirt's URI for VM VPS (default qemu:///system; empty: no VMs here).
+    #[arg(long, value_name = "URI")]
+    pub libvirt_uri: Option<String>,
+    /// kvm (default) or qemu (TCG emulation, where KVM is missing).
+    #[arg(long, value_name = "ACCEL")]
+    pub vm_accel: Option<String>,
+    /// uefi (default) or bios.
+    #[arg(long, value_name = "FIRMWARE")]
+    pub vm_firmware: Option<String>,
+    /// Boot VMs with this kernel from the node (images without a boot loader).
+    #[arg(long, value_name = "FILE")]
+    pub vm_kernel: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "vm_kernel")]
+    pub vm_initrd: Option<PathBuf>,
+    #[arg(long, value_name = "ARGS")]
+    pub vm_cmdline: Option<String>,
+    /// none (default, O_DIRECT) or writeback (a disk store on tmpfs).
+    #[arg(long, value_name = "MODE")]
+    pub vm_disk_cache: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -514,8 +533,9 @@ pub enum EnvCommand {
 pub struct VpsCreateArgs {
     #[command(flatten)]
     pub resources: ResourceArgs,
-    /// The VPS's kind: `container` (also `docker`); VMs (`qemu`, `vm`) are not built yet.
-    #[arg(long, value_name = "BACKEND", default_value = "container")]
+    /// The VPS's kind: `container` (also `docker`), or `vm` (also `qemu`):
+    /// a libvirt VM booting --vm-image, its vCPUs pinned to its cores.
+    #[arg(short = 'b', long, value_name = "BACKEND", default_value = "container")]
     pub backend: String,
     /// SSH access (on by default; KohakuRiver's flag, accepted as written).
     #[arg(long, conflicts_with = "no_ssh")]
@@ -524,12 +544,14 @@ pub struct VpsCreateArgs {
     /// image's Entrypoint and Cmd; reach it with `connect`, `terminal`, `forward`.
     #[arg(long, conflicts_with_all = ["gen_ssh_key", "public_key_file", "public_key_string", "no_ssh_key", "password_stdin"])]
     pub no_ssh: bool,
-    /// VM flags of the seed (`--backend qemu`): refused until VMs are built.
-    #[arg(long, hide = true, value_name = "MIB")]
+    /// A VM's memory in MiB (a unit is taken too: 16G); -m says the same.
+    #[arg(long, value_name = "MIB")]
     pub vm_memory: Option<String>,
-    #[arg(long, hide = true, value_name = "NAME")]
+    /// A VM's base image (`rivernode vm image list`).
+    #[arg(long, value_name = "NAME")]
     pub vm_image: Option<String>,
-    #[arg(long, hide = true, value_name = "GB")]
+    /// A VM's disk size in GiB (a unit is taken too: 500M); default: its image's size.
+    #[arg(long, value_name = "GB")]
     pub vm_disk: Option<String>,
     /// Generate an ed25519 key pair; the private key is written 0600 locally.
     #[arg(long)]

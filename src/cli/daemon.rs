@@ -95,6 +95,13 @@ pub fn runner_config(
         default_shm_size: args.default_shm_size,
         http_header_timeout: args.http_header_timeout,
         http_max_connections: None,
+        libvirt_uri: args.libvirt_uri.clone(),
+        vm_accel: args.vm_accel.clone(),
+        vm_firmware: args.vm_firmware.clone(),
+        vm_kernel: args.vm_kernel.clone().map(Some),
+        vm_initrd: args.vm_initrd.clone().map(Some),
+        vm_cmdline: args.vm_cmdline.clone(),
+        vm_disk_cache: args.vm_disk_cache.clone(),
     });
     cfg.validate()?;
     Ok(cfg)

@@ -135,41 +135,20 @@ pub fn copy_file(
     what: &str,
     mode: u32,
 ) -> std::io::Result<String> {
-    use sha2::Digest;
-    use std::io::{Read, Write};
-    let mut hash = sha2::Sha256::new();
-    let mut src = std::fs::File::open(from)?;
-    let total = src.metadata()?.len();
-    let mut dst = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(to)?;
     let mut meter = Meter::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
     let mut p = TaskProgress {
         phase: "copying".into(),
         what: what.into(),
         done_bytes: 0,
-        total_bytes: total,
+        total_bytes: 0,
     };
-    meter.show(&p);
-    loop {
-        let n = src.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        dst.write_all(&buf[..n])?;
-        hash.update(&buf[..n]);
-        done += n as u64;
+    let sha256 = crate::files::copy_hashed(from, to, mode, |done, total| {
         p.done_bytes = done;
+        p.total_bytes = total;
         meter.show(&p);
-    }
-    // Through the descriptor: the mode is this file's, whatever the path is now.
-    dst.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-    dst.sync_all()?;
+    })?;
     meter.finish();
-    Ok(hex::encode(hash.finalize()))
+    Ok(sha256)
 }
 
 #[cfg(test)]

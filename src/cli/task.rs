@@ -91,6 +91,7 @@ pub fn base_spec_from(
         restore: None,
         no_ssh: false,
         shm_bytes,
+        vm_disk_bytes: None,
     })
 }
 

@@ -132,15 +132,65 @@ fn public_key_file_of(private: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// A VPS kind of `--backend`, or what to do instead.
-fn check_backend(backend: &str) -> anyhow::Result<()> {
+/// True for a VM of `--backend` (`qemu`, `vm`), false for a container
+/// (`container`, `docker`); anything else is a mistake to name.
+fn is_vm_backend(backend: &str) -> anyhow::Result<bool> {
     match backend {
-        "container" | "docker" => Ok(()),
-        "qemu" | "vm" => bail!(
-            "--backend {backend}: VM VPS are not built yet; create a container VPS (--backend container) for now"
-        ),
-        other => bail!("--backend {other:?}: say container (or docker)"),
+        "container" | "docker" => Ok(false),
+        "qemu" | "vm" => Ok(true),
+        other => bail!("--backend {other:?}: say container (or docker) or vm (or qemu)"),
     }
+}
+
+/// A size flag whose bare number means `bare_unit` (`--vm-memory 16384`
+/// is MiB, `--vm-disk 50` GiB, as the seed writes them); units are taken too.
+fn sized(flag: &str, input: &str, bare_unit: &str) -> anyhow::Result<u64> {
+    let s = input.trim();
+    let text = if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        format!("{s}{bare_unit}")
+    } else {
+        s.to_string()
+    };
+    crate::api::parse_memory_size(&text).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+}
+
+/// A VM's part of `vps create`: its image, and memory and disk if given.
+struct VmChoice {
+    image: ImageSource,
+    memory: Option<u64>,
+    disk: Option<u64>,
+}
+
+/// The VM part of `vps create`; `None` for a container.
+fn vm_choice(a: &VpsCreateArgs) -> anyhow::Result<Option<VmChoice>> {
+    if !is_vm_backend(&a.backend)? {
+        if a.vm_memory.is_some() || a.vm_image.is_some() || a.vm_disk.is_some() {
+            bail!("--vm-memory, --vm-image and --vm-disk are for VM VPS: add --backend vm (a container VPS takes -m for memory)");
+        }
+        return Ok(None);
+    }
+    if a.resources.container.is_some() || a.resources.image.is_some() || a.from_snapshot.is_some() {
+        bail!("--container, --image and --from-snapshot are for container VPS; a VM boots --vm-image NAME");
+    }
+    let Some(image) = a.vm_image.clone() else {
+        bail!("--backend vm needs --vm-image NAME, the base image to boot (`rivernode vm image list` shows them; `rivernode vm image import NAME FILE.qcow2` adds one)");
+    };
+    let memory = match (&a.vm_memory, &a.resources.memory) {
+        (Some(_), Some(_)) => bail!("give the VM's memory once: --vm-memory MIB or -m SIZE"),
+        (Some(m), None) => Some(sized("--vm-memory", m, "M")?),
+        // -m is read with the other resource flags.
+        (None, _) => None,
+    };
+    let disk = a
+        .vm_disk
+        .as_deref()
+        .map(|d| sized("--vm-disk", d, "G"))
+        .transpose()?;
+    Ok(Some(VmChoice {
+        image: ImageSource::VmImage(image),
+        memory,
+        disk,
+    }))
 }
 
 /// SHA-512 crypt rounds for VPS passwords (glibc's default is 5000).
@@ -173,10 +223,7 @@ fn crypt_sha512(password: &str, salt: &str, rounds: usize) -> String {
 pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         VpsCommand::Create(a) => {
-            check_backend(&a.backend)?;
-            if a.vm_memory.is_some() || a.vm_image.is_some() || a.vm_disk.is_some() {
-                bail!("--vm-memory, --vm-image and --vm-disk are for VM VPS, which are not built yet; a container VPS takes -m for memory");
-            }
+            let vm = vm_choice(&a)?;
             let ssh_password_hash = if a.password_stdin {
                 let mut line = String::new();
                 std::io::stdin()
@@ -190,11 +237,12 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
             } else {
                 None
             };
-            let source = match a.from_snapshot.as_deref() {
-                Some(s) => Some(snapshot_source(s)?),
-                None => crate::cli::task::default_image(client, &a.resources).await?,
+            let source = match (&vm, a.from_snapshot.as_deref()) {
+                (Some(vm), _) => Some(vm.image.clone()),
+                (None, Some(s)) => Some(snapshot_source(s)?),
+                (None, None) => crate::cli::task::default_image(client, &a.resources).await?,
             };
-            let spec = TaskSpec {
+            let mut spec = TaskSpec {
                 ssh_keys: keys(&a)?,
                 ssh_password_hash,
                 privileged: a.privileged,
@@ -202,6 +250,10 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 command: a.command.clone(),
                 ..crate::cli::task::base_spec_from(&a.resources, Kind::Vps, source)?
             };
+            if let Some(vm) = vm {
+                spec.memory_bytes = vm.memory.or(spec.memory_bytes);
+                spec.vm_disk_bytes = vm.disk;
+            }
             let mut r: SubmitResponse = client.post("/api/tasks", &spec).await?;
             let private = private_key_of(&a);
             if let Some(k) = &private {
@@ -698,11 +750,16 @@ mod tests {
     }
 
     #[test]
-    fn only_container_backends_are_built() {
-        assert!(check_backend("container").is_ok() && check_backend("docker").is_ok());
-        let e = check_backend("qemu").unwrap_err().to_string();
-        assert!(e.contains("not built yet"), "{e}");
-        assert!(check_backend("lxc").is_err());
+    fn backends_and_the_seeds_vm_sizes() {
+        assert!(!is_vm_backend("container").unwrap() && !is_vm_backend("docker").unwrap());
+        assert!(is_vm_backend("qemu").unwrap() && is_vm_backend("vm").unwrap());
+        assert!(is_vm_backend("lxc").is_err());
+        // The seed's bare numbers: --vm-memory in MiB, --vm-disk in GiB.
+        assert_eq!(sized("--vm-memory", "16384", "M").unwrap(), 16384 << 20);
+        assert_eq!(sized("--vm-disk", "50", "G").unwrap(), 50 << 30);
+        assert_eq!(sized("--vm-disk", "512M", "G").unwrap(), 512 << 20);
+        let e = sized("--vm-disk", "lots", "G").unwrap_err().to_string();
+        assert!(e.starts_with("--vm-disk:"), "{e}");
     }
 
     #[test]

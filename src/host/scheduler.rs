@@ -79,6 +79,12 @@ pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
             return Err(format!("target: GPU {g:?} is named twice"));
         }
     }
+    if spec.is_vm() && !inv.vms {
+        return Err(format!(
+            "target: node {:?} cannot run VMs (its runner does not reach libvirt, or it has no /dev/kvm; `rivernode vm check` on it says why)",
+            t.node
+        ));
+    }
     if !fits_at_all(spec, inv) {
         return Err(format!(
             "target: node {:?} is too small for {} cores, {} GPUs and this memory",
@@ -92,6 +98,9 @@ pub fn validate(spec: &TaskSpec, nodes: &[NodeView]) -> Result<(), String> {
 fn never_fits(spec: &TaskSpec, nodes: &[NodeView]) -> String {
     let most =
         |f: &dyn Fn(&Inventory) -> u64| nodes.iter().map(|n| f(&n.inventory)).max().unwrap_or(0);
+    if spec.is_vm() && !nodes.iter().any(|n| n.inventory.vms) {
+        return "image.vm_image: no node runs VMs (no runner reaches libvirt with KVM; `rivernode vm check` on a node says why)".into();
+    }
     let gpus = most(&|i| i.gpus.len() as u64);
     let cores = most(&|i| i.cpus.len() as u64);
     if u64::from(spec.gpu_count) > gpus {
@@ -126,7 +135,8 @@ fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
         .map(|t| t.gpus.len() as u32)
         .filter(|n| *n > 0)
         .unwrap_or(spec.gpu_count);
-    inv.cpus.len() as u32 >= spec.cores
+    (inv.vms || !spec.is_vm())
+        && inv.cpus.len() as u32 >= spec.cores
         && spec
             .memory_bytes
             .is_none_or(|m| m <= inv.memory_total_bytes)
@@ -186,6 +196,9 @@ pub fn place(spec: &TaskSpec, nodes: &[NodeView], reserved: &[Placement]) -> Dec
 
 fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<Decision, String> {
     let inv = &node.inventory;
+    if spec.is_vm() && !inv.vms {
+        return Err("runs no VMs (its runner does not reach libvirt, or no /dev/kvm)".into());
+    }
     let mine: Vec<&Placement> = reserved.iter().filter(|p| p.node == node.name).collect();
     let used_cpus: BTreeSet<u32> = mine.iter().flat_map(|p| p.cpus.iter()).collect();
     let used_gpus: BTreeSet<PciAddress> =
@@ -457,6 +470,7 @@ mod tests {
             restore: None,
             no_ssh: false,
             shm_bytes: None,
+            vm_disk_bytes: None,
         }
     }
 
@@ -682,6 +696,32 @@ mod tests {
             placed(place(&spec(1, 0, None), &[sick, node("n2")], &[])).node,
             "n2"
         );
+    }
+
+    #[test]
+    fn vms_go_only_to_nodes_that_run_them() {
+        let mut vm = spec(1, 0, None);
+        vm.kind = Kind::Vps;
+        vm.image = ImageSource::VmImage("debian".into());
+        let plain = node("n1");
+        let mut kvm = node("n2");
+        kvm.inventory.vms = true;
+        let d = place(&vm, std::slice::from_ref(&plain), &[]);
+        assert!(
+            matches!(&d, Decision::Refuse(r) if r.starts_with("image.vm_image: no node runs VMs")),
+            "{d:?}"
+        );
+        assert_eq!(placed(place(&vm, &[plain.clone(), kvm], &[])).node, "n2");
+        vm.target = Some("n1".parse().unwrap());
+        let d = place(&vm, std::slice::from_ref(&plain), &[]);
+        assert!(
+            matches!(&d, Decision::Refuse(r) if r.contains("node \"n1\" cannot run VMs")),
+            "{d:?}"
+        );
+        // A container VPS does not care.
+        let mut ctr = spec(1, 0, Some("n1"));
+        ctr.kind = Kind::Vps;
+        assert_eq!(placed(place(&ctr, &[plain], &[])).node, "n1");
     }
 
     #[test]

@@ -194,6 +194,7 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
         }
         _ => {}
     }
+    check_vm(spec)?;
     for m in &spec.mounts {
         if !m.target.starts_with('/') || !m.source.starts_with('/') {
             return Err(ApiError::BadRequest(format!(
@@ -211,6 +212,60 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+/// What a VM VPS can be asked for, and what only containers have.
+fn check_vm(spec: &TaskSpec) -> Result<(), ApiError> {
+    let bad = |m: &str| Err(ApiError::BadRequest(m.to_string()));
+    if !spec.is_vm() {
+        if spec.vm_disk_bytes.is_some() {
+            return bad("vm_disk_bytes: only a VM VPS (image.vm_image) has a disk size");
+        }
+        return Ok(());
+    }
+    if let crate::api::ImageSource::VmImage(n) = &spec.image {
+        if !crate::api::valid_image_name(n) {
+            return Err(ApiError::BadRequest(format!(
+                "image.vm_image: {n:?} is not an image name (letters, digits, '.', '_', '-')"
+            )));
+        }
+    }
+    if spec.kind != crate::api::Kind::Vps {
+        return bad("image.vm_image: only a VPS can be a VM (vps create --backend vm)");
+    }
+    if spec.no_ssh {
+        return bad("no_ssh: a VM VPS is reached over SSH; --no-ssh is for container VPS");
+    }
+    if spec.privileged
+        || spec.shm_bytes.is_some()
+        || !spec.mounts.is_empty()
+        || !spec.env.is_empty()
+    {
+        return bad(
+            "privileged, shm_bytes, mounts, env: container settings; a VM VPS takes none of them",
+        );
+    }
+    if spec.cores == 0 {
+        return bad("cores: a VM needs at least one core of its own (each vCPU is pinned to one)");
+    }
+    if spec.gpu_count > 0 || spec.target.as_ref().is_some_and(|t| !t.gpus.is_empty()) {
+        return bad(
+            "gpu_count, target: GPUs for VM VPS are not built yet; a container VPS gets GPUs",
+        );
+    }
+    if spec.memory_bytes.is_some_and(|m| m < VM_MIN_MEMORY) {
+        return Err(ApiError::BadRequest(format!(
+            "memory_bytes: a VM needs at least {} MiB",
+            VM_MIN_MEMORY >> 20
+        )));
+    }
+    if spec.vm_disk_bytes == Some(0) {
+        return bad("vm_disk_bytes: must be more than 0");
+    }
+    Ok(())
+}
+
+/// The least memory a VM is given: a kernel and an SSH server.
+const VM_MIN_MEMORY: u64 = 128 << 20;
 
 /// What a task looks like from outside: a password hash stays on the host
 /// and the runner, and readers learn only that a password is set.
@@ -297,6 +352,18 @@ async fn submit(
             return Err(ApiError::BadRequest(format!(
                 "image.environment: no environment named {name:?} ({} does not exist; `rivernode env list` shows the environments)",
                 archive.display()
+            )));
+        }
+    }
+    if let crate::api::ImageSource::VmImage(name) = &spec.image {
+        let image = state
+            .shared_dir
+            .join("vm-images")
+            .join(format!("{name}.qcow2"));
+        if !image.is_file() {
+            return Err(ApiError::BadRequest(format!(
+                "image.vm_image: no VM image named {name:?} ({} does not exist; `rivernode vm image list` shows the images)",
+                image.display()
             )));
         }
     }
@@ -615,5 +682,41 @@ mod tests {
         s.command = vec!["true".into()];
         s.no_ssh = true;
         assert!(refusal(&s).starts_with("no_ssh:"));
+    }
+
+    #[test]
+    fn a_vm_is_a_vps_with_its_own_cores_and_no_container_settings() {
+        let vm = || {
+            let mut s = spec(Kind::Vps);
+            s.image = crate::api::ImageSource::VmImage("debian-12".into());
+            s
+        };
+        assert!(check_spec(&vm()).is_ok());
+        let mut s = vm();
+        s.kind = Kind::Command;
+        s.command = vec!["true".into()];
+        assert!(refusal(&s).starts_with("image.vm_image: only a VPS"));
+        let mut s = vm();
+        s.image = crate::api::ImageSource::VmImage("../etc".into());
+        assert!(refusal(&s).starts_with("image.vm_image:"));
+        let mut s = vm();
+        s.cores = 0;
+        assert!(refusal(&s).starts_with("cores:"));
+        let mut s = vm();
+        s.env.insert("A".into(), "1".into());
+        assert!(refusal(&s).contains("env"));
+        let mut s = vm();
+        s.gpu_count = 1;
+        assert!(refusal(&s).starts_with("gpu_count"));
+        let mut s = vm();
+        s.memory_bytes = Some(64 << 20);
+        assert!(refusal(&s).starts_with("memory_bytes:"));
+        let mut s = vm();
+        s.no_ssh = true;
+        assert!(refusal(&s).starts_with("no_ssh:"));
+        // A disk size is a VM's alone.
+        let mut s = spec(Kind::Vps);
+        s.vm_disk_bytes = Some(1 << 30);
+        assert!(refusal(&s).starts_with("vm_disk_bytes:"));
     }
 }

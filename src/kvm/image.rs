@@ -20,6 +20,87 @@ pub enum ImageError {
     },
     #[error("{}: {reason}", path.display())]
     Refused { path: PathBuf, reason: String },
+    #[error("no VM image {name}: {} does not exist (import it with `rivernode vm image import {name} FILE.qcow2`)", path.display())]
+    NoImage { name: String, path: PathBuf },
+    #[error("VM image {name}: its copy has SHA-256 {got}, but {} says {want}; the image changed since it was imported, import it again under a new name", digest_file.display())]
+    Digest {
+        name: String,
+        digest_file: PathBuf,
+        want: String,
+        got: String,
+    },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The node's copy of base image `name` from the shared directory's
+/// `vm-images/` (`shared_images`), made on first use in `store`: copied,
+/// checked against the digest `vm image import` wrote beside it, judged
+/// again (the shared file could have changed since), and kept read-only
+/// under a name with its digest, so a later image of the same name is
+/// another file and disks made from the old one keep their base.
+/// `progress` hears bytes copied and the total.
+pub fn install(
+    shared_images: &Path,
+    name: &str,
+    store: &Path,
+    progress: impl FnMut(u64, u64),
+) -> Result<PathBuf, ImageError> {
+    let src = shared_images.join(format!("{name}.qcow2"));
+    let digest_file = shared_images.join(format!("{name}.qcow2.sha256"));
+    if !src.is_file() {
+        return Err(ImageError::NoImage {
+            name: name.to_string(),
+            path: src,
+        });
+    }
+    let want = std::fs::read_to_string(&digest_file)
+        .map_err(io(&digest_file))?
+        .trim()
+        .to_ascii_lowercase();
+    if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ImageError::Refused {
+            path: digest_file,
+            reason: "not a SHA-256 digest; import the image again".into(),
+        });
+    }
+    let dest = store.join(format!("{name}-{}.qcow2", &want[..16]));
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    std::fs::create_dir_all(store).map_err(io(store))?;
+    let tmp = store.join(format!(".{name}.copying"));
+    let _ = std::fs::remove_file(&tmp);
+    let copied = crate::files::copy_hashed(&src, &tmp, 0o444, progress)
+        .map_err(io(&src))
+        .and_then(|got| {
+            if got != want {
+                return Err(ImageError::Digest {
+                    name: name.to_string(),
+                    digest_file: digest_file.clone(),
+                    want: want.clone(),
+                    got,
+                });
+            }
+            inspect(&tmp)
+        });
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    Ok(dest)
 }
 
 /// What a base image is, as far as VMs care.
@@ -117,6 +198,37 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, ImageError> {
             message: format!("unreadable answer: {e}"),
         })?;
     judge(path, &info)
+}
+
+/// The base image a VM's overlay `disk` (one `create_overlay` made) stands on.
+pub fn backing_file(disk: &Path) -> Result<PathBuf, ImageError> {
+    let out = qemu_img(
+        "info",
+        disk,
+        &[
+            "info".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            // The VM may hold it open (a restart's info while QEMU exits).
+            "-U".as_ref(),
+            "--output=json".as_ref(),
+            disk.as_os_str(),
+        ],
+    )?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&out).map_err(|e| ImageError::QemuImg {
+            what: "info",
+            path: disk.to_path_buf(),
+            message: format!("unreadable answer: {e}"),
+        })?;
+    info["full-backing-filename"]
+        .as_str()
+        .or(info["backing-filename"].as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| ImageError::Refused {
+            path: disk.to_path_buf(),
+            reason: "a VM disk without its base image".into(),
+        })
 }
 
 /// Makes `disk`, a qcow2 overlay on `base` of `size` bytes (at least the

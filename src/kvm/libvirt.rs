@@ -38,17 +38,29 @@ fn call(what: impl Into<String>) -> impl FnOnce(virt::error::Error) -> LibvirtEr
 pub enum VmState {
     Running,
     Paused,
-    /// Defined, not running (stopped, crashed, or never started).
-    Off,
+    /// Defined, not running (stopped, crashed, or never started), with
+    /// the exit status that stands for why, as a container's would:
+    /// 0 the guest powered off, 137 the plug was pulled, 1 it crashed.
+    Off {
+        exit: u32,
+    },
     /// Shutting down, or a state we do not act on.
     Other,
 }
 
-fn state_of(s: sys::virDomainState) -> VmState {
+fn state_of(s: sys::virDomainState, reason: i32) -> VmState {
     match s {
         sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => VmState::Running,
         sys::VIR_DOMAIN_PAUSED | sys::VIR_DOMAIN_PMSUSPENDED => VmState::Paused,
-        sys::VIR_DOMAIN_SHUTOFF | sys::VIR_DOMAIN_CRASHED => VmState::Off,
+        sys::VIR_DOMAIN_SHUTOFF => VmState::Off {
+            exit: match reason as sys::virDomainShutoffReason {
+                sys::VIR_DOMAIN_SHUTOFF_DESTROYED => 128 + 9,
+                sys::VIR_DOMAIN_SHUTOFF_CRASHED | sys::VIR_DOMAIN_SHUTOFF_FAILED => 1,
+                // Shut down by the guest, never started, saved, ...
+                _ => 0,
+            },
+        },
+        sys::VIR_DOMAIN_CRASHED => VmState::Off { exit: 1 },
         _ => VmState::Other,
     }
 }
@@ -115,24 +127,23 @@ impl Hypervisor {
         let Some(d) = self.lookup(uuid)? else {
             return Ok(None);
         };
-        let (s, _) = d
+        let (s, reason) = d
             .get_state()
             .map_err(call(format!("state of domain {uuid}")))?;
-        Ok(Some(state_of(s)))
+        Ok(Some(state_of(s, reason)))
     }
 
-    /// Presses the power button and waits up to `grace` for the guest to
-    /// turn itself off; then pulls the plug. True if the guest shut down
-    /// by itself. An absent or stopped domain is done already.
-    pub fn stop(&self, uuid: &str, grace: Duration) -> Result<bool, LibvirtError> {
+    /// Presses the power button (ACPI) and returns; the guest decides when
+    /// to turn off. False when the domain is absent or off already.
+    pub fn press_power_button(&self, uuid: &str) -> Result<bool, LibvirtError> {
         let Some(d) = self.lookup(uuid)? else {
-            return Ok(true);
+            return Ok(false);
         };
         if !d
             .is_active()
             .map_err(call(format!("state of domain {uuid}")))?
         {
-            return Ok(true);
+            return Ok(false);
         }
         // Some drivers (libvirt's test driver) take no ACPI flag.
         let pressed = match d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
@@ -146,14 +157,24 @@ impl Hypervisor {
             {
                 return Err(call(format!("shutting down domain {uuid}"))(e));
             }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Presses the power button and waits up to `grace` for the guest to
+    /// turn itself off; then pulls the plug. True if the guest shut down
+    /// by itself. An absent or stopped domain is done already.
+    pub fn stop(&self, uuid: &str, grace: Duration) -> Result<bool, LibvirtError> {
+        if !self.press_power_button(uuid)? {
             return Ok(true);
         }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if !d
-                .is_active()
-                .map_err(call(format!("state of domain {uuid}")))?
-            {
+            if !matches!(
+                self.state(uuid)?,
+                Some(VmState::Running | VmState::Paused | VmState::Other)
+            ) {
                 return Ok(true);
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -268,15 +289,15 @@ impl Hypervisor {
                     continue;
                 }
             };
-            let s = match d.get_state() {
-                Ok((s, _)) => s,
+            let (s, reason) = match d.get_state() {
+                Ok(s) => s,
                 Err(e) if e.code() == ErrorNumber::NoDomain => continue,
                 Err(e) => return Err(call(format!("state of {name}"))(e)),
             };
             out.push(FoundVm {
                 uuid,
                 instance,
-                state: state_of(s),
+                state: state_of(s, reason),
             });
         }
         out.sort_by_key(|f| f.instance.id);
@@ -310,7 +331,7 @@ mod tests {
         assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Paused));
         h.resume(&vm.uuid).unwrap();
         assert!(h.stop(&vm.uuid, Duration::from_secs(5)).unwrap());
-        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Off));
+        assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Off { exit: 0 }));
         h.undefine(&vm.uuid).unwrap();
         assert_eq!(h.state(&vm.uuid).unwrap(), None);
         // Gone is gone: every step again is nothing to do.

@@ -42,8 +42,8 @@ pub fn host_if(id: &str) -> String {
 }
 
 impl NodeNetwork {
-    /// Idempotent: a second call for the same id returns the same network.
-    pub async fn setup(&self, h: &Handle, id: &str) -> Result<InstanceNet, NetError> {
+    /// The bridge up with the subnet's gateway, and the node routing for instances.
+    async fn prepare_node(&self, h: &Handle) -> Result<(), NetError> {
         let net = self.ipam.net();
         ensure_bridge(h, &self.bridge, net.gateway(), net.prefix).await?;
         let fwd = self.sysctl_dir.join("net/ipv4/ip_forward");
@@ -59,6 +59,13 @@ impl NodeNetwork {
                 message: e.to_string(),
             })?;
         }
+        Ok(())
+    }
+
+    /// Idempotent: a second call for the same id returns the same network.
+    pub async fn setup(&self, h: &Handle, id: &str) -> Result<InstanceNet, NetError> {
+        self.prepare_node(h).await?;
+        let net = self.ipam.net();
         let ip = self.ipam.allocate(id)?;
         let netns = create_netns(&self.netns_dir, id)?;
         let host_if = host_if(id);
@@ -73,7 +80,30 @@ impl NodeNetwork {
         Ok(InstanceNet { netns, ip, host_if })
     }
 
-    /// Removes the veth, the namespace and the lease; every step is tried.
+    /// A VM's network: its address (kept from an earlier start), and a tap
+    /// on the bridge named as a veth would be (`host_if`), so the table's
+    /// anti-spoofing and isolation hold for it as for containers.
+    /// Idempotent. `dev_root` holds `net/tun`.
+    pub async fn setup_tap(
+        &self,
+        h: &Handle,
+        id: &str,
+        dev_root: &std::path::Path,
+    ) -> Result<(Ipv4Addr, String), NetError> {
+        self.prepare_node(h).await?;
+        let ip = self.ipam.allocate(id)?;
+        let tap = host_if(id);
+        super::tap::create_tap(dev_root, &tap)?;
+        super::tap::attach_tap(h, &self.bridge, &tap, self.isolate_instances).await?;
+        Ok((ip, tap))
+    }
+
+    /// Removes a VM's tap (its address stays until `teardown`).
+    pub async fn remove_tap(&self, h: &Handle, id: &str) -> Result<(), NetError> {
+        delete_link(h, &host_if(id)).await.map(|_| ())
+    }
+
+    /// Removes the veth (or tap), the namespace and the lease; every step is tried.
     pub async fn teardown(&self, h: &Handle, id: &str) -> Vec<String> {
         let mut problems = Vec::new();
         if let Err(e) = delete_link(h, &host_if(id)).await {

@@ -173,6 +173,7 @@ impl TaskContext {
             ImageSource::Snapshot { vps, snapshot } => {
                 Ok(self.snapshot_image(*vps, snapshot).await?)
             }
+            ImageSource::VmImage(name) => Err(InstanceError::VmImageForContainer(name.clone())),
             ImageSource::Registry(r) => {
                 std::fs::create_dir_all(&scratch).map_err(Self::io(&scratch))?;
                 Ok(self
@@ -345,7 +346,7 @@ impl TaskContext {
             .map_err(|e| InstanceError::Gpu(e.into()))
     }
 
-    fn release_gpus(&self, id: u64) {
+    pub(super) fn release_gpus(&self, id: u64) {
         tokio::task::block_in_place(|| self.gpus.release(id));
     }
 
@@ -595,7 +596,7 @@ pub fn logs_dir(config: &RunnerConfig) -> PathBuf {
 
 impl Driver for TaskContext {
     async fn list(&self) -> Result<Vec<Found>, InstanceError> {
-        let mut out = Vec::new();
+        let mut out = self.vm_list().await?;
         for (cid, labels) in self.ctd.containers_with_label(TASK_LABEL).await? {
             let Some(id) = labels.get(TASK_LABEL).and_then(|v| v.parse::<u64>().ok()) else {
                 continue;
@@ -620,6 +621,9 @@ impl Driver for TaskContext {
     }
 
     async fn observe(&self, id: u64) -> Result<Observed, InstanceError> {
+        if self.is_vm(id) {
+            return self.vm_observe(id).await;
+        }
         let cid = self.container_id(id);
         if !self.ctd.container_exists(&cid).await? {
             return Ok(Observed::Absent);
@@ -628,6 +632,9 @@ impl Driver for TaskContext {
     }
 
     async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
+        if a.spec.is_vm() {
+            return self.vm_create(a).await;
+        }
         let labels = self.ctd.container_labels(&self.container_id(a.id)).await?;
         let restoring = a.spec.restore.as_ref().is_some_and(|r| {
             labels.as_ref().and_then(|l| l.get(RESTORE_LABEL)) != Some(&r.request.to_string())
@@ -645,6 +652,9 @@ impl Driver for TaskContext {
     }
 
     async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {
+        if self.is_vm(a.id) {
+            return self.vm_start(a).await;
+        }
         let cid = self.container_id(a.id);
         // The container keeps the devices it was made with: the placement
         // must name the same GPUs (the host pins a restart to them), or the
@@ -681,10 +691,17 @@ impl Driver for TaskContext {
     }
 
     async fn start_created(&self, id: u64) -> Result<(), InstanceError> {
+        if self.is_vm(id) {
+            // Never asked: a VM is never observed as only created.
+            return Ok(());
+        }
         Ok(self.ctd.start_created(&self.container_id(id)).await?)
     }
 
     async fn made_for(&self, a: &Assignment) -> bool {
+        if self.is_vm(a.id) {
+            return self.vm_made_for(a).await;
+        }
         match self.ctd.container_labels(&self.container_id(a.id)).await {
             Ok(Some(l)) => made_for(
                 l.get(SUBMITTED_LABEL).map(String::as_str),
@@ -697,6 +714,10 @@ impl Driver for TaskContext {
     }
 
     async fn may_have_run(&self, id: u64) -> bool {
+        if self.is_vm(id) {
+            // A VPS: it runs again after a reboot by design.
+            return false;
+        }
         let labels = match self.ctd.container_labels(&self.container_id(id)).await {
             Ok(Some(l)) => l,
             Ok(None) => return false,
@@ -710,10 +731,16 @@ impl Driver for TaskContext {
     }
 
     async fn wait(&self, id: u64) -> Result<u32, InstanceError> {
+        if self.is_vm(id) {
+            return self.vm_wait(id).await;
+        }
         Ok(self.ctd.wait(&self.container_id(id)).await?)
     }
 
     async fn signal(&self, id: u64, s: Signal) -> Result<(), InstanceError> {
+        if self.is_vm(id) {
+            return self.vm_signal(id, s).await;
+        }
         let n = match s {
             Signal::Term => 15,
             Signal::Kill => 9,
@@ -722,10 +749,16 @@ impl Driver for TaskContext {
     }
 
     async fn pause(&self, id: u64) -> Result<(), InstanceError> {
+        if self.is_vm(id) {
+            return self.vm_pause(id, true).await;
+        }
         Ok(self.ctd.pause(&self.container_id(id)).await?)
     }
 
     async fn resume(&self, id: u64) -> Result<(), InstanceError> {
+        if self.is_vm(id) {
+            return self.vm_pause(id, false).await;
+        }
         Ok(self.ctd.resume(&self.container_id(id)).await?)
     }
 
@@ -738,6 +771,9 @@ impl Driver for TaskContext {
     }
 
     async fn keep(&self, id: u64) -> Vec<TeardownFailure> {
+        if self.is_vm(id) {
+            return self.vm_keep(id).await;
+        }
         let cid = self.container_id(id);
         let mut problems = Vec::new();
         match self.ctd.delete_task(&cid).await {
@@ -758,11 +794,22 @@ impl Driver for TaskContext {
     }
 
     async fn snapshot_on_stop(&self, id: u64) -> Result<(), InstanceError> {
+        if self.is_vm(id) {
+            // VM snapshots are not built yet: a VM's stop keeps its disk only.
+            tracing::info!(
+                task = id,
+                "no snapshot on stop for a VM (VM snapshots are not built yet)"
+            );
+            return Ok(());
+        }
         self.take_snapshot(id, Some("automatic, on stop")).await?;
         Ok(())
     }
 
     async fn remove(&self, id: u64, snapshots: bool) -> Vec<TeardownFailure> {
+        if self.is_vm(id) {
+            return self.vm_remove(id).await;
+        }
         let cid = self.container_id(id);
         let mut problems: Vec<TeardownFailure> = self
             .ctd
@@ -904,6 +951,8 @@ async fn reconcile_networks(ctx: &TaskContext) {
             return;
         }
     };
+    // A VM (stopped ones too) keeps its address while its files exist.
+    let live: std::collections::HashSet<String> = live.into_iter().chain(ctx.vm_cids()).collect();
     let leases = ctx.vps.network.ipam.leases().unwrap_or_default();
     if leases.is_empty() {
         // This node has no instances: its firewall is not ours to touch.

@@ -55,6 +55,31 @@ pub enum InstanceError {
     Snapshot(#[from] super::snapshots::SnapshotError),
     #[error(transparent)]
     Vps(#[from] super::vps::VpsError),
+    #[error("node {node} runs no VMs (its runner's libvirt_uri is empty)")]
+    NoVms { node: String },
+    #[error(transparent)]
+    Libvirt(crate::kvm::libvirt::LibvirtError),
+    #[error(transparent)]
+    VmImage(#[from] crate::kvm::image::ImageError),
+    #[error("VM image {0} is for VM VPS (vps create --backend vm), not containers")]
+    VmImageForContainer(String),
+    #[error("instance {0} is not a VM")]
+    NotAVm(u64),
+    #[error(
+        "--vm-disk {asked} bytes is smaller than {image} ({size} bytes); ask for at least its size"
+    )]
+    VmDiskTooSmall {
+        asked: u64,
+        image: String,
+        size: u64,
+    },
+    #[error("the base image of {image} ({}) is gone from this node; the VM's disk needs it", path.display())]
+    VmBaseGone {
+        image: String,
+        path: std::path::PathBuf,
+    },
+    #[error("snapshots of VM VPS are not built yet")]
+    VmSnapshots,
     /// The fake driver's scripted failure (tests only).
     #[cfg(test)]
     #[error("scripted failure: {0}")]
@@ -73,6 +98,14 @@ pub enum TeardownFailure {
     Snapshot(#[source] crate::oci::OciError),
     #[error("snapshots")]
     Snapshots(#[source] super::snapshots::SnapshotError),
+    #[error("VM domain")]
+    Domain(#[source] Box<InstanceError>),
+    #[error("{}", path.display())]
+    Files {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A started instance.

@@ -18,6 +18,7 @@ pub mod reconcile;
 pub mod report;
 pub mod snapshots;
 pub mod supervisor;
+pub mod vm;
 pub mod vps;
 
 use std::future::Future;
@@ -148,7 +149,7 @@ impl BoundRunner {
             ..KernelRoots::default()
         };
         restore_orphaned_gpus(&config).await;
-        let inventory = collect_inventory(&roots, &config.nvidia_driver_root).await?;
+        let inventory = collect_inventory(&roots, &config).await?;
         let name = config
             .name
             .clone()
@@ -345,12 +346,17 @@ fn refresh_gpu_drivers(sys: &std::path::Path, gpus: &mut [topology::Gpu]) -> boo
 
 async fn collect_inventory(
     roots: &KernelRoots,
-    nvidia_driver: &std::path::Path,
+    config: &RunnerConfig,
 ) -> Result<Inventory, TopologyError> {
     let roots = roots.clone();
-    let nvidia_driver = nvidia_driver.to_path_buf();
+    let nvidia_driver = config.nvidia_driver_root.clone();
+    let libvirt_uri = config.libvirt_uri.clone();
     tokio::task::spawn_blocking(move || {
         let mut inv = topology::collect(&roots)?;
+        // VMs go only to nodes whose runner reaches libvirt (asked on each
+        // read, so a libvirtd started later is found).
+        inv.vms =
+            !libvirt_uri.is_empty() && crate::kvm::libvirt::Hypervisor::open(&libvirt_uri).is_ok();
         // The driver's own files name each GPU's UUID, NVML or not.
         for d in crate::oci::cdi::nvidia::driver_gpus(&nvidia_driver) {
             if let Some(g) = inv.gpus.iter_mut().find(|g| g.address == d.address) {
@@ -441,7 +447,7 @@ impl Control {
             self.api.host_key.set(Some(c.host_token_hash.clone()));
             self.ensure_task_loop(&c).await;
             if beats % INVENTORY_EVERY_BEATS == INVENTORY_EVERY_BEATS - 1 {
-                match collect_inventory(&self.roots, &self.config.nvidia_driver_root).await {
+                match collect_inventory(&self.roots, &self.config).await {
                     Ok(inv) if inv != self.inventory => {
                         self.inventory = inv;
                         send_inventory = true;

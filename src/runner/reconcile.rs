@@ -61,6 +61,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             restore: None,
             no_ssh: false,
             shm_bytes: None,
+            vm_disk_bytes: None,
         },
         placement: crate::api::Placement {
             node: String::new(),

@@ -29,6 +29,8 @@ pub enum SnapshotError {
     NoContainer(u64),
     #[error("VPS {vps} has no snapshot {id}")]
     NoSnapshot { vps: u64, id: String },
+    #[error("VPS {0} is a VM: snapshots of VM VPS are not built yet")]
+    Vm(u64),
     #[error("message: longer than {MAX_MESSAGE} bytes")]
     MessageTooLong,
     #[error("snapshot {id} of VPS {vps} vanished from containerd")]
@@ -130,6 +132,9 @@ impl TaskContext {
     ) -> Result<SnapshotView, SnapshotError> {
         if message.is_some_and(|m| m.len() > MAX_MESSAGE) {
             return Err(SnapshotError::MessageTooLong);
+        }
+        if self.is_vm(vps) {
+            return Err(SnapshotError::Vm(vps));
         }
         let cid = self.container_id(vps);
         let lock = self.snapshot_locks.of(vps);

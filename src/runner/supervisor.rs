@@ -432,6 +432,7 @@ mod tests {
                 restore: None,
                 no_ssh: false,
                 shm_bytes: None,
+                vm_disk_bytes: None,
             },
             placement: Placement {
                 node: "n1".into(),

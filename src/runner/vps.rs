@@ -63,6 +63,36 @@ pub enum VpsError {
     Net(#[from] crate::net::NetError),
 }
 
+/// The instance's dropbear host key in `dir` (`hostkey`), made once.
+fn dropbear_host_key(dir: &Path) -> Result<PathBuf, VpsError> {
+    let hostkey = dir.join("hostkey");
+    if !hostkey.exists() {
+        run_tool(
+            Command::new("dropbearkey")
+                .args(["-t", "ed25519", "-f"])
+                .arg(&hostkey),
+        )?;
+    }
+    Ok(hostkey)
+}
+
+/// The same key in OpenSSH's format (`ssh_host_ed25519_key`, 0600: sshd
+/// refuses a host key others can read), made once from the dropbear one.
+fn openssh_host_key(dir: &Path) -> Result<PathBuf, VpsError> {
+    let hostkey = dropbear_host_key(dir)?;
+    let key = dir.join("ssh_host_ed25519_key");
+    if !key.exists() {
+        run_tool(
+            Command::new("dropbearconvert")
+                .args(["dropbear", "openssh"])
+                .arg(&hostkey)
+                .arg(&key),
+        )?;
+        set_mode(&key, 0o600)?;
+    }
+    Ok(key)
+}
+
 /// The `map_err` for an I/O error on `path`.
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VpsError + '_ {
     move |source| VpsError::Io {
@@ -296,14 +326,7 @@ impl VpsKit {
     fn instance_files(&self, cid: &str, keys: &[String]) -> Result<PathBuf, VpsError> {
         let dir = self.root.join("instances").join(cid);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let hostkey = dir.join("hostkey");
-        if !hostkey.exists() {
-            run_tool(
-                Command::new("dropbearkey")
-                    .args(["-t", "ed25519", "-f"])
-                    .arg(&hostkey),
-            )?;
-        }
+        dropbear_host_key(&dir)?;
         write(&dir.join("resolv.conf"), resolv_conf(&self.resolv_source))?;
         write(
             &dir.join("hosts"),
@@ -338,18 +361,8 @@ impl VpsKit {
             ro(files.join("hosts"), "/etc/hosts"),
         ];
         if let Some(sshd) = &image.sshd {
-            let key = files.join("ssh_host_ed25519_key");
-            if !key.exists() {
-                // The same key dropbear would use: a VPS keeps its pinned host key.
-                run_tool(
-                    Command::new("dropbearconvert")
-                        .args(["dropbear", "openssh"])
-                        .arg(files.join("hostkey"))
-                        .arg(&key),
-                )?;
-                // sshd refuses a host key others can read.
-                set_mode(&key, 0o600)?;
-            }
+            // The same key dropbear would use: a VPS keeps its pinned host key.
+            openssh_host_key(&files)?;
             write(&files.join("sshd_config"), sshd_config(login))?;
             if let Some(hash) = login.password_hash {
                 let shadow = image
@@ -496,6 +509,71 @@ impl VpsKit {
         text.lines()
             .find(|l| l.starts_with("ssh-"))
             .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+    }
+
+    /// A VM's host key: the same dropbear key a container VPS would have
+    /// (made once, kept until delete), as OpenSSH private key text and its
+    /// public line, for the guest's seed. Clients pin the public line.
+    pub fn host_key_pair(&self, cid: &str) -> Result<(String, String), VpsError> {
+        let dir = self.root.join("instances").join(cid);
+        crate::files::ensure_private_dir(&dir).map_err(io(&dir))?;
+        let key = openssh_host_key(&dir)?;
+        let private = std::fs::read_to_string(&key).map_err(io(&key))?;
+        let public = self.host_key(cid).ok_or_else(|| VpsError::Tool {
+            tool: "dropbearkey -y".into(),
+            stderr: format!("no public key from {}", dir.join("hostkey").display()),
+        })?;
+        Ok((private, public))
+    }
+
+    /// The resolvers instances are given: the node's, less loopback ones.
+    pub fn nameservers(&self) -> Vec<std::net::Ipv4Addr> {
+        resolv_conf(&self.resolv_source)
+            .lines()
+            .filter_map(|l| l.strip_prefix("nameserver "))
+            .filter_map(|ip| ip.trim().parse().ok())
+            .collect()
+    }
+
+    /// Sets up a VM's tap and address and publishes its node port.
+    pub async fn start_vm_network(
+        &self,
+        id: u64,
+        cid: &str,
+        node_port: Option<u16>,
+        dev_root: &Path,
+    ) -> Result<(std::net::Ipv4Addr, String), VpsError> {
+        let h = crate::net::link::connect()?;
+        let (ip, tap) = self.network.setup_tap(&h, cid, dev_root).await?;
+        if let Some(p) = node_port {
+            self.set_port(
+                id,
+                Some(PortMap {
+                    node_port: p,
+                    ip,
+                    port: 22,
+                }),
+            )?;
+        }
+        Ok((ip, tap))
+    }
+
+    /// A stopped VM's network: its node port and tap go, its address stays
+    /// (the guest keeps it in its own configuration) until `stop_network`.
+    pub async fn stop_vm_network(&self, id: u64, cid: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.set_port(id, None) {
+            problems.push(crate::error_chain(&e));
+        }
+        match crate::net::link::connect() {
+            Ok(h) => {
+                if let Err(e) = self.network.remove_tap(&h, cid).await {
+                    problems.push(e.to_string());
+                }
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+        problems
     }
 
     /// The address IPAM gave an instance, if it has one.

@@ -85,6 +85,9 @@ pub struct Inventory {
     /// Files that could not be read as expected and what was assumed instead.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The runner reaches libvirt here: the node can run VM VPS.
+    #[serde(default)]
+    pub vms: bool,
 }
 
 impl Inventory {
@@ -155,6 +158,7 @@ pub fn collect(roots: &KernelRoots) -> Result<Inventory, TopologyError> {
         memory_total_bytes,
         gpus,
         warnings,
+        vms: false,
     })
 }
 

@@ -108,7 +108,8 @@ impl Vps {
         };
         v.start_runner();
         let (hd, n) = (v.host_data(), v.node.clone());
-        wait_for("the node", move || node_of(&hd, &n));
+        let logs: Vec<&Daemon> = std::iter::once(&v.host).chain(v.runner.as_ref()).collect();
+        wait_for_logged("the node", &logs, move || node_of(&hd, &n));
         Some(v)
     }
 

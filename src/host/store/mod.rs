@@ -915,6 +915,7 @@ mod tests {
             memory_total_bytes: 1 << 30,
             gpus: vec![],
             warnings: vec![],
+            vms: false,
         }
     }
 
@@ -974,6 +975,7 @@ mod tests {
             restore: None,
             no_ssh: false,
             shm_bytes: None,
+            vm_disk_bytes: None,
         };
         let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
         s.schedule().unwrap();

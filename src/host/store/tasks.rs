@@ -605,6 +605,7 @@ mod tests {
             restore: None,
             no_ssh: false,
             shm_bytes: None,
+            vm_disk_bytes: None,
         }
     }
 
