@@ -757,8 +757,8 @@ fn ext2_base(dir: &std::path::Path) -> std::path::PathBuf {
 
 /// The whole life of a VM VPS through the CLI, the host and the runner:
 /// made from an imported image, reached with `rivernode ssh` through the
-/// proxy and node port, pinned, its disk kept over stop and restart,
-/// paused, left running by a runner killed with SIGKILL and adopted by the
+/// proxy and node port, pinned, its disk kept over stop and restart, a
+/// deleted file brought back from a snapshot, paused, left running by a runner killed with SIGKILL and adopted by the
 /// next one, and deleted without a trace.
 #[test]
 fn a_vm_vps_lives_its_whole_life_through_the_runner() {
@@ -860,7 +860,32 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         assert!(o.status.success(), "{}", stderr(&o));
         v.wait_state(&id, "stopped");
         assert_eq!(h.state(&uuid).unwrap(), Some(VmState::Off { exit: 137 }));
+        // The stop took a snapshot of the stopped disk (auto_snapshot_on_stop).
+        let kept_snapshot = v.snapshot_ids(&id);
+        assert_eq!(
+            kept_snapshot.len(),
+            1,
+            "{kept_snapshot:?}: {}\n{}",
+            v.json(&["task", "status", &id]),
+            v.logs()
+        );
         let o = v.rn(&["vps", "restart", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "running");
+        assert_eq!(v.ssh_ok(&id, &["cat /data/f"]), "kept\n");
+        // A running VM's disk is not copied: it is consistent only when off.
+        let o = v.rn(&["vps", "snapshot", "create", &id]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("is running"), "{}", stderr(&o));
+        // A snapshot brings back a deleted file.
+        v.ssh_ok(&id, &["rm /data/f && sync"]);
+        let o = v.rn(&["vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "stopped");
+        let o = v.rn(&["vps", "snapshot", "create", &id, "-m", "without f"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(v.snapshot_ids(&id).len(), 3, "on stop, and by hand");
+        let o = v.rn(&["vps", "restart", &id, "--from-snapshot", &kept_snapshot[0]]);
         assert!(o.status.success(), "{}", stderr(&o));
         v.wait_state(&id, "running");
         assert_eq!(v.ssh_ok(&id, &["cat /data/f"]), "kept\n");
@@ -884,6 +909,10 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         assert_eq!(h.state(&uuid).unwrap(), None);
         assert!(h.list().unwrap().is_empty());
         assert!(!v.runner_data().join(format!("runner/vms/{cid}")).exists());
+        assert!(!v
+            .runner_data()
+            .join(format!("runner/vm-snapshots/{cid}"))
+            .exists());
         assert_eq!(v.leftovers(), (0, 0, 0), "containers, links, leases");
         drop(h);
         drop(v);

@@ -234,6 +234,11 @@ pub async fn resolve_source(
     let source = visible_task(state, p, *vps)
         .await
         .map_err(|_| ApiError::NotFound(format!("image.snapshot: no VPS {vps}")))?;
+    if source.spec.is_vm() {
+        return Err(ApiError::BadRequest(format!(
+            "image.snapshot: VPS {vps} is a VM; a new VPS from a VM's snapshot is not built yet (restore it in place: `rivernode vps restart {vps} --from-snapshot ID`)"
+        )));
+    }
     let snap = find(state, &source, snapshot).await?;
     match &mut spec.target {
         Some(t) if t.node != snap.node => {

@@ -220,8 +220,9 @@ fn snapshot_error(e: super::snapshots::SnapshotError) -> Response {
     use super::snapshots::SnapshotError as E;
     let status = match &e {
         E::NoContainer(_) | E::NoSnapshot { .. } | E::Vanished { .. } => StatusCode::NOT_FOUND,
-        E::MessageTooLong | E::Vm(_) => StatusCode::BAD_REQUEST,
-        E::Oci(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        E::MessageTooLong => StatusCode::BAD_REQUEST,
+        E::VmRunning(_) => StatusCode::CONFLICT,
+        E::Oci(_) | E::Vm(_) | E::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, &crate::error_chain(&e))
 }

@@ -794,21 +794,13 @@ impl Driver for TaskContext {
     }
 
     async fn snapshot_on_stop(&self, id: u64) -> Result<(), InstanceError> {
-        if self.is_vm(id) {
-            // VM snapshots are not built yet: a VM's stop keeps its disk only.
-            tracing::info!(
-                task = id,
-                "no snapshot on stop for a VM (VM snapshots are not built yet)"
-            );
-            return Ok(());
-        }
         self.take_snapshot(id, Some("automatic, on stop")).await?;
         Ok(())
     }
 
     async fn remove(&self, id: u64, snapshots: bool) -> Vec<TeardownFailure> {
         if self.is_vm(id) {
-            return self.vm_remove(id).await;
+            return self.vm_remove(id, snapshots).await;
         }
         let cid = self.container_id(id);
         let mut problems: Vec<TeardownFailure> = self

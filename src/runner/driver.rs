@@ -78,8 +78,7 @@ pub enum InstanceError {
         image: String,
         path: std::path::PathBuf,
     },
-    #[error("snapshots of VM VPS are not built yet")]
-    VmSnapshots,
+
     /// The fake driver's scripted failure (tests only).
     #[cfg(test)]
     #[error("scripted failure: {0}")]

@@ -19,6 +19,7 @@ pub mod report;
 pub mod snapshots;
 pub mod supervisor;
 pub mod vm;
+mod vm_snapshots;
 pub mod vps;
 
 use std::future::Future;

@@ -29,8 +29,16 @@ pub enum SnapshotError {
     NoContainer(u64),
     #[error("VPS {vps} has no snapshot {id}")]
     NoSnapshot { vps: u64, id: String },
-    #[error("VPS {0} is a VM: snapshots of VM VPS are not built yet")]
-    Vm(u64),
+    #[error("VM VPS {0} is running: a VM's snapshot is taken while it is stopped (`vps stop`, which takes one itself with auto_snapshot_on_stop)")]
+    VmRunning(u64),
+    #[error("the VM's state: {0}")]
+    Vm(String),
+    #[error("{}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("message: longer than {MAX_MESSAGE} bytes")]
     MessageTooLong,
     #[error("snapshot {id} of VPS {vps} vanished from containerd")]
@@ -44,7 +52,7 @@ pub fn image_name(node: &str, vps: u64, id: &str) -> String {
 }
 
 /// The next id: now, or one past the newest when that is not older.
-fn next_id(now_ms: i64, newest: Option<i64>) -> i64 {
+pub(super) fn next_id(now_ms: i64, newest: Option<i64>) -> i64 {
     newest.map_or(now_ms, |n| now_ms.max(n + 1))
 }
 
@@ -59,6 +67,16 @@ fn view(node: &str, img: &containerd_client::services::v1::Image) -> Option<Snap
         image: img.name.clone(),
         node: node.to_string(),
     })
+}
+
+/// The oldest of `existing` (oldest first) that go once one more is
+/// taken, to keep `max` (0: keep all).
+pub(super) fn rotated_out(existing: &[SnapshotView], max: u32) -> &[SnapshotView] {
+    let max = max as usize;
+    if max == 0 || existing.len() < max {
+        return &[];
+    }
+    &existing[..existing.len() + 1 - max]
 }
 
 /// Serializes snapshot work per VPS (ids, rotation, freeze and thaw).
@@ -120,6 +138,9 @@ impl TaskContext {
 
     /// A VPS's snapshots, oldest first.
     pub async fn snapshots(&self, vps: u64) -> Result<Vec<SnapshotView>, SnapshotError> {
+        if self.is_vm(vps) {
+            return self.vm_snapshots(vps);
+        }
         Ok(list(&self.ctd, &self.node, vps).await?)
     }
 
@@ -134,7 +155,7 @@ impl TaskContext {
             return Err(SnapshotError::MessageTooLong);
         }
         if self.is_vm(vps) {
-            return Err(SnapshotError::Vm(vps));
+            return self.vm_take_snapshot(vps, message).await;
         }
         let cid = self.container_id(vps);
         let lock = self.snapshot_locks.of(vps);
@@ -170,16 +191,13 @@ impl TaskContext {
             ms = started.elapsed().as_millis() as u64,
             "snapshot taken"
         );
-        let max = self.config.max_snapshots_per_vps as usize;
-        if max > 0 && existing.len() + 1 > max {
-            for old in &existing[..existing.len() + 1 - max] {
-                match self.ctd.delete_image(&old.image).await {
-                    Ok(_) => {
-                        tracing::info!(task = vps, snapshot = %old.id, "old snapshot rotated out")
-                    }
-                    Err(e) => {
-                        tracing::warn!(task = vps, snapshot = %old.id, error = %crate::error_chain(&e), "rotating out a snapshot failed")
-                    }
+        for old in rotated_out(&existing, self.config.max_snapshots_per_vps) {
+            match self.ctd.delete_image(&old.image).await {
+                Ok(_) => {
+                    tracing::info!(task = vps, snapshot = %old.id, "old snapshot rotated out")
+                }
+                Err(e) => {
+                    tracing::warn!(task = vps, snapshot = %old.id, error = %crate::error_chain(&e), "rotating out a snapshot failed")
                 }
             }
         }
@@ -195,6 +213,9 @@ impl TaskContext {
     }
 
     pub async fn delete_snapshot(&self, vps: u64, id: &str) -> Result<(), SnapshotError> {
+        if self.is_vm(vps) {
+            return self.vm_delete_snapshot(vps, id).await;
+        }
         let lock = self.snapshot_locks.of(vps);
         let _held = lock.lock().await;
         // Only names this VPS's labels vouch for: an id is never a path into other images.
@@ -212,6 +233,9 @@ impl TaskContext {
 
     /// Deletes every snapshot of a VPS (it is being deleted); returns the problems met.
     pub async fn delete_all_snapshots(&self, vps: u64) -> Vec<SnapshotError> {
+        if self.is_vm(vps) {
+            return self.vm_delete_all_snapshots(vps).await;
+        }
         let lock = self.snapshot_locks.of(vps);
         let _held = lock.lock().await;
         match list(&self.ctd, &self.node, vps).await {
@@ -264,6 +288,29 @@ mod tests {
             image_name("n1", 7, "1001"),
             "rivernode/snapshots/n1/vps-7:1001"
         );
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_max() {
+        let snap = |id: &str| SnapshotView {
+            id: id.into(),
+            vps_id: 1,
+            created_at_unix_ms: 0,
+            size_bytes: 0,
+            message: None,
+            image: String::new(),
+            node: "n1".into(),
+        };
+        let three = [snap("1"), snap("2"), snap("3")];
+        let ids = |s: &[SnapshotView]| s.iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(rotated_out(&three, 3)),
+            ["1"],
+            "the fourth pushes one out"
+        );
+        assert_eq!(ids(rotated_out(&three, 2)), ["1", "2"]);
+        assert!(rotated_out(&three, 4).is_empty());
+        assert!(rotated_out(&three, 0).is_empty(), "0 keeps all");
     }
 
     #[test]

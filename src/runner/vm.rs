@@ -138,7 +138,10 @@ impl TaskContext {
                 id,
                 kind: Some(crate::api::Kind::Vps),
                 observed: observed(state, self.vm_dir(id).join(STARTED).exists()),
-                restore_request: None,
+                restore_request: std::fs::read_to_string(
+                    self.vm_dir(id).join(super::vm_snapshots::RESTORE_FILE),
+                )
+                .ok(),
             });
         }
         Ok(out)
@@ -155,24 +158,29 @@ impl TaskContext {
         let dir = self.vm_dir(a.id);
         let made_here = !dir.exists();
         let made = async {
-            if a.spec.restore.is_some() {
-                return Err(InstanceError::VmSnapshots);
-            }
-            let base = self.vm_base(a).await?;
             crate::files::ensure_private_dir(&dir).map_err(|source| InstanceError::Io {
                 path: dir.clone(),
                 source,
             })?;
             let disk = dir.join("disk.qcow2");
-            if !disk.exists() {
-                self.vm_disk(a, &base, &disk)?;
+            let done = std::fs::read_to_string(dir.join(super::vm_snapshots::RESTORE_FILE)).ok();
+            match &a.spec.restore {
+                // `restart --from-snapshot`: the disk is replaced once per request.
+                Some(r) if done.as_deref() != Some(&r.request.to_string()) => {
+                    self.vm_restore(a.id, &r.snapshot, r.request).await?;
+                }
+                _ if !disk.exists() => {
+                    let base = self.vm_base(a).await?;
+                    self.vm_disk(a, &base, &disk)?;
+                }
+                _ => {}
             }
             self.vm_start(a).await
         }
         .await;
         if made.is_err() && made_here {
             // A first start that failed leaves nothing behind.
-            for f in self.vm_remove(a.id).await {
+            for f in self.vm_remove(a.id, false).await {
                 tracing::warn!(task = a.id, error = %crate::error_chain(&f), "cleaning up a VM that failed to start");
             }
         }
@@ -409,8 +417,9 @@ impl TaskContext {
         problems
     }
 
-    /// Removes the domain, the VM's files, tap, address and host key.
-    pub(super) async fn vm_remove(&self, id: u64) -> Vec<TeardownFailure> {
+    /// Removes the domain, the VM's files, tap, address and host key, and
+    /// with `snapshots` its snapshots too (a delete).
+    pub(super) async fn vm_remove(&self, id: u64, snapshots: bool) -> Vec<TeardownFailure> {
         let cid = self.container_id(id);
         let uuid = vm_uuid(&cid);
         let mut problems = Vec::new();
@@ -428,6 +437,14 @@ impl TaskContext {
                 .map(TeardownFailure::Network),
         );
         self.vps.forget(&cid);
+        if snapshots {
+            problems.extend(
+                self.delete_all_snapshots(id)
+                    .await
+                    .into_iter()
+                    .map(TeardownFailure::Snapshots),
+            );
+        }
         let dir = self.vm_dir(id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {

@@ -1,0 +1,234 @@
+//! Snapshots of VM VPS: a copy of the VM's disk (its qcow2 overlay, still
+//! standing on the same read-only base) taken while the VM is off, so it
+//! is consistent without asking the guest; on stop (the VM has just gone
+//! off) and by hand on a stopped VM. Kept beside the VM, not in it:
+//! `DATA_DIR/runner/vm-snapshots/<cid>/<id>.qcow2` with `<id>.json` (when,
+//! the message), so the VM's files can be replaced by a restore and the
+//! snapshots stay until the VPS is deleted. Ids are creation times in
+//! milliseconds, as for container snapshots.
+
+use std::path::{Path, PathBuf};
+
+use crate::api::SnapshotView;
+
+use super::container::TaskContext;
+use super::snapshots::{next_id, rotated_out, SnapshotError};
+
+/// What is recorded beside a snapshot's disk.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    created_at_unix_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+/// The file that records which `restart --from-snapshot` request the VM's
+/// disk was last restored for (each request restores once).
+pub(super) const RESTORE_FILE: &str = "restore-request";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A snapshot id is digits only: it names a file, never a path.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl TaskContext {
+    fn vm_snapshot_dir(&self, vps: u64) -> PathBuf {
+        self.config
+            .data_dir
+            .join(super::STATE_DIR)
+            .join("vm-snapshots")
+            .join(self.container_id(vps))
+    }
+
+    /// A VM's snapshots, oldest first.
+    pub(super) fn vm_snapshots(&self, vps: u64) -> Result<Vec<SnapshotView>, SnapshotError> {
+        let dir = self.vm_snapshot_dir(vps);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(io(&dir)(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|n| valid_id(n))
+            else {
+                continue;
+            };
+            let disk = dir.join(format!("{id}.qcow2"));
+            let (Ok(text), Ok(meta)) = (std::fs::read_to_string(&path), std::fs::metadata(&disk))
+            else {
+                // Half written (a crash while it was taken): not a snapshot.
+                continue;
+            };
+            let Ok(r) = serde_json::from_str::<Record>(&text) else {
+                continue;
+            };
+            out.push(SnapshotView {
+                id: id.to_string(),
+                vps_id: vps,
+                created_at_unix_ms: r.created_at_unix_ms,
+                size_bytes: meta.len(),
+                message: r.message,
+                image: disk.display().to_string(),
+                node: self.node.clone(),
+            });
+        }
+        out.sort_by_key(|s| (s.created_at_unix_ms, s.id.clone()));
+        Ok(out)
+    }
+
+    /// Copies the stopped VM's disk as a snapshot, then deletes the oldest
+    /// beyond the limit. A running or paused VM is refused: its disk is
+    /// consistent only when QEMU has let go of it.
+    pub(super) async fn vm_take_snapshot(
+        &self,
+        vps: u64,
+        message: Option<&str>,
+    ) -> Result<SnapshotView, SnapshotError> {
+        // The message's length was checked by `take_snapshot`.
+        let lock = self.snapshot_locks.of(vps);
+        let _held = lock.lock().await;
+        use super::lifecycle::Observed;
+        match self.vm_observe(vps).await {
+            Ok(Observed::Kept | Observed::Exited(_)) => {}
+            Ok(_) => return Err(SnapshotError::VmRunning(vps)),
+            Err(e) => return Err(SnapshotError::Vm(crate::error_chain(&e))),
+        }
+        let existing = self.vm_snapshots(vps)?;
+        let created = next_id(
+            crate::now_unix_ms(),
+            existing.last().map(|s| s.created_at_unix_ms),
+        );
+        let id = created.to_string();
+        let dir = self.vm_snapshot_dir(vps);
+        crate::files::ensure_private_dir(&dir).map_err(io(&dir))?;
+        let disk = dir.join(format!("{id}.qcow2"));
+        let from = self.vm_dir(vps).join("disk.qcow2");
+        let started = std::time::Instant::now();
+        let tmp = disk.with_extension("qcow2.copying");
+        let _ = std::fs::remove_file(&tmp);
+        tokio::task::block_in_place(|| {
+            crate::files::copy_hashed(&from, &tmp, 0o600, |_, _| {})
+                .map_err(io(&from))
+                .and_then(|_| std::fs::rename(&tmp, &disk).map_err(io(&disk)))
+        })?;
+        // The record last: a snapshot is listed only once its disk is whole.
+        let record = Record {
+            created_at_unix_ms: created,
+            message: message.map(String::from),
+        };
+        let json = dir.join(format!("{id}.json"));
+        crate::files::write_secret(&json, &serde_json::to_vec(&record).unwrap_or_default())
+            .map_err(io(&json))?;
+        let size_bytes = std::fs::metadata(&disk).map(|m| m.len()).unwrap_or(0);
+        tracing::info!(task = vps, snapshot = %id, bytes = size_bytes, ms = started.elapsed().as_millis() as u64, "VM snapshot taken");
+        for old in rotated_out(&existing, self.config.max_snapshots_per_vps) {
+            if let Err(e) = self.vm_delete_files(vps, &old.id) {
+                tracing::warn!(task = vps, snapshot = %old.id, error = %crate::error_chain(&e), "rotating out a snapshot failed");
+            }
+        }
+        Ok(SnapshotView {
+            id,
+            vps_id: vps,
+            created_at_unix_ms: created,
+            size_bytes,
+            message: record.message,
+            image: disk.display().to_string(),
+            node: self.node.clone(),
+        })
+    }
+
+    fn vm_delete_files(&self, vps: u64, id: &str) -> Result<(), SnapshotError> {
+        let dir = self.vm_snapshot_dir(vps);
+        // The record first: a snapshot half deleted is no longer listed.
+        for f in [format!("{id}.json"), format!("{id}.qcow2")] {
+            let p = dir.join(f);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn vm_delete_snapshot(&self, vps: u64, id: &str) -> Result<(), SnapshotError> {
+        let lock = self.snapshot_locks.of(vps);
+        let _held = lock.lock().await;
+        if !valid_id(id) || !self.vm_snapshots(vps)?.iter().any(|s| s.id == id) {
+            return Err(SnapshotError::NoSnapshot {
+                vps,
+                id: id.to_string(),
+            });
+        }
+        self.vm_delete_files(vps, id)
+    }
+
+    /// Every snapshot of the VM goes (it is being deleted).
+    pub(super) async fn vm_delete_all_snapshots(&self, vps: u64) -> Vec<SnapshotError> {
+        let lock = self.snapshot_locks.of(vps);
+        let _held = lock.lock().await;
+        let dir = self.vm_snapshot_dir(vps);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => vec![io(&dir)(e)],
+            _ => vec![],
+        }
+    }
+
+    /// Puts snapshot `id` in place of the stopped VM's disk (whole, by a
+    /// rename: a crash leaves the old disk or the new one) and records the
+    /// restore `request`, so it is done once.
+    pub(super) async fn vm_restore(
+        &self,
+        vps: u64,
+        id: &str,
+        request: i64,
+    ) -> Result<(), SnapshotError> {
+        let lock = self.snapshot_locks.of(vps);
+        let _held = lock.lock().await;
+        let found = self
+            .vm_snapshots(vps)?
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| SnapshotError::NoSnapshot {
+                vps,
+                id: id.to_string(),
+            })?;
+        let vm = self.vm_dir(vps);
+        let disk = vm.join("disk.qcow2");
+        let tmp = disk.with_extension("qcow2.restoring");
+        let _ = std::fs::remove_file(&tmp);
+        let from = PathBuf::from(&found.image);
+        tokio::task::block_in_place(|| {
+            crate::files::copy_hashed(&from, &tmp, 0o600, |_, _| {})
+                .map_err(io(&from))
+                .and_then(|_| std::fs::rename(&tmp, &disk).map_err(io(&disk)))
+        })?;
+        let record = vm.join(RESTORE_FILE);
+        crate::files::write_secret(&record, request.to_string().as_bytes()).map_err(io(&record))?;
+        tracing::info!(task = vps, snapshot = %id, "VM disk restored from a snapshot");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn snapshot_ids_name_files_not_paths() {
+        assert!(super::valid_id("1796000000000"));
+        for bad in ["", "../x", "1/2", "latest", "12a", "123456789012345678901"] {
+            assert!(!super::valid_id(bad), "{bad}");
+        }
+    }
+}
