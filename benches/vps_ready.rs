@@ -1,7 +1,10 @@
 //! `vps create` → the instance's SSH banner through the host's proxy, warm
 //! image, against submit → running of a plain command task in the same
-//! cluster and run (the VPS's own cost: network, node port, SSH server).
-//! Inside a private network and mount namespace; prints medians and ratio.
+//! cluster and run (the VPS's own cost: network, node port, SSH server);
+//! then the same for a VM VPS (the tier-1 guest under a private libvirtd,
+//! TCG: the guest's boot is emulated, so the figure is an upper bound of
+//! what KVM gives) against the container VPS.
+//! Inside a private network and mount namespace; prints medians and ratios.
 //!
 //! `cargo bench --bench vps_ready`
 
@@ -16,6 +19,8 @@ use common::containerd::{busybox_oci_archive, PrivateContainerd};
 use common::*;
 
 const N: usize = 5;
+/// VM boots under TCG take seconds each: fewer of them.
+const N_VM: usize = 3;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -47,6 +52,30 @@ fn run() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
+    // The VM case's parts: a private libvirtd, the tier-1 guest, its base image.
+    let vm = common::guest::guest_kernel().map(|(kernel, version)| {
+        let lv = common::libvirt::PrivateLibvirt::start();
+        let initrd = common::guest::tier1_initramfs(dir.path(), &version);
+        let base = common::guest::ext2_base(dir.path());
+        (lv, kernel, initrd, base)
+    });
+    let vm_env: Vec<(String, String)> = match &vm {
+        Some((lv, kernel, initrd, _)) => [
+            ("RIVERNODE_LIBVIRT_URI", lv.uri.clone()),
+            ("RIVERNODE_VM_ACCEL", "qemu".into()),
+            ("RIVERNODE_VM_KERNEL", kernel.display().to_string()),
+            ("RIVERNODE_VM_INITRD", initrd.display().to_string()),
+            (
+                "RIVERNODE_VM_CMDLINE",
+                "console=ttyS0 panic=-1 quiet".into(),
+            ),
+            ("RIVERNODE_VM_DISK_CACHE", "writeback".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        None => vec![],
+    };
     let envs = dir.path().join("shared/environments");
     std::fs::create_dir_all(&envs).unwrap();
     let Some(oci) = busybox_oci_archive(dir.path()) else {
@@ -54,7 +83,11 @@ fn run() {
     };
     std::fs::copy(&oci, envs.join("busybox.tar")).unwrap();
     let (shared, data) = (dir.path().join("shared"), dir.path().join("data"));
-    let _up = Daemon::start(
+    let env: Vec<(&str, &str)> = vm_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let _up = Daemon::start_with_env(
         dir.path(),
         "up",
         &[
@@ -74,6 +107,7 @@ fn run() {
             "--containerd-socket",
             ctd.socket.to_str().unwrap(),
         ],
+        &env,
     );
     wait_for("the host", || read_trimmed(&data.join("api.url")));
     wait_for("the node", || node(&nodes(&data), "bench").map(|_| ()));
@@ -117,6 +151,28 @@ fn run() {
     ]);
     assert_eq!(w["state"], "completed");
 
+    // Polls the proxy until instance `id` sends its SSH banner.
+    let until_banner = |id: u64| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(Instant::now() < deadline, "no SSH banner from vps {id}");
+            let mut s = std::net::TcpStream::connect(&proxy).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(format!("REQUEST_TUNNEL {id} {admin}\n").as_bytes())
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap_or(0);
+            if String::from_utf8_lossy(&buf[..n]).contains("SSH-2.0") {
+                return;
+            }
+            // SUCCESS may come alone: the banner follows in the next read.
+            let m = s.read(&mut buf).unwrap_or(0);
+            if String::from_utf8_lossy(&buf[..m]).contains("SSH-2.0") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     let mut vps = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..N {
@@ -133,25 +189,7 @@ fn run() {
         ])["id"]
             .as_u64()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            assert!(Instant::now() < deadline, "no SSH banner from vps {id}");
-            let mut s = std::net::TcpStream::connect(&proxy).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            s.write_all(format!("REQUEST_TUNNEL {id} {admin}\n").as_bytes())
-                .unwrap();
-            let mut buf = [0u8; 64];
-            let n = s.read(&mut buf).unwrap_or(0);
-            if String::from_utf8_lossy(&buf[..n]).contains("SSH-2.0") {
-                break;
-            }
-            // SUCCESS may come alone: the banner follows in the next read.
-            let m = s.read(&mut buf).unwrap_or(0);
-            if String::from_utf8_lossy(&buf[..m]).contains("SSH-2.0") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        until_banner(id);
         vps.push(t.elapsed().as_secs_f64() * 1000.0);
         rn(&["vps", "delete", &id.to_string()]);
 
@@ -180,4 +218,36 @@ fn run() {
     println!("vps_ready: vps create -> SSH banner median {a:.0} ms over {N} (goal < 1000 ms)");
     println!("vps_ready: command task submit -> running median {b:.0} ms over {N}");
     println!("vps_ready: ratio vps/task {:.2}", a / b);
+
+    let Some((_lv, _, _, base)) = &vm else {
+        println!("vps_ready: VM case skipped (no libvirtd, QEMU or kernel here)");
+        return;
+    };
+    rn(&["vm", "image", "import", "mini", base.to_str().unwrap()]);
+    let mut vms = Vec::new();
+    for i in 0..N_VM {
+        let key = dir.path().join(format!("vmkey{i}"));
+        let t = Instant::now();
+        let id = rn(&[
+            "vps",
+            "create",
+            "--backend",
+            "vm",
+            "--vm-image",
+            "mini",
+            "--vm-memory",
+            "256",
+            "--gen-ssh-key",
+            "--key-out-file",
+            key.to_str().unwrap(),
+        ])["id"]
+            .as_u64()
+            .unwrap();
+        until_banner(id);
+        vms.push(t.elapsed().as_secs_f64() * 1000.0);
+        rn(&["vps", "delete", &id.to_string()]);
+    }
+    let v = median(vms);
+    println!("vps_ready: VM (TCG) vps create -> SSH banner median {v:.0} ms over {N_VM}");
+    println!("vps_ready: ratio VM/container {:.2}", v / a);
 }

@@ -8,6 +8,7 @@ mod common;
 
 use std::process::Command;
 
+use common::guest::*;
 use common::*;
 use rivernode::kvm::seed::{meta_data, network_config, seed_iso, user_data, SeedInput};
 
@@ -156,42 +157,6 @@ fn guest_initramfs(dir: &std::path::Path) -> std::path::PathBuf {
         &out,
     );
     out
-}
-
-/// The node's newest kernel and its version, for guests to boot, when
-/// libvirt, QEMU and the SSH tools are here too; none (a clear skip, or a
-/// failure where real parts are required) without them.
-fn guest_kernel() -> Option<(std::path::PathBuf, String)> {
-    if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
-        return None;
-    }
-    let Some(kernel) = newest_kernel() else {
-        assert!(!real_part_available(
-            "a kernel in /boot (linux-image-amd64)",
-            false
-        ));
-        return None;
-    };
-    let version = kernel
-        .file_name()?
-        .to_string_lossy()
-        .trim_start_matches("vmlinuz-")
-        .to_string();
-    Some((kernel, version))
-}
-
-fn newest_kernel() -> Option<std::path::PathBuf> {
-    let mut k: Vec<std::path::PathBuf> = std::fs::read_dir("/boot")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .collect();
-    k.sort();
-    k.pop()
 }
 
 /// What both VM tests set up in their private namespaces, as the runner
@@ -449,176 +414,6 @@ fn vm_images_are_imported_read_only_with_their_digest_and_unsafe_ones_refused() 
     assert_eq!(names.len(), 2, "only mini and its digest: {names:?}");
 }
 
-/// Kernel modules `wanted` (by name) and everything they need, in load
-/// order, as paths under `modules` (the node's /lib/modules/VERSION).
-fn module_closure(modules: &std::path::Path, wanted: &[&str]) -> Vec<std::path::PathBuf> {
-    let dep = std::fs::read_to_string(modules.join("modules.dep")).unwrap();
-    let deps: std::collections::HashMap<String, Vec<String>> = dep
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(m, d)| {
-            (
-                m.to_string(),
-                d.split_whitespace().map(str::to_string).collect(),
-            )
-        })
-        .collect();
-    let by_name = |n: &str| {
-        deps.keys()
-            .find(|k| k.rsplit('/').next() == Some(&format!("{n}.ko")))
-            .cloned()
-            .unwrap_or_else(|| panic!("no module {n}"))
-    };
-    fn visit(
-        m: &str,
-        deps: &std::collections::HashMap<String, Vec<String>>,
-        out: &mut Vec<String>,
-    ) {
-        if out.iter().any(|o| o == m) {
-            return;
-        }
-        // modules.dep lists a module's needs so that the last loads first.
-        for d in deps.get(m).into_iter().flatten().rev() {
-            visit(d, deps, out);
-        }
-        out.push(m.to_string());
-    }
-    let mut out = Vec::new();
-    for w in wanted {
-        visit(&by_name(w), &deps, &mut out);
-    }
-    out.into_iter().map(|m| modules.join(m)).collect()
-}
-
-/// The tier-1 guest: the node's kernel booting an initramfs of busybox,
-/// dropbear and its libraries, the modules for virtio-net, virtio-blk (its
-/// disk, mounted at /data when it holds a filesystem) and the seed's SATA
-/// cdrom, and an init that is a small NoCloud reader of our own: it
-/// mounts the `cidata` image, takes root's key, the host key and the
-/// static address from it, and starts dropbear.
-fn tier1_initramfs(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
-    let root = dir.join("tier1");
-    let mut files: Vec<String> = Vec::new();
-    let mut put = |from: &std::path::Path, to: &str| {
-        let dest = root.join(to.trim_start_matches('/'));
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(from, &dest).unwrap();
-        files.push(to.trim_start_matches('/').to_string());
-    };
-    put(std::path::Path::new("/bin/busybox"), "/bin/busybox");
-    for bin in ["/usr/sbin/dropbear", "/usr/bin/dropbearconvert"] {
-        put(std::path::Path::new(bin), bin);
-        let ldd = run(Command::new("ldd").arg(bin));
-        for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
-            put(std::path::Path::new(lib), lib);
-        }
-    }
-    let mods = std::path::Path::new("/lib/modules").join(version);
-    let mut order = String::new();
-    for m in module_closure(
-        &mods,
-        &[
-            "virtio_pci",
-            "virtio_net",
-            "virtio_blk",
-            "ahci",
-            "sr_mod",
-            "isofs",
-            "crc32c_generic",
-            "ext4",
-        ],
-    ) {
-        let name = m.file_name().unwrap().to_string_lossy().into_owned();
-        put(&m, &format!("/modules/{name}"));
-        order.push_str(&name);
-        order.push('\n');
-    }
-    std::fs::write(root.join("modules.order"), order).unwrap();
-    files.push("modules.order".into());
-    let init = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-for m in $(cat /modules.order); do insmod /modules/$m; done
-mkdir -p /seed /etc/dropbear /root/.ssh
-for i in $(seq 50); do [ -b /dev/sr0 ] && break; sleep 0.2; done
-mount -t iso9660 -o ro /dev/sr0 /seed || echo "RIVERNODE-VM-NOSEED"
-# The VM's own disk, where a filesystem is on it (the runner's tests put one).
-mkdir -p /data
-for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.2; done
-mount -t ext4 /dev/vda /data 2>/dev/null || echo "RIVERNODE-VM-NODISK"
-# Our bodies are one-line JSON: each value is found by its key.
-field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p" "$2"; }
-key=$(sed -n 's/.*"ssh_authorized_keys":\["\([^"]*\)".*/\1/p' /seed/user-data)
-echo "$key" > /root/.ssh/authorized_keys
-chmod 700 /root/.ssh; chmod 600 /root/.ssh/authorized_keys
-printf '%b' "$(field ed25519_private /seed/user-data)" > /tmp/hostkey
-dropbearconvert openssh dropbear /tmp/hostkey /etc/dropbear/host_key
-echo "root:x:0:0:root:/root:/bin/sh" > /etc/passwd
-# The interface's address is the one with a prefix (the resolvers' have none).
-addr=$(sed -n 's/.*"addresses":\["\([^"]*\/[0-9]*\)".*/\1/p' /seed/network-config)
-gw=$(field via /seed/network-config)
-ip link set lo up
-ip link set eth0 up
-ip addr add "$addr" dev eth0
-ip route add default via "$gw"
-hostname "$(field local-hostname /seed/meta-data)"
-dropbear -E -s -p 22 -r /etc/dropbear/host_key -P /tmp/dropbear.pid
-echo "RIVERNODE-VM-UP $(hostname) $addr"
-while true; do sleep 3600; done
-"#;
-    std::fs::write(root.join("init"), init).unwrap();
-    std::fs::set_permissions(
-        root.join("init"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    files.push("init".into());
-    for d in ["proc", "sys", "dev", "tmp", "etc", "root", "seed", "lib64"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let out = dir.join("tier1.cpio");
-    let files: Vec<&str> = files.iter().map(String::as_str).collect();
-    write_cpio(
-        &root,
-        &files,
-        &["proc", "sys", "dev", "tmp", "etc", "root", "seed"],
-        &out,
-    );
-    out
-}
-
-/// An initramfs (cpio, newc) at `out` of `files` under `root` and the empty
-/// `dirs`. The kernel's unpacker makes no directory itself: every parent
-/// is listed before what it holds.
-fn write_cpio(root: &std::path::Path, files: &[&str], dirs: &[&str], out: &std::path::Path) {
-    let mut all: std::collections::BTreeSet<String> = dirs.iter().map(|d| d.to_string()).collect();
-    for f in files {
-        let mut p = std::path::Path::new(f).parent();
-        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
-            all.insert(d.to_string_lossy().into_owned());
-            p = d.parent();
-        }
-    }
-    let list = all
-        .into_iter()
-        .chain(files.iter().map(|f| f.to_string()))
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n";
-    let mut c = Command::new("busybox")
-        .args(["cpio", "-o", "-H", "newc"])
-        .current_dir(root)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::fs::File::create(out).unwrap())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut c.stdin.take().unwrap(), list.as_bytes()).unwrap();
-    assert!(c.wait().unwrap().success());
-}
-
 /// The CPUs each vCPU thread of QEMU process `pid` may run on (TCG names
 /// them `CPU n/TCG`), in thread order.
 fn vcpu_affinity(pid: u32) -> Vec<String> {
@@ -734,25 +529,6 @@ fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() 
         drop(h);
         t.remove_tap();
     });
-}
-
-/// A base image for the runner's VMs: 16 MiB of ext2 (the tier-1 guest
-/// mounts it at /data), as qcow2.
-fn ext2_base(dir: &std::path::Path) -> std::path::PathBuf {
-    let raw = dir.join("base.raw");
-    std::fs::File::create(&raw)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    run(Command::new("mke2fs")
-        .args(["-q", "-t", "ext2", "-F"])
-        .arg(&raw));
-    let q = dir.join("mini.qcow2");
-    run(Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&q));
-    q
 }
 
 /// The whole life of a VM VPS through the CLI, the host and the runner:

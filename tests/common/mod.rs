@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod containerd;
+pub mod guest;
 pub mod libvirt;
 
 use std::fs::File;
