@@ -173,25 +173,24 @@ fn run() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
+    // `vps create ARGS` with a new key (named `key`) until its SSH banner,
+    // in milliseconds; the VPS is deleted after.
+    let ready = |args: &[&str], key: &str| {
+        let key = dir.path().join(key);
+        let mut a = vec!["vps", "create"];
+        a.extend_from_slice(args);
+        a.extend(["--gen-ssh-key", "--key-out-file", key.to_str().unwrap()]);
+        let t = Instant::now();
+        let id = rn(&a)["id"].as_u64().unwrap();
+        until_banner(id);
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        rn(&["vps", "delete", &id.to_string()]);
+        ms
+    };
     let mut vps = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..N {
-        let key = dir.path().join(format!("key{i}"));
-        let t = Instant::now();
-        let id = rn(&[
-            "vps",
-            "create",
-            "--container",
-            "busybox",
-            "--gen-ssh-key",
-            "--key-out-file",
-            key.to_str().unwrap(),
-        ])["id"]
-            .as_u64()
-            .unwrap();
-        until_banner(id);
-        vps.push(t.elapsed().as_secs_f64() * 1000.0);
-        rn(&["vps", "delete", &id.to_string()]);
+        vps.push(ready(&["--container", "busybox"], &format!("key{i}")));
 
         let id = rn(&[
             "task",
@@ -224,29 +223,17 @@ fn run() {
         return;
     };
     rn(&["vm", "image", "import", "mini", base.to_str().unwrap()]);
-    let mut vms = Vec::new();
-    for i in 0..N_VM {
-        let key = dir.path().join(format!("vmkey{i}"));
-        let t = Instant::now();
-        let id = rn(&[
-            "vps",
-            "create",
-            "--backend",
-            "vm",
-            "--vm-image",
-            "mini",
-            "--vm-memory",
-            "256",
-            "--gen-ssh-key",
-            "--key-out-file",
-            key.to_str().unwrap(),
-        ])["id"]
-            .as_u64()
-            .unwrap();
-        until_banner(id);
-        vms.push(t.elapsed().as_secs_f64() * 1000.0);
-        rn(&["vps", "delete", &id.to_string()]);
-    }
+    let vm_args = [
+        "--backend",
+        "vm",
+        "--vm-image",
+        "mini",
+        "--vm-memory",
+        "256",
+    ];
+    let vms: Vec<f64> = (0..N_VM)
+        .map(|i| ready(&vm_args, &format!("vmkey{i}")))
+        .collect();
     let v = median(vms);
     println!("vps_ready: VM (TCG) vps create -> SSH banner median {v:.0} ms over {N_VM}");
     println!("vps_ready: ratio VM/container {:.2}", v / a);

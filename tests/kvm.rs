@@ -12,17 +12,6 @@ use common::guest::*;
 use common::*;
 use rivernode::kvm::seed::{meta_data, network_config, seed_iso, user_data, SeedInput};
 
-fn run(c: &mut Command) -> String {
-    let o = c.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{c:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 #[test]
 fn generated_domains_are_valid_for_libvirts_schema() {
     let present = command_exists("virt-xml-validate") && command_exists("xmllint");

@@ -7,7 +7,8 @@ use std::process::Command;
 
 use super::real_part_available;
 
-fn run(c: &mut Command) -> String {
+/// Runs `c`; its stdout. Fails the test with its output when it fails.
+pub fn run(c: &mut Command) -> String {
     let o = c.output().unwrap();
     assert!(
         o.status.success(),
