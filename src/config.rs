@@ -300,6 +300,9 @@ layered_config! {
         vm_cmdline: String = "console=ttyS0".to_string(),
         /// How QEMU caches VM disks: none (O_DIRECT) or writeback (for filesystems without O_DIRECT, e.g. tmpfs).
         vm_disk_cache: String = "none".to_string(),
+        /// Where VMs' files live (images/, vms/<instance>/): a tree QEMU, running as libvirt's
+        /// user, can pass through (the runner's own data directory is closed to it).
+        vm_store: PathBuf = PathBuf::from("/var/lib/libvirt/rivernode"),
     }
 }
 

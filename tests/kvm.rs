@@ -520,6 +520,10 @@ fn a_vm_reads_its_seed_and_answers_ssh_with_the_key_and_host_key_it_was_given() 
     });
 }
 
+/// The runner's default VM store: a tmpfs in the test's mount namespace
+/// (PrivateLibvirt mounts one over /var/lib/libvirt).
+const STORE: &str = "/var/lib/libvirt/rivernode";
+
 /// The whole life of a VM VPS through the CLI, the host and the runner:
 /// made from an imported image, reached with `rivernode ssh` through the
 /// proxy and node port, pinned, its disk kept over stop and restart, a
@@ -532,9 +536,16 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         return;
     };
     common::cluster::private_namespaces(move || {
-        let lv = common::libvirt::PrivateLibvirt::start();
+        // QEMU as libvirt's own user, as on a node: the runner's files must
+        // be reachable for it.
+        let lv = common::libvirt::PrivateLibvirt::start_as_qemu_user();
         let work = tempfile::tempdir().unwrap();
         let initrd = tier1_initramfs(work.path(), &version);
+        let passable = |p: &std::path::Path, mode| {
+            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+        };
+        passable(work.path(), 0o711);
+        passable(&initrd, 0o644);
         let base = ext2_base(work.path());
         let extra: Vec<String> = [
             "--libvirt-uri",
@@ -580,9 +591,7 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         let cid = format!("n1-task-{id}");
         let uuid = rivernode::runner::vm::vm_uuid(&cid);
         let name = rivernode::kvm::domain_name(&uuid);
-        let console = v
-            .runner_data()
-            .join(format!("runner/vms/{cid}/console.log"));
+        let console = std::path::PathBuf::from(format!("{STORE}/vms/{cid}/console.log"));
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let c = std::fs::read_to_string(&console).unwrap_or_default();
@@ -608,7 +617,7 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         // The disk is the asked 64 MiB, grown from the 16 MiB image (the
         // filesystem stays 16 MiB: growing it is the guest's business).
         let h = Hypervisor::open(&lv.uri).unwrap();
-        let disk = v.runner_data().join(format!("runner/vms/{cid}/disk.qcow2"));
+        let disk = std::path::PathBuf::from(format!("{STORE}/vms/{cid}/disk.qcow2"));
         let info: serde_json::Value = serde_json::from_str(&run(Command::new("qemu-img")
             .args(["info", "-U", "--output=json"])
             .arg(&disk)))
@@ -673,7 +682,7 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         v.delete(&id);
         assert_eq!(h.state(&uuid).unwrap(), None);
         assert!(h.list().unwrap().is_empty());
-        assert!(!v.runner_data().join(format!("runner/vms/{cid}")).exists());
+        assert!(!std::path::Path::new(&format!("{STORE}/vms/{cid}")).exists());
         assert!(!v
             .runner_data()
             .join(format!("runner/vm-snapshots/{cid}"))

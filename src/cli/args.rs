@@ -231,6 +231,9 @@ pub struct RunnerArgs {
     /// none (default, O_DIRECT) or writeback (a disk store on tmpfs).
     #[arg(long, value_name = "MODE")]
     pub vm_disk_cache: Option<String>,
+    /// Where VMs' disks, seeds and base image copies live (default /var/lib/libvirt/rivernode).
+    #[arg(long, value_name = "DIR")]
+    pub vm_store: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -102,6 +102,7 @@ pub fn runner_config(
         vm_initrd: args.vm_initrd.clone().map(Some),
         vm_cmdline: args.vm_cmdline.clone(),
         vm_disk_cache: args.vm_disk_cache.clone(),
+        vm_store: args.vm_store.clone(),
     });
     cfg.validate()?;
     Ok(cfg)

@@ -80,6 +80,9 @@ pub fn install(
         return Ok(dest);
     }
     std::fs::create_dir_all(store).map_err(io(store))?;
+    // QEMU (libvirt's user) reads the copies: the store must be passable.
+    std::fs::set_permissions(store, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+        .map_err(io(store))?;
     let tmp = store.join(format!(".{name}.copying"));
     let _ = std::fs::remove_file(&tmp);
     let copied = crate::files::copy_hashed(&src, &tmp, 0o444, progress)

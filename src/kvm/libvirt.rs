@@ -119,7 +119,10 @@ impl Hypervisor {
             Some(d) if d.is_active().map_err(call(format!("state of {name}")))? => return Ok(()),
             _ => Domain::define_xml(&self.conn, &xml).map_err(call(format!("defining {name}")))?,
         };
-        dom.create().map_err(call(format!("starting {name}")))?;
+        // A fresh boot, never a managed-save image (libvirt-guests suspends
+        // domains at node shutdown): the guest must read its new seed.
+        dom.create_with_flags(sys::VIR_DOMAIN_START_FORCE_BOOT)
+            .map_err(call(format!("starting {name}")))?;
         Ok(())
     }
 

@@ -497,7 +497,7 @@ impl TaskContext {
 
 impl TaskContext {
     /// The node's boot id (`/proc/sys/kernel/random/boot_id`), if readable.
-    fn boot_id(&self) -> Option<String> {
+    pub(super) fn boot_id(&self) -> Option<String> {
         std::fs::read_to_string(self.config.proc_root.join("sys/kernel/random/boot_id"))
             .ok()
             .map(|s| s.trim().to_string())
@@ -700,7 +700,7 @@ impl Driver for TaskContext {
 
     async fn made_for(&self, a: &Assignment) -> bool {
         if self.is_vm(a.id) {
-            return self.vm_made_for(a).await;
+            return self.vm_made_for(a);
         }
         match self.ctd.container_labels(&self.container_id(a.id)).await {
             Ok(Some(l)) => made_for(

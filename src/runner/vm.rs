@@ -3,14 +3,18 @@
 //! instance bridge, its vCPUs pinned to its reserved cores and its memory
 //! strict to its NUMA node (`crate::kvm` writes the domain).
 //!
-//! What the runner keeps of a VM is its directory, `DATA_DIR/runner/vms/<cid>/`
+//! What the runner keeps of a VM is its directory, `VM_STORE/vms/<cid>/`
 //! (disk, seed, console log, UEFI variables): the directory existing is what
 //! makes an instance a VM, so every call finds the right backend with no
 //! record of its own, after a crash too. libvirt owns the running QEMU, so a
 //! VM outlives the runner; a restarted runner finds it in libvirt's list by
-//! the metadata in its domain. The file `started` in the directory marks a
-//! start whose end the runner has not finished yet: with it, a domain that
-//! is off has exited (its end is to be reported); without it, it is kept.
+//! its directory, and its state in libvirt's list. The file `started` in the
+//! directory marks a start, in this boot of the node, whose end the runner
+//! has not finished yet: with it, a domain that is off has exited (its end
+//! is to be reported); without it (or from an earlier boot: the node went
+//! down under the VM), it is kept, and a VPS that should run is started.
+//! `submitted-ms` says which task the VM was made for; a directory without
+//! its disk is a make that did not finish (a crash), not a VM yet.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +31,8 @@ use super::lifecycle::Observed;
 
 /// The marker of a start whose end is not finished (see the module's note).
 const STARTED: &str = "started";
+/// When the host accepted the task the VM was made for.
+const SUBMITTED: &str = "submitted-ms";
 
 /// The domain UUID of instance `cid`: derived, so the runner never has to
 /// record it (version-4 and variant bits set, as libvirt expects a UUID).
@@ -47,10 +53,13 @@ pub fn vm_uuid(cid: &str) -> String {
     )
 }
 
-/// What libvirt's state of a VM means to the lifecycle; `started`: the
-/// runner has not finished the end of its last start.
-pub fn observed(state: Option<VmState>, started: bool) -> Observed {
+/// What libvirt's state of a VM means to the lifecycle; `disk`: the VM's
+/// disk exists; `started`: the runner has not finished the end of its last
+/// start, made in this boot.
+pub fn observed(state: Option<VmState>, disk: bool, started: bool) -> Observed {
     match state {
+        // A make that did not get as far as the disk: nothing to keep.
+        None if !disk => Observed::Absent,
         // Files, no domain: a crash between making the disk and defining
         // the domain, or a domain undefined by hand. The disk is there to start.
         None => Observed::Kept,
@@ -85,6 +94,14 @@ impl TaskContext {
     /// Instance `id` is a VM on this node.
     pub(super) fn is_vm(&self, id: u64) -> bool {
         self.vm_dir(id).is_dir()
+    }
+
+    /// Whether VM `id` has its disk, and a start of this boot whose end is unfinished.
+    fn vm_marks(&self, id: u64) -> (bool, bool) {
+        let dir = self.vm_dir(id);
+        let now = self.boot_id().unwrap_or_default();
+        let started = std::fs::read_to_string(dir.join(STARTED)).is_ok_and(|b| b.trim() == now);
+        (dir.join("disk.qcow2").exists(), started)
     }
 
     /// Runs `f` on a libvirt connection, off the async workers (libvirt's
@@ -137,7 +154,10 @@ impl TaskContext {
             out.push(Found {
                 id,
                 kind: Some(crate::api::Kind::Vps),
-                observed: observed(state, self.vm_dir(id).join(STARTED).exists()),
+                observed: {
+                    let (disk, started) = self.vm_marks(id);
+                    observed(state, disk, started)
+                },
                 restore_request: std::fs::read_to_string(
                     self.vm_dir(id).join(super::vm_snapshots::RESTORE_FILE),
                 )
@@ -150,19 +170,25 @@ impl TaskContext {
     pub(super) async fn vm_observe(&self, id: u64) -> Result<Observed, InstanceError> {
         let uuid = vm_uuid(&self.container_id(id));
         let state = self.libvirt(move |h| h.state(&uuid)).await?;
-        Ok(observed(state, self.vm_dir(id).join(STARTED).exists()))
+        let (disk, started) = self.vm_marks(id);
+        Ok(observed(state, disk, started))
     }
 
     /// Makes VM `a` (its image copied to the node, its disk) and starts it.
     pub(super) async fn vm_create(&self, a: &Assignment) -> Result<Started, InstanceError> {
         let dir = self.vm_dir(a.id);
-        let made_here = !dir.exists();
+        let disk = dir.join("disk.qcow2");
+        // Not made yet (or a make a crash cut short): its leftovers go on failure.
+        let made_here = !disk.exists();
         let made = async {
-            crate::files::ensure_private_dir(&dir).map_err(|source| InstanceError::Io {
+            let io = |source| InstanceError::Io {
                 path: dir.clone(),
                 source,
-            })?;
-            let disk = dir.join("disk.qcow2");
+            };
+            // Traversable, not listable: QEMU runs as libvirt's user and
+            // opens the files libvirt hands it by path.
+            make_dir(&dir).map_err(io)?;
+            std::fs::write(dir.join(SUBMITTED), a.submitted_at_unix_ms.to_string()).map_err(io)?;
             let done = std::fs::read_to_string(dir.join(super::vm_snapshots::RESTORE_FILE)).ok();
             match &a.spec.restore {
                 // `restart --from-snapshot`: the disk is replaced once per request.
@@ -195,11 +221,7 @@ impl TaskContext {
         let progress = self.progress.sink(a.id, a.spec.image.to_string());
         let _clear = super::progress::ClearOnDrop(&self.progress, a.id);
         let shared = self.config.shared_dir.join("vm-images");
-        let store = self
-            .config
-            .data_dir
-            .join(super::STATE_DIR)
-            .join("vm-images");
+        let store = self.config.vm_store.join("images");
         // One copy at a time, as for container images.
         let _held = self.image_lock.lock().await;
         let name = name.clone();
@@ -255,6 +277,9 @@ impl TaskContext {
 
     async fn vm_start_once(&self, a: &Assignment) -> Result<Started, InstanceError> {
         let (id, cid) = (a.id, self.container_id(a.id));
+        // Never while its disk is copied into a snapshot.
+        let lock = self.snapshot_locks.of(id);
+        let _held = lock.lock().await;
         let dir = self.vm_dir(id);
         let ImageSource::VmImage(name) = &a.spec.image else {
             return Err(InstanceError::NotAVm(id));
@@ -270,9 +295,11 @@ impl TaskContext {
         let (private, public) = tokio::task::block_in_place(|| self.vps.host_key_pair(&cid))
             .map_err(InstanceError::Vps)?;
         let marker = dir.join(STARTED);
-        std::fs::write(&marker, b"").map_err(|source| InstanceError::Io {
-            path: marker.clone(),
-            source,
+        std::fs::write(&marker, self.boot_id().unwrap_or_default()).map_err(|source| {
+            InstanceError::Io {
+                path: marker.clone(),
+                source,
+            }
         })?;
         let (ip, tap) = self
             .vps
@@ -342,16 +369,11 @@ impl TaskContext {
         })
     }
 
-    pub(super) async fn vm_made_for(&self, a: &Assignment) -> bool {
-        let (id, node, ms) = (a.id, self.node.clone(), a.submitted_at_unix_ms);
-        match self.libvirt(|h| h.list()).await {
-            Ok(domains) => domains
-                .iter()
-                .find(|d| d.instance.id == id && d.instance.node == node)
-                .is_none_or(|d| ms == 0 || d.instance.submitted_at_unix_ms == ms),
-            // Unknown: not ours to touch this round.
-            Err(_) => false,
-        }
+    /// From the VM's own record (no libvirt call: an unreachable libvirtd
+    /// must not make a user's VM look like an earlier owner's).
+    pub(super) fn vm_made_for(&self, a: &Assignment) -> bool {
+        let recorded = std::fs::read_to_string(self.vm_dir(a.id).join(SUBMITTED)).ok();
+        super::container::made_for(recorded.as_deref().map(str::trim), a.submitted_at_unix_ms)
     }
 
     /// Waits until the VM is off (polling libvirt: its state is the truth,
@@ -366,7 +388,7 @@ impl TaskContext {
                     tracing::warn!(task = id, error = %crate::error_chain(&e), "cannot read the VM's state; trying again")
                 }
             }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     }
 
@@ -471,9 +493,24 @@ impl TaskContext {
     }
 }
 
-/// `DATA_DIR/runner/vms`.
+/// `VM_STORE/vms`: outside the runner's private data directory, which
+/// QEMU (libvirt's user) cannot enter.
 pub fn vms_dir(config: &crate::config::RunnerConfig) -> PathBuf {
-    config.data_dir.join(super::STATE_DIR).join("vms")
+    config.vm_store.join("vms")
+}
+
+/// A directory (and its parents) others may pass through but not list.
+fn make_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)?;
+    // The VM's, `vms/` and the store: made by us, passable by QEMU.
+    for d in dir.ancestors().take(3) {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -493,17 +530,24 @@ mod tests {
     #[test]
     fn an_off_vm_has_exited_only_while_its_end_is_unfinished() {
         use VmState::*;
-        assert_eq!(observed(Some(Running), true), Observed::Running);
-        assert_eq!(observed(Some(Other), true), Observed::Running);
-        assert_eq!(observed(Some(Paused), true), Observed::Paused);
-        assert_eq!(observed(Some(Off { exit: 0 }), true), Observed::Exited(0));
+        assert_eq!(observed(Some(Running), true, true), Observed::Running);
+        assert_eq!(observed(Some(Other), true, true), Observed::Running);
+        assert_eq!(observed(Some(Paused), true, true), Observed::Paused);
         assert_eq!(
-            observed(Some(Off { exit: 137 }), true),
+            observed(Some(Off { exit: 0 }), true, true),
+            Observed::Exited(0)
+        );
+        assert_eq!(
+            observed(Some(Off { exit: 137 }), true, true),
             Observed::Exited(137)
         );
-        assert_eq!(observed(Some(Off { exit: 0 }), false), Observed::Kept);
+        // Off with its end finished, or started in a boot that is over: kept,
+        // so a VPS that should run is started again.
+        assert_eq!(observed(Some(Off { exit: 0 }), true, false), Observed::Kept);
         // Its files without a domain: a disk to start again, never "vanished".
-        assert_eq!(observed(None, true), Observed::Kept);
-        assert_eq!(observed(None, false), Observed::Kept);
+        assert_eq!(observed(None, true, true), Observed::Kept);
+        assert_eq!(observed(None, true, false), Observed::Kept);
+        // A make cut short before the disk: nothing made yet.
+        assert_eq!(observed(None, false, false), Observed::Absent);
     }
 }

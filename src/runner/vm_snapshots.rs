@@ -101,8 +101,10 @@ impl TaskContext {
         let lock = self.snapshot_locks.of(vps);
         let _held = lock.lock().await;
         use super::lifecycle::Observed;
+        // Kept only: an Exited VM is being stopped, or started (its marker
+        // is written before QEMU runs).
         match self.vm_observe(vps).await {
-            Ok(Observed::Kept | Observed::Exited(_)) => {}
+            Ok(Observed::Kept) => {}
             Ok(_) => return Err(SnapshotError::VmRunning(vps)),
             Err(e) => return Err(SnapshotError::Vm(crate::error_chain(&e))),
         }

@@ -243,3 +243,100 @@ pub fn ext2_base(dir: &std::path::Path) -> std::path::PathBuf {
         .arg(&q));
     q
 }
+
+/// The tier-2 guest's disk: Debian 12 with systemd, udev, openssh-server,
+/// ifupdown and the real cloud-init (debootstrap), the node kernel's
+/// modules a VM needs, as an ext4 root filesystem in a qcow2 image. Built
+/// once and kept under the build's target directory; booted with the node's
+/// kernel and Debian initrd (`root=/dev/vda`).
+pub fn debian_cloud_image(version: &str) -> Option<std::path::PathBuf> {
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-images");
+    let image = cache.join(format!("debian-cloud-{version}.qcow2"));
+    if image.exists() {
+        return Some(image);
+    }
+    if !real_part_available("debootstrap", super::command_exists("debootstrap")) {
+        return None;
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let work = tempfile::tempdir_in(&cache).unwrap();
+    let rootfs = work.path().join("rootfs");
+    // python3-cffi-backend by name: debootstrap does not resolve the
+    // virtual packages python3-cryptography needs from it.
+    let o = Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            "--include=systemd-sysv,udev,kmod,openssh-server,cloud-init,python3-cffi-backend,ifupdown,iproute2,netbase",
+            "bookworm",
+        ])
+        .arg(&rootfs)
+        .arg("http://deb.debian.org/debian")
+        .output()
+        .unwrap();
+    let tail: String = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if !real_part_available(
+        &format!("the Debian mirror for debootstrap (it said: {tail})"),
+        o.status.success(),
+    ) {
+        return None;
+    }
+    // The modules the guest loads after the initrd: its NIC, the seed's
+    // cdrom and filesystem (the initrd itself brings virtio_blk and ext4).
+    let modules = std::path::Path::new("/lib/modules").join(version);
+    for m in module_closure(
+        &modules,
+        &[
+            "virtio_net",
+            "ahci",
+            "sr_mod",
+            "isofs",
+            "virtio_blk",
+            "ext4",
+        ],
+    ) {
+        let rel = m.strip_prefix("/").unwrap();
+        let dest = rootfs.join(rel);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&m, &dest).unwrap();
+    }
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
+        let _ = std::fs::copy(
+            modules.join(f),
+            rootfs.join("lib/modules").join(version).join(f),
+        );
+    }
+    run(Command::new("depmod").arg("-b").arg(&rootfs).arg(version));
+    // Only the NoCloud seed: no probing for clouds that are not there.
+    std::fs::write(
+        rootfs.join("etc/cloud/cloud.cfg.d/90-rivernode.cfg"),
+        "datasource_list: [ NoCloud, None ]\n",
+    )
+    .unwrap();
+    std::fs::write(rootfs.join("etc/fstab"), "/dev/vda / ext4 rw 0 1\n").unwrap();
+    let _ = std::fs::remove_dir_all(rootfs.join("var/cache/apt/archives"));
+    let raw = work.path().join("root.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(1536 << 20)
+        .unwrap();
+    run(Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-F", "-d"])
+        .arg(&rootfs)
+        .arg(&raw));
+    let tmp = work.path().join("image.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&tmp));
+    std::fs::rename(&tmp, &image).unwrap();
+    Some(image)
+}

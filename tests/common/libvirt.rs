@@ -29,9 +29,26 @@ pub fn libvirt_present() -> bool {
     )
 }
 
+/// How QEMU runs as root, every file left as it is (tests that boot
+/// domains from their own private temporary directories).
+const AS_ROOT: &str = "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\n";
+/// How Debian's libvirt runs QEMU: as its own user, libvirt handing the
+/// domain's files to it while it runs.
+const AS_QEMU_USER: &str =
+    "user = \"libvirt-qemu\"\ngroup = \"libvirt-qemu\"\ndynamic_ownership = 1\n";
+
 impl PrivateLibvirt {
-    /// Starts libvirtd; call from a thread in private namespaces.
+    /// Starts libvirtd with QEMU as root; call from a thread in private namespaces.
     pub fn start() -> PrivateLibvirt {
+        Self::start_with(AS_ROOT)
+    }
+
+    /// Starts libvirtd that runs QEMU as libvirt-qemu, as a node's does.
+    pub fn start_as_qemu_user() -> PrivateLibvirt {
+        Self::start_with(AS_QEMU_USER)
+    }
+
+    fn start_with(qemu_user: &str) -> PrivateLibvirt {
         for d in [
             "/run/libvirt",
             "/var/lib/libvirt",
@@ -51,7 +68,7 @@ impl PrivateLibvirt {
         }
         std::fs::write(
             "/etc/libvirt/qemu.conf",
-            "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nsecurity_driver = \"none\"\nstdio_handler = \"file\"\n",
+            format!("{qemu_user}security_driver = \"none\"\nstdio_handler = \"file\"\n"),
         )
         .unwrap();
         // A short path: the guest agent's socket path must fit 108 bytes.
