@@ -251,7 +251,8 @@ pub fn ext2_base(dir: &std::path::Path) -> std::path::PathBuf {
 /// kernel and Debian initrd (`root=/dev/vda`).
 pub fn debian_cloud_image(version: &str) -> Option<std::path::PathBuf> {
     let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-images");
-    let image = cache.join(format!("debian-cloud-{version}.qcow2"));
+    // The name changes with what is built into it (v2: the locale).
+    let image = cache.join(format!("debian-cloud-v2-{version}.qcow2"));
     if image.exists() {
         return Some(image);
     }
@@ -318,7 +319,8 @@ pub fn debian_cloud_image(version: &str) -> Option<std::path::PathBuf> {
     // Only the NoCloud seed: no probing for clouds that are not there.
     std::fs::write(
         rootfs.join("etc/cloud/cloud.cfg.d/90-rivernode.cfg"),
-        "datasource_list: [ NoCloud, None ]\n",
+        // C.UTF-8 is built into glibc; minbase has no `locales` for Debian's en_US default.
+        "datasource_list: [ NoCloud, None ]\nlocale: C.UTF-8\n",
     )
     .unwrap();
     std::fs::write(rootfs.join("etc/fstab"), "/dev/vda / ext4 rw 0 1\n").unwrap();
