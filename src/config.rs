@@ -209,6 +209,9 @@ layered_config! {
         /// The environment a task or VPS without --container or --image runs in
         /// (KohakuRiver's default container); none: they must say.
         default_environment: Option<String> = None,
+        /// The base image `vps create --backend vm` without --vm-image boots
+        /// (KohakuRiver's default VM image); none: they must say.
+        default_vm_image: Option<String> = None,
     }
 }
 

@@ -168,6 +168,9 @@ pub struct Environments {
     /// What a task or VPS without --container or --image runs in.
     #[serde(default)]
     pub default: Option<String>,
+    /// What a VM VPS without --vm-image boots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_vm_image: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

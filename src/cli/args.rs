@@ -146,6 +146,9 @@ pub struct HostArgs {
     /// The environment work without --container or --image runs in.
     #[arg(long, value_name = "NAME")]
     pub default_environment: Option<String>,
+    /// The base image VM VPS without --vm-image boot.
+    #[arg(long, value_name = "NAME")]
+    pub default_vm_image: Option<String>,
     /// Time a client has to send a request's headers.
     #[arg(long, value_name = "DURATION")]
     pub http_header_timeout: Option<HumanDuration>,

@@ -46,6 +46,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         http_max_connections: None,
         max_waiting_per_user: args.max_waiting_per_user,
         default_environment: args.default_environment.clone().map(Some),
+        default_vm_image: args.default_vm_image.clone().map(Some),
     });
     cfg.validate()?;
     Ok(cfg)

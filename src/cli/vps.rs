@@ -154,11 +154,22 @@ fn sized(flag: &str, input: &str, bare_unit: &str) -> anyhow::Result<u64> {
     crate::api::parse_memory_size(&text).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
-/// A VM's part of `vps create`: its image, and memory and disk if given.
+/// A VM's part of `vps create`: its image (`None`: the host's default),
+/// and memory and disk if given.
 struct VmChoice {
-    image: ImageSource,
+    image: Option<String>,
     memory: Option<u64>,
     disk: Option<u64>,
+}
+
+/// The host's default VM image, for `vps create --backend vm` without --vm-image.
+async fn default_vm_image(client: &Client) -> anyhow::Result<String> {
+    let envs: crate::api::Environments = client.get("/api/environments").await?;
+    envs.default_vm_image.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--backend vm needs --vm-image NAME, the base image to boot (`rivernode vm image list` shows them; `rivernode vm image import NAME FILE.qcow2` adds one); the operator can set the host's default_vm_image"
+        )
+    })
 }
 
 /// The VM part of `vps create`; `None` for a container.
@@ -172,9 +183,6 @@ fn vm_choice(a: &VpsCreateArgs) -> anyhow::Result<Option<VmChoice>> {
     if a.resources.container.is_some() || a.resources.image.is_some() || a.from_snapshot.is_some() {
         bail!("--container, --image and --from-snapshot are for container VPS; a VM boots --vm-image NAME");
     }
-    let Some(image) = a.vm_image.clone() else {
-        bail!("--backend vm needs --vm-image NAME, the base image to boot (`rivernode vm image list` shows them; `rivernode vm image import NAME FILE.qcow2` adds one)");
-    };
     let memory = match (&a.vm_memory, &a.resources.memory) {
         (Some(_), Some(_)) => bail!("give the VM's memory once: --vm-memory MIB or -m SIZE"),
         (Some(m), None) => Some(sized("--vm-memory", m, "M")?),
@@ -187,7 +195,7 @@ fn vm_choice(a: &VpsCreateArgs) -> anyhow::Result<Option<VmChoice>> {
         .map(|d| sized("--vm-disk", d, "G"))
         .transpose()?;
     Ok(Some(VmChoice {
-        image: ImageSource::VmImage(image),
+        image: a.vm_image.clone(),
         memory,
         disk,
     }))
@@ -238,7 +246,10 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 None
             };
             let source = match (&vm, a.from_snapshot.as_deref()) {
-                (Some(vm), _) => Some(vm.image.clone()),
+                (Some(vm), _) => Some(ImageSource::VmImage(match &vm.image {
+                    Some(i) => i.clone(),
+                    None => default_vm_image(client).await?,
+                })),
                 (None, Some(s)) => Some(snapshot_source(s)?),
                 (None, None) => crate::cli::task::default_image(client, &a.resources).await?,
             };

@@ -68,6 +68,8 @@ pub struct HostState {
     pub max_waiting_per_user: u32,
     /// What work without --container or --image runs in (`default_environment`).
     pub default_environment: Option<String>,
+    /// What a VM VPS without --vm-image boots (`default_vm_image`).
+    pub default_vm_image: Option<String>,
     /// How far nodes got making tasks that are being made (in memory only:
     /// it matters while someone waits, and a runner sends it again).
     pub progress: std::sync::Mutex<std::collections::HashMap<u64, crate::api::TaskProgress>>,
@@ -181,6 +183,7 @@ impl BoundHost {
                 data_dir: config.data_dir.clone(),
                 max_waiting_per_user: config.max_waiting_per_user,
                 default_environment: config.default_environment.clone(),
+                default_vm_image: config.default_vm_image.clone(),
                 progress: Default::default(),
             }),
             listener,

@@ -74,6 +74,7 @@ async fn environments(
         shared_dir: state.shared_dir.display().to_string(),
         environments: list,
         default: state.default_environment.clone(),
+        default_vm_image: state.default_vm_image.clone(),
     }))
 }
 

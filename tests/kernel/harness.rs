@@ -351,17 +351,9 @@ pub fn build_initramfs(kit: &Kit, modules: &[&str], out: &Path) -> Result<(), St
     c.file("bin/busybox", 0o755, &busybox);
     c.symlink("bin/sh", "busybox");
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    c.file(
-        GUEST_BINARY,
-        0o755,
-        &std::fs::read(&me).map_err(|e| format!("{}: {e}", me.display()))?,
-    );
+    c.file(GUEST_BINARY, 0o755, &without_debug_info(&me, out)?);
     let cli = Path::new(env!("CARGO_BIN_EXE_rivernode"));
-    c.file(
-        GUEST_RIVERNODE,
-        0o755,
-        &std::fs::read(cli).map_err(|e| format!("{}: {e}", cli.display()))?,
-    );
+    c.file(GUEST_RIVERNODE, 0o755, &without_debug_info(cli, out)?);
     let mut libs = shared_libraries(&me)?;
     libs.extend(shared_libraries(cli)?);
     libs.sort();
@@ -390,6 +382,30 @@ pub fn build_initramfs(kit: &Kit, modules: &[&str], out: &Path) -> Result<(), St
     let mut f = std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
     f.write_all(&c.finish())
         .map_err(|e| format!("{}: {e}", out.display()))
+}
+
+/// `binary` without its debug sections (objcopy, from binutils): a debug
+/// build's binaries are most of an initramfs the guest unpacks into half of
+/// its memory. The copy is made beside `out`.
+fn without_debug_info(binary: &Path, out: &Path) -> Result<Vec<u8>, String> {
+    let name = binary.file_name().unwrap_or_default().to_string_lossy();
+    let copy = out.with_file_name(format!("{name}.stripped"));
+    let o = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(binary)
+        .arg(&copy)
+        .output()
+        .map_err(|e| format!("objcopy (install binutils): {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "objcopy --strip-debug {}: {}",
+            binary.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let data = std::fs::read(&copy).map_err(|e| format!("{}: {e}", copy.display()));
+    let _ = std::fs::remove_file(&copy);
+    data
 }
 
 /// The outcome of one guest run.
