@@ -128,17 +128,7 @@ impl TaskContext {
 
     /// The node's VMs, from libvirt's list and the VM directories.
     pub(super) async fn vm_list(&self) -> Result<Vec<Found>, InstanceError> {
-        let dir = vms_dir(&self.config);
-        let mut ids: Vec<u64> = Vec::new();
-        let prefix = format!("{}-task-", self.node);
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(id) = name.strip_prefix(&prefix).and_then(|i| i.parse().ok()) {
-                    ids.push(id);
-                }
-            }
-        }
+        let ids = self.vm_ids();
         // A node without VMs never asks libvirt (it may have none).
         if ids.is_empty() {
             return Ok(vec![]);
@@ -479,16 +469,26 @@ impl TaskContext {
         problems
     }
 
-    /// The ids of the VMs on this node (their directories), for cleanups
-    /// that must not take a VM for a vanished container.
-    pub(super) fn vm_cids(&self) -> Vec<String> {
+    /// The task ids of this node's VMs: their directories in the store.
+    fn vm_ids(&self) -> Vec<u64> {
         let prefix = format!("{}-task-", self.node);
         std::fs::read_dir(vms_dir(&self.config))
             .into_iter()
             .flatten()
             .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&prefix))
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(&prefix)?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// The instance ids of this node's VMs, for cleanups that must not
+    /// take a VM for a vanished container.
+    pub(super) fn vm_cids(&self) -> Vec<String> {
+        self.vm_ids()
+            .into_iter()
+            .map(|id| self.container_id(id))
             .collect()
     }
 }

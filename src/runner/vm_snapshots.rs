@@ -33,6 +33,23 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
+/// Copies `from` to `to` whole: into `to` + `.partial` first, renamed over
+/// `to` only once complete (a crash leaves the old file or the new one),
+/// the partial copy removed if the copy fails.
+fn copy_whole(from: &Path, to: &Path) -> Result<(), SnapshotError> {
+    let tmp = to.with_extension("partial");
+    let _ = std::fs::remove_file(&tmp);
+    tokio::task::block_in_place(|| {
+        let copied = crate::files::copy_hashed(from, &tmp, 0o600, |_, _| {})
+            .map_err(io(from))
+            .and_then(|_| std::fs::rename(&tmp, to).map_err(io(to)));
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        copied
+    })
+}
+
 /// A snapshot id is digits only: it names a file, never a path.
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit())
@@ -119,13 +136,7 @@ impl TaskContext {
         let disk = dir.join(format!("{id}.qcow2"));
         let from = self.vm_dir(vps).join("disk.qcow2");
         let started = std::time::Instant::now();
-        let tmp = disk.with_extension("qcow2.copying");
-        let _ = std::fs::remove_file(&tmp);
-        tokio::task::block_in_place(|| {
-            crate::files::copy_hashed(&from, &tmp, 0o600, |_, _| {})
-                .map_err(io(&from))
-                .and_then(|_| std::fs::rename(&tmp, &disk).map_err(io(&disk)))
-        })?;
+        copy_whole(&from, &disk)?;
         // The record last: a snapshot is listed only once its disk is whole.
         let record = Record {
             created_at_unix_ms: created,
@@ -152,6 +163,18 @@ impl TaskContext {
         })
     }
 
+    /// Snapshot `id` of VM `vps`, as listed: an id names only what the
+    /// listing vouches for, never a path.
+    fn vm_snapshot(&self, vps: u64, id: &str) -> Result<SnapshotView, SnapshotError> {
+        self.vm_snapshots(vps)?
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| SnapshotError::NoSnapshot {
+                vps,
+                id: id.to_string(),
+            })
+    }
+
     fn vm_delete_files(&self, vps: u64, id: &str) -> Result<(), SnapshotError> {
         let dir = self.vm_snapshot_dir(vps);
         // The record first: a snapshot half deleted is no longer listed.
@@ -168,12 +191,7 @@ impl TaskContext {
     pub(super) async fn vm_delete_snapshot(&self, vps: u64, id: &str) -> Result<(), SnapshotError> {
         let lock = self.snapshot_locks.of(vps);
         let _held = lock.lock().await;
-        if !valid_id(id) || !self.vm_snapshots(vps)?.iter().any(|s| s.id == id) {
-            return Err(SnapshotError::NoSnapshot {
-                vps,
-                id: id.to_string(),
-            });
-        }
+        self.vm_snapshot(vps, id)?;
         self.vm_delete_files(vps, id)
     }
 
@@ -199,24 +217,9 @@ impl TaskContext {
     ) -> Result<(), SnapshotError> {
         let lock = self.snapshot_locks.of(vps);
         let _held = lock.lock().await;
-        let found = self
-            .vm_snapshots(vps)?
-            .into_iter()
-            .find(|s| s.id == id)
-            .ok_or_else(|| SnapshotError::NoSnapshot {
-                vps,
-                id: id.to_string(),
-            })?;
+        let found = self.vm_snapshot(vps, id)?;
         let vm = self.vm_dir(vps);
-        let disk = vm.join("disk.qcow2");
-        let tmp = disk.with_extension("qcow2.restoring");
-        let _ = std::fs::remove_file(&tmp);
-        let from = PathBuf::from(&found.image);
-        tokio::task::block_in_place(|| {
-            crate::files::copy_hashed(&from, &tmp, 0o600, |_, _| {})
-                .map_err(io(&from))
-                .and_then(|_| std::fs::rename(&tmp, &disk).map_err(io(&disk)))
-        })?;
+        copy_whole(Path::new(&found.image), &vm.join("disk.qcow2"))?;
         let record = vm.join(RESTORE_FILE);
         crate::files::write_secret(&record, request.to_string().as_bytes()).map_err(io(&record))?;
         tracing::info!(task = vps, snapshot = %id, "VM disk restored from a snapshot");

@@ -314,28 +314,10 @@ pub fn debian_sshd_archive() -> Option<PathBuf> {
     if archive.exists() {
         return Some(archive);
     }
-    if !real_part_available("debootstrap", command_exists("debootstrap")) {
-        return None;
-    }
     std::fs::create_dir_all(&cache).unwrap();
     let work = tempfile::tempdir_in(&cache).unwrap();
     let rootfs = work.path().join("rootfs");
-    let o = Command::new("debootstrap")
-        .args(["--variant=minbase", "--include=openssh-server", "bookworm"])
-        .arg(&rootfs)
-        .arg("http://deb.debian.org/debian")
-        .output()
-        .unwrap();
-    let tail: String = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .rev()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" | ");
-    if !real_part_available(
-        &format!("the Debian mirror for debootstrap (it said: {tail})"),
-        o.status.success(),
-    ) {
+    if !super::debootstrap(&rootfs, "openssh-server") {
         return None;
     }
     // What a container runtime provides itself, and downloaded packages.

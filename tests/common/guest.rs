@@ -256,33 +256,14 @@ pub fn debian_cloud_image(version: &str) -> Option<std::path::PathBuf> {
     if image.exists() {
         return Some(image);
     }
-    if !real_part_available("debootstrap", super::command_exists("debootstrap")) {
-        return None;
-    }
     std::fs::create_dir_all(&cache).unwrap();
     let work = tempfile::tempdir_in(&cache).unwrap();
     let rootfs = work.path().join("rootfs");
     // python3-cffi-backend by name: debootstrap does not resolve the
     // virtual packages python3-cryptography needs from it.
-    let o = Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            "--include=systemd-sysv,udev,kmod,openssh-server,cloud-init,python3-cffi-backend,ifupdown,iproute2,netbase",
-            "bookworm",
-        ])
-        .arg(&rootfs)
-        .arg("http://deb.debian.org/debian")
-        .output()
-        .unwrap();
-    let tail: String = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .rev()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" | ");
-    if !real_part_available(
-        &format!("the Debian mirror for debootstrap (it said: {tail})"),
-        o.status.success(),
+    if !super::debootstrap(
+        &rootfs,
+        "systemd-sysv,udev,kmod,openssh-server,cloud-init,python3-cffi-backend,ifupdown,iproute2,netbase",
     ) {
         return None;
     }

@@ -272,6 +272,35 @@ pub fn real_part_available(what: &str, present: bool) -> bool {
     false
 }
 
+/// Debian 12 (minbase, plus `include`, comma-separated) made at `rootfs`
+/// by debootstrap from Debian's mirror; false (a clear skip, or a failure
+/// where real parts are required) when debootstrap or the mirror is missing.
+pub fn debootstrap(rootfs: &Path, include: &str) -> bool {
+    if !real_part_available("debootstrap", command_exists("debootstrap")) {
+        return false;
+    }
+    let o = std::process::Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            &format!("--include={include}"),
+            "bookworm",
+        ])
+        .arg(rootfs)
+        .arg("http://deb.debian.org/debian")
+        .output()
+        .unwrap();
+    let tail: String = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" | ");
+    real_part_available(
+        &format!("the Debian mirror for debootstrap (it said: {tail})"),
+        o.status.success(),
+    )
+}
+
 pub fn command_exists(name: &str) -> bool {
     std::process::Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
