@@ -248,11 +248,6 @@ fn check_vm(spec: &TaskSpec) -> Result<(), ApiError> {
     if spec.cores == 0 {
         return bad("cores: a VM needs at least one core of its own (each vCPU is pinned to one)");
     }
-    if spec.gpu_count > 0 || spec.target.as_ref().is_some_and(|t| !t.gpus.is_empty()) {
-        return bad(
-            "gpu_count, target: GPUs for VM VPS are not built yet; a container VPS gets GPUs",
-        );
-    }
     if spec.memory_bytes.is_some_and(|m| m < VM_MIN_MEMORY) {
         return Err(ApiError::BadRequest(format!(
             "memory_bytes: a VM needs at least {} MiB",
@@ -706,9 +701,10 @@ mod tests {
         let mut s = vm();
         s.env.insert("A".into(), "1".into());
         assert!(refusal(&s).contains("env"));
+        // A VM takes GPUs as a container does (passed through whole).
         let mut s = vm();
         s.gpu_count = 1;
-        assert!(refusal(&s).starts_with("gpu_count"));
+        assert!(check_spec(&s).is_ok());
         let mut s = vm();
         s.memory_bytes = Some(64 << 20);
         assert!(refusal(&s).starts_with("memory_bytes:"));

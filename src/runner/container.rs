@@ -896,6 +896,7 @@ impl Driver for TaskContext {
 
     async fn recover(&self) {
         reconcile_gpu_claims(self).await;
+        reconcile_vm_bindings(self).await;
         reconcile_networks(self).await
     }
 }
@@ -914,7 +915,7 @@ async fn reconcile_gpu_claims(ctx: &TaskContext) {
     };
     let mut live = std::collections::HashSet::new();
     for holder in claims.values() {
-        // A holder that is not one of ours (a VM's, later) is left alone.
+        // A holder that is not one of ours is left alone.
         let Some(id) = super::gpus::NodeGpus::holder_task(holder) else {
             live.insert(holder.clone());
             continue;
@@ -925,6 +926,38 @@ async fn reconcile_gpu_claims(ctx: &TaskContext) {
     }
     if let Err(e) = ctx.gpus.ledger.retain_claims(|h| live.contains(h)) {
         tracing::warn!(error = %crate::error_chain(&e), "cannot update the GPU ledger");
+    }
+}
+
+/// After a crash: the VFIO bindings of VMs that no longer run (they ended
+/// while no runner was watching, were deleted half-way, or the node
+/// rebooted) give their GPUs back to the host; a running or paused VM, or
+/// one whose state cannot be read, keeps its GPUs.
+async fn reconcile_vm_bindings(ctx: &TaskContext) {
+    let bindings = match tokio::task::block_in_place(|| ctx.gpus.ledger.bindings()) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot read the VFIO bindings");
+            return;
+        }
+    };
+    for b in bindings {
+        let Some(id) = super::gpus::NodeGpus::holder_task(&b.owner) else {
+            continue;
+        };
+        if super::gpus::claim_survives(ctx.observe(id).await.ok()) {
+            continue;
+        }
+        match tokio::task::block_in_place(|| ctx.gpus.restore_for_vm(id)) {
+            Ok(()) => tracing::info!(
+                task = id,
+                group = b.group,
+                "gave an ended VM's GPUs back to the host"
+            ),
+            Err(e) => {
+                tracing::error!(task = id, error = %crate::error_chain(&e), "cannot give an ended VM's GPUs back")
+            }
+        }
     }
 }
 

@@ -99,6 +99,8 @@ pub enum TeardownFailure {
     Snapshots(#[source] super::snapshots::SnapshotError),
     #[error("VM domain")]
     Domain(#[source] Box<InstanceError>),
+    #[error("GPUs back to their host drivers")]
+    Gpus(#[source] crate::vfio::VfioError),
     #[error("{}", path.display())]
     Files {
         path: std::path::PathBuf,

@@ -14,7 +14,7 @@ use super::lifecycle::Observed;
 use crate::oci::cdi::nvidia::{self, DriverGpu, NvidiaRoots};
 use crate::oci::cdi::{CdiError, DeviceNodes, Registry};
 use crate::topology::PciAddress;
-use crate::vfio::{Vfio, VfioError};
+use crate::vfio::{GroupBinding, Vfio, VfioError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -125,6 +125,35 @@ pub fn claim_survives(observed: Option<Observed>) -> bool {
     }
 }
 
+/// The PCI functions a VM is handed for `gpus`: every function bound with
+/// their IOMMU groups, each GPU first and then the rest of its group (its
+/// audio function), GPUs in the ledger's order, none twice.
+pub fn hostdevs(gpus: &[PciAddress], bound: &[GroupBinding]) -> Vec<PciAddress> {
+    let mut out: Vec<PciAddress> = Vec::new();
+    for &gpu in gpus {
+        let group = bound
+            .iter()
+            .find(|b| b.members.iter().any(|m| m.address == gpu));
+        let members = group
+            .into_iter()
+            .flat_map(|b| b.members.iter().map(|m| m.address));
+        for a in std::iter::once(gpu).chain(members) {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+/// At a runner's start: whether a VFIO binding stays for now. An admin's
+/// (`rivernode gpu bind`) does, and an instance's until its state can be
+/// read (a VM outlives its runner with its GPUs; `claim_survives` judges
+/// it then). Anything else is an orphan.
+pub fn binding_survives_startup(owner: &str) -> bool {
+    owner == crate::vfio::ADMIN_OWNER || NodeGpus::holder_task(owner).is_some()
+}
+
 /// The node's GPU plumbing, from the runner settings.
 pub struct NodeGpus {
     pub cdi_dirs: Vec<PathBuf>,
@@ -192,6 +221,21 @@ impl NodeGpus {
         let names: Vec<String> = grants.iter().map(|g| g.cdi.clone()).collect();
         registry.apply(spec, &names, nodes)?;
         Ok(grants)
+    }
+
+    /// Moves VM `id`'s GPUs, with their IOMMU groups, to vfio-pci; the
+    /// functions to hand to the VM. Refused for a GPU a container holds.
+    pub fn bind_for_vm(&self, gpus: &[PciAddress], id: u64) -> Result<Vec<PciAddress>, GpuError> {
+        if gpus.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bound = self.ledger.bind(gpus, &Self::holder(id))?;
+        Ok(hostdevs(gpus, &bound))
+    }
+
+    /// Gives VM `id`'s GPUs back to their host drivers (its QEMU is gone).
+    pub fn restore_for_vm(&self, id: u64) -> Result<(), VfioError> {
+        self.ledger.restore_owner(&Self::holder(id)).map(|_| ())
     }
 
     /// Gives back instance `id`'s GPUs.
@@ -334,5 +378,46 @@ mod tests {
             ("0", "void")
         );
         assert!(!none.contains_key("CUDA_VISIBLE_DEVICES"));
+    }
+
+    fn binding(group: u32, owner: &str, members: &[&str]) -> GroupBinding {
+        GroupBinding {
+            group,
+            owner: owner.into(),
+            members: members
+                .iter()
+                .map(|m| crate::vfio::MemberRecord {
+                    address: a(m),
+                    original_driver: Some("nvidia".into()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_vm_gets_each_gpu_then_the_rest_of_its_group_in_ledger_order() {
+        let bound = [
+            binding(101, "task 7", &["0000:41:00.1", "0000:41:00.0"]),
+            binding(103, "task 7", &["0000:60:00.0"]),
+        ];
+        assert_eq!(
+            hostdevs(&[a("0000:60:00.0"), a("0000:41:00.0")], &bound),
+            [a("0000:60:00.0"), a("0000:41:00.0"), a("0000:41:00.1")]
+        );
+        // Two GPUs of one group: the group once.
+        let both = [binding(101, "task 7", &["0000:41:00.0", "0000:41:00.1"])];
+        assert_eq!(
+            hostdevs(&[a("0000:41:00.1"), a("0000:41:00.0")], &both),
+            [a("0000:41:00.1"), a("0000:41:00.0")]
+        );
+        assert!(hostdevs(&[], &bound).is_empty());
+    }
+
+    #[test]
+    fn an_instances_binding_waits_for_its_state_and_others_are_orphans() {
+        assert!(binding_survives_startup("admin"));
+        assert!(binding_survives_startup("task 7"));
+        assert!(!binding_survives_startup("vm-1"));
+        assert!(!binding_survives_startup("task x"));
     }
 }

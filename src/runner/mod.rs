@@ -283,8 +283,9 @@ async fn watch_containerd(
 }
 
 /// Gives back to the host every GPU group a previous runner bound to
-/// vfio-pci for an instance that no longer exists. No instance owns a GPU
-/// yet (VMs come later), so only an admin's manual bindings are kept.
+/// vfio-pci for something other than an admin or an instance; an
+/// instance's bindings are judged once its state can be read (the
+/// driver's `recover`: a VM outlives its runner with its GPUs).
 async fn restore_orphaned_gpus(config: &RunnerConfig) {
     let vfio = crate::vfio::Vfio::new(
         &config.sys_root,
@@ -293,10 +294,8 @@ async fn restore_orphaned_gpus(config: &RunnerConfig) {
         Duration::from_secs(10),
         Arc::new(crate::vfio::RealSysfs),
     );
-    match tokio::task::spawn_blocking(move || {
-        vfio.restore_orphans(|owner| owner == crate::vfio::ADMIN_OWNER)
-    })
-    .await
+    match tokio::task::spawn_blocking(move || vfio.restore_orphans(gpus::binding_survives_startup))
+        .await
     {
         Ok(Ok(groups)) if !groups.is_empty() => {
             tracing::info!(

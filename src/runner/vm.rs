@@ -318,6 +318,11 @@ impl TaskContext {
             }
         })?;
         let p = &a.placement;
+        // The GPUs' IOMMU groups go to vfio-pci before QEMU opens them;
+        // a failure from here on gives them back (`vm_start` → `vm_keep`).
+        let gpus = p.gpus.clone();
+        let hostdevs = tokio::task::block_in_place(|| self.gpus.bind_for_vm(&gpus, id))
+            .map_err(InstanceError::Gpu)?;
         let vm = Vm {
             uuid: uuid.clone(),
             accel: match self.config.vm_accel.as_str() {
@@ -337,7 +342,7 @@ impl TaskContext {
             seed: seed_path,
             mac,
             console_log: dir.join("console.log"),
-            hostdevs: vec![],
+            hostdevs,
             instance: Instance {
                 id,
                 owner: a.owner.clone(),
@@ -403,8 +408,8 @@ impl TaskContext {
         }
     }
 
-    /// After the VM went off: its tap and node port go; the domain, disk
-    /// and address stay for a restart.
+    /// After the VM went off: its tap and node port go, its GPUs go back
+    /// to the host; the domain, disk and address stay for a restart.
     pub(super) async fn vm_keep(&self, id: u64) -> Vec<TeardownFailure> {
         let cid = self.container_id(id);
         let mut problems: Vec<TeardownFailure> = self
@@ -415,6 +420,7 @@ impl TaskContext {
             .map(TeardownFailure::Network)
             .collect();
         self.release_gpus(id);
+        problems.extend(self.vm_restore_gpus(id));
         if problems.is_empty() {
             let marker = self.vm_dir(id).join(STARTED);
             if let Err(e) = std::fs::remove_file(&marker) {
@@ -429,6 +435,13 @@ impl TaskContext {
         problems
     }
 
+    /// Gives the GPUs of VM `id` (its QEMU gone) back to their host drivers.
+    fn vm_restore_gpus(&self, id: u64) -> Option<TeardownFailure> {
+        tokio::task::block_in_place(|| self.gpus.restore_for_vm(id))
+            .err()
+            .map(TeardownFailure::Gpus)
+    }
+
     /// Removes the domain, the VM's files, tap, address and host key, and
     /// with `snapshots` its snapshots too (a delete).
     pub(super) async fn vm_remove(&self, id: u64, snapshots: bool) -> Vec<TeardownFailure> {
@@ -441,6 +454,7 @@ impl TaskContext {
             return problems;
         }
         self.release_gpus(id);
+        problems.extend(self.vm_restore_gpus(id));
         problems.extend(
             self.vps
                 .stop_network(id, &cid)

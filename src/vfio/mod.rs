@@ -634,6 +634,27 @@ impl Vfio {
         self.restore(g)
     }
 
+    /// Restores every group bound for `owner` (a VM that ended), all of
+    /// them tried; the groups restored, or the first group that did not
+    /// come back (its record kept for the next try).
+    pub fn restore_owner(&self, owner: &str) -> Result<Vec<u32>, VfioError> {
+        let mut restored = Vec::new();
+        let mut failed = None;
+        for b in self.bindings()?.into_iter().filter(|b| b.owner == owner) {
+            match self.restore(b.group) {
+                Ok(()) => restored.push(b.group),
+                Err(e) => {
+                    tracing::error!(group = b.group, owner, error = %crate::error_chain(&e), "cannot restore a VM's binding");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(restored),
+        }
+    }
+
     /// Startup reconciliation: restores every binding whose owner is gone.
     /// Returns the groups it restored; failures are logged and kept for the next try.
     pub fn restore_orphans(

@@ -563,3 +563,26 @@ fn claims_of_instances_that_are_gone_are_dropped() {
     let left: Vec<String> = v.claims().unwrap().into_values().collect();
     assert_eq!(left, ["task 2"]);
 }
+
+#[test]
+fn a_vms_groups_are_restored_together_and_nobody_elses() {
+    let r = machine();
+    r.vfio().bind(&[a("0000:41:00.0")], "task 7").unwrap();
+    r.vfio()
+        .bind(&[a("0000:51:01.0"), a("0000:51:02.0")], "task 8")
+        .unwrap();
+    assert_eq!(r.vfio().restore_owner("task 7").unwrap(), [101]);
+    assert_eq!(r.driver("0000:41:00.0").as_deref(), Some("nvidia"));
+    assert_eq!(r.driver("0000:41:00.1").as_deref(), Some("snd_hda_intel"));
+    assert_eq!(r.driver("0000:51:01.0").as_deref(), Some("vfio-pci"));
+    // Nothing left for it: a second end is a no-op.
+    assert!(r.vfio().restore_owner("task 7").unwrap().is_empty());
+    let left: Vec<String> = r
+        .vfio()
+        .bindings()
+        .unwrap()
+        .into_iter()
+        .map(|b| b.owner)
+        .collect();
+    assert_eq!(left, ["task 8"]);
+}

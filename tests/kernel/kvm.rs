@@ -21,7 +21,7 @@ pub fn tests() -> Vec<KernelTest> {
     }]
 }
 
-fn input() -> SeedInput {
+pub fn input() -> SeedInput {
     SeedInput {
         instance_id: "3f2a9c1e-0000-4000-8000-00000000002a".into(),
         hostname: "vps-42".into(),

@@ -42,6 +42,22 @@ pub fn tests() -> Vec<KernelTest> {
             expect: Expect::Pass,
         },
         KernelTest {
+            name: "vfio_a_vm_gets_its_gpu_through_libvirt",
+            vm: || VmSpec {
+                iommu: true,
+                memory_mib: 1024,
+                // Two nodes: the VM's reservation is node 1's core and memory.
+                numa: vec![(0, 0, 512), (1, 1, 512)],
+                devices: vec!["e1000,netdev=n0".into()],
+                modules: [&MODULES[..], &["virtio_pci", "9pnet_virtio", "9p", "tun"]].concat(),
+                host_root: true,
+                timeout: Duration::from_secs(420),
+                ..VmSpec::default()
+            },
+            body: a_vm_gets_its_gpu_through_libvirt,
+            expect: Expect::Pass,
+        },
+        KernelTest {
             name: "vfio_bridge_group_binds_together",
             vm: || VmSpec {
                 iommu: true,
@@ -242,14 +258,6 @@ fn device_works_in_a_nested_qemu() {
     v.bind(&[nic], "vm-7").unwrap();
     assert_eq!(driver(nic).as_deref(), Some("vfio-pci"));
 
-    let sh = |cmd: &str| {
-        let o = Command::new("/bin/sh").args(["-c", cmd]).output().unwrap();
-        assert!(
-            o.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
     sh("mkdir -p /host && mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot /host");
     sh("mount --bind /dev /host/dev && mount --bind /proc /host/proc && mount --bind /sys /host/sys && mount -t tmpfs tmpfs /host/tmp");
     let mut qemu = Command::new("/bin/chroot")
@@ -319,4 +327,218 @@ fn device_works_in_a_nested_qemu() {
     v.restore_device(nic).unwrap();
     assert_eq!(driver(nic).as_deref(), Some("e1000"));
     assert!(has_netdev(nic), "the interface is back");
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("/bin/sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A VM's GPU as the runner hands it over, with the host's own libvirtd
+/// (run from its root over 9p, its state on tmpfs): the runner's
+/// `NodeGpus::bind_for_vm` moves the device's IOMMU group to vfio-pci and
+/// names the functions, `src/kvm` writes them into the domain as
+/// `<hostdev managed='no'>`, and libvirt starts QEMU with them. QEMU holds
+/// the group's VFIO file, the nested machine has the device on its PCI bus
+/// with the identity it read through VFIO, the vCPU runs on the reserved
+/// core and guest memory is bound to the reserved NUMA node. Once the
+/// domain is gone, `restore_for_vm` gives the device back to its driver.
+fn a_vm_gets_its_gpu_through_libvirt() {
+    use rivernode::kvm::{Accel, Boot, DiskCache, Instance, Vm};
+    use rivernode::runner::gpus::NodeGpus;
+
+    let nics = e1000s();
+    assert_eq!(nics.len(), 1, "{nics:?}");
+    let nic = nics[0];
+    let group = std::fs::read_link(format!("/sys/bus/pci/devices/{nic}/iommu_group"))
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let gpus = NodeGpus {
+        cdi_dirs: vec![],
+        nvidia: Default::default(),
+        ledger: vfio(),
+    };
+    let hostdevs = gpus.bind_for_vm(&[nic], 7).unwrap();
+    assert_eq!(hostdevs, [nic]);
+    assert_eq!(driver(nic).as_deref(), Some("vfio-pci"));
+
+    // The host's root, read-only; libvirt's state and configuration on tmpfs.
+    sh("mkdir -p /host && mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot /host");
+    sh("mount --bind /dev /host/dev && mount --bind /proc /host/proc && mount --bind /sys /host/sys");
+    for d in ["/host/tmp", "/host/run", "/host/var", "/host/etc/libvirt"] {
+        sh(&format!("mount -t tmpfs tmpfs {d}"));
+    }
+    // The VM's serial console is a pty.
+    sh("mkdir -p /host/dev/pts && mount -t devpts -o ptmxmode=0666 devpts /host/dev/pts");
+    std::fs::create_dir_all("/host/tmp/lv/sock").unwrap();
+    std::fs::create_dir_all("/host/tmp/vm").unwrap();
+    std::fs::write(
+        "/host/etc/libvirt/qemu.conf",
+        "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nsecurity_driver = \"none\"\nstdio_handler = \"file\"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        "/host/tmp/lv/libvirtd.conf",
+        "unix_sock_dir = \"/tmp/lv/sock\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nlog_outputs = \"3:file:/tmp/lv/libvirtd.log\"\n",
+    )
+    .unwrap();
+    let mut libvirtd = Command::new("/bin/chroot")
+        .args([
+            "/host",
+            "libvirtd",
+            "--config",
+            "/tmp/lv/libvirtd.conf",
+            "--pid-file",
+            "/tmp/lv/libvirtd.pid",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create("/host/tmp/lv/stderr.log").unwrap())
+        .spawn()
+        .unwrap();
+    let log = || {
+        format!(
+            "{}{}",
+            std::fs::read_to_string("/host/tmp/lv/stderr.log").unwrap_or_default(),
+            std::fs::read_to_string("/host/tmp/lv/libvirtd.log").unwrap_or_default()
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !Path::new("/host/tmp/lv/sock/libvirt-sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "libvirtd did not listen: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The instance's tap, as the runner makes it; a disk, a seed.
+    rivernode::net::tap::create_tap(Path::new("/dev"), "rvt7").unwrap();
+    sh("chroot /host qemu-img create -q -f qcow2 /tmp/vm/base.qcow2 16M");
+    sh("chroot /host qemu-img create -q -f qcow2 -b /tmp/vm/base.qcow2 -F qcow2 /tmp/vm/disk.qcow2");
+    std::fs::write(
+        "/host/tmp/vm/seed.iso",
+        rivernode::kvm::seed::seed_iso(&crate::kvm::input()),
+    )
+    .unwrap();
+    let ip: std::net::Ipv4Addr = "10.250.0.7".parse().unwrap();
+    let uuid = rivernode::runner::vm::vm_uuid("n1-task-7");
+    let name = rivernode::kvm::domain_name(&uuid);
+    let vm = Vm {
+        uuid: uuid.clone(),
+        accel: Accel::Qemu,
+        memory_mib: 64,
+        vcpu_pins: vec![1],
+        emulator_cpus: "1".parse().unwrap(),
+        // SeaBIOS finds no boot disk and waits: the machine itself is what is looked at.
+        boot: Boot::Bios,
+        disk: "/tmp/vm/disk.qcow2".into(),
+        base: "/tmp/vm/base.qcow2".into(),
+        disk_cache: DiskCache::Writeback,
+        seed: "/tmp/vm/seed.iso".into(),
+        mac: rivernode::net::firewall::instance_mac(ip),
+        console_log: "/tmp/vm/console.log".into(),
+        hostdevs,
+        instance: Instance {
+            id: 7,
+            owner: None,
+            node: "n1".into(),
+            submitted_at_unix_ms: 1,
+            cpus: "1".parse().unwrap(),
+            numa: Some(1),
+            gpus: vec![nic],
+            tap: "rvt7".into(),
+            ip,
+        },
+    };
+    let uri = "qemu:///system?socket=/host/tmp/lv/sock/libvirt-sock";
+    let h = rivernode::kvm::libvirt::Hypervisor::open(uri).unwrap();
+    if let Err(e) = h.define_and_start(&vm) {
+        panic!("define and start: {e}\n{}", log());
+    }
+    let pid: u32 = std::fs::read_to_string(format!("/host/run/libvirt/qemu/{name}.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    // QEMU was given the device and holds its IOMMU group open.
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.contains("vfio-pci") && cmdline.contains(&nic.to_string()),
+        "{cmdline:?}"
+    );
+    // (Read from outside QEMU's chroot: `/host/dev/...`.)
+    let vfio_group = format!("/host/dev/vfio/{group}");
+    let holds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new(&vfio_group)));
+    assert!(holds, "QEMU does not hold {vfio_group}");
+
+    // The nested machine's PCI bus has the e1000 (8086:100e), as read through VFIO.
+    let pci = sh(&format!(
+        "chroot /host virsh -c 'qemu:///system?socket=/tmp/lv/sock/libvirt-sock' qemu-monitor-command {name} '{{\"execute\":\"query-pci\"}}'"
+    ));
+    let pci: serde_json::Value = serde_json::from_str(&pci).unwrap();
+    fn has_device(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(o) => {
+                o.get("id").and_then(|id| id.get("vendor")) == Some(&0x8086.into())
+                    && o.get("id").and_then(|id| id.get("device")) == Some(&0x100e.into())
+                    || o.values().any(has_device)
+            }
+            serde_json::Value::Array(a) => a.iter().any(has_device),
+            _ => false,
+        }
+    }
+    assert!(has_device(&pci), "no 8086:100e on the VM's bus: {pci}");
+
+    // Every QEMU thread (vCPU and emulator) on the reserved core, guest
+    // memory bound to the reserved node.
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(cpus, "1", "thread {:?}", t.file_name());
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/numa_maps")).unwrap();
+    assert!(
+        maps.lines().any(|l| l.contains("bind:1")),
+        "no memory bound to node 1:\n{maps}"
+    );
+
+    // Gone: the device goes back to its driver, the ledger forgets it.
+    if let Err(e) = h.undefine(&uuid) {
+        panic!("undefine: {e}\n{}", log());
+    }
+    // (Orphaned, QEMU is the guest's init's to reap: a zombie is gone too.)
+    let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains("State:\tZ"),
+        "QEMU still runs: {state}"
+    );
+    if let Err(e) = gpus.restore_for_vm(7) {
+        panic!("restore: {e}");
+    }
+    assert_eq!(driver(nic).as_deref(), Some("e1000"));
+    assert!(has_netdev(nic), "the interface is back");
+    assert!(gpus.ledger.bindings().unwrap().is_empty());
+    let _ = libvirtd.kill();
+    let _ = libvirtd.wait();
 }
