@@ -44,6 +44,9 @@ if [ "$want_test" = 1 ]; then
     # A VM boots under a private libvirtd (TCG) in the VM tests; qemu-img
     # makes their disks.
     packages+=(libvirt-daemon libvirt-daemon-driver-qemu qemu-utils)
+    # The UEFI VM test's disk: a FAT filesystem (dosfstools, mtools) with a
+    # standalone GRUB as its EFI loader.
+    packages+=(grub-efi-amd64-bin dosfstools mtools)
 fi
 
 missing=()

@@ -258,7 +258,7 @@ fn a_vm_from_our_domain_boots_pinned_pauses_and_leaves_nothing() {
     if !common::cluster::parts_present() || !common::libvirt::libvirt_present() {
         return;
     }
-    let Some(kernel) = newest_kernel() else {
+    let Some(kernel) = newest_kernel().map(|k| boot_copy(&k)) else {
         assert!(
             !real_part_available("a kernel in /boot (linux-image-amd64)", false),
             "no kernel"
@@ -548,6 +548,61 @@ fn vm_runner_flags(
     .collect()
 }
 
+/// Imports `image` as `name`, creates a VM VPS from it with `memory_mib`
+/// (and `extra` flags) and a new key, and waits until it runs; its task id
+/// and instance id.
+fn create_vm(
+    v: &common::cluster::Vps,
+    name: &str,
+    image: &std::path::Path,
+    memory_mib: &str,
+    extra: &[&str],
+) -> (String, String) {
+    let o = v.rn(&["vm", "image", "import", name, image.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut args = vec![
+        "-o",
+        "json",
+        "vps",
+        "create",
+        "--backend",
+        "vm",
+        "--vm-image",
+        name,
+        "--vm-memory",
+        memory_mib,
+        "--gen-ssh-key",
+        "--key-out-file",
+        v.key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let id = common::cluster::created_id(&v.rn(&args));
+    v.wait_state(&id, "running");
+    let cid = format!("n1-task-{id}");
+    (id, cid)
+}
+
+/// Waits until the VM's serial console shows `marker`; the console so far.
+fn wait_for_console(
+    console: &std::path::Path,
+    marker: &str,
+    lv: &common::libvirt::PrivateLibvirt,
+) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let c = std::fs::read_to_string(console).unwrap_or_default();
+        if c.contains(marker) {
+            return c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not come up:\n{c}\n{}",
+            lv.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
 /// The runner's default VM store: a tmpfs in the test's mount namespace
 /// (PrivateLibvirt mounts one over /var/lib/libvirt).
 const STORE: &str = "/var/lib/libvirt/rivernode";
@@ -579,45 +634,12 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         let Some(mut v) = common::cluster::Vps::start_full("n1", &[], &extra) else {
             return;
         };
-        let o = v.rn(&["vm", "image", "import", "mini", base.to_str().unwrap()]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let o = v.rn(&[
-            "-o",
-            "json",
-            "vps",
-            "create",
-            "--backend",
-            "vm",
-            "--vm-image",
-            "mini",
-            "--vm-memory",
-            "256",
-            "--vm-disk",
-            "64M",
-            "--gen-ssh-key",
-            "--key-out-file",
-            v.key.to_str().unwrap(),
-        ]);
-        let id = common::cluster::created_id(&o);
-        v.wait_state(&id, "running");
-        let cid = format!("n1-task-{id}");
+        let (id, cid) = create_vm(&v, "mini", &base, "256", &["--vm-disk", "64M"]);
         let uuid = rivernode::runner::vm::vm_uuid(&cid);
         let name = rivernode::kvm::domain_name(&uuid);
         let console = std::path::PathBuf::from(format!("{STORE}/vms/{cid}/console.log"));
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let c = std::fs::read_to_string(&console).unwrap_or_default();
-            if c.contains("RIVERNODE-VM-UP") {
-                assert!(!c.contains("RIVERNODE-VM-NODISK"), "the disk: {c}");
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the guest did not come up:\n{c}\n{}",
-                lv.log()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(300));
-        }
+        let c = wait_for_console(&console, "RIVERNODE-VM-UP", &lv);
+        assert!(!c.contains("RIVERNODE-VM-NODISK"), "the disk: {c}");
         let out = v.ssh_ok(&id, &["uname -r; hostname; df -k /data | tail -1"]);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
@@ -626,6 +648,13 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
             "the node's kernel, the instance's name: {out}\n{}",
             std::fs::read_to_string(&console).unwrap_or_default()
         );
+        // QEMU (libvirt's user) boots the runner's copies: the node's own
+        // kernel and initrd are never handed to it.
+        use std::os::unix::fs::MetadataExt;
+        for f in [&kernel, &initrd] {
+            assert_eq!(std::fs::metadata(f).unwrap().uid(), 0, "{}", f.display());
+        }
+        assert!(std::path::Path::new(&format!("{STORE}/vms/{cid}/vmlinuz")).is_file());
         // The disk is the asked 64 MiB, grown from the 16 MiB image (the
         // filesystem stays 16 MiB: growing it is the guest's business).
         let h = Hypervisor::open(&lv.uri).unwrap();
@@ -706,6 +735,64 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
     });
 }
 
+/// UEFI, the production default (`vm_firmware = "uefi"`, no node kernel):
+/// libvirt picks OVMF with Secure Boot off from the firmware descriptors,
+/// the VM's variables live in its own `VARS.fd`, and the firmware boots the
+/// loader on the VM's own disk (GRUB, then the tier-1 guest); the guest
+/// sees EFI firmware and answers SSH. Deleted, the variables go too.
+#[test]
+fn a_uefi_vm_boots_the_loader_on_its_own_disk() {
+    let Some((kernel, version)) = guest_kernel() else {
+        return;
+    };
+    if !uefi_tools_present() {
+        return;
+    }
+    common::cluster::private_namespaces(move || {
+        let lv = common::libvirt::PrivateLibvirt::start_as_qemu_user();
+        let work = tempfile::tempdir().unwrap();
+        let initrd = tier1_initramfs(work.path(), &version);
+        let base = uefi_base(
+            work.path(),
+            &kernel,
+            &initrd,
+            "console=ttyS0 panic=-1 quiet",
+        );
+        let extra: Vec<String> = [
+            "--libvirt-uri",
+            &lv.uri,
+            "--vm-accel",
+            "qemu",
+            "--vm-firmware",
+            "uefi",
+            "--vm-disk-cache",
+            "writeback",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let Some(v) = common::cluster::Vps::start_full("n1", &[], &extra) else {
+            return;
+        };
+        let (id, cid) = create_vm(&v, "efi", &base, "512", &[]);
+        let dir = std::path::PathBuf::from(format!("{STORE}/vms/{cid}"));
+        let c = wait_for_console(&dir.join("console.log"), "RIVERNODE-VM-UP", &lv);
+        assert!(
+            c.contains("RIVERNODE-GRUB"),
+            "booted by the disk's loader: {c}"
+        );
+        assert_eq!(
+            v.ssh_ok(&id, &["test -d /sys/firmware/efi && echo uefi"]),
+            "uefi\n"
+        );
+        assert!(dir.join("VARS.fd").is_file(), "the VM's own UEFI variables");
+        v.delete(&id);
+        assert!(!dir.exists(), "the disk and variables are gone");
+        drop(v);
+        drop(lv);
+    });
+}
+
 /// Tier 2: Debian 12 with systemd, openssh-server and the real cloud-init
 /// (built once with debootstrap, cached under target/) booted by the
 /// runner: cloud-init applies our NoCloud seed (root's key, the pinned
@@ -723,6 +810,7 @@ fn a_debian_vm_with_cloud_init_takes_our_seed() {
     ) {
         return;
     }
+    let initrd = boot_copy(&initrd);
     let Some(image) = debian_cloud_image(&version) else {
         return;
     };
@@ -732,26 +820,7 @@ fn a_debian_vm_with_cloud_init_takes_our_seed() {
         let Some(v) = common::cluster::Vps::start_full("n1", &[], &extra) else {
             return;
         };
-        let o = v.rn(&["vm", "image", "import", "debian", image.to_str().unwrap()]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let o = v.rn(&[
-            "-o",
-            "json",
-            "vps",
-            "create",
-            "--backend",
-            "vm",
-            "--vm-image",
-            "debian",
-            "--vm-memory",
-            "1024",
-            "--gen-ssh-key",
-            "--key-out-file",
-            v.key.to_str().unwrap(),
-        ]);
-        let id = common::cluster::created_id(&o);
-        v.wait_state(&id, "running");
-        let cid = format!("n1-task-{id}");
+        let (id, cid) = create_vm(&v, "debian", &image, "1024", &[]);
         let console = std::path::PathBuf::from(format!("{STORE}/vms/{cid}/console.log"));
         // systemd and cloud-init under emulation take minutes: ssh works
         // once cloud-init has written the key and the address.

@@ -70,19 +70,36 @@ pub fn observed(state: Option<VmState>, disk: bool, started: bool) -> Observed {
     }
 }
 
-/// How VMs boot on this node, from the runner's settings.
-fn boot(config: &crate::config::RunnerConfig, dir: &Path) -> Boot {
-    match (&config.vm_kernel, config.vm_firmware.as_str()) {
+/// How VMs boot on this node, from the runner's settings. A kernel and
+/// initrd from the node are copied into the VM's directory first: libvirt
+/// hands the files a domain boots to QEMU's user while it runs, and the
+/// node's own /boot must never be writable by a guest's QEMU.
+fn boot(config: &crate::config::RunnerConfig, dir: &Path) -> Result<Boot, InstanceError> {
+    let copy = |from: &Path, name: &str| -> Result<PathBuf, InstanceError> {
+        let to = dir.join(name);
+        let tmp = dir.join(format!("{name}.copying"));
+        let io = |source| InstanceError::Io {
+            path: from.to_path_buf(),
+            source,
+        };
+        std::fs::copy(from, &tmp).map_err(io)?;
+        std::fs::rename(&tmp, &to).map_err(io)?;
+        Ok(to)
+    };
+    Ok(match (&config.vm_kernel, config.vm_firmware.as_str()) {
         (Some(kernel), _) => Boot::Kernel {
-            kernel: kernel.clone(),
-            initrd: config.vm_initrd.clone(),
+            kernel: copy(kernel, "vmlinuz")?,
+            initrd: match &config.vm_initrd {
+                Some(i) => Some(copy(i, "initrd.img")?),
+                None => None,
+            },
             cmdline: config.vm_cmdline.clone(),
         },
         (None, "bios") => Boot::Bios,
         (None, _) => Boot::Uefi {
             nvram: dir.join("VARS.fd"),
         },
-    }
+    })
 }
 
 impl TaskContext {
@@ -332,7 +349,7 @@ impl TaskContext {
             memory_mib: p.memory_bytes >> 20,
             vcpu_pins: p.cpus.iter().collect(),
             emulator_cpus: p.cpus.clone(),
-            boot: boot(&self.config, &dir),
+            boot: tokio::task::block_in_place(|| boot(&self.config, &dir))?,
             disk,
             base,
             disk_cache: match self.config.vm_disk_cache.as_str() {

@@ -38,7 +38,32 @@ pub fn guest_kernel() -> Option<(std::path::PathBuf, String)> {
         .to_string_lossy()
         .trim_start_matches("vmlinuz-")
         .to_string();
-    Some((kernel, version))
+    Some((boot_copy(&kernel), version))
+}
+
+/// A copy of the node's boot file `path` (its kernel, Debian's initrd) for
+/// guests to boot: libvirt hands the files a domain boots to QEMU's user
+/// (dynamic ownership) and, when a test kills QEMU and libvirtd, never hands
+/// them back; the machine's own /boot stays as it is. One copy per machine,
+/// made beside and renamed, so tests running at once share it.
+pub fn boot_copy(path: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::Path::new("/tmp/rivernode-test-boot");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.join(path.file_name().unwrap());
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        std::fs::metadata(a).map(|m| m.len()).ok() == std::fs::metadata(b).map(|m| m.len()).ok()
+    };
+    if !same(path, &copy) {
+        let tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
+        std::fs::copy(path, tmp.path()).unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        tmp.persist(&copy).unwrap();
+    }
+    // A test that died under QEMU's user leaves it that user's.
+    let _ = std::os::unix::fs::chown(&copy, Some(0), Some(0));
+    copy
 }
 
 pub fn newest_kernel() -> Option<std::path::PathBuf> {
@@ -237,6 +262,70 @@ pub fn ext2_base(dir: &std::path::Path) -> std::path::PathBuf {
         .args(["-q", "-t", "ext2", "-F"])
         .arg(&raw));
     let q = dir.join("mini.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&q));
+    q
+}
+
+/// True when the tools for a UEFI-bootable disk are here: GRUB's EFI
+/// build, mkfs.fat, mtools and OVMF (a clear skip, or a failure where real
+/// parts are required, without them).
+pub fn uefi_tools_present() -> bool {
+    real_part_available(
+        "grub-mkstandalone with x86_64-efi (grub-efi-amd64-bin), mkfs.fat (dosfstools), mcopy (mtools), OVMF (ovmf)",
+        super::command_exists("grub-mkstandalone")
+            && std::path::Path::new("/usr/lib/grub/x86_64-efi").is_dir()
+            && super::command_exists("mkfs.fat")
+            && super::command_exists("mcopy")
+            && std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists(),
+    )
+}
+
+/// A disk a UEFI firmware boots on its own, as qcow2: a FAT filesystem
+/// (no partition table) with `\EFI\BOOT\BOOTX64.EFI`, the removable-media
+/// loader path every firmware tries, which is a standalone GRUB whose
+/// embedded configuration boots `kernel` and `initrd` from the same disk
+/// with `cmdline`.
+pub fn uefi_base(
+    dir: &std::path::Path,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    cmdline: &str,
+) -> std::path::PathBuf {
+    let cfg = dir.join("grub.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n\
+             search --no-floppy --file --set=root /vmlinuz\necho RIVERNODE-GRUB\n\
+             linux /vmlinuz {cmdline}\ninitrd /initrd.img\nboot\n"
+        ),
+    )
+    .unwrap();
+    let loader = dir.join("BOOTX64.EFI");
+    run(Command::new("grub-mkstandalone")
+        .args(["-O", "x86_64-efi", "--locales=", "--fonts=", "--themes="])
+        .arg("-o")
+        .arg(&loader)
+        .arg(format!("boot/grub/grub.cfg={}", cfg.display())));
+    let raw = dir.join("esp.raw");
+    let _ = std::fs::remove_file(&raw);
+    run(Command::new("mkfs.fat")
+        .args(["-C", "-n", "ESP"])
+        .arg(&raw)
+        .arg("65536"));
+    let img = raw.to_str().unwrap();
+    run(Command::new("mmd").args(["-i", img, "::/EFI", "::/EFI/BOOT"]));
+    for (from, to) in [
+        (loader.as_path(), "::/EFI/BOOT/BOOTX64.EFI"),
+        (kernel, "::/vmlinuz"),
+        (initrd, "::/initrd.img"),
+    ] {
+        run(Command::new("mcopy").args(["-i", img]).arg(from).arg(to));
+    }
+    let q = dir.join("efi.qcow2");
     run(Command::new("qemu-img")
         .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
         .arg(&raw)
