@@ -688,10 +688,18 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         assert!(o.status.success(), "{}", stderr(&o));
         v.wait_state(&id, "running");
         assert_eq!(v.ssh_ok(&id, &["cat /data/f"]), "kept\n");
-        // A running VM's disk is not copied: it is consistent only when off.
-        let o = v.rn(&["vps", "snapshot", "create", &id]);
-        assert!(!o.status.success());
-        assert!(stderr(&o).contains("is running"), "{}", stderr(&o));
+        // A running VM's disk is copied as it is at that instant while the
+        // guest runs on (no guest agent here: crash-consistent, after a sync).
+        v.ssh_ok(&id, &["echo live > /data/g && sync"]);
+        let o = v.rn(&["vps", "snapshot", "create", &id, "-m", "live"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let live = v.snapshot_ids(&id).last().unwrap().clone();
+        assert_eq!(v.state(&id), "running");
+        v.ssh_ok(&id, &["rm /data/g && sync"]);
+        assert!(
+            !std::path::Path::new(&format!("{STORE}/vms/{cid}/snapshot.qcow2")).exists(),
+            "the copy's work file is gone"
+        );
         // A snapshot brings back a deleted file.
         v.ssh_ok(&id, &["rm /data/f && sync"]);
         let o = v.rn(&["vps", "stop", &id]);
@@ -699,11 +707,26 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         v.wait_state(&id, "stopped");
         let o = v.rn(&["vps", "snapshot", "create", &id, "-m", "without f"]);
         assert!(o.status.success(), "{}", stderr(&o));
-        assert_eq!(v.snapshot_ids(&id).len(), 3, "on stop, and by hand");
+        assert_eq!(
+            v.snapshot_ids(&id).len(),
+            4,
+            "on stops, running and by hand"
+        );
         let o = v.rn(&["vps", "restart", &id, "--from-snapshot", &kept_snapshot[0]]);
         assert!(o.status.success(), "{}", stderr(&o));
         v.wait_state(&id, "running");
-        assert_eq!(v.ssh_ok(&id, &["cat /data/f"]), "kept\n");
+        assert_eq!(
+            v.ssh_ok(&id, &["cat /data/f; ls /data"]),
+            "kept\nf\nlost+found\n"
+        );
+        // The snapshot of the running VM brings back what it had then.
+        let o = v.rn(&["vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "stopped");
+        let o = v.rn(&["vps", "restart", &id, "--from-snapshot", &live]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "running");
+        assert_eq!(v.ssh_ok(&id, &["cat /data/f /data/g"]), "kept\nlive\n");
         // Paused, the guest does not run; resumed, it answers again.
         let o = v.rn(&["vps", "pause", &id]);
         assert!(o.status.success(), "{}", stderr(&o));
@@ -852,6 +875,26 @@ fn a_debian_vm_with_cloud_init_takes_our_seed() {
         assert!(
             out.contains("schema-ok"),
             "our user-data is valid cloud-config: {out}"
+        );
+        // With QEMU's guest agent running, a snapshot of the running VM is
+        // taken with its filesystems frozen for that instant, and thawed:
+        // the guest writes again afterwards.
+        v.ssh_ok(
+            &id,
+            &["systemctl is-active --wait qemu-guest-agent || systemctl start qemu-guest-agent"],
+        );
+        let o = v.rn(&["vps", "snapshot", "create", &id, "-m", "agent"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let snap = v.snapshot_ids(&id).last().unwrap().clone();
+        let record = std::fs::read_to_string(
+            v.runner_data()
+                .join(format!("runner/vm-snapshots/{cid}/{snap}.json")),
+        )
+        .unwrap();
+        assert!(record.contains(r#""consistency":"frozen""#), "{record}");
+        assert_eq!(
+            v.ssh_ok(&id, &["touch /root/after && echo written"]),
+            "written\n"
         );
         v.delete(&id);
         drop(v);

@@ -404,7 +404,8 @@ pub enum GpuCommand {
     Bind {
         #[arg(required = true, value_name = "INDEX|PCI-ADDRESS|UUID")]
         devices: Vec<String>,
-        /// Who the binding is for (VMs use their instance id).
+        /// Who the binding is for (an admin's by default; the runner binds
+        /// a VM's GPUs itself, for `task N`).
         #[arg(long, default_value = crate::vfio::ADMIN_OWNER)]
         owner: String,
         #[command(flatten)]
@@ -414,6 +415,9 @@ pub enum GpuCommand {
     Unbind {
         #[arg(value_name = "INDEX|PCI-ADDRESS|UUID")]
         device: String,
+        /// Also a GPU the runner passed to a VM (stop the VM instead).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         opts: GpuOpts,
     },

@@ -295,9 +295,13 @@ pub fn run(cmd: GpuCommand, output: Output, data_dir: &Path) -> anyhow::Result<(
                 }
             }
         }
-        GpuCommand::Unbind { device, opts } => {
+        GpuCommand::Unbind {
+            device,
+            force,
+            opts,
+        } => {
             let a = resolve(&device, &opts.sys_root, Path::new(NVIDIA_DRIVER))?;
-            vfio(&opts, data_dir).restore_device(a)?;
+            vfio(&opts, data_dir).unbind(a, force)?;
             if output == Output::Table {
                 emit(&format!(
                     "{a} and its IOMMU group are back on their host drivers\n"

@@ -157,8 +157,23 @@ fn qemu_img(
     path: &Path,
     args: &[&std::ffi::OsStr],
 ) -> Result<Vec<u8>, ImageError> {
+    qemu_img_for(what, path, args, 60)
+}
+
+/// `qemu_img` with `cpu_seconds` of CPU time: a whole disk read takes more.
+fn qemu_img_for(
+    what: &'static str,
+    path: &Path,
+    args: &[&std::ffi::OsStr],
+    cpu_seconds: u32,
+) -> Result<Vec<u8>, ImageError> {
     let o = Command::new("prlimit")
-        .args(["--as=2147483648", "--cpu=60", "--", "qemu-img"])
+        .args([
+            "--as=2147483648",
+            &format!("--cpu={cpu_seconds}"),
+            "--",
+            "qemu-img",
+        ])
         .args(args)
         .output()
         .map_err(ImageError::Tool)?;
@@ -253,6 +268,30 @@ pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> Result<(), ImageEr
             disk.as_os_str(),
             size.as_ref(),
         ],
+    )
+    .map(|_| ())
+}
+
+/// Makes `image` (a whole disk, as a backup job writes it) an overlay on
+/// `base` holding only what differs from it: a snapshot of a running VM
+/// then stands on the same base as the VM's own disk. qemu-img compares
+/// the two whole, so this reads both.
+pub fn rebase(image: &Path, base: &Path) -> Result<(), ImageError> {
+    qemu_img_for(
+        "rebase",
+        image,
+        &[
+            "rebase".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            image.as_os_str(),
+        ],
+        3600,
     )
     .map(|_| ())
 }

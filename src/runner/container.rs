@@ -894,9 +894,13 @@ impl Driver for TaskContext {
         }
     }
 
+    async fn converge_gpus(&self, busy: &[u64]) {
+        reconcile_vm_bindings(self, busy).await;
+    }
+
     async fn recover(&self) {
         reconcile_gpu_claims(self).await;
-        reconcile_vm_bindings(self).await;
+        reconcile_vm_bindings(self, &[]).await;
         reconcile_networks(self).await
     }
 }
@@ -929,11 +933,12 @@ async fn reconcile_gpu_claims(ctx: &TaskContext) {
     }
 }
 
-/// After a crash: the VFIO bindings of VMs that no longer run (they ended
-/// while no runner was watching, were deleted half-way, or the node
-/// rebooted) give their GPUs back to the host; a running or paused VM, or
-/// one whose state cannot be read, keeps its GPUs.
-async fn reconcile_vm_bindings(ctx: &TaskContext) {
+/// The VFIO bindings of VMs that no longer run (they ended while no
+/// runner was watching, a teardown could not give them back, the node
+/// rebooted) give their GPUs back to the host; a running or paused VM, one
+/// whose state cannot be read, and one in `busy` (being started or torn
+/// down right now) keep theirs.
+async fn reconcile_vm_bindings(ctx: &TaskContext, busy: &[u64]) {
     let bindings = match tokio::task::block_in_place(|| ctx.gpus.ledger.bindings()) {
         Ok(b) => b,
         Err(e) => {
@@ -941,19 +946,12 @@ async fn reconcile_vm_bindings(ctx: &TaskContext) {
             return;
         }
     };
-    for b in bindings {
-        let Some(id) = super::gpus::NodeGpus::holder_task(&b.owner) else {
-            continue;
-        };
-        if super::gpus::claim_survives(ctx.observe(id).await.ok()) {
+    for id in super::gpus::vm_owners(&bindings) {
+        if busy.contains(&id) || super::gpus::claim_survives(ctx.observe(id).await.ok()) {
             continue;
         }
         match tokio::task::block_in_place(|| ctx.gpus.restore_for_vm(id)) {
-            Ok(()) => tracing::info!(
-                task = id,
-                group = b.group,
-                "gave an ended VM's GPUs back to the host"
-            ),
+            Ok(()) => tracing::info!(task = id, "gave an ended VM's GPUs back to the host"),
             Err(e) => {
                 tracing::error!(task = id, error = %crate::error_chain(&e), "cannot give an ended VM's GPUs back")
             }

@@ -187,6 +187,10 @@ pub trait Driver: Send + Sync + 'static {
     /// Keeps the instances on shared cores on the node's unreserved CPUs
     /// as the assignments change.
     fn converge_cpus(&self, assigned: &[Assignment]) -> impl Future<Output = ()> + Send;
+    /// Gives back the GPUs of VMs that no longer run (a teardown that
+    /// could not give them back, a VM that ended unwatched); `busy`: the
+    /// instances a supervisor is acting on, left alone.
+    fn converge_gpus(&self, busy: &[u64]) -> impl Future<Output = ()> + Send;
     /// At runner start: removes what instances that are gone left behind
     /// (their networks), before anything is adopted.
     fn recover(&self) -> impl Future<Output = ()> + Send;
@@ -409,6 +413,7 @@ pub mod fake {
         }
         async fn converge_network(&self, _assigned: &[Assignment]) {}
         async fn converge_cpus(&self, _assigned: &[Assignment]) {}
+        async fn converge_gpus(&self, _busy: &[u64]) {}
         async fn recover(&self) {}
     }
 }

@@ -146,6 +146,14 @@ pub fn hostdevs(gpus: &[PciAddress], bound: &[GroupBinding]) -> Vec<PciAddress> 
     out
 }
 
+/// The instances VFIO bindings are held for (an admin's are not one), each once.
+pub fn vm_owners(bindings: &[GroupBinding]) -> std::collections::BTreeSet<u64> {
+    bindings
+        .iter()
+        .filter_map(|b| NodeGpus::holder_task(&b.owner))
+        .collect()
+}
+
 /// At a runner's start: whether a VFIO binding stays for now. An admin's
 /// (`rivernode gpu bind`) does, and an instance's until its state can be
 /// read (a VM outlives its runner with its GPUs; `claim_survives` judges
@@ -411,6 +419,17 @@ mod tests {
             [a("0000:41:00.1"), a("0000:41:00.0")]
         );
         assert!(hostdevs(&[], &bound).is_empty());
+    }
+
+    #[test]
+    fn each_vm_holding_bindings_is_named_once_and_the_admins_are_not() {
+        let b = [
+            binding(101, "task 7", &["0000:41:00.0"]),
+            binding(103, "task 7", &["0000:60:00.0"]),
+            binding(104, "admin", &["0000:70:00.0"]),
+            binding(105, "task 9", &["0000:80:00.0"]),
+        ];
+        assert_eq!(vm_owners(&b).into_iter().collect::<Vec<_>>(), [7, 9]);
     }
 
     #[test]

@@ -187,6 +187,8 @@ impl<D: Driver> Reconciler<D> {
         });
         self.sup.driver.converge_network(tasks).await;
         self.sup.driver.converge_cpus(tasks).await;
+        let busy: Vec<u64> = self.running.keys().copied().collect();
+        self.sup.driver.converge_gpus(&busy).await;
         for a in tasks {
             if let Some(r) = self.running.get(&a.id) {
                 r.desired.send_if_modified(|d| {

@@ -29,8 +29,8 @@ pub enum SnapshotError {
     NoContainer(u64),
     #[error("VPS {vps} has no snapshot {id}")]
     NoSnapshot { vps: u64, id: String },
-    #[error("VM VPS {0} is running: a VM's snapshot is taken while it is stopped (`vps stop`, which takes one itself with auto_snapshot_on_stop)")]
-    VmRunning(u64),
+    #[error("VM VPS {0} is starting or stopping: ask again once it runs or is stopped")]
+    VmBusy(u64),
     #[error("the VM's state: {0}")]
     Vm(String),
     #[error("{}", path.display())]

@@ -124,7 +124,7 @@ impl TaskContext {
     /// Runs `f` on a libvirt connection, off the async workers (libvirt's
     /// API blocks). A connection per call: libvirtd may restart under a
     /// long-lived one, and opening a local socket costs little.
-    async fn libvirt<T: Send + 'static>(
+    pub(super) async fn libvirt<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Hypervisor) -> Result<T, LibvirtError> + Send + 'static,
     ) -> Result<T, InstanceError> {
@@ -273,10 +273,18 @@ impl TaskContext {
         let started = self.vm_start_once(a).await;
         if started.is_err() {
             // Not started: nothing of a running VM stays (its disk does).
+            // Unless its QEMU may still run (libvirt did not answer): then
+            // its GPUs and tap stay with it, for a later end to give back.
             let uuid = vm_uuid(&self.container_id(a.id));
-            let _ = self.libvirt(move |h| h.destroy(&uuid)).await;
-            for f in self.vm_keep(a.id).await {
-                tracing::warn!(task = a.id, error = %crate::error_chain(&f), "cleaning up a VM start that failed");
+            match self.libvirt(move |h| h.destroy(&uuid)).await {
+                Ok(()) => {
+                    for f in self.vm_keep(a.id).await {
+                        tracing::warn!(task = a.id, error = %crate::error_chain(&f), "cleaning up a VM start that failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(task = a.id, error = %crate::error_chain(&e), "a VM that failed to start may still run: its GPUs and network stay until its end is seen")
+                }
             }
         }
         started
@@ -335,8 +343,10 @@ impl TaskContext {
             }
         })?;
         let p = &a.placement;
-        // The GPUs' IOMMU groups go to vfio-pci before QEMU opens them;
-        // a failure from here on gives them back (`vm_start` → `vm_keep`).
+        let boot = tokio::task::block_in_place(|| boot(&self.config, &dir))?;
+        // The GPUs' IOMMU groups go to vfio-pci before QEMU opens them, the
+        // last step before it: a failure from here on gives them back
+        // (`vm_start` → `vm_keep`).
         let gpus = p.gpus.clone();
         let hostdevs = tokio::task::block_in_place(|| self.gpus.bind_for_vm(&gpus, id))
             .map_err(InstanceError::Gpu)?;
@@ -349,7 +359,7 @@ impl TaskContext {
             memory_mib: p.memory_bytes >> 20,
             vcpu_pins: p.cpus.iter().collect(),
             emulator_cpus: p.cpus.clone(),
-            boot: tokio::task::block_in_place(|| boot(&self.config, &dir))?,
+            boot,
             disk,
             base,
             disk_cache: match self.config.vm_disk_cache.as_str() {
@@ -436,7 +446,6 @@ impl TaskContext {
             .into_iter()
             .map(TeardownFailure::Network)
             .collect();
-        self.release_gpus(id);
         problems.extend(self.vm_restore_gpus(id));
         if problems.is_empty() {
             let marker = self.vm_dir(id).join(STARTED);
@@ -470,8 +479,12 @@ impl TaskContext {
             // The files stay with the domain that uses them.
             return problems;
         }
-        self.release_gpus(id);
-        problems.extend(self.vm_restore_gpus(id));
+        if let Some(f) = self.vm_restore_gpus(id) {
+            // The directory stays, so the VM is still found and its delete
+            // (with this) tried again.
+            problems.push(f);
+            return problems;
+        }
         problems.extend(
             self.vps
                 .stop_network(id, &cid)

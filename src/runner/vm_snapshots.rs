@@ -1,11 +1,16 @@
-//! Snapshots of VM VPS: a copy of the VM's disk (its qcow2 overlay, still
-//! standing on the same read-only base) taken while the VM is off, so it
-//! is consistent without asking the guest; on stop (the VM has just gone
-//! off) and by hand on a stopped VM. Kept beside the VM, not in it:
+//! Snapshots of VM VPS: a copy of the VM's disk (a qcow2 overlay standing
+//! on the VM's read-only base). A stopped VM's disk is copied as it is,
+//! consistent without asking the guest (on stop, when the VM has just gone
+//! off, and by hand). A running VM's disk is copied by libvirt's backup
+//! job while the guest runs on, as it was when the job began: with the
+//! guest's filesystems frozen for that instant when its guest agent
+//! answers, crash-consistent (as after a power cut) when not; the copy is
+//! then rebased onto the base, so every snapshot has the same shape.
+//! Kept beside the VM, not in it:
 //! `DATA_DIR/runner/vm-snapshots/<cid>/<id>.qcow2` with `<id>.json` (when,
-//! the message), so the VM's files can be replaced by a restore and the
-//! snapshots stay until the VPS is deleted. Ids are creation times in
-//! milliseconds, as for container snapshots.
+//! the message, how consistent), so the VM's files can be replaced by a
+//! restore and the snapshots stay until the VPS is deleted. Ids are
+//! creation times in milliseconds, as for container snapshots.
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +25,26 @@ struct Record {
     created_at_unix_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    /// How consistent the copy is (absent in snapshots from before it was recorded: stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    consistency: Option<Consistency>,
 }
+
+/// How a VM's disk was when it was copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Consistency {
+    /// The VM was off.
+    Stopped,
+    /// Running, with its filesystems frozen by the guest agent.
+    Frozen,
+    /// Running, no agent answered: as a disk after a power cut.
+    Crash,
+}
+
+/// The file in the VM's directory that libvirt's backup job writes (QEMU,
+/// as libvirt's user, can write there and not in the runner's data directory).
+const LIVE_COPY: &str = "snapshot.qcow2";
 
 /// The file that records which `restart --from-snapshot` request the VM's
 /// disk was last restored for (each request restores once).
@@ -106,9 +130,9 @@ impl TaskContext {
         Ok(out)
     }
 
-    /// Copies the stopped VM's disk as a snapshot, then deletes the oldest
-    /// beyond the limit. A running or paused VM is refused: its disk is
-    /// consistent only when QEMU has let go of it.
+    /// Copies the VM's disk as a snapshot (see the module's note), then
+    /// deletes the oldest beyond the limit. A VM starting or stopping is
+    /// refused, to be asked again.
     pub(super) async fn vm_take_snapshot(
         &self,
         vps: u64,
@@ -118,13 +142,16 @@ impl TaskContext {
         let lock = self.snapshot_locks.of(vps);
         let _held = lock.lock().await;
         use super::lifecycle::Observed;
-        // Kept only: an Exited VM is being stopped, or started (its marker
-        // is written before QEMU runs).
-        match self.vm_observe(vps).await {
-            Ok(Observed::Kept) => {}
-            Ok(_) => return Err(SnapshotError::VmRunning(vps)),
+        // An Exited VM is being stopped, or started (its marker is written
+        // before QEMU runs): neither has a disk to copy now.
+        let live = match self.vm_observe(vps).await {
+            Ok(Observed::Kept) => None,
+            Ok(Observed::Running) => Some(true),
+            // No agent answers a paused guest.
+            Ok(Observed::Paused) => Some(false),
+            Ok(_) => return Err(SnapshotError::VmBusy(vps)),
             Err(e) => return Err(SnapshotError::Vm(crate::error_chain(&e))),
-        }
+        };
         let existing = self.vm_snapshots(vps)?;
         let created = next_id(
             crate::now_unix_ms(),
@@ -136,17 +163,24 @@ impl TaskContext {
         let disk = dir.join(format!("{id}.qcow2"));
         let from = self.vm_dir(vps).join("disk.qcow2");
         let started = std::time::Instant::now();
-        copy_whole(&from, &disk)?;
+        let consistency = match live {
+            None => {
+                copy_whole(&from, &disk)?;
+                Consistency::Stopped
+            }
+            Some(may_freeze) => self.vm_live_copy(vps, may_freeze, &disk).await?,
+        };
         // The record last: a snapshot is listed only once its disk is whole.
         let record = Record {
             created_at_unix_ms: created,
             message: message.map(String::from),
+            consistency: Some(consistency),
         };
         let json = dir.join(format!("{id}.json"));
         crate::files::write_secret(&json, &serde_json::to_vec(&record).unwrap_or_default())
             .map_err(io(&json))?;
         let size_bytes = std::fs::metadata(&disk).map(|m| m.len()).unwrap_or(0);
-        tracing::info!(task = vps, snapshot = %id, bytes = size_bytes, ms = started.elapsed().as_millis() as u64, "VM snapshot taken");
+        tracing::info!(task = vps, snapshot = %id, bytes = size_bytes, ?consistency, ms = started.elapsed().as_millis() as u64, "VM snapshot taken");
         for old in rotated_out(&existing, self.config.max_snapshots_per_vps) {
             if let Err(e) = self.vm_delete_files(vps, &old.id) {
                 tracing::warn!(task = vps, snapshot = %old.id, error = %crate::error_chain(&e), "rotating out a snapshot failed");
@@ -161,6 +195,66 @@ impl TaskContext {
             image: disk.display().to_string(),
             node: self.node.clone(),
         })
+    }
+
+    /// Copies the running VM's disk to `to` (see the module's note).
+    async fn vm_live_copy(
+        &self,
+        vps: u64,
+        may_freeze: bool,
+        to: &Path,
+    ) -> Result<Consistency, SnapshotError> {
+        use crate::kvm::libvirt::CopyState;
+        let dir = self.vm_dir(vps);
+        let tmp = dir.join(LIVE_COPY);
+        // A crash's leftover (libvirt makes the file itself).
+        let _ = std::fs::remove_file(&tmp);
+        let uuid = super::vm::vm_uuid(&self.container_id(vps));
+        let vm_error =
+            |e: &(dyn std::error::Error + 'static)| SnapshotError::Vm(crate::error_chain(e));
+        let (u, t) = (uuid.clone(), tmp.clone());
+        let consistency = self
+            .libvirt(move |h| {
+                let frozen = may_freeze && h.freeze(&u)?;
+                let begun = h.begin_disk_copy(&u, &t);
+                // The copy's instant is fixed once it has begun: the guest
+                // is frozen no longer than that.
+                if frozen {
+                    h.thaw(&u)?;
+                }
+                begun.map(|()| match frozen {
+                    true => Consistency::Frozen,
+                    false => Consistency::Crash,
+                })
+            })
+            .await
+            .map_err(|e| vm_error(&e))?;
+        let copied = async {
+            loop {
+                let u = uuid.clone();
+                match self.libvirt(move |h| h.disk_copy_state(&u)).await {
+                    Ok(CopyState::Running) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                    }
+                    Ok(CopyState::Done) => break,
+                    Ok(CopyState::Failed) => {
+                        return Err(SnapshotError::Vm(
+                            "copying the running VM's disk failed (did it stop meanwhile?)".into(),
+                        ))
+                    }
+                    Err(e) => return Err(vm_error(&e)),
+                }
+            }
+            tokio::task::block_in_place(|| {
+                let base = crate::kvm::image::backing_file(&dir.join("disk.qcow2"))?;
+                crate::kvm::image::rebase(&tmp, &base)
+            })
+            .map_err(|e| vm_error(&e))?;
+            copy_whole(&tmp, to)
+        }
+        .await;
+        let _ = std::fs::remove_file(&tmp);
+        copied.map(|()| consistency)
     }
 
     /// Snapshot `id` of VM `vps`, as listed: an id names only what the

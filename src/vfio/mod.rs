@@ -72,6 +72,8 @@ pub enum VfioError {
     HeldByInstance { device: PciAddress, holder: String },
     #[error("GPU {device} is bound to vfio-pci ({holder}): `rivernode gpu unbind {device}` gives it back to the host")]
     OnVfio { device: PciAddress, holder: String },
+    #[error("GPU {device} is passed to {holder}'s VM: stopping the VM gives it back (`--force` takes it from under a running VM)")]
+    PassedToInstance { device: PciAddress, holder: String },
     #[error("restoring IOMMU group {group} left problems: {}", problems.join("; "))]
     Restore { group: u32, problems: Vec<String> },
 }
@@ -324,6 +326,13 @@ impl Vfio {
                 .values()
                 .find(|b| b.members.iter().any(|m| m.address == g))
             {
+                // Passed to a VM: in use, not an admin's binding to undo.
+                if b.owner != ADMIN_OWNER {
+                    return Err(VfioError::HeldByInstance {
+                        device: g,
+                        holder: b.owner.clone(),
+                    });
+                }
                 return Err(VfioError::OnVfio {
                     device: g,
                     holder: format!("bound by rivernode for {}", b.owner),
@@ -626,6 +635,22 @@ impl Vfio {
         }
         state.groups.remove(&group);
         self.save_state(&state)
+    }
+
+    /// `rivernode gpu unbind`: restores the group of `device`, unless an
+    /// instance (a VM) holds it and `force` is not given: taking a GPU from
+    /// under a running QEMU leaves the device stuck half-way.
+    pub fn unbind(&self, device: PciAddress, force: bool) -> Result<(), VfioError> {
+        let g = self.group_id(device)?;
+        if let Some(b) = self.bindings()?.into_iter().find(|b| b.group == g) {
+            if b.owner != ADMIN_OWNER && !force {
+                return Err(VfioError::PassedToInstance {
+                    device,
+                    holder: b.owner,
+                });
+            }
+        }
+        self.restore(g)
     }
 
     /// Restores the group of `device`.

@@ -586,3 +586,21 @@ fn a_vms_groups_are_restored_together_and_nobody_elses() {
         .collect();
     assert_eq!(left, ["task 8"]);
 }
+
+#[test]
+fn a_vms_gpu_is_in_use_for_containers_and_gpu_unbind_without_force() {
+    let r = machine();
+    let v = r.vfio();
+    v.bind(&[a("0000:41:00.0")], "task 7").unwrap();
+    let e = v.claim(&[a("0000:41:00.0")], "task 8").unwrap_err();
+    assert!(e.to_string().contains("in use by task 7"), "{e}");
+    let e = v.unbind(a("0000:41:00.0"), false).unwrap_err();
+    assert!(e.to_string().contains("passed to task 7's VM"), "{e}");
+    assert_eq!(r.driver("0000:41:00.0").as_deref(), Some("vfio-pci"));
+    v.unbind(a("0000:41:00.0"), true).unwrap();
+    assert_eq!(r.driver("0000:41:00.0").as_deref(), Some("nvidia"));
+    // An admin's binding is undone without asking.
+    v.bind(&[a("0000:41:00.0")], "admin").unwrap();
+    v.unbind(a("0000:41:00.0"), false).unwrap();
+    assert_eq!(r.driver("0000:41:00.0").as_deref(), Some("nvidia"));
+}

@@ -334,14 +334,15 @@ pub fn uefi_base(
 }
 
 /// The tier-2 guest's disk: Debian 12 with systemd, udev, openssh-server,
-/// ifupdown and the real cloud-init (debootstrap), the node kernel's
+/// ifupdown, the real cloud-init and QEMU's guest agent (debootstrap), the node kernel's
 /// modules a VM needs, as an ext4 root filesystem in a qcow2 image. Built
 /// once and kept under the build's target directory; booted with the node's
 /// kernel and Debian initrd (`root=/dev/vda`).
 pub fn debian_cloud_image(version: &str) -> Option<std::path::PathBuf> {
     let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-images");
-    // The name changes with what is built into it (v2: the locale).
-    let image = cache.join(format!("debian-cloud-v2-{version}.qcow2"));
+    // The name changes with what is built into it (v2: the locale, v4: the
+    // guest agent and its virtio-serial port).
+    let image = cache.join(format!("debian-cloud-v4-{version}.qcow2"));
     if image.exists() {
         return Some(image);
     }
@@ -352,12 +353,13 @@ pub fn debian_cloud_image(version: &str) -> Option<std::path::PathBuf> {
     // virtual packages python3-cryptography needs from it.
     if !super::debootstrap(
         &rootfs,
-        "systemd-sysv,udev,kmod,openssh-server,cloud-init,python3-cffi-backend,ifupdown,iproute2,netbase",
+        "systemd-sysv,udev,kmod,openssh-server,cloud-init,python3-cffi-backend,ifupdown,iproute2,netbase,qemu-guest-agent",
     ) {
         return None;
     }
     // The modules the guest loads after the initrd: its NIC, the seed's
-    // cdrom and filesystem (the initrd itself brings virtio_blk and ext4).
+    // cdrom and filesystem, the guest agent's virtio-serial port (the
+    // initrd itself brings virtio_blk and ext4).
     let modules = std::path::Path::new("/lib/modules").join(version);
     for m in module_closure(
         &modules,
@@ -368,6 +370,7 @@ pub fn debian_cloud_image(version: &str) -> Option<std::path::PathBuf> {
             "isofs",
             "virtio_blk",
             "ext4",
+            "virtio_console",
         ],
     ) {
         let rel = m.strip_prefix("/").unwrap();

@@ -154,7 +154,25 @@ fn e1000_bind_and_restore() {
         "{out}"
     );
     assert_eq!(driver(nic).as_deref(), Some("vfio-pci"));
-    rivernode(&["gpu", "unbind", &nic.to_string()]);
+    // Someone else's binding (a VM's) is not undone by a plain unbind.
+    let o = Command::new(GUEST_RIVERNODE)
+        .args([
+            "--data-dir",
+            "/tmp/rivernode",
+            "gpu",
+            "unbind",
+            &nic.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("passed to vm-42's VM"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(driver(nic).as_deref(), Some("vfio-pci"));
+    rivernode(&["gpu", "unbind", "--force", &nic.to_string()]);
     assert_eq!(driver(nic).as_deref(), Some("e1000"));
     assert!(has_netdev(nic));
 

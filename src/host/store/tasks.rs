@@ -351,6 +351,7 @@ fn requeue(
 ) -> Result<(), StoreError> {
     let mut spec = t.spec.clone();
     spec.restore = restore.cloned();
+    let is_vm = spec.is_vm();
     if let Some(p) = &t.placement {
         let target = spec.target.get_or_insert_with(|| crate::api::Target {
             node: p.node.clone(),
@@ -359,8 +360,11 @@ fn requeue(
         });
         target.node = p.node.clone();
         // Its container was made with these GPUs' devices: the same ones
-        // again, by address (an index could name another GPU by then).
-        target.gpus = p.gpus.iter().map(|g| g.to_string()).collect();
+        // again, by address (an index could name another GPU by then). A
+        // VM's domain is written anew at each start: any free GPUs will do.
+        if !is_vm {
+            target.gpus = p.gpus.iter().map(|g| g.to_string()).collect();
+        }
     }
     tx.execute(
         // The placement stays (it names the node with the disk) but reserves
@@ -569,15 +573,22 @@ mod tests {
     use crate::topology::{collect, fake::FakeMachine};
 
     fn store_with_node(name: &str) -> Arc<SqliteStore> {
+        store_with(name, false)
+    }
+
+    /// A store with node `name`: two sockets, four GPUs, VMs when `vms`.
+    fn store_with(name: &str, vms: bool) -> Arc<SqliteStore> {
         let s = SqliteStore::open_in_memory().unwrap();
         let m = FakeMachine::two_socket_four_gpus();
+        let mut inventory = collect(&m.roots()).unwrap();
+        inventory.vms = vms;
         s.register_node(
             &RegisterRequest {
                 name: name.into(),
                 runner_url: "http://127.0.0.1:1".into(),
                 heartbeat_interval_ms: 1000,
                 version: "t".into(),
-                inventory: collect(&m.roots()).unwrap(),
+                inventory,
                 registration_key: None,
             },
             &format!("cred-{name}"),
@@ -813,6 +824,34 @@ mod tests {
             s.get_task(a).unwrap().unwrap().placement.unwrap().gpus,
             first
         );
+    }
+
+    #[test]
+    fn a_restarted_vm_takes_any_free_gpu() {
+        let s = store_with("n1", true);
+        let vm = TaskSpec {
+            kind: crate::api::Kind::Vps,
+            image: ImageSource::VmImage("mini".into()),
+            ..spec(1, 1)
+        };
+        let a = s.submit_task(&vm, None, 0).unwrap();
+        s.schedule().unwrap();
+        let first = s.get_task(a).unwrap().unwrap().placement.unwrap().gpus;
+        report(&s, a, TaskState::Running).unwrap();
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        report(&s, a, TaskState::Stopped).unwrap();
+        let b = s.submit_task(&spec(1, 1), None, 0).unwrap();
+        s.schedule().unwrap();
+        assert_eq!(
+            s.get_task(b).unwrap().unwrap().placement.unwrap().gpus,
+            first
+        );
+        // Its domain is written anew at each start: another GPU will do.
+        s.restart(a, None).unwrap();
+        assert_eq!(s.schedule().unwrap(), vec![a]);
+        let again = s.get_task(a).unwrap().unwrap().placement.unwrap();
+        assert_eq!((again.node.as_str(), again.gpus.len()), ("n1", 1));
+        assert_ne!(again.gpus, first);
     }
 
     #[test]
