@@ -876,6 +876,12 @@ fn a_debian_vm_with_cloud_init_takes_our_seed() {
             out.contains("schema-ok"),
             "our user-data is valid cloud-config: {out}"
         );
+        // `ssh config` entries work with stock scp (OpenSSH's sftp), as for
+        // a container: through the proxy, bytes identical both ways.
+        let cfg = v.ssh_config("vm_ssh_config");
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let entry = format!("rivernode-vps-{id}");
+        assert!(v.scp_round_trip(&cfg, &entry, "/root/payload", &data) == data);
         // With QEMU's guest agent running, a snapshot of the running VM is
         // taken with its filesystems frozen for that instant, and thawed:
         // the guest writes again afterwards.
