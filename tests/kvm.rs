@@ -695,6 +695,12 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         assert!(o.status.success(), "{}", stderr(&o));
         let live = v.snapshot_ids(&id).last().unwrap().clone();
         assert_eq!(v.state(&id), "running");
+        let record = std::fs::read_to_string(
+            v.runner_data()
+                .join(format!("runner/vm-snapshots/{cid}/{live}.json")),
+        )
+        .unwrap();
+        assert!(record.contains(r#""consistency":"crash""#), "{record}");
         v.ssh_ok(&id, &["rm /data/g && sync"]);
         assert!(
             !std::path::Path::new(&format!("{STORE}/vms/{cid}/snapshot.qcow2")).exists(),

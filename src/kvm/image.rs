@@ -273,9 +273,10 @@ pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> Result<(), ImageEr
 }
 
 /// Makes `image` (a whole disk, as a backup job writes it) an overlay on
-/// `base` holding only what differs from it: a snapshot of a running VM
-/// then stands on the same base as the VM's own disk. qemu-img compares
-/// the two whole, so this reads both.
+/// `base`, reading the same: a snapshot of a running VM then has the shape
+/// of every VM disk here. It stays a whole copy (what it holds is kept;
+/// where it has a hole and the base has data, zeros are written), and
+/// qemu-img reads both whole to do it.
 pub fn rebase(image: &Path, base: &Path) -> Result<(), ImageError> {
     qemu_img_for(
         "rebase",

@@ -67,15 +67,6 @@ fn state_of(s: sys::virDomainState, reason: i32) -> VmState {
     }
 }
 
-/// Where a copy of a running VM's disk (libvirt's backup job) stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopyState {
-    Running,
-    Done,
-    /// It failed, or the VM went off under it.
-    Failed,
-}
-
 /// The backup job description: disk `vda` (the VM's own) copied whole, as
 /// it is when the job begins, into a new qcow2 file `target`; the seed
 /// (`sda`) left out.
@@ -263,7 +254,9 @@ impl Hypervisor {
 
     /// Freezes the guest's filesystems through its guest agent, so that a
     /// disk copy begun now finds them consistent; false when no agent
-    /// answers (the copy is then as consistent as a disk after a power cut).
+    /// froze them (the copy is then as consistent as a disk after a power
+    /// cut). An agent that answered too late may still have frozen them:
+    /// the caller thaws whatever this returns.
     pub fn freeze(&self, uuid: &str) -> Result<bool, LibvirtError> {
         let Some(d) = self.lookup(uuid)? else {
             return Ok(false);
@@ -274,21 +267,29 @@ impl Hypervisor {
         if frozen < 0 {
             tracing::info!(domain = uuid, error = %virt::error::Error::last_error(), "no guest agent froze the filesystems: the copy is crash-consistent");
         }
-        Ok(frozen >= 0)
+        Ok(frozen > 0)
     }
 
-    /// Thaws what `freeze` froze.
-    pub fn thaw(&self, uuid: &str) -> Result<(), LibvirtError> {
-        let Some(d) = self.lookup(uuid)? else {
-            return Ok(());
-        };
-        // SAFETY: as in `freeze`.
-        if unsafe { sys::virDomainFSThaw(d.as_ptr(), std::ptr::null_mut(), 0, 0) } < 0 {
-            return Err(call(format!("thawing the filesystems of domain {uuid}"))(
-                virt::error::Error::last_error(),
-            ));
+    /// Thaws the guest's filesystems (a no-op for a guest not frozen),
+    /// trying `attempts` times: a guest left frozen stops writing.
+    pub fn thaw(&self, uuid: &str, attempts: u32) -> Result<(), LibvirtError> {
+        let mut last = None;
+        for attempt in 0..attempts.max(1) {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            let Some(d) = self.lookup(uuid)? else {
+                return Ok(());
+            };
+            // SAFETY: as in `freeze`.
+            if unsafe { sys::virDomainFSThaw(d.as_ptr(), std::ptr::null_mut(), 0, 0) } >= 0 {
+                return Ok(());
+            }
+            last = Some(virt::error::Error::last_error());
         }
-        Ok(())
+        Err(call(format!("thawing the filesystems of domain {uuid}"))(
+            last.expect("at least one attempt"),
+        ))
     }
 
     /// Begins copying the running domain's disk, as it is at this call,
@@ -317,26 +318,83 @@ impl Hypervisor {
         Ok(())
     }
 
-    /// How the domain's disk copy stands: running, or how it ended.
-    pub fn disk_copy_state(&self, uuid: &str) -> Result<CopyState, LibvirtError> {
+    /// The domain's job: `None` when none runs (or the domain is off),
+    /// else the bytes it has processed so far.
+    pub fn job_progress(&self, uuid: &str) -> Result<Option<u64>, LibvirtError> {
         let Some(d) = self.lookup(uuid)? else {
-            return Ok(CopyState::Failed);
+            return Ok(None);
         };
-        // Only an active domain has jobs: one that went off lost its copy.
-        let Ok(now) = d.get_job_info() else {
-            return Ok(CopyState::Failed);
-        };
-        if now.r#type != sys::VIR_DOMAIN_JOB_NONE as i32 {
-            return Ok(CopyState::Running);
+        if !d
+            .is_active()
+            .map_err(call(format!("state of domain {uuid}")))?
+        {
+            return Ok(None);
         }
-        let last = d
-            .get_job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
-            .map_err(call(format!("the last job of domain {uuid}")))?;
-        Ok(if last.r#type == sys::VIR_DOMAIN_JOB_COMPLETED as i32 {
-            CopyState::Done
-        } else {
-            CopyState::Failed
-        })
+        let job = d
+            .get_job_info()
+            .map_err(call(format!("the job of domain {uuid}")))?;
+        Ok(
+            (job.r#type != sys::VIR_DOMAIN_JOB_NONE as i32)
+                .then(|| job.data_processed.unwrap_or(0)),
+        )
+    }
+
+    /// Whether the domain's last finished job was a disk copy (a backup)
+    /// that completed; the record stays for other readers.
+    pub fn disk_copy_completed(&self, uuid: &str) -> Result<bool, LibvirtError> {
+        let Some(d) = self.lookup(uuid)? else {
+            return Ok(false);
+        };
+        let mut kind: std::ffi::c_int = 0;
+        let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: `d` owns a valid domain pointer; libvirt fills the three
+        // out-pointers, which are ours, and allocates `params` (freed below
+        // with its own free, whatever it holds).
+        let r = unsafe {
+            sys::virDomainGetJobStats(
+                d.as_ptr(),
+                &mut kind,
+                &mut params,
+                &mut n,
+                sys::VIR_DOMAIN_JOB_STATS_COMPLETED | sys::VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED,
+            )
+        };
+        if r < 0 {
+            return Err(call(format!("the last job of domain {uuid}"))(
+                virt::error::Error::last_error(),
+            ));
+        }
+        let mut operation: std::ffi::c_int = -1;
+        if !params.is_null() {
+            // SAFETY: `params` holds `n` parameters libvirt allocated, and
+            // the name is a NUL-terminated constant; then freed once.
+            unsafe {
+                sys::virTypedParamsGetInt(
+                    params,
+                    n,
+                    sys::VIR_DOMAIN_JOB_OPERATION.as_ptr(),
+                    &mut operation,
+                );
+                sys::virTypedParamsFree(params, n);
+            }
+        }
+        Ok(kind == sys::VIR_DOMAIN_JOB_COMPLETED as i32
+            && operation == sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as i32)
+    }
+
+    /// Cancels the domain's job (a disk copy that is to end).
+    pub fn abort_job(&self, uuid: &str) -> Result<(), LibvirtError> {
+        let Some(d) = self.lookup(uuid)? else {
+            return Ok(());
+        };
+        // SAFETY: `d` owns a valid domain pointer for the call.
+        if unsafe { sys::virDomainAbortJob(d.as_ptr()) } < 0 {
+            return Err(call(format!("cancelling the job of domain {uuid}"))(
+                virt::error::Error::last_error(),
+            ));
+        }
+        Ok(())
     }
 
     /// Destroys and undefines the domain, with its UEFI variables and

@@ -221,7 +221,7 @@ fn snapshot_error(e: super::snapshots::SnapshotError) -> Response {
     let status = match &e {
         E::NoContainer(_) | E::NoSnapshot { .. } | E::Vanished { .. } => StatusCode::NOT_FOUND,
         E::MessageTooLong => StatusCode::BAD_REQUEST,
-        E::VmBusy(_) => StatusCode::CONFLICT,
+        E::VmBusy(_) | E::VmJob(_) => StatusCode::CONFLICT,
         E::Oci(_) | E::Vm(_) | E::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, &crate::error_chain(&e))

@@ -901,6 +901,7 @@ impl Driver for TaskContext {
     async fn recover(&self) {
         reconcile_gpu_claims(self).await;
         reconcile_vm_bindings(self, &[]).await;
+        self.vm_thaw_all().await;
         reconcile_networks(self).await
     }
 }

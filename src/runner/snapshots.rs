@@ -31,6 +31,8 @@ pub enum SnapshotError {
     NoSnapshot { vps: u64, id: String },
     #[error("VM VPS {0} is starting or stopping: ask again once it runs or is stopped")]
     VmBusy(u64),
+    #[error("libvirt runs a job on VM VPS {0} (a copy of its disk still under way?): ask again when it has ended")]
+    VmJob(u64),
     #[error("the VM's state: {0}")]
     Vm(String),
     #[error("{}", path.display())]

@@ -479,12 +479,10 @@ impl TaskContext {
             // The files stay with the domain that uses them.
             return problems;
         }
-        if let Some(f) = self.vm_restore_gpus(id) {
-            // The directory stays, so the VM is still found and its delete
-            // (with this) tried again.
-            problems.push(f);
-            return problems;
-        }
+        // A GPU that did not come back keeps its binding's record: the
+        // converge loop gives it back later (`converge_gpus`), so the rest
+        // of the delete goes on.
+        problems.extend(self.vm_restore_gpus(id));
         problems.extend(
             self.vps
                 .stop_network(id, &cid)
@@ -511,6 +509,18 @@ impl TaskContext {
             }
         }
         problems
+    }
+
+    /// At runner start: thaws the filesystems of every running VM (a no-op
+    /// for a guest not frozen): a runner that died between a snapshot's
+    /// freeze and thaw must not leave a guest that cannot write.
+    pub(super) async fn vm_thaw_all(&self) {
+        for id in self.vm_ids() {
+            if matches!(self.vm_observe(id).await, Ok(Observed::Running)) {
+                let uuid = vm_uuid(&self.container_id(id));
+                let _ = self.libvirt(move |h| h.thaw(&uuid, 1)).await;
+            }
+        }
     }
 
     /// The task ids of this node's VMs: their directories in the store.

@@ -46,6 +46,9 @@ enum Consistency {
 /// as libvirt's user, can write there and not in the runner's data directory).
 const LIVE_COPY: &str = "snapshot.qcow2";
 
+/// How long a copy may make no progress before it is given up.
+const STALLED: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The file that records which `restart --from-snapshot` request the VM's
 /// disk was last restored for (each request restores once).
 pub(super) const RESTORE_FILE: &str = "restore-request";
@@ -132,7 +135,8 @@ impl TaskContext {
 
     /// Copies the VM's disk as a snapshot (see the module's note), then
     /// deletes the oldest beyond the limit. A VM starting or stopping is
-    /// refused, to be asked again.
+    /// refused, to be asked again. A running VM's copy is begun under the
+    /// VM's lock and made without it: pause, resume and stop go on meanwhile.
     pub(super) async fn vm_take_snapshot(
         &self,
         vps: u64,
@@ -140,7 +144,7 @@ impl TaskContext {
     ) -> Result<SnapshotView, SnapshotError> {
         // The message's length was checked by `take_snapshot`.
         let lock = self.snapshot_locks.of(vps);
-        let _held = lock.lock().await;
+        let mut held = lock.lock().await;
         use super::lifecycle::Observed;
         // An Exited VM is being stopped, or started (its marker is written
         // before QEMU runs): neither has a disk to copy now.
@@ -152,25 +156,30 @@ impl TaskContext {
             Ok(_) => return Err(SnapshotError::VmBusy(vps)),
             Err(e) => return Err(SnapshotError::Vm(crate::error_chain(&e))),
         };
-        let existing = self.vm_snapshots(vps)?;
         let created = next_id(
             crate::now_unix_ms(),
-            existing.last().map(|s| s.created_at_unix_ms),
+            self.vm_snapshots(vps)?.last().map(|s| s.created_at_unix_ms),
         );
         let id = created.to_string();
         let dir = self.vm_snapshot_dir(vps);
         crate::files::ensure_private_dir(&dir).map_err(io(&dir))?;
         let disk = dir.join(format!("{id}.qcow2"));
-        let from = self.vm_dir(vps).join("disk.qcow2");
         let started = std::time::Instant::now();
         let consistency = match live {
             None => {
-                copy_whole(&from, &disk)?;
+                copy_whole(&self.vm_dir(vps).join("disk.qcow2"), &disk)?;
                 Consistency::Stopped
             }
-            Some(may_freeze) => self.vm_live_copy(vps, may_freeze, &disk).await?,
+            Some(may_freeze) => {
+                let consistency = self.vm_begin_live_copy(vps, may_freeze).await?;
+                drop(held);
+                self.vm_finish_live_copy(vps, &disk).await?;
+                held = lock.lock().await;
+                consistency
+            }
         };
         // The record last: a snapshot is listed only once its disk is whole.
+        let existing = self.vm_snapshots(vps)?;
         let record = Record {
             created_at_unix_ms: created,
             message: message.map(String::from),
@@ -186,6 +195,7 @@ impl TaskContext {
                 tracing::warn!(task = vps, snapshot = %old.id, error = %crate::error_chain(&e), "rotating out a snapshot failed");
             }
         }
+        drop(held);
         Ok(SnapshotView {
             id,
             vps_id: vps,
@@ -197,64 +207,121 @@ impl TaskContext {
         })
     }
 
-    /// Copies the running VM's disk to `to` (see the module's note).
-    async fn vm_live_copy(
+    /// Begins the copy of the running VM's disk into its work file: the
+    /// guest frozen (when `may_freeze` and its agent answers) for the
+    /// instant the copy begins, and thawed at once. One copy at a time:
+    /// a job that still runs (a copy begun before a runner crash, an
+    /// admin's) is waited for.
+    async fn vm_begin_live_copy(
         &self,
         vps: u64,
         may_freeze: bool,
-        to: &Path,
     ) -> Result<Consistency, SnapshotError> {
-        use crate::kvm::libvirt::CopyState;
-        let dir = self.vm_dir(vps);
-        let tmp = dir.join(LIVE_COPY);
-        // A crash's leftover (libvirt makes the file itself).
-        let _ = std::fs::remove_file(&tmp);
+        let tmp = self.vm_dir(vps).join(LIVE_COPY);
         let uuid = super::vm::vm_uuid(&self.container_id(vps));
-        let vm_error =
-            |e: &(dyn std::error::Error + 'static)| SnapshotError::Vm(crate::error_chain(e));
-        let (u, t) = (uuid.clone(), tmp.clone());
-        let consistency = self
+        let begun = self
             .libvirt(move |h| {
-                let frozen = may_freeze && h.freeze(&u)?;
-                let begun = h.begin_disk_copy(&u, &t);
-                // The copy's instant is fixed once it has begun: the guest
-                // is frozen no longer than that.
-                if frozen {
-                    h.thaw(&u)?;
+                if h.job_progress(&uuid)?.is_some() {
+                    return Ok(None);
                 }
-                begun.map(|()| match frozen {
-                    true => Consistency::Frozen,
-                    false => Consistency::Crash,
+                // A crash's leftover (libvirt makes the file itself).
+                let _ = std::fs::remove_file(&tmp);
+                let frozen = may_freeze && h.freeze(&uuid)?;
+                let begun = h.begin_disk_copy(&uuid, &tmp);
+                if frozen {
+                    if let Err(e) = h.thaw(&uuid, 3) {
+                        // No copy of a guest that may stay frozen: say so.
+                        if begun.is_ok() {
+                            let _ = h.abort_job(&uuid);
+                        }
+                        return Err(e);
+                    }
+                } else if may_freeze {
+                    // An agent that answered too late may have frozen it.
+                    let _ = h.thaw(&uuid, 1);
+                }
+                begun.map(|()| {
+                    Some(match frozen {
+                        true => Consistency::Frozen,
+                        false => Consistency::Crash,
+                    })
                 })
             })
             .await
-            .map_err(|e| vm_error(&e))?;
+            .map_err(|e| SnapshotError::Vm(crate::error_chain(&e)))?;
+        begun.ok_or(SnapshotError::VmJob(vps))
+    }
+
+    /// Waits for the copy `vm_begin_live_copy` began, makes it an overlay
+    /// on the VM's base (the shape of every VM disk here) and puts it at
+    /// `to`. A copy that fails, or makes no progress for 10 minutes, is
+    /// cancelled; the work file goes either way.
+    async fn vm_finish_live_copy(&self, vps: u64, to: &Path) -> Result<(), SnapshotError> {
+        let dir = self.vm_dir(vps);
+        let tmp = dir.join(LIVE_COPY);
+        let uuid = super::vm::vm_uuid(&self.container_id(vps));
+        let vm_error =
+            |e: &(dyn std::error::Error + 'static)| SnapshotError::Vm(crate::error_chain(e));
         let copied = async {
+            let mut progress = (0, std::time::Instant::now());
             loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 let u = uuid.clone();
-                match self.libvirt(move |h| h.disk_copy_state(&u)).await {
-                    Ok(CopyState::Running) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                match self.libvirt(move |h| h.job_progress(&u)).await {
+                    Ok(None) => break,
+                    Ok(Some(done)) if done != progress.0 => {
+                        progress = (done, std::time::Instant::now())
                     }
-                    Ok(CopyState::Done) => break,
-                    Ok(CopyState::Failed) => {
-                        return Err(SnapshotError::Vm(
-                            "copying the running VM's disk failed (did it stop meanwhile?)".into(),
-                        ))
+                    Ok(Some(_)) if progress.1.elapsed() > STALLED => {
+                        return Err(SnapshotError::Vm(format!(
+                            "copying the running VM's disk made no progress for {} minutes",
+                            STALLED.as_secs() / 60
+                        )))
                     }
+                    Ok(Some(_)) => {}
                     Err(e) => return Err(vm_error(&e)),
                 }
             }
+            let u = uuid.clone();
+            if !self
+                .libvirt(move |h| h.disk_copy_completed(&u))
+                .await
+                .map_err(|e| vm_error(&e))?
+            {
+                return Err(SnapshotError::Vm(
+                    "copying the running VM's disk failed (did the VM stop meanwhile?)".into(),
+                ));
+            }
             tokio::task::block_in_place(|| {
                 let base = crate::kvm::image::backing_file(&dir.join("disk.qcow2"))?;
-                crate::kvm::image::rebase(&tmp, &base)
+                // libvirt reports the job done just before QEMU lets go of
+                // the file: a few tries for its lock.
+                let mut tries = 0;
+                loop {
+                    match crate::kvm::image::rebase(&tmp, &base) {
+                        Err(e) if tries < 5 && e.to_string().contains("lock") => {
+                            tries += 1;
+                            std::thread::sleep(std::time::Duration::from_secs(1));
+                        }
+                        r => return r,
+                    }
+                }
             })
             .map_err(|e| vm_error(&e))?;
             copy_whole(&tmp, to)
         }
         .await;
+        if copied.is_err() {
+            let u = uuid.clone();
+            let _ = self
+                .libvirt(move |h| match h.job_progress(&u)? {
+                    Some(_) => h.abort_job(&u),
+                    None => Ok(()),
+                })
+                .await;
+        }
         let _ = std::fs::remove_file(&tmp);
-        copied.map(|()| consistency)
+        copied
     }
 
     /// Snapshot `id` of VM `vps`, as listed: an id names only what the
