@@ -582,6 +582,18 @@ fn create_vm(
     (id, cid)
 }
 
+/// What `vps snapshot list` says of snapshot `snap`'s consistency.
+fn snapshot_consistency(v: &common::cluster::Vps, id: &str, snap: &str) -> String {
+    let list = v.json(&["vps", "snapshot", "list", id]);
+    let s = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == snap)
+        .unwrap_or_else(|| panic!("no snapshot {snap}: {list}"));
+    s["consistency"].as_str().unwrap_or_default().to_string()
+}
+
 /// Waits until the VM's serial console shows `marker`; the console so far.
 fn wait_for_console(
     console: &std::path::Path,
@@ -695,12 +707,7 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         assert!(o.status.success(), "{}", stderr(&o));
         let live = v.snapshot_ids(&id).last().unwrap().clone();
         assert_eq!(v.state(&id), "running");
-        let record = std::fs::read_to_string(
-            v.runner_data()
-                .join(format!("runner/vm-snapshots/{cid}/{live}.json")),
-        )
-        .unwrap();
-        assert!(record.contains(r#""consistency":"crash""#), "{record}");
+        assert_eq!(snapshot_consistency(&v, &id, &live), "crash");
         v.ssh_ok(&id, &["rm /data/g && sync"]);
         assert!(
             !std::path::Path::new(&format!("{STORE}/vms/{cid}/snapshot.qcow2")).exists(),
@@ -898,12 +905,9 @@ fn a_debian_vm_with_cloud_init_takes_our_seed() {
         let o = v.rn(&["vps", "snapshot", "create", &id, "-m", "agent"]);
         assert!(o.status.success(), "{}", stderr(&o));
         let snap = v.snapshot_ids(&id).last().unwrap().clone();
-        let record = std::fs::read_to_string(
-            v.runner_data()
-                .join(format!("runner/vm-snapshots/{cid}/{snap}.json")),
-        )
-        .unwrap();
-        assert!(record.contains(r#""consistency":"frozen""#), "{record}");
+        assert_eq!(snapshot_consistency(&v, &id, &snap), "frozen");
+        let table = stdout(&v.rn(&["vps", "snapshot", "list", &id]));
+        assert!(table.contains("filesystems frozen"), "{table}");
         assert_eq!(
             v.ssh_ok(&id, &["touch /root/after && echo written"]),
             "written\n"

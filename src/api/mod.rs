@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 
 pub use target::{parse_memory_size, Target, TargetError};
 pub use task::{
-    Assignment, Assignments, Desired, ImageSource, Kind, MountSpec, Placement, RestartRequest,
-    Restore, SnapshotRequest, SnapshotView, SubmitResponse, TaskProgress, TaskReport, TaskSpec,
-    TaskState, TaskView,
+    Assignment, Assignments, Consistency, Desired, ImageSource, Kind, MountSpec, Placement,
+    RestartRequest, Restore, SnapshotRequest, SnapshotView, SubmitResponse, TaskProgress,
+    TaskReport, TaskSpec, TaskState, TaskView,
 };
 
 use crate::topology::{Inventory, Usage};

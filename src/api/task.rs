@@ -171,20 +171,46 @@ pub struct Restore {
     pub request: i64,
 }
 
-/// A VPS snapshot: its filesystem changes committed as an image on its node.
+/// A VPS snapshot: a container's filesystem changes committed as an image
+/// on its node, or a copy of a VM's disk there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotView {
     /// Unique per VPS and ordered by creation (milliseconds since the epoch, made distinct).
     pub id: String,
     pub vps_id: u64,
     pub created_at_unix_ms: i64,
-    /// Size of the snapshot's own layer (compressed): the changes, not the image.
+    /// A container's: its own layer (compressed), the changes. A VM's: the copy's file.
     pub size_bytes: u64,
     #[serde(default)]
     pub message: Option<String>,
-    /// The image in the node's containerd.
+    /// The image in the node's containerd, or the VM disk copy's path there.
     pub image: String,
     pub node: String,
+    /// How consistent a VM's disk copy is (absent for containers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+}
+
+/// How a VM's disk was when a snapshot copied it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// The VM was off.
+    Stopped,
+    /// Running, with its filesystems frozen by the guest agent.
+    Frozen,
+    /// Running, no guest agent answered: as a disk after a power cut.
+    Crash,
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Consistency::Stopped => "VM stopped",
+            Consistency::Frozen => "filesystems frozen",
+            Consistency::Crash => "crash-consistent",
+        })
+    }
 }
 
 /// `POST /api/vps/snapshots/{id}` (body optional).

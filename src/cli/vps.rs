@@ -416,11 +416,15 @@ fn snapshot_rows(list: &[SnapshotView]) -> String {
                 ago(s.created_at_unix_ms, crate::now_unix_ms()),
                 bytes(s.size_bytes),
                 s.node.clone(),
+                s.consistency.map(|c| c.to_string()).unwrap_or_default(),
                 s.message.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    table(&["SNAPSHOT", "TAKEN", "SIZE", "NODE", "MESSAGE"], &rows)
+    table(
+        &["SNAPSHOT", "TAKEN", "SIZE", "NODE", "COPY", "MESSAGE"],
+        &rows,
+    )
 }
 
 async fn snapshot(client: &Client, cmd: SnapshotCommand, output: Output) -> anyhow::Result<()> {
@@ -445,11 +449,18 @@ async fn snapshot(client: &Client, cmd: SnapshotCommand, output: Output) -> anyh
             let s = s?;
             match output {
                 Output::Json => emit_json(&s),
-                Output::Table => emit(&format!(
-                    "vps {id}: snapshot {} taken ({} of changes)\n",
-                    s.id,
-                    bytes(s.size_bytes)
-                )),
+                Output::Table => emit(&match s.consistency {
+                    Some(c) => format!(
+                        "vps {id}: snapshot {} taken ({}, {c})\n",
+                        s.id,
+                        bytes(s.size_bytes)
+                    ),
+                    None => format!(
+                        "vps {id}: snapshot {} taken ({} of changes)\n",
+                        s.id,
+                        bytes(s.size_bytes)
+                    ),
+                }),
             }
         }
         SnapshotCommand::List { id } => {

@@ -68,6 +68,7 @@ fn view(node: &str, img: &containerd_client::services::v1::Image) -> Option<Snap
         message: l.get(MESSAGE_LABEL).cloned(),
         image: img.name.clone(),
         node: node.to_string(),
+        consistency: None,
     })
 }
 
@@ -211,6 +212,7 @@ impl TaskContext {
             message: message.map(String::from),
             image: name,
             node: self.node.clone(),
+            consistency: None,
         })
     }
 
@@ -302,6 +304,7 @@ mod tests {
             message: None,
             image: String::new(),
             node: "n1".into(),
+            consistency: None,
         };
         let three = [snap("1"), snap("2"), snap("3")];
         let ids = |s: &[SnapshotView]| s.iter().map(|s| s.id.clone()).collect::<Vec<_>>();

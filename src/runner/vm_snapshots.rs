@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::api::SnapshotView;
+use crate::api::{Consistency, SnapshotView};
 
 use super::container::TaskContext;
 use super::snapshots::{next_id, rotated_out, SnapshotError};
@@ -28,18 +28,6 @@ struct Record {
     /// How consistent the copy is (absent in snapshots from before it was recorded: stopped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     consistency: Option<Consistency>,
-}
-
-/// How a VM's disk was when it was copied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Consistency {
-    /// The VM was off.
-    Stopped,
-    /// Running, with its filesystems frozen by the guest agent.
-    Frozen,
-    /// Running, no agent answered: as a disk after a power cut.
-    Crash,
 }
 
 /// The file in the VM's directory that libvirt's backup job writes (QEMU,
@@ -127,6 +115,7 @@ impl TaskContext {
                 message: r.message,
                 image: disk.display().to_string(),
                 node: self.node.clone(),
+                consistency: Some(r.consistency.unwrap_or(Consistency::Stopped)),
             });
         }
         out.sort_by_key(|s| (s.created_at_unix_ms, s.id.clone()));
@@ -204,6 +193,7 @@ impl TaskContext {
             message: record.message,
             image: disk.display().to_string(),
             node: self.node.clone(),
+            consistency: Some(consistency),
         })
     }
 
