@@ -794,6 +794,29 @@ mod tests {
         );
     }
 
+    /// VPS `vps` with one GPU runs and is stopped, then a command takes
+    /// the first free GPU: the VPS, its first GPUs, the command and its GPUs.
+    fn stopped_while_another_takes_a_gpu(
+        s: &SqliteStore,
+        vps: &TaskSpec,
+    ) -> (
+        u64,
+        Vec<crate::topology::PciAddress>,
+        u64,
+        Vec<crate::topology::PciAddress>,
+    ) {
+        let a = s.submit_task(vps, None, 0).unwrap();
+        s.schedule().unwrap();
+        let first = s.get_task(a).unwrap().unwrap().placement.unwrap().gpus;
+        report(s, a, TaskState::Running).unwrap();
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        report(s, a, TaskState::Stopped).unwrap();
+        let b = s.submit_task(&spec(1, 1), None, 0).unwrap();
+        s.schedule().unwrap();
+        let taken = s.get_task(b).unwrap().unwrap().placement.unwrap().gpus;
+        (a, first, b, taken)
+    }
+
     #[test]
     fn a_restarted_vps_gets_the_gpus_its_container_was_made_with() {
         let s = store_with_node("n1");
@@ -801,16 +824,8 @@ mod tests {
             kind: crate::api::Kind::Vps,
             ..spec(1, 1)
         };
-        let a = s.submit_task(&vps, None, 0).unwrap();
-        s.schedule().unwrap();
-        let first = s.get_task(a).unwrap().unwrap().placement.unwrap().gpus;
-        report(&s, a, TaskState::Running).unwrap();
-        s.set_desired(a, Desired::Stopped, 1).unwrap();
-        report(&s, a, TaskState::Stopped).unwrap();
         // While it is stopped, another instance takes the first free GPU ...
-        let b = s.submit_task(&spec(1, 1), None, 0).unwrap();
-        s.schedule().unwrap();
-        let taken = s.get_task(b).unwrap().unwrap().placement.unwrap().gpus;
+        let (a, first, b, taken) = stopped_while_another_takes_a_gpu(&s, &vps);
         assert_eq!(taken, first, "a stopped VPS holds no GPU");
         // ... so the VPS waits for its own rather than take another.
         s.restart(a, None).unwrap();
@@ -834,18 +849,8 @@ mod tests {
             image: ImageSource::VmImage("mini".into()),
             ..spec(1, 1)
         };
-        let a = s.submit_task(&vm, None, 0).unwrap();
-        s.schedule().unwrap();
-        let first = s.get_task(a).unwrap().unwrap().placement.unwrap().gpus;
-        report(&s, a, TaskState::Running).unwrap();
-        s.set_desired(a, Desired::Stopped, 1).unwrap();
-        report(&s, a, TaskState::Stopped).unwrap();
-        let b = s.submit_task(&spec(1, 1), None, 0).unwrap();
-        s.schedule().unwrap();
-        assert_eq!(
-            s.get_task(b).unwrap().unwrap().placement.unwrap().gpus,
-            first
-        );
+        let (a, first, _, taken) = stopped_while_another_takes_a_gpu(&s, &vm);
+        assert_eq!(taken, first);
         // Its domain is written anew at each start: another GPU will do.
         s.restart(a, None).unwrap();
         assert_eq!(s.schedule().unwrap(), vec![a]);
