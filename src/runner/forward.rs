@@ -148,7 +148,10 @@ pub async fn serve(id: u64, pidfd: OwnedFd, q: ForwardQuery, ws: WebSocket) {
                             return;
                         }
                     }
-                    None => break None,
+                    // The mux is gone: the session is ending, and why
+                    // comes next (a closed channel can win the race
+                    // against the reason, which must still be told).
+                    None => break (&mut end_rx).await.ok().flatten(),
                 },
                 r = &mut end_rx => break r.ok().flatten(),
             }
@@ -202,8 +205,8 @@ pub async fn serve(id: u64, pidfd: OwnedFd, q: ForwardQuery, ws: WebSocket) {
         }
     };
     tracing::info!(task = id, port = q.port, ?reason, "forward ended");
-    // Every connection's sockets close with the mux.
-    drop(mux);
+    // Why first, then every connection's sockets close with the mux.
     let _ = end_tx.send(reason);
+    drop(mux);
     let _ = sender.await;
 }
