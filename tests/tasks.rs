@@ -28,7 +28,14 @@ impl Cluster {
     }
 
     fn start_with(name: &str, runner_extra: &[&str]) -> Option<Cluster> {
+        Self::start_opts(name, runner_extra, false)
+    }
+
+    /// `frozen`: containerd is stopped (SIGSTOP) before the runner starts,
+    /// and the node is awaited degraded, not online.
+    fn start_opts(name: &str, runner_extra: &[&str], frozen: bool) -> Option<Cluster> {
         let ctd = PrivateContainerd::start()?;
+        ctd.freeze(frozen);
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
         std::fs::create_dir_all(&envs).unwrap();
@@ -51,9 +58,10 @@ impl Cluster {
         c.start_runner();
         let hd = c.host_data();
         let n = c.node.clone();
-        wait_for("the node online", || {
+        let want = if frozen { "degraded" } else { "online" };
+        wait_for_logged(&format!("the node {want}"), &c.daemons(), || {
             node(&nodes(&hd), &n)
-                .filter(|v| v["state"] == "online")
+                .filter(|v| v["state"] == want)
                 .map(|_| ())
         });
         Some(c)
@@ -761,10 +769,30 @@ fn a_node_whose_containerd_stops_answering_is_degraded_and_gets_nothing_new() {
     let Some(c) = Cluster::start("tasks-deg") else {
         return;
     };
-    let hd = c.host_data();
     c.ctd.freeze(true);
+    degraded_until_containerd_answers(&c);
+}
+
+/// A runner that starts while containerd accepts its socket and never
+/// answers still beats: the node is degraded, never offline, and takes
+/// work once containerd answers (a CI run lost the race of the test above
+/// to this: the first connect hung the heartbeat loop).
+#[test]
+fn a_runner_started_while_containerd_hangs_keeps_beating() {
+    let Some(c) = Cluster::start_opts("tasks-hang", &[], true) else {
+        return;
+    };
+    degraded_until_containerd_answers(&c);
+    let host_log = c._host.log_text();
+    assert!(!host_log.contains("marked offline"), "{host_log}");
+}
+
+/// With `c`'s containerd frozen: the node turns degraded naming
+/// containerd, gets no task, and runs it once containerd answers again.
+fn degraded_until_containerd_answers(c: &Cluster) {
+    let hd = c.host_data();
     let n = wait_for_logged("the node degraded", &c.daemons(), || {
-        node(&nodes(&hd), "tasks-deg")
+        node(&nodes(&hd), &c.node)
             .filter(|v| v["state"] == "degraded")
             .cloned()
     });
@@ -789,7 +817,7 @@ fn a_node_whose_containerd_stops_answering_is_degraded_and_gets_nothing_new() {
     // containerd answers again: the node is online and the task runs.
     c.ctd.freeze(false);
     c.wait_state(id, "completed");
-    let n = node(&nodes(&hd), "tasks-deg").cloned().unwrap();
+    let n = node(&nodes(&hd), &c.node).cloned().unwrap();
     assert_eq!(n["state"], "online", "{n}");
     assert!(n.get("degraded").is_none(), "{n}");
 }

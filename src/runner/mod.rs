@@ -227,6 +227,7 @@ impl BoundRunner {
             tasks: None,
             task_loop_problem: None,
             containerd_problem: Default::default(),
+            connecting: None,
         };
         if let Err(e) = control.run().await {
             server.abort();
@@ -406,6 +407,10 @@ struct Control {
     /// once the task loop runs. Kept apart from the beat, so a containerd
     /// that hangs never delays a heartbeat.
     containerd_problem: Arc<std::sync::Mutex<Option<String>>>,
+    /// The connection to containerd being made for the task loop. It runs
+    /// beside the beat: a containerd that accepts the socket and never
+    /// answers (stopped, swapping) must not stop the heartbeats that say so.
+    connecting: Option<tokio::task::JoinHandle<Result<crate::oci::Containerd, String>>>,
 }
 
 enum Beat {
@@ -504,15 +509,46 @@ impl Control {
             t.set_credential(&c.credential);
             return;
         }
-        let ctd = match crate::oci::Containerd::connect(
-            &self.config.containerd_socket,
-            &self.config.snapshotter,
-        )
-        .await
-        {
+        let socket = self.config.containerd_socket.clone();
+        let snapshotter = self.config.snapshotter.clone();
+        let attempt = self.connecting.get_or_insert_with(|| {
+            tokio::spawn(async move {
+                match tokio::time::timeout(
+                    CONTAINERD_PING,
+                    crate::oci::Containerd::connect(&socket, &snapshotter),
+                )
+                .await
+                {
+                    Ok(Ok(ctd)) => Ok(ctd),
+                    Ok(Err(e)) => Err(crate::error_chain(&e)),
+                    Err(_) => Err(format!(
+                        "containerd at {} did not answer within {CONTAINERD_PING:?}",
+                        socket.display()
+                    )),
+                }
+            })
+        });
+        // A containerd that answers does so in milliseconds: wait that
+        // long, so a fresh runner takes work on its first beat.
+        let grace = (self.interval / 3).min(Duration::from_secs(1));
+        let result = match tokio::time::timeout(grace, attempt).await {
+            Ok(joined) => {
+                self.connecting = None;
+                joined.unwrap_or_else(|e| Err(format!("the containerd connect task failed: {e}")))
+            }
+            Err(_) => {
+                if self.task_loop_problem.is_none() {
+                    self.task_loop_problem = Some(format!(
+                        "connecting to containerd at {}",
+                        self.config.containerd_socket.display()
+                    ));
+                }
+                return;
+            }
+        };
+        let ctd = match result {
             Ok(ctd) => ctd,
-            Err(e) => {
-                let why = crate::error_chain(&e);
+            Err(why) => {
                 if self.task_loop_problem.as_deref() != Some(why.as_str()) {
                     tracing::warn!(error = %why, "tasks cannot run until containerd answers");
                 }
