@@ -283,6 +283,10 @@ layered_config! {
         nvidia_driver_root: PathBuf = PathBuf::from("/proc/driver/nvidia"),
         /// Where the node's device nodes are (tests point this at a fake tree).
         dev_root: PathBuf = PathBuf::from("/dev"),
+        /// Memory held back for the node itself (kernel, runner, containerd,
+        /// libvirt, each VM's QEMU), never given to instances; unset: a
+        /// twentieth of the node's memory, at least 1 GiB and at most a quarter.
+        reserved_memory: Option<HumanSize> = None,
         /// Size of /dev/shm for an instance without a memory limit or --shm-size.
         default_shm_size: HumanSize = HumanSize(8 << 30),
         /// Time a client has to send a request's headers before the runner API closes its connection.

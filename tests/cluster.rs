@@ -82,6 +82,11 @@ fn up_brings_up_a_one_node_cluster_of_this_machine() {
         inv["memory_total_bytes"].as_u64().unwrap(),
         meminfo_total_bytes()
     );
+    // Part of it is held back for the node's own daemons, never placed.
+    assert_eq!(
+        inv["memory_reserved_bytes"].as_u64().unwrap(),
+        rivernode::runner::default_reserved_memory(meminfo_total_bytes())
+    );
     assert_eq!(
         inv["numa_nodes"].as_array().unwrap().len(),
         numa_node_count()

@@ -52,6 +52,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
             bridge: "lo".into(),
             subnet: "10.88.0.0/24".parse().unwrap(),
             protected_ports: vec![pp],
+            runner_ports: vec![pp],
             port_maps: vec![PortMap {
                 node_port: 30022,
                 ip: "127.0.0.1".parse().unwrap(),
@@ -73,7 +74,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
         );
         let rules = listed.matches("\"rule\"").count();
         assert_eq!(
-            rules, 14,
+            rules, 15,
             "applying twice replaces, never duplicates: {listed}"
         );
         assert!(!reachable(pp), "a protected port is closed to the bridge");
@@ -269,7 +270,9 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 table: "rivernode".into(),
                 bridge: "rvt1".into(),
                 subnet,
-                protected_ports: vec![pp],
+                // The runner API's port, and the host API's (8000).
+                protected_ports: vec![pp, 8000],
+                runner_ports: vec![pp],
                 port_maps: vec![],
                 // The "host" on the outside network below.
                 node_port_sources: vec!["192.0.2.2".parse().unwrap()],
@@ -414,12 +417,14 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 let b = TcpListener::bind("0.0.0.0:30500").unwrap();
                 // Another machine's runner API, on the protected port.
                 let c = TcpListener::bind(format!("0.0.0.0:{pp2}")).unwrap();
+                // The host's API (on .2), or any web server (on .3).
+                let e = TcpListener::bind("0.0.0.0:8000").unwrap();
                 // A server that trusts reserved source ports (NFS, AUTH_SYS).
                 let d = TcpListener::bind("0.0.0.0:2049").unwrap();
                 let _ = outside_done_rx.recv();
                 d.set_nonblocking(true).unwrap();
                 let peer_port = d.accept().map(|(_, peer)| peer.port()).ok();
-                drop((a, b, c));
+                drop((a, b, c, e));
                 peer_port
             });
             ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.3"]);
@@ -446,6 +451,8 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                     connects(&format!("192.0.2.3:{pp2}")),
                     from_reserved_port,
                     connects("198.51.100.3:8080"),
+                    connects("192.0.2.2:8000"),
+                    connects("192.0.2.3:8000"),
                 )
             })
             .join()
@@ -463,6 +470,11 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 "it leaves the node from an unprivileged port, not {peer_port}"
             );
             assert!(!to_other_node.4, "a blocked network is not reachable");
+            assert!(!to_other_node.5, "the host's API is not reachable");
+            assert!(
+                to_other_node.6,
+                "another machine's server on the host API's port is reachable"
+            );
             assert!(to_other_node.0, "egress to the world works");
             assert!(
                 !to_other_node.1,

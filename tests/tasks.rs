@@ -679,15 +679,36 @@ fn a_hostile_registry_can_neither_aim_the_node_nor_flood_it() {
     );
     // Killed while its pull is stalled, a task ends now (not when the
     // registry or the read timeout lets go), and was never running.
+    let pulling = |what: &str| {
+        wait_for(&format!("the runner is pulling for {what}"), || {
+            slow_asked
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+                .then_some(())
+        })
+    };
     let id = c.submit(&["--image", &format!("{addr}/x:slow"), "--", "true"]);
-    wait_for("the runner is pulling", || {
-        slow_asked
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some(())
-    });
+    pulling("the task");
     c.rn(&["task", "kill", &id.to_string()]);
     let t = c.wait_state(id, "killed");
     assert!(t["started_at_unix_ms"].is_null(), "{t}");
+    // So does a VPS stopped meanwhile (F7).
+    let key = c.dir.path().join("slow.key");
+    let v = c.json(&[
+        "vps",
+        "create",
+        "--image",
+        &format!("{addr}/x:slow"),
+        "--gen-ssh-key",
+        "--key-out-file",
+        key.to_str().unwrap(),
+    ]);
+    let id = v["id"].as_u64().unwrap();
+    pulling("the VPS");
+    c.rn(&["vps", "stop", &id.to_string()]);
+    let t = c.wait_state(id, "stopped");
+    assert!(t["started_at_unix_ms"].is_null(), "{t}");
+    let reason = t["message"].as_str().unwrap_or_default();
+    assert!(reason.contains("before it started"), "{t}");
 }
 
 #[test]

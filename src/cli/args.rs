@@ -212,6 +212,10 @@ pub struct RunnerArgs {
     /// /dev/shm size of instances with neither --memory nor --shm-size (e.g. 8G).
     #[arg(long, value_name = "SIZE")]
     pub default_shm_size: Option<crate::config::HumanSize>,
+    /// Memory the node keeps for itself, never given to instances (e.g. 4G);
+    /// default: a twentieth of its memory, at least 1G, at most a quarter.
+    #[arg(long, value_name = "SIZE")]
+    pub reserved_memory: Option<crate::config::HumanSize>,
     /// Time a client has to send a request's headers.
     #[arg(long, value_name = "DURATION")]
     pub http_header_timeout: Option<HumanDuration>,

@@ -94,6 +94,7 @@ pub fn runner_config(
         nvidia_driver_root: args.nvidia_driver_root.clone(),
         dev_root: args.dev_root.clone(),
         default_shm_size: args.default_shm_size,
+        reserved_memory: args.reserved_memory.map(Some),
         http_header_timeout: args.http_header_timeout,
         http_max_connections: None,
         libvirt_uri: args.libvirt_uri.clone(),

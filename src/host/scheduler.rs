@@ -115,7 +115,7 @@ fn never_fits(spec: &TaskSpec, nodes: &[NodeView]) -> String {
             spec.cores
         );
     }
-    let mem = most(&|i| i.memory_total_bytes);
+    let mem = most(&|i| i.memory_for_instances());
     if spec.memory_bytes.is_some_and(|m| m > mem) {
         return format!(
             "memory_bytes: no node has {} bytes of memory (the most any node has is {mem})",
@@ -139,11 +139,12 @@ fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
         && inv.cpus.len() as u32 >= spec.cores
         && spec
             .memory_bytes
-            .is_none_or(|m| m <= inv.memory_total_bytes)
+            .is_none_or(|m| m <= inv.memory_for_instances())
         && inv.gpus.len() as u32 >= gpus
 }
 
-/// The memory a task that names none gets on `inv`: the node's memory in
+/// The memory a task that names none gets on `inv`: the node's memory
+/// (less what it holds back for itself) in
 /// proportion to the larger of its share of the cores and of the GPUs (as
 /// Vast.ai sizes an instance). It is both its limit and its reservation, so
 /// a task without `--memory` can neither take the node's memory from the
@@ -160,7 +161,7 @@ pub fn memory_share(spec: &TaskSpec, inv: &Inventory) -> u64 {
     } else {
         (g, gn)
     };
-    (u128::from(inv.memory_total_bytes) * u128::from(n) / u128::from(d)) as u64
+    (u128::from(inv.memory_for_instances()) * u128::from(n) / u128::from(d)) as u64
 }
 
 /// Decides for one task. `reserved` holds every placement of every non-final task.
@@ -238,7 +239,7 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
     if (free_cpus.len() as u32) < spec.cores {
         return Err(format!("{} of {} cores free", free_cpus.len(), spec.cores));
     }
-    let free_mem = inv.memory_total_bytes.saturating_sub(used_mem);
+    let free_mem = inv.memory_for_instances().saturating_sub(used_mem);
     if memory > free_mem {
         return Err(format!("{free_mem} of {memory} bytes of memory free"));
     }

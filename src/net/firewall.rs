@@ -30,8 +30,14 @@ pub struct Firewall {
     pub table: String,
     pub bridge: String,
     pub subnet: Ipv4Net,
-    /// Node ports instances may not reach (runner API, host API, SSH proxy).
+    /// Ports of this node instances may not reach (runner API, host API,
+    /// SSH proxy), nor on the host's addresses (`node_port_sources`).
     pub protected_ports: Vec<u16>,
+    /// Ports every node's runner API listens on: closed to instances on
+    /// any machine. The well-known web ports are never closed this widely
+    /// (instances would lose the web); a runner behind one is protected on
+    /// this node only.
+    pub runner_ports: Vec<u16>,
     pub port_maps: Vec<PortMap>,
     /// Who may use node ports from outside the node: the host's SSH proxy.
     /// Anyone else would reach an instance's SSH server without a token.
@@ -62,6 +68,10 @@ pub fn mac_text(mac: [u8; 6]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// Ports closed to instances only on the node and the host, never on
+/// every machine: the web.
+const WEB_PORTS: [u16; 2] = [80, 443];
 
 fn m(op: &str, left: Value, right: Value) -> Value {
     json!({"match": {"op": op, "left": left, "right": right}})
@@ -232,14 +242,42 @@ impl Firewall {
                 ],
             ));
         }
-        // The runner and host APIs of other machines, too (they listen on the
-        // same ports as this node's, which input already closes).
-        if !self.protected_ports.is_empty() {
+        // The host's API and SSH proxy wherever the host runs, and the
+        // runner APIs of other machines (they listen on the port this one
+        // does; input already closes this node's). Not these port numbers
+        // on the rest of the world: a web server on 443 or 8000 stays reachable.
+        if !self.protected_ports.is_empty() && !self.node_port_sources.is_empty() {
+            let host: Vec<String> = self
+                .node_port_sources
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
             cmds.push(self.rule(
                 "forward",
                 vec![
                     m("==", iif.clone(), json!(self.bridge)),
+                    m(
+                        "==",
+                        json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                        json!({"set": host}),
+                    ),
                     m("==", dport.clone(), json!({"set": self.protected_ports})),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
+        let runner_ports: Vec<u16> = self
+            .runner_ports
+            .iter()
+            .copied()
+            .filter(|p| !WEB_PORTS.contains(p))
+            .collect();
+        if !runner_ports.is_empty() {
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", iif.clone(), json!(self.bridge)),
+                    m("==", dport.clone(), json!({"set": runner_ports})),
                     json!({"drop": null}),
                 ],
             ));
@@ -405,7 +443,8 @@ mod tests {
             table: "rivernode".into(),
             bridge: "river0".into(),
             subnet: "10.88.0.0/24".parse().unwrap(),
-            protected_ports: vec![8001],
+            protected_ports: vec![443, 8001, 8002],
+            runner_ports: vec![443, 8001],
             port_maps: vec![PortMap {
                 node_port: 30022,
                 ip: "10.88.0.2".parse().unwrap(),
@@ -424,7 +463,18 @@ mod tests {
         assert!(fwd.contains("169.254.0.0"), "{fwd}");
         assert!(fwd.contains("198.51.100.0"), "blocked networks: {fwd}");
         assert!(fwd.contains("[30000,32767]"), "{fwd}");
+        // Other runners' port everywhere, but never the web's.
         assert!(fwd.contains("\"set\":[8001]"), "{fwd}");
+        assert!(!fwd.contains("443"), "{fwd}");
+        // The host's ports (443 too) on the host's address only.
+        let fwd = rules(&fw(vec!["192.0.2.10".parse().unwrap()]), "forward");
+        let to_host: Vec<&Value> = fwd
+            .iter()
+            .filter(|e| serde_json::to_string(e).unwrap().contains("192.0.2.10"))
+            .collect();
+        assert_eq!(to_host.len(), 1, "{fwd:?}");
+        let text = serde_json::to_string(&to_host[0]).unwrap();
+        assert!(text.contains("[443,8001,8002]"), "{text}");
     }
 
     #[test]
@@ -485,7 +535,8 @@ mod tests {
         );
         assert_eq!(pre[0][0]["match"]["right"]["set"], json!(["192.0.2.10"]));
         let fwd = rules(&host, "forward");
-        assert_eq!(fwd.len(), 8, "{fwd:?}");
+        // With the host's address known, its ports are closed there too.
+        assert_eq!(fwd.len(), 9, "{fwd:?}");
         let mut open_bridge = fw(vec![]);
         open_bridge.isolate_instances = false;
         assert_eq!(rules(&open_bridge, "forward").len(), 7);

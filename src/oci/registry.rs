@@ -163,16 +163,19 @@ impl Session<'_> {
         if let Some(s) = params.get("service") {
             q.push(("service", s.clone()));
         }
-        let v: serde_json::Value = self
+        let resp = self
             .http
             .get(realm)
             .query(&q)
             .send()
             .await
-            .map_err(|e| reg_err(self.r, format!("token: {e}")))?
-            .json()
+            .map_err(|e| reg_err(self.r, format!("token: {e}")))?;
+        // A token answer is a few KiB: a realm that streams more is hostile.
+        let body = read_capped(resp, MAX_MANIFEST)
             .await
             .map_err(|e| reg_err(self.r, format!("token: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| reg_err(self.r, format!("token: {e}")))?;
         v["token"]
             .as_str()
             .or_else(|| v["access_token"].as_str())
@@ -256,12 +259,12 @@ fn redirects(allow_http: bool) -> reqwest::redirect::Policy {
 /// The body, refused once it passes `cap` bytes.
 async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
     if resp.content_length().is_some_and(|n| n > cap as u64) {
-        return Err(format!("a manifest larger than {cap} bytes"));
+        return Err(format!("an answer larger than {cap} bytes"));
     }
     let mut out = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         if out.len() + chunk.len() > cap {
-            return Err(format!("a manifest larger than {cap} bytes"));
+            return Err(format!("an answer larger than {cap} bytes"));
         }
         out.extend_from_slice(&chunk);
     }

@@ -57,6 +57,8 @@ pub struct TaskContext {
     pub shared_cpus: std::sync::Mutex<CpuList>,
     /// How far the making of each instance got, for the host.
     pub progress: Arc<super::progress::Board>,
+    /// Images `prepare` fetched, for `create` to take.
+    pub prepared: std::sync::Mutex<HashMap<u64, oci::ImportedImage>>,
 }
 
 /// The `cpuset.cpus` file of cgroup `path`: in the unified hierarchy
@@ -372,7 +374,17 @@ impl TaskContext {
         };
         let image = match restore {
             Some(r) => self.snapshot_image(id, &r.snapshot).await?,
-            None => self.image(id, &a.spec.image).await?,
+            None => {
+                let fetched = self
+                    .prepared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                match fetched {
+                    Some(image) => image,
+                    None => self.image(id, &a.spec.image).await?,
+                }
+            }
         };
         super::supervisor::crash_point(&self.crash_at, "imported");
         let mut input = self.spec_input(a)?;
@@ -629,6 +641,28 @@ impl Driver for TaskContext {
             return Ok(Observed::Absent);
         }
         Ok(observed(self.ctd.status(&cid).await?))
+    }
+
+    async fn prepare(&self, a: &Assignment) -> Result<(), InstanceError> {
+        // A VM's base image is on the node already; a restore is made from
+        // a snapshot on the node; a container made already is started.
+        if a.spec.is_vm() || a.spec.restore.is_some() {
+            return Ok(());
+        }
+        if self
+            .ctd
+            .container_labels(&self.container_id(a.id))
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let image = self.image(a.id, &a.spec.image).await?;
+        self.prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(a.id, image);
+        Ok(())
     }
 
     async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {

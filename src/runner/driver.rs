@@ -142,6 +142,11 @@ pub trait Driver: Send + Sync + 'static {
     /// Every instance on the node, with what each is doing.
     fn list(&self) -> impl Future<Output = Result<Vec<Found>, InstanceError>> + Send;
     fn observe(&self, id: u64) -> impl Future<Output = Result<Observed, InstanceError>> + Send;
+    /// Fetches what making the instance needs from off the node (pulls or
+    /// imports its image). Cancel-safe: it makes nothing of the instance,
+    /// so a kill or stop meanwhile drops it (F7: a stalled registry must
+    /// not hold the task and its reservation).
+    fn prepare(&self, a: &Assignment) -> impl Future<Output = Result<(), InstanceError>> + Send;
     /// Makes the instance from its image (or, for a restore, its snapshot,
     /// replacing the old disk only once everything else is ready) and starts it.
     fn create(&self, a: &Assignment)
@@ -232,8 +237,8 @@ pub mod fake {
         locks: super::super::snapshots::SnapshotLocks,
         /// A signalled instance exits with 128 + signal at once.
         pub obey_signals: bool,
-        /// `create` never finishes (a registry that stalls the pull).
-        pub stall_create: bool,
+        /// `prepare` never finishes (a registry that stalls the pull).
+        pub stall_prepare: bool,
     }
 
     impl FakeDriver {
@@ -332,10 +337,13 @@ pub mod fake {
                 .get(&id)
                 .map_or(Observed::Absent, |i| i.observed))
         }
-        async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
-            if self.stall_create {
+        async fn prepare(&self, _a: &Assignment) -> Result<(), InstanceError> {
+            if self.stall_prepare {
                 std::future::pending::<()>().await;
             }
+            Ok(())
+        }
+        async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
             self.started(a)
         }
         async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {

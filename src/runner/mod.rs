@@ -345,6 +345,21 @@ fn refresh_gpu_drivers(sys: &std::path::Path, gpus: &mut [topology::Gpu]) -> boo
     changed
 }
 
+/// Whether the host's 4xx to a registration is its last word. A bad join
+/// token, a taken name or a bad request are: the operator must act. A 404,
+/// 408 or 429 may come from a proxy in front of a host that is starting or
+/// busy (F8d): the runner tries again rather than exit for good.
+fn refusal_is_final(status: reqwest::StatusCode) -> bool {
+    !matches!(status.as_u16(), 404 | 408 | 425 | 429)
+}
+
+/// The memory a node holds back for itself when its operator names none:
+/// a twentieth, at least 1 GiB (the daemons' own need), at most a quarter
+/// (small test machines still run instances).
+pub fn default_reserved_memory(total: u64) -> u64 {
+    (total / 20).max(1 << 30).min(total / 4)
+}
+
 async fn collect_inventory(
     roots: &KernelRoots,
     config: &RunnerConfig,
@@ -352,8 +367,13 @@ async fn collect_inventory(
     let roots = roots.clone();
     let nvidia_driver = config.nvidia_driver_root.clone();
     let libvirt_uri = config.libvirt_uri.clone();
+    let reserved = config.reserved_memory;
     tokio::task::spawn_blocking(move || {
         let mut inv = topology::collect(&roots)?;
+        inv.memory_reserved_bytes = match reserved {
+            Some(r) => r.0.min(inv.memory_total_bytes),
+            None => default_reserved_memory(inv.memory_total_bytes),
+        };
         // VMs go only to nodes whose runner reaches libvirt (asked on each
         // read, so a libvirtd started later is found).
         inv.vms =
@@ -502,6 +522,15 @@ impl Control {
         }
     }
 
+    /// The task loop cannot start yet: the log says why once, the
+    /// heartbeat on every beat (the node is degraded).
+    fn task_loop_blocked(&mut self, why: String) {
+        if self.task_loop_problem.as_deref() != Some(why.as_str()) {
+            tracing::warn!("tasks cannot run yet: {why}");
+        }
+        self.task_loop_problem = Some(why);
+    }
+
     /// Starts the task reconcile loop once containerd answers; later calls
     /// only refresh its credential.
     async fn ensure_task_loop(&mut self, c: &Credential) {
@@ -549,10 +578,7 @@ impl Control {
         let ctd = match result {
             Ok(ctd) => ctd,
             Err(why) => {
-                if self.task_loop_problem.as_deref() != Some(why.as_str()) {
-                    tracing::warn!(error = %why, "tasks cannot run until containerd answers");
-                }
-                self.task_loop_problem = Some(why);
+                self.task_loop_blocked(why);
                 return;
             }
         };
@@ -568,15 +594,25 @@ impl Control {
         .await
         {
             Ok(w) => Some(w.ssh_proxy_port).filter(|p| *p != 0),
+            // Fail closed: without the port, instances could reach the proxy.
             Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot learn the host's SSH proxy port: instances may reach it");
-                None
+                self.task_loop_blocked(format!(
+                    "cannot learn the host's SSH proxy port, which instances must not reach: {}",
+                    crate::error_chain(&e)
+                ));
+                return;
             }
         };
-        let mut protected: Vec<u16> = [url_port(&self.runner_url), url_port(&self.host_url)]
+        // Other nodes' runners listen where this one does.
+        let runner_ports: Vec<u16> = [url_port(&self.runner_url)]
             .into_iter()
             .flatten()
             .chain(Some(self.config.runner_port).filter(|p| *p != 0))
+            .collect();
+        let mut protected: Vec<u16> = runner_ports
+            .iter()
+            .copied()
+            .chain(url_port(&self.host_url))
             .chain(proxy_port)
             .collect();
         protected.sort_unstable();
@@ -587,17 +623,13 @@ impl Control {
         if sources.is_empty() {
             tracing::warn!(host_url = %self.host_url, "cannot resolve the host's address: node ports work from this node only (set node_port_sources)");
         }
-        let vps = match vps::VpsKit::new(&self.config, protected, sources) {
+        let vps = match vps::VpsKit::new(&self.config, protected, runner_ports, sources) {
             Ok(v) => v,
             Err(e) => {
-                let why = format!(
+                self.task_loop_blocked(format!(
                     "instance networking settings are invalid: {}",
                     crate::error_chain(&e)
-                );
-                if self.task_loop_problem.as_deref() != Some(why.as_str()) {
-                    tracing::error!("{why}");
-                }
-                self.task_loop_problem = Some(why);
+                ));
                 return;
             }
         };
@@ -633,6 +665,7 @@ impl Control {
             node_cpus: self.inventory.cpus.iter().map(|c| c.id).collect(),
             shared_cpus: Default::default(),
             progress: Default::default(),
+            prepared: Default::default(),
         });
         let host = Arc::new(crate::api::host_client::HostClient::new(
             reqwest::Client::builder()
@@ -736,6 +769,9 @@ impl Control {
         use crate::api::host_client::{HostCallError, HostClient};
         let r = match HostClient::register(&self.http, &self.host_url, token, &req).await {
             Ok(r) => r,
+            Err(HostCallError::Refused { status, message }) if !refusal_is_final(status) => {
+                return Err(RegisterFailure::Retry(format!("{status}: {message}")));
+            }
             Err(HostCallError::Refused { status, message }) => {
                 let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
                     " (check the join token)"
@@ -803,6 +839,29 @@ mod host_address_tests {
 mod tests {
     use super::*;
     use crate::topology::fake::FakeMachine;
+
+    #[test]
+    fn only_a_hosts_own_refusals_end_registration() {
+        use reqwest::StatusCode as S;
+        for s in [S::BAD_REQUEST, S::UNAUTHORIZED, S::FORBIDDEN, S::CONFLICT] {
+            assert!(refusal_is_final(s), "{s}");
+        }
+        for s in [S::NOT_FOUND, S::REQUEST_TIMEOUT, S::TOO_MANY_REQUESTS] {
+            assert!(!refusal_is_final(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn a_node_holds_back_memory_for_itself() {
+        const G: u64 = 1 << 30;
+        assert_eq!(
+            default_reserved_memory(2 * G),
+            G / 2,
+            "a quarter of a small node"
+        );
+        assert_eq!(default_reserved_memory(8 * G), G, "at least 1 GiB");
+        assert_eq!(default_reserved_memory(1024 * G), 1024 * G / 20);
+    }
 
     #[test]
     fn ports_come_from_urls_with_their_schemes_defaults() {

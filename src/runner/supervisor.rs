@@ -103,27 +103,30 @@ impl<D: Driver> Supervisors<D> {
                 return;
             }
             BringUp::Create | BringUp::Start => {
-                let started = if bring == BringUp::Create && kind == Kind::Command {
-                    // A command asked to end while its image is still being
-                    // pulled ends now, not when a slow registry lets go (F7).
-                    // Its half-made container, if any, goes with it. Not a
-                    // VPS: its create may be on a disk that must stay.
-                    tokio::select! {
-                        r = self.driver.create(&a) => r,
-                        _ = asked_to_end(&mut desired) => {
-                            tracing::info!(task = id, "killed while it was being created");
-                            self.finish(id, Outcome {
-                                state: TaskState::Killed,
-                                exit_code: None,
-                                message: Some("killed before it started".into()),
-                                keep_disk: false,
-                                snapshot: false,
-                            })
-                            .await;
+                if bring == BringUp::Create {
+                    // Asked to end while its image is still being pulled:
+                    // it ends now, not when a slow registry lets go (F7).
+                    let prepared = tokio::select! {
+                        r = self.driver.prepare(&a) => Some(r),
+                        _ = asked_to_end(&mut desired) => None,
+                    };
+                    match prepared {
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => {
+                            let message = crate::error_chain(&e);
+                            tracing::warn!(task = id, "task failed to start: {message}");
+                            self.start_failed(id, kind, message).await;
+                            return;
+                        }
+                        None => {
+                            let asked = Asked::from_desired(*desired.borrow());
+                            tracing::info!(task = id, ?asked, "asked to end before it was made");
+                            self.ended_unstarted(id, kind, asked).await;
                             return;
                         }
                     }
-                } else if bring == BringUp::Create {
+                }
+                let started = if bring == BringUp::Create {
                     self.driver.create(&a).await
                 } else {
                     self.driver.start(&a).await
@@ -153,19 +156,7 @@ impl<D: Driver> Supervisors<D> {
                 let observed = self.driver.observe(id).await;
                 let asked = Asked::from_desired(*desired.borrow());
                 if matches!(observed, Ok(Observed::Created)) && asked != Asked::Nothing {
-                    // Never started, and asked to end meanwhile: it ends
-                    // without running (and a never-run disk needs no snapshot).
-                    let outcome = Outcome {
-                        snapshot: false,
-                        ..classify(&ExitFacts {
-                            kind,
-                            exit: None,
-                            asked,
-                            oom_at_start: 0,
-                            oom_at_exit: 0,
-                        })
-                    };
-                    self.finish(id, outcome).await;
+                    self.ended_unstarted(id, kind, asked).await;
                     return;
                 }
                 let state = match observed {
@@ -204,6 +195,32 @@ impl<D: Driver> Supervisors<D> {
             oom_at_exit: self.driver.oom_kills(id),
         });
         tracing::info!(task = id, state = %outcome.state, exit_code = ?outcome.exit_code, "task ended");
+        self.finish(id, outcome).await;
+    }
+
+    /// An instance asked to end before its task ever ran: it ends without
+    /// running, a never-run disk needs no snapshot, and a VPS that has no
+    /// disk yet (killed while its image was pulled) has none to keep.
+    async fn ended_unstarted(&self, id: u64, kind: Kind, asked: Asked) {
+        let mut outcome = Outcome {
+            snapshot: false,
+            ..classify(&ExitFacts {
+                kind,
+                exit: None,
+                asked,
+                oom_at_start: 0,
+                oom_at_exit: 0,
+            })
+        };
+        if matches!(self.driver.observe(id).await, Ok(Observed::Absent)) {
+            outcome.keep_disk = false;
+        }
+        let what = match asked {
+            Asked::Stop => "stopped",
+            Asked::Kill => "killed",
+            Asked::Delete | Asked::Nothing => "deleted",
+        };
+        outcome.message = Some(format!("{what} before it started"));
         self.finish(id, outcome).await;
     }
 
@@ -472,7 +489,7 @@ mod tests {
     #[tokio::test]
     async fn a_command_killed_while_it_is_created_ends_at_once() {
         let mut d = FakeDriver::obedient();
-        d.stall_create = true;
+        d.stall_prepare = true;
         let b = bench(d);
         let (tx, h) = b.spawn(
             assignment(1, Kind::Command),
@@ -489,6 +506,27 @@ mod tests {
             vec![TaskState::Killed],
             "never reported running"
         );
+    }
+
+    #[tokio::test]
+    async fn a_vps_asked_to_end_while_its_image_is_pulled_ends_at_once() {
+        for (asked, state) in [
+            (Desired::Killed, TaskState::Killed),
+            (Desired::Stopped, TaskState::Stopped),
+            (Desired::Deleted, TaskState::Deleted),
+        ] {
+            let mut d = FakeDriver::obedient();
+            d.stall_prepare = true;
+            let b = bench(d);
+            let (tx, h) = b.spawn(assignment(1, Kind::Vps), BringUp::Create, Desired::Running);
+            tokio::task::yield_now().await;
+            tx.send(asked).unwrap();
+            h.await.unwrap();
+            assert_eq!(b.rec.states(1), vec![state], "{asked:?}: never running");
+            let message = b.rec.last(1).unwrap().message.unwrap_or_default();
+            assert!(message.contains("before it started"), "{message}");
+            assert!(!b.driver.exists(1), "{asked:?}: nothing was made");
+        }
     }
 
     #[tokio::test]

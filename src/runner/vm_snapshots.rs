@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::api::{Consistency, SnapshotView};
 
 use super::container::TaskContext;
+use super::driver::InstanceError;
 use super::snapshots::{next_id, rotated_out, SnapshotError};
 
 /// What is recorded beside a snapshot's disk.
@@ -71,6 +72,20 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl TaskContext {
+    /// Sets aside the snapshots an id the host hands out for the first
+    /// time already has here (an earlier life of the cluster, L8): the
+    /// directory gets a `.set-aside-<ms>` suffix, nothing is deleted.
+    pub(super) fn vm_set_aside_earlier_life(&self, vps: u64) -> Result<(), InstanceError> {
+        let dir = self.vm_snapshot_dir(vps);
+        if !dir.exists() {
+            return Ok(());
+        }
+        let mut aside = dir.clone().into_os_string();
+        aside.push(format!(".set-aside-{}", crate::now_unix_ms()));
+        tracing::warn!(task = vps, from = %dir.display(), "an earlier VPS's snapshots set aside");
+        std::fs::rename(&dir, aside).map_err(|source| InstanceError::Io { path: dir, source })
+    }
+
     fn vm_snapshot_dir(&self, vps: u64) -> PathBuf {
         self.config
             .data_dir

@@ -256,6 +256,7 @@ impl VpsKit {
     pub fn new(
         config: &RunnerConfig,
         protected_ports: Vec<u16>,
+        runner_ports: Vec<u16>,
         node_port_sources: Vec<std::net::Ipv4Addr>,
     ) -> Result<Self, VpsError> {
         let subnet: crate::net::Ipv4Net =
@@ -273,6 +274,7 @@ impl VpsKit {
                     bridge: config.instance_bridge.clone(),
                     subnet,
                     protected_ports,
+                    runner_ports,
                     port_maps: vec![],
                     node_port_sources,
                     isolate_instances: config.isolate_instances,

@@ -88,9 +88,19 @@ pub struct Inventory {
     /// The runner reaches libvirt here: the node can run VM VPS.
     #[serde(default)]
     pub vms: bool,
+    /// Memory held back for the node itself (kernel, runner, containerd,
+    /// libvirt, QEMU's own overhead): never given to an instance.
+    #[serde(default)]
+    pub memory_reserved_bytes: u64,
 }
 
 impl Inventory {
+    /// The memory instances may be given, in all.
+    pub fn memory_for_instances(&self) -> u64 {
+        self.memory_total_bytes
+            .saturating_sub(self.memory_reserved_bytes)
+    }
+
     pub fn cpu_count(&self) -> usize {
         self.cpus.len()
     }
@@ -158,6 +168,7 @@ pub fn collect(roots: &KernelRoots) -> Result<Inventory, TopologyError> {
         memory_total_bytes,
         gpus,
         warnings,
+        memory_reserved_bytes: 0,
         vms: false,
     })
 }

@@ -247,11 +247,16 @@ pub struct SqliteStore {
 /// Every token (hash, whom it is for, expiry) in memory, so that checking a
 /// request's token, anonymous and bogus ones included, never waits for the
 /// database's one connection behind heartbeats and submissions (F12).
-/// SQLite's update hook marks it stale on any change to `tokens`, so no
-/// write path can forget to.
+/// SQLite's update hook marks it `dirty` on any change to `tokens`, so no
+/// write path can forget to, and the writer reads the table again before
+/// it lets go of the connection: its caller (who alone could know a new
+/// token yet) hears of the change only once the map holds it. A lookup
+/// meanwhile reads the map as it was before that write, as if it had come
+/// first. Only a failed reload (`stale`) sends lookups to the database.
 #[derive(Default)]
 struct TokenCache {
-    stale: Arc<AtomicBool>,
+    dirty: Arc<AtomicBool>,
+    stale: AtomicBool,
     map: RwLock<HashMap<String, (Principal, Option<i64>)>>,
 }
 
@@ -266,6 +271,16 @@ impl TokenCache {
                 .filter(|(_, expires)| expires.is_none_or(|e| e > now_ms))
                 .map(|(p, _)| p.clone()),
         )
+    }
+
+    /// After a write (connection held): the map follows what it changed.
+    fn follow(&self, c: &Connection) {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.reload(c) {
+                tracing::error!(error = %crate::error_chain(&e), "cannot read the tokens again: checking them in the database");
+                self.stale.store(true, Ordering::Release);
+            }
+        }
     }
 
     /// Reads the table again; called with the connection held, so no write
@@ -325,11 +340,11 @@ impl SqliteStore {
         migrate(&mut conn)?;
         let tokens = TokenCache::default();
         tokens.reload(&conn)?;
-        let stale = tokens.stale.clone();
+        let dirty = tokens.dirty.clone();
         conn.update_hook(Some(
             move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
                 if table == "tokens" {
-                    stale.store(true, Ordering::Release);
+                    dirty.store(true, Ordering::Release);
                 }
             },
         ));
@@ -346,7 +361,9 @@ impl SqliteStore {
         // A panic while holding the lock cannot leave SQLite half-written
         // (transactions roll back on drop), so a poisoned lock is safe to reuse.
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut guard)
+        let out = f(&mut guard);
+        self.tokens.follow(&guard);
+        out
     }
 }
 
@@ -916,6 +933,7 @@ mod tests {
             gpus: vec![],
             warnings: vec![],
             vms: false,
+            memory_reserved_bytes: 0,
         }
     }
 
@@ -1243,11 +1261,17 @@ mod tests {
             assert_eq!(s.find_token_now("ha").flatten().unwrap().role, Role::User);
             assert_eq!(s.find_token_now("bogus"), Some(None));
         }
-        // A revocation is seen at once, whichever statement made it.
+        // A revocation is seen at once, whichever statement made it, and
+        // from memory: nothing waits for the database after a change.
         assert!(s.remove_user("alice").unwrap());
-        assert_eq!(s.find_token_now("ha"), None, "stale: ask the database");
+        s.add_user("bob", "hb", 0).unwrap();
+        {
+            let _busy = s.conn.lock().unwrap();
+            assert_eq!(s.find_token_now("ha"), Some(None));
+            assert_eq!(s.find_token_now("bogus"), Some(None));
+            assert_eq!(s.find_token_now("hb").flatten().unwrap().role, Role::User);
+        }
         assert_eq!(s.find_token("ha").unwrap(), None);
-        assert_eq!(s.find_token_now("ha"), Some(None));
         // An expired join token is refused from memory too.
         s.rotate_join_token("hj", Some(crate::now_unix_ms() - 1), 0)
             .unwrap();
