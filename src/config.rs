@@ -187,6 +187,9 @@ layered_config! {
         ssh_proxy_port: u16 = 8002,
         /// URL written to DATA_DIR/api.url for local clients; default http://<bind>:<api_port>.
         advertise_url: Option<String> = None,
+        /// The address users reach the cluster at, given to instances as
+        /// PUBLIC_IPADDR; default: the host part of advertise_url.
+        public_address: Option<String> = None,
         /// A node is marked offline after this many heartbeat intervals without one.
         offline_after_missed: u32 = 3,
         /// How often the host looks for nodes that went silent.

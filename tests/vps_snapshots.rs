@@ -198,12 +198,28 @@ fn an_id_handed_out_again_inherits_no_snapshot_and_no_log() {
             "the earlier owner's secret\n",
         )
         .unwrap();
-        assert_eq!(v.create(), next);
+        // Its new life fails to fetch its image (nothing listens on port 1):
+        // what it finds here was set aside before that.
+        let public = v.key.with_extension("pub");
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "vps",
+            "create",
+            "--image",
+            "127.0.0.1:1/none:1",
+            "--public-key-file",
+            public.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(created_id(&o), next);
+        v.wait_state(&next, "failed");
         let listed = v.json(&["vps", "snapshot", "list", &next]);
         assert_eq!(listed, serde_json::json!([]), "no inherited snapshot");
+        // It never ran, so it has no log at all (the earlier one is not its).
         let o = v.rn(&["task", "logs", &next]);
-        assert!(o.status.success(), "{}", stderr(&o));
         assert!(!stdout(&o).contains("secret"), "{}", stdout(&o));
+        assert!(stderr(&o).contains("no logs"), "{}", stderr(&o));
         // Set aside, not deleted.
         assert!(
             v.ctr(&["images", "ls"])

@@ -15,8 +15,9 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
     }
     private_namespaces(|| {
         let Some(v) = Vps::start("vps-a") else { return };
-        let id = v.create();
+        let id = v.create_with(&["-e", "TZ=UTC", "-e", "TASKID=TEST", "-e", "NOTE=two words"]);
         assert_eq!(v.ssh_ok(&id, &["echo", "ok"]), "ok\n");
+        session_sees_the_instances_variables(&v, &id);
         // The instance has a resolver configuration and a hosts file of its own.
         let resolv = v.ssh_ok(&id, &["cat", "/etc/resolv.conf", "/etc/hosts"]);
         assert!(
@@ -306,6 +307,12 @@ fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
                 "--public-key-file",
                 v.key.with_extension("pub").to_str().unwrap(),
                 "--password-stdin",
+                "-e",
+                "TZ=UTC",
+                "-e",
+                "TASKID=TEST",
+                "-e",
+                "NOTE=two words",
             ],
             "debian pass\n",
         );
@@ -319,6 +326,7 @@ fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
             cmdline.contains("/usr/sbin/sshd -D -e -f /.rivernode/instance/sshd_config"),
             "{cmdline}"
         );
+        session_sees_the_instances_variables(&v, &id);
         let banner = v.ssh_ok(&id, &["echo $SSH_CONNECTION; cat /etc/debian_version"]);
         assert!(
             banner.lines().nth(1).unwrap_or("").starts_with("12"),
@@ -343,4 +351,30 @@ fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
         assert_eq!(v.ssh_ok(&id, &["wc -c < /root/payload"]).trim(), "300000");
         v.delete(&id);
     });
+}
+
+/// A VPS made with `-e TZ=UTC -e TASKID=TEST -e "NOTE=two words"`: its SSH
+/// sessions see those and the Vast.ai contract variables, and its
+/// /etc/environment holds them.
+fn session_sees_the_instances_variables(v: &Vps, id: &str) {
+    let seen = v.ssh_ok(
+        id,
+        &["echo \"$TZ|$TASKID|$NOTE|$CONTAINER_ID|$VAST_CONTAINERLABEL|$GPU_COUNT|$DATA_DIRECTORY|$RIVERNODE_CONTAINER_ID|$HOME\""],
+    );
+    assert_eq!(
+        seen.trim(),
+        format!("UTC|TEST|two words|{id}|C.{id}|0|/shared|{id}|/root"),
+        "{seen}"
+    );
+    let key = v.ssh_ok(id, &["echo \"$SSH_PUBLIC_KEY\""]);
+    assert!(key.starts_with("ssh-ed25519 "), "{key}");
+    let etc = v.ssh_ok(id, &["cat", "/etc/environment"]);
+    assert!(
+        etc.lines().any(|l| l == "TZ=UTC") && etc.lines().any(|l| l == "NOTE=\"two words\""),
+        "{etc}"
+    );
+    assert!(
+        etc.lines().any(|l| l == format!("CONTAINER_ID={id}")),
+        "{etc}"
+    );
 }

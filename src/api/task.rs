@@ -380,6 +380,10 @@ pub struct Assignment {
     /// can come again after the host's database is reset; this does not).
     #[serde(default)]
     pub submitted_at_unix_ms: i64,
+    /// The address users reach the cluster at (the host's
+    /// `public_address`), for the instance's PUBLIC_IPADDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_address: Option<String>,
 }
 
 /// `GET /api/nodes/{name}/assignments?after=REV`: answered when the node's

@@ -131,6 +131,10 @@ pub struct HostArgs {
     pub ssh_proxy_port: Option<u16>,
     #[arg(long, value_name = "URL")]
     pub advertise_url: Option<String>,
+    /// The address users reach the cluster at, given to instances as
+    /// PUBLIC_IPADDR (default: the host of --advertise-url).
+    #[arg(long, value_name = "ADDRESS")]
+    pub public_address: Option<String>,
     #[arg(long, value_name = "N")]
     pub offline_after_missed: Option<u32>,
     #[arg(long, value_name = "DURATION")]
@@ -588,6 +592,9 @@ pub struct VpsCreateArgs {
     /// Every capability and no masked kernel paths (only where the operator allows it).
     #[arg(long)]
     pub privileged: bool,
+    /// An environment variable of the VPS, in its SSH sessions too (container VPS).
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
     /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
     #[arg(long, value_name = "VPS[:SNAPSHOT]", conflicts_with_all = ["container", "image"])]
     pub from_snapshot: Option<String>,

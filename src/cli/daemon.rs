@@ -37,6 +37,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         api_port: args.api_port,
         ssh_proxy_port: args.ssh_proxy_port,
         advertise_url: args.advertise_url.clone().map(Some),
+        public_address: args.public_address.clone().map(Some),
         offline_after_missed: args.offline_after_missed,
         liveness_check_interval: args.liveness_check_interval,
         shared_dir: args.shared_dir.clone(),

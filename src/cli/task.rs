@@ -95,17 +95,24 @@ pub fn base_spec_from(
     })
 }
 
+/// `-e KEY=VALUE` flags as the variables they set (a later one wins).
+pub fn parse_env(flags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut env = BTreeMap::new();
+    for kv in flags {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .with_context(|| format!("-e {kv:?}: write KEY=VALUE"))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    Ok(env)
+}
+
 /// Turns the command line into a task spec, refusing bad input before anything is sent.
 /// `image` stands in for --container/--image (the host's default).
 pub fn spec_from_args(a: &SubmitArgs, image: Option<ImageSource>) -> anyhow::Result<TaskSpec> {
     let base = base_spec_from(&a.resources, crate::api::Kind::Command, image)?;
-    let mut env = BTreeMap::new();
-    for kv in &a.env {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("-e {kv:?}: write KEY=VALUE"))?;
-        env.insert(k.to_string(), v.to_string());
-    }
+    let env = parse_env(&a.env)?;
     let mut mounts = Vec::new();
     for m in &a.mounts {
         let parts: Vec<&str> = m.split(':').collect();

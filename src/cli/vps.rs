@@ -259,6 +259,7 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 privileged: a.privileged,
                 no_ssh: a.no_ssh,
                 command: a.command.clone(),
+                env: crate::cli::task::parse_env(&a.env)?,
                 ..crate::cli::task::base_spec_from(&a.resources, Kind::Vps, source)?
             };
             if let Some(vm) = vm {

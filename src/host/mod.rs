@@ -70,6 +70,8 @@ pub struct HostState {
     pub default_environment: Option<String>,
     /// What a VM VPS without --vm-image boots (`default_vm_image`).
     pub default_vm_image: Option<String>,
+    /// The address users reach the cluster at (PUBLIC_IPADDR in instances).
+    pub public_address: Option<String>,
     /// How far nodes got making tasks that are being made (in memory only:
     /// it matters while someone waits, and a runner sends it again).
     pub progress: std::sync::Mutex<std::collections::HashMap<u64, crate::api::TaskProgress>>,
@@ -184,6 +186,13 @@ impl BoundHost {
                 max_waiting_per_user: config.max_waiting_per_user,
                 default_environment: config.default_environment.clone(),
                 default_vm_image: config.default_vm_image.clone(),
+                public_address: config.public_address.clone().or_else(|| {
+                    config
+                        .advertise_url
+                        .as_deref()
+                        .and_then(|u| reqwest::Url::parse(u).ok())
+                        .and_then(|u| u.host_str().map(str::to_string))
+                }),
                 progress: Default::default(),
             }),
             listener,

@@ -118,7 +118,7 @@ fn never_fits(spec: &TaskSpec, nodes: &[NodeView]) -> String {
     let mem = most(&|i| i.memory_for_instances());
     if spec.memory_bytes.is_some_and(|m| m > mem) {
         return format!(
-            "memory_bytes: no node has {} bytes of memory (the most any node has is {mem})",
+            "memory_bytes: no node gives instances {} bytes of memory (the most any node gives is {mem})",
             spec.memory_bytes.unwrap_or(0)
         );
     }
@@ -359,11 +359,16 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
             .copied()
             .filter(|c| inv.cpus.iter().any(|x| x.id == *c && x.numa_node == *numa))
             .collect();
+        // Its share of what the node gives instances (the node holds the
+        // rest back for itself).
         let numa_mem = inv
             .numa_nodes
             .iter()
             .find(|m| m.id == *numa)
-            .map(|m| m.memory_total_bytes)
+            .map(|m| {
+                (u128::from(m.memory_total_bytes) * u128::from(inv.memory_for_instances())
+                    / u128::from(inv.memory_total_bytes.max(1))) as u64
+            })
             .unwrap_or(0);
         let numa_used: u64 = mine
             .iter()
@@ -483,6 +488,32 @@ mod tests {
     }
 
     #[test]
+    fn what_a_node_holds_back_for_itself_is_never_placed() {
+        let mut n = node("a");
+        let total = n.inventory.memory_total_bytes;
+        let mut s = spec(1, 0, None);
+        s.memory_bytes = None;
+        let whole = memory_share(&s, &n.inventory);
+        n.inventory.memory_reserved_bytes = total / 2;
+        assert_eq!(memory_share(&s, &n.inventory), whole / 2);
+        // More than the node gives instances: refused, though it has it.
+        s.memory_bytes = Some(total / 4 * 3);
+        match place(&s, std::slice::from_ref(&n), &[]) {
+            Decision::Refuse(e) => assert!(e.contains("gives instances"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // Within it: placed.
+        s.memory_bytes = Some(total / 4);
+        assert!(
+            matches!(
+                place(&s, std::slice::from_ref(&n), &[]),
+                Decision::Place { .. }
+            ),
+            "a quarter fits in the half it gives"
+        );
+    }
+
+    #[test]
     fn without_memory_a_task_gets_its_share_of_the_node() {
         let n = node("a");
         let inv = &n.inventory;
@@ -593,7 +624,7 @@ mod tests {
                     memory_bytes: Some(1 << 50),
                     ..spec(1, 0, None)
                 },
-                "memory_bytes: no node has",
+                "memory_bytes: no node gives instances",
             ),
         ] {
             match place(&s, &nodes, &[]) {

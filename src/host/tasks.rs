@@ -204,10 +204,16 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             )));
         }
     }
-    for k in spec.env.keys() {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains(['\0', '\n', '\r']) {
             return Err(ApiError::BadRequest(format!(
                 "env: {k:?} is not a variable name"
+            )));
+        }
+        // SSH sessions and /etc/environment take a variable per line.
+        if v.contains(['\0', '\n', '\r']) {
+            return Err(ApiError::BadRequest(format!(
+                "env: the value of {k} holds a line break or NUL"
             )));
         }
     }
@@ -597,7 +603,11 @@ async fn assignments(
         let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(60_000));
         let _ = tokio::time::timeout(wait, rx.wait_for(|r| *r > after)).await;
     }
-    Ok(Json(state.blocking(move |s| s.assignments(&name)).await?))
+    let mut a = state.blocking(move |s| s.assignments(&name)).await?;
+    for t in &mut a.tasks {
+        t.public_address = state.public_address.clone();
+    }
+    Ok(Json(a))
 }
 
 async fn report(

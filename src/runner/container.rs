@@ -63,6 +63,33 @@ pub struct TaskContext {
 
 /// The `cpuset.cpus` file of cgroup `path`: in the unified hierarchy
 /// (cgroup v2), else in v1's cpuset hierarchy; none while it does not exist.
+/// The variables a template written for Vast.ai reads (its execution
+/// environment's contract), each also as `RIVERNODE_<name>`: the instance's
+/// id and label, the cluster's public address, the first SSH key, the GPU
+/// count and the data directory (`/shared`, where the instance starts).
+pub fn contract_env(a: &Assignment, data_directory: Option<&str>) -> BTreeMap<String, String> {
+    let label = format!("C.{}", a.id);
+    let vars = [
+        ("CONTAINER_ID", Some(a.id.to_string())),
+        ("VAST_CONTAINERLABEL", Some(label.clone())),
+        ("PUBLIC_IPADDR", a.public_address.clone()),
+        ("SSH_PUBLIC_KEY", a.spec.ssh_keys.first().cloned()),
+        ("GPU_COUNT", Some(a.placement.gpus.len().to_string())),
+        ("DATA_DIRECTORY", data_directory.map(str::to_string)),
+    ];
+    let mut env = BTreeMap::new();
+    for (k, v) in vars {
+        let Some(v) = v else { continue };
+        let ours = match k {
+            "VAST_CONTAINERLABEL" => "RIVERNODE_CONTAINERLABEL".to_string(),
+            _ => format!("RIVERNODE_{k}"),
+        };
+        env.insert(ours, v.clone());
+        env.insert(k.to_string(), v);
+    }
+    env
+}
+
 fn cpuset_file(cgroup_root: &std::path::Path, path: &str) -> Option<PathBuf> {
     let rel = path.trim_start_matches('/');
     [cgroup_root.join(rel), cgroup_root.join("cpuset").join(rel)]
@@ -264,7 +291,7 @@ impl TaskContext {
         } else {
             p.cpus.clone()
         };
-        let rivernode_env: BTreeMap<String, String> = [
+        let mut rivernode_env: BTreeMap<String, String> = [
             ("RIVERNODE_TASK_ID", a.id.to_string()),
             ("RIVERNODE_NODE", self.node.clone()),
             ("RIVERNODE_CPUS", cpus.to_string()),
@@ -273,6 +300,7 @@ impl TaskContext {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        rivernode_env.extend(contract_env(a, cwd.as_deref()));
         Ok(RuntimeSpecInput {
             hostname: format!("task-{}", a.id),
             args: a.spec.command.clone(),
@@ -404,6 +432,9 @@ impl TaskContext {
             let (passwd, group) = (read(&found[0]), read(&found[1]));
             input.user = oci::user::resolve(user, passwd.as_deref(), group.as_deref())?;
         }
+        // An SSH VPS's sessions see its variables, with the image's own
+        // /etc/environment: read here, written once the variables are known.
+        let mut image_environment = None;
         if is_vps && a.spec.no_ssh {
             // No SSH server: the VPS runs its own command, or the image's.
             if input.args.is_empty() {
@@ -422,8 +453,11 @@ impl TaskContext {
         } else if is_vps {
             let found = self
                 .ctd
-                .find_in_image(&image, &[SSHD, "/etc/shadow"])
+                .find_in_image(&image, &[SSHD, "/etc/shadow", "/etc/environment"])
                 .await?;
+            image_environment = found[2]
+                .as_deref()
+                .and_then(|p| oci::rootfs::read_small_file(p, 1 << 20));
             let image_ssh = ImageSsh {
                 sshd: oci::rootfs::is_file(&found[0]).then(|| SSHD.to_string()),
                 shadow: found[1].clone(),
@@ -462,6 +496,22 @@ impl TaskContext {
         let mut env = input.rivernode_env.clone();
         env.extend(super::gpus::env(&grants));
         oci::set_env(&mut spec, &env);
+        if is_vps && !a.spec.no_ssh {
+            let all: Vec<(String, String)> = spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.env().clone())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            self.vps.session_env(
+                &cid,
+                &super::vps::session_vars(&all),
+                image_environment.as_deref().unwrap_or_default(),
+            )?;
+        }
         self.create_and_start(a, labels, &image, &spec, &uri).await
     }
 
@@ -644,17 +694,23 @@ impl Driver for TaskContext {
     }
 
     async fn prepare(&self, a: &Assignment) -> Result<(), InstanceError> {
-        // A VM's base image is on the node already; a restore is made from
-        // a snapshot on the node; a container made already is started.
-        if a.spec.is_vm() || a.spec.restore.is_some() {
-            return Ok(());
+        let made = if a.spec.is_vm() {
+            self.vm_dir(a.id).join("disk.qcow2").exists()
+        } else {
+            self.ctd
+                .container_labels(&self.container_id(a.id))
+                .await?
+                .is_some()
+        };
+        if !made && !a.started {
+            // Never run in this cluster, so nothing on this node is its yet
+            // (L8): first of all, whether its making fails or is cancelled.
+            self.set_aside_earlier_life(a.id).await?;
+            self.vm_set_aside_earlier_life(a.id)?;
         }
-        if self
-            .ctd
-            .container_labels(&self.container_id(a.id))
-            .await?
-            .is_some()
-        {
+        // A VM's base image is copied when it is made; a restore is made
+        // from a snapshot on the node; a container made already is started.
+        if made || a.spec.is_vm() || a.spec.restore.is_some() {
             return Ok(());
         }
         let image = self.image(a.id, &a.spec.image).await?;
@@ -676,10 +732,6 @@ impl Driver for TaskContext {
         if labels.is_some() && !restoring {
             // Made already (by a runner that crashed before reporting): start it.
             return self.start(a).await;
-        }
-        if labels.is_none() && !a.started {
-            // Never run in this cluster, so nothing on this node is its yet.
-            self.set_aside_earlier_life(a.id).await?;
         }
         let pid = self.make(a, labels.as_ref()).await?;
         Ok(self.started(a, pid))
@@ -833,6 +885,11 @@ impl Driver for TaskContext {
     }
 
     async fn remove(&self, id: u64, snapshots: bool) -> Vec<TeardownFailure> {
+        // An image fetched for a make that never came.
+        self.prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         if self.is_vm(id) {
             return self.vm_remove(id, snapshots).await;
         }
@@ -1122,5 +1179,32 @@ mod tests {
         assert_eq!(shm_bytes(&a, 8 << 30), 512 << 20);
         a.spec.shm_bytes = Some(2 << 30);
         assert_eq!(shm_bytes(&a, 8 << 30), 2 << 30);
+    }
+
+    #[test]
+    fn the_vast_contract_variables_come_in_both_names() {
+        let mut a = super::super::reconcile::placeholder(7, Kind::Vps);
+        a.spec.ssh_keys = vec!["ssh-ed25519 AAAA k".into()];
+        a.public_address = Some("203.0.113.9".into());
+        let env = contract_env(&a, Some("/shared"));
+        for (k, v) in [
+            ("CONTAINER_ID", "7"),
+            ("VAST_CONTAINERLABEL", "C.7"),
+            ("RIVERNODE_CONTAINERLABEL", "C.7"),
+            ("PUBLIC_IPADDR", "203.0.113.9"),
+            ("RIVERNODE_PUBLIC_IPADDR", "203.0.113.9"),
+            ("SSH_PUBLIC_KEY", "ssh-ed25519 AAAA k"),
+            ("GPU_COUNT", "0"),
+            ("DATA_DIRECTORY", "/shared"),
+            ("RIVERNODE_DATA_DIRECTORY", "/shared"),
+        ] {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
+        }
+        // What is not known is not set (never an empty value).
+        a.public_address = None;
+        a.spec.ssh_keys.clear();
+        let env = contract_env(&a, None);
+        assert!(!env.contains_key("PUBLIC_IPADDR") && !env.contains_key("SSH_PUBLIC_KEY"));
+        assert!(!env.contains_key("DATA_DIRECTORY"));
     }
 }

@@ -621,7 +621,7 @@ impl Control {
         let mut sources = host_addresses(&self.host_url);
         sources.extend(self.config.node_port_sources.iter().copied());
         if sources.is_empty() {
-            tracing::warn!(host_url = %self.host_url, "cannot resolve the host's address: node ports work from this node only (set node_port_sources)");
+            tracing::warn!(host_url = %self.host_url, "cannot resolve the host's address: node ports work from this node only, and instances are kept from the host's API and SSH proxy on this node only (set node_port_sources)");
         }
         let vps = match vps::VpsKit::new(&self.config, protected, runner_ports, sources) {
             Ok(v) => v,

@@ -73,6 +73,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
         },
         owner: None,
         submitted_at_unix_ms: 0,
+        public_address: None,
     }
 }
 

@@ -461,6 +461,7 @@ mod tests {
             },
             owner: None,
             submitted_at_unix_ms: 0,
+            public_address: None,
         }
     }
 

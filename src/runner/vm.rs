@@ -194,10 +194,6 @@ impl TaskContext {
             };
             // Traversable, not listable: QEMU runs as libvirt's user and
             // opens the files libvirt hands it by path.
-            if made_here && !a.started && a.spec.restore.is_none() {
-                // Never run in this cluster: no snapshot here is its yet.
-                self.vm_set_aside_earlier_life(a.id)?;
-            }
             make_dir(&dir).map_err(io)?;
             std::fs::write(dir.join(SUBMITTED), a.submitted_at_unix_ms.to_string()).map_err(io)?;
             let done = std::fs::read_to_string(dir.join(super::vm_snapshots::RESTORE_FILE)).ok();

@@ -75,7 +75,7 @@ impl TaskContext {
     /// Sets aside the snapshots an id the host hands out for the first
     /// time already has here (an earlier life of the cluster, L8): the
     /// directory gets a `.set-aside-<ms>` suffix, nothing is deleted.
-    pub(super) fn vm_set_aside_earlier_life(&self, vps: u64) -> Result<(), InstanceError> {
+    pub fn vm_set_aside_earlier_life(&self, vps: u64) -> Result<(), InstanceError> {
         let dir = self.vm_snapshot_dir(vps);
         if !dir.exists() {
             return Ok(());

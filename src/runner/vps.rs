@@ -161,7 +161,8 @@ fn sshd_config(login: &SshLogin<'_>) -> String {
          PermitRootLogin {}\n\
          UsePAM no\n\
          PrintMotd no\n\
-         Subsystem sftp internal-sftp\n",
+         Subsystem sftp internal-sftp\n\
+         Include {INSTANCE_DIR}/{SSHD_ENV}\n",
         yes_no(passwords),
         if passwords {
             "yes"
@@ -169,6 +170,64 @@ fn sshd_config(login: &SshLogin<'_>) -> String {
             "prohibit-password"
         },
     )
+}
+
+/// Where an image sshd's session variables are written (one `SetEnv`).
+const SSHD_ENV: &str = "sshd_env";
+/// Where the instance's /etc/environment is written.
+const ENVIRONMENT: &str = "environment";
+
+/// Variables an SSH server sets for each login itself: never carried over.
+const PER_LOGIN: [&str; 7] = ["HOME", "USER", "LOGNAME", "SHELL", "PWD", "TERM", "MAIL"];
+
+/// The instance's variables that its SSH sessions get (its user's `-e`,
+/// the contract variables, the GPU ones), less those set per login.
+pub fn session_vars(env: &[(String, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .filter(|(k, _)| !PER_LOGIN.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// sshd's `SetEnv` for `vars`, on one line (sshd takes only its first
+/// `SetEnv`), each `"K=V"` quoted with `\` and `"` escaped.
+fn sshd_setenv(vars: &[(String, String)]) -> String {
+    if vars.is_empty() {
+        return String::new();
+    }
+    let quoted: Vec<String> = vars
+        .iter()
+        .map(|(k, v)| {
+            let kv = format!("{k}={v}")
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"");
+            format!("\"{kv}\"")
+        })
+        .collect();
+    format!("SetEnv {}\n", quoted.join(" "))
+}
+
+/// `/etc/environment`: the image's own lines (but those of variables set
+/// here), then `vars`, quoted when they hold blanks (pam_env strips the quotes).
+fn etc_environment(image: &str, vars: &[(String, String)]) -> String {
+    let ours = |line: &str| {
+        let name = line.trim_start().trim_start_matches("export ");
+        let name = name.split('=').next().unwrap_or_default().trim();
+        vars.iter().any(|(k, _)| k == name)
+    };
+    let mut out: String = image
+        .lines()
+        .filter(|l| !ours(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for (k, v) in vars {
+        if v.contains(char::is_whitespace) && !v.contains('"') {
+            out.push_str(&format!("{k}=\"{v}\"\n"));
+        } else {
+            out.push_str(&format!("{k}={v}\n"));
+        }
+    }
+    out
 }
 
 /// `shadow` with root's password set to `hash` (a root line is added if missing).
@@ -337,7 +396,32 @@ impl VpsKit {
         let ak = dir.join("authorized_keys");
         write(&ak, keys.join("\n") + "\n")?;
         set_mode(&ak, 0o600)?;
+        // Filled by `session_env` once the instance's variables are known.
+        for f in [SSHD_ENV, ENVIRONMENT] {
+            if !dir.join(f).exists() {
+                write(&dir.join(f), "")?;
+            }
+        }
         Ok(dir)
+    }
+
+    /// What SSH sessions of the instance see: its variables in
+    /// /etc/environment, and for an image's sshd in one `SetEnv` (dropbear
+    /// passes its own environment on, `-e`). `image_environment`: the
+    /// image's own /etc/environment.
+    pub fn session_env(
+        &self,
+        cid: &str,
+        vars: &[(String, String)],
+        image_environment: &str,
+    ) -> Result<(), VpsError> {
+        let dir = self.root.join("instances").join(cid);
+        write(&dir.join(SSHD_ENV), sshd_setenv(vars))?;
+        write(
+            &dir.join(ENVIRONMENT),
+            etc_environment(image_environment, vars),
+        )?;
+        Ok(())
     }
 
     /// The SSH server command and the mounts it needs: the image's own sshd
@@ -361,6 +445,7 @@ impl VpsKit {
             ro(files.clone(), INSTANCE_DIR),
             ro(files.join("resolv.conf"), "/etc/resolv.conf"),
             ro(files.join("hosts"), "/etc/hosts"),
+            ro(files.join(ENVIRONMENT), "/etc/environment"),
         ];
         if let Some(sshd) = &image.sshd {
             // The same key dropbear would use: a VPS keeps its pinned host key.
@@ -400,6 +485,8 @@ impl VpsKit {
             &format!("{SSH_DIR}/dropbear"),
             "-F",
             "-E",
+            // Sessions get the instance's environment (dropbear clears it otherwise).
+            "-e",
             "-p",
             "22",
             "-r",
@@ -599,6 +686,32 @@ mod tests {
         assert_eq!(
             with_root_password("", "$6$s$h"),
             "root:$6$s$h:0:0:99999:7:::\n"
+        );
+    }
+
+    #[test]
+    fn sessions_get_the_instances_variables_but_not_per_login_ones() {
+        let env: Vec<(String, String)> = [
+            ("HOME", "/root"),
+            ("TZ", "UTC"),
+            ("NOTE", "two words"),
+            ("Q", "say \"hi\" \\o/"),
+            ("PATH", "/usr/bin"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let vars = session_vars(&env);
+        assert!(vars.iter().all(|(k, _)| k != "HOME"), "{vars:?}");
+        assert_eq!(
+            sshd_setenv(&vars),
+            "SetEnv \"TZ=UTC\" \"NOTE=two words\" \"Q=say \\\"hi\\\" \\\\o/\" \"PATH=/usr/bin\"\n"
+        );
+        assert_eq!(sshd_setenv(&[]), "");
+        let etc = etc_environment("PATH=\"/usr/local/bin\"\nLANG=C.UTF-8\n", &vars);
+        assert_eq!(
+            etc, "LANG=C.UTF-8\nTZ=UTC\nNOTE=\"two words\"\nQ=say \"hi\" \\o/\nPATH=/usr/bin\n",
+            "the image's PATH gives way to the instance's"
         );
     }
 

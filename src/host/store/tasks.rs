@@ -512,6 +512,7 @@ pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments,
                     spec: t.spec,
                     owner: t.owner,
                     submitted_at_unix_ms: t.submitted_at_unix_ms,
+                    public_address: None,
                 })
             })
             .collect(),
