@@ -68,6 +68,8 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/vps/snapshots/{task}/{snapshot}",
         Access::Owner,
     ),
+    ("GET", "/api/users/{bob}/env", Access::OwnUser),
+    ("POST", "/api/users/{bob}/env", Access::OwnUser),
     // Last: bob's own call revokes the token he makes it with.
     ("POST", "/api/users/{bob}/token", Access::OwnUser),
 ];

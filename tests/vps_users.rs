@@ -242,3 +242,41 @@ fn a_privileged_vps_gets_every_capability_where_the_operator_allows_it() {
         }
     });
 }
+
+#[test]
+fn a_users_own_variables_reach_every_instance_they_make() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-u") else { return };
+        let alice = v.add_user("alice");
+        let bob = v.add_user("bob");
+        let o = v.rn_as(&alice, &["user", "env", "set", "A=from-alice", "B=kept"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let listed = stdout(&v.rn_as(&alice, &["user", "env", "list"]));
+        assert!(listed.contains("from-alice"), "{listed}");
+        // Nobody else's to read or change; bad input named.
+        let o = v.rn_as(&bob, &["user", "env", "list", "--user", "alice"]);
+        assert!(stderr(&o).contains("only their own"), "{}", stderr(&o));
+        let o = v.rn_as(&alice, &["user", "env", "set", "NOEQUALS"]);
+        assert!(stderr(&o).contains("KEY=VALUE"), "{}", stderr(&o));
+        let o = v.rn(&["user", "env", "list"]);
+        assert!(stderr(&o).contains("--user NAME"), "{}", stderr(&o));
+        // A task of hers has them, her own -e wins; bob's has none of them.
+        let run = |token: &str, extra: &[&str]| {
+            let mut a = vec!["task", "submit", "--container", "busybox", "--wait"];
+            a.extend_from_slice(extra);
+            a.extend(["--", "sh", "-c", "echo \"$A|$B\""]);
+            let o = v.rn_as(token, &a);
+            assert!(o.status.success(), "{}", stderr(&o));
+            stdout(&o)
+        };
+        assert_eq!(run(&alice, &["-e", "A=mine"]), "mine|kept\n");
+        assert_eq!(run(&bob, &[]), "|\n");
+        // Unset: the next instance lacks it.
+        let o = v.rn_as(&alice, &["user", "env", "unset", "B"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(run(&alice, &[]), "from-alice|\n");
+    });
+}

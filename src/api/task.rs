@@ -394,6 +394,16 @@ pub struct Assignments {
     pub tasks: Vec<Assignment>,
 }
 
+/// `POST /api/users/{name}/env`: variables to set and to remove.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEnvChange {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub unset: Vec<String>,
+}
+
 /// `PUT /api/nodes/{name}/tasks/{id}`: what the runner observed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskReport {

@@ -319,6 +319,35 @@ pub enum UserCommand {
         #[arg(long, value_name = "DURATION")]
         expires_in: Option<crate::config::HumanDuration>,
     },
+    /// Variables every new container instance of a user gets (its own -e wins).
+    Env {
+        #[command(subcommand)]
+        cmd: UserEnvCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserEnvCommand {
+    /// Set variables: K=V ...
+    Set {
+        #[arg(required = true, value_name = "K=V")]
+        vars: Vec<String>,
+        /// Whose (the admin names a user; default: the token's own user).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
+    /// List the variables.
+    List {
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
+    /// Remove variables: K ...
+    Unset {
+        #[arg(required = true, value_name = "K")]
+        keys: Vec<String>,
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

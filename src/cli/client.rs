@@ -25,6 +25,9 @@ pub enum ClientError {
     Api { status: u16, message: String },
     #[error("unreadable answer from {url}")]
     Decode { url: String, source: reqwest::Error },
+    /// The command line asks for something that cannot be done as written.
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// `~/.config/rivernode/client.toml`: `host = "..."`, `token = "..."`.

@@ -1,7 +1,11 @@
-//! `rivernode user add|list|remove|rotate-token` (admin; rotate-token also a user's own).
+//! `rivernode user add|list|remove|rotate-token|env` (admin; rotate-token
+//! and env also a user's own).
 
 use crate::api::{NewUser, UserView, WhoAmI};
-use crate::cli::args::{Output, UserCommand};
+use std::collections::BTreeMap;
+
+use crate::api::UserEnvChange;
+use crate::cli::args::{Output, UserCommand, UserEnvCommand};
 use crate::cli::client::{Client, ClientError};
 use crate::cli::output::{ago, emit, emit_json, table};
 
@@ -61,6 +65,55 @@ pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<()
         UserCommand::Remove { name } => {
             client.delete(&format!("/api/users/{name}")).await?;
             emit(&format!("user {name} removed; their token is revoked\n"));
+        }
+        UserCommand::Env { cmd } => env(client, cmd, output).await?,
+    }
+    Ok(())
+}
+
+/// `rivernode user env set|list|unset`.
+async fn env(client: &Client, cmd: UserEnvCommand, output: Output) -> Result<(), ClientError> {
+    let (user, change) = match cmd {
+        UserEnvCommand::List { user } => (user, None),
+        UserEnvCommand::Set { vars, user } => {
+            let set = crate::cli::task::parse_env(&vars)
+                .map_err(|e| ClientError::Usage(e.to_string()))?;
+            let change = UserEnvChange {
+                set,
+                ..Default::default()
+            };
+            (user, Some(change))
+        }
+        UserEnvCommand::Unset { keys, user } => (
+            user,
+            Some(UserEnvChange {
+                unset: keys,
+                ..Default::default()
+            }),
+        ),
+    };
+    let user = match user {
+        Some(u) => u,
+        None => {
+            let w: WhoAmI = client.get("/api/whoami").await?;
+            w.user.ok_or_else(|| {
+                ClientError::Usage("this token is no user's: name one with --user NAME".into())
+            })?
+        }
+    };
+    let path = format!("/api/users/{user}/env");
+    let vars: BTreeMap<String, String> = match change {
+        Some(c) => client.post(&path, &c).await?,
+        None => client.get(&path).await?,
+    };
+    match output {
+        Output::Json => emit_json(&vars),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = vars
+                .iter()
+                .map(|(k, v)| vec![k.clone(), v.clone()])
+                .collect();
+            emit(&table(&["NAME", "VALUE"], &rows));
         }
     }
     Ok(())

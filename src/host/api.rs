@@ -1,6 +1,7 @@
 //! The host's HTTP API under `/api`. Every route sits behind the bearer-token
 //! middleware; handlers then check the role they need.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,6 +132,10 @@ pub fn router(state: Arc<HostState>) -> Router {
     let people = Router::new()
         .merge(super::tasks::user_routes())
         .route("/api/users/{name}/token", post(rotate_user_token))
+        .route(
+            "/api/users/{name}/env",
+            get(get_user_env).post(change_user_env),
+        )
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(&[Role::Admin, Role::User], req, next)
         }));
@@ -276,6 +281,57 @@ fn expiry(now: i64, expires_in_ms: Option<u64>) -> Result<Option<i64>, ApiError>
         )),
         None => Ok(None),
     }
+}
+
+/// The admin acts for any user, a user only for themselves.
+fn for_user(p: &Principal, name: &str, what: &str) -> Result<(), ApiError> {
+    if p.role != Role::Admin && p.user.as_deref() != Some(name) {
+        return Err(ApiError::Forbidden(format!(
+            "a user may {what} only their own"
+        )));
+    }
+    Ok(())
+}
+
+fn no_such_user(name: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "no user named {name:?}; `rivernode user list` shows the users"
+    ))
+}
+
+/// `GET /api/users/{name}/env`: the variables the user gives each instance.
+async fn get_user_env(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<BTreeMap<String, String>>, ApiError> {
+    for_user(&p, &name, "read variables")?;
+    let n = name.clone();
+    state
+        .blocking(move |s| s.user_env(&n))
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_such_user(&name))
+}
+
+/// `POST /api/users/{name}/env` `{"set": {K: V}, "unset": [K]}`: changes
+/// the variables every instance the user makes from now on gets (its own
+/// `-e` wins over them); answers the variables after the change.
+async fn change_user_env(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<crate::api::UserEnvChange>,
+) -> Result<Json<BTreeMap<String, String>>, ApiError> {
+    for_user(&p, &name, "change variables")?;
+    super::tasks::check_env("set", &req.set)?;
+    let n = name.clone();
+    let after = state
+        .blocking(move |s| s.change_user_env(&n, &req.set, &req.unset))
+        .await?
+        .ok_or_else(|| no_such_user(&name))?;
+    tracing::info!(user = %name, "user variables changed");
+    Ok(Json(after))
 }
 
 /// `POST /api/users/{name}/token`: the admin gives any user a new token,

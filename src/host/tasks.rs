@@ -204,16 +204,25 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             )));
         }
     }
-    for (k, v) in &spec.env {
+    check_env("env", &spec.env)
+}
+
+/// Variables as instances take them: names without `=`, and neither names
+/// nor values with a line break or NUL (SSH sessions and /etc/environment
+/// take one variable per line). `field` names them in the error.
+pub(super) fn check_env(
+    field: &str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains(['\0', '\n', '\r']) {
             return Err(ApiError::BadRequest(format!(
-                "env: {k:?} is not a variable name"
+                "{field}: {k:?} is not a variable name"
             )));
         }
-        // SSH sessions and /etc/environment take a variable per line.
         if v.contains(['\0', '\n', '\r']) {
             return Err(ApiError::BadRequest(format!(
-                "env: the value of {k} holds a line break or NUL"
+                "{field}: the value of {k} holds a line break or NUL"
             )));
         }
     }
@@ -369,8 +378,15 @@ async fn submit(
             )));
         }
     }
-    let now = crate::now_unix_ms();
     let owner = p.owner();
+    // The owner's own variables, under what this request sets (a VM takes none).
+    if let (Some(user), false) = (owner.clone(), spec.is_vm()) {
+        let theirs = state.blocking(move |s| s.user_env(&user)).await?;
+        for (k, v) in theirs.unwrap_or_default() {
+            spec.env.entry(k).or_insert(v);
+        }
+    }
+    let now = crate::now_unix_ms();
     let cap = state.max_waiting_per_user;
     let id = state
         .blocking(move |s| s.submit_task_capped(&spec, owner.as_deref(), cap, now))

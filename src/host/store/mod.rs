@@ -2,7 +2,7 @@
 //! migrations) as the embedded backend. A PostgreSQL backend for an HA
 //! control plane would implement the same trait.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -65,6 +65,17 @@ pub trait Store: Send + Sync + 'static {
     fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
     /// Removes a user and revokes their tokens; their tasks stay (the admin sees them).
     fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
+    /// The variables user `name` gives each instance they make; `None`
+    /// when there is no such user.
+    fn user_env(&self, name: &str) -> Result<Option<BTreeMap<String, String>>, StoreError>;
+    /// Sets `set` and removes `unset` of user `name`'s variables in one
+    /// transaction; the variables after it, or `None` for no such user.
+    fn change_user_env(
+        &self,
+        name: &str,
+        set: &BTreeMap<String, String>,
+        unset: &[String],
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError>;
     /// Replaces every admin token with `hash`.
     fn rotate_admin_token(&self, hash: &str, now_ms: i64) -> Result<(), StoreError>;
     /// Gives a user a new token valid until `expires_at_ms` (none: no
@@ -237,6 +248,14 @@ const MIGRATIONS: &[&str] = &[
     // 7: why an online node cannot start instances (its runner says so on
     // every beat while it lasts).
     "ALTER TABLE nodes ADD COLUMN degraded TEXT;",
+    // 8: variables a user gives every instance they make (Vast.ai's
+    // account-level environment).
+    "CREATE TABLE user_env (
+        user TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (user, key)
+    );",
 ];
 
 pub struct SqliteStore {
@@ -365,6 +384,28 @@ impl SqliteStore {
         self.tokens.follow(&guard);
         out
     }
+}
+
+/// Whether user `name` exists and was not removed.
+fn user_present(c: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(c.query_row(
+        "SELECT EXISTS(SELECT 1 FROM users WHERE name = ?1 AND removed_at_ms IS NULL)",
+        [name],
+        |r| r.get(0),
+    )?)
+}
+
+/// A present user's variables; `None` when there is no such user.
+fn read_user_env(
+    c: &Connection,
+    name: &str,
+) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+    if !user_present(c, name)? {
+        return Ok(None);
+    }
+    let mut stmt = c.prepare("SELECT key, value FROM user_env WHERE user = ?1")?;
+    let rows = stmt.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(Some(rows.collect::<Result<_, _>>()?))
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -537,8 +578,43 @@ impl Store for SqliteStore {
                 params![name, crate::now_unix_ms()],
             )? > 0;
             tx.execute("DELETE FROM tokens WHERE user = ?1", [name])?;
+            tx.execute("DELETE FROM user_env WHERE user = ?1", [name])?;
             tx.commit()?;
             Ok(removed)
+        })
+    }
+
+    fn user_env(&self, name: &str) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        self.with(|c| read_user_env(c, name))
+    }
+
+    fn change_user_env(
+        &self,
+        name: &str,
+        set: &BTreeMap<String, String>,
+        unset: &[String],
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if read_user_env(&tx, name)?.is_none() {
+                return Ok(None);
+            }
+            for k in unset {
+                tx.execute(
+                    "DELETE FROM user_env WHERE user = ?1 AND key = ?2",
+                    params![name, k],
+                )?;
+            }
+            for (k, v) in set {
+                tx.execute(
+                    "INSERT INTO user_env (user, key, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (user, key) DO UPDATE SET value = excluded.value",
+                    params![name, k, v],
+                )?;
+            }
+            let after = read_user_env(&tx, name)?;
+            tx.commit()?;
+            Ok(after)
         })
     }
 
@@ -564,12 +640,7 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let active: bool = tx.query_row(
-                "SELECT EXISTS(SELECT 1 FROM users WHERE name = ?1 AND removed_at_ms IS NULL)",
-                [name],
-                |r| r.get(0),
-            )?;
-            if !active {
+            if !user_present(&tx, name)? {
                 return Ok(false);
             }
             tx.execute("DELETE FROM tokens WHERE user = ?1", [name])?;
@@ -1279,6 +1350,31 @@ mod tests {
         s.rotate_join_token("hj2", Some(crate::now_unix_ms() + 60_000), 0)
             .unwrap();
         assert_eq!(s.find_token("hj2").unwrap().unwrap().role, Role::Join);
+    }
+
+    #[test]
+    fn a_users_variables_are_set_unset_and_go_with_the_user() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let none = BTreeMap::new();
+        assert_eq!(s.user_env("alice").unwrap(), None, "no such user");
+        assert_eq!(s.change_user_env("alice", &none, &[]).unwrap(), None);
+        s.add_user("alice", "ha", 0).unwrap();
+        assert_eq!(s.user_env("alice").unwrap(), Some(none.clone()));
+        let set: BTreeMap<String, String> =
+            [("A".to_string(), "1".to_string()), ("B".into(), "2".into())].into();
+        assert_eq!(
+            s.change_user_env("alice", &set, &[]).unwrap(),
+            Some(set.clone())
+        );
+        // One change sets and unsets; a value is replaced.
+        let again: BTreeMap<String, String> = [("A".to_string(), "3".to_string())].into();
+        let after = s
+            .change_user_env("alice", &again, &["B".into()])
+            .unwrap()
+            .unwrap();
+        assert_eq!(after, again);
+        assert!(s.remove_user("alice").unwrap());
+        assert_eq!(s.user_env("alice").unwrap(), None, "removed with the user");
     }
 
     #[test]
