@@ -351,3 +351,50 @@ fn a_restarted_runner_keeps_stopped_instances_and_cleans_up_vanished_ones() {
         assert_eq!(v.ssh_ok(&kept, &["cat", "/root/data"]), "keep\n");
     });
 }
+
+#[test]
+fn an_onstart_script_runs_on_each_start_with_the_instances_variables() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vpl-o") else { return };
+        // As Vast.ai templates do: note the variables, export them for
+        // sessions, say something, and fail (which must not stop the VPS).
+        let script = "echo \"onstart $TZ $CONTAINER_ID\" >> /root/onstart.out\n\
+                      env | grep '^TZ=' >> /etc/environment\n\
+                      echo to-the-log\n\
+                      exit 3\n";
+        let id = v.create_with(&["-e", "TZ=UTC", "--onstart-cmd", script]);
+        let ran = wait_for("the onstart ran", || {
+            let o = v.ssh(&id, &["cat", "/root/onstart.out"]);
+            o.status.success().then(|| stdout(&o))
+        });
+        assert_eq!(ran, format!("onstart UTC {id}\n"));
+        let t = wait_for("its failure in the status", || {
+            let t: serde_json::Value =
+                serde_json::from_slice(&v.rn(&["-o", "json", "task", "status", &id]).stdout)
+                    .unwrap_or_default();
+            t["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("onstart exited with code 3"))
+                .then_some(t)
+        });
+        assert_eq!(t["state"], "running", "{t}");
+        let logs = stdout(&v.rn(&["task", "logs", &id]));
+        assert!(logs.contains("to-the-log"), "{logs}");
+        let etc = v.ssh_ok(&id, &["cat", "/etc/environment"]);
+        assert_eq!(etc.matches("TZ=UTC").count(), 2, "appended to: {etc}");
+        // Each start runs it again; a start that goes well says nothing.
+        v.rn(&["vps", "stop", &id]);
+        v.wait_state(&id, "stopped");
+        v.rn(&["vps", "restart", &id]);
+        v.wait_state(&id, "running");
+        let ran = wait_for("the onstart ran again", || {
+            let out = stdout(&v.ssh(&id, &["cat", "/root/onstart.out"]));
+            (out.lines().count() == 2).then_some(out)
+        });
+        assert_eq!(ran, format!("onstart UTC {id}\nonstart UTC {id}\n"));
+        v.delete(&id);
+    });
+}

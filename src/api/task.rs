@@ -288,6 +288,11 @@ pub struct TaskSpec {
     /// A VM's disk size (`--vm-disk`); default: its base image's own size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_disk_bytes: Option<u64>,
+    /// A script a VPS runs each time it starts, after its SSH server
+    /// (Vast.ai's onstart), with the instance's variables; its output goes
+    /// to the VPS's log, a failure to its status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onstart: Option<String>,
 }
 
 impl TaskSpec {

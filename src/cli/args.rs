@@ -624,6 +624,14 @@ pub struct VpsCreateArgs {
     /// An environment variable of the VPS, in its SSH sessions too (container VPS).
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     pub env: Vec<String>,
+    /// A script the VPS runs each time it starts, after its SSH server, with
+    /// its variables (Vast.ai's onstart); output in `task logs`, a failure in
+    /// `vps status`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["onstart_cmd", "no_ssh"])]
+    pub onstart: Option<PathBuf>,
+    /// The onstart script given inline.
+    #[arg(long, value_name = "SCRIPT", conflicts_with = "no_ssh")]
+    pub onstart_cmd: Option<String>,
     /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
     #[arg(long, value_name = "VPS[:SNAPSHOT]", conflicts_with_all = ["container", "image"])]
     pub from_snapshot: Option<String>,

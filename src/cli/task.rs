@@ -92,6 +92,7 @@ pub fn base_spec_from(
         no_ssh: false,
         shm_bytes,
         vm_disk_bytes: None,
+        onstart: None,
     })
 }
 

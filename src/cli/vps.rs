@@ -260,6 +260,12 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 no_ssh: a.no_ssh,
                 command: a.command.clone(),
                 env: crate::cli::task::parse_env(&a.env)?,
+                onstart: match (&a.onstart, &a.onstart_cmd) {
+                    (Some(f), _) => Some(std::fs::read_to_string(f).with_context(|| {
+                        format!("--onstart {}: cannot read the script", f.display())
+                    })?),
+                    (None, cmd) => cmd.clone(),
+                },
                 ..crate::cli::task::base_spec_from(&a.resources, Kind::Vps, source)?
             };
             if let Some(vm) = vm {

@@ -477,6 +477,7 @@ mod tests {
             no_ssh: false,
             shm_bytes: None,
             vm_disk_bytes: None,
+            onstart: None,
         }
     }
 

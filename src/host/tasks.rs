@@ -122,7 +122,26 @@ pub(super) fn may_be_privileged(state: &HostState, p: &Principal) -> Result<(), 
     }
 }
 
+/// The most an onstart script may hold.
+const MAX_ONSTART: usize = 64 << 10;
+
 fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
+    if let Some(script) = &spec.onstart {
+        let why = if spec.kind != crate::api::Kind::Vps {
+            Some("only a VPS runs an onstart script (a task's command is its script)".to_string())
+        } else if spec.no_ssh {
+            Some("a --no-ssh VPS runs its own command, not an onstart script".to_string())
+        } else if script.len() > MAX_ONSTART {
+            Some(format!("{} bytes; at most {MAX_ONSTART}", script.len()))
+        } else if script.contains('\0') || script.trim().is_empty() {
+            Some("empty, or holds a NUL byte".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(ApiError::BadRequest(format!("onstart: {why}")));
+        }
+    }
     match (spec.shm_bytes, spec.memory_bytes) {
         (Some(0), _) => {
             return Err(ApiError::BadRequest(
@@ -255,9 +274,10 @@ fn check_vm(spec: &TaskSpec) -> Result<(), ApiError> {
         || spec.shm_bytes.is_some()
         || !spec.mounts.is_empty()
         || !spec.env.is_empty()
+        || spec.onstart.is_some()
     {
         return bad(
-            "privileged, shm_bytes, mounts, env: container settings; a VM VPS takes none of them",
+            "privileged, shm_bytes, mounts, env, onstart: container settings; a VM VPS takes none of them",
         );
     }
     if spec.cores == 0 {

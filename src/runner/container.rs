@@ -721,6 +721,60 @@ impl Driver for TaskContext {
         Ok(())
     }
 
+    async fn onstart(&self, a: &Assignment) -> Result<Option<u32>, InstanceError> {
+        let Some(script) = a.spec.onstart.as_deref().filter(|_| !a.spec.is_vm()) else {
+            return Ok(None);
+        };
+        let cid = self.container_id(a.id);
+        let args = self.vps.onstart_command(&cid, script)?;
+        let dir = self
+            .config
+            .data_dir
+            .join(super::STATE_DIR)
+            .join("exec")
+            .join(format!("{cid}-onstart"));
+        let req = oci::exec::ExecRequest {
+            args,
+            tty: false,
+            cols: 0,
+            rows: 0,
+        };
+        let mut exec = self.ctd.exec(&cid, "onstart", &req, &dir).await?;
+        let _ = exec.close_stdin().await;
+        // Its output joins the instance's log (`task logs`), as it comes.
+        let logs = self.logs_dir();
+        let append = |stream: &str, pipe: Option<tokio::net::unix::pipe::Receiver>| {
+            let path = logs.join(format!("task-{}.{stream}", a.id));
+            tokio::spawn(async move {
+                let Some(mut pipe) = pipe else { return };
+                let file = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .await;
+                match file {
+                    Ok(mut f) => {
+                        let _ = tokio::io::copy(&mut pipe, &mut f).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "onstart output lost")
+                    }
+                }
+            })
+        };
+        let out = append("stdout", exec.stdout.take());
+        let err = append("stderr", exec.stderr.take());
+        let status = exec.wait().await;
+        // What it started in the background (a server, `nohup ... &`) may
+        // still write: containerd forgets the exec, and with it the pipes
+        // those processes write to, only once they have let go of them.
+        tokio::spawn(async move {
+            let _ = tokio::join!(out, err);
+            exec.remove().await;
+        });
+        Ok(Some(status?))
+    }
+
     async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
         if a.spec.is_vm() {
             return self.vm_create(a).await;

@@ -151,6 +151,12 @@ pub trait Driver: Send + Sync + 'static {
     /// replacing the old disk only once everything else is ready) and starts it.
     fn create(&self, a: &Assignment)
         -> impl Future<Output = Result<Started, InstanceError>> + Send;
+    /// Runs a started VPS's onstart script to its end, its output appended
+    /// to the instance's log; its exit status (`None`: it has none).
+    fn onstart(
+        &self,
+        a: &Assignment,
+    ) -> impl Future<Output = Result<Option<u32>, InstanceError>> + Send;
     /// Starts a new task on the kept container and disk.
     fn start(&self, a: &Assignment) -> impl Future<Output = Result<Started, InstanceError>> + Send;
     /// Starts a task that was created but never started.
@@ -345,6 +351,13 @@ pub mod fake {
         }
         async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
             self.started(a)
+        }
+        async fn onstart(&self, a: &Assignment) -> Result<Option<u32>, InstanceError> {
+            // A script that says "fail" fails.
+            Ok(a.spec
+                .onstart
+                .as_ref()
+                .map(|s| u32::from(s.contains("fail"))))
         }
         async fn start(&self, a: &Assignment) -> Result<Started, InstanceError> {
             self.started(a)

@@ -62,6 +62,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             no_ssh: false,
             shm_bytes: None,
             vm_disk_bytes: None,
+            onstart: None,
         },
         placement: crate::api::Placement {
             node: String::new(),

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::api::{Assignment, Desired, Kind, TaskReport, TaskState};
 
-use super::driver::{Driver, Signal, Started};
+use super::driver::{Driver, InstanceError, Signal, Started};
 use super::lifecycle::{classify, Asked, ExitFacts, Observed, Outcome};
 use super::report::Reports;
 
@@ -56,6 +56,18 @@ fn report(state: TaskState) -> TaskReport {
         exit_code: None,
         message: None,
         ssh_host_key: None,
+    }
+}
+
+/// What `vps status` should say of how an onstart script ended; `None`
+/// when it went well (or there was none).
+fn onstart_news(id: u64, r: Result<Option<u32>, InstanceError>) -> Option<String> {
+    match r {
+        Ok(None | Some(0)) => None,
+        Ok(Some(code)) => Some(format!(
+            "onstart exited with code {code} (its output is in `rivernode task logs {id}`)"
+        )),
+        Err(e) => Some(format!("onstart could not run: {}", crate::error_chain(&e))),
     }
 }
 
@@ -181,7 +193,12 @@ impl<D: Driver> Supervisors<D> {
             }
         }
 
-        let exit = self.watch(id, kind, &mut desired).await;
+        // A VPS's onstart runs on each start it was made or started for
+        // (not on adoption: it ran when the instance started).
+        let onstart = (matches!(bring, BringUp::Create | BringUp::Start)
+            && a.spec.onstart.is_some())
+        .then(|| a.clone());
+        let exit = self.watch(id, kind, &mut desired, onstart).await;
         let Some(exit) = exit else {
             return; // the runner is stopping: leave it running
         };
@@ -250,9 +267,12 @@ impl<D: Driver> Supervisors<D> {
         id: u64,
         kind: Kind,
         desired: &mut watch::Receiver<Desired>,
+        onstart: Option<Assignment>,
     ) -> Option<Option<u32>> {
         let driver = self.driver.clone();
         let mut exit = Box::pin(async move { driver.wait(id).await });
+        let driver = self.driver.clone();
+        let mut onstart = onstart.map(|a| Box::pin(async move { driver.onstart(&a).await }));
         let mut signalled = false;
         let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         // The desired state it was handed counts as a change too.
@@ -262,6 +282,21 @@ impl<D: Driver> Supervisors<D> {
                 // An exit that is already there wins: nothing to signal then.
                 biased;
                 r = &mut exit => return Some(r.ok()),
+                r = async { onstart.as_mut().expect("guarded").await }, if onstart.is_some() => {
+                    onstart = None;
+                    // Said while it runs, before any end it is asked for
+                    // (one that kills the script is no failure of it).
+                    if let (false, Some(news)) = (signalled, onstart_news(id, r)) {
+                        tracing::warn!(task = id, "{news}");
+                        self.reports.push(
+                            id,
+                            TaskReport {
+                                message: Some(news),
+                                ..report(TaskState::Running)
+                            },
+                        );
+                    }
+                }
                 _ = async { escalate.as_mut().expect("guarded").await }, if escalate.is_some() => {
                     tracing::info!(task = id, "grace period over: SIGKILL");
                     if let Err(e) = self.driver.signal(id, Signal::Kill).await {
@@ -450,6 +485,7 @@ mod tests {
                 no_ssh: false,
                 shm_bytes: None,
                 vm_disk_bytes: None,
+                onstart: None,
             },
             placement: Placement {
                 node: "n1".into(),
@@ -485,6 +521,41 @@ mod tests {
                 notified.await;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_onstart_is_said_while_the_vps_runs_and_a_good_one_is_not() {
+        let b = bench(FakeDriver::obedient());
+        for (id, script) in [(1, "exit 1 # fail"), (2, "true")] {
+            let mut a = assignment(id, Kind::Vps);
+            a.spec.onstart = Some(script.into());
+            let (tx, h) = b.spawn(a, BringUp::Create, Desired::Running);
+            b.until_reported(id, TaskState::Running).await;
+            // Its news comes before the stop's report, or not at all.
+            tokio::task::yield_now().await;
+            tx.send(Desired::Stopped).unwrap();
+            h.await.unwrap();
+        }
+        let said = |id| -> Vec<Option<String>> {
+            b.rec
+                .got
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(i, r)| *i == id && r.state == TaskState::Running)
+                .map(|(_, r)| r.message.clone())
+                .collect()
+        };
+        let failed = said(1);
+        assert!(
+            failed
+                .iter()
+                .flatten()
+                .any(|m| m.contains("onstart exited with code 1")),
+            "{failed:?}"
+        );
+        assert!(said(2).iter().all(Option::is_none), "{:?}", said(2));
+        assert_eq!(b.rec.last(1).unwrap().state, TaskState::Stopped);
     }
 
     #[tokio::test]

@@ -176,6 +176,8 @@ fn sshd_config(login: &SshLogin<'_>) -> String {
 const SSHD_ENV: &str = "sshd_env";
 /// Where the instance's /etc/environment is written.
 const ENVIRONMENT: &str = "environment";
+/// Where a VPS's onstart script is written.
+const ONSTART: &str = "onstart";
 
 /// Variables an SSH server sets for each login itself: never carried over.
 const PER_LOGIN: [&str; 7] = ["HOME", "USER", "LOGNAME", "SHELL", "PWD", "TERM", "MAIL"];
@@ -405,6 +407,22 @@ impl VpsKit {
         Ok(dir)
     }
 
+    /// Writes a VPS's onstart script where the instance sees it; the
+    /// command that runs it there (a script with a `#!` line runs with
+    /// that interpreter, any other with /bin/sh).
+    pub fn onstart_command(&self, cid: &str, script: &str) -> Result<Vec<String>, VpsError> {
+        let dir = self.root.join("instances").join(cid);
+        let path = dir.join(ONSTART);
+        write(&path, script)?;
+        set_mode(&path, 0o755)?;
+        let inside = format!("{INSTANCE_DIR}/{ONSTART}");
+        Ok(if script.starts_with("#!") {
+            vec![inside]
+        } else {
+            vec!["/bin/sh".into(), inside]
+        })
+    }
+
     /// What SSH sessions of the instance see: its variables in
     /// /etc/environment, and for an image's sshd in one `SetEnv` (dropbear
     /// passes its own environment on, `-e`). `image_environment`: the
@@ -445,7 +463,12 @@ impl VpsKit {
             ro(files.clone(), INSTANCE_DIR),
             ro(files.join("resolv.conf"), "/etc/resolv.conf"),
             ro(files.join("hosts"), "/etc/hosts"),
-            ro(files.join(ENVIRONMENT), "/etc/environment"),
+            // Writable: Vast.ai's templates append to it (`env >> /etc/environment`).
+            MountInput {
+                source: files.join(ENVIRONMENT),
+                target: "/etc/environment".into(),
+                read_only: false,
+            },
         ];
         if let Some(sshd) = &image.sshd {
             // The same key dropbear would use: a VPS keeps its pinned host key.

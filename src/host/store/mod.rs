@@ -1065,6 +1065,7 @@ mod tests {
             no_ssh: false,
             shm_bytes: None,
             vm_disk_bytes: None,
+            onstart: None,
         };
         let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
         s.schedule().unwrap();

@@ -534,6 +534,17 @@ pub(super) fn report(
         )));
     }
     if t.state == r.state {
+        // A running VPS's news (its onstart failed): the message only.
+        if r.message.is_some() && r.message != t.message && r.state == TaskState::Running {
+            tx.execute(
+                "UPDATE tasks SET message = ?2 WHERE id = ?1",
+                params![id as i64, r.message],
+            )?;
+            bump(&tx)?;
+            let t = one(&tx, id)?;
+            tx.commit()?;
+            return Ok(t);
+        }
         return Ok(t);
     }
     if !t.state.can_become(r.state) {
@@ -546,11 +557,22 @@ pub(super) fn report(
         (r.state == TaskState::Running && t.started_at_unix_ms.is_none()).then_some(now_ms);
     let finished = r.state.is_final().then_some(now_ms);
     tx.execute(
-        "UPDATE tasks SET state = ?2, exit_code = COALESCE(?3, exit_code), message = COALESCE(?4, message),
+        // A start (not a resume) begins a new run: the last run's message is moot.
+        "UPDATE tasks SET state = ?2, exit_code = COALESCE(?3, exit_code),
+         message = CASE WHEN ?2 = 'running' AND state NOT IN ('running', 'paused')
+                   THEN ?4 ELSE COALESCE(?4, message) END,
          started_at_ms = COALESCE(started_at_ms, ?5), finished_at_ms = COALESCE(?6, finished_at_ms),
          ssh_host_key = COALESCE(?7, ssh_host_key)
          WHERE id = ?1",
-        params![id as i64, r.state.as_str(), r.exit_code, r.message, started, finished, r.ssh_host_key],
+        params![
+            id as i64,
+            r.state.as_str(),
+            r.exit_code,
+            r.message,
+            started,
+            finished,
+            r.ssh_host_key
+        ],
     )?;
     if r.state == TaskState::Stopped && t.desired == Desired::Restarting {
         // The stop half of a restart is done: the start half is queued.
@@ -618,6 +640,7 @@ mod tests {
             no_ssh: false,
             shm_bytes: None,
             vm_disk_bytes: None,
+            onstart: None,
         }
     }
 
