@@ -398,3 +398,78 @@ fn an_onstart_script_runs_on_each_start_with_the_instances_variables() {
         v.delete(&id);
     });
 }
+
+#[test]
+fn entrypoint_mode_runs_the_images_entrypoint_with_args_in_its_workdir_and_stops_it_its_way() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vpl-e") else { return };
+        // An image whose Entrypoint says what it got and where it runs, and
+        // which stops on SIGINT (its StopSignal), telling which signal came.
+        let script = "trap 'echo int > /shared/stopped; exit 0' INT; \
+                      trap 'echo term > /shared/stopped; exit 0' TERM; \
+                      echo \"args:$* cwd:$(pwd)\" > /shared/started; \
+                      while :; do sleep 0.1; done";
+        let build = v.dir.path().join("ep-build");
+        std::fs::create_dir_all(&build).unwrap();
+        let Some(archive) = common::containerd::busybox_oci_archive_with(
+            &build,
+            None,
+            &[
+                "--config.entrypoint",
+                "/bin/sh",
+                "--config.entrypoint",
+                "-c",
+                "--config.entrypoint",
+                script,
+                "--config.entrypoint",
+                "ep",
+                "--clear",
+                "config.cmd",
+                "--config.cmd",
+                "default",
+                "--config.workingdir",
+                "/app",
+                "--config.stopsignal",
+                "SIGINT",
+            ],
+            &["app"],
+        ) else {
+            return;
+        };
+        std::fs::copy(&archive, v.dir.path().join("shared/environments/ep.tar")).unwrap();
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "vps",
+            "create",
+            "--container",
+            "ep",
+            "--launch",
+            "entrypoint",
+            "--args",
+            "one",
+            "two",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let id = created_id(&o);
+        v.wait_state(&id, "running");
+        let own = v.dir.path().join("shared/admin");
+        let started = wait_for("the entrypoint ran", || {
+            std::fs::read_to_string(own.join("started")).ok()
+        });
+        assert_eq!(started, "args:one two cwd:/app\n");
+        v.rn(&["vps", "stop", &id]);
+        v.wait_state(&id, "stopped");
+        let stopped = std::fs::read_to_string(own.join("stopped")).unwrap_or_default();
+        assert_eq!(stopped, "int\n", "stopped by its StopSignal");
+        // --args belong to entrypoint mode; jupyter mode says it is not built.
+        let o = v.rn(&["vps", "create", "--container", "ep", "--args", "x"]);
+        assert!(stderr(&o).contains("--launch entrypoint"), "{}", stderr(&o));
+        let o = v.rn(&["vps", "create", "--container", "ep", "--launch", "jupyter"]);
+        assert!(stderr(&o).contains("not built yet"), "{}", stderr(&o));
+        v.delete(&id);
+    });
+}

@@ -293,6 +293,10 @@ pub struct TaskSpec {
     /// to the VPS's log, a failure to its status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onstart: Option<String>,
+    /// A `--no-ssh` VPS's arguments to its image's Entrypoint, in place of
+    /// the image's Cmd (`--launch entrypoint --args ...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
 }
 
 impl TaskSpec {

@@ -632,6 +632,15 @@ pub struct VpsCreateArgs {
     /// The onstart script given inline.
     #[arg(long, value_name = "SCRIPT", conflicts_with = "no_ssh")]
     pub onstart_cmd: Option<String>,
+    /// Vast.ai's launch mode: `ssh` (the default: our SSH server, then
+    /// --onstart), `entrypoint` (the image's Entrypoint with --args as its
+    /// main process, no SSH server: as --no-ssh), `jupyter` (not yet).
+    #[arg(long, value_name = "MODE", value_parser = ["ssh", "entrypoint", "jupyter"])]
+    pub launch: Option<String>,
+    /// With `--launch entrypoint`: arguments of the image's Entrypoint, in
+    /// place of its Cmd (all that follow).
+    #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "ARG", conflicts_with = "command")]
+    pub args: Vec<String>,
     /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
     #[arg(long, value_name = "VPS[:SNAPSHOT]", conflicts_with_all = ["container", "image"])]
     pub from_snapshot: Option<String>,

@@ -93,6 +93,7 @@ pub fn base_spec_from(
         shm_bytes,
         vm_disk_bytes: None,
         onstart: None,
+        args: vec![],
     })
 }
 

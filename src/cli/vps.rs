@@ -23,6 +23,33 @@ fn home() -> Option<PathBuf> {
 }
 
 /// The public keys a new VPS accepts, per the key flags.
+/// Vast.ai's `--launch`: `entrypoint` is a VPS without our SSH server that
+/// runs its image (with `--args`); `ssh` is the default.
+fn launch_mode(a: &mut VpsCreateArgs) -> anyhow::Result<()> {
+    match a.launch.as_deref() {
+        Some("entrypoint") => {
+            if a.gen_ssh_key || a.public_key_file.is_some() || a.public_key_string.is_some() {
+                bail!("--launch entrypoint runs no SSH server of ours: drop the key options (reach it with `rivernode connect`), or use --launch ssh");
+            }
+            if a.onstart.is_some() || a.onstart_cmd.is_some() {
+                bail!("--launch entrypoint runs the image's entrypoint: put the onstart's work there, or use --launch ssh");
+            }
+            a.no_ssh = true;
+        }
+        Some("ssh") if a.no_ssh => {
+            bail!("--launch ssh runs our SSH server, --no-ssh none: choose one")
+        }
+        Some("jupyter") => bail!(
+            "--launch jupyter is not built yet (it needs published ports); use --launch ssh and start Jupyter from --onstart, then `rivernode forward`"
+        ),
+        _ => {}
+    }
+    if !a.args.is_empty() && !a.no_ssh {
+        bail!("--args are arguments of the image's entrypoint: give them with --launch entrypoint");
+    }
+    Ok(())
+}
+
 fn keys(a: &VpsCreateArgs) -> anyhow::Result<Vec<String>> {
     if a.no_ssh_key || a.no_ssh {
         return Ok(vec![]);
@@ -230,7 +257,8 @@ fn crypt_sha512(password: &str, salt: &str, rounds: usize) -> String {
 
 pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
-        VpsCommand::Create(a) => {
+        VpsCommand::Create(mut a) => {
+            launch_mode(&mut a)?;
             let vm = vm_choice(&a)?;
             let ssh_password_hash = if a.password_stdin {
                 let mut line = String::new();
@@ -260,6 +288,7 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 no_ssh: a.no_ssh,
                 command: a.command.clone(),
                 env: crate::cli::task::parse_env(&a.env)?,
+                args: a.args.clone(),
                 onstart: match (&a.onstart, &a.onstart_cmd) {
                     (Some(f), _) => Some(std::fs::read_to_string(f).with_context(|| {
                         format!("--onstart {}: cannot read the script", f.display())

@@ -478,6 +478,7 @@ mod tests {
             shm_bytes: None,
             vm_disk_bytes: None,
             onstart: None,
+            args: vec![],
         }
     }
 

@@ -142,6 +142,12 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             return Err(ApiError::BadRequest(format!("onstart: {why}")));
         }
     }
+    let runs_its_image = spec.no_ssh && spec.command.is_empty();
+    if !spec.args.is_empty() && !runs_its_image {
+        return Err(ApiError::BadRequest(
+            "args: arguments of the image's entrypoint, for a --no-ssh VPS that runs its image (--launch entrypoint); a command after -- replaces it whole".into(),
+        ));
+    }
     match (spec.shm_bytes, spec.memory_bytes) {
         (Some(0), _) => {
             return Err(ApiError::BadRequest(

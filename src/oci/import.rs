@@ -85,15 +85,41 @@ pub struct ImageConfig {
     pub entrypoint: Option<Vec<String>>,
     #[serde(rename = "Cmd", default)]
     pub cmd: Option<Vec<String>>,
+    /// The signal that asks its main process to stop (`SIGINT`, `INT`, `2`).
+    #[serde(rename = "StopSignal", default)]
+    pub stop_signal: Option<String>,
 }
 
 impl ImageConfig {
     /// What the image runs when nothing else is asked: Entrypoint then Cmd,
     /// as Docker starts it; empty when the image names neither.
     pub fn default_command(&self) -> Vec<String> {
+        self.command_with(&[])
+    }
+
+    /// Entrypoint with `args` in place of Cmd (Docker's `run IMAGE ARGS`);
+    /// with no `args`, Entrypoint then Cmd.
+    pub fn command_with(&self, args: &[String]) -> Vec<String> {
         let mut argv = self.entrypoint.clone().unwrap_or_default();
-        argv.extend(self.cmd.clone().unwrap_or_default());
+        if args.is_empty() {
+            argv.extend(self.cmd.clone().unwrap_or_default());
+        } else {
+            argv.extend(args.iter().cloned());
+        }
         argv
+    }
+
+    /// The number of its StopSignal, when it names one this knows.
+    pub fn stop_signal_number(&self) -> Option<i32> {
+        let s = self.stop_signal.as_deref()?.trim();
+        if let Ok(n) = s.parse::<i32>() {
+            return (1..=64).contains(&n).then_some(n);
+        }
+        let name = s.to_ascii_uppercase();
+        let name = name.strip_prefix("SIG").unwrap_or(&name);
+        nix::sys::signal::Signal::iterator()
+            .find(|sig| sig.as_str().strip_prefix("SIG") == Some(name))
+            .map(|sig| sig as i32)
     }
 }
 
@@ -938,5 +964,28 @@ mod tests {
             .unwrap();
         let e = read_layout(&empty, d.path()).err().unwrap().to_string();
         assert!(e.contains("neither an OCI image layout"), "{e}");
+    }
+
+    #[test]
+    fn an_images_stop_signal_and_its_args_in_place_of_cmd() {
+        let c = |stop: Option<&str>| ImageConfig {
+            entrypoint: Some(vec!["/ep".into()]),
+            cmd: Some(vec!["default".into()]),
+            stop_signal: stop.map(str::to_string),
+            ..Default::default()
+        };
+        assert_eq!(c(None).default_command(), ["/ep", "default"]);
+        assert_eq!(c(None).command_with(&["one".into()]), ["/ep", "one"]);
+        for (s, n) in [
+            ("SIGINT", Some(2)),
+            ("int", Some(2)),
+            ("15", Some(15)),
+            ("SIGRTMIN", None),
+            ("99", None),
+            ("nope", None),
+        ] {
+            assert_eq!(c(Some(s)).stop_signal_number(), n, "{s}");
+        }
+        assert_eq!(c(None).stop_signal_number(), None);
     }
 }

@@ -26,6 +26,9 @@ pub const KIND_LABEL: &str = "io.rivernode.kind";
 pub const GPUS_LABEL: &str = "io.rivernode.gpus";
 /// When the host accepted the task a container was made for (`Assignment::submitted_at_unix_ms`).
 pub const SUBMITTED_LABEL: &str = "io.rivernode.submitted-ms";
+/// The signal a stop sends its main process: the image's StopSignal,
+/// unless the main process is our SSH server (SIGTERM, which it handles).
+pub const STOP_SIGNAL_LABEL: &str = "io.rivernode.stop-signal";
 /// Container label: the boot id of the node when a command's task start
 /// began. Found after a reboot, it means the work may have run.
 pub const STARTED_BOOT_LABEL: &str = "io.rivernode.started-boot";
@@ -436,9 +439,13 @@ impl TaskContext {
         // /etc/environment: read here, written once the variables are known.
         let mut image_environment = None;
         if is_vps && a.spec.no_ssh {
-            // No SSH server: the VPS runs its own command, or the image's.
+            // No SSH server: the VPS runs its own command, or the image's
+            // (in the image's WorkingDir, as Docker runs it).
             if input.args.is_empty() {
-                input.args = image.config.default_command();
+                input.args = image.config.command_with(&a.spec.args);
+                if let Some(dir) = image.config.working_dir.clone().filter(|d| !d.is_empty()) {
+                    input.cwd = Some(dir);
+                }
             }
             if input.args.is_empty() {
                 return Err(InstanceError::NoCommand {
@@ -543,6 +550,10 @@ impl TaskContext {
             SUBMITTED_LABEL.to_string(),
             a.submitted_at_unix_ms.to_string(),
         );
+        let ssh_server = a.spec.kind == Kind::Vps && !a.spec.no_ssh;
+        if let (false, Some(n)) = (ssh_server, image.config.stop_signal_number()) {
+            labels.insert(STOP_SIGNAL_LABEL.to_string(), n.to_string());
+        }
         self.ctd.create_container(&cid, labels, image, spec).await?;
         super::supervisor::crash_point(&self.crash_at, "created");
         self.mark_start(a).await?;
@@ -881,11 +892,19 @@ impl Driver for TaskContext {
         if self.is_vm(id) {
             return self.vm_signal(id, s).await;
         }
+        let cid = self.container_id(id);
         let n = match s {
-            Signal::Term => 15,
+            Signal::Term => self
+                .ctd
+                .container_labels(&cid)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.get(STOP_SIGNAL_LABEL)?.parse().ok())
+                .unwrap_or(15),
             Signal::Kill => 9,
         };
-        Ok(self.ctd.kill(&self.container_id(id), n).await?)
+        Ok(self.ctd.kill(&cid, n).await?)
     }
 
     async fn pause(&self, id: u64) -> Result<(), InstanceError> {

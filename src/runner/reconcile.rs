@@ -63,6 +63,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             shm_bytes: None,
             vm_disk_bytes: None,
             onstart: None,
+            args: vec![],
         },
         placement: crate::api::Placement {
             node: String::new(),

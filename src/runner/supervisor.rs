@@ -486,6 +486,7 @@ mod tests {
                 shm_bytes: None,
                 vm_disk_bytes: None,
                 onstart: None,
+                args: vec![],
             },
             placement: Placement {
                 node: "n1".into(),

@@ -168,6 +168,17 @@ pub fn busybox_oci_archive(dir: &Path) -> Option<PathBuf> {
 /// The busybox archive; with `user` = (User, passwd line, group line) it
 /// runs as that user (its config's `User`) and has those /etc files.
 pub fn busybox_oci_archive_as(dir: &Path, user: Option<(&str, &str, &str)>) -> Option<PathBuf> {
+    busybox_oci_archive_with(dir, user, &[], &[])
+}
+
+/// The busybox archive with more `umoci config` flags (`--config.entrypoint`,
+/// `--config.workingdir`, `--config.stopsignal`, ...) and more directories.
+pub fn busybox_oci_archive_with(
+    dir: &Path,
+    user: Option<(&str, &str, &str)>,
+    config: &[&str],
+    dirs: &[&str],
+) -> Option<PathBuf> {
     let present = command_exists("umoci") && Path::new("/bin/busybox").exists();
     if !real_part_available("umoci and busybox-static", present) {
         return None;
@@ -190,7 +201,7 @@ pub fn busybox_oci_archive_as(dir: &Path, user: Option<(&str, &str, &str)>) -> O
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
-    for d in ["tmp", "proc", "sys", "dev", "etc"] {
+    for d in ["tmp", "proc", "sys", "dev", "etc"].iter().chain(dirs) {
         std::fs::create_dir_all(bundle.join("rootfs").join(d)).unwrap();
     }
     if let Some((_, passwd, group)) = user {
@@ -211,6 +222,11 @@ pub fn busybox_oci_archive_as(dir: &Path, user: Option<(&str, &str, &str)>) -> O
     ]));
     if let Some((u, _, _)) = user {
         run(Command::new("umoci").args(["config", "--image", &layout, "--config.user", u]));
+    }
+    if !config.is_empty() {
+        run(Command::new("umoci")
+            .args(["config", "--image", &layout])
+            .args(config));
     }
     let archive = dir.join("busybox.tar");
     run(Command::new("tar")

@@ -1066,6 +1066,7 @@ mod tests {
             shm_bytes: None,
             vm_disk_bytes: None,
             onstart: None,
+            args: vec![],
         };
         let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
         s.schedule().unwrap();

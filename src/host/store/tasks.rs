@@ -641,6 +641,7 @@ mod tests {
             shm_bytes: None,
             vm_disk_bytes: None,
             onstart: None,
+            args: vec![],
         }
     }
 
