@@ -677,7 +677,7 @@ pub enum VpsCommand {
         #[arg(long, value_name = "SNAPSHOT", num_args = 0..=1, default_missing_value = "latest")]
         from_snapshot: Option<String>,
     },
-    /// Snapshots of a VPS's filesystem: create, list, latest, delete.
+    /// Snapshots of a VPS (a container's filesystem, a VM's disk): create, list, latest, delete.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
     /// Stop the VPS and remove its container, disk, snapshots, network and
@@ -687,7 +687,9 @@ pub enum VpsCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
-    /// Commit the VPS's filesystem changes now (running, paused or stopped).
+    /// Snapshot the VPS now, running, paused or stopped: a container's
+    /// filesystem changes, a VM's disk (filesystems frozen through its guest
+    /// agent when it has one, else crash-consistent; the COPY column says which).
     Create {
         id: u64,
         #[arg(short, long)]
@@ -701,6 +703,7 @@ pub enum SnapshotCommand {
     Latest {
         id: u64,
     },
+    /// Delete one snapshot of the VPS (SNAPSHOT as `snapshot list` shows it).
     Delete {
         id: u64,
         snapshot: String,

@@ -345,6 +345,18 @@ fn refresh_gpu_drivers(sys: &std::path::Path, gpus: &mut [topology::Gpu]) -> boo
     changed
 }
 
+/// Whether a refused heartbeat means the host no longer knows this node
+/// (register again): its credential refused, or the host's own "not
+/// registered". A 404 of a proxy in front of a host that is starting is
+/// not: the node keeps its credential (a join token may have expired since).
+fn forgotten(status: reqwest::StatusCode, message: &str) -> bool {
+    match status.as_u16() {
+        401 => true,
+        404 => message.contains("is not registered"),
+        _ => false,
+    }
+}
+
 /// Whether the host's 4xx to a registration is its last word. A bad join
 /// token, a taken name or a bad request are: the operator must act. A 404,
 /// 408 or 429 may come from a proxy in front of a host that is starting or
@@ -806,7 +818,7 @@ impl Control {
         use crate::api::host_client::{HostCallError, HostClient};
         match HostClient::heartbeat(&self.http, &self.host_url, &c.name, &c.credential, hb).await {
             Ok(()) => Beat::Ok,
-            Err(HostCallError::Refused { status, .. }) if matches!(status.as_u16(), 401 | 404) => {
+            Err(HostCallError::Refused { status, message }) if forgotten(status, &message) => {
                 Beat::Forgotten
             }
             Err(e) => Beat::Failed(crate::error_chain(&e)),
@@ -839,6 +851,15 @@ mod host_address_tests {
 mod tests {
     use super::*;
     use crate::topology::fake::FakeMachine;
+
+    #[test]
+    fn only_the_hosts_own_word_forgets_a_node() {
+        use reqwest::StatusCode as S;
+        assert!(forgotten(S::UNAUTHORIZED, "invalid or revoked token"));
+        assert!(forgotten(S::NOT_FOUND, "node \"n1\" is not registered"));
+        assert!(!forgotten(S::NOT_FOUND, "<html>404 Not Found</html>"));
+        assert!(!forgotten(S::TOO_MANY_REQUESTS, "slow down"));
+    }
 
     #[test]
     fn only_a_hosts_own_refusals_end_registration() {
