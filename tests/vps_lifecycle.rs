@@ -381,7 +381,7 @@ fn an_onstart_script_runs_on_each_start_with_the_instances_variables() {
                 .then_some(t)
         });
         assert_eq!(t["state"], "running", "{t}");
-        let logs = stdout(&v.rn(&["task", "logs", &id]));
+        let logs = stdout(&v.rn(&["task", "logs", &id, "--onstart"]));
         assert!(logs.contains("to-the-log"), "{logs}");
         let etc = v.ssh_ok(&id, &["cat", "/etc/environment"]);
         assert_eq!(etc.matches("TZ=UTC").count(), 2, "appended to: {etc}");

@@ -403,6 +403,9 @@ pub struct Assignments {
     pub tasks: Vec<Assignment>,
 }
 
+/// The log streams of a task: its main process's, and a VPS's onstart's.
+pub const LOG_STREAMS: [&str; 4] = ["stdout", "stderr", "onstart.stdout", "onstart.stderr"];
+
 /// `POST /api/users/{name}/env`: variables to set and to remove.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -531,6 +531,9 @@ pub enum TaskCommand {
         id: u64,
         #[arg(long)]
         stderr: bool,
+        /// The VPS's onstart script's output instead of its main process's.
+        #[arg(long)]
+        onstart: bool,
         /// Keep printing until the task ends.
         #[arg(short = 'f', long)]
         follow: bool,
@@ -638,7 +641,7 @@ pub struct VpsCreateArgs {
     #[arg(long, value_name = "MODE", value_parser = ["ssh", "entrypoint", "jupyter"])]
     pub launch: Option<String>,
     /// With `--launch entrypoint`: arguments of the image's Entrypoint, in
-    /// place of its Cmd (all that follow).
+    /// place of its Cmd (everything after --args is one of them: put it last).
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "ARG", conflicts_with = "command")]
     pub args: Vec<String>,
     /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
@@ -696,18 +699,11 @@ pub enum SnapshotCommand {
         message: Option<String>,
     },
     /// The VPS's snapshots, oldest first.
-    List {
-        id: u64,
-    },
+    List { id: u64 },
     /// The VPS's newest snapshot.
-    Latest {
-        id: u64,
-    },
+    Latest { id: u64 },
     /// Delete one snapshot of the VPS (SNAPSHOT as `snapshot list` shows it).
-    Delete {
-        id: u64,
-        snapshot: String,
-    },
+    Delete { id: u64, snapshot: String },
 }
 
 #[derive(Args, Debug)]

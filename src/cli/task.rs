@@ -428,8 +428,18 @@ pub async fn run(client: &Client, cmd: TaskCommand, output: Output) -> anyhow::R
                 Output::Table => emit(&status_text(&t)),
             }
         }
-        TaskCommand::Logs { id, stderr, follow } => {
-            let stream = if stderr { "stderr" } else { "stdout" };
+        TaskCommand::Logs {
+            id,
+            stderr,
+            onstart,
+            follow,
+        } => {
+            let stream = match (onstart, stderr) {
+                (false, false) => "stdout",
+                (false, true) => "stderr",
+                (true, false) => "onstart.stdout",
+                (true, true) => "onstart.stderr",
+            };
             // Written to our stdout either way: `logs --stderr > f` keeps it.
             let mut stdout = std::io::stdout();
             copy_log(client, id, stream, follow, &mut stdout).await?;

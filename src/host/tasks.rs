@@ -513,9 +513,10 @@ async fn logs(
     ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> Result<(HeaderMap, Bytes), ApiError> {
     let stream = q.stream.unwrap_or_else(|| "stdout".into());
-    if stream != "stdout" && stream != "stderr" {
+    if !crate::api::LOG_STREAMS.contains(&stream.as_str()) {
         return Err(ApiError::BadRequest(format!(
-            "stream: {stream:?} is not stdout or stderr"
+            "stream: {stream:?} is not one of {}",
+            crate::api::LOG_STREAMS.join(", ")
         )));
     }
     let t = visible_task(&state, &p, id).await?;

@@ -26,6 +26,9 @@ pub struct ExecRequest {
     pub tty: bool,
     pub cols: u16,
     pub rows: u16,
+    /// Its output to this logging URI (`binary://...`, the shim starts the
+    /// log driver) instead of pipes to the caller; no input then.
+    pub log_uri: Option<String>,
 }
 
 /// A started exec: its streams, and what its end needs.
@@ -74,6 +77,45 @@ pub fn exec_process(
     Ok(p)
 }
 
+/// The exec's named pipes in `dir`, opened before the shim does, without
+/// blocking: the reading ends non-blocking, the writing one read-write (as
+/// containerd's fifo package does) so that no reader has to be there yet.
+/// (stdin, stdout, stderr; none with a terminal).
+fn open_fifos(
+    dir: &Path,
+    tty: bool,
+) -> Result<(pipe::Sender, pipe::Receiver, Option<pipe::Receiver>), OciError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = |name: &str| dir.join(name);
+    for name in ["stdin", "stdout", "stderr"] {
+        let p = path(name);
+        let _ = std::fs::remove_file(&p);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| {
+            OciError::Io {
+                path: p.clone(),
+                source: e.into(),
+            }
+        })?;
+    }
+    let stdout = pipe::OpenOptions::new()
+        .open_receiver(path("stdout"))
+        .map_err(io(&path("stdout")))?;
+    let stderr = if tty {
+        None
+    } else {
+        Some(
+            pipe::OpenOptions::new()
+                .open_receiver(path("stderr"))
+                .map_err(io(&path("stderr")))?,
+        )
+    };
+    let stdin = pipe::OpenOptions::new()
+        .read_write(true)
+        .open_sender(path("stdin"))
+        .map_err(io(&path("stdin")))?;
+    Ok((stdin, stdout, stderr))
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OciError + '_ {
     move |source| OciError::Io {
         path: path.to_path_buf(),
@@ -110,51 +152,26 @@ impl Containerd {
             .ok_or_else(|| OciError::Spec(format!("container {container} has no runtime spec")))?;
         let process = exec_process(&spec["process"], req)?;
 
-        std::fs::create_dir_all(fifo_dir).map_err(io(fifo_dir))?;
-        let path = |name: &str| fifo_dir.join(name);
-        for name in ["stdin", "stdout", "stderr"] {
-            let p = path(name);
-            let _ = std::fs::remove_file(&p);
-            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
-                |e| OciError::Io {
-                    path: p.clone(),
-                    source: e.into(),
-                },
-            )?;
-        }
-        // Opened before the shim does, without blocking: the reading ends
-        // non-blocking, the writing one read-write (as containerd's fifo
-        // package does) so that no reader has to be there yet.
-        let stdout = pipe::OpenOptions::new()
-            .open_receiver(path("stdout"))
-            .map_err(io(&path("stdout")))?;
-        let stderr = if req.tty {
-            None
-        } else {
-            Some(
-                pipe::OpenOptions::new()
-                    .open_receiver(path("stderr"))
-                    .map_err(io(&path("stderr")))?,
-            )
+        // Pipes to the caller, or (a logging URI) the output to the log
+        // driver containerd's shim starts, with no input.
+        let (pipes, stdin_at, stdout_at, stderr_at) = match &req.log_uri {
+            Some(uri) => (None, String::new(), uri.clone(), uri.clone()),
+            None => {
+                let pipes = open_fifos(fifo_dir, req.tty)?;
+                let at = |name: &str| fifo_dir.join(name).display().to_string();
+                let stderr_at = if req.tty { String::new() } else { at("stderr") };
+                (Some(pipes), at("stdin"), at("stdout"), stderr_at)
+            }
         };
-        let stdin = pipe::OpenOptions::new()
-            .read_write(true)
-            .open_sender(path("stdin"))
-            .map_err(io(&path("stdin")))?;
-        let s = |p: PathBuf| p.display().to_string();
         let mut tasks = TasksClient::new(self.channel());
         tasks
             .exec(
                 self.req(
                     ExecProcessRequest {
                         container_id: container.into(),
-                        stdin: s(path("stdin")),
-                        stdout: s(path("stdout")),
-                        stderr: if req.tty {
-                            String::new()
-                        } else {
-                            s(path("stderr"))
-                        },
+                        stdin: stdin_at,
+                        stdout: stdout_at,
+                        stderr: stderr_at,
                         terminal: req.tty,
                         spec: Some(prost_types::Any {
                             type_url: PROCESS_TYPE.into(),
@@ -173,10 +190,16 @@ impl Containerd {
             container: container.into(),
             id: exec_id.into(),
             dir: fifo_dir.to_path_buf(),
-            stdin: Some(stdin),
-            stdout: Some(stdout),
-            stderr,
+            stdin: None,
+            stdout: None,
+            stderr: None,
         };
+        let mut exec = exec;
+        if let Some((stdin, stdout, stderr)) = pipes {
+            exec.stdin = Some(stdin);
+            exec.stdout = Some(stdout);
+            exec.stderr = stderr;
+        }
         if let Err(e) = tasks
             .start(self.req(
                 StartRequest {
@@ -294,6 +317,7 @@ mod tests {
             tty: false,
             cols: 80,
             rows: 24,
+            log_uri: None,
         };
         let p = exec_process(&main, &req).unwrap();
         assert_eq!(p["args"], serde_json::json!(["ps", "aux"]));

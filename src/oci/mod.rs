@@ -25,7 +25,9 @@ use tonic::transport::Channel;
 pub use commit::{Committed, BASE_MANIFEST_LABEL, COMMIT_SIZE_LABEL};
 pub use import::{chain_ids, check_archive, ImageConfig, ImportedImage};
 pub use registry::Reference;
-pub use spec::{build as build_spec, capability_bound, set_env, MountInput, RuntimeSpecInput};
+pub use spec::{
+    build as build_spec, capability_bound, remove_env, set_env, MountInput, RuntimeSpecInput,
+};
 pub use task::{oom_kills, TaskStatus, TASK_LABEL};
 
 /// Where an import or a pull says how far it got: `(phase, done, total)`

@@ -75,6 +75,21 @@ pub fn set_env(spec: &mut Spec, vars: &BTreeMap<String, String>) {
     p.set_env(Some(env));
 }
 
+/// Removes each of `keys` from the process environment.
+pub fn remove_env(spec: &mut Spec, keys: &[&str]) {
+    let Some(p) = spec.process_mut().as_mut() else {
+        return;
+    };
+    let env: Vec<String> = p
+        .env()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|kv| !keys.contains(&kv.split_once('=').map(|(k, _)| k).unwrap_or(kv)))
+        .collect();
+    p.set_env(Some(env));
+}
+
 /// The capability bounding set of this process (`CapBnd` in `/proc/self/status`).
 pub fn capability_bound(proc_root: &std::path::Path) -> Result<u64, OciError> {
     let path = proc_root.join("self/status");

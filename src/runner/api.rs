@@ -184,8 +184,11 @@ async fn logs(
 ) -> Response {
     use std::io::{Read, Seek, SeekFrom};
     let stream = q.stream.unwrap_or_else(|| "stdout".into());
-    if stream != "stdout" && stream != "stderr" {
-        return error(StatusCode::BAD_REQUEST, "stream must be stdout or stderr");
+    if !crate::api::LOG_STREAMS.contains(&stream.as_str()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "stream must be stdout, stderr, onstart.stdout or onstart.stderr",
+        );
     }
     let path = state.logs_dir.join(format!("task-{id}.{stream}"));
     let offset = q.offset.unwrap_or(0);

@@ -438,6 +438,9 @@ impl TaskContext {
         // An SSH VPS's sessions see its variables, with the image's own
         // /etc/environment: read here, written once the variables are known.
         let mut image_environment = None;
+        // The SSH server: `Some(version)` for the image's own sshd, `None`
+        // for the injected dropbear.
+        let mut sshd: Option<Option<(u32, u32)>> = None;
         if is_vps && a.spec.no_ssh {
             // No SSH server: the VPS runs its own command, or the image's
             // (in the image's WorkingDir, as Docker runs it).
@@ -469,6 +472,14 @@ impl TaskContext {
                 sshd: oci::rootfs::is_file(&found[0]).then(|| SSHD.to_string()),
                 shadow: found[1].clone(),
             };
+            if image_ssh.sshd.is_some() {
+                sshd = Some(
+                    found[0]
+                        .as_deref()
+                        .and_then(|p| std::fs::read(p).ok())
+                        .and_then(|b| super::vps::openssh_version(&b)),
+                );
+            }
             let login = SshLogin {
                 keys: &a.spec.ssh_keys,
                 password_hash: a.spec.ssh_password_hash.as_deref(),
@@ -503,6 +514,11 @@ impl TaskContext {
         let mut env = input.rivernode_env.clone();
         env.extend(super::gpus::env(&grants));
         oci::set_env(&mut spec, &env);
+        if is_vps && !a.spec.no_ssh && sshd.is_none() {
+            // The injected dropbear runs on the node's libraries through
+            // ld.so, which would load what these name from the image.
+            oci::remove_env(&mut spec, &super::vps::LOADER_VARS);
+        }
         if is_vps && !a.spec.no_ssh {
             let all: Vec<(String, String)> = spec
                 .process()
@@ -517,6 +533,7 @@ impl TaskContext {
                 &cid,
                 &super::vps::session_vars(&all),
                 image_environment.as_deref().unwrap_or_default(),
+                sshd,
             )?;
         }
         self.create_and_start(a, labels, &image, &spec, &uri).await
@@ -663,6 +680,11 @@ pub fn shared_part(shared: &std::path::Path, per_user: bool, owner: Option<&str>
 }
 
 /// Where task logs are written: DATA_DIR/runner/logs/task-<id>.{stdout,stderr}.
+/// The name of a VPS's onstart log (`<name>.stdout`, `<name>.stderr`).
+pub fn onstart_log_name(id: u64) -> String {
+    format!("task-{id}.onstart")
+}
+
 pub fn logs_dir(config: &RunnerConfig) -> PathBuf {
     config.data_dir.join(super::STATE_DIR).join("logs")
 }
@@ -738,51 +760,40 @@ impl Driver for TaskContext {
         };
         let cid = self.container_id(a.id);
         let args = self.vps.onstart_command(&cid, script)?;
-        let dir = self
-            .config
-            .data_dir
-            .join(super::STATE_DIR)
-            .join("exec")
-            .join(format!("{cid}-onstart"));
+        // Its output goes to its own capped log beside the instance's
+        // (`task logs ID --onstart`), through the log driver containerd's
+        // shim runs: nothing of it depends on this runner staying up.
+        let logs = self.logs_dir();
+        std::fs::create_dir_all(&logs).map_err(Self::io(&logs))?;
+        let exe = std::env::current_exe().map_err(InstanceError::Exe)?;
         let req = oci::exec::ExecRequest {
             args,
             tty: false,
             cols: 0,
             rows: 0,
+            log_uri: Some(super::logdriver::uri(
+                &exe,
+                &logs,
+                &onstart_log_name(a.id),
+                self.config.max_log_bytes,
+            )),
         };
-        let mut exec = self.ctd.exec(&cid, "onstart", &req, &dir).await?;
-        let _ = exec.close_stdin().await;
-        // Its output joins the instance's log (`task logs`), as it comes.
-        let logs = self.logs_dir();
-        let append = |stream: &str, pipe: Option<tokio::net::unix::pipe::Receiver>| {
-            let path = logs.join(format!("task-{}.{stream}", a.id));
-            tokio::spawn(async move {
-                let Some(mut pipe) = pipe else { return };
-                let file = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .await;
-                match file {
-                    Ok(mut f) => {
-                        let _ = tokio::io::copy(&mut pipe, &mut f).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "onstart output lost")
-                    }
-                }
-            })
-        };
-        let out = append("stdout", exec.stdout.take());
-        let err = append("stderr", exec.stderr.take());
+        let mut raw = [0u8; 6];
+        getrandom::fill(&mut raw).map_err(|e| InstanceError::Io {
+            path: "/dev/urandom".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let exec_id = format!(
+            "onstart-{}",
+            raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let unused = self.config.data_dir.join(super::STATE_DIR).join("exec");
+        let exec = self.ctd.exec(&cid, &exec_id, &req, &unused).await?;
         let status = exec.wait().await;
-        // What it started in the background (a server, `nohup ... &`) may
-        // still write: containerd forgets the exec, and with it the pipes
-        // those processes write to, only once they have let go of them.
-        tokio::spawn(async move {
-            let _ = tokio::join!(out, err);
-            exec.remove().await;
-        });
+        // Not deleted: what it started in the background (a server, `nohup
+        // ... &`) keeps writing to the log driver's pipe, which containerd
+        // would close with the exec. It goes with the container's task.
+        drop(exec);
         Ok(Some(status?))
     }
 

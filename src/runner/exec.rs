@@ -70,6 +70,7 @@ async fn run(ctx: &TaskContext, id: u64, ws: &mut WebSocket) -> Result<i32, Stri
         tty: start.tty,
         cols: start.cols,
         rows: start.rows,
+        log_uri: None,
     };
     let mut exec = ctx
         .ctd

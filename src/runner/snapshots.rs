@@ -122,7 +122,10 @@ impl TaskContext {
     /// `set-aside-<id>`, and the logs get a `.set-aside-<ms>` suffix.
     pub async fn set_aside_earlier_life(&self, id: u64) -> Result<(), SnapshotError> {
         let stamp = crate::now_unix_ms();
-        for stream in ["stdout", "stderr", "stdout.1", "stderr.1"] {
+        let streams = crate::api::LOG_STREAMS
+            .iter()
+            .flat_map(|s| [s.to_string(), format!("{s}.1")]);
+        for stream in streams {
             let path = super::container::logs_dir(&self.config).join(format!("task-{id}.{stream}"));
             if path.exists() {
                 let aside = path.with_file_name(format!("task-{id}.{stream}.set-aside-{stamp}"));

@@ -65,7 +65,7 @@ fn onstart_news(id: u64, r: Result<Option<u32>, InstanceError>) -> Option<String
     match r {
         Ok(None | Some(0)) => None,
         Ok(Some(code)) => Some(format!(
-            "onstart exited with code {code} (its output is in `rivernode task logs {id}`)"
+            "onstart exited with code {code} (its output: `rivernode task logs {id} --onstart`)"
         )),
         Err(e) => Some(format!("onstart could not run: {}", crate::error_chain(&e))),
     }
@@ -288,11 +288,16 @@ impl<D: Driver> Supervisors<D> {
                     // (one that kills the script is no failure of it).
                     if let (false, Some(news)) = (signalled, onstart_news(id, r)) {
                         tracing::warn!(task = id, "{news}");
+                        // In the state it is in now: news is no resume.
+                        let now = match self.driver.observe(id).await {
+                            Ok(Observed::Paused) => TaskState::Paused,
+                            _ => TaskState::Running,
+                        };
                         self.reports.push(
                             id,
                             TaskReport {
                                 message: Some(news),
-                                ..report(TaskState::Running)
+                                ..report(now)
                             },
                         );
                     }

@@ -161,8 +161,7 @@ fn sshd_config(login: &SshLogin<'_>) -> String {
          PermitRootLogin {}\n\
          UsePAM no\n\
          PrintMotd no\n\
-         Subsystem sftp internal-sftp\n\
-         Include {INSTANCE_DIR}/{SSHD_ENV}\n",
+         Subsystem sftp internal-sftp\n",
         yes_no(passwords),
         if passwords {
             "yes"
@@ -172,12 +171,19 @@ fn sshd_config(login: &SshLogin<'_>) -> String {
     )
 }
 
-/// Where an image sshd's session variables are written (one `SetEnv`).
-const SSHD_ENV: &str = "sshd_env";
 /// Where the instance's /etc/environment is written.
 const ENVIRONMENT: &str = "environment";
 /// Where a VPS's onstart script is written.
 const ONSTART: &str = "onstart";
+
+/// Variables the dynamic loader acts on: never given to the injected
+/// dropbear (it runs on the node's libraries; its sessions lack them too).
+pub const LOADER_VARS: [&str; 4] = [
+    "LD_PRELOAD",
+    "LD_AUDIT",
+    "LD_LIBRARY_PATH",
+    "GLIBC_TUNABLES",
+];
 
 /// Variables an SSH server sets for each login itself: never carried over.
 const PER_LOGIN: [&str; 7] = ["HOME", "USER", "LOGNAME", "SHELL", "PWD", "TERM", "MAIL"];
@@ -187,18 +193,38 @@ const PER_LOGIN: [&str; 7] = ["HOME", "USER", "LOGNAME", "SHELL", "PWD", "TERM",
 pub fn session_vars(env: &[(String, String)]) -> Vec<(String, String)> {
     env.iter()
         .filter(|(k, _)| !PER_LOGIN.contains(&k.as_str()))
+        // One variable a line (an image's Env is not checked like users' -e).
+        .filter(|(k, v)| !format!("{k}{v}").contains(['\n', '\r', '\0']))
         .cloned()
         .collect()
 }
 
-/// sshd's `SetEnv` for `vars`, on one line (sshd takes only its first
-/// `SetEnv`), each `"K=V"` quoted with `\` and `"` escaped.
-fn sshd_setenv(vars: &[(String, String)]) -> String {
-    if vars.is_empty() {
+/// The version of an OpenSSH sshd binary (`OpenSSH_9.2p1` in its bytes).
+pub fn openssh_version(binary: &[u8]) -> Option<(u32, u32)> {
+    const MARK: &[u8] = b"OpenSSH_";
+    let at = binary.windows(MARK.len()).position(|w| w == MARK)? + MARK.len();
+    let rest = &binary[at..binary.len().min(at + 16)];
+    let text: String = rest
+        .iter()
+        .take_while(|b| b.is_ascii_digit() || **b == b'.')
+        .map(|b| *b as char)
+        .collect();
+    let (major, minor) = text.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// sshd's `SetEnv` for `vars`, as the image's sshd (`version`) reads it:
+/// none before 7.8 (or unknown: an unknown option stops sshd); one line
+/// (sshd takes only its first `SetEnv`), each `"K=V"` quoted, with `\` and
+/// `"` escaped from 8.7 on and values holding them left out before.
+fn sshd_setenv(version: Option<(u32, u32)>, vars: &[(String, String)]) -> String {
+    let Some(v) = version.filter(|v| *v >= (7, 8)) else {
         return String::new();
-    }
+    };
+    let escapes = v >= (8, 7);
     let quoted: Vec<String> = vars
         .iter()
+        .filter(|(_, val)| escapes || !val.contains(['"', '\\']))
         .map(|(k, v)| {
             let kv = format!("{k}={v}")
                 .replace('\\', "\\\\")
@@ -206,6 +232,9 @@ fn sshd_setenv(vars: &[(String, String)]) -> String {
             format!("\"{kv}\"")
         })
         .collect();
+    if quoted.is_empty() {
+        return String::new();
+    }
     format!("SetEnv {}\n", quoted.join(" "))
 }
 
@@ -399,10 +428,8 @@ impl VpsKit {
         write(&ak, keys.join("\n") + "\n")?;
         set_mode(&ak, 0o600)?;
         // Filled by `session_env` once the instance's variables are known.
-        for f in [SSHD_ENV, ENVIRONMENT] {
-            if !dir.join(f).exists() {
-                write(&dir.join(f), "")?;
-            }
+        if !dir.join(ENVIRONMENT).exists() {
+            write(&dir.join(ENVIRONMENT), "")?;
         }
         Ok(dir)
     }
@@ -424,17 +451,32 @@ impl VpsKit {
     }
 
     /// What SSH sessions of the instance see: its variables in
-    /// /etc/environment, and for an image's sshd in one `SetEnv` (dropbear
-    /// passes its own environment on, `-e`). `image_environment`: the
-    /// image's own /etc/environment.
+    /// /etc/environment, and for an image's sshd (`Some(its version)`) in
+    /// one `SetEnv` added to its configuration (dropbear passes its own
+    /// environment on, `-e`). `image_environment`: the image's own
+    /// /etc/environment.
     pub fn session_env(
         &self,
         cid: &str,
         vars: &[(String, String)],
         image_environment: &str,
+        sshd: Option<Option<(u32, u32)>>,
     ) -> Result<(), VpsError> {
         let dir = self.root.join("instances").join(cid);
-        write(&dir.join(SSHD_ENV), sshd_setenv(vars))?;
+        if let Some(version) = sshd {
+            let config = dir.join("sshd_config");
+            let base = std::fs::read_to_string(&config).map_err(io(&config))?;
+            let base: String = base
+                .lines()
+                .filter(|l| !l.starts_with("SetEnv "))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let setenv = sshd_setenv(version, vars);
+            if setenv.is_empty() && !vars.is_empty() {
+                tracing::warn!(container = cid, ?version, "the image's sshd takes no SetEnv (OpenSSH 7.8 or later does): its sessions get only /etc/environment");
+            }
+            write(&config, base + &setenv)?;
+        }
         write(
             &dir.join(ENVIRONMENT),
             etc_environment(image_environment, vars),
@@ -727,10 +769,26 @@ mod tests {
         let vars = session_vars(&env);
         assert!(vars.iter().all(|(k, _)| k != "HOME"), "{vars:?}");
         assert_eq!(
-            sshd_setenv(&vars),
+            sshd_setenv(Some((9, 2)), &vars),
             "SetEnv \"TZ=UTC\" \"NOTE=two words\" \"Q=say \\\"hi\\\" \\\\o/\" \"PATH=/usr/bin\"\n"
         );
-        assert_eq!(sshd_setenv(&[]), "");
+        // Before 8.7 no escapes: a value that needs one is left out; before
+        // 7.8 (or unknown) no SetEnv at all.
+        assert_eq!(
+            sshd_setenv(Some((8, 2)), &vars),
+            "SetEnv \"TZ=UTC\" \"NOTE=two words\" \"PATH=/usr/bin\"\n"
+        );
+        assert_eq!(sshd_setenv(Some((7, 4)), &vars), "");
+        assert_eq!(sshd_setenv(None, &vars), "");
+        assert_eq!(sshd_setenv(Some((9, 2)), &[]), "");
+        assert_eq!(
+            openssh_version(b"\0junk OpenSSH_9.2p1 Debian-2+deb12u3\0"),
+            Some((9, 2))
+        );
+        assert_eq!(openssh_version(b"OpenSSH_7.4"), Some((7, 4)));
+        assert_eq!(openssh_version(b"dropbear"), None);
+        let broken = vec![("BAD".to_string(), "a\nPermitRootLogin yes".to_string())];
+        assert!(session_vars(&broken).is_empty(), "never a second line");
         let etc = etc_environment("PATH=\"/usr/local/bin\"\nLANG=C.UTF-8\n", &vars);
         assert_eq!(
             etc, "LANG=C.UTF-8\nTZ=UTC\nNOTE=\"two words\"\nQ=say \"hi\" \\o/\nPATH=/usr/bin\n",

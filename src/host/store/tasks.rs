@@ -534,8 +534,9 @@ pub(super) fn report(
         )));
     }
     if t.state == r.state {
-        // A running VPS's news (its onstart failed): the message only.
-        if r.message.is_some() && r.message != t.message && r.state == TaskState::Running {
+        // A live VPS's news (its onstart failed): the message only.
+        let live = matches!(r.state, TaskState::Running | TaskState::Paused);
+        if r.message.is_some() && r.message != t.message && live {
             tx.execute(
                 "UPDATE tasks SET message = ?2 WHERE id = ?1",
                 params![id as i64, r.message],
