@@ -628,8 +628,8 @@ pub struct VpsCreateArgs {
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     pub env: Vec<String>,
     /// A script the VPS runs each time it starts, after its SSH server, with
-    /// its variables (Vast.ai's onstart); output in `task logs`, a failure in
-    /// `vps status`.
+    /// its variables (Vast.ai's onstart); its output in `task logs ID
+    /// --onstart`, a failure in `vps status`.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["onstart_cmd", "no_ssh"])]
     pub onstart: Option<PathBuf>,
     /// The onstart script given inline.

@@ -386,6 +386,10 @@ impl SqliteStore {
     }
 }
 
+/// The most variables a user may give their instances, and their size.
+pub const MAX_USER_VARS: usize = 128;
+pub const MAX_USER_ENV_BYTES: usize = 64 << 10;
+
 /// Whether user `name` exists and was not removed.
 fn user_present(c: &Connection, name: &str) -> Result<bool, StoreError> {
     Ok(c.query_row(
@@ -613,6 +617,17 @@ impl Store for SqliteStore {
                 )?;
             }
             let after = read_user_env(&tx, name)?;
+            if let Some(vars) = &after {
+                // Every instance of the user carries them (and every spec
+                // stored for one): bounded, the change refused whole.
+                let bytes: usize = vars.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if vars.len() > MAX_USER_VARS || bytes > MAX_USER_ENV_BYTES {
+                    return Err(StoreError::Refused(format!(
+                        "set: a user has at most {MAX_USER_VARS} variables of {MAX_USER_ENV_BYTES} bytes in all; this change would make {} of {bytes}",
+                        vars.len()
+                    )));
+                }
+            }
             tx.commit()?;
             Ok(after)
         })
@@ -1375,6 +1390,15 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(after, again);
+        // Over the limit: refused whole, nothing changed.
+        let many: BTreeMap<String, String> = (0..=MAX_USER_VARS)
+            .map(|i| (format!("V{i}"), "x".to_string()))
+            .collect();
+        assert!(matches!(
+            s.change_user_env("alice", &many, &[]),
+            Err(StoreError::Refused(m)) if m.contains("at most")
+        ));
+        assert_eq!(s.user_env("alice").unwrap(), Some(again.clone()));
         assert!(s.remove_user("alice").unwrap());
         assert_eq!(s.user_env("alice").unwrap(), None, "removed with the user");
     }
