@@ -313,6 +313,9 @@ fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
                 "TASKID=TEST",
                 "-e",
                 "NOTE=two words",
+                // bash syntax, with no #! line: run by the image's bash.
+                "--onstart-cmd",
+                "words=(one two); echo \"${words[1]}\" > /root/onstart.out",
             ],
             "debian pass\n",
         );
@@ -327,6 +330,11 @@ fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
             "{cmdline}"
         );
         session_sees_the_instances_variables(&v, &id);
+        let ran = wait_for("the onstart ran under bash", || {
+            let o = v.ssh(&id, &["cat", "/root/onstart.out"]);
+            o.status.success().then(|| stdout(&o))
+        });
+        assert_eq!(ran, "two\n");
         let banner = v.ssh_ok(&id, &["echo $SSH_CONNECTION; cat /etc/debian_version"]);
         assert!(
             banner.lines().nth(1).unwrap_or("").starts_with("12"),

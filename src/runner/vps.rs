@@ -435,8 +435,9 @@ impl VpsKit {
     }
 
     /// Writes a VPS's onstart script where the instance sees it; the
-    /// command that runs it there (a script with a `#!` line runs with
-    /// that interpreter, any other with /bin/sh).
+    /// command that runs it there: a script with a `#!` line runs with that
+    /// interpreter, any other with bash where the image has it (Vast.ai's
+    /// templates are bash), else /bin/sh.
     pub fn onstart_command(&self, cid: &str, script: &str) -> Result<Vec<String>, VpsError> {
         let dir = self.root.join("instances").join(cid);
         let path = dir.join(ONSTART);
@@ -446,7 +447,15 @@ impl VpsKit {
         Ok(if script.starts_with("#!") {
             vec![inside]
         } else {
-            vec!["/bin/sh".into(), inside]
+            [
+                "/bin/sh",
+                "-c",
+                "[ -x /bin/bash ] && exec /bin/bash \"$0\"; exec /bin/sh \"$0\"",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([inside])
+            .collect()
         })
     }
 
