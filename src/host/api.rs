@@ -227,9 +227,7 @@ async fn remove_user(
         tracing::info!(user = %name, "user removed; their tokens are revoked");
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::NotFound(format!(
-            "no user named {name:?}; `rivernode user list` shows the users"
-        )))
+        Err(no_such_user(&name))
     }
 }
 
@@ -287,7 +285,7 @@ fn expiry(now: i64, expires_in_ms: Option<u64>) -> Result<Option<i64>, ApiError>
 fn for_user(p: &Principal, name: &str, what: &str) -> Result<(), ApiError> {
     if p.role != Role::Admin && p.user.as_deref() != Some(name) {
         return Err(ApiError::Forbidden(format!(
-            "a user may {what} only their own"
+            "a user may {what} of only their own account"
         )));
     }
     Ok(())
@@ -305,7 +303,7 @@ async fn get_user_env(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<BTreeMap<String, String>>, ApiError> {
-    for_user(&p, &name, "read variables")?;
+    for_user(&p, &name, "read the variables")?;
     let n = name.clone();
     state
         .blocking(move |s| s.user_env(&n))
@@ -323,7 +321,7 @@ async fn change_user_env(
     Path(name): Path<String>,
     ApiJson(req): ApiJson<crate::api::UserEnvChange>,
 ) -> Result<Json<BTreeMap<String, String>>, ApiError> {
-    for_user(&p, &name, "change variables")?;
+    for_user(&p, &name, "change the variables")?;
     super::tasks::check_env("set", &req.set)?;
     let n = name.clone();
     let after = state
@@ -342,11 +340,7 @@ async fn rotate_user_token(
     Path(name): Path<String>,
     ApiJson(req): ApiJson<RotateJoinToken>,
 ) -> Result<(StatusCode, Json<NewUser>), ApiError> {
-    if p.role != Role::Admin && p.user.as_deref() != Some(name.as_str()) {
-        return Err(ApiError::Forbidden(
-            "a user may rotate only their own token".into(),
-        ));
-    }
+    for_user(&p, &name, "rotate the token")?;
     let now = crate::now_unix_ms();
     if name == "admin" {
         return rotate_admin_token(&state, &p, req.expires_in_ms, now).await;
@@ -358,9 +352,7 @@ async fn rotate_user_token(
         .blocking(move |s| s.rotate_user_token(&n, &hash, expires_at, now))
         .await?;
     if !found {
-        return Err(ApiError::NotFound(format!(
-            "no user named {name:?}; `rivernode user list` shows the users"
-        )));
+        return Err(no_such_user(&name));
     }
     tracing::info!(user = %name, ?expires_at, "user token rotated");
     Ok((StatusCode::CREATED, Json(NewUser { name, token })))
