@@ -215,6 +215,11 @@ layered_config! {
         /// The base image `vps create --backend vm` without --vm-image boots
         /// (KohakuRiver's default VM image); none: they must say.
         default_vm_image: Option<String> = None,
+        /// External ports the host gives published ports (`vps create -p`), FIRST-LAST:
+        /// users reach an instance's port at the host's address and one of these.
+        /// Keep it clear of the node ports (30000-32767) and of the kernel's ephemeral
+        /// ports (net.ipv4.ip_local_port_range, 32768-60999 by default).
+        published_ports: String = "20000-29999".to_string(),
     }
 }
 
@@ -334,7 +339,33 @@ impl HostConfig {
         if let Some(url) = &self.advertise_url {
             check_url("advertise_url", url)?;
         }
+        self.published_range()?;
         Ok(())
+    }
+
+    /// `published_ports` as a range, refused when it is not one or meets
+    /// the node ports or the host's own ports.
+    pub fn published_range(&self) -> Result<crate::api::ports::PortRange, ConfigError> {
+        let invalid = |message| ConfigError::Invalid {
+            key: "published_ports",
+            message,
+        };
+        let r = crate::api::ports::PortRange::parse(&self.published_ports).map_err(invalid)?;
+        let (first, last) = crate::api::NODE_PORTS;
+        if r.overlaps(first, last) {
+            return Err(invalid(format!(
+                "{r} meets the node ports ({first}-{last}); pick a range outside them"
+            )));
+        }
+        for (key, port) in [
+            ("api_port", self.api_port),
+            ("ssh_proxy_port", self.ssh_proxy_port),
+        ] {
+            if r.contains(port) {
+                return Err(invalid(format!("{r} holds {key} ({port})")));
+            }
+        }
+        Ok(r)
     }
 
     /// The URL a client on this machine uses to reach the API listening on `port`.

@@ -57,6 +57,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
                 node_port: 30022,
                 ip: "127.0.0.1".parse().unwrap(),
                 port: sp,
+                proto: rivernode::net::Proto::Tcp,
             }],
             // The kernel takes the source-restricted prerouting rule too.
             node_port_sources: vec!["127.0.0.1".parse().unwrap()],
@@ -326,6 +327,7 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 node_port: 30022,
                 ip: i1.ip,
                 port: 7000,
+                proto: rivernode::net::Proto::Tcp,
             }])
             .unwrap();
 

@@ -386,3 +386,175 @@ fn session_sees_the_instances_variables(v: &Vps, id: &str) {
         "{etc}"
     );
 }
+
+/// A UDP echo server for the busybox image (its nc has no UDP), built
+/// static from this source by the machine's C compiler.
+const UDP_ECHO: &str = r#"
+#include <arpa/inet.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+int main(int argc, char **argv) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(atoi(argv[1]));
+    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0) return 1;
+    for (;;) {
+        char buf[2048];
+        struct sockaddr_in p;
+        socklen_t l = sizeof p;
+        ssize_t n = recvfrom(s, buf, sizeof buf, 0, (struct sockaddr *)&p, &l);
+        if (n > 0) sendto(s, buf, n, 0, (struct sockaddr *)&p, l);
+    }
+}
+"#;
+
+/// `vps ports`'s lines, `HOST:EXT -> INTERNAL/PROTO`, as (ext, "internal/proto").
+fn published(v: &Vps, id: &str) -> Vec<(u16, String)> {
+    let o = v.rn(&["vps", "ports", id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+        .lines()
+        .filter_map(|l| {
+            let (outside, inside) = l.split_once(" -> ")?;
+            let ext = outside.rsplit_once(':')?.1.parse().ok()?;
+            Some((ext, inside.to_string()))
+        })
+        .collect()
+}
+
+fn http_get(port: u16) -> Option<String> {
+    let o = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .ok()?;
+    o.status.success().then(|| stdout(&o))
+}
+
+fn udp_echo(port: u16, text: &str) -> Option<String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .ok()?;
+    s.send_to(text.as_bytes(), ("127.0.0.1", port)).ok()?;
+    let mut buf = [0u8; 2048];
+    let n = s.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+#[test]
+fn published_ports_reach_the_instance_through_the_host() {
+    if !parts_present() {
+        return;
+    }
+    let present = command_exists("cc") && command_exists("curl");
+    if !real_part_available("a C compiler (gcc) and curl", present) {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("ports") else { return };
+        // The admin's part of the cluster share is /shared in the instance.
+        let tools = v.dir.path().join("shared/admin");
+        std::fs::create_dir_all(&tools).unwrap();
+        std::fs::write(tools.join("udp-echo.c"), UDP_ECHO).unwrap();
+        let built = std::process::Command::new("cc")
+            .args(["-static", "-O2", "-o"])
+            .arg(tools.join("udp-echo"))
+            .arg(tools.join("udp-echo.c"))
+            .status()
+            .unwrap();
+        assert!(built.success(), "cc -static failed (libc6-dev has libc.a)");
+        // The web servers serve their own port's number; the identity port
+        // listens on its external port, which only the variable tells.
+        let onstart = "mkdir -p /www/a /www/b && echo served-8081 > /www/a/index.html \
+             && echo served-identity > /www/b/index.html \
+             && httpd -p 8081 -h /www/a && httpd -p $VAST_TCP_PORT_70000 -h /www/b \
+             && (/shared/udp-echo 8082 &)";
+        // More than 64 is refused, naming the limit, and nothing is made.
+        let mut many = vec!["vps", "create", "--container", "busybox", "--no-ssh-key"];
+        let asks: Vec<String> = (9000..9065).map(|p| p.to_string()).collect();
+        for a in &asks {
+            many.extend(["-p", a.as_str()]);
+        }
+        let o = v.rn(&many);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("at most 64"), "{}", stderr(&o));
+        let o = v.rn(&[
+            "vps",
+            "create",
+            "--container",
+            "busybox",
+            "--no-ssh-key",
+            "-p",
+            "8080:80",
+        ]);
+        assert!(stderr(&o).contains("-p 80"), "{}", stderr(&o));
+
+        let id = v.create_with(&[
+            "-p",
+            "8081:8081",
+            "-p",
+            "8082:8082/udp",
+            "-p",
+            "70000:70000",
+            "--onstart-cmd",
+            onstart,
+        ]);
+        let ports = published(&v, &id);
+        assert_eq!(ports.len(), 3, "{ports:?}");
+        let ext = |inside: &str| {
+            ports
+                .iter()
+                .find(|(_, i)| i == inside)
+                .unwrap_or_else(|| panic!("no {inside} in {ports:?}"))
+                .0
+        };
+        let (tcp, udp) = (ext("8081/tcp"), ext("8082/udp"));
+        let identity = ports
+            .iter()
+            .find(|(e, i)| *i == format!("{e}/tcp"))
+            .expect("the identity port is the same number inside")
+            .0;
+        assert!([tcp, udp, identity]
+            .iter()
+            .all(|p| (20000..30000).contains(p)));
+        // The instance's variables name the same external ports.
+        let seen = v.ssh_ok(
+            &id,
+            &["echo $VAST_TCP_PORT_8081 $VAST_UDP_PORT_8082 $VAST_TCP_PORT_70000 $RIVERNODE_TCP_PORT_8081"],
+        );
+        assert_eq!(seen, format!("{tcp} {udp} {identity} {tcp}\n"));
+        // curl at the host's address reaches the servers inside; UDP echoes.
+        let got = wait_for("the web server on 8081", || http_get(tcp));
+        assert_eq!(got, "served-8081\n");
+        let got = wait_for("the identity port's server", || http_get(identity));
+        assert_eq!(got, "served-identity\n");
+        let got = wait_for("the UDP echo", || udp_echo(udp, "ping over udp"));
+        assert_eq!(got, "ping over udp");
+
+        // Stopped: the doors close; restarted: the same ports open again.
+        let o = v.rn(&["vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "stopped");
+        wait_for("the published port to close", || {
+            http_get(tcp).is_none().then_some(())
+        });
+        let o = v.rn(&["vps", "restart", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&id, "running");
+        assert_eq!(published(&v, &id), ports, "a VPS keeps its ports");
+        let got = wait_for("the web server after the restart", || http_get(tcp));
+        assert_eq!(got, "served-8081\n");
+
+        // Deleted: its ports go, and the node's rules with them.
+        v.delete(&id);
+        wait_for("the published port to close", || {
+            http_get(tcp).is_none().then_some(())
+        });
+        let rules = std::process::Command::new("nft")
+            .args(["list", "ruleset"])
+            .output()
+            .unwrap();
+        assert!(!stdout(&rules).contains("dnat ip to"), "{}", stdout(&rules));
+    });
+}

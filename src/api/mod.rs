@@ -5,6 +5,7 @@ pub mod exec;
 pub mod forward;
 pub mod host_client;
 pub mod http;
+pub mod ports;
 pub mod runner_client;
 mod target;
 mod task;
@@ -116,6 +117,27 @@ pub struct NodeView {
     pub gpu_holders: std::collections::BTreeMap<crate::topology::PciAddress, u64>,
 }
 
+/// A node of the fake two-socket, four-GPU machine at `runner_url`, for
+/// unit tests of what the host decides.
+#[cfg(test)]
+pub fn test_node(name: &str, runner_url: &str) -> NodeView {
+    use crate::topology::{collect, fake::FakeMachine};
+    let m = FakeMachine::two_socket_four_gpus();
+    NodeView {
+        name: name.into(),
+        state: NodeState::Online,
+        runner_url: runner_url.into(),
+        version: "t".into(),
+        registered_at_unix_ms: 0,
+        last_heartbeat_unix_ms: 0,
+        heartbeat_interval_ms: 1000,
+        inventory: collect(&m.roots()).unwrap(),
+        usage: None,
+        degraded: None,
+        gpu_holders: Default::default(),
+    }
+}
+
 /// Node ports handed to instances for SSH (the Kubernetes NodePort range).
 pub const NODE_PORTS: (u16, u16) = (30000, 32767);
 
@@ -190,6 +212,10 @@ pub struct WhoAmI {
     /// The host's SSH proxy port (for `rivernode ssh`).
     #[serde(default)]
     pub ssh_proxy_port: u16,
+    /// The address users reach the cluster at (`public_address`), where
+    /// published ports answer (for `rivernode vps ports`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_address: Option<String>,
 }
 
 /// `GET /api/users`: a user and how many of their tasks have not ended.

@@ -297,6 +297,9 @@ pub struct TaskSpec {
     /// the image's Cmd (`--launch entrypoint --args ...`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
+    /// Ports published through the host (`-p`), VPS only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<super::ports::PortRequest>,
 }
 
 impl TaskSpec {
@@ -330,6 +333,10 @@ pub struct Placement {
     /// The node port DNAT'ed to the instance's SSH port (VPS only).
     #[serde(default)]
     pub node_port: Option<u16>,
+    /// Its published ports: node ports DNAT'ed to the instance, and the
+    /// host's external ports relayed to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<super::ports::Published>,
 }
 
 /// A task as the host reports it.

@@ -135,6 +135,9 @@ pub struct HostArgs {
     /// PUBLIC_IPADDR (default: the host of --advertise-url).
     #[arg(long, value_name = "ADDRESS")]
     pub public_address: Option<String>,
+    /// External ports for published ports (`vps create -p`), FIRST-LAST.
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub published_ports: Option<String>,
     #[arg(long, value_name = "N")]
     pub offline_after_missed: Option<u32>,
     #[arg(long, value_name = "DURATION")]
@@ -644,6 +647,11 @@ pub struct VpsCreateArgs {
     /// place of its Cmd (everything after --args is one of them: put it last).
     #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "ARG", conflicts_with = "command")]
     pub args: Vec<String>,
+    /// Publish a port of the VPS through the host (Vast.ai's `-p 8081:8081`,
+    /// `-p 8082:8082/udp`; 70000 and up: an identity port, the same number
+    /// outside and in); `rivernode vps ports ID` says where. At most 64.
+    #[arg(short = 'p', long = "port", value_name = "PORT[:PORT][/udp]")]
+    pub ports: Vec<String>,
     /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
     #[arg(long, value_name = "VPS[:SNAPSHOT]", conflicts_with_all = ["container", "image"])]
     pub from_snapshot: Option<String>,
@@ -667,6 +675,8 @@ pub enum VpsCommand {
     },
     /// One VPS: state, placement and why, how to log in.
     Status { id: u64 },
+    /// Its published ports: `HOST:EXTERNAL -> INTERNAL/proto`.
+    Ports { id: u64 },
     /// Freeze every process of the VPS (its memory and reservation stay).
     Pause { id: u64 },
     /// Thaw a paused VPS.

@@ -48,6 +48,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         max_waiting_per_user: args.max_waiting_per_user,
         default_environment: args.default_environment.clone().map(Some),
         default_vm_image: args.default_vm_image.clone().map(Some),
+        published_ports: args.published_ports.clone(),
     });
     cfg.validate()?;
     Ok(cfg)

@@ -94,6 +94,7 @@ pub fn base_spec_from(
         vm_disk_bytes: None,
         onstart: None,
         args: vec![],
+        ports: vec![],
     })
 }
 

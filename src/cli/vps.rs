@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::api::ports::{PortRequest, Published};
 use crate::api::{
     ImageSource, Kind, RestartRequest, SnapshotRequest, SnapshotView, SubmitResponse, TaskSpec,
-    TaskView, WhoAmI,
+    TaskState, TaskView, WhoAmI,
 };
 use crate::cli::args::{Output, SnapshotCommand, SshArgs, VpsCommand, VpsCreateArgs};
 use crate::cli::client::Client;
@@ -289,6 +290,11 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 command: a.command.clone(),
                 env: crate::cli::task::parse_env(&a.env)?,
                 args: a.args.clone(),
+                ports: a
+                    .ports
+                    .iter()
+                    .map(|p| PortRequest::parse(p).map_err(|e| anyhow::anyhow!("-p {e}")))
+                    .collect::<anyhow::Result<_>>()?,
                 onstart: match (&a.onstart, &a.onstart_cmd) {
                     (Some(f), _) => Some(std::fs::read_to_string(f).with_context(|| {
                         format!("--onstart {}: cannot read the script", f.display())
@@ -383,6 +389,12 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                     if let Some(port) = t.placement.as_ref().and_then(|p| p.node_port) {
                         text.push_str(&format!("Node port:  {port}\n"));
                     }
+                    if !t.spec.ports.is_empty() {
+                        text.push_str(&format!(
+                            "Ports:      {} published: rivernode vps ports {id}\n",
+                            t.spec.ports.len()
+                        ));
+                    }
                     if t.spec.no_ssh {
                         text.push_str(&format!(
                             "SSH:        none (--no-ssh); a shell: rivernode connect {id}\n"
@@ -391,6 +403,46 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                         text.push_str(&format!("Log in:     rivernode ssh {id}\n"));
                     }
                     emit(&text)
+                }
+            }
+        }
+        VpsCommand::Ports { id } => {
+            let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+            if t.spec.kind != Kind::Vps {
+                bail!("task {id} is a command, not a VPS");
+            }
+            let published = t.placement.map(|p| p.published).unwrap_or_default();
+            match output {
+                Output::Json => emit_json(&published),
+                Output::Table => {
+                    if t.spec.ports.is_empty() {
+                        emit(&format!(
+                            "vps {id} publishes no ports (vps create -p PORT)\n"
+                        ));
+                    } else if published.is_empty() {
+                        emit(&format!(
+                            "vps {id} is {}: its ports get their numbers when it is placed\n",
+                            t.state
+                        ));
+                    } else {
+                        let who: WhoAmI = client.get("/api/whoami").await?;
+                        let host = who
+                            .public_address
+                            .or_else(|| crate::host::front_door::node_host(&client.base))
+                            .unwrap_or_else(|| "HOST".into());
+                        let open = matches!(t.state, TaskState::Running | TaskState::Paused);
+                        let mut text = String::new();
+                        for p in &published {
+                            text.push_str(&format!("{}\n", port_line(&host, p)));
+                        }
+                        if !open {
+                            text.push_str(&format!(
+                                "(closed while vps {id} is {}; kept until it is deleted)\n",
+                                t.state
+                            ));
+                        }
+                        emit(&text)
+                    }
                 }
             }
         }
@@ -788,6 +840,16 @@ async fn open_tunnel(
         bail!("the SSH proxy said: {line}");
     }
     Ok(s)
+}
+
+/// `203.0.113.9:21234 -> 8081/tcp`, as Vast.ai's IP Port Info shows it.
+fn port_line(host: &str, p: &Published) -> String {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    format!("{host}:{} -> {}/{}", p.external, p.internal, p.proto)
 }
 
 #[cfg(test)]

@@ -184,6 +184,7 @@ async fn whoami(
         node: p.node,
         user: p.user,
         ssh_proxy_port: state.ssh_proxy_port,
+        public_address: state.public_address.clone(),
     })
 }
 

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 mod exec;
+pub mod front_door;
 pub mod proxy;
 pub mod scheduler;
 mod snapshots;
@@ -44,6 +45,8 @@ pub enum HostError {
     },
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// What every request handler shares.
@@ -124,13 +127,16 @@ impl BoundHost {
             source,
         })?;
         let db_path = dir.join(DB_FILE);
+        let published_ports = config
+            .published_range()
+            .map_err(|e| HostError::Config(e.to_string()))?;
         let store: Arc<dyn Store> = {
             let p = db_path.clone();
-            Arc::new(
-                tokio::task::spawn_blocking(move || SqliteStore::open(&p))
-                    .await
-                    .map_err(|e| HostError::Serve(std::io::Error::other(e)))??,
-            )
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&p))
+                .await
+                .map_err(|e| HostError::Serve(std::io::Error::other(e)))??;
+            store.set_published_ports(published_ports);
+            Arc::new(store)
         };
         crate::files::restrict(&db_path).map_err(|source| HostError::Io {
             path: db_path,
@@ -226,6 +232,11 @@ impl BoundHost {
             tunnels,
             proxy::ProxyConfig::default(),
         ));
+        let doors = tokio::spawn(front_door::serve(
+            self.state.clone(),
+            self.config.bind,
+            front_door::DoorLimits::default(),
+        ));
         let limits = crate::api::http::Limits {
             header_timeout: self.config.http_header_timeout.0,
             max_connections: self.config.http_max_connections,
@@ -237,6 +248,7 @@ impl BoundHost {
         liveness.abort();
         scheduler.abort();
         proxy.abort();
+        doors.abort();
         result
     }
 }
@@ -296,15 +308,8 @@ impl proxy::TunnelResolver for Tunnels {
             .ok_or_else(|| format!("instance {id} has no SSH port"))?;
         let url = runner_url.ok_or_else(|| format!("the node of instance {id} is gone"))?;
         // The node's address as the host knows it: the host part of its runner URL.
-        let host = url
-            .split("://")
-            .nth(1)
-            .and_then(|rest| {
-                rest.rsplit_once(':')
-                    .map(|(h, _)| h.trim_matches(['[', ']']))
-            })
-            .ok_or_else(|| format!("cannot tell the address of the node of instance {id}"))?
-            .to_string();
+        let host = front_door::node_host(&url)
+            .ok_or_else(|| format!("cannot tell the address of the node of instance {id}"))?;
         tokio::net::lookup_host((host.as_str(), port))
             .await
             .ok()

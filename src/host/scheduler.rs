@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::api::ports::{PortRange, Published};
 use crate::api::{Kind, NodeState, NodeView, Placement, TaskSpec};
 use crate::topology::{CpuList, Gpu, Inventory, PciAddress};
 use crate::vfio::VFIO_DRIVER;
@@ -206,16 +207,41 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         mine.iter().flat_map(|p| p.gpus.iter().copied()).collect();
     let used_mem: u64 = mine.iter().map(|p| p.memory_bytes).sum();
     let memory = spec.memory_bytes.unwrap_or_else(|| memory_share(spec, inv));
-    // A node port carries SSH: a VPS without an SSH server needs none.
-    let node_port = if spec.kind == Kind::Vps && !spec.no_ssh {
-        let used: BTreeSet<u16> = mine.iter().filter_map(|p| p.node_port).collect();
-        match (NODE_PORTS.0..=NODE_PORTS.1).find(|p| !used.contains(p)) {
-            Some(p) => Some(p),
-            None => return Err("no free node port".into()),
-        }
-    } else {
-        None
-    };
+    // A node port carries SSH (a VPS without an SSH server needs none) and
+    // one more carries each published port.
+    let ssh = spec.kind == Kind::Vps && !spec.no_ssh;
+    let used: BTreeSet<u16> = mine
+        .iter()
+        .flat_map(|p| {
+            p.node_port
+                .into_iter()
+                .chain(p.published.iter().map(|x| x.node_port))
+        })
+        .collect();
+    let wanted = usize::from(ssh) + spec.ports.len();
+    let mut free_ports = (NODE_PORTS.0..=NODE_PORTS.1).filter(|p| !used.contains(p));
+    let node_ports: Vec<u16> = free_ports.by_ref().take(wanted).collect();
+    if node_ports.len() < wanted {
+        return Err(format!(
+            "{} of the {wanted} node ports it needs are free",
+            node_ports.len()
+        ));
+    }
+    let node_port = ssh.then(|| node_ports[0]);
+    // The external ports are the host's to give (`give_external`), after
+    // the node is chosen.
+    let published: Vec<Published> = spec
+        .ports
+        .iter()
+        .zip(&node_ports[usize::from(ssh)..])
+        .map(|(r, &node_port)| Published {
+            request: r.port,
+            proto: r.proto,
+            internal: if r.is_identity() { 0 } else { r.port as u16 },
+            node_port,
+            external: 0,
+        })
+        .collect();
     let free_cpus: Vec<u32> = inv
         .cpus
         .iter()
@@ -323,6 +349,7 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
                 memory_bytes: memory,
                 gpus: gpus.iter().map(|g| g.address).collect(),
                 node_port,
+                published: published.clone(),
             },
             reason,
         });
@@ -406,6 +433,7 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
                     memory_bytes: memory,
                     gpus: gpus.iter().map(|g| g.address).collect(),
                     node_port,
+                    published: published.clone(),
                 },
                 reason,
             });
@@ -431,32 +459,63 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
             memory_bytes: memory,
             gpus: gpus.iter().map(|g| g.address).collect(),
             node_port,
+            published,
         },
         reason,
     })
+}
+
+/// Gives each published port of `placement` an external port of `range`
+/// that `held` lacks: the one it had before (`previous`, so that a VPS
+/// keeps its addresses, and the `VAST_*_PORT_*` its container was made
+/// with stay true), else one from a point of the range picked by `seed`, so
+/// that a port just given back is not the next one handed out (a client
+/// still using it would reach another instance). An identity request
+/// listens inside on its external port.
+pub fn give_external(
+    placement: &mut Placement,
+    previous: &[Published],
+    held: &BTreeSet<u16>,
+    range: PortRange,
+    seed: u64,
+) -> Result<(), String> {
+    let mut taken = held.clone();
+    // First the ports each had (so that a new pick cannot take one of them).
+    for p in &mut placement.published {
+        let before = previous
+            .iter()
+            .find(|q| q.request == p.request && q.proto == p.proto)
+            .map(|q| q.external)
+            .filter(|e| range.contains(*e) && !taken.contains(e));
+        p.external = before.unwrap_or(0);
+        taken.extend(before);
+    }
+    let size = u64::from(range.last - range.first) + 1;
+    let mut next = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) % size;
+    for p in placement.published.iter_mut().filter(|p| p.external == 0) {
+        let found = (0..size)
+            .map(|i| range.first + ((next + i) % size) as u16)
+            .find(|e| !taken.contains(e))
+            .ok_or_else(|| format!("no free published port in {range}"))?;
+        next = u64::from(found - range.first) + 1;
+        taken.insert(found);
+        p.external = found;
+    }
+    for p in &mut placement.published {
+        if p.internal == 0 {
+            p.internal = p.external;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::{ImageSource, Target};
-    use crate::topology::{collect, fake::FakeMachine};
 
     fn node(name: &str) -> NodeView {
-        let m = FakeMachine::two_socket_four_gpus();
-        NodeView {
-            name: name.into(),
-            state: NodeState::Online,
-            runner_url: "http://127.0.0.1:1".into(),
-            version: "t".into(),
-            registered_at_unix_ms: 0,
-            last_heartbeat_unix_ms: 0,
-            heartbeat_interval_ms: 1000,
-            inventory: collect(&m.roots()).unwrap(),
-            usage: None,
-            degraded: None,
-            gpu_holders: Default::default(),
-        }
+        crate::api::test_node(name, "http://127.0.0.1:1")
     }
 
     fn spec(cores: u32, gpus: u32, target: Option<&str>) -> TaskSpec {
@@ -479,6 +538,7 @@ mod tests {
             vm_disk_bytes: None,
             onstart: None,
             args: vec![],
+            ports: vec![],
         }
     }
 
@@ -678,6 +738,71 @@ mod tests {
             None,
             "commands get none"
         );
+    }
+
+    #[test]
+    fn published_ports_get_node_ports_beside_ssh_and_keep_their_external_ports() {
+        use crate::api::ports::{PortRequest, Proto};
+        let nodes = [node("n1")];
+        let mut vps = spec(1, 0, None);
+        vps.kind = Kind::Vps;
+        vps.ports = vec![
+            PortRequest::parse("8081:8081").unwrap(),
+            PortRequest::parse("8082/udp").unwrap(),
+            PortRequest::parse("70000:70000").unwrap(),
+        ];
+        let first = placed(place(&vps, &nodes, &[]));
+        let mut a = placed(place(&vps, &nodes, std::slice::from_ref(&first)));
+        // 30000-30003 are the first's: SSH and its three.
+        assert_eq!(a.node_port, Some(30004));
+        let node_ports: Vec<u16> = a.published.iter().map(|p| p.node_port).collect();
+        assert_eq!(node_ports, [30005, 30006, 30007]);
+        assert_eq!(a.published[1].proto, Proto::Udp);
+        let range = PortRange::parse("20000-20009").unwrap();
+        let held: BTreeSet<u16> = [20000, 20005].into();
+        give_external(&mut a, &[], &held, range, 5).unwrap();
+        let ext: Vec<u16> = a.published.iter().map(|p| p.external).collect();
+        assert!(
+            ext.iter().all(|e| range.contains(*e) && !held.contains(e)),
+            "{ext:?}"
+        );
+        assert_eq!(
+            ext.iter().collect::<BTreeSet<_>>().len(),
+            3,
+            "distinct: {ext:?}"
+        );
+        assert_eq!(a.published[0].internal, 8081);
+        assert_eq!(a.published[2].internal, a.published[2].external, "identity");
+        // Placed again (a restart): the same external ports, unless taken.
+        let previous = a.published.clone();
+        let mut again = placed(place(&vps, &nodes, &[]));
+        let taken: BTreeSet<u16> = [previous[1].external].into();
+        give_external(&mut again, &previous, &taken, range, 99).unwrap();
+        assert_eq!(again.published[0].external, previous[0].external);
+        assert_ne!(again.published[1].external, previous[1].external);
+        assert_eq!(again.published[2].external, previous[2].external);
+        // A full range: the task waits, saying so.
+        let full: BTreeSet<u16> = (20000..=20008).collect();
+        assert!(give_external(&mut again, &[], &full, range, 1)
+            .unwrap_err()
+            .contains("no free published port in 20000-20009"));
+        // Node ports run out: it says how many it needs.
+        let hog = Placement {
+            published: (30000..=32767)
+                .map(|n| Published {
+                    request: 1,
+                    proto: Proto::Tcp,
+                    internal: 1,
+                    node_port: n,
+                    external: 1,
+                })
+                .collect(),
+            ..first
+        };
+        match place(&vps, &nodes, &[hog]) {
+            Decision::Wait(w) => assert!(w.contains("0 of the 4 node ports"), "{w}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

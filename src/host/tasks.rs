@@ -142,6 +142,14 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             return Err(ApiError::BadRequest(format!("onstart: {why}")));
         }
     }
+    if !spec.ports.is_empty() {
+        if spec.kind != crate::api::Kind::Vps {
+            return Err(ApiError::BadRequest(
+                "ports: only a VPS publishes ports for now (a command task has no network of its own yet)".into(),
+            ));
+        }
+        crate::api::ports::check_requests(&spec.ports).map_err(ApiError::BadRequest)?;
+    }
     let runs_its_image = spec.no_ssh && spec.command.is_empty();
     if !spec.args.is_empty() && !runs_its_image {
         return Err(ApiError::BadRequest(
@@ -284,6 +292,11 @@ fn check_vm(spec: &TaskSpec) -> Result<(), ApiError> {
     {
         return bad(
             "privileged, shm_bytes, mounts, env, onstart: container settings; a VM VPS takes none of them",
+        );
+    }
+    if !spec.ports.is_empty() {
+        return bad(
+            "ports: published ports are not built for VM VPS yet; use rivernode forward ID PORT",
         );
     }
     if spec.cores == 0 {

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::ipam::Ipv4Net;
 use super::NetError;
+pub use crate::api::ports::Proto;
 
 /// A node port forwarded to `ip:port` of an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +22,7 @@ pub struct PortMap {
     pub node_port: u16,
     pub ip: Ipv4Addr,
     pub port: u16,
+    pub proto: Proto,
 }
 
 /// Everything the table says.
@@ -137,9 +139,11 @@ impl Firewall {
             ],
         ));
         for p in &self.port_maps {
+            let proto_dport =
+                json!({"payload": {"protocol": p.proto.to_string(), "field": "dport"}});
             let expr = vec![
                 local.clone(),
-                m("==", dport.clone(), json!(p.node_port)),
+                m("==", proto_dport, json!(p.node_port)),
                 json!({"dnat": {"family": "ip", "addr": p.ip.to_string(), "port": p.port}}),
             ];
             // prerouting for traffic from elsewhere (the host's proxy only),
@@ -284,20 +288,22 @@ impl Firewall {
         }
         // Node ports of other machines trust the host's address, and an
         // instance on the host's machine leaves masqueraded as exactly that:
-        // instances never reach a node port off this node (F9).
-        cmds.push(self.rule(
-            "forward",
-            vec![
-                m("==", iif.clone(), json!(self.bridge)),
-                m("!=", oif.clone(), json!(self.bridge)),
-                m(
-                    "==",
-                    dport.clone(),
-                    json!({"range": [crate::api::NODE_PORTS.0, crate::api::NODE_PORTS.1]}),
-                ),
-                json!({"drop": null}),
-            ],
-        ));
+        // instances never reach a node port off this node (F9), TCP or UDP.
+        for proto in ["tcp", "udp"] {
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", iif.clone(), json!(self.bridge)),
+                    m("!=", oif.clone(), json!(self.bridge)),
+                    m(
+                        "==",
+                        json!({"payload": {"protocol": proto, "field": "dport"}}),
+                        json!({"range": [crate::api::NODE_PORTS.0, crate::api::NODE_PORTS.1]}),
+                    ),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
         if self.isolate_instances {
             // ...or routed through the node (isolated bridge ports stop only direct frames).
             cmds.push(self.rule(
@@ -449,6 +455,7 @@ mod tests {
                 node_port: 30022,
                 ip: "10.88.0.2".parse().unwrap(),
                 port: 22,
+                proto: Proto::Tcp,
             }],
             node_port_sources: sources,
             isolate_instances: true,
@@ -536,9 +543,9 @@ mod tests {
         assert_eq!(pre[0][0]["match"]["right"]["set"], json!(["192.0.2.10"]));
         let fwd = rules(&host, "forward");
         // With the host's address known, its ports are closed there too.
-        assert_eq!(fwd.len(), 9, "{fwd:?}");
+        assert_eq!(fwd.len(), 10, "{fwd:?}");
         let mut open_bridge = fw(vec![]);
         open_bridge.isolate_instances = false;
-        assert_eq!(rules(&open_bridge, "forward").len(), 7);
+        assert_eq!(rules(&open_bridge, "forward").len(), 8);
     }
 }

@@ -11,7 +11,7 @@ pub mod tap;
 
 use std::path::PathBuf;
 
-pub use firewall::{Firewall, PortMap};
+pub use firewall::{Firewall, PortMap, Proto};
 pub use instance::{InstanceNet, NodeNetwork};
 pub use ipam::{Ipam, Ipv4Net};
 

@@ -90,6 +90,13 @@ pub fn contract_env(a: &Assignment, data_directory: Option<&str>) -> BTreeMap<St
         env.insert(ours, v.clone());
         env.insert(k.to_string(), v);
     }
+    // Each published port's external port, named by the port asked for.
+    for p in &a.placement.published {
+        let name = p.variable();
+        let ours = name.replacen("VAST_", "RIVERNODE_", 1);
+        env.insert(ours, p.external.to_string());
+        env.insert(name, p.external.to_string());
+    }
     env
 }
 
@@ -458,7 +465,7 @@ impl TaskContext {
                     },
                 });
             }
-            let inet = self.vps.start_network(id, &cid, None).await?;
+            let inet = self.vps.start_network(id, &cid, &a.placement).await?;
             input.netns = Some(inet.netns);
         } else if is_vps {
             let found = self
@@ -496,10 +503,7 @@ impl TaskContext {
                 },
                 "VPS SSH server"
             );
-            let inet = self
-                .vps
-                .start_network(id, &cid, a.placement.node_port)
-                .await?;
+            let inet = self.vps.start_network(id, &cid, &a.placement).await?;
             input.args = args;
             input.mounts.extend(mounts);
             input.netns = Some(inet.netns);
@@ -834,9 +838,7 @@ impl Driver for TaskContext {
         self.claim_gpus(a)?;
         let started = async {
             if a.spec.kind == Kind::Vps {
-                self.vps
-                    .start_network(a.id, &cid, a.placement.node_port)
-                    .await?;
+                self.vps.start_network(a.id, &cid, &a.placement).await?;
             }
             let uri = self.log_uri(a.id)?;
             self.mark_start(a).await?;
@@ -1022,13 +1024,9 @@ impl Driver for TaskContext {
                 && a.state != crate::api::TaskState::Stopped
         }) {
             let cid = self.container_id(a.id);
-            if let (Some(port), Some(ip)) = (a.placement.node_port, self.vps.address_of(&cid)) {
-                let map = crate::net::PortMap {
-                    node_port: port,
-                    ip,
-                    port: 22,
-                };
-                if let Err(e) = self.vps.set_port(a.id, Some(map)) {
+            if let Some(ip) = self.vps.address_of(&cid) {
+                let maps = super::vps::port_maps(&a.placement, ip);
+                if let Err(e) = self.vps.set_port(a.id, maps) {
                     tracing::warn!(task = a.id, error = %crate::error_chain(&e), "cannot publish the node port");
                 }
             }
@@ -1270,6 +1268,13 @@ mod tests {
         let mut a = super::super::reconcile::placeholder(7, Kind::Vps);
         a.spec.ssh_keys = vec!["ssh-ed25519 AAAA k".into()];
         a.public_address = Some("203.0.113.9".into());
+        a.placement.published = vec![crate::api::ports::Published {
+            request: 8082,
+            proto: crate::api::ports::Proto::Udp,
+            internal: 8082,
+            node_port: 30001,
+            external: 21234,
+        }];
         let env = contract_env(&a, Some("/shared"));
         for (k, v) in [
             ("CONTAINER_ID", "7"),
@@ -1281,6 +1286,8 @@ mod tests {
             ("GPU_COUNT", "0"),
             ("DATA_DIRECTORY", "/shared"),
             ("RIVERNODE_DATA_DIRECTORY", "/shared"),
+            ("VAST_UDP_PORT_8082", "21234"),
+            ("RIVERNODE_UDP_PORT_8082", "21234"),
         ] {
             assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
         }

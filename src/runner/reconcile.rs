@@ -64,6 +64,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             vm_disk_bytes: None,
             onstart: None,
             args: vec![],
+            ports: vec![],
         },
         placement: crate::api::Placement {
             node: String::new(),
@@ -72,6 +73,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             memory_bytes: 0,
             gpus: vec![],
             node_port: None,
+            published: vec![],
         },
         owner: None,
         submitted_at_unix_ms: 0,

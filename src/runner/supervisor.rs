@@ -492,6 +492,7 @@ mod tests {
                 vm_disk_bytes: None,
                 onstart: None,
                 args: vec![],
+                ports: vec![],
             },
             placement: Placement {
                 node: "n1".into(),
@@ -500,6 +501,7 @@ mod tests {
                 memory_bytes: 0,
                 gpus: vec![],
                 node_port: None,
+                published: vec![],
             },
             owner: None,
             submitted_at_unix_ms: 0,

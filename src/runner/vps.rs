@@ -11,9 +11,30 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use crate::api::ports::Proto;
+use crate::api::Placement;
 use crate::config::RunnerConfig;
 use crate::net::{Firewall, InstanceNet, Ipam, NodeNetwork, PortMap};
 use crate::oci::MountInput;
+
+/// The node ports an instance at `ip` answers on: its SSH port (to 22) and
+/// each published port (to its port inside).
+pub fn port_maps(placement: &Placement, ip: std::net::Ipv4Addr) -> Vec<PortMap> {
+    let ssh = placement.node_port.map(|node_port| PortMap {
+        node_port,
+        ip,
+        port: 22,
+        proto: Proto::Tcp,
+    });
+    ssh.into_iter()
+        .chain(placement.published.iter().map(|p| PortMap {
+            node_port: p.node_port,
+            ip,
+            port: p.internal,
+            proto: p.proto,
+        }))
+        .collect()
+}
 
 /// Where the SSH kit appears inside an instance.
 const SSH_DIR: &str = "/.rivernode/ssh";
@@ -27,7 +48,7 @@ pub struct VpsKit {
     /// The node's resolver configuration, copied into instances.
     resolv_source: PathBuf,
     /// Node ports of the instances running here, by task id.
-    ports: Mutex<BTreeMap<u64, PortMap>>,
+    ports: Mutex<BTreeMap<u64, Vec<PortMap>>>,
     bundle: Mutex<Option<PathBuf>>,
 }
 
@@ -590,25 +611,16 @@ impl VpsKit {
         Ok((args, mounts))
     }
 
-    /// Sets up the instance's network and publishes its node port.
+    /// Sets up the instance's network and publishes its node ports.
     pub async fn start_network(
         &self,
         id: u64,
         cid: &str,
-        node_port: Option<u16>,
+        placement: &Placement,
     ) -> Result<InstanceNet, VpsError> {
         let h = crate::net::link::connect()?;
         let inet = self.network.setup(&h, cid).await?;
-        if let Some(p) = node_port {
-            self.set_port(
-                id,
-                Some(PortMap {
-                    node_port: p,
-                    ip: inet.ip,
-                    port: 22,
-                }),
-            )?;
-        }
+        self.set_port(id, port_maps(placement, inet.ip))?;
         Ok(inet)
     }
 
@@ -621,7 +633,7 @@ impl VpsKit {
             Ok(h) => problems.extend(self.network.teardown(&h, cid).await),
             Err(e) => problems.push(e.to_string()),
         }
-        if let Err(e) = self.set_port(id, None) {
+        if let Err(e) = self.set_port(id, vec![]) {
             problems.push(crate::error_chain(&e));
         }
         problems
@@ -633,19 +645,21 @@ impl VpsKit {
         let _ = std::fs::remove_dir_all(self.root.join("instances").join(cid));
     }
 
-    /// Adds, changes or removes one node port and rewrites the table if that changed it.
-    pub fn set_port(&self, id: u64, map: Option<PortMap>) -> Result<(), VpsError> {
+    /// Sets (or, given none, removes) one instance's node ports and
+    /// rewrites the table if that changed it.
+    pub fn set_port(&self, id: u64, maps: Vec<PortMap>) -> Result<(), VpsError> {
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
-        let before = ports.get(&id).copied();
-        let changed = match map {
-            Some(m) => ports.insert(id, m) != Some(m),
-            None => ports.remove(&id).is_some(),
+        let before = ports.get(&id).cloned();
+        let changed = if maps.is_empty() {
+            ports.remove(&id).is_some()
+        } else {
+            ports.insert(id, maps.clone()).as_ref() != Some(&maps)
         };
         if changed {
-            tracing::debug!(task = id, ?map, "node ports changed");
+            tracing::debug!(task = id, ?maps, "node ports changed");
             // nft is a blocking child process: keep it off the async workers.
-            let maps = ports.values().copied().collect();
-            if let Err(e) = tokio::task::block_in_place(|| self.network.apply_firewall(maps)) {
+            let all = ports.values().flatten().copied().collect();
+            if let Err(e) = tokio::task::block_in_place(|| self.network.apply_firewall(all)) {
                 // Not applied: forget the change, so that the same call tries
                 // again instead of finding nothing to do (L7).
                 match before {
@@ -698,26 +712,17 @@ impl VpsKit {
             .collect()
     }
 
-    /// Sets up a VM's tap and address and publishes its node port.
+    /// Sets up a VM's tap and address and publishes its node ports.
     pub async fn start_vm_network(
         &self,
         id: u64,
         cid: &str,
-        node_port: Option<u16>,
+        placement: &Placement,
         dev_root: &Path,
     ) -> Result<(std::net::Ipv4Addr, String), VpsError> {
         let h = crate::net::link::connect()?;
         let (ip, tap) = self.network.setup_tap(&h, cid, dev_root).await?;
-        if let Some(p) = node_port {
-            self.set_port(
-                id,
-                Some(PortMap {
-                    node_port: p,
-                    ip,
-                    port: 22,
-                }),
-            )?;
-        }
+        self.set_port(id, port_maps(placement, ip))?;
         Ok((ip, tap))
     }
 
@@ -725,7 +730,7 @@ impl VpsKit {
     /// (the guest keeps it in its own configuration) until `stop_network`.
     pub async fn stop_vm_network(&self, id: u64, cid: &str) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Err(e) = self.set_port(id, None) {
+        if let Err(e) = self.set_port(id, vec![]) {
             problems.push(crate::error_chain(&e));
         }
         match crate::net::link::connect() {
@@ -748,6 +753,47 @@ impl VpsKit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ports_lead_to_ssh_and_each_published_port() {
+        let mut placement: Placement = serde_json::from_value(serde_json::json!({
+            "node": "n1", "numa": null, "cpus": "", "memory_bytes": 0, "gpus": [],
+            "node_port": 30000,
+        }))
+        .unwrap();
+        placement.published = vec![crate::api::ports::Published {
+            request: 70000,
+            proto: Proto::Udp,
+            internal: 20001,
+            node_port: 30001,
+            external: 20001,
+        }];
+        let ip = std::net::Ipv4Addr::new(10, 250, 0, 2);
+        let maps = port_maps(&placement, ip);
+        assert_eq!(
+            maps,
+            [
+                PortMap {
+                    node_port: 30000,
+                    ip,
+                    port: 22,
+                    proto: Proto::Tcp
+                },
+                PortMap {
+                    node_port: 30001,
+                    ip,
+                    port: 20001,
+                    proto: Proto::Udp
+                },
+            ]
+        );
+        placement.node_port = None;
+        assert_eq!(
+            port_maps(&placement, ip).len(),
+            1,
+            "no SSH server: its ports only"
+        );
+    }
 
     #[test]
     fn root_password_goes_into_shadow() {

@@ -58,16 +58,16 @@ impl Default for ProxyConfig {
 
 /// Open connections by peer address.
 #[derive(Default)]
-struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+pub(crate) struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
 
 /// One peer's connection, counted while it lives.
-struct PeerSlot {
+pub(crate) struct PeerSlot {
     peers: Arc<PerPeer>,
     ip: std::net::IpAddr,
 }
 
 impl PerPeer {
-    fn enter(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+    pub(crate) fn enter(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_default();
         if *n >= max {
@@ -95,7 +95,7 @@ impl Drop for PeerSlot {
 
 /// TCP keepalive: a peer that vanished without a FIN frees its tunnel
 /// within minutes instead of never.
-fn keepalive(s: &TcpStream) {
+pub(crate) fn keepalive(s: &TcpStream) {
     use nix::sys::socket::{setsockopt, sockopt};
     let _ = setsockopt(s, sockopt::KeepAlive, &true);
     let _ = setsockopt(s, sockopt::TcpKeepIdle, &60);

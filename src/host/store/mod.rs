@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 mod tasks;
 
 use super::auth::{Principal, Role};
+use crate::api::ports::PortRange;
 use crate::api::{
     Assignments, Desired, HeartbeatRequest, NodeState, NodeView, RegisterRequest, Restore,
     TaskReport, TaskSpec, TaskState, TaskView, UserView,
@@ -261,6 +262,8 @@ const MIGRATIONS: &[&str] = &[
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     tokens: TokenCache,
+    /// Where published ports get their external ports (`published_ports`).
+    published_ports: RwLock<PortRange>,
 }
 
 /// Every token (hash, whom it is for, expiry) in memory, so that checking a
@@ -331,7 +334,23 @@ impl TokenCache {
     }
 }
 
+/// The host's external ports for published ports, unless configured:
+/// below the node ports and the kernel's ephemeral ports, so that neither
+/// a node on the host's machine nor an outgoing connection takes them.
+pub const DEFAULT_PUBLISHED_PORTS: PortRange = PortRange {
+    first: 20000,
+    last: 29999,
+};
+
 impl SqliteStore {
+    /// Sets the range published ports' external ports come from.
+    pub fn set_published_ports(&self, range: PortRange) {
+        *self
+            .published_ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = range;
+    }
+
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open {
             path: path.display().to_string(),
@@ -370,6 +389,7 @@ impl SqliteStore {
         Ok(Self {
             conn: Mutex::new(conn),
             tokens,
+            published_ports: RwLock::new(DEFAULT_PUBLISHED_PORTS),
         })
     }
 
@@ -961,7 +981,11 @@ impl Store for SqliteStore {
     }
 
     fn schedule(&self) -> Result<Vec<u64>, StoreError> {
-        self.with(tasks::schedule)
+        let range = *self
+            .published_ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        self.with(|c| tasks::schedule(c, range))
     }
 
     fn get_task(&self, id: u64) -> Result<Option<TaskView>, StoreError> {
@@ -1082,6 +1106,7 @@ mod tests {
             vm_disk_bytes: None,
             onstart: None,
             args: vec![],
+            ports: vec![],
         };
         let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
         s.schedule().unwrap();

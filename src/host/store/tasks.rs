@@ -3,9 +3,12 @@
 //! paused and lost ones keep theirs). Placement runs inside one transaction
 //! with the reservations it reads, so nothing is checked-then-inserted.
 
+use std::collections::BTreeSet;
+
 use rusqlite::{params, Connection, Transaction};
 
 use super::{node_from_row, to_json, StoreError, NODE_COLUMNS};
+use crate::api::ports::{PortRange, Published};
 use crate::api::{
     Assignment, Assignments, Desired, NodeView, Placement, Restore, TaskReport, TaskSpec,
     TaskState, TaskView,
@@ -218,10 +221,29 @@ pub(super) fn submit(
     Ok(id as u64)
 }
 
-pub(super) fn schedule(c: &mut Connection) -> Result<Vec<u64>, StoreError> {
+/// The external ports each VPS holds: from its placement until it is
+/// deleted (a stopped VPS keeps its addresses, and its container the
+/// `VAST_*_PORT_*` made with them).
+fn published_held(c: &Connection) -> Result<Vec<(u64, Vec<Published>)>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT id, placement FROM tasks WHERE placement IS NOT NULL
+         AND state != 'deleted' AND placement LIKE '%\"published\"%'",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (id, placement) = r?;
+        let p: Placement = serde_json::from_str(&placement).map_err(json_err("tasks.placement"))?;
+        out.push((id as u64, p.published));
+    }
+    Ok(out)
+}
+
+pub(super) fn schedule(c: &mut Connection, range: PortRange) -> Result<Vec<u64>, StoreError> {
     let tx = c.transaction()?;
     let nodes = nodes(&tx)?;
     let mut held = reservations(&tx)?;
+    let mut externals = published_held(&tx)?;
     let pending = query(
         &tx,
         "WHERE state = 'pending' AND desired NOT IN ('killed', 'deleted')",
@@ -229,7 +251,25 @@ pub(super) fn schedule(c: &mut Connection) -> Result<Vec<u64>, StoreError> {
     )?;
     let mut placed = Vec::new();
     for t in pending {
-        match scheduler::place(&t.spec, &nodes, &held) {
+        let mut decision = scheduler::place(&t.spec, &nodes, &held);
+        if let Decision::Place { placement, .. } = &mut decision {
+            if !placement.published.is_empty() {
+                let taken: BTreeSet<u16> = externals
+                    .iter()
+                    .filter(|(id, _)| *id != t.id)
+                    .flat_map(|(_, ps)| ps.iter().map(|p| p.external))
+                    .collect();
+                let previous = t.placement.as_ref().map_or(&[][..], |p| &p.published[..]);
+                match scheduler::give_external(placement, previous, &taken, range, t.id) {
+                    Ok(()) => {
+                        externals.retain(|(id, _)| *id != t.id);
+                        externals.push((t.id, placement.published.clone()));
+                    }
+                    Err(why) => decision = Decision::Wait(format!("waiting: {why}")),
+                }
+            }
+        }
+        match decision {
             Decision::Place { placement, reason } => {
                 tx.execute(
                     "UPDATE tasks SET state = 'assigning', node = ?2, placement = ?3, reason = ?4 WHERE id = ?1",
@@ -643,6 +683,7 @@ mod tests {
             vm_disk_bytes: None,
             onstart: None,
             args: vec![],
+            ports: vec![],
         }
     }
 
