@@ -436,6 +436,7 @@ fn entrypoint_mode_runs_the_images_entrypoint_with_args_in_its_workdir_and_stops
                 "SIGINT",
             ],
             &["app"],
+            &[],
         ) else {
             return;
         };
@@ -465,11 +466,97 @@ fn entrypoint_mode_runs_the_images_entrypoint_with_args_in_its_workdir_and_stops
         v.wait_state(&id, "stopped");
         let stopped = std::fs::read_to_string(own.join("stopped")).unwrap_or_default();
         assert_eq!(stopped, "int\n", "stopped by its StopSignal");
-        // --args belong to entrypoint mode; jupyter mode says it is not built.
+        // --args belong to entrypoint mode.
         let o = v.rn(&["vps", "create", "--container", "ep", "--args", "x"]);
         assert!(stderr(&o).contains("--launch entrypoint"), "{}", stderr(&o));
-        let o = v.rn(&["vps", "create", "--container", "ep", "--launch", "jupyter"]);
-        assert!(stderr(&o).contains("not built yet"), "{}", stderr(&o));
         v.delete(&id);
+    });
+}
+
+/// A stand-in for an image's Jupyter: it records how it was started and
+/// serves its port as Jupyter would.
+const JUPYTER_STAND_IN: &str = "#!/bin/sh
+echo \"$* cwd:$(pwd)\" > /tmp/jupyter.args
+mkdir -p /tmp/www && echo jupyter-stand-in > /tmp/www/index.html
+exec httpd -f -p 8080 -h /tmp/www
+";
+
+#[test]
+fn jupyter_mode_starts_the_images_jupyter_with_a_token_on_a_published_port() {
+    if !parts_present() || !real_part_available("curl", command_exists("curl")) {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start_with("vpl-j", &["--public-address", "127.0.0.1"]) else {
+            return;
+        };
+        let build = v.dir.path().join("jup-build");
+        std::fs::create_dir_all(&build).unwrap();
+        let Some(archive) = common::containerd::busybox_oci_archive_with(
+            &build,
+            None,
+            &[],
+            &[],
+            &[("/bin/jupyter", JUPYTER_STAND_IN)],
+        ) else {
+            return;
+        };
+        std::fs::copy(&archive, v.dir.path().join("shared/environments/jup.tar")).unwrap();
+        let id = v.create_from(
+            "jup",
+            &[
+                "--launch",
+                "jupyter",
+                "-e",
+                "JUPYTER_DIR=/tmp",
+                "--onstart-cmd",
+                "echo after-jupyter > /tmp/onstart.ran",
+            ],
+        );
+        // `vps status` gives the address with the token; the token is the
+        // instance's JUPYTER_TOKEN, and Jupyter was given it.
+        let status = stdout(&v.rn(&["vps", "status", &id]));
+        let url = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Jupyter:"))
+            .unwrap_or_else(|| panic!("no Jupyter line: {status}"))
+            .trim()
+            .to_string();
+        let (base, token) = url.split_once("?token=").unwrap();
+        assert!(
+            base.starts_with("http://127.0.0.1:") && token.len() > 20,
+            "{url}"
+        );
+        let seen = v.ssh_ok(&id, &["echo $JUPYTER_TOKEN $JUPYTER_SERVER_URL"]);
+        assert_eq!(seen, format!("{token} {base}\n"));
+        let args = wait_for("the stand-in jupyter", || {
+            let o = v.ssh(&id, &["cat", "/tmp/jupyter.args", "/tmp/onstart.ran"]);
+            o.status.success().then(|| stdout(&o))
+        });
+        assert_eq!(
+            args,
+            format!(
+                "notebook --ip=0.0.0.0 --port=8080 --no-browser --allow-root \
+                 --ServerApp.token={token} --ServerApp.root_dir=/tmp cwd:/tmp\nafter-jupyter\n"
+            )
+        );
+        // Published: the host's port reaches it.
+        let page = wait_for("Jupyter through the host", || {
+            let o = std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "5", base])
+                .output()
+                .ok()?;
+            o.status.success().then(|| stdout(&o))
+        });
+        assert_eq!(page, "jupyter-stand-in\n");
+        // An image without jupyter: the VPS runs, its status says why not.
+        let plain = v.create_with(&["--launch", "jupyter"]);
+        wait_for("the missing jupyter said", || {
+            let s = stdout(&v.rn(&["vps", "status", &plain]));
+            s.contains("onstart exited with code 127").then_some(())
+        });
+        let log = stdout(&v.rn(&["task", "logs", &plain, "--onstart", "--stderr"]));
+        assert!(log.contains("the image has no jupyter"), "{log}");
+        assert_eq!(v.state(&plain), "running");
     });
 }

@@ -141,6 +141,18 @@ pub fn test_node(name: &str, runner_url: &str) -> NodeView {
 /// Node ports handed to instances for SSH (the Kubernetes NodePort range).
 pub const NODE_PORTS: (u16, u16) = (30000, 32767);
 
+/// The host part of a URL (`http://10.0.0.2:8001` → `10.0.0.2`): where
+/// the host reaches a node, where a client reaches the host.
+pub fn url_host(runner_url: &str) -> Option<String> {
+    let rest = runner_url.split("://").nth(1)?;
+    let origin = rest.split('/').next()?;
+    let host = match origin.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => origin,
+    };
+    Some(host.trim_matches(['[', ']']).to_string()).filter(|h| !h.is_empty())
+}
+
 /// A runner URL's origin, `(scheme, host, port)`. Only an origin is
 /// accepted (`http[s]://host[:port][/]`): the host appends its own paths,
 /// and a query, fragment or user part would let a node aim the host's
@@ -338,6 +350,20 @@ pub fn node_name_from_hostname(hostname: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_come_from_urls() {
+        assert_eq!(
+            url_host("http://10.0.0.2:8001").as_deref(),
+            Some("10.0.0.2")
+        );
+        assert_eq!(
+            url_host("http://[fd00::2]:8001/").as_deref(),
+            Some("fd00::2")
+        );
+        assert_eq!(url_host("https://gpu1").as_deref(), Some("gpu1"));
+        assert_eq!(url_host("gpu1:8001"), None);
+    }
 
     #[test]
     fn image_names_are_file_names_that_stay_in_their_directory() {

@@ -16,6 +16,9 @@ pub const MAX_PUBLISHED: usize = 64;
 /// external port and listens on that same number inside.
 pub const IDENTITY_FROM: u32 = 70000;
 
+/// The port Jupyter listens on in `--launch jupyter` (Vast.ai's).
+pub const JUPYTER_PORT: u32 = 8080;
+
 /// One `-p` as the user wrote it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

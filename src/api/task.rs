@@ -300,6 +300,11 @@ pub struct TaskSpec {
     /// Ports published through the host (`-p`), VPS only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<super::ports::PortRequest>,
+    /// Vast.ai's Jupyter launch mode (`--launch jupyter`): the SSH server,
+    /// then the image's Jupyter on port 8080 (published) with the token in
+    /// `JUPYTER_TOKEN`, then the onstart script.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jupyter: bool,
 }
 
 impl TaskSpec {

@@ -95,6 +95,7 @@ pub fn base_spec_from(
         onstart: None,
         args: vec![],
         ports: vec![],
+        jupyter: false,
     })
 }
 

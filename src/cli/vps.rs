@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::api::ports::{PortRequest, Published};
+use crate::api::ports::{PortRequest, Proto, Published, JUPYTER_PORT};
 use crate::api::{
     ImageSource, Kind, RestartRequest, SnapshotRequest, SnapshotView, SubmitResponse, TaskSpec,
     TaskState, TaskView, WhoAmI,
@@ -40,9 +40,9 @@ fn launch_mode(a: &mut VpsCreateArgs) -> anyhow::Result<()> {
         Some("ssh") if a.no_ssh => {
             bail!("--launch ssh runs our SSH server, --no-ssh none: choose one")
         }
-        Some("jupyter") => bail!(
-            "--launch jupyter is not built yet (it needs published ports); use --launch ssh and start Jupyter from --onstart, then `rivernode forward`"
-        ),
+        Some("jupyter") if a.no_ssh => {
+            bail!("--launch jupyter runs our SSH server beside Jupyter; drop --no-ssh")
+        }
         _ => {}
     }
     if !a.args.is_empty() && !a.no_ssh {
@@ -295,6 +295,7 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                     .iter()
                     .map(|p| PortRequest::parse(p).map_err(|e| anyhow::anyhow!("-p {e}")))
                     .collect::<anyhow::Result<_>>()?,
+                jupyter: a.launch.as_deref() == Some("jupyter"),
                 onstart: match (&a.onstart, &a.onstart_cmd) {
                     (Some(f), _) => Some(std::fs::read_to_string(f).with_context(|| {
                         format!("--onstart {}: cannot read the script", f.display())
@@ -395,6 +396,19 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                             t.spec.ports.len()
                         ));
                     }
+                    let jupyter = t.placement.as_ref().and_then(|p| {
+                        p.published
+                            .iter()
+                            .find(|x| x.request == JUPYTER_PORT && x.proto == Proto::Tcp)
+                    });
+                    if let (true, Some(p)) = (t.spec.jupyter, jupyter) {
+                        let token = t.spec.env.get("JUPYTER_TOKEN").cloned().unwrap_or_default();
+                        text.push_str(&format!(
+                            "Jupyter:    http://{}:{}/?token={token}\n",
+                            public_host(client).await?,
+                            p.external
+                        ));
+                    }
                     if t.spec.no_ssh {
                         text.push_str(&format!(
                             "SSH:        none (--no-ssh); a shell: rivernode connect {id}\n"
@@ -425,11 +439,7 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                             t.state
                         ));
                     } else {
-                        let who: WhoAmI = client.get("/api/whoami").await?;
-                        let host = who
-                            .public_address
-                            .or_else(|| crate::host::front_door::node_host(&client.base))
-                            .unwrap_or_else(|| "HOST".into());
+                        let host = public_host(client).await?;
                         let open = matches!(t.state, TaskState::Running | TaskState::Paused);
                         let mut text = String::new();
                         for p in &published {
@@ -840,6 +850,16 @@ async fn open_tunnel(
         bail!("the SSH proxy said: {line}");
     }
     Ok(s)
+}
+
+/// The address published ports answer at: the host's `public_address`,
+/// else the host this client talks to.
+async fn public_host(client: &Client) -> anyhow::Result<String> {
+    let who: WhoAmI = client.get("/api/whoami").await?;
+    Ok(who
+        .public_address
+        .or_else(|| crate::api::url_host(&client.base))
+        .unwrap_or_else(|| "HOST".into()))
 }
 
 /// `203.0.113.9:21234 -> 8081/tcp`, as Vast.ai's IP Port Info shows it.

@@ -22,7 +22,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use super::proxy::{keepalive, relay, PerPeer, RelayMode};
 use super::HostState;
 use crate::api::ports::Proto;
-use crate::api::{NodeView, TaskState, TaskView};
+use crate::api::{url_host, NodeView, TaskState, TaskView};
 
 /// One open external port and where it leads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,17 +59,6 @@ impl Default for DoorLimits {
     }
 }
 
-/// The host part of a runner URL (`http://10.0.0.2:8001` → `10.0.0.2`).
-pub fn node_host(runner_url: &str) -> Option<String> {
-    let rest = runner_url.split("://").nth(1)?;
-    let origin = rest.split('/').next()?;
-    let host = match origin.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => origin,
-    };
-    Some(host.trim_matches(['[', ']']).to_string()).filter(|h| !h.is_empty())
-}
-
 /// The doors that should be open: every published port of every running or
 /// paused instance whose node the host knows.
 pub fn wanted(tasks: &[TaskView], nodes: &[NodeView]) -> BTreeMap<(u16, Proto), Door> {
@@ -82,7 +71,7 @@ pub fn wanted(tasks: &[TaskView], nodes: &[NodeView]) -> BTreeMap<(u16, Proto), 
         let Some(node) = nodes
             .iter()
             .find(|n| n.name == p.node)
-            .and_then(|n| node_host(&n.runner_url))
+            .and_then(|n| url_host(&n.runner_url))
         else {
             continue;
         };
@@ -286,20 +275,6 @@ async fn udp_back(
 mod tests {
     use super::*;
     use crate::api::ports::Published;
-
-    #[test]
-    fn node_hosts_come_from_runner_urls() {
-        assert_eq!(
-            node_host("http://10.0.0.2:8001").as_deref(),
-            Some("10.0.0.2")
-        );
-        assert_eq!(
-            node_host("http://[fd00::2]:8001/").as_deref(),
-            Some("fd00::2")
-        );
-        assert_eq!(node_host("https://gpu1").as_deref(), Some("gpu1"));
-        assert_eq!(node_host("gpu1:8001"), None);
-    }
 
     fn task(id: u64, state: TaskState, node: &str, published: Vec<Published>) -> TaskView {
         let mut v: TaskView = serde_json::from_value(serde_json::json!({

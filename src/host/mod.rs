@@ -308,7 +308,7 @@ impl proxy::TunnelResolver for Tunnels {
             .ok_or_else(|| format!("instance {id} has no SSH port"))?;
         let url = runner_url.ok_or_else(|| format!("the node of instance {id} is gone"))?;
         // The node's address as the host knows it: the host part of its runner URL.
-        let host = front_door::node_host(&url)
+        let host = crate::api::url_host(&url)
             .ok_or_else(|| format!("cannot tell the address of the node of instance {id}"))?;
         tokio::net::lookup_host((host.as_str(), port))
             .await

@@ -539,6 +539,7 @@ mod tests {
             onstart: None,
             args: vec![],
             ports: vec![],
+            jupyter: false,
         }
     }
 

@@ -122,6 +122,24 @@ pub(super) fn may_be_privileged(state: &HostState, p: &Principal) -> Result<(), 
     }
 }
 
+/// `--launch jupyter`: port 8080 published and a token for it (unless
+/// the request has them). `check_spec` says what else it needs.
+fn jupyter_mode(spec: &mut TaskSpec) {
+    if !spec.jupyter {
+        return;
+    }
+    let tcp = crate::api::ports::PortRequest {
+        port: crate::api::ports::JUPYTER_PORT,
+        proto: crate::api::ports::Proto::Tcp,
+    };
+    if !spec.ports.contains(&tcp) {
+        spec.ports.push(tcp);
+    }
+    spec.env
+        .entry("JUPYTER_TOKEN".into())
+        .or_insert_with(|| super::auth::generate_token("jpy"));
+}
+
 /// The most an onstart script may hold.
 const MAX_ONSTART: usize = 64 << 10;
 
@@ -149,6 +167,11 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             ));
         }
         crate::api::ports::check_requests(&spec.ports).map_err(ApiError::BadRequest)?;
+    }
+    if spec.jupyter && (spec.kind != crate::api::Kind::Vps || spec.no_ssh || spec.is_vm()) {
+        return Err(ApiError::BadRequest(
+            "jupyter: Jupyter mode is for a container VPS with SSH (--launch jupyter without --no-ssh)".into(),
+        ));
     }
     let runs_its_image = spec.no_ssh && spec.command.is_empty();
     if !spec.args.is_empty() && !runs_its_image {
@@ -377,6 +400,7 @@ async fn submit(
     Extension(p): Extension<Principal>,
     ApiJson(mut spec): ApiJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
+    jupyter_mode(&mut spec);
     check_spec(&spec)?;
     if spec.privileged {
         may_be_privileged(&state, &p)?;

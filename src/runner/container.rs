@@ -90,6 +90,15 @@ pub fn contract_env(a: &Assignment, data_directory: Option<&str>) -> BTreeMap<St
         env.insert(ours, v.clone());
         env.insert(k.to_string(), v);
     }
+    // Jupyter mode: where its server answers, as Vast.ai says it.
+    let jupyter = a.placement.published.iter().find(|p| {
+        p.request == crate::api::ports::JUPYTER_PORT && p.proto == crate::api::ports::Proto::Tcp
+    });
+    if let (true, Some(p), Some(host)) = (a.spec.jupyter, jupyter, &a.public_address) {
+        let url = format!("http://{host}:{}/", p.external);
+        env.insert("RIVERNODE_JUPYTER_SERVER_URL".into(), url.clone());
+        env.insert("JUPYTER_SERVER_URL".into(), url);
+    }
     // Each published port's external port, named by the port asked for.
     for p in &a.placement.published {
         let name = p.variable();
@@ -759,11 +768,13 @@ impl Driver for TaskContext {
     }
 
     async fn onstart(&self, a: &Assignment) -> Result<Option<u32>, InstanceError> {
-        let Some(script) = a.spec.onstart.as_deref().filter(|_| !a.spec.is_vm()) else {
+        if a.spec.is_vm() || (a.spec.onstart.is_none() && !a.spec.jupyter) {
             return Ok(None);
-        };
+        }
         let cid = self.container_id(a.id);
-        let args = self.vps.onstart_command(&cid, script)?;
+        let args = self
+            .vps
+            .onstart_command(&cid, a.spec.onstart.as_deref(), a.spec.jupyter)?;
         // Its output goes to its own capped log beside the instance's
         // (`task logs ID --onstart`), through the log driver containerd's
         // shim runs: nothing of it depends on this runner staying up.

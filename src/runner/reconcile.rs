@@ -65,6 +65,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             onstart: None,
             args: vec![],
             ports: vec![],
+            jupyter: false,
         },
         placement: crate::api::Placement {
             node: String::new(),

@@ -196,8 +196,8 @@ impl<D: Driver> Supervisors<D> {
         // A VPS's onstart runs on each start it was made or started for
         // (not on adoption: it ran when the instance started).
         let onstart = (matches!(bring, BringUp::Create | BringUp::Start)
-            && a.spec.onstart.is_some())
-        .then(|| a.clone());
+            && (a.spec.onstart.is_some() || a.spec.jupyter))
+            .then(|| a.clone());
         let exit = self.watch(id, kind, &mut desired, onstart).await;
         let Some(exit) = exit else {
             return; // the runner is stopping: leave it running
@@ -493,6 +493,7 @@ mod tests {
                 onstart: None,
                 args: vec![],
                 ports: vec![],
+                jupyter: false,
             },
             placement: Placement {
                 node: "n1".into(),

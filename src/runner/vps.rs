@@ -17,6 +17,24 @@ use crate::config::RunnerConfig;
 use crate::net::{Firewall, InstanceNet, Ipam, NodeNetwork, PortMap};
 use crate::oci::MountInput;
 
+/// `--launch jupyter`, run as the onstart's first part: the image's
+/// Jupyter (Lab when it has it) on 8080 in the background, its output in
+/// the onstart log, with the instance's token; then the onstart script
+/// (its arguments), if any. An image without `jupyter` is said in the log
+/// and in `vps status`, and the VPS stays up.
+const JUPYTER_LAUNCH: &str = r#"j=0
+if command -v jupyter >/dev/null 2>&1; then
+    if command -v jupyter-lab >/dev/null 2>&1; then app=lab; else app=notebook; fi
+    dir="${JUPYTER_DIR:-/}"
+    (cd "$dir" && exec jupyter "$app" --ip=0.0.0.0 --port=8080 --no-browser --allow-root         --ServerApp.token="$JUPYTER_TOKEN" --ServerApp.root_dir="$dir") &
+else
+    echo "rivernode: --launch jupyter: the image has no jupyter on its PATH" >&2
+    j=127
+fi
+if [ $# -gt 0 ]; then "$@" || exit $?; fi
+exit $j
+"#;
+
 /// The node ports an instance at `ip` answers on: its SSH port (to 22) and
 /// each published port (to its port inside).
 pub fn port_maps(placement: &Placement, ip: std::net::Ipv4Addr) -> Vec<PortMap> {
@@ -459,25 +477,38 @@ impl VpsKit {
     /// command that runs it there: a script with a `#!` line runs with that
     /// interpreter, any other with bash where the image has it (Vast.ai's
     /// templates are bash), else /bin/sh.
-    pub fn onstart_command(&self, cid: &str, script: &str) -> Result<Vec<String>, VpsError> {
+    pub fn onstart_command(
+        &self,
+        cid: &str,
+        script: Option<&str>,
+        jupyter: bool,
+    ) -> Result<Vec<String>, VpsError> {
+        let mut args: Vec<String> = Vec::new();
+        if jupyter {
+            args.extend(["/bin/sh", "-c", JUPYTER_LAUNCH, "jupyter"].map(String::from));
+        }
+        let Some(script) = script else {
+            return Ok(args);
+        };
         let dir = self.root.join("instances").join(cid);
         let path = dir.join(ONSTART);
         write(&path, script)?;
         set_mode(&path, 0o755)?;
         let inside = format!("{INSTANCE_DIR}/{ONSTART}");
-        Ok(if script.starts_with("#!") {
-            vec![inside]
+        if script.starts_with("#!") {
+            args.push(inside);
         } else {
-            [
-                "/bin/sh",
-                "-c",
-                "[ -x /bin/bash ] && exec /bin/bash \"$0\"; exec /bin/sh \"$0\"",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([inside])
-            .collect()
-        })
+            args.extend(
+                [
+                    "/bin/sh",
+                    "-c",
+                    "[ -x /bin/bash ] && exec /bin/bash \"$0\"; exec /bin/sh \"$0\"",
+                ]
+                .map(String::from),
+            );
+            args.push(inside);
+        }
+        Ok(args)
     }
 
     /// What SSH sessions of the instance see: its variables in

@@ -203,6 +203,11 @@ impl Vps {
 
     /// `create` with more `vps create` flags (e.g. `-m 64M`).
     pub fn create_with(&self, extra: &[&str]) -> String {
+        self.create_from("busybox", extra)
+    }
+
+    /// `create_with` from another environment.
+    pub fn create_from(&self, environment: &str, extra: &[&str]) -> String {
         // The first VPS generates the key; later ones take its public half.
         let public = self.key.with_extension("pub");
         let key_args: Vec<&str> = if self.key.exists() {
@@ -214,7 +219,7 @@ impl Vps {
                 self.key.to_str().unwrap(),
             ]
         };
-        let mut args = vec!["-o", "json", "vps", "create", "--container", "busybox"];
+        let mut args = vec!["-o", "json", "vps", "create", "--container", environment];
         args.extend(key_args);
         args.extend_from_slice(extra);
         let o = self.rn(&args);

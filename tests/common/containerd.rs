@@ -168,7 +168,7 @@ pub fn busybox_oci_archive(dir: &Path) -> Option<PathBuf> {
 /// The busybox archive; with `user` = (User, passwd line, group line) it
 /// runs as that user (its config's `User`) and has those /etc files.
 pub fn busybox_oci_archive_as(dir: &Path, user: Option<(&str, &str, &str)>) -> Option<PathBuf> {
-    busybox_oci_archive_with(dir, user, &[], &[])
+    busybox_oci_archive_with(dir, user, &[], &[], &[])
 }
 
 /// The busybox archive with more `umoci config` flags (`--config.entrypoint`,
@@ -178,6 +178,7 @@ pub fn busybox_oci_archive_with(
     user: Option<(&str, &str, &str)>,
     config: &[&str],
     dirs: &[&str],
+    files: &[(&str, &str)],
 ) -> Option<PathBuf> {
     let present = command_exists("umoci") && Path::new("/bin/busybox").exists();
     if !real_part_available("umoci and busybox-static", present) {
@@ -203,6 +204,14 @@ pub fn busybox_oci_archive_with(
     }
     for d in ["tmp", "proc", "sys", "dev", "etc"].iter().chain(dirs) {
         std::fs::create_dir_all(bundle.join("rootfs").join(d)).unwrap();
+    }
+    // Executables of the test's own (stand-ins), by path in the image.
+    for (path, text) in files {
+        let f = bundle.join("rootfs").join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     if let Some((_, passwd, group)) = user {
         std::fs::write(bundle.join("rootfs/etc/passwd"), passwd).unwrap();

@@ -1107,6 +1107,7 @@ mod tests {
             onstart: None,
             args: vec![],
             ports: vec![],
+            jupyter: false,
         };
         let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
         s.schedule().unwrap();

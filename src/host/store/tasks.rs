@@ -684,6 +684,7 @@ mod tests {
             onstart: None,
             args: vec![],
             ports: vec![],
+            jupyter: false,
         }
     }
 
