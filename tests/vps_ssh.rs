@@ -546,6 +546,44 @@ fn published_ports_reach_the_instance_through_the_host() {
         let got = wait_for("the web server after the restart", || http_get(tcp));
         assert_eq!(got, "served-8081\n");
 
+        // An image's EXPOSE is published without -p, beside what -p asks.
+        let build = v.dir.path().join("exp-build");
+        std::fs::create_dir_all(&build).unwrap();
+        let Some(archive) = common::containerd::busybox_oci_archive_with(
+            &build,
+            None,
+            &[
+                "--config.exposedports",
+                "8083/tcp",
+                "--config.exposedports",
+                "8081/tcp",
+            ],
+            &[],
+            &[],
+        ) else {
+            return;
+        };
+        std::fs::copy(&archive, v.dir.path().join("shared/environments/exp.tar")).unwrap();
+        let exp = v.create_from(
+            "exp",
+            &[
+                "-p",
+                "8081",
+                "--onstart-cmd",
+                "mkdir -p /www && echo exposed > /www/index.html && httpd -p 8083 -h /www",
+            ],
+        );
+        let ports = published(&v, &exp);
+        let mut inside: Vec<&str> = ports.iter().map(|(_, i)| i.as_str()).collect();
+        inside.sort();
+        assert_eq!(inside, ["8081/tcp", "8083/tcp"], "{ports:?}");
+        let ext = ports.iter().find(|(_, i)| i == "8083/tcp").unwrap().0;
+        let seen = v.ssh_ok(&exp, &["echo $VAST_TCP_PORT_8083"]);
+        assert_eq!(seen, format!("{ext}\n"));
+        let got = wait_for("the EXPOSEd port", || http_get(ext));
+        assert_eq!(got, "exposed\n");
+        v.delete(&exp);
+
         // Deleted: its ports go, and the node's rules with them.
         v.delete(&id);
         wait_for("the published port to close", || {

@@ -194,6 +194,25 @@ impl HostClient {
             .await
     }
 
+    /// Asks the host to publish the image's `EXPOSE`d ports of VPS `id`;
+    /// its placement after.
+    pub async fn expose(
+        &self,
+        id: u64,
+        req: &crate::api::ports::ExposeRequest,
+    ) -> Result<crate::api::Placement, HostCallError> {
+        let call = self
+            .http
+            .put(format!(
+                "{}/api/nodes/{}/tasks/{id}/expose",
+                self.base, self.node
+            ))
+            .bearer_auth(self.credential())
+            .timeout(Duration::from_secs(10))
+            .json(req);
+        Self::answer(call).await
+    }
+
     /// PUT `body` at this node's `/api/nodes/<node>/<path>`.
     async fn put_task(
         &self,

@@ -126,6 +126,33 @@ pub fn check_requests(requests: &[PortRequest]) -> Result<(), String> {
     Ok(())
 }
 
+/// `PUT /api/nodes/{node}/tasks/{id}/expose`: the image's `EXPOSE`d ports,
+/// found by the runner once it has the image; the host publishes those the
+/// instance lacks and answers with its placement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeRequest {
+    pub ports: Vec<PortRequest>,
+}
+
+/// The requests of `exposed` an instance asking for `asked` still lacks,
+/// as many as the limit leaves room for, and how many were left out.
+pub fn still_unpublished(
+    asked: &[PortRequest],
+    exposed: &[PortRequest],
+) -> (Vec<PortRequest>, usize) {
+    let mut new: Vec<PortRequest> = Vec::new();
+    for r in exposed {
+        if !asked.contains(r) && !new.contains(r) {
+            new.push(*r);
+        }
+    }
+    let room = MAX_PUBLISHED.saturating_sub(asked.len());
+    let left_out = new.len().saturating_sub(room);
+    new.truncate(room);
+    (new, left_out)
+}
+
 /// A range of ports, `20000-29999`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRange {
@@ -233,6 +260,17 @@ mod tests {
             ..p
         };
         assert_eq!(u.variable(), "VAST_UDP_PORT_8082");
+    }
+
+    #[test]
+    fn exposed_ports_add_what_was_not_asked_for_up_to_the_limit() {
+        let r = |s: &str| PortRequest::parse(s).unwrap();
+        let (new, left) =
+            still_unpublished(&[r("8080")], &[r("8080/tcp"), r("53/udp"), r("53/udp")]);
+        assert_eq!((new, left), (vec![r("53/udp")], 0));
+        let full: Vec<PortRequest> = (1..=63).map(|p| r(&p.to_string())).collect();
+        let (new, left) = still_unpublished(&full, &[r("9000"), r("9001")]);
+        assert_eq!((new, left), (vec![r("9000")], 1));
     }
 
     #[test]

@@ -83,6 +83,7 @@ pub fn node_routes() -> Router<Arc<HostState>> {
         .route("/api/nodes/{name}/assignments", get(assignments))
         .route("/api/nodes/{name}/tasks/{id}", put(report))
         .route("/api/nodes/{name}/tasks/{id}/progress", put(progress))
+        .route("/api/nodes/{name}/tasks/{id}/expose", put(expose))
 }
 
 /// Places queued tasks whenever something may have freed or added room, and
@@ -608,6 +609,29 @@ async fn logs(
         .await
         .map_err(|e| ApiError::BadGateway(format!("reading logs from the runner: {e}")))?;
     Ok((headers, body))
+}
+
+/// A node that has a VPS's image asks for its `EXPOSE`d ports to be
+/// published; the answer is the VPS's placement with them.
+async fn expose(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path((name, id)): Path<(String, u64)>,
+    ApiJson(req): ApiJson<crate::api::ports::ExposeRequest>,
+) -> Result<Json<crate::api::Placement>, ApiError> {
+    own_node(&p, &name)?;
+    if req.ports.len() > 4096 {
+        return Err(ApiError::BadRequest("ports: too many".into()));
+    }
+    for r in &req.ports {
+        r.check()
+            .map_err(|e| ApiError::BadRequest(format!("ports: {e}")))?;
+    }
+    let placement = state
+        .blocking(move |s| s.expose(&name, id, &req.ports))
+        .await?;
+    state.publish().await;
+    Ok(Json(placement))
 }
 
 /// A node's word on how far it got making one of its tasks; kept only

@@ -88,9 +88,26 @@ pub struct ImageConfig {
     /// The signal that asks its main process to stop (`SIGINT`, `INT`, `2`).
     #[serde(rename = "StopSignal", default)]
     pub stop_signal: Option<String>,
+    /// `EXPOSE`: `{"8080/tcp": {}, "53/udp": {}}`.
+    #[serde(rename = "ExposedPorts", default)]
+    pub exposed_ports: Option<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 impl ImageConfig {
+    /// The image's `EXPOSE`d ports as publish requests (TCP when the
+    /// protocol is not named; what is no port is left out).
+    pub fn exposed(&self) -> Vec<crate::api::ports::PortRequest> {
+        let mut out: Vec<crate::api::ports::PortRequest> = self
+            .exposed_ports
+            .iter()
+            .flatten()
+            .filter_map(|(k, _)| crate::api::ports::PortRequest::parse(k).ok())
+            .filter(|r| !r.is_identity())
+            .collect();
+        out.dedup();
+        out
+    }
+
     /// What the image runs when nothing else is asked: Entrypoint then Cmd,
     /// as Docker starts it; empty when the image names neither.
     pub fn default_command(&self) -> Vec<String> {

@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::api::ports::PortRequest;
 use crate::api::{Assignment, ImageSource, Kind};
 use crate::config::RunnerConfig;
 use crate::oci::{self, Containerd, MountInput, RuntimeSpecInput, TaskStatus, TASK_LABEL};
@@ -739,7 +740,7 @@ impl Driver for TaskContext {
         Ok(observed(self.ctd.status(&cid).await?))
     }
 
-    async fn prepare(&self, a: &Assignment) -> Result<(), InstanceError> {
+    async fn prepare(&self, a: &Assignment) -> Result<Vec<PortRequest>, InstanceError> {
         let made = if a.spec.is_vm() {
             self.vm_dir(a.id).join("disk.qcow2").exists()
         } else {
@@ -757,14 +758,19 @@ impl Driver for TaskContext {
         // A VM's base image is copied when it is made; a restore is made
         // from a snapshot on the node; a container made already is started.
         if made || a.spec.is_vm() || a.spec.restore.is_some() {
-            return Ok(());
+            return Ok(vec![]);
         }
         let image = self.image(a.id, &a.spec.image).await?;
+        // A VPS publishes what its image EXPOSEs (Vast.ai maps them too).
+        let exposed = match a.spec.kind {
+            Kind::Vps => image.config.exposed(),
+            Kind::Command => vec![],
+        };
         self.prepared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(a.id, image);
-        Ok(())
+        Ok(exposed)
     }
 
     async fn onstart(&self, a: &Assignment) -> Result<Option<u32>, InstanceError> {

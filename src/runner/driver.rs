@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::api::ports::PortRequest;
 use crate::api::{Assignment, Kind};
 
 use super::lifecycle::Observed;
@@ -145,8 +146,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Fetches what making the instance needs from off the node (pulls or
     /// imports its image). Cancel-safe: it makes nothing of the instance,
     /// so a kill or stop meanwhile drops it (F7: a stalled registry must
-    /// not hold the task and its reservation).
-    fn prepare(&self, a: &Assignment) -> impl Future<Output = Result<(), InstanceError>> + Send;
+    /// not hold the task and its reservation). Answers the ports the
+    /// image `EXPOSE`s, for a VPS to publish.
+    fn prepare(
+        &self,
+        a: &Assignment,
+    ) -> impl Future<Output = Result<Vec<PortRequest>, InstanceError>> + Send;
     /// Makes the instance from its image (or, for a restore, its snapshot,
     /// replacing the old disk only once everything else is ready) and starts it.
     fn create(&self, a: &Assignment)
@@ -343,11 +348,11 @@ pub mod fake {
                 .get(&id)
                 .map_or(Observed::Absent, |i| i.observed))
         }
-        async fn prepare(&self, _a: &Assignment) -> Result<(), InstanceError> {
+        async fn prepare(&self, _a: &Assignment) -> Result<Vec<PortRequest>, InstanceError> {
             if self.stall_prepare {
                 std::future::pending::<()>().await;
             }
-            Ok(())
+            Ok(vec![])
         }
         async fn create(&self, a: &Assignment) -> Result<Started, InstanceError> {
             self.started(a)

@@ -694,6 +694,7 @@ impl Control {
             kill_grace: self.config.kill_grace.0,
             auto_snapshot_on_stop: self.config.auto_snapshot_on_stop,
             crash_at,
+            host: Some(host.clone()),
         });
         tracing::info!(socket = %self.config.containerd_socket.display(), "containerd connected; task loop started");
         tokio::spawn(progress::pump(

@@ -48,6 +48,9 @@ pub struct Supervisors<D> {
     pub auto_snapshot_on_stop: bool,
     /// Test-only: die (SIGKILL) on reaching a named step (`RIVERNODE_CRASH_AT`).
     pub crash_at: Option<String>,
+    /// Where a VPS's image's EXPOSEd ports are published (the host); none
+    /// in unit tests.
+    pub host: Option<Arc<crate::api::host_client::HostClient>>,
 }
 
 fn report(state: TaskState) -> TaskReport {
@@ -56,6 +59,34 @@ fn report(state: TaskState) -> TaskReport {
         exit_code: None,
         message: None,
         ssh_host_key: None,
+    }
+}
+
+impl<D: Driver> Supervisors<D> {
+    /// Publishes the image's EXPOSEd ports the VPS did not ask for, and
+    /// makes it with them (their node ports, its `VAST_*_PORT_*`). Not
+    /// fatal: a VPS whose host cannot publish them runs without them (the
+    /// runner's log says why).
+    async fn publish_exposed(
+        &self,
+        a: &mut Assignment,
+        exposed: Vec<crate::api::ports::PortRequest>,
+    ) {
+        let (new, _) = crate::api::ports::still_unpublished(&a.spec.ports, &exposed);
+        let Some(host) = self.host.as_ref().filter(|_| !new.is_empty()) else {
+            return;
+        };
+        let req = crate::api::ports::ExposeRequest { ports: exposed };
+        match host.expose(a.id, &req).await {
+            Ok(placement) => {
+                tracing::info!(task = a.id, ports = ?new, "the image's EXPOSEd ports are published");
+                a.spec.ports.extend(new);
+                a.placement = placement;
+            }
+            Err(e) => {
+                tracing::warn!(task = a.id, error = %crate::error_chain(&e), "the image's EXPOSEd ports are not published");
+            }
+        }
     }
 }
 
@@ -93,7 +124,7 @@ impl<D: Driver> Supervisors<D> {
     /// instance is left running, to be adopted by the next runner).
     pub async fn run(
         self: Arc<Self>,
-        a: Assignment,
+        mut a: Assignment,
         bring: BringUp,
         mut desired: watch::Receiver<Desired>,
     ) {
@@ -123,7 +154,7 @@ impl<D: Driver> Supervisors<D> {
                         _ = asked_to_end(&mut desired) => None,
                     };
                     match prepared {
-                        Some(Ok(())) => {}
+                        Some(Ok(exposed)) => self.publish_exposed(&mut a, exposed).await,
                         Some(Err(e)) => {
                             let message = crate::error_chain(&e);
                             tracing::warn!(task = id, "task failed to start: {message}");
@@ -458,6 +489,7 @@ mod tests {
             kill_grace: Duration::from_secs(3600),
             auto_snapshot_on_stop: true,
             crash_at: None,
+            host: None,
         });
         Bench {
             driver,

@@ -166,6 +166,14 @@ pub trait Store: Send + Sync + 'static {
         report: &TaskReport,
         now_ms: i64,
     ) -> Result<TaskView, StoreError>;
+    /// Publishes the ports of `exposed` a VPS being made on `node` lacks
+    /// (its image's EXPOSE); its placement after.
+    fn expose(
+        &self,
+        node: &str,
+        id: u64,
+        exposed: &[crate::api::ports::PortRequest],
+    ) -> Result<crate::api::Placement, StoreError>;
     fn revision(&self) -> Result<u64, StoreError>;
 }
 
@@ -1021,6 +1029,19 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<TaskView, StoreError> {
         self.with(|c| tasks::report(c, node, id, report, now_ms))
+    }
+
+    fn expose(
+        &self,
+        node: &str,
+        id: u64,
+        exposed: &[crate::api::ports::PortRequest],
+    ) -> Result<crate::api::Placement, StoreError> {
+        let range = *self
+            .published_ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        self.with(|c| tasks::expose(c, node, id, exposed, range))
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use rusqlite::{params, Connection, Transaction};
 
 use super::{node_from_row, to_json, StoreError, NODE_COLUMNS};
-use crate::api::ports::{PortRange, Published};
+use crate::api::ports::{self, PortRange, PortRequest, Published};
 use crate::api::{
     Assignment, Assignments, Desired, NodeView, Placement, Restore, TaskReport, TaskSpec,
     TaskState, TaskView,
@@ -299,6 +299,90 @@ pub(super) fn schedule(c: &mut Connection, range: PortRange) -> Result<Vec<u64>,
     }
     tx.commit()?;
     Ok(placed)
+}
+
+/// A VPS being made publishes its image's EXPOSEd ports it did not ask
+/// for: node ports on its node and external ports beside those it has
+/// (kept), recorded in its spec and placement so a restart keeps them.
+pub(super) fn expose(
+    c: &mut Connection,
+    node: &str,
+    id: u64,
+    exposed: &[PortRequest],
+    range: PortRange,
+) -> Result<Placement, StoreError> {
+    let tx = c.transaction()?;
+    let t = one(&tx, id)?;
+    let Some(mut placement) = t.placement.clone().filter(|p| p.node == node) else {
+        return Err(StoreError::Conflict(format!(
+            "task {id} is not assigned to node {node:?}"
+        )));
+    };
+    if t.state != TaskState::Assigning || t.spec.kind != crate::api::Kind::Vps {
+        return Err(StoreError::Conflict(format!(
+            "task {id} is {}: only a VPS being made publishes its image's ports",
+            t.state
+        )));
+    }
+    let (new, left_out) = ports::still_unpublished(&t.spec.ports, exposed);
+    if left_out > 0 {
+        tracing::warn!(
+            task = id,
+            left_out,
+            "the image exposes more ports than an instance may publish; the rest stay unpublished"
+        );
+    }
+    if new.is_empty() {
+        return Ok(placement);
+    }
+    let used: BTreeSet<u16> = reservations(&tx)?
+        .iter()
+        .filter(|p| p.node == node)
+        .flat_map(|p| {
+            p.node_port
+                .into_iter()
+                .chain(p.published.iter().map(|x| x.node_port))
+        })
+        .chain(placement.node_port)
+        .chain(placement.published.iter().map(|x| x.node_port))
+        .collect();
+    let mut free =
+        (crate::api::NODE_PORTS.0..=crate::api::NODE_PORTS.1).filter(|p| !used.contains(p));
+    let previous = placement.published.clone();
+    for r in &new {
+        let Some(node_port) = free.next() else {
+            return Err(StoreError::Conflict(format!(
+                "node {node} has no free node port"
+            )));
+        };
+        placement.published.push(Published {
+            request: r.port,
+            proto: r.proto,
+            internal: r.port as u16,
+            node_port,
+            external: 0,
+        });
+    }
+    let taken: BTreeSet<u16> = published_held(&tx)?
+        .into_iter()
+        .filter(|(other, _)| *other != id)
+        .flat_map(|(_, ps)| ps.into_iter().map(|p| p.external))
+        .collect();
+    scheduler::give_external(&mut placement, &previous, &taken, range, id)
+        .map_err(StoreError::Conflict)?;
+    let mut spec = t.spec.clone();
+    spec.ports.extend(new);
+    tx.execute(
+        "UPDATE tasks SET spec = ?2, placement = ?3 WHERE id = ?1",
+        params![
+            id as i64,
+            to_json("spec", &spec)?,
+            to_json("placement", &placement)?
+        ],
+    )?;
+    bump(&tx)?;
+    tx.commit()?;
+    Ok(placement)
 }
 
 fn one(c: &Connection, id: u64) -> Result<TaskView, StoreError> {
@@ -628,9 +712,12 @@ pub(super) fn report(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::sync::Arc;
 
     use super::super::{SqliteStore, Store};
+    use crate::api::ports::PortRange;
+    use crate::api::Placement;
     use crate::api::{
         Desired, ImageSource, RegisterRequest, Target, TaskReport, TaskSpec, TaskState,
     };
@@ -925,6 +1012,67 @@ mod tests {
         let again = s.get_task(a).unwrap().unwrap().placement.unwrap();
         assert_eq!((again.node.as_str(), again.gpus.len()), ("n1", 1));
         assert_ne!(again.gpus, first);
+    }
+
+    #[test]
+    fn published_ports_are_held_until_delete_and_exposed_ones_join_them() {
+        use crate::api::ports::PortRequest;
+        let s = store_with_node("n1");
+        s.set_published_ports(PortRange::parse("20000-20003").unwrap());
+        let vps = TaskSpec {
+            kind: crate::api::Kind::Vps,
+            ports: vec![PortRequest::parse("8080").unwrap()],
+            ..spec(1, 0)
+        };
+        let a = s.submit_task(&vps, None, 0).unwrap();
+        s.schedule().unwrap();
+        let placed = s.get_task(a).unwrap().unwrap().placement.unwrap();
+        // Its image EXPOSEs 8080 (asked already) and two more.
+        let exposed = ["8080", "53/udp", "9000"].map(|p| PortRequest::parse(p).unwrap());
+        let p = s.expose("n1", a, &exposed).unwrap();
+        assert_eq!(p.published.len(), 3);
+        assert_eq!(p.published[0], placed.published[0], "what it had stays");
+        let nodes: BTreeSet<u16> = p
+            .published
+            .iter()
+            .map(|x| x.node_port)
+            .chain(p.node_port)
+            .collect();
+        assert_eq!(nodes.len(), 4, "distinct node ports: {p:?}");
+        let t = s.get_task(a).unwrap().unwrap();
+        assert_eq!(t.spec.ports.len(), 3, "the spec says so, for restarts");
+        let e = s.expose("n2", a, &exposed).unwrap_err().to_string();
+        assert!(e.contains("not assigned"), "{e}");
+        report(&s, a, TaskState::Running).unwrap();
+        let e = s.expose("n1", a, &exposed).unwrap_err().to_string();
+        assert!(e.contains("being made"), "{e}");
+        // Stopped, it holds its three of the four: a second VPS with two waits.
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        report(&s, a, TaskState::Stopped).unwrap();
+        let two = TaskSpec {
+            ports: vec![
+                PortRequest::parse("1").unwrap(),
+                PortRequest::parse("2").unwrap(),
+            ],
+            ..vps.clone()
+        };
+        let b = s.submit_task(&two, None, 2).unwrap();
+        s.schedule().unwrap();
+        let t = s.get_task(b).unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Pending);
+        assert!(t.reason.contains("no free published port"), "{}", t.reason);
+        // Restarted, it gets the same three back.
+        s.restart(a, None).unwrap();
+        s.schedule().unwrap();
+        let again = s.get_task(a).unwrap().unwrap().placement.unwrap();
+        let ext = |p: &Placement| p.published.iter().map(|x| x.external).collect::<Vec<_>>();
+        assert_eq!(ext(&again), ext(&p));
+        // Deleted, they go to the one waiting.
+        report(&s, a, TaskState::Running).unwrap();
+        s.set_desired(a, Desired::Deleted, 3).unwrap();
+        report(&s, a, TaskState::Deleted).unwrap();
+        s.schedule().unwrap();
+        assert_eq!(s.get_task(b).unwrap().unwrap().state, TaskState::Assigning);
     }
 
     #[test]
