@@ -152,284 +152,297 @@ fn nproc() -> String {
 
 #[test]
 fn tasks_complete_fail_and_are_oom_killed_with_logs() {
-    let Some(c) = Cluster::start("tasks-a") else {
-        return;
-    };
-    // --wait streams the task's stdout and stderr to ours, each apart,
-    // says how it ended on stderr and exits with its code.
-    let o = c.rn(&[
-        "task",
-        "submit",
-        "--container",
-        "busybox",
-        "--wait",
-        "--",
-        "sh",
-        "-c",
-        "echo hello; echo oops >&2",
-    ]);
-    assert!(o.status.success(), "{} {}", stdout(&o), stderr(&o));
-    assert_eq!(stdout(&o), "hello\n");
-    assert!(stderr(&o).starts_with("oops\n"), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("completed (exit code 0)"),
-        "{}",
-        stderr(&o)
-    );
-    // While it runs, not only at its end: the first line arrives while the
-    // task still sleeps, and it is then killed.
-    let mut w = std::process::Command::new(BIN)
-        .args(["--data-dir", c.host_data().to_str().unwrap()])
-        .args(["task", "submit", "--container", "busybox", "--wait", "--"])
-        .args(["sh", "-c", "echo started; sleep 1000; echo never"])
-        .env("HOME", "/nonexistent")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+    common::cluster::private_namespaces(|| {
+        let Some(c) = Cluster::start("tasks-a") else {
+            return;
+        };
+        // --wait streams the task's stdout and stderr to ours, each apart,
+        // says how it ended on stderr and exits with its code.
+        let o = c.rn(&[
+            "task",
+            "submit",
+            "--container",
+            "busybox",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; echo oops >&2",
+        ]);
+        assert!(o.status.success(), "{} {}", stdout(&o), stderr(&o));
+        assert_eq!(stdout(&o), "hello\n");
+        assert!(stderr(&o).starts_with("oops\n"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("completed (exit code 0)"),
+            "{}",
+            stderr(&o)
+        );
+        // While it runs, not only at its end: the first line arrives while the
+        // task still sleeps, and it is then killed.
+        let mut w = std::process::Command::new(BIN)
+            .args(["--data-dir", c.host_data().to_str().unwrap()])
+            .args(["task", "submit", "--container", "busybox", "--wait", "--"])
+            .args(["sh", "-c", "echo started; sleep 1000; echo never"])
+            .env("HOME", "/nonexistent")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(w.stdout.as_mut().unwrap()),
+            &mut first,
+        )
         .unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(w.stdout.as_mut().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    assert_eq!(first, "started\n");
-    // The table shows the cores asked for and the CPUs held apart.
-    let table = stdout(&c.rn(&["task", "list", "--state", "running"]));
-    let head: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(
-        &head[..6],
-        ["ID", "STATE", "NODE", "CORES", "CPU", "LIST"],
-        "{table}"
-    );
-    assert_eq!(row[3], "1", "one core asked for: {table}");
-    let running = c.rn(&["-o", "json", "task", "list", "--state", "running"]);
-    let running: serde_json::Value = serde_json::from_slice(&running.stdout).unwrap();
-    let streaming = running.as_array().unwrap()[0]["id"].as_u64().unwrap();
-    assert!(c
-        .rn(&["task", "kill", &streaming.to_string()])
-        .status
-        .success());
-    let o = w.wait_with_output().unwrap();
-    assert!(!o.status.success(), "a killed task's --wait fails");
-    assert!(stderr(&o).contains("killed"), "{}", stderr(&o));
-    let o = c.rn(&["task", "logs", "1"]);
-    assert_eq!(stdout(&o), "hello\n");
-    let o = c.rn(&["task", "logs", "1", "--stderr"]);
-    assert_eq!(stdout(&o), "oops\n");
+        assert_eq!(first, "started\n");
+        // The table shows the cores asked for and the CPUs held apart.
+        let table = stdout(&c.rn(&["task", "list", "--state", "running"]));
+        let head: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            &head[..6],
+            ["ID", "STATE", "NODE", "CORES", "CPU", "LIST"],
+            "{table}"
+        );
+        assert_eq!(row[3], "1", "one core asked for: {table}");
+        let running = c.rn(&["-o", "json", "task", "list", "--state", "running"]);
+        let running: serde_json::Value = serde_json::from_slice(&running.stdout).unwrap();
+        let streaming = running.as_array().unwrap()[0]["id"].as_u64().unwrap();
+        assert!(c
+            .rn(&["task", "kill", &streaming.to_string()])
+            .status
+            .success());
+        let o = w.wait_with_output().unwrap();
+        assert!(!o.status.success(), "a killed task's --wait fails");
+        assert!(stderr(&o).contains("killed"), "{}", stderr(&o));
+        let o = c.rn(&["task", "logs", "1"]);
+        assert_eq!(stdout(&o), "hello\n");
+        let o = c.rn(&["task", "logs", "1", "--stderr"]);
+        assert_eq!(stdout(&o), "oops\n");
 
-    let id = c.submit(&["--container", "busybox", "--", "sh", "-c", "exit 3"]);
-    let t = c.wait_state(id, "failed");
-    assert_eq!(t["exit_code"], 3);
+        let id = c.submit(&["--container", "busybox", "--", "sh", "-c", "exit 3"]);
+        let t = c.wait_state(id, "failed");
+        assert_eq!(t["exit_code"], 3);
 
-    let id = c.submit(&[
-        "--container",
-        "busybox-docker",
-        "--",
-        "echo",
-        "from a docker archive",
-    ]);
-    c.wait_state(id, "completed");
-    assert_eq!(
-        stdout(&c.rn(&["task", "logs", &id.to_string()])),
-        "from a docker archive\n"
-    );
+        let id = c.submit(&[
+            "--container",
+            "busybox-docker",
+            "--",
+            "echo",
+            "from a docker archive",
+        ]);
+        c.wait_state(id, "completed");
+        assert_eq!(
+            stdout(&c.rn(&["task", "logs", &id.to_string()])),
+            "from a docker archive\n"
+        );
 
-    let id = c.submit(&[
-        "--container",
-        "busybox",
-        "-m",
-        "32M",
-        "--",
-        "sh",
-        "-c",
-        "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}",
-    ]);
-    let t = c.wait_state(id, "killed_oom");
-    assert!(t["message"].as_str().unwrap().contains("OOM"), "{t}");
+        let id = c.submit(&[
+            "--container",
+            "busybox",
+            "-m",
+            "32M",
+            "--",
+            "sh",
+            "-c",
+            "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}",
+        ]);
+        let t = c.wait_state(id, "killed_oom");
+        assert!(t["message"].as_str().unwrap().contains("OOM"), "{t}");
 
-    // Only a child is OOM-killed; the main process goes on and exits 0.
-    let id = c.submit(&[
-        "--container",
-        "busybox",
-        "-m",
-        "32M",
-        "--",
-        "sh",
-        "-c",
-        "head -c 200000000 /dev/zero | tr '\\0' a | sort >/dev/null; echo survived",
-    ]);
-    let t = c.wait_state(id, "completed");
-    assert_eq!(t["exit_code"], 0, "{t}");
-    let m = t["message"].as_str().unwrap_or_default();
-    assert!(m.contains("OOM-killed") && m.contains("1 process"), "{t}");
-    assert_eq!(
-        stdout(&c.rn(&["task", "logs", &id.to_string()])),
-        "survived\n"
-    );
+        // Only a child is OOM-killed; the main process goes on and exits 0.
+        let id = c.submit(&[
+            "--container",
+            "busybox",
+            "-m",
+            "32M",
+            "--",
+            "sh",
+            "-c",
+            "head -c 200000000 /dev/zero | tr '\\0' a | sort >/dev/null; echo survived",
+        ]);
+        let t = c.wait_state(id, "completed");
+        assert_eq!(t["exit_code"], 0, "{t}");
+        let m = t["message"].as_str().unwrap_or_default();
+        assert!(m.contains("OOM-killed") && m.contains("1 process"), "{t}");
+        assert_eq!(
+            stdout(&c.rn(&["task", "logs", &id.to_string()])),
+            "survived\n"
+        );
 
-    // The environment and RIVERNODE_* variables reach the task.
-    let id = c.submit(&[
-        "--container",
-        "busybox",
-        "-e",
-        "GREETING=hi",
-        "--",
-        "sh",
-        "-c",
-        "echo $GREETING $RIVERNODE_TASK_ID $RIVERNODE_CORES",
-    ]);
-    c.wait_state(id, "completed");
-    assert_eq!(
-        stdout(&c.rn(&["task", "logs", &id.to_string()])),
-        format!("hi {id} 1\n")
-    );
+        // The environment and RIVERNODE_* variables reach the task.
+        let id = c.submit(&[
+            "--container",
+            "busybox",
+            "-e",
+            "GREETING=hi",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING $RIVERNODE_TASK_ID $RIVERNODE_CORES",
+        ]);
+        c.wait_state(id, "completed");
+        assert_eq!(
+            stdout(&c.rn(&["task", "logs", &id.to_string()])),
+            format!("hi {id} 1\n")
+        );
+    });
 }
 
 #[test]
 fn kill_pause_resume_and_paused_tasks_keep_their_cores() {
-    let Some(c) = Cluster::start("tasks-b") else {
-        return;
-    };
-    let all = nproc();
-    let big = c.submit(&["--container", "busybox", "-c", &all, "--", "sleep", "1000"]);
-    c.wait_state(big, "running");
-    c.rn(&["task", "pause", &big.to_string()]);
-    c.wait_state(big, "paused");
-    // Paused holds its cores: another task waits, saying why.
-    let small = c.submit(&["--container", "busybox", "--", "echo", "after"]);
-    let t = c.task(small);
-    assert_eq!(t["state"], "pending");
-    assert!(t["reason"].as_str().unwrap().contains("cores free"), "{t}");
-    c.rn(&["task", "resume", &big.to_string()]);
-    c.wait_state(big, "running");
-    c.rn(&["task", "kill", &big.to_string()]);
-    let t = c.wait_state(big, "killed");
-    assert_eq!(
-        t["exit_code"], 137,
-        "sleep as PID 1 ignores SIGTERM: SIGKILL after the 1 s grace"
-    );
-    // Its cores are free again: the queued task runs.
-    c.wait_state(small, "completed");
+    common::cluster::private_namespaces(|| {
+        let Some(c) = Cluster::start("tasks-b") else {
+            return;
+        };
+        let all = nproc();
+        let big = c.submit(&["--container", "busybox", "-c", &all, "--", "sleep", "1000"]);
+        c.wait_state(big, "running");
+        c.rn(&["task", "pause", &big.to_string()]);
+        c.wait_state(big, "paused");
+        // Paused holds its cores: another task waits, saying why.
+        let small = c.submit(&["--container", "busybox", "--", "echo", "after"]);
+        let t = c.task(small);
+        assert_eq!(t["state"], "pending");
+        assert!(t["reason"].as_str().unwrap().contains("cores free"), "{t}");
+        c.rn(&["task", "resume", &big.to_string()]);
+        c.wait_state(big, "running");
+        c.rn(&["task", "kill", &big.to_string()]);
+        let t = c.wait_state(big, "killed");
+        assert_eq!(
+            t["exit_code"], 137,
+            "sleep as PID 1 ignores SIGTERM: SIGKILL after the 1 s grace"
+        );
+        // Its cores are free again: the queued task runs.
+        c.wait_state(small, "completed");
+    });
 }
 
 #[test]
 fn full_node_tasks_run_one_after_the_other() {
-    let Some(c) = Cluster::start("tasks-c") else {
-        return;
-    };
-    let all = nproc();
-    let a = c.submit(&["--container", "busybox", "-c", &all, "--", "sleep", "1"]);
-    let b = c.submit(&["--container", "busybox", "-c", &all, "--", "true"]);
-    let tb = c.task(b);
-    assert_eq!(tb["state"], "pending");
-    assert!(
-        tb["reason"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("0 of {all} cores free")),
-        "{tb}"
-    );
-    let ta = c.wait_state(a, "completed");
-    let tb = c.wait_state(b, "completed");
-    assert!(
-        tb["started_at_unix_ms"].as_i64().unwrap() >= ta["finished_at_unix_ms"].as_i64().unwrap()
-    );
+    common::cluster::private_namespaces(|| {
+        let Some(c) = Cluster::start("tasks-c") else {
+            return;
+        };
+        let all = nproc();
+        let a = c.submit(&["--container", "busybox", "-c", &all, "--", "sleep", "1"]);
+        let b = c.submit(&["--container", "busybox", "-c", &all, "--", "true"]);
+        let tb = c.task(b);
+        assert_eq!(tb["state"], "pending");
+        assert!(
+            tb["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("0 of {all} cores free")),
+            "{tb}"
+        );
+        let ta = c.wait_state(a, "completed");
+        let tb = c.wait_state(b, "completed");
+        assert!(
+            tb["started_at_unix_ms"].as_i64().unwrap()
+                >= ta["finished_at_unix_ms"].as_i64().unwrap()
+        );
+    });
 }
 
 #[test]
 fn a_task_outlives_a_killed_runner_and_its_completion_is_reported() {
-    let Some(mut c) = Cluster::start("tasks-d") else {
-        return;
-    };
-    let id = c.submit(&[
-        "--container",
-        "busybox",
-        "--",
-        "sh",
-        "-c",
-        "sleep 3; echo survived",
-    ]);
-    c.wait_state(id, "running");
-    c.runner.as_mut().unwrap().kill();
-    // The host notices the silence; the task is lost, not forgotten.
-    c.wait_state(id, "lost");
-    c.start_runner();
-    let t = c.wait_state(id, "completed");
-    assert_eq!(t["exit_code"], 0);
-    assert_eq!(
-        stdout(&c.rn(&["task", "logs", &id.to_string()])),
-        "survived\n",
-        "logs kept flowing without the runner"
-    );
-    // Reported once: the runner found nothing left to adopt afterwards.
-    let log = std::fs::read_to_string(c.dir.path().join("host.stderr")).unwrap();
-    let reports = log.matches(&format!("task={id} state=completed")).count();
-    assert_eq!(reports, 1, "{log}");
+    common::cluster::private_namespaces(|| {
+        let Some(mut c) = Cluster::start("tasks-d") else {
+            return;
+        };
+        let id = c.submit(&[
+            "--container",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "sleep 3; echo survived",
+        ]);
+        c.wait_state(id, "running");
+        c.runner.as_mut().unwrap().kill();
+        // The host notices the silence; the task is lost, not forgotten.
+        c.wait_state(id, "lost");
+        c.start_runner();
+        let t = c.wait_state(id, "completed");
+        assert_eq!(t["exit_code"], 0);
+        assert_eq!(
+            stdout(&c.rn(&["task", "logs", &id.to_string()])),
+            "survived\n",
+            "logs kept flowing without the runner"
+        );
+        // Reported once: the runner found nothing left to adopt afterwards.
+        let log = std::fs::read_to_string(c.dir.path().join("host.stderr")).unwrap();
+        let reports = log.matches(&format!("task={id} state=completed")).count();
+        assert_eq!(reports, 1, "{log}");
+    });
 }
 
 #[test]
 fn bad_input_is_refused_and_nothing_is_created() {
-    let Some(c) = Cluster::start("tasks-e") else {
-        return;
-    };
-    let cases: [(&[&str], &str); 5] = [
-        (
-            &["--container", "nope", "--", "true"],
-            "no environment named \"nope\"",
-        ),
-        (
-            &["--container", "busybox", "-t", "tasks-e::", "--", "true"],
-            "invalid target",
-        ),
-        (
-            &["--container", "busybox", "-t", "ghost", "--", "true"],
-            "no node named \"ghost\"",
-        ),
-        (
-            &["--container", "busybox", "-m", "12", "--", "true"],
-            "no unit",
-        ),
-        (
-            &["--container", "busybox", "-t", "tasks-e:9", "--", "true"],
-            "no NUMA node 9",
-        ),
-    ];
-    for (args, want) in cases {
-        let mut a = vec!["task", "submit"];
-        a.extend_from_slice(args);
-        let o = c.rn(&a);
-        assert!(!o.status.success(), "{args:?}");
-        let e = stderr(&o);
-        assert!(e.contains(want), "{args:?}: {e}");
-        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
-    }
-    let o = c.rn(&["task", "submit", "--container", "busybox", "--"]);
-    assert!(!o.status.success(), "an empty command is refused");
-    assert_eq!(c.json(&["task", "list"]), serde_json::json!([]));
+    common::cluster::private_namespaces(|| {
+        let Some(c) = Cluster::start("tasks-e") else {
+            return;
+        };
+        let cases: [(&[&str], &str); 5] = [
+            (
+                &["--container", "nope", "--", "true"],
+                "no environment named \"nope\"",
+            ),
+            (
+                &["--container", "busybox", "-t", "tasks-e::", "--", "true"],
+                "invalid target",
+            ),
+            (
+                &["--container", "busybox", "-t", "ghost", "--", "true"],
+                "no node named \"ghost\"",
+            ),
+            (
+                &["--container", "busybox", "-m", "12", "--", "true"],
+                "no unit",
+            ),
+            (
+                &["--container", "busybox", "-t", "tasks-e:9", "--", "true"],
+                "no NUMA node 9",
+            ),
+        ];
+        for (args, want) in cases {
+            let mut a = vec!["task", "submit"];
+            a.extend_from_slice(args);
+            let o = c.rn(&a);
+            assert!(!o.status.success(), "{args:?}");
+            let e = stderr(&o);
+            assert!(e.contains(want), "{args:?}: {e}");
+            assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        }
+        let o = c.rn(&["task", "submit", "--container", "busybox", "--"]);
+        assert!(!o.status.success(), "an empty command is refused");
+        assert_eq!(c.json(&["task", "list"]), serde_json::json!([]));
+    });
 }
 
 #[test]
 fn a_registry_image_is_pulled_and_runs() {
-    let Some(reg) = PrivateRegistry::start() else {
-        return;
-    };
-    let addr = reg.addr.clone();
-    let Some(c) = Cluster::start_with("tasks-f", &["--insecure-registry", &addr]) else {
-        return;
-    };
-    let oci = c.dir.path().join("shared/environments/busybox.tar");
-    let image = reg.push(&oci, "env:1");
-    let id = c.submit(&["--image", &image, "--", "echo", "pulled"]);
-    c.wait_state(id, "completed");
-    assert_eq!(
-        stdout(&c.rn(&["task", "logs", &id.to_string()])),
-        "pulled\n"
-    );
-    let bad = c.rn(&["task", "submit", "--image", "not a ref", "--", "true"]);
-    assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("image.registry"), "{}", stderr(&bad));
+    common::cluster::private_namespaces(|| {
+        let Some(reg) = PrivateRegistry::start() else {
+            return;
+        };
+        let addr = reg.addr.clone();
+        let Some(c) = Cluster::start_with("tasks-f", &["--insecure-registry", &addr]) else {
+            return;
+        };
+        let oci = c.dir.path().join("shared/environments/busybox.tar");
+        let image = reg.push(&oci, "env:1");
+        let id = c.submit(&["--image", &image, "--", "echo", "pulled"]);
+        c.wait_state(id, "completed");
+        assert_eq!(
+            stdout(&c.rn(&["task", "logs", &id.to_string()])),
+            "pulled\n"
+        );
+        let bad = c.rn(&["task", "submit", "--image", "not a ref", "--", "true"]);
+        assert!(!bad.status.success());
+        assert!(stderr(&bad).contains("image.registry"), "{}", stderr(&bad));
+    });
 }
 
 /// `oci` (an OCI archive) with `size` random bytes more in `/big`, as a new
@@ -651,84 +664,88 @@ fn hostile_registry() -> (
 
 #[test]
 fn a_hostile_registry_can_neither_aim_the_node_nor_flood_it() {
-    let (addr, visited, slow_asked) = hostile_registry();
-    let Some(c) = Cluster::start_with("tasks-i", &["--insecure-registry", &addr]) else {
-        return;
-    };
-    let id = c.submit(&["--image", &format!("{addr}/x:realm"), "--", "true"]);
-    let t = c.wait_state(id, "failed");
-    assert!(
-        t["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("not HTTPS"),
-        "{t}"
-    );
-    assert!(
-        !visited.load(std::sync::atomic::Ordering::SeqCst),
-        "the node never called the named endpoint"
-    );
-    let id = c.submit(&["--image", &format!("{addr}/x:huge"), "--", "true"]);
-    let t = c.wait_state(id, "failed");
-    assert!(
-        t["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("larger than"),
-        "{t}"
-    );
-    // Killed while its pull is stalled, a task ends now (not when the
-    // registry or the read timeout lets go), and was never running.
-    let pulling = |what: &str| {
-        wait_for(&format!("the runner is pulling for {what}"), || {
-            slow_asked
-                .swap(false, std::sync::atomic::Ordering::SeqCst)
-                .then_some(())
-        })
-    };
-    let id = c.submit(&["--image", &format!("{addr}/x:slow"), "--", "true"]);
-    pulling("the task");
-    c.rn(&["task", "kill", &id.to_string()]);
-    let t = c.wait_state(id, "killed");
-    assert!(t["started_at_unix_ms"].is_null(), "{t}");
-    // So does a VPS stopped meanwhile (F7).
-    let key = c.dir.path().join("slow.key");
-    let v = c.json(&[
-        "vps",
-        "create",
-        "--image",
-        &format!("{addr}/x:slow"),
-        "--gen-ssh-key",
-        "--key-out-file",
-        key.to_str().unwrap(),
-    ]);
-    let id = v["id"].as_u64().unwrap();
-    pulling("the VPS");
-    c.rn(&["vps", "stop", &id.to_string()]);
-    let t = c.wait_state(id, "stopped");
-    assert!(t["started_at_unix_ms"].is_null(), "{t}");
-    let reason = t["message"].as_str().unwrap_or_default();
-    assert!(reason.contains("before it started"), "{t}");
+    common::cluster::private_namespaces(|| {
+        let (addr, visited, slow_asked) = hostile_registry();
+        let Some(c) = Cluster::start_with("tasks-i", &["--insecure-registry", &addr]) else {
+            return;
+        };
+        let id = c.submit(&["--image", &format!("{addr}/x:realm"), "--", "true"]);
+        let t = c.wait_state(id, "failed");
+        assert!(
+            t["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not HTTPS"),
+            "{t}"
+        );
+        assert!(
+            !visited.load(std::sync::atomic::Ordering::SeqCst),
+            "the node never called the named endpoint"
+        );
+        let id = c.submit(&["--image", &format!("{addr}/x:huge"), "--", "true"]);
+        let t = c.wait_state(id, "failed");
+        assert!(
+            t["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("larger than"),
+            "{t}"
+        );
+        // Killed while its pull is stalled, a task ends now (not when the
+        // registry or the read timeout lets go), and was never running.
+        let pulling = |what: &str| {
+            wait_for(&format!("the runner is pulling for {what}"), || {
+                slow_asked
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                    .then_some(())
+            })
+        };
+        let id = c.submit(&["--image", &format!("{addr}/x:slow"), "--", "true"]);
+        pulling("the task");
+        c.rn(&["task", "kill", &id.to_string()]);
+        let t = c.wait_state(id, "killed");
+        assert!(t["started_at_unix_ms"].is_null(), "{t}");
+        // So does a VPS stopped meanwhile (F7).
+        let key = c.dir.path().join("slow.key");
+        let v = c.json(&[
+            "vps",
+            "create",
+            "--image",
+            &format!("{addr}/x:slow"),
+            "--gen-ssh-key",
+            "--key-out-file",
+            key.to_str().unwrap(),
+        ]);
+        let id = v["id"].as_u64().unwrap();
+        pulling("the VPS");
+        c.rn(&["vps", "stop", &id.to_string()]);
+        let t = c.wait_state(id, "stopped");
+        assert!(t["started_at_unix_ms"].is_null(), "{t}");
+        let reason = t["message"].as_str().unwrap_or_default();
+        assert!(reason.contains("before it started"), "{t}");
+    });
 }
 
 #[test]
 fn a_stalled_runner_brings_its_lost_task_back() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let Some(c) = Cluster::start("tasks-g") else {
-        return;
-    };
-    let id = c.submit(&["--container", "busybox", "--", "sleep", "1000"]);
-    c.wait_state(id, "running");
-    // SIGSTOP the runner: heartbeats stop, the host calls the node offline and the task lost.
-    let pid = Pid::from_raw(c.runner.as_ref().unwrap().child.id() as i32);
-    kill(pid, Signal::SIGSTOP).unwrap();
-    c.wait_state(id, "lost");
-    kill(pid, Signal::SIGCONT).unwrap();
-    // The runner, seeing its running task marked lost, reports it running again.
-    c.wait_state(id, "running");
-    c.rn(&["task", "kill", &id.to_string()]);
-    c.wait_state(id, "killed");
+    common::cluster::private_namespaces(|| {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let Some(c) = Cluster::start("tasks-g") else {
+            return;
+        };
+        let id = c.submit(&["--container", "busybox", "--", "sleep", "1000"]);
+        c.wait_state(id, "running");
+        // SIGSTOP the runner: heartbeats stop, the host calls the node offline and the task lost.
+        let pid = Pid::from_raw(c.runner.as_ref().unwrap().child.id() as i32);
+        kill(pid, Signal::SIGSTOP).unwrap();
+        c.wait_state(id, "lost");
+        kill(pid, Signal::SIGCONT).unwrap();
+        // The runner, seeing its running task marked lost, reports it running again.
+        c.wait_state(id, "running");
+        c.rn(&["task", "kill", &id.to_string()]);
+        c.wait_state(id, "killed");
+    });
 }
 
 impl Cluster {
@@ -752,46 +769,51 @@ impl Cluster {
 
 #[test]
 fn work_accepted_before_a_runner_crash_runs_exactly_once() {
-    // Kill the runner at each step of a command's start (and right after its
-    // end was reported): each task still runs, once, and nothing is left.
-    let Some(mut c) = Cluster::start("tasks-h") else {
-        return;
-    };
-    // The admin's part of the share is what its tasks see at /shared.
-    let shared = c.dir.path().join("shared/admin");
-    for step in ["imported", "created", "started", "reported"] {
-        c.restart_runner(Some(step));
-        let id = c.submit(&[
-            "--container",
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "echo ran >> /shared/once-$RIVERNODE_TASK_ID; sleep 1",
-        ]);
-        c.wait_runner_died();
-        c.restart_runner(None);
-        let t = c.wait_state(id, "completed");
-        assert_eq!(t["exit_code"], 0, "{step}: {t}");
-        let ran = std::fs::read_to_string(shared.join(format!("once-{id}"))).unwrap_or_default();
-        assert_eq!(ran, "ran\n", "{step}: the task ran exactly once");
-        // Its container went (after "reported", by the restarted runner's sweep).
-        wait_for(&format!("{step}: no container left"), || {
-            c.ctr(&["containers", "ls", "-q"])
-                .trim()
-                .is_empty()
-                .then_some(())
-        });
-    }
+    common::cluster::private_namespaces(|| {
+        // Kill the runner at each step of a command's start (and right after its
+        // end was reported): each task still runs, once, and nothing is left.
+        let Some(mut c) = Cluster::start("tasks-h") else {
+            return;
+        };
+        // The admin's part of the share is what its tasks see at /shared.
+        let shared = c.dir.path().join("shared/admin");
+        for step in ["imported", "created", "started", "reported"] {
+            c.restart_runner(Some(step));
+            let id = c.submit(&[
+                "--container",
+                "busybox",
+                "--",
+                "sh",
+                "-c",
+                "echo ran >> /shared/once-$RIVERNODE_TASK_ID; sleep 1",
+            ]);
+            c.wait_runner_died();
+            c.restart_runner(None);
+            let t = c.wait_state(id, "completed");
+            assert_eq!(t["exit_code"], 0, "{step}: {t}");
+            let ran =
+                std::fs::read_to_string(shared.join(format!("once-{id}"))).unwrap_or_default();
+            assert_eq!(ran, "ran\n", "{step}: the task ran exactly once");
+            // Its container went (after "reported", by the restarted runner's sweep).
+            wait_for(&format!("{step}: no container left"), || {
+                c.ctr(&["containers", "ls", "-q"])
+                    .trim()
+                    .is_empty()
+                    .then_some(())
+            });
+        }
+    });
 }
 
 #[test]
 fn a_node_whose_containerd_stops_answering_is_degraded_and_gets_nothing_new() {
-    let Some(c) = Cluster::start("tasks-deg") else {
-        return;
-    };
-    c.ctd.freeze(true);
-    degraded_until_containerd_answers(&c);
+    common::cluster::private_namespaces(|| {
+        let Some(c) = Cluster::start("tasks-deg") else {
+            return;
+        };
+        c.ctd.freeze(true);
+        degraded_until_containerd_answers(&c);
+    });
 }
 
 /// A runner that starts while containerd accepts its socket and never
@@ -800,12 +822,14 @@ fn a_node_whose_containerd_stops_answering_is_degraded_and_gets_nothing_new() {
 /// to this: the first connect hung the heartbeat loop).
 #[test]
 fn a_runner_started_while_containerd_hangs_keeps_beating() {
-    let Some(c) = Cluster::start_opts("tasks-hang", &[], true) else {
-        return;
-    };
-    degraded_until_containerd_answers(&c);
-    let host_log = c._host.log_text();
-    assert!(!host_log.contains("marked offline"), "{host_log}");
+    common::cluster::private_namespaces(|| {
+        let Some(c) = Cluster::start_opts("tasks-hang", &[], true) else {
+            return;
+        };
+        degraded_until_containerd_answers(&c);
+        let host_log = c._host.log_text();
+        assert!(!host_log.contains("marked offline"), "{host_log}");
+    });
 }
 
 /// With `c`'s containerd frozen: the node turns degraded naming
@@ -857,51 +881,152 @@ fn cpulist(s: &str) -> std::collections::BTreeSet<u32> {
 
 #[test]
 fn tasks_on_shared_cores_run_on_the_unreserved_ones_and_follow_them() {
-    let online = cpulist(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap());
-    if online.len() < 2 {
-        eprintln!("SKIP: shared cores need a machine with two CPUs or more");
-        return;
+    common::cluster::private_namespaces(|| {
+        let online = cpulist(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap());
+        if online.len() < 2 {
+            eprintln!("SKIP: shared cores need a machine with two CPUs or more");
+            return;
+        }
+        let Some(c) = Cluster::start("tasks-shr") else {
+            return;
+        };
+        let hold = c.submit(&["--container", "busybox", "-c", "1", "--", "sleep", "600"]);
+        let t = c.wait_state(hold, "running");
+        let held = cpulist(t["placement"]["cpus"].as_str().unwrap());
+        let shared = c.submit(&[
+            "--container",
+            "busybox",
+            "-c",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "while true; do grep Cpus_allowed_list /proc/self/status; sleep 0.2; done",
+        ]);
+        let t = c.wait_state(shared, "running");
+        assert_eq!(t["placement"]["cpus"], "", "no cores of its own: {t}");
+        let allowed = |want: &std::collections::BTreeSet<u32>| {
+            let runner: Vec<&Daemon> = c.runner.iter().collect();
+            wait_for_logged(&format!("task {shared} on cpus {want:?}"), &runner, || {
+                let logs = stdout(&c.rn(&["task", "logs", &shared.to_string()]));
+                let last = logs
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("Cpus_allowed_list"))?;
+                let now = cpulist(last.split_once(':')?.1);
+                (now == *want).then_some(())
+            })
+        };
+        // Every CPU but the one the exclusive task holds...
+        let unreserved: std::collections::BTreeSet<u32> =
+            online.difference(&held).copied().collect();
+        allowed(&unreserved);
+        let list = stdout(&c.rn(&["task", "list"]));
+        assert!(list.contains("shared"), "{list}");
+        // ...and all of them once it is gone.
+        let o = c.rn(&["task", "kill", &hold.to_string()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(hold, "killed");
+        allowed(&online);
+        let o = c.rn(&["task", "kill", &shared.to_string()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    });
+}
+
+/// Runs `cmd ARGS`; it must succeed.
+fn must(cmd: &str, args: &[&str]) {
+    let o = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(o.status.success(), "{cmd} {args:?}: {}", stderr(&o));
+}
+
+#[test]
+fn a_command_task_reaches_another_network_through_masquerade_unless_it_has_none() {
+    common::cluster::private_namespaces(|| {
+        let Some(c) = Cluster::start("tasks-net") else {
+            return;
+        };
+        // A web server in a network namespace of its own, joined to this
+        // one by a veth. It has no route to the instances' subnet: only the
+        // node's masquerade brings its answers back.
+        let ns = Reaped(
+            std::process::Command::new("unshare")
+                .args(["--net", "sleep", "600"])
+                .spawn()
+                .unwrap(),
+        );
+        let pid = ns.0.id().to_string();
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        wait_for("the server's namespace", || {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+            (theirs != ours).then_some(())
+        });
+        must(
+            "ip",
+            &[
+                "link", "add", "rn-up", "type", "veth", "peer", "name", "rn-srv",
+            ],
+        );
+        must("ip", &["link", "set", "rn-srv", "netns", &pid]);
+        must("ip", &["addr", "add", "192.0.2.1/24", "dev", "rn-up"]);
+        must("ip", &["link", "set", "rn-up", "up"]);
+        for args in [
+            &["ip", "addr", "add", "192.0.2.2/24", "dev", "rn-srv"][..],
+            &["ip", "link", "set", "rn-srv", "up"],
+            &["ip", "link", "set", "lo", "up"],
+        ] {
+            let mut a = vec!["-t", pid.as_str(), "-n"];
+            a.extend_from_slice(args);
+            must("nsenter", &a);
+        }
+        let www = c.dir.path().join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), "from-the-other-side\n").unwrap();
+        let _server = Reaped(
+            std::process::Command::new("nsenter")
+                .args([
+                    "-t", &pid, "-n", "busybox", "httpd", "-f", "-p", "8080", "-h",
+                ])
+                .arg(&www)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let id = c.submit(&[
+            "--container",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 192.0.2.2 8080 | tail -n 1",
+        ]);
+        c.wait_state(id, "completed");
+        let logs = c.rn(&["task", "logs", &id.to_string()]);
+        assert_eq!(stdout(&logs), "from-the-other-side\n");
+        // The same with --network none: loopback only, so nothing answers.
+        let none = c.submit(&[
+            "--container",
+            "busybox",
+            "--network",
+            "none",
+            "--",
+            "sh",
+            "-c",
+            "echo routes:$(cat /proc/net/route | wc -l); printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 192.0.2.2 8080",
+        ]);
+        let t = c.wait_state(none, "failed");
+        assert_ne!(t["exit_code"], 0, "{t}");
+        let logs = c.rn(&["task", "logs", &none.to_string()]);
+        assert_eq!(stdout(&logs), "routes:1\n", "only the header: no routes");
+    });
+}
+
+/// A child killed and reaped when the test ends, also when it fails.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    let Some(c) = Cluster::start("tasks-shr") else {
-        return;
-    };
-    let hold = c.submit(&["--container", "busybox", "-c", "1", "--", "sleep", "600"]);
-    let t = c.wait_state(hold, "running");
-    let held = cpulist(t["placement"]["cpus"].as_str().unwrap());
-    let shared = c.submit(&[
-        "--container",
-        "busybox",
-        "-c",
-        "0",
-        "--",
-        "sh",
-        "-c",
-        "while true; do grep Cpus_allowed_list /proc/self/status; sleep 0.2; done",
-    ]);
-    let t = c.wait_state(shared, "running");
-    assert_eq!(t["placement"]["cpus"], "", "no cores of its own: {t}");
-    let allowed = |want: &std::collections::BTreeSet<u32>| {
-        let runner: Vec<&Daemon> = c.runner.iter().collect();
-        wait_for_logged(&format!("task {shared} on cpus {want:?}"), &runner, || {
-            let logs = stdout(&c.rn(&["task", "logs", &shared.to_string()]));
-            let last = logs
-                .lines()
-                .rev()
-                .find(|l| l.contains("Cpus_allowed_list"))?;
-            let now = cpulist(last.split_once(':')?.1);
-            (now == *want).then_some(())
-        })
-    };
-    // Every CPU but the one the exclusive task holds...
-    let unreserved: std::collections::BTreeSet<u32> = online.difference(&held).copied().collect();
-    allowed(&unreserved);
-    let list = stdout(&c.rn(&["task", "list"]));
-    assert!(list.contains("shared"), "{list}");
-    // ...and all of them once it is gone.
-    let o = c.rn(&["task", "kill", &hold.to_string()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    c.wait_state(hold, "killed");
-    allowed(&online);
-    let o = c.rn(&["task", "kill", &shared.to_string()]);
-    assert!(o.status.success(), "{}", stderr(&o));
 }

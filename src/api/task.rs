@@ -305,6 +305,10 @@ pub struct TaskSpec {
     /// `JUPYTER_TOKEN`, then the onstart script.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub jupyter: bool,
+    /// A command task without a network (`--network none`): loopback
+    /// only. Others get the instances' network, with egress.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_network: bool,
 }
 
 impl TaskSpec {

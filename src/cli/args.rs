@@ -502,6 +502,10 @@ pub struct SubmitArgs {
     /// Bind mount SRC:DST[:ro] from the node.
     #[arg(long = "mount", value_name = "SRC:DST[:ro]")]
     pub mounts: Vec<String>,
+    /// `bridge` (the default): the instances' network, with egress through
+    /// the node (masquerade) and nothing of the node's own; `none`: loopback only.
+    #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "none"])]
+    pub network: String,
     /// Wait until the task ends and exit with its exit code.
     #[arg(long)]
     pub wait: bool,

@@ -96,6 +96,7 @@ pub fn base_spec_from(
         args: vec![],
         ports: vec![],
         jupyter: false,
+        no_network: false,
     })
 }
 
@@ -139,6 +140,7 @@ pub fn spec_from_args(a: &SubmitArgs, image: Option<ImageSource>) -> anyhow::Res
         env,
         mounts,
         privileged: a.privileged,
+        no_network: a.network == "none",
         ..base
     })
 }

@@ -540,6 +540,7 @@ mod tests {
             args: vec![],
             ports: vec![],
             jupyter: false,
+            no_network: false,
         }
     }
 

@@ -204,6 +204,12 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             ));
         }
     }
+    if spec.no_network && spec.kind == crate::api::Kind::Vps {
+        return Err(ApiError::BadRequest(
+            "no_network: a VPS is reached over its network; only a command task runs without one"
+                .into(),
+        ));
+    }
     if spec.no_ssh && spec.kind == crate::api::Kind::Command {
         return Err(ApiError::BadRequest(
             "no_ssh: only a VPS has an SSH server to leave out".into(),

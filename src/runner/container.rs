@@ -477,6 +477,7 @@ impl TaskContext {
             }
             let inet = self.vps.start_network(id, &cid, &a.placement).await?;
             input.netns = Some(inet.netns);
+            input.mounts.extend(self.vps.network_files(&cid)?);
         } else if is_vps {
             let found = self
                 .ctd
@@ -517,6 +518,13 @@ impl TaskContext {
             input.args = args;
             input.mounts.extend(mounts);
             input.netns = Some(inet.netns);
+        }
+        if !is_vps && !a.spec.no_network {
+            // A command task: the instances' network too (egress, none of
+            // the node's services), unless it asked for none.
+            let inet = self.vps.start_network(id, &cid, &a.placement).await?;
+            input.netns = Some(inet.netns);
+            input.mounts.extend(self.vps.network_files(&cid)?);
         }
         let mut spec = oci::build_spec(&image.config, &input)?;
         // The reserved GPUs, and only those, from their CDI specs; then our
@@ -1043,7 +1051,7 @@ impl Driver for TaskContext {
             let cid = self.container_id(a.id);
             if let Some(ip) = self.vps.address_of(&cid) {
                 let maps = super::vps::port_maps(&a.placement, ip);
-                if let Err(e) = self.vps.set_port(a.id, maps) {
+                if let Err(e) = self.vps.set_port(a.id, maps, false) {
                     tracing::warn!(task = a.id, error = %crate::error_chain(&e), "cannot publish the node port");
                 }
             }

@@ -66,6 +66,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             args: vec![],
             ports: vec![],
             jupyter: false,
+            no_network: false,
         },
         placement: crate::api::Placement {
             node: String::new(),

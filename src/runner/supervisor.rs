@@ -526,6 +526,7 @@ mod tests {
                 args: vec![],
                 ports: vec![],
                 jupyter: false,
+                no_network: false,
             },
             placement: Placement {
                 node: "n1".into(),

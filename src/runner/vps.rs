@@ -453,16 +453,31 @@ impl VpsKit {
         Ok(dir)
     }
 
-    /// The instance's host key, resolver files and authorized keys.
-    fn instance_files(&self, cid: &str, keys: &[String]) -> Result<PathBuf, VpsError> {
+    /// An instance's resolver files (`/etc/resolv.conf`, `/etc/hosts`),
+    /// written anew; the mounts that put them in place.
+    pub fn network_files(&self, cid: &str) -> Result<Vec<MountInput>, VpsError> {
         let dir = self.root.join("instances").join(cid);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        dropbear_host_key(&dir)?;
         write(&dir.join("resolv.conf"), resolv_conf(&self.resolv_source))?;
         write(
             &dir.join("hosts"),
             format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{cid}\n"),
         )?;
+        Ok(["resolv.conf", "hosts"]
+            .iter()
+            .map(|f| MountInput {
+                source: dir.join(f),
+                target: format!("/etc/{f}"),
+                read_only: true,
+            })
+            .collect())
+    }
+
+    /// The instance's host key, resolver files and authorized keys.
+    fn instance_files(&self, cid: &str, keys: &[String]) -> Result<PathBuf, VpsError> {
+        let dir = self.root.join("instances").join(cid);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        dropbear_host_key(&dir)?;
         let ak = dir.join("authorized_keys");
         write(&ak, keys.join("\n") + "\n")?;
         set_mode(&ak, 0o600)?;
@@ -562,17 +577,16 @@ impl VpsKit {
             target: target.into(),
             read_only: true,
         };
-        let mut mounts = vec![
+        let mut mounts = self.network_files(cid)?;
+        mounts.extend([
             ro(files.clone(), INSTANCE_DIR),
-            ro(files.join("resolv.conf"), "/etc/resolv.conf"),
-            ro(files.join("hosts"), "/etc/hosts"),
             // Writable: Vast.ai's templates append to it (`env >> /etc/environment`).
             MountInput {
                 source: files.join(ENVIRONMENT),
                 target: "/etc/environment".into(),
                 read_only: false,
             },
-        ];
+        ]);
         if let Some(sshd) = &image.sshd {
             // The same key dropbear would use: a VPS keeps its pinned host key.
             openssh_host_key(&files)?;
@@ -651,7 +665,7 @@ impl VpsKit {
     ) -> Result<InstanceNet, VpsError> {
         let h = crate::net::link::connect()?;
         let inet = self.network.setup(&h, cid).await?;
-        self.set_port(id, port_maps(placement, inet.ip))?;
+        self.set_port(id, port_maps(placement, inet.ip), true)?;
         Ok(inet)
     }
 
@@ -664,7 +678,7 @@ impl VpsKit {
             Ok(h) => problems.extend(self.network.teardown(&h, cid).await),
             Err(e) => problems.push(e.to_string()),
         }
-        if let Err(e) = self.set_port(id, vec![]) {
+        if let Err(e) = self.set_port(id, vec![], true) {
             problems.push(crate::error_chain(&e));
         }
         problems
@@ -677,8 +691,15 @@ impl VpsKit {
     }
 
     /// Sets (or, given none, removes) one instance's node ports and
-    /// rewrites the table if that changed it.
-    pub fn set_port(&self, id: u64, maps: Vec<PortMap>) -> Result<(), VpsError> {
+    /// rewrites the table if that changed it, or if the node's instances
+    /// changed (`joined_or_left`: each has its own anti-spoofing rules,
+    /// and an instance with no port needs the table as much as any).
+    pub fn set_port(
+        &self,
+        id: u64,
+        maps: Vec<PortMap>,
+        joined_or_left: bool,
+    ) -> Result<(), VpsError> {
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
         let before = ports.get(&id).cloned();
         let changed = if maps.is_empty() {
@@ -686,7 +707,7 @@ impl VpsKit {
         } else {
             ports.insert(id, maps.clone()).as_ref() != Some(&maps)
         };
-        if changed {
+        if changed || joined_or_left {
             tracing::debug!(task = id, ?maps, "node ports changed");
             // nft is a blocking child process: keep it off the async workers.
             let all = ports.values().flatten().copied().collect();
@@ -753,7 +774,7 @@ impl VpsKit {
     ) -> Result<(std::net::Ipv4Addr, String), VpsError> {
         let h = crate::net::link::connect()?;
         let (ip, tap) = self.network.setup_tap(&h, cid, dev_root).await?;
-        self.set_port(id, port_maps(placement, ip))?;
+        self.set_port(id, port_maps(placement, ip), true)?;
         Ok((ip, tap))
     }
 
@@ -761,7 +782,7 @@ impl VpsKit {
     /// (the guest keeps it in its own configuration) until `stop_network`.
     pub async fn stop_vm_network(&self, id: u64, cid: &str) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Err(e) = self.set_port(id, vec![]) {
+        if let Err(e) = self.set_port(id, vec![], false) {
             problems.push(crate::error_chain(&e));
         }
         match crate::net::link::connect() {

@@ -197,7 +197,7 @@ pub fn busybox_oci_archive_with(
     std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "sleep", "head", "tr", "true", "false", "env", "ls", "id", "touch",
-        "rm", "stat", "grep", "df", "awk", "mknod", "tail", "unshare", "ps", "stty", "httpd",
+        "rm", "stat", "grep", "df", "awk", "mknod", "tail", "unshare", "ps", "stty", "httpd", "nc",
         "mkdir",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();

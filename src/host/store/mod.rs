@@ -1129,6 +1129,7 @@ mod tests {
             args: vec![],
             ports: vec![],
             jupyter: false,
+            no_network: false,
         };
         let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
         s.schedule().unwrap();
