@@ -15,8 +15,38 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
     }
     private_namespaces(|| {
         let Some(v) = Vps::start("vps-a") else { return };
-        let id = v.create_with(&["-e", "TZ=UTC", "-e", "TASKID=TEST", "-e", "NOTE=two words"]);
+        let id = v.create_with(&[
+            "-e",
+            "TZ=UTC",
+            "-e",
+            "TASKID=TEST",
+            "-e",
+            "NOTE=two words",
+            "--hostname",
+            "billybob",
+        ]);
         assert_eq!(v.ssh_ok(&id, &["echo", "ok"]), "ok\n");
+        // Vast.ai's -h: the instance's hostname, and it resolves inside.
+        assert_eq!(
+            v.ssh_ok(&id, &["cat", "/proc/sys/kernel/hostname"]),
+            "billybob\n"
+        );
+        let hosts = v.ssh_ok(&id, &["cat", "/etc/hosts"]);
+        assert!(hosts.contains("127.0.1.1\tbillybob "), "{hosts}");
+        let o = v.rn(&[
+            "vps",
+            "create",
+            "--container",
+            "busybox",
+            "--no-ssh-key",
+            "--hostname",
+            "under_score",
+        ]);
+        assert!(
+            stderr(&o).contains("hostname: \"under_score\""),
+            "{}",
+            stderr(&o)
+        );
         session_sees_the_instances_variables(&v, &id);
         // The instance has a resolver configuration and a hosts file of its own.
         let resolv = v.ssh_ok(&id, &["cat", "/etc/resolv.conf", "/etc/hosts"]);

@@ -309,6 +309,22 @@ pub struct TaskSpec {
     /// only. Others get the instances' network, with egress.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_network: bool,
+    /// The instance's hostname (Docker's and Vast.ai's `-h`); default
+    /// `task-<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// A hostname an instance may have: dot-separated RFC 1123 labels (letters,
+/// digits, inner hyphens; 1-63 each), at most 253 characters in all.
+pub fn valid_hostname(h: &str) -> bool {
+    h.len() <= 253
+        && h.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 impl TaskSpec {
@@ -453,6 +469,26 @@ pub struct SubmitResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostnames_are_rfc_1123() {
+        for ok in ["billybob", "gpu-1", "a.b.example", "x9"] {
+            assert!(valid_hostname(ok), "{ok}");
+        }
+        let long = "a".repeat(64);
+        for bad in [
+            "",
+            "-bad",
+            "bad-",
+            "a..b",
+            "under_score",
+            "sp ace",
+            long.as_str(),
+            "new\nline",
+        ] {
+            assert!(!valid_hostname(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn ends_change_only_by_restart_or_delete() {

@@ -484,6 +484,9 @@ pub struct ResourceArgs {
     /// memory limit. Counts against the memory limit.
     #[arg(long, value_name = "SIZE")]
     pub shm_size: Option<String>,
+    /// The instance's hostname (Docker's and Vast.ai's `-h`); default task-<id>.
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
     /// Environment: SHARED_DIR/environments/<ENV>.tar.
     #[arg(long, value_name = "ENV", conflicts_with = "image")]
     pub container: Option<String>,

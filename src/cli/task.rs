@@ -97,6 +97,7 @@ pub fn base_spec_from(
         ports: vec![],
         jupyter: false,
         no_network: false,
+        hostname: r.hostname.clone(),
     })
 }
 

@@ -541,6 +541,7 @@ mod tests {
             ports: vec![],
             jupyter: false,
             no_network: false,
+            hostname: None,
         }
     }
 

@@ -204,6 +204,13 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             ));
         }
     }
+    if let Some(h) = &spec.hostname {
+        if !crate::api::valid_hostname(h) {
+            return Err(ApiError::BadRequest(format!(
+                "hostname: {h:?} is not a hostname (letters, digits and inner hyphens, 1-63 per dot-separated part)"
+            )));
+        }
+    }
     if spec.no_network && spec.kind == crate::api::Kind::Vps {
         return Err(ApiError::BadRequest(
             "no_network: a VPS is reached over its network; only a command task runs without one"
@@ -328,6 +335,9 @@ fn check_vm(spec: &TaskSpec) -> Result<(), ApiError> {
         return bad(
             "ports: published ports are not built for VM VPS yet; use rivernode forward ID PORT",
         );
+    }
+    if spec.hostname.is_some() {
+        return bad("hostname: --hostname is for containers (a VM is named by its node)");
     }
     if spec.cores == 0 {
         return bad("cores: a VM needs at least one core of its own (each vCPU is pinned to one)");

@@ -322,7 +322,11 @@ impl TaskContext {
         .collect();
         rivernode_env.extend(contract_env(a, cwd.as_deref()));
         Ok(RuntimeSpecInput {
-            hostname: format!("task-{}", a.id),
+            hostname: a
+                .spec
+                .hostname
+                .clone()
+                .unwrap_or_else(|| format!("task-{}", a.id)),
             args: a.spec.command.clone(),
             env: a.spec.env.clone(),
             rivernode_env,
@@ -477,7 +481,9 @@ impl TaskContext {
             }
             let inet = self.vps.start_network(id, &cid, &a.placement).await?;
             input.netns = Some(inet.netns);
-            input.mounts.extend(self.vps.network_files(&cid)?);
+            input
+                .mounts
+                .extend(self.vps.network_files(&cid, &input.hostname)?);
         } else if is_vps {
             let found = self
                 .ctd
@@ -517,6 +523,9 @@ impl TaskContext {
             let inet = self.vps.start_network(id, &cid, &a.placement).await?;
             input.args = args;
             input.mounts.extend(mounts);
+            input
+                .mounts
+                .extend(self.vps.network_files(&cid, &input.hostname)?);
             input.netns = Some(inet.netns);
         }
         if !is_vps && !a.spec.no_network {
@@ -524,7 +533,9 @@ impl TaskContext {
             // the node's services), unless it asked for none.
             let inet = self.vps.start_network(id, &cid, &a.placement).await?;
             input.netns = Some(inet.netns);
-            input.mounts.extend(self.vps.network_files(&cid)?);
+            input
+                .mounts
+                .extend(self.vps.network_files(&cid, &input.hostname)?);
         }
         let mut spec = oci::build_spec(&image.config, &input)?;
         // The reserved GPUs, and only those, from their CDI specs; then our

@@ -67,6 +67,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             ports: vec![],
             jupyter: false,
             no_network: false,
+            hostname: None,
         },
         placement: crate::api::Placement {
             node: String::new(),

@@ -527,6 +527,7 @@ mod tests {
                 ports: vec![],
                 jupyter: false,
                 no_network: false,
+                hostname: None,
             },
             placement: Placement {
                 node: "n1".into(),

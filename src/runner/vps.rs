@@ -455,13 +455,16 @@ impl VpsKit {
 
     /// An instance's resolver files (`/etc/resolv.conf`, `/etc/hosts`),
     /// written anew; the mounts that put them in place.
-    pub fn network_files(&self, cid: &str) -> Result<Vec<MountInput>, VpsError> {
+    pub fn network_files(&self, cid: &str, hostname: &str) -> Result<Vec<MountInput>, VpsError> {
         let dir = self.root.join("instances").join(cid);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         write(&dir.join("resolv.conf"), resolv_conf(&self.resolv_source))?;
+        // Its own name resolves (sudo, `hostname -f`), and the node's name for it.
         write(
             &dir.join("hosts"),
-            format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{cid}\n"),
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname} {cid}\n"
+            ),
         )?;
         Ok(["resolv.conf", "hosts"]
             .iter()
@@ -577,8 +580,7 @@ impl VpsKit {
             target: target.into(),
             read_only: true,
         };
-        let mut mounts = self.network_files(cid)?;
-        mounts.extend([
+        let mut mounts = vec![
             ro(files.clone(), INSTANCE_DIR),
             // Writable: Vast.ai's templates append to it (`env >> /etc/environment`).
             MountInput {
@@ -586,7 +588,7 @@ impl VpsKit {
                 target: "/etc/environment".into(),
                 read_only: false,
             },
-        ]);
+        ];
         if let Some(sshd) = &image.sshd {
             // The same key dropbear would use: a VPS keeps its pinned host key.
             openssh_host_key(&files)?;

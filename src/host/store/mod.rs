@@ -1130,6 +1130,7 @@ mod tests {
             ports: vec![],
             jupyter: false,
             no_network: false,
+            hostname: None,
         };
         let id = s.submit_task(&spec, Some("alice"), 1_000).unwrap();
         s.schedule().unwrap();

@@ -773,6 +773,7 @@ mod tests {
             ports: vec![],
             jupyter: false,
             no_network: false,
+            hostname: None,
         }
     }
 
