@@ -524,7 +524,7 @@ pub struct SubmitArgs {
 #[derive(Subcommand, Debug)]
 pub enum TaskCommand {
     /// Queue a command task; it runs as soon as its resources are free.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Tasks, newest last.
     List {
         #[arg(short = 's', long)]
