@@ -220,6 +220,9 @@ layered_config! {
         /// Keep it clear of the node ports (30000-32767) and of the kernel's ephemeral
         /// ports (net.ipv4.ip_local_port_range, 32768-60999 by default).
         published_ports: String = "20000-29999".to_string(),
+        /// Published ports one user's VPS may hold in all (they hold them until deleted);
+        /// one more is refused (429). The admin is not capped.
+        max_published_ports_per_user: u32 = 256,
     }
 }
 
@@ -351,6 +354,11 @@ impl HostConfig {
             message,
         };
         let r = crate::api::ports::PortRange::parse(&self.published_ports).map_err(invalid)?;
+        if r.first < 1024 {
+            return Err(invalid(format!(
+                "{r} starts below 1024: the system's own services live there; pick a range above"
+            )));
+        }
         let (first, last) = crate::api::NODE_PORTS;
         if r.overlaps(first, last) {
             return Err(invalid(format!(

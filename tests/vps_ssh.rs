@@ -519,6 +519,21 @@ fn published_ports_reach_the_instance_through_the_host() {
             "8080:80",
         ]);
         assert!(stderr(&o).contains("-p 80"), "{}", stderr(&o));
+        // Our SSH server is reached through the proxy, with a token, never published.
+        let o = v.rn(&[
+            "vps",
+            "create",
+            "--container",
+            "busybox",
+            "--no-ssh-key",
+            "-p",
+            "22",
+        ]);
+        assert!(
+            stderr(&o).contains("22 is the VPS's SSH server"),
+            "{}",
+            stderr(&o)
+        );
 
         let id = v.create_with(&[
             "-p",

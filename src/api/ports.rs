@@ -186,6 +186,21 @@ impl PortRange {
     }
 }
 
+/// Why `range` cannot be the published ports, given the kernel's
+/// `ip_local_port_range` text (`32768\t60999`): outgoing connections (the
+/// front door's own UDP relays among them) take their ports from there.
+pub fn ephemeral_clash(range: PortRange, ip_local_port_range: &str) -> Option<String> {
+    let mut it = ip_local_port_range
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u16>().ok());
+    let (first, last) = (it.next()?, it.next()?);
+    range.overlaps(first, last).then(|| {
+        format!(
+            "published_ports {range} meets the kernel's ephemeral ports ({first}-{last}, net.ipv4.ip_local_port_range): pick a range outside them"
+        )
+    })
+}
+
 impl std::fmt::Display for PortRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}-{}", self.first, self.last)
@@ -279,6 +294,9 @@ mod tests {
         assert!(r.contains(20000) && r.contains(29999) && !r.contains(30000));
         assert!(r.overlaps(29999, 40000) && !r.overlaps(30000, 32767));
         assert!(PortRange::parse("3-2").is_err());
+        assert!(ephemeral_clash(r, "32768\t60999\n").is_none());
+        let clash = ephemeral_clash(PortRange::parse("30000-40000").unwrap(), "32768\t60999");
+        assert!(clash.unwrap().contains("32768-60999"));
         assert!(PortRange::parse("20000").is_err());
     }
 }

@@ -49,6 +49,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         default_environment: args.default_environment.clone().map(Some),
         default_vm_image: args.default_vm_image.clone().map(Some),
         published_ports: args.published_ports.clone(),
+        max_published_ports_per_user: None,
     });
     cfg.validate()?;
     Ok(cfg)

@@ -33,15 +33,24 @@ pub struct Door {
     pub node_port: u16,
 }
 
-/// The limits of one door, as the SSH proxy has them.
+/// The doors' limits, per door and for all of them together (so that no
+/// instance's ports, nor a flood of spoofed UDP sources, can take the
+/// host's descriptors and memory from its API and SSH proxy).
 #[derive(Clone, Debug)]
 pub struct DoorLimits {
     /// TCP connections one door holds at once.
     pub max_connections: usize,
-    /// TCP connections or UDP peers one address may hold at one door.
+    /// TCP connections all doors hold at once.
+    pub max_total_connections: usize,
+    /// TCP connections one address may hold at one door.
     pub max_per_peer: usize,
     /// UDP peers one door relays for at once.
     pub max_udp_peers: usize,
+    /// UDP peers one address may be at one door (UDP sources are easily spoofed).
+    pub max_udp_per_peer: usize,
+    /// UDP peers all doors relay for at once (each holds a socket and a
+    /// datagram buffer).
+    pub max_total_udp_peers: usize,
     /// A UDP peer silent this long is forgotten.
     pub udp_idle: Duration,
     pub connect_timeout: Duration,
@@ -51,12 +60,22 @@ impl Default for DoorLimits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_total_connections: 8192,
             max_per_peer: 64,
-            max_udp_peers: 1024,
+            max_udp_peers: 256,
+            max_udp_per_peer: 16,
+            max_total_udp_peers: 2048,
             udp_idle: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// The permits all doors draw from.
+#[derive(Clone)]
+struct Totals {
+    tcp: Arc<Semaphore>,
+    udp: Arc<Semaphore>,
 }
 
 /// The doors that should be open: every published port of every running or
@@ -92,6 +111,10 @@ pub fn wanted(tasks: &[TaskView], nodes: &[NodeView]) -> BTreeMap<(u16, Proto), 
 /// Keeps the doors as the store says until the task is dropped.
 pub async fn serve(state: Arc<HostState>, bind: IpAddr, limits: DoorLimits) {
     let mut changes = state.revision.subscribe();
+    let totals = Totals {
+        tcp: Arc::new(Semaphore::new(limits.max_total_connections)),
+        udp: Arc::new(Semaphore::new(limits.max_total_udp_peers)),
+    };
     let mut open: BTreeMap<(u16, Proto), (Door, AbortHandle)> = BTreeMap::new();
     let mut doors = JoinSet::new();
     loop {
@@ -119,12 +142,12 @@ pub async fn serve(state: Arc<HostState>, bind: IpAddr, limits: DoorLimits) {
                     }
                     let addr = SocketAddr::new(bind, key.0);
                     let opened = match key.1 {
-                        Proto::Tcp => TcpListener::bind(addr)
-                            .await
-                            .map(|l| doors.spawn(tcp_door(l, door.clone(), limits.clone()))),
-                        Proto::Udp => UdpSocket::bind(addr)
-                            .await
-                            .map(|s| doors.spawn(udp_door(s, door.clone(), limits.clone()))),
+                        Proto::Tcp => TcpListener::bind(addr).await.map(|l| {
+                            doors.spawn(tcp_door(l, door.clone(), limits.clone(), totals.clone()))
+                        }),
+                        Proto::Udp => UdpSocket::bind(addr).await.map(|s| {
+                            doors.spawn(udp_door(s, door.clone(), limits.clone(), totals.clone()))
+                        }),
                     };
                     match opened {
                         Ok(handle) => {
@@ -158,7 +181,7 @@ async fn connect(door: &Door, limits: &DoorLimits) -> std::io::Result<TcpStream>
 }
 
 /// Accepts and splices until aborted; its connections end with it.
-async fn tcp_door(listener: TcpListener, door: Door, limits: DoorLimits) {
+async fn tcp_door(listener: TcpListener, door: Door, limits: DoorLimits, totals: Totals) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let peers = Arc::new(PerPeer::default());
     let mut conns = JoinSet::new();
@@ -179,6 +202,9 @@ async fn tcp_door(listener: TcpListener, door: Door, limits: DoorLimits) {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
         };
+        let Ok(total) = totals.tcp.clone().try_acquire_owned() else {
+            continue;
+        };
         keepalive(&client);
         let (door, limits) = (door.clone(), limits.clone());
         conns.spawn(async move {
@@ -192,7 +218,7 @@ async fn tcp_door(listener: TcpListener, door: Door, limits: DoorLimits) {
                     tracing::debug!(task = door.task, %peer, error = %e, "cannot reach the instance's node port")
                 }
             }
-            drop((permit, slot));
+            drop((permit, total, slot));
         });
     }
 }
@@ -200,7 +226,7 @@ async fn tcp_door(listener: TcpListener, door: Door, limits: DoorLimits) {
 /// Relays datagrams until aborted: each client address gets its own
 /// upstream socket (so answers find their way back), forgotten after
 /// `udp_idle` of silence.
-async fn udp_door(socket: UdpSocket, door: Door, limits: DoorLimits) {
+async fn udp_door(socket: UdpSocket, door: Door, limits: DoorLimits, totals: Totals) {
     let socket = Arc::new(socket);
     let mut upstreams: BTreeMap<SocketAddr, Arc<UdpSocket>> = BTreeMap::new();
     let mut per_ip: BTreeMap<IpAddr, usize> = BTreeMap::new();
@@ -214,14 +240,20 @@ async fn udp_door(socket: UdpSocket, door: Door, limits: DoorLimits) {
                     Some(u) => u.clone(),
                     None => {
                         let mine = per_ip.get(&peer.ip()).copied().unwrap_or(0);
-                        if upstreams.len() >= limits.max_udp_peers || mine >= limits.max_per_peer {
+                        if upstreams.len() >= limits.max_udp_peers || mine >= limits.max_udp_per_peer {
                             continue;
                         }
+                        let Ok(total) = totals.udp.clone().try_acquire_owned() else { continue };
                         let Ok(u) = upstream_udp(&door).await else { continue };
                         let u = Arc::new(u);
                         upstreams.insert(peer, u.clone());
                         *per_ip.entry(peer.ip()).or_default() += 1;
-                        relays.spawn(udp_back(u.clone(), socket.clone(), peer, limits.udp_idle));
+                        let back = udp_back(u.clone(), socket.clone(), peer, limits.udp_idle);
+                        relays.spawn(async move {
+                            let peer = back.await;
+                            drop(total);
+                            peer
+                        });
                         u
                     }
                 };

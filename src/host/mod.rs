@@ -127,15 +127,22 @@ impl BoundHost {
             source,
         })?;
         let db_path = dir.join(DB_FILE);
+        let max_published = config.max_published_ports_per_user;
         let published_ports = config
             .published_range()
             .map_err(|e| HostError::Config(e.to_string()))?;
+        let ephemeral =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+        if let Some(why) = crate::api::ports::ephemeral_clash(published_ports, &ephemeral) {
+            return Err(HostError::Config(why));
+        }
         let store: Arc<dyn Store> = {
             let p = db_path.clone();
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(&p))
                 .await
                 .map_err(|e| HostError::Serve(std::io::Error::other(e)))??;
             store.set_published_ports(published_ports);
+            store.set_published_per_user(max_published as usize);
             Arc::new(store)
         };
         crate::files::restrict(&db_path).map_err(|source| HostError::Io {

@@ -123,11 +123,15 @@ pub(super) fn may_be_privileged(state: &HostState, p: &Principal) -> Result<(), 
     }
 }
 
-/// `--launch jupyter`: port 8080 published and a token for it (unless
-/// the request has them). `check_spec` says what else it needs.
-fn jupyter_mode(spec: &mut TaskSpec) {
+/// `--launch jupyter`: port 8080 published (unless the request has it).
+fn jupyter_port(spec: &mut TaskSpec) -> Result<(), ApiError> {
     if !spec.jupyter {
-        return;
+        return Ok(());
+    }
+    if spec.kind != crate::api::Kind::Vps || spec.no_ssh || spec.is_vm() {
+        return Err(ApiError::BadRequest(
+            "jupyter: Jupyter mode is for a container VPS with SSH (--launch jupyter without --no-ssh)".into(),
+        ));
     }
     let tcp = crate::api::ports::PortRequest {
         port: crate::api::ports::JUPYTER_PORT,
@@ -136,9 +140,32 @@ fn jupyter_mode(spec: &mut TaskSpec) {
     if !spec.ports.contains(&tcp) {
         spec.ports.push(tcp);
     }
-    spec.env
+    Ok(())
+}
+
+/// `--launch jupyter`: its token, once the variables are all in (the
+/// request's, then the owner's): a new one unless they name one, and
+/// never an empty one (Jupyter would take no token at all, on a public port).
+fn jupyter_token(spec: &mut TaskSpec) -> Result<(), ApiError> {
+    if !spec.jupyter {
+        return Ok(());
+    }
+    let token = spec
+        .env
         .entry("JUPYTER_TOKEN".into())
         .or_insert_with(|| super::auth::generate_token("jpy"));
+    if token.trim().is_empty() {
+        return Err(ApiError::BadRequest(
+            "env: JUPYTER_TOKEN is empty: Jupyter would let anyone in; leave it out for a generated one".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A published port 22 would open our SSH server to anyone, past the
+/// proxy's token check: a VPS with our SSH server publishes no 22/tcp.
+fn is_our_ssh_port(spec: &TaskSpec, r: &crate::api::ports::PortRequest) -> bool {
+    !spec.no_ssh && r.port == 22 && r.proto == crate::api::ports::Proto::Tcp
 }
 
 /// The most an onstart script may hold.
@@ -168,11 +195,11 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             ));
         }
         crate::api::ports::check_requests(&spec.ports).map_err(ApiError::BadRequest)?;
-    }
-    if spec.jupyter && (spec.kind != crate::api::Kind::Vps || spec.no_ssh || spec.is_vm()) {
-        return Err(ApiError::BadRequest(
-            "jupyter: Jupyter mode is for a container VPS with SSH (--launch jupyter without --no-ssh)".into(),
-        ));
+        if spec.ports.iter().any(|r| is_our_ssh_port(spec, r)) {
+            return Err(ApiError::BadRequest(
+                "ports: 22 is the VPS's SSH server, reached through the host's proxy (rivernode ssh ID), never published to anyone".into(),
+            ));
+        }
     }
     let runs_its_image = spec.no_ssh && spec.command.is_empty();
     if !spec.args.is_empty() && !runs_its_image {
@@ -417,7 +444,7 @@ async fn submit(
     Extension(p): Extension<Principal>,
     ApiJson(mut spec): ApiJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
-    jupyter_mode(&mut spec);
+    jupyter_port(&mut spec)?;
     check_spec(&spec)?;
     if spec.privileged {
         may_be_privileged(&state, &p)?;
@@ -466,6 +493,7 @@ async fn submit(
             spec.env.entry(k).or_insert(v);
         }
     }
+    jupyter_token(&mut spec)?;
     let now = crate::now_unix_ms();
     let cap = state.max_waiting_per_user;
     let id = state
@@ -642,6 +670,11 @@ async fn expose(
     for r in &req.ports {
         r.check()
             .map_err(|e| ApiError::BadRequest(format!("ports: {e}")))?;
+        if r.is_identity() {
+            return Err(ApiError::BadRequest(format!(
+                "ports: {r} is an identity request; an image exposes real ports"
+            )));
+        }
     }
     let placement = state
         .blocking(move |s| s.expose(&name, id, &req.ports))
@@ -808,6 +841,42 @@ mod tests {
         s.command = vec!["true".into()];
         s.no_ssh = true;
         assert!(refusal(&s).starts_with("no_ssh:"));
+    }
+
+    #[test]
+    fn port_22_is_published_only_without_our_ssh_server_and_jupyter_needs_a_token() {
+        use crate::api::ports::PortRequest;
+        let mut s = spec(Kind::Vps);
+        s.ports = vec![PortRequest::parse("22").unwrap()];
+        assert!(refusal(&s).contains("22 is the VPS's SSH server"));
+        s.ports = vec![PortRequest::parse("22/udp").unwrap()];
+        assert!(check_spec(&s).is_ok(), "UDP 22 is not SSH");
+        let mut s = spec(Kind::Vps);
+        s.no_ssh = true;
+        s.ports = vec![PortRequest::parse("22").unwrap()];
+        assert!(check_spec(&s).is_ok(), "its own server, its choice");
+        // Commands publish nothing yet.
+        let mut s = spec(Kind::Command);
+        s.command = vec!["true".into()];
+        s.ports = vec![PortRequest::parse("80").unwrap()];
+        assert!(refusal(&s).starts_with("ports: only a VPS"));
+        // Jupyter: a token is made, an empty one is refused, a VM gets the Jupyter reason.
+        let mut s = spec(Kind::Vps);
+        s.jupyter = true;
+        jupyter_port(&mut s).unwrap();
+        assert_eq!(s.ports, [PortRequest::parse("8080").unwrap()]);
+        jupyter_token(&mut s).unwrap();
+        assert!(s.env["JUPYTER_TOKEN"].len() > 20);
+        s.env.insert("JUPYTER_TOKEN".into(), " ".into());
+        assert!(
+            matches!(jupyter_token(&mut s), Err(ApiError::BadRequest(m)) if m.contains("empty"))
+        );
+        let mut s = spec(Kind::Vps);
+        s.jupyter = true;
+        s.image = crate::api::ImageSource::VmImage("debian-12".into());
+        assert!(
+            matches!(jupyter_port(&mut s), Err(ApiError::BadRequest(m)) if m.starts_with("jupyter:"))
+        );
     }
 
     #[test]

@@ -80,7 +80,15 @@ impl<D: Driver> Supervisors<D> {
         match host.expose(a.id, &req).await {
             Ok(placement) => {
                 tracing::info!(task = a.id, ports = ?new, "the image's EXPOSEd ports are published");
-                a.spec.ports.extend(new);
+                // What the host published (it may leave some out: 22).
+                a.spec.ports = placement
+                    .published
+                    .iter()
+                    .map(|p| crate::api::ports::PortRequest {
+                        port: p.request,
+                        proto: p.proto,
+                    })
+                    .collect();
                 a.placement = placement;
             }
             Err(e) => {

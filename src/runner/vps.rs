@@ -65,8 +65,10 @@ pub struct VpsKit {
     sftp_server: PathBuf,
     /// The node's resolver configuration, copied into instances.
     resolv_source: PathBuf,
-    /// Node ports of the instances running here, by task id.
-    ports: Mutex<BTreeMap<u64, Vec<PortMap>>>,
+    /// Node ports of the instances running here, by task id, and whether
+    /// the kernel's table may lag them (an apply failed): the next call
+    /// applies whatever it is asked.
+    ports: Mutex<(BTreeMap<u64, Vec<PortMap>>, bool)>,
     bundle: Mutex<Option<PathBuf>>,
 }
 
@@ -421,7 +423,7 @@ impl VpsKit {
             dropbear: config.dropbear.clone(),
             sftp_server: PathBuf::from("/usr/lib/openssh/sftp-server"),
             resolv_source: PathBuf::from("/etc/resolv.conf"),
-            ports: Mutex::new(BTreeMap::new()),
+            ports: Mutex::new((BTreeMap::new(), false)),
             bundle: Mutex::new(None),
         })
     }
@@ -702,26 +704,23 @@ impl VpsKit {
         maps: Vec<PortMap>,
         joined_or_left: bool,
     ) -> Result<(), VpsError> {
-        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
-        let before = ports.get(&id).cloned();
+        let mut guard = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let (ports, lagging) = &mut *guard;
         let changed = if maps.is_empty() {
             ports.remove(&id).is_some()
         } else {
             ports.insert(id, maps.clone()).as_ref() != Some(&maps)
         };
-        if changed || joined_or_left {
+        if changed || joined_or_left || *lagging {
             tracing::debug!(task = id, ?maps, "node ports changed");
             // nft is a blocking child process: keep it off the async workers.
             let all = ports.values().flatten().copied().collect();
-            if let Err(e) = tokio::task::block_in_place(|| self.network.apply_firewall(all)) {
-                // Not applied: forget the change, so that the same call tries
-                // again instead of finding nothing to do (L7).
-                match before {
-                    Some(b) => ports.insert(id, b),
-                    None => ports.remove(&id),
-                };
-                return Err(e.into());
-            }
+            // Not applied: the map keeps what is wanted (a removed
+            // instance's rules must never come back, their ports and
+            // address go to others) and the next call applies it (L7).
+            let applied = tokio::task::block_in_place(|| self.network.apply_firewall(all));
+            *lagging = applied.is_err();
+            applied?;
         }
         Ok(())
     }

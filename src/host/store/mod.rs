@@ -272,6 +272,8 @@ pub struct SqliteStore {
     tokens: TokenCache,
     /// Where published ports get their external ports (`published_ports`).
     published_ports: RwLock<PortRange>,
+    /// How many one user's VPS may publish (`max_published_ports_per_user`).
+    published_per_user: std::sync::atomic::AtomicUsize,
 }
 
 /// Every token (hash, whom it is for, expiry) in memory, so that checking a
@@ -351,6 +353,11 @@ pub const DEFAULT_PUBLISHED_PORTS: PortRange = PortRange {
 };
 
 impl SqliteStore {
+    /// Sets how many ports one user's VPS may publish in all.
+    pub fn set_published_per_user(&self, n: usize) {
+        self.published_per_user.store(n, Ordering::Relaxed);
+    }
+
     /// Sets the range published ports' external ports come from.
     pub fn set_published_ports(&self, range: PortRange) {
         *self
@@ -398,6 +405,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             tokens,
             published_ports: RwLock::new(DEFAULT_PUBLISHED_PORTS),
+            published_per_user: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -985,7 +993,8 @@ impl Store for SqliteStore {
         max_waiting: u32,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
-        self.with(|c| tasks::submit(c, spec, owner, max_waiting, now_ms))
+        let cap = self.published_per_user.load(Ordering::Relaxed);
+        self.with(|c| tasks::submit(c, spec, owner, max_waiting, cap, now_ms))
     }
 
     fn schedule(&self) -> Result<Vec<u64>, StoreError> {
@@ -1041,7 +1050,8 @@ impl Store for SqliteStore {
             .published_ports
             .read()
             .unwrap_or_else(|p| p.into_inner());
-        self.with(|c| tasks::expose(c, node, id, exposed, range))
+        let cap = self.published_per_user.load(Ordering::Relaxed);
+        self.with(|c| tasks::expose(c, node, id, exposed, range, cap))
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

@@ -185,15 +185,42 @@ pub(super) fn fill_gpu_holders(c: &Connection, nodes: &mut [NodeView]) -> Result
     Ok(())
 }
 
+/// The ports `user`'s VPS publish or hold (until deleted).
+fn published_of(c: &Connection, user: &str) -> Result<usize, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT spec FROM tasks WHERE owner = ?1 AND state != 'deleted' AND spec LIKE '%\"ports\"%'",
+    )?;
+    let rows = stmt.query_map([user], |r| r.get::<_, String>(0))?;
+    let mut n = 0;
+    for r in rows {
+        let spec: TaskSpec = serde_json::from_str(&r?).map_err(json_err("tasks.spec"))?;
+        n += spec.ports.len();
+    }
+    Ok(n)
+}
+
 pub(super) fn submit(
     c: &mut Connection,
     spec: &TaskSpec,
     owner: Option<&str>,
     max_waiting: u32,
+    published_cap: usize,
     now_ms: i64,
 ) -> Result<u64, StoreError> {
     let tx = c.transaction()?;
     scheduler::validate(spec, &nodes(&tx)?).map_err(StoreError::Refused)?;
+    if let (Some(user), false) = (owner, spec.ports.is_empty()) {
+        // External ports are the cluster's, held until a VPS is deleted:
+        // one user must not take them all.
+        let held = published_of(&tx, user)?;
+        if held + spec.ports.len() > published_cap {
+            return Err(StoreError::TooMany(format!(
+                "{user}'s VPS hold {held} published ports and this asks for {} more; \
+                 max_published_ports_per_user allows {published_cap}: delete a VPS that publishes some",
+                spec.ports.len()
+            )));
+        }
+    }
     if let Some(user) = owner {
         // Every pending task is looked at on each scheduling pass: one
         // user's flood must not slow everyone's heartbeats and calls.
@@ -310,6 +337,7 @@ pub(super) fn expose(
     id: u64,
     exposed: &[PortRequest],
     range: PortRange,
+    published_cap: usize,
 ) -> Result<Placement, StoreError> {
     let tx = c.transaction()?;
     let t = one(&tx, id)?;
@@ -324,7 +352,19 @@ pub(super) fn expose(
             t.state
         )));
     }
-    let (new, left_out) = ports::still_unpublished(&t.spec.ports, exposed);
+    // The image's EXPOSE 22 is the SSH server's port: never published
+    // while our SSH server runs (it is reached through the proxy).
+    let exposed: Vec<PortRequest> = exposed
+        .iter()
+        .filter(|r| t.spec.no_ssh || !(r.port == 22 && r.proto == ports::Proto::Tcp))
+        .copied()
+        .collect();
+    let (mut new, mut left_out) = ports::still_unpublished(&t.spec.ports, &exposed);
+    if let Some(user) = &t.owner {
+        let room = published_cap.saturating_sub(published_of(&tx, user)?);
+        left_out += new.len().saturating_sub(room);
+        new.truncate(room);
+    }
     if left_out > 0 {
         tracing::warn!(
             task = id,
@@ -1030,7 +1070,8 @@ mod tests {
         s.schedule().unwrap();
         let placed = s.get_task(a).unwrap().unwrap().placement.unwrap();
         // Its image EXPOSEs 8080 (asked already) and two more.
-        let exposed = ["8080", "53/udp", "9000"].map(|p| PortRequest::parse(p).unwrap());
+        // 22 is the SSH server's: reached through the proxy, never published.
+        let exposed = ["8080", "53/udp", "9000", "22"].map(|p| PortRequest::parse(p).unwrap());
         let p = s.expose("n1", a, &exposed).unwrap();
         assert_eq!(p.published.len(), 3);
         assert_eq!(p.published[0], placed.published[0], "what it had stays");
@@ -1075,6 +1116,37 @@ mod tests {
         report(&s, a, TaskState::Deleted).unwrap();
         s.schedule().unwrap();
         assert_eq!(s.get_task(b).unwrap().unwrap().state, TaskState::Assigning);
+    }
+
+    #[test]
+    fn a_user_holds_at_most_the_published_ports_the_cap_allows() {
+        use crate::api::ports::PortRequest;
+        let s = store_with_node("n1");
+        s.set_published_per_user(3);
+        let vps = |ports: &[&str]| TaskSpec {
+            kind: crate::api::Kind::Vps,
+            ports: ports
+                .iter()
+                .map(|p| PortRequest::parse(p).unwrap())
+                .collect(),
+            ..spec(1, 0)
+        };
+        let a = s.submit_task(&vps(&["1", "2"]), Some("alice"), 0).unwrap();
+        let e = s
+            .submit_task(&vps(&["3", "4"]), Some("alice"), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hold 2 published ports") && e.contains("allows 3"),
+            "{e}"
+        );
+        s.submit_task(&vps(&["3", "4"]), Some("bob"), 0).unwrap();
+        s.submit_task(&vps(&["3", "4"]), None, 0).unwrap();
+        // What its image EXPOSEs is cut to what the cap leaves.
+        s.schedule().unwrap();
+        let more = ["5", "6", "7"].map(|p| PortRequest::parse(p).unwrap());
+        let p = s.expose("n1", a, &more).unwrap();
+        assert_eq!(p.published.len(), 3, "{p:?}");
     }
 
     #[test]
