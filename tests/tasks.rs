@@ -1003,6 +1003,40 @@ fn a_command_task_reaches_another_network_through_masquerade_unless_it_has_none(
         c.wait_state(id, "completed");
         let logs = c.rn(&["task", "logs", &id.to_string()]);
         assert_eq!(stdout(&logs), "from-the-other-side\n");
+        // A command publishes a port too: reached at the host's address.
+        let web = c.submit(&[
+            "--container",
+            "busybox",
+            "-p",
+            "8090",
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /tmp/w && echo task-served > /tmp/w/index.html && exec httpd -f -p 8090 -h /tmp/w",
+        ]);
+        c.wait_state(web, "running");
+        let line = stdout(&c.rn(&["task", "ports", &web.to_string()]));
+        let ext: u16 = line
+            .split_once(" -> 8090/tcp")
+            .and_then(|(outside, _)| outside.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or_else(|| panic!("no 8090 in {line:?}"));
+        let page = wait_for("the task's published port", || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", ext)).ok()?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            out.contains("task-served").then_some(out)
+        });
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        c.rn(&["task", "kill", &web.to_string()]);
+        c.wait_state(web, "killed");
+        wait_for("the port to close with the task", || {
+            std::net::TcpStream::connect(("127.0.0.1", ext))
+                .is_err()
+                .then_some(())
+        });
         // The same with --network none: loopback only, so nothing answers.
         let none = c.submit(&[
             "--container",

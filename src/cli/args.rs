@@ -505,6 +505,9 @@ pub struct SubmitArgs {
     /// Bind mount SRC:DST[:ro] from the node.
     #[arg(long = "mount", value_name = "SRC:DST[:ro]")]
     pub mounts: Vec<String>,
+    /// Publish a port of the task through the host (as `vps create -p`).
+    #[arg(short = 'p', long = "port", value_name = "PORT[:PORT][/udp]")]
+    pub ports: Vec<String>,
     /// `bridge` (the default): the instances' network, with egress through
     /// the node (masquerade) and nothing of the node's own; `none`: loopback only.
     #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "none"])]
@@ -534,6 +537,10 @@ pub enum TaskCommand {
     },
     /// One task: state, placement and why, exit code.
     Status {
+        id: u64,
+    },
+    /// Its published ports: `HOST:EXTERNAL -> INTERNAL/proto`.
+    Ports {
         id: u64,
     },
     /// A task's output.

@@ -142,6 +142,13 @@ pub fn spec_from_args(a: &SubmitArgs, image: Option<ImageSource>) -> anyhow::Res
         mounts,
         privileged: a.privileged,
         no_network: a.network == "none",
+        ports: a
+            .ports
+            .iter()
+            .map(|p| {
+                crate::api::ports::PortRequest::parse(p).map_err(|e| anyhow::anyhow!("-p {e}"))
+            })
+            .collect::<anyhow::Result<_>>()?,
         ..base
     })
 }
@@ -426,6 +433,7 @@ pub async fn run(client: &Client, cmd: TaskCommand, output: Output) -> anyhow::R
                 Output::Table => emit(&list_table(&tasks, crate::now_unix_ms())),
             }
         }
+        TaskCommand::Ports { id } => crate::cli::vps::ports(client, id, output).await?,
         TaskCommand::Status { id } => {
             let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
             match output {

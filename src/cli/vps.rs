@@ -420,42 +420,7 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 }
             }
         }
-        VpsCommand::Ports { id } => {
-            let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
-            if t.spec.kind != Kind::Vps {
-                bail!("task {id} is a command, not a VPS");
-            }
-            let published = t.placement.map(|p| p.published).unwrap_or_default();
-            match output {
-                Output::Json => emit_json(&published),
-                Output::Table => {
-                    if t.spec.ports.is_empty() {
-                        emit(&format!(
-                            "vps {id} publishes no ports (vps create -p PORT)\n"
-                        ));
-                    } else if published.is_empty() {
-                        emit(&format!(
-                            "vps {id} is {}: its ports get their numbers when it is placed\n",
-                            t.state
-                        ));
-                    } else {
-                        let host = public_host(client).await?;
-                        let open = matches!(t.state, TaskState::Running | TaskState::Paused);
-                        let mut text = String::new();
-                        for p in &published {
-                            text.push_str(&format!("{}\n", port_line(&host, p)));
-                        }
-                        if !open {
-                            text.push_str(&format!(
-                                "(closed while vps {id} is {}; kept until it is deleted)\n",
-                                t.state
-                            ));
-                        }
-                        emit(&text)
-                    }
-                }
-            }
-        }
+        VpsCommand::Ports { id } => ports(client, id, output).await?,
         VpsCommand::Pause { id } => lifecycle(client, id, "pause", output).await?,
         VpsCommand::Resume { id } => lifecycle(client, id, "resume", output).await?,
         VpsCommand::Stop { id } => lifecycle(client, id, "stop", output).await?,
@@ -850,6 +815,43 @@ async fn open_tunnel(
         bail!("the SSH proxy said: {line}");
     }
     Ok(s)
+}
+
+/// `vps ports ID` and `task ports ID`: the published ports, as Vast.ai's
+/// IP Port Info shows them.
+pub async fn ports(client: &Client, id: u64, output: Output) -> anyhow::Result<()> {
+    let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
+    let what = match t.spec.kind {
+        Kind::Vps => "vps",
+        Kind::Command => "task",
+    };
+    let published = t.placement.map(|p| p.published).unwrap_or_default();
+    match output {
+        Output::Json => emit_json(&published),
+        Output::Table if t.spec.ports.is_empty() => emit(&format!(
+            "{what} {id} publishes no ports ({what} {} -p PORT)\n",
+            if what == "vps" { "create" } else { "submit" }
+        )),
+        Output::Table if published.is_empty() => emit(&format!(
+            "{what} {id} is {}: its ports get their numbers when it is placed\n",
+            t.state
+        )),
+        Output::Table => {
+            let host = public_host(client).await?;
+            let mut text = String::new();
+            for p in &published {
+                text.push_str(&format!("{}\n", port_line(&host, p)));
+            }
+            if !matches!(t.state, TaskState::Running | TaskState::Paused) {
+                text.push_str(&format!(
+                    "(closed while {what} {id} is {}; a VPS keeps them until it is deleted)\n",
+                    t.state
+                ));
+            }
+            emit(&text)
+        }
+    }
+    Ok(())
 }
 
 /// The address published ports answer at: the host's `public_address`,

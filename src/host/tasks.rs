@@ -165,7 +165,10 @@ fn jupyter_token(spec: &mut TaskSpec) -> Result<(), ApiError> {
 /// A published port 22 would open our SSH server to anyone, past the
 /// proxy's token check: a VPS with our SSH server publishes no 22/tcp.
 fn is_our_ssh_port(spec: &TaskSpec, r: &crate::api::ports::PortRequest) -> bool {
-    !spec.no_ssh && r.port == 22 && r.proto == crate::api::ports::Proto::Tcp
+    spec.kind == crate::api::Kind::Vps
+        && !spec.no_ssh
+        && r.port == 22
+        && r.proto == crate::api::ports::Proto::Tcp
 }
 
 /// The most an onstart script may hold.
@@ -189,9 +192,9 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
         }
     }
     if !spec.ports.is_empty() {
-        if spec.kind != crate::api::Kind::Vps {
+        if spec.no_network {
             return Err(ApiError::BadRequest(
-                "ports: only a VPS publishes ports for now (a command task has no network of its own yet)".into(),
+                "ports: a task without a network (--network none) publishes nothing".into(),
             ));
         }
         crate::api::ports::check_requests(&spec.ports).map_err(ApiError::BadRequest)?;
@@ -855,11 +858,14 @@ mod tests {
         s.no_ssh = true;
         s.ports = vec![PortRequest::parse("22").unwrap()];
         assert!(check_spec(&s).is_ok(), "its own server, its choice");
-        // Commands publish nothing yet.
+        // A command publishes what it asks, 22 too (it runs no SSH server),
+        // but not without a network.
         let mut s = spec(Kind::Command);
         s.command = vec!["true".into()];
-        s.ports = vec![PortRequest::parse("80").unwrap()];
-        assert!(refusal(&s).starts_with("ports: only a VPS"));
+        s.ports = vec![PortRequest::parse("22").unwrap()];
+        assert!(check_spec(&s).is_ok());
+        s.no_network = true;
+        assert!(refusal(&s).starts_with("ports: a task without a network"));
         // Jupyter: a token is made, an empty one is refused, a VM gets the Jupyter reason.
         let mut s = spec(Kind::Vps);
         s.jupyter = true;

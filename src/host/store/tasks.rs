@@ -185,16 +185,24 @@ pub(super) fn fill_gpu_holders(c: &Connection, nodes: &mut [NodeView]) -> Result
     Ok(())
 }
 
-/// The ports `user`'s VPS publish or hold (until deleted).
+/// The ports `user`'s tasks publish or hold.
 fn published_of(c: &Connection, user: &str) -> Result<usize, StoreError> {
     let mut stmt = c.prepare(
-        "SELECT spec FROM tasks WHERE owner = ?1 AND state != 'deleted' AND spec LIKE '%\"ports\"%'",
+        "SELECT spec, state FROM tasks WHERE owner = ?1 AND state != 'deleted' AND spec LIKE '%\"ports\"%'",
     )?;
-    let rows = stmt.query_map([user], |r| r.get::<_, String>(0))?;
+    let rows = stmt.query_map([user], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
     let mut n = 0;
     for r in rows {
-        let spec: TaskSpec = serde_json::from_str(&r?).map_err(json_err("tasks.spec"))?;
-        n += spec.ports.len();
+        let (spec, state) = r?;
+        let spec: TaskSpec = serde_json::from_str(&spec).map_err(json_err("tasks.spec"))?;
+        if state
+            .parse::<TaskState>()
+            .is_ok_and(|st| holds_ports(&spec, st))
+        {
+            n += spec.ports.len();
+        }
     }
     Ok(n)
 }
@@ -248,20 +256,40 @@ pub(super) fn submit(
     Ok(id as u64)
 }
 
-/// The external ports each VPS holds: from its placement until it is
-/// deleted (a stopped VPS keeps its addresses, and its container the
-/// `VAST_*_PORT_*` made with them).
+/// Whether a task holds its published ports: a VPS from its placement
+/// until it is deleted (a stopped VPS keeps its addresses, and its
+/// container the `VAST_*_PORT_*` made with them), a command until it ends.
+fn holds_ports(spec: &TaskSpec, state: TaskState) -> bool {
+    state != TaskState::Deleted && (spec.kind == crate::api::Kind::Vps || !state.is_final())
+}
+
+/// The external ports each task holds.
 fn published_held(c: &Connection) -> Result<Vec<(u64, Vec<Published>)>, StoreError> {
     let mut stmt = c.prepare(
-        "SELECT id, placement FROM tasks WHERE placement IS NOT NULL
+        "SELECT id, placement, spec, state FROM tasks WHERE placement IS NOT NULL
          AND state != 'deleted' AND placement LIKE '%\"published\"%'",
     )?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
     let mut out = Vec::new();
     for r in rows {
-        let (id, placement) = r?;
-        let p: Placement = serde_json::from_str(&placement).map_err(json_err("tasks.placement"))?;
-        out.push((id as u64, p.published));
+        let (id, placement, spec, state) = r?;
+        let spec: TaskSpec = serde_json::from_str(&spec).map_err(json_err("tasks.spec"))?;
+        let state = state.parse::<TaskState>().map_err(|e| StoreError::Json {
+            what: "tasks.state",
+            source: serde::de::Error::custom(e),
+        })?;
+        if holds_ports(&spec, state) {
+            let p: Placement =
+                serde_json::from_str(&placement).map_err(json_err("tasks.placement"))?;
+            out.push((id as u64, p.published));
+        }
     }
     Ok(out)
 }
@@ -1116,6 +1144,26 @@ mod tests {
         report(&s, a, TaskState::Deleted).unwrap();
         s.schedule().unwrap();
         assert_eq!(s.get_task(b).unwrap().unwrap().state, TaskState::Assigning);
+    }
+
+    #[test]
+    fn a_command_holds_its_published_ports_only_until_it_ends() {
+        use crate::api::ports::PortRequest;
+        let s = store_with_node("n1");
+        s.set_published_ports(PortRange::parse("20000-20000").unwrap());
+        let web = TaskSpec {
+            ports: vec![PortRequest::parse("80").unwrap()],
+            ..spec(1, 0)
+        };
+        let a = s.submit_task(&web, None, 0).unwrap();
+        let b = s.submit_task(&web, None, 0).unwrap();
+        s.schedule().unwrap();
+        assert_eq!(s.get_task(b).unwrap().unwrap().state, TaskState::Pending);
+        report(&s, a, TaskState::Running).unwrap();
+        report(&s, a, TaskState::Completed).unwrap();
+        s.schedule().unwrap();
+        let t = s.get_task(b).unwrap().unwrap();
+        assert_eq!(t.placement.unwrap().published[0].external, 20000);
     }
 
     #[test]
