@@ -47,6 +47,11 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/nodes/{node}/tasks/{task}/progress",
         Access::OwnNode,
     ),
+    (
+        "PUT",
+        "/api/nodes/{node}/tasks/{task}/expose",
+        Access::OwnNode,
+    ),
     ("POST", "/api/tasks", Access::People),
     ("GET", "/api/tasks", Access::People),
     ("GET", "/api/environments", Access::People),

@@ -132,6 +132,7 @@ pub fn check_requests(requests: &[PortRequest]) -> Result<(), String> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExposeRequest {
+    #[serde(default)]
     pub ports: Vec<PortRequest>,
 }
 
