@@ -178,10 +178,17 @@ async fn relay(client: WebSocket, runner: RunnerSocket) {
         }
         let _ = c_tx.send(AxMessage::Close(None)).await;
     };
-    // Either side's end is the session's end.
+    // The runner's end is the session's end. The client's end (it went
+    // away, or its last frame found the runner done) is not yet: what the
+    // runner still sends, its exit status above all, goes on to the client
+    // until the runner closes. Dropping it there lost the status of a
+    // quick command now and then ("the session ended before the command did").
+    tokio::pin!(up, down);
     tokio::select! {
-        _ = up => {}
-        _ = down => {}
+        _ = &mut down => {}
+        _ = &mut up => {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), &mut down).await;
+        }
     }
 }
 
