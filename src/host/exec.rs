@@ -178,16 +178,25 @@ async fn relay(client: WebSocket, runner: RunnerSocket) {
         }
         let _ = c_tx.send(AxMessage::Close(None)).await;
     };
-    // The runner's end is the session's end. The client's end (it went
-    // away, or its last frame found the runner done) is not yet: what the
-    // runner still sends, its exit status above all, goes on to the client
-    // until the runner closes. Dropping it there lost the status of a
-    // quick command now and then ("the session ended before the command did").
+    until_runner_ends(up, down, std::time::Duration::from_secs(30)).await;
+}
+
+/// The runner's end is the session's end. The client's end (it went away,
+/// or its last frame found the runner done) is not yet: what the runner
+/// still sends, its exit status above all, goes on to the client until the
+/// runner closes (or `grace` passes). Ending at either side's end lost the
+/// status of a quick command now and then ("the session ended before the
+/// command did").
+async fn until_runner_ends(
+    up: impl std::future::Future<Output = ()>,
+    down: impl std::future::Future<Output = ()>,
+    grace: std::time::Duration,
+) {
     tokio::pin!(up, down);
     tokio::select! {
         _ = &mut down => {}
         _ = &mut up => {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), &mut down).await;
+            let _ = tokio::time::timeout(grace, &mut down).await;
         }
     }
 }
@@ -195,6 +204,34 @@ async fn relay(client: WebSocket, runner: RunnerSocket) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn what_the_runner_sends_after_the_client_ended_still_arrives() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        let delivered = AtomicBool::new(false);
+        // The client is done at once; the runner's exit status comes later.
+        let down = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            delivered.store(true, Ordering::SeqCst);
+        };
+        until_runner_ends(async {}, down, Duration::from_secs(5)).await;
+        assert!(delivered.load(Ordering::SeqCst));
+        // A runner that never ends is given up on after the grace.
+        until_runner_ends(
+            async {},
+            std::future::pending::<()>(),
+            Duration::from_millis(20),
+        )
+        .await;
+        // The runner's end ends the session even if the client stays.
+        until_runner_ends(
+            std::future::pending::<()>(),
+            async {},
+            Duration::from_secs(5),
+        )
+        .await;
+    }
 
     #[test]
     fn a_task_that_does_not_run_says_what_to_do() {
