@@ -328,6 +328,15 @@ pub fn valid_hostname(h: &str) -> bool {
 }
 
 impl TaskSpec {
+    /// Whether `r` asks to publish our SSH server's port: never done, it
+    /// would open the server to anyone past the proxy's token check.
+    pub fn asks_for_our_ssh(&self, r: &super::ports::PortRequest) -> bool {
+        self.kind == Kind::Vps
+            && !self.no_ssh
+            && r.port == 22
+            && r.proto == super::ports::Proto::Tcp
+    }
+
     /// A VM VPS (its image a VM base image), not a container.
     pub fn is_vm(&self) -> bool {
         matches!(self.image, ImageSource::VmImage(_))
@@ -362,6 +371,15 @@ pub struct Placement {
     /// host's external ports relayed to them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub published: Vec<super::ports::Published>,
+}
+
+impl Placement {
+    /// The node ports it holds on its node: SSH's and its published ports'.
+    pub fn node_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.node_port
+            .into_iter()
+            .chain(self.published.iter().map(|p| p.node_port))
+    }
 }
 
 /// A task as the host reports it.

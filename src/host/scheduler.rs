@@ -210,17 +210,8 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
     // A node port carries SSH (a VPS without an SSH server needs none) and
     // one more carries each published port.
     let ssh = spec.kind == Kind::Vps && !spec.no_ssh;
-    let used: BTreeSet<u16> = mine
-        .iter()
-        .flat_map(|p| {
-            p.node_port
-                .into_iter()
-                .chain(p.published.iter().map(|x| x.node_port))
-        })
-        .collect();
     let wanted = usize::from(ssh) + spec.ports.len();
-    let mut free_ports = (NODE_PORTS.0..=NODE_PORTS.1).filter(|p| !used.contains(p));
-    let node_ports: Vec<u16> = free_ports.by_ref().take(wanted).collect();
+    let node_ports: Vec<u16> = free_node_ports(mine.iter().copied()).take(wanted).collect();
     if node_ports.len() < wanted {
         return Err(format!(
             "{} of the {wanted} node ports it needs are free",
@@ -463,6 +454,14 @@ fn place_on(spec: &TaskSpec, node: &NodeView, reserved: &[Placement]) -> Result<
         },
         reason,
     })
+}
+
+/// The node ports no placement of `held` (all on one node) holds, lowest first.
+pub fn free_node_ports<'a>(
+    held: impl IntoIterator<Item = &'a Placement>,
+) -> impl Iterator<Item = u16> {
+    let used: BTreeSet<u16> = held.into_iter().flat_map(Placement::node_ports).collect();
+    (NODE_PORTS.0..=NODE_PORTS.1).filter(move |p| !used.contains(p))
 }
 
 /// Gives each published port of `placement` an external port of `range`

@@ -162,15 +162,6 @@ fn jupyter_token(spec: &mut TaskSpec) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A published port 22 would open our SSH server to anyone, past the
-/// proxy's token check: a VPS with our SSH server publishes no 22/tcp.
-fn is_our_ssh_port(spec: &TaskSpec, r: &crate::api::ports::PortRequest) -> bool {
-    spec.kind == crate::api::Kind::Vps
-        && !spec.no_ssh
-        && r.port == 22
-        && r.proto == crate::api::ports::Proto::Tcp
-}
-
 /// The most an onstart script may hold.
 const MAX_ONSTART: usize = 64 << 10;
 
@@ -198,7 +189,7 @@ fn check_spec(spec: &TaskSpec) -> Result<(), ApiError> {
             ));
         }
         crate::api::ports::check_requests(&spec.ports).map_err(ApiError::BadRequest)?;
-        if spec.ports.iter().any(|r| is_our_ssh_port(spec, r)) {
+        if spec.ports.iter().any(|r| spec.asks_for_our_ssh(r)) {
             return Err(ApiError::BadRequest(
                 "ports: 22 is the VPS's SSH server, reached through the host's proxy (rivernode ssh ID), never published to anyone".into(),
             ));

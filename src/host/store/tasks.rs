@@ -384,7 +384,7 @@ pub(super) fn expose(
     // while our SSH server runs (it is reached through the proxy).
     let exposed: Vec<PortRequest> = exposed
         .iter()
-        .filter(|r| t.spec.no_ssh || !(r.port == 22 && r.proto == ports::Proto::Tcp))
+        .filter(|r| !t.spec.asks_for_our_ssh(r))
         .copied()
         .collect();
     let (mut new, mut left_out) = ports::still_unpublished(&t.spec.ports, &exposed);
@@ -403,26 +403,18 @@ pub(super) fn expose(
     if new.is_empty() {
         return Ok(placement);
     }
-    let used: BTreeSet<u16> = reservations(&tx)?
-        .iter()
-        .filter(|p| p.node == node)
-        .flat_map(|p| {
-            p.node_port
-                .into_iter()
-                .chain(p.published.iter().map(|x| x.node_port))
-        })
-        .chain(placement.node_port)
-        .chain(placement.published.iter().map(|x| x.node_port))
+    let reserved = reservations(&tx)?;
+    let here = reserved.iter().filter(|p| p.node == node);
+    let free: Vec<u16> = scheduler::free_node_ports(here.chain(std::iter::once(&placement)))
+        .take(new.len())
         .collect();
-    let mut free =
-        (crate::api::NODE_PORTS.0..=crate::api::NODE_PORTS.1).filter(|p| !used.contains(p));
+    if free.len() < new.len() {
+        return Err(StoreError::Conflict(format!(
+            "node {node} has no free node port"
+        )));
+    }
     let previous = placement.published.clone();
-    for r in &new {
-        let Some(node_port) = free.next() else {
-            return Err(StoreError::Conflict(format!(
-                "node {node} has no free node port"
-            )));
-        };
+    for (r, node_port) in new.iter().zip(free) {
         placement.published.push(Published {
             request: r.port,
             proto: r.proto,
