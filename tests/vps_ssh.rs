@@ -33,19 +33,10 @@ fn a_busybox_vps_answers_stock_ssh_and_scp_through_the_proxy() {
         );
         let hosts = v.ssh_ok(&id, &["cat", "/etc/hosts"]);
         assert!(hosts.contains("127.0.1.1\tbillybob "), "{hosts}");
-        let o = v.rn(&[
-            "vps",
-            "create",
-            "--container",
-            "busybox",
-            "--no-ssh-key",
-            "--hostname",
-            "under_score",
-        ]);
-        assert!(
-            stderr(&o).contains("hostname: \"under_score\""),
-            "{}",
-            stderr(&o)
+        refused(
+            &v,
+            &["--hostname", "under_score"],
+            "hostname: \"under_score\"",
         );
         session_sees_the_instances_variables(&v, &id);
         // The instance has a resolver configuration and a hosts file of its own.
@@ -394,6 +385,15 @@ fn a_debian_vps_runs_its_own_sshd_with_keys_and_a_password() {
 /// A VPS made with `-e TZ=UTC -e TASKID=TEST -e "NOTE=two words"`: its SSH
 /// sessions see those and the Vast.ai contract variables, and its
 /// /etc/environment holds them.
+/// `vps create` of busybox with `flags` fails, saying `why`.
+fn refused(v: &Vps, flags: &[&str], why: &str) {
+    let mut args = vec!["vps", "create", "--container", "busybox", "--no-ssh-key"];
+    args.extend_from_slice(flags);
+    let o = v.rn(&args);
+    assert!(!o.status.success(), "{flags:?} was taken");
+    assert!(stderr(&o).contains(why), "{flags:?}: {}", stderr(&o));
+}
+
 fn session_sees_the_instances_variables(v: &Vps, id: &str) {
     let seen = v.ssh_ok(
         id,
@@ -501,39 +501,12 @@ fn published_ports_reach_the_instance_through_the_host() {
              && httpd -p 8081 -h /www/a && httpd -p $VAST_TCP_PORT_70000 -h /www/b \
              && (/shared/udp-echo 8082 &)";
         // More than 64 is refused, naming the limit, and nothing is made.
-        let mut many = vec!["vps", "create", "--container", "busybox", "--no-ssh-key"];
         let asks: Vec<String> = (9000..9065).map(|p| p.to_string()).collect();
-        for a in &asks {
-            many.extend(["-p", a.as_str()]);
-        }
-        let o = v.rn(&many);
-        assert!(!o.status.success());
-        assert!(stderr(&o).contains("at most 64"), "{}", stderr(&o));
-        let o = v.rn(&[
-            "vps",
-            "create",
-            "--container",
-            "busybox",
-            "--no-ssh-key",
-            "-p",
-            "8080:80",
-        ]);
-        assert!(stderr(&o).contains("-p 80"), "{}", stderr(&o));
+        let many: Vec<&str> = asks.iter().flat_map(|a| ["-p", a.as_str()]).collect();
+        refused(&v, &many, "at most 64");
+        refused(&v, &["-p", "8080:80"], "-p 80");
         // Our SSH server is reached through the proxy, with a token, never published.
-        let o = v.rn(&[
-            "vps",
-            "create",
-            "--container",
-            "busybox",
-            "--no-ssh-key",
-            "-p",
-            "22",
-        ]);
-        assert!(
-            stderr(&o).contains("22 is the VPS's SSH server"),
-            "{}",
-            stderr(&o)
-        );
+        refused(&v, &["-p", "22"], "22 is the VPS's SSH server");
 
         let id = v.create_with(&[
             "-p",
