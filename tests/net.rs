@@ -164,6 +164,28 @@ fn a_bridge_a_named_namespace_and_a_veth_carry_traffic_and_are_removed() {
                 "the node reaches it from the bridge address"
             );
 
+            // Re-attaching an attached instance (a restarted runner) keeps it.
+            attach(&h, "rvt0", &ns, &a).await.unwrap();
+            assert!(has_eth0(&ns), "re-attached");
+
+            // A runner killed with the namespace private to it leaves the
+            // host end of a pair whose inner end is not where the new
+            // namespace can find it: the next attach makes the pair afresh.
+            let gone = create_netns(dir.path(), "gone").unwrap();
+            let b = Attachment {
+                host_if: "rvtv2".into(),
+                ip: "10.250.0.3".parse().unwrap(),
+                ..a.clone()
+            };
+            attach(&h, "rvt0", &gone, &b).await.unwrap();
+            let fresh = create_netns(dir.path(), "fresh").unwrap();
+            attach(&h, "rvt0", &fresh, &b).await.unwrap();
+            assert!(has_eth0(&fresh), "the pair was made afresh");
+            assert!(!has_eth0(&gone), "the stale pair went");
+            assert!(delete_link(&h, "rvtv2").await.unwrap());
+            delete_netns(&gone).unwrap();
+            delete_netns(&fresh).unwrap();
+
             assert!(delete_link(&h, "rvtv1").await.unwrap());
             assert!(
                 !delete_link(&h, "rvtv1").await.unwrap(),
@@ -178,6 +200,20 @@ fn a_bridge_a_named_namespace_and_a_veth_carry_traffic_and_are_removed() {
     })
     .join()
     .unwrap();
+}
+
+/// Whether the namespace at `ns` has an `eth0`.
+fn has_eth0(ns: &std::path::Path) -> bool {
+    in_ns(ns, || {
+        std::process::Command::new("ip")
+            .args(["link", "show", "eth0"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    })
+    .join()
+    .unwrap()
 }
 
 /// Runs `f` on a thread inside the network namespace at `ns`.

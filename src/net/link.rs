@@ -33,8 +33,14 @@ pub async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError>
     let mut links = h.link().get().match_name(name.to_string()).execute();
     match links.next().await {
         Some(Ok(l)) => Ok(Some(l.header.index)),
-        // The kernel answers ENODEV for an unknown name.
-        Some(Err(_)) | None => Ok(None),
+        // The kernel answers ENODEV for an unknown name; any other error is
+        // not an answer, and taken for one it would make a link's caller
+        // skip a step (a veth's end never moved into its namespace).
+        Some(Err(rtnetlink::Error::NetlinkError(e))) if e.raw_code().abs() == nix::libc::ENODEV => {
+            Ok(None)
+        }
+        Some(Err(e)) => Err(NetError::Netlink(format!("look up link {name}: {e}"))),
+        None => Ok(None),
     }
 }
 
@@ -177,6 +183,13 @@ pub struct Attachment {
     pub isolated: bool,
 }
 
+/// Whether a veth pair found at (re)attach can be carried on: its host end
+/// exists and its inner end is on the node (before the move) or in the
+/// instance's namespace (after it).
+fn pair_usable(host_end: bool, peer_on_node: bool, inside: bool) -> bool {
+    host_end && (peer_on_node || inside)
+}
+
 /// A veth pair: `host_if` on `bridge`, the peer as `eth0` in `netns` with
 /// the address, loopback up and a default route through the bridge.
 pub async fn attach(
@@ -190,7 +203,27 @@ pub async fn attach(
         .ok_or_else(|| NetError::Netlink(format!("no bridge {bridge}")))?;
     // A temporary peer name, unique on the node, renamed eth0 inside the namespace.
     let peer = format!("{}p", &a.host_if[..a.host_if.len().min(14)]);
-    if link_index(h, &a.host_if).await?.is_none() {
+    let peer_name = peer.clone();
+    let inside = in_netns(netns, move |h| {
+        Box::pin(async move {
+            Ok(link_index(&h, &peer_name).await?.is_some()
+                || link_index(&h, "eth0").await?.is_some())
+        })
+    })?;
+    let host_end = link_index(h, &a.host_if).await?.is_some();
+    let peer_on_node = link_index(h, &peer).await?.is_some();
+    if !pair_usable(host_end, peer_on_node, inside) {
+        // A half left by a start cut short: most often the host end of a
+        // pair whose inner end went with a namespace that died with a
+        // killed runner (the kernel frees such a pair later, on its own
+        // time). It is removed and the pair made afresh.
+        for stale in [&a.host_if, &peer] {
+            if let Err(e) = delete_link(h, stale).await {
+                if link_index(h, stale).await?.is_some() {
+                    return Err(e);
+                }
+            }
+        }
         h.link()
             .add(LinkVeth::new(&a.host_if, &peer).build())
             .execute()
@@ -277,4 +310,27 @@ pub async fn attach(
             Ok(())
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pair_usable;
+
+    #[test]
+    fn a_pair_is_carried_on_only_with_both_ends_where_they_can_be_found() {
+        assert!(pair_usable(true, true, false), "cut short before the move");
+        assert!(
+            pair_usable(true, false, true),
+            "re-attaching after a restart"
+        );
+        assert!(
+            !pair_usable(true, false, false),
+            "inner end gone with a dead namespace"
+        );
+        assert!(
+            !pair_usable(false, true, false),
+            "a lone inner end on the node"
+        );
+        assert!(!pair_usable(false, false, false), "nothing yet");
+    }
 }
