@@ -47,6 +47,8 @@ if [ "$want_test" = 1 ]; then
     # The UEFI VM test's disk: a FAT filesystem (dosfstools, mtools) with a
     # standalone GRUB as its EFI loader.
     packages+=(grub-efi-amd64-bin dosfstools mtools)
+    # The in-instance API is tested with Vast.ai's own CLI (PyPI), in a venv.
+    packages+=(python3-venv)
 fi
 
 missing=()
@@ -77,4 +79,14 @@ if [ "$want_test" = 1 ]; then
     getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
     getent passwd libvirt-qemu >/dev/null ||
         useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+fi
+
+# The real `vastai` CLI (PyPI), pinned, for the in-instance API's test.
+if [ "$want_test" = 1 ]; then
+    venv=/opt/rivernode-test/vastai
+    if ! "$venv/bin/vastai" --version 2>/dev/null | grep -qx 1.9.1; then
+        echo "setup: installing vastai 1.9.1 (PyPI) in $venv"
+        /usr/bin/python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check vastai==1.9.1
+    fi
 fi

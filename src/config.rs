@@ -288,6 +288,10 @@ layered_config! {
         /// IPv4 networks (CIDR) instances may not reach, e.g. a storage network that trusts
         /// this node's address. Link-local (cloud metadata) is always closed.
         blocked_networks: Vec<String> = Vec::new(),
+        /// Where instances reach the in-instance API (`vastai stop instance $CONTAINER_ID`
+        /// with their CONTAINER_API_KEY): a link-local address:port put on the instance bridge
+        /// and answered by the runner, for instances only. Empty: none.
+        instance_api_address: String = "169.254.42.1:80".to_string(),
         /// CDI spec directories, in priority order (a later one wins), as nvidia-ctk writes them.
         cdi_spec_dirs: Vec<PathBuf> = vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
         /// The NVIDIA driver's procfs directory (GPU UUIDs and device minors).
@@ -386,6 +390,11 @@ impl HostConfig {
 }
 
 impl RunnerConfig {
+    /// The in-instance API's address; none if turned off (or invalid: `validate` says so).
+    pub fn instance_api(&self) -> Option<std::net::SocketAddrV4> {
+        self.instance_api_address.parse().ok()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_url("host_url", &self.host_url)?;
         check_nonzero("heartbeat_interval", self.heartbeat_interval)?;
@@ -404,6 +413,21 @@ impl RunnerConfig {
                     key: "blocked_networks",
                     message,
                 })?;
+        }
+        if !self.instance_api_address.is_empty() {
+            let addr: std::net::SocketAddrV4 =
+                self.instance_api_address
+                    .parse()
+                    .map_err(|e| ConfigError::Invalid {
+                        key: "instance_api_address",
+                        message: format!("an IPv4 address:port, e.g. 169.254.42.1:80 ({e})"),
+                    })?;
+            if !addr.ip().is_link_local() || addr.port() == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "instance_api_address",
+                    message: "a link-local address (169.254.0.0/16) and a port: an instance reaches it on its node only".into(),
+                });
+            }
         }
         if self.instance_bridge.is_empty() || self.instance_bridge.len() > 15 {
             return Err(ConfigError::Invalid {

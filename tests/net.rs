@@ -64,6 +64,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
             isolate_instances: true,
             instances: vec![],
             blocked_networks: vec![],
+            instance_api: None,
         };
         assert!(reachable(pp));
         fw.apply().unwrap();
@@ -317,8 +318,10 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 instances: vec![],
                 // A "storage network" on the outside machine below.
                 blocked_networks: vec!["198.51.100.0/24".parse().unwrap()],
+                instance_api: None,
             },
             isolate_instances: true,
+            instance_api: None,
         };
 
         let rt = tokio::runtime::Builder::new_current_thread()

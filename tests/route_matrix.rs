@@ -52,6 +52,11 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/nodes/{node}/tasks/{task}/expose",
         Access::OwnNode,
     ),
+    (
+        "POST",
+        "/api/nodes/{node}/tasks/{task}/self",
+        Access::OwnNode,
+    ),
     ("POST", "/api/tasks", Access::People),
     ("GET", "/api/tasks", Access::People),
     ("GET", "/api/environments", Access::People),

@@ -280,3 +280,120 @@ fn a_users_own_variables_reach_every_instance_they_make() {
         assert_eq!(run(&alice, &[]), "from-alice|\n");
     });
 }
+
+/// Vast.ai's own CLI (PyPI), as `scripts/setup.sh --test` installs it.
+const VASTAI: &str = "/opt/rivernode-test/vastai/bin/vastai";
+
+/// Runs `vastai ARGS` in the network namespace of instance `id` (so its
+/// calls come from that instance's address) with `env` (its variables),
+/// and a HOME of its own (the CLI keeps files there).
+fn vastai_in(v: &Vps, id: &str, env: &[(&str, &str)], args: &[&str]) -> String {
+    let netns = v
+        .runner_data()
+        .join("runner/netns")
+        .join(format!("{}-task-{id}", v.node));
+    let home = v.dir.path().join("vastai-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let o = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(VASTAI)
+        .args(args)
+        .env_clear()
+        .env("HOME", &home)
+        .env("PATH", "/usr/bin:/bin")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    format!("{}{}", stdout(&o), stderr(&o))
+}
+
+#[test]
+fn an_instance_stops_and_destroys_itself_with_the_vastai_cli_and_its_key_touches_nothing_else() {
+    if !parts_present()
+        || !real_part_available(
+            "the vastai CLI (PyPI) at /opt/rivernode-test/vastai",
+            std::path::Path::new(VASTAI).exists(),
+        )
+    {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(v) = Vps::start("vps-k") else { return };
+        let a = v.create();
+        let b = v.create();
+        v.wait_state(&a, "running");
+        v.wait_state(&b, "running");
+        // The instance's own variables, as a session inside sees them.
+        let vars = v.ssh_ok(
+            &a,
+            &["echo $CONTAINER_API_KEY; echo $VAST_API_KEY; echo $VAST_URL; echo $CONTAINER_API_URL"],
+        );
+        let vars: Vec<&str> = vars.lines().collect();
+        let (key, url) = (vars[0], vars[2]);
+        assert!(key.starts_with("cak_"), "{vars:?}");
+        assert_eq!(vars[1], key, "VAST_API_KEY is the instance's key");
+        assert_eq!(url, "http://169.254.42.1");
+        assert_eq!(vars[3], url);
+        let env = [("VAST_URL", url), ("VAST_API_KEY", key)];
+
+        // show, with the variables alone (as a Vast.ai template calls it).
+        let shown = vastai_in(&v, &a, &env, &["show", "instance", &a, "--raw"]);
+        let json: serde_json::Value = serde_json::from_str(&shown).unwrap_or_else(|_| {
+            panic!("vastai show: {shown}\n{}", v.logs());
+        });
+        assert_eq!(json["id"].as_u64().unwrap().to_string(), a, "{json}");
+        assert_eq!(json["actual_status"], "running", "{json}");
+        assert!(!shown.contains(key), "the key is not echoed back: {shown}");
+        let table = vastai_in(&v, &a, &env, &["show", "instance", &a]);
+        assert!(table.contains("running"), "{table}");
+
+        // The key acts on its own instance only: not on b by naming it...
+        let out = vastai_in(&v, &a, &env, &["stop", "instance", &b]);
+        assert!(out.contains("403"), "{out}");
+        // ...nor from b's address with a's key.
+        let out = vastai_in(&v, &b, &env, &["stop", "instance", &b]);
+        assert!(out.contains("403"), "{out}");
+        // No key, a wrong one: refused.
+        let out = vastai_in(&v, &a, &[("VAST_URL", url)], &["stop", "instance", &a]);
+        assert!(out.contains("401"), "{out}");
+        let wrong = [("VAST_URL", url), ("VAST_API_KEY", "cak_wrong")];
+        let out = vastai_in(&v, &a, &wrong, &["stop", "instance", &a]);
+        assert!(out.contains("403"), "{out}");
+        assert_eq!(v.state(&b), "running");
+        assert_eq!(v.state(&a), "running");
+        // The endpoint answers the instance bridge only: not the node itself.
+        let o = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "3",
+                &format!("{url}/api/v0/instances/{a}/"),
+            ])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "reached from the node: {}", stdout(&o));
+
+        // stop, as the command line says it: --url and --api-key.
+        let out = vastai_in(
+            &v,
+            &a,
+            &[],
+            &["--url", url, "--api-key", key, "stop", "instance", &a],
+        );
+        assert!(out.contains(&format!("stopping instance {a}")), "{out}");
+        v.wait_state(&a, "stopped");
+        let o = v.rn(&["vps", "restart", &a]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        v.wait_state(&a, "running");
+        // start of the running instance that asks: nothing to do, and said so.
+        let out = vastai_in(&v, &a, &env, &["start", "instance", &a]);
+        assert!(out.contains(&format!("starting instance {a}")), "{out}");
+        // destroy: the instance is gone, disk and all; b is untouched.
+        let out = vastai_in(&v, &a, &env, &["destroy", "instance", &a, "-y"]);
+        assert!(out.contains(&format!("destroying instance {a}")), "{out}");
+        v.wait_state(&a, "deleted");
+        assert_eq!(v.state(&b), "running");
+        v.delete(&b);
+    });
+}

@@ -201,15 +201,37 @@ impl HostClient {
         id: u64,
         req: &crate::api::ports::ExposeRequest,
     ) -> Result<crate::api::Placement, HostCallError> {
+        self.task_call(reqwest::Method::PUT, id, "expose", req)
+            .await
+    }
+
+    /// Hands on what instance `id` asked of itself with its key; the
+    /// instance as the host shows it after.
+    pub async fn instance_self(
+        &self,
+        id: u64,
+        req: &crate::api::instance_key::SelfRequest,
+    ) -> Result<crate::api::TaskView, HostCallError> {
+        self.task_call(reqwest::Method::POST, id, "self", req).await
+    }
+
+    /// `method` at `/api/nodes/<node>/tasks/<id>/<what>` with a JSON body; its JSON answer.
+    async fn task_call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        id: u64,
+        what: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, HostCallError> {
         let call = self
             .http
-            .put(format!(
-                "{}/api/nodes/{}/tasks/{id}/expose",
-                self.base, self.node
-            ))
+            .request(
+                method,
+                format!("{}/api/nodes/{}/tasks/{id}/{what}", self.base, self.node),
+            )
             .bearer_auth(self.credential())
             .timeout(Duration::from_secs(10))
-            .json(req);
+            .json(body);
         Self::answer(call).await
     }
 

@@ -67,11 +67,12 @@ pub async fn serve(
         };
         // With upgrades, for the websockets of exec and connect: an upgraded
         // connection leaves hyper (and this drain) once it is handed over.
+        // Each request carries its peer (`ConnectInfo`), as `axum::serve` gives it.
+        let service = router
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
         let conn = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                TowerToHyperService::new(router.clone()),
-            )
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
             .with_upgrades();
         let mut stopping = stopping.clone();
         tokio::spawn(async move {

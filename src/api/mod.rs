@@ -5,6 +5,7 @@ pub mod exec;
 pub mod forward;
 pub mod host_client;
 pub mod http;
+pub mod instance_key;
 pub mod ports;
 pub mod runner_client;
 mod target;

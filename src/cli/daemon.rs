@@ -93,6 +93,7 @@ pub fn runner_config(
         node_port_sources: None,
         isolate_instances: None,
         blocked_networks: None,
+        instance_api_address: None,
         cdi_spec_dirs: (!args.cdi_spec_dirs.is_empty()).then(|| args.cdi_spec_dirs.clone()),
         nvidia_driver_root: args.nvidia_driver_root.clone(),
         dev_root: args.dev_root.clone(),

@@ -84,6 +84,7 @@ pub fn node_routes() -> Router<Arc<HostState>> {
         .route("/api/nodes/{name}/tasks/{id}", put(report))
         .route("/api/nodes/{name}/tasks/{id}/progress", put(progress))
         .route("/api/nodes/{name}/tasks/{id}/expose", put(expose))
+        .route("/api/nodes/{name}/tasks/{id}/self", post(instance_self))
 }
 
 /// Places queued tasks whenever something may have freed or added room, and
@@ -158,6 +159,22 @@ fn jupyter_token(spec: &mut TaskSpec) -> Result<(), ApiError> {
         return Err(ApiError::BadRequest(
             "env: JUPYTER_TOKEN is empty: Jupyter would let anyone in; leave it out for a generated one".into(),
         ));
+    }
+    Ok(())
+}
+
+/// A container VPS's `CONTAINER_API_KEY`, always made here: one the request
+/// or the owner's variables named would be known beyond the instance. None
+/// for a VM (its guest takes no variables) or a command.
+fn instance_key(spec: &mut TaskSpec) -> Result<(), ApiError> {
+    use crate::api::instance_key::{generate, KEY_VAR};
+    if spec.env.contains_key(KEY_VAR) {
+        return Err(ApiError::BadRequest(format!(
+            "env: {KEY_VAR} is made by rivernode for each VPS; leave it out (if it is one of your own variables: `rivernode user env unset {KEY_VAR}`)"
+        )));
+    }
+    if spec.kind == crate::api::Kind::Vps && !spec.is_vm() {
+        spec.env.insert(KEY_VAR.into(), generate());
     }
     Ok(())
 }
@@ -488,6 +505,7 @@ async fn submit(
         }
     }
     jupyter_token(&mut spec)?;
+    instance_key(&mut spec)?;
     let now = crate::now_unix_ms();
     let cap = state.max_waiting_per_user;
     let id = state
@@ -677,6 +695,58 @@ async fn expose(
     Ok(Json(placement))
 }
 
+/// What an instance asks of itself with its `CONTAINER_API_KEY`, handed on
+/// by its runner (which named the instance by its address): the key must be
+/// this instance's, and it acts on this instance only.
+async fn instance_self(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path((name, id)): Path<(String, u64)>,
+    body: Bytes,
+) -> Result<Json<TaskView>, ApiError> {
+    use crate::api::instance_key::{matches, SelfAction, SelfRequest, KEY_VAR};
+    // Who calls is checked before what is asked: a stranger learns nothing.
+    own_node(&p, &name)?;
+    let req: SelfRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    let t = state
+        .blocking(move |s| s.get_task(id))
+        .await?
+        .filter(|t| t.placement.as_ref().is_some_and(|pl| pl.node == name))
+        .filter(|t| t.state != TaskState::Deleted)
+        .ok_or_else(|| ApiError::NotFound(format!("no instance {id} on this node")))?;
+    if !matches(&t.spec, &req.key) {
+        // 403, not 401: a 401 would read as the node's credential refused.
+        return Err(ApiError::Forbidden(format!(
+            "key: not the {KEY_VAR} of instance {id}"
+        )));
+    }
+    let desired = match req.action {
+        SelfAction::Show => return Ok(Json(redacted(t))),
+        SelfAction::Stop => Desired::Stopped,
+        SelfAction::Destroy => Desired::Deleted,
+        // Only a running instance can ask: starting it again is asking for
+        // what is; a privileged one that lost the right keeps what it has.
+        SelfAction::Start if t.desired == Desired::Running => return Ok(Json(redacted(t))),
+        SelfAction::Start => {
+            if t.spec.privileged {
+                return Err(ApiError::Forbidden(format!(
+                    "instance {id} is privileged: its owner starts it"
+                )));
+            }
+            Desired::Running
+        }
+    };
+    let now = crate::now_unix_ms();
+    let t = state
+        .blocking(move |s| s.set_desired(id, desired, now))
+        .await?;
+    tracing::info!(task = id, action = ?req.action, "an instance acted on itself with its key");
+    state.publish().await;
+    state.schedule.notify_one();
+    Ok(Json(redacted(t)))
+}
+
 /// A node's word on how far it got making one of its tasks; kept only
 /// while the task is being made there.
 async fn progress(
@@ -835,6 +905,32 @@ mod tests {
         s.command = vec!["true".into()];
         s.no_ssh = true;
         assert!(refusal(&s).starts_with("no_ssh:"));
+    }
+
+    #[test]
+    fn a_container_vps_gets_a_key_of_its_own_and_none_is_taken_from_the_user() {
+        use crate::api::instance_key::KEY_VAR;
+        let mut s = spec(Kind::Vps);
+        instance_key(&mut s).unwrap();
+        let key = s.env[KEY_VAR].clone();
+        assert!(key.starts_with("cak_"), "{key}");
+        let mut t = spec(Kind::Vps);
+        instance_key(&mut t).unwrap();
+        assert_ne!(t.env[KEY_VAR], key, "each VPS its own");
+        // One the request or the owner's variables name would be known to them.
+        assert!(
+            matches!(instance_key(&mut s), Err(ApiError::BadRequest(m)) if m.contains(KEY_VAR))
+        );
+        let mut c = spec(Kind::Command);
+        instance_key(&mut c).unwrap();
+        assert!(!c.env.contains_key(KEY_VAR), "a command has no key");
+        let mut vm = spec(Kind::Vps);
+        vm.image = crate::api::ImageSource::VmImage("debian".into());
+        instance_key(&mut vm).unwrap();
+        assert!(
+            !vm.env.contains_key(KEY_VAR),
+            "a VM's guest takes no variables"
+        );
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct Firewall {
     /// Networks instances may not reach at all (e.g. the storage network,
     /// which trusts the node's address).
     pub blocked_networks: Vec<Ipv4Net>,
+    /// The in-instance API (`runner::instance_api`): reached from the
+    /// instance bridge only.
+    pub instance_api: Option<std::net::SocketAddrV4>,
 }
 
 /// The MAC of an instance's interface, from its address (as Kubernetes'
@@ -210,6 +213,22 @@ impl Firewall {
                 vec![
                     m("==", iif.clone(), json!(self.bridge)),
                     m("==", dport.clone(), json!({"set": self.protected_ports})),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
+        if let Some(api) = self.instance_api {
+            // The in-instance API names its caller by source address: only
+            // the bridge, whose guard pins each instance to its own, may reach it.
+            cmds.push(self.rule(
+                "input",
+                vec![
+                    m(
+                        "==",
+                        json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                        json!(api.ip().to_string()),
+                    ),
+                    m("!=", iif.clone(), json!(self.bridge)),
                     json!({"drop": null}),
                 ],
             ));
@@ -461,6 +480,7 @@ mod tests {
             isolate_instances: true,
             instances: vec![("rvabc".into(), "10.88.0.2".parse().unwrap())],
             blocked_networks: vec!["198.51.100.0/24".parse().unwrap()],
+            instance_api: Some("169.254.42.1:80".parse().unwrap()),
         }
     }
 
@@ -482,6 +502,16 @@ mod tests {
         assert_eq!(to_host.len(), 1, "{fwd:?}");
         let text = serde_json::to_string(&to_host[0]).unwrap();
         assert!(text.contains("[443,8001,8002]"), "{text}");
+        // The in-instance API: dropped unless it comes in from the bridge.
+        let input = rules(&fw(vec![]), "input");
+        let api: Vec<&Value> = input
+            .iter()
+            .filter(|e| serde_json::to_string(e).unwrap().contains("169.254.42.1"))
+            .collect();
+        assert_eq!(api.len(), 1, "{input:?}");
+        assert_eq!(api[0][1]["match"]["op"], "!=");
+        assert_eq!(api[0][1]["match"]["right"], "river0");
+        assert!(api[0][2].get("drop").is_some(), "{:?}", api[0]);
     }
 
     #[test]

@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 
 use super::firewall::{Firewall, PortMap};
 use super::ipam::Ipam;
-use super::link::{attach, create_netns, delete_link, delete_netns, ensure_bridge, Attachment};
+use super::link::{
+    attach, create_netns, delete_link, delete_netns, ensure_address, ensure_bridge, Attachment,
+};
 use super::NetError;
 
 /// The node side: bridge, subnet, where namespaces live, the table.
@@ -25,6 +27,9 @@ pub struct NodeNetwork {
     pub firewall: Firewall,
     /// Instances reach the node and the world but not each other.
     pub isolate_instances: bool,
+    /// The in-instance API's address, put on the bridge (as a /32: no
+    /// route of the node's changes).
+    pub instance_api: Option<Ipv4Addr>,
 }
 
 /// What an instance got.
@@ -45,7 +50,10 @@ impl NodeNetwork {
     /// The bridge up with the subnet's gateway, and the node routing for instances.
     async fn prepare_node(&self, h: &Handle) -> Result<(), NetError> {
         let net = self.ipam.net();
-        ensure_bridge(h, &self.bridge, net.gateway(), net.prefix).await?;
+        let bridge = ensure_bridge(h, &self.bridge, net.gateway(), net.prefix).await?;
+        if let Some(api) = self.instance_api {
+            ensure_address(h, bridge, api, 32).await?;
+        }
         let fwd = self.sysctl_dir.join("net/ipv4/ip_forward");
         // Node ports reached as 127.0.0.1 (a host proxy on this node) are DNAT'ed
         // onto the bridge; the kernel routes such loopback-sourced packets only

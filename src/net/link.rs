@@ -61,26 +61,37 @@ pub async fn ensure_bridge(
     let index = link_index(h, name)
         .await?
         .ok_or_else(|| NetError::Netlink(format!("bridge {name} vanished")))?;
-    let mut addrs = h.address().get().set_link_index_filter(index).execute();
-    let mut has = false;
-    while let Some(Ok(a)) = addrs.next().await {
-        has |= a.attributes.iter().any(|attr| {
-            matches!(attr, netlink_packet_route::address::AddressAttribute::Address(std::net::IpAddr::V4(ip)) if *ip == gateway)
-        });
-    }
-    if !has {
-        h.address()
-            .add(index, gateway.into(), prefix)
-            .execute()
-            .await
-            .map_err(nl(format!("address {gateway}/{prefix} on {name}")))?;
-    }
+    ensure_address(h, index, gateway, prefix).await?;
     h.link()
         .set(LinkUnspec::new_with_index(index).up().build())
         .execute()
         .await
         .map_err(nl(format!("set {name} up")))?;
     Ok(index)
+}
+
+/// Puts `ip/prefix` on link `index` unless it is there.
+pub async fn ensure_address(
+    h: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetError> {
+    let mut addrs = h.address().get().set_link_index_filter(index).execute();
+    let mut has = false;
+    while let Some(Ok(a)) = addrs.next().await {
+        has |= a.attributes.iter().any(|attr| {
+            matches!(attr, netlink_packet_route::address::AddressAttribute::Address(std::net::IpAddr::V4(a)) if *a == ip)
+        });
+    }
+    if !has {
+        h.address()
+            .add(index, ip.into(), prefix)
+            .execute()
+            .await
+            .map_err(nl(format!("address {ip}/{prefix} on link {index}")))?;
+    }
+    Ok(())
 }
 
 pub async fn delete_link(h: &Handle, name: &str) -> Result<bool, NetError> {

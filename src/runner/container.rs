@@ -71,7 +71,16 @@ pub struct TaskContext {
 /// environment's contract), each also as `RIVERNODE_<name>`: the instance's
 /// id and label, the cluster's public address, the first SSH key, the GPU
 /// count and the data directory (`/shared`, where the instance starts).
-pub fn contract_env(a: &Assignment, data_directory: Option<&str>) -> BTreeMap<String, String> {
+///
+/// With a `CONTAINER_API_KEY` (a container VPS) and the node's in-instance
+/// API (`api_url`), also `CONTAINER_API_URL`, and `VAST_URL` and
+/// `VAST_API_KEY` unless the instance's own variables set them: the `vastai`
+/// CLI reads those two, so `vastai stop instance $CONTAINER_ID` works as is.
+pub fn contract_env(
+    a: &Assignment,
+    data_directory: Option<&str>,
+    api_url: Option<&str>,
+) -> BTreeMap<String, String> {
     let label = format!("C.{}", a.id);
     let vars = [
         ("CONTAINER_ID", Some(a.id.to_string())),
@@ -100,6 +109,17 @@ pub fn contract_env(a: &Assignment, data_directory: Option<&str>) -> BTreeMap<St
         env.insert("RIVERNODE_JUPYTER_SERVER_URL".into(), url.clone());
         env.insert("JUPYTER_SERVER_URL".into(), url);
     }
+    let key = a.spec.env.get(crate::api::instance_key::KEY_VAR);
+    if let (Some(key), Some(url)) = (key, api_url) {
+        env.insert("RIVERNODE_CONTAINER_API_KEY".into(), key.clone());
+        env.insert("CONTAINER_API_URL".into(), url.to_string());
+        env.insert("RIVERNODE_CONTAINER_API_URL".into(), url.to_string());
+        for (k, v) in [("VAST_URL", url), ("VAST_API_KEY", key.as_str())] {
+            if !a.spec.env.contains_key(k) {
+                env.insert(k.into(), v.to_string());
+            }
+        }
+    }
     // Each published port's external port, named by the port asked for.
     for p in &a.placement.published {
         let name = p.variable();
@@ -108,6 +128,14 @@ pub fn contract_env(a: &Assignment, data_directory: Option<&str>) -> BTreeMap<St
         env.insert(name, p.external.to_string());
     }
     env
+}
+
+/// The in-instance API's URL as instances use it (`http://169.254.42.1`).
+pub fn instance_api_url(addr: std::net::SocketAddrV4) -> String {
+    match addr.port() {
+        80 => format!("http://{}", addr.ip()),
+        port => format!("http://{}:{port}", addr.ip()),
+    }
 }
 
 fn cpuset_file(cgroup_root: &std::path::Path, path: &str) -> Option<PathBuf> {
@@ -320,7 +348,8 @@ impl TaskContext {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        rivernode_env.extend(contract_env(a, cwd.as_deref()));
+        let api_url = self.config.instance_api().map(instance_api_url);
+        rivernode_env.extend(contract_env(a, cwd.as_deref(), api_url.as_deref()));
         Ok(RuntimeSpecInput {
             hostname: a
                 .spec
@@ -1311,7 +1340,13 @@ mod tests {
             node_port: 30001,
             external: 21234,
         }];
-        let env = contract_env(&a, Some("/shared"));
+        a.spec
+            .env
+            .insert("CONTAINER_API_KEY".into(), "cak_7".into());
+        a.spec
+            .env
+            .insert("VAST_URL".into(), "https://console.vast.ai".into());
+        let env = contract_env(&a, Some("/shared"), Some("http://169.254.42.1"));
         for (k, v) in [
             ("CONTAINER_ID", "7"),
             ("VAST_CONTAINERLABEL", "C.7"),
@@ -1324,14 +1359,25 @@ mod tests {
             ("RIVERNODE_DATA_DIRECTORY", "/shared"),
             ("VAST_UDP_PORT_8082", "21234"),
             ("RIVERNODE_UDP_PORT_8082", "21234"),
+            ("RIVERNODE_CONTAINER_API_KEY", "cak_7"),
+            ("VAST_API_KEY", "cak_7"),
+            ("CONTAINER_API_URL", "http://169.254.42.1"),
         ] {
             assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
         }
         // What is not known is not set (never an empty value).
         a.public_address = None;
         a.spec.ssh_keys.clear();
-        let env = contract_env(&a, None);
+        assert!(
+            !env.contains_key("VAST_URL"),
+            "the instance's own VAST_URL (a real Vast.ai account) is left as it is"
+        );
+        let env = contract_env(&a, None, None);
         assert!(!env.contains_key("PUBLIC_IPADDR") && !env.contains_key("SSH_PUBLIC_KEY"));
+        assert!(
+            !env.contains_key("VAST_API_KEY") && !env.contains_key("CONTAINER_API_URL"),
+            "no in-instance API on the node: no URL, and the key is not offered to the CLI"
+        );
         assert!(!env.contains_key("DATA_DIRECTORY"));
     }
 }

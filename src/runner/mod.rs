@@ -11,6 +11,7 @@ pub mod driver;
 pub mod exec;
 pub mod forward;
 pub mod gpus;
+pub mod instance_api;
 pub mod lifecycle;
 pub mod logdriver;
 pub mod progress;
@@ -368,6 +369,35 @@ fn refusal_is_final(status: reqwest::StatusCode) -> bool {
 /// The memory a node holds back for itself when its operator names none:
 /// a twentieth, at least 1 GiB (the daemons' own need), at most a quarter
 /// (small test machines still run instances).
+/// Serves the in-instance API (`instance_api`) on `addr`. A node that
+/// cannot (the port taken) runs its instances without it, and says so.
+fn serve_instance_api(
+    addr: std::net::SocketAddrV4,
+    node: &str,
+    ctx: Arc<container::TaskContext>,
+    host: Arc<crate::api::host_client::HostClient>,
+    stop: watch::Receiver<bool>,
+) {
+    let listener = match instance_api::listen(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot serve the in-instance API: CONTAINER_API_KEY will not work on this node (instance_api_address)");
+            return;
+        }
+    };
+    let state = Arc::new(instance_api::InstanceApi {
+        node: node.to_string(),
+        leases: Box::new(move || ctx.vps.network.ipam.leases()),
+        host,
+    });
+    tracing::info!(%addr, "in-instance API listening");
+    tokio::spawn(async move {
+        if let Err(e) = instance_api::serve(listener, state, stop).await {
+            tracing::error!(error = %e, "the in-instance API stopped");
+        }
+    });
+}
+
 pub fn default_reserved_memory(total: u64) -> u64 {
     (total / 20).max(1 << 30).min(total / 4)
 }
@@ -710,6 +740,9 @@ impl Control {
             self.containerd_problem.clone(),
             self.stop.clone(),
         ));
+        if let Some(addr) = self.config.instance_api() {
+            serve_instance_api(addr, &c.name, ctx.clone(), host.clone(), self.stop.clone());
+        }
         let _ = self.api.tasks.set(ctx);
         self.tasks = Some(host);
         self.task_loop_problem = None;

@@ -416,8 +416,10 @@ impl VpsKit {
                         .map(|n| n.parse())
                         .collect::<Result<_, _>>()
                         .map_err(VpsError::BlockedNetwork)?,
+                    instance_api: config.instance_api(),
                 },
                 isolate_instances: config.isolate_instances,
+                instance_api: config.instance_api().map(|a| *a.ip()),
             },
             root,
             dropbear: config.dropbear.clone(),
