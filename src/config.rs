@@ -223,6 +223,12 @@ layered_config! {
         /// Published ports one user's VPS may hold in all (they hold them until deleted);
         /// one more is refused (429). The admin is not capped.
         max_published_ports_per_user: u32 = 256,
+        /// Which of a `user`'s requests wait in pending_approval until an operator or the
+        /// admin runs `rivernode approve ID` (or `reject`): a comma list of `vps` (their VPS,
+        /// as KohakuRiver does) and `gpu` (their command tasks that ask for GPUs), or `none`.
+        approval: String = "vps".to_string(),
+        /// A request for no GPUs never waits for approval.
+        approval_skips_cpu_only: bool = false,
     }
 }
 
@@ -329,7 +335,17 @@ layered_config! {
 }
 
 impl HostConfig {
+    /// The approval settings; `validate` has checked them.
+    pub fn approval(&self) -> Result<crate::host::approval::Approval, ConfigError> {
+        crate::host::approval::Approval::parse(&self.approval, self.approval_skips_cpu_only)
+            .map_err(|message| ConfigError::Invalid {
+                key: "approval",
+                message,
+            })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.approval()?;
         if self.api_port != 0 && self.api_port == self.ssh_proxy_port {
             return Err(ConfigError::Invalid {
                 key: "ssh_proxy_port",

@@ -16,9 +16,21 @@ enum Access {
     /// Any valid token.
     Anyone,
     Admin,
-    /// The admin, and users (a task route: only the task's owner).
+    /// Every person: the admin, users, operators, viewers.
     People,
-    /// A task's owner and the admin; other users see 404.
+    /// People who may submit work: not viewers.
+    Submit,
+    /// Those who read the cluster: the admin, operators, viewers.
+    Readers,
+    /// The admin and operators.
+    Operators,
+    /// A task route everyone who may see the task may call: its owner, the
+    /// admin, operators and viewers; other users see 404.
+    Seen,
+    /// A task route that changes it: its owner, the admin, operators;
+    /// viewers get 403, other users 404.
+    Operated,
+    /// A task's owner and the admin; everyone else sees 404.
     Owner,
     Join,
     /// The node named in the path, with its own credential.
@@ -33,8 +45,8 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("POST", "/api/users", Access::Admin),
     ("GET", "/api/users", Access::Admin),
     ("DELETE", "/api/users/{user}", Access::Admin),
-    ("GET", "/api/nodes", Access::Admin),
-    ("GET", "/api/nodes/{node}", Access::Admin),
+    ("GET", "/api/nodes", Access::Readers),
+    ("GET", "/api/nodes/{node}", Access::Readers),
     ("DELETE", "/api/nodes/{node}", Access::Admin),
     ("POST", "/api/join-token", Access::Admin),
     ("GET", "/api/nodes/{node}/runner", Access::Admin),
@@ -57,19 +69,21 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/nodes/{node}/tasks/{task}/self",
         Access::OwnNode,
     ),
-    ("POST", "/api/tasks", Access::People),
+    ("POST", "/api/tasks", Access::Submit),
     ("GET", "/api/tasks", Access::People),
     ("GET", "/api/environments", Access::People),
-    ("GET", "/api/tasks/{task}", Access::Owner),
+    ("GET", "/api/tasks/{task}", Access::Seen),
     ("GET", "/api/tasks/{task}/logs", Access::Owner),
     ("GET", "/api/tasks/{task}/exec", Access::Owner),
     ("GET", "/api/tasks/{task}/forward", Access::Owner),
-    ("POST", "/api/tasks/{task}/kill", Access::Owner),
+    ("POST", "/api/tasks/{task}/kill", Access::Operated),
     ("POST", "/api/tasks/{task}/delete", Access::Owner),
-    ("POST", "/api/tasks/{task}/pause", Access::Owner),
-    ("POST", "/api/tasks/{task}/resume", Access::Owner),
-    ("POST", "/api/tasks/{task}/stop", Access::Owner),
-    ("POST", "/api/tasks/{task}/restart", Access::Owner),
+    ("POST", "/api/tasks/{task}/approve", Access::Operators),
+    ("POST", "/api/tasks/{task}/reject", Access::Operators),
+    ("POST", "/api/tasks/{task}/pause", Access::Operated),
+    ("POST", "/api/tasks/{task}/resume", Access::Operated),
+    ("POST", "/api/tasks/{task}/stop", Access::Operated),
+    ("POST", "/api/tasks/{task}/restart", Access::Operated),
     ("POST", "/api/vps/snapshots/{task}", Access::Owner),
     ("GET", "/api/vps/snapshots/{task}", Access::Owner),
     ("GET", "/api/vps/snapshots/{task}/latest", Access::Owner),
@@ -94,6 +108,10 @@ enum Caller {
     OtherNode,
     /// node-b's credential on its own routes.
     Node,
+    /// vera, a viewer.
+    Viewer,
+    /// olga, an operator.
+    Operator,
     /// alice, on bob's task.
     OtherUser,
     /// bob, who owns the task.
@@ -101,31 +119,41 @@ enum Caller {
     Admin,
 }
 
-const CALLERS: [Caller; 8] = [
+const CALLERS: [Caller; 10] = [
     Caller::Anonymous,
     Caller::BadToken,
     Caller::Join,
     Caller::OtherNode,
     Caller::Node,
+    Caller::Viewer,
+    Caller::Operator,
     Caller::OtherUser,
     Caller::User,
     Caller::Admin,
 ];
 
 /// What a caller must get: `Some(status)`, or `None` for "let in" (any
-/// answer but 401, 403 and the other user's 404).
+/// answer but 401, 403 and a 404 that says the task is not there for them).
 fn expected(access: Access, caller: Caller) -> Option<StatusCode> {
+    use Access as A;
     use Caller::*;
+    let person = matches!(caller, Viewer | Operator | OtherUser | User | Admin);
     match (caller, access) {
         (Anonymous | BadToken, _) => Some(StatusCode::UNAUTHORIZED),
-        (_, Access::Anyone) => None,
-        (Admin, Access::Admin | Access::People | Access::Owner | Access::OwnUser) => None,
-        (User, Access::People | Access::Owner | Access::OwnUser) => None,
-        (OtherUser, Access::People) => None,
-        // Another user's task looks like no task at all.
-        (OtherUser, Access::Owner) => Some(StatusCode::NOT_FOUND),
-        (Join, Access::Join) => None,
-        (Node, Access::OwnNode) => None,
+        (_, A::Anyone) => None,
+        (Join, A::Join) | (Node, A::OwnNode) => None,
+        (Admin, A::Join | A::OwnNode) => Some(StatusCode::FORBIDDEN),
+        (Admin, _) => None,
+        (_, A::People) if person => None,
+        (Viewer, A::Submit) => Some(StatusCode::FORBIDDEN),
+        (_, A::Submit) if person => None,
+        (Operator | Viewer, A::Readers) | (Operator, A::Operators) => None,
+        (User, A::Seen | A::Operated | A::Owner | A::OwnUser) => None,
+        (Operator, A::Seen | A::Operated) | (Viewer, A::Seen) => None,
+        (Viewer, A::Operated) => Some(StatusCode::FORBIDDEN),
+        // Someone else's task looks like no task at all.
+        (OtherUser, A::Seen | A::Operated | A::Owner) => Some(StatusCode::NOT_FOUND),
+        (Operator | Viewer, A::Owner) => Some(StatusCode::NOT_FOUND),
         _ => Some(StatusCode::FORBIDDEN),
     }
 }
@@ -174,18 +202,6 @@ fn shape(path: &str) -> String {
     out
 }
 
-fn inventory() -> serde_json::Value {
-    serde_json::json!({
-        "hostname": "m", "kernel": "6.1",
-        "cpus": (0..4).map(|i| serde_json::json!({
-            "id": i, "core_id": i, "package_id": 0, "numa_node": 0, "thread_siblings": i.to_string(),
-        })).collect::<Vec<_>>(),
-        "numa_nodes": [{"id": 0, "cpus": "0-3", "memory_total_bytes": 1u64 << 33}],
-        "memory_total_bytes": 1u64 << 33,
-        "gpus": [],
-    })
-}
-
 async fn call(
     method: &str,
     url: &str,
@@ -201,23 +217,6 @@ async fn call(
         req = req.json(&b);
     }
     req.send().await.expect("request").status()
-}
-
-async fn register(url: &str, join: &str, name: &str) -> String {
-    let body = serde_json::json!({
-        "name": name, "runner_url": "http://127.0.0.1:9", "heartbeat_interval_ms": 60000,
-        "version": "t", "inventory": inventory(),
-    });
-    let r = reqwest::Client::new()
-        .post(format!("{url}/api/nodes/register"))
-        .bearer_auth(join)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let v: serde_json::Value = r.json().await.unwrap();
-    v["credential"].as_str().unwrap().to_string()
 }
 
 #[test]
@@ -243,13 +242,24 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
     let hd = host_data.to_str().unwrap();
     let admin = read_trimmed(&host_data.join("admin.token")).unwrap();
     let join = read_trimmed(&host_data.join("join.token")).unwrap();
-    let add_user = |name: &str| {
-        let o = cli(&["--data-dir", hd, "-o", "json", "user", "add", name]);
+    let add_user = |name: &str, role: &str| {
+        let o = cli(&[
+            "--data-dir",
+            hd,
+            "-o",
+            "json",
+            "user",
+            "add",
+            name,
+            "--role",
+            role,
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         v["token"].as_str().unwrap().to_string()
     };
-    let (alice, bob) = (add_user("alice"), add_user("bob"));
+    let (alice, bob) = (add_user("alice", "user"), add_user("bob", "user"));
+    let (olga, vera) = (add_user("olga", "operator"), add_user("vera", "viewer"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let node_a = register(&url, &join, "node-a").await;
@@ -277,6 +287,8 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                 Caller::Join => Some(join.as_str()),
                 Caller::OtherNode => Some(node_a.as_str()),
                 Caller::Node => Some(node_b.as_str()),
+                Caller::Viewer => Some(vera.as_str()),
+                Caller::Operator => Some(olga.as_str()),
                 Caller::OtherUser => Some(alice.as_str()),
                 Caller::User => Some(bob.as_str()),
                 Caller::Admin => Some(admin.as_str()),
@@ -302,7 +314,7 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                     None => {
                         got != StatusCode::UNAUTHORIZED
                             && got != StatusCode::FORBIDDEN
-                            && !(caller == Caller::OtherUser && got == StatusCode::NOT_FOUND)
+                            && !(caller != Caller::Admin && got == StatusCode::NOT_FOUND)
                     }
                 };
                 if !ok {

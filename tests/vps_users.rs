@@ -47,6 +47,10 @@ fn users_reach_only_their_own_vps_and_a_password_vps_takes_only_its_password() {
         );
         assert!(o.status.success(), "{}", stderr(&o));
         let id = created_id(&o);
+        // A user's VPS waits for an operator (the default `approval`), then runs.
+        v.wait_state(&id, "pending_approval");
+        let o = v.rn(&["approve", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
         v.wait_state(&id, "running");
         let login = wait_for("a password login", || {
             let o = v.ssh_password(&alice, &id, "correct horse battery", "echo in");
@@ -144,6 +148,7 @@ fn users_reach_only_their_own_vps_and_a_password_vps_takes_only_its_password() {
         let o = as_user(&alice, &[&create[..], &["--no-ssh-key"]].concat(), "");
         assert!(o.status.success(), "{}", stderr(&o));
         let bare = created_id(&o);
+        assert!(v.rn(&["approve", &bare]).status.success());
         let msg = wait_for("the bare VPS to fail", || {
             let o = v.rn(&["-o", "json", "task", "status", &bare]);
             let t: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;

@@ -235,8 +235,44 @@ pub struct WhoAmI {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserView {
     pub name: String,
+    #[serde(default)]
+    pub role: PersonRole,
     pub created_at_unix_ms: i64,
     pub active_tasks: u64,
+}
+
+/// What a person's token may do (the admin's is not a person's): `viewer`
+/// reads the cluster, `user` runs their own work, `operator` also runs
+/// everyone's (approves, stops, kills) without reaching inside it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PersonRole {
+    Viewer,
+    #[default]
+    User,
+    Operator,
+}
+
+impl PersonRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PersonRole::Viewer => "viewer",
+            PersonRole::User => "user",
+            PersonRole::Operator => "operator",
+        }
+    }
+}
+
+impl std::str::FromStr for PersonRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "viewer" => Ok(PersonRole::Viewer),
+            "user" => Ok(PersonRole::User),
+            "operator" => Ok(PersonRole::Operator),
+            _ => Err(format!("{s:?} is not one of viewer, user, operator")),
+        }
+    }
 }
 
 /// `POST /api/users`: the new user's token, shown once.

@@ -18,6 +18,9 @@ use crate::topology::{CpuList, PciAddress};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
+    /// A user's request that waits for an operator (`rivernode approve`);
+    /// it holds nothing until then.
+    PendingApproval,
     Pending,
     Assigning,
     Running,
@@ -30,10 +33,13 @@ pub enum TaskState {
     KilledOom,
     /// VPS only: removed with its disk and snapshots by an explicit delete.
     Deleted,
+    /// Refused by an operator; its message says why. It never ran.
+    Rejected,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 11] = [
+    pub const ALL: [TaskState; 13] = [
+        TaskState::PendingApproval,
         TaskState::Pending,
         TaskState::Assigning,
         TaskState::Running,
@@ -45,10 +51,12 @@ impl TaskState {
         TaskState::Killed,
         TaskState::KilledOom,
         TaskState::Deleted,
+        TaskState::Rejected,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            TaskState::PendingApproval => "pending_approval",
             TaskState::Pending => "pending",
             TaskState::Assigning => "assigning",
             TaskState::Running => "running",
@@ -60,6 +68,7 @@ impl TaskState {
             TaskState::Killed => "killed",
             TaskState::KilledOom => "killed_oom",
             TaskState::Deleted => "deleted",
+            TaskState::Rejected => "rejected",
         }
     }
 
@@ -73,6 +82,7 @@ impl TaskState {
                 | TaskState::Killed
                 | TaskState::KilledOom
                 | TaskState::Deleted
+                | TaskState::Rejected
         )
     }
 
@@ -85,6 +95,8 @@ impl TaskState {
             return true;
         }
         match self {
+            // Approved (queued), refused, withdrawn (killed), or a VPS deleted.
+            PendingApproval => matches!(to, Pending | Rejected | Killed | Deleted),
             Pending => matches!(to, Assigning | Killed | Failed),
             Assigning => !matches!(to, Pending),
             Running => !matches!(to, Pending | Assigning),
@@ -94,6 +106,8 @@ impl TaskState {
             Stopped => matches!(to, Pending | Killed | Failed | Deleted),
             Completed | Failed | Killed | KilledOom => matches!(to, Pending | Deleted),
             Deleted => false,
+            // Never ran: a restart would pass the approval by; a delete ends it.
+            Rejected => matches!(to, Deleted),
         }
     }
 }
@@ -512,8 +526,11 @@ mod tests {
     fn ends_change_only_by_restart_or_delete() {
         for from in TaskState::ALL.into_iter().filter(|s| s.is_final()) {
             for to in TaskState::ALL {
-                let restart_or_delete = from != TaskState::Deleted
-                    && matches!(to, TaskState::Pending | TaskState::Deleted);
+                let restart_or_delete = match from {
+                    TaskState::Deleted => false,
+                    TaskState::Rejected => to == TaskState::Deleted,
+                    _ => matches!(to, TaskState::Pending | TaskState::Deleted),
+                };
                 assert_eq!(
                     from.can_become(to),
                     from == to || restart_or_delete,
@@ -522,6 +539,15 @@ mod tests {
             }
         }
         assert!(!TaskState::Deleted.can_become(TaskState::Pending));
+        assert!(
+            TaskState::PendingApproval.can_become(TaskState::Pending),
+            "approved"
+        );
+        assert!(TaskState::PendingApproval.can_become(TaskState::Rejected));
+        assert!(
+            !TaskState::PendingApproval.can_become(TaskState::Assigning),
+            "never placed before approval"
+        );
         assert!(TaskState::Pending.can_become(TaskState::Assigning));
         assert!(!TaskState::Running.can_become(TaskState::Pending));
         assert!(

@@ -61,6 +61,15 @@ pub enum Command {
     User(UserCommand),
     /// Who this token is (admin, user NAME, node NAME) on which host.
     Whoami,
+    /// Let a request that waits for approval run (operator, admin).
+    Approve { id: u64 },
+    /// Refuse a request that waits for approval; its owner reads the reason (operator, admin).
+    Reject {
+        id: u64,
+        /// Why, for the person who asked.
+        #[arg(long)]
+        reason: String,
+    },
     /// An interactive shell in a task or VPS on any node, without SSH (bash if the image has it).
     Connect {
         id: u64,
@@ -150,6 +159,10 @@ pub struct HostArgs {
     /// Tasks one user may have waiting for resources at once (default 1000).
     #[arg(long, value_name = "N")]
     pub max_waiting_per_user: Option<u32>,
+    /// Which of a user's requests wait for an operator's approval: `vps`, `gpu`
+    /// (comma list), or `none` (default vps).
+    #[arg(long, value_name = "LIST")]
+    pub approval: Option<String>,
     /// The environment work without --container or --image runs in.
     #[arg(long, value_name = "NAME")]
     pub default_environment: Option<String>,
@@ -309,7 +322,13 @@ pub enum JoinTokenCommand {
 #[derive(Subcommand, Debug)]
 pub enum UserCommand {
     /// Add a user and print their token (shown once; only its hash is kept).
-    Add { name: String },
+    Add {
+        name: String,
+        /// viewer: reads the cluster; user: runs their own work; operator: also
+        /// approves requests and stops, kills and restarts anyone's instances.
+        #[arg(long, default_value = "user", value_parser = parse_person_role)]
+        role: crate::api::PersonRole,
+    },
     /// List users with how many of their tasks have not ended.
     List,
     /// Remove a user and revoke their token; their tasks stay, for the admin to end.
@@ -774,4 +793,8 @@ pub struct SshArgs {
     /// Command to run instead of a login shell.
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+fn parse_person_role(s: &str) -> Result<crate::api::PersonRole, String> {
+    s.parse()
 }

@@ -50,6 +50,8 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         default_vm_image: args.default_vm_image.clone().map(Some),
         published_ports: args.published_ports.clone(),
         max_published_ports_per_user: None,
+        approval: args.approval.clone(),
+        approval_skips_cpu_only: None,
     });
     cfg.validate()?;
     Ok(cfg)

@@ -76,6 +76,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let code = terminal::exec(&client, id, command, tty).await?;
             std::process::exit(code);
         }
+        Command::Approve { id } => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            Ok(task::decide(&client, id, None, cli.output).await?)
+        }
+        Command::Reject { id, reason } => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            Ok(task::decide(&client, id, Some(reason), cli.output).await?)
+        }
         Command::Whoami => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             Ok(user::whoami(&client, cli.output).await?)

@@ -326,7 +326,8 @@ pub async fn wait_made(
         let t: TaskView = client.get(&format!("/api/tasks/{id}")).await?;
         let made =
             t.placement.is_some() && !matches!(t.state, TaskState::Pending | TaskState::Assigning);
-        if made || t.state.is_final() {
+        // A VPS that waits for an operator may wait for days: say so and return.
+        if made || t.state.is_final() || (what == "vps" && t.state == TaskState::PendingApproval) {
             return Ok(t);
         }
         // A task's stderr is its own (`--wait` passes it through, as
@@ -343,7 +344,8 @@ pub async fn wait_made(
         }
         // Why it waits, once each time the reason changes.
         let why = t.reason.clone();
-        if t.state == TaskState::Pending && !why.is_empty() && why != said {
+        let waits = matches!(t.state, TaskState::Pending | TaskState::PendingApproval);
+        if waits && !why.is_empty() && why != said {
             meter.say(&format!("{what} {id} {}: {why}", t.state));
             said = why;
         }
@@ -474,6 +476,38 @@ async fn desire(client: &Client, verb: &str, id: u64, output: Output) -> anyhow:
             "task {id}: {verb} requested (state {})\n",
             t.state
         )),
+    }
+    Ok(())
+}
+
+/// `rivernode approve ID` (no reason) or `reject ID --reason ...`.
+pub async fn decide(
+    client: &Client,
+    id: u64,
+    rejection: Option<String>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let t: TaskView = match &rejection {
+        None => {
+            client
+                .post(&format!("/api/tasks/{id}/approve"), &serde_json::json!({}))
+                .await?
+        }
+        Some(reason) => {
+            client
+                .post(
+                    &format!("/api/tasks/{id}/reject"),
+                    &serde_json::json!({ "reason": reason }),
+                )
+                .await?
+        }
+    };
+    match output {
+        Output::Json => emit_json(&t),
+        Output::Table => emit(&match rejection {
+            None => format!("task {id} approved: {} ({})\n", t.state, t.reason),
+            Some(_) => format!("task {id} rejected; its owner reads why in its status\n"),
+        }),
     }
     Ok(())
 }

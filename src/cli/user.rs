@@ -11,9 +11,12 @@ use crate::cli::output::{ago, emit, emit_json, table};
 
 pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<(), ClientError> {
     match cmd {
-        UserCommand::Add { name } => {
+        UserCommand::Add { name, role } => {
             let u: NewUser = client
-                .post("/api/users", &serde_json::json!({ "name": name }))
+                .post(
+                    "/api/users",
+                    &serde_json::json!({ "name": name, "role": role }),
+                )
                 .await?;
             match output {
                 Output::Json => emit_json(&u),
@@ -36,12 +39,13 @@ pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<()
                         .map(|u| {
                             vec![
                                 u.name.clone(),
+                                u.role.as_str().to_string(),
                                 u.active_tasks.to_string(),
                                 ago(u.created_at_unix_ms, now),
                             ]
                         })
                         .collect();
-                    emit(&table(&["NAME", "ACTIVE TASKS", "ADDED"], &rows));
+                    emit(&table(&["NAME", "ROLE", "ACTIVE TASKS", "ADDED"], &rows));
                 }
             }
         }

@@ -137,13 +137,26 @@ pub fn router(state: Arc<HostState>) -> Router {
             get(get_user_env).post(change_user_env),
         )
         .route_layer(middleware::from_fn(|req, next| {
-            auth::require(&[Role::Admin, Role::User], req, next)
+            auth::require(&Principal::PEOPLE, req, next)
+        }));
+    // Reading the nodes: those who run the cluster or look at it.
+    let readers = Router::new()
+        .route("/api/nodes", get(list_nodes))
+        .route("/api/nodes/{name}", get(get_node))
+        .route_layer(middleware::from_fn(|req, next| {
+            auth::require(&[Role::Admin, Role::Operator, Role::Viewer], req, next)
+        }));
+    let submitters = super::tasks::submit_routes().route_layer(middleware::from_fn(|req, next| {
+        auth::require(&[Role::Admin, Role::Operator, Role::User], req, next)
+    }));
+    let operators =
+        super::tasks::operator_routes().route_layer(middleware::from_fn(|req, next| {
+            auth::require(&[Role::Admin, Role::Operator], req, next)
         }));
     let admin = Router::new()
         .route("/api/users", post(add_user).get(list_users))
         .route("/api/users/{name}", delete(remove_user))
-        .route("/api/nodes", get(list_nodes))
-        .route("/api/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/api/nodes/{name}", delete(remove_node))
         .route("/api/join-token", post(rotate_join_token))
         .route("/api/nodes/{name}/runner", get(probe_runner))
         .route_layer(middleware::from_fn(|req, next| {
@@ -164,6 +177,9 @@ pub fn router(state: Arc<HostState>) -> Router {
     Router::new()
         .route("/api/whoami", get(whoami))
         .merge(people)
+        .merge(submitters)
+        .merge(readers)
+        .merge(operators)
         .merge(admin)
         .merge(join)
         .merge(node)
@@ -192,6 +208,9 @@ async fn whoami(
 #[serde(deny_unknown_fields)]
 struct AddUser {
     name: String,
+    /// What the person's token may do (default `user`).
+    #[serde(default)]
+    role: crate::api::PersonRole,
 }
 
 async fn add_user(
@@ -200,12 +219,12 @@ async fn add_user(
 ) -> Result<(StatusCode, Json<NewUser>), ApiError> {
     validate_user_name(&req.name).map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
     let token = generate_token("rnusr");
-    let (hash, name) = (hash_token(&token), req.name.clone());
+    let (hash, name, role) = (hash_token(&token), req.name.clone(), req.role);
     let now = crate::now_unix_ms();
     state
-        .blocking(move |s| s.add_user(&name, &hash, now))
+        .blocking(move |s| s.add_user(&name, role, &hash, now))
         .await?;
-    tracing::info!(user = %req.name, "user added");
+    tracing::info!(user = %req.name, role = role.as_str(), "user added");
     Ok((
         StatusCode::CREATED,
         Json(NewUser {

@@ -24,6 +24,15 @@ pub enum Role {
     Node,
     /// A person: submits tasks and VPS and sees and controls only their own.
     User,
+    /// A person who reads the cluster (its nodes, every task with the
+    /// variables' values left out) and changes nothing.
+    Viewer,
+    /// A person who runs the cluster's work: a user who also sees every
+    /// task (values left out), approves and rejects requests, and stops,
+    /// kills, pauses, resumes and restarts anyone's instances; never users,
+    /// tokens or what is inside others' instances (exec, logs, snapshots,
+    /// delete stay theirs and the admin's).
+    Operator,
 }
 
 impl Role {
@@ -33,6 +42,8 @@ impl Role {
             Role::Join => "join",
             Role::Node => "node",
             Role::User => "user",
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
         }
     }
 
@@ -42,6 +53,8 @@ impl Role {
             "join" => Some(Role::Join),
             "node" => Some(Role::Node),
             "user" => Some(Role::User),
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
             _ => None,
         }
     }
@@ -74,24 +87,45 @@ impl Principal {
         }
     }
 
-    /// The owner recorded on what this principal creates: the user's name,
-    /// or none for the admin.
+    /// The owner recorded on what this principal creates: the person's
+    /// name, or none for the admin.
     pub fn owner(&self) -> Option<String> {
         match self.role {
-            Role::User => self.user.clone(),
+            Role::User | Role::Operator | Role::Viewer => self.user.clone(),
             _ => None,
         }
     }
 
-    /// Whether this principal may see and control a task owned by `owner`:
-    /// the admin everything, a user only their own.
+    /// Whether `owner` is this person.
+    fn owns(&self, owner: Option<&str>) -> bool {
+        self.user.is_some() && self.user.as_deref() == owner
+    }
+
+    /// Whether this principal may use a task owned by `owner` in every way
+    /// (exec, logs, snapshots, delete): the admin everything, a person only
+    /// their own.
     pub fn may_use(&self, owner: Option<&str>) -> bool {
         match self.role {
             Role::Admin => true,
-            Role::User => self.user.is_some() && self.user.as_deref() == owner,
+            Role::User | Role::Operator | Role::Viewer => self.owns(owner),
             Role::Join | Role::Node => false,
         }
     }
+
+    /// Whether this principal may see a task owned by `owner` (its
+    /// variables' values left out unless `may_use`).
+    pub fn may_see(&self, owner: Option<&str>) -> bool {
+        matches!(self.role, Role::Operator | Role::Viewer) || self.may_use(owner)
+    }
+
+    /// Whether this principal may stop, kill, pause, resume or restart a
+    /// task owned by `owner`.
+    pub fn may_operate(&self, owner: Option<&str>) -> bool {
+        self.role == Role::Operator || (self.role != Role::Viewer && self.may_use(owner))
+    }
+
+    /// The roles a person's token may carry.
+    pub const PEOPLE: [Role; 4] = [Role::Admin, Role::Operator, Role::User, Role::Viewer];
 }
 
 /// A new random token like `rnadm_<64 hex digits>`; the prefix says what it is for

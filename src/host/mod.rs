@@ -2,6 +2,7 @@
 //! liveness. Later: the ledger and scheduler and the SSH proxy.
 
 pub mod api;
+pub mod approval;
 pub mod auth;
 mod exec;
 pub mod front_door;
@@ -69,6 +70,8 @@ pub struct HostState {
     pub data_dir: PathBuf,
     /// Tasks a user may have waiting for resources at once (`max_waiting_per_user`).
     pub max_waiting_per_user: u32,
+    /// Which of a user's requests wait for an operator (`approval`).
+    pub approval: approval::Approval,
     /// What work without --container or --image runs in (`default_environment`).
     pub default_environment: Option<String>,
     /// What a VM VPS without --vm-image boots (`default_vm_image`).
@@ -197,6 +200,9 @@ impl BoundHost {
                 privileged_users: config.privileged_users.clone(),
                 data_dir: config.data_dir.clone(),
                 max_waiting_per_user: config.max_waiting_per_user,
+                approval: config
+                    .approval()
+                    .map_err(|e| HostError::Config(e.to_string()))?,
                 default_environment: config.default_environment.clone(),
                 default_vm_image: config.default_vm_image.clone(),
                 public_address: config.public_address.clone().or_else(|| {
@@ -294,7 +300,7 @@ impl proxy::TunnelResolver for Tunnels {
         // Nothing about instances is said before the token checks out, and
         // another user's instance looks like no instance at all.
         let who = match who {
-            Some(p) if matches!(p.role, Role::Admin | Role::User) => p,
+            Some(p) if matches!(p.role, Role::Admin | Role::User | Role::Operator) => p,
             Some(_) => return Err("this token may not open tunnels".into()),
             None => return Err("invalid token".into()),
         };

@@ -18,10 +18,12 @@ use super::HostState;
 use crate::api::{Assignments, Desired, SubmitResponse, TaskReport, TaskSpec, TaskState, TaskView};
 
 /// Routes for people: the admin sees and controls every task, a user only
-/// their own (another user's task answers 404, as if it did not exist).
+/// their own (another user's task answers 404, as if it did not exist);
+/// operators and viewers see every task, operators also stop and start
+/// them (`Principal::may_see`, `may_operate`).
 pub fn user_routes() -> Router<Arc<HostState>> {
     Router::new()
-        .route("/api/tasks", post(submit).get(list))
+        .route("/api/tasks", get(list))
         .route("/api/tasks/{id}", get(status))
         .route("/api/tasks/{id}/exec", get(super::exec::exec))
         .route("/api/tasks/{id}/forward", get(super::exec::forward))
@@ -48,6 +50,18 @@ pub fn user_routes() -> Router<Arc<HostState>> {
         .route("/api/tasks/{id}/logs", get(logs))
         .route("/api/environments", get(environments))
         .merge(super::snapshots::routes())
+}
+
+/// Routes for those who may submit work (people, but not viewers).
+pub fn submit_routes() -> Router<Arc<HostState>> {
+    Router::new().route("/api/tasks", post(submit))
+}
+
+/// Routes for operators and the admin: deciding on requests that wait for approval.
+pub fn operator_routes() -> Router<Arc<HostState>> {
+    Router::new()
+        .route("/api/tasks/{id}/approve", post(approve))
+        .route("/api/tasks/{id}/reject", post(reject))
 }
 
 /// Environments: `SHARED_DIR/environments/<name>.tar`.
@@ -405,9 +419,19 @@ pub(super) fn redacted(mut t: TaskView) -> TaskView {
 }
 
 /// `redacted`, with how far its node got making it while that lasts; the
-/// word of a task that is made (or ended) is forgotten here.
-pub(super) fn outward(state: &HostState, t: TaskView) -> TaskView {
+/// word of a task that is made (or ended) is forgotten here. Someone who
+/// sees the task without owning it (an operator, a viewer) learns which
+/// variables it has and that it has an onstart script, not what they say.
+pub(super) fn outward(state: &HostState, p: &Principal, t: TaskView) -> TaskView {
     let mut t = redacted(t);
+    if !p.may_use(t.owner.as_deref()) {
+        for v in t.spec.env.values_mut() {
+            *v = REDACTED.into();
+        }
+        if t.spec.onstart.is_some() {
+            t.spec.onstart = Some(REDACTED.into());
+        }
+    }
     let mut all = state.progress.lock().unwrap_or_else(|e| e.into_inner());
     if t.state == TaskState::Assigning {
         t.progress = all.get(&t.id).cloned();
@@ -437,7 +461,39 @@ pub(super) fn still_allowed(
     Ok(())
 }
 
-/// The task `id` if `p` may see it; 404 otherwise.
+/// The task `id` if `p` may see it (`Principal::may_see`: operators and
+/// viewers see every task); 404 otherwise.
+pub async fn seen_task(state: &HostState, p: &Principal, id: u64) -> Result<TaskView, ApiError> {
+    let t = state.blocking(move |s| s.get_task(id)).await?;
+    t.filter(|t| p.may_see(t.owner.as_deref()))
+        .ok_or_else(|| no_task(id))
+}
+
+/// The task `id` if `p` may stop, kill, pause, resume or restart it; 404
+/// if `p` may not even see it, 403 if only see it.
+pub async fn operated_task(
+    state: &HostState,
+    p: &Principal,
+    id: u64,
+) -> Result<TaskView, ApiError> {
+    let t = seen_task(state, p, id).await?;
+    if !p.may_operate(t.owner.as_deref()) {
+        return Err(ApiError::Forbidden(format!(
+            "a {} token may look at task {id} but not change it",
+            p.role.as_str()
+        )));
+    }
+    Ok(t)
+}
+
+fn no_task(id: u64) -> ApiError {
+    ApiError::NotFound(format!(
+        "no task {id}; `rivernode task list` shows the tasks"
+    ))
+}
+
+/// The task `id` if `p` may use it in every way (`Principal::may_use`);
+/// 404 otherwise.
 pub async fn visible_task(state: &HostState, p: &Principal, id: u64) -> Result<TaskView, ApiError> {
     state
         .blocking(move |s| s.get_task(id))
@@ -460,7 +516,13 @@ async fn submit(
     if spec.privileged {
         may_be_privileged(&state, &p)?;
     }
-    if p.role == Role::User && !spec.mounts.is_empty() {
+    if p.role == Role::Viewer {
+        return Err(ApiError::Forbidden(
+            "a viewer token reads the cluster and submits nothing; ask the admin for a user token"
+                .into(),
+        ));
+    }
+    if p.role != Role::Admin && !spec.mounts.is_empty() {
         // A node path in a container is the node's files in a tenant's hands.
         return Err(ApiError::Forbidden(
             "mounts: only the admin may mount node paths into tasks".into(),
@@ -508,8 +570,9 @@ async fn submit(
     instance_key(&mut spec)?;
     let now = crate::now_unix_ms();
     let cap = state.max_waiting_per_user;
+    let approval = state.approval.needs_approval(p.role, &spec);
     let id = state
-        .blocking(move |s| s.submit_task_capped(&spec, owner.as_deref(), cap, now))
+        .blocking(move |s| s.submit_task_capped(&spec, owner.as_deref(), cap, approval, now))
         .await?;
     // Place it now if it fits, so the answer says where (or why it waits).
     state.blocking(|s| s.schedule()).await?;
@@ -548,19 +611,18 @@ async fn list(
                 .map_err(|e| ApiError::BadRequest(format!("state: {e}")))
         })
         .transpose()?;
+    // A user lists their own tasks (an owner filter of "" matches none);
+    // operators, viewers and the admin list everyone's.
+    let owner = match p.role {
+        Role::User => Some(p.user.clone().unwrap_or_default()),
+        _ => None,
+    };
     Ok(Json(
         state
-            .blocking(move |s| {
-                // A user lists their own tasks; an owner filter of "" matches none.
-                let owner = match p.role {
-                    Role::User => Some(p.user.unwrap_or_default()),
-                    _ => None,
-                };
-                s.list_tasks(st, q.node.as_deref(), owner.as_deref())
-            })
+            .blocking(move |s| s.list_tasks(st, q.node.as_deref(), owner.as_deref()))
             .await?
             .into_iter()
-            .map(|t| outward(&state, t))
+            .map(|t| outward(&state, &p, t))
             .collect(),
     ))
 }
@@ -570,9 +632,9 @@ async fn status(
     Extension(p): Extension<Principal>,
     Path(id): Path<u64>,
 ) -> Result<Json<TaskView>, ApiError> {
-    visible_task(&state, &p, id)
+    seen_task(&state, &p, id)
         .await
-        .map(|t| Json(outward(&state, t)))
+        .map(|t| Json(outward(&state, &p, t)))
 }
 
 async fn desire(
@@ -581,7 +643,13 @@ async fn desire(
     Path(id): Path<u64>,
     d: Desired,
 ) -> Result<Json<TaskView>, ApiError> {
-    let t = visible_task(&state, &p, id).await?;
+    // A delete takes the instance's disk and snapshots: its owner's (and the
+    // admin's) alone. Stopping, starting and killing are operators' too.
+    let t = if d == Desired::Deleted {
+        visible_task(&state, &p, id).await?
+    } else {
+        operated_task(&state, &p, id).await?
+    };
     if d == Desired::Running {
         still_allowed(&state, &p, &t)?;
     }
@@ -693,6 +761,50 @@ async fn expose(
         .await?;
     state.publish().await;
     Ok(Json(placement))
+}
+
+/// `rivernode approve ID`: the request is queued, to be placed.
+async fn approve(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<u64>,
+) -> Result<Json<TaskView>, ApiError> {
+    let by = p.user.clone().unwrap_or_else(|| "the admin".into());
+    let t = state.blocking(move |s| s.approve(id, &by)).await?;
+    tracing::info!(task = id, by = ?p.user, "request approved");
+    state.publish().await;
+    state.schedule.notify_one();
+    Ok(Json(outward(&state, &p, t)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RejectRequest {
+    reason: String,
+}
+
+/// `rivernode reject ID --reason ...`: the request ends, and its owner reads why.
+async fn reject(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<u64>,
+    ApiJson(req): ApiJson<RejectRequest>,
+) -> Result<Json<TaskView>, ApiError> {
+    let reason: String = req.reason.chars().filter(|c| !c.is_control()).collect();
+    let reason = reason.trim().to_string();
+    if reason.is_empty() || reason.len() > 1000 {
+        return Err(ApiError::BadRequest(
+            "reason: say why, in at most 1000 bytes; its owner reads it".into(),
+        ));
+    }
+    let by = p.user.clone().unwrap_or_else(|| "the admin".into());
+    let now = crate::now_unix_ms();
+    let t = state
+        .blocking(move |s| s.reject(id, &by, &reason, now))
+        .await?;
+    tracing::info!(task = id, by = ?p.user, "request rejected");
+    state.publish().await;
+    Ok(Json(outward(&state, &p, t)))
 }
 
 /// What an instance asks of itself with its `CONTAINER_API_KEY`, handed on

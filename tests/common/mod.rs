@@ -351,3 +351,35 @@ pub fn runner_credential(data: &Path) -> serde_json::Value {
     let text = wait_for("the runner's credential", || read_trimmed(&path));
     serde_json::from_str(&text).expect("node.json")
 }
+
+/// A node's inventory for nodes registered over the API alone (no runner):
+/// 4 CPUs on one NUMA node, 8 GiB, no GPUs.
+pub fn inventory() -> serde_json::Value {
+    serde_json::json!({
+        "hostname": "m", "kernel": "6.1",
+        "cpus": (0..4).map(|i| serde_json::json!({
+            "id": i, "core_id": i, "package_id": 0, "numa_node": 0, "thread_siblings": i.to_string(),
+        })).collect::<Vec<_>>(),
+        "numa_nodes": [{"id": 0, "cpus": "0-3", "memory_total_bytes": 1u64 << 33}],
+        "memory_total_bytes": 1u64 << 33,
+        "gpus": [],
+    })
+}
+
+/// Registers node `name` with `inventory()` using the join token; its credential.
+pub async fn register(url: &str, join: &str, name: &str) -> String {
+    let body = serde_json::json!({
+        "name": name, "runner_url": "http://127.0.0.1:9", "heartbeat_interval_ms": 60000,
+        "version": "t", "inventory": inventory(),
+    });
+    let r = reqwest::Client::new()
+        .post(format!("{url}/api/nodes/register"))
+        .bearer_auth(join)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["credential"].as_str().unwrap().to_string()
+}

@@ -62,7 +62,13 @@ pub trait Store: Send + Sync + 'static {
         None
     }
     /// Adds a user with their first token (`Conflict` if the name is taken).
-    fn add_user(&self, name: &str, token_hash: &str, now_ms: i64) -> Result<(), StoreError>;
+    fn add_user(
+        &self,
+        name: &str,
+        role: crate::api::PersonRole,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
     fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
     /// Removes a user and revokes their tokens; their tasks stay (the admin sees them).
     fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
@@ -130,17 +136,23 @@ pub trait Store: Send + Sync + 'static {
         owner: Option<&str>,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
-        self.submit_task_capped(spec, owner, u32::MAX, now_ms)
+        self.submit_task_capped(spec, owner, u32::MAX, false, now_ms)
     }
     /// `submit_task`, refused (`TooMany`) when a user already has
-    /// `max_waiting` tasks waiting to be placed; the admin is not capped.
+    /// `max_waiting` tasks waiting (to be placed or approved); the admin is
+    /// not capped. With `needs_approval` it waits in `pending_approval`.
     fn submit_task_capped(
         &self,
         spec: &TaskSpec,
         owner: Option<&str>,
         max_waiting: u32,
+        needs_approval: bool,
         now_ms: i64,
     ) -> Result<u64, StoreError>;
+    /// An operator's yes to a task waiting for approval: it is queued.
+    fn approve(&self, id: u64, by: &str) -> Result<TaskView, StoreError>;
+    /// An operator's no, with the reason its owner will read.
+    fn reject(&self, id: u64, by: &str, reason: &str, now_ms: i64) -> Result<TaskView, StoreError>;
     /// Places queued tasks in submission order; returns the ids placed.
     fn schedule(&self) -> Result<Vec<u64>, StoreError>;
     fn get_task(&self, id: u64) -> Result<Option<TaskView>, StoreError>;
@@ -265,6 +277,10 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL,
         PRIMARY KEY (user, key)
     );",
+    // 9: what each person's tokens may do (their tokens keep role 'user';
+    // the person's role is read with them).
+    "ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'user'
+        CHECK (role IN ('viewer', 'user', 'operator'));",
 ];
 
 pub struct SqliteStore {
@@ -321,7 +337,10 @@ impl TokenCache {
     /// earlier read the old map, which lacked the newest tokens (the admin's,
     /// just after the host started), and refused them.
     fn reload(&self, c: &Connection) -> Result<(), StoreError> {
-        let mut stmt = c.prepare("SELECT hash, role, node, user, expires_at_ms FROM tokens")?;
+        let mut stmt = c.prepare(
+            "SELECT t.hash, t.role, t.node, t.user, t.expires_at_ms, u.role
+             FROM tokens t LEFT JOIN users u ON u.name = t.user",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -329,11 +348,17 @@ impl TokenCache {
                 r.get::<_, Option<String>>(2)?,
                 r.get::<_, Option<String>>(3)?,
                 r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<String>>(5)?,
             ))
         })?;
         let mut map = HashMap::new();
         for row in rows {
-            let (hash, role, node, user, expires) = row?;
+            let (hash, role, node, user, expires, person) = row?;
+            // A person's token carries the person's role.
+            let role = match (role.as_str(), person) {
+                ("user", Some(person)) => person,
+                (role, _) => role.to_string(),
+            };
             if let Some(role) = Role::parse(&role) {
                 map.insert(hash, (Principal { role, node, user }, expires));
             }
@@ -560,12 +585,18 @@ impl Store for SqliteStore {
         self.tokens.lookup(hash, crate::now_unix_ms())
     }
 
-    fn add_user(&self, name: &str, token_hash: &str, now_ms: i64) -> Result<(), StoreError> {
+    fn add_user(
+        &self,
+        name: &str,
+        role: crate::api::PersonRole,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let added = tx.execute(
-                "INSERT INTO users (name, created_at_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                params![name, now_ms],
+                "INSERT INTO users (name, created_at_ms, role) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![name, now_ms, role.as_str()],
             )?;
             if added == 0 {
                 let removed: Option<i64> = tx.query_row(
@@ -594,16 +625,18 @@ impl Store for SqliteStore {
     fn list_users(&self) -> Result<Vec<UserView>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT u.name, u.created_at_ms,
+                "SELECT u.name, u.created_at_ms, u.role,
                    (SELECT COUNT(*) FROM tasks t WHERE t.owner = u.name
-                      AND t.state NOT IN ('completed', 'failed', 'killed', 'killed_oom', 'deleted'))
+                      AND t.state NOT IN ('completed', 'failed', 'killed', 'killed_oom', 'deleted', 'rejected'))
                  FROM users u WHERE u.removed_at_ms IS NULL ORDER BY u.name",
             )?;
             let rows = stmt.query_map([], |r| {
                 Ok(UserView {
                     name: r.get(0)?,
                     created_at_unix_ms: r.get(1)?,
-                    active_tasks: r.get::<_, i64>(2)? as u64,
+                    // The table's CHECK keeps it one of the three.
+                    role: r.get::<_, String>(2)?.parse().unwrap_or_default(),
+                    active_tasks: r.get::<_, i64>(3)? as u64,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -991,10 +1024,31 @@ impl Store for SqliteStore {
         spec: &TaskSpec,
         owner: Option<&str>,
         max_waiting: u32,
+        needs_approval: bool,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
         let cap = self.published_per_user.load(Ordering::Relaxed);
-        self.with(|c| tasks::submit(c, spec, owner, max_waiting, cap, now_ms))
+        self.with(|c| {
+            tasks::submit(
+                c,
+                spec,
+                owner,
+                tasks::SubmitRules {
+                    max_waiting,
+                    published_cap: cap,
+                    needs_approval,
+                },
+                now_ms,
+            )
+        })
+    }
+
+    fn approve(&self, id: u64, by: &str) -> Result<TaskView, StoreError> {
+        self.with(|c| tasks::decide(c, id, by, None, 0))
+    }
+
+    fn reject(&self, id: u64, by: &str, reason: &str, now_ms: i64) -> Result<TaskView, StoreError> {
+        self.with(|c| tasks::decide(c, id, by, Some(reason), now_ms))
     }
 
     fn schedule(&self) -> Result<Vec<u64>, StoreError> {
@@ -1262,11 +1316,12 @@ mod tests {
         }
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.find_token("h").unwrap().unwrap().role, Role::Admin);
-        s.add_user("dana", "hd", 5).unwrap();
+        s.add_user("dana", crate::api::PersonRole::User, "hd", 5)
+            .unwrap();
         let p = s.find_token("hd").unwrap().unwrap();
         assert_eq!((p.role, p.user.as_deref()), (Role::User, Some("dana")));
         assert!(matches!(
-            s.add_user("dana", "hd2", 6),
+            s.add_user("dana", crate::api::PersonRole::User, "hd2", 6),
             Err(StoreError::Conflict(_))
         ));
         assert!(s.remove_user("dana").unwrap());
@@ -1277,7 +1332,10 @@ mod tests {
         );
         assert!(!s.remove_user("dana").unwrap(), "removed once");
         assert!(s.list_users().unwrap().is_empty());
-        let e = s.add_user("dana", "hd3", 7).unwrap_err().to_string();
+        let e = s
+            .add_user("dana", crate::api::PersonRole::User, "hd3", 7)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("never given out again"), "{e}");
     }
 
@@ -1396,7 +1454,8 @@ mod tests {
     #[test]
     fn tokens_are_checked_from_memory_and_every_change_is_seen() {
         let s = SqliteStore::open_in_memory().unwrap();
-        s.add_user("alice", "ha", 0).unwrap();
+        s.add_user("alice", crate::api::PersonRole::User, "ha", 0)
+            .unwrap();
         assert_eq!(
             s.find_token("ha").unwrap().unwrap().user.as_deref(),
             Some("alice")
@@ -1411,7 +1470,8 @@ mod tests {
         // A revocation is seen at once, whichever statement made it, and
         // from memory: nothing waits for the database after a change.
         assert!(s.remove_user("alice").unwrap());
-        s.add_user("bob", "hb", 0).unwrap();
+        s.add_user("bob", crate::api::PersonRole::User, "hb", 0)
+            .unwrap();
         {
             let _busy = s.conn.lock().unwrap();
             assert_eq!(s.find_token_now("ha"), Some(None));
@@ -1434,7 +1494,8 @@ mod tests {
         let none = BTreeMap::new();
         assert_eq!(s.user_env("alice").unwrap(), None, "no such user");
         assert_eq!(s.change_user_env("alice", &none, &[]).unwrap(), None);
-        s.add_user("alice", "ha", 0).unwrap();
+        s.add_user("alice", crate::api::PersonRole::User, "ha", 0)
+            .unwrap();
         assert_eq!(s.user_env("alice").unwrap(), Some(none.clone()));
         let set: BTreeMap<String, String> =
             [("A".to_string(), "1".to_string()), ("B".into(), "2".into())].into();
@@ -1465,7 +1526,8 @@ mod tests {
     #[test]
     fn a_users_token_is_rotated_and_can_expire() {
         let s = SqliteStore::open_in_memory().unwrap();
-        s.add_user("alice", "old", 0).unwrap();
+        s.add_user("alice", crate::api::PersonRole::User, "old", 0)
+            .unwrap();
         assert!(s.rotate_user_token("alice", "new", None, 1).unwrap());
         assert_eq!(s.find_token("old").unwrap(), None, "the old one is revoked");
         assert_eq!(

@@ -29,7 +29,8 @@ fn desired_str(d: Desired) -> &'static str {
 }
 
 /// The ends, as SQL: such a task runs nothing and reserves nothing.
-pub(super) const ENDED: &str = "('completed', 'failed', 'killed', 'killed_oom', 'deleted')";
+pub(super) const ENDED: &str =
+    "('completed', 'failed', 'killed', 'killed_oom', 'deleted', 'rejected')";
 
 fn json_err(what: &'static str) -> impl Fn(serde_json::Error) -> StoreError {
     move |source| StoreError::Json { what, source }
@@ -207,12 +208,21 @@ fn published_of(c: &Connection, user: &str) -> Result<usize, StoreError> {
     Ok(n)
 }
 
+/// What a submission must respect.
+pub(super) struct SubmitRules {
+    /// Tasks one user may have waiting (to be placed or approved).
+    pub max_waiting: u32,
+    /// Published ports one user's tasks may hold.
+    pub published_cap: usize,
+    /// It waits for an operator's approval.
+    pub needs_approval: bool,
+}
+
 pub(super) fn submit(
     c: &mut Connection,
     spec: &TaskSpec,
     owner: Option<&str>,
-    max_waiting: u32,
-    published_cap: usize,
+    rules: SubmitRules,
     now_ms: i64,
 ) -> Result<u64, StoreError> {
     let tx = c.transaction()?;
@@ -221,39 +231,83 @@ pub(super) fn submit(
         // External ports are the cluster's, held until a VPS is deleted:
         // one user must not take them all.
         let held = published_of(&tx, user)?;
-        if held + spec.ports.len() > published_cap {
+        if held + spec.ports.len() > rules.published_cap {
             return Err(StoreError::TooMany(format!(
                 "{user}'s VPS hold {held} published ports and this asks for {} more; \
-                 max_published_ports_per_user allows {published_cap}: delete a VPS that publishes some",
-                spec.ports.len()
+                 max_published_ports_per_user allows {}: delete a VPS that publishes some",
+                spec.ports.len(),
+                rules.published_cap
             )));
         }
     }
     if let Some(user) = owner {
-        // Every pending task is looked at on each scheduling pass: one
-        // user's flood must not slow everyone's heartbeats and calls.
+        // Every pending task is looked at on each scheduling pass, and every
+        // request waiting for approval by an operator: one user's flood must
+        // not slow everyone's heartbeats and calls, nor bury the others'.
         let waiting: u32 = tx.query_row(
-            "SELECT COUNT(*) FROM tasks WHERE owner = ?1 AND state = 'pending'
+            "SELECT COUNT(*) FROM tasks WHERE owner = ?1 AND state IN ('pending', 'pending_approval')
              AND desired NOT IN ('killed', 'deleted')",
             [user],
             |r| r.get(0),
         )?;
-        if waiting >= max_waiting {
+        if waiting >= rules.max_waiting {
             return Err(StoreError::TooMany(format!(
-                "{user} has {waiting} tasks waiting for resources, the most max_waiting_per_user allows; \
+                "{user} has {waiting} tasks waiting for resources or approval, the most max_waiting_per_user allows; \
                  kill some (`rivernode task list --state pending`) or wait for them to start"
             )));
         }
     }
+    let (state, reason) = if rules.needs_approval {
+        (
+            "pending_approval",
+            "waits for an operator's approval (`rivernode approve ID`)",
+        )
+    } else {
+        ("pending", "queued")
+    };
     let id: i64 = tx.query_row(
         "INSERT INTO tasks (spec, state, desired, reason, submitted_at_ms, owner)
-         VALUES (?1, 'pending', 'running', 'queued', ?2, ?3) RETURNING id",
-        params![to_json("spec", spec)?, now_ms, owner],
+         VALUES (?1, ?2, 'running', ?3, ?4, ?5) RETURNING id",
+        params![to_json("spec", spec)?, state, reason, now_ms, owner],
         |r| r.get(0),
     )?;
     bump(&tx)?;
     tx.commit()?;
     Ok(id as u64)
+}
+
+/// An operator's decision on a task waiting for approval: `None` approves
+/// it (queued, to be placed), `Some(reason)` rejects it (ended, never ran).
+pub(super) fn decide(
+    c: &mut Connection,
+    id: u64,
+    by: &str,
+    rejection: Option<&str>,
+    now_ms: i64,
+) -> Result<TaskView, StoreError> {
+    let tx = c.transaction()?;
+    let t = one(&tx, id)?;
+    if t.state != TaskState::PendingApproval {
+        return Err(StoreError::Conflict(format!(
+            "task {id} is {}: only a task waiting for approval is approved or rejected",
+            t.state
+        )));
+    }
+    match rejection {
+        None => tx.execute(
+            "UPDATE tasks SET state = 'pending', reason = ?2 WHERE id = ?1",
+            params![id as i64, format!("queued (approved by {by})")],
+        )?,
+        Some(reason) => tx.execute(
+            "UPDATE tasks SET state = 'rejected', desired = 'killed', reason = 'rejected',
+             message = ?2, finished_at_ms = ?3 WHERE id = ?1",
+            params![id as i64, format!("rejected by {by}: {reason}"), now_ms],
+        )?,
+    };
+    bump(&tx)?;
+    let t = one(&tx, id)?;
+    tx.commit()?;
+    Ok(t)
 }
 
 /// Whether a task holds its published ports: a VPS from its placement
@@ -609,6 +663,12 @@ fn change_desired(
                 params![id as i64],
             )?;
         }
+        (TaskState::Rejected, _) => {
+            return Err(StoreError::Conflict(format!(
+                "task {id} was rejected ({}); `vps delete` removes it, a new request asks again",
+                t.message.clone().unwrap_or_default()
+            )));
+        }
         (s, _) if s.is_final() => {
             return Err(StoreError::Conflict(format!(
                 "task {id} already ended ({s}){}",
@@ -618,6 +678,18 @@ fn change_desired(
                     ""
                 }
             )));
+        }
+        (TaskState::PendingApproval, Desired::Killed) => {
+            tx.execute(
+                "UPDATE tasks SET state = 'killed', desired = 'killed',
+                 reason = 'withdrawn before approval', finished_at_ms = ?2 WHERE id = ?1",
+                params![id as i64, now_ms],
+            )?;
+        }
+        (TaskState::PendingApproval, _) => {
+            return Err(StoreError::Conflict(format!(
+                "task {id} waits for an operator's approval; only kill (withdraw) or delete applies"
+            )))
         }
         (TaskState::Pending, Desired::Killed) => {
             tx.execute(
@@ -856,9 +928,59 @@ mod tests {
     }
 
     #[test]
+    fn a_request_waiting_for_approval_holds_nothing_until_approved_and_a_rejection_ends_it() {
+        let s = store_with_node("n1");
+        let waiting = s
+            .submit_task_capped(&spec(8, 0), Some("bob"), 10, true, 0)
+            .unwrap();
+        assert!(
+            s.schedule().unwrap().is_empty(),
+            "not placed before approval"
+        );
+        let t = s.get_task(waiting).unwrap().unwrap();
+        assert_eq!((t.state, t.placement), (TaskState::PendingApproval, None));
+        // Another task takes the node's 8 cores meanwhile: the request held none.
+        let other = s.submit_task(&spec(8, 0), None, 0).unwrap();
+        assert_eq!(s.schedule().unwrap(), vec![other]);
+        let t = s.approve(waiting, "olga").unwrap();
+        assert_eq!(t.state, TaskState::Pending);
+        assert!(t.reason.contains("approved by olga"), "{}", t.reason);
+        assert!(
+            matches!(
+                s.approve(waiting, "olga"),
+                Err(super::StoreError::Conflict(_))
+            ),
+            "decided once"
+        );
+        // Stop, pause and the like wait for the decision; a reject ends it.
+        let second = s
+            .submit_task_capped(&spec(1, 0), Some("bob"), 10, true, 0)
+            .unwrap();
+        assert!(matches!(
+            s.set_desired(second, crate::api::Desired::Paused, 1),
+            Err(super::StoreError::Conflict(_))
+        ));
+        let t = s.reject(second, "olga", "not now", 5).unwrap();
+        assert_eq!(t.state, TaskState::Rejected);
+        assert_eq!(t.message.as_deref(), Some("rejected by olga: not now"));
+        assert_eq!(t.finished_at_unix_ms, Some(5));
+        assert!(matches!(
+            s.reject(second, "olga", "again", 6),
+            Err(super::StoreError::Conflict(_))
+        ));
+        // Requests count against the waiting cap.
+        s.submit_task_capped(&spec(1, 0), Some("carl"), 1, true, 0)
+            .unwrap();
+        assert!(matches!(
+            s.submit_task_capped(&spec(1, 0), Some("carl"), 1, false, 0),
+            Err(super::StoreError::TooMany(_))
+        ));
+    }
+
+    #[test]
     fn a_user_may_have_only_so_many_tasks_waiting() {
         let s = store_with_node("n1");
-        let submit = |owner| s.submit_task_capped(&spec(8, 0), owner, 2, 0);
+        let submit = |owner| s.submit_task_capped(&spec(8, 0), owner, 2, false, 0);
         let first = submit(Some("alice")).unwrap();
         assert_eq!(s.schedule().unwrap(), vec![first]);
         // The placed one does not count; two more wait, the next is refused.

@@ -1,0 +1,197 @@
+//! A shared lab's rules on the real binary: a user's VPS waits for an
+//! operator's approval and holds nothing until then, a rejection reaches
+//! its owner with the reason, and viewers and operators see everyone's
+//! work (the variables' values left out) but do only what their role says.
+
+mod common;
+
+use common::*;
+
+struct Lab {
+    _host: Daemon,
+    _dir: tempfile::TempDir,
+    data: String,
+}
+
+impl Lab {
+    /// The CLI with `token` (none: the admin's, found in the data dir).
+    fn rn(&self, token: Option<&str>, args: &[&str]) -> std::process::Output {
+        let mut a = vec!["--data-dir", self.data.as_str()];
+        if let Some(t) = token {
+            a.extend(["--token", t]);
+        }
+        a.extend_from_slice(args);
+        cli(&a)
+    }
+
+    fn add(&self, name: &str, role: &str) -> String {
+        let o = self.rn(None, &["-o", "json", "user", "add", name, "--role", role]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    fn task(&self, token: Option<&str>, id: &str) -> serde_json::Value {
+        let o = self.rn(token, &["-o", "json", "task", "status", id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn vps(&self, token: &str) -> String {
+        let o = self.rn(
+            Some(token),
+            &[
+                "-o",
+                "json",
+                "vps",
+                "create",
+                "--container",
+                "base",
+                "--no-ssh-key",
+                "-e",
+                "SECRET=hunter2",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["id"].as_u64().unwrap().to_string()
+    }
+}
+
+#[test]
+fn a_users_vps_waits_for_an_operator_and_roles_do_only_what_they_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(shared.join("environments")).unwrap();
+    std::fs::write(shared.join("environments/base.tar"), "").unwrap();
+    let (host, url) = start_host_with(dir.path(), &["--shared-dir", shared.to_str().unwrap()]);
+    let data = dir.path().join("host");
+    // A node registered over the API (no runner: placement is the host's
+    // alone, which is what approval governs).
+    let join = read_trimmed(&data.join("join.token")).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(register(&url, &join, "lab-a"));
+    let lab = Lab {
+        _host: host,
+        _dir: dir,
+        data: data.to_str().unwrap().to_string(),
+    };
+    let bob = lab.add("bob", "user");
+    let olga = lab.add("olga", "operator");
+    let vera = lab.add("vera", "viewer");
+    let o = lab.rn(None, &["user", "list"]);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("olga") && l.contains("operator")),
+        "{}",
+        stdout(&o)
+    );
+
+    // bob's VPS waits, placed nowhere, holding nothing.
+    let first = lab.vps(&bob);
+    let t = lab.task(Some(&bob), &first);
+    assert_eq!(t["state"], "pending_approval", "{t}");
+    assert!(t["placement"].is_null(), "{t}");
+    assert!(
+        t["reason"].as_str().unwrap().contains("rivernode approve"),
+        "{t}"
+    );
+    // A person creating it is told, without waiting for it.
+    let o = lab.rn(
+        Some(&bob),
+        &["vps", "create", "--container", "base", "--no-ssh-key"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("pending_approval"), "{}", stdout(&o));
+    let second = stdout(&o)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+
+    // Only operators and the admin decide.
+    for (who, token) in [("bob", &bob), ("vera", &vera)] {
+        let o = lab.rn(Some(token), &["approve", &first]);
+        assert!(!o.status.success(), "{who} approved");
+        assert!(
+            stderr(&o).contains("403") || stderr(&o).contains("needs"),
+            "{who}: {}",
+            stderr(&o)
+        );
+    }
+    // A viewer sees bob's work, not the values of its variables, and changes nothing.
+    let t = lab.task(Some(&vera), &first);
+    assert_eq!(t["spec"]["env"]["SECRET"], "(set)", "{t}");
+    assert!(!t.to_string().contains("hunter2"));
+    let o = lab.rn(Some(&vera), &["-o", "json", "task", "list"]);
+    assert!(
+        stdout(&o).contains(&format!("\"id\":{first}"))
+            || stdout(&o).contains(&format!("\"id\": {first}")),
+        "{}",
+        stdout(&o)
+    );
+    let o = lab.rn(Some(&vera), &["task", "kill", &first]);
+    assert!(!o.status.success(), "a viewer killed a task");
+    let o = lab.rn(
+        Some(&vera),
+        &["task", "submit", "--container", "base", "--", "true"],
+    );
+    assert!(!o.status.success(), "a viewer submitted work");
+    // Its owner sees the values.
+    assert_eq!(
+        lab.task(Some(&bob), &first)["spec"]["env"]["SECRET"],
+        "hunter2"
+    );
+
+    // olga approves the first: queued and placed at once (the node has room).
+    let o = lab.rn(Some(&olga), &["approve", &first]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = lab.task(Some(&bob), &first);
+    assert_eq!(t["state"], "assigning", "{t}");
+    assert_eq!(t["placement"]["node"], "lab-a", "{t}");
+    // Approving twice is a conflict, not a second placement.
+    let o = lab.rn(Some(&olga), &["approve", &first]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("only a task waiting for approval"),
+        "{}",
+        stderr(&o)
+    );
+
+    // ...and rejects the second, with a reason bob reads.
+    let o = lab.rn(
+        Some(&olga),
+        &["reject", &second, "--reason", "no room this week"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = lab.task(Some(&bob), &second);
+    assert_eq!(t["state"], "rejected", "{t}");
+    assert_eq!(t["message"], "rejected by olga: no room this week", "{t}");
+    let o = lab.rn(Some(&bob), &["vps", "status", &second]);
+    assert!(stdout(&o).contains("no room this week"), "{}", stdout(&o));
+    // A restart does not pass the decision by; a delete clears it away.
+    let o = lab.rn(Some(&bob), &["vps", "restart", &second]);
+    assert!(!o.status.success(), "a rejected VPS restarted");
+    let o = lab.rn(Some(&bob), &["vps", "delete", &second]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // An operator's own VPS does not wait; an operator stops anyone's work
+    // but does not reach inside it.
+    let own = lab.vps(&olga);
+    assert_ne!(lab.task(Some(&olga), &own)["state"], "pending_approval");
+    let o = lab.rn(Some(&olga), &["task", "logs", &first]);
+    assert!(!o.status.success(), "an operator read bob's logs");
+    let o = lab.rn(Some(&olga), &["vps", "delete", &first]);
+    assert!(!o.status.success(), "an operator deleted bob's disk");
+    let o = lab.rn(Some(&olga), &["task", "kill", &first]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A withdrawn request ends before anyone decides.
+    let third = lab.vps(&bob);
+    let o = lab.rn(Some(&bob), &["task", "kill", &third]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(lab.task(Some(&bob), &third)["state"], "killed");
+}
