@@ -14,6 +14,29 @@ struct Lab {
 }
 
 impl Lab {
+    /// A host (with `extra` flags) whose shared directory has an empty
+    /// environment `base`, and a node `lab-a` registered over the API (no
+    /// runner: placement is the host's alone, which is what these rules govern).
+    fn start(extra: &[&str]) -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir_all(shared.join("environments")).unwrap();
+        std::fs::write(shared.join("environments/base.tar"), "").unwrap();
+        let mut args = vec!["--shared-dir", shared.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (host, url) = start_host_with(dir.path(), &args);
+        let data = dir.path().join("host");
+        let join = read_trimmed(&data.join("join.token")).unwrap();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(register(&url, &join, "lab-a"));
+        Lab {
+            _host: host,
+            data: data.to_str().unwrap().to_string(),
+            _dir: dir,
+        }
+    }
+
     /// The CLI with `token` (none: the admin's, found in the data dir).
     fn rn(&self, token: Option<&str>, args: &[&str]) -> std::process::Output {
         let mut a = vec!["--data-dir", self.data.as_str()];
@@ -60,23 +83,7 @@ impl Lab {
 
 #[test]
 fn a_users_vps_waits_for_an_operator_and_roles_do_only_what_they_say() {
-    let dir = tempfile::tempdir().unwrap();
-    let shared = dir.path().join("shared");
-    std::fs::create_dir_all(shared.join("environments")).unwrap();
-    std::fs::write(shared.join("environments/base.tar"), "").unwrap();
-    let (host, url) = start_host_with(dir.path(), &["--shared-dir", shared.to_str().unwrap()]);
-    let data = dir.path().join("host");
-    // A node registered over the API (no runner: placement is the host's
-    // alone, which is what approval governs).
-    let join = read_trimmed(&data.join("join.token")).unwrap();
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(register(&url, &join, "lab-a"));
-    let lab = Lab {
-        _host: host,
-        _dir: dir,
-        data: data.to_str().unwrap().to_string(),
-    };
+    let lab = Lab::start(&[]);
     let bob = lab.add("bob", "user");
     let olga = lab.add("olga", "operator");
     let vera = lab.add("vera", "viewer");
@@ -194,4 +201,75 @@ fn a_users_vps_waits_for_an_operator_and_roles_do_only_what_they_say() {
     let o = lab.rn(Some(&bob), &["task", "kill", &third]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(lab.task(Some(&bob), &third)["state"], "killed");
+}
+
+#[test]
+fn a_groups_quota_holds_work_back_with_the_numbers_and_a_request_too_big_is_refused() {
+    // No approval here: quotas alone.
+    let lab = Lab::start(&["--approval", "none"]);
+    let add = |name: &str| {
+        let o = lab.rn(
+            None,
+            &["-o", "json", "user", "add", name, "--group", "lab-a"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+    let (ann, ben) = (add("ann"), add("ben"));
+    let o = lab.rn(
+        None,
+        &[
+            "quota", "set", "--group", "lab-a", "--vps", "1", "--cores", "3",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("vps 1, cores 3"), "{}", stdout(&o));
+
+    let first = lab.vps(&ann);
+    assert_eq!(lab.task(Some(&ann), &first)["state"], "assigning");
+    // ben is in the same group: his VPS waits, saying whose quota and the numbers.
+    let second = lab.vps(&ben);
+    let t = lab.task(Some(&ben), &second);
+    assert_eq!(t["state"], "pending", "{t}");
+    assert_eq!(
+        t["reason"], "over quota: group lab-a holds 1 of 1 running VPS and this asks for 1",
+        "{t}"
+    );
+    let o = lab.rn(Some(&ben), &["quota", "show"]);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("group lab-a") && l.contains("1/1")),
+        "{}",
+        stdout(&o)
+    );
+    // More cores than the group may ever hold: refused at once, with the numbers.
+    let o = lab.rn(
+        Some(&ben),
+        &[
+            "task",
+            "submit",
+            "--container",
+            "base",
+            "-c",
+            "4",
+            "--",
+            "true",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("group lab-a's quota (vps 1, cores 3) is smaller than this request"),
+        "{}",
+        stderr(&o)
+    );
+    // Lifting the quota (no limit given removes it) lets the second in.
+    let o = lab.rn(None, &["quota", "set", "--group", "lab-a"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for("the second VPS placed", || {
+        (lab.task(Some(&ben), &second)["state"] == "assigning").then_some(())
+    });
+    let o = lab.rn(Some(&ben), &["-o", "json", "quota", "show"]);
+    assert_eq!(stdout(&o).trim(), "[]", "the quota is gone");
 }

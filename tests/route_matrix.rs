@@ -92,6 +92,8 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/vps/snapshots/{task}/{snapshot}",
         Access::Owner,
     ),
+    ("PUT", "/api/quotas/{scope}/{user}", Access::Admin),
+    ("GET", "/api/quotas", Access::People),
     ("GET", "/api/users/{bob}/env", Access::OwnUser),
     ("POST", "/api/users/{bob}/env", Access::OwnUser),
     // Last: bob's own call revokes the token he makes it with.
@@ -306,6 +308,7 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                     .replace("{node}", node)
                     .replace("{task}", &task)
                     .replace("{user}", user)
+                    .replace("{scope}", "user")
                     .replace("{snapshot}", "1");
                 let body = (*method != "GET" && *method != "DELETE").then(|| serde_json::json!({}));
                 let got = call(method, &format!("{url}{p}"), token, body).await;

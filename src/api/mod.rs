@@ -237,8 +237,96 @@ pub struct UserView {
     pub name: String,
     #[serde(default)]
     pub role: PersonRole,
+    /// The group whose quota they share, if any.
+    #[serde(default)]
+    pub group: Option<String>,
     pub created_at_unix_ms: i64,
     pub active_tasks: u64,
+}
+
+/// Whose quota: one user's, or a group's (all its users together).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaScope {
+    User,
+    Group,
+}
+
+impl QuotaScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaScope::User => "user",
+            QuotaScope::Group => "group",
+        }
+    }
+}
+
+/// The most one user or group may hold at once; none: no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaCaps {
+    #[serde(default)]
+    pub gpus: Option<u64>,
+    /// Running (or paused) VPS; a stopped one holds nothing.
+    #[serde(default)]
+    pub vps: Option<u64>,
+    #[serde(default)]
+    pub cores: Option<u64>,
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+}
+
+impl QuotaCaps {
+    /// `gpus 8, vps 2, cores 32, memory 128 GiB` (the caps set).
+    pub fn text(&self) -> String {
+        let mut parts = Vec::new();
+        for (name, v) in [
+            ("gpus", self.gpus),
+            ("vps", self.vps),
+            ("cores", self.cores),
+        ] {
+            if let Some(n) = v {
+                parts.push(format!("{name} {n}"));
+            }
+        }
+        if let Some(n) = self.memory_bytes {
+            parts.push(format!("memory {} GiB", n.div_ceil(1 << 30)));
+        }
+        if parts.is_empty() {
+            "no limits".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// What a user or group holds now (placed work only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUse {
+    pub gpus: u64,
+    pub vps: u64,
+    pub cores: u64,
+    pub memory_bytes: u64,
+}
+
+impl QuotaUse {
+    pub fn plus(&self, o: &QuotaUse) -> QuotaUse {
+        QuotaUse {
+            gpus: self.gpus + o.gpus,
+            vps: self.vps + o.vps,
+            cores: self.cores + o.cores,
+            memory_bytes: self.memory_bytes + o.memory_bytes,
+        }
+    }
+}
+
+/// A quota with what its user or group holds now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaView {
+    pub scope: QuotaScope,
+    pub name: String,
+    pub caps: QuotaCaps,
+    pub used: QuotaUse,
 }
 
 /// What a person's token may do (the admin's is not a person's): `viewer`

@@ -59,6 +59,9 @@ pub enum Command {
     /// Users: each has a token and sees and controls only their own tasks and VPS (admin).
     #[command(subcommand)]
     User(UserCommand),
+    /// Quotas: the most a user or a group may hold at once (GPUs, running VPS, cores, memory).
+    #[command(subcommand)]
+    Quota(QuotaCommand),
     /// Who this token is (admin, user NAME, node NAME) on which host.
     Whoami,
     /// Let a request that waits for approval run (operator, admin).
@@ -328,6 +331,9 @@ pub enum UserCommand {
         /// approves requests and stops, kills and restarts anyone's instances.
         #[arg(long, default_value = "user", value_parser = parse_person_role)]
         role: crate::api::PersonRole,
+        /// The group whose quota they share (`rivernode quota set --group`).
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
     },
     /// List users with how many of their tasks have not ended.
     List,
@@ -797,4 +803,35 @@ pub struct SshArgs {
 
 fn parse_person_role(s: &str) -> Result<crate::api::PersonRole, String> {
     s.parse()
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuotaCommand {
+    /// Set (replace) a user's or group's quota; a limit left out is no limit, none at all
+    /// removes the quota (admin). Work over it waits, saying whose quota and the numbers.
+    Set {
+        #[arg(
+            long,
+            value_name = "NAME",
+            conflicts_with = "group",
+            required_unless_present = "group"
+        )]
+        user: Option<String>,
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+        /// GPUs held at once.
+        #[arg(long, value_name = "N")]
+        gpus: Option<u64>,
+        /// Running (or paused) VPS; stopped ones hold nothing.
+        #[arg(long, value_name = "N")]
+        vps: Option<u64>,
+        /// Cores held at once.
+        #[arg(long, value_name = "N")]
+        cores: Option<u64>,
+        /// Memory held at once (e.g. 128G).
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<crate::config::HumanSize>,
+    },
+    /// The quotas (a user sees theirs and their group's) and what each holds now.
+    Show,
 }

@@ -148,6 +148,14 @@ impl Client {
         Ok((body.to_vec(), next))
     }
 
+    /// PUT `body`; the answer's body is not read (204).
+    pub async fn put<B: serde::Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.put(&url).json(body), &url)
+            .await
+            .map(|_| ())
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         let url = format!("{}{path}", self.base);
         self.send(self.http.delete(&url), &url).await.map(|_| ())

@@ -39,6 +39,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             Ok(user::run(&client, cmd, cli.output).await?)
         }
+        Command::Quota(cmd) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            Ok(user::quota(&client, cmd, cli.output).await?)
+        }
         Command::Connect { id, shell }
         | Command::Terminal(args::TerminalCommand::Attach { id, shell }) => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;

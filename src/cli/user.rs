@@ -11,11 +11,11 @@ use crate::cli::output::{ago, emit, emit_json, table};
 
 pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<(), ClientError> {
     match cmd {
-        UserCommand::Add { name, role } => {
+        UserCommand::Add { name, role, group } => {
             let u: NewUser = client
                 .post(
                     "/api/users",
-                    &serde_json::json!({ "name": name, "role": role }),
+                    &serde_json::json!({ "name": name, "role": role, "group": group }),
                 )
                 .await?;
             match output {
@@ -40,12 +40,16 @@ pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<()
                             vec![
                                 u.name.clone(),
                                 u.role.as_str().to_string(),
+                                u.group.clone().unwrap_or_else(|| "-".into()),
                                 u.active_tasks.to_string(),
                                 ago(u.created_at_unix_ms, now),
                             ]
                         })
                         .collect();
-                    emit(&table(&["NAME", "ROLE", "ACTIVE TASKS", "ADDED"], &rows));
+                    emit(&table(
+                        &["NAME", "ROLE", "GROUP", "ACTIVE TASKS", "ADDED"],
+                        &rows,
+                    ));
                 }
             }
         }
@@ -135,6 +139,76 @@ pub async fn whoami(client: &Client, output: Output) -> Result<(), ClientError> 
                 (None, None) => w.role.clone(),
             };
             emit(&format!("{who} on {}\n", client.base))
+        }
+    }
+    Ok(())
+}
+
+/// `rivernode quota set|show`.
+pub async fn quota(
+    client: &Client,
+    cmd: crate::cli::args::QuotaCommand,
+    output: Output,
+) -> Result<(), ClientError> {
+    use crate::api::{QuotaCaps, QuotaView};
+    use crate::cli::args::QuotaCommand;
+    match cmd {
+        QuotaCommand::Set {
+            user,
+            group,
+            gpus,
+            vps,
+            cores,
+            memory,
+        } => {
+            let (scope, name) = match (user, group) {
+                (Some(u), _) => ("user", u),
+                (None, Some(g)) => ("group", g),
+                (None, None) => {
+                    return Err(ClientError::Usage(
+                        "say whose: --user NAME or --group NAME".into(),
+                    ))
+                }
+            };
+            let caps = QuotaCaps {
+                gpus,
+                vps,
+                cores,
+                memory_bytes: memory.map(|m| m.0),
+            };
+            client
+                .put(&format!("/api/quotas/{scope}/{name}"), &caps)
+                .await?;
+            emit(&format!("quota of {scope} {name}: {}\n", caps.text()));
+        }
+        QuotaCommand::Show => {
+            let quotas: Vec<QuotaView> = client.get("/api/quotas").await?;
+            match output {
+                Output::Json => emit_json(&quotas),
+                Output::Table => {
+                    let cell = |used: u64, cap: Option<u64>| match cap {
+                        Some(c) => format!("{used}/{c}"),
+                        None => format!("{used}"),
+                    };
+                    let gib = |b: u64| b.div_ceil(1 << 30);
+                    let rows: Vec<Vec<String>> = quotas
+                        .iter()
+                        .map(|q| {
+                            vec![
+                                format!("{} {}", q.scope.as_str(), q.name),
+                                cell(q.used.gpus, q.caps.gpus),
+                                cell(q.used.vps, q.caps.vps),
+                                cell(q.used.cores, q.caps.cores),
+                                cell(gib(q.used.memory_bytes), q.caps.memory_bytes.map(gib)),
+                            ]
+                        })
+                        .collect();
+                    emit(&table(
+                        &["WHO", "GPUS", "VPS", "CORES", "MEMORY (GiB)"],
+                        &rows,
+                    ));
+                }
+            }
         }
     }
     Ok(())

@@ -136,6 +136,7 @@ pub fn router(state: Arc<HostState>) -> Router {
             "/api/users/{name}/env",
             get(get_user_env).post(change_user_env),
         )
+        .route("/api/quotas", get(list_quotas))
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(&Principal::PEOPLE, req, next)
         }));
@@ -154,6 +155,7 @@ pub fn router(state: Arc<HostState>) -> Router {
             auth::require(&[Role::Admin, Role::Operator], req, next)
         }));
     let admin = Router::new()
+        .route("/api/quotas/{scope}/{name}", put(set_quota))
         .route("/api/users", post(add_user).get(list_users))
         .route("/api/users/{name}", delete(remove_user))
         .route("/api/nodes/{name}", delete(remove_node))
@@ -211,6 +213,9 @@ struct AddUser {
     /// What the person's token may do (default `user`).
     #[serde(default)]
     role: crate::api::PersonRole,
+    /// The group whose quota they share.
+    #[serde(default)]
+    group: Option<String>,
 }
 
 async fn add_user(
@@ -219,10 +224,18 @@ async fn add_user(
 ) -> Result<(StatusCode, Json<NewUser>), ApiError> {
     validate_user_name(&req.name).map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
     let token = generate_token("rnusr");
-    let (hash, name, role) = (hash_token(&token), req.name.clone(), req.role);
+    if let Some(g) = &req.group {
+        validate_user_name(g).map_err(|m| ApiError::BadRequest(format!("group: {m}")))?;
+    }
+    let (hash, name, role, group) = (
+        hash_token(&token),
+        req.name.clone(),
+        req.role,
+        req.group.clone(),
+    );
     let now = crate::now_unix_ms();
     state
-        .blocking(move |s| s.add_user(&name, role, &hash, now))
+        .blocking(move |s| s.add_user(&name, role, group.as_deref(), &hash, now))
         .await?;
     tracing::info!(user = %req.name, role = role.as_str(), "user added");
     Ok((
@@ -231,6 +244,59 @@ async fn add_user(
             name: req.name,
             token,
         }),
+    ))
+}
+
+/// `PUT /api/quotas/{scope}/{name}`: the caps (all none removes the quota).
+async fn set_quota(
+    State(state): State<Arc<HostState>>,
+    Path((scope, name)): Path<(String, String)>,
+    ApiJson(caps): ApiJson<crate::api::QuotaCaps>,
+) -> Result<StatusCode, ApiError> {
+    let scope = match scope.as_str() {
+        "user" => crate::api::QuotaScope::User,
+        "group" => crate::api::QuotaScope::Group,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "scope: {other:?} is not user or group"
+            )))
+        }
+    };
+    validate_user_name(&name).map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
+    let n = name.clone();
+    state
+        .blocking(move |s| s.set_quota(scope, &n, &caps))
+        .await?;
+    tracing::info!(scope = scope.as_str(), name = %name, ?caps, "quota set");
+    // A raised quota may let waiting work in.
+    state.publish().await;
+    state.schedule.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/quotas`: every quota for those who run or read the cluster; a
+/// user's own and their group's for a user.
+async fn list_quotas(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Vec<crate::api::QuotaView>>, ApiError> {
+    let all = state.blocking(|s| s.quotas()).await?;
+    if p.role != Role::User {
+        return Ok(Json(all));
+    }
+    let me = p.user.clone().unwrap_or_default();
+    let users = state.blocking(|s| s.list_users()).await?;
+    let group = users
+        .into_iter()
+        .find(|u| u.name == me)
+        .and_then(|u| u.group);
+    Ok(Json(
+        all.into_iter()
+            .filter(|q| match q.scope {
+                crate::api::QuotaScope::User => q.name == me,
+                crate::api::QuotaScope::Group => group.as_deref() == Some(q.name.as_str()),
+            })
+            .collect(),
     ))
 }
 

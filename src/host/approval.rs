@@ -41,7 +41,7 @@ impl Approval {
     }
 
     pub fn needs_approval(&self, role: Role, spec: &TaskSpec) -> bool {
-        let gpus = spec.gpu_count > 0 || spec.target.as_ref().is_some_and(|t| !t.gpus.is_empty());
+        let gpus = super::scheduler::gpus_asked(spec) > 0;
         let asked = match spec.kind {
             Kind::Vps => self.vps,
             Kind::Command => self.gpu_tasks && gpus,

@@ -7,6 +7,7 @@ pub mod auth;
 mod exec;
 pub mod front_door;
 pub mod proxy;
+pub mod quota;
 pub mod scheduler;
 mod snapshots;
 pub mod store;

@@ -129,13 +129,17 @@ fn never_fits(spec: &TaskSpec, nodes: &[NodeView]) -> String {
     )
 }
 
-fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
-    let gpus = spec
-        .target
+/// The GPUs a request asks for: those its target names, else its count.
+pub fn gpus_asked(spec: &TaskSpec) -> u32 {
+    spec.target
         .as_ref()
         .map(|t| t.gpus.len() as u32)
         .filter(|n| *n > 0)
-        .unwrap_or(spec.gpu_count);
+        .unwrap_or(spec.gpu_count)
+}
+
+fn fits_at_all(spec: &TaskSpec, inv: &Inventory) -> bool {
+    let gpus = gpus_asked(spec);
     (inv.vms || !spec.is_vm())
         && inv.cpus.len() as u32 >= spec.cores
         && spec

@@ -66,9 +66,19 @@ pub trait Store: Send + Sync + 'static {
         &self,
         name: &str,
         role: crate::api::PersonRole,
+        group: Option<&str>,
         token_hash: &str,
         now_ms: i64,
     ) -> Result<(), StoreError>;
+    /// Sets (replaces) the quota of a user or group; all caps `None` removes it.
+    fn set_quota(
+        &self,
+        scope: crate::api::QuotaScope,
+        name: &str,
+        caps: &crate::api::QuotaCaps,
+    ) -> Result<(), StoreError>;
+    /// Every quota with what its user or group holds now.
+    fn quotas(&self) -> Result<Vec<crate::api::QuotaView>, StoreError>;
     fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
     /// Removes a user and revokes their tokens; their tasks stay (the admin sees them).
     fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
@@ -281,6 +291,17 @@ const MIGRATIONS: &[&str] = &[
     // the person's role is read with them).
     "ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'user'
         CHECK (role IN ('viewer', 'user', 'operator'));",
+    // 10: groups of users and the quotas of users and groups (no row: no limit).
+    "ALTER TABLE users ADD COLUMN grp TEXT;
+    CREATE TABLE quotas (
+        scope TEXT NOT NULL CHECK (scope IN ('user', 'group')),
+        name TEXT NOT NULL,
+        gpus INTEGER,
+        vps INTEGER,
+        cores INTEGER,
+        memory_bytes INTEGER,
+        PRIMARY KEY (scope, name)
+    );",
 ];
 
 pub struct SqliteStore {
@@ -589,14 +610,15 @@ impl Store for SqliteStore {
         &self,
         name: &str,
         role: crate::api::PersonRole,
+        group: Option<&str>,
         token_hash: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let added = tx.execute(
-                "INSERT INTO users (name, created_at_ms, role) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                params![name, now_ms, role.as_str()],
+                "INSERT INTO users (name, created_at_ms, role, grp) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                params![name, now_ms, role.as_str(), group],
             )?;
             if added == 0 {
                 let removed: Option<i64> = tx.query_row(
@@ -622,10 +644,23 @@ impl Store for SqliteStore {
         })
     }
 
+    fn set_quota(
+        &self,
+        scope: crate::api::QuotaScope,
+        name: &str,
+        caps: &crate::api::QuotaCaps,
+    ) -> Result<(), StoreError> {
+        self.with(|c| tasks::set_quota(c, scope, name, caps))
+    }
+
+    fn quotas(&self) -> Result<Vec<crate::api::QuotaView>, StoreError> {
+        self.with(tasks::quota_views)
+    }
+
     fn list_users(&self) -> Result<Vec<UserView>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT u.name, u.created_at_ms, u.role,
+                "SELECT u.name, u.created_at_ms, u.role, u.grp,
                    (SELECT COUNT(*) FROM tasks t WHERE t.owner = u.name
                       AND t.state NOT IN ('completed', 'failed', 'killed', 'killed_oom', 'deleted', 'rejected'))
                  FROM users u WHERE u.removed_at_ms IS NULL ORDER BY u.name",
@@ -636,7 +671,8 @@ impl Store for SqliteStore {
                     created_at_unix_ms: r.get(1)?,
                     // The table's CHECK keeps it one of the three.
                     role: r.get::<_, String>(2)?.parse().unwrap_or_default(),
-                    active_tasks: r.get::<_, i64>(3)? as u64,
+                    group: r.get(3)?,
+                    active_tasks: r.get::<_, i64>(4)? as u64,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -1316,12 +1352,12 @@ mod tests {
         }
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.find_token("h").unwrap().unwrap().role, Role::Admin);
-        s.add_user("dana", crate::api::PersonRole::User, "hd", 5)
+        s.add_user("dana", crate::api::PersonRole::User, None, "hd", 5)
             .unwrap();
         let p = s.find_token("hd").unwrap().unwrap();
         assert_eq!((p.role, p.user.as_deref()), (Role::User, Some("dana")));
         assert!(matches!(
-            s.add_user("dana", crate::api::PersonRole::User, "hd2", 6),
+            s.add_user("dana", crate::api::PersonRole::User, None, "hd2", 6),
             Err(StoreError::Conflict(_))
         ));
         assert!(s.remove_user("dana").unwrap());
@@ -1333,7 +1369,7 @@ mod tests {
         assert!(!s.remove_user("dana").unwrap(), "removed once");
         assert!(s.list_users().unwrap().is_empty());
         let e = s
-            .add_user("dana", crate::api::PersonRole::User, "hd3", 7)
+            .add_user("dana", crate::api::PersonRole::User, None, "hd3", 7)
             .unwrap_err()
             .to_string();
         assert!(e.contains("never given out again"), "{e}");
@@ -1454,7 +1490,7 @@ mod tests {
     #[test]
     fn tokens_are_checked_from_memory_and_every_change_is_seen() {
         let s = SqliteStore::open_in_memory().unwrap();
-        s.add_user("alice", crate::api::PersonRole::User, "ha", 0)
+        s.add_user("alice", crate::api::PersonRole::User, None, "ha", 0)
             .unwrap();
         assert_eq!(
             s.find_token("ha").unwrap().unwrap().user.as_deref(),
@@ -1470,7 +1506,7 @@ mod tests {
         // A revocation is seen at once, whichever statement made it, and
         // from memory: nothing waits for the database after a change.
         assert!(s.remove_user("alice").unwrap());
-        s.add_user("bob", crate::api::PersonRole::User, "hb", 0)
+        s.add_user("bob", crate::api::PersonRole::User, None, "hb", 0)
             .unwrap();
         {
             let _busy = s.conn.lock().unwrap();
@@ -1494,7 +1530,7 @@ mod tests {
         let none = BTreeMap::new();
         assert_eq!(s.user_env("alice").unwrap(), None, "no such user");
         assert_eq!(s.change_user_env("alice", &none, &[]).unwrap(), None);
-        s.add_user("alice", crate::api::PersonRole::User, "ha", 0)
+        s.add_user("alice", crate::api::PersonRole::User, None, "ha", 0)
             .unwrap();
         assert_eq!(s.user_env("alice").unwrap(), Some(none.clone()));
         let set: BTreeMap<String, String> =
@@ -1526,7 +1562,7 @@ mod tests {
     #[test]
     fn a_users_token_is_rotated_and_can_expire() {
         let s = SqliteStore::open_in_memory().unwrap();
-        s.add_user("alice", crate::api::PersonRole::User, "old", 0)
+        s.add_user("alice", crate::api::PersonRole::User, None, "old", 0)
             .unwrap();
         assert!(s.rotate_user_token("alice", "new", None, 1).unwrap());
         assert_eq!(s.find_token("old").unwrap(), None, "the old one is revoked");

@@ -3,7 +3,7 @@
 //! paused and lost ones keep theirs). Placement runs inside one transaction
 //! with the reservations it reads, so nothing is checked-then-inserted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use rusqlite::{params, Connection, Transaction};
 
@@ -13,6 +13,8 @@ use crate::api::{
     Assignment, Assignments, Desired, NodeView, Placement, Restore, TaskReport, TaskSpec,
     TaskState, TaskView,
 };
+use crate::api::{QuotaCaps, QuotaScope, QuotaUse, QuotaView};
+use crate::host::quota;
 use crate::host::scheduler::{self, Decision};
 
 const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms, ssh_host_key, owner";
@@ -241,6 +243,11 @@ pub(super) fn submit(
         }
     }
     if let Some(user) = owner {
+        quota_book(&tx)?
+            .could_ever_fit(user, &asked_use(spec))
+            .map_err(StoreError::Refused)?;
+    }
+    if let Some(user) = owner {
         // Every pending task is looked at on each scheduling pass, and every
         // request waiting for approval by an operator: one user's flood must
         // not slow everyone's heartbeats and calls, nor bury the others'.
@@ -348,6 +355,173 @@ fn published_held(c: &Connection) -> Result<Vec<(u64, Vec<Published>)>, StoreErr
     Ok(out)
 }
 
+/// The quotas, who is in which group, and what each user and group holds.
+struct QuotaBook {
+    caps: HashMap<(QuotaScope, String), QuotaCaps>,
+    group_of: HashMap<String, String>,
+    used: HashMap<(QuotaScope, String), QuotaUse>,
+}
+
+/// What a placed task holds against its owner's quotas.
+fn placed_use(spec: &TaskSpec, p: &Placement) -> QuotaUse {
+    quota::held_by(
+        spec.kind == crate::api::Kind::Vps,
+        u64::from(spec.cores),
+        p.gpus.len() as u64,
+        p.memory_bytes,
+    )
+}
+
+/// What a request asks, before it is placed.
+fn asked_use(spec: &TaskSpec) -> QuotaUse {
+    quota::held_by(
+        spec.kind == crate::api::Kind::Vps,
+        u64::from(spec.cores),
+        u64::from(scheduler::gpus_asked(spec)),
+        spec.memory_bytes.unwrap_or(0),
+    )
+}
+
+fn quota_book(c: &Connection) -> Result<QuotaBook, StoreError> {
+    let mut caps = HashMap::new();
+    let mut stmt = c.prepare("SELECT scope, name, gpus, vps, cores, memory_bytes FROM quotas")?;
+    let rows = stmt.query_map([], |r| {
+        let cap = |i| {
+            r.get::<_, Option<i64>>(i)
+                .map(|v| v.map(|v| v.max(0) as u64))
+        };
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            QuotaCaps {
+                gpus: cap(2)?,
+                vps: cap(3)?,
+                cores: cap(4)?,
+                memory_bytes: cap(5)?,
+            },
+        ))
+    })?;
+    for row in rows {
+        let (scope, name, c) = row?;
+        let scope = if scope == "group" {
+            QuotaScope::Group
+        } else {
+            QuotaScope::User
+        };
+        caps.insert((scope, name), c);
+    }
+    let mut group_of = HashMap::new();
+    let mut stmt = c.prepare("SELECT name, grp FROM users WHERE grp IS NOT NULL")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+        let (user, group) = row?;
+        group_of.insert(user, group);
+    }
+    let mut book = QuotaBook {
+        caps,
+        group_of,
+        used: HashMap::new(),
+    };
+    let held = query(
+        c,
+        &format!(
+            "WHERE owner IS NOT NULL AND placement IS NOT NULL
+             AND state NOT IN ('pending', 'stopped') AND state NOT IN {ENDED}"
+        ),
+        &[],
+    )?;
+    for t in held {
+        if let (Some(owner), Some(p)) = (&t.owner, &t.placement) {
+            book.add(owner, &placed_use(&t.spec, p));
+        }
+    }
+    Ok(book)
+}
+
+impl QuotaBook {
+    /// The quota keys that apply to `owner`: theirs and their group's.
+    fn keys(&self, owner: &str) -> Vec<(QuotaScope, String)> {
+        let mut keys = vec![(QuotaScope::User, owner.to_string())];
+        if let Some(g) = self.group_of.get(owner) {
+            keys.push((QuotaScope::Group, g.clone()));
+        }
+        keys
+    }
+
+    fn add(&mut self, owner: &str, u: &QuotaUse) {
+        for key in self.keys(owner) {
+            let e = self.used.entry(key).or_default();
+            *e = e.plus(u);
+        }
+    }
+
+    /// Whether `owner` may take `ask` on top of what they and their group hold.
+    fn allows(&self, owner: &str, ask: &QuotaUse) -> Result<(), String> {
+        for key in self.keys(owner) {
+            if let Some(caps) = self.caps.get(&key) {
+                let used = self.used.get(&key).copied().unwrap_or_default();
+                quota::within(caps, &format!("{} {}", key.0.as_str(), key.1), &used, ask)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `ask` could ever fit `owner`'s quotas.
+    fn could_ever_fit(&self, owner: &str, ask: &QuotaUse) -> Result<(), String> {
+        for key in self.keys(owner) {
+            if let Some(caps) = self.caps.get(&key) {
+                quota::could_ever_fit(caps, &format!("{} {}", key.0.as_str(), key.1), ask)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn set_quota(
+    c: &mut Connection,
+    scope: QuotaScope,
+    name: &str,
+    caps: &QuotaCaps,
+) -> Result<(), StoreError> {
+    let tx = c.transaction()?;
+    if *caps == QuotaCaps::default() {
+        tx.execute(
+            "DELETE FROM quotas WHERE scope = ?1 AND name = ?2",
+            params![scope.as_str(), name],
+        )?;
+    } else {
+        let n = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
+        tx.execute(
+            "INSERT INTO quotas (scope, name, gpus, vps, cores, memory_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (scope, name) DO UPDATE SET gpus = ?3, vps = ?4, cores = ?5, memory_bytes = ?6",
+            params![scope.as_str(), name, n(caps.gpus), n(caps.vps), n(caps.cores), n(caps.memory_bytes)],
+        )?;
+    }
+    // A raised quota may let waiting work in.
+    bump(&tx)?;
+    tx.commit()?;
+    Ok(())
+}
+
+pub(super) fn quota_views(c: &mut Connection) -> Result<Vec<QuotaView>, StoreError> {
+    let book = quota_book(c)?;
+    let mut out: Vec<QuotaView> = book
+        .caps
+        .iter()
+        .map(|((scope, name), caps)| QuotaView {
+            scope: *scope,
+            name: name.clone(),
+            caps: *caps,
+            used: book
+                .used
+                .get(&(*scope, name.clone()))
+                .copied()
+                .unwrap_or_default(),
+        })
+        .collect();
+    out.sort_by(|a, b| (a.scope.as_str(), &a.name).cmp(&(b.scope.as_str(), &b.name)));
+    Ok(out)
+}
+
 pub(super) fn schedule(c: &mut Connection, range: PortRange) -> Result<Vec<u64>, StoreError> {
     let tx = c.transaction()?;
     let nodes = nodes(&tx)?;
@@ -358,9 +532,17 @@ pub(super) fn schedule(c: &mut Connection, range: PortRange) -> Result<Vec<u64>,
         "WHERE state = 'pending' AND desired NOT IN ('killed', 'deleted')",
         &[],
     )?;
+    let mut book = quota_book(&tx)?;
     let mut placed = Vec::new();
     for t in pending {
         let mut decision = scheduler::place(&t.spec, &nodes, &held);
+        // Within its owner's quotas (and their group's), counting what this
+        // pass placed before it: nothing is spent twice.
+        if let (Decision::Place { placement, .. }, Some(owner)) = (&decision, &t.owner) {
+            if let Err(why) = book.allows(owner, &placed_use(&t.spec, placement)) {
+                decision = Decision::Wait(format!("over quota: {why}"));
+            }
+        }
         if let Decision::Place { placement, .. } = &mut decision {
             if !placement.published.is_empty() {
                 let taken: BTreeSet<u16> = externals
@@ -384,6 +566,9 @@ pub(super) fn schedule(c: &mut Connection, range: PortRange) -> Result<Vec<u64>,
                     "UPDATE tasks SET state = 'assigning', node = ?2, placement = ?3, reason = ?4 WHERE id = ?1",
                     params![t.id as i64, placement.node, to_json("placement", &placement)?, reason],
                 )?;
+                if let Some(owner) = &t.owner {
+                    book.add(owner, &placed_use(&t.spec, &placement));
+                }
                 held.push(placement);
                 placed.push(t.id);
             }
@@ -975,6 +1160,64 @@ mod tests {
             s.submit_task_capped(&spec(1, 0), Some("carl"), 1, false, 0),
             Err(super::StoreError::TooMany(_))
         ));
+    }
+
+    #[test]
+    fn fifty_parallel_requests_never_spend_a_groups_gpus_twice() {
+        use crate::api::{PersonRole, QuotaCaps, QuotaScope};
+        let s = store_with_node("n1");
+        for u in ["u0", "u1", "u2", "u3", "u4"] {
+            s.add_user(u, PersonRole::User, Some("lab-a"), &format!("h-{u}"), 0)
+                .unwrap();
+        }
+        let caps = QuotaCaps {
+            gpus: Some(2),
+            ..Default::default()
+        };
+        s.set_quota(QuotaScope::Group, "lab-a", &caps).unwrap();
+        let threads: Vec<_> = (0..50)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let owner = format!("u{}", i % 5);
+                    s.submit_task(&spec(1, 1), Some(&owner), 0).unwrap();
+                    s.schedule().unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        s.schedule().unwrap();
+        let all = s.list_tasks(None, None, None).unwrap();
+        let placed = all.iter().filter(|t| t.placement.is_some()).count();
+        // The node has 3 GPUs to give: the group's quota, not the node, stops it at 2.
+        assert_eq!(placed, 2);
+        let waiting: Vec<_> = all.iter().filter(|t| t.placement.is_none()).collect();
+        assert_eq!(waiting.len(), 48);
+        for t in &waiting {
+            assert!(
+                t.reason
+                    .contains("over quota: group lab-a holds 2 of 2 GPUs"),
+                "{}",
+                t.reason
+            );
+        }
+        let q = s.quotas().unwrap();
+        assert_eq!((q.len(), q[0].used.gpus), (1, 2));
+        // A request bigger than the quota is refused at once, with the numbers.
+        let e = s.submit_task(&spec(1, 3), Some("u0"), 0).unwrap_err();
+        assert!(
+            e.to_string().contains("group lab-a's quota (gpus 2)"),
+            "{e}"
+        );
+        // The admin's own work is not counted.
+        assert!(s.submit_task(&spec(1, 1), None, 0).is_ok());
+        // Lifting the quota lets one more in (the node's fourth GPU).
+        s.set_quota(QuotaScope::Group, "lab-a", &QuotaCaps::default())
+            .unwrap();
+        assert!(s.quotas().unwrap().is_empty());
+        assert_eq!(s.schedule().unwrap().len(), 1);
     }
 
     #[test]

@@ -1,0 +1,98 @@
+//! Quotas: how much a user, and a group of users, may hold at once: GPUs,
+//! running VPS, cores and memory. A request that would go over waits in
+//! the queue, saying whose quota and the numbers ("lab-a holds 8 of 8
+//! GPUs"); one that could never fit is refused at submit. Only what is
+//! placed counts: a stopped VPS, a queued task or a request waiting for
+//! approval holds nothing. The admin's own work is not counted.
+//!
+//! The arithmetic is here; the store applies it inside its scheduling
+//! transaction, so parallel requests cannot spend the same room twice.
+
+pub use crate::api::{QuotaCaps, QuotaScope, QuotaUse};
+
+/// What a task holds (placed) or asks (not yet placed).
+pub fn held_by(vps: bool, cores: u64, gpus: u64, memory_bytes: u64) -> QuotaUse {
+    QuotaUse {
+        gpus,
+        vps: u64::from(vps),
+        cores,
+        memory_bytes,
+    }
+}
+
+/// Whether `used` plus `ask` stays within `caps` of `who` (e.g. `group
+/// lab-a`); the first limit passed, in words, otherwise.
+pub fn within(caps: &QuotaCaps, who: &str, used: &QuotaUse, ask: &QuotaUse) -> Result<(), String> {
+    let rows = [
+        (caps.gpus, used.gpus, ask.gpus, "GPUs"),
+        (caps.vps, used.vps, ask.vps, "running VPS"),
+        (caps.cores, used.cores, ask.cores, "cores"),
+        (
+            caps.memory_bytes.map(gib),
+            gib(used.memory_bytes),
+            gib(ask.memory_bytes),
+            "GiB of memory",
+        ),
+    ];
+    for (cap, used, ask, what) in rows {
+        if let Some(cap) = cap {
+            if ask > 0 && used + ask > cap {
+                return Err(format!(
+                    "{who} holds {used} of {cap} {what} and this asks for {ask}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `ask` alone fits `caps`: a request bigger than its quota would
+/// wait for ever.
+pub fn could_ever_fit(caps: &QuotaCaps, who: &str, ask: &QuotaUse) -> Result<(), String> {
+    within(caps, who, &QuotaUse::default(), ask).map_err(|_| {
+        format!(
+            "{who}'s quota ({}) is smaller than this request",
+            caps.text()
+        )
+    })
+}
+
+/// Memory in whole GiB, rounded up (quotas are set and read in GiB).
+fn gib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_fits_until_the_first_limit_and_says_whose_and_how_much() {
+        let caps = QuotaCaps {
+            gpus: Some(8),
+            vps: Some(2),
+            cores: None,
+            memory_bytes: Some(64 << 30),
+        };
+        let used = held_by(true, 30, 7, 10 << 30);
+        assert!(within(&caps, "group lab-a", &used, &held_by(false, 100, 1, 0)).is_ok());
+        assert_eq!(
+            within(&caps, "group lab-a", &used, &held_by(false, 1, 2, 0)).unwrap_err(),
+            "group lab-a holds 7 of 8 GPUs and this asks for 2"
+        );
+        assert!(within(&caps, "user bob", &used, &held_by(true, 1, 0, 0)).is_ok());
+        let two = held_by(true, 0, 0, 0).plus(&used);
+        assert!(within(&caps, "user bob", &two, &held_by(true, 1, 0, 0))
+            .unwrap_err()
+            .contains("running VPS"));
+        assert!(within(&caps, "u", &used, &held_by(false, 1, 0, 60 << 30))
+            .unwrap_err()
+            .contains("GiB of memory"));
+        // Nothing asked of a capped kind passes, even when over (the cap was lowered).
+        let over = held_by(false, 0, 9, 0);
+        assert!(within(&caps, "u", &over, &held_by(false, 4, 0, 0)).is_ok());
+        assert!(could_ever_fit(&caps, "user bob", &held_by(false, 1, 9, 0))
+            .unwrap_err()
+            .contains("gpus 8, vps 2, memory 64 GiB"));
+    }
+}
