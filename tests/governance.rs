@@ -273,3 +273,96 @@ fn a_groups_quota_holds_work_back_with_the_numbers_and_a_request_too_big_is_refu
     let o = lab.rn(Some(&ben), &["-o", "json", "quota", "show"]);
     assert_eq!(stdout(&o).trim(), "[]", "the quota is gone");
 }
+
+/// The CLI with HOME at `home` (where login keeps client.toml), no admin data dir.
+fn rn_at_home(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("RIVERNODE_HOST")
+        .env_remove("RIVERNODE_TOKEN")
+        .env("HOME", home)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_invitation_makes_one_person_once_before_it_expires() {
+    let lab = Lab::start(&[]);
+    let url = read_trimmed(&std::path::Path::new(&lab.data).join("api.url")).unwrap();
+    let invite = |extra: &[&str]| {
+        let mut a = vec!["-o", "json", "user", "invite", "--group", "lab-a"];
+        a.extend_from_slice(extra);
+        let o = lab.rn(None, &a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["code"].as_str().unwrap().to_string()
+    };
+    let code = invite(&["--role", "operator"]);
+    let home = tempfile::tempdir().unwrap();
+    let login = |code: &str, name: &str| {
+        rn_at_home(
+            home.path(),
+            &[
+                "--host", &url, "login", "--invite", code, "--name", name, "--force",
+            ],
+        )
+    };
+    let o = login(&code, "dora");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg = home.path().join(".config/rivernode/client.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("token = \"rnusr_"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The stored token and host work as they are: dora is an operator of lab-a.
+    let o = rn_at_home(home.path(), &["whoami"]);
+    assert!(stdout(&o).contains("dora"), "{}{}", stdout(&o), stderr(&o));
+    let o = lab.rn(None, &["user", "list"]);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("dora") && l.contains("operator") && l.contains("lab-a")),
+        "{}",
+        stdout(&o)
+    );
+    // Without --force an existing token is kept.
+    let o = rn_at_home(
+        home.path(),
+        &[
+            "--host",
+            &url,
+            "login",
+            "--invite",
+            &invite(&[]),
+            "--name",
+            "eve",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already holds a token"),
+        "{}",
+        stderr(&o)
+    );
+    // Used once, never again.
+    let o = login(&code, "dora2");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("was used"), "{}", stderr(&o));
+    // A name taken is refused and the code is not spent.
+    let spare = invite(&[]);
+    let o = login(&spare, "dora");
+    assert!(stderr(&o).contains("exists"), "{}", stderr(&o));
+    assert!(login(&spare, "fay").status.success());
+    // An expired code is refused.
+    let short = invite(&["--expires", "1s"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let o = login(&short, "gus");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("expired"), "{}", stderr(&o));
+    // A made-up code is no credential.
+    let o = login("rninv_0000", "hal");
+    assert!(stderr(&o).contains("401"), "{}", stderr(&o));
+}

@@ -37,6 +37,8 @@ enum Access {
     OwnNode,
     /// The admin, and the user the path names (bob, the task's owner).
     OwnUser,
+    /// An invitation's code, which no caller here holds.
+    Invite,
 }
 
 /// (method, path with `{node}`, `{task}`, `{user}` placeholders, access).
@@ -93,6 +95,8 @@ const ROUTES: &[(&str, &str, Access)] = &[
         Access::Owner,
     ),
     ("PUT", "/api/quotas/{scope}/{user}", Access::Admin),
+    ("POST", "/api/invitations", Access::Admin),
+    ("POST", "/api/invitations/redeem", Access::Invite),
     ("GET", "/api/quotas", Access::People),
     ("GET", "/api/users/{bob}/env", Access::OwnUser),
     ("POST", "/api/users/{bob}/env", Access::OwnUser),
@@ -141,7 +145,7 @@ fn expected(access: Access, caller: Caller) -> Option<StatusCode> {
     use Caller::*;
     let person = matches!(caller, Viewer | Operator | OtherUser | User | Admin);
     match (caller, access) {
-        (Anonymous | BadToken, _) => Some(StatusCode::UNAUTHORIZED),
+        (Anonymous | BadToken, _) | (_, A::Invite) => Some(StatusCode::UNAUTHORIZED),
         (_, A::Anyone) => None,
         (Join, A::Join) | (Node, A::OwnNode) => None,
         (Admin, A::Join | A::OwnNode) => Some(StatusCode::FORBIDDEN),

@@ -244,6 +244,15 @@ pub struct UserView {
     pub active_tasks: u64,
 }
 
+/// `POST /api/invitations`: the one-time code (shown once).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Invitation {
+    pub code: String,
+    pub role: PersonRole,
+    pub group: Option<String>,
+    pub expires_at_unix_ms: i64,
+}
+
 /// Whose quota: one user's, or a group's (all its users together).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

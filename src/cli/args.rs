@@ -64,6 +64,19 @@ pub enum Command {
     Quota(QuotaCommand),
     /// Who this token is (admin, user NAME, node NAME) on which host.
     Whoami,
+    /// Redeem an invitation from the admin: become user NAME, keeping the token in
+    /// ~/.config/rivernode/client.toml (with --host, which later commands then use).
+    Login {
+        /// The code `rivernode user invite` printed.
+        #[arg(long, value_name = "CODE")]
+        invite: String,
+        /// The name to go by (letters, digits, '-').
+        #[arg(long)]
+        name: String,
+        /// Replace a token client.toml already holds.
+        #[arg(long)]
+        force: bool,
+    },
     /// Let a request that waits for approval run (operator, admin).
     Approve { id: u64 },
     /// Refuse a request that waits for approval; its owner reads the reason (operator, admin).
@@ -339,6 +352,16 @@ pub enum UserCommand {
     List,
     /// Remove a user and revoke their token; their tasks stay, for the admin to end.
     Remove { name: String },
+    /// A one-time code that lets one person make their own account (`rivernode login --invite`).
+    Invite {
+        #[arg(long, default_value = "user", value_parser = parse_person_role)]
+        role: crate::api::PersonRole,
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        /// How long the code may be used (default 7d).
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<crate::config::HumanDuration>,
+    },
     /// Give a user a new token (shown once) and revoke their old one; a user may rotate their own.
     /// `admin` rotates the admin token (and rewrites DATA_DIR/admin.token on the host).
     RotateToken {

@@ -38,6 +38,78 @@ struct UserConfig {
     token: Option<String>,
 }
 
+/// The host's URL: the flag, else the data directory's api.url, else the
+/// user's client.toml, else loopback.
+fn base_url(host: Option<String>, dir: &Path, configured: Option<String>) -> String {
+    host.or_else(|| read_token(&dir.join(API_URL_FILE)))
+        .or(configured)
+        .unwrap_or_else(|| DEFAULT_URL.to_string())
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// `rivernode login --invite CODE --name NAME`: redeems the invitation at
+/// the host and keeps the new token (and the host) in the user's
+/// client.toml (0600), which later commands read. An existing token there
+/// is kept unless `force`.
+pub async fn login(
+    host: Option<String>,
+    data_dir: Option<&Path>,
+    code: &str,
+    name: &str,
+    force: bool,
+) -> Result<(crate::api::NewUser, PathBuf), ClientError> {
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| ClientError::Usage("HOME is not set: no place for client.toml".into()))?;
+    let path = Path::new(&home).join(".config/rivernode/client.toml");
+    let existing = user_config()?;
+    if existing.token.is_some() && !force {
+        return Err(ClientError::UserConfig {
+            path,
+            message: "already holds a token; --force replaces it (the old one keeps working until rotated)".into(),
+        });
+    }
+    let base = base_url(
+        host,
+        data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR)),
+        existing.host,
+    );
+    let url = format!("{base}/api/invitations/redeem");
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(code)
+        .json(&serde_json::json!({ "name": name }))
+        .timeout(std::time::Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|source| ClientError::Connect {
+            url: base.clone(),
+            source,
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        return Err(ClientError::Api {
+            status: status.as_u16(),
+            message: ErrorBody::message_of(&text).unwrap_or(text),
+        });
+    }
+    let user: crate::api::NewUser = resp
+        .json()
+        .await
+        .map_err(|source| ClientError::Decode { url, source })?;
+    let text = format!("host = {:?}\ntoken = {:?}\n", base, user.token);
+    let io = |e: std::io::Error| ClientError::UserConfig {
+        path: path.clone(),
+        message: e.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        crate::files::ensure_private_dir(dir).map_err(io)?;
+    }
+    crate::files::write_secret(&path, text.as_bytes()).map_err(io)?;
+    Ok((user, path))
+}
+
 fn user_config() -> Result<UserConfig, ClientError> {
     let Some(home) = std::env::var_os("HOME") else {
         return Ok(UserConfig::default());
@@ -68,12 +140,7 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let user = user_config()?;
         let dir = data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR));
-        let base = host
-            .or_else(|| read_token(&dir.join(API_URL_FILE)))
-            .or(user.host)
-            .unwrap_or_else(|| DEFAULT_URL.to_string())
-            .trim_end_matches('/')
-            .to_string();
+        let base = base_url(host, dir, user.host);
         let token = token
             .or_else(|| read_token(&dir.join(ADMIN_TOKEN_FILE)))
             .or(user.token)

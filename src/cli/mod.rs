@@ -80,6 +80,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let code = terminal::exec(&client, id, command, tty).await?;
             std::process::exit(code);
         }
+        Command::Login {
+            invite,
+            name,
+            force,
+        } => {
+            let (user, path) =
+                client::login(cli.host, cli.data_dir.as_deref(), &invite, &name, force).await?;
+            println!(
+                "welcome, {}; your token is in {} (`rivernode whoami` shows who you are)",
+                user.name,
+                path.display()
+            );
+            Ok(())
+        }
         Command::Approve { id } => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             Ok(task::decide(&client, id, None, cli.output).await?)

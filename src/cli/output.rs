@@ -69,12 +69,22 @@ pub fn bytes(n: u64) -> String {
 
 /// "3s ago", "5m ago", "2h ago", "4d ago".
 pub fn ago(then_ms: i64, now_ms: i64) -> String {
-    let s = (now_ms - then_ms).max(0) / 1000;
+    format!("{} ago", span(now_ms - then_ms))
+}
+
+/// "in 3s", "in 7d": how long until `then_ms`.
+pub fn until(then_ms: i64, now_ms: i64) -> String {
+    format!("in {}", span(then_ms - now_ms))
+}
+
+/// A duration in its largest whole unit: "3s", "5m", "2h", "4d".
+fn span(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
     match s {
-        0..=59 => format!("{s}s ago"),
-        60..=3599 => format!("{}m ago", s / 60),
-        3600..=86399 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86400),
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
     }
 }
 
@@ -89,6 +99,7 @@ mod tests {
         assert_eq!(ago(0, 4_500), "4s ago");
         assert_eq!(ago(0, 7_200_000), "2h ago");
         assert_eq!(ago(10, 0), "0s ago");
+        assert_eq!(until(7 * 86_400_000, 0), "in 7d");
         let t = table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()]]);
         assert_eq!(t, "A    LONGER\nxyz  1\n");
     }

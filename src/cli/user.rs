@@ -75,6 +75,34 @@ pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<()
             emit(&format!("user {name} removed; their token is revoked\n"));
         }
         UserCommand::Env { cmd } => env(client, cmd, output).await?,
+        UserCommand::Invite {
+            role,
+            group,
+            expires,
+        } => {
+            let inv: crate::api::Invitation = client
+                .post(
+                    "/api/invitations",
+                    &serde_json::json!({
+                        "role": role,
+                        "group": group,
+                        "expires_in_ms": expires.map(|d| d.0.as_millis() as u64),
+                    }),
+                )
+                .await?;
+            match output {
+                Output::Json => emit_json(&inv),
+                Output::Table => emit(&format!(
+                    "invitation for one {} (shown once; it expires {}):\n{}\n\
+                     they run: rivernode --host {} login --invite {} --name THEIR-NAME\n",
+                    inv.role.as_str(),
+                    crate::cli::output::until(inv.expires_at_unix_ms, crate::now_unix_ms()),
+                    inv.code,
+                    client.base,
+                    inv.code
+                )),
+            }
+        }
     }
     Ok(())
 }

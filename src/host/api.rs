@@ -155,6 +155,7 @@ pub fn router(state: Arc<HostState>) -> Router {
             auth::require(&[Role::Admin, Role::Operator], req, next)
         }));
     let admin = Router::new()
+        .route("/api/invitations", post(invite))
         .route("/api/quotas/{scope}/{name}", put(set_quota))
         .route("/api/users", post(add_user).get(list_users))
         .route("/api/users/{name}", delete(remove_user))
@@ -176,7 +177,7 @@ pub fn router(state: Arc<HostState>) -> Router {
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(&[Role::Node], req, next)
         }));
-    Router::new()
+    let authenticated = Router::new()
         .route("/api/whoami", get(whoami))
         .merge(people)
         .merge(submitters)
@@ -189,8 +190,101 @@ pub fn router(state: Arc<HostState>) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
-        ))
+        ));
+    // An invitation's code is its own credential, checked by its route: the
+    // person redeeming it has no token yet.
+    Router::new()
+        .route("/api/invitations/redeem", post(redeem))
+        .merge(authenticated)
         .with_state(state)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Invite {
+    #[serde(default)]
+    role: crate::api::PersonRole,
+    #[serde(default)]
+    group: Option<String>,
+    /// How long the code may be redeemed (default 7 days).
+    #[serde(default)]
+    expires_in_ms: Option<u64>,
+}
+
+/// How long an invitation lasts unless the admin says.
+const INVITATION_LIFETIME_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// `POST /api/invitations`: a one-time code that makes one person with
+/// this role and group; only its hash is kept.
+async fn invite(
+    State(state): State<Arc<HostState>>,
+    ApiJson(req): ApiJson<Invite>,
+) -> Result<(StatusCode, Json<crate::api::Invitation>), ApiError> {
+    if let Some(g) = &req.group {
+        validate_user_name(g).map_err(|m| ApiError::BadRequest(format!("group: {m}")))?;
+    }
+    let now = crate::now_unix_ms();
+    let expires_at = expiry(
+        now,
+        Some(req.expires_in_ms.unwrap_or(INVITATION_LIFETIME_MS)),
+    )?
+    .unwrap_or(i64::MAX);
+    let code = generate_token("rninv");
+    let (hash, role, group) = (hash_token(&code), req.role, req.group.clone());
+    state
+        .blocking(move |s| s.add_invitation(&hash, role, group.as_deref(), expires_at, now))
+        .await?;
+    tracing::info!(role = role.as_str(), group = ?req.group, "invitation made");
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::api::Invitation {
+            code,
+            role,
+            group: req.group,
+            expires_at_unix_ms: expires_at,
+        }),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Redeem {
+    name: String,
+}
+
+/// `POST /api/invitations/redeem` with `Authorization: Bearer <code>`: the
+/// person `name` is made, with their token (shown once); the code is spent.
+async fn redeem(
+    State(state): State<Arc<HostState>>,
+    req: axum::extract::Request,
+) -> Result<(StatusCode, Json<NewUser>), ApiError> {
+    let code = auth::bearer(&req)?.to_string();
+    let no_credential = |e: ApiError| match e {
+        // An unknown, used or expired code (the store's refusal) is no credential.
+        ApiError::BadRequest(why) => ApiError::Unauthorized(format!("invitation: {why}")),
+        other => other,
+    };
+    // The code first: without a good one, nothing about the body is said.
+    let (code_hash, now) = (hash_token(&code), crate::now_unix_ms());
+    let h = code_hash.clone();
+    state
+        .blocking(move |s| s.check_invitation(&h, now))
+        .await
+        .map_err(no_credential)?;
+    let body = axum::body::to_bytes(req.into_body(), 64 << 10)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    let Redeem { name } =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    validate_user_name(&name).map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
+    let token = generate_token("rnusr");
+    let (hash, n) = (hash_token(&token), name.clone());
+    state
+        .blocking(move |s| s.redeem_invitation(&code_hash, &n, &hash, now))
+        .await
+        .map_err(no_credential)?;
+    tracing::info!(user = %name, "invitation redeemed");
+    Ok((StatusCode::CREATED, Json(NewUser { name, token })))
 }
 
 async fn whoami(

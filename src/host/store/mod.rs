@@ -79,6 +79,28 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Every quota with what its user or group holds now.
     fn quotas(&self) -> Result<Vec<crate::api::QuotaView>, StoreError>;
+    /// Records an invitation (the hash of its code) for one person.
+    fn add_invitation(
+        &self,
+        code_hash: &str,
+        role: crate::api::PersonRole,
+        group: Option<&str>,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Whether the invitation with this code hash may be redeemed now;
+    /// `Refused` saying why not.
+    fn check_invitation(&self, code_hash: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Makes user `name` with the invitation's role and group and their
+    /// token, and spends the invitation, in one transaction. `Refused`
+    /// when the code is unknown, used or expired.
+    fn redeem_invitation(
+        &self,
+        code_hash: &str,
+        name: &str,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
     fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
     /// Removes a user and revokes their tokens; their tasks stay (the admin sees them).
     fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
@@ -302,6 +324,16 @@ const MIGRATIONS: &[&str] = &[
         memory_bytes INTEGER,
         PRIMARY KEY (scope, name)
     );",
+    // 11: one-time invitation codes (their hashes), each making one person.
+    "CREATE TABLE invitations (
+        code_hash TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('viewer', 'user', 'operator')),
+        grp TEXT,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        used_at_ms INTEGER,
+        used_by TEXT
+    );",
 ];
 
 pub struct SqliteStore {
@@ -388,6 +420,69 @@ impl TokenCache {
         self.stale.store(false, Ordering::Release);
         Ok(())
     }
+}
+
+/// The role and group of an invitation that may be redeemed now; `Refused`
+/// for one unknown, used or expired.
+fn usable_invitation(
+    c: &Connection,
+    code_hash: &str,
+    now_ms: i64,
+) -> Result<(crate::api::PersonRole, Option<String>), StoreError> {
+    let found: Option<(String, Option<String>, i64, Option<i64>)> = c
+        .query_row(
+            "SELECT role, grp, expires_at_ms, used_at_ms FROM invitations WHERE code_hash = ?1",
+            [code_hash],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    match found {
+        None => Err(StoreError::Refused("no such invitation".into())),
+        Some((_, _, _, Some(_))) => Err(StoreError::Refused(
+            "this invitation was used; ask the admin for a new one".into(),
+        )),
+        Some((_, _, expires, None)) if expires <= now_ms => Err(StoreError::Refused(
+            "this invitation expired; ask the admin for a new one".into(),
+        )),
+        // The table's CHECK keeps the role one of the three.
+        Some((role, group, _, None)) => Ok((role.parse().unwrap_or_default(), group)),
+    }
+}
+
+/// Adds person `name` with their first token; a name in use, or once used
+/// by a removed user, is refused.
+fn insert_user(
+    tx: &rusqlite::Transaction<'_>,
+    name: &str,
+    role: crate::api::PersonRole,
+    group: Option<&str>,
+    token_hash: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let added = tx.execute(
+        "INSERT INTO users (name, created_at_ms, role, grp) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+        params![name, now_ms, role.as_str(), group],
+    )?;
+    if added == 0 {
+        let removed: Option<i64> = tx.query_row(
+            "SELECT removed_at_ms FROM users WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        return Err(StoreError::Conflict(match removed {
+            None => format!(
+                "user {name:?} exists; `rivernode user remove {name}` first to give them a new token"
+            ),
+            Some(_) => format!(
+                "user name {name:?} belonged to a removed user and is never given out again (their tasks keep it): choose another"
+            ),
+        }));
+    }
+    tx.execute(
+        "INSERT INTO tokens (hash, role, user, label, created_at_ms) VALUES (?1, 'user', ?2, 'user token', ?3)",
+        params![token_hash, name, now_ms],
+    )?;
+    Ok(())
 }
 
 /// The host's external ports for published ports, unless configured:
@@ -616,28 +711,48 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let added = tx.execute(
-                "INSERT INTO users (name, created_at_ms, role, grp) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-                params![name, now_ms, role.as_str(), group],
+            insert_user(&tx, name, role, group, token_hash, now_ms)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn add_invitation(
+        &self,
+        code_hash: &str,
+        role: crate::api::PersonRole,
+        group: Option<&str>,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO invitations (code_hash, role, grp, created_at_ms, expires_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![code_hash, role.as_str(), group, now_ms, expires_at_ms],
             )?;
-            if added == 0 {
-                let removed: Option<i64> = tx.query_row(
-                    "SELECT removed_at_ms FROM users WHERE name = ?1",
-                    [name],
-                    |r| r.get(0),
-                )?;
-                return Err(StoreError::Conflict(match removed {
-                    None => format!(
-                        "user {name:?} exists; `rivernode user remove {name}` first to give them a new token"
-                    ),
-                    Some(_) => format!(
-                        "user name {name:?} belonged to a removed user and is never given out again (their tasks keep it): choose another"
-                    ),
-                }));
-            }
+            Ok(())
+        })
+    }
+
+    fn check_invitation(&self, code_hash: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| usable_invitation(c, code_hash, now_ms).map(|_| ()))
+    }
+
+    fn redeem_invitation(
+        &self,
+        code_hash: &str,
+        name: &str,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let (role, group) = usable_invitation(&tx, code_hash, now_ms)?;
+            insert_user(&tx, name, role, group.as_deref(), token_hash, now_ms)?;
             tx.execute(
-                "INSERT INTO tokens (hash, role, user, label, created_at_ms) VALUES (?1, 'user', ?2, 'user token', ?3)",
-                params![token_hash, name, now_ms],
+                "UPDATE invitations SET used_at_ms = ?2, used_by = ?3 WHERE code_hash = ?1",
+                params![code_hash, now_ms, name],
             )?;
             tx.commit()?;
             Ok(())
