@@ -296,8 +296,9 @@ layered_config! {
         blocked_networks: Vec<String> = Vec::new(),
         /// Where instances reach the in-instance API (`vastai stop instance $CONTAINER_ID`
         /// with their CONTAINER_API_KEY): a link-local address:port put on the instance bridge
-        /// and answered by the runner, for instances only. Empty: none.
-        instance_api_address: String = "169.254.42.1:80".to_string(),
+        /// and answered by the runner, for instances only. Not port 80: a web server on the
+        /// node listening on every address would hold it. Empty: none.
+        instance_api_address: String = "169.254.42.1:4280".to_string(),
         /// CDI spec directories, in priority order (a later one wins), as nvidia-ctk writes them.
         cdi_spec_dirs: Vec<PathBuf> = vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
         /// The NVIDIA driver's procfs directory (GPU UUIDs and device minors).
@@ -436,12 +437,20 @@ impl RunnerConfig {
                     .parse()
                     .map_err(|e| ConfigError::Invalid {
                         key: "instance_api_address",
-                        message: format!("an IPv4 address:port, e.g. 169.254.42.1:80 ({e})"),
+                        message: format!("an IPv4 address:port, e.g. 169.254.42.1:4280 ({e})"),
                     })?;
             if !addr.ip().is_link_local() || addr.port() == 0 {
                 return Err(ConfigError::Invalid {
                     key: "instance_api_address",
                     message: "a link-local address (169.254.0.0/16) and a port: an instance reaches it on its node only".into(),
+                });
+            }
+            // Put on the bridge, these would take the node's own cloud
+            // metadata (and ECS credentials) service from it.
+            if [[169, 254, 169, 254], [169, 254, 170, 2]].contains(&addr.ip().octets()) {
+                return Err(ConfigError::Invalid {
+                    key: "instance_api_address",
+                    message: format!("{} is a cloud's metadata address; the node may need it: choose another, e.g. 169.254.42.1:4280", addr.ip()),
                 });
             }
         }
@@ -616,6 +625,27 @@ pub fn render_defaults<C: Serialize>(title: &str, keys: &[(&str, &str)], default
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn the_in_instance_api_takes_a_link_local_address_but_not_a_clouds_metadata_one() {
+        let with = |addr: &str| RunnerConfig {
+            instance_api_address: addr.into(),
+            ..RunnerConfig::default()
+        };
+        assert!(with("169.254.42.1:4280").validate().is_ok());
+        assert!(with("").validate().is_ok(), "turned off");
+        assert_eq!(with("").instance_api(), None);
+        for bad in [
+            "169.254.169.254:80",
+            "169.254.170.2:80",
+            "10.0.0.1:80",
+            "169.254.42.1:0",
+            "x",
+        ] {
+            let e = with(bad).validate().unwrap_err().to_string();
+            assert!(e.contains("instance_api_address"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sizes_are_written_back_as_what_reads_as_the_same_size() {

@@ -338,7 +338,7 @@ fn an_instance_stops_and_destroys_itself_with_the_vastai_cli_and_its_key_touches
         let (key, url) = (vars[0], vars[2]);
         assert!(key.starts_with("cak_"), "{vars:?}");
         assert_eq!(vars[1], key, "VAST_API_KEY is the instance's key");
-        assert_eq!(url, "http://169.254.42.1");
+        assert_eq!(url, "http://169.254.42.1:4280");
         assert_eq!(vars[3], url);
         let env = [("VAST_URL", url), ("VAST_API_KEY", key)];
 
@@ -353,18 +353,90 @@ fn an_instance_stops_and_destroys_itself_with_the_vastai_cli_and_its_key_touches
         let table = vastai_in(&v, &a, &env, &["show", "instance", &a]);
         assert!(table.contains("running"), "{table}");
 
-        // The key acts on its own instance only: not on b by naming it...
+        // The key acts on its own instance only: not on b by naming it (the
+        // runner refuses)...
         let out = vastai_in(&v, &a, &env, &["stop", "instance", &b]);
-        assert!(out.contains("403"), "{out}");
-        // ...nor from b's address with a's key.
+        assert!(
+            out.contains("403") && out.contains("acts on its own instance"),
+            "{out}"
+        );
+        // ...nor from b's address with a's key (the host refuses)...
         let out = vastai_in(&v, &b, &env, &["stop", "instance", &b]);
-        assert!(out.contains("403"), "{out}");
-        // No key, a wrong one: refused.
+        assert!(
+            out.contains("403") && out.contains("not the CONTAINER_API_KEY of instance"),
+            "{out}"
+        );
+        // ...nor from b's address taken inside a: the bridge drops what a
+        // sends from an address not its own.
+        let netns = |id: &str| {
+            v.runner_data()
+                .join("runner/netns")
+                .join(format!("{}-task-{id}", v.node))
+        };
+        let in_ns = |id: &str, args: &[&str]| {
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", netns(id).display()))
+                .arg("--")
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let o = in_ns(&b, &["ip", "-4", "-o", "addr", "show", "eth0"]);
+        let b_ip = stdout(&o)
+            .split_whitespace()
+            .nth(3)
+            .and_then(|a| a.split('/').next())
+            .unwrap()
+            .to_string();
+        assert!(in_ns(
+            &a,
+            &["ip", "addr", "add", &format!("{b_ip}/32"), "dev", "eth0"]
+        )
+        .status
+        .success());
+        let spoofed = in_ns(
+            &a,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+                "--interface",
+                &b_ip,
+                "-H",
+                &format!("Authorization: Bearer {key}"),
+                &format!("{url}/api/v0/instances/{b}/"),
+            ],
+        );
+        assert!(
+            !spoofed.status.success(),
+            "a spoofed b: {}",
+            stdout(&spoofed)
+        );
+        assert!(in_ns(
+            &a,
+            &["ip", "addr", "del", &format!("{b_ip}/32"), "dev", "eth0"]
+        )
+        .status
+        .success());
+        // No key, a wrong one, another kind of key: refused.
         let out = vastai_in(&v, &a, &[("VAST_URL", url)], &["stop", "instance", &a]);
-        assert!(out.contains("401"), "{out}");
+        assert!(
+            out.contains("401") && out.contains("send the instance's key"),
+            "{out}"
+        );
         let wrong = [("VAST_URL", url), ("VAST_API_KEY", "cak_wrong")];
         let out = vastai_in(&v, &a, &wrong, &["stop", "instance", &a]);
-        assert!(out.contains("403"), "{out}");
+        assert!(
+            out.contains("403") && out.contains("not the CONTAINER_API_KEY"),
+            "{out}"
+        );
+        let foreign = [("VAST_URL", url), ("VAST_API_KEY", "a-vast-account-key")];
+        let out = vastai_in(&v, &a, &foreign, &["stop", "instance", &a]);
+        assert!(
+            out.contains("403") && out.contains("only the instance's own key"),
+            "{out}"
+        );
         assert_eq!(v.state(&b), "running");
         assert_eq!(v.state(&a), "running");
         // The endpoint answers the instance bridge only: not the node itself.
@@ -379,7 +451,9 @@ fn an_instance_stops_and_destroys_itself_with_the_vastai_cli_and_its_key_touches
             .unwrap();
         assert!(!o.status.success(), "reached from the node: {}", stdout(&o));
 
-        // stop, as the command line says it: --url and --api-key.
+        // stop, as the command line says it: --url and --api-key;
+        // the disk is kept.
+        v.ssh_ok(&a, &["echo kept > /root/mark"]);
         let out = vastai_in(
             &v,
             &a,
@@ -391,6 +465,7 @@ fn an_instance_stops_and_destroys_itself_with_the_vastai_cli_and_its_key_touches
         let o = v.rn(&["vps", "restart", &a]);
         assert!(o.status.success(), "{}", stderr(&o));
         v.wait_state(&a, "running");
+        assert_eq!(v.ssh_ok(&a, &["cat /root/mark"]), "kept\n");
         // start of the running instance that asks: nothing to do, and said so.
         let out = vastai_in(&v, &a, &env, &["start", "instance", &a]);
         assert!(out.contains(&format!("starting instance {a}")), "{out}");
@@ -398,6 +473,11 @@ fn an_instance_stops_and_destroys_itself_with_the_vastai_cli_and_its_key_touches
         let out = vastai_in(&v, &a, &env, &["destroy", "instance", &a, "-y"]);
         assert!(out.contains(&format!("destroying instance {a}")), "{out}");
         v.wait_state(&a, "deleted");
+        let containers = v.ctr(&["containers", "ls", "-q"]);
+        assert!(
+            !containers.contains(&format!("{}-task-{a}", v.node)),
+            "its container (the disk) is gone: {containers}"
+        );
         assert_eq!(v.state(&b), "running");
         v.delete(&b);
     });

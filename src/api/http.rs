@@ -19,6 +19,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
+    /// Connections one peer address may hold open at once: on an endpoint
+    /// shared by many callers, one must not take every slot.
+    pub max_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -26,12 +29,50 @@ impl Default for Limits {
         Self {
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_per_peer: usize::MAX,
         }
     }
 }
 
 /// Requests under way get this long to finish at shutdown (long polls end sooner than that).
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// Open connections by peer address.
+#[derive(Default)]
+pub struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One peer's connection, counted while it lives.
+pub struct PeerSlot {
+    peers: Arc<PerPeer>,
+    ip: std::net::IpAddr,
+}
+
+impl PerPeer {
+    pub fn enter(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Serves `router` on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -41,6 +82,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_peer = Arc::new(PerPeer::default());
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -62,6 +104,11 @@ pub async fn serve(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(%peer, max = limits.max_connections, "too many connections; closing one");
+            drop(stream);
+            continue;
+        };
+        let Some(peer_slot) = per_peer.enter(peer.ip(), limits.max_per_peer) else {
+            tracing::debug!(%peer, max = limits.max_per_peer, "too many connections from one address; closing one");
             drop(stream);
             continue;
         };
@@ -87,6 +134,7 @@ pub async fn serve(
             if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
+            drop(peer_slot);
             drop(permit);
         });
     }
@@ -101,4 +149,22 @@ pub async fn serve(
         tracing::info!("requests still under way at shutdown were cut");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_connections() {
+        let peers = Arc::new(PerPeer::default());
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let first = peers.enter(a, 2).unwrap();
+        let _second = peers.enter(a, 2).unwrap();
+        assert!(peers.enter(a, 2).is_none(), "a third from a");
+        assert!(peers.enter(b, 2).is_some(), "b is not held back by a");
+        drop(first);
+        assert!(peers.enter(a, 2).is_some(), "a closed one frees its slot");
+    }
 }

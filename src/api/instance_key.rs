@@ -28,9 +28,12 @@ pub struct SelfRequest {
     pub action: SelfAction,
 }
 
+/// How every key begins (`cak_<64 hex digits>`).
+pub const PREFIX: &str = "cak_";
+
 /// A new key: 32 random bytes, as every other token of the cluster.
 pub fn generate() -> String {
-    super::token::generate("cak")
+    super::token::generate(PREFIX.trim_end_matches('_'))
 }
 
 /// Whether `given` is the key `spec` holds, compared by hash so the time

@@ -503,6 +503,13 @@ async fn change_user_env(
 ) -> Result<Json<BTreeMap<String, String>>, ApiError> {
     for_user(&p, &name, "change the variables")?;
     super::tasks::check_env("set", &req.set)?;
+    // Made by the host for each VPS: one kept here would refuse every submit.
+    let key = crate::api::instance_key::KEY_VAR;
+    if req.set.contains_key(key) {
+        return Err(ApiError::BadRequest(format!(
+            "set: {key} is made by rivernode for each VPS, not a user's variable"
+        )));
+    }
     let n = name.clone();
     let after = state
         .blocking(move |s| s.change_user_env(&n, &req.set, &req.unset))

@@ -254,6 +254,7 @@ impl BoundHost {
         let limits = crate::api::http::Limits {
             header_timeout: self.config.http_header_timeout.0,
             max_connections: self.config.http_max_connections,
+            max_per_peer: usize::MAX,
         };
         let result =
             crate::api::http::serve(self.listener, api::router(self.state), limits, shutdown)

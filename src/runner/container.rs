@@ -63,6 +63,9 @@ pub struct TaskContext {
     pub progress: Arc<super::progress::Board>,
     /// Images `prepare` fetched, for `create` to take.
     pub prepared: std::sync::Mutex<HashMap<u64, oci::ImportedImage>>,
+    /// The in-instance API's URL, set once it listens: only then do
+    /// instances get it (and their key offered to the `vastai` CLI).
+    pub instance_api_url: std::sync::OnceLock<String>,
 }
 
 /// The `cpuset.cpus` file of cgroup `path`: in the unified hierarchy
@@ -114,10 +117,15 @@ pub fn contract_env(
         env.insert("RIVERNODE_CONTAINER_API_KEY".into(), key.clone());
         env.insert("CONTAINER_API_URL".into(), url.to_string());
         env.insert("RIVERNODE_CONTAINER_API_URL".into(), url.to_string());
-        for (k, v) in [("VAST_URL", url), ("VAST_API_KEY", key.as_str())] {
-            if !a.spec.env.contains_key(k) {
-                env.insert(k.into(), v.to_string());
-            }
+        // Both or neither: an instance that names either keeps its own
+        // pair (a real Vast.ai account), and our key never goes to Vast.ai
+        // nor its key to us.
+        let own = ["VAST_URL", "VAST_API_KEY"]
+            .iter()
+            .any(|k| a.spec.env.contains_key(*k));
+        if !own {
+            env.insert("VAST_URL".into(), url.to_string());
+            env.insert("VAST_API_KEY".into(), key.clone());
         }
     }
     // Each published port's external port, named by the port asked for.
@@ -130,7 +138,7 @@ pub fn contract_env(
     env
 }
 
-/// The in-instance API's URL as instances use it (`http://169.254.42.1`).
+/// The in-instance API's URL as instances use it (`http://169.254.42.1:4280`).
 pub fn instance_api_url(addr: std::net::SocketAddrV4) -> String {
     match addr.port() {
         80 => format!("http://{}", addr.ip()),
@@ -348,8 +356,8 @@ impl TaskContext {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let api_url = self.config.instance_api().map(instance_api_url);
-        rivernode_env.extend(contract_env(a, cwd.as_deref(), api_url.as_deref()));
+        let api_url = self.instance_api_url.get().map(String::as_str);
+        rivernode_env.extend(contract_env(a, cwd.as_deref(), api_url));
         Ok(RuntimeSpecInput {
             hostname: a
                 .spec
@@ -1360,7 +1368,6 @@ mod tests {
             ("VAST_UDP_PORT_8082", "21234"),
             ("RIVERNODE_UDP_PORT_8082", "21234"),
             ("RIVERNODE_CONTAINER_API_KEY", "cak_7"),
-            ("VAST_API_KEY", "cak_7"),
             ("CONTAINER_API_URL", "http://169.254.42.1"),
         ] {
             assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
@@ -1369,9 +1376,16 @@ mod tests {
         a.public_address = None;
         a.spec.ssh_keys.clear();
         assert!(
-            !env.contains_key("VAST_URL"),
-            "the instance's own VAST_URL (a real Vast.ai account) is left as it is"
+            !env.contains_key("VAST_URL") && !env.contains_key("VAST_API_KEY"),
+            "the instance's own VAST_URL (a real Vast.ai account) is left as it is, and our key is not sent there"
         );
+        a.spec.env.remove("VAST_URL");
+        let env = contract_env(&a, Some("/shared"), Some("http://169.254.42.1"));
+        assert_eq!(
+            env.get("VAST_URL").map(String::as_str),
+            Some("http://169.254.42.1")
+        );
+        assert_eq!(env.get("VAST_API_KEY").map(String::as_str), Some("cak_7"));
         let env = contract_env(&a, None, None);
         assert!(!env.contains_key("PUBLIC_IPADDR") && !env.contains_key("SSH_PUBLIC_KEY"));
         assert!(

@@ -170,13 +170,26 @@ async fn show_or_destroy(
     act(&s, peer.0, &id, &headers, action).await
 }
 
+/// The most a request body may hold, and the time it gets to arrive: an
+/// instance trickling a body must not hold its slot.
+const MAX_BODY: usize = 1024;
+const BODY_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn put_state(
     s: State<Arc<InstanceApi>>,
     peer: ConnectInfo<SocketAddr>,
     id: Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
+    let read = tokio::time::timeout(BODY_TIME, axum::body::to_bytes(body, MAX_BODY)).await;
+    let Ok(Ok(body)) = read else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_args",
+            format!("the body must be JSON of at most {MAX_BODY} bytes, sent within {BODY_TIME:?}"),
+        );
+    };
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match put_action(&body) {
         Ok(action) => act(&s, peer.0, &id, &headers, action).await,
@@ -198,6 +211,14 @@ async fn act(
             format!("send the instance's key: --api-key ${KEY_VAR}"),
         );
     };
+    // Any other key (a Vast.ai account's, by mistake) is not sent on to the host.
+    if !key.starts_with(crate::api::instance_key::PREFIX) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "auth_error",
+            format!("not a {KEY_VAR}: only the instance's own key is taken here"),
+        );
+    }
     let SocketAddr::V4(peer) = peer else {
         return refuse(StatusCode::FORBIDDEN, "auth_error", "IPv4 instances only");
     };
@@ -234,16 +255,25 @@ async fn act(
             Json(json!({"instances": vast_instance(&t)})).into_response()
         }
         Ok(_) => Json(json!({"success": true})).into_response(),
-        Err(HostCallError::Refused { status, message }) => refuse(
-            StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST),
-            "auth_error",
-            message,
-        ),
-        Err(e) => refuse(
-            StatusCode::BAD_GATEWAY,
-            "unavailable",
-            format!("the cluster's host: {}", crate::error_chain(&e)),
-        ),
+        Err(HostCallError::Refused { status, message }) => {
+            let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
+            let error = match status.as_u16() {
+                401 | 403 => "auth_error",
+                404 => "not_found",
+                409 => "conflict",
+                _ => "invalid_args",
+            };
+            refuse(status, error, message)
+        }
+        Err(e) => {
+            // The cause (the host's address among it) is the node's business.
+            tracing::warn!(task = id, error = %crate::error_chain(&e), "the in-instance API cannot reach the host");
+            refuse(
+                StatusCode::BAD_GATEWAY,
+                "unavailable",
+                "the cluster's host cannot be reached now; try again",
+            )
+        }
     }
 }
 
@@ -267,6 +297,8 @@ pub async fn serve(
     let limits = crate::api::http::Limits {
         header_timeout: std::time::Duration::from_secs(10),
         max_connections: 256,
+        // One instance must not take the slots of all others.
+        max_per_peer: 8,
     };
     crate::api::http::serve(listener, router(state), limits, async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -198,6 +198,7 @@ impl BoundRunner {
         let limits = crate::api::http::Limits {
             header_timeout: self.config.http_header_timeout.0,
             max_connections: self.config.http_max_connections,
+            max_per_peer: usize::MAX,
         };
         let server = crate::api::http::serve(
             self.listener,
@@ -366,18 +367,22 @@ fn refusal_is_final(status: reqwest::StatusCode) -> bool {
     !matches!(status.as_u16(), 404 | 408 | 425 | 429)
 }
 
-/// The memory a node holds back for itself when its operator names none:
-/// a twentieth, at least 1 GiB (the daemons' own need), at most a quarter
-/// (small test machines still run instances).
 /// Serves the in-instance API (`instance_api`) on `addr`. A node that
-/// cannot (the port taken) runs its instances without it, and says so.
+/// cannot (the port taken, or one instances may not reach) runs its
+/// instances without it, and says so: they get neither its URL nor their
+/// key in `VAST_*`, so nothing is sent to whatever else listens there.
 fn serve_instance_api(
     addr: std::net::SocketAddrV4,
+    protected: &[u16],
     node: &str,
     ctx: Arc<container::TaskContext>,
     host: Arc<crate::api::host_client::HostClient>,
     stop: watch::Receiver<bool>,
 ) {
+    if protected.contains(&addr.port()) {
+        tracing::error!(%addr, ?protected, "cannot serve the in-instance API: its port is one instances may not reach on this node (the runner's, the host's or the SSH proxy's); set instance_api_address to another");
+        return;
+    }
     let listener = match instance_api::listen(addr) {
         Ok(l) => l,
         Err(e) => {
@@ -385,6 +390,7 @@ fn serve_instance_api(
             return;
         }
     };
+    let _ = ctx.instance_api_url.set(container::instance_api_url(addr));
     let state = Arc::new(instance_api::InstanceApi {
         node: node.to_string(),
         leases: Box::new(move || ctx.vps.network.ipam.leases()),
@@ -398,6 +404,9 @@ fn serve_instance_api(
     });
 }
 
+/// The memory a node holds back for itself when its operator names none:
+/// a twentieth, at least 1 GiB (the daemons' own need), at most a quarter
+/// (small test machines still run instances).
 pub fn default_reserved_memory(total: u64) -> u64 {
     (total / 20).max(1 << 30).min(total / 4)
 }
@@ -665,7 +674,7 @@ impl Control {
         if sources.is_empty() {
             tracing::warn!(host_url = %self.host_url, "cannot resolve the host's address: node ports work from this node only, and instances are kept from the host's API and SSH proxy on this node only (set node_port_sources)");
         }
-        let vps = match vps::VpsKit::new(&self.config, protected, runner_ports, sources) {
+        let vps = match vps::VpsKit::new(&self.config, protected.clone(), runner_ports, sources) {
             Ok(v) => v,
             Err(e) => {
                 self.task_loop_blocked(format!(
@@ -708,6 +717,7 @@ impl Control {
             shared_cpus: Default::default(),
             progress: Default::default(),
             prepared: Default::default(),
+            instance_api_url: Default::default(),
         });
         let host = Arc::new(crate::api::host_client::HostClient::new(
             reqwest::Client::builder()
@@ -741,7 +751,14 @@ impl Control {
             self.stop.clone(),
         ));
         if let Some(addr) = self.config.instance_api() {
-            serve_instance_api(addr, &c.name, ctx.clone(), host.clone(), self.stop.clone());
+            serve_instance_api(
+                addr,
+                &protected,
+                &c.name,
+                ctx.clone(),
+                host.clone(),
+                self.stop.clone(),
+            );
         }
         let _ = self.api.tasks.set(ctx);
         self.tasks = Some(host);

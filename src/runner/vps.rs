@@ -558,11 +558,15 @@ impl VpsKit {
             if setenv.is_empty() && !vars.is_empty() {
                 tracing::warn!(container = cid, ?version, "the image's sshd takes no SetEnv (OpenSSH 7.8 or later does): its sessions get only /etc/environment");
             }
-            write(&config, base + &setenv)?;
+            // Root's alone (sshd reads it as root): it holds the variables,
+            // CONTAINER_API_KEY among them.
+            write_secret(&config, &(base + &setenv))?;
         }
-        write(
+        // Root's alone, as the variables are: PAM reads it as root, and an
+        // unprivileged user in the instance has no business with the key.
+        write_secret(
             &dir.join(ENVIRONMENT),
-            etc_environment(image_environment, vars),
+            &etc_environment(image_environment, vars),
         )?;
         Ok(())
     }

@@ -56,42 +56,7 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Open connections by peer address.
-#[derive(Default)]
-pub(crate) struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-/// One peer's connection, counted while it lives.
-pub(crate) struct PeerSlot {
-    peers: Arc<PerPeer>,
-    ip: std::net::IpAddr,
-}
-
-impl PerPeer {
-    pub(crate) fn enter(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot {
-            peers: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut m = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
-}
+pub(crate) use crate::api::http::PerPeer;
 
 /// TCP keepalive: a peer that vanished without a FIN frees its tunnel
 /// within minutes instead of never.
