@@ -193,13 +193,23 @@ fn a_users_vps_waits_for_an_operator_and_roles_do_only_what_they_say() {
     assert!(!o.status.success(), "an operator read bob's logs");
     let o = lab.rn(Some(&olga), &["vps", "delete", &first]);
     assert!(!o.status.success(), "an operator deleted bob's disk");
-    let o = lab.rn(Some(&olga), &["task", "kill", &first]);
+    let o = lab.rn(Some(&olga), &["-o", "json", "task", "kill", &first]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !stdout(&o).contains("hunter2"),
+        "the answer to an operator's kill shows no values: {}",
+        stdout(&o)
+    );
 
     // A withdrawn request ends before anyone decides.
     let third = lab.vps(&bob);
     let o = lab.rn(Some(&bob), &["task", "kill", &third]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(lab.task(Some(&bob), &third)["state"], "killed");
+    // ...and a restart does not pass the approval by.
+    let o = lab.rn(Some(&bob), &["vps", "restart", &third]);
+    assert!(!o.status.success(), "a withdrawn request restarted");
+    assert!(stderr(&o).contains("never ran"), "{}", stderr(&o));
     assert_eq!(lab.task(Some(&bob), &third)["state"], "killed");
 }
 

@@ -69,6 +69,15 @@ pub async fn login(
             message: "already holds a token; --force replaces it (the old one keeps working until rotated)".into(),
         });
     }
+    let io = |e: std::io::Error| ClientError::UserConfig {
+        path: path.clone(),
+        message: e.to_string(),
+    };
+    // Where the token goes is made first: a code is spent once, and a token
+    // with nowhere to go would be lost.
+    if let Some(dir) = path.parent() {
+        crate::files::ensure_private_dir(dir).map_err(io)?;
+    }
     let base = base_url(
         host,
         data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR)),
@@ -99,14 +108,16 @@ pub async fn login(
         .await
         .map_err(|source| ClientError::Decode { url, source })?;
     let text = format!("host = {:?}\ntoken = {:?}\n", base, user.token);
-    let io = |e: std::io::Error| ClientError::UserConfig {
-        path: path.clone(),
-        message: e.to_string(),
-    };
-    if let Some(dir) = path.parent() {
-        crate::files::ensure_private_dir(dir).map_err(io)?;
+    if let Err(e) = crate::files::write_secret(&path, text.as_bytes()) {
+        // The account exists now: its token is said here, once, not lost.
+        return Err(ClientError::UserConfig {
+            path: path.clone(),
+            message: format!(
+                "{e}; you are user {}, and your token (keep it: it is shown once) is {}",
+                user.name, user.token
+            ),
+        });
     }
-    crate::files::write_secret(&path, text.as_bytes()).map_err(io)?;
     Ok((user, path))
 }
 

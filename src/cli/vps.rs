@@ -341,11 +341,14 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                     let with_key = private
                         .map(|k| format!(" -i {}", k.display()))
                         .unwrap_or_default();
-                    let how = if a.no_ssh {
+                    let mut how = if a.no_ssh {
                         format!("no SSH server; a shell: rivernode connect {}", r.id)
                     } else {
                         format!("log in with: rivernode ssh {}{with_key}", r.id)
                     };
+                    if r.state == crate::api::TaskState::PendingApproval {
+                        how = format!("once an operator approves it ({}): {how}", r.reason);
+                    }
                     emit(&format!("vps {} {}: {}\n{how}\n", r.id, r.state, r.reason))
                 }
             }

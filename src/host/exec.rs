@@ -79,6 +79,9 @@ fn not_running(id: u64, state: TaskState) -> String {
             format!("it has not started yet (`rivernode task status {id}` says why)")
         }
         TaskState::Lost => "its node has gone silent; it is back when the node is".into(),
+        TaskState::PendingApproval => {
+            "it waits for an operator's approval (`rivernode approve`)".into()
+        }
         _ => "it has ended".into(),
     };
     format!("task {id} is {state}, not running: {what}")

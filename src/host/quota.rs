@@ -23,18 +23,12 @@ pub fn held_by(vps: bool, cores: u64, gpus: u64, memory_bytes: u64) -> QuotaUse 
 /// Whether `used` plus `ask` stays within `caps` of `who` (e.g. `group
 /// lab-a`); the first limit passed, in words, otherwise.
 pub fn within(caps: &QuotaCaps, who: &str, used: &QuotaUse, ask: &QuotaUse) -> Result<(), String> {
-    let rows = [
+    let counts = [
         (caps.gpus, used.gpus, ask.gpus, "GPUs"),
         (caps.vps, used.vps, ask.vps, "running VPS"),
         (caps.cores, used.cores, ask.cores, "cores"),
-        (
-            caps.memory_bytes.map(gib),
-            gib(used.memory_bytes),
-            gib(ask.memory_bytes),
-            "GiB of memory",
-        ),
     ];
-    for (cap, used, ask, what) in rows {
+    for (cap, used, ask, what) in counts {
         if let Some(cap) = cap {
             if ask > 0 && used + ask > cap {
                 return Err(format!(
@@ -43,7 +37,29 @@ pub fn within(caps: &QuotaCaps, who: &str, used: &QuotaUse, ask: &QuotaUse) -> R
             }
         }
     }
+    // Memory is compared in bytes and said in GiB.
+    if let Some(cap) = caps.memory_bytes {
+        let (used, ask) = (used.memory_bytes, ask.memory_bytes);
+        if ask > 0 && used.saturating_add(ask) > cap {
+            return Err(format!(
+                "{who} holds {} of {} GiB of memory and this asks for {} GiB",
+                gib_text(used),
+                gib_text(cap),
+                gib_text(ask)
+            ));
+        }
+    }
     Ok(())
+}
+
+/// Bytes as GiB with one decimal where it is not whole.
+fn gib_text(bytes: u64) -> String {
+    let g = bytes as f64 / (1u64 << 30) as f64;
+    if g.fract() == 0.0 {
+        format!("{g:.0}")
+    } else {
+        format!("{g:.1}")
+    }
 }
 
 /// Whether `ask` alone fits `caps`: a request bigger than its quota would
@@ -55,11 +71,6 @@ pub fn could_ever_fit(caps: &QuotaCaps, who: &str, ask: &QuotaUse) -> Result<(),
             caps.text()
         )
     })
-}
-
-/// Memory in whole GiB, rounded up (quotas are set and read in GiB).
-fn gib(bytes: u64) -> u64 {
-    bytes.div_ceil(1 << 30)
 }
 
 #[cfg(test)]
@@ -85,9 +96,19 @@ mod tests {
         assert!(within(&caps, "user bob", &two, &held_by(true, 1, 0, 0))
             .unwrap_err()
             .contains("running VPS"));
-        assert!(within(&caps, "u", &used, &held_by(false, 1, 0, 60 << 30))
-            .unwrap_err()
-            .contains("GiB of memory"));
+        assert_eq!(
+            within(&caps, "u", &used, &held_by(false, 1, 0, 60 << 30)).unwrap_err(),
+            "u holds 10 of 64 GiB of memory and this asks for 60 GiB"
+        );
+        // Bytes, not rounded GiB: half a GiB held and 63.5 asked fit 64.
+        let half = held_by(false, 0, 0, 1 << 29);
+        assert!(within(
+            &caps,
+            "u",
+            &half,
+            &held_by(false, 0, 0, (63 << 30) + (1 << 29))
+        )
+        .is_ok());
         // Nothing asked of a capped kind passes, even when over (the cap was lowered).
         let over = held_by(false, 0, 9, 0);
         assert!(within(&caps, "u", &over, &held_by(false, 4, 0, 0)).is_ok());

@@ -193,6 +193,12 @@ async fn restart(
     Path(id): Path<u64>,
     body: Bytes,
 ) -> Result<Json<TaskView>, ApiError> {
+    // The role before the body: a viewer learns nothing of what it says.
+    if p.role == super::auth::Role::Viewer {
+        return Err(ApiError::Forbidden(
+            "a viewer token may look at tasks but not change them".into(),
+        ));
+    }
     let req: RestartRequest = optional_body(&body)?;
     // A restore rewrites the disk: its owner's (and the admin's) call. A
     // plain restart is also an operator's.
@@ -217,7 +223,7 @@ async fn restart(
         .await?;
     state.publish().await;
     state.schedule.notify_one();
-    Ok(Json(super::tasks::redacted(view)))
+    Ok(Json(super::tasks::outward(&state, &p, view)))
 }
 
 /// For a new VPS from a snapshot: the source must be the caller's VPS; the

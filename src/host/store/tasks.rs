@@ -260,7 +260,7 @@ pub(super) fn submit(
         if waiting >= rules.max_waiting {
             return Err(StoreError::TooMany(format!(
                 "{user} has {waiting} tasks waiting for resources or approval, the most max_waiting_per_user allows; \
-                 kill some (`rivernode task list --state pending`) or wait for them to start"
+                 kill some (`rivernode task list --state pending`, `--state pending_approval`) or wait for them to start"
             )));
         }
     }
@@ -362,11 +362,12 @@ struct QuotaBook {
     used: HashMap<(QuotaScope, String), QuotaUse>,
 }
 
-/// What a placed task holds against its owner's quotas.
+/// What a placed task holds against its owner's quotas (a task on shared
+/// cores, `-c 0`, counts one, as the scheduler does).
 fn placed_use(spec: &TaskSpec, p: &Placement) -> QuotaUse {
     quota::held_by(
         spec.kind == crate::api::Kind::Vps,
-        u64::from(spec.cores),
+        u64::from(spec.cores.max(1)),
         p.gpus.len() as u64,
         p.memory_bytes,
     )
@@ -376,7 +377,7 @@ fn placed_use(spec: &TaskSpec, p: &Placement) -> QuotaUse {
 fn asked_use(spec: &TaskSpec) -> QuotaUse {
     quota::held_by(
         spec.kind == crate::api::Kind::Vps,
-        u64::from(spec.cores),
+        u64::from(spec.cores.max(1)),
         u64::from(scheduler::gpus_asked(spec)),
         spec.memory_bytes.unwrap_or(0),
     )
@@ -735,6 +736,14 @@ pub(super) fn restart(
             "task {id} is a command: only a VPS restarts (submit the command again)"
         )));
     }
+    if t.placement.is_none() && t.started_at_unix_ms.is_none() {
+        // It never ran (withdrawn before approval, or refused a place): a
+        // restart would pass an approval by and has no disk to come back to.
+        return Err(StoreError::Conflict(format!(
+            "VPS {id} never ran ({}): create it again",
+            t.reason
+        )));
+    }
     match t.state {
         // A VPS that ended (stopped, killed, failed, OOM-killed) kept its disk.
         TaskState::Stopped
@@ -867,7 +876,7 @@ fn change_desired(
         (TaskState::PendingApproval, Desired::Killed) => {
             tx.execute(
                 "UPDATE tasks SET state = 'killed', desired = 'killed',
-                 reason = 'withdrawn before approval', finished_at_ms = ?2 WHERE id = ?1",
+                 reason = 'killed before approval', finished_at_ms = ?2 WHERE id = ?1",
                 params![id as i64, now_ms],
             )?;
         }
@@ -1191,7 +1200,8 @@ mod tests {
         s.schedule().unwrap();
         let all = s.list_tasks(None, None, None).unwrap();
         let placed = all.iter().filter(|t| t.placement.is_some()).count();
-        // The node has 3 GPUs to give: the group's quota, not the node, stops it at 2.
+        // The node had room for more (with the check taken out, 3 are
+        // placed): the group's quota stops it at 2.
         assert_eq!(placed, 2);
         let waiting: Vec<_> = all.iter().filter(|t| t.placement.is_none()).collect();
         assert_eq!(waiting.len(), 48);
@@ -1218,6 +1228,25 @@ mod tests {
             .unwrap();
         assert!(s.quotas().unwrap().is_empty());
         assert_eq!(s.schedule().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn one_scheduling_pass_counts_what_it_placed_before() {
+        use crate::api::{QuotaCaps, QuotaScope};
+        let s = store_with_node("n1");
+        let caps = QuotaCaps {
+            gpus: Some(2),
+            ..Default::default()
+        };
+        s.set_quota(QuotaScope::User, "ann", &caps).unwrap();
+        for _ in 0..3 {
+            s.submit_task(&spec(1, 1), Some("ann"), 0).unwrap();
+        }
+        assert_eq!(
+            s.schedule().unwrap().len(),
+            2,
+            "one pass, three asks, a cap of two"
+        );
     }
 
     #[test]
