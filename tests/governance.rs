@@ -191,6 +191,30 @@ fn a_users_vps_waits_for_an_operator_and_roles_do_only_what_they_say() {
     assert_ne!(lab.task(Some(&olga), &own)["state"], "pending_approval");
     let o = lab.rn(Some(&olga), &["task", "logs", &first]);
     assert!(!o.status.success(), "an operator read bob's logs");
+    // Her ssh config holds her own VPS, not bob's (the proxy would refuse those).
+    let cfg = std::path::Path::new(&lab.data).join("olga_ssh_config");
+    let known = std::path::Path::new(&lab.data).join("olga_known_hosts");
+    let o = lab.rn(
+        Some(&olga),
+        &[
+            "ssh",
+            "config",
+            "--file",
+            cfg.to_str().unwrap(),
+            "--known-hosts",
+            known.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains(&format!("Host rivernode-vps-{own}\n")),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&format!("Host rivernode-vps-{first}\n")),
+        "{text}"
+    );
     let o = lab.rn(Some(&olga), &["vps", "delete", &first]);
     assert!(!o.status.success(), "an operator deleted bob's disk");
     let o = lab.rn(Some(&olga), &["-o", "json", "task", "kill", &first]);

@@ -162,7 +162,8 @@ pub async fn whoami(client: &Client, output: Output) -> Result<(), ClientError> 
         Output::Json => emit_json(&w),
         Output::Table => {
             let who = match (&w.user, &w.node) {
-                (Some(u), _) => format!("user {u}"),
+                (Some(u), _) if w.role == "user" => format!("user {u}"),
+                (Some(u), _) => format!("{} {u}", w.role),
                 (None, Some(n)) => format!("node {n}"),
                 (None, None) => w.role.clone(),
             };

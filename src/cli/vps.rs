@@ -347,7 +347,10 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                         format!("log in with: rivernode ssh {}{with_key}", r.id)
                     };
                     if r.state == crate::api::TaskState::PendingApproval {
-                        how = format!("once an operator approves it ({}): {how}", r.reason);
+                        how = format!(
+                            "an operator approves it first (`rivernode approve {}`); then {how}",
+                            r.id
+                        );
                     }
                     emit(&format!("vps {} {}: {}\n{how}\n", r.id, r.state, r.reason))
                 }
@@ -667,10 +670,14 @@ pub async fn ssh_config(
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the rivernode binary")?;
     let known = known_hosts(known)?;
-    // Every VPS that can run again keeps its entry (a stopped one too).
+    // Every VPS that can run again keeps its entry (a stopped one too), of
+    // those this token may log in to: an operator or viewer sees everyone's
+    // VPS but tunnels only into their own (the admin into all).
+    let me: crate::api::WhoAmI = client.get("/api/whoami").await?;
     let all: Vec<TaskView> = client.get("/api/tasks").await?;
     let all: Vec<TaskView> = all
         .into_iter()
+        .filter(|t| me.role == "admin" || (me.user.is_some() && t.owner == me.user))
         .filter(|t| {
             use crate::api::TaskState as S;
             matches!(
