@@ -464,8 +464,17 @@ pub(super) fn still_allowed(
 /// The task `id` if `p` may see it (`Principal::may_see`: operators and
 /// viewers see every task); 404 otherwise.
 pub async fn seen_task(state: &HostState, p: &Principal, id: u64) -> Result<TaskView, ApiError> {
+    task_if(state, id, |owner| p.may_see(owner)).await
+}
+
+/// Task `id` if `allowed` says yes for its owner; the same 404 otherwise.
+async fn task_if(
+    state: &HostState,
+    id: u64,
+    allowed: impl Fn(Option<&str>) -> bool,
+) -> Result<TaskView, ApiError> {
     let t = state.blocking(move |s| s.get_task(id)).await?;
-    t.filter(|t| p.may_see(t.owner.as_deref()))
+    t.filter(|t| allowed(t.owner.as_deref()))
         .ok_or_else(|| no_task(id))
 }
 
@@ -495,15 +504,12 @@ fn no_task(id: u64) -> ApiError {
 /// The task `id` if `p` may use it in every way (`Principal::may_use`);
 /// 404 otherwise.
 pub async fn visible_task(state: &HostState, p: &Principal, id: u64) -> Result<TaskView, ApiError> {
-    state
-        .blocking(move |s| s.get_task(id))
-        .await?
-        .filter(|t| p.may_use(t.owner.as_deref()))
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no task {id}; `rivernode task list` shows the tasks"
-            ))
-        })
+    task_if(state, id, |owner| p.may_use(owner)).await
+}
+
+/// Who decided, as the owner of a request reads it.
+fn decider(p: &Principal) -> String {
+    p.user.clone().unwrap_or_else(|| "the admin".into())
 }
 
 async fn submit(
@@ -770,7 +776,7 @@ async fn approve(
     Extension(p): Extension<Principal>,
     Path(id): Path<u64>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let by = p.user.clone().unwrap_or_else(|| "the admin".into());
+    let by = decider(&p);
     let t = state.blocking(move |s| s.approve(id, &by)).await?;
     tracing::info!(task = id, by = ?p.user, "request approved");
     state.publish().await;
@@ -798,7 +804,7 @@ async fn reject(
             "reason: say why, in at most 1000 bytes; its owner reads it".into(),
         ));
     }
-    let by = p.user.clone().unwrap_or_else(|| "the admin".into());
+    let by = decider(&p);
     let now = crate::now_unix_ms();
     let t = state
         .blocking(move |s| s.reject(id, &by, &reason, now))

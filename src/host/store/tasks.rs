@@ -457,20 +457,25 @@ impl QuotaBook {
 
     /// Whether `owner` may take `ask` on top of what they and their group hold.
     fn allows(&self, owner: &str, ask: &QuotaUse) -> Result<(), String> {
-        for key in self.keys(owner) {
-            if let Some(caps) = self.caps.get(&key) {
-                let used = self.used.get(&key).copied().unwrap_or_default();
-                quota::within(caps, &format!("{} {}", key.0.as_str(), key.1), &used, ask)?;
-            }
-        }
-        Ok(())
+        self.each_quota(owner, |caps, who, used| quota::within(caps, who, used, ask))
     }
 
     /// Whether `ask` could ever fit `owner`'s quotas.
     fn could_ever_fit(&self, owner: &str, ask: &QuotaUse) -> Result<(), String> {
+        self.each_quota(owner, |caps, who, _| quota::could_ever_fit(caps, who, ask))
+    }
+
+    /// `check` on each quota that applies to `owner` (theirs, their
+    /// group's), with its name in words and what it holds; the first refusal.
+    fn each_quota(
+        &self,
+        owner: &str,
+        check: impl Fn(&QuotaCaps, &str, &QuotaUse) -> Result<(), String>,
+    ) -> Result<(), String> {
         for key in self.keys(owner) {
             if let Some(caps) = self.caps.get(&key) {
-                quota::could_ever_fit(caps, &format!("{} {}", key.0.as_str(), key.1), ask)?;
+                let used = self.used.get(&key).copied().unwrap_or_default();
+                check(caps, &format!("{} {}", key.0.as_str(), key.1), &used)?;
             }
         }
         Ok(())
