@@ -229,6 +229,14 @@ layered_config! {
         approval: String = "vps".to_string(),
         /// A request for no GPUs never waits for approval.
         approval_skips_cpu_only: bool = false,
+        /// A VPS whose GPUs all stay below idle_gpu_threshold percent for this long is
+        /// warned (in `vps status` and in /.rivernode/instance/idle-warning), then stopped
+        /// after idle_gpu_grace (disk kept, GPUs freed). Unset: never.
+        idle_gpu_after: Option<HumanDuration> = None,
+        /// Time between the idle warning and the stop.
+        idle_gpu_grace: HumanDuration = HumanDuration(Duration::from_secs(3600)),
+        /// Utilisation (percent, NVML's) below which a GPU counts as idle.
+        idle_gpu_threshold: u32 = 5,
     }
 }
 
@@ -303,6 +311,9 @@ layered_config! {
         cdi_spec_dirs: Vec<PathBuf> = vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
         /// The NVIDIA driver's procfs directory (GPU UUIDs and device minors).
         nvidia_driver_root: PathBuf = PathBuf::from("/proc/driver/nvidia"),
+        /// NVML, for GPU UUIDs and the utilisation readings heartbeats carry (the idle-GPU
+        /// check); a bare name is searched by the dynamic loader. Absent: no readings.
+        nvml_library: PathBuf = PathBuf::from(crate::topology::nvml::LIBRARY),
         /// Where the node's device nodes are (tests point this at a fake tree).
         dev_root: PathBuf = PathBuf::from("/dev"),
         /// Memory held back for the node itself (kernel, runner, containerd,
@@ -345,8 +356,33 @@ impl HostConfig {
             })
     }
 
+    /// The idle-GPU settings, none when off; `validate` has checked them.
+    pub fn idle_policy(&self) -> Result<Option<crate::host::idle::IdlePolicy>, ConfigError> {
+        let Some(after) = self.idle_gpu_after else {
+            return Ok(None);
+        };
+        check_nonzero("idle_gpu_after", after)?;
+        if self.idle_gpu_threshold == 0 || self.idle_gpu_threshold > 100 {
+            return Err(ConfigError::Invalid {
+                key: "idle_gpu_threshold",
+                message: format!(
+                    "{} is not a utilisation percent from 1 to 100",
+                    self.idle_gpu_threshold
+                ),
+            });
+        }
+        Ok(Some(crate::host::idle::IdlePolicy {
+            threshold_percent: self.idle_gpu_threshold,
+            after: after.0,
+            grace: self.idle_gpu_grace.0,
+            // Each node's own heartbeat interval sets this (see the heartbeat route).
+            max_gap: Duration::ZERO,
+        }))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.approval()?;
+        self.idle_policy()?;
         if self.api_port != 0 && self.api_port == self.ssh_proxy_port {
             return Err(ConfigError::Invalid {
                 key: "ssh_proxy_port",

@@ -104,6 +104,36 @@ devices:
         .to_vec()
     }
 
+    /// A fake NVML (tests/fixtures/fake_nvml.c, compiled here) that reads
+    /// its GPUs' utilisation from a file `set_utilisation` rewrites; the
+    /// runner flag that loads it.
+    fn fake_nvml(&self, utilisation: [u32; 2]) -> Vec<String> {
+        let (lib, state) = (self.path("nvml/libnvidia-ml.so.1"), self.path("nvml/state"));
+        std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+        self.set_utilisation(utilisation);
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_nvml.c");
+        let o = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O1", "-o"])
+            .arg(&lib)
+            .arg(format!("-DSTATE_FILE=\"{}\"", state.display()))
+            .arg(&source)
+            .output()
+            .expect("cc (build-essential) compiles the fake NVML");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        vec!["--nvml-library".into(), lib.display().to_string()]
+    }
+
+    /// What the fake NVML reads for GPU 0 and GPU 1 from now on.
+    fn set_utilisation(&self, u: [u32; 2]) {
+        let text = format!(
+            "{GPU0} {UUID0} Test-GPU {} 1048576\n{GPU1} {UUID1} Test-GPU {} 0\n",
+            u[0], u[1]
+        );
+        let (tmp, state) = (self.path("nvml/state.new"), self.path("nvml/state"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, state).unwrap();
+    }
+
     /// `rivernode gpu ...` on the runner's node (its data directory, the fake sysfs).
     fn gpu_cli(&self, v: &Vps, args: &[&str]) -> std::process::Output {
         let data = v.runner_data();
@@ -357,5 +387,99 @@ fn a_vps_keeps_its_gpu_across_stop_and_restart() {
         v.delete(&id);
         let list = stdout(&fake.gpu_cli(v, &["list"]));
         assert!(!list.contains("in use"), "{list}");
+    });
+}
+
+/// The VPS's warning, as `task status` shows it (none: null).
+fn notice(v: &Vps, id: &str) -> serde_json::Value {
+    v.json(&["task", "status", id])["notice"].clone()
+}
+
+#[test]
+fn a_vps_whose_gpu_sits_idle_is_warned_then_stopped_and_an_exempt_one_is_not() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let fake = FakeGpus::new();
+        let mut flags = fake.runner_flags();
+        // GPU 0 busy, GPU 1 idle.
+        flags.extend(fake.fake_nvml([50, 0]));
+        let host = [
+            "--idle-gpu-after",
+            "2s",
+            "--idle-gpu-grace",
+            "8s",
+            "--idle-gpu-threshold",
+            "10",
+        ];
+        let Some(v) = Vps::start_full("gpu-c", &host, &flags) else {
+            return;
+        };
+        let busy = v.create_with(&["-t", "gpu-c::0", "-m", "256M"]);
+        let idle = v.create_with(&["-t", "gpu-c::1", "-m", "256M"]);
+        v.ssh_ok(&idle, &["echo kept > /root/kept"]);
+
+        // GPU 1 idle for 2 s: its VPS is warned, in its status and inside.
+        let warning = wait_for("the idle warning", || {
+            notice(&v, &idle).as_str().map(str::to_string)
+        });
+        assert!(warning.contains("below 10% for 2s"), "{warning}");
+        let inside = v.ssh_ok(&idle, &["cat /.rivernode/instance/idle-warning"]);
+        assert_eq!(
+            inside.trim(),
+            warning,
+            "the instance reads the same warning"
+        );
+        let status = stdout(&v.rn(&["vps", "status", &idle]));
+        assert!(
+            status.contains(&format!("Warning:    {warning}")),
+            "{status}"
+        );
+        assert!(notice(&v, &busy).is_null(), "GPU 0 is busy: no warning");
+
+        // Used again: the warning comes down, there and inside.
+        fake.set_utilisation([50, 90]);
+        wait_for("the warning taken down", || {
+            notice(&v, &idle).is_null().then_some(())
+        });
+        let gone = v.ssh_ok(
+            &idle,
+            &["cat /.rivernode/instance/idle-warning 2>&1 || true"],
+        );
+        assert!(gone.contains("No such file"), "{gone}");
+
+        // Idle again: warned after 2 s, stopped 8 s later; disk kept, GPU freed.
+        fake.set_utilisation([50, 0]);
+        v.wait_state(&idle, "stopped");
+        let t = v.json(&["task", "status", &idle]);
+        assert!(
+            t["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("its GPUs stayed below 10% for 10s")),
+            "{t}"
+        );
+        assert!(t["notice"].is_null(), "{t}");
+        let list = stdout(&fake.gpu_cli(&v, &["list"]));
+        assert!(!list.contains(&format!("in use by task {idle}")), "{list}");
+        assert_eq!(v.state(&busy), "running", "its GPU is busy");
+
+        // Exempt, restarted: its disk is there; and when the other VPS's
+        // GPU goes idle later and that one is stopped, this one (idle all
+        // along, and longer) still runs.
+        let said = stdout(&v.rn(&["vps", "exempt", &idle]));
+        assert!(said.contains("is exempt"), "{said}");
+        assert!(v.rn(&["vps", "restart", &idle]).status.success());
+        v.wait_state(&idle, "running");
+        assert_eq!(v.ssh_ok(&idle, &["cat /root/kept"]).trim(), "kept");
+        let status = stdout(&v.rn(&["vps", "status", &idle]));
+        assert!(status.contains("Idle GPUs:  exempt"), "{status}");
+        fake.set_utilisation([0, 0]);
+        v.wait_state(&busy, "stopped");
+        assert_eq!(v.state(&idle), "running");
+        assert!(notice(&v, &idle).is_null());
+
+        v.delete(&idle);
+        v.delete(&busy);
     });
 }

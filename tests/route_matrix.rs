@@ -81,6 +81,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("POST", "/api/tasks/{task}/kill", Access::Operated),
     ("POST", "/api/tasks/{task}/delete", Access::Owner),
     ("POST", "/api/tasks/{task}/approve", Access::Operators),
+    ("POST", "/api/tasks/{task}/idle-exempt", Access::Operators),
     ("POST", "/api/tasks/{task}/reject", Access::Operators),
     ("POST", "/api/tasks/{task}/pause", Access::Operated),
     ("POST", "/api/tasks/{task}/resume", Access::Operated),

@@ -421,6 +421,12 @@ pub struct TaskView {
     /// being made; the host keeps this in memory only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TaskProgress>,
+    /// A warning for its owner (its GPUs sit idle and it will be stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    /// An operator exempted it from idle-GPU reclamation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idle_exempt: bool,
 }
 
 /// A node's word on how far it got making an instance: `phase` is what it
@@ -457,6 +463,9 @@ pub struct Assignment {
     /// `public_address`), for the instance's PUBLIC_IPADDR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_address: Option<String>,
+    /// A warning the runner writes into the instance (idle GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
 }
 
 /// `GET /api/nodes/{name}/assignments?after=REV`: answered when the node's

@@ -179,6 +179,15 @@ pub struct HostArgs {
     /// (comma list), or `none` (default vps).
     #[arg(long, value_name = "LIST")]
     pub approval: Option<String>,
+    /// Stop a VPS whose GPUs stayed idle this long, after a warning and the grace (default: never).
+    #[arg(long, value_name = "DURATION")]
+    pub idle_gpu_after: Option<HumanDuration>,
+    /// Time between the idle-GPU warning and the stop (default 1h).
+    #[arg(long, value_name = "DURATION")]
+    pub idle_gpu_grace: Option<HumanDuration>,
+    /// Utilisation percent below which a GPU counts as idle (default 5).
+    #[arg(long, value_name = "PERCENT")]
+    pub idle_gpu_threshold: Option<u32>,
     /// The environment work without --container or --image runs in.
     #[arg(long, value_name = "NAME")]
     pub default_environment: Option<String>,
@@ -243,6 +252,9 @@ pub struct RunnerArgs {
     pub cdi_spec_dirs: Vec<PathBuf>,
     #[arg(long, value_name = "DIR", hide = true)]
     pub nvidia_driver_root: Option<PathBuf>,
+    /// NVML's library (default libnvidia-ml.so.1, found by the dynamic loader).
+    #[arg(long, value_name = "FILE")]
+    pub nvml_library: Option<PathBuf>,
     #[arg(long, value_name = "DIR", hide = true)]
     pub dev_root: Option<PathBuf>,
     /// /dev/shm size of instances with neither --memory nor --shm-size (e.g. 8G).
@@ -745,6 +757,12 @@ pub enum VpsCommand {
     Resume { id: u64 },
     /// Stop the VPS: its processes end, its disk stays, its cores and GPUs are freed.
     Stop { id: u64 },
+    /// Never stop this VPS for idle GPUs (operator, admin); --undo ends the exemption.
+    Exempt {
+        id: u64,
+        #[arg(long)]
+        undo: bool,
+    },
     /// Start a stopped VPS again on its node, with its disk and host key.
     Restart {
         id: u64,

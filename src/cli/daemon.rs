@@ -52,6 +52,9 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         max_published_ports_per_user: None,
         approval: args.approval.clone(),
         approval_skips_cpu_only: None,
+        idle_gpu_after: args.idle_gpu_after.map(Some),
+        idle_gpu_grace: args.idle_gpu_grace,
+        idle_gpu_threshold: args.idle_gpu_threshold,
     });
     cfg.validate()?;
     Ok(cfg)
@@ -98,6 +101,7 @@ pub fn runner_config(
         instance_api_address: None,
         cdi_spec_dirs: (!args.cdi_spec_dirs.is_empty()).then(|| args.cdi_spec_dirs.clone()),
         nvidia_driver_root: args.nvidia_driver_root.clone(),
+        nvml_library: args.nvml_library.clone(),
         dev_root: args.dev_root.clone(),
         default_shm_size: args.default_shm_size,
         reserved_memory: args.reserved_memory.map(Some),

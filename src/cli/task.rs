@@ -257,6 +257,12 @@ pub fn status_text(t: &TaskView) -> String {
     if let Some(m) = &t.message {
         out.push_str(&format!("Message:    {m}\n"));
     }
+    if let Some(n) = &t.notice {
+        out.push_str(&format!("Warning:    {n}\n"));
+    }
+    if t.idle_exempt {
+        out.push_str("Idle GPUs:  exempt (an operator's `vps exempt`): never stopped for them\n");
+    }
     out
 }
 

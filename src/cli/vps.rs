@@ -430,6 +430,23 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
         VpsCommand::Pause { id } => lifecycle(client, id, "pause", output).await?,
         VpsCommand::Resume { id } => lifecycle(client, id, "resume", output).await?,
         VpsCommand::Stop { id } => lifecycle(client, id, "stop", output).await?,
+        VpsCommand::Exempt { id, undo } => {
+            let t: TaskView = client
+                .post(
+                    &format!("/api/tasks/{id}/idle-exempt"),
+                    &serde_json::json!({ "exempt": !undo }),
+                )
+                .await?;
+            match output {
+                Output::Json => emit_json(&t),
+                Output::Table if t.idle_exempt => emit(&format!(
+                    "VPS {id} is exempt: it is never stopped for idle GPUs (`--undo` ends that)\n"
+                )),
+                Output::Table => emit(&format!(
+                    "VPS {id} is stopped again when its GPUs sit idle (the idle clock starts now)\n"
+                )),
+            }
+        }
         VpsCommand::Restart { id, from_snapshot } => {
             let t: TaskView = client
                 .post(

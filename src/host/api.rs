@@ -674,6 +674,8 @@ async fn heartbeat(
     let n = name.clone();
     let now = crate::now_unix_ms();
     let degraded = hb.degraded.clone();
+    let readings = (!hb.usage.gpus.is_empty()).then(|| hb.usage.gpus.clone());
+    let interval = Duration::from_millis(hb.heartbeat_interval_ms);
     use crate::api::NodeState;
     let prev = state.blocking(move |s| s.heartbeat(&n, &hb, now)).await?;
     let Some(prev) = prev else {
@@ -696,7 +698,44 @@ async fn heartbeat(
             state.schedule.notify_one();
         }
     }
+    if let (Some(policy), Some(readings)) = (state.idle, readings) {
+        reclaim_idle_gpus(&state, &name, readings, policy, interval, now).await?;
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Moves the idle clocks of the node's GPU VPS by this beat's readings;
+/// warnings and stops reach the runner through its assignments.
+async fn reclaim_idle_gpus(
+    state: &HostState,
+    node: &str,
+    readings: Vec<crate::topology::nvml::GpuSample>,
+    policy: crate::host::idle::IdlePolicy,
+    interval: Duration,
+    now: i64,
+) -> Result<(), ApiError> {
+    use crate::host::idle::IdleStep;
+    // Three missed beats (and never under 30 s) break an idle stretch.
+    let policy = crate::host::idle::IdlePolicy {
+        max_gap: (interval * 3).max(Duration::from_secs(30)),
+        ..policy
+    };
+    let n = node.to_string();
+    let steps = state
+        .blocking(move |s| s.review_idle(&n, &readings, &policy, now))
+        .await?;
+    for (id, step) in &steps {
+        match step {
+            IdleStep::Warn(text) => tracing::info!(task = id, node, "idle GPUs: {text}"),
+            IdleStep::Clear => tracing::info!(task = id, node, "idle GPUs: in use again"),
+            IdleStep::Stop(why) => tracing::warn!(task = id, node, "idle GPUs: {why}"),
+            IdleStep::Nothing => {}
+        }
+    }
+    if !steps.is_empty() {
+        state.publish().await;
+    }
+    Ok(())
 }
 
 /// Calls the node's runner API with the host's token for it: shows that the

@@ -6,6 +6,7 @@ pub mod approval;
 pub mod auth;
 mod exec;
 pub mod front_door;
+pub mod idle;
 pub mod proxy;
 pub mod quota;
 pub mod scheduler;
@@ -73,6 +74,8 @@ pub struct HostState {
     pub max_waiting_per_user: u32,
     /// Which of a user's requests wait for an operator (`approval`).
     pub approval: approval::Approval,
+    /// When idle GPUs are reclaimed (`idle_gpu_*`); none: never.
+    pub idle: Option<idle::IdlePolicy>,
     /// What work without --container or --image runs in (`default_environment`).
     pub default_environment: Option<String>,
     /// What a VM VPS without --vm-image boots (`default_vm_image`).
@@ -203,6 +206,9 @@ impl BoundHost {
                 max_waiting_per_user: config.max_waiting_per_user,
                 approval: config
                     .approval()
+                    .map_err(|e| HostError::Config(e.to_string()))?,
+                idle: config
+                    .idle_policy()
                     .map_err(|e| HostError::Config(e.to_string()))?,
                 default_environment: config.default_environment.clone(),
                 default_vm_image: config.default_vm_image.clone(),

@@ -62,6 +62,7 @@ pub fn operator_routes() -> Router<Arc<HostState>> {
     Router::new()
         .route("/api/tasks/{id}/approve", post(approve))
         .route("/api/tasks/{id}/reject", post(reject))
+        .route("/api/tasks/{id}/idle-exempt", post(idle_exempt))
 }
 
 /// Environments: `SHARED_DIR/environments/<name>.tar`.
@@ -781,6 +782,28 @@ async fn approve(
     tracing::info!(task = id, by = ?p.user, "request approved");
     state.publish().await;
     state.schedule.notify_one();
+    Ok(Json(outward(&state, &p, t)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExemptRequest {
+    exempt: bool,
+}
+
+/// `rivernode vps exempt ID [--undo]`: a VPS whose idle GPUs are never
+/// reclaimed (a long job's setup, a demo), or no longer.
+async fn idle_exempt(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<u64>,
+    ApiJson(req): ApiJson<ExemptRequest>,
+) -> Result<Json<TaskView>, ApiError> {
+    let t = state
+        .blocking(move |s| s.set_idle_exempt(id, req.exempt))
+        .await?;
+    tracing::info!(task = id, by = ?p.user, exempt = req.exempt, "idle-GPU exemption");
+    state.publish().await;
     Ok(Json(outward(&state, &p, t)))
 }
 

@@ -1106,6 +1106,30 @@ impl Driver for TaskContext {
         }
     }
 
+    async fn converge_notices(&self, assigned: &[Assignment]) {
+        for a in assigned.iter().filter(|a| {
+            a.spec.kind == Kind::Vps
+                && !a.spec.is_vm()
+                && matches!(
+                    a.state,
+                    crate::api::TaskState::Running | crate::api::TaskState::Paused
+                )
+        }) {
+            match self
+                .vps
+                .set_notice(&self.container_id(a.id), a.notice.as_deref())
+            {
+                Ok(true) => {
+                    tracing::info!(task = a.id, notice = ?a.notice, "the instance's warning changed")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(task = a.id, error = %crate::error_chain(&e), "cannot write the instance's warning")
+                }
+            }
+        }
+    }
+
     async fn converge_cpus(&self, assigned: &[Assignment]) {
         let pool = shared_pool(&self.node_cpus, assigned);
         *self.shared_cpus.lock().unwrap_or_else(|e| e.into_inner()) = pool.clone();

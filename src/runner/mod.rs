@@ -10,6 +10,7 @@ pub mod container;
 pub mod driver;
 pub mod exec;
 pub mod forward;
+pub mod gpu_meter;
 pub mod gpus;
 pub mod instance_api;
 pub mod lifecycle;
@@ -442,7 +443,7 @@ async fn collect_inventory(
         if !inv.gpus.is_empty() && roots.sys == std::path::Path::new("/sys") {
             match topology::nvml::query() {
                 Ok(list) => topology::nvml::attach_uuids(&mut inv.gpus, &list),
-                Err(topology::nvml::NvmlError::NotInstalled) => {}
+                Err(topology::nvml::NvmlError::NotInstalled(_)) => {}
                 Err(e) => inv.warnings.push(format!("NVML: {e}")),
             }
         }
@@ -494,6 +495,7 @@ enum Beat {
 impl Control {
     async fn run(&mut self) -> Result<(), RunnerError> {
         let mut sampler = UsageSampler::new(&self.roots.proc);
+        let gpu_meter = gpu_meter::GpuMeter::new(self.config.nvml_library.clone());
         let mut backoff = Duration::from_millis(500);
         let mut beats: u32 = 0;
         let mut send_inventory = true;
@@ -540,13 +542,14 @@ impl Control {
                 send_inventory = true;
             }
             beats = beats.wrapping_add(1);
-            let usage = match sampler.sample() {
+            let mut usage = match sampler.sample() {
                 Ok(u) => u,
                 Err(e) => {
                     tracing::warn!(error = %crate::error_chain(&e), "usage sample failed");
                     Default::default()
                 }
             };
+            usage.gpus = gpu_meter.sample(&self.inventory.gpus).await;
             let hb = HeartbeatRequest {
                 runner_url: self.runner_url.clone(),
                 heartbeat_interval_ms: self.interval.as_millis() as u64,

@@ -81,6 +81,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
         owner: None,
         submitted_at_unix_ms: 0,
         public_address: None,
+        notice: None,
     }
 }
 
@@ -195,6 +196,7 @@ impl<D: Driver> Reconciler<D> {
         });
         self.sup.driver.converge_network(tasks).await;
         self.sup.driver.converge_cpus(tasks).await;
+        self.sup.driver.converge_notices(tasks).await;
         let busy: Vec<u64> = self.running.keys().copied().collect();
         self.sup.driver.converge_gpus(&busy).await;
         for a in tasks {

@@ -549,6 +549,7 @@ mod tests {
             owner: None,
             submitted_at_unix_ms: 0,
             public_address: None,
+            notice: None,
         }
     }
 

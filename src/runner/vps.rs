@@ -216,6 +216,8 @@ fn sshd_config(login: &SshLogin<'_>) -> String {
 const ENVIRONMENT: &str = "environment";
 /// Where a VPS's onstart script is written.
 const ONSTART: &str = "onstart";
+/// Where a VPS reads a warning for its owner (its GPUs sit idle).
+const NOTICE: &str = "idle-warning";
 
 /// Variables the dynamic loader acts on: never given to the injected
 /// dropbear (it runs on the node's libraries; its sessions lack them too).
@@ -478,6 +480,31 @@ impl VpsKit {
                 read_only: true,
             })
             .collect())
+    }
+
+    /// Puts up (`Some`) or takes down the warning an instance reads at
+    /// /.rivernode/instance/idle-warning (its directory is bound there);
+    /// whether anything changed. An instance without that directory (no
+    /// SSH) gets none: its owner reads the warning in `vps status`.
+    pub fn set_notice(&self, cid: &str, notice: Option<&str>) -> Result<bool, VpsError> {
+        let dir = self.root.join("instances").join(cid);
+        if !dir.is_dir() {
+            return Ok(false);
+        }
+        let path = dir.join(NOTICE);
+        let now = std::fs::read_to_string(&path).ok();
+        match notice {
+            Some(text) if now.as_deref() != Some(&format!("{text}\n")) => {
+                crate::files::write_public(&path, format!("{text}\n").as_bytes())
+                    .map_err(io(&path))?;
+                Ok(true)
+            }
+            None if now.is_some() => {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// The instance's host key, resolver files and authorized keys.

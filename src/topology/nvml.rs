@@ -1,14 +1,18 @@
-//! GPU UUIDs and names from NVML, loaded at run time with `dlopen` so that
-//! machines without an NVIDIA driver (the common case for a CI box, and for
-//! AMD/Intel nodes) run the same binary. Absent NVML is normal, not an error.
+//! GPU UUIDs, names and utilisation from NVML, loaded at run time with
+//! `dlopen` so that machines without an NVIDIA driver (the common case for
+//! a CI box, and for AMD/Intel nodes) run the same binary. Absent NVML is
+//! normal, not an error. The library's path is a setting (`nvml_library`):
+//! tests load a fake one whose readings they control.
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::path::Path;
 
-use libloading::{Library, Symbol};
+use libloading::Library;
 
 use super::{Gpu, PciAddress};
 
-const LIBRARY: &str = "libnvidia-ml.so.1";
+/// The driver's NVML, found by the dynamic loader.
+pub const LIBRARY: &str = "libnvidia-ml.so.1";
 const NVML_SUCCESS: c_int = 0;
 /// NVML_DEVICE_UUID_V2_BUFFER_SIZE and NVML_DEVICE_NAME_V2_BUFFER_SIZE.
 const STRING_BUFFER: usize = 96;
@@ -27,6 +31,33 @@ struct NvmlPciInfo {
     bus_id: [c_char; 32],
 }
 
+/// `nvmlUtilization_t`: percent of the last sample period the GPU (and its
+/// memory controller) was busy.
+#[repr(C)]
+#[derive(Default)]
+struct NvmlUtilization {
+    gpu: c_uint,
+    memory: c_uint,
+}
+
+/// `nvmlMemory_t`, in bytes.
+#[repr(C)]
+#[derive(Default)]
+struct NvmlMemory {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
+/// One GPU's reading, for heartbeats (the idle-GPU check) and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GpuSample {
+    pub address: PciAddress,
+    /// Busy share of NVML's last sample period, 0–100.
+    pub utilisation_percent: u32,
+    pub memory_used_bytes: u64,
+}
+
 /// What NVML says about one GPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NvmlGpu {
@@ -37,8 +68,8 @@ pub struct NvmlGpu {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NvmlError {
-    #[error("{LIBRARY} is not installed")]
-    NotInstalled,
+    #[error("NVML ({0}) is not installed")]
+    NotInstalled(String),
     #[error("NVML symbol {0} missing: {1}")]
     Symbol(&'static str, libloading::Error),
     #[error("NVML call {call} failed with code {code}")]
@@ -47,18 +78,93 @@ pub enum NvmlError {
     BusId(String),
 }
 
-/// Lists the GPUs NVML sees. `Err(NotInstalled)` on machines without the driver.
+/// Lists the GPUs the system's NVML sees. `Err(NotInstalled)` on machines
+/// without the driver.
 pub fn query() -> Result<Vec<NvmlGpu>, NvmlError> {
-    // SAFETY: loading the system's NVML runs its initialisers, which is what
-    // every NVML user (nvidia-smi, DCGM) does; we pass no callbacks into it.
-    let lib = unsafe { Library::new(LIBRARY) }.map_err(|_| NvmlError::NotInstalled)?;
-    let api = Api::load(&lib)?;
-    // SAFETY: nvmlInit_v2 takes no arguments; it is balanced by nvmlShutdown below.
-    check("nvmlInit_v2", unsafe { (api.init)() })?;
-    let result = api.list();
-    // SAFETY: NVML was initialised above; shutdown releases that reference.
-    unsafe { (api.shutdown)() };
-    result
+    Nvml::open(Path::new(LIBRARY))?.list()
+}
+
+/// NVML, loaded and initialised; shut down when dropped. A runner keeps
+/// one for its life: initialising NVML costs far more than a reading.
+pub struct Nvml {
+    api: Api,
+    // Declared last: dropped after `api`'s pointers are last used.
+    _lib: Library,
+}
+
+// SAFETY: NVML's API is thread-safe (nvml.h: "all NVML functions are
+// thread-safe"); the pointers in `api` stay valid while `_lib` is loaded.
+unsafe impl Send for Nvml {}
+
+impl Nvml {
+    /// Loads the library at `path` (a bare name: the loader's search) and initialises it.
+    pub fn open(path: &Path) -> Result<Nvml, NvmlError> {
+        // SAFETY: loading NVML runs its initialisers, which is what every
+        // NVML user (nvidia-smi, DCGM) does; we pass no callbacks into it.
+        let lib = unsafe { Library::new(path) }
+            .map_err(|_| NvmlError::NotInstalled(path.display().to_string()))?;
+        let api = Api::load(&lib)?;
+        // SAFETY: nvmlInit_v2 takes no arguments; Drop balances it with nvmlShutdown.
+        check("nvmlInit_v2", unsafe { (api.init)() })?;
+        Ok(Nvml { api, _lib: lib })
+    }
+
+    /// Every GPU NVML sees, with its UUID and name.
+    pub fn list(&self) -> Result<Vec<NvmlGpu>, NvmlError> {
+        self.each(|dev| {
+            Ok(NvmlGpu {
+                address: self.api.address(dev)?,
+                uuid: self.api.string("nvmlDeviceGetUUID", self.api.uuid, dev)?,
+                name: self.api.string("nvmlDeviceGetName", self.api.name, dev)?,
+            })
+        })
+    }
+
+    /// Every GPU's utilisation and memory in use now.
+    pub fn sample(&self) -> Result<Vec<GpuSample>, NvmlError> {
+        self.each(|dev| {
+            let mut u = NvmlUtilization::default();
+            // SAFETY: `dev` came from NVML; `u` has the layout NVML writes.
+            check("nvmlDeviceGetUtilizationRates", unsafe {
+                (self.api.utilization)(dev, &mut u)
+            })?;
+            let mut m = NvmlMemory::default();
+            // SAFETY: as above, for nvmlMemory_t.
+            check("nvmlDeviceGetMemoryInfo", unsafe {
+                (self.api.memory)(dev, &mut m)
+            })?;
+            Ok(GpuSample {
+                address: self.api.address(dev)?,
+                utilisation_percent: u.gpu.min(100),
+                memory_used_bytes: m.used,
+            })
+        })
+    }
+
+    fn each<T>(&self, f: impl Fn(NvmlDevice) -> Result<T, NvmlError>) -> Result<Vec<T>, NvmlError> {
+        let mut count: c_uint = 0;
+        // SAFETY: NVML is initialised; `count` is a valid out pointer.
+        check("nvmlDeviceGetCount_v2", unsafe {
+            (self.api.count)(&mut count)
+        })?;
+        let mut out = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let mut dev: NvmlDevice = std::ptr::null_mut();
+            // SAFETY: index < count; `dev` is a valid out pointer.
+            check("nvmlDeviceGetHandleByIndex_v2", unsafe {
+                (self.api.handle)(index, &mut dev)
+            })?;
+            out.push(f(dev)?);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Nvml {
+    fn drop(&mut self) {
+        // SAFETY: `open` initialised NVML; this releases that reference.
+        unsafe { (self.api.shutdown)() };
+    }
 }
 
 /// Fills `uuid` (and `name`, when pci.ids had none) of GPUs NVML knows,
@@ -80,23 +186,27 @@ fn check(call: &'static str, code: c_int) -> Result<(), NvmlError> {
     }
 }
 
-struct Api<'lib> {
-    init: Symbol<'lib, unsafe extern "C" fn() -> c_int>,
-    shutdown: Symbol<'lib, unsafe extern "C" fn() -> c_int>,
-    count: Symbol<'lib, unsafe extern "C" fn(*mut c_uint) -> c_int>,
-    handle: Symbol<'lib, unsafe extern "C" fn(c_uint, *mut NvmlDevice) -> c_int>,
-    uuid: Symbol<'lib, unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> c_int>,
-    name: Symbol<'lib, unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> c_int>,
-    pci: Symbol<'lib, unsafe extern "C" fn(NvmlDevice, *mut NvmlPciInfo) -> c_int>,
+type StringFn = unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> c_int;
+
+/// The NVML entry points we call, copied out of the library (valid while it is loaded).
+struct Api {
+    init: unsafe extern "C" fn() -> c_int,
+    shutdown: unsafe extern "C" fn() -> c_int,
+    count: unsafe extern "C" fn(*mut c_uint) -> c_int,
+    handle: unsafe extern "C" fn(c_uint, *mut NvmlDevice) -> c_int,
+    uuid: StringFn,
+    name: StringFn,
+    pci: unsafe extern "C" fn(NvmlDevice, *mut NvmlPciInfo) -> c_int,
+    utilization: unsafe extern "C" fn(NvmlDevice, *mut NvmlUtilization) -> c_int,
+    memory: unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> c_int,
 }
 
-impl<'lib> Api<'lib> {
-    fn load(lib: &'lib Library) -> Result<Self, NvmlError> {
+impl Api {
+    fn load(lib: &Library) -> Result<Self, NvmlError> {
         macro_rules! sym {
             ($name:literal) => {
-                // SAFETY: the signature matches the declaration in nvml.h for this symbol.
-                unsafe { lib.get(concat!($name, "\0").as_bytes()) }
-                    .map_err(|e| NvmlError::Symbol($name, e))?
+                // SAFETY: each field's type is the declaration in nvml.h of the symbol it names.
+                unsafe { symbol(lib, $name)? }
             };
         }
         Ok(Self {
@@ -107,41 +217,25 @@ impl<'lib> Api<'lib> {
             uuid: sym!("nvmlDeviceGetUUID"),
             name: sym!("nvmlDeviceGetName"),
             pci: sym!("nvmlDeviceGetPciInfo_v3"),
+            utilization: sym!("nvmlDeviceGetUtilizationRates"),
+            memory: sym!("nvmlDeviceGetMemoryInfo"),
         })
     }
 
-    fn list(&self) -> Result<Vec<NvmlGpu>, NvmlError> {
-        let mut count: c_uint = 0;
-        // SAFETY: NVML is initialised; `count` is a valid out pointer.
-        check("nvmlDeviceGetCount_v2", unsafe { (self.count)(&mut count) })?;
-        let mut out = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            let mut dev: NvmlDevice = std::ptr::null_mut();
-            // SAFETY: index < count; `dev` is a valid out pointer.
-            check("nvmlDeviceGetHandleByIndex_v2", unsafe {
-                (self.handle)(index, &mut dev)
-            })?;
-            let uuid = self.string("nvmlDeviceGetUUID", &self.uuid, dev)?;
-            let name = self.string("nvmlDeviceGetName", &self.name, dev)?;
-            // SAFETY: all-zero is a valid value of this plain C struct.
-            let mut info: NvmlPciInfo = unsafe { std::mem::zeroed() };
-            // SAFETY: `dev` came from NVML; `info` has the layout NVML writes.
-            check("nvmlDeviceGetPciInfo_v3", unsafe {
-                (self.pci)(dev, &mut info)
-            })?;
-            out.push(NvmlGpu {
-                address: bus_id_to_address(&info.bus_id)?,
-                uuid,
-                name,
-            });
-        }
-        Ok(out)
+    fn address(&self, dev: NvmlDevice) -> Result<PciAddress, NvmlError> {
+        // SAFETY: all-zero is a valid value of this plain C struct.
+        let mut info: NvmlPciInfo = unsafe { std::mem::zeroed() };
+        // SAFETY: `dev` came from NVML; `info` has the layout NVML writes.
+        check("nvmlDeviceGetPciInfo_v3", unsafe {
+            (self.pci)(dev, &mut info)
+        })?;
+        bus_id_to_address(&info.bus_id)
     }
 
     fn string(
         &self,
         call: &'static str,
-        f: &Symbol<'lib, unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> c_int>,
+        f: StringFn,
         dev: NvmlDevice,
     ) -> Result<String, NvmlError> {
         let mut buf = [0 as c_char; STRING_BUFFER];
@@ -151,6 +245,18 @@ impl<'lib> Api<'lib> {
         })?;
         Ok(c_buf_to_string(&buf))
     }
+}
+
+/// The entry point `name`, copied out of `lib`.
+///
+/// # Safety
+/// `T` must be the type nvml.h declares for `name`.
+unsafe fn symbol<T: Copy>(lib: &Library, name: &'static str) -> Result<T, NvmlError> {
+    let bytes = format!("{name}\0");
+    // SAFETY: the caller vouches for `T`.
+    unsafe { lib.get::<T>(bytes.as_bytes()) }
+        .map(|s| *s)
+        .map_err(|e| NvmlError::Symbol(name, e))
 }
 
 fn c_buf_to_string(buf: &[c_char]) -> String {
@@ -220,11 +326,67 @@ mod tests {
         assert_eq!(gpus[1].uuid.as_deref(), Some("GPU-b"));
     }
 
+    /// The fake NVML the integration tests use, compiled here: the same
+    /// symbols and layouts as the real library's.
+    fn fake(state: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state"), state).unwrap();
+        let lib = dir.path().join("libfake-nvml.so");
+        let o = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(format!(
+                "-DSTATE_FILE=\"{}\"",
+                dir.path().join("state").display()
+            ))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/fake_nvml.c"
+            ))
+            .output()
+            .expect("cc (build-essential)");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (dir, lib)
+    }
+
+    #[test]
+    fn gpus_and_their_readings_come_through_the_nvml_calls() {
+        let (dir, lib) =
+            fake("00000000:3B:00.0 GPU-aaaa H100 37 1073741824\n0000:65:00.0 GPU-bbbb H100 0 0\n");
+        let nvml = Nvml::open(&lib).unwrap();
+        let list = nvml.list().unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].address.to_string(), "0000:3b:00.0");
+        assert_eq!(
+            (list[0].uuid.as_str(), list[0].name.as_str()),
+            ("GPU-aaaa", "H100")
+        );
+        let s = nvml.sample().unwrap();
+        assert_eq!(
+            (s[0].utilisation_percent, s[0].memory_used_bytes),
+            (37, 1 << 30)
+        );
+        assert_eq!(s[1].address.to_string(), "0000:65:00.0");
+        // The readings are taken anew each time.
+        std::fs::write(
+            dir.path().join("state"),
+            "0000:3b:00.0 GPU-aaaa H100 250 0\n",
+        )
+        .unwrap();
+        let s = nvml.sample().unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].utilisation_percent, 100, "clamped to a percent");
+        assert!(matches!(
+            Nvml::open(&dir.path().join("absent.so")),
+            Err(NvmlError::NotInstalled(_))
+        ));
+    }
+
     #[test]
     fn absent_library_is_reported_as_not_installed() {
         // This machine has no NVIDIA driver; where it has one, query must succeed.
         match query() {
-            Err(NvmlError::NotInstalled) => {}
+            Err(NvmlError::NotInstalled(_)) => {}
             Ok(list) => assert!(list.iter().all(|g| g.uuid.starts_with("GPU-"))),
             Err(e) => panic!("unexpected NVML error: {e}"),
         }

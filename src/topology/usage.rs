@@ -13,6 +13,9 @@ pub struct Usage {
     pub cpu_percent: f64,
     pub memory_available_bytes: u64,
     pub load_1m: f64,
+    /// Each GPU's reading from NVML (none without it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<super::nvml::GpuSample>,
 }
 
 /// Aggregate jiffies from the `cpu ` line of `/proc/stat`.
@@ -79,6 +82,7 @@ impl UsageSampler {
             cpu_percent,
             memory_available_bytes: meminfo_field(&self.proc.join("meminfo"), "MemAvailable")?,
             load_1m,
+            gpus: vec![],
         })
     }
 }

@@ -187,6 +187,17 @@ pub trait Store: Send + Sync + 'static {
     fn reject(&self, id: u64, by: &str, reason: &str, now_ms: i64) -> Result<TaskView, StoreError>;
     /// Places queued tasks in submission order; returns the ids placed.
     fn schedule(&self) -> Result<Vec<u64>, StoreError>;
+    /// Moves the idle clocks of `node`'s GPU VPS by its GPU readings; the
+    /// warnings put up or taken down and the stops, by task.
+    fn review_idle(
+        &self,
+        node: &str,
+        samples: &[crate::topology::nvml::GpuSample],
+        policy: &crate::host::idle::IdlePolicy,
+        now_ms: i64,
+    ) -> Result<Vec<(u64, crate::host::idle::IdleStep)>, StoreError>;
+    /// An operator's exemption of a VPS from idle-GPU reclamation (or its end).
+    fn set_idle_exempt(&self, id: u64, exempt: bool) -> Result<TaskView, StoreError>;
     fn get_task(&self, id: u64) -> Result<Option<TaskView>, StoreError>;
     /// Tasks, filtered by state, node and owner when given.
     fn list_tasks(
@@ -334,6 +345,13 @@ const MIGRATIONS: &[&str] = &[
         used_at_ms INTEGER,
         used_by TEXT
     );",
+    // 12: idle-GPU reclamation: each VPS's idle clock, the warning its
+    // owner reads, and an operator's exemption.
+    "ALTER TABLE tasks ADD COLUMN idle_since_ms INTEGER;
+    ALTER TABLE tasks ADD COLUMN idle_seen_ms INTEGER;
+    ALTER TABLE tasks ADD COLUMN idle_warned_ms INTEGER;
+    ALTER TABLE tasks ADD COLUMN idle_exempt INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN notice TEXT;",
 ];
 
 pub struct SqliteStore {
@@ -1212,6 +1230,20 @@ impl Store for SqliteStore {
 
     fn get_task(&self, id: u64) -> Result<Option<TaskView>, StoreError> {
         self.with(|c| tasks::get(c, id))
+    }
+
+    fn review_idle(
+        &self,
+        node: &str,
+        samples: &[crate::topology::nvml::GpuSample],
+        policy: &crate::host::idle::IdlePolicy,
+        now_ms: i64,
+    ) -> Result<Vec<(u64, crate::host::idle::IdleStep)>, StoreError> {
+        self.with(|c| tasks::review_idle(c, node, samples, policy, now_ms))
+    }
+
+    fn set_idle_exempt(&self, id: u64, exempt: bool) -> Result<TaskView, StoreError> {
+        self.with(|c| tasks::set_idle_exempt(c, id, exempt))
     }
 
     fn list_tasks(

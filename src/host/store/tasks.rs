@@ -14,10 +14,12 @@ use crate::api::{
     TaskState, TaskView,
 };
 use crate::api::{QuotaCaps, QuotaScope, QuotaUse, QuotaView};
+use crate::host::idle::{IdleMark, IdlePolicy, IdleStep};
 use crate::host::quota;
 use crate::host::scheduler::{self, Decision};
+use crate::topology::nvml::GpuSample;
 
-const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms, ssh_host_key, owner";
+const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms, ssh_host_key, owner, notice, idle_exempt";
 
 fn desired_str(d: Desired) -> &'static str {
     match d {
@@ -52,6 +54,8 @@ type Raw = (
     Option<i64>,
     Option<String>,
     Option<String>,
+    Option<String>,
+    bool,
 );
 
 fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
@@ -69,6 +73,8 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
         r.get(10)?,
         r.get(11)?,
         r.get(12)?,
+        r.get(13)?,
+        r.get(14)?,
     ))
 }
 
@@ -87,6 +93,8 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         finished,
         ssh_host_key,
         owner,
+        notice,
+        idle_exempt,
     ) = raw;
     let parse_state = |s: &str| {
         s.parse::<TaskState>().map_err(|e| StoreError::Json {
@@ -113,6 +121,8 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         ssh_host_key,
         owner,
         progress: None,
+        notice,
+        idle_exempt,
     })
 }
 
@@ -807,7 +817,8 @@ fn requeue(
         // The placement stays (it names the node with the disk) but reserves
         // nothing while pending; the scheduler replaces it.
         "UPDATE tasks SET state = 'pending', desired = 'running', spec = ?2,
-         reason = 'restarting', exit_code = NULL, message = NULL, finished_at_ms = NULL WHERE id = ?1",
+         reason = 'restarting', exit_code = NULL, message = NULL, finished_at_ms = NULL,
+         notice = NULL, idle_since_ms = NULL, idle_seen_ms = NULL, idle_warned_ms = NULL WHERE id = ?1",
         params![t.id as i64, to_json("spec", &spec)?],
     )?;
     Ok(())
@@ -939,6 +950,119 @@ fn change_desired(
     Ok(view)
 }
 
+/// One heartbeat's GPU readings against the idle-GPU policy: each running
+/// or paused VPS on `node` that holds GPUs, is not exempt and is not being
+/// stopped already moves its idle clock; a warning is put up or taken
+/// down (the runner writes it into the instance), or the VPS is stopped,
+/// saying why. Returns the steps taken, by task.
+pub(super) fn review_idle(
+    c: &mut Connection,
+    node: &str,
+    samples: &[GpuSample],
+    policy: &IdlePolicy,
+    now_ms: i64,
+) -> Result<Vec<(u64, IdleStep)>, StoreError> {
+    let tx = c.transaction()?;
+    let mut stmt = tx.prepare(
+        "SELECT id, placement, idle_since_ms, idle_seen_ms, idle_warned_ms, spec FROM tasks
+         WHERE node = ?1 AND state IN ('running', 'paused') AND desired IN ('running', 'paused')
+         AND placement IS NOT NULL AND idle_exempt = 0",
+    )?;
+    let rows = stmt
+        .query_map([node], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                IdleMark {
+                    since: r.get(2)?,
+                    seen: r.get(3)?,
+                    warned: r.get(4)?,
+                },
+                r.get::<_, String>(5)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    drop(stmt);
+    let mut steps = Vec::new();
+    for (id, placement, mark, spec) in rows {
+        let spec: TaskSpec = serde_json::from_str(&spec).map_err(json_err("tasks.spec"))?;
+        if spec.kind != crate::api::Kind::Vps {
+            continue;
+        }
+        let p: Placement = serde_json::from_str(&placement).map_err(json_err("tasks.placement"))?;
+        // Every GPU it holds must have a reading; otherwise nothing is known.
+        let Some(utilisation) = p
+            .gpus
+            .iter()
+            .map(|g| {
+                samples
+                    .iter()
+                    .find(|s| s.address == *g)
+                    .map(|s| s.utilisation_percent)
+            })
+            .collect::<Option<Vec<u32>>>()
+            .filter(|u| !u.is_empty())
+        else {
+            continue;
+        };
+        let (next, step) = policy.review(mark, &utilisation, now_ms);
+        tx.execute(
+            "UPDATE tasks SET idle_since_ms = ?2, idle_seen_ms = ?3, idle_warned_ms = ?4 WHERE id = ?1",
+            params![id, next.since, next.seen, next.warned],
+        )?;
+        match &step {
+            IdleStep::Nothing => continue,
+            IdleStep::Warn(text) => {
+                tx.execute(
+                    "UPDATE tasks SET notice = ?2 WHERE id = ?1",
+                    params![id, text],
+                )?;
+            }
+            IdleStep::Clear => {
+                tx.execute("UPDATE tasks SET notice = NULL WHERE id = ?1", params![id])?;
+            }
+            IdleStep::Stop(why) => {
+                tx.execute(
+                    "UPDATE tasks SET desired = 'stopped', notice = NULL, message = ?2,
+                     idle_since_ms = NULL, idle_seen_ms = NULL, idle_warned_ms = NULL WHERE id = ?1",
+                    params![id, why],
+                )?;
+            }
+        }
+        steps.push((id as u64, step));
+    }
+    if !steps.is_empty() {
+        bump(&tx)?;
+    }
+    tx.commit()?;
+    Ok(steps)
+}
+
+/// An operator exempts a VPS from idle-GPU reclamation (or ends that):
+/// either way its idle clock and any warning start over.
+pub(super) fn set_idle_exempt(
+    c: &mut Connection,
+    id: u64,
+    exempt: bool,
+) -> Result<TaskView, StoreError> {
+    let tx = c.transaction()?;
+    let t = one(&tx, id)?;
+    if t.spec.kind != crate::api::Kind::Vps {
+        return Err(StoreError::Conflict(format!(
+            "task {id} is a command: only a VPS is reclaimed when its GPUs sit idle"
+        )));
+    }
+    tx.execute(
+        "UPDATE tasks SET idle_exempt = ?2, notice = NULL,
+         idle_since_ms = NULL, idle_seen_ms = NULL, idle_warned_ms = NULL WHERE id = ?1",
+        params![id as i64, exempt],
+    )?;
+    bump(&tx)?;
+    let t = one(&tx, id)?;
+    tx.commit()?;
+    Ok(t)
+}
+
 pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments, StoreError> {
     let tx = c.transaction()?;
     let revision = revision(&tx)?;
@@ -968,6 +1092,7 @@ pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments,
                     owner: t.owner,
                     submitted_at_unix_ms: t.submitted_at_unix_ms,
                     public_address: None,
+                    notice: t.notice,
                 })
             })
             .collect(),

@@ -1,0 +1,84 @@
+//! The node's GPU readings for each heartbeat, from NVML (`nvml_library`).
+//! NVML is opened once and kept; a node without it sends no readings. A
+//! reading runs off the async workers with a deadline: a GPU whose driver
+//! hangs delays no heartbeat (that beat goes without readings).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::topology::nvml::{GpuSample, Nvml, NvmlError};
+use crate::topology::Gpu;
+
+/// How long one reading may take.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+pub struct GpuMeter {
+    library: PathBuf,
+    nvml: Arc<Mutex<Option<Nvml>>>,
+    /// The last failure logged, so each kind is logged once.
+    said: Arc<Mutex<Option<String>>>,
+}
+
+impl GpuMeter {
+    pub fn new(library: PathBuf) -> GpuMeter {
+        GpuMeter {
+            library,
+            nvml: Arc::new(Mutex::new(None)),
+            said: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Readings of the node's GPUs (those in `gpus`), none without NVML.
+    pub async fn sample(&self, gpus: &[Gpu]) -> Vec<GpuSample> {
+        if gpus.is_empty() {
+            return vec![];
+        }
+        let (nvml, library) = (self.nvml.clone(), self.library.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            // A reading still hanging from an earlier beat holds the lock: skip this one.
+            let Ok(mut guard) = nvml.try_lock() else {
+                return Ok(vec![]);
+            };
+            if guard.is_none() {
+                *guard = Some(Nvml::open(&library)?);
+            }
+            let result = guard.as_ref().map_or(Ok(vec![]), Nvml::sample);
+            if result.is_err() {
+                // Opened again next beat (a driver reload invalidates handles).
+                *guard = None;
+            }
+            result
+        });
+        let samples = match tokio::time::timeout(DEADLINE, read).await {
+            Ok(Ok(Ok(s))) => s,
+            Ok(Ok(Err(NvmlError::NotInstalled(_)))) => vec![],
+            Ok(Ok(Err(e))) => {
+                self.say(format!("NVML readings failed: {e}"));
+                vec![]
+            }
+            Ok(Err(e)) => {
+                self.say(format!("NVML readings failed: {e}"));
+                vec![]
+            }
+            Err(_) => {
+                self.say(format!(
+                    "NVML took over {DEADLINE:?} to answer; this beat has no GPU readings"
+                ));
+                vec![]
+            }
+        };
+        samples
+            .into_iter()
+            .filter(|s| gpus.iter().any(|g| g.address == s.address))
+            .collect()
+    }
+
+    fn say(&self, what: String) {
+        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        if said.as_deref() != Some(what.as_str()) {
+            tracing::warn!("{what}");
+            *said = Some(what);
+        }
+    }
+}
