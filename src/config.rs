@@ -25,24 +25,25 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-/// A duration written as `500ms`, `5s`, `2m` or `1h` (a bare integer means seconds).
+/// A duration written as `500ms`, `5s`, `2m`, `1h` or `7d` (a bare integer means seconds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
-/// Parses `500ms`, `5s`, `2m`, `1h` or a bare number of seconds.
+/// Parses `500ms`, `5s`, `2m`, `1h`, `7d` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 5s, 2m, 1h)"))?;
+        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 5s, 2m, 1h, 7d)"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m, h or d)")),
     };
     Ok(d)
 }
@@ -713,6 +714,11 @@ mod tests {
         assert_eq!(
             "7".parse::<HumanDuration>().unwrap().0,
             Duration::from_secs(7)
+        );
+        // `user invite --expires 7d`, `quota set --period 30d`.
+        assert_eq!(
+            "7d".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(7 * 86_400)
         );
         for bad in ["", "s", "5x", "-1s", "1.5s"] {
             assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");

@@ -306,6 +306,27 @@ fn a_groups_quota_holds_work_back_with_the_numbers_and_a_request_too_big_is_refu
     });
     let o = lab.rn(Some(&ben), &["-o", "json", "quota", "show"]);
     assert_eq!(stdout(&o).trim(), "[]", "the quota is gone");
+    // GPU time: hours in a rolling period (the store's tests count them).
+    let o = lab.rn(
+        None,
+        &[
+            "quota",
+            "set",
+            "--user",
+            "ann",
+            "--gpu-hours",
+            "0.5",
+            "--period",
+            "1d",
+        ],
+    );
+    assert!(
+        stdout(&o).contains("0.5 GPU-hours per 1d"),
+        "{}",
+        stderr(&o)
+    );
+    let o = lab.rn(Some(&ann), &["quota", "show"]);
+    assert!(stdout(&o).contains("0/0.5 per 1d"), "{}", stdout(&o));
 }
 
 /// The CLI with HOME at `home` (where login keeps client.toml), no admin data dir.
@@ -331,7 +352,7 @@ fn an_invitation_makes_one_person_once_before_it_expires() {
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         v["code"].as_str().unwrap().to_string()
     };
-    let code = invite(&["--role", "operator"]);
+    let code = invite(&["--role", "operator", "--expires", "7d"]);
     let home = tempfile::tempdir().unwrap();
     let login = |code: &str, name: &str| {
         rn_at_home(
@@ -399,4 +420,43 @@ fn an_invitation_makes_one_person_once_before_it_expires() {
     // A made-up code is no credential.
     let o = login("rninv_0000", "hal");
     assert!(stderr(&o).contains("401"), "{}", stderr(&o));
+
+    // fay (client.toml holds her token now) rotates it: the file gets the
+    // new one, the old one is refused, and her work is still hers.
+    let o = rn_at_home(
+        home.path(),
+        &[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "--container",
+            "base",
+            "--",
+            "true",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let task = common::cluster::created_id(&o);
+    let old = std::fs::read_to_string(&cfg).unwrap();
+    let o = rn_at_home(home.path(), &["token", "rotate"]);
+    assert!(
+        stdout(&o).contains("fay's token rotated; the new one is in"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let new = std::fs::read_to_string(&cfg).unwrap();
+    assert_ne!(old, new);
+    let old_token = old
+        .lines()
+        .find_map(|l| l.strip_prefix("token = "))
+        .unwrap();
+    let o = rn_at_home(
+        home.path(),
+        &["--token", old_token.trim_matches('"'), "whoami"],
+    );
+    assert!(stderr(&o).contains("401"), "{}", stderr(&o));
+    let o = rn_at_home(home.path(), &["-o", "json", "task", "status", &task]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }

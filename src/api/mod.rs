@@ -283,9 +283,46 @@ pub struct QuotaCaps {
     pub cores: Option<u64>,
     #[serde(default)]
     pub memory_bytes: Option<u64>,
+    /// GPU time (seconds of one GPU) its work may have had in the last
+    /// `period_s`: placed GPU work past it waits until older use ages out.
+    #[serde(default)]
+    pub gpu_seconds: Option<u64>,
+    /// The window GPU time is counted over (default a week).
+    #[serde(default)]
+    pub period_s: Option<u64>,
+}
+
+/// The window GPU time is counted over when a quota does not say.
+pub const DEFAULT_QUOTA_PERIOD_S: u64 = 7 * 86_400;
+
+/// GPU seconds as hours, e.g. `12.5` (one decimal where it is not whole).
+pub fn gpu_hours_text(seconds: u64) -> String {
+    let h = seconds as f64 / 3600.0;
+    if (h * 10.0).fract() == 0.0 && h.fract() == 0.0 {
+        format!("{h:.0}")
+    } else if h >= 0.1 {
+        format!("{h:.1}")
+    } else {
+        format!("{h:.3}")
+    }
+}
+
+/// A period in words: `7d`, `12h`, `90m`, `45s`.
+pub fn period_text(seconds: u64) -> String {
+    match seconds {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 impl QuotaCaps {
+    /// The window its GPU time is counted over.
+    pub fn period(&self) -> u64 {
+        self.period_s.unwrap_or(DEFAULT_QUOTA_PERIOD_S).max(1)
+    }
+
     /// `gpus 8, vps 2, cores 32, memory 128 GiB` (the caps set).
     pub fn text(&self) -> String {
         let mut parts = Vec::new();
@@ -300,6 +337,13 @@ impl QuotaCaps {
         }
         if let Some(n) = self.memory_bytes {
             parts.push(format!("memory {} GiB", n.div_ceil(1 << 30)));
+        }
+        if let Some(s) = self.gpu_seconds {
+            parts.push(format!(
+                "{} GPU-hours per {}",
+                gpu_hours_text(s),
+                period_text(self.period())
+            ));
         }
         if parts.is_empty() {
             "no limits".into()
@@ -316,6 +360,9 @@ pub struct QuotaUse {
     pub vps: u64,
     pub cores: u64,
     pub memory_bytes: u64,
+    /// GPU seconds had in the quota's period (placed work so far included).
+    #[serde(default)]
+    pub gpu_seconds: u64,
 }
 
 impl QuotaUse {
@@ -325,6 +372,7 @@ impl QuotaUse {
             vps: self.vps + o.vps,
             cores: self.cores + o.cores,
             memory_bytes: self.memory_bytes + o.memory_bytes,
+            gpu_seconds: self.gpu_seconds + o.gpu_seconds,
         }
     }
 }

@@ -64,6 +64,9 @@ pub enum Command {
     Quota(QuotaCommand),
     /// Who this token is (admin, user NAME, node NAME) on which host.
     Whoami,
+    /// Your own token: `rotate` replaces it (your instances stay yours).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Redeem an invitation from the admin: become user NAME, keeping the token in
     /// ~/.config/rivernode/client.toml (with --host, which later commands then use).
     Login {
@@ -334,6 +337,17 @@ pub enum NodeCommand {
     /// The join token runners register with.
     #[command(subcommand)]
     JoinToken(JoinTokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// A new token for yourself; the old one stops working at once. The token
+    /// kept in ~/.config/rivernode/client.toml is replaced there; another is printed.
+    Rotate {
+        /// How long the new token stays valid (e.g. 90d); default: until the next rotation.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<crate::config::HumanDuration>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -846,6 +860,13 @@ fn parse_person_role(s: &str) -> Result<crate::api::PersonRole, String> {
     s.parse()
 }
 
+fn parse_gpu_hours(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(h) if (0.0..1e9).contains(&h) => Ok(h),
+        _ => Err(format!("{s:?} is not a number of hours (e.g. 100 or 0.5)")),
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum QuotaCommand {
     /// Set (replace) a user's or group's quota; a limit left out is no limit, none at all
@@ -872,6 +893,12 @@ pub enum QuotaCommand {
         /// Memory held at once (e.g. 128G).
         #[arg(long, value_name = "SIZE")]
         memory: Option<crate::config::HumanSize>,
+        /// GPU-hours in each --period (one GPU for an hour is one); past them, GPU work waits.
+        #[arg(long, value_name = "HOURS", value_parser = parse_gpu_hours)]
+        gpu_hours: Option<f64>,
+        /// The rolling window --gpu-hours counts over (default 7d).
+        #[arg(long, value_name = "DURATION", requires = "gpu_hours")]
+        period: Option<crate::config::HumanDuration>,
     },
     /// The quotas (a user sees theirs and their group's) and what each holds now.
     Show,

@@ -121,6 +121,58 @@ pub async fn login(
     Ok((user, path))
 }
 
+/// `rivernode token rotate`: a new token for whoever `client`'s token is
+/// (a person, or the admin); the old one is revoked. When the token came
+/// from the user's client.toml, the new one replaces it there (the path is
+/// returned); a token given otherwise is the caller's to keep.
+pub async fn rotate_own(
+    client: &Client,
+    expires_in: Option<crate::config::HumanDuration>,
+) -> Result<(crate::api::NewUser, Option<PathBuf>), ClientError> {
+    let w: crate::api::WhoAmI = client.get("/api/whoami").await?;
+    let name = match (w.user, w.role.as_str()) {
+        (Some(u), _) => u,
+        (None, "admin") => "admin".to_string(),
+        _ => {
+            return Err(ClientError::Usage(format!(
+                "this token is a {}'s: only a person's or the admin's token rotates",
+                w.role
+            )))
+        }
+    };
+    let held = user_config()?.token.as_deref() == Some(client.token());
+    let user: crate::api::NewUser = client
+        .post(
+            &format!("/api/users/{name}/token"),
+            &serde_json::json!({
+                "expires_in_ms": expires_in.map(|d| d.0.as_millis() as u64),
+            }),
+        )
+        .await?;
+    if !held {
+        return Ok((user, None));
+    }
+    let path = user_config_path()?;
+    let text = format!("host = {:?}\ntoken = {:?}\n", client.base, user.token);
+    if let Err(e) = crate::files::write_secret(&path, text.as_bytes()) {
+        // The old token is revoked: the new one is said here, once, not lost.
+        return Err(ClientError::UserConfig {
+            path,
+            message: format!(
+                "{e}; your new token (keep it: it is shown once) is {}",
+                user.token
+            ),
+        });
+    }
+    Ok((user, Some(path)))
+}
+
+fn user_config_path() -> Result<PathBuf, ClientError> {
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| ClientError::Usage("HOME is not set: no place for client.toml".into()))?;
+    Ok(Path::new(&home).join(".config/rivernode/client.toml"))
+}
+
 fn user_config() -> Result<UserConfig, ClientError> {
     let Some(home) = std::env::var_os("HOME") else {
         return Ok(UserConfig::default());

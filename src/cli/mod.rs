@@ -23,7 +23,7 @@ use anyhow::Context;
 use clap::CommandFactory;
 
 use crate::config::{render_defaults, HostConfig, RunnerConfig};
-use args::{Cli, Command, ConfigCommand, Daemon};
+use args::{Cli, Command, ConfigCommand, Daemon, Output, TokenCommand};
 use client::Client;
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -101,6 +101,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reject { id, reason } => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             Ok(task::decide(&client, id, Some(reason), cli.output).await?)
+        }
+        Command::Token(TokenCommand::Rotate { expires_in }) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            let (user, kept) = client::rotate_own(&client, expires_in).await?;
+            match (cli.output, kept) {
+                (Output::Json, _) => output::emit_json(&user),
+                (Output::Table, Some(path)) => output::emit(&format!(
+                    "{}'s token rotated; the new one is in {} (the old one no longer works)\n",
+                    user.name,
+                    path.display()
+                )),
+                (Output::Table, None) => output::emit(&format!(
+                    "{}'s new token (shown once; the old one no longer works):\n{}\n",
+                    user.name, user.token
+                )),
+            }
+            Ok(())
         }
         Command::Whoami => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;

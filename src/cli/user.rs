@@ -189,6 +189,8 @@ pub async fn quota(
             vps,
             cores,
             memory,
+            gpu_hours,
+            period,
         } => {
             let (scope, name) = match (user, group) {
                 (Some(u), _) => ("user", u),
@@ -204,6 +206,8 @@ pub async fn quota(
                 vps,
                 cores,
                 memory_bytes: memory.map(|m| m.0),
+                gpu_seconds: gpu_hours.map(|h| (h * 3600.0).round() as u64),
+                period_s: period.map(|p| p.0.as_secs()),
             };
             client
                 .put(&format!("/api/quotas/{scope}/{name}"), &caps)
@@ -229,11 +233,20 @@ pub async fn quota(
                                 cell(q.used.vps, q.caps.vps),
                                 cell(q.used.cores, q.caps.cores),
                                 cell(gib(q.used.memory_bytes), q.caps.memory_bytes.map(gib)),
+                                match q.caps.gpu_seconds {
+                                    Some(cap) => format!(
+                                        "{}/{} per {}",
+                                        crate::api::gpu_hours_text(q.used.gpu_seconds),
+                                        crate::api::gpu_hours_text(cap),
+                                        crate::api::period_text(q.caps.period())
+                                    ),
+                                    None => "-".into(),
+                                },
                             ]
                         })
                         .collect();
                     emit(&table(
-                        &["WHO", "GPUS", "VPS", "CORES", "MEMORY (GiB)"],
+                        &["WHO", "GPUS", "VPS", "CORES", "MEMORY (GiB)", "GPU-HOURS"],
                         &rows,
                     ));
                 }

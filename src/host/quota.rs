@@ -5,6 +5,10 @@
 //! placed counts: a stopped VPS, a queued task or a request waiting for
 //! approval holds nothing. The admin's own work is not counted.
 //!
+//! GPU time is counted too: GPU-hours had in a rolling period (a week by
+//! default), from a ledger the scheduler keeps of when each task held how
+//! many GPUs. Work that is placed runs on: past the cap, new GPU work waits.
+//!
 //! The arithmetic is here; the store applies it inside its scheduling
 //! transaction, so parallel requests cannot spend the same room twice.
 
@@ -17,6 +21,7 @@ pub fn held_by(vps: bool, cores: u64, gpus: u64, memory_bytes: u64) -> QuotaUse 
         vps: u64::from(vps),
         cores,
         memory_bytes,
+        gpu_seconds: 0,
     }
 }
 
@@ -35,6 +40,17 @@ pub fn within(caps: &QuotaCaps, who: &str, used: &QuotaUse, ask: &QuotaUse) -> R
                     "{who} holds {used} of {cap} {what} and this asks for {ask}"
                 ));
             }
+        }
+    }
+    // GPU time is spent as it runs: new GPU work waits while the period's is used up.
+    if let Some(cap) = caps.gpu_seconds {
+        if ask.gpus > 0 && used.gpu_seconds >= cap {
+            return Err(format!(
+                "{who} had {} of {} GPU-hours in the last {}; GPU work waits until older use ages out",
+                crate::api::gpu_hours_text(used.gpu_seconds),
+                crate::api::gpu_hours_text(cap),
+                crate::api::period_text(caps.period())
+            ));
         }
     }
     // Memory is compared in bytes and said in GiB.
@@ -78,12 +94,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gpu_time_past_its_cap_holds_back_gpu_work_only() {
+        let caps = QuotaCaps {
+            gpu_seconds: Some(36_000),
+            period_s: Some(86_400),
+            ..Default::default()
+        };
+        let mut used = held_by(false, 0, 0, 0);
+        used.gpu_seconds = 35_999;
+        assert!(within(&caps, "user bob", &used, &held_by(false, 1, 2, 0)).is_ok());
+        used.gpu_seconds = 36_000;
+        assert_eq!(
+            within(&caps, "user bob", &used, &held_by(false, 1, 2, 0)).unwrap_err(),
+            "user bob had 10 of 10 GPU-hours in the last 1d; GPU work waits until older use ages out"
+        );
+        assert!(within(&caps, "user bob", &used, &held_by(true, 4, 0, 0)).is_ok());
+        assert!(could_ever_fit(&caps, "user bob", &held_by(false, 1, 1, 0)).is_ok());
+        let none = QuotaCaps {
+            gpu_seconds: Some(0),
+            ..Default::default()
+        };
+        assert!(could_ever_fit(&none, "user bob", &held_by(false, 1, 1, 0))
+            .unwrap_err()
+            .contains("0 GPU-hours per 7d"));
+    }
+
+    #[test]
     fn a_request_fits_until_the_first_limit_and_says_whose_and_how_much() {
         let caps = QuotaCaps {
             gpus: Some(8),
             vps: Some(2),
             cores: None,
             memory_bytes: Some(64 << 30),
+            ..Default::default()
         };
         let used = held_by(true, 30, 7, 10 << 30);
         assert!(within(&caps, "group lab-a", &used, &held_by(false, 100, 1, 0)).is_ok());

@@ -352,6 +352,18 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE tasks ADD COLUMN idle_warned_ms INTEGER;
     ALTER TABLE tasks ADD COLUMN idle_exempt INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tasks ADD COLUMN notice TEXT;",
+    // 13: GPU time quotas, and the ledger they are counted from: each
+    // stretch a person's task held GPUs (end NULL: it still does).
+    "ALTER TABLE quotas ADD COLUMN gpu_seconds INTEGER;
+    ALTER TABLE quotas ADD COLUMN period_s INTEGER;
+    CREATE TABLE gpu_use (
+        task INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        gpus INTEGER NOT NULL,
+        start_ms INTEGER NOT NULL,
+        end_ms INTEGER
+    );
+    CREATE INDEX gpu_use_end ON gpu_use (end_ms);",
 ];
 
 pub struct SqliteStore {
@@ -787,7 +799,7 @@ impl Store for SqliteStore {
     }
 
     fn quotas(&self) -> Result<Vec<crate::api::QuotaView>, StoreError> {
-        self.with(tasks::quota_views)
+        self.with(|c| tasks::quota_views(c, crate::now_unix_ms()))
     }
 
     fn list_users(&self) -> Result<Vec<UserView>, StoreError> {
@@ -1225,7 +1237,7 @@ impl Store for SqliteStore {
             .published_ports
             .read()
             .unwrap_or_else(|p| p.into_inner());
-        self.with(|c| tasks::schedule(c, range))
+        self.with(|c| tasks::schedule(c, range, crate::now_unix_ms()))
     }
 
     fn get_task(&self, id: u64) -> Result<Option<TaskView>, StoreError> {

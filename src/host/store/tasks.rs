@@ -253,7 +253,7 @@ pub(super) fn submit(
         }
     }
     if let Some(user) = owner {
-        quota_book(&tx)?
+        quota_book(&tx, now_ms)?
             .could_ever_fit(user, &asked_use(spec))
             .map_err(StoreError::Refused)?;
     }
@@ -393,9 +393,96 @@ fn asked_use(spec: &TaskSpec) -> QuotaUse {
     )
 }
 
-fn quota_book(c: &Connection) -> Result<QuotaBook, StoreError> {
+/// The tasks that hold their placement now (quotas count them; the GPU
+/// ledger follows those with GPUs), as SQL: an owner's, placed, neither
+/// queued nor stopped nor ended.
+fn holding() -> String {
+    format!(
+        "WHERE owner IS NOT NULL AND placement IS NOT NULL
+         AND state NOT IN ('pending', 'stopped') AND state NOT IN {ENDED}"
+    )
+}
+
+/// Keeps the GPU ledger in step with what holds GPUs at `now`: a stretch
+/// opens when a person's task holds GPUs, and closes when it no longer
+/// does (or holds another number). The scheduler runs this on each pass,
+/// at least every second, so a stretch's ends are within a pass of true.
+fn sync_gpu_use(tx: &Transaction<'_>, now_ms: i64) -> Result<(), StoreError> {
+    let mut held: HashMap<i64, (String, i64)> = HashMap::new();
+    {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT id, owner, placement FROM tasks {}",
+            holding()
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, owner, placement) = row?;
+            let p: Placement =
+                serde_json::from_str(&placement).map_err(json_err("tasks.placement"))?;
+            if !p.gpus.is_empty() {
+                held.insert(id, (owner, p.gpus.len() as i64));
+            }
+        }
+    }
+    let open: Vec<(i64, i64, i64)> = tx
+        .prepare("SELECT rowid, task, gpus FROM gpu_use WHERE end_ms IS NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (rowid, task, gpus) in &open {
+        match held.get(task) {
+            Some((_, n)) if n == gpus => {
+                held.remove(task);
+            }
+            _ => {
+                tx.execute(
+                    "UPDATE gpu_use SET end_ms = ?2 WHERE rowid = ?1",
+                    params![rowid, now_ms],
+                )?;
+            }
+        }
+    }
+    for (task, (owner, gpus)) in held {
+        tx.execute(
+            "INSERT INTO gpu_use (task, owner, gpus, start_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![task, owner, gpus, now_ms],
+        )?;
+    }
+    // A stretch that ended over a year ago counts in no period anyone sets.
+    tx.execute(
+        "DELETE FROM gpu_use WHERE end_ms < ?1",
+        params![now_ms - 400 * 86_400_000],
+    )?;
+    Ok(())
+}
+
+/// GPU seconds one stretch (`gpus` from `start` to `end`, none: still
+/// open) gave within the window ending at `now` of `period_s`.
+pub(super) fn gpu_seconds_within(
+    gpus: i64,
+    start: i64,
+    end: Option<i64>,
+    now: i64,
+    period_s: u64,
+) -> u64 {
+    let from = now.saturating_sub(i64::try_from(period_s.saturating_mul(1000)).unwrap_or(i64::MAX));
+    let (a, b) = (start.max(from), end.unwrap_or(now).min(now));
+    if b <= a || gpus <= 0 {
+        return 0;
+    }
+    (gpus as u64).saturating_mul((b - a) as u64) / 1000
+}
+
+fn quota_book(c: &Connection, now_ms: i64) -> Result<QuotaBook, StoreError> {
     let mut caps = HashMap::new();
-    let mut stmt = c.prepare("SELECT scope, name, gpus, vps, cores, memory_bytes FROM quotas")?;
+    let mut stmt = c.prepare(
+        "SELECT scope, name, gpus, vps, cores, memory_bytes, gpu_seconds, period_s FROM quotas",
+    )?;
     let rows = stmt.query_map([], |r| {
         let cap = |i| {
             r.get::<_, Option<i64>>(i)
@@ -409,6 +496,8 @@ fn quota_book(c: &Connection) -> Result<QuotaBook, StoreError> {
                 vps: cap(3)?,
                 cores: cap(4)?,
                 memory_bytes: cap(5)?,
+                gpu_seconds: cap(6)?,
+                period_s: cap(7)?,
             },
         ))
     })?;
@@ -432,17 +521,41 @@ fn quota_book(c: &Connection) -> Result<QuotaBook, StoreError> {
         group_of,
         used: HashMap::new(),
     };
-    let held = query(
-        c,
-        &format!(
-            "WHERE owner IS NOT NULL AND placement IS NOT NULL
-             AND state NOT IN ('pending', 'stopped') AND state NOT IN {ENDED}"
-        ),
-        &[],
-    )?;
-    for t in held {
+    for t in query(c, &holding(), &[])? {
         if let (Some(owner), Some(p)) = (&t.owner, &t.placement) {
             book.add(owner, &placed_use(&t.spec, p));
+        }
+    }
+    // GPU time, for the quotas that cap it, each over its own period.
+    if book.caps.values().any(|c| c.gpu_seconds.is_some()) {
+        let longest = book.caps.values().map(QuotaCaps::period).max().unwrap_or(0);
+        let since =
+            now_ms.saturating_sub(i64::try_from(longest.saturating_mul(1000)).unwrap_or(i64::MAX));
+        let mut stmt = c.prepare(
+            "SELECT owner, gpus, start_ms, end_ms FROM gpu_use WHERE end_ms IS NULL OR end_ms > ?1",
+        )?;
+        let rows = stmt
+            .query_map([since], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (owner, gpus, start, end) in rows {
+            for key in book.keys(&owner) {
+                if let Some(period) = book
+                    .caps
+                    .get(&key)
+                    .filter(|c| c.gpu_seconds.is_some())
+                    .map(QuotaCaps::period)
+                {
+                    let spent = gpu_seconds_within(gpus, start, end, now_ms, period);
+                    book.used.entry(key).or_default().gpu_seconds += spent;
+                }
+            }
         }
     }
     Ok(book)
@@ -507,9 +620,20 @@ pub(super) fn set_quota(
     } else {
         let n = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
         tx.execute(
-            "INSERT INTO quotas (scope, name, gpus, vps, cores, memory_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (scope, name) DO UPDATE SET gpus = ?3, vps = ?4, cores = ?5, memory_bytes = ?6",
-            params![scope.as_str(), name, n(caps.gpus), n(caps.vps), n(caps.cores), n(caps.memory_bytes)],
+            "INSERT INTO quotas (scope, name, gpus, vps, cores, memory_bytes, gpu_seconds, period_s)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (scope, name) DO UPDATE SET gpus = ?3, vps = ?4, cores = ?5,
+             memory_bytes = ?6, gpu_seconds = ?7, period_s = ?8",
+            params![
+                scope.as_str(),
+                name,
+                n(caps.gpus),
+                n(caps.vps),
+                n(caps.cores),
+                n(caps.memory_bytes),
+                n(caps.gpu_seconds),
+                n(caps.period_s)
+            ],
         )?;
     }
     // A raised quota may let waiting work in.
@@ -518,8 +642,8 @@ pub(super) fn set_quota(
     Ok(())
 }
 
-pub(super) fn quota_views(c: &mut Connection) -> Result<Vec<QuotaView>, StoreError> {
-    let book = quota_book(c)?;
+pub(super) fn quota_views(c: &mut Connection, now_ms: i64) -> Result<Vec<QuotaView>, StoreError> {
+    let book = quota_book(c, now_ms)?;
     let mut out: Vec<QuotaView> = book
         .caps
         .iter()
@@ -538,8 +662,14 @@ pub(super) fn quota_views(c: &mut Connection) -> Result<Vec<QuotaView>, StoreErr
     Ok(out)
 }
 
-pub(super) fn schedule(c: &mut Connection, range: PortRange) -> Result<Vec<u64>, StoreError> {
+pub(super) fn schedule(
+    c: &mut Connection,
+    range: PortRange,
+    now_ms: i64,
+) -> Result<Vec<u64>, StoreError> {
     let tx = c.transaction()?;
+    // Stretches of GPU time that ended since the last pass close first.
+    sync_gpu_use(&tx, now_ms)?;
     let nodes = nodes(&tx)?;
     let mut held = reservations(&tx)?;
     let mut externals = published_held(&tx)?;
@@ -548,7 +678,7 @@ pub(super) fn schedule(c: &mut Connection, range: PortRange) -> Result<Vec<u64>,
         "WHERE state = 'pending' AND desired NOT IN ('killed', 'deleted')",
         &[],
     )?;
-    let mut book = quota_book(&tx)?;
+    let mut book = quota_book(&tx, now_ms)?;
     let mut placed = Vec::new();
     for t in pending {
         let mut decision = scheduler::place(&t.spec, &nodes, &held);
@@ -605,6 +735,7 @@ pub(super) fn schedule(c: &mut Connection, range: PortRange) -> Result<Vec<u64>,
         }
     }
     if !placed.is_empty() {
+        sync_gpu_use(&tx, now_ms)?;
         bump(&tx)?;
     }
     tx.commit()?;
@@ -1358,6 +1489,69 @@ mod tests {
             .unwrap();
         assert!(s.quotas().unwrap().is_empty());
         assert_eq!(s.schedule().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn gpu_time_is_counted_from_the_ledger_over_the_quota_period() {
+        use crate::api::{QuotaCaps, QuotaScope};
+        const H: i64 = 3_600_000;
+        let s = store_with_node("n1");
+        let caps = QuotaCaps {
+            gpu_seconds: Some(2 * 3600),
+            period_s: Some(86_400),
+            ..Default::default()
+        };
+        s.set_quota(QuotaScope::User, "ann", &caps).unwrap();
+        let range = PortRange::parse("20000-29999").unwrap();
+        let pass = |now: i64| s.with(|c| super::schedule(c, range, now)).unwrap();
+        let t0 = 1_800_000_000_000;
+        let a = s.submit_task(&spec(1, 2), Some("ann"), t0).unwrap();
+        assert_eq!(pass(t0), vec![a]);
+        report(&s, a, TaskState::Running).unwrap();
+        // Two GPUs for an hour: two GPU-hours, all of the day's.
+        let b = s.submit_task(&spec(1, 1), Some("ann"), t0).unwrap();
+        let cpu = s.submit_task(&spec(1, 0), Some("ann"), t0).unwrap();
+        assert_eq!(pass(t0 + H), vec![cpu], "CPU work is not held back");
+        let why = s.get_task(b).unwrap().unwrap().reason;
+        assert_eq!(
+            why,
+            "over quota: user ann had 2 of 2 GPU-hours in the last 1d; GPU work waits until older use ages out"
+        );
+        let q = s.with(|c| super::quota_views(c, t0 + H)).unwrap();
+        assert_eq!(q[0].used.gpu_seconds, 2 * 3600, "{q:?}");
+        // It ends; what it had still counts until it ages out of the day.
+        s.set_desired(a, Desired::Killed, t0 + H).unwrap();
+        report(&s, a, TaskState::Killed).unwrap();
+        assert!(pass(t0 + H + 1000).is_empty());
+        assert!(
+            pass(t0 + 24 * H + 1000).is_empty(),
+            "still 2 h in the window"
+        );
+        // A day after its first half hour: an hour and a half in the window.
+        assert_eq!(pass(t0 + 24 * H + H / 2), vec![b]);
+        report(&s, b, TaskState::Running).unwrap();
+        // The ledger holds one closed stretch for a and one open for b.
+        let rows: Vec<(i64, i64, i64, Option<i64>)> = s
+            .with(|c| {
+                Ok(
+                    c.prepare("SELECT task, gpus, start_ms, end_ms FROM gpu_use ORDER BY rowid")?
+                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                        .collect::<Result<Vec<_>, _>>()?,
+                )
+            })
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (a as i64, 2, t0, Some(t0 + H + 1000)),
+                (b as i64, 1, t0 + 24 * H + H / 2, None)
+            ]
+        );
+        assert_eq!(
+            super::gpu_seconds_within(2, 0, Some(10_000), 20_000, 15),
+            10
+        );
+        assert_eq!(super::gpu_seconds_within(2, 0, None, 20_000, 60), 40);
     }
 
     #[test]
