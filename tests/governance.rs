@@ -423,21 +423,15 @@ fn an_invitation_makes_one_person_once_before_it_expires() {
 
     // fay (client.toml holds her token now) rotates it: the file gets the
     // new one, the old one is refused, and her work is still hers.
-    let o = rn_at_home(
-        home.path(),
-        &[
-            "-o",
-            "json",
-            "task",
-            "submit",
-            "--container",
-            "base",
-            "--",
-            "true",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let task = common::cluster::created_id(&o);
+    // What the person in `home` makes (`-o json` ARGS): its id.
+    let make = |args: &[&str]| {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        let o = rn_at_home(home.path(), &a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        common::cluster::created_id(&o)
+    };
+    let task = make(&["task", "submit", "--container", "base", "--", "true"]);
     let old = std::fs::read_to_string(&cfg).unwrap();
     let o = rn_at_home(home.path(), &["token", "rotate"]);
     assert!(
@@ -459,4 +453,82 @@ fn an_invitation_makes_one_person_once_before_it_expires() {
     assert!(stderr(&o).contains("401"), "{}", stderr(&o));
     let o = rn_at_home(home.path(), &["-o", "json", "task", "status", &task]);
     assert!(o.status.success(), "{}", stderr(&o));
+
+    // The admin lists the invitations (used, open, expired) and revokes an open one.
+    let open = invite(&[]);
+    let o = lab.rn(None, &["-o", "json", "user", "invitations"]);
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(list.iter().any(|i| i["used_by"] == "dora"), "{list:?}");
+    assert!(
+        list.iter().all(|i| i.get("code").is_none()),
+        "codes are never listed"
+    );
+    let newest = list[0]["id"].as_str().unwrap().to_string();
+    let o = lab.rn(None, &["user", "invitations"]);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with(&newest) && l.contains("open, expires")),
+        "{}",
+        stdout(&o)
+    );
+    let o = lab.rn(None, &["user", "uninvite", &newest]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !login(&open, "ivy").status.success(),
+        "a revoked code makes no one"
+    );
+    let o = lab.rn(
+        None,
+        &[
+            "user",
+            "uninvite",
+            list[list.len() - 1]["id"].as_str().unwrap(),
+        ],
+    );
+    assert!(
+        stderr(&o).contains("was used already (by dora)"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A role and group change reaches the person's next request: fay, a
+    // viewer for a while, cannot submit; a user again, she can.
+    let o = lab.rn(
+        None,
+        &["user", "set", "fay", "--role", "viewer", "--no-group"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = lab.rn(None, &["-o", "json", "user", "list"]);
+    let users: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let fay = users.iter().find(|u| u["name"] == "fay").unwrap();
+    assert_eq!(
+        (&fay["role"], &fay["group"]),
+        (&"viewer".into(), &serde_json::Value::Null)
+    );
+    let o = rn_at_home(home.path(), &["whoami"]);
+    assert!(stdout(&o).starts_with("viewer fay"), "{}", stdout(&o));
+    let o = rn_at_home(
+        home.path(),
+        &["task", "submit", "--container", "base", "--", "true"],
+    );
+    assert!(stderr(&o).contains("403"), "{}", stderr(&o));
+    let o = lab.rn(
+        None,
+        &["user", "set", "fay", "--role", "user", "--group", "lab-b"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // fay's request that waits for approval ends when she is removed; her
+    // placed task stays, for the admin.
+    let waiting = make(&["vps", "create", "--container", "base", "--no-ssh-key"]);
+    assert_eq!(lab.task(None, &waiting)["state"], "pending_approval");
+    assert!(lab.rn(None, &["user", "remove", "fay"]).status.success());
+    let t = lab.task(None, &waiting);
+    assert_eq!(
+        (&t["state"], &t["message"]),
+        (&"rejected".into(), &"its owner was removed".into()),
+        "{t}"
+    );
+    assert_eq!(lab.task(None, &task)["state"], "assigning");
 }

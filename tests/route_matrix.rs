@@ -97,6 +97,9 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ),
     ("PUT", "/api/quotas/{scope}/{user}", Access::Admin),
     ("POST", "/api/invitations", Access::Admin),
+    ("GET", "/api/invitations", Access::Admin),
+    ("DELETE", "/api/invitations/{invitation}", Access::Admin),
+    ("PUT", "/api/users/{user}", Access::Admin),
     ("POST", "/api/invitations/redeem", Access::Invite),
     ("GET", "/api/quotas", Access::People),
     ("GET", "/api/users/{bob}/env", Access::OwnUser),
@@ -314,7 +317,8 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                     .replace("{task}", &task)
                     .replace("{user}", user)
                     .replace("{scope}", "user")
-                    .replace("{snapshot}", "1");
+                    .replace("{snapshot}", "1")
+                    .replace("{invitation}", "000000000000");
                 let body = (*method != "GET" && *method != "DELETE").then(|| serde_json::json!({}));
                 let got = call(method, &format!("{url}{p}"), token, body).await;
                 let ok = match expected(*access, caller) {

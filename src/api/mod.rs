@@ -248,9 +248,30 @@ pub struct UserView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Invitation {
     pub code: String,
+    /// What names it in `user invitations` and `user uninvite` (not the code).
+    #[serde(default)]
+    pub id: String,
     pub role: PersonRole,
     pub group: Option<String>,
     pub expires_at_unix_ms: i64,
+}
+
+/// An invitation as `GET /api/invitations` lists it (never its code).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvitationView {
+    pub id: String,
+    pub role: PersonRole,
+    pub group: Option<String>,
+    pub created_at_unix_ms: i64,
+    pub expires_at_unix_ms: i64,
+    /// Who it made, once used.
+    pub used_by: Option<String>,
+}
+
+/// The id of an invitation: the start of its code's hash (the code itself
+/// is shown once and never kept).
+pub fn invitation_id(code_hash: &str) -> String {
+    code_hash.chars().take(12).collect()
 }
 
 /// Whose quota: one user's, or a group's (all its users together).

@@ -376,8 +376,24 @@ pub enum UserCommand {
     },
     /// List users with how many of their tasks have not ended.
     List,
-    /// Remove a user and revoke their token; their tasks stay, for the admin to end.
+    /// Remove a user and revoke their token; what of theirs ran stays, for the admin
+    /// to end; their requests that never ran end.
     Remove { name: String },
+    /// Change a person's role or group; their token and work stay.
+    Set {
+        name: String,
+        #[arg(long, value_parser = parse_person_role)]
+        role: Option<crate::api::PersonRole>,
+        #[arg(long, value_name = "GROUP", conflicts_with = "no_group")]
+        group: Option<String>,
+        /// Take them out of their group.
+        #[arg(long)]
+        no_group: bool,
+    },
+    /// The invitations: open, used (by whom) or expired.
+    Invitations,
+    /// Revoke an unused invitation (ID as `user invitations` shows it).
+    Uninvite { id: String },
     /// A one-time code that lets one person make their own account (`rivernode login --invite`).
     Invite {
         #[arg(long, default_value = "user", value_parser = parse_person_role)]

@@ -72,7 +72,65 @@ pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<()
         }
         UserCommand::Remove { name } => {
             client.delete(&format!("/api/users/{name}")).await?;
-            emit(&format!("user {name} removed; their token is revoked\n"));
+            emit(&format!(
+                "user {name} removed; their token is revoked and their requests that never ran ended \
+                 (what ran stays: `rivernode task list` shows it)\n"
+            ));
+        }
+        UserCommand::Set {
+            name,
+            role,
+            group,
+            no_group,
+        } => {
+            if role.is_none() && group.is_none() && !no_group {
+                return Err(ClientError::Usage(
+                    "say what changes: --role ROLE, --group GROUP or --no-group".into(),
+                ));
+            }
+            client
+                .put(
+                    &format!("/api/users/{name}"),
+                    &serde_json::json!({ "role": role, "group": group, "no_group": no_group }),
+                )
+                .await?;
+            emit(&format!(
+                "user {name} changed; `rivernode user list` shows them\n"
+            ));
+        }
+        UserCommand::Invitations => {
+            let list: Vec<crate::api::InvitationView> = client.get("/api/invitations").await?;
+            match output {
+                Output::Json => emit_json(&list),
+                Output::Table => {
+                    let now = crate::now_unix_ms();
+                    let rows: Vec<Vec<String>> = list
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                i.id.clone(),
+                                i.role.as_str().to_string(),
+                                i.group.clone().unwrap_or_else(|| "-".into()),
+                                match (&i.used_by, i.expires_at_unix_ms > now) {
+                                    (Some(by), _) => format!("used by {by}"),
+                                    (None, true) => format!(
+                                        "open, expires {}",
+                                        crate::cli::output::until(i.expires_at_unix_ms, now)
+                                    ),
+                                    (None, false) => "expired".into(),
+                                },
+                            ]
+                        })
+                        .collect();
+                    emit(&table(&["ID", "ROLE", "GROUP", "STATE"], &rows));
+                }
+            }
+        }
+        UserCommand::Uninvite { id } => {
+            client.delete(&format!("/api/invitations/{id}")).await?;
+            emit(&format!(
+                "invitation {id} revoked: its code no longer works\n"
+            ));
         }
         UserCommand::Env { cmd } => env(client, cmd, output).await?,
         UserCommand::Invite {
@@ -93,13 +151,16 @@ pub async fn run(client: &Client, cmd: UserCommand, output: Output) -> Result<()
             match output {
                 Output::Json => emit_json(&inv),
                 Output::Table => emit(&format!(
-                    "invitation for one {} (shown once; it expires {}):\n{}\n\
-                     they run: rivernode --host {} login --invite {} --name THEIR-NAME\n",
+                    "invitation {} for one {} (shown once; it expires {}):\n{}\n\
+                     they run: rivernode --host {} login --invite {} --name THEIR-NAME\n\
+                     (`rivernode user uninvite {}` revokes it)\n",
+                    inv.id,
                     inv.role.as_str(),
                     crate::cli::output::until(inv.expires_at_unix_ms, crate::now_unix_ms()),
                     inv.code,
                     client.base,
-                    inv.code
+                    inv.code,
+                    inv.id
                 )),
             }
         }

@@ -155,10 +155,11 @@ pub fn router(state: Arc<HostState>) -> Router {
             auth::require(&[Role::Admin, Role::Operator], req, next)
         }));
     let admin = Router::new()
-        .route("/api/invitations", post(invite))
+        .route("/api/invitations", post(invite).get(list_invitations))
+        .route("/api/invitations/{id}", delete(revoke_invitation))
         .route("/api/quotas/{scope}/{name}", put(set_quota))
         .route("/api/users", post(add_user).get(list_users))
-        .route("/api/users/{name}", delete(remove_user))
+        .route("/api/users/{name}", delete(remove_user).put(set_person))
         .route("/api/nodes/{name}", delete(remove_node))
         .route("/api/join-token", post(rotate_join_token))
         .route("/api/nodes/{name}/runner", get(probe_runner))
@@ -238,12 +239,36 @@ async fn invite(
     Ok((
         StatusCode::CREATED,
         Json(crate::api::Invitation {
+            id: crate::api::invitation_id(&hash_token(&code)),
             code,
             role,
             group: req.group,
             expires_at_unix_ms: expires_at,
         }),
     ))
+}
+
+/// `GET /api/invitations`: every invitation (never a code).
+async fn list_invitations(
+    State(state): State<Arc<HostState>>,
+) -> Result<Json<Vec<crate::api::InvitationView>>, ApiError> {
+    Ok(Json(state.blocking(|s| s.list_invitations()).await?))
+}
+
+/// `DELETE /api/invitations/{id}`: an unused code no longer works.
+async fn revoke_invitation(
+    State(state): State<Arc<HostState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::BadRequest(format!(
+            "id: {id:?} is not an invitation id (12 hex digits, as `rivernode user invitations` shows)"
+        )));
+    }
+    let i = id.clone();
+    state.blocking(move |s| s.revoke_invitation(&i)).await?;
+    tracing::info!(invitation = %id, "invitation revoked");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(serde::Deserialize)]
@@ -398,6 +423,52 @@ async fn list_users(State(state): State<Arc<HostState>>) -> Result<Json<Vec<User
     Ok(Json(state.blocking(|s| s.list_users()).await?))
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPerson {
+    #[serde(default)]
+    role: Option<crate::api::PersonRole>,
+    /// A group to put them in.
+    #[serde(default)]
+    group: Option<String>,
+    /// Take them out of their group.
+    #[serde(default)]
+    no_group: bool,
+}
+
+/// `PUT /api/users/{name}`: a person's new role or group; their token,
+/// work and variables stay. The role applies to their next request.
+async fn set_person(
+    State(state): State<Arc<HostState>>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<SetPerson>,
+) -> Result<StatusCode, ApiError> {
+    if req.group.is_some() && req.no_group {
+        return Err(ApiError::BadRequest(
+            "group: give a group or no_group, not both".into(),
+        ));
+    }
+    if let Some(g) = &req.group {
+        validate_user_name(g).map_err(|m| ApiError::BadRequest(format!("group: {m}")))?;
+    }
+    let group = match (req.group, req.no_group) {
+        (Some(g), _) => Some(Some(g)),
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
+    let (n, role) = (name.clone(), req.role);
+    let g = group.clone();
+    if !state
+        .blocking(move |s| s.set_person(&n, role, g.as_ref().map(|g| g.as_deref())))
+        .await?
+    {
+        return Err(no_such_user(&name));
+    }
+    tracing::info!(user = %name, role = ?role.map(|r| r.as_str()), ?group, "person changed");
+    state.schedule.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn remove_user(
     State(state): State<Arc<HostState>>,
     Path(name): Path<String>,
@@ -405,6 +476,7 @@ async fn remove_user(
     let n = name.clone();
     if state.blocking(move |s| s.remove_user(&n)).await? {
         tracing::info!(user = %name, "user removed; their tokens are revoked");
+        state.publish().await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(no_such_user(&name))

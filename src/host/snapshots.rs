@@ -206,7 +206,7 @@ async fn restart(
         Some(_) => visible_task(&state, &p, id).await?,
         None => super::tasks::operated_task(&state, &p, id).await?,
     };
-    super::tasks::still_allowed(&state, &p, &t)?;
+    super::tasks::still_allowed(&state, &t)?;
     let restore = match req.from_snapshot {
         None => None,
         Some(wanted) => {

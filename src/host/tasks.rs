@@ -121,15 +121,17 @@ pub async fn scheduler_loop(state: Arc<HostState>) {
 /// Whether `p` may have privileged instances: the operator allows them,
 /// to the admin, and to the users `privileged_users` names (F13).
 pub(super) fn may_be_privileged(state: &HostState, p: &Principal) -> Result<(), ApiError> {
-    if !state.allow_privileged {
+    privileged_right(state.allow_privileged, &state.privileged_users, p)
+}
+
+/// `may_be_privileged` of the settings `allow` and `listed_users`.
+fn privileged_right(allow: bool, listed_users: &[String], p: &Principal) -> Result<(), ApiError> {
+    if !allow {
         return Err(ApiError::BadRequest(
             "privileged: this cluster does not allow privileged instances (the operator can set allow_privileged = true in host.toml)".into(),
         ));
     }
-    let listed = p
-        .user
-        .as_ref()
-        .is_some_and(|u| state.privileged_users.contains(u));
+    let listed = p.user.as_ref().is_some_and(|u| listed_users.contains(u));
     if p.role == Role::Admin || listed {
         Ok(())
     } else {
@@ -444,17 +446,27 @@ pub(super) fn outward(state: &HostState, p: &Principal, t: TaskView) -> TaskView
 
 const REDACTED: &str = "(set)";
 
-/// A privileged task runs again (restart, resume) only while the operator
-/// still allows privileged instances.
-pub(super) fn still_allowed(
-    state: &HostState,
-    p: &Principal,
-    t: &TaskView,
-) -> Result<(), ApiError> {
+/// The principal a task runs for: its owner, or the admin.
+fn owner_of(t: &TaskView) -> Principal {
+    Principal {
+        role: if t.owner.is_some() {
+            Role::User
+        } else {
+            Role::Admin
+        },
+        node: None,
+        user: t.owner.clone(),
+    }
+}
+
+/// A privileged task runs again (restart, resume) only while the cluster
+/// still allows privileged instances to its owner: whoever asks for the
+/// restart (its owner, an operator, the admin), the right is the owner's.
+pub(super) fn still_allowed(state: &HostState, t: &TaskView) -> Result<(), ApiError> {
     if t.spec.privileged {
-        may_be_privileged(state, p).map_err(|_| {
+        may_be_privileged(state, &owner_of(t)).map_err(|_| {
             ApiError::BadRequest(format!(
-                "privileged: task {} is privileged and this cluster no longer allows that for you",
+                "privileged: task {} is privileged and this cluster no longer allows that for its owner",
                 t.id
             ))
         })?;
@@ -658,7 +670,7 @@ async fn desire(
         operated_task(&state, &p, id).await?
     };
     if d == Desired::Running {
-        still_allowed(&state, &p, &t)?;
+        still_allowed(&state, &t)?;
     }
     let now = crate::now_unix_ms();
     let t = state.blocking(move |s| s.set_desired(id, d, now)).await?;
@@ -1013,6 +1025,33 @@ async fn report(
 mod tests {
     use super::*;
     use crate::api::Kind;
+
+    #[test]
+    fn a_privileged_restart_is_the_owners_right_whoever_asks() {
+        let listed = vec!["bob".to_string()];
+        let mut t: TaskView = serde_json::from_value(serde_json::json!({
+            "id": 7, "state": "stopped", "desired": "stopped", "reason": "",
+            "exit_code": null, "message": null, "submitted_at_unix_ms": 0,
+            "started_at_unix_ms": 1, "finished_at_unix_ms": 2, "placement": null,
+            "owner": "bob",
+            "spec": {"command": [], "image": {"environment": "base"}, "kind": "vps", "privileged": true},
+        }))
+        .unwrap();
+        // bob is listed: an operator (not listed) may restart his instance.
+        assert!(privileged_right(true, &listed, &owner_of(&t)).is_ok());
+        let olga = Principal {
+            role: Role::Operator,
+            node: None,
+            user: Some("olga".into()),
+        };
+        assert!(privileged_right(true, &listed, &olga).is_err());
+        // ann is not: not even the admin restarts hers privileged.
+        t.owner = Some("ann".into());
+        assert!(privileged_right(true, &listed, &owner_of(&t)).is_err());
+        t.owner = None;
+        assert!(privileged_right(true, &listed, &owner_of(&t)).is_ok());
+        assert!(privileged_right(false, &listed, &owner_of(&t)).is_err());
+    }
 
     fn spec(kind: Kind) -> TaskSpec {
         serde_json::from_value(serde_json::json!({

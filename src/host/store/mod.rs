@@ -102,8 +102,21 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<(), StoreError>;
     fn list_users(&self) -> Result<Vec<UserView>, StoreError>;
-    /// Removes a user and revokes their tokens; their tasks stay (the admin sees them).
+    /// Removes a user and revokes their tokens; their tasks that ran stay
+    /// (the admin sees them), their requests that never ran end.
     fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
+    /// Changes a person's role and group (`None`: unchanged; `Some(None)`:
+    /// no group); `false` if there is no such user.
+    fn set_person(
+        &self,
+        name: &str,
+        role: Option<crate::api::PersonRole>,
+        group: Option<Option<&str>>,
+    ) -> Result<bool, StoreError>;
+    /// Every invitation, newest first.
+    fn list_invitations(&self) -> Result<Vec<crate::api::InvitationView>, StoreError>;
+    /// Revokes the unused invitation whose id is `id`.
+    fn revoke_invitation(&self, id: &str) -> Result<(), StoreError>;
     /// The variables user `name` gives each instance they make; `None`
     /// when there is no such user.
     fn user_env(&self, name: &str) -> Result<Option<BTreeMap<String, String>>, StoreError>;
@@ -378,7 +391,7 @@ pub struct SqliteStore {
 /// Every token (hash, whom it is for, expiry) in memory, so that checking a
 /// request's token, anonymous and bogus ones included, never waits for the
 /// database's one connection behind heartbeats and submissions (F12).
-/// SQLite's update hook marks it `dirty` on any change to `tokens`, so no
+/// SQLite's update hook marks it `dirty` on any change to `tokens` (or `users`: roles), so no
 /// write path can forget to, and the writer reads the table again before
 /// it lets go of the connection: its caller (who alone could know a new
 /// token yet) hears of the change only once the map holds it. A lookup
@@ -567,7 +580,9 @@ impl SqliteStore {
         let dirty = tokens.dirty.clone();
         conn.update_hook(Some(
             move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
-                if table == "tokens" {
+                // A person's token carries the person's role: a change
+                // to either table is read again.
+                if table == "tokens" || table == "users" {
                     dirty.store(true, Ordering::Release);
                 }
             },
@@ -833,8 +848,110 @@ impl Store for SqliteStore {
             )? > 0;
             tx.execute("DELETE FROM tokens WHERE user = ?1", [name])?;
             tx.execute("DELETE FROM user_env WHERE user = ?1", [name])?;
+            if removed {
+                // Requests that never ran would run for nobody: they end.
+                // What ran (a VPS's disk) stays, for the admin to end.
+                let now = crate::now_unix_ms();
+                tx.execute(
+                    "UPDATE tasks SET state = 'rejected', desired = 'killed', reason = 'rejected',
+                     message = 'its owner was removed', finished_at_ms = ?2
+                     WHERE owner = ?1 AND state = 'pending_approval'",
+                    params![name, now],
+                )?;
+                tx.execute(
+                    "UPDATE tasks SET state = 'killed', desired = 'killed',
+                     reason = 'killed while queued: its owner was removed', finished_at_ms = ?2
+                     WHERE owner = ?1 AND state = 'pending' AND started_at_ms IS NULL",
+                    params![name, now],
+                )?;
+                tasks::bump(&tx)?;
+            }
             tx.commit()?;
             Ok(removed)
+        })
+    }
+
+    fn set_person(
+        &self,
+        name: &str,
+        role: Option<crate::api::PersonRole>,
+        group: Option<Option<&str>>,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let found = tx.execute(
+                "UPDATE users SET role = COALESCE(?2, role),
+                 grp = CASE WHEN ?3 THEN ?4 ELSE grp END
+                 WHERE name = ?1 AND removed_at_ms IS NULL",
+                params![
+                    name,
+                    role.map(|r| r.as_str()),
+                    group.is_some(),
+                    group.flatten()
+                ],
+            )? > 0;
+            // A new group's quota applies to what waits now.
+            tasks::bump(&tx)?;
+            tx.commit()?;
+            Ok(found)
+        })
+    }
+
+    fn list_invitations(&self) -> Result<Vec<crate::api::InvitationView>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT code_hash, role, grp, created_at_ms, expires_at_ms, used_by FROM invitations
+                 ORDER BY created_at_ms DESC",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (hash, role, group, created, expires, used_by) = row?;
+                out.push(crate::api::InvitationView {
+                    id: crate::api::invitation_id(&hash),
+                    role: role.parse().unwrap_or_default(),
+                    group,
+                    created_at_unix_ms: created,
+                    expires_at_unix_ms: expires,
+                    used_by,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn revoke_invitation(&self, id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let found: Vec<(String, Option<String>)> = tx
+                .prepare("SELECT code_hash, used_by FROM invitations WHERE substr(code_hash, 1, 12) = ?1")?
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            match &found[..] {
+                [] => Err(StoreError::Refused(format!(
+                    "no invitation {id:?}; `rivernode user invitations` lists them"
+                ))),
+                [(_, Some(by))] => Err(StoreError::Conflict(format!(
+                    "invitation {id} was used already (by {by}); `rivernode user remove {by}` undoes that"
+                ))),
+                [(hash, None)] => {
+                    tx.execute("DELETE FROM invitations WHERE code_hash = ?1", [hash])?;
+                    tx.commit()?;
+                    Ok(())
+                }
+                _ => Err(StoreError::Conflict(format!(
+                    "{id:?} names more than one invitation"
+                ))),
+            }
         })
     }
 
