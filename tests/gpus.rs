@@ -425,7 +425,11 @@ fn a_vps_whose_gpu_sits_idle_is_warned_then_stopped_and_an_exempt_one_is_not() {
             notice(&v, &idle).as_str().map(str::to_string)
         });
         assert!(warning.contains("below 10% for 2s"), "{warning}");
-        let inside = v.ssh_ok(&idle, &["cat /.rivernode/instance/idle-warning"]);
+        // The runner writes it on its next look at the assignments.
+        let inside = wait_for("the warning inside", || {
+            let o = v.ssh(&idle, &["cat /.rivernode/instance/idle-warning"]);
+            o.status.success().then(|| stdout(&o))
+        });
         assert_eq!(
             inside.trim(),
             warning,
@@ -443,11 +447,14 @@ fn a_vps_whose_gpu_sits_idle_is_warned_then_stopped_and_an_exempt_one_is_not() {
         wait_for("the warning taken down", || {
             notice(&v, &idle).is_null().then_some(())
         });
-        let gone = v.ssh_ok(
-            &idle,
-            &["cat /.rivernode/instance/idle-warning 2>&1 || true"],
-        );
-        assert!(gone.contains("No such file"), "{gone}");
+        assert_eq!(v.state(&idle), "running", "taken down, not stopped");
+        wait_for("the warning gone inside", || {
+            let o = v.ssh(
+                &idle,
+                &["cat /.rivernode/instance/idle-warning 2>&1 || true"],
+            );
+            stdout(&o).contains("No such file").then_some(())
+        });
 
         // Idle again: warned after 2 s, stopped 8 s later; disk kept, GPU freed.
         fake.set_utilisation([50, 0]);

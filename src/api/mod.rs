@@ -316,13 +316,13 @@ pub struct QuotaCaps {
 /// The window GPU time is counted over when a quota does not say.
 pub const DEFAULT_QUOTA_PERIOD_S: u64 = 7 * 86_400;
 
-/// GPU seconds as hours, e.g. `12.5` (one decimal where it is not whole).
+/// GPU seconds as hours, e.g. `12.25` (two decimals where it is not whole).
 pub fn gpu_hours_text(seconds: u64) -> String {
     let h = seconds as f64 / 3600.0;
-    if (h * 10.0).fract() == 0.0 && h.fract() == 0.0 {
+    if h.fract() == 0.0 {
         format!("{h:.0}")
     } else if h >= 0.1 {
-        format!("{h:.1}")
+        format!("{h:.2}")
     } else {
         format!("{h:.3}")
     }

@@ -140,7 +140,8 @@ pub async fn rotate_own(
             )))
         }
     };
-    let held = user_config()?.token.as_deref() == Some(client.token());
+    let kept = user_config()?;
+    let held = kept.token.as_deref() == Some(client.token());
     let user: crate::api::NewUser = client
         .post(
             &format!("/api/users/{name}/token"),
@@ -153,7 +154,9 @@ pub async fn rotate_own(
         return Ok((user, None));
     }
     let path = user_config_path()?;
-    let text = format!("host = {:?}\ntoken = {:?}\n", client.base, user.token);
+    // The file's host stays (a --host given for this call is not kept).
+    let host = kept.host.unwrap_or_else(|| client.base.clone());
+    let text = format!("host = {host:?}\ntoken = {:?}\n", user.token);
     if let Err(e) = crate::files::write_secret(&path, text.as_bytes()) {
         // The old token is revoked: the new one is said here, once, not lost.
         return Err(ClientError::UserConfig {

@@ -443,7 +443,7 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                     "VPS {id} is exempt: it is never stopped for idle GPUs (`--undo` ends that)\n"
                 )),
                 Output::Table => emit(&format!(
-                    "VPS {id} is stopped again when its GPUs sit idle (the idle clock starts now)\n"
+                    "VPS {id} is no longer exempt: idle GPUs count again, from now\n"
                 )),
             }
         }

@@ -382,6 +382,19 @@ async fn set_quota(
         }
     };
     validate_user_name(&name).map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
+    if let Some(p) = caps.period_s {
+        if caps.gpu_seconds.is_none() {
+            return Err(ApiError::BadRequest(
+                "period_s: a period is for gpu_seconds; give both".into(),
+            ));
+        }
+        // The ledger keeps a stretch for 400 days after it ended.
+        if !(1..=400 * 86_400).contains(&p) {
+            return Err(ApiError::BadRequest(format!(
+                "period_s: {p} is outside 1 second to 400 days"
+            )));
+        }
+    }
     let n = name.clone();
     state
         .blocking(move |s| s.set_quota(scope, &n, &caps))
@@ -771,7 +784,10 @@ async fn heartbeat(
         }
     }
     if let (Some(policy), Some(readings)) = (state.idle, readings) {
-        reclaim_idle_gpus(&state, &name, readings, policy, interval, now).await?;
+        // The beat is recorded: a failure here is the host's, not the node's.
+        if let Err(e) = reclaim_idle_gpus(&state, &name, readings, policy, interval, now).await {
+            tracing::error!(node = %name, error = ?e, "the idle-GPU check failed");
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -68,11 +68,12 @@ impl IdlePolicy {
         let gap_ok = mark
             .seen
             .is_some_and(|seen| now.saturating_sub(seen) <= ms(self.max_gap));
-        let (since, warned) = match mark.since {
-            Some(since) if gap_ok => (since, mark.warned),
+        let (since, warned, rewarn) = match mark.since {
+            Some(since) if gap_ok => (since, mark.warned, false),
             // A first idle sample, or one after a silence: the clock starts
-            // now, and a warning already up stays up (its grace starts over).
-            _ => (now, mark.warned.map(|_| now)),
+            // now, and a warning already up stays up, its grace starting
+            // over (it is put up again with the new time).
+            _ => (now, mark.warned.map(|_| now), mark.warned.is_some()),
         };
         let mut next = IdleMark {
             since: Some(since),
@@ -80,6 +81,7 @@ impl IdlePolicy {
             warned,
         };
         let step = match warned {
+            Some(_) if rewarn => IdleStep::Warn(self.warning(now)),
             None if now - since >= ms(self.after) => {
                 next.warned = Some(now);
                 IdleStep::Warn(self.warning(now))
@@ -238,7 +240,10 @@ mod tests {
             warned: Some(2 * H),
         };
         let (m, step) = p.review(warned, &[0], 4 * H);
-        assert_eq!(step, IdleStep::Nothing);
+        assert!(
+            matches!(&step, IdleStep::Warn(t) if t.contains("stopped at 1970-01-01 05:00:00 UTC")),
+            "the warning says the new time: {step:?}"
+        );
         assert_eq!(m.warned, Some(4 * H));
         let (_, step) = p.review(m, &[0], 4 * H + 30_000);
         assert_eq!(step, IdleStep::Nothing);

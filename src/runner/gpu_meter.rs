@@ -1,23 +1,31 @@
 //! The node's GPU readings for each heartbeat, from NVML (`nvml_library`).
-//! NVML is opened once and kept; a node without it sends no readings. A
-//! reading runs off the async workers with a deadline: a GPU whose driver
-//! hangs delays no heartbeat (that beat goes without readings).
+//! NVML is opened once and kept; a node without it sends no readings (and
+//! looks for it again only every minute). A reading runs off the async
+//! workers with a deadline: a GPU whose driver hangs delays no heartbeat
+//! (that beat goes without readings). The latest readings are kept for
+//! the runner's `/metrics`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::topology::nvml::{GpuSample, Nvml, NvmlError};
 use crate::topology::Gpu;
 
 /// How long one reading may take.
 const DEADLINE: Duration = Duration::from_secs(2);
+/// How long a node without NVML waits before looking for it again.
+const LOOK_AGAIN: Duration = Duration::from_secs(60);
 
 pub struct GpuMeter {
     library: PathBuf,
     nvml: Arc<Mutex<Option<Nvml>>>,
+    /// NVML was not there: not before this instant again.
+    absent_until: Mutex<Option<Instant>>,
     /// The last failure logged, so each kind is logged once.
-    said: Arc<Mutex<Option<String>>>,
+    said: Mutex<Option<String>>,
+    /// The latest readings, for `/metrics`.
+    pub latest: Arc<Mutex<Vec<GpuSample>>>,
 }
 
 impl GpuMeter {
@@ -25,13 +33,21 @@ impl GpuMeter {
         GpuMeter {
             library,
             nvml: Arc::new(Mutex::new(None)),
-            said: Arc::new(Mutex::new(None)),
+            absent_until: Mutex::new(None),
+            said: Mutex::new(None),
+            latest: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
     /// Readings of the node's GPUs (those in `gpus`), none without NVML.
     pub async fn sample(&self, gpus: &[Gpu]) -> Vec<GpuSample> {
-        if gpus.is_empty() {
+        let samples = self.read(gpus).await;
+        *lock(&self.latest) = samples.clone();
+        samples
+    }
+
+    async fn read(&self, gpus: &[Gpu]) -> Vec<GpuSample> {
+        if gpus.is_empty() || lock(&self.absent_until).is_some_and(|t| Instant::now() < t) {
             return vec![];
         }
         let (nvml, library) = (self.nvml.clone(), self.library.clone());
@@ -45,14 +61,18 @@ impl GpuMeter {
             }
             let result = guard.as_ref().map_or(Ok(vec![]), Nvml::sample);
             if result.is_err() {
-                // Opened again next beat (a driver reload invalidates handles).
+                // NVML itself failed (a driver reload invalidates its
+                // handles): it is opened again next beat.
                 *guard = None;
             }
             result
         });
         let samples = match tokio::time::timeout(DEADLINE, read).await {
             Ok(Ok(Ok(s))) => s,
-            Ok(Ok(Err(NvmlError::NotInstalled(_)))) => vec![],
+            Ok(Ok(Err(NvmlError::NotInstalled(_)))) => {
+                *lock(&self.absent_until) = Some(Instant::now() + LOOK_AGAIN);
+                vec![]
+            }
             Ok(Ok(Err(e))) => {
                 self.say(format!("NVML readings failed: {e}"));
                 vec![]
@@ -75,10 +95,14 @@ impl GpuMeter {
     }
 
     fn say(&self, what: String) {
-        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        let mut said = lock(&self.said);
         if said.as_deref() != Some(what.as_str()) {
             tracing::warn!("{what}");
             *said = Some(what);
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

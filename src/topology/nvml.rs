@@ -19,6 +19,14 @@ const STRING_BUFFER: usize = 96;
 
 type NvmlDevice = *mut c_void;
 
+/// nvmlTemperatureSensors_t: the GPU die.
+const TEMPERATURE_GPU: c_int = 0;
+/// nvmlMemoryErrorType_t.
+const ECC_CORRECTED: c_int = 0;
+const ECC_UNCORRECTED: c_int = 1;
+/// nvmlEccCounterType_t: since the driver loaded.
+const ECC_VOLATILE: c_int = 0;
+
 /// `nvmlPciInfo_t` as declared in nvml.h (the v3 getter fills this layout).
 #[repr(C)]
 struct NvmlPciInfo {
@@ -56,6 +64,16 @@ pub struct GpuSample {
     /// Busy share of NVML's last sample period, 0–100.
     pub utilisation_percent: u32,
     pub memory_used_bytes: u64,
+    /// What a GPU cannot say (no sensor, ECC off) is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_celsius: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_milliwatts: Option<u32>,
+    /// ECC errors since the driver loaded (NVML's volatile counters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecc_corrected: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecc_uncorrected: Option<u64>,
 }
 
 /// What NVML says about one GPU.
@@ -92,10 +110,6 @@ pub struct Nvml {
     _lib: Library,
 }
 
-// SAFETY: NVML's API is thread-safe (nvml.h: "all NVML functions are
-// thread-safe"); the pointers in `api` stay valid while `_lib` is loaded.
-unsafe impl Send for Nvml {}
-
 impl Nvml {
     /// Loads the library at `path` (a bare name: the loader's search) and initialises it.
     pub fn open(path: &Path) -> Result<Nvml, NvmlError> {
@@ -111,52 +125,90 @@ impl Nvml {
 
     /// Every GPU NVML sees, with its UUID and name.
     pub fn list(&self) -> Result<Vec<NvmlGpu>, NvmlError> {
-        self.each(|dev| {
-            Ok(NvmlGpu {
-                address: self.api.address(dev)?,
-                uuid: self.api.string("nvmlDeviceGetUUID", self.api.uuid, dev)?,
-                name: self.api.string("nvmlDeviceGetName", self.api.name, dev)?,
+        self.devices()?
+            .into_iter()
+            .map(|dev| {
+                Ok(NvmlGpu {
+                    address: self.api.address(dev)?,
+                    uuid: self.api.string("nvmlDeviceGetUUID", self.api.uuid, dev)?,
+                    name: self.api.string("nvmlDeviceGetName", self.api.name, dev)?,
+                })
             })
-        })
+            .collect()
     }
 
-    /// Every GPU's utilisation and memory in use now.
+    /// Each GPU's reading now. A GPU that cannot give one (utilisation is
+    /// not supported in MIG mode; a GPU fallen off the bus) is left out and
+    /// the others are read; an error here is NVML's own (the driver).
     pub fn sample(&self) -> Result<Vec<GpuSample>, NvmlError> {
-        self.each(|dev| {
-            let mut u = NvmlUtilization::default();
-            // SAFETY: `dev` came from NVML; `u` has the layout NVML writes.
-            check("nvmlDeviceGetUtilizationRates", unsafe {
-                (self.api.utilization)(dev, &mut u)
-            })?;
-            let mut m = NvmlMemory::default();
-            // SAFETY: as above, for nvmlMemory_t.
-            check("nvmlDeviceGetMemoryInfo", unsafe {
-                (self.api.memory)(dev, &mut m)
-            })?;
-            Ok(GpuSample {
-                address: self.api.address(dev)?,
-                utilisation_percent: u.gpu.min(100),
-                memory_used_bytes: m.used,
+        Ok(self
+            .devices()?
+            .into_iter()
+            .filter_map(|dev| self.read(dev).ok())
+            .collect())
+    }
+
+    fn read(&self, dev: NvmlDevice) -> Result<GpuSample, NvmlError> {
+        let mut u = NvmlUtilization::default();
+        // SAFETY: `dev` came from NVML; `u` has the layout NVML writes.
+        check("nvmlDeviceGetUtilizationRates", unsafe {
+            (self.api.utilization)(dev, &mut u)
+        })?;
+        let mut m = NvmlMemory::default();
+        // SAFETY: as above, for nvmlMemory_t.
+        check("nvmlDeviceGetMemoryInfo", unsafe {
+            (self.api.memory)(dev, &mut m)
+        })?;
+        let mut temperature: c_uint = 0;
+        // SAFETY: as above; the sensor is NVML_TEMPERATURE_GPU (0).
+        let temperature = check("nvmlDeviceGetTemperature", unsafe {
+            (self.api.temperature)(dev, TEMPERATURE_GPU, &mut temperature)
+        })
+        .ok()
+        .map(|_| temperature);
+        let mut power: c_uint = 0;
+        // SAFETY: as above.
+        let power = check("nvmlDeviceGetPowerUsage", unsafe {
+            (self.api.power)(dev, &mut power)
+        })
+        .ok()
+        .map(|_| power);
+        let ecc = |kind: c_int| {
+            let mut n: u64 = 0;
+            // SAFETY: as above; `kind` is an nvmlMemoryErrorType_t, the counter volatile.
+            check("nvmlDeviceGetTotalEccErrors", unsafe {
+                (self.api.ecc)(dev, kind, ECC_VOLATILE, &mut n)
             })
+            .ok()
+            .map(|_| n)
+        };
+        Ok(GpuSample {
+            address: self.api.address(dev)?,
+            utilisation_percent: u.gpu.min(100),
+            memory_used_bytes: m.used,
+            temperature_celsius: temperature,
+            power_milliwatts: power,
+            ecc_corrected: ecc(ECC_CORRECTED),
+            ecc_uncorrected: ecc(ECC_UNCORRECTED),
         })
     }
 
-    fn each<T>(&self, f: impl Fn(NvmlDevice) -> Result<T, NvmlError>) -> Result<Vec<T>, NvmlError> {
+    fn devices(&self) -> Result<Vec<NvmlDevice>, NvmlError> {
         let mut count: c_uint = 0;
         // SAFETY: NVML is initialised; `count` is a valid out pointer.
         check("nvmlDeviceGetCount_v2", unsafe {
             (self.api.count)(&mut count)
         })?;
-        let mut out = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            let mut dev: NvmlDevice = std::ptr::null_mut();
-            // SAFETY: index < count; `dev` is a valid out pointer.
-            check("nvmlDeviceGetHandleByIndex_v2", unsafe {
-                (self.api.handle)(index, &mut dev)
-            })?;
-            out.push(f(dev)?);
-        }
-        Ok(out)
+        (0..count)
+            .map(|index| {
+                let mut dev: NvmlDevice = std::ptr::null_mut();
+                // SAFETY: index < count; `dev` is a valid out pointer.
+                check("nvmlDeviceGetHandleByIndex_v2", unsafe {
+                    (self.api.handle)(index, &mut dev)
+                })?;
+                Ok(dev)
+            })
+            .collect()
     }
 }
 
@@ -199,6 +251,9 @@ struct Api {
     pci: unsafe extern "C" fn(NvmlDevice, *mut NvmlPciInfo) -> c_int,
     utilization: unsafe extern "C" fn(NvmlDevice, *mut NvmlUtilization) -> c_int,
     memory: unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> c_int,
+    temperature: unsafe extern "C" fn(NvmlDevice, c_int, *mut c_uint) -> c_int,
+    power: unsafe extern "C" fn(NvmlDevice, *mut c_uint) -> c_int,
+    ecc: unsafe extern "C" fn(NvmlDevice, c_int, c_int, *mut u64) -> c_int,
 }
 
 impl Api {
@@ -219,6 +274,9 @@ impl Api {
             pci: sym!("nvmlDeviceGetPciInfo_v3"),
             utilization: sym!("nvmlDeviceGetUtilizationRates"),
             memory: sym!("nvmlDeviceGetMemoryInfo"),
+            temperature: sym!("nvmlDeviceGetTemperature"),
+            power: sym!("nvmlDeviceGetPowerUsage"),
+            ecc: sym!("nvmlDeviceGetTotalEccErrors"),
         })
     }
 
@@ -366,7 +424,21 @@ mod tests {
             (s[0].utilisation_percent, s[0].memory_used_bytes),
             (37, 1 << 30)
         );
+        assert_eq!(
+            (s[0].temperature_celsius, s[0].power_milliwatts),
+            (Some(40), Some(75_000))
+        );
+        assert_eq!(s[0].ecc_corrected, None, "not supported: absent");
         assert_eq!(s[1].address.to_string(), "0000:65:00.0");
+        // A GPU that cannot say (MIG mode) is left out; the other is read.
+        std::fs::write(
+            dir.path().join("state"),
+            "0000:3b:00.0 GPU-aaaa H100 999 0\n0000:65:00.0 GPU-bbbb H100 5 0\n",
+        )
+        .unwrap();
+        let s = nvml.sample().unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].address.to_string(), "0000:65:00.0");
         // The readings are taken anew each time.
         std::fs::write(
             dir.path().join("state"),

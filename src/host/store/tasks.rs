@@ -393,9 +393,8 @@ fn asked_use(spec: &TaskSpec) -> QuotaUse {
     )
 }
 
-/// The tasks that hold their placement now (quotas count them; the GPU
-/// ledger follows those with GPUs), as SQL: an owner's, placed, neither
-/// queued nor stopped nor ended.
+/// The tasks that hold their placement now (quotas count them), as SQL:
+/// an owner's, placed, neither queued nor stopped nor ended.
 fn holding() -> String {
     format!(
         "WHERE owner IS NOT NULL AND placement IS NOT NULL
@@ -403,17 +402,19 @@ fn holding() -> String {
     )
 }
 
-/// Keeps the GPU ledger in step with what holds GPUs at `now`: a stretch
-/// opens when a person's task holds GPUs, and closes when it no longer
-/// does (or holds another number). The scheduler runs this on each pass,
+/// Keeps the GPU ledger in step with what runs on GPUs at `now`: a
+/// stretch opens when a person's task runs with GPUs, and closes when it
+/// no longer does (or holds another number). The scheduler runs this on each pass,
 /// at least every second, so a stretch's ends are within a pass of true.
 fn sync_gpu_use(tx: &Transaction<'_>, now_ms: i64) -> Result<(), StoreError> {
     let mut held: HashMap<i64, (String, i64)> = HashMap::new();
     {
-        let mut stmt = tx.prepare(&format!(
-            "SELECT id, owner, placement FROM tasks {}",
-            holding()
-        ))?;
+        // Time is billed while the work runs (or is paused): not while its
+        // image is pulled, nor while its node is out of sight (`lost`).
+        let mut stmt = tx.prepare(
+            "SELECT id, owner, placement FROM tasks
+             WHERE owner IS NOT NULL AND placement IS NOT NULL AND state IN ('running', 'paused')",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
@@ -471,7 +472,8 @@ pub(super) fn gpu_seconds_within(
     period_s: u64,
 ) -> u64 {
     let from = now.saturating_sub(i64::try_from(period_s.saturating_mul(1000)).unwrap_or(i64::MAX));
-    let (a, b) = (start.max(from), end.unwrap_or(now).min(now));
+    // A clock stepped back can put an end before its start: that counts nothing.
+    let (a, b) = (start.max(from), end.unwrap_or(now).min(now).max(start));
     if b <= a || gpus <= 0 {
         return 0;
     }
@@ -1183,6 +1185,9 @@ pub(super) fn set_idle_exempt(
             "task {id} is a command: only a VPS is reclaimed when its GPUs sit idle"
         )));
     }
+    if t.state == TaskState::Deleted || t.desired == Desired::Deleted {
+        return Err(StoreError::Conflict(format!("VPS {id} is deleted")));
+    }
     tx.execute(
         "UPDATE tasks SET idle_exempt = ?2, notice = NULL,
          idle_since_ms = NULL, idle_seen_ms = NULL, idle_warned_ms = NULL WHERE id = ?1",
@@ -1286,6 +1291,14 @@ pub(super) fn report(
             r.ssh_host_key
         ],
     )?;
+    if !matches!(r.state, TaskState::Running | TaskState::Paused) {
+        // A warning about idle GPUs is about this run only.
+        tx.execute(
+            "UPDATE tasks SET notice = NULL, idle_since_ms = NULL, idle_seen_ms = NULL,
+             idle_warned_ms = NULL WHERE id = ?1",
+            params![id as i64],
+        )?;
+    }
     if r.state == TaskState::Stopped && t.desired == Desired::Restarting {
         // The stop half of a restart is done: the start half is queued.
         let stopped = one(&tx, id)?;
@@ -1507,7 +1520,15 @@ mod tests {
         let t0 = 1_800_000_000_000;
         let a = s.submit_task(&spec(1, 2), Some("ann"), t0).unwrap();
         assert_eq!(pass(t0), vec![a]);
+        // Placed is not running: nothing is billed until it runs.
+        assert_eq!(
+            s.with(|c| super::quota_views(c, t0 + H)).unwrap()[0]
+                .used
+                .gpu_seconds,
+            0
+        );
         report(&s, a, TaskState::Running).unwrap();
+        assert!(pass(t0).is_empty(), "the pass that opens a's stretch");
         // Two GPUs for an hour: two GPU-hours, all of the day's.
         let b = s.submit_task(&spec(1, 1), Some("ann"), t0).unwrap();
         let cpu = s.submit_task(&spec(1, 0), Some("ann"), t0).unwrap();
@@ -1530,6 +1551,7 @@ mod tests {
         // A day after its first half hour: an hour and a half in the window.
         assert_eq!(pass(t0 + 24 * H + H / 2), vec![b]);
         report(&s, b, TaskState::Running).unwrap();
+        assert!(pass(t0 + 25 * H).is_empty());
         // The ledger holds one closed stretch for a and one open for b.
         let rows: Vec<(i64, i64, i64, Option<i64>)> = s
             .with(|c| {
@@ -1544,7 +1566,7 @@ mod tests {
             rows,
             vec![
                 (a as i64, 2, t0, Some(t0 + H + 1000)),
-                (b as i64, 1, t0 + 24 * H + H / 2, None)
+                (b as i64, 1, t0 + 25 * H, None)
             ]
         );
         assert_eq!(
