@@ -316,16 +316,17 @@ pub struct QuotaCaps {
 /// The window GPU time is counted over when a quota does not say.
 pub const DEFAULT_QUOTA_PERIOD_S: u64 = 7 * 86_400;
 
-/// GPU seconds as hours, e.g. `12.25` (two decimals where it is not whole).
+/// GPU seconds as hours, e.g. `12.25`, `0.5`, `8` (at most two decimals,
+/// three under a tenth of an hour).
 pub fn gpu_hours_text(seconds: u64) -> String {
     let h = seconds as f64 / 3600.0;
-    if h.fract() == 0.0 {
-        format!("{h:.0}")
-    } else if h >= 0.1 {
+    let text = if h >= 0.1 {
         format!("{h:.2}")
     } else {
         format!("{h:.3}")
-    }
+    };
+    // 12.50 -> 12.5, 8.00 -> 8.
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A period in words: `7d`, `12h`, `90m`, `45s`.

@@ -94,6 +94,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gpu_hours_read_without_trailing_zeros() {
+        use crate::api::gpu_hours_text as h;
+        assert_eq!(
+            [h(0), h(4), h(900), h(1800), h(36_000)],
+            ["0", "0.001", "0.25", "0.5", "10"]
+        );
+    }
+
+    #[test]
     fn gpu_time_past_its_cap_holds_back_gpu_work_only() {
         let caps = QuotaCaps {
             gpu_seconds: Some(36_000),
