@@ -49,6 +49,8 @@ if [ "$want_test" = 1 ]; then
     packages+=(grub-efi-amd64-bin dosfstools mtools)
     # The in-instance API is tested with Vast.ai's own CLI (PyPI), in a venv.
     packages+=(python3-venv)
+    # /metrics pages are checked with promtool (Debian's prometheus package).
+    packages+=(prometheus)
 fi
 
 missing=()

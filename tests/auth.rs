@@ -200,6 +200,8 @@ async fn node_credentials_and_the_runner_api() {
         (M::POST, "/api/vps/{id}/snapshots"),
         (M::DELETE, "/api/vps/{id}/snapshots/{snapshot}"),
         (M::GET, "/api/no-such-route"),
+        // The scrape route takes the cluster's metrics token, none of these.
+        (M::GET, "/metrics"),
     ];
     for path in &in_source {
         assert!(

@@ -490,3 +490,195 @@ fn a_vps_whose_gpu_sits_idle_is_warned_then_stopped_and_an_exempt_one_is_not() {
         v.delete(&busy);
     });
 }
+
+/// `url` with a bearer token, by curl: (HTTP status, body).
+fn scrape(url: &str, token: &str) -> (u16, String) {
+    let o = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// `promtool check metrics` on a page: its complaints, if any.
+fn promtool(page: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ))
+    }
+}
+
+/// The value of the sample `name{...}` whose labels include every one of `labels`.
+fn sample(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    page.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let (set, value) = rest.rsplit_once(' ')?;
+        (set.starts_with('{') && labels.iter().all(|x| set.contains(x)))
+            .then(|| value.parse().ok())?
+    })
+}
+
+#[test]
+fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
+    if !parts_present()
+        || !real_part_available("promtool (Debian prometheus)", command_exists("promtool"))
+    {
+        return;
+    }
+    private_namespaces(|| {
+        let fake = FakeGpus::new();
+        let mut flags = fake.runner_flags();
+        flags.extend(fake.fake_nvml([37, 0]));
+        let Some(v) = Vps::start_full("gpu-m", &[], &flags) else {
+            return;
+        };
+        let o = v.rn(&["-o", "json", "token", "metrics"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let token: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let token = token["token"].as_str().unwrap().to_string();
+        let host = format!("{}/metrics", v.url);
+        let runner = format!(
+            "{}/metrics",
+            v.json(&["node", "status", "gpu-m"])["node"]["runner_url"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches('/')
+        );
+
+        // Only a scraper's token reads them.
+        let user = v.add_user("mia");
+        assert_eq!(scrape(&host, "nope").0, 401);
+        assert_eq!(scrape(&host, &user).0, 403, "a user token");
+        assert_eq!(scrape(&runner, &user).0, 401, "a user token at the runner");
+
+        // A task that fills 64 MiB of memory and spins one core.
+        let o = v.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "--container",
+            "busybox",
+            "-m",
+            "512M",
+            "--",
+            "sh",
+            "-c",
+            "head -c 67108864 /dev/zero > /dev/shm/fill; while :; do :; done",
+        ]);
+        let id = created_id(&o);
+        v.wait_state(&id, "running");
+        let instance = format!("instance=\"{id}\"");
+
+        // The runner learns the token from its next heartbeat; the busy
+        // loop's CPU time and the filled memory show, and GPU 0 reads 37%.
+        let page = wait_for("the runner's page with the task's usage", || {
+            let (code, page) = scrape(&runner, &token);
+            let cpu = sample(&page, "rivernode_instance_cpu_seconds_total", &[&instance])?;
+            let mem = sample(&page, "rivernode_instance_memory_bytes", &[&instance])?;
+            (code == 200 && cpu >= 2.0 && mem >= (64 << 20) as f64).then_some(page)
+        });
+        promtool(&page).unwrap_or_else(|e| panic!("runner page: {e}\n{page}"));
+        let gpu0 = [r#"address="0000:17:00.0""#, UUID0];
+        assert_eq!(
+            sample(&page, "rivernode_gpu_utilization_percent", &gpu0),
+            Some(37.0),
+            "{page}"
+        );
+        assert_eq!(
+            sample(&page, "rivernode_gpu_memory_used_bytes", &gpu0),
+            Some(1048576.0)
+        );
+        assert_eq!(
+            sample(&page, "rivernode_gpu_power_watts", &gpu0),
+            Some(75.0)
+        );
+        assert_eq!(
+            sample(&page, "rivernode_backend_up", &[r#"backend="containerd""#]),
+            Some(1.0)
+        );
+        assert!(sample(&page, "rivernode_instance_pids", &[&instance]).is_some_and(|n| n >= 1.0));
+        // The fake GPU's reading follows the file.
+        fake.set_utilisation([5, 0]);
+        wait_for("GPU 0 at 5%", || {
+            let (_, page) = scrape(&runner, &token);
+            (sample(&page, "rivernode_gpu_utilization_percent", &gpu0) == Some(5.0)).then_some(())
+        });
+
+        // The host's page: the node online, the task running, the API's routes.
+        let (code, page) = scrape(&host, &token);
+        assert_eq!(code, 200, "{page}");
+        promtool(&page).unwrap_or_else(|e| panic!("host page: {e}\n{page}"));
+        assert_eq!(
+            sample(&page, "rivernode_nodes", &[r#"state="online""#]),
+            Some(1.0),
+            "{page}"
+        );
+        assert_eq!(
+            sample(
+                &page,
+                "rivernode_tasks",
+                &[r#"state="running""#, r#"kind="command""#]
+            ),
+            Some(1.0),
+            "{page}"
+        );
+        assert!(
+            sample(
+                &page,
+                "rivernode_http_request_duration_seconds_count",
+                &[r#"route="/api/tasks""#, r#"method="POST""#]
+            )
+            .is_some_and(|n| n >= 1.0),
+            "{page}"
+        );
+        assert!(
+            sample(&page, "rivernode_placement_wait_seconds_count", &[]).is_none(),
+            "no labels on it"
+        );
+        assert!(
+            page.contains("rivernode_placement_wait_seconds_count 1"),
+            "{page}"
+        );
+        // An OpenMetrics scraper gets OpenMetrics.
+        let o = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-H",
+                "Accept: application/openmetrics-text; version=1.0.0",
+                "-H",
+            ])
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg(&host)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&o.stdout).ends_with("# EOF\n"));
+
+        assert!(v.rn(&["task", "kill", &id]).status.success());
+        v.wait_state(&id, "killed");
+    });
+}

@@ -97,6 +97,9 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ),
     ("PUT", "/api/quotas/{scope}/{user}", Access::Admin),
     ("POST", "/api/invitations", Access::Admin),
+    ("POST", "/api/metrics-token", Access::Admin),
+    // Not under /api/ (the scan above misses it): Prometheus's path.
+    ("GET", "/metrics", Access::Readers),
     ("GET", "/api/invitations", Access::Admin),
     ("DELETE", "/api/invitations/{invitation}", Access::Admin),
     ("PUT", "/api/users/{user}", Access::Admin),

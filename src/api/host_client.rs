@@ -105,18 +105,16 @@ impl HostClient {
         node: &str,
         credential: &str,
         hb: &HeartbeatRequest,
-    ) -> Result<(), HostCallError> {
-        let resp = http
-            .put(format!(
+    ) -> Result<super::HeartbeatReply, HostCallError> {
+        Self::answer(
+            http.put(format!(
                 "{}/api/nodes/{node}/heartbeat",
                 base.trim_end_matches('/')
             ))
             .bearer_auth(credential)
-            .json(hb)
-            .send()
-            .await
-            .map_err(HostCallError::Unreachable)?;
-        Self::check(resp).await.map(|_| ())
+            .json(hb),
+        )
+        .await
     }
 
     /// `GET /api/whoami` with the node's credential: what the host says of

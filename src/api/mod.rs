@@ -6,6 +6,7 @@ pub mod forward;
 pub mod host_client;
 pub mod http;
 pub mod instance_key;
+pub mod openmetrics;
 pub mod ports;
 pub mod runner_client;
 mod target;
@@ -254,6 +255,20 @@ pub struct Invitation {
     pub role: PersonRole,
     pub group: Option<String>,
     pub expires_at_unix_ms: i64,
+}
+
+/// `POST /api/metrics-token`: the scrape token (shown once).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MetricsToken {
+    pub token: String,
+}
+
+/// The host's answer to a heartbeat: what the runner must know now.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// Hashes of the tokens that may read the runner's /metrics.
+    #[serde(default)]
+    pub metrics_keys: Vec<String>,
 }
 
 /// An invitation as `GET /api/invitations` lists it (never its code).

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use events::{CgroupEvent, EventWatcher};
-pub use stats::{parse_flat_keyed, parse_nested_keyed, Stats};
+pub use stats::{instance_usage, parse_flat_keyed, parse_nested_keyed, InstanceUsage, Stats};
 pub use value::{parse_bytes, CpuMax, CpuWeight, DeviceNumber, IoMax, Max, ValueError};
 
 use crate::topology::CpuList;

@@ -92,3 +92,129 @@ mod tests {
         assert!(parse_nested_keyed("sda rbytes=1\n").is_err());
     }
 }
+
+/// What `/metrics` says of one instance's cgroup.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct InstanceUsage {
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
+}
+
+/// The usage of the cgroup at `rel` under `root`, read from cgroup v2's
+/// files (`cpu.stat`, `memory.current`, `pids.current`, `io.stat`), or
+/// from v1's controllers (`cpuacct`, `memory`, `pids`, `blkio`) where the
+/// node mounts those. `None`: no such cgroup (the instance is gone).
+pub fn instance_usage(root: &std::path::Path, rel: &str) -> Option<InstanceUsage> {
+    let rel = rel.trim_start_matches('/');
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok();
+    let number = |p: std::path::PathBuf| read(p).and_then(|t| t.trim().parse::<u64>().ok());
+    let v2 = root.join(rel);
+    if v2.join("cgroup.procs").is_file() && v2.join("cpu.stat").is_file() {
+        let cpu = read(v2.join("cpu.stat"))
+            .and_then(|t| parse_flat_keyed(&t).ok())
+            .and_then(|m| m.get("usage_usec").copied())
+            .unwrap_or(0);
+        let (r, w) = read(v2.join("io.stat"))
+            .and_then(|t| parse_nested_keyed(&t).ok())
+            .map(|m| {
+                m.values().fold((0, 0), |(r, w), f| {
+                    (
+                        r + f.get("rbytes").copied().unwrap_or(0),
+                        w + f.get("wbytes").copied().unwrap_or(0),
+                    )
+                })
+            })
+            .unwrap_or((0, 0));
+        return Some(InstanceUsage {
+            cpu_seconds: cpu as f64 / 1e6,
+            memory_bytes: number(v2.join("memory.current")).unwrap_or(0),
+            pids: number(v2.join("pids.current")).unwrap_or(0),
+            io_read_bytes: r,
+            io_write_bytes: w,
+        });
+    }
+    let v1 = |controller: &str, file: &str| root.join(controller).join(rel).join(file);
+    let cpu_ns = number(v1("cpuacct", "cpuacct.usage"))?;
+    let (r, w) = read(v1("blkio", "blkio.throttle.io_service_bytes"))
+        .map(|t| blkio_bytes(&t))
+        .unwrap_or((0, 0));
+    Some(InstanceUsage {
+        cpu_seconds: cpu_ns as f64 / 1e9,
+        memory_bytes: number(v1("memory", "memory.usage_in_bytes")).unwrap_or(0),
+        pids: number(v1("pids", "pids.current")).unwrap_or(0),
+        io_read_bytes: r,
+        io_write_bytes: w,
+    })
+}
+
+/// Read and write bytes summed over devices from v1's
+/// `blkio.throttle.io_service_bytes` (`8:0 Read 4096` lines, and a `Total`).
+fn blkio_bytes(text: &str) -> (u64, u64) {
+    text.lines().fold((0, 0), |(r, w), line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f[..] {
+            [_, "Read", n] => (r + n.parse().unwrap_or(0), w),
+            [_, "Write", n] => (r, w + n.parse().unwrap_or(0)),
+            _ => (r, w),
+        }
+    })
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    fn put(root: &std::path::Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    #[test]
+    fn an_instances_usage_is_read_from_v2_and_from_v1() {
+        let v2 = tempfile::tempdir().unwrap();
+        let r = v2.path();
+        put(r, "rn/n-task-1/cgroup.procs", "42\n");
+        put(
+            r,
+            "rn/n-task-1/cpu.stat",
+            "usage_usec 2500000\nuser_usec 2000000\n",
+        );
+        put(r, "rn/n-task-1/memory.current", "67108864\n");
+        put(r, "rn/n-task-1/pids.current", "3\n");
+        put(
+            r,
+            "rn/n-task-1/io.stat",
+            "8:0 rbytes=100 wbytes=7 rios=1 wios=1 dbytes=0 dios=0\n8:16 rbytes=1 wbytes=3 rios=1 wios=1 dbytes=0 dios=0\n",
+        );
+        let u = instance_usage(r, "/rn/n-task-1").unwrap();
+        assert_eq!(
+            u,
+            InstanceUsage {
+                cpu_seconds: 2.5,
+                memory_bytes: 64 << 20,
+                pids: 3,
+                io_read_bytes: 101,
+                io_write_bytes: 10
+            }
+        );
+        assert_eq!(instance_usage(r, "/rn/n-task-2"), None, "gone");
+
+        let v1 = tempfile::tempdir().unwrap();
+        let r = v1.path();
+        put(r, "cpuacct/rn/n-task-1/cpuacct.usage", "1500000000\n");
+        put(r, "memory/rn/n-task-1/memory.usage_in_bytes", "4096\n");
+        put(r, "pids/rn/n-task-1/pids.current", "2\n");
+        put(
+            r,
+            "blkio/rn/n-task-1/blkio.throttle.io_service_bytes",
+            "8:0 Read 4096\n8:0 Write 512\n8:0 Sync 0\n8:0 Total 4608\nTotal 4608\n",
+        );
+        let u = instance_usage(r, "rn/n-task-1").unwrap();
+        assert_eq!((u.cpu_seconds, u.memory_bytes, u.pids), (1.5, 4096, 2));
+        assert_eq!((u.io_read_bytes, u.io_write_bytes), (4096, 512));
+    }
+}

@@ -348,6 +348,9 @@ pub enum TokenCommand {
         #[arg(long, value_name = "DURATION")]
         expires_in: Option<crate::config::HumanDuration>,
     },
+    /// The cluster's scrape token (admin): Prometheus reads /metrics on the host and on
+    /// every runner with it; a new one replaces the last.
+    Metrics,
 }
 
 #[derive(Subcommand, Debug)]

@@ -119,6 +119,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Token(TokenCommand::Metrics) => {
+            let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
+            let t: crate::api::MetricsToken = client
+                .post("/api/metrics-token", &serde_json::json!({}))
+                .await?;
+            match cli.output {
+                Output::Json => output::emit_json(&t),
+                Output::Table => output::emit(&format!(
+                    "the metrics token (shown once; the last one no longer works):\n{}\n\
+                     Prometheus reads {}/metrics and each runner's /metrics with it \
+                     (README, Metrics)\n",
+                    t.token, client.base
+                )),
+            }
+            Ok(())
+        }
         Command::Whoami => {
             let client = Client::resolve(cli.host, cli.token, cli.data_dir.as_deref())?;
             Ok(user::whoami(&client, cli.output).await?)

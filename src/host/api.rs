@@ -147,6 +147,16 @@ pub fn router(state: Arc<HostState>) -> Router {
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(&[Role::Admin, Role::Operator, Role::Viewer], req, next)
         }));
+    // Prometheus scrapes with a metrics token; people who read the cluster may too.
+    let scrapers = Router::new()
+        .route("/metrics", get(super::metrics::page))
+        .route_layer(middleware::from_fn(|req, next| {
+            auth::require(
+                &[Role::Admin, Role::Operator, Role::Viewer, Role::Metrics],
+                req,
+                next,
+            )
+        }));
     let submitters = super::tasks::submit_routes().route_layer(middleware::from_fn(|req, next| {
         auth::require(&[Role::Admin, Role::Operator, Role::User], req, next)
     }));
@@ -162,6 +172,7 @@ pub fn router(state: Arc<HostState>) -> Router {
         .route("/api/users/{name}", delete(remove_user).put(set_person))
         .route("/api/nodes/{name}", delete(remove_node))
         .route("/api/join-token", post(rotate_join_token))
+        .route("/api/metrics-token", post(rotate_metrics_token))
         .route("/api/nodes/{name}/runner", get(probe_runner))
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(&[Role::Admin], req, next)
@@ -183,6 +194,7 @@ pub fn router(state: Arc<HostState>) -> Router {
         .merge(people)
         .merge(submitters)
         .merge(readers)
+        .merge(scrapers)
         .merge(operators)
         .merge(admin)
         .merge(join)
@@ -197,7 +209,28 @@ pub fn router(state: Arc<HostState>) -> Router {
     Router::new()
         .route("/api/invitations/redeem", post(redeem))
         .merge(authenticated)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::metrics::track,
+        ))
         .with_state(state)
+}
+
+/// `POST /api/metrics-token`: the token Prometheus scrapes the host and
+/// every runner with (shown once); the earlier one stops working.
+async fn rotate_metrics_token(
+    State(state): State<Arc<HostState>>,
+) -> Result<(StatusCode, Json<crate::api::MetricsToken>), ApiError> {
+    let token = generate_token("rnmet");
+    let (hash, now) = (hash_token(&token), crate::now_unix_ms());
+    state
+        .blocking(move |s| s.rotate_metrics_token(&hash, now))
+        .await?;
+    tracing::info!("metrics token rotated");
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::api::MetricsToken { token }),
+    ))
 }
 
 #[derive(serde::Deserialize)]
@@ -748,7 +781,7 @@ async fn heartbeat(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
     ApiJson(hb): ApiJson<HeartbeatRequest>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Json<crate::api::HeartbeatReply>, ApiError> {
     if p.node.as_deref() != Some(name.as_str()) {
         return Err(ApiError::Forbidden(format!(
             "this credential is not for node {name:?}"
@@ -789,7 +822,8 @@ async fn heartbeat(
             tracing::error!(node = %name, error = ?e, "the idle-GPU check failed");
         }
     }
-    Ok(StatusCode::NO_CONTENT)
+    let metrics_keys = state.blocking(|s| Ok(s.metrics_keys())).await?;
+    Ok(Json(crate::api::HeartbeatReply { metrics_keys }))
 }
 
 /// Moves the idle clocks of the node's GPU VPS by this beat's readings;

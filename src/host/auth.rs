@@ -33,6 +33,9 @@ pub enum Role {
     /// tokens or what is inside others' instances (exec, logs, snapshots,
     /// delete stay theirs and the admin's).
     Operator,
+    /// Reads `/metrics` on the host and on every runner, and nothing else
+    /// (what Prometheus scrapes with).
+    Metrics,
 }
 
 impl Role {
@@ -44,6 +47,7 @@ impl Role {
             Role::User => "user",
             Role::Viewer => "viewer",
             Role::Operator => "operator",
+            Role::Metrics => "metrics",
         }
     }
 
@@ -55,6 +59,7 @@ impl Role {
             "user" => Some(Role::User),
             "viewer" => Some(Role::Viewer),
             "operator" => Some(Role::Operator),
+            "metrics" => Some(Role::Metrics),
             _ => None,
         }
     }
@@ -108,7 +113,7 @@ impl Principal {
         match self.role {
             Role::Admin => true,
             Role::User | Role::Operator | Role::Viewer => self.owns(owner),
-            Role::Join | Role::Node => false,
+            Role::Join | Role::Node | Role::Metrics => false,
         }
     }
 

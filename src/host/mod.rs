@@ -7,6 +7,7 @@ pub mod auth;
 mod exec;
 pub mod front_door;
 pub mod idle;
+pub mod metrics;
 pub mod proxy;
 pub mod quota;
 pub mod scheduler;
@@ -74,6 +75,8 @@ pub struct HostState {
     pub max_waiting_per_user: u32,
     /// Which of a user's requests wait for an operator (`approval`).
     pub approval: approval::Approval,
+    /// What `/metrics` reports that is recorded as it happens.
+    pub metrics: Arc<metrics::HostMetrics>,
     /// When idle GPUs are reclaimed (`idle_gpu_*`); none: never.
     pub idle: Option<idle::IdlePolicy>,
     /// What work without --container or --image runs in (`default_environment`).
@@ -207,6 +210,7 @@ impl BoundHost {
                 approval: config
                     .approval()
                     .map_err(|e| HostError::Config(e.to_string()))?,
+                metrics: Default::default(),
                 idle: config
                     .idle_policy()
                     .map_err(|e| HostError::Config(e.to_string()))?,
@@ -250,7 +254,10 @@ impl BoundHost {
         let proxy = tokio::spawn(proxy::serve(
             self.ssh_listener,
             tunnels,
-            proxy::ProxyConfig::default(),
+            proxy::ProxyConfig {
+                stats: self.state.metrics.proxy.clone(),
+                ..Default::default()
+            },
         ));
         let doors = tokio::spawn(front_door::serve(
             self.state.clone(),

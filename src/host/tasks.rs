@@ -107,13 +107,44 @@ pub fn node_routes() -> Router<Arc<HostState>> {
 pub async fn scheduler_loop(state: Arc<HostState>) {
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(1), state.schedule.notified()).await;
-        match state.blocking(|s| s.schedule()).await {
+        match schedule_pass(&state).await {
             Ok(placed) if !placed.is_empty() => {
                 tracing::info!(?placed, "tasks placed");
                 state.publish().await;
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %crate::error_chain(&e), "scheduling failed"),
+        }
+    }
+}
+
+/// One scheduling pass, timed for /metrics with the waits of what it placed.
+async fn schedule_pass(state: &HostState) -> Result<Vec<u64>, ApiError> {
+    let started = std::time::Instant::now();
+    let placed = state.blocking(|s| s.schedule()).await?;
+    state.metrics.schedule_pass(started.elapsed().as_secs_f64());
+    if !placed.is_empty() {
+        placement_waits(state, placed.clone()).await;
+    }
+    Ok(placed)
+}
+
+/// Records how long each task placed for the first time waited since it
+/// was submitted (a restart's wait is not a placement's).
+async fn placement_waits(state: &HostState, placed: Vec<u64>) {
+    let now = crate::now_unix_ms();
+    let found = state
+        .blocking(move |s| {
+            placed
+                .iter()
+                .map(|id| s.get_task(*id))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
+    for t in found.unwrap_or_default().into_iter().flatten() {
+        if t.started_at_unix_ms.is_none() {
+            let waited = (now - t.submitted_at_unix_ms).max(0) as f64 / 1000.0;
+            state.metrics.placed_after(waited);
         }
     }
 }
@@ -594,7 +625,7 @@ async fn submit(
         .blocking(move |s| s.submit_task_capped(&spec, owner.as_deref(), cap, approval, now))
         .await?;
     // Place it now if it fits, so the answer says where (or why it waits).
-    state.blocking(|s| s.schedule()).await?;
+    schedule_pass(&state).await?;
     state.publish().await;
     let t = state
         .blocking(move |s| s.get_task(id))

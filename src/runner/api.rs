@@ -36,9 +36,18 @@ pub struct RunnerApiState {
     pub logs_dir: std::path::PathBuf,
     /// The task loop's context, once containerd answered.
     pub tasks: std::sync::OnceLock<Arc<super::container::TaskContext>>,
+    /// Hashes of the tokens that may read /metrics, as the host last said.
+    pub metrics_keys: RwLock<Vec<String>>,
+    /// What /metrics says of the node: its GPUs, containerd and libvirt.
+    pub node: super::metrics::NodeReadings,
 }
 
 pub fn router(state: Arc<RunnerApiState>) -> Router {
+    // Prometheus scrapes with the cluster's metrics token; the host may too.
+    let scrape = Router::new()
+        .route("/metrics", get(super::metrics::page))
+        .layer(middleware::from_fn_with_state(state.clone(), only_scrapers))
+        .with_state(state.clone());
     Router::new()
         .route("/api/status", get(status))
         .route("/api/tasks/{id}/logs", get(logs))
@@ -55,6 +64,43 @@ pub fn router(state: Arc<RunnerApiState>) -> Router {
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such runner API route") })
         .layer(middleware::from_fn_with_state(state.clone(), only_the_host))
         .with_state(state)
+        .merge(scrape)
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+async fn only_scrapers(
+    State(state): State<Arc<RunnerApiState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let allowed = match bearer(&req) {
+        None => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing Authorization: Bearer <token> header (the cluster's metrics token)",
+            )
+        }
+        Some(token) => {
+            let hash = hash_token(token);
+            let keys = state.metrics_keys.read().unwrap_or_else(|p| p.into_inner());
+            keys.contains(&hash) || state.host_key.accepts(token)
+        }
+    };
+    if allowed {
+        next.run(req).await
+    } else {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "this is not the cluster's metrics token (`rivernode token metrics` makes one)",
+        )
+    }
 }
 
 fn error(status: StatusCode, msg: &str) -> Response {
@@ -72,13 +118,7 @@ async fn only_the_host(
     req: Request,
     next: Next,
 ) -> Response {
-    let token = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token {
+    match bearer(&req) {
         Some(t) if state.host_key.accepts(t) => next.run(req).await,
         Some(_) => error(
             StatusCode::UNAUTHORIZED,

@@ -59,6 +59,8 @@ pub struct TaskContext {
     /// The node's unreserved CPUs, which instances on shared cores (`-c 0`)
     /// run on; recomputed on every pass of the reconciler.
     pub shared_cpus: std::sync::Mutex<CpuList>,
+    /// The node's container instances as the host last assigned them, for /metrics.
+    pub assigned: std::sync::Mutex<Vec<crate::runner::metrics::InstanceLabel>>,
     /// How far the making of each instance got, for the host.
     pub progress: Arc<super::progress::Board>,
     /// Images `prepare` fetched, for `create` to take.
@@ -185,6 +187,14 @@ fn observed(s: TaskStatus) -> Observed {
 impl TaskContext {
     pub fn logs_dir(&self) -> PathBuf {
         logs_dir(&self.config)
+    }
+
+    /// The container instances /metrics reports on.
+    pub fn instance_labels(&self) -> Vec<crate::runner::metrics::InstanceLabel> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The node's name is part of the id: runc keeps container state in a
@@ -1106,7 +1116,17 @@ impl Driver for TaskContext {
         }
     }
 
-    async fn converge_notices(&self, assigned: &[Assignment]) {
+    async fn follow_assignments(&self, assigned: &[Assignment]) {
+        *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = assigned
+            .iter()
+            .filter(|a| !a.spec.is_vm())
+            .map(|a| crate::runner::metrics::InstanceLabel {
+                id: a.id,
+                owner: a.owner.clone(),
+                kind: kind_label(a.spec.kind),
+                cgroup: self.cgroups_path(a.id),
+            })
+            .collect();
         for a in assigned.iter().filter(|a| {
             a.spec.kind == Kind::Vps
                 && !a.spec.is_vm()

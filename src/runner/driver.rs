@@ -204,8 +204,9 @@ pub trait Driver: Send + Sync + 'static {
     /// as the assignments change.
     fn converge_cpus(&self, assigned: &[Assignment]) -> impl Future<Output = ()> + Send;
     /// Writes each running VPS's warning from the host (idle GPUs) where
-    /// the instance reads it, and takes down those the host took down.
-    fn converge_notices(&self, assigned: &[Assignment]) -> impl Future<Output = ()> + Send;
+    /// the instance reads it, and takes down those the host took down; and
+    /// remembers whose each instance is, for /metrics.
+    fn follow_assignments(&self, assigned: &[Assignment]) -> impl Future<Output = ()> + Send;
     /// Gives back the GPUs of VMs that no longer run (a teardown that
     /// could not give them back, a VM that ended unwatched); `busy`: the
     /// instances a supervisor is acting on, left alone.
@@ -442,7 +443,7 @@ pub mod fake {
         }
         async fn converge_network(&self, _assigned: &[Assignment]) {}
         async fn converge_cpus(&self, _assigned: &[Assignment]) {}
-        async fn converge_notices(&self, _assigned: &[Assignment]) {}
+        async fn follow_assignments(&self, _assigned: &[Assignment]) {}
         async fn converge_gpus(&self, _busy: &[u64]) {}
         async fn recover(&self) {}
     }

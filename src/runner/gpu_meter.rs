@@ -29,13 +29,14 @@ pub struct GpuMeter {
 }
 
 impl GpuMeter {
-    pub fn new(library: PathBuf) -> GpuMeter {
+    /// A meter of the NVML at `library` that keeps its latest readings in `latest`.
+    pub fn new(library: PathBuf, latest: Arc<Mutex<Vec<GpuSample>>>) -> GpuMeter {
         GpuMeter {
             library,
             nvml: Arc::new(Mutex::new(None)),
             absent_until: Mutex::new(None),
             said: Mutex::new(None),
-            latest: Arc::new(Mutex::new(Vec::new())),
+            latest,
         }
     }
 

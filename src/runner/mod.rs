@@ -15,6 +15,7 @@ pub mod gpus;
 pub mod instance_api;
 pub mod lifecycle;
 pub mod logdriver;
+pub mod metrics;
 pub mod progress;
 pub mod reconcile;
 pub mod report;
@@ -167,7 +168,10 @@ impl BoundRunner {
             host_key: HostKey::default(),
             logs_dir: container::logs_dir(&config),
             tasks: Default::default(),
+            metrics_keys: Default::default(),
+            node: Default::default(),
         });
+        api.node.follow(&inventory);
         Ok(Self {
             config,
             roots,
@@ -211,6 +215,7 @@ impl BoundRunner {
         );
         tracing::info!(addr = %self.runner_addr, node = %self.api.name, "runner API listening");
         let server = tokio::spawn(server);
+        let containerd_problem = self.api.node.containerd_problem.clone();
         let mut control = Control {
             http: reqwest::Client::builder()
                 .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
@@ -229,7 +234,7 @@ impl BoundRunner {
             config: self.config,
             tasks: None,
             task_loop_problem: None,
-            containerd_problem: Default::default(),
+            containerd_problem,
             connecting: None,
         };
         if let Err(e) = control.run().await {
@@ -486,7 +491,7 @@ struct Control {
 }
 
 enum Beat {
-    Ok,
+    Ok(crate::api::HeartbeatReply),
     /// The host no longer knows this credential: register again.
     Forgotten,
     Failed(String),
@@ -495,7 +500,8 @@ enum Beat {
 impl Control {
     async fn run(&mut self) -> Result<(), RunnerError> {
         let mut sampler = UsageSampler::new(&self.roots.proc);
-        let gpu_meter = gpu_meter::GpuMeter::new(self.config.nvml_library.clone());
+        let gpu_meter =
+            gpu_meter::GpuMeter::new(self.config.nvml_library.clone(), self.api.node.gpus.clone());
         let mut backoff = Duration::from_millis(500);
         let mut beats: u32 = 0;
         let mut send_inventory = true;
@@ -527,6 +533,7 @@ impl Control {
             if beats % INVENTORY_EVERY_BEATS == INVENTORY_EVERY_BEATS - 1 {
                 match collect_inventory(&self.roots, &self.config).await {
                     Ok(inv) if inv != self.inventory => {
+                        self.api.node.follow(&inv);
                         self.inventory = inv;
                         send_inventory = true;
                     }
@@ -559,7 +566,14 @@ impl Control {
                 degraded: self.degraded(),
             };
             match self.heartbeat(&c, &hb).await {
-                Beat::Ok => send_inventory = false,
+                Beat::Ok(reply) => {
+                    send_inventory = false;
+                    *self
+                        .api
+                        .metrics_keys
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()) = reply.metrics_keys;
+                }
                 Beat::Forgotten => {
                     tracing::warn!(node = %c.name, "the host no longer knows this node; registering again");
                     let _ = std::fs::remove_file(&self.credential_path);
@@ -718,6 +732,7 @@ impl Control {
             image_lock: Default::default(),
             node_cpus: self.inventory.cpus.iter().map(|c| c.id).collect(),
             shared_cpus: Default::default(),
+            assigned: Default::default(),
             progress: Default::default(),
             prepared: Default::default(),
             instance_api_url: Default::default(),
@@ -871,7 +886,7 @@ impl Control {
     async fn heartbeat(&self, c: &Credential, hb: &HeartbeatRequest) -> Beat {
         use crate::api::host_client::{HostCallError, HostClient};
         match HostClient::heartbeat(&self.http, &self.host_url, &c.name, &c.credential, hb).await {
-            Ok(()) => Beat::Ok,
+            Ok(reply) => Beat::Ok(reply),
             Err(HostCallError::Refused { status, message }) if forgotten(status, &message) => {
                 Beat::Forgotten
             }

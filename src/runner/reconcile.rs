@@ -196,7 +196,7 @@ impl<D: Driver> Reconciler<D> {
         });
         self.sup.driver.converge_network(tasks).await;
         self.sup.driver.converge_cpus(tasks).await;
-        self.sup.driver.converge_notices(tasks).await;
+        self.sup.driver.follow_assignments(tasks).await;
         let busy: Vec<u64> = self.running.keys().copied().collect();
         self.sup.driver.converge_gpus(&busy).await;
         for a in tasks {

@@ -9,12 +9,15 @@ pub mod relay;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+use crate::host::metrics::ProxyStats;
 
 pub use relay::{relay, Moved, RelayMode};
 
@@ -40,6 +43,8 @@ pub struct ProxyConfig {
     /// revoked token or a stopped VPS ends its tunnels.
     pub recheck_interval: Duration,
     pub mode: RelayMode,
+    /// Tunnels and bytes, for /metrics.
+    pub stats: Arc<crate::host::metrics::ProxyStats>,
 }
 
 impl Default for ProxyConfig {
@@ -52,6 +57,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             recheck_interval: Duration::from_secs(10),
             mode: RelayMode::Splice,
+            stats: Arc::default(),
         }
     }
 }
@@ -83,6 +89,7 @@ pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, c
             }
         };
         let Some(peer_slot) = peers.enter(peer.ip(), cfg.max_per_peer) else {
+            cfg.stats.refused.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 let _ = stream
                     .write_all(b"ERROR too many connections from your address\n")
@@ -91,6 +98,7 @@ pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, c
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            cfg.stats.refused.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 let _ = stream
                     .write_all(b"ERROR too many connections, try again later\n")
@@ -102,6 +110,12 @@ pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, c
         tokio::spawn(async move {
             match handle(stream, resolver.as_ref(), &cfg).await {
                 Ok(Some((id, moved))) => {
+                    cfg.stats
+                        .bytes_up
+                        .fetch_add(moved.a_to_b, Ordering::Relaxed);
+                    cfg.stats
+                        .bytes_down
+                        .fetch_add(moved.b_to_a, Ordering::Relaxed);
                     tracing::info!(%peer, instance = id, up = moved.a_to_b, down = moved.b_to_a, "tunnel closed")
                 }
                 Ok(None) => {}
@@ -114,8 +128,30 @@ pub async fn serve<R: TunnelResolver>(listener: TcpListener, resolver: Arc<R>, c
     }
 }
 
+/// Counts a tunnel open while it lives.
+struct OpenTunnel<'a>(&'a ProxyStats);
+
+impl<'a> OpenTunnel<'a> {
+    fn new(stats: &'a ProxyStats) -> Self {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        stats.opened.fetch_add(1, Ordering::Relaxed);
+        OpenTunnel(stats)
+    }
+}
+
+impl Drop for OpenTunnel<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Why a handshake failed; sent to the client as `ERROR <reason>`.
-async fn refuse(stream: &mut TcpStream, reason: &str) -> std::io::Result<Option<(u64, Moved)>> {
+async fn refuse(
+    stats: &ProxyStats,
+    stream: &mut TcpStream,
+    reason: &str,
+) -> std::io::Result<Option<(u64, Moved)>> {
+    stats.refused.fetch_add(1, Ordering::Relaxed);
     stream
         .write_all(format!("ERROR {reason}\n").as_bytes())
         .await?;
@@ -181,6 +217,7 @@ async fn handle<R: TunnelResolver>(
         {
             Err(_) => {
                 return refuse(
+                    &cfg.stats,
                     &mut stream,
                     "handshake timeout: send REQUEST_TUNNEL <id> <token>",
                 )
@@ -190,19 +227,20 @@ async fn handle<R: TunnelResolver>(
         };
     let (line, rest) = match line {
         Line::Got(l, rest) => (l, rest),
-        Line::TooLong => return refuse(&mut stream, "handshake line too long").await,
+        Line::TooLong => return refuse(&cfg.stats, &mut stream, "handshake line too long").await,
         Line::Closed => return Ok(None),
     };
     let (id, token) = match parse_request(&line) {
         Ok(r) => r,
-        Err(reason) => return refuse(&mut stream, reason).await,
+        Err(reason) => return refuse(&cfg.stats, &mut stream, reason).await,
     };
     let target =
         match tokio::time::timeout(cfg.handshake_timeout, resolver.resolve(id, token)).await {
             Ok(Ok(t)) => t,
-            Ok(Err(reason)) => return refuse(&mut stream, &reason).await,
+            Ok(Err(reason)) => return refuse(&cfg.stats, &mut stream, &reason).await,
             Err(_) => {
                 return refuse(
+                    &cfg.stats,
                     &mut stream,
                     "the host cannot check this right now; try again",
                 )
@@ -212,11 +250,19 @@ async fn handle<R: TunnelResolver>(
     let mut upstream =
         match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(target)).await {
             Ok(Ok(u)) => u,
-            _ => return refuse(&mut stream, &format!("instance {id} is not reachable")).await,
+            _ => {
+                return refuse(
+                    &cfg.stats,
+                    &mut stream,
+                    &format!("instance {id} is not reachable"),
+                )
+                .await
+            }
         };
     let _ = upstream.set_nodelay(true);
     let _ = stream.set_nodelay(true);
     stream.write_all(b"SUCCESS\n").await?;
+    let _open = OpenTunnel::new(&cfg.stats);
     // Bytes the client sent right behind its handshake line belong to the instance.
     if !rest.is_empty() {
         upstream.write_all(&rest).await?;

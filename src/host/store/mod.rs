@@ -130,6 +130,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<BTreeMap<String, String>>, StoreError>;
     /// Replaces every admin token with `hash`.
     fn rotate_admin_token(&self, hash: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Replaces the metrics token (Prometheus's) with `hash`.
+    fn rotate_metrics_token(&self, hash: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// The hashes of the tokens that may read /metrics (runners accept them).
+    fn metrics_keys(&self) -> Vec<String>;
+    /// Tasks by state and kind, and the queue, for /metrics.
+    fn task_counts(&self) -> Result<TaskCounts, StoreError>;
     /// Gives a user a new token valid until `expires_at_ms` (none: no
     /// expiry) and revokes their others; `false` if there is no such user.
     fn rotate_user_token(
@@ -377,7 +383,32 @@ const MIGRATIONS: &[&str] = &[
         end_ms INTEGER
     );
     CREATE INDEX gpu_use_end ON gpu_use (end_ms);",
+    // 14: a token that reads /metrics only (Prometheus's): tokens is
+    // rebuilt, its role check widened.
+    "CREATE TABLE tokens_v14 (
+        id INTEGER PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'join', 'node', 'user', 'metrics')),
+        node TEXT REFERENCES nodes(name) ON DELETE CASCADE,
+        user TEXT REFERENCES users(name) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER
+    );
+    INSERT INTO tokens_v14 (id, hash, role, node, user, label, created_at_ms, expires_at_ms)
+        SELECT id, hash, role, node, user, label, created_at_ms, expires_at_ms FROM tokens;
+    DROP TABLE tokens;
+    ALTER TABLE tokens_v14 RENAME TO tokens;",
 ];
+
+/// What `/metrics` says of the tasks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskCounts {
+    /// (state, kind, how many).
+    pub by_state: Vec<(String, String, u64)>,
+    /// When the longest-waiting never-started queued task was submitted.
+    pub oldest_waiting_since: Option<i64>,
+}
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -1010,6 +1041,53 @@ impl Store for SqliteStore {
             )?;
             tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn rotate_metrics_token(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM tokens WHERE role = 'metrics'", [])?;
+            tx.execute(
+                "INSERT INTO tokens (hash, role, label, created_at_ms) VALUES (?1, 'metrics', 'metrics', ?2)",
+                params![hash, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn metrics_keys(&self) -> Vec<String> {
+        let map = self.tokens.map.read().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(_, (p, _))| p.role == Role::Metrics)
+            .map(|(hash, _)| hash.clone())
+            .collect()
+    }
+
+    fn task_counts(&self) -> Result<TaskCounts, StoreError> {
+        self.with(|c| {
+            let by_state = c
+                .prepare(
+                    "SELECT state, json_extract(spec, '$.kind'), COUNT(*) FROM tasks GROUP BY 1, 2",
+                )?
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        r.get::<_, i64>(2)?.max(0) as u64,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let oldest_waiting_since = c.query_row(
+                "SELECT MIN(submitted_at_ms) FROM tasks WHERE state = 'pending' AND started_at_ms IS NULL",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )?;
+            Ok(TaskCounts {
+                by_state,
+                oldest_waiting_since,
+            })
         })
     }
 

@@ -1,0 +1,252 @@
+//! The runner's `/metrics` (OpenMetrics text): each instance's CPU, memory,
+//! pids and IO from its cgroup, each GPU's readings from NVML (the latest
+//! heartbeat's), and whether containerd and libvirt answer. Labels carry
+//! the node, the instance id and owner, the GPU's UUID and address: one
+//! series per thing that exists, never per request.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::extract::State;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::api::RunnerApiState;
+use crate::topology::nvml::GpuSample;
+use crate::topology::{Inventory, PciAddress};
+
+/// What the runner knows of its node for /metrics, kept as it learns it.
+#[derive(Default)]
+pub struct NodeReadings {
+    /// The latest GPU readings (the heartbeat's).
+    pub gpus: Arc<Mutex<Vec<GpuSample>>>,
+    /// Each GPU's UUID, from the inventory.
+    uuids: RwLock<BTreeMap<PciAddress, String>>,
+    /// What is wrong with containerd (none: it answers), once the task loop runs.
+    pub containerd_problem: Arc<Mutex<Option<String>>>,
+    /// libvirt answered when the inventory was last read.
+    libvirt: AtomicBool,
+}
+
+impl NodeReadings {
+    /// Takes what /metrics needs from a fresh inventory.
+    pub fn follow(&self, inv: &Inventory) {
+        self.libvirt.store(inv.vms, Ordering::Relaxed);
+        *self.uuids.write().unwrap_or_else(|p| p.into_inner()) = inv
+            .gpus
+            .iter()
+            .filter_map(|g| Some((g.address, g.uuid.clone()?)))
+            .collect();
+    }
+}
+
+/// One instance, as its labels name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceLabel {
+    pub id: u64,
+    pub owner: Option<String>,
+    pub kind: &'static str,
+    /// Its cgroup, relative to the cgroup root.
+    pub cgroup: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    node: String,
+    instance: String,
+    owner: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    node: String,
+    gpu: String,
+    address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EccLabels {
+    node: String,
+    gpu: String,
+    address: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    node: String,
+    backend: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// `GET /metrics` (the cluster's metrics token, or the host's).
+pub async fn page(
+    State(state): State<Arc<RunnerApiState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let node = state.name.clone();
+    let instances = state
+        .tasks
+        .get()
+        .map(|t| (t.instance_labels(), t.cgroup_root.clone()));
+    // Reading cgroup files blocks: off the async workers.
+    let usage = tokio::task::spawn_blocking(move || {
+        instances
+            .map(|(list, root)| {
+                list.into_iter()
+                    .filter_map(|l| {
+                        let u = crate::cgroup::instance_usage(&root, &l.cgroup)?;
+                        Some((l, u))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default();
+
+    let mut r = Registry::with_prefix("rivernode");
+    let cpu = Family::<InstanceLabels, Counter<f64, AtomicU64>>::default();
+    let memory = Family::<InstanceLabels, Gauge>::default();
+    let pids = Family::<InstanceLabels, Gauge>::default();
+    let io_read = Family::<InstanceLabels, Counter>::default();
+    let io_write = Family::<InstanceLabels, Counter>::default();
+    for (l, u) in &usage {
+        let labels = InstanceLabels {
+            node: node.clone(),
+            instance: l.id.to_string(),
+            owner: l.owner.clone().unwrap_or_else(|| "admin".into()),
+            kind: l.kind.to_string(),
+        };
+        cpu.get_or_create(&labels).inc_by(u.cpu_seconds);
+        memory.get_or_create(&labels).set(clamp(u.memory_bytes));
+        pids.get_or_create(&labels).set(clamp(u.pids));
+        io_read.get_or_create(&labels).inc_by(u.io_read_bytes);
+        io_write.get_or_create(&labels).inc_by(u.io_write_bytes);
+    }
+    r.register(
+        "instance_cpu_seconds",
+        "CPU time an instance's processes used",
+        cpu,
+    );
+    r.register(
+        "instance_memory_bytes",
+        "Memory an instance uses now (its cgroup's, page cache included)",
+        memory,
+    );
+    r.register(
+        "instance_pids",
+        "Processes and threads in an instance",
+        pids,
+    );
+    r.register(
+        "instance_io_read_bytes",
+        "Bytes an instance read from block devices",
+        io_read,
+    );
+    r.register(
+        "instance_io_write_bytes",
+        "Bytes an instance wrote to block devices",
+        io_write,
+    );
+
+    let readings = state
+        .node
+        .gpus
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let uuids = state
+        .node
+        .uuids
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let util = Family::<GpuLabels, Gauge>::default();
+    let mem = Family::<GpuLabels, Gauge>::default();
+    let temp = Family::<GpuLabels, Gauge>::default();
+    let power = Family::<GpuLabels, FloatGauge>::default();
+    let ecc = Family::<EccLabels, Counter>::default();
+    for g in &readings {
+        let labels = GpuLabels {
+            node: node.clone(),
+            gpu: uuids.get(&g.address).cloned().unwrap_or_default(),
+            address: g.address.to_string(),
+        };
+        util.get_or_create(&labels)
+            .set(i64::from(g.utilisation_percent));
+        mem.get_or_create(&labels).set(clamp(g.memory_used_bytes));
+        if let Some(t) = g.temperature_celsius {
+            temp.get_or_create(&labels).set(i64::from(t));
+        }
+        if let Some(mw) = g.power_milliwatts {
+            power.get_or_create(&labels).set(f64::from(mw) / 1000.0);
+        }
+        for (kind, n) in [
+            ("corrected", g.ecc_corrected),
+            ("uncorrected", g.ecc_uncorrected),
+        ] {
+            if let Some(n) = n {
+                let l = EccLabels {
+                    node: labels.node.clone(),
+                    gpu: labels.gpu.clone(),
+                    address: labels.address.clone(),
+                    kind: kind.into(),
+                };
+                ecc.get_or_create(&l).inc_by(n);
+            }
+        }
+    }
+    r.register(
+        "gpu_utilization_percent",
+        "Share of the last sample period the GPU was busy (NVML)",
+        util,
+    );
+    r.register("gpu_memory_used_bytes", "GPU memory in use (NVML)", mem);
+    r.register(
+        "gpu_temperature_celsius",
+        "GPU die temperature (NVML)",
+        temp,
+    );
+    r.register("gpu_power_watts", "GPU power draw (NVML)", power);
+    r.register(
+        "gpu_ecc_errors",
+        "ECC errors since the driver loaded (NVML, volatile counters)",
+        ecc,
+    );
+
+    let up = Family::<BackendLabels, Gauge>::default();
+    let containerd = state.tasks.get().is_some()
+        && state
+            .node
+            .containerd_problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none();
+    let libvirt = state.node.libvirt.load(Ordering::Relaxed);
+    for (backend, ok) in [("containerd", containerd), ("libvirt", libvirt)] {
+        up.get_or_create(&BackendLabels {
+            node: node.clone(),
+            backend: backend.into(),
+        })
+        .set(i64::from(ok));
+    }
+    r.register(
+        "backend_up",
+        "Whether the node's containerd (and libvirt, for VMs) answers",
+        up,
+    );
+
+    crate::api::openmetrics::page(&headers, &r)
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
