@@ -315,6 +315,8 @@ layered_config! {
         /// NVML, for GPU UUIDs and the utilisation readings heartbeats carry (the idle-GPU
         /// check); a bare name is searched by the dynamic loader. Absent: no readings.
         nvml_library: PathBuf = PathBuf::from(crate::topology::nvml::LIBRARY),
+        /// The kernel log, where NVIDIA's driver reports Xid errors (tests point this at a file).
+        kmsg_path: PathBuf = PathBuf::from("/dev/kmsg"),
         /// Where the node's device nodes are (tests point this at a fake tree).
         dev_root: PathBuf = PathBuf::from("/dev"),
         /// Memory held back for the node itself (kernel, runner, containerd,

@@ -553,6 +553,17 @@ fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
         let fake = FakeGpus::new();
         let mut flags = fake.runner_flags();
         flags.extend(fake.fake_nvml([37, 0]));
+        // A kernel log with two Xids of GPU 0 among other records.
+        let kmsg = fake.path("kmsg");
+        std::fs::write(
+            &kmsg,
+            "6,1,10,-;NVRM: loading NVIDIA UNIX x86_64 Kernel Module\n\
+             4,2,20,-;NVRM: Xid (PCI:0000:17:00): 13, pid=77, Graphics Exception\n\
+             6,3,30,-;usb 1-1: new high-speed USB device\n\
+             4,4,40,-;NVRM: Xid (PCI:0000:17:00): 31, pid=77, MMU Fault\n",
+        )
+        .unwrap();
+        flags.extend(["--kmsg-path".to_string(), kmsg.display().to_string()]);
         let Some(v) = Vps::start_full("gpu-m", &[], &flags) else {
             return;
         };
@@ -622,6 +633,30 @@ fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
             Some(1.0)
         );
         assert!(sample(&page, "rivernode_instance_pids", &[&instance]).is_some_and(|n| n >= 1.0));
+        let gpu1 = [r#"address="0000:65:00.0""#, UUID1];
+        assert_eq!(
+            sample(&page, "rivernode_gpu_xid_errors_total", &gpu0),
+            Some(2.0),
+            "{page}"
+        );
+        assert_eq!(
+            sample(&page, "rivernode_gpu_xid_errors_total", &gpu1),
+            Some(0.0)
+        );
+        // A new Xid in the log is counted.
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&kmsg)
+            .unwrap()
+            .write_all(
+                b"4,5,50,-;NVRM: Xid (PCI:0000:65:00): 79, pid=0, GPU has fallen off the bus.\n",
+            )
+            .unwrap();
+        wait_for("GPU 1's Xid counted", || {
+            let (_, page) = scrape(&runner, &token);
+            (sample(&page, "rivernode_gpu_xid_errors_total", &gpu1) == Some(1.0)).then_some(())
+        });
         // The fake GPU's reading follows the file.
         fake.set_utilisation([5, 0]);
         wait_for("GPU 0 at 5%", || {

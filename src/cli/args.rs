@@ -255,6 +255,8 @@ pub struct RunnerArgs {
     pub cdi_spec_dirs: Vec<PathBuf>,
     #[arg(long, value_name = "DIR", hide = true)]
     pub nvidia_driver_root: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub kmsg_path: Option<PathBuf>,
     /// NVML's library (default libnvidia-ml.so.1, found by the dynamic loader).
     #[arg(long, value_name = "FILE")]
     pub nvml_library: Option<PathBuf>,

@@ -102,6 +102,7 @@ pub fn runner_config(
         cdi_spec_dirs: (!args.cdi_spec_dirs.is_empty()).then(|| args.cdi_spec_dirs.clone()),
         nvidia_driver_root: args.nvidia_driver_root.clone(),
         nvml_library: args.nvml_library.clone(),
+        kmsg_path: args.kmsg_path.clone(),
         dev_root: args.dev_root.clone(),
         default_shm_size: args.default_shm_size,
         reserved_memory: args.reserved_memory.map(Some),

@@ -4,7 +4,6 @@
 //! the node, the instance id and owner, the GPU's UUID and address: one
 //! series per thing that exists, never per request.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -25,8 +24,10 @@ use crate::topology::{Inventory, PciAddress};
 pub struct NodeReadings {
     /// The latest GPU readings (the heartbeat's).
     pub gpus: Arc<Mutex<Vec<GpuSample>>>,
-    /// Each GPU's UUID, from the inventory.
-    uuids: RwLock<BTreeMap<PciAddress, String>>,
+    /// The node's NVIDIA GPUs and their UUIDs (empty when unknown), from the inventory.
+    nvidia: RwLock<Vec<(PciAddress, String)>>,
+    /// Xid errors by the device the driver names (see `xid`).
+    pub xids: super::xid::XidCounts,
     /// What is wrong with containerd (none: it answers), once the task loop runs.
     pub containerd_problem: Arc<Mutex<Option<String>>>,
     /// libvirt answered when the inventory was last read.
@@ -37,11 +38,21 @@ impl NodeReadings {
     /// Takes what /metrics needs from a fresh inventory.
     pub fn follow(&self, inv: &Inventory) {
         self.libvirt.store(inv.vms, Ordering::Relaxed);
-        *self.uuids.write().unwrap_or_else(|p| p.into_inner()) = inv
+        *self.nvidia.write().unwrap_or_else(|p| p.into_inner()) = inv
             .gpus
             .iter()
-            .filter_map(|g| Some((g.address, g.uuid.clone()?)))
+            .filter(|g| g.vendor_id == NVIDIA)
+            .map(|g| (g.address, g.uuid.clone().unwrap_or_default()))
             .collect();
+    }
+
+    /// Whether the node has NVIDIA GPUs (whose Xids are worth counting).
+    pub fn has_nvidia(&self) -> bool {
+        !self
+            .nvidia
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 }
 
@@ -85,6 +96,8 @@ struct BackendLabels {
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+
+const NVIDIA: u16 = 0x10de;
 
 /// `GET /metrics` (the cluster's metrics token, or the host's).
 pub async fn page(
@@ -163,12 +176,19 @@ pub async fn page(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let uuids = state
+    let nvidia = state
         .node
-        .uuids
+        .nvidia
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let uuid_of = |a: &PciAddress| {
+        nvidia
+            .iter()
+            .find(|(x, _)| x == a)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_default()
+    };
     let util = Family::<GpuLabels, Gauge>::default();
     let mem = Family::<GpuLabels, Gauge>::default();
     let temp = Family::<GpuLabels, Gauge>::default();
@@ -177,7 +197,7 @@ pub async fn page(
     for g in &readings {
         let labels = GpuLabels {
             node: node.clone(),
-            gpu: uuids.get(&g.address).cloned().unwrap_or_default(),
+            gpu: uuid_of(&g.address),
             address: g.address.to_string(),
         };
         util.get_or_create(&labels)
@@ -220,6 +240,32 @@ pub async fn page(
         "gpu_ecc_errors",
         "ECC errors since the driver loaded (NVML, volatile counters)",
         ecc,
+    );
+    let xid = Family::<GpuLabels, Counter>::default();
+    let seen = state
+        .node
+        .xids
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for (address, uuid) in &nvidia {
+        let a = address.to_string();
+        let n: u64 = seen
+            .iter()
+            .filter(|(device, _)| super::xid::names(device, &a))
+            .map(|(_, n)| n)
+            .sum();
+        xid.get_or_create(&GpuLabels {
+            node: node.clone(),
+            gpu: uuid.clone(),
+            address: a,
+        })
+        .inc_by(n);
+    }
+    r.register(
+        "gpu_xid_errors",
+        "NVIDIA Xid errors the driver logged since the node booted (kernel log)",
+        xid,
     );
 
     let up = Family::<BackendLabels, Gauge>::default();

@@ -24,6 +24,7 @@ pub mod supervisor;
 pub mod vm;
 mod vm_snapshots;
 pub mod vps;
+pub mod xid;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -499,6 +500,9 @@ enum Beat {
 
 impl Control {
     async fn run(&mut self) -> Result<(), RunnerError> {
+        if self.api.node.has_nvidia() {
+            xid::watch(self.config.kmsg_path.clone(), self.api.node.xids.clone());
+        }
         let mut sampler = UsageSampler::new(&self.roots.proc);
         let gpu_meter =
             gpu_meter::GpuMeter::new(self.config.nvml_library.clone(), self.api.node.gpus.clone());
