@@ -713,6 +713,18 @@ fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
             .unwrap();
         assert!(String::from_utf8_lossy(&o.stdout).ends_with("# EOF\n"));
 
+        // A new token: the old one is refused by the host at once, and by
+        // the runner from its next heartbeat on.
+        let o = v.rn(&["-o", "json", "token", "metrics"]);
+        let new: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let new = new["token"].as_str().unwrap().to_string();
+        assert_eq!(scrape(&host, &token).0, 401);
+        assert_eq!(scrape(&host, &new).0, 200);
+        wait_for("the runner refusing the old token", || {
+            (scrape(&runner, &token).0 == 401).then_some(())
+        });
+        assert_eq!(scrape(&runner, &new).0, 200);
+
         assert!(v.rn(&["task", "kill", &id]).status.success());
         v.wait_state(&id, "killed");
     });

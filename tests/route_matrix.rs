@@ -1,7 +1,7 @@
 //! Every route of the host API against every kind of caller: anonymous, a
 //! bad token, the join token, one node's credential on another node's
-//! routes, one user on another user's task, that task's owner, and the
-//! admin. The table below is the expected access; the routes themselves
+//! routes, one user on another user's task, that task's owner, the
+//! metrics token, and the admin. The table below is the expected access; the routes themselves
 //! are read from the router's source, so a route added without a row here
 //! fails this test.
 
@@ -39,6 +39,8 @@ enum Access {
     OwnUser,
     /// An invitation's code, which no caller here holds.
     Invite,
+    /// `/metrics`: the metrics token, and the admin, operators and viewers.
+    Scrape,
 }
 
 /// (method, path with `{node}`, `{task}`, `{user}` placeholders, access).
@@ -99,7 +101,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("POST", "/api/invitations", Access::Admin),
     ("POST", "/api/metrics-token", Access::Admin),
     // Not under /api/ (the scan above misses it): Prometheus's path.
-    ("GET", "/metrics", Access::Readers),
+    ("GET", "/metrics", Access::Scrape),
     ("GET", "/api/invitations", Access::Admin),
     ("DELETE", "/api/invitations/{invitation}", Access::Admin),
     ("PUT", "/api/users/{user}", Access::Admin),
@@ -129,10 +131,12 @@ enum Caller {
     OtherUser,
     /// bob, who owns the task.
     User,
+    /// The cluster's metrics token (Prometheus's).
+    Metrics,
     Admin,
 }
 
-const CALLERS: [Caller; 10] = [
+const CALLERS: [Caller; 11] = [
     Caller::Anonymous,
     Caller::BadToken,
     Caller::Join,
@@ -142,6 +146,7 @@ const CALLERS: [Caller; 10] = [
     Caller::Operator,
     Caller::OtherUser,
     Caller::User,
+    Caller::Metrics,
     Caller::Admin,
 ];
 
@@ -161,6 +166,7 @@ fn expected(access: Access, caller: Caller) -> Option<StatusCode> {
         (Viewer, A::Submit) => Some(StatusCode::FORBIDDEN),
         (_, A::Submit) if person => None,
         (Operator | Viewer, A::Readers) | (Operator, A::Operators) => None,
+        (Metrics | Operator | Viewer, A::Scrape) => None,
         (User, A::Seen | A::Operated | A::Owner | A::OwnUser) => None,
         (Operator, A::Seen | A::Operated) | (Viewer, A::Seen) => None,
         (Viewer, A::Operated) => Some(StatusCode::FORBIDDEN),
@@ -273,6 +279,10 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
     };
     let (alice, bob) = (add_user("alice", "user"), add_user("bob", "user"));
     let (olga, vera) = (add_user("olga", "operator"), add_user("vera", "viewer"));
+    let o = cli(&["--data-dir", hd, "-o", "json", "token", "metrics"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let scraper = v["token"].as_str().unwrap().to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let node_a = register(&url, &join, "node-a").await;
@@ -304,6 +314,7 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                 Caller::Operator => Some(olga.as_str()),
                 Caller::OtherUser => Some(alice.as_str()),
                 Caller::User => Some(bob.as_str()),
+                Caller::Metrics => Some(scraper.as_str()),
                 Caller::Admin => Some(admin.as_str()),
             };
             for (method, path, access) in ROUTES {

@@ -106,15 +106,26 @@ impl HostClient {
         credential: &str,
         hb: &HeartbeatRequest,
     ) -> Result<super::HeartbeatReply, HostCallError> {
-        Self::answer(
-            http.put(format!(
+        let resp = http
+            .put(format!(
                 "{}/api/nodes/{node}/heartbeat",
                 base.trim_end_matches('/')
             ))
             .bearer_auth(credential)
-            .json(hb),
-        )
-        .await
+            .json(hb)
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        let body = Self::check(resp)
+            .await?
+            .bytes()
+            .await
+            .map_err(HostCallError::Decode)?;
+        // An older host answers 204 with no body: nothing to learn.
+        if body.is_empty() {
+            return Ok(super::HeartbeatReply::default());
+        }
+        Ok(serde_json::from_slice(&body).unwrap_or_default())
     }
 
     /// `GET /api/whoami` with the node's credential: what the host says of

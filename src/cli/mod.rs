@@ -127,7 +127,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match cli.output {
                 Output::Json => output::emit_json(&t),
                 Output::Table => output::emit(&format!(
-                    "the metrics token (shown once; the last one no longer works):\n{}\n\
+                    "the metrics token (shown once; the last one no longer works, at the runners \
+                     from their next heartbeat):\n{}\n\
                      Prometheus reads {}/metrics and each runner's /metrics with it \
                      (README, Metrics)\n",
                     t.token, client.base

@@ -85,7 +85,12 @@ impl HostMetrics {
 /// Records each API request's latency by route (a layer on the router).
 pub async fn track(State(state): State<Arc<HostState>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_string();
+    // A method name is the client's to choose: only the standard ones are labels.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "PATCH" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_string();
     let route = req
         .extensions()
         .get::<MatchedPath>()

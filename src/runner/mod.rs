@@ -462,6 +462,10 @@ async fn collect_inventory(
     })?
 }
 
+/// Heartbeats failed in a row after which the runner's /metrics refuses
+/// every token until the host is heard again.
+const METRICS_KEYS_MISSED_BEATS: u32 = 3;
+
 /// How long the per-beat check of containerd waits for its answer.
 const CONTAINERD_PING: Duration = Duration::from_secs(5);
 
@@ -508,6 +512,7 @@ impl Control {
             gpu_meter::GpuMeter::new(self.config.nvml_library.clone(), self.api.node.gpus.clone());
         let mut backoff = Duration::from_millis(500);
         let mut beats: u32 = 0;
+        let mut missed: u32 = 0;
         let mut send_inventory = true;
         let mut cred = self.load_credential();
         loop {
@@ -572,14 +577,12 @@ impl Control {
             match self.heartbeat(&c, &hb).await {
                 Beat::Ok(reply) => {
                     send_inventory = false;
-                    *self
-                        .api
-                        .metrics_keys
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner()) = reply.metrics_keys;
+                    missed = 0;
+                    self.set_metrics_keys(reply.metrics_keys);
                 }
                 Beat::Forgotten => {
                     tracing::warn!(node = %c.name, "the host no longer knows this node; registering again");
+                    self.set_metrics_keys(vec![]);
                     let _ = std::fs::remove_file(&self.credential_path);
                     self.api.host_key.set(None);
                     cred = None;
@@ -588,10 +591,25 @@ impl Control {
                 Beat::Failed(msg) => {
                     tracing::warn!(host = %self.host_url, "heartbeat failed: {msg}");
                     send_inventory = true;
+                    // Out of touch with the host, the node cannot know of a
+                    // rotation: a rotated-out token must not go on working.
+                    missed += 1;
+                    if missed == METRICS_KEYS_MISSED_BEATS {
+                        self.set_metrics_keys(vec![]);
+                    }
                 }
             }
             self.sleep(self.interval).await;
         }
+    }
+
+    /// The tokens that may read /metrics, as the host last said.
+    fn set_metrics_keys(&self, keys: Vec<String>) {
+        *self
+            .api
+            .metrics_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = keys;
     }
 
     /// The task loop cannot start yet: the log says why once, the

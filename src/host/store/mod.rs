@@ -1058,6 +1058,16 @@ impl Store for SqliteStore {
     }
 
     fn metrics_keys(&self) -> Vec<String> {
+        if self.tokens.stale.load(Ordering::Acquire) {
+            // The cache could not be read again: the table says.
+            return self
+                .with(|c| {
+                    Ok(c.prepare("SELECT hash FROM tokens WHERE role = 'metrics'")?
+                        .query_map([], |r| r.get(0))?
+                        .collect::<Result<Vec<String>, _>>()?)
+                })
+                .unwrap_or_default();
+        }
         let map = self.tokens.map.read().unwrap_or_else(|p| p.into_inner());
         map.iter()
             .filter(|(_, (p, _))| p.role == Role::Metrics)
