@@ -4,49 +4,17 @@
 //!
 //! `cargo bench --bench heartbeat` (loopback only, bounded request count).
 
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::Host;
 
 const N: usize = 2000;
 
 fn main() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("host");
-    let mut host = Command::new(env!("CARGO_BIN_EXE_rivernode"))
-        .args([
-            "--data-dir",
-            data.to_str().unwrap(),
-            "host",
-            "--config",
-            "/dev/null",
-        ])
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--api-port",
-            "0",
-            "--ssh-proxy-port",
-            "0",
-        ])
-        .env("RIVERNODE_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start rivernode host");
-    let read = |f: &str| {
-        std::fs::read_to_string(data.join(f))
-            .ok()
-            .map(|s| s.trim().to_string())
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let url = loop {
-        if let Some(u) = read("api.url") {
-            break u;
-        }
-        assert!(Instant::now() < deadline, "host did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let admin = read("admin.token").unwrap();
-    let join = read("join.token").unwrap();
+    let host = Host::start(&[]);
+    let (url, admin, join) = (host.url.clone(), host.admin.clone(), host.join.clone());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (beat, who) = rt.block_on(async {
@@ -101,8 +69,6 @@ fn main() {
         }
         (beat, t.elapsed())
     });
-    let _ = host.kill();
-    let _ = host.wait();
     let per = |d: Duration| d.as_secs_f64() * 1e6 / N as f64;
     println!(
         "heartbeat (auth + store write): {:8.1} us/request ({N} requests)",

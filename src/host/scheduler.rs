@@ -169,6 +169,24 @@ pub fn memory_share(spec: &TaskSpec, inv: &Inventory) -> u64 {
     (u128::from(inv.memory_for_instances()) * u128::from(n) / u128::from(d)) as u64
 }
 
+/// What of a request decides where it can go (not its command, image or
+/// variables): within one scheduling pass, where room only shrinks, a
+/// request of the same shape as one that had to wait waits too, for the
+/// same reason, and is not weighed against every node again.
+pub fn shape(spec: &TaskSpec) -> String {
+    serde_json::json!([
+        spec.kind,
+        spec.is_vm(),
+        spec.cores,
+        spec.memory_bytes,
+        spec.gpu_count,
+        spec.target,
+        spec.no_ssh,
+        spec.ports.len(),
+    ])
+    .to_string()
+}
+
 /// Decides for one task. `reserved` holds every placement of every non-final task.
 pub fn place(spec: &TaskSpec, nodes: &[NodeView], reserved: &[Placement]) -> Decision {
     if let Err(e) = validate(spec, nodes) {
@@ -516,6 +534,25 @@ pub fn give_external(
 mod tests {
     use super::*;
     use crate::api::{ImageSource, Target};
+
+    #[test]
+    fn requests_that_differ_only_in_what_they_run_have_one_shape() {
+        let a = spec(2, 1, None);
+        let mut b = spec(2, 1, None);
+        b.command = vec!["python".into(), "train.py".into()];
+        b.env.insert("K".into(), "V".into());
+        assert_eq!(shape(&a), shape(&b));
+        for other in [
+            spec(3, 1, None),
+            spec(2, 2, None),
+            spec(2, 1, Some("n1::0")),
+        ] {
+            assert_ne!(shape(&a), shape(&other), "{other:?}");
+        }
+        let mut vps = spec(2, 1, None);
+        vps.kind = Kind::Vps;
+        assert_ne!(shape(&a), shape(&vps));
+    }
 
     fn node(name: &str) -> NodeView {
         crate::api::test_node(name, "http://127.0.0.1:1")

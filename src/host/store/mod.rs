@@ -695,13 +695,34 @@ pub(super) fn to_json<T: serde::Serialize>(
 
 pub(super) const NODE_COLUMNS: &str = "name, state, runner_url, version, registered_at_ms, last_heartbeat_ms, heartbeat_interval_ms, inventory, usage, degraded";
 
+/// Inventories decoded, by their stored text: every scheduling pass reads
+/// every node, and a node's inventory changes rarely, so its JSON is parsed
+/// once, not once a pass. Keyed by the whole text (no hash collision can
+/// hand one node another's inventory); emptied when it grows past a bound.
+fn decode_inventory(text: String) -> Result<crate::topology::Inventory, serde_json::Error> {
+    use std::sync::OnceLock;
+    const MAX: usize = 8192;
+    static DECODED: OnceLock<Mutex<HashMap<String, crate::topology::Inventory>>> = OnceLock::new();
+    let cache = DECODED.get_or_init(Default::default);
+    if let Some(inv) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&text) {
+        return Ok(inv.clone());
+    }
+    let inv: crate::topology::Inventory = serde_json::from_str(&text)?;
+    let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= MAX {
+        map.clear();
+    }
+    map.insert(text, inv.clone());
+    Ok(inv)
+}
+
 pub(super) fn node_from_row(
     row: &rusqlite::Row<'_>,
 ) -> rusqlite::Result<Result<NodeView, StoreError>> {
     let state: String = row.get(1)?;
     let inventory: String = row.get(7)?;
     let usage: Option<String> = row.get(8)?;
-    let inventory = match serde_json::from_str(&inventory) {
+    let inventory = match decode_inventory(inventory) {
         Ok(i) => i,
         Err(source) => {
             return Ok(Err(StoreError::Json {

@@ -407,6 +407,21 @@ fn holding() -> String {
 /// no longer does (or holds another number). The scheduler runs this on each pass,
 /// at least every second, so a stretch's ends are within a pass of true.
 fn sync_gpu_use(tx: &Transaction<'_>, now_ms: i64) -> Result<(), StoreError> {
+    // The ledger serves GPU-hours quotas: while none is set it records
+    // nothing (a pass need not read every running task), and what was
+    // open closes.
+    let wanted: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM quotas WHERE gpu_seconds IS NOT NULL)",
+        [],
+        |r| r.get(0),
+    )?;
+    if !wanted {
+        tx.execute(
+            "UPDATE gpu_use SET end_ms = ?1 WHERE end_ms IS NULL",
+            params![now_ms],
+        )?;
+        return Ok(());
+    }
     let mut held: HashMap<i64, (String, i64)> = HashMap::new();
     {
         // Time is billed while the work runs (or is paused): not while its
@@ -523,6 +538,10 @@ fn quota_book(c: &Connection, now_ms: i64) -> Result<QuotaBook, StoreError> {
         group_of,
         used: HashMap::new(),
     };
+    // Without quotas there is nothing to count (and every placed task to read).
+    if book.caps.is_empty() {
+        return Ok(book);
+    }
     for t in query(c, &holding(), &[])? {
         if let (Some(owner), Some(p)) = (&t.owner, &t.placement) {
             book.add(owner, &placed_use(&t.spec, p));
@@ -682,8 +701,20 @@ pub(super) fn schedule(
     )?;
     let mut book = quota_book(&tx, now_ms)?;
     let mut placed = Vec::new();
+    // Shapes that had to wait in this pass, with why (see `scheduler::shape`).
+    let mut waits: HashMap<String, String> = HashMap::new();
     for t in pending {
-        let mut decision = scheduler::place(&t.spec, &nodes, &held);
+        let shape = scheduler::shape(&t.spec);
+        let mut decision = match waits.get(&shape) {
+            Some(why) => Decision::Wait(why.clone()),
+            None => {
+                let d = scheduler::place(&t.spec, &nodes, &held);
+                if let Decision::Wait(why) = &d {
+                    waits.insert(shape, why.clone());
+                }
+                d
+            }
+        };
         // Within its owner's quotas (and their group's), counting what this
         // pass placed before it: nothing is spent twice.
         if let (Decision::Place { placement, .. }, Some(owner)) = (&decision, &t.owner) {
