@@ -69,23 +69,27 @@ pub fn bytes(n: u64) -> String {
 
 /// "3s ago", "5m ago", "2h ago", "4d ago".
 pub fn ago(then_ms: i64, now_ms: i64) -> String {
-    format!("{} ago", span(now_ms - then_ms))
+    format!("{} ago", span(now_ms - then_ms, false))
 }
 
-/// "in 3s", "in 7d": how long until `then_ms`.
+/// "in 3s", "in 7d": how long until `then_ms`, rounded up (a code made to
+/// last 2d says "in 2d" a moment later, not "in 1d").
 pub fn until(then_ms: i64, now_ms: i64) -> String {
-    format!("in {}", span(then_ms - now_ms))
+    format!("in {}", span(then_ms - now_ms, true))
 }
 
-/// A duration in its largest whole unit: "3s", "5m", "2h", "4d".
-fn span(ms: i64) -> String {
+/// A duration in its largest unit: "3s", "5m", "2h", "4d"; whole units
+/// rounded down, or `up`.
+fn span(ms: i64, up: bool) -> String {
     let s = ms.max(0) / 1000;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s / 60),
-        3600..=86399 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
-    }
+    let (unit, name) = match s {
+        0..=59 => (1, "s"),
+        60..=3599 => (60, "m"),
+        3600..=86399 => (3600, "h"),
+        _ => (86400, "d"),
+    };
+    let n = if up { (s + unit - 1) / unit } else { s / unit };
+    format!("{n}{name}")
 }
 
 #[cfg(test)]
@@ -99,6 +103,9 @@ mod tests {
         assert_eq!(ago(0, 4_500), "4s ago");
         assert_eq!(ago(0, 7_200_000), "2h ago");
         assert_eq!(ago(10, 0), "0s ago");
+        // A deadline is rounded up: 2 days less a second is "in 2d".
+        assert_eq!(until(172_799_000, 0), "in 2d");
+        assert_eq!(ago(0, 172_799_000), "1d ago");
         assert_eq!(until(7 * 86_400_000, 0), "in 7d");
         let t = table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()]]);
         assert_eq!(t, "A    LONGER\nxyz  1\n");
