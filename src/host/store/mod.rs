@@ -568,6 +568,23 @@ pub const DEFAULT_PUBLISHED_PORTS: PortRange = PortRange {
 };
 
 impl SqliteStore {
+    /// The one token of a cluster-wide role (the admin's, the metrics
+    /// token) replaced by `hash`, in one transaction.
+    fn replace_role_token(&self, role: Role, hash: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM tokens WHERE role = ?1", [role.as_str()])?;
+            tx.execute(
+                "INSERT INTO tokens (hash, role, label, created_at_ms) VALUES (?1, ?2, ?2, ?3)",
+                params![hash, role.as_str(), now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+}
+
+impl SqliteStore {
     /// Sets how many ports one user's VPS may publish in all.
     pub fn set_published_per_user(&self, n: usize) {
         self.published_per_user.store(n, Ordering::Relaxed);
@@ -1053,29 +1070,11 @@ impl Store for SqliteStore {
     }
 
     fn rotate_admin_token(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute("DELETE FROM tokens WHERE role = 'admin'", [])?;
-            tx.execute(
-                "INSERT INTO tokens (hash, role, node, label, created_at_ms) VALUES (?1, 'admin', NULL, 'admin', ?2)",
-                params![hash, now_ms],
-            )?;
-            tx.commit()?;
-            Ok(())
-        })
+        self.replace_role_token(Role::Admin, hash, now_ms)
     }
 
     fn rotate_metrics_token(&self, hash: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute("DELETE FROM tokens WHERE role = 'metrics'", [])?;
-            tx.execute(
-                "INSERT INTO tokens (hash, role, label, created_at_ms) VALUES (?1, 'metrics', 'metrics', ?2)",
-                params![hash, now_ms],
-            )?;
-            tx.commit()?;
-            Ok(())
-        })
+        self.replace_role_token(Role::Metrics, hash, now_ms)
     }
 
     fn metrics_keys(&self) -> Vec<String> {
