@@ -51,6 +51,15 @@ if [ "$want_test" = 1 ]; then
     packages+=(python3-venv)
     # /metrics pages are checked with promtool (Debian's prometheus package).
     packages+=(prometheus)
+    # The dashboard's browser test drives Debian's Chromium (never a
+    # downloaded browser) with playwright-core.
+    packages+=(chromium)
+fi
+# The web dashboard is bundled at build time with Node.js and npm. A
+# machine may have them from elsewhere (NodeSource's nodejs carries npm):
+# Debian's packages only where there are none.
+if ! command -v npm >/dev/null 2>&1; then
+    packages+=(nodejs npm)
 fi
 
 missing=()
@@ -81,6 +90,24 @@ if [ "$want_test" = 1 ]; then
     getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
     getent passwd libvirt-qemu >/dev/null ||
         useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+fi
+
+# The dashboard's front-end packages, as web/package-lock.json pins them
+# (the build itself is then offline; build.rs runs this too when missing).
+web="$(cd "$(dirname "$0")/../web" && pwd)"
+if [ ! -d "$web/node_modules" ] || [ "$web/package-lock.json" -nt "$web/node_modules" ]; then
+    echo "setup: installing the dashboard's npm packages (web/package-lock.json)"
+    (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# schemathesis (PyPI), pinned, tests the host against its OpenAPI document.
+if [ "$want_test" = 1 ]; then
+    venv=/opt/rivernode-test/schemathesis
+    if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "4.32.5"; then
+        echo "setup: installing schemathesis 4.32.5 (PyPI) in $venv"
+        /usr/bin/python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check schemathesis==4.32.5
+    fi
 fi
 
 # The real `vastai` CLI (PyPI), pinned, for the in-instance API's test.

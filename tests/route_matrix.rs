@@ -46,6 +46,7 @@ enum Access {
 /// (method, path with `{node}`, `{task}`, `{user}` placeholders, access).
 const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/api/whoami", Access::Anyone),
+    ("GET", "/api/openapi.json", Access::Anyone),
     ("POST", "/api/users", Access::Admin),
     ("GET", "/api/users", Access::Admin),
     ("DELETE", "/api/users/{user}", Access::Admin),
@@ -354,5 +355,34 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+        // The OpenAPI document describes every route, each with its method.
+        let doc: serde_json::Value = reqwest::Client::new()
+            .get(format!("{url}/api/openapi.json"))
+            .bearer_auth(&vera)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let described: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(move |m| (m.to_ascii_uppercase(), shape(path)))
+            })
+            .collect();
+        let missing: Vec<String> = ROUTES
+            .iter()
+            .filter(|(m, p, _)| !described.contains(&(m.to_string(), shape(p))))
+            .map(|(m, p, _)| format!("{m} {p}"))
+            .collect();
+        assert!(missing.is_empty(), "not in /api/openapi.json: {missing:?}");
+        assert_eq!(described.len(), ROUTES.len(), "described: {described:?}");
     });
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub const KEY_VAR: &str = "CONTAINER_API_KEY";
 
 /// What an instance may do to itself with its key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SelfAction {
     Show,
@@ -21,7 +21,7 @@ pub enum SelfAction {
 }
 
 /// A runner's word that one of its instances asked this with this key.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SelfRequest {
     pub key: String,

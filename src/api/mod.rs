@@ -25,7 +25,7 @@ pub use task::{
 use crate::topology::{Inventory, Usage};
 
 /// Body of every non-2xx answer of the host and runner APIs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
 }
@@ -40,7 +40,7 @@ impl ErrorBody {
 }
 
 /// `POST /api/nodes/register`, authenticated with the cluster's join token.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterRequest {
     pub name: String,
     /// Where the host reaches this node's runner API.
@@ -57,7 +57,7 @@ pub struct RegisterRequest {
 
 /// The node's two secrets, shown once: `credential` authenticates the runner
 /// to the host; `host_token` is what the host presents to the runner API.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterResponse {
     pub name: String,
     pub credential: String,
@@ -65,7 +65,7 @@ pub struct RegisterResponse {
 }
 
 /// `PUT /api/nodes/{name}/heartbeat`, authenticated with the node credential.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatRequest {
     pub runner_url: String,
     pub heartbeat_interval_ms: u64,
@@ -79,7 +79,7 @@ pub struct HeartbeatRequest {
     pub degraded: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
     Online,
@@ -100,7 +100,7 @@ impl NodeState {
 }
 
 /// A node as the host knows it (`GET /api/nodes`, `GET /api/nodes/{name}`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub name: String,
     pub state: NodeState,
@@ -190,14 +190,14 @@ pub fn runner_origin(url: &str) -> Result<(String, String, u16), String> {
 }
 
 /// What the runner API answers on `GET /api/status`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunnerStatus {
     pub name: String,
     pub version: String,
 }
 
 /// `GET /api/environments`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Environments {
     pub shared_dir: String,
     pub environments: Vec<Environment>,
@@ -209,14 +209,14 @@ pub struct Environments {
     pub default_vm_image: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Environment {
     pub name: String,
     pub size_bytes: u64,
 }
 
 /// `GET /api/whoami`: the role the presented token carries.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WhoAmI {
     pub role: String,
     pub node: Option<String>,
@@ -233,7 +233,7 @@ pub struct WhoAmI {
 }
 
 /// `GET /api/users`: a user and how many of their tasks have not ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UserView {
     pub name: String,
     #[serde(default)]
@@ -246,7 +246,7 @@ pub struct UserView {
 }
 
 /// `POST /api/invitations`: the one-time code (shown once).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Invitation {
     pub code: String,
     /// What names it in `user invitations` and `user uninvite` (not the code).
@@ -258,13 +258,13 @@ pub struct Invitation {
 }
 
 /// `POST /api/metrics-token`: the scrape token (shown once).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MetricsToken {
     pub token: String,
 }
 
 /// The host's answer to a heartbeat: what the runner must know now.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatReply {
     /// Hashes of the tokens that may read the runner's /metrics.
     #[serde(default)]
@@ -272,7 +272,7 @@ pub struct HeartbeatReply {
 }
 
 /// An invitation as `GET /api/invitations` lists it (never its code).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InvitationView {
     pub id: String,
     pub role: PersonRole,
@@ -290,7 +290,7 @@ pub fn invitation_id(code_hash: &str) -> String {
 }
 
 /// Whose quota: one user's, or a group's (all its users together).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum QuotaScope {
     User,
@@ -307,7 +307,7 @@ impl QuotaScope {
 }
 
 /// The most one user or group may hold at once; none: no limit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaCaps {
     #[serde(default)]
@@ -391,7 +391,7 @@ impl QuotaCaps {
 }
 
 /// What a user or group holds now (placed work only).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuotaUse {
     pub gpus: u64,
     pub vps: u64,
@@ -415,7 +415,7 @@ impl QuotaUse {
 }
 
 /// A quota with what its user or group holds now.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuotaView {
     pub scope: QuotaScope,
     pub name: String,
@@ -426,7 +426,7 @@ pub struct QuotaView {
 /// What a person's token may do (the admin's is not a person's): `viewer`
 /// reads the cluster, `user` runs their own work, `operator` also runs
 /// everyone's (approves, stops, kills) without reaching inside it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PersonRole {
     Viewer,
@@ -458,7 +458,7 @@ impl std::str::FromStr for PersonRole {
 }
 
 /// `POST /api/users`: the new user's token, shown once.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewUser {
     pub name: String,
     pub token: String,

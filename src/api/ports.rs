@@ -20,7 +20,7 @@ pub const IDENTITY_FROM: u32 = 70000;
 pub const JUPYTER_PORT: u32 = 8080;
 
 /// One `-p` as the user wrote it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortRequest {
     /// The instance's port (1-65535), or an identity request (70000 and up).
@@ -87,7 +87,7 @@ impl std::fmt::Display for PortRequest {
 
 /// A published port as placed: which request, where inside, the node port
 /// the node DNATs to it, the host's external port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Published {
     pub request: u32,
     pub proto: Proto,
@@ -129,7 +129,7 @@ pub fn check_requests(requests: &[PortRequest]) -> Result<(), String> {
 /// `PUT /api/nodes/{node}/tasks/{id}/expose`: the image's `EXPOSE`d ports,
 /// found by the runner once it has the image; the host publishes those the
 /// instance lacks and answers with its placement.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExposeRequest {
     #[serde(default)]

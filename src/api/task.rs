@@ -15,7 +15,7 @@ use crate::topology::{CpuList, PciAddress};
 /// are ends: a command never leaves one, a VPS leaves `completed`, `failed`,
 /// `killed` and `killed_oom` only by a restart or a delete (its disk is kept
 /// until then), and nothing leaves `deleted`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// A user's request that waits for an operator (`rivernode approve`);
@@ -132,7 +132,7 @@ impl FromStr for TaskState {
 }
 
 /// What the user wants the task to be doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Desired {
     Running,
@@ -150,7 +150,7 @@ pub enum Desired {
 }
 
 /// Where the root filesystem comes from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageSource {
     /// `SHARED_DIR/environments/<name>.tar`, imported by the runner.
@@ -179,7 +179,7 @@ impl std::fmt::Display for ImageSource {
 
 /// `vps restart --from-snapshot`: the runner recreates the instance's disk
 /// from `snapshot` once for each `request` (a new request, a new restore).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Restore {
     pub snapshot: String,
     pub request: i64,
@@ -187,7 +187,7 @@ pub struct Restore {
 
 /// A VPS snapshot: a container's filesystem changes committed as an image
 /// on its node, or a copy of a VM's disk there.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SnapshotView {
     /// Unique per VPS and ordered by creation (milliseconds since the epoch, made distinct).
     pub id: String,
@@ -206,7 +206,7 @@ pub struct SnapshotView {
 }
 
 /// How a VM's disk was when a snapshot copied it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Consistency {
     /// The VM was off.
@@ -228,7 +228,7 @@ impl std::fmt::Display for Consistency {
 }
 
 /// `POST /api/vps/snapshots/{id}` (body optional).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     #[serde(default)]
@@ -236,7 +236,7 @@ pub struct SnapshotRequest {
 }
 
 /// `POST /api/tasks/{id}/restart` (body optional).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestartRequest {
     /// Restore the disk from this snapshot first; `"latest"` for the newest.
@@ -244,7 +244,7 @@ pub struct RestartRequest {
     pub from_snapshot: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MountSpec {
     pub source: String,
     pub target: String,
@@ -253,7 +253,7 @@ pub struct MountSpec {
 }
 
 /// `POST /api/tasks`: a command task as submitted.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     pub command: Vec<String>,
@@ -357,7 +357,7 @@ impl TaskSpec {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     #[default]
@@ -370,7 +370,7 @@ fn one() -> u32 {
 }
 
 /// Where the scheduler put a task: what the ledger holds for it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Placement {
     pub node: String,
     /// The NUMA node everything sits on, if it fits on one.
@@ -397,7 +397,7 @@ impl Placement {
 }
 
 /// A task as the host reports it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskView {
     pub id: u64,
     pub state: TaskState,
@@ -431,7 +431,7 @@ pub struct TaskView {
 
 /// A node's word on how far it got making an instance: `phase` is what it
 /// does (`pulling`, `importing`, `unpacking`), bytes of it done and in all.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskProgress {
     pub phase: String,
     /// What is pulled or imported (an image reference, an environment).
@@ -441,7 +441,7 @@ pub struct TaskProgress {
 }
 
 /// What a runner must converge to for one task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Assignment {
     pub id: u64,
     pub desired: Desired,
@@ -470,7 +470,7 @@ pub struct Assignment {
 
 /// `GET /api/nodes/{name}/assignments?after=REV`: answered when the node's
 /// assignments change after revision `after` (or at the long-poll timeout).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Assignments {
     pub revision: u64,
     pub tasks: Vec<Assignment>,
@@ -480,7 +480,7 @@ pub struct Assignments {
 pub const LOG_STREAMS: [&str; 4] = ["stdout", "stderr", "onstart.stdout", "onstart.stderr"];
 
 /// `POST /api/users/{name}/env`: variables to set and to remove.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserEnvChange {
     #[serde(default)]
@@ -490,7 +490,7 @@ pub struct UserEnvChange {
 }
 
 /// `PUT /api/nodes/{name}/tasks/{id}`: what the runner observed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskReport {
     pub state: TaskState,
     pub exit_code: Option<i32>,
@@ -500,7 +500,7 @@ pub struct TaskReport {
     pub ssh_host_key: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubmitResponse {
     pub id: u64,
     pub state: TaskState,

@@ -191,6 +191,7 @@ pub fn router(state: Arc<HostState>) -> Router {
         }));
     let authenticated = Router::new()
         .route("/api/whoami", get(whoami))
+        .route("/api/openapi.json", get(openapi_document))
         .merge(people)
         .merge(submitters)
         .merge(readers)
@@ -208,12 +209,58 @@ pub fn router(state: Arc<HostState>) -> Router {
     // person redeeming it has no token yet.
     Router::new()
         .route("/api/invitations/redeem", post(redeem))
+        .merge(super::dashboard::routes())
         .merge(authenticated)
+        .layer(middleware::map_response(json_refusals))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             super::metrics::track,
         ))
         .with_state(state)
+}
+
+/// axum's own refusals (a path segment that does not parse, a method the
+/// route lacks, a body over the limit) are plain text; every refusal of
+/// this API is an `ErrorBody`, as its OpenAPI document says, so a client
+/// reads one shape.
+async fn json_refusals(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let error = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_lowercase()
+    } else {
+        text
+    };
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let body = serde_json::to_vec(&ErrorBody { error }).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// `GET /api/openapi.json`: every route and wire type (`host::openapi`).
+async fn openapi_document() -> ([(axum::http::HeaderName, &'static str); 1], &'static str) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        super::openapi::json(),
+    )
 }
 
 /// `POST /api/metrics-token`: the token Prometheus scrapes the host and
@@ -233,9 +280,9 @@ async fn rotate_metrics_token(
     ))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Invite {
+pub(super) struct Invite {
     #[serde(default)]
     role: crate::api::PersonRole,
     #[serde(default)]
@@ -304,9 +351,9 @@ async fn revoke_invitation(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Redeem {
+pub(super) struct Redeem {
     name: String,
 }
 
@@ -358,9 +405,9 @@ async fn whoami(
     })
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AddUser {
+pub(super) struct AddUser {
     name: String,
     /// What the person's token may do (default `user`).
     #[serde(default)]
@@ -469,9 +516,9 @@ async fn list_users(State(state): State<Arc<HostState>>) -> Result<Json<Vec<User
     Ok(Json(state.blocking(|s| s.list_users()).await?))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SetPerson {
+pub(super) struct SetPerson {
     #[serde(default)]
     role: Option<crate::api::PersonRole>,
     /// A group to put them in.
@@ -550,7 +597,7 @@ async fn get_node(
 }
 
 /// `POST /api/join-token`: what a rotation asks for.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateJoinToken {
     /// How long the new token stays valid; none: until the next rotation.
@@ -559,7 +606,7 @@ pub struct RotateJoinToken {
 }
 
 /// The new join token (shown once), when it expires, and where the host wrote it.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct JoinTokenView {
     pub token: String,
     pub expires_at_unix_ms: Option<i64>,

@@ -137,11 +137,38 @@ impl Principal {
 /// so a leaked token is recognisable.
 pub use crate::api::token::{generate as generate_token, hash as hash_token};
 
-/// The token of an `Authorization: Bearer <token>` header.
+/// The websocket subprotocol a browser names its token with: a page's
+/// script cannot set `Authorization` on a websocket, and a token in the URL
+/// would end up in logs (Kubernetes does the same).
+pub const WS_BEARER_PREFIX: &str = "rivernode.bearer.";
+
+/// The subprotocol the exec and forward websockets answer with.
+pub const WS_PROTOCOL: &str = "rivernode.exec";
+
+/// The token a websocket upgrade offers as a `rivernode.bearer.<token>`
+/// subprotocol; only upgrades carry one this way.
+pub fn websocket_bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let upgrade = headers.get(axum::http::header::UPGRADE)?.to_str().ok()?;
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return None;
+    }
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(WS_BEARER_PREFIX))
+        .filter(|t| !t.is_empty())
+}
+
+/// The token of an `Authorization: Bearer <token>` header (or, for a
+/// browser's websocket, of its subprotocol: `websocket_bearer`).
 pub fn bearer(req: &Request) -> Result<&str, ApiError> {
-    let value = req.headers().get(AUTHORIZATION).ok_or_else(|| {
-        ApiError::Unauthorized("missing Authorization: Bearer <token> header".into())
-    })?;
+    let Some(value) = req.headers().get(AUTHORIZATION) else {
+        return websocket_bearer(req.headers()).ok_or_else(|| {
+            ApiError::Unauthorized("missing Authorization: Bearer <token> header".into())
+        });
+    };
     let text = value
         .to_str()
         .map_err(|_| ApiError::Unauthorized("Authorization header is not text".into()))?;
@@ -213,6 +240,28 @@ mod tests {
         assert_eq!(node_in_path("/api/nodes/n1/heartbeat"), Some("n1"));
         assert_eq!(node_in_path("/api/nodes/n1/tasks/7"), Some("n1"));
         assert_eq!(node_in_path("/api/tasks/7"), None);
+    }
+
+    #[test]
+    fn a_browser_names_its_token_as_a_websocket_subprotocol() {
+        use axum::http::{header, HeaderMap, HeaderValue};
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("rivernode.exec, rivernode.bearer.rnusr_abc"),
+        );
+        assert_eq!(
+            websocket_bearer(&h),
+            None,
+            "only an upgrade carries a token this way"
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(websocket_bearer(&h), Some("rnusr_abc"));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("rivernode.exec, rivernode.bearer."),
+        );
+        assert_eq!(websocket_bearer(&h), None, "an empty token is none");
     }
 
     #[test]

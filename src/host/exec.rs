@@ -62,12 +62,15 @@ pub async fn forward(
 
 type WsRejection = axum::extract::ws::rejection::WebSocketUpgradeRejection;
 
+/// The client's upgrade, answering a browser's subprotocol (which it must
+/// see echoed, or it drops the socket).
 fn upgrade(ws: Result<WebSocketUpgrade, WsRejection>) -> Result<WebSocketUpgrade, ApiError> {
-    ws.map_err(|e| {
-        ApiError::BadRequest(format!(
-            "this route is a websocket (Upgrade: websocket): {e}"
-        ))
-    })
+    ws.map(|ws| ws.protocols([super::auth::WS_PROTOCOL]))
+        .map_err(|e| {
+            ApiError::BadRequest(format!(
+                "this route is a websocket (Upgrade: websocket): {e}"
+            ))
+        })
 }
 
 /// Why a task in `state` cannot be reached, and what the user can do.

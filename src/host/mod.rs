@@ -4,10 +4,12 @@
 pub mod api;
 pub mod approval;
 pub mod auth;
+pub mod dashboard;
 mod exec;
 pub mod front_door;
 pub mod idle;
 pub mod metrics;
+pub mod openapi;
 pub mod proxy;
 pub mod quota;
 pub mod scheduler;

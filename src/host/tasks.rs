@@ -828,9 +828,9 @@ async fn approve(
     Ok(Json(outward(&state, &p, t)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExemptRequest {
+pub(super) struct ExemptRequest {
     exempt: bool,
 }
 
@@ -850,9 +850,9 @@ async fn idle_exempt(
     Ok(Json(outward(&state, &p, t)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RejectRequest {
+pub(super) struct RejectRequest {
     reason: String,
 }
 

@@ -127,6 +127,18 @@ impl fmt::Display for CpuList {
     }
 }
 
+/// In the API a CPU list is the kernel's text, `0-3,8`.
+impl utoipa::PartialSchema for CpuList {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .examples(["0-3,8"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for CpuList {}
+
 impl Serialize for CpuList {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)

@@ -53,7 +53,7 @@ pub enum TopologyError {
 }
 
 /// One logical CPU.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Cpu {
     pub id: u32,
     /// Physical core id, unique within its package.
@@ -65,7 +65,7 @@ pub struct Cpu {
     pub thread_siblings: CpuList,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NumaNode {
     pub id: u32,
     /// Online CPUs of the node; empty for a memory-only node.
@@ -74,7 +74,7 @@ pub struct NumaNode {
 }
 
 /// What a runner reports about its machine at registration and in heartbeats.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Inventory {
     pub hostname: String,
     pub kernel: String,

@@ -58,7 +58,7 @@ struct NvmlMemory {
 }
 
 /// One GPU's reading, for heartbeats (the idle-GPU check) and metrics.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct GpuSample {
     pub address: PciAddress,
     /// Busy share of NVML's last sample period, 0–100.

@@ -81,6 +81,19 @@ impl fmt::Display for PciAddress {
     }
 }
 
+/// In the API a PCI address is its text, `dddd:bb:ss.f`.
+impl utoipa::PartialSchema for PciAddress {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some("^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\\.[0-7]$"))
+            .examples(["0000:3b:00.0"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for PciAddress {}
+
 impl Serialize for PciAddress {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -96,7 +109,7 @@ impl<'de> Deserialize<'de> for PciAddress {
 }
 
 /// One PCI function as the inventory reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PciFunction {
     pub address: PciAddress,
     /// 24-bit class code, e.g. 0x030000 for a VGA controller.
@@ -108,7 +121,7 @@ pub struct PciFunction {
 }
 
 /// A GPU (PCI class 03xx: VGA, 3D or other display controller).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Gpu {
     pub address: PciAddress,
     pub vendor_id: u16,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{meminfo_field, read_trimmed, TopologyError};
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     /// Busy share of all CPUs since the previous sample, 0–100.
     pub cpu_percent: f64,
