@@ -2,9 +2,11 @@
 //! esbuild) into `$OUT_DIR/web`, where `host::dashboard` embeds it in the
 //! binary: the host serves it with no files beside it and no CDN.
 //!
-//! `npm ci` runs here only when `web/node_modules` is missing (setup.sh
-//! runs it first); the bundling itself is offline. `RIVERNODE_WEB_DIST`
-//! names a folder already built (`node web/build.mjs DIR`) instead.
+//! The packages come from `npm ci` in `web/` (setup.sh runs it): a build
+//! fetches nothing and writes nothing into the source tree, and it refuses
+//! to bundle packages older than `web/package-lock.json` says.
+//! `RIVERNODE_WEB_DIST` names a folder already built (`node web/build.mjs
+//! DIR`) instead.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +21,7 @@ fn main() {
     if let Some(dist) = std::env::var_os("RIVERNODE_WEB_DIST") {
         for file in ["index.html", "app.js", "app.css"] {
             let from = Path::new(&dist).join(file);
+            println!("cargo:rerun-if-changed={}", from.display());
             if let Err(e) = std::fs::copy(&from, out.join(file)) {
                 fail(&format!("RIVERNODE_WEB_DIST: {}: {e}", from.display()));
             }
@@ -26,13 +29,23 @@ fn main() {
         return;
     }
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("web");
-    if !web.join("node_modules").is_dir() {
-        run(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-                .current_dir(&web),
-            "npm ci in web/",
-        );
+    // npm writes this file last in `npm ci`: older than the lock file means
+    // the packages are not the ones it pins.
+    let installed = web.join("node_modules/.package-lock.json");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (
+        modified(&installed),
+        modified(&web.join("package-lock.json")),
+    ) {
+        (None, _) => {
+            fail("web/node_modules is missing: run `npm ci` in web/ (scripts/setup.sh does)")
+        }
+        // (npm writes both files at once on `npm install`: a second's slack.)
+        (Some(i), Some(l)) if i + std::time::Duration::from_secs(1) < l => fail(
+            "web/node_modules is older than web/package-lock.json: run `npm ci` in web/ \
+             (scripts/setup.sh does)",
+        ),
+        _ => {}
     }
     run(
         Command::new("node")

@@ -690,9 +690,11 @@ async fn rotate_user_token(
     State(state): State<Arc<HostState>>,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
-    ApiJson(req): ApiJson<RotateJoinToken>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<NewUser>), ApiError> {
     for_user(&p, &name, "rotate the token")?;
+    // No body: no expiry.
+    let req: RotateJoinToken = super::snapshots::optional_body(&body)?;
     let now = crate::now_unix_ms();
     if name == "admin" {
         return rotate_admin_token(&state, &p, req.expires_in_ms, now).await;
@@ -751,8 +753,10 @@ async fn rotate_admin_token(
 /// a removed node's name can come back only with the new token.
 async fn rotate_join_token(
     State(state): State<Arc<HostState>>,
-    ApiJson(req): ApiJson<RotateJoinToken>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
+    // No body: a token without expiry.
+    let req: RotateJoinToken = super::snapshots::optional_body(&body)?;
     let now = crate::now_unix_ms();
     let expires_at = expiry(now, req.expires_in_ms)?;
     let token = generate_token("rnjoin");

@@ -17,12 +17,15 @@ const INDEX: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/web/index.html"))
 const APP_JS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/web/app.js"));
 const APP_CSS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/web/app.css"));
 
-/// Only the host's own scripts, styles and API: an injected string in a
-/// task's name or log cannot run, and no page elsewhere may frame this one.
-/// `connect-src 'self'` covers the exec websocket on the same origin.
+/// Only the host's own scripts, stylesheets and API: an injected string in
+/// a task's name or log cannot run, and no page elsewhere may frame this
+/// one. `connect-src 'self'` covers the exec websocket on the same origin.
+/// Style *attributes* may be inline: xterm.js colours 24-bit text with
+/// them, and with no other source of fonts or images allowed, a style can
+/// carry nothing out of the page.
 pub const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-     img-src 'self' data:; font-src 'self'; connect-src 'self'; base-uri 'none'; \
-     form-action 'none'; frame-ancestors 'none'";
+     style-src-attr 'unsafe-inline'; img-src 'self' data:; font-src 'self'; \
+     connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 fn asset(
     body: &'static [u8],

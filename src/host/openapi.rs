@@ -60,8 +60,17 @@ enum Answer {
     WebSocket,
 }
 
-/// A query parameter: name, is it an integer, description.
-type Query = (&'static str, bool, &'static str);
+/// What a parameter holds.
+#[derive(Clone, Copy)]
+enum Value {
+    Integer,
+    Text,
+    OneOf(&'static [&'static str]),
+    Schema(SchemaOf),
+}
+
+/// A query parameter: name, what it holds, whether it is required, description.
+type Query = (&'static str, Value, bool, &'static str);
 
 /// One route of the host API.
 struct Row {
@@ -162,9 +171,10 @@ fn rows() -> Vec<Row> {
             .body(named::<wire::RegisterRequest>)
             .errors(&[400, 403, 409]),
         row(Put, "/api/nodes/{name}/heartbeat", "A runner's heartbeat. That node's credential.", Json(200, named::<wire::HeartbeatReply>))
-            .body(named::<wire::HeartbeatRequest>),
+            .body(named::<wire::HeartbeatRequest>)
+            .errors(&[400, 403, 404, 409]),
         row(Get, "/api/nodes/{name}/assignments", "What the node should run (long-poll). That node's credential.", Json(200, named::<wire::Assignments>))
-            .query(&[("after", true, "answer once the revision is past this one"), ("wait_ms", true, "how long to wait, at most 60000")]),
+            .query(&[("after", Value::Integer, false, "answer once the revision is past this one"), ("wait_ms", Value::Integer, false, "how long to wait, at most 60000")]),
         row(Put, "/api/nodes/{name}/tasks/{id}", "A runner reports a task's state. That node's credential.", Json(200, named::<TaskView>))
             .body(named::<wire::TaskReport>)
             .errors(&[400, 403, 404, 409]),
@@ -179,16 +189,16 @@ fn rows() -> Vec<Row> {
         // Tasks and VPS.
         row(Post, "/api/tasks", "Submit a command task or a VPS. Admin, operators, users.", Json(201, named::<wire::SubmitResponse>))
             .body(named::<TaskSpec>)
-            .errors(&[400, 403, 404, 409, 429]),
+            .errors(&[400, 403, 404, 409, 429, 502]),
         row(Get, "/api/tasks", "Tasks: a user's own, everyone's for the admin, operators and viewers. People.", Json(200, list_of::<TaskView>))
-            .query(&[("state", false, "only tasks in this state"), ("node", false, "only tasks on this node")]),
+            .query(&[("state", Value::Schema(named::<wire::TaskState>), false, "only tasks in this state"), ("node", Value::Text, false, "only tasks on this node")]),
         row(Get, "/api/tasks/{id}", "One task. Its owner, the admin, operators, viewers.", Json(200, named::<TaskView>)),
         row(Get, "/api/tasks/{id}/logs", "A task's output from an offset. Its owner and the admin.", Log)
-            .query(&[("stream", false, "stdout (default), stderr, onstart"), ("offset", true, "the first byte to read")])
+            .query(&[("stream", Value::OneOf(&wire::LOG_STREAMS), false, "which output (default stdout)"), ("offset", Value::Integer, false, "the first byte to read")])
             .errors(ON_TASK),
         row(Get, "/api/tasks/{id}/exec", "A websocket to a command in the instance (the exec protocol). Its owner and the admin.", WebSocket).errors(ON_TASK),
         row(Get, "/api/tasks/{id}/forward", "A websocket to a port of the instance. Its owner and the admin.", WebSocket)
-            .query(&[("port", true, "the instance's port"), ("proto", false, "tcp (default) or udp")])
+            .query(&[("port", Value::Integer, true, "the instance's port"), ("proto", Value::OneOf(&["tcp", "udp"]), false, "tcp (default) or udp")])
             .errors(ON_TASK),
         row(Post, "/api/tasks/{id}/kill", "End a task. Its owner, the admin, operators.", Json(200, named::<TaskView>)).errors(ON_TASK),
         row(Post, "/api/tasks/{id}/stop", "Stop a VPS, keeping its disk. Its owner, the admin, operators.", Json(200, named::<TaskView>)).errors(ON_TASK),
@@ -241,23 +251,26 @@ pub fn document() -> OpenApi {
             .summary(Some(r.summary))
             .operation_id(Some(operation_id(r.method.clone(), r.path)));
         for name in path_params(r.path) {
-            let integer = name == "id";
             op = op.parameter(
                 ParameterBuilder::new()
                     .name(name)
                     .parameter_in(ParameterIn::Path)
                     .required(Required::True)
-                    .schema(Some(scalar(integer))),
+                    .schema(Some(value_schema(path_param(r.path, name), &mut schemas))),
             );
         }
-        for (name, integer, what) in r.query {
+        for (name, value, required, what) in r.query {
             op = op.parameter(
                 ParameterBuilder::new()
                     .name(*name)
                     .parameter_in(ParameterIn::Query)
-                    .required(Required::False)
+                    .required(if *required {
+                        Required::True
+                    } else {
+                        Required::False
+                    })
                     .description(Some(*what))
-                    .schema(Some(scalar(*integer))),
+                    .schema(Some(value_schema(*value, &mut schemas))),
             );
         }
         if let Some(body) = r.body {
@@ -308,6 +321,17 @@ pub fn document() -> OpenApi {
                 ),
             ),
         };
+        // Refusals no row names (a method the route lacks, a body over
+        // the limit, a fault of the host) still have the error body.
+        responses = responses.response(
+            "default",
+            ResponseBuilder::new()
+                .description("any other refusal")
+                .content(
+                    "application/json",
+                    ContentBuilder::new().schema(Some(error.clone())).build(),
+                ),
+        );
         let mut codes = r.errors.to_vec();
         codes.push(401);
         codes.sort_unstable();
@@ -352,17 +376,32 @@ pub fn document() -> OpenApi {
         .build()
 }
 
-fn scalar(integer: bool) -> RefOr<Schema> {
-    if integer {
-        ObjectBuilder::new()
+/// What the path parameter `name` of `path` holds.
+fn path_param(path: &str, name: &str) -> Value {
+    match name {
+        // An invitation's id is the first 12 hex digits of its code's hash.
+        "id" if path.starts_with("/api/invitations/") => Value::Text,
+        "id" => Value::Integer,
+        "scope" => Value::Schema(named::<wire::QuotaScope>),
+        _ => Value::Text,
+    }
+}
+
+fn value_schema(v: Value, schemas: &mut Schemas) -> RefOr<Schema> {
+    match v {
+        Value::Integer => ObjectBuilder::new()
             .schema_type(Type::Integer)
             .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
                 utoipa::openapi::KnownFormat::Int64,
             )))
             .minimum(Some(0))
-            .into()
-    } else {
-        ObjectBuilder::new().schema_type(Type::String).into()
+            .into(),
+        Value::Text => ObjectBuilder::new().schema_type(Type::String).into(),
+        Value::OneOf(values) => ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(values.iter().copied()))
+            .into(),
+        Value::Schema(s) => s(schemas),
     }
 }
 
@@ -398,7 +437,7 @@ pub fn json() -> &'static str {
     DOC.get_or_init(|| {
         document()
             .to_json()
-            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string())
     })
 }
 

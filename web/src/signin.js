@@ -50,7 +50,7 @@ export function SignIn({ onSignedIn, error: initialError }) {
           <input
             type="password"
             data-test="token"
-            autocomplete="current-password"
+            autocomplete="off"
             autofocus
             placeholder="rnusr_…"
             value=${value}

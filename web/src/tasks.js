@@ -11,14 +11,15 @@ import { bytes, imageText, progressText } from './format.js';
 export const FINAL = ['completed', 'failed', 'killed', 'killed_oom', 'deleted', 'rejected'];
 
 /**
- * What a person may do to a task, as the host's Principal decides it:
- * `use` (exec, logs, snapshots, delete) is the admin's, or the owner's;
- * `operate` (stop, start, pause, kill) is also every operator's; viewers
- * change nothing.
+ * What a person may do to a task, as the host's Principal decides it
+ * (`may_use`, `may_operate`): `use` (exec, logs, snapshots, delete) is the
+ * admin's, or the owner's whatever their role (a viewer who once was a
+ * user still owns their VPS); `operate` (stop, start, pause, kill) is also
+ * every operator's, but never a viewer's.
  */
 export function rights(me, task) {
   const own = me.user != null && task.owner === me.user;
-  const use = me.role === 'admin' || (me.role !== 'viewer' && own);
+  const use = me.role === 'admin' || own;
   const operate = me.role === 'operator' || (me.role !== 'viewer' && use);
   return { use, operate };
 }

@@ -250,6 +250,11 @@ async function main() {
   page.on('pageerror', (e) => consoleErrors.push(`uncaught: ${e.message}`));
   try {
     await run(page);
+    // A script error, or something the Content-Security-Policy refused,
+    // is a failure even where the steps passed (a failed fetch the page
+    // shows, such as a 404 for a log not written yet, is not).
+    const broken = consoleErrors.filter((e) => e.startsWith('uncaught:') || /Content Security Policy|Refused to/.test(e));
+    if (broken.length) throw new Error(`the page logged errors:\n  ${broken.join('\n  ')}`);
     log('ok');
   } catch (e) {
     console.error(`dashboard: FAILED: ${e.message}`);
