@@ -1,6 +1,7 @@
 //! One stream through the SSH proxy on loopback: throughput and the proxy's
 //! CPU-seconds per GB, direct vs the userspace-copy relay vs the splice
-//! relay, in the same run, printed with ratios.
+//! relay vs HAProxy (Debian's, `option splice-auto`), in the same run,
+//! printed with ratios.
 //!
 //! The sender and the receiver run as child processes (this binary again,
 //! with BENCH_ROLE set), so this process's CPU time is the proxy's alone.
@@ -64,8 +65,72 @@ fn source(addr: &str, handshake: bool) {
     s.shutdown(std::net::Shutdown::Write).unwrap();
 }
 
+/// HAProxy (Debian's) as the same relay, tuned as a splice relay is:
+/// `option splice-auto`, 1 MiB pipes, large buffers. Returns it and its
+/// listening address.
+fn haproxy(dir: &std::path::Path, to: SocketAddr) -> (std::process::Child, SocketAddr) {
+    // A free port: bound, read, released (HAProxy cannot report one it picks).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 64\n  tune.bufsize 262144\n  tune.pipesize 1048576\n\
+             defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             listen bench\n  bind 127.0.0.1:{port}\n  server sink {to}\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&cfg)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("haproxy (Debian's haproxy package)");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, addr)
+}
+
+/// A process's CPU-seconds so far, from /proc/PID/stat (utime + stime).
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // /proc counts in USER_HZ, which Linux fixes at 100 for every architecture's ABI.
+    let tick = 100.0;
+    (f[0] + f[1]) as f64 / tick
+}
+
+/// How the bytes go from the source to the sink.
+#[derive(Clone, Copy)]
+enum Via {
+    Direct,
+    Proxy(RelayMode),
+    HaProxy,
+}
+
 /// Sends BYTES through `via` (or straight to the sink); returns (seconds, proxy CPU-seconds).
-fn run(rt: &tokio::runtime::Runtime, mode: Option<RelayMode>) -> (f64, f64) {
+fn run(rt: &tokio::runtime::Runtime, via: Via) -> (f64, f64) {
+    let mode = match via {
+        Via::Proxy(m) => Some(m),
+        _ => None,
+    };
     let me = std::env::current_exe().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port_file = dir.path().join("port");
@@ -86,7 +151,13 @@ fn run(rt: &tokio::runtime::Runtime, mode: Option<RelayMode>) -> (f64, f64) {
         std::thread::sleep(Duration::from_millis(5));
     };
     let sink_addr: SocketAddr = format!("127.0.0.1:{sink_port}").parse().unwrap();
+    let mut haproxy_child = None;
     let target = match mode {
+        None if matches!(via, Via::HaProxy) => {
+            let (child, addr) = haproxy(dir.path(), sink_addr);
+            haproxy_child = Some(child);
+            addr
+        }
         None => sink_addr,
         Some(m) => {
             let l = rt
@@ -104,7 +175,11 @@ fn run(rt: &tokio::runtime::Runtime, mode: Option<RelayMode>) -> (f64, f64) {
             a
         }
     };
-    let cpu0 = cpu_seconds();
+    let proxy_cpu = || match &haproxy_child {
+        Some(c) => cpu_seconds_of(c.id()),
+        None => cpu_seconds(),
+    };
+    let cpu0 = proxy_cpu();
     let t = Instant::now();
     let status = Command::new(&me)
         .env("BENCH_ROLE", "source")
@@ -115,7 +190,11 @@ fn run(rt: &tokio::runtime::Runtime, mode: Option<RelayMode>) -> (f64, f64) {
     assert!(status.success());
     let out = sink.wait_with_output().unwrap();
     let secs = t.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = proxy_cpu() - cpu0;
+    if let Some(mut c) = haproxy_child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     let got: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert_eq!(got, BYTES, "every byte arrived");
     (secs, cpu)
@@ -138,9 +217,18 @@ fn main() {
         .build()
         .unwrap();
     let gb = BYTES as f64 / 1e9;
-    let (d, _) = run(&rt, None);
-    let (c, c_cpu) = run(&rt, Some(RelayMode::Copy));
-    let (s, s_cpu) = run(&rt, Some(RelayMode::Splice));
+    let (d, _) = run(&rt, Via::Direct);
+    let (c, c_cpu) = run(&rt, Via::Proxy(RelayMode::Copy));
+    let (s, s_cpu) = run(&rt, Via::Proxy(RelayMode::Splice));
+    // HAProxy is Debian's `haproxy` package (not installed by setup.sh: its
+    // package starts a service).
+    let has_haproxy = Command::new("haproxy").arg("-v").output().is_ok();
+    let (h, h_cpu) = if has_haproxy {
+        run(&rt, Via::HaProxy)
+    } else {
+        println!("ssh_proxy: no haproxy row: `apt-get install haproxy` to compare with it");
+        (f64::NAN, f64::NAN)
+    };
     println!("ssh_proxy: {:.2} GB per run, one stream on loopback", gb);
     println!("ssh_proxy: direct        {:6.2} GB/s", gb / d);
     println!(
@@ -153,7 +241,17 @@ fn main() {
         gb / s,
         s_cpu / gb
     );
+    println!(
+        "ssh_proxy: haproxy       {:6.2} GB/s, {:.3} proxy CPU-s/GB (option splice-auto)",
+        gb / h,
+        h_cpu / gb
+    );
     println!("ssh_proxy: ratio splice/direct throughput {:.2}", d / s);
+    println!(
+        "ssh_proxy: ratio splice/haproxy throughput {:.2}, CPU per GB {:.2}",
+        h / s,
+        s_cpu / h_cpu.max(1e-9)
+    );
     println!(
         "ssh_proxy: ratio splice/copy CPU per GB {:.2}",
         s_cpu / c_cpu

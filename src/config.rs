@@ -207,6 +207,9 @@ layered_config! {
         http_header_timeout: HumanDuration = HumanDuration(Duration::from_secs(10)),
         /// Connections the API holds open at once; one more is closed at once.
         http_max_connections: usize = 1024,
+        /// Tunnels the SSH proxy holds open at once (each holds two descriptors;
+        /// fewer when the host's descriptor limit is lower: see the log).
+        ssh_proxy_max_tunnels: usize = 16384,
         /// Tasks one user may have waiting for resources at once; one more is refused (429).
         /// The admin is not capped.
         max_waiting_per_user: u32 = 1000,

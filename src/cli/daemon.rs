@@ -45,6 +45,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         privileged_users: None,
         http_header_timeout: args.http_header_timeout,
         http_max_connections: None,
+        ssh_proxy_max_tunnels: None,
         max_waiting_per_user: args.max_waiting_per_user,
         default_environment: args.default_environment.clone().map(Some),
         default_vm_image: args.default_vm_image.clone().map(Some),

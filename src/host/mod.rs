@@ -253,11 +253,21 @@ impl BoundHost {
         let tunnels = Arc::new(Tunnels {
             state: self.state.clone(),
         });
+        let descriptors = proxy::raise_descriptor_limit();
+        let max_tunnels = proxy::tunnel_cap(self.config.ssh_proxy_max_tunnels, descriptors);
+        if max_tunnels < self.config.ssh_proxy_max_tunnels {
+            tracing::warn!(
+                max_tunnels,
+                descriptors,
+                "the descriptor limit (RLIMIT_NOFILE) caps the SSH proxy's tunnels below ssh_proxy_max_tunnels; raise LimitNOFILE"
+            );
+        }
         let proxy = tokio::spawn(proxy::serve(
             self.ssh_listener,
             tunnels,
             proxy::ProxyConfig {
                 stats: self.state.metrics.proxy.clone(),
+                max_connections: max_tunnels,
                 ..Default::default()
             },
         ));

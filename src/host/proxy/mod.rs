@@ -64,6 +64,35 @@ impl Default for ProxyConfig {
 
 pub(crate) use crate::api::http::PerPeer;
 
+/// Descriptors the host keeps for everything but tunnels: its database,
+/// API connections, published ports, runner calls, spare pipes.
+const RESERVED_DESCRIPTORS: u64 = 4096;
+
+/// How many tunnels the proxy may hold with `limit` descriptors: each holds
+/// two sockets, and a third descriptor's worth of room for the pipes of
+/// tunnels moving bytes at that moment (`relay`'s pool).
+pub fn tunnel_cap(configured: usize, limit: u64) -> usize {
+    let room = limit.saturating_sub(RESERVED_DESCRIPTORS) / 3;
+    configured
+        .min(usize::try_from(room).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+/// Raises this process's soft descriptor limit to its hard one (a daemon
+/// with thousands of sockets needs more than the usual soft 1024; the
+/// systemd unit sets both high) and returns the limit now in force.
+pub fn raise_descriptor_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(_) => soft,
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
 /// TCP keepalive: a peer that vanished without a FIN frees its tunnel
 /// within minutes instead of never.
 pub(crate) fn keepalive(s: &TcpStream) {

@@ -2,6 +2,8 @@
 //! pipe per direction (the kernel moves pages; nothing is copied to user
 //! space), or a plain userspace copy behind the same interface.
 //!
+//! Pipes are pooled: a direction holds one only while bytes wait in it.
+//!
 //! The readiness trap: splice from a socket into a *full* pipe also fails
 //! with EAGAIN, and reporting that to tokio as the socket's WouldBlock would
 //! clear the socket's readiness and stall the relay. So only a read into an
@@ -56,45 +58,88 @@ pub async fn relay(a: TcpStream, b: TcpStream, mode: RelayMode) -> io::Result<Mo
     }
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A pipe, both ends.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+fn pipe() -> io::Result<Pipe> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     // A smaller pipe still works, only with more syscalls: ignore a refusal
     // (e.g. above /proc/sys/fs/pipe-max-size).
     let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-    Ok((r, w))
+    Ok(Pipe { r, w })
+}
+
+/// Empty pipes kept for the next direction that has data. A tunnel holds a
+/// pipe only while bytes wait in it: most SSH tunnels are idle most of the
+/// time, so 10,000 open tunnels need 20,000 descriptors (their sockets),
+/// not 60,000, and no pipe buffers while they sit.
+static SPARE_PIPES: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+
+/// How many empty pipes are kept at most (the rest are closed).
+const SPARE_PIPES_KEPT: usize = 256;
+
+fn take_pipe() -> io::Result<Pipe> {
+    let spare = SPARE_PIPES.lock().ok().and_then(|mut v| v.pop());
+    spare.map_or_else(pipe, Ok)
+}
+
+/// Gives back a pipe that is empty (only then may another tunnel use it).
+fn give_back(p: Pipe) {
+    if let Ok(mut v) = SPARE_PIPES.lock() {
+        if v.len() < SPARE_PIPES_KEPT {
+            v.push(p);
+        }
+    }
+}
+
+/// How many pipes are kept spare now (for tests and the tunnels bench).
+pub fn spare_pipes() -> usize {
+    SPARE_PIPES.lock().map(|v| v.len()).unwrap_or(0)
+}
+
+fn fill(from: &TcpStream, p: &Pipe) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    splice(
+        from.as_fd(),
+        None,
+        p.w.as_fd(),
+        None,
+        PIPE_SIZE as usize,
+        flags,
+    )
+    .map_err(io::Error::from)
 }
 
 async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let (pipe_r, pipe_w) = pipe()?;
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
-    let fill = || {
-        splice(
-            from.as_fd(),
-            None,
-            pipe_w.as_fd(),
-            None,
-            PIPE_SIZE as usize,
-            flags,
-        )
-        .map_err(io::Error::from)
-    };
+    // Held only while bytes wait in it (see SPARE_PIPES).
+    let mut held: Option<Pipe> = None;
     let mut in_pipe = 0usize;
     let mut total = 0u64;
     let mut eof = false;
     loop {
         if !eof {
             let filled = if in_pipe == 0 {
+                // Empty: the pipe goes back while the socket is idle.
+                if let Some(p) = held.take() {
+                    give_back(p);
+                }
                 // Nothing buffered: EAGAIN can only mean the socket is empty, so
                 // let tokio clear its readiness and wait.
                 from.readable().await?;
-                match from.try_io(Interest::READABLE, fill) {
+                let p = held.insert(take_pipe()?);
+                match from.try_io(Interest::READABLE, || fill(from, p)) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     r => r,
                 }
             } else {
                 // Top up while data waits to be sent; an EAGAIN here may be the
                 // pipe's, so it must not touch the socket's readiness.
-                match fill() {
+                let p = held.as_ref().expect("a pipe holds the bytes in it");
+                match fill(from, p) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(usize::MAX),
                     r => r,
                 }
@@ -103,11 +148,15 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 Ok(0) => eof = true,
                 Ok(usize::MAX) => {}
                 Ok(n) => in_pipe += n,
+                // A pipe that may hold bytes is dropped (closed), never reused.
                 Err(e) => return Err(e),
             }
         }
         if in_pipe == 0 {
             if eof {
+                if let Some(p) = held.take() {
+                    give_back(p);
+                }
                 // Pass the half-close on.
                 let _ = nix::sys::socket::shutdown(
                     std::os::fd::AsRawFd::as_raw_fd(to),
@@ -117,9 +166,10 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             }
             continue;
         }
+        let p = held.as_ref().expect("a pipe holds the bytes in it");
         to.writable().await?;
         let w = to.try_io(Interest::WRITABLE, || {
-            splice(pipe_r.as_fd(), None, to.as_fd(), None, in_pipe, flags).map_err(io::Error::from)
+            splice(p.r.as_fd(), None, to.as_fd(), None, in_pipe, flags).map_err(io::Error::from)
         });
         match w {
             Ok(n) => {
@@ -187,6 +237,47 @@ mod tests {
     #[tokio::test]
     async fn splice_relays_both_ways_with_half_close() {
         check(RelayMode::Splice).await;
+    }
+
+    /// Pipes open in this process (distinct pipe inodes among its descriptors).
+    fn open_pipes() -> usize {
+        let mut inodes = std::collections::BTreeSet::new();
+        for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            if let Ok(target) = std::fs::read_link(e.path()) {
+                let t = target.to_string_lossy().into_owned();
+                if t.starts_with("pipe:") {
+                    inodes.insert(t);
+                }
+            }
+        }
+        inodes.len()
+    }
+
+    #[tokio::test]
+    async fn idle_tunnels_hold_no_pipes() {
+        const TUNNELS: usize = 60;
+        let mut ends = Vec::new();
+        for _ in 0..TUNNELS {
+            let (x, mut client) = pair().await;
+            let (y, mut server) = pair().await;
+            tokio::spawn(relay(x, y, RelayMode::Splice));
+            // One byte each way: both directions have used a pipe.
+            client.write_all(b"?").await.unwrap();
+            let mut one = [0u8; 1];
+            server.read_exact(&mut one).await.unwrap();
+            server.write_all(b"!").await.unwrap();
+            client.read_exact(&mut one).await.unwrap();
+            ends.push((client, server));
+        }
+        // With a pipe per direction for its life, 60 open tunnels would
+        // hold 120 pipes; idle, they hold none (the spares, and the other
+        // relay tests' pipes of this process, are far fewer).
+        let pipes = open_pipes();
+        assert!(
+            pipes < TUNNELS,
+            "{pipes} pipes open for {TUNNELS} idle tunnels"
+        );
+        drop(ends);
     }
 
     #[tokio::test]

@@ -234,3 +234,13 @@ async fn an_open_tunnel_ends_when_its_token_is_revoked() {
     .await;
     assert!(ended.is_ok(), "the tunnel outlived its token");
 }
+
+#[test]
+fn the_tunnel_cap_follows_the_descriptor_limit() {
+    // systemd's LimitNOFILE=1048576: the setting rules.
+    assert_eq!(tunnel_cap(16384, 1 << 20), 16384);
+    // A shell's 20000: (20000 - 4096) / 3 tunnels, not more than fit.
+    assert_eq!(tunnel_cap(16384, 20000), 5301);
+    // A soft 1024 the host could not raise: still one tunnel, never zero.
+    assert_eq!(tunnel_cap(16384, 1024), 1);
+}
