@@ -502,11 +502,9 @@ fn a_vm_gets_its_gpu_through_libvirt() {
         .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new(&vfio_group)));
     assert!(holds, "QEMU does not hold {vfio_group}");
 
-    // The nested machine's PCI bus has the e1000 (8086:100e), as read through VFIO.
-    let pci = sh(&format!(
-        "chroot /host virsh -c 'qemu:///system?socket=/tmp/lv/sock/libvirt-sock' qemu-monitor-command {name} '{{\"execute\":\"query-pci\"}}'"
-    ));
-    let pci: serde_json::Value = serde_json::from_str(&pci).unwrap();
+    // The nested machine's PCI bus has the e1000 (8086:100e), as read through
+    // VFIO. It sits behind a root port, which lists it only once the VM's
+    // firmware has numbered the buses: under TCG that takes a while.
     fn has_device(v: &serde_json::Value) -> bool {
         match v {
             serde_json::Value::Object(o) => {
@@ -517,6 +515,18 @@ fn a_vm_gets_its_gpu_through_libvirt() {
             serde_json::Value::Array(a) => a.iter().any(has_device),
             _ => false,
         }
+    }
+    let query = || {
+        let pci = sh(&format!(
+            "chroot /host virsh -c 'qemu:///system?socket=/tmp/lv/sock/libvirt-sock' qemu-monitor-command {name} '{{\"execute\":\"query-pci\"}}'"
+        ));
+        serde_json::from_str::<serde_json::Value>(&pci).unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut pci = query();
+    while !has_device(&pci) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        pci = query();
     }
     assert!(has_device(&pci), "no 8086:100e on the VM's bus: {pci}");
 
