@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod guest;
 pub mod libvirt;
+pub mod three;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,209 @@
+//! rivernode as a cluster of three nodes (`common::three`): the host and
+//! each node in its own network namespace on one underlay bridge, each node
+//! with its own runner and containerd. Placement across nodes, a target
+//! honoured, a full cluster queueing, a node cut off and healed without a
+//! duplicate, and SSH through the host to a VPS on every node.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::cluster::{created_id, parts_present, private_namespaces};
+use common::three::{ThreeNodes, NODES};
+use common::*;
+
+/// `task submit` of a sleeper with `extra` flags; its id.
+fn sleeper(c: &ThreeNodes, extra: &[&str]) -> String {
+    let mut args = vec![
+        "-o",
+        "json",
+        "task",
+        "submit",
+        "--container",
+        "busybox",
+        "-c",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sleep", "600"]);
+    let o = c.rn(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    created_id(&o)
+}
+
+fn node_of(c: &ThreeNodes, id: &str) -> Option<String> {
+    c.task(id)["placement"]["node"].as_str().map(str::to_string)
+}
+
+#[test]
+fn tasks_spread_over_three_nodes_a_target_is_honoured_and_a_full_cluster_queues() {
+    private_namespaces(|| {
+        let Some(c) = ThreeNodes::start() else {
+            return;
+        };
+        // A target is where the task runs.
+        let on_n2 = sleeper(&c, &["-t", "n2"]);
+        c.wait_state(&on_n2, "running");
+        assert_eq!(node_of(&c, &on_n2).as_deref(), Some("n2"));
+
+        // Automatic placement fills the cluster, on every node, until a
+        // request finds no room anywhere and waits.
+        let mut placed = BTreeSet::new();
+        placed.insert("n2".to_string());
+        let mut submitted = 0;
+        let waiting = loop {
+            submitted += 1;
+            assert!(
+                submitted <= 40,
+                "the cluster never filled up:\n{}",
+                c.logs()
+            );
+            let id = sleeper(&c, &[]);
+            let node = wait_for("a placement or a wait", || {
+                let t = c.task(&id);
+                if let Some(n) = t["placement"]["node"].as_str() {
+                    return Some(Some(n.to_string()));
+                }
+                let reason = t["reason"].as_str().unwrap_or_default();
+                reason.starts_with("waiting for resources").then_some(None)
+            });
+            match node {
+                Some(n) => {
+                    c.wait_state(&id, "running");
+                    placed.insert(n);
+                }
+                None => break id,
+            }
+        };
+        assert_eq!(
+            placed,
+            NODES
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .collect::<BTreeSet<_>>(),
+            "work ran on every node before any waited"
+        );
+        let why = c.task(&waiting)["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        for (n, _) in NODES {
+            assert!(why.contains(n), "the wait names each node: {why}");
+        }
+        // Room on n2 again: the waiting request runs there.
+        let o = c.rn(&["task", "kill", &on_n2]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&waiting, "running");
+        assert_eq!(node_of(&c, &waiting).as_deref(), Some("n2"));
+    });
+}
+
+#[test]
+fn a_node_cut_off_goes_offline_and_healed_runs_its_task_again_once() {
+    private_namespaces(|| {
+        let Some(c) = ThreeNodes::start() else {
+            return;
+        };
+        let id = sleeper(&c, &["-t", "n3"]);
+        c.wait_state(&id, "running");
+        let started = c.task(&id)["started_at_unix_ms"].as_i64();
+        assert!(started.is_some());
+
+        c.link("n3", false);
+        c.wait_node("n3", "offline");
+        c.wait_state(&id, "lost");
+        // The others are not disturbed.
+        for n in ["n1", "n2"] {
+            let list = nodes(&c.host_data());
+            assert_eq!(node(&list, n).unwrap()["state"], "online", "{n}");
+        }
+
+        c.link("n3", true);
+        c.wait_node("n3", "online");
+        c.wait_state(&id, "running");
+        let t = c.task(&id);
+        assert_eq!(t["placement"]["node"], "n3", "it stayed where it ran");
+        assert_eq!(
+            t["started_at_unix_ms"].as_i64(),
+            started,
+            "the same run, not a new one"
+        );
+        // One container for it on n3, none anywhere else.
+        let container = format!("n3-task-{id}");
+        let listed = c.ctd("n3").ctr(&["containers", "list", "-q"]);
+        assert_eq!(
+            listed.lines().filter(|l| l.trim() == container).count(),
+            1,
+            "n3 runs it once: {listed}"
+        );
+        for n in ["n1", "n2"] {
+            let listed = c.ctd(n).ctr(&["containers", "list", "-q"]);
+            assert!(!listed.contains(&format!("task-{id}")), "{n}: {listed}");
+        }
+    });
+}
+
+#[test]
+fn ssh_through_the_host_reaches_a_vps_on_every_node() {
+    if !parts_present() {
+        return;
+    }
+    private_namespaces(|| {
+        let Some(c) = ThreeNodes::start() else {
+            return;
+        };
+        let key = c.dir.path().join("key");
+        let known = c.dir.path().join("known_hosts");
+        let mut ids = Vec::new();
+        for (i, (n, _)) in NODES.iter().enumerate() {
+            let key_args: Vec<String> = if i == 0 {
+                vec![
+                    "--gen-ssh-key".into(),
+                    "--key-out-file".into(),
+                    key.display().to_string(),
+                ]
+            } else {
+                vec![
+                    "--public-key-file".into(),
+                    key.with_extension("pub").display().to_string(),
+                ]
+            };
+            let mut args = vec![
+                "-o",
+                "json",
+                "vps",
+                "create",
+                "--container",
+                "busybox",
+                "-t",
+                n,
+            ];
+            args.extend(key_args.iter().map(String::as_str));
+            let o = c.rn(&args);
+            assert!(o.status.success(), "{}", stderr(&o));
+            ids.push((n.to_string(), created_id(&o)));
+        }
+        for (n, id) in &ids {
+            c.wait_state(id, "running");
+            assert_eq!(node_of(&c, id).as_deref(), Some(n.as_str()));
+            let said = wait_for_logged(&format!("ssh to VPS {id} on {n}"), &[&c.host], || {
+                let o = c.rn(&[
+                    "ssh",
+                    id,
+                    "-i",
+                    key.to_str().unwrap(),
+                    "--known-hosts",
+                    known.to_str().unwrap(),
+                    "--",
+                    "hostname",
+                ]);
+                o.status.success().then(|| stdout(&o))
+            });
+            assert_eq!(
+                said.trim(),
+                format!("task-{id}"),
+                "VPS {id} on {n} answered"
+            );
+        }
+    });
+}
