@@ -74,6 +74,16 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/nodes/{node}/tasks/{task}/self",
         Access::OwnNode,
     ),
+    (
+        "GET",
+        "/api/nodes/{node}/environments/{env}",
+        Access::OwnNode,
+    ),
+    (
+        "GET",
+        "/api/nodes/{node}/environments/{env}/archive",
+        Access::OwnNode,
+    ),
     ("POST", "/api/tasks", Access::Submit),
     ("GET", "/api/tasks", Access::People),
     ("GET", "/api/environments", Access::People),
@@ -185,6 +195,7 @@ fn routes_in_source() -> Vec<String> {
         "src/host/api.rs",
         "src/host/tasks.rs",
         "src/host/snapshots.rs",
+        "src/host/environments.rs",
     ] {
         let text = std::fs::read_to_string(f).unwrap();
         for part in text.split(".route(").skip(1) {
@@ -333,7 +344,8 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                     .replace("{user}", user)
                     .replace("{scope}", "user")
                     .replace("{snapshot}", "1")
-                    .replace("{invitation}", "000000000000");
+                    .replace("{invitation}", "000000000000")
+                    .replace("{env}", "base");
                 let body = (*method != "GET" && *method != "DELETE").then(|| serde_json::json!({}));
                 let got = call(method, &format!("{url}{p}"), token, body).await;
                 let ok = match expected(*access, caller) {

@@ -207,3 +207,74 @@ fn ssh_through_the_host_reaches_a_vps_on_every_node() {
         }
     });
 }
+
+#[test]
+fn an_environment_runs_on_every_node_without_a_shared_directory_and_is_fetched_once() {
+    private_namespaces(|| {
+        let Some(c) = ThreeNodes::start_with(false) else {
+            return;
+        };
+        let archive = std::fs::read(c.dir.path().join("shared/environments/busybox.tar")).unwrap();
+        let size = archive.len() as u64;
+        // n1 was cut off halfway through an earlier fetch: it resumes.
+        let digest = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&archive))
+        };
+        let half = archive.len() / 2;
+        let cache = |n: &str| c.dir.path().join(format!("runner-{n}/runner/environments"));
+        std::fs::create_dir_all(cache("n1")).unwrap();
+        std::fs::write(
+            cache("n1").join(format!("sha256-{digest}.tar.part")),
+            &archive[..half],
+        )
+        .unwrap();
+        for (n, _) in NODES {
+            for _ in 0..2 {
+                let o = c.rn(&[
+                    "-o",
+                    "json",
+                    "task",
+                    "submit",
+                    "--container",
+                    "busybox",
+                    "-t",
+                    n,
+                    "--",
+                    "echo",
+                    "hi",
+                ]);
+                assert!(o.status.success(), "{}", stderr(&o));
+                c.wait_state(&created_id(&o), "completed");
+            }
+            // Fetched from the host once, whole; the second run fetched nothing.
+            let log = c.runner(n).log_text();
+            let fetches: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("environment fetched from the host"))
+                .collect();
+            assert_eq!(fetches.len(), 1, "{n}: {fetches:?}");
+            let (want, from) = if n == "n1" {
+                (size - half as u64, half as u64)
+            } else {
+                (size, 0)
+            };
+            assert!(
+                fetches[0].contains(&format!("bytes={want}"))
+                    && fetches[0].contains(&format!("from={from}")),
+                "{n} fetched {want} bytes from {from}: {}",
+                fetches[0]
+            );
+            // Its copy is in the node's own cache, named by its digest.
+            let copies: Vec<String> = std::fs::read_dir(cache(n))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|f| f.starts_with("sha256-") && f.ends_with(".tar"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(copies, [format!("sha256-{digest}.tar")], "{n}");
+        }
+    });
+}

@@ -224,6 +224,48 @@ impl HostClient {
         self.task_call(reqwest::Method::POST, id, "self", req).await
     }
 
+    /// An environment archive's size and digest, for a node without the
+    /// host's shared directory.
+    pub async fn environment(
+        &self,
+        env: &str,
+    ) -> Result<crate::api::EnvironmentArchive, HostCallError> {
+        Self::answer(
+            self.http
+                .get(format!(
+                    "{}/api/nodes/{}/environments/{env}",
+                    self.base, self.node
+                ))
+                .bearer_auth(self.credential())
+                .timeout(Duration::from_secs(600)),
+        )
+        .await
+    }
+
+    /// The archive's bytes from `from` on, as long as it still has the
+    /// digest `sha256` (412 otherwise). No overall deadline: an archive can
+    /// take long; a stalled connection ends by the read timeout.
+    pub async fn environment_archive(
+        &self,
+        env: &str,
+        from: u64,
+        sha256: &str,
+    ) -> Result<reqwest::Response, HostCallError> {
+        let resp = self
+            .http
+            .get(format!(
+                "{}/api/nodes/{}/environments/{env}/archive",
+                self.base, self.node
+            ))
+            .bearer_auth(self.credential())
+            .header(reqwest::header::RANGE, format!("bytes={from}-"))
+            .header(crate::api::EXPECT_SHA256, sha256)
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        Self::check(resp).await
+    }
+
     /// `method` at `/api/nodes/<node>/tasks/<id>/<what>` with a JSON body; its JSON answer.
     async fn task_call<T: serde::de::DeserializeOwned>(
         &self,

@@ -215,6 +215,22 @@ pub struct Environment {
     pub size_bytes: u64,
 }
 
+/// `GET /api/nodes/{name}/environments/{env}`: what a node fetches when
+/// it has no shared directory with the archive: its size and SHA-256 (the
+/// name of the node's cached copy, and what the copy is checked against).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EnvironmentArchive {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Lower-case hex.
+    pub sha256: String,
+}
+
+/// The header an archive download names the digest it expects with: the
+/// host answers 412 when the archive changed since (a resumed download
+/// must not splice two archives together).
+pub const EXPECT_SHA256: &str = "x-expect-sha256";
+
 /// `GET /api/whoami`: the role the presented token carries.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WhoAmI {

@@ -184,6 +184,7 @@ pub fn router(state: Arc<HostState>) -> Router {
         }));
     let node = Router::new()
         .merge(super::tasks::node_routes())
+        .merge(super::environments::node_routes())
         .route("/api/nodes/{name}/heartbeat", put(heartbeat))
         .route_layer(middleware::from_fn(auth::require_own_node))
         .route_layer(middleware::from_fn(|req, next| {

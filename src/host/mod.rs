@@ -5,6 +5,7 @@ pub mod api;
 pub mod approval;
 pub mod auth;
 pub mod dashboard;
+pub mod environments;
 mod exec;
 pub mod front_door;
 pub mod idle;

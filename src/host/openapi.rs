@@ -58,6 +58,8 @@ enum Answer {
     Metrics,
     /// A websocket (`Upgrade: websocket`); see `api::exec` and `api::forward`.
     WebSocket,
+    /// An environment archive (a tar), whole or from an offset.
+    Archive,
 }
 
 /// What a parameter holds.
@@ -186,6 +188,9 @@ fn rows() -> Vec<Row> {
         row(Post, "/api/nodes/{name}/tasks/{id}/self", "An instance acts on itself with its key, through its runner. That node's credential.", Json(200, named::<TaskView>))
             .body(named::<crate::api::instance_key::SelfRequest>)
             .errors(&[400, 403, 404, 409]),
+        row(Get, "/api/nodes/{name}/environments/{env}", "An environment archive's size and SHA-256, for a node without the shared directory. That node's credential.", Json(200, named::<wire::EnvironmentArchive>)),
+        row(Get, "/api/nodes/{name}/environments/{env}/archive", "The archive's bytes (Range: bytes=N- resumes; x-expect-sha256 must name it, else 412). That node's credential.", Archive)
+            .errors(&[400, 403, 404, 412]),
         // Tasks and VPS.
         row(Post, "/api/tasks", "Submit a command task or a VPS. Admin, operators, users.", Json(201, named::<wire::SubmitResponse>))
             .body(named::<TaskSpec>)
@@ -235,6 +240,7 @@ fn refusal(code: u16) -> &'static str {
         403 => "the token's role may not do this",
         404 => "no such thing, or not one the caller may see",
         409 => "not in a state that allows this; `error` says what to do",
+        412 => "the archive changed since the digest the caller names",
         429 => "a limit or quota is reached",
         502 => "the node's runner did not answer as it should",
         _ => "refused",
@@ -312,6 +318,19 @@ pub fn document() -> OpenApi {
                     .content("text/plain", ContentBuilder::new().build())
                     .content("application/openmetrics-text", ContentBuilder::new().build()),
             ),
+            Archive => responses
+                .response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description("the whole archive; `x-content-sha256` is its digest")
+                        .content("application/x-tar", ContentBuilder::new().build()),
+                )
+                .response(
+                    "206",
+                    ResponseBuilder::new()
+                        .description("the archive from the range's start")
+                        .content("application/x-tar", ContentBuilder::new().build()),
+                ),
             WebSocket => responses.response(
                 "101",
                 ResponseBuilder::new().description(

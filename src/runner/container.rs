@@ -68,6 +68,8 @@ pub struct TaskContext {
     /// The in-instance API's URL, set once it listens: only then do
     /// instances get it (and their key offered to the `vastai` CLI).
     pub instance_api_url: std::sync::OnceLock<String>,
+    /// The host, for environment archives this node's shared directory lacks.
+    pub host: Arc<crate::api::host_client::HostClient>,
 }
 
 /// The `cpuset.cpus` file of cgroup `path`: in the unified hierarchy
@@ -242,18 +244,36 @@ impl TaskContext {
         let _held = self.image_lock.lock().await;
         match source {
             ImageSource::Environment(name) => {
-                let archive = self
+                let shared = self
                     .config
                     .shared_dir
                     .join("environments")
                     .join(format!("{name}.tar"));
-                if !archive.is_file() {
-                    return Err(InstanceError::NoEnvironment {
-                        name: name.clone(),
-                        path: archive,
-                        node: self.node.clone(),
-                    });
-                }
+                // Without the host's shared directory, the node keeps its
+                // own copy, fetched from the host (`envfetch`).
+                let archive = if shared.is_file() {
+                    shared
+                } else {
+                    let cache = self
+                        .config
+                        .data_dir
+                        .join(super::STATE_DIR)
+                        .join("environments");
+                    match super::envfetch::fetch(&self.host, &cache, name, progress).await {
+                        Ok(f) => f.path,
+                        Err(super::envfetch::FetchError::Host {
+                            source: crate::api::host_client::HostCallError::Refused { status, .. },
+                            ..
+                        }) if status == reqwest::StatusCode::NOT_FOUND => {
+                            return Err(InstanceError::NoEnvironment {
+                                name: name.clone(),
+                                path: shared,
+                                node: self.node.clone(),
+                            })
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
                 std::fs::create_dir_all(&scratch).map_err(Self::io(&scratch))?;
                 Ok(self
                     .ctd

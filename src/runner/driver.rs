@@ -15,7 +15,7 @@ use super::lifecycle::Observed;
 /// Why an instance could not be made, started or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
-    #[error("environment {name:?} not found: {} does not exist on node {node}", path.display())]
+    #[error("environment {name:?} not found: {} does not exist on node {node}, and the host has none of that name", path.display())]
     NoEnvironment {
         name: String,
         path: std::path::PathBuf,
@@ -52,6 +52,8 @@ pub enum InstanceError {
     NoContainer(u64),
     #[error(transparent)]
     Oci(#[from] crate::oci::OciError),
+    #[error(transparent)]
+    Fetch(#[from] super::envfetch::FetchError),
     #[error(transparent)]
     Snapshot(#[from] super::snapshots::SnapshotError),
     #[error(transparent)]

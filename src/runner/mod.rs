@@ -8,6 +8,7 @@
 pub mod api;
 pub mod container;
 pub mod driver;
+pub mod envfetch;
 pub mod exec;
 pub mod forward;
 pub mod gpu_meter;
@@ -742,6 +743,15 @@ impl Control {
                 Arc::new(crate::vfio::RealSysfs),
             ),
         };
+        let host = Arc::new(crate::api::host_client::HostClient::new(
+            reqwest::Client::builder()
+                .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_else(|_| self.http.clone()),
+            &self.host_url,
+            &c.name,
+            &c.credential,
+        ));
         let ctx = Arc::new(container::TaskContext {
             node: c.name.clone(),
             gpus,
@@ -758,16 +768,8 @@ impl Control {
             progress: Default::default(),
             prepared: Default::default(),
             instance_api_url: Default::default(),
+            host: host.clone(),
         });
-        let host = Arc::new(crate::api::host_client::HostClient::new(
-            reqwest::Client::builder()
-                .user_agent(concat!("rivernode-runner/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .unwrap_or_else(|_| self.http.clone()),
-            &self.host_url,
-            &c.name,
-            &c.credential,
-        ));
         let sup = Arc::new(supervisor::Supervisors {
             driver: ctx.clone(),
             reports: report::Reports::start(host.clone(), self.stop.clone()),

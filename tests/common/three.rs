@@ -77,6 +77,12 @@ fn start_in(dir: &Path, label: &str, netns: &str, args: &[String]) -> Daemon {
 impl ThreeNodes {
     /// `None` (after a skip line) where containerd or runc is missing.
     pub fn start() -> Option<ThreeNodes> {
+        Self::start_with(true)
+    }
+
+    /// With `shared` false, each node has a shared directory of its own
+    /// (empty): environments come from the host.
+    pub fn start_with(shared_dir: bool) -> Option<ThreeNodes> {
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
         std::fs::create_dir_all(&envs).unwrap();
@@ -158,13 +164,15 @@ impl ThreeNodes {
         let mut runners = Vec::new();
         for (i, (name, addr)) in NODES.iter().enumerate() {
             let runner_data = dir.path().join(format!("runner-{name}"));
+            let own = dir.path().join(format!("shared-{name}"));
+            let node_shared = if shared_dir { shared.clone() } else { own };
             let mut args = RunnerSetup {
                 data: &runner_data,
                 name,
                 host_url: &url,
                 join_file: &join,
                 containerd: &ctds[i].socket,
-                shared: &shared,
+                shared: &node_shared,
             }
             .args();
             // Each node's own port 8001 on its own address.
@@ -264,6 +272,12 @@ impl ThreeNodes {
             &format!("v3-{name}"),
             if up { "up" } else { "down" },
         ]);
+    }
+
+    /// The runner of node `name`.
+    pub fn runner(&self, name: &str) -> &Daemon {
+        let i = NODES.iter().position(|(n, _)| *n == name).unwrap();
+        &self.runners[i]
     }
 
     /// The containerd of node `name`.

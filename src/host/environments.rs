@@ -1,0 +1,211 @@
+//! Environment archives for nodes that do not share the host's directory:
+//! a node asks for an archive's size and SHA-256, then fetches it (from an
+//! offset, to resume) and checks it against that digest before importing
+//! it. The host reads `SHARED_DIR/environments/<name>.tar` and hashes each
+//! archive once per version of the file (size and modification time).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::api::ApiError;
+use super::HostState;
+use crate::api::{valid_image_name, EnvironmentArchive, EXPECT_SHA256};
+
+/// A node's routes (its own credential, its own name in the path).
+pub fn node_routes() -> Router<Arc<HostState>> {
+    Router::new()
+        .route("/api/nodes/{name}/environments/{env}", get(describe))
+        .route("/api/nodes/{name}/environments/{env}/archive", get(archive))
+}
+
+/// Which version of a file a digest belongs to.
+type Version = (u64, Option<SystemTime>);
+
+/// Digests by archive path, for the version of the file they were made of.
+static DIGESTS: Mutex<Option<HashMap<PathBuf, (Version, String)>>> = Mutex::new(None);
+
+fn archive_path(state: &HostState, env: &str) -> Result<PathBuf, ApiError> {
+    if !valid_image_name(env) {
+        return Err(ApiError::BadRequest(format!(
+            "env: {env:?} is no environment name (letters, digits, '.', '_' and '-')"
+        )));
+    }
+    let path = state
+        .shared_dir
+        .join("environments")
+        .join(format!("{env}.tar"));
+    if !path.is_file() {
+        return Err(ApiError::NotFound(format!(
+            "no environment {env:?} on the host ({} is missing)",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+fn version(path: &Path) -> Result<Version, ApiError> {
+    let m = std::fs::metadata(path)
+        .map_err(|e| ApiError::NotFound(format!("{}: {e}", path.display())))?;
+    Ok((m.len(), m.modified().ok()))
+}
+
+/// The archive's size and SHA-256, hashed once per version of the file.
+async fn digest(path: PathBuf) -> Result<EnvironmentArchive, ApiError> {
+    let v = version(&path)?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let known = DIGESTS
+        .lock()
+        .ok()
+        .and_then(|d| d.as_ref()?.get(&path).filter(|(at, _)| *at == v).cloned());
+    let sha256 = match known {
+        Some((_, hex)) => hex,
+        None => {
+            let p = path.clone();
+            let hex = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+                let mut f = std::fs::File::open(&p)?;
+                let mut h = Sha256::new();
+                std::io::copy(&mut f, &mut h)?;
+                Ok(hex::encode(h.finalize()))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("hashing {}: {e}", path.display())))?;
+            if let Ok(mut d) = DIGESTS.lock() {
+                d.get_or_insert_with(HashMap::new)
+                    .insert(path, (v, hex.clone()));
+            }
+            hex
+        }
+    };
+    Ok(EnvironmentArchive {
+        name,
+        size_bytes: v.0,
+        sha256,
+    })
+}
+
+async fn describe(
+    State(state): State<Arc<HostState>>,
+    UrlPath((_node, env)): UrlPath<(String, String)>,
+) -> Result<Json<EnvironmentArchive>, ApiError> {
+    Ok(Json(digest(archive_path(&state, &env)?).await?))
+}
+
+/// Where a `Range: bytes=N-` request starts; none without one. Only that
+/// form is served (a node resumes from what it has; it never asks for a
+/// slice in the middle).
+fn range_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(axum::http::header::RANGE) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|t| t.strip_prefix("bytes="))
+        .and_then(|t| t.strip_suffix('-'))
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| ApiError::BadRequest("Range: only bytes=N- is served".into()))
+}
+
+/// The archive's bytes from the range's start; `x-expect-sha256` must
+/// still name it.
+async fn archive(
+    State(state): State<Arc<HostState>>,
+    UrlPath((_node, env)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let path = archive_path(&state, &env)?;
+    let start = range_start(&headers)?;
+    let d = digest(path.clone()).await?;
+    if let Some(expected) = headers.get(EXPECT_SHA256) {
+        if expected.as_bytes() != d.sha256.as_bytes() {
+            return Ok((
+                StatusCode::PRECONDITION_FAILED,
+                Json(crate::api::ErrorBody {
+                    error: format!(
+                        "environment {env:?} changed on the host (now sha256 {}): fetch it again",
+                        d.sha256
+                    ),
+                }),
+            )
+                .into_response());
+        }
+    }
+    let from = start.unwrap_or(0);
+    if from > d.size_bytes {
+        return Err(ApiError::BadRequest(format!(
+            "Range: {from} is past the archive's end ({} bytes)",
+            d.size_bytes
+        )));
+    }
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+    file.seek(std::io::SeekFrom::Start(from))
+        .await
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+    // Exactly the version hashed: a file that grows meanwhile is cut at
+    // the size announced, and the node's check catches any other change.
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(
+        file.take(d.size_bytes - from),
+    ));
+    let mut resp = Response::new(body);
+    if start.is_some() {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    let h = resp.headers_mut();
+    let value =
+        |s: String| HeaderValue::from_str(&s).map_err(|e| ApiError::Internal(e.to_string()));
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("application/x-tar"),
+    );
+    h.insert("content-length", value((d.size_bytes - from).to_string())?);
+    h.insert("accept-ranges", HeaderValue::from_static("bytes"));
+    h.insert("x-content-sha256", value(d.sha256.clone())?);
+    if start.is_some() {
+        h.insert(
+            "content-range",
+            value(format!(
+                "bytes {from}-{}/{}",
+                d.size_bytes.saturating_sub(1),
+                d.size_bytes
+            ))?,
+        );
+    }
+    tracing::info!(environment = %env, from, bytes = d.size_bytes - from, "environment archive sent");
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_open_range_from_an_offset_is_served() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(axum::http::header::RANGE, HeaderValue::from_str(v).unwrap());
+            range_start(&h)
+        };
+        assert_eq!(range_start(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(with("bytes=1024-").unwrap(), Some(1024));
+        assert!(with("bytes=0-99").is_err());
+        assert!(with("bytes=-5").is_err());
+        assert!(with("items=0-").is_err());
+    }
+}

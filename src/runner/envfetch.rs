@@ -1,0 +1,182 @@
+//! Environment archives for a node without the host's shared directory:
+//! fetched from the host into the node's own cache, named by their SHA-256
+//! (`sha256-<hex>.tar`), resumed from a partial copy (`.part`) after a cut,
+//! and checked against the digest before anything imports them. An archive
+//! the cache has is never fetched again; when an environment changes on the
+//! host, its older copy is removed once the new one is in.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::api::host_client::{HostCallError, HostClient};
+use crate::oci::Progress;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("asking the host for environment {name:?}")]
+    Host {
+        name: String,
+        #[source]
+        source: HostCallError,
+    },
+    #[error("reading environment {name:?} from the host")]
+    Read {
+        name: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("environment {name:?} from the host has SHA-256 {got}, not {want}: the copy was thrown away")]
+    Mismatch {
+        name: String,
+        got: String,
+        want: String,
+    },
+}
+
+/// A verified archive in the cache, and how many bytes this call fetched.
+#[derive(Debug)]
+pub struct Fetched {
+    pub path: PathBuf,
+    pub bytes_fetched: u64,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> FetchError + '_ {
+    move |source| FetchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The cached copy of a digest, and the partial one while it is fetched.
+fn cache_names(dir: &Path, sha256: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("sha256-{sha256}.tar")),
+        dir.join(format!("sha256-{sha256}.tar.part")),
+    )
+}
+
+/// Where a fetch starts: what a partial copy already holds, unless it is
+/// longer than the archive (then it is no copy of it).
+pub fn resume_from(partial_len: Option<u64>, size: u64) -> u64 {
+    partial_len.filter(|&n| n <= size).unwrap_or(0)
+}
+
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Environment `name` in the node's cache at `dir`, fetched from the host
+/// if the cache lacks its current version.
+pub async fn fetch(
+    host: &HostClient,
+    dir: &Path,
+    name: &str,
+    progress: &Progress,
+) -> Result<Fetched, FetchError> {
+    let host_err = |source| FetchError::Host {
+        name: name.to_string(),
+        source,
+    };
+    let meta = host.environment(name).await.map_err(host_err)?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let (done, part) = cache_names(dir, &meta.sha256);
+    if std::fs::metadata(&done).is_ok_and(|m| m.len() == meta.size_bytes) {
+        return Ok(Fetched {
+            path: done,
+            bytes_fetched: 0,
+        });
+    }
+    let mut from = resume_from(
+        std::fs::metadata(&part).ok().map(|m| m.len()),
+        meta.size_bytes,
+    );
+    let mut resp = host
+        .environment_archive(name, from, &meta.sha256)
+        .await
+        .map_err(host_err)?;
+    if from > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+        // The whole archive came back: start the copy again.
+        from = 0;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(from == 0)
+        .append(from > 0)
+        .open(&part)
+        .map_err(io(&part))?;
+    let mut got = 0u64;
+    while let Some(chunk) = resp.chunk().await.map_err(|source| FetchError::Read {
+        name: name.to_string(),
+        source,
+    })? {
+        file.write_all(&chunk).map_err(io(&part))?;
+        got += chunk.len() as u64;
+        progress.report("fetching", from + got, meta.size_bytes);
+    }
+    file.sync_all().map_err(io(&part))?;
+    drop(file);
+    let p = part.clone();
+    let digest = tokio::task::spawn_blocking(move || sha256_of(&p))
+        .await
+        .map_err(|e| FetchError::Io {
+            path: part.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(io(&part))?;
+    if digest != meta.sha256 {
+        let _ = std::fs::remove_file(&part);
+        return Err(FetchError::Mismatch {
+            name: name.to_string(),
+            got: digest,
+            want: meta.sha256,
+        });
+    }
+    std::fs::rename(&part, &done).map_err(io(&done))?;
+    // The environment's older copy, if it had one, is of no more use.
+    let current = dir.join(format!("{name}.sha256"));
+    if let Ok(old) = std::fs::read_to_string(&current) {
+        if old.trim() != meta.sha256 {
+            let (old_done, old_part) = cache_names(dir, old.trim());
+            let _ = std::fs::remove_file(old_done);
+            let _ = std::fs::remove_file(old_part);
+        }
+    }
+    crate::files::write_public(&current, meta.sha256.as_bytes()).map_err(io(&current))?;
+    tracing::info!(environment = %name, bytes = got, from, sha256 = %meta.sha256, "environment fetched from the host");
+    Ok(Fetched {
+        path: done,
+        bytes_fetched: got,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_copy_is_resumed_unless_it_is_too_long() {
+        assert_eq!(resume_from(None, 100), 0);
+        assert_eq!(resume_from(Some(40), 100), 40);
+        assert_eq!(resume_from(Some(100), 100), 100);
+        assert_eq!(resume_from(Some(101), 100), 0);
+    }
+
+    #[test]
+    fn a_copy_is_named_by_its_digest() {
+        let (done, part) = cache_names(Path::new("/c"), "ab12");
+        assert_eq!(done, Path::new("/c/sha256-ab12.tar"));
+        assert_eq!(part, Path::new("/c/sha256-ab12.tar.part"));
+    }
+}
