@@ -244,7 +244,7 @@ impl HostClient {
 
     /// The archive's bytes from `from` on, as long as it still has the
     /// digest `sha256` (412 otherwise). No overall deadline: an archive can
-    /// take long; a stalled connection ends by the read timeout.
+    /// take long; the caller gives up on a stalled body (`envfetch`).
     pub async fn environment_archive(
         &self,
         env: &str,

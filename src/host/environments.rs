@@ -29,8 +29,10 @@ pub fn node_routes() -> Router<Arc<HostState>> {
         .route("/api/nodes/{name}/environments/{env}/archive", get(archive))
 }
 
-/// Which version of a file a digest belongs to.
-type Version = (u64, Option<SystemTime>);
+/// Which version of a file a digest belongs to: its size, modification
+/// time, inode and change time (a copy that keeps size and mtime, as
+/// `cp -p` or `rsync -a` do, is still another file).
+type Version = (u64, Option<SystemTime>, u64, i64, i64);
 
 /// Digests by archive path, for the version of the file they were made of.
 static DIGESTS: Mutex<Option<HashMap<PathBuf, (Version, String)>>> = Mutex::new(None);
@@ -57,7 +59,14 @@ fn archive_path(state: &HostState, env: &str) -> Result<PathBuf, ApiError> {
 fn version(path: &Path) -> Result<Version, ApiError> {
     let m = std::fs::metadata(path)
         .map_err(|e| ApiError::NotFound(format!("{}: {e}", path.display())))?;
-    Ok((m.len(), m.modified().ok()))
+    use std::os::unix::fs::MetadataExt;
+    Ok((
+        m.len(),
+        m.modified().ok(),
+        m.ino(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 /// The archive's size and SHA-256, hashed once per version of the file.
@@ -146,9 +155,9 @@ async fn archive(
         }
     }
     let from = start.unwrap_or(0);
-    if from > d.size_bytes {
+    if from >= d.size_bytes && from > 0 {
         return Err(ApiError::BadRequest(format!(
-            "Range: {from} is past the archive's end ({} bytes)",
+            "Range: {from} is not before the archive's end ({} bytes)",
             d.size_bytes
         )));
     }
@@ -160,8 +169,10 @@ async fn archive(
         .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
     // Exactly the version hashed: a file that grows meanwhile is cut at
     // the size announced, and the node's check catches any other change.
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(
+    // 1 MiB reads: each is a blocking-pool round trip in tokio's file.
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
         file.take(d.size_bytes - from),
+        1 << 20,
     ));
     let mut resp = Response::new(body);
     if start.is_some() {

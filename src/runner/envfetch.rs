@@ -1,12 +1,14 @@
 //! Environment archives for a node without the host's shared directory:
 //! fetched from the host into the node's own cache, named by their SHA-256
-//! (`sha256-<hex>.tar`), resumed from a partial copy (`.part`) after a cut,
-//! and checked against the digest before anything imports them. An archive
+//! (`sha256-<hex>.tar`), resumed from a partial copy (`.part`) after a cut
+//! (a few times within one fetch, and on the next one), and checked
+//! against the digest before the cached copy is first used. An archive
 //! the cache has is never fetched again; when an environment changes on the
 //! host, its older copy is removed once the new one is in.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -27,6 +29,8 @@ pub enum FetchError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("environment {name:?}: the host sent nothing for a minute (after {after} bytes)")]
+    Stalled { name: String, after: u64 },
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -76,9 +80,51 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// How long a fetch waits for the next bytes before it gives up on the
+/// connection (and tries again from where it got).
+const STALL: Duration = Duration::from_secs(60);
+
+/// Tries of one fetch: a cut connection resumes, a changed archive starts
+/// again with its new digest.
+const TRIES: usize = 3;
+
+/// Whether trying again may help: the host or the connection failed, the
+/// archive changed meanwhile (412), or the copy did not check out (its
+/// `.part` is gone, so the next try starts from 0).
+fn worth_retrying(e: &FetchError) -> bool {
+    match e {
+        FetchError::Host { source, .. } => match source {
+            HostCallError::Refused { status, .. } => {
+                *status == reqwest::StatusCode::PRECONDITION_FAILED
+            }
+            _ => true,
+        },
+        FetchError::Read { .. } | FetchError::Stalled { .. } | FetchError::Mismatch { .. } => true,
+        FetchError::Io { .. } => false,
+    }
+}
+
 /// Environment `name` in the node's cache at `dir`, fetched from the host
 /// if the cache lacks its current version.
 pub async fn fetch(
+    host: &HostClient,
+    dir: &Path,
+    name: &str,
+    progress: &Progress,
+) -> Result<Fetched, FetchError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match fetch_once(host, dir, name, progress).await {
+            Err(e) if tries < TRIES && worth_retrying(&e) => {
+                tracing::warn!(environment = %name, error = %crate::error_chain(&e), "fetching the environment again");
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn fetch_once(
     host: &HostClient,
     dir: &Path,
     name: &str,
@@ -97,36 +143,58 @@ pub async fn fetch(
             bytes_fetched: 0,
         });
     }
+    // Partial copies of other versions (the archive changed on the host
+    // while one was fetched) will never be completed. Fetches on a node
+    // take turns (the runner's image lock), so none is being written.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "part") && p != part {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
     let mut from = resume_from(
         std::fs::metadata(&part).ok().map(|m| m.len()),
         meta.size_bytes,
     );
-    let mut resp = host
-        .environment_archive(name, from, &meta.sha256)
-        .await
-        .map_err(host_err)?;
-    if from > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
-        // The whole archive came back: start the copy again.
-        from = 0;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(from == 0)
-        .append(from > 0)
-        .open(&part)
-        .map_err(io(&part))?;
     let mut got = 0u64;
-    while let Some(chunk) = resp.chunk().await.map_err(|source| FetchError::Read {
-        name: name.to_string(),
-        source,
-    })? {
-        file.write_all(&chunk).map_err(io(&part))?;
-        got += chunk.len() as u64;
-        progress.report("fetching", from + got, meta.size_bytes);
+    // A copy already whole (cut off just before its check) needs no bytes.
+    if from < meta.size_bytes {
+        let mut resp = host
+            .environment_archive(name, from, &meta.sha256)
+            .await
+            .map_err(host_err)?;
+        if from > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+            // The whole archive came back: start the copy again.
+            from = 0;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(from == 0)
+            .append(from > 0)
+            .open(&part)
+            .map_err(io(&part))?;
+        loop {
+            let chunk = tokio::time::timeout(STALL, resp.chunk())
+                .await
+                .map_err(|_| FetchError::Stalled {
+                    name: name.to_string(),
+                    after: from + got,
+                })?
+                .map_err(|source| FetchError::Read {
+                    name: name.to_string(),
+                    source,
+                })?;
+            let Some(chunk) = chunk else { break };
+            // Disk writes off the runtime's async threads.
+            tokio::task::block_in_place(|| file.write_all(&chunk)).map_err(io(&part))?;
+            got += chunk.len() as u64;
+            progress.report("fetching", from + got, meta.size_bytes);
+        }
+        tokio::task::block_in_place(|| file.sync_all()).map_err(io(&part))?;
     }
-    file.sync_all().map_err(io(&part))?;
-    drop(file);
     let p = part.clone();
     let digest = tokio::task::spawn_blocking(move || sha256_of(&p))
         .await

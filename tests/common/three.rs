@@ -25,15 +25,37 @@ pub const NODES: [(&str, &str); 3] = [
 pub const HOST_IP: &str = "10.77.0.1";
 const BRIDGE: &str = "rnul0";
 
+/// Fields drop in this order: the daemons (killed), the containerds (their
+/// containers removed), the directories, then the network.
 pub struct ThreeNodes {
-    pub dir: tempfile::TempDir,
     pub host: Daemon,
     pub runners: Vec<Daemon>,
     pub ctds: Vec<PrivateContainerd>,
+    pub dir: tempfile::TempDir,
     pub url: String,
-    /// Named network namespaces: the host's first, then n1..n3.
+    _net: Network,
+    /// One cluster at a time in this process: every cluster's nodes are
+    /// n1..n3 and its tasks count from 1, so two at once would name the
+    /// same containers and cgroups (which are machine-wide).
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+/// The bridge and the named namespaces, removed however the test ends
+/// (also when starting the cluster fails halfway).
+struct Network {
     netns: Vec<String>,
 }
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+    }
+}
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `ip ARGS`, which must succeed.
 pub fn ip(args: &[&str]) {
@@ -80,9 +102,10 @@ impl ThreeNodes {
         Self::start_with(true)
     }
 
-    /// With `shared` false, each node has a shared directory of its own
-    /// (empty): environments come from the host.
+    /// With `shared_dir` false, each node has a shared directory of its
+    /// own (empty): environments come from the host.
     pub fn start_with(shared_dir: bool) -> Option<ThreeNodes> {
+        let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
         std::fs::create_dir_all(&envs).unwrap();
@@ -94,6 +117,7 @@ impl ThreeNodes {
         }
 
         // The switch, and a port on it for the host and each node.
+        let mut net = Network { netns: Vec::new() };
         ip(&["link", "add", BRIDGE, "type", "bridge"]);
         ip(&["addr", "add", "10.77.0.254/24", "dev", BRIDGE]);
         ip(&["link", "set", BRIDGE, "up"]);
@@ -105,11 +129,11 @@ impl ThreeNodes {
             std::process::id(),
             CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        let mut netns = Vec::new();
         let members = std::iter::once(("host", HOST_IP)).chain(NODES);
         for (name, addr) in members {
             let ns = format!("rn3-{tag}-{name}");
             ip(&["netns", "add", &ns]);
+            net.netns.push(ns.clone());
             let port = format!("v3-{name}");
             ip(&[
                 "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -126,7 +150,6 @@ impl ThreeNodes {
             ]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            netns.push(ns);
         }
 
         let data = dir.path().join("host");
@@ -146,8 +169,9 @@ impl ThreeNodes {
             "8002",
             "--liveness-check-interval",
             "200ms",
+            // 3 s of silence: a loaded 2-core machine misses a beat or two.
             "--offline-after-missed",
-            "5",
+            "10",
             "--shared-dir",
             &s(&shared),
             "--approval",
@@ -156,7 +180,7 @@ impl ThreeNodes {
         .iter()
         .map(|a| a.to_string())
         .collect();
-        let host = start_in(dir.path(), "host", &netns[0], &host_args);
+        let host = start_in(dir.path(), "host", &net.netns[0], &host_args);
         let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
         let join = data.join("join.token");
         wait_for("the join token", || join.exists().then_some(()));
@@ -193,17 +217,18 @@ impl ThreeNodes {
             runners.push(start_in(
                 dir.path(),
                 &format!("runner-{name}"),
-                &netns[i + 1],
+                &net.netns[i + 1],
                 &args,
             ));
         }
         let c = ThreeNodes {
-            dir,
             host,
             runners,
             ctds,
+            dir,
             url,
-            netns,
+            _net: net,
+            _one_at_a_time: one_at_a_time,
         };
         for (name, _) in NODES {
             c.wait_node(name, "online");
@@ -284,19 +309,5 @@ impl ThreeNodes {
     pub fn ctd(&self, name: &str) -> &PrivateContainerd {
         let i = NODES.iter().position(|(n, _)| *n == name).unwrap();
         &self.ctds[i]
-    }
-}
-
-impl Drop for ThreeNodes {
-    fn drop(&mut self) {
-        // Daemons first (they hold the namespaces' interfaces), then the namespaces.
-        for r in &mut self.runners {
-            r.kill();
-        }
-        self.host.kill();
-        for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
     }
 }

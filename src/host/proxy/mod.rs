@@ -64,18 +64,17 @@ impl Default for ProxyConfig {
 
 pub(crate) use crate::api::http::PerPeer;
 
-/// Descriptors the host keeps for everything but tunnels: its database,
-/// API connections, published ports, runner calls, spare pipes.
-const RESERVED_DESCRIPTORS: u64 = 4096;
-
-/// How many tunnels the proxy may hold with `limit` descriptors: each holds
-/// two sockets, and a third descriptor's worth of room for the pipes of
-/// tunnels moving bytes at that moment (`relay`'s pool).
+/// How many tunnels the proxy may hold with `limit` descriptors. A
+/// quarter of them (at most 4096) stays for everything else: the database,
+/// API connections, published ports, runner calls, spare pipes. Each tunnel
+/// holds two sockets and, while bytes wait in them, up to four pipe ends:
+/// with room for three per tunnel, half of them can be moving bytes at
+/// once. Never fewer than 64 (a tiny limit then shows as refused pipes in
+/// the log, not as a proxy that takes nobody).
 pub fn tunnel_cap(configured: usize, limit: u64) -> usize {
-    let room = limit.saturating_sub(RESERVED_DESCRIPTORS) / 3;
-    configured
-        .min(usize::try_from(room).unwrap_or(usize::MAX))
-        .max(1)
+    let reserve = (limit / 4).min(4096);
+    let room = limit.saturating_sub(reserve) / 3;
+    configured.min(usize::try_from(room).unwrap_or(usize::MAX).max(64))
 }
 
 /// Raises this process's soft descriptor limit to its hard one (a daemon

@@ -241,6 +241,9 @@ fn the_tunnel_cap_follows_the_descriptor_limit() {
     assert_eq!(tunnel_cap(16384, 1 << 20), 16384);
     // A shell's 20000: (20000 - 4096) / 3 tunnels, not more than fit.
     assert_eq!(tunnel_cap(16384, 20000), 5301);
-    // A soft 1024 the host could not raise: still one tunnel, never zero.
-    assert_eq!(tunnel_cap(16384, 1024), 1);
+    // A soft 1024 the host could not raise: a quarter kept, the rest / 3.
+    assert_eq!(tunnel_cap(16384, 1024), 256);
+    // Even less: never below 64; and never above the setting.
+    assert_eq!(tunnel_cap(16384, 100), 64);
+    assert_eq!(tunnel_cap(10, 1 << 20), 10);
 }
