@@ -73,11 +73,19 @@ pub fn resume_from(partial_len: Option<u64>, size: u64) -> u64 {
     partial_len.filter(|&n| n <= size).unwrap_or(0)
 }
 
-fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
+/// The digest state of the first `len` bytes of `path` (a partial copy).
+fn hash_prefix(path: &Path, len: u64) -> std::io::Result<Sha256> {
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
+    let n = std::io::copy(
+        &mut std::io::Read::take(std::fs::File::open(path)?, len),
+        &mut h,
+    )?;
+    if n != len {
+        return Err(std::io::Error::other(format!(
+            "{n} of {len} bytes in the partial copy"
+        )));
+    }
+    Ok(h)
 }
 
 /// How long a fetch waits for the next bytes before it gives up on the
@@ -159,6 +167,10 @@ async fn fetch_once(
         meta.size_bytes,
     );
     let mut got = 0u64;
+    // The digest grows with the copy: what the part already held is read
+    // once (to resume), what arrives is hashed as it is written, so the
+    // archive is never read back whole.
+    let mut hasher = Sha256::new();
     // A copy already whole (cut off just before its check) needs no bytes.
     if from < meta.size_bytes {
         let mut resp = host
@@ -168,6 +180,9 @@ async fn fetch_once(
         if from > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
             // The whole archive came back: start the copy again.
             from = 0;
+        }
+        if from > 0 {
+            hasher = tokio::task::block_in_place(|| hash_prefix(&part, from)).map_err(io(&part))?;
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -190,19 +205,15 @@ async fn fetch_once(
             let Some(chunk) = chunk else { break };
             // Disk writes off the runtime's async threads.
             tokio::task::block_in_place(|| file.write_all(&chunk)).map_err(io(&part))?;
+            hasher.update(&chunk);
             got += chunk.len() as u64;
             progress.report("fetching", from + got, meta.size_bytes);
         }
         tokio::task::block_in_place(|| file.sync_all()).map_err(io(&part))?;
+    } else {
+        hasher = tokio::task::block_in_place(|| hash_prefix(&part, from)).map_err(io(&part))?;
     }
-    let p = part.clone();
-    let digest = tokio::task::spawn_blocking(move || sha256_of(&p))
-        .await
-        .map_err(|e| FetchError::Io {
-            path: part.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-        .map_err(io(&part))?;
+    let digest = hex::encode(hasher.finalize());
     if digest != meta.sha256 {
         let _ = std::fs::remove_file(&part);
         return Err(FetchError::Mismatch {

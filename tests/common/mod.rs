@@ -28,19 +28,31 @@ impl Daemon {
     }
 
     pub fn start_with_env(dir: &Path, label: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(dir, label, args, env, |_| {})
+    }
+
+    /// The daemon's command, adjusted by `prepare` (e.g. to enter a
+    /// namespace) before it starts.
+    pub fn spawn(
+        dir: &Path,
+        label: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Self {
         let log = dir.join(format!("{label}.stderr"));
         let stdout = dir.join(format!("{label}.stdout"));
-        let child = Command::new(BIN)
-            .args(args)
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
             .envs(env.iter().copied())
             .env("RIVERNODE_LOG", "info")
             .env_remove("RIVERNODE_HOST")
             .env_remove("RIVERNODE_TOKEN")
             .stdin(Stdio::null())
             .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start rivernode");
+            .stderr(File::create(&log).unwrap());
+        prepare(&mut cmd);
+        let child = cmd.spawn().expect("start rivernode");
         Self { child, log, stdout }
     }
 

@@ -11,7 +11,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use super::containerd::{busybox_oci_archive, PrivateContainerd};
 use super::*;
@@ -69,31 +69,23 @@ pub fn ip(args: &[&str]) {
 fn start_in(dir: &Path, label: &str, netns: &str, args: &[String]) -> Daemon {
     let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
     let fd = ns.as_raw_fd();
-    let log = dir.join(format!("{label}.stderr"));
-    let stdout = dir.join(format!("{label}.stdout"));
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("RIVERNODE_LOG", "info")
-        .env_remove("RIVERNODE_HOST")
-        .env_remove("RIVERNODE_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: runs in the child between fork and exec, calling only
-    // setns(2) (async-signal-safe) on a descriptor the parent keeps open
-    // until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(
-                BorrowedFd::borrow_raw(fd),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )
-            .map_err(std::io::Error::from)
-        });
-    }
-    let child = cmd.spawn().expect("start rivernode");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::spawn(dir, label, &args, &[], |cmd| {
+        // SAFETY: runs in the child between fork and exec, calling only
+        // setns(2) (async-signal-safe) on a descriptor the parent keeps
+        // open until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(
+                    BorrowedFd::borrow_raw(fd),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
+    });
     drop(ns);
-    Daemon { child, log, stdout }
+    d
 }
 
 impl ThreeNodes {
