@@ -241,6 +241,16 @@ layered_config! {
         idle_gpu_grace: HumanDuration = HumanDuration(Duration::from_secs(3600)),
         /// Utilisation (percent, NVML's) below which a GPU counts as idle.
         idle_gpu_threshold: u32 = 5,
+        /// The cluster range of the VXLAN overlay, e.g. 10.200.0.0/16: each node gets a
+        /// /24 of it as its instance subnet (in place of its instance_subnet) when it
+        /// registers, nodes route to each other's subnets over VXLAN, and one user's
+        /// instances reach each other across nodes (other users' do not). Unset: no overlay.
+        /// Set it before nodes register: a node takes its subnet at registration.
+        overlay_range: Option<String> = None,
+        /// The overlay's VXLAN network identifier.
+        overlay_vni: u32 = 4242,
+        /// The UDP port VXLAN travels on between nodes (open it between them).
+        overlay_port: u16 = 4789,
     }
 }
 
@@ -288,8 +298,11 @@ layered_config! {
         insecure_registries: Vec<String> = Vec::new(),
         /// Bridge that instances (VPS) attach to.
         instance_bridge: String = "river0".to_string(),
-        /// Subnet of the instance bridge; the bridge takes the first address.
+        /// Subnet of the instance bridge; the bridge takes the first address. When the
+        /// host runs an overlay (its overlay_range), the subnet it gives the node instead.
         instance_subnet: String = "10.88.0.0/24".to_string(),
+        /// The VXLAN device of the overlay between nodes (when the host runs one).
+        overlay_device: String = "rn-overlay".to_string(),
         /// The node's nftables table (inet family).
         nft_table: String = "rivernode".to_string(),
         /// The dropbear binary injected into images that have no SSH server.
@@ -406,7 +419,21 @@ impl HostConfig {
             check_url("advertise_url", url)?;
         }
         self.published_range()?;
+        self.overlay()?;
         Ok(())
+    }
+
+    /// The overlay's settings; none when `overlay_range` is unset.
+    pub fn overlay(&self) -> Result<Option<crate::host::overlay::Overlay>, ConfigError> {
+        let Some(range) = &self.overlay_range else {
+            return Ok(None);
+        };
+        crate::host::overlay::Overlay::new(range, self.overlay_vni, self.overlay_port)
+            .map(Some)
+            .map_err(|message| ConfigError::Invalid {
+                key: "overlay_range",
+                message,
+            })
     }
 
     /// `published_ports` as a range, refused when it is not one or meets
@@ -496,11 +523,16 @@ impl RunnerConfig {
                 });
             }
         }
-        if self.instance_bridge.is_empty() || self.instance_bridge.len() > 15 {
-            return Err(ConfigError::Invalid {
-                key: "instance_bridge",
-                message: "an interface name of 1 to 15 characters".into(),
-            });
+        for (key, name) in [
+            ("instance_bridge", &self.instance_bridge),
+            ("overlay_device", &self.overlay_device),
+        ] {
+            if !crate::net::tap::valid_link_name(name) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "an interface name of 1 to 15 characters".into(),
+                });
+            }
         }
         if let Some(name) = &self.name {
             crate::api::validate_node_name(name).map_err(|message| ConfigError::Invalid {

@@ -65,6 +65,7 @@ fn the_table_masquerades_forwards_node_ports_and_closes_protected_ones() {
             instances: vec![],
             blocked_networks: vec![],
             instance_api: None,
+            overlay: None,
         };
         assert!(reachable(pp));
         fw.apply().unwrap();
@@ -319,9 +320,14 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
                 // A "storage network" on the outside machine below.
                 blocked_networks: vec!["198.51.100.0/24".parse().unwrap()],
                 instance_api: None,
+                overlay: None,
             },
             isolate_instances: true,
             instance_api: None,
+            overlay: rivernode::net::NodeOverlay::new(
+                "rn-overlay",
+                &dir.path().join("groups.json"),
+            ),
         };
 
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -354,11 +360,11 @@ fn instance_networks_reach_out_are_reached_by_node_port_and_are_fenced() {
             .join()
             .unwrap();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let i1 = node.setup(&h, "i1").await.unwrap();
-            let i2 = node.setup(&h, "i2").await.unwrap();
+            let i1 = node.setup(&h, "i1", None).await.unwrap();
+            let i2 = node.setup(&h, "i2", None).await.unwrap();
             assert_ne!(i1.ip, i2.ip);
             assert_eq!(
-                node.setup(&h, "i1").await.unwrap(),
+                node.setup(&h, "i1", None).await.unwrap(),
                 i1,
                 "setup is idempotent"
             );

@@ -52,6 +52,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("DELETE", "/api/users/{user}", Access::Admin),
     ("GET", "/api/nodes", Access::Readers),
     ("GET", "/api/nodes/{node}", Access::Readers),
+    ("GET", "/api/overlay", Access::Readers),
     ("DELETE", "/api/nodes/{node}", Access::Admin),
     ("POST", "/api/join-token", Access::Admin),
     ("GET", "/api/nodes/{node}/runner", Access::Admin),

@@ -955,7 +955,10 @@ fn a_command_task_reaches_another_network_through_masquerade_unless_it_has_none(
                 .unwrap(),
         );
         let pid = ns.0.id().to_string();
-        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        // thread-self, not self: this thread has a namespace of its own
+        // (private_namespaces), and /proc/self names the main thread, so
+        // comparing with it would pass before `unshare` had run.
+        let ours = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         wait_for("the server's namespace", || {
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
             (theirs != ours).then_some(())

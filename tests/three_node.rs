@@ -283,3 +283,130 @@ fn an_environment_runs_on_every_node_without_a_shared_directory_and_is_fetched_o
         }
     });
 }
+
+/// `task submit` of a busybox command on `node`, as `token`'s user (none:
+/// the admin); its id.
+fn command_on(c: &ThreeNodes, token: Option<&str>, node: &str, script: &str) -> String {
+    let mut args = vec![];
+    if let Some(t) = token {
+        args.extend(["--token", t]);
+    }
+    args.extend([
+        "-o",
+        "json",
+        "task",
+        "submit",
+        "--container",
+        "busybox",
+        "-t",
+        node,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let o = c.rn(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    created_id(&o)
+}
+
+fn overlay(c: &ThreeNodes) -> serde_json::Value {
+    let o = c.rn(&["-o", "json", "node", "overlay"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Waits until `id` has ended; its state and its output.
+fn ended(c: &ThreeNodes, id: &str) -> (String, String) {
+    let state = wait_for_logged(&format!("task {id} to end"), &[&c.host], || {
+        let s = c.task(id)["state"].as_str().unwrap_or_default().to_string();
+        ["completed", "failed"].contains(&s.as_str()).then_some(s)
+    });
+    (state, stdout(&c.rn(&["task", "logs", id])))
+}
+
+#[test]
+fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
+    private_namespaces(|| {
+        let Some(c) = ThreeNodes::start_opts(true, Some("10.200.0.0/16")) else {
+            return;
+        };
+        // Every node took a subnet of the range and is in the mesh.
+        let o = overlay(&c);
+        assert_eq!(o["range"], "10.200.0.0/16");
+        let members = o["nodes"].as_array().unwrap();
+        let subnets: BTreeSet<&str> = members
+            .iter()
+            .map(|n| n["subnet"].as_str().unwrap())
+            .collect();
+        assert_eq!(subnets.len(), 3, "{o}");
+        assert!(members.iter().all(|n| n["in_mesh"] == true), "{o}");
+        let table = stdout(&c.rn(&["node", "overlay"]));
+        assert!(
+            table.contains("IN MESH") && table.contains("10.77.0.12"),
+            "{table}"
+        );
+
+        // A web server of the admin's on n1, at its address on n1's subnet.
+        let server = command_on(
+            &c,
+            None,
+            "n1",
+            "ip -4 -o addr show eth0; mkdir /tmp/w; echo from-n1 > /tmp/w/index.html; \
+             exec httpd -f -p 8080 -h /tmp/w",
+        );
+        c.wait_state(&server, "running");
+        let n1_subnet = members.iter().find(|n| n["node"] == "n1").unwrap()["subnet"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("0/24")
+            .to_string();
+        let addr = wait_for_logged("the server's address", &[&c.host], || {
+            let logs = stdout(&c.rn(&["task", "logs", &server]));
+            let at = logs.find("inet ")?;
+            let ip = logs[at + 5..].split('/').next()?.to_string();
+            ip.starts_with(&n1_subnet).then_some(ip)
+        });
+        let fetch =
+            format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {addr} 8080 | tail -n 1");
+        // The admin's instance on n2 reaches it across the overlay...
+        let same = command_on(&c, None, "n2", &fetch);
+        assert_eq!(
+            ended(&c, &same),
+            ("completed".to_string(), "from-n1\n".to_string()),
+            "{}",
+            c.logs()
+        );
+        // ...another user's on n3 does not.
+        let ann = c.add_user("ann");
+        let other = command_on(&c, Some(&ann), "n3", &fetch);
+        let (_, out) = ended(&c, &other);
+        assert!(
+            !out.contains("from-n1"),
+            "ann's instance reached the admin's: {out}"
+        );
+
+        // A node that leaves is dropped from the mesh; back, it is in it
+        // again, and its instances reach the others once more.
+        c.link("n3", false);
+        c.wait_node("n3", "offline");
+        let o = overlay(&c);
+        let n3 = o["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "n3")
+            .unwrap()
+            .clone();
+        assert_eq!(n3["in_mesh"], false, "{o}");
+        c.link("n3", true);
+        c.wait_node("n3", "online");
+        let back = command_on(&c, None, "n3", &format!("sleep 2; {fetch}"));
+        assert_eq!(
+            ended(&c, &back),
+            ("completed".to_string(), "from-n1\n".to_string()),
+            "{}",
+            c.logs()
+        );
+    });
+}

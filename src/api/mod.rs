@@ -62,6 +62,10 @@ pub struct RegisterResponse {
     pub name: String,
     pub credential: String,
     pub host_token: String,
+    /// The node's instance subnet, when the host runs an overlay: taken
+    /// from the cluster range, the same for this name every time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_subnet: Option<String>,
 }
 
 /// `PUT /api/nodes/{name}/heartbeat`, authenticated with the node credential.
@@ -285,6 +289,53 @@ pub struct HeartbeatReply {
     /// Hashes of the tokens that may read the runner's /metrics.
     #[serde(default)]
     pub metrics_keys: Vec<String>,
+    /// The overlay mesh as this node must build it; none when the host
+    /// runs no overlay (`overlay_range` unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<OverlayPlan>,
+}
+
+/// The VXLAN overlay as one node builds it: its own subnet and underlay
+/// address, and every other heartbeating node's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OverlayPlan {
+    pub vni: u32,
+    /// The UDP port VXLAN travels on between nodes.
+    pub port: u16,
+    /// This node's instance subnet (a /24 of the cluster range).
+    pub subnet: String,
+    /// This node's address on the underlay (from its runner URL).
+    pub underlay: String,
+    pub peers: Vec<OverlayPeer>,
+}
+
+/// Another node of the mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OverlayPeer {
+    pub node: String,
+    pub underlay: String,
+    pub subnet: String,
+}
+
+/// `GET /api/overlay`: the cluster's overlay, node by node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OverlayView {
+    /// The cluster range node subnets come from; none: no overlay.
+    pub range: Option<String>,
+    pub vni: u32,
+    pub port: u16,
+    pub nodes: Vec<OverlayNode>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OverlayNode {
+    pub node: String,
+    pub subnet: String,
+    /// None when its runner URL names no IPv4 address: it is left out of the mesh.
+    pub underlay: Option<String>,
+    pub state: NodeState,
+    /// Whether the others route to it now (it heartbeats and has an underlay address).
+    pub in_mesh: bool,
 }
 
 /// An invitation as `GET /api/invitations` lists it (never its code).

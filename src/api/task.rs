@@ -466,6 +466,11 @@ pub struct Assignment {
     /// A warning the runner writes into the instance (idle GPUs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// Its owner's number on the overlay (the VXLAN group policy id its
+    /// packets carry between nodes): instances with the same one reach
+    /// each other across nodes. None: no overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_group: Option<u16>,
 }
 
 /// `GET /api/nodes/{name}/assignments?after=REV`: answered when the node's

@@ -166,6 +166,11 @@ pub struct HostArgs {
     /// External ports for published ports (`vps create -p`), FIRST-LAST.
     #[arg(long, value_name = "FIRST-LAST")]
     pub published_ports: Option<String>,
+    /// Run a VXLAN overlay between nodes: each node takes a /24 of this range
+    /// (e.g. 10.200.0.0/16) when it registers, and one user's instances reach
+    /// each other across nodes.
+    #[arg(long, value_name = "CIDR")]
+    pub overlay_range: Option<String>,
     #[arg(long, value_name = "N")]
     pub offline_after_missed: Option<u32>,
     #[arg(long, value_name = "DURATION")]
@@ -336,6 +341,9 @@ pub enum NodeCommand {
     /// Remove a node for good: its credential is revoked, its tasks end, and
     /// its name registers again only with a new join token.
     Remove { name: String },
+    /// The VXLAN overlay between nodes: each node's subnet, its underlay
+    /// address, and whether the others route to it now.
+    Overlay,
     /// The join token runners register with.
     #[command(subcommand)]
     JoinToken(JoinTokenCommand),

@@ -56,6 +56,9 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         idle_gpu_after: args.idle_gpu_after.map(Some),
         idle_gpu_grace: args.idle_gpu_grace,
         idle_gpu_threshold: args.idle_gpu_threshold,
+        overlay_range: args.overlay_range.clone().map(Some),
+        overlay_vni: None,
+        overlay_port: None,
     });
     cfg.validate()?;
     Ok(cfg)
@@ -92,6 +95,7 @@ pub fn runner_config(
             .then(|| args.insecure_registry.clone()),
         instance_bridge: args.instance_bridge.clone(),
         instance_subnet: args.instance_subnet.clone(),
+        overlay_device: None,
         nft_table: args.nft_table.clone(),
         dropbear: None,
         auto_snapshot_on_stop: args.auto_snapshot_on_stop,

@@ -1,6 +1,6 @@
 //! `rivernode node list|status|remove`.
 
-use crate::api::{NodeView, RunnerStatus};
+use crate::api::{NodeView, OverlayView, RunnerStatus};
 use crate::cli::args::{JoinTokenCommand, NodeCommand, Output};
 use crate::cli::client::{Client, ClientError};
 use crate::cli::output::{ago, bytes, emit, emit_json, table};
@@ -34,6 +34,13 @@ pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<()
                 Output::Table => emit(&status_text(&node, &runner, crate::now_unix_ms())),
             }
         }
+        NodeCommand::Overlay => {
+            let o: OverlayView = client.get("/api/overlay").await?;
+            match output {
+                Output::Json => emit_json(&o),
+                Output::Table => emit(&overlay_text(&o)),
+            }
+        }
         NodeCommand::Remove { name } => {
             client.delete(&format!("/api/nodes/{name}")).await?;
             emit(&format!(
@@ -59,6 +66,33 @@ pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<()
         }
     }
     Ok(())
+}
+
+fn overlay_text(o: &OverlayView) -> String {
+    let Some(range) = &o.range else {
+        return "no overlay: the host runs none (set overlay_range in its host.toml)\n".into();
+    };
+    let rows: Vec<Vec<String>> = o
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.node.clone(),
+                n.subnet.clone(),
+                n.underlay
+                    .clone()
+                    .unwrap_or_else(|| "- (its runner URL names no IPv4 address)".into()),
+                n.state.as_str().to_string(),
+                if n.in_mesh { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    format!(
+        "overlay {range}, VXLAN id {} on UDP {}\n{}",
+        o.vni,
+        o.port,
+        table(&["NODE", "SUBNET", "UNDERLAY", "STATE", "IN MESH"], &rows)
+    )
 }
 
 /// `at` (in the future) as a duration from `now`.

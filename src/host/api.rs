@@ -144,6 +144,7 @@ pub fn router(state: Arc<HostState>) -> Router {
     let readers = Router::new()
         .route("/api/nodes", get(list_nodes))
         .route("/api/nodes/{name}", get(get_node))
+        .route("/api/overlay", get(super::overlay::show))
         .route_layer(middleware::from_fn(|req, next| {
             auth::require(&[Role::Admin, Role::Operator, Role::Viewer], req, next)
         }));
@@ -818,12 +819,14 @@ async fn register(
         .await?;
     tracing::info!(node = %name, "node registered");
     state.schedule.notify_one();
+    let instance_subnet = super::overlay::subnet_for(&state, &name).await?;
     Ok((
         StatusCode::CREATED,
         Json(RegisterResponse {
             name,
             credential,
             host_token,
+            instance_subnet,
         }),
     ))
 }
@@ -875,7 +878,11 @@ async fn heartbeat(
         }
     }
     let metrics_keys = state.blocking(|s| Ok(s.metrics_keys())).await?;
-    Ok(Json(crate::api::HeartbeatReply { metrics_keys }))
+    let overlay = super::overlay::plan_for(&state, &name).await?;
+    Ok(Json(crate::api::HeartbeatReply {
+        metrics_keys,
+        overlay,
+    }))
 }
 
 /// Moves the idle clocks of the node's GPU VPS by this beat's readings;

@@ -11,6 +11,7 @@ pub mod front_door;
 pub mod idle;
 pub mod metrics;
 pub mod openapi;
+pub mod overlay;
 pub mod proxy;
 pub mod quota;
 pub mod scheduler;
@@ -88,6 +89,8 @@ pub struct HostState {
     pub default_vm_image: Option<String>,
     /// The address users reach the cluster at (PUBLIC_IPADDR in instances).
     pub public_address: Option<String>,
+    /// The VXLAN overlay (`overlay_range`); none: nodes keep their own subnets.
+    pub overlay: Option<overlay::Overlay>,
     /// How far nodes got making tasks that are being made (in memory only:
     /// it matters while someone waits, and a runner sends it again).
     pub progress: std::sync::Mutex<std::collections::HashMap<u64, crate::api::TaskProgress>>,
@@ -226,6 +229,9 @@ impl BoundHost {
                         .and_then(|u| reqwest::Url::parse(u).ok())
                         .and_then(|u| u.host_str().map(str::to_string))
                 }),
+                overlay: config
+                    .overlay()
+                    .map_err(|e| HostError::Config(e.to_string()))?,
                 progress: Default::default(),
             }),
             listener,

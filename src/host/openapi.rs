@@ -166,6 +166,7 @@ fn rows() -> Vec<Row> {
         // Nodes.
         row(Get, "/api/nodes", "Every node, its inventory, usage and state. Admin, operators, viewers.", Json(200, list_of::<wire::NodeView>)),
         row(Get, "/api/nodes/{name}", "One node. Admin, operators, viewers.", Json(200, named::<wire::NodeView>)),
+        row(Get, "/api/overlay", "The VXLAN overlay: the cluster range and each node's subnet and underlay address. Admin, operators, viewers.", Json(200, named::<wire::OverlayView>)),
         row(Delete, "/api/nodes/{name}", "Forget a node that holds no running work. Admin.", Empty(204)).errors(&[400, 403, 404, 409]),
         row(Get, "/api/nodes/{name}/runner", "Ask a node's runner whether it answers. Admin.", Json(200, named::<wire::RunnerStatus>))
             .errors(&[400, 403, 404, 502]),

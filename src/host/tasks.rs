@@ -1009,6 +1009,7 @@ async fn assignments(
     for t in &mut a.tasks {
         t.public_address = state.public_address.clone();
     }
+    super::overlay::fill_groups(&state, &mut a.tasks).await?;
     Ok(Json(a))
 }
 

@@ -56,6 +56,22 @@ pub struct Firewall {
     /// The in-instance API (`runner::instance_api`): reached from the
     /// instance bridge only.
     pub instance_api: Option<std::net::SocketAddrV4>,
+    /// The VXLAN overlay, when the node is in one.
+    pub overlay: Option<OverlayRules>,
+}
+
+/// What the table needs to know of the overlay.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverlayRules {
+    /// The VXLAN device.
+    pub device: String,
+    /// The UDP port VXLAN travels on.
+    pub port: u16,
+    /// The other nodes' underlay addresses: the only senders of VXLAN here.
+    pub peers: Vec<Ipv4Addr>,
+    /// This node's instances with their owners' groups: what their packets
+    /// are marked with on the way out, and must be marked with on the way in.
+    pub members: Vec<(Ipv4Addr, u16)>,
 }
 
 /// The MAC of an instance's interface, from its address (as Kubernetes'
@@ -173,7 +189,8 @@ impl Firewall {
                 json!({"payload": {"protocol": "ip", "field": "saddr"}}),
                 json!({"prefix": {"addr": self.subnet.addr.to_string(), "len": self.subnet.prefix}}),
             ),
-            m("!=", oif.clone(), json!(self.bridge)),
+            // The overlay carries instances' own addresses between nodes.
+            m("!=", oif.clone(), json!({"set": self.own_links()})),
         ];
         // TCP and UDP leave from unprivileged ports: a server that trusts a
         // reserved source port as the node's root (NFS with AUTH_SYS, rsh)
@@ -233,6 +250,7 @@ impl Firewall {
                 ],
             ));
         }
+        cmds.extend(self.overlay_rules());
         let dnat = m("in", json!({"ct": {"key": "status"}}), json!("dnat"));
         // An instance reaching another instance through a node port.
         cmds.push(self.rule(
@@ -355,6 +373,102 @@ impl Firewall {
         ));
         cmds.extend(self.bridge_guard());
         json!({"nftables": cmds})
+    }
+
+    /// The bridge, and the overlay's device when there is one.
+    fn own_links(&self) -> Vec<String> {
+        std::iter::once(self.bridge.clone())
+            .chain(self.overlay.as_ref().map(|o| o.device.clone()))
+            .collect()
+    }
+
+    /// The overlay's rules, first in the forward chain: a packet from an
+    /// instance leaves for the overlay marked with its owner's group (the
+    /// VXLAN header carries the mark: GBP), one from the overlay reaches
+    /// an instance only if its mark is that instance's owner's, and nothing
+    /// else passes the overlay's device. VXLAN is taken only from the other
+    /// nodes, and instances send it nowhere (masqueraded as the node, they
+    /// could inject frames with any group).
+    fn overlay_rules(&self) -> Vec<Value> {
+        let Some(o) = &self.overlay else {
+            return vec![];
+        };
+        let iif = json!({"meta": {"key": "iifname"}});
+        let oif = json!({"meta": {"key": "oifname"}});
+        let saddr = json!({"payload": {"protocol": "ip", "field": "saddr"}});
+        let daddr = json!({"payload": {"protocol": "ip", "field": "daddr"}});
+        let mark = json!({"meta": {"key": "mark"}});
+        let vxlan_port = m(
+            "==",
+            json!({"payload": {"protocol": "udp", "field": "dport"}}),
+            json!(o.port),
+        );
+        let out = [
+            m("==", iif.clone(), json!(self.bridge)),
+            m("==", oif.clone(), json!(o.device)),
+        ];
+        let mut cmds = Vec::new();
+        if !o.members.is_empty() {
+            let ips: Vec<String> = o.members.iter().map(|(ip, _)| ip.to_string()).collect();
+            let marks: Vec<Value> = o
+                .members
+                .iter()
+                .map(|(ip, g)| json!([ip.to_string(), g]))
+                .collect();
+            let mut expr = out.to_vec();
+            expr.push(m("==", saddr.clone(), json!({"set": ips})));
+            expr.push(json!({"mangle": {
+                "key": mark.clone(),
+                "value": {"map": {"key": saddr.clone(), "data": {"set": marks}}},
+            }}));
+            expr.push(json!({"accept": null}));
+            cmds.push(self.rule("forward", expr));
+            let pairs: Vec<Value> = o
+                .members
+                .iter()
+                .map(|(ip, g)| json!({"concat": [ip.to_string(), g]}))
+                .collect();
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", iif.clone(), json!(o.device)),
+                    m("==", oif.clone(), json!(self.bridge)),
+                    m(
+                        "==",
+                        json!({"concat": [daddr, mark]}),
+                        json!({"set": pairs}),
+                    ),
+                    json!({"accept": null}),
+                ],
+            ));
+        }
+        for dir in [&iif, &oif] {
+            cmds.push(self.rule(
+                "forward",
+                vec![m("==", dir.clone(), json!(o.device)), json!({"drop": null})],
+            ));
+        }
+        cmds.push(self.rule(
+            "forward",
+            vec![
+                m("==", iif.clone(), json!(self.bridge)),
+                vxlan_port.clone(),
+                json!({"drop": null}),
+            ],
+        ));
+        // Nothing that came over the overlay is for the node itself.
+        cmds.push(self.rule(
+            "input",
+            vec![m("==", iif, json!(o.device)), json!({"drop": null})],
+        ));
+        let mut from_strangers = vec![vxlan_port];
+        if !o.peers.is_empty() {
+            let peers: Vec<String> = o.peers.iter().map(|a| a.to_string()).collect();
+            from_strangers.push(m("!=", saddr, json!({"set": peers})));
+        }
+        from_strangers.push(json!({"drop": null}));
+        cmds.push(self.rule("input", from_strangers));
+        cmds
     }
 
     /// The bridge-family table: frames entering the bridge from an
@@ -481,6 +595,7 @@ mod tests {
             instances: vec![("rvabc".into(), "10.88.0.2".parse().unwrap())],
             blocked_networks: vec!["198.51.100.0/24".parse().unwrap()],
             instance_api: Some("169.254.42.1:80".parse().unwrap()),
+            overlay: None,
         }
     }
 

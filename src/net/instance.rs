@@ -9,11 +9,12 @@ use std::path::PathBuf;
 use rtnetlink::Handle;
 use sha2::{Digest, Sha256};
 
-use super::firewall::{Firewall, PortMap};
+use super::firewall::{Firewall, OverlayRules, PortMap};
 use super::ipam::Ipam;
 use super::link::{
     attach, create_netns, delete_link, delete_netns, ensure_address, ensure_bridge, Attachment,
 };
+use super::overlay::{GroupBook, Mesh};
 use super::NetError;
 
 /// The node side: bridge, subnet, where namespaces live, the table.
@@ -30,6 +31,29 @@ pub struct NodeNetwork {
     /// The in-instance API's address, put on the bridge (as a /32: no
     /// route of the node's changes).
     pub instance_api: Option<Ipv4Addr>,
+    pub overlay: NodeOverlay,
+}
+
+/// The node's part of the VXLAN overlay: its device, its instances'
+/// groups, and the mesh last built (none: not in one).
+pub struct NodeOverlay {
+    pub device: String,
+    pub groups: GroupBook,
+    mesh: std::sync::Mutex<Option<Mesh>>,
+}
+
+impl NodeOverlay {
+    pub fn new(device: &str, groups_file: &std::path::Path) -> Self {
+        Self {
+            device: device.to_string(),
+            groups: GroupBook::new(groups_file),
+            mesh: Default::default(),
+        }
+    }
+
+    pub fn mesh(&self) -> Option<Mesh> {
+        self.mesh.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// What an instance got.
@@ -71,10 +95,17 @@ impl NodeNetwork {
     }
 
     /// Idempotent: a second call for the same id returns the same network.
-    pub async fn setup(&self, h: &Handle, id: &str) -> Result<InstanceNet, NetError> {
+    /// `group`: its owner's on the overlay.
+    pub async fn setup(
+        &self,
+        h: &Handle,
+        id: &str,
+        group: Option<u16>,
+    ) -> Result<InstanceNet, NetError> {
         self.prepare_node(h).await?;
         let net = self.ipam.net();
         let ip = self.ipam.allocate(id)?;
+        self.overlay.groups.set(id, group)?;
         let netns = create_netns(&self.netns_dir, id)?;
         let host_if = host_if(id);
         let a = Attachment {
@@ -97,9 +128,11 @@ impl NodeNetwork {
         h: &Handle,
         id: &str,
         dev_root: &std::path::Path,
+        group: Option<u16>,
     ) -> Result<(Ipv4Addr, String), NetError> {
         self.prepare_node(h).await?;
         let ip = self.ipam.allocate(id)?;
+        self.overlay.groups.set(id, group)?;
         let tap = host_if(id);
         super::tap::create_tap(dev_root, &tap)?;
         super::tap::attach_tap(h, &self.bridge, &tap, self.isolate_instances).await?;
@@ -123,20 +156,65 @@ impl NodeNetwork {
         if let Err(e) = self.ipam.release(id) {
             problems.push(e.to_string());
         }
+        if let Err(e) = self.overlay.groups.set(id, None) {
+            problems.push(e.to_string());
+        }
         problems
+    }
+
+    /// Builds (or grows, or rebuilds) the overlay mesh as the host planned
+    /// it; true when it changed (the table must follow). The plan's subnet
+    /// must be this node's: instances' addresses are routed by it.
+    pub async fn apply_overlay(
+        &self,
+        h: &Handle,
+        plan: &crate::api::OverlayPlan,
+    ) -> Result<bool, NetError> {
+        let mesh = Mesh::from_plan(plan).map_err(NetError::Overlay)?;
+        if mesh.subnet != self.ipam.net() {
+            return Err(NetError::Overlay(format!(
+                "the host gives this node the subnet {}, but its instances are on {}; \
+                 remove the node's credential (DATA_DIR/runner/node.json) with no \
+                 instances on it and restart the runner, so it registers again and takes it",
+                mesh.subnet,
+                self.ipam.net()
+            )));
+        }
+        let built = self.overlay.mesh();
+        if built.as_ref() == Some(&mesh) {
+            return Ok(false);
+        }
+        super::overlay::apply(h, &self.overlay.device, &mesh, built.as_ref()).await?;
+        *self.overlay.mesh.lock().unwrap_or_else(|p| p.into_inner()) = Some(mesh);
+        Ok(true)
     }
 
     /// Rewrites the node's table with these node ports.
     pub fn apply_firewall(&self, port_maps: Vec<PortMap>) -> Result<(), NetError> {
-        let instances = self
-            .ipam
-            .leases()?
+        let leases = self.ipam.leases()?;
+        let overlay = match self.overlay.mesh() {
+            Some(mesh) => {
+                let groups = self.overlay.groups.all()?;
+                Some(OverlayRules {
+                    device: self.overlay.device.clone(),
+                    port: mesh.port,
+                    peers: mesh.peers.iter().map(|p| p.underlay).collect(),
+                    members: leases
+                        .iter()
+                        .filter_map(|(id, ip)| Some((*ip, *groups.get(id)?)))
+                        .collect(),
+                })
+            }
+            None => None,
+        };
+        let instances = leases
             .into_iter()
             .map(|(id, ip)| (host_if(&id), ip))
             .collect();
         let fw = Firewall {
             port_maps,
             instances,
+            overlay,
             ..self.firewall.clone()
         };
         fw.apply()

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use super::NetError;
 
 /// An IPv4 network such as `10.88.0.0/24` (the address must be the network's).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ipv4Net {
     pub addr: Ipv4Addr,
     pub prefix: u8,

@@ -546,7 +546,10 @@ impl TaskContext {
                     },
                 });
             }
-            let inet = self.vps.start_network(id, &cid, &a.placement).await?;
+            let inet = self
+                .vps
+                .start_network(id, &cid, &a.placement, a.overlay_group)
+                .await?;
             input.netns = Some(inet.netns);
             input
                 .mounts
@@ -587,7 +590,10 @@ impl TaskContext {
                 },
                 "VPS SSH server"
             );
-            let inet = self.vps.start_network(id, &cid, &a.placement).await?;
+            let inet = self
+                .vps
+                .start_network(id, &cid, &a.placement, a.overlay_group)
+                .await?;
             input.args = args;
             input.mounts.extend(mounts);
             input
@@ -598,7 +604,10 @@ impl TaskContext {
         if !is_vps && !a.spec.no_network {
             // A command task: the instances' network too (egress, none of
             // the node's services), unless it asked for none.
-            let inet = self.vps.start_network(id, &cid, &a.placement).await?;
+            let inet = self
+                .vps
+                .start_network(id, &cid, &a.placement, a.overlay_group)
+                .await?;
             input.netns = Some(inet.netns);
             input
                 .mounts
@@ -941,7 +950,9 @@ impl Driver for TaskContext {
         self.claim_gpus(a)?;
         let started = async {
             if a.spec.kind == Kind::Vps {
-                self.vps.start_network(a.id, &cid, &a.placement).await?;
+                self.vps
+                    .start_network(a.id, &cid, &a.placement, a.overlay_group)
+                    .await?;
             }
             let uri = self.log_uri(a.id)?;
             self.mark_start(a).await?;

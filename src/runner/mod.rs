@@ -115,6 +115,9 @@ struct Credential {
     host_url: String,
     credential: String,
     host_token_hash: String,
+    /// The instance subnet the host gave at registration (its overlay's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    instance_subnet: Option<String>,
 }
 
 pub struct BoundRunner {
@@ -238,6 +241,7 @@ impl BoundRunner {
             task_loop_problem: None,
             containerd_problem,
             connecting: None,
+            overlay_problem: None,
         };
         if let Err(e) = control.run().await {
             server.abort();
@@ -494,6 +498,8 @@ struct Control {
     /// beside the beat: a containerd that accepts the socket and never
     /// answers (stopped, swapping) must not stop the heartbeats that say so.
     connecting: Option<tokio::task::JoinHandle<Result<crate::oci::Containerd, String>>>,
+    /// Why the overlay could not be built last time (none: it was, or none is run).
+    overlay_problem: Option<String>,
 }
 
 enum Beat {
@@ -580,6 +586,9 @@ impl Control {
                     send_inventory = false;
                     missed = 0;
                     self.set_metrics_keys(reply.metrics_keys);
+                    if let Some(plan) = reply.overlay {
+                        self.follow_overlay(&plan).await;
+                    }
                 }
                 Beat::Forgotten => {
                     tracing::warn!(node = %c.name, "the host no longer knows this node; registering again");
@@ -601,6 +610,28 @@ impl Control {
                 }
             }
             self.sleep(self.interval).await;
+        }
+    }
+
+    /// Builds the overlay as the host last planned it (once the task loop
+    /// runs: the mesh routes its instances). A failure is logged when it
+    /// changes, and tried again on the next beat.
+    async fn follow_overlay(&mut self, plan: &crate::api::OverlayPlan) {
+        let Some(ctx) = self.api.tasks.get() else {
+            return;
+        };
+        let problem = ctx
+            .vps
+            .apply_overlay(plan)
+            .await
+            .err()
+            .map(|e| crate::error_chain(&e));
+        if problem != self.overlay_problem {
+            match &problem {
+                Some(why) => tracing::error!("the overlay cannot be built: {why}"),
+                None => tracing::info!("the overlay is built"),
+            }
+            self.overlay_problem = problem;
         }
     }
 
@@ -714,7 +745,13 @@ impl Control {
         if sources.is_empty() {
             tracing::warn!(host_url = %self.host_url, "cannot resolve the host's address: node ports work from this node only, and instances are kept from the host's API and SSH proxy on this node only (set node_port_sources)");
         }
-        let vps = match vps::VpsKit::new(&self.config, protected.clone(), runner_ports, sources) {
+        let vps = match vps::VpsKit::new(
+            &self.config,
+            protected.clone(),
+            runner_ports,
+            sources,
+            c.instance_subnet.as_deref(),
+        ) {
             Ok(v) => v,
             Err(e) => {
                 self.task_loop_blocked(format!(
@@ -894,6 +931,7 @@ impl Control {
             host_url: self.host_url.clone(),
             credential: r.credential,
             host_token_hash: hash_token(&r.host_token),
+            instance_subnet: r.instance_subnet,
         };
         let json = serde_json::to_vec_pretty(&cred)
             .map_err(|e| RegisterFailure::Retry(crate::error_chain(&e)))?;

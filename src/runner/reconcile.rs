@@ -82,6 +82,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
         submitted_at_unix_ms: 0,
         public_address: None,
         notice: None,
+        overlay_group: None,
     }
 }
 

@@ -550,6 +550,7 @@ mod tests {
             submitted_at_unix_ms: 0,
             public_address: None,
             notice: None,
+            overlay_group: None,
         }
     }
 

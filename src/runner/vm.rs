@@ -318,7 +318,13 @@ impl TaskContext {
         })?;
         let (ip, tap) = self
             .vps
-            .start_vm_network(id, &cid, &a.placement, &self.config.dev_root)
+            .start_vm_network(
+                id,
+                &cid,
+                &a.placement,
+                &self.config.dev_root,
+                a.overlay_group,
+            )
             .await?;
         let net = self.vps.network.ipam.net();
         let uuid = vm_uuid(&cid);

@@ -391,9 +391,13 @@ impl VpsKit {
         protected_ports: Vec<u16>,
         runner_ports: Vec<u16>,
         node_port_sources: Vec<std::net::Ipv4Addr>,
+        overlay_subnet: Option<&str>,
     ) -> Result<Self, VpsError> {
-        let subnet: crate::net::Ipv4Net =
-            config.instance_subnet.parse().map_err(VpsError::Subnet)?;
+        // The overlay's subnet, given by the host, over the node's own.
+        let subnet: crate::net::Ipv4Net = overlay_subnet
+            .unwrap_or(&config.instance_subnet)
+            .parse()
+            .map_err(VpsError::Subnet)?;
         let root = config.data_dir.join(super::STATE_DIR);
         Ok(Self {
             network: NodeNetwork {
@@ -419,9 +423,14 @@ impl VpsKit {
                         .collect::<Result<_, _>>()
                         .map_err(VpsError::BlockedNetwork)?,
                     instance_api: config.instance_api(),
+                    overlay: None,
                 },
                 isolate_instances: config.isolate_instances,
                 instance_api: config.instance_api().map(|a| *a.ip()),
+                overlay: crate::net::NodeOverlay::new(
+                    &config.overlay_device,
+                    &root.join("overlay-groups.json"),
+                ),
             },
             root,
             dropbear: config.dropbear.clone(),
@@ -699,9 +708,10 @@ impl VpsKit {
         id: u64,
         cid: &str,
         placement: &Placement,
+        group: Option<u16>,
     ) -> Result<InstanceNet, VpsError> {
         let h = crate::net::link::connect()?;
-        let inet = self.network.setup(&h, cid).await?;
+        let inet = self.network.setup(&h, cid, group).await?;
         self.set_port(id, port_maps(placement, inet.ip), true)?;
         Ok(inet)
     }
@@ -758,6 +768,31 @@ impl VpsKit {
         Ok(())
     }
 
+    /// Builds the overlay mesh the host planned, and the table after it
+    /// when the mesh changed.
+    pub async fn apply_overlay(&self, plan: &crate::api::OverlayPlan) -> Result<(), VpsError> {
+        let h = crate::net::link::connect()?;
+        if self.network.apply_overlay(&h, plan).await? {
+            tracing::info!(
+                subnet = %plan.subnet,
+                peers = plan.peers.len(),
+                "overlay mesh built"
+            );
+            self.reapply_firewall()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the table with the node ports it has.
+    fn reapply_firewall(&self) -> Result<(), VpsError> {
+        let mut guard = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let (ports, lagging) = &mut *guard;
+        let all = ports.values().flatten().copied().collect();
+        let applied = tokio::task::block_in_place(|| self.network.apply_firewall(all));
+        *lagging = applied.is_err();
+        Ok(applied?)
+    }
+
     /// The instance's public host key (`ssh-ed25519 AAAA...`), for clients to pin.
     pub fn host_key(&self, cid: &str) -> Option<String> {
         let key = self.root.join("instances").join(cid).join("hostkey");
@@ -805,9 +840,10 @@ impl VpsKit {
         cid: &str,
         placement: &Placement,
         dev_root: &Path,
+        group: Option<u16>,
     ) -> Result<(std::net::Ipv4Addr, String), VpsError> {
         let h = crate::net::link::connect()?;
-        let (ip, tap) = self.network.setup_tap(&h, cid, dev_root).await?;
+        let (ip, tap) = self.network.setup_tap(&h, cid, dev_root, group).await?;
         self.set_port(id, port_maps(placement, ip), true)?;
         Ok((ip, tap))
     }

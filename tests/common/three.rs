@@ -97,6 +97,11 @@ impl ThreeNodes {
     /// With `shared_dir` false, each node has a shared directory of its
     /// own (empty): environments come from the host.
     pub fn start_with(shared_dir: bool) -> Option<ThreeNodes> {
+        Self::start_opts(shared_dir, None)
+    }
+
+    /// With an overlay range, the host runs the VXLAN overlay over it.
+    pub fn start_opts(shared_dir: bool, overlay: Option<&str>) -> Option<ThreeNodes> {
         let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
@@ -171,6 +176,11 @@ impl ThreeNodes {
         ]
         .iter()
         .map(|a| a.to_string())
+        .chain(
+            overlay
+                .into_iter()
+                .flat_map(|r| ["--overlay-range".to_string(), r.to_string()]),
+        )
         .collect();
         let host = start_in(dir.path(), "host", &net.netns[0], &host_args);
         let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));
@@ -226,6 +236,14 @@ impl ThreeNodes {
             c.wait_node(name, "online");
         }
         Some(c)
+    }
+
+    /// A user named `name`; their token.
+    pub fn add_user(&self, name: &str) -> String {
+        let o = self.rn(&["-o", "json", "user", "add", name]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let u: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        u["token"].as_str().unwrap().to_string()
     }
 
     pub fn host_data(&self) -> PathBuf {
@@ -289,6 +307,17 @@ impl ThreeNodes {
             &format!("v3-{name}"),
             if up { "up" } else { "down" },
         ]);
+    }
+
+    /// `CMD ARGS` run inside node `name`'s network namespace; its output.
+    pub fn on_node(&self, name: &str, cmd: &[&str]) -> String {
+        let i = NODES.iter().position(|(n, _)| *n == name).unwrap();
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self._net.netns[i + 1]])
+            .args(cmd)
+            .output()
+            .unwrap();
+        format!("{}{}", stdout(&o), stderr(&o))
     }
 
     /// The runner of node `name`.

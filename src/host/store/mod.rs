@@ -249,6 +249,14 @@ pub trait Store: Send + Sync + 'static {
         exposed: &[crate::api::ports::PortRequest],
     ) -> Result<crate::api::Placement, StoreError>;
     fn revision(&self) -> Result<u64, StoreError>;
+    /// `node`'s slot in the overlay range (its subnet's index), given the
+    /// lowest free one below `slots` if it has none.
+    fn overlay_slot(&self, node: &str, slots: u32) -> Result<u32, StoreError>;
+    /// Every node's overlay slot.
+    fn overlay_slots(&self) -> Result<BTreeMap<String, u32>, StoreError>;
+    /// The overlay group of each owner (`""` for the admin), given the
+    /// lowest free one (1 to 65535) to those that have none.
+    fn overlay_groups(&self, owners: &[String]) -> Result<BTreeMap<String, u16>, StoreError>;
 }
 
 /// Schema versions, applied in order; `PRAGMA user_version` records the last.
@@ -399,6 +407,10 @@ const MIGRATIONS: &[&str] = &[
         SELECT id, hash, role, node, user, label, created_at_ms, expires_at_ms FROM tokens;
     DROP TABLE tokens;
     ALTER TABLE tokens_v14 RENAME TO tokens;",
+    // 15: the overlay: each node's subnet (its slot in the cluster range)
+    // and each owner's group policy id, kept so they never change.
+    "CREATE TABLE overlay_slots (node TEXT PRIMARY KEY, slot INTEGER NOT NULL UNIQUE);
+    CREATE TABLE overlay_groups (owner TEXT PRIMARY KEY, grp INTEGER NOT NULL UNIQUE);",
 ];
 
 /// What `/metrics` says of the tasks.
@@ -1371,6 +1383,8 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             let gone = tx.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0;
             if gone {
+                // Its subnet is free for a node that joins later.
+                tx.execute("DELETE FROM overlay_slots WHERE node = ?1", [name])?;
                 tx.execute(
                     "INSERT OR REPLACE INTO removed_nodes (name, removed_at_ms) VALUES (?1, ?2)",
                     params![name, now_ms],
@@ -1530,6 +1544,138 @@ impl Store for SqliteStore {
 
     fn revision(&self) -> Result<u64, StoreError> {
         self.with(|c| tasks::revision(c))
+    }
+
+    fn overlay_slot(&self, node: &str, slots: u32) -> Result<u32, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let have: Option<u32> = tx
+                .query_row(
+                    "SELECT slot FROM overlay_slots WHERE node = ?1",
+                    [node],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(slot) = have {
+                return Ok(slot);
+            }
+            let used = tx
+                .prepare("SELECT slot FROM overlay_slots ORDER BY slot")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<Vec<u32>, _>>()?;
+            let slot = lowest_free(&used, 0, slots).ok_or_else(|| {
+                StoreError::TooMany(format!(
+                    "the overlay range has room for {slots} node subnets and all are taken; \
+                     remove a node or set a wider overlay_range"
+                ))
+            })?;
+            tx.execute(
+                "INSERT INTO overlay_slots (node, slot) VALUES (?1, ?2)",
+                params![node, slot],
+            )?;
+            tx.commit()?;
+            Ok(slot)
+        })
+    }
+
+    fn overlay_slots(&self) -> Result<BTreeMap<String, u32>, StoreError> {
+        self.with(|c| {
+            Ok(c.prepare("SELECT node, slot FROM overlay_slots")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn overlay_groups(&self, owners: &[String]) -> Result<BTreeMap<String, u16>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut known: BTreeMap<String, u16> = tx
+                .prepare("SELECT owner, grp FROM overlay_groups")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut used: Vec<u32> = known.values().map(|g| u32::from(*g)).collect();
+            used.sort_unstable();
+            let mut out = BTreeMap::new();
+            for owner in owners {
+                let g = match known.get(owner) {
+                    Some(g) => *g,
+                    None => {
+                        // 0 is no group: the mark of traffic from no instance.
+                        let g = lowest_free(&used, 1, 1 << 16).ok_or_else(|| {
+                            StoreError::TooMany(
+                                "the overlay has a group for 65535 owners and all are taken".into(),
+                            )
+                        })?;
+                        tx.execute(
+                            "INSERT INTO overlay_groups (owner, grp) VALUES (?1, ?2)",
+                            params![owner, g],
+                        )?;
+                        used.push(g);
+                        used.sort_unstable();
+                        let g = g as u16;
+                        known.insert(owner.clone(), g);
+                        g
+                    }
+                };
+                out.insert(owner.clone(), g);
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+}
+
+/// The lowest number in `from..limit` not in `used` (sorted).
+fn lowest_free(used: &[u32], from: u32, limit: u32) -> Option<u32> {
+    let mut next = from;
+    for &u in used {
+        if u == next {
+            next += 1;
+        } else if u > next {
+            break;
+        }
+    }
+    (next < limit).then_some(next)
+}
+
+#[cfg(test)]
+mod overlay_tests {
+    use super::*;
+
+    #[test]
+    fn the_lowest_free_number_fills_gaps_first() {
+        assert_eq!(lowest_free(&[], 0, 4), Some(0));
+        assert_eq!(lowest_free(&[0, 1, 3], 0, 4), Some(2));
+        assert_eq!(lowest_free(&[0, 1, 2, 3], 0, 4), None);
+        assert_eq!(lowest_free(&[1, 2], 1, 10), Some(3));
+        assert_eq!(lowest_free(&[5], 1, 10), Some(1));
+    }
+
+    #[test]
+    fn slots_and_groups_stay_and_a_removed_nodes_slot_is_reused() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        assert_eq!(s.overlay_slot("a", 2).unwrap(), 0);
+        assert_eq!(s.overlay_slot("b", 2).unwrap(), 1);
+        assert_eq!(s.overlay_slot("a", 2).unwrap(), 0);
+        assert!(matches!(
+            s.overlay_slot("c", 2),
+            Err(StoreError::TooMany(_))
+        ));
+        let g = s
+            .overlay_groups(&["ann".into(), "".into(), "bob".into()])
+            .unwrap();
+        assert_eq!(g["ann"], 1);
+        assert_eq!(g[""], 2);
+        assert_eq!(g["bob"], 3);
+        let again = s.overlay_groups(&["bob".into(), "cy".into()]).unwrap();
+        assert_eq!((again["bob"], again["cy"]), (3, 4));
+        s.with(|c| {
+            c.execute("DELETE FROM overlay_slots WHERE node = 'a'", [])?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(s.overlay_slot("c", 2).unwrap(), 0);
+        assert_eq!(s.overlay_slots().unwrap().len(), 2);
     }
 }
 

@@ -1260,6 +1260,7 @@ pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments,
                     submitted_at_unix_ms: t.submitted_at_unix_ms,
                     public_address: None,
                     notice: t.notice,
+                    overlay_group: None,
                 })
             })
             .collect(),
