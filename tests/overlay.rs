@@ -97,6 +97,21 @@ fn one_owners_instances_meet_across_nodes_and_no_one_elses() {
             "{table}"
         );
         assert!(table.contains("iifname \"rn-overlay\" drop"), "{table}");
+        // Full-size frames fit the underlay whole: the device is bound to
+        // the underlay's link (1500) and takes 50 less, and TCP is sized for it.
+        let link = in_ns(&n1, || {
+            let o = std::process::Command::new("ip")
+                .args(["-o", "link", "show", "rn-overlay"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        });
+        assert!(link.contains(" mtu 1450 "), "{link}");
+        assert!(
+            table
+                .contains("oifname \"rn-overlay\" tcp flags syn tcp option maxseg size set rt mtu"),
+            "{table}"
+        );
         // The device takes the mesh with it.
         let gone = with_netlink(&n1, |h| {
             Box::pin(async move {

@@ -149,7 +149,7 @@ fn a_node_cut_off_goes_offline_and_healed_runs_its_task_again_once() {
 }
 
 #[test]
-fn ssh_through_the_host_reaches_a_vps_on_every_node() {
+fn ssh_and_published_ports_through_the_host_reach_every_node() {
     if !parts_present() {
         return;
     }
@@ -210,6 +210,44 @@ fn ssh_through_the_host_reaches_a_vps_on_every_node() {
                 "VPS {id} on {n} answered"
             );
         }
+        // A published port of a task on n3 answers at the host's address.
+        let o = c.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "--container",
+            "busybox",
+            "-t",
+            "n3",
+            "-p",
+            "8090",
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /tmp/w && echo served-on-n3 > /tmp/w/index.html && \
+             exec httpd -f -p 8090 -h /tmp/w",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let web = created_id(&o);
+        c.wait_state(&web, "running");
+        let line = stdout(&c.rn(&["task", "ports", &web]));
+        let (outside, _) = line
+            .split_once(" -> 8090/tcp")
+            .unwrap_or_else(|| panic!("no 8090 in {line:?}"));
+        let (host, port) = outside.trim().rsplit_once(':').unwrap();
+        assert_eq!(host, common::three::HOST_IP, "{line}");
+        let port: u16 = port.parse().unwrap();
+        let page = wait_for_logged("the published port on n3", &[&c.host], || {
+            use std::io::{Read, Write};
+            let ip: std::net::Ipv4Addr = common::three::HOST_IP.parse().unwrap();
+            let mut s = std::net::TcpStream::connect((ip, port)).ok()?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            out.contains("served-on-n3").then_some(out)
+        });
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     });
 }
 

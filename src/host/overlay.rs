@@ -4,7 +4,6 @@
 //! node that heartbeats, at the address of its runner URL. Nodes route to
 //! each other directly; nothing passes through the host.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -12,8 +11,9 @@ use axum::extract::State;
 use axum::Json;
 
 use super::api::ApiError;
+use super::store::OverlayMember;
 use super::HostState;
-use crate::api::{NodeState, NodeView, OverlayNode, OverlayPeer, OverlayPlan, OverlayView};
+use crate::api::{NodeState, OverlayNode, OverlayPeer, OverlayPlan, OverlayView};
 use crate::net::Ipv4Net;
 
 /// The prefix of a node's subnet: 253 instances each.
@@ -62,15 +62,10 @@ impl Overlay {
 
     /// What `node` must build: its subnet and address, and every other
     /// node that is in the mesh. None when `node` has no slot or no address.
-    pub fn plan(
-        &self,
-        node: &str,
-        nodes: &[NodeView],
-        slots: &BTreeMap<String, u32>,
-    ) -> Option<OverlayPlan> {
-        let me = nodes.iter().find(|n| n.name == node)?;
+    pub fn plan(&self, node: &str, members: &[OverlayMember]) -> Option<OverlayPlan> {
+        let me = members.iter().find(|m| m.node == node)?;
         let peers = self
-            .members(nodes, slots)
+            .members(members)
             .into_iter()
             .filter(|m| m.node != node && m.in_mesh)
             .filter_map(|m| {
@@ -84,28 +79,27 @@ impl Overlay {
         Some(OverlayPlan {
             vni: self.vni,
             port: self.port,
-            subnet: self.subnet(*slots.get(node)?).to_string(),
+            subnet: self.subnet(me.slot).to_string(),
             underlay: underlay(&me.runner_url)?.to_string(),
             peers,
         })
     }
 
     /// Every node with a slot, and whether the others route to it.
-    pub fn members(&self, nodes: &[NodeView], slots: &BTreeMap<String, u32>) -> Vec<OverlayNode> {
-        nodes
+    pub fn members(&self, members: &[OverlayMember]) -> Vec<OverlayNode> {
+        members
             .iter()
-            .filter_map(|n| {
-                let slot = slots.get(&n.name)?;
-                let addr = underlay(&n.runner_url);
-                Some(OverlayNode {
-                    node: n.name.clone(),
-                    subnet: self.subnet(*slot).to_string(),
+            .map(|m| {
+                let addr = underlay(&m.runner_url);
+                OverlayNode {
+                    node: m.node.clone(),
+                    subnet: self.subnet(m.slot).to_string(),
                     underlay: addr.map(|a| a.to_string()),
-                    state: n.state,
+                    state: m.state,
                     // A silent node is left out until it beats again: its
                     // instances cannot answer, and its slot stays its own.
-                    in_mesh: addr.is_some() && n.state != NodeState::Offline,
-                })
+                    in_mesh: addr.is_some() && m.state != NodeState::Offline,
+                }
             })
             .collect()
     }
@@ -137,13 +131,14 @@ pub async fn plan_for(state: &HostState, node: &str) -> Result<Option<OverlayPla
     let Some(o) = state.overlay else {
         return Ok(None);
     };
-    // A node registered before the overlay was set takes its slot now (its
-    // runner learns of it when it registers again: see the README).
-    subnet_for(state, node).await?;
-    let (nodes, slots) = state
-        .blocking(|s| Ok((s.list_nodes()?, s.overlay_slots()?)))
-        .await?;
-    Ok(o.plan(node, &nodes, &slots))
+    let mut members = state.blocking(|s| s.overlay_members()).await?;
+    if !members.iter().any(|m| m.node == node) {
+        // A node registered before the overlay was set takes its slot now
+        // (its runner learns of it when it registers again: see the README).
+        subnet_for(state, node).await?;
+        members = state.blocking(|s| s.overlay_members()).await?;
+    }
+    Ok(o.plan(node, &members))
 }
 
 /// `GET /api/overlay`: the mesh, node by node.
@@ -156,14 +151,12 @@ pub async fn show(State(state): State<Arc<HostState>>) -> Result<Json<OverlayVie
             nodes: vec![],
         }));
     };
-    let (nodes, slots) = state
-        .blocking(|s| Ok((s.list_nodes()?, s.overlay_slots()?)))
-        .await?;
+    let members = state.blocking(|s| s.overlay_members()).await?;
     Ok(Json(OverlayView {
         range: Some(o.range.to_string()),
         vni: o.vni,
         port: o.port,
-        nodes: o.members(&nodes, &slots),
+        nodes: o.members(&members),
     }))
 }
 
@@ -233,20 +226,19 @@ mod tests {
 
     #[test]
     fn a_plan_names_every_other_live_node_with_an_address() {
-        let mut a = crate::api::test_node("a", "http://10.77.0.11:8001");
-        a.state = NodeState::Online;
-        let mut b = crate::api::test_node("b", "http://10.77.0.12:8001");
-        b.state = NodeState::Degraded;
-        let mut c = crate::api::test_node("c", "http://10.77.0.13:8001");
-        c.state = NodeState::Offline;
-        let d = crate::api::test_node("d", "http://node-d:8001");
-        let e = crate::api::test_node("e", "http://10.77.0.15:8001");
-        let slots: BTreeMap<String, u32> = [("a", 0), ("b", 1), ("c", 2), ("d", 3)]
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), s))
-            .collect();
-        let nodes = vec![a, b, c, d, e];
-        let p = o().plan("a", &nodes, &slots).unwrap();
+        let member = |node: &str, url: &str, state, slot| OverlayMember {
+            node: node.into(),
+            runner_url: url.into(),
+            state,
+            slot,
+        };
+        let members = vec![
+            member("a", "http://10.77.0.11:8001", NodeState::Online, 0),
+            member("b", "http://10.77.0.12:8001", NodeState::Degraded, 1),
+            member("c", "http://10.77.0.13:8001", NodeState::Offline, 2),
+            member("d", "http://node-d:8001", NodeState::Online, 3),
+        ];
+        let p = o().plan("a", &members).unwrap();
         assert_eq!(p.subnet, "10.200.0.0/24");
         assert_eq!(p.underlay, "10.77.0.11");
         assert_eq!(
@@ -258,11 +250,11 @@ mod tests {
             }]
         );
         // No slot yet, or no address: no plan.
-        assert!(o().plan("e", &nodes, &slots).is_none());
-        assert!(o().plan("d", &nodes, &slots).is_none());
-        let members = o().members(&nodes, &slots);
-        assert_eq!(members.len(), 4);
-        assert!(!members.iter().find(|m| m.node == "c").unwrap().in_mesh);
-        assert!(!members.iter().find(|m| m.node == "d").unwrap().in_mesh);
+        assert!(o().plan("e", &members).is_none());
+        assert!(o().plan("d", &members).is_none());
+        let view = o().members(&members);
+        assert_eq!(view.len(), 4);
+        assert!(!view.iter().find(|m| m.node == "c").unwrap().in_mesh);
+        assert!(!view.iter().find(|m| m.node == "d").unwrap().in_mesh);
     }
 }

@@ -189,6 +189,20 @@ impl NodeNetwork {
         Ok(true)
     }
 
+    /// Takes the overlay down (the host runs none now); true when there
+    /// was one to take down (the table must follow).
+    pub async fn leave_overlay(&self, h: &Handle) -> Result<bool, NetError> {
+        let deleted = super::overlay::remove(h, &self.overlay.device).await?;
+        let had = self
+            .overlay
+            .mesh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some();
+        Ok(deleted || had)
+    }
+
     /// Rewrites the node's table with these node ports.
     pub fn apply_firewall(&self, port_maps: Vec<PortMap>) -> Result<(), NetError> {
         let leases = self.ipam.leases()?;

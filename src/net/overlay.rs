@@ -128,9 +128,33 @@ pub async fn remove(h: &Handle, device: &str) -> Result<bool, NetError> {
     delete_link(h, device).await
 }
 
+/// The link that holds `ip`.
+async fn link_with_address(h: &Handle, ip: Ipv4Addr) -> Result<Option<u32>, NetError> {
+    use futures_util::TryStreamExt;
+    let mut addrs = h.address().get().execute();
+    while let Some(a) = addrs.try_next().await.map_err(nl("list addresses"))? {
+        let has = a.attributes.iter().any(|attr| {
+            matches!(attr, netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(a)) if *a == ip)
+        });
+        if has {
+            return Ok(Some(a.header.index));
+        }
+    }
+    Ok(None)
+}
+
 async fn create(h: &Handle, device: &str, mesh: &Mesh) -> Result<u32, NetError> {
     delete_link(h, device).await?;
+    // Bound to the underlay's link, the device takes its MTU less VXLAN's
+    // 50 bytes: a full-size frame would otherwise leave in two fragments.
+    let lower = link_with_address(h, mesh.local).await?.ok_or_else(|| {
+        NetError::Overlay(format!(
+            "no link of this node has the address {} (its runner URL's), which the tunnels leave from",
+            mesh.local
+        ))
+    })?;
     let link = LinkVxlan::new(device, mesh.vni)
+        .dev(lower)
         .port(mesh.port)
         .local(mesh.local)
         .append_info_data(InfoVxlan::Learning(false))

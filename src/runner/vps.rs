@@ -783,6 +783,16 @@ impl VpsKit {
         Ok(())
     }
 
+    /// Takes the overlay down, and the table's part of it.
+    pub async fn leave_overlay(&self) -> Result<(), VpsError> {
+        let h = crate::net::link::connect()?;
+        if self.network.leave_overlay(&h).await? {
+            tracing::info!("overlay taken down: the host runs none");
+            self.reapply_firewall()?;
+        }
+        Ok(())
+    }
+
     /// Rewrites the table with the node ports it has.
     fn reapply_firewall(&self) -> Result<(), VpsError> {
         let mut guard = self.ports.lock().unwrap_or_else(|p| p.into_inner());

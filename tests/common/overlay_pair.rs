@@ -6,6 +6,7 @@
 //!
 //! Call `build` on a thread already in private network and mount
 //! namespaces. Self-contained, so `benches/overlay.rs` uses it too.
+#![allow(dead_code)] // each user takes a part
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

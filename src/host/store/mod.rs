@@ -252,11 +252,22 @@ pub trait Store: Send + Sync + 'static {
     /// `node`'s slot in the overlay range (its subnet's index), given the
     /// lowest free one below `slots` if it has none.
     fn overlay_slot(&self, node: &str, slots: u32) -> Result<u32, StoreError>;
-    /// Every node's overlay slot.
-    fn overlay_slots(&self) -> Result<BTreeMap<String, u32>, StoreError>;
+    /// Every node that has an overlay slot, with what the mesh needs of it
+    /// (read without the nodes' inventories: every heartbeat asks).
+    fn overlay_members(&self) -> Result<Vec<OverlayMember>, StoreError>;
     /// The overlay group of each owner (`""` for the admin), given the
     /// lowest free one (1 to 65535) to those that have none.
     fn overlay_groups(&self, owners: &[String]) -> Result<BTreeMap<String, u16>, StoreError>;
+}
+
+/// A node of the overlay as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlayMember {
+    pub node: String,
+    pub runner_url: String,
+    pub state: NodeState,
+    /// Its subnet's index in the cluster range.
+    pub slot: u32,
 }
 
 /// Schema versions, applied in order; `PRAGMA user_version` records the last.
@@ -1578,11 +1589,26 @@ impl Store for SqliteStore {
         })
     }
 
-    fn overlay_slots(&self) -> Result<BTreeMap<String, u32>, StoreError> {
+    fn overlay_members(&self) -> Result<Vec<OverlayMember>, StoreError> {
         self.with(|c| {
-            Ok(c.prepare("SELECT node, slot FROM overlay_slots")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?)
+            Ok(c.prepare(
+                "SELECT n.name, n.runner_url, n.state, n.degraded IS NOT NULL, s.slot
+                 FROM nodes n JOIN overlay_slots s ON s.node = n.name ORDER BY s.slot",
+            )?
+            .query_map([], |r| {
+                let state = match (r.get::<_, String>(2)?.as_str(), r.get::<_, bool>(3)?) {
+                    ("online", false) => NodeState::Online,
+                    ("online", true) => NodeState::Degraded,
+                    _ => NodeState::Offline,
+                };
+                Ok(OverlayMember {
+                    node: r.get(0)?,
+                    runner_url: r.get(1)?,
+                    state,
+                    slot: r.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?)
         })
     }
 
@@ -1675,7 +1701,8 @@ mod overlay_tests {
         })
         .unwrap();
         assert_eq!(s.overlay_slot("c", 2).unwrap(), 0);
-        assert_eq!(s.overlay_slots().unwrap().len(), 2);
+        // Members are the registered nodes with a slot (none registered here).
+        assert!(s.overlay_members().unwrap().is_empty());
     }
 }
 
