@@ -211,25 +211,14 @@ fn ssh_and_published_ports_through_the_host_reach_every_node() {
             );
         }
         // A published port of a task on n3 answers at the host's address.
-        let o = c.rn(&[
-            "-o",
-            "json",
-            "task",
-            "submit",
-            "--container",
-            "busybox",
-            "-t",
+        let web = command_on(
+            &c,
+            None,
             "n3",
-            "-p",
-            "8090",
-            "--",
-            "sh",
-            "-c",
+            &["-p", "8090"],
             "mkdir -p /tmp/w && echo served-on-n3 > /tmp/w/index.html && \
              exec httpd -f -p 8090 -h /tmp/w",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let web = created_id(&o);
+        );
         c.wait_state(&web, "running");
         let line = stdout(&c.rn(&["task", "ports", &web]));
         let (outside, _) = line
@@ -324,7 +313,13 @@ fn an_environment_runs_on_every_node_without_a_shared_directory_and_is_fetched_o
 
 /// `task submit` of a busybox command on `node`, as `token`'s user (none:
 /// the admin); its id.
-fn command_on(c: &ThreeNodes, token: Option<&str>, node: &str, script: &str) -> String {
+fn command_on(
+    c: &ThreeNodes,
+    token: Option<&str>,
+    node: &str,
+    extra: &[&str],
+    script: &str,
+) -> String {
     let mut args = vec![];
     if let Some(t) = token {
         args.extend(["--token", t]);
@@ -338,11 +333,9 @@ fn command_on(c: &ThreeNodes, token: Option<&str>, node: &str, script: &str) -> 
         "busybox",
         "-t",
         node,
-        "--",
-        "sh",
-        "-c",
-        script,
     ]);
+    args.extend_from_slice(extra);
+    args.extend(["--", "sh", "-c", script]);
     let o = c.rn(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     created_id(&o)
@@ -390,6 +383,7 @@ fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
             &c,
             None,
             "n1",
+            &[],
             "ip -4 -o addr show eth0; mkdir /tmp/w; echo from-n1 > /tmp/w/index.html; \
              exec httpd -f -p 8080 -h /tmp/w",
         );
@@ -408,7 +402,7 @@ fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
         let fetch =
             format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {addr} 8080 | tail -n 1");
         // The admin's instance on n2 reaches it across the overlay...
-        let same = command_on(&c, None, "n2", &fetch);
+        let same = command_on(&c, None, "n2", &[], &fetch);
         assert_eq!(
             ended(&c, &same),
             ("completed".to_string(), "from-n1\n".to_string()),
@@ -417,7 +411,7 @@ fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
         );
         // ...another user's on n3 does not.
         let ann = c.add_user("ann");
-        let other = command_on(&c, Some(&ann), "n3", &fetch);
+        let other = command_on(&c, Some(&ann), "n3", &[], &fetch);
         let (_, out) = ended(&c, &other);
         assert!(
             !out.contains("from-n1"),
@@ -439,7 +433,7 @@ fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
         assert_eq!(n3["in_mesh"], false, "{o}");
         c.link("n3", true);
         c.wait_node("n3", "online");
-        let back = command_on(&c, None, "n3", &format!("sleep 2; {fetch}"));
+        let back = command_on(&c, None, "n3", &[], &format!("sleep 2; {fetch}"));
         assert_eq!(
             ended(&c, &back),
             ("completed".to_string(), "from-n1\n".to_string()),

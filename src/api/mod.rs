@@ -317,6 +317,16 @@ pub struct OverlayPeer {
     pub subnet: String,
 }
 
+/// `DELETE /api/nodes/{name}`: the node is forgotten; these VPS (failed
+/// now) keep their disks and snapshots on that machine, where the cluster
+/// no longer reaches them and never deletes them (a runner there leaves a
+/// VPS no assignment names as it is): the operator frees that space there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NodeRemoved {
+    pub node: String,
+    pub vps_left: Vec<u64>,
+}
+
 /// `GET /api/overlay`: the cluster's overlay, node by node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OverlayView {

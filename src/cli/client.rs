@@ -289,6 +289,15 @@ impl Client {
             .map(|_| ())
     }
 
+    /// `DELETE path`, reading the JSON it answers.
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.send(self.http.delete(&url), &url).await?;
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         let url = format!("{}{path}", self.base);
         self.send(self.http.delete(&url), &url).await.map(|_| ())

@@ -1,6 +1,6 @@
 //! `rivernode node list|status|remove`.
 
-use crate::api::{NodeView, OverlayView, RunnerStatus};
+use crate::api::{NodeRemoved, NodeView, OverlayView, RunnerStatus};
 use crate::cli::args::{JoinTokenCommand, NodeCommand, Output};
 use crate::cli::client::{Client, ClientError};
 use crate::cli::output::{ago, bytes, emit, emit_json, table};
@@ -42,10 +42,11 @@ pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<()
             }
         }
         NodeCommand::Remove { name } => {
-            client.delete(&format!("/api/nodes/{name}")).await?;
-            emit(&format!(
-                "node {name} removed: its credential is revoked and its tasks ended; it registers again only with a new join token\n"
-            ));
+            let r: NodeRemoved = client.delete_json(&format!("/api/nodes/{name}")).await?;
+            match output {
+                Output::Json => emit_json(&r),
+                Output::Table => emit(&removed_text(&r)),
+            }
         }
         NodeCommand::JoinToken(JoinTokenCommand::Rotate { expires_in }) => {
             let body = serde_json::json!({
@@ -66,6 +67,26 @@ pub async fn run(client: &Client, cmd: NodeCommand, output: Output) -> Result<()
         }
     }
     Ok(())
+}
+
+fn removed_text(r: &NodeRemoved) -> String {
+    let mut out = format!(
+        "node {} removed: its credential is revoked and its tasks ended; it registers again only with a new join token\n",
+        r.node
+    );
+    if !r.vps_left.is_empty() {
+        let ids: Vec<String> = r.vps_left.iter().map(u64::to_string).collect();
+        out.push_str(&format!(
+            "VPS {} keep their disks and snapshots on that machine; the cluster no longer reaches them \
+             and never deletes them. To free the space, on that machine: \
+             `ctr -n rivernode containers rm {}-task-ID` and `ctr -n rivernode images rm` of their \
+             rivernode/snapshots/{}/vps-ID images (a VM's disk: its vm_store, /var/lib/libvirt/rivernode/vms/ by default)\n",
+            ids.join(", "),
+            r.node,
+            r.node
+        ));
+    }
+    out
 }
 
 fn overlay_text(o: &OverlayView) -> String {

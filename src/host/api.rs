@@ -787,15 +787,19 @@ async fn rotate_join_token(
 async fn remove_node(
     State(state): State<Arc<HostState>>,
     Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Json<crate::api::NodeRemoved>, ApiError> {
     let n = name.clone();
     let now = crate::now_unix_ms();
-    if state.blocking(move |s| s.delete_node(&n, now)).await? {
-        tracing::info!(node = %name, "node removed; its credential is revoked and its tasks ended");
-        state.publish().await;
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotFound(format!("no node named {name:?}")))
+    match state.blocking(move |s| s.delete_node(&n, now)).await? {
+        Some(vps_left) => {
+            tracing::info!(node = %name, ?vps_left, "node removed; its credential is revoked and its tasks ended");
+            state.publish().await;
+            Ok(Json(crate::api::NodeRemoved {
+                node: name,
+                vps_left,
+            }))
+        }
+        None => Err(ApiError::NotFound(format!("no node named {name:?}"))),
     }
 }
 

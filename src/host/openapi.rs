@@ -167,7 +167,7 @@ fn rows() -> Vec<Row> {
         row(Get, "/api/nodes", "Every node, its inventory, usage and state. Admin, operators, viewers.", Json(200, list_of::<wire::NodeView>)),
         row(Get, "/api/nodes/{name}", "One node. Admin, operators, viewers.", Json(200, named::<wire::NodeView>)),
         row(Get, "/api/overlay", "The VXLAN overlay: the cluster range and each node's subnet and underlay address. Admin, operators, viewers.", Json(200, named::<wire::OverlayView>)),
-        row(Delete, "/api/nodes/{name}", "Forget a node that holds no running work. Admin.", Empty(204)).errors(&[400, 403, 404, 409]),
+        row(Delete, "/api/nodes/{name}", "Forget a node: its credential is revoked and its tasks end; says which VPS keep their disks on that machine. Admin.", Json(200, named::<wire::NodeRemoved>)).errors(&[400, 403, 404, 409]),
         row(Get, "/api/nodes/{name}/runner", "Ask a node's runner whether it answers. Admin.", Json(200, named::<wire::RunnerStatus>))
             .errors(&[400, 403, 404, 502]),
         row(Post, "/api/nodes/register", "A runner joins the cluster. The join token.", Json(201, named::<wire::RegisterResponse>))

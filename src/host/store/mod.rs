@@ -170,7 +170,9 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a node for good: its credential is revoked, its tasks end
     /// (a new holder of the name inherits none of them), and the name
     /// registers again only with a join token made after now.
-    fn delete_node(&self, name: &str, now_ms: i64) -> Result<bool, StoreError>;
+    /// Forgets node `name`, ending its tasks; the VPS whose disks stay on
+    /// that machine (none: no such node).
+    fn delete_node(&self, name: &str, now_ms: i64) -> Result<Option<Vec<u64>>, StoreError>;
     /// Replaces every join token with `hash`, valid until `expires_at_ms` (none: no expiry).
     fn rotate_join_token(
         &self,
@@ -1389,9 +1391,18 @@ impl Store for SqliteStore {
         })
     }
 
-    fn delete_node(&self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
+    fn delete_node(&self, name: &str, now_ms: i64) -> Result<Option<Vec<u64>>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
+            // Every VPS it holds that was not deleted: a stopped one's disk
+            // and snapshots too stay there, out of the cluster's reach.
+            let left = tx
+                .prepare(
+                    "SELECT id FROM tasks WHERE node = ?1 AND json_extract(spec, '$.kind') = 'vps'
+                     AND desired != 'deleted' AND state != 'deleted' ORDER BY id",
+                )?
+                .query_map([name], |r| r.get(0))?
+                .collect::<Result<Vec<u64>, _>>()?;
             let gone = tx.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0;
             if gone {
                 // Its subnet is free for a node that joins later.
@@ -1427,7 +1438,7 @@ impl Store for SqliteStore {
                 tasks::bump(&tx)?;
             }
             tx.commit()?;
-            Ok(gone)
+            Ok(gone.then_some(left))
         })
     }
 
@@ -1793,7 +1804,11 @@ mod tests {
         s.schedule().unwrap();
         assert_eq!(s.assignments("n1").unwrap().tasks.len(), 1);
 
-        assert!(s.delete_node("n1", 5_000).unwrap());
+        assert_eq!(
+            s.delete_node("n1", 5_000).unwrap(),
+            Some(vec![id]),
+            "the VPS whose disk stays there is named"
+        );
         let t = s.get_task(id).unwrap().unwrap();
         assert_eq!(t.state, TaskState::Failed);
         assert!(t.message.unwrap().contains("n1 was removed"));
@@ -2034,14 +2049,14 @@ mod tests {
             "http://127.0.0.1:9999"
         );
 
-        assert!(s.delete_node("n1", 20_000).unwrap());
+        assert!(s.delete_node("n1", 20_000).unwrap().is_some());
         assert_eq!(
             s.find_token("hash-n1").unwrap(),
             None,
             "credential revoked with the node"
         );
         assert!(s.list_nodes().unwrap().is_empty());
-        assert!(!s.delete_node("n1", 20_001).unwrap());
+        assert!(s.delete_node("n1", 20_001).unwrap().is_none());
     }
 
     #[test]
