@@ -66,7 +66,7 @@ fn one_owners_instances_meet_across_nodes_and_no_one_elses() {
         // One owner: both ways, across the overlay.
         assert_eq!(ask(a1, a2.ip, 7001).as_deref(), Some("hello"));
         assert_eq!(ask(a2, a1.ip, 7001).as_deref(), Some("hello"));
-        // Another owner's instance, on the far node and on the near one.
+        // Another owner's instance, across the overlay either way.
         assert_eq!(ask(a1, b2.ip, 7001), None, "group 1 reached group 2");
         assert_eq!(ask(b2, a1.ip, 7001), None, "group 2 reached group 1");
         // The nodes route directly, with the VTEP's entries the mesh set.
@@ -96,7 +96,10 @@ fn one_owners_instances_meet_across_nodes_and_no_one_elses() {
             table.contains("udp dport 4789 ip saddr != 192.0.2.2 drop"),
             "{table}"
         );
-        assert!(table.contains("iifname \"rn-overlay\" drop"), "{table}");
+        assert!(
+            table.contains("iifname \"rn-overlay\" drop\n\t\toifname \"rn-overlay\" drop"),
+            "{table}"
+        );
         // Full-size frames fit the underlay whole: the device is bound to
         // the underlay's link (1500) and takes 50 less, and TCP is sized for it.
         let link = in_ns(&n1, || {
@@ -112,15 +115,56 @@ fn one_owners_instances_meet_across_nodes_and_no_one_elses() {
                 .contains("oifname \"rn-overlay\" tcp flags syn tcp option maxseg size set rt mtu"),
             "{table}"
         );
-        // The device takes the mesh with it.
-        let gone = with_netlink(&n1, |h| {
-            Box::pin(async move {
-                rivernode::net::overlay::remove(&h, "rn-overlay")
-                    .await
-                    .unwrap()
+        // Node 2 leaves node 1's plan: its route, neighbour and forwarding
+        // entry go, on the same device; it comes back and is reached again.
+        let node1 = pair.nodes[0].network.clone();
+        let follow = move |plan: Option<rivernode::api::OverlayPlan>| {
+            let net = node1.clone();
+            with_netlink(&n1, move |h| {
+                Box::pin(async move {
+                    net.plan_overlay(plan.as_ref()).unwrap();
+                    net.apply_firewall(vec![]).unwrap();
+                    net.build_overlay(&h).await.unwrap();
+                    let idx = rivernode::net::link::link_index(&h, "rn-overlay")
+                        .await
+                        .unwrap();
+                    let o = std::process::Command::new("ip")
+                        .args(["route", "show", "dev", "rn-overlay"])
+                        .output()
+                        .unwrap();
+                    (idx, String::from_utf8_lossy(&o.stdout).into_owned())
+                })
             })
+        };
+        let n1 = pair.nodes[0].netns.clone();
+        let (before, _) = follow(Some(overlay_pair::plan(0)));
+        let mut alone = overlay_pair::plan(0);
+        alone.peers.clear();
+        let (after, routes) = follow(Some(alone));
+        assert_eq!(before, after, "a peer that leaves is taken off the device");
+        assert!(!routes.contains("10.200.1.0/24"), "{routes}");
+        assert_eq!(
+            ask(a2, a1.ip, 7001),
+            None,
+            "a peer that left is not reached"
+        );
+        let (again, _) = follow(Some(overlay_pair::plan(0)));
+        assert_eq!(before, again);
+        assert_eq!(ask(a2, a1.ip, 7001).as_deref(), Some("hello"));
+        // A device that vanished is made again on the next call.
+        in_ns(&n1, || {
+            let ok = std::process::Command::new("ip")
+                .args(["link", "del", "rn-overlay"])
+                .status()
+                .unwrap();
+            assert!(ok.success());
         });
-        assert!(gone);
+        let (made, _) = follow(Some(overlay_pair::plan(0)));
+        assert!(made.is_some());
+        assert_eq!(ask(a2, a1.ip, 7001).as_deref(), Some("hello"));
+        // No overlay: the device goes, and with it the mesh.
+        let (gone, _) = follow(None);
+        assert_eq!(gone, None);
         assert_eq!(ask(a2, a1.ip, 7001), None, "the mesh is gone");
     });
 }

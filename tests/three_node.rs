@@ -409,7 +409,14 @@ fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
             "{}",
             c.logs()
         );
-        // ...another user's on n3 does not.
+        // ...as from n3; another user's on n3 does not.
+        let near = command_on(&c, None, "n3", &[], &fetch);
+        assert_eq!(
+            ended(&c, &near),
+            ("completed".to_string(), "from-n1\n".to_string()),
+            "{}",
+            c.logs()
+        );
         let ann = c.add_user("ann");
         let other = command_on(&c, Some(&ann), "n3", &[], &fetch);
         let (_, out) = ended(&c, &other);

@@ -302,6 +302,9 @@ pub struct OverlayPlan {
     pub vni: u32,
     /// The UDP port VXLAN travels on between nodes.
     pub port: u16,
+    /// The cluster range every node's subnet is part of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<String>,
     /// This node's instance subnet (a /24 of the cluster range).
     pub subnet: String,
     /// This node's address on the underlay (from its runner URL).

@@ -818,12 +818,14 @@ async fn register(
         req.name.clone(),
     );
     let now = crate::now_unix_ms();
+    // Its overlay subnet first: a full range refuses the node before it is
+    // registered, not after (kept for the name, a retry finds the same).
+    let instance_subnet = super::overlay::subnet_for(&state, &name).await?;
     state
         .blocking(move |s| s.register_node(&req, &cred_hash, &token, now))
         .await?;
     tracing::info!(node = %name, "node registered");
     state.schedule.notify_one();
-    let instance_subnet = super::overlay::subnet_for(&state, &name).await?;
     Ok((
         StatusCode::CREATED,
         Json(RegisterResponse {

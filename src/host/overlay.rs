@@ -79,6 +79,7 @@ impl Overlay {
         Some(OverlayPlan {
             vni: self.vni,
             port: self.port,
+            range: Some(self.range.to_string()),
             subnet: self.subnet(me.slot).to_string(),
             underlay: underlay(&me.runner_url)?.to_string(),
             peers,
@@ -135,7 +136,14 @@ pub async fn plan_for(state: &HostState, node: &str) -> Result<Option<OverlayPla
     if !members.iter().any(|m| m.node == node) {
         // A node registered before the overlay was set takes its slot now
         // (its runner learns of it when it registers again: see the README).
-        subnet_for(state, node).await?;
+        // A full range is the operator's to fix, not a failed heartbeat.
+        match subnet_for(state, node).await {
+            Err(ApiError::TooMany(why)) => {
+                tracing::error!(node, "no overlay subnet for this node: {why}");
+                return Ok(None);
+            }
+            r => r?,
+        };
         members = state.blocking(|s| s.overlay_members()).await?;
     }
     Ok(o.plan(node, &members))

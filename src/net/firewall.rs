@@ -63,10 +63,20 @@ pub struct Firewall {
 /// What the table needs to know of the overlay.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverlayRules {
-    /// The VXLAN device.
+    /// The VXLAN device: closed whatever else is known (one left by an
+    /// earlier run, or made before the table follows, passes nothing).
     pub device: String,
+    /// The mesh the node is in; none: nothing passes the device.
+    pub mesh: Option<MeshRules>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshRules {
     /// The UDP port VXLAN travels on.
     pub port: u16,
+    /// The cluster range: instances' packets for it leave by the bridge
+    /// or the device, never by the default route.
+    pub range: Option<Ipv4Net>,
     /// The other nodes' underlay addresses: the only senders of VXLAN here.
     pub peers: Vec<Ipv4Addr>,
     /// This node's instances with their owners' groups: what their packets
@@ -375,11 +385,14 @@ impl Firewall {
         json!({"nftables": cmds})
     }
 
-    /// The bridge, and the overlay's device when there is one.
+    /// The bridge, and the overlay's device when the node is in a mesh.
     fn own_links(&self) -> Vec<String> {
-        std::iter::once(self.bridge.clone())
-            .chain(self.overlay.as_ref().map(|o| o.device.clone()))
-            .collect()
+        let device = self
+            .overlay
+            .as_ref()
+            .filter(|o| o.mesh.is_some())
+            .map(|o| o.device.clone());
+        std::iter::once(self.bridge.clone()).chain(device).collect()
     }
 
     /// The overlay's rules, first in the forward chain: a packet from an
@@ -395,53 +408,75 @@ impl Firewall {
         };
         let iif = json!({"meta": {"key": "iifname"}});
         let oif = json!({"meta": {"key": "oifname"}});
+        let mut cmds = Vec::new();
+        if let Some(mesh) = &o.mesh {
+            // TCP across the overlay is sized for its smaller MTU from the
+            // first segment: instances' interfaces keep the bridge's.
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", oif.clone(), json!(o.device)),
+                    m(
+                        "in",
+                        json!({"payload": {"protocol": "tcp", "field": "flags"}}),
+                        json!("syn"),
+                    ),
+                    json!({"mangle": {
+                        "key": {"tcp option": {"name": "maxseg", "field": "size"}},
+                        "value": {"rt": {"key": "mtu"}},
+                    }}),
+                ],
+            ));
+            cmds.extend(self.mesh_rules(&o.device, mesh));
+        }
+        for dir in [&iif, &oif] {
+            cmds.push(self.rule(
+                "forward",
+                vec![m("==", dir.clone(), json!(o.device)), json!({"drop": null})],
+            ));
+        }
+        // Nothing that came over the overlay is for the node itself.
+        cmds.push(self.rule(
+            "input",
+            vec![m("==", iif, json!(o.device)), json!({"drop": null})],
+        ));
+        cmds
+    }
+
+    /// The marks, admissions and guards of a mesh the node is in.
+    fn mesh_rules(&self, device: &str, mesh: &MeshRules) -> Vec<Value> {
+        let iif = json!({"meta": {"key": "iifname"}});
+        let oif = json!({"meta": {"key": "oifname"}});
         let saddr = json!({"payload": {"protocol": "ip", "field": "saddr"}});
         let daddr = json!({"payload": {"protocol": "ip", "field": "daddr"}});
         let mark = json!({"meta": {"key": "mark"}});
         let vxlan_port = m(
             "==",
             json!({"payload": {"protocol": "udp", "field": "dport"}}),
-            json!(o.port),
+            json!(mesh.port),
         );
-        let out = [
-            m("==", iif.clone(), json!(self.bridge)),
-            m("==", oif.clone(), json!(o.device)),
-        ];
-        // TCP across the overlay is sized for its smaller MTU (VXLAN's 50
-        // bytes) from the first segment: instances' interfaces keep the
-        // bridge's, and path MTU discovery through a tunnel is slow to
-        // learn it (a twelfth of the throughput, measured).
-        let mut cmds = vec![self.rule(
-            "forward",
-            vec![
-                m("==", oif.clone(), json!(o.device)),
-                m(
-                    "in",
-                    json!({"payload": {"protocol": "tcp", "field": "flags"}}),
-                    json!("syn"),
-                ),
-                json!({"mangle": {
-                    "key": {"tcp option": {"name": "maxseg", "field": "size"}},
-                    "value": {"rt": {"key": "mtu"}},
-                }}),
-            ],
-        )];
-        if !o.members.is_empty() {
-            let ips: Vec<String> = o.members.iter().map(|(ip, _)| ip.to_string()).collect();
-            let marks: Vec<Value> = o
+        let mut cmds = Vec::new();
+        if !mesh.members.is_empty() {
+            let ips: Vec<String> = mesh.members.iter().map(|(ip, _)| ip.to_string()).collect();
+            let marks: Vec<Value> = mesh
                 .members
                 .iter()
                 .map(|(ip, g)| json!([ip.to_string(), g]))
                 .collect();
-            let mut expr = out.to_vec();
-            expr.push(m("==", saddr.clone(), json!({"set": ips})));
-            expr.push(json!({"mangle": {
-                "key": mark.clone(),
-                "value": {"map": {"key": saddr.clone(), "data": {"set": marks}}},
-            }}));
-            expr.push(json!({"accept": null}));
-            cmds.push(self.rule("forward", expr));
-            let pairs: Vec<Value> = o
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", iif.clone(), json!(self.bridge)),
+                    m("==", oif.clone(), json!(device)),
+                    m("==", saddr.clone(), json!({"set": ips})),
+                    json!({"mangle": {
+                        "key": mark.clone(),
+                        "value": {"map": {"key": saddr.clone(), "data": {"set": marks}}},
+                    }}),
+                    json!({"accept": null}),
+                ],
+            ));
+            let pairs: Vec<Value> = mesh
                 .members
                 .iter()
                 .map(|(ip, g)| json!({"concat": [ip.to_string(), g]}))
@@ -449,21 +484,15 @@ impl Firewall {
             cmds.push(self.rule(
                 "forward",
                 vec![
-                    m("==", iif.clone(), json!(o.device)),
+                    m("==", iif.clone(), json!(device)),
                     m("==", oif.clone(), json!(self.bridge)),
                     m(
                         "==",
-                        json!({"concat": [daddr, mark]}),
+                        json!({"concat": [daddr.clone(), mark]}),
                         json!({"set": pairs}),
                     ),
                     json!({"accept": null}),
                 ],
-            ));
-        }
-        for dir in [&iif, &oif] {
-            cmds.push(self.rule(
-                "forward",
-                vec![m("==", dir.clone(), json!(o.device)), json!({"drop": null})],
             ));
         }
         cmds.push(self.rule(
@@ -474,14 +503,26 @@ impl Firewall {
                 json!({"drop": null}),
             ],
         ));
-        // Nothing that came over the overlay is for the node itself.
-        cmds.push(self.rule(
-            "input",
-            vec![m("==", iif, json!(o.device)), json!({"drop": null})],
-        ));
+        if let Some(range) = mesh.range {
+            // A node that left (its route gone) is not reached by the
+            // default route instead, masqueraded onto the LAN.
+            cmds.push(self.rule(
+                "forward",
+                vec![
+                    m("==", iif, json!(self.bridge)),
+                    m(
+                        "==",
+                        daddr,
+                        json!({"prefix": {"addr": range.addr.to_string(), "len": range.prefix}}),
+                    ),
+                    m("!=", oif, json!({"set": [self.bridge.clone(), device]})),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
         let mut from_strangers = vec![vxlan_port];
-        if !o.peers.is_empty() {
-            let peers: Vec<String> = o.peers.iter().map(|a| a.to_string()).collect();
+        if !mesh.peers.is_empty() {
+            let peers: Vec<String> = mesh.peers.iter().map(|a| a.to_string()).collect();
             from_strangers.push(m("!=", saddr, json!({"set": peers})));
         }
         from_strangers.push(json!({"drop": null}));
@@ -681,6 +722,59 @@ mod tests {
             .filter(|r| r["chain"] == chain)
             .map(|r| r["expr"].clone())
             .collect()
+    }
+
+    #[test]
+    fn the_overlay_device_is_closed_until_a_mesh_opens_it_to_one_group_each() {
+        let mut f = fw(vec![]);
+        f.overlay = Some(OverlayRules {
+            device: "rn-overlay".into(),
+            mesh: None,
+        });
+        let text = |f: &Firewall, chain| serde_json::to_string(&rules(f, chain)).unwrap();
+        // No mesh: the device passes nothing, and nothing is marked.
+        let fwd = text(&f, "forward");
+        assert!(
+            !fwd.contains("mangle") && !fwd.contains("accept\":null}],\"rn"),
+            "{fwd}"
+        );
+        assert_eq!(fwd.matches("rn-overlay").count(), 2, "{fwd}");
+        assert!(text(&f, "input").contains("rn-overlay"));
+        f.overlay = Some(OverlayRules {
+            device: "rn-overlay".into(),
+            mesh: Some(MeshRules {
+                port: 4789,
+                range: Some("10.200.0.0/16".parse().unwrap()),
+                peers: vec!["192.0.2.2".parse().unwrap()],
+                members: vec![("10.200.0.2".parse().unwrap(), 7)],
+            }),
+        });
+        let fwd = rules(&f, "forward");
+        let out = serde_json::to_string(&fwd[1]).unwrap();
+        assert!(
+            out.contains("\"mangle\"") && out.contains("[\"10.200.0.2\",7]"),
+            "{out}"
+        );
+        let inbound = serde_json::to_string(&fwd[2]).unwrap();
+        assert!(
+            inbound.contains("{\"concat\":[\"10.200.0.2\",7]}"),
+            "{inbound}"
+        );
+        // The accepts come before every drop of the device.
+        let first_drop = fwd
+            .iter()
+            .position(|r| serde_json::to_string(r).unwrap().contains("drop"))
+            .unwrap();
+        assert_eq!(first_drop, 3);
+        let input = text(&f, "input");
+        assert!(
+            input.contains("4789") && input.contains("192.0.2.2"),
+            "{input}"
+        );
+        assert!(
+            text(&f, "forward").contains("10.200.0.0"),
+            "the range stays off the default route"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use rtnetlink::Handle;
 use sha2::{Digest, Sha256};
 
-use super::firewall::{Firewall, OverlayRules, PortMap};
+use super::firewall::{Firewall, MeshRules, OverlayRules, PortMap};
 use super::ipam::Ipam;
 use super::link::{
     attach, create_netns, delete_link, delete_netns, ensure_address, ensure_bridge, Attachment,
@@ -35,11 +35,13 @@ pub struct NodeNetwork {
 }
 
 /// The node's part of the VXLAN overlay: its device, its instances'
-/// groups, and the mesh last built (none: not in one).
+/// groups, the mesh the host plans for it (what the table follows) and
+/// the one built on the device.
 pub struct NodeOverlay {
     pub device: String,
     pub groups: GroupBook,
-    mesh: std::sync::Mutex<Option<Mesh>>,
+    wanted: std::sync::Mutex<Option<Mesh>>,
+    built: std::sync::Mutex<Option<Mesh>>,
 }
 
 impl NodeOverlay {
@@ -47,12 +49,17 @@ impl NodeOverlay {
         Self {
             device: device.to_string(),
             groups: GroupBook::new(groups_file),
-            mesh: Default::default(),
+            wanted: Default::default(),
+            built: Default::default(),
         }
     }
 
+    /// The mesh the host plans for this node (none: it is in none).
     pub fn mesh(&self) -> Option<Mesh> {
-        self.mesh.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -162,56 +169,77 @@ impl NodeNetwork {
         problems
     }
 
-    /// Builds (or grows, or rebuilds) the overlay mesh as the host planned
-    /// it; true when it changed (the table must follow). The plan's subnet
-    /// must be this node's: instances' addresses are routed by it.
-    pub async fn apply_overlay(
-        &self,
-        h: &Handle,
-        plan: &crate::api::OverlayPlan,
-    ) -> Result<bool, NetError> {
-        let mesh = Mesh::from_plan(plan).map_err(NetError::Overlay)?;
-        if mesh.subnet != self.ipam.net() {
-            return Err(NetError::Overlay(format!(
-                "the host gives this node the subnet {}, but its instances are on {}; \
-                 remove the node's credential (DATA_DIR/runner/node.json) with no \
-                 instances on it and restart the runner, so it registers again and takes it",
-                mesh.subnet,
-                self.ipam.net()
-            )));
-        }
-        let built = self.overlay.mesh();
-        if built.as_ref() == Some(&mesh) {
-            return Ok(false);
-        }
-        super::overlay::apply(h, &self.overlay.device, &mesh, built.as_ref()).await?;
-        *self.overlay.mesh.lock().unwrap_or_else(|p| p.into_inner()) = Some(mesh);
-        Ok(true)
+    /// Takes the host's plan (none: no overlay) as the mesh this node is
+    /// in; true when that changed (the table must follow, before the
+    /// device: `build_overlay`). The plan's subnet must be this node's:
+    /// instances' addresses are routed by it.
+    pub fn plan_overlay(&self, plan: Option<&crate::api::OverlayPlan>) -> Result<bool, NetError> {
+        let mesh = match plan {
+            Some(plan) => {
+                let mesh = Mesh::from_plan(plan).map_err(NetError::Overlay)?;
+                if mesh.subnet != self.ipam.net() {
+                    return Err(NetError::Overlay(format!(
+                        "the host gives this node the subnet {}, but its instances are on {}; \
+                         remove the node's credential (DATA_DIR/runner/node.json) with no \
+                         instances on it and restart the runner, so it registers again and takes it",
+                        mesh.subnet,
+                        self.ipam.net()
+                    )));
+                }
+                Some(mesh)
+            }
+            None => None,
+        };
+        let mut wanted = self
+            .overlay
+            .wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let changed = *wanted != mesh;
+        *wanted = mesh;
+        Ok(changed)
     }
 
-    /// Takes the overlay down (the host runs none now); true when there
-    /// was one to take down (the table must follow).
-    pub async fn leave_overlay(&self, h: &Handle) -> Result<bool, NetError> {
-        let deleted = super::overlay::remove(h, &self.overlay.device).await?;
-        let had = self
+    /// Makes the device what the plan says: built, changed peer by peer,
+    /// made again if it vanished, or removed. Checked on every call (the
+    /// kernel removes a device whose underlay link goes away).
+    pub async fn build_overlay(&self, h: &Handle) -> Result<(), NetError> {
+        let wanted = self.overlay.mesh();
+        let built = self
             .overlay
-            .mesh
+            .built
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
+            .clone();
+        let present = super::link::link_index(h, &self.overlay.device)
+            .await?
             .is_some();
-        Ok(deleted || had)
+        match &wanted {
+            None if present => {
+                super::overlay::remove(h, &self.overlay.device).await?;
+            }
+            None => {}
+            Some(w) if present && built.as_ref() == Some(w) => return Ok(()),
+            Some(w) => {
+                let on_device = built.as_ref().filter(|_| present);
+                // Forgotten first: a failure halfway leaves it to be made again.
+                *self.overlay.built.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                super::overlay::apply(h, &self.overlay.device, w, on_device).await?;
+            }
+        }
+        *self.overlay.built.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+        Ok(())
     }
 
     /// Rewrites the node's table with these node ports.
     pub fn apply_firewall(&self, port_maps: Vec<PortMap>) -> Result<(), NetError> {
         let leases = self.ipam.leases()?;
-        let overlay = match self.overlay.mesh() {
+        let mesh = match self.overlay.mesh() {
             Some(mesh) => {
                 let groups = self.overlay.groups.all()?;
-                Some(OverlayRules {
-                    device: self.overlay.device.clone(),
+                Some(MeshRules {
                     port: mesh.port,
+                    range: mesh.range,
                     peers: mesh.peers.iter().map(|p| p.underlay).collect(),
                     members: leases
                         .iter()
@@ -221,6 +249,10 @@ impl NodeNetwork {
             }
             None => None,
         };
+        let overlay = Some(OverlayRules {
+            device: self.overlay.device.clone(),
+            mesh,
+        });
         let instances = leases
             .into_iter()
             .map(|(id, ip)| (host_if(&id), ip))

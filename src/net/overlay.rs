@@ -3,8 +3,10 @@
 //! network address, and for each peer node a static forwarding entry (its
 //! VTEP's MAC at its underlay address), a permanent neighbour (its VTEP
 //! address at that MAC) and a route to its subnet through it, as flannel's
-//! vxlan backend lays it out. Nothing is learned from the wire: a packet
-//! from an address the host never named has nowhere to go.
+//! vxlan backend lays it out. Nothing is learned from the wire (the FDB
+//! holds only what the host named), but the kernel takes VXLAN from any
+//! sender: the table drops it from all but the other nodes, and the
+//! underlay must be trusted (VXLAN has no authentication).
 //!
 //! Which instances may talk is the firewall's part (`firewall.rs`): each
 //! packet leaving for the overlay carries its owner's group in the VXLAN
@@ -39,6 +41,9 @@ pub struct Mesh {
     /// This node's underlay address (the tunnels' source).
     pub local: Ipv4Addr,
     pub subnet: Ipv4Net,
+    /// The cluster range: an address in it that no route of the mesh
+    /// names is dropped, never sent out by the default route.
+    pub range: Option<Ipv4Net>,
     pub peers: Vec<Peer>,
 }
 
@@ -68,18 +73,21 @@ impl Mesh {
             port: p.port,
             local: addr("this node", &p.underlay)?,
             subnet: p.subnet.parse()?,
+            range: match &p.range {
+                Some(r) => Some(r.parse()?),
+                None => None,
+            },
             peers,
         })
     }
 
-    /// Whether `next` can be reached from this one by adding peers only
-    /// (the device and every route of this one stay as they are).
-    pub fn grows_into(&self, next: &Mesh) -> bool {
+    /// Whether `next` is built on the same device as this one (only its
+    /// peers differ).
+    pub fn same_device(&self, next: &Mesh) -> bool {
         self.vni == next.vni
             && self.port == next.port
             && self.local == next.local
             && self.subnet == next.subnet
-            && self.peers.iter().all(|p| next.peers.contains(p))
     }
 }
 
@@ -101,23 +109,28 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
     move |e| NetError::Netlink(format!("{what}: {e}"))
 }
 
-/// Builds `mesh` on `device`. Given the mesh built before (`built`) and
-/// one it grows into, only the new peers are added; otherwise the device
-/// is made afresh (a peer that left takes its routes with it).
+/// Builds `mesh` on `device`. Given the mesh built before (`built`, on a
+/// device that is still there) on the same device, only the peers that
+/// left and came are changed, so traffic to the others never stops;
+/// otherwise the device is made afresh with every peer.
 pub async fn apply(
     h: &Handle,
     device: &str,
     mesh: &Mesh,
     built: Option<&Mesh>,
 ) -> Result<(), NetError> {
-    let index = match (built, link_index(h, device).await?) {
-        (Some(old), Some(index)) if old.grows_into(mesh) => index,
-        _ => create(h, device, mesh).await?,
+    let kept = match (built, link_index(h, device).await?) {
+        (Some(old), Some(index)) if old.same_device(mesh) => Some((index, &old.peers)),
+        _ => None,
     };
-    for p in &mesh.peers {
-        if built.is_some_and(|old| old.grows_into(mesh) && old.peers.contains(p)) {
-            continue;
-        }
+    let (index, had): (u32, &[Peer]) = match kept {
+        Some((index, peers)) => (index, peers),
+        None => (create(h, device, mesh).await?, &[]),
+    };
+    for p in had.iter().filter(|p| !mesh.peers.contains(p)) {
+        remove_peer(h, index, p).await?;
+    }
+    for p in mesh.peers.iter().filter(|p| !had.contains(p)) {
         add_peer(h, index, p).await?;
     }
     Ok(())
@@ -214,6 +227,55 @@ async fn add_peer(h: &Handle, index: u32, p: &Peer) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Takes a peer's route, neighbour and forwarding entry away (each one
+/// already gone is fine: the kernel answers ENOENT).
+async fn remove_peer(h: &Handle, index: u32, p: &Peer) -> Result<(), NetError> {
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
+    use netlink_packet_route::AddressFamily;
+    let gone = |r: Result<(), rtnetlink::Error>, what: String| match r {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == nix::libc::ENOENT => Ok(()),
+        r => r.map_err(nl(what)),
+    };
+    let vtep = vtep_ip(p.subnet);
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(p.subnet.addr, p.subnet.prefix)
+        .gateway(vtep)
+        .output_interface(index)
+        .onlink()
+        .build();
+    gone(
+        h.route().del(route).execute().await,
+        format!("route to {}", p.subnet),
+    )?;
+    let mut neigh = NeighbourMessage::default();
+    neigh.header.family = AddressFamily::Inet;
+    neigh.header.ifindex = index;
+    neigh
+        .attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            vtep,
+        )));
+    gone(
+        h.neighbours().del(neigh).execute().await,
+        format!("neighbour {vtep}"),
+    )?;
+    let mut fdb = NeighbourMessage::default();
+    fdb.header.family = AddressFamily::Bridge;
+    fdb.header.ifindex = index;
+    fdb.header.flags = NeighbourFlags::Own;
+    fdb.attributes.push(NeighbourAttribute::LinkLayerAddress(
+        vtep_mac(p.subnet).to_vec(),
+    ));
+    fdb.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            p.underlay,
+        )));
+    gone(
+        h.neighbours().del(fdb).execute().await,
+        format!("forwarding entry for {}", p.underlay),
+    )
+}
+
 /// Each instance's overlay group (its owner's), in a JSON file beside the
 /// address leases, so a restarted runner still marks and admits their
 /// packets.
@@ -275,6 +337,7 @@ mod tests {
         crate::api::OverlayPlan {
             vni: 42,
             port: 4789,
+            range: Some("10.200.0.0/16".into()),
             subnet: "10.200.0.0/24".into(),
             underlay: "10.77.0.11".into(),
             peers: vec![
@@ -306,16 +369,17 @@ mod tests {
     }
 
     #[test]
-    fn only_added_peers_keep_the_device() {
+    fn peers_come_and_go_on_the_same_device_and_nothing_else_does() {
         let full = Mesh::from_plan(&plan()).unwrap();
         let mut fewer = full.clone();
         fewer.peers.pop();
-        assert!(fewer.grows_into(&full));
-        assert!(!full.grows_into(&fewer), "a peer left: rebuild");
+        assert!(fewer.same_device(&full) && full.same_device(&fewer));
         let mut moved = full.clone();
         moved.local = Ipv4Addr::new(10, 77, 0, 99);
-        assert!(!full.grows_into(&moved));
-        assert!(full.grows_into(&full));
+        assert!(!full.same_device(&moved));
+        let mut other = full.clone();
+        other.vni = 7;
+        assert!(!full.same_device(&other));
     }
 
     #[test]

@@ -242,7 +242,6 @@ impl BoundRunner {
             containerd_problem,
             connecting: None,
             overlay_problem: None,
-            overlay_down: false,
         };
         if let Err(e) = control.run().await {
             server.abort();
@@ -501,8 +500,6 @@ struct Control {
     connecting: Option<tokio::task::JoinHandle<Result<crate::oci::Containerd, String>>>,
     /// Why the overlay could not be built last time (none: it was, or none is run).
     overlay_problem: Option<String>,
-    /// The host runs no overlay and this node has none (checked once).
-    overlay_down: bool,
 }
 
 enum Beat {
@@ -616,19 +613,18 @@ impl Control {
 
     /// Builds the overlay as the host last planned it (once the task loop
     /// runs: the mesh routes its instances), or takes it down when the host
-    /// runs none (once: a device left by an earlier run goes too). A
-    /// failure is logged when it changes, and tried again on the next beat.
+    /// runs none (a device left by an earlier run goes too). A failure is
+    /// logged when it changes, and tried again on the next beat.
     async fn follow_overlay(&mut self, plan: Option<&crate::api::OverlayPlan>) {
         let Some(ctx) = self.api.tasks.get() else {
             return;
         };
-        let done = match plan {
-            Some(plan) => ctx.vps.apply_overlay(plan).await,
-            None if self.overlay_down => Ok(()),
-            None => ctx.vps.leave_overlay().await,
-        };
-        self.overlay_down = plan.is_none() && done.is_ok();
-        let problem = done.err().map(|e| crate::error_chain(&e));
+        let problem = ctx
+            .vps
+            .follow_overlay(plan)
+            .await
+            .err()
+            .map(|e| crate::error_chain(&e));
         if problem != self.overlay_problem {
             match &problem {
                 Some(why) => tracing::error!("the overlay cannot be built: {why}"),

@@ -768,27 +768,29 @@ impl VpsKit {
         Ok(())
     }
 
-    /// Builds the overlay mesh the host planned, and the table after it
-    /// when the mesh changed.
-    pub async fn apply_overlay(&self, plan: &crate::api::OverlayPlan) -> Result<(), VpsError> {
-        let h = crate::net::link::connect()?;
-        if self.network.apply_overlay(&h, plan).await? {
-            tracing::info!(
-                subnet = %plan.subnet,
-                peers = plan.peers.len(),
-                "overlay mesh built"
-            );
+    /// Follows the host's overlay plan (none: no overlay): the table first
+    /// (again too when an earlier write failed), then the device, so the
+    /// device never passes what the table does not yet guard.
+    pub async fn follow_overlay(
+        &self,
+        plan: Option<&crate::api::OverlayPlan>,
+    ) -> Result<(), VpsError> {
+        let changed = self.network.plan_overlay(plan)?;
+        let lagging = self.ports.lock().unwrap_or_else(|p| p.into_inner()).1;
+        if changed || lagging {
             self.reapply_firewall()?;
         }
-        Ok(())
-    }
-
-    /// Takes the overlay down, and the table's part of it.
-    pub async fn leave_overlay(&self) -> Result<(), VpsError> {
         let h = crate::net::link::connect()?;
-        if self.network.leave_overlay(&h).await? {
-            tracing::info!("overlay taken down: the host runs none");
-            self.reapply_firewall()?;
+        self.network.build_overlay(&h).await?;
+        if changed {
+            match plan {
+                Some(p) => tracing::info!(
+                    subnet = %p.subnet,
+                    peers = p.peers.len(),
+                    "overlay mesh built"
+                ),
+                None => tracing::info!("no overlay: the host runs none"),
+            }
         }
         Ok(())
     }

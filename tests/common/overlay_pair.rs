@@ -20,6 +20,7 @@ pub const SUBNETS: [&str; 2] = ["10.200.0.0/24", "10.200.1.0/24"];
 
 pub struct Node {
     pub netns: PathBuf,
+    pub network: Arc<NodeNetwork>,
 }
 
 pub struct Instance {
@@ -83,6 +84,7 @@ pub fn plan(i: usize) -> OverlayPlan {
     OverlayPlan {
         vni: 4242,
         port: 4789,
+        range: Some("10.200.0.0/16".into()),
         subnet: SUBNETS[i].into(),
         underlay: UNDERLAY[i].into(),
         peers: vec![OverlayPeer {
@@ -163,18 +165,19 @@ pub fn build(dir: &Path) -> Pair {
                         ip: inet.ip,
                     });
                 }
-                assert!(net.apply_overlay(&h, &plan(i)).await.unwrap());
+                // As the runner does it: the table, then the device.
+                assert!(net.plan_overlay(Some(&plan(i))).unwrap());
                 assert!(
-                    !net.apply_overlay(&h, &plan(i)).await.unwrap(),
+                    !net.plan_overlay(Some(&plan(i))).unwrap(),
                     "the same plan again changes nothing"
                 );
+                net.apply_firewall(vec![]).unwrap();
+                net.build_overlay(&h).await.unwrap();
                 made
             })
         });
-        let net = network.clone();
-        in_ns(&ns, move || net.apply_firewall(vec![]).unwrap());
         instances.extend(made);
-        nodes.push(Node { netns: ns });
+        nodes.push(Node { netns: ns, network });
     }
     let mut it = instances.into_iter();
     let (a1, a2, b2) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
