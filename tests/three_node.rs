@@ -347,6 +347,16 @@ fn overlay(c: &ThreeNodes) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// `id` ended having read the page of the server on n1.
+fn fetched_from_n1(c: &ThreeNodes, id: &str) {
+    assert_eq!(
+        ended(c, id),
+        ("completed".to_string(), "from-n1\n".to_string()),
+        "{}",
+        c.logs()
+    );
+}
+
 /// Waits until `id` has ended; its state and its output.
 fn ended(c: &ThreeNodes, id: &str) -> (String, String) {
     let state = wait_for_logged(&format!("task {id} to end"), &[&c.host], || {
@@ -403,20 +413,10 @@ fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
             format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {addr} 8080 | tail -n 1");
         // The admin's instance on n2 reaches it across the overlay...
         let same = command_on(&c, None, "n2", &[], &fetch);
-        assert_eq!(
-            ended(&c, &same),
-            ("completed".to_string(), "from-n1\n".to_string()),
-            "{}",
-            c.logs()
-        );
+        fetched_from_n1(&c, &same);
         // ...as from n3; another user's on n3 does not.
         let near = command_on(&c, None, "n3", &[], &fetch);
-        assert_eq!(
-            ended(&c, &near),
-            ("completed".to_string(), "from-n1\n".to_string()),
-            "{}",
-            c.logs()
-        );
+        fetched_from_n1(&c, &near);
         let ann = c.add_user("ann");
         let other = command_on(&c, Some(&ann), "n3", &[], &fetch);
         let (_, out) = ended(&c, &other);
@@ -441,11 +441,6 @@ fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
         c.link("n3", true);
         c.wait_node("n3", "online");
         let back = command_on(&c, None, "n3", &[], &format!("sleep 2; {fetch}"));
-        assert_eq!(
-            ended(&c, &back),
-            ("completed".to_string(), "from-n1\n".to_string()),
-            "{}",
-            c.logs()
-        );
+        fetched_from_n1(&c, &back);
     });
 }

@@ -212,19 +212,23 @@ async fn add_peer(h: &Handle, index: u32, p: &Peer) -> Result<(), NetError> {
         .await
         .map_err(nl(format!("neighbour {vtep}")))?;
     // ...and its subnet is behind it.
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(p.subnet.addr, p.subnet.prefix)
-        .gateway(vtep)
-        .output_interface(index)
-        .onlink()
-        .build();
     h.route()
-        .add(route)
+        .add(peer_route(index, p))
         .replace()
         .execute()
         .await
         .map_err(nl(format!("route to {}", p.subnet)))?;
     Ok(())
+}
+
+/// The route to a peer's subnet: through its VTEP on the device.
+fn peer_route(index: u32, p: &Peer) -> netlink_packet_route::route::RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(p.subnet.addr, p.subnet.prefix)
+        .gateway(vtep_ip(p.subnet))
+        .output_interface(index)
+        .onlink()
+        .build()
 }
 
 /// Takes a peer's route, neighbour and forwarding entry away (each one
@@ -237,14 +241,8 @@ async fn remove_peer(h: &Handle, index: u32, p: &Peer) -> Result<(), NetError> {
         r => r.map_err(nl(what)),
     };
     let vtep = vtep_ip(p.subnet);
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(p.subnet.addr, p.subnet.prefix)
-        .gateway(vtep)
-        .output_interface(index)
-        .onlink()
-        .build();
     gone(
-        h.route().del(route).execute().await,
+        h.route().del(peer_route(index, p)).execute().await,
         format!("route to {}", p.subnet),
     )?;
     let mut neigh = NeighbourMessage::default();
