@@ -263,21 +263,8 @@ fn an_environment_runs_on_every_node_without_a_shared_directory_and_is_fetched_o
         .unwrap();
         for (n, _) in NODES {
             for _ in 0..2 {
-                let o = c.rn(&[
-                    "-o",
-                    "json",
-                    "task",
-                    "submit",
-                    "--container",
-                    "busybox",
-                    "-t",
-                    n,
-                    "--",
-                    "echo",
-                    "hi",
-                ]);
-                assert!(o.status.success(), "{}", stderr(&o));
-                c.wait_state(&created_id(&o), "completed");
+                let id = command_on(&c, None, n, &[], "echo hi");
+                c.wait_state(&id, "completed");
             }
             // Fetched from the host once, whole; the second run fetched nothing.
             let log = c.runner(n).log_text();

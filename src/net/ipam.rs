@@ -95,29 +95,11 @@ impl Ipam {
     }
 
     pub fn leases(&self) -> Result<BTreeMap<String, Ipv4Addr>, NetError> {
-        match std::fs::read_to_string(&self.file) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| NetError::State {
-                path: self.file.clone(),
-                message: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(NetError::State {
-                path: self.file.clone(),
-                message: e.to_string(),
-            }),
-        }
+        read_map(&self.file)
     }
 
     fn save(&self, leases: &BTreeMap<String, Ipv4Addr>) -> Result<(), NetError> {
-        let err = |message: String| NetError::State {
-            path: self.file.clone(),
-            message,
-        };
-        if let Some(dir) = self.file.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        }
-        let json = serde_json::to_vec_pretty(leases).map_err(|e| err(e.to_string()))?;
-        crate::files::write_public(&self.file, &json).map_err(|e| err(e.to_string()))
+        write_map(&self.file, leases)
     }
 
     /// The address of `owner`, allocating the lowest free one the first time.
@@ -149,6 +131,38 @@ impl Ipam {
         }
         Ok(ip)
     }
+}
+
+/// A map kept as a JSON file by instance (leases, overlay groups): empty
+/// while the file does not exist.
+pub(super) fn read_map<V: serde::de::DeserializeOwned>(
+    file: &Path,
+) -> Result<BTreeMap<String, V>, NetError> {
+    let err = |message: String| NetError::State {
+        path: file.to_path_buf(),
+        message,
+    };
+    match std::fs::read_to_string(file) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Writes `map` whole to `file` (atomically), making its directory.
+pub(super) fn write_map<V: serde::Serialize>(
+    file: &Path,
+    map: &BTreeMap<String, V>,
+) -> Result<(), NetError> {
+    let err = |message: String| NetError::State {
+        path: file.to_path_buf(),
+        message,
+    };
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let json = serde_json::to_vec_pretty(map).map_err(|e| err(e.to_string()))?;
+    crate::files::write_public(file, &json).map_err(|e| err(e.to_string()))
 }
 
 #[cfg(test)]

@@ -80,9 +80,7 @@ pub async fn ensure_address(
     let mut addrs = h.address().get().set_link_index_filter(index).execute();
     let mut has = false;
     while let Some(Ok(a)) = addrs.next().await {
-        has |= a.attributes.iter().any(|attr| {
-            matches!(attr, netlink_packet_route::address::AddressAttribute::Address(std::net::IpAddr::V4(a)) if *a == ip)
-        });
+        has |= holds(&a, ip);
     }
     if !has {
         h.address()
@@ -92,6 +90,13 @@ pub async fn ensure_address(
             .map_err(nl(format!("address {ip}/{prefix} on link {index}")))?;
     }
     Ok(())
+}
+
+/// Whether an address message is `ip`'s.
+pub(super) fn holds(a: &netlink_packet_route::address::AddressMessage, ip: Ipv4Addr) -> bool {
+    a.attributes.iter().any(|attr| {
+        matches!(attr, netlink_packet_route::address::AddressAttribute::Address(std::net::IpAddr::V4(a)) if *a == ip)
+    })
 }
 
 pub async fn delete_link(h: &Handle, name: &str) -> Result<bool, NetError> {

@@ -146,10 +146,7 @@ async fn link_with_address(h: &Handle, ip: Ipv4Addr) -> Result<Option<u32>, NetE
     use futures_util::TryStreamExt;
     let mut addrs = h.address().get().execute();
     while let Some(a) = addrs.try_next().await.map_err(nl("list addresses"))? {
-        let has = a.attributes.iter().any(|attr| {
-            matches!(attr, netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(a)) if *a == ip)
-        });
-        if has {
+        if super::link::holds(&a, ip) {
             return Ok(Some(a.header.index));
         }
     }
@@ -290,40 +287,22 @@ impl GroupBook {
         }
     }
 
-    fn err(&self, message: String) -> NetError {
-        NetError::State {
-            path: self.file.clone(),
-            message,
-        }
-    }
-
     pub fn all(&self) -> Result<BTreeMap<String, u16>, NetError> {
-        match std::fs::read_to_string(&self.file) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| self.err(e.to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(self.err(e.to_string())),
-        }
-    }
-
-    fn change(&self, f: impl FnOnce(&mut BTreeMap<String, u16>) -> bool) -> Result<(), NetError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all = self.all()?;
-        if !f(&mut all) {
-            return Ok(());
-        }
-        if let Some(dir) = self.file.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| self.err(e.to_string()))?;
-        }
-        let json = serde_json::to_vec_pretty(&all).map_err(|e| self.err(e.to_string()))?;
-        crate::files::write_public(&self.file, &json).map_err(|e| self.err(e.to_string()))
+        super::ipam::read_map(&self.file)
     }
 
     /// Records `instance`'s group; none removes it.
     pub fn set(&self, instance: &str, group: Option<u16>) -> Result<(), NetError> {
-        self.change(|all| match group {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.all()?;
+        let changed = match group {
             Some(g) => all.insert(instance.to_string(), g) != Some(g),
             None => all.remove(instance).is_some(),
-        })
+        };
+        if changed {
+            super::ipam::write_map(&self.file, &all)?;
+        }
+        Ok(())
     }
 }
 

@@ -756,16 +756,25 @@ impl VpsKit {
         };
         if changed || joined_or_left || *lagging {
             tracing::debug!(task = id, ?maps, "node ports changed");
-            // nft is a blocking child process: keep it off the async workers.
-            let all = ports.values().flatten().copied().collect();
-            // Not applied: the map keeps what is wanted (a removed
-            // instance's rules must never come back, their ports and
-            // address go to others) and the next call applies it (L7).
-            let applied = tokio::task::block_in_place(|| self.network.apply_firewall(all));
-            *lagging = applied.is_err();
-            applied?;
+            self.write_table(ports, lagging)?;
         }
         Ok(())
+    }
+
+    /// Rewrites the table with these node ports. Not applied: the map
+    /// keeps what is wanted (a removed instance's rules must never come
+    /// back, their ports and address go to others) and `lagging` makes the
+    /// next call apply it (L7).
+    fn write_table(
+        &self,
+        ports: &BTreeMap<u64, Vec<PortMap>>,
+        lagging: &mut bool,
+    ) -> Result<(), VpsError> {
+        let all = ports.values().flatten().copied().collect();
+        // nft is a blocking child process: keep it off the async workers.
+        let applied = tokio::task::block_in_place(|| self.network.apply_firewall(all));
+        *lagging = applied.is_err();
+        Ok(applied?)
     }
 
     /// Follows the host's overlay plan (none: no overlay): the table first
@@ -776,9 +785,12 @@ impl VpsKit {
         plan: Option<&crate::api::OverlayPlan>,
     ) -> Result<(), VpsError> {
         let changed = self.network.plan_overlay(plan)?;
-        let lagging = self.ports.lock().unwrap_or_else(|p| p.into_inner()).1;
-        if changed || lagging {
-            self.reapply_firewall()?;
+        {
+            let mut guard = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+            let (ports, lagging) = &mut *guard;
+            if changed || *lagging {
+                self.write_table(ports, lagging)?;
+            }
         }
         let h = crate::net::link::connect()?;
         self.network.build_overlay(&h).await?;
@@ -793,16 +805,6 @@ impl VpsKit {
             }
         }
         Ok(())
-    }
-
-    /// Rewrites the table with the node ports it has.
-    fn reapply_firewall(&self) -> Result<(), VpsError> {
-        let mut guard = self.ports.lock().unwrap_or_else(|p| p.into_inner());
-        let (ports, lagging) = &mut *guard;
-        let all = ports.values().flatten().copied().collect();
-        let applied = tokio::task::block_in_place(|| self.network.apply_firewall(all));
-        *lagging = applied.is_err();
-        Ok(applied?)
     }
 
     /// The instance's public host key (`ssh-ed25519 AAAA...`), for clients to pin.
