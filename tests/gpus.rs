@@ -12,6 +12,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use common::cluster::*;
+use common::metrics::{metrics_token, promtool, runner_metrics_url, sample, scrape};
 use common::*;
 
 const GPU0: &str = "0000:17:00.0";
@@ -491,57 +492,6 @@ fn a_vps_whose_gpu_sits_idle_is_warned_then_stopped_and_an_exempt_one_is_not() {
     });
 }
 
-/// `url` with a bearer token, by curl: (HTTP status, body).
-fn scrape(url: &str, token: &str) -> (u16, String) {
-    let o = std::process::Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", "-H"])
-        .arg(format!("Authorization: Bearer {token}"))
-        .arg(url)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&o.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-/// `promtool check metrics` on a page: its complaints, if any.
-fn promtool(page: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ))
-    }
-}
-
-/// The value of the sample `name{...}` whose labels include every one of `labels`.
-fn sample(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    page.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        let (set, value) = rest.rsplit_once(' ')?;
-        (set.starts_with('{') && labels.iter().all(|x| set.contains(x)))
-            .then(|| value.parse().ok())?
-    })
-}
-
 #[test]
 fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
     if !parts_present()
@@ -567,18 +517,9 @@ fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
         let Some(v) = Vps::start_full("gpu-m", &[], &flags) else {
             return;
         };
-        let o = v.rn(&["-o", "json", "token", "metrics"]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let token: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let token = token["token"].as_str().unwrap().to_string();
+        let token = metrics_token(&v);
         let host = format!("{}/metrics", v.url);
-        let runner = format!(
-            "{}/metrics",
-            v.json(&["node", "status", "gpu-m"])["node"]["runner_url"]
-                .as_str()
-                .unwrap()
-                .trim_end_matches('/')
-        );
+        let runner = runner_metrics_url(&v, "gpu-m");
 
         // Only a scraper's token reads them.
         let user = v.add_user("mia");

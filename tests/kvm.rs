@@ -683,6 +683,29 @@ fn a_vm_vps_lives_its_whole_life_through_the_runner() {
         assert_eq!(vcpu_affinity(pid), vec![cpus.clone()]);
         // The disk keeps what is written over a stop and a restart.
         v.ssh_ok(&id, &["echo kept > /data/f && sync"]);
+        // The runner's /metrics has the VM's usage, read from libvirt: its
+        // CPU time, QEMU's resident memory (the guest has 256 MiB) and the
+        // bytes written to its disk.
+        let token = common::metrics::metrics_token(&v);
+        let runner = common::metrics::runner_metrics_url(&v, "n1");
+        let instance = format!("instance=\"{id}\"");
+        let page = wait_for("the VM's usage on the runner's page", || {
+            let (code, page) = common::metrics::scrape(&runner, &token);
+            let value = |name| common::metrics::sample(&page, name, &[&instance, "kind=\"vps\""]);
+            let cpu = value("rivernode_instance_cpu_seconds_total")?;
+            let memory = value("rivernode_instance_memory_bytes")?;
+            let written = value("rivernode_instance_io_write_bytes_total")?;
+            (code == 200 && cpu > 0.0 && memory >= (16 << 20) as f64 && written > 0.0)
+                .then_some(page)
+        });
+        assert_eq!(
+            common::metrics::sample(&page, "rivernode_instance_pids", &[&instance]),
+            None,
+            "a VM's processes are the guest's: {page}"
+        );
+        if real_part_available("promtool (Debian prometheus)", command_exists("promtool")) {
+            common::metrics::promtool(&page).unwrap_or_else(|e| panic!("{e}\n{page}"));
+        }
         let o = v.rn(&["vps", "stop", &id]);
         assert!(o.status.success(), "{}", stderr(&o));
         v.wait_state(&id, "stopped");

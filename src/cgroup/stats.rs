@@ -98,7 +98,8 @@ mod tests {
 pub struct InstanceUsage {
     pub cpu_seconds: f64,
     pub memory_bytes: u64,
-    pub pids: u64,
+    /// Processes and threads (none: not known, as for a VM).
+    pub pids: Option<u64>,
     pub io_read_bytes: u64,
     pub io_write_bytes: u64,
 }
@@ -131,7 +132,7 @@ pub fn instance_usage(root: &std::path::Path, rel: &str) -> Option<InstanceUsage
         return Some(InstanceUsage {
             cpu_seconds: cpu as f64 / 1e6,
             memory_bytes: number(v2.join("memory.current")).unwrap_or(0),
-            pids: number(v2.join("pids.current")).unwrap_or(0),
+            pids: number(v2.join("pids.current")),
             io_read_bytes: r,
             io_write_bytes: w,
         });
@@ -144,7 +145,7 @@ pub fn instance_usage(root: &std::path::Path, rel: &str) -> Option<InstanceUsage
     Some(InstanceUsage {
         cpu_seconds: cpu_ns as f64 / 1e9,
         memory_bytes: number(v1("memory", "memory.usage_in_bytes")).unwrap_or(0),
-        pids: number(v1("pids", "pids.current")).unwrap_or(0),
+        pids: number(v1("pids", "pids.current")),
         io_read_bytes: r,
         io_write_bytes: w,
     })
@@ -196,7 +197,7 @@ mod usage_tests {
             InstanceUsage {
                 cpu_seconds: 2.5,
                 memory_bytes: 64 << 20,
-                pids: 3,
+                pids: Some(3),
                 io_read_bytes: 101,
                 io_write_bytes: 10
             }
@@ -214,7 +215,10 @@ mod usage_tests {
             "8:0 Read 4096\n8:0 Write 512\n8:0 Sync 0\n8:0 Total 4608\nTotal 4608\n",
         );
         let u = instance_usage(r, "rn/n-task-1").unwrap();
-        assert_eq!((u.cpu_seconds, u.memory_bytes, u.pids), (1.5, 4096, 2));
+        assert_eq!(
+            (u.cpu_seconds, u.memory_bytes, u.pids),
+            (1.5, 4096, Some(2))
+        );
         assert_eq!((u.io_read_bytes, u.io_write_bytes), (4096, 512));
     }
 }

@@ -132,6 +132,9 @@ pub fn valid_uuid(u: &str) -> bool {
             .all(|(g, n)| g.len() == n && g.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
+/// The guest's name for the instance's own disk.
+pub const DISK_TARGET: &str = "vda";
+
 /// The domain name of the VM with `uuid`.
 pub fn domain_name(uuid: &str) -> String {
     format!("{NAME_PREFIX}{uuid}")
@@ -364,7 +367,7 @@ impl Vm {
             .empty("source", &[("file", &path_text(&self.base))])
             .empty("backingStore", &[])
             .close()
-            .empty("target", &[("dev", "vda"), ("bus", "virtio")])
+            .empty("target", &[("dev", DISK_TARGET), ("bus", "virtio")])
             .close();
         w.open("disk", &[("type", "file"), ("device", "cdrom")])
             .empty("driver", &[("name", "qemu"), ("type", "raw")])

@@ -15,6 +15,7 @@ use virt::error::ErrorNumber;
 use virt::sys;
 
 use super::domain::{Instance, Vm, METADATA_NS, NAME_PREFIX};
+use crate::cgroup::InstanceUsage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
@@ -76,7 +77,11 @@ pub fn disk_copy_xml(target: &std::path::Path) -> String {
         .open("disks", &[])
         .open(
             "disk",
-            &[("name", "vda"), ("backup", "yes"), ("type", "file")],
+            &[
+                ("name", super::domain::DISK_TARGET),
+                ("backup", "yes"),
+                ("type", "file"),
+            ],
         )
         .empty("target", &[("file", &target.display().to_string())])
         .empty("driver", &[("type", "qcow2")])
@@ -234,6 +239,39 @@ impl Hypervisor {
             }
         }
         Ok(())
+    }
+
+    /// What running domain `uuid` uses, for `/metrics`: its CPU time, its
+    /// QEMU's resident memory and its disk's bytes, as libvirt accounts
+    /// them (the VM's processes are the guest's: no count). `None`: not
+    /// there or not running.
+    pub fn usage(&self, uuid: &str) -> Result<Option<InstanceUsage>, LibvirtError> {
+        let Some(d) = self.lookup(uuid)? else {
+            return Ok(None);
+        };
+        let info = match d.get_info() {
+            Ok(i) => i,
+            Err(e) if e.code() == ErrorNumber::NoDomain => return Ok(None),
+            Err(e) => return Err(call(format!("info of domain {uuid}"))(e)),
+        };
+        if info.state == sys::VIR_DOMAIN_SHUTOFF {
+            return Ok(None);
+        }
+        // A driver or guest that cannot say leaves out only that part.
+        let memory = d
+            .memory_stats(0)
+            .map(|m| m.iter().map(|s| (s.tag, s.val)).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let disk = d
+            .get_block_stats(super::domain::DISK_TARGET)
+            .ok()
+            .map(|b| (b.rd_bytes, b.wr_bytes));
+        Ok(Some(domain_usage(
+            info.cpu_time,
+            info.memory,
+            &memory,
+            disk,
+        )))
     }
 
     pub fn pause(&self, uuid: &str) -> Result<(), LibvirtError> {
@@ -479,11 +517,63 @@ impl Hypervisor {
     }
 }
 
+/// A domain's usage from libvirt's numbers: CPU time in ns, the guest's
+/// memory in KiB (`virDomainGetInfo`), the memory statistics (tag, KiB)
+/// and the disk's (read, written) bytes (-1 where QEMU cannot say).
+/// Memory is QEMU's resident set where libvirt reads it, else what the
+/// guest was given.
+fn domain_usage(
+    cpu_ns: u64,
+    guest_kib: u64,
+    memory: &[(u32, u64)],
+    disk: Option<(i64, i64)>,
+) -> InstanceUsage {
+    let rss = memory
+        .iter()
+        .find(|(tag, _)| *tag == sys::VIR_DOMAIN_MEMORY_STAT_RSS)
+        .map(|(_, kib)| *kib);
+    let (r, w) = disk.unwrap_or((0, 0));
+    InstanceUsage {
+        cpu_seconds: cpu_ns as f64 / 1e9,
+        memory_bytes: rss.unwrap_or(guest_kib) * 1024,
+        pids: None,
+        io_read_bytes: r.max(0) as u64,
+        io_write_bytes: w.max(0) as u64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// libvirt's in-process test driver: the same calls, no daemon, no QEMU.
+    #[test]
+    fn a_domains_usage_is_qemus_resident_memory_its_cpu_time_and_its_disks_bytes() {
+        let rss = sys::VIR_DOMAIN_MEMORY_STAT_RSS;
+        let u = domain_usage(
+            2_500_000_000,
+            262_144,
+            &[(0, 1), (rss, 40_960)],
+            Some((512, 4096)),
+        );
+        assert_eq!(
+            u,
+            InstanceUsage {
+                cpu_seconds: 2.5,
+                memory_bytes: 40 << 20,
+                pids: None,
+                io_read_bytes: 512,
+                io_write_bytes: 4096
+            }
+        );
+        let u = domain_usage(0, 262_144, &[], Some((-1, -1)));
+        assert_eq!(
+            (u.memory_bytes, u.io_read_bytes),
+            (256 << 20, 0),
+            "what libvirt cannot say"
+        );
+    }
+
     #[test]
     fn a_domain_goes_through_its_life_and_is_found_by_its_metadata() {
         let h = Hypervisor::open("test:///default").unwrap();
@@ -501,11 +591,24 @@ mod tests {
             found.iter().all(|f| f.uuid == vm.uuid),
             "the test driver's own domain (not rivernode-*) is not ours: {found:?}"
         );
+        // The test driver keeps no statistics beyond its info: the guest's
+        // memory stands in for QEMU's resident set.
+        let u = h
+            .usage(&vm.uuid)
+            .unwrap()
+            .expect("a running domain's usage");
+        assert_eq!(u.memory_bytes, vm.memory_mib * 1024 * 1024, "{u:?}");
+        assert_eq!(u.pids, None);
         h.pause(&vm.uuid).unwrap();
         assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Paused));
         h.resume(&vm.uuid).unwrap();
         assert!(h.stop(&vm.uuid, Duration::from_secs(5)).unwrap());
         assert_eq!(h.state(&vm.uuid).unwrap(), Some(VmState::Off { exit: 0 }));
+        assert_eq!(
+            h.usage(&vm.uuid).unwrap(),
+            None,
+            "an off domain uses nothing"
+        );
         h.undefine(&vm.uuid).unwrap();
         assert_eq!(h.state(&vm.uuid).unwrap(), None);
         // Gone is gone: every step again is nothing to do.

@@ -1148,14 +1148,18 @@ impl Driver for TaskContext {
     }
 
     async fn follow_assignments(&self, assigned: &[Assignment]) {
+        use crate::runner::metrics::{InstanceLabel, UsageSource};
         *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = assigned
             .iter()
-            .filter(|a| !a.spec.is_vm())
-            .map(|a| crate::runner::metrics::InstanceLabel {
+            .map(|a| InstanceLabel {
                 id: a.id,
                 owner: a.owner.clone(),
                 kind: kind_label(a.spec.kind),
-                cgroup: self.cgroups_path(a.id),
+                usage: if a.spec.is_vm() {
+                    UsageSource::Domain(super::vm::vm_uuid(&self.container_id(a.id)))
+                } else {
+                    UsageSource::Cgroup(self.cgroups_path(a.id))
+                },
             })
             .collect();
         for a in assigned.iter().filter(|a| {

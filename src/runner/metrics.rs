@@ -62,8 +62,16 @@ pub struct InstanceLabel {
     pub id: u64,
     pub owner: Option<String>,
     pub kind: &'static str,
-    /// Its cgroup, relative to the cgroup root.
-    pub cgroup: String,
+    pub usage: UsageSource,
+}
+
+/// Where an instance's usage is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UsageSource {
+    /// A container's cgroup, relative to the cgroup root.
+    Cgroup(String),
+    /// A VM's libvirt domain (its UUID): QEMU runs in libvirt's cgroup.
+    Domain(String),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,25 +113,10 @@ pub async fn page(
     headers: axum::http::HeaderMap,
 ) -> Response {
     let node = state.name.clone();
-    let instances = state
-        .tasks
-        .get()
-        .map(|t| (t.instance_labels(), t.cgroup_root.clone()));
-    // Reading cgroup files blocks: off the async workers.
-    let usage = tokio::task::spawn_blocking(move || {
-        instances
-            .map(|(list, root)| {
-                list.into_iter()
-                    .filter_map(|l| {
-                        let u = crate::cgroup::instance_usage(&root, &l.cgroup)?;
-                        Some((l, u))
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    })
-    .await
-    .unwrap_or_default();
+    let usage = match state.tasks.get() {
+        Some(t) => instance_usage(t).await,
+        None => vec![],
+    };
 
     let mut r = Registry::with_prefix("rivernode");
     let cpu = Family::<InstanceLabels, Counter<f64, AtomicU64>>::default();
@@ -140,33 +133,35 @@ pub async fn page(
         };
         cpu.get_or_create(&labels).inc_by(u.cpu_seconds);
         memory.get_or_create(&labels).set(clamp(u.memory_bytes));
-        pids.get_or_create(&labels).set(clamp(u.pids));
+        if let Some(n) = u.pids {
+            pids.get_or_create(&labels).set(clamp(n));
+        }
         io_read.get_or_create(&labels).inc_by(u.io_read_bytes);
         io_write.get_or_create(&labels).inc_by(u.io_write_bytes);
     }
     r.register(
         "instance_cpu_seconds",
-        "CPU time an instance's processes used",
+        "CPU time an instance used (a container's processes, a VM's QEMU)",
         cpu,
     );
     r.register(
         "instance_memory_bytes",
-        "Memory an instance uses now (its cgroup's, page cache included)",
+        "Memory an instance uses now (a container's cgroup's, page cache included; a VM's QEMU's resident set)",
         memory,
     );
     r.register(
         "instance_pids",
-        "Processes and threads in an instance",
+        "Processes and threads in a container instance",
         pids,
     );
     r.register(
         "instance_io_read_bytes",
-        "Bytes an instance read from block devices",
+        "Bytes an instance read from block devices (a VM's: from its disk)",
         io_read,
     );
     r.register(
         "instance_io_write_bytes",
-        "Bytes an instance wrote to block devices",
+        "Bytes an instance wrote to block devices (a VM's: to its disk)",
         io_write,
     );
 
@@ -291,6 +286,59 @@ pub async fn page(
     );
 
     crate::api::openmetrics::page(&headers, &r)
+}
+
+/// Each assigned instance's usage: a container's from its cgroup files, a
+/// VM's from libvirt (one connection for all). Both block: off the async
+/// workers. An instance that is gone, or a libvirt that does not answer,
+/// leaves out only those.
+async fn instance_usage(
+    tasks: &super::container::TaskContext,
+) -> Vec<(InstanceLabel, crate::cgroup::InstanceUsage)> {
+    let (cgroups, domains): (Vec<_>, Vec<_>) = tasks
+        .instance_labels()
+        .into_iter()
+        .partition(|l| matches!(l.usage, UsageSource::Cgroup(_)));
+    let root = tasks.cgroup_root.clone();
+    let mut out = tokio::task::spawn_blocking(move || {
+        cgroups
+            .into_iter()
+            .filter_map(|l| match &l.usage {
+                UsageSource::Cgroup(rel) => {
+                    crate::cgroup::instance_usage(&root, rel).map(|u| (l, u))
+                }
+                UsageSource::Domain(_) => None,
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    if !domains.is_empty() {
+        let vms = tasks
+            .libvirt(move |h| {
+                Ok(domains
+                    .into_iter()
+                    .filter_map(|l| match &l.usage {
+                        UsageSource::Domain(uuid) => match h.usage(uuid) {
+                            Ok(u) => u.map(|u| (l, u)),
+                            Err(e) => {
+                                tracing::debug!(domain = %uuid, error = %crate::error_chain(&e), "no usage for /metrics");
+                                None
+                            }
+                        },
+                        UsageSource::Cgroup(_) => None,
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        match vms {
+            Ok(v) => out.extend(v),
+            Err(e) => {
+                tracing::debug!(error = %crate::error_chain(&e), "no VM usage for /metrics")
+            }
+        }
+    }
+    out
 }
 
 fn clamp(n: u64) -> i64 {

@@ -327,24 +327,14 @@ pub fn node_of(host_data: &std::path::Path, name: &str) -> Option<()> {
 }
 
 pub fn cli_with_stdin(args: &[&str], input: &str) -> Output {
-    use std::io::Write;
-    let mut child = std::process::Command::new(BIN)
-        .args(args)
-        .env_remove("RIVERNODE_HOST")
-        .env_remove("RIVERNODE_TOKEN")
-        .env("HOME", "/nonexistent")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    super::output_with_stdin(
+        std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("RIVERNODE_HOST")
+            .env_remove("RIVERNODE_TOKEN")
+            .env("HOME", "/nonexistent"),
+        input,
+    )
 }
 
 impl Vps {

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod guest;
 pub mod libvirt;
+pub mod metrics;
 pub mod three;
 
 use std::fs::File;
@@ -312,6 +313,24 @@ pub fn debootstrap(rootfs: &Path, include: &str) -> bool {
         &format!("the Debian mirror for debootstrap (it said: {tail})"),
         o.status.success(),
     )
+}
+
+/// Runs `cmd` with `input` on its stdin; its output.
+pub fn output_with_stdin(cmd: &mut Command, input: &str) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
 
 pub fn command_exists(name: &str) -> bool {
