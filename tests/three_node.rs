@@ -2,7 +2,9 @@
 //! each node in its own network namespace on one underlay bridge, each node
 //! with its own runner and containerd. Placement across nodes, a target
 //! honoured, a full cluster queueing, a node cut off and healed without a
-//! duplicate, and SSH through the host to a VPS on every node.
+//! duplicate, SSH through the host to a VPS on every node, environments
+//! fetched without a shared directory, and one user's VPS meeting across
+//! nodes over the overlay where another user's cannot.
 
 mod common;
 
@@ -307,22 +309,29 @@ fn command_on(
     extra: &[&str],
     script: &str,
 ) -> String {
+    let mut rest = extra.to_vec();
+    rest.extend(["--", "sh", "-c", script]);
+    busybox_on(c, token, &["task", "submit"], node, &rest)
+}
+
+/// `verb` (`task submit`, `vps create`) of a busybox instance on `node`
+/// with `rest` after the common flags, as `token`'s user (none: the
+/// admin); its id.
+fn busybox_on(
+    c: &ThreeNodes,
+    token: Option<&str>,
+    verb: &[&str],
+    node: &str,
+    rest: &[&str],
+) -> String {
     let mut args = vec![];
     if let Some(t) = token {
         args.extend(["--token", t]);
     }
-    args.extend([
-        "-o",
-        "json",
-        "task",
-        "submit",
-        "--container",
-        "busybox",
-        "-t",
-        node,
-    ]);
-    args.extend_from_slice(extra);
-    args.extend(["--", "sh", "-c", script]);
+    args.extend(["-o", "json"]);
+    args.extend_from_slice(verb);
+    args.extend(["--container", "busybox", "-t", node]);
+    args.extend_from_slice(rest);
     let o = c.rn(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     created_id(&o)
@@ -332,6 +341,49 @@ fn overlay(c: &ThreeNodes) -> serde_json::Value {
     let o = c.rn(&["-o", "json", "node", "overlay"]);
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// One person's SSH key and known hosts, for their VPS.
+struct Keys {
+    key: std::path::PathBuf,
+    known: std::path::PathBuf,
+}
+
+impl Keys {
+    fn new(c: &ThreeNodes, who: &str) -> Keys {
+        let key = c.dir.path().join(format!("{who}_key"));
+        let o = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        Keys {
+            known: c.dir.path().join(format!("{who}_known_hosts")),
+            key,
+        }
+    }
+
+    /// A busybox VPS with this key on `node`, as `token`'s user (none: the admin).
+    fn vps_on(&self, c: &ThreeNodes, token: Option<&str>, node: &str) -> String {
+        let key = self.key.with_extension("pub");
+        let rest = ["--public-key-file", key.to_str().unwrap()];
+        busybox_on(c, token, &["vps", "create"], node, &rest)
+    }
+
+    /// `script` in VPS `id` through the host's SSH proxy; what it printed.
+    fn ssh(&self, c: &ThreeNodes, token: Option<&str>, id: &str, script: &str) -> String {
+        wait_for_logged(&format!("ssh to VPS {id}"), &[&c.host], || {
+            let mut args = vec![];
+            if let Some(t) = token {
+                args.extend(["--token", t]);
+            }
+            args.extend(["ssh", id, "-i", self.key.to_str().unwrap()]);
+            args.extend(["--known-hosts", self.known.to_str().unwrap(), "--", script]);
+            let o = c.rn(&args);
+            o.status.success().then(|| stdout(&o))
+        })
+    }
 }
 
 /// `id` ended having read the page of the server on n1.
@@ -375,41 +427,46 @@ fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
             "{table}"
         );
 
-        // A web server of the admin's on n1, at its address on n1's subnet.
-        let server = command_on(
-            &c,
-            None,
-            "n1",
-            &[],
-            "ip -4 -o addr show eth0; mkdir /tmp/w; echo from-n1 > /tmp/w/index.html; \
-             exec httpd -f -p 8080 -h /tmp/w",
-        );
-        c.wait_state(&server, "running");
+        // Two VPS of the admin's, on n1 and on n2, and one of ann's on n3.
+        let ann = c.add_user("ann");
+        let admins = Keys::new(&c, "admin");
+        let anns = Keys::new(&c, "ann");
+        let server = admins.vps_on(&c, None, "n1");
+        let peer = admins.vps_on(&c, None, "n2");
+        let other = anns.vps_on(&c, Some(&ann), "n3");
+        for id in [&server, &peer, &other] {
+            c.wait_state(id, "running");
+        }
+        // A web server in the one on n1, at its address on n1's subnet.
         let n1_subnet = members.iter().find(|n| n["node"] == "n1").unwrap()["subnet"]
             .as_str()
             .unwrap()
             .trim_end_matches("0/24")
             .to_string();
-        let addr = wait_for_logged("the server's address", &[&c.host], || {
-            let logs = stdout(&c.rn(&["task", "logs", &server]));
-            let at = logs.find("inet ")?;
-            let ip = logs[at + 5..].split('/').next()?.to_string();
-            ip.starts_with(&n1_subnet).then_some(ip)
-        });
+        let said = admins.ssh(
+            &c,
+            None,
+            &server,
+            "mkdir -p /tmp/w && echo from-n1 > /tmp/w/index.html && \
+             httpd -p 8080 -h /tmp/w && ip -4 -o addr show eth0",
+        );
+        let at = said.find("inet ").unwrap_or_else(|| panic!("{said}"));
+        let addr = said[at + 5..].split('/').next().unwrap().to_string();
+        assert!(
+            addr.starts_with(&n1_subnet),
+            "{addr} not in {n1_subnet}0/24"
+        );
         let fetch =
             format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {addr} 8080 | tail -n 1");
-        // The admin's instance on n2 reaches it across the overlay...
-        let same = command_on(&c, None, "n2", &[], &fetch);
-        fetched_from_n1(&c, &same);
-        // ...as from n3; another user's on n3 does not.
+        // The admin's VPS on n2 reaches it across the overlay...
+        assert_eq!(admins.ssh(&c, None, &peer, &fetch).trim(), "from-n1");
+        // ...as does the admin's task on n3; ann's VPS on n3 does not.
         let near = command_on(&c, None, "n3", &[], &fetch);
         fetched_from_n1(&c, &near);
-        let ann = c.add_user("ann");
-        let other = command_on(&c, Some(&ann), "n3", &[], &fetch);
-        let (_, out) = ended(&c, &other);
+        let out = anns.ssh(&c, Some(&ann), &other, &format!("{fetch}; echo tried"));
         assert!(
-            !out.contains("from-n1"),
-            "ann's instance reached the admin's: {out}"
+            out.contains("tried") && !out.contains("from-n1"),
+            "ann's VPS reached the admin's: {out}"
         );
 
         // A node that leaves is dropped from the mesh; back, it is in it
