@@ -41,6 +41,9 @@ enum Access {
     Invite,
     /// `/metrics`: the metrics token, and the admin, operators and viewers.
     Scrape,
+    /// The dashboard's static page and assets (no data): anyone, no token
+    /// or a bad one too. Not in the API document.
+    Public,
 }
 
 /// (method, path with `{node}`, `{task}`, `{user}` placeholders, access).
@@ -112,8 +115,12 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("PUT", "/api/quotas/{scope}/{user}", Access::Admin),
     ("POST", "/api/invitations", Access::Admin),
     ("POST", "/api/metrics-token", Access::Admin),
-    // Not under /api/ (the scan above misses it): Prometheus's path.
+    // Prometheus's path.
     ("GET", "/metrics", Access::Scrape),
+    // The dashboard's page and assets: what signs a person in, so no token.
+    ("GET", "/", Access::Public),
+    ("GET", "/assets/app.js", Access::Public),
+    ("GET", "/assets/app.css", Access::Public),
     ("GET", "/api/invitations", Access::Admin),
     ("DELETE", "/api/invitations/{invitation}", Access::Admin),
     ("PUT", "/api/users/{user}", Access::Admin),
@@ -169,6 +176,7 @@ fn expected(access: Access, caller: Caller) -> Option<StatusCode> {
     use Caller::*;
     let person = matches!(caller, Viewer | Operator | OtherUser | User | Admin);
     match (caller, access) {
+        (_, A::Public) => Some(StatusCode::OK),
         (Anonymous | BadToken, _) | (_, A::Invite) => Some(StatusCode::UNAUTHORIZED),
         (_, A::Anyone) => None,
         (Join, A::Join) | (Node, A::OwnNode) => None,
@@ -189,14 +197,16 @@ fn expected(access: Access, caller: Caller) -> Option<StatusCode> {
     }
 }
 
-/// Every `.route("...")` path in the host's router sources.
-fn routes_in_source() -> Vec<String> {
+/// Every (method, path) of a `.route("...", get(..).post(..))` in the
+/// host's router sources.
+fn routes_in_source() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for f in [
         "src/host/api.rs",
         "src/host/tasks.rs",
         "src/host/snapshots.rs",
         "src/host/environments.rs",
+        "src/host/dashboard.rs",
     ] {
         let text = std::fs::read_to_string(f).unwrap();
         for part in text.split(".route(").skip(1) {
@@ -205,8 +215,32 @@ fn routes_in_source() -> Vec<String> {
             };
             let rest = &part[start + 1..];
             let path = &rest[..rest.find('"').unwrap()];
-            if path.starts_with("/api/") {
-                out.push(path.to_string());
+            // The method router: up to the parenthesis that closes `.route(`.
+            let mut depth = 1;
+            let end = part
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += match c {
+                        '(' => 1,
+                        ')' => -1,
+                        _ => 0,
+                    };
+                    depth == 0
+                })
+                .map(|(i, _)| i)
+                .unwrap_or(part.len());
+            let router = &part[start + 1 + path.len() + 1..end];
+            let before_ok = |i: usize| {
+                i == 0
+                    || !router.as_bytes()[i - 1].is_ascii_alphanumeric()
+                        && router.as_bytes()[i - 1] != b'_'
+            };
+            for method in ["get", "post", "put", "delete", "patch"] {
+                let call = format!("{method}(");
+                let found = router.match_indices(&call).any(|(i, _)| before_ok(i));
+                if found {
+                    out.push((method.to_ascii_uppercase(), path.to_string()));
+                }
             }
         }
     }
@@ -254,10 +288,20 @@ async fn call(
 #[test]
 fn every_route_matches_the_matrix_and_every_route_has_a_row() {
     let in_source = routes_in_source();
-    for path in &in_source {
+    for (method, path) in &in_source {
         assert!(
-            ROUTES.iter().any(|(_, p, _)| shape(p) == shape(path)),
-            "route {path} has no row in the matrix"
+            ROUTES
+                .iter()
+                .any(|(m, p, _)| m == method && shape(p) == shape(path)),
+            "route {method} {path} has no row in the matrix"
+        );
+    }
+    for (method, path, _) in ROUTES {
+        assert!(
+            in_source
+                .iter()
+                .any(|(m, p)| m == method && shape(p) == shape(path)),
+            "the matrix's {method} {path} is no route of the source: {in_source:?}"
         );
     }
     assert!(
@@ -390,12 +434,12 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                     .map(move |m| (m.to_ascii_uppercase(), shape(path)))
             })
             .collect();
-        let missing: Vec<String> = ROUTES
-            .iter()
+        let api = || ROUTES.iter().filter(|(_, _, a)| *a != Access::Public);
+        let missing: Vec<String> = api()
             .filter(|(m, p, _)| !described.contains(&(m.to_string(), shape(p))))
             .map(|(m, p, _)| format!("{m} {p}"))
             .collect();
         assert!(missing.is_empty(), "not in /api/openapi.json: {missing:?}");
-        assert_eq!(described.len(), ROUTES.len(), "described: {described:?}");
+        assert_eq!(described.len(), api().count(), "described: {described:?}");
     });
 }
