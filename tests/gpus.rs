@@ -527,21 +527,24 @@ fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
         assert_eq!(scrape(&host, &user).0, 403, "a user token");
         assert_eq!(scrape(&runner, &user).0, 401, "a user token at the runner");
 
-        // A task that fills 64 MiB of memory and spins one core.
-        let o = v.rn(&[
-            "-o",
-            "json",
-            "task",
-            "submit",
-            "--container",
-            "busybox",
-            "-m",
-            "512M",
-            "--",
-            "sh",
-            "-c",
-            "head -c 67108864 /dev/zero > /dev/shm/fill; while :; do :; done",
-        ]);
+        // A task of mia's that fills 64 MiB of memory and spins one core.
+        let o = v.rn_as(
+            &user,
+            &[
+                "-o",
+                "json",
+                "task",
+                "submit",
+                "--container",
+                "busybox",
+                "-m",
+                "512M",
+                "--",
+                "sh",
+                "-c",
+                "head -c 67108864 /dev/zero > /dev/shm/fill; while :; do :; done",
+            ],
+        );
         let id = created_id(&o);
         v.wait_state(&id, "running");
         let instance = format!("instance=\"{id}\"");
@@ -570,6 +573,20 @@ fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
             Some(75.0)
         );
         assert_eq!(
+            sample(&page, "rivernode_gpu_temperature_celsius", &gpu0),
+            Some(40.0)
+        );
+        // Its owner on its row.
+        assert!(
+            sample(
+                &page,
+                "rivernode_instance_cpu_seconds_total",
+                &[&instance, r#"owner="mia""#]
+            )
+            .is_some(),
+            "{page}"
+        );
+        assert_eq!(
             sample(&page, "rivernode_backend_up", &[r#"backend="containerd""#]),
             Some(1.0)
         );
@@ -584,6 +601,25 @@ fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
             sample(&page, "rivernode_gpu_xid_errors_total", &gpu1),
             Some(0.0)
         );
+        // GPU 0 counts ECC errors; GPU 1 cannot, and has no ECC series.
+        assert_eq!(
+            sample(
+                &page,
+                "rivernode_gpu_ecc_errors_total",
+                &[gpu0[0], gpu0[1], r#"kind="corrected""#]
+            ),
+            Some(2.0),
+            "{page}"
+        );
+        assert_eq!(
+            sample(
+                &page,
+                "rivernode_gpu_ecc_errors_total",
+                &[gpu0[0], gpu0[1], r#"kind="uncorrected""#]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(sample(&page, "rivernode_gpu_ecc_errors_total", &gpu1), None);
         // A new Xid in the log is counted.
         use std::io::Write;
         std::fs::OpenOptions::new()
