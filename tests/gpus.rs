@@ -659,6 +659,21 @@ fn metrics_follow_a_busy_task_and_a_fake_gpu_and_promtool_accepts_both_pages() {
             Some(1.0),
             "{page}"
         );
+        assert_eq!(
+            sample(
+                &page,
+                "rivernode_tasks",
+                &[r#"state="lost""#, r#"kind="vps""#]
+            ),
+            Some(0.0),
+            "a state nothing is in reads 0: {page}"
+        );
+        assert_eq!(
+            sample(&page, "rivernode_queue_length", &[]),
+            None,
+            "no labels"
+        );
+        assert!(page.contains("\nrivernode_queue_length 0\n"), "{page}");
         assert!(
             sample(
                 &page,

@@ -148,6 +148,19 @@ pub async fn page(
     r.register("nodes", "Nodes by state", by_state);
 
     let tasks = Family::<TaskLabels, Gauge>::default();
+    // Every state and kind has its series, at 0 when nothing is in it: an
+    // alert on `rivernode_tasks{state="lost"} > 0` needs a series to read,
+    // and a series that vanishes looks like a scrape that failed.
+    for state in TaskState::ALL {
+        for kind in ["command", "vps"] {
+            tasks
+                .get_or_create(&TaskLabels {
+                    state: state.as_str().into(),
+                    kind: kind.into(),
+                })
+                .set(0);
+        }
+    }
     let mut queued = 0;
     for (state_name, kind, n) in &counts.by_state {
         tasks

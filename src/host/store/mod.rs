@@ -424,6 +424,9 @@ const MIGRATIONS: &[&str] = &[
     // and each owner's group policy id, kept so they never change.
     "CREATE TABLE overlay_slots (node TEXT PRIMARY KEY, slot INTEGER NOT NULL UNIQUE);
     CREATE TABLE overlay_groups (owner TEXT PRIMARY KEY, grp INTEGER NOT NULL UNIQUE);",
+    // 16: tasks.kind was never written (every row said 'command'): a
+    // task's kind is its spec's, which is what every query reads.
+    "ALTER TABLE tasks DROP COLUMN kind;",
 ];
 
 /// What `/metrics` says of the tasks.
@@ -1129,7 +1132,8 @@ impl Store for SqliteStore {
                 .query_map([], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
-                        r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        // A spec without a kind is a command (Kind's default).
+                        r.get::<_, Option<String>>(1)?.unwrap_or_else(|| "command".into()),
                         r.get::<_, i64>(2)?.max(0) as u64,
                     ))
                 })?
