@@ -251,6 +251,11 @@ layered_config! {
         overlay_vni: u32 = 4242,
         /// The UDP port VXLAN travels on between nodes (open it between them).
         overlay_port: u16 = 4789,
+        /// Keep a copy of every container VPS's stop on the host (its snapshot of that
+        /// stop, exported by its node, and its host key, in data_dir/parked), so that
+        /// `vps restart --anywhere` starts it on another node while its own is gone. It
+        /// costs the host a whole image archive per stopped VPS, and each stop the upload.
+        park_stopped_vps: bool = false,
     }
 }
 

@@ -88,6 +88,17 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/nodes/{node}/environments/{env}/archive",
         Access::OwnNode,
     ),
+    (
+        "PUT",
+        "/api/nodes/{node}/tasks/{task}/park",
+        Access::OwnNode,
+    ),
+    ("GET", "/api/nodes/{node}/parked/{task}", Access::OwnNode),
+    (
+        "GET",
+        "/api/nodes/{node}/parked/{task}/archive",
+        Access::OwnNode,
+    ),
     ("POST", "/api/tasks", Access::Submit),
     ("GET", "/api/tasks", Access::People),
     ("GET", "/api/environments", Access::People),
@@ -206,6 +217,7 @@ fn routes_in_source() -> Vec<(String, String)> {
         "src/host/tasks.rs",
         "src/host/snapshots.rs",
         "src/host/environments.rs",
+        "src/host/parked.rs",
         "src/host/dashboard.rs",
     ] {
         let text = std::fs::read_to_string(f).unwrap();

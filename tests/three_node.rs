@@ -300,6 +300,94 @@ fn an_environment_runs_on_every_node_without_a_shared_directory_and_is_fetched_o
     });
 }
 
+#[test]
+fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
+    private_namespaces(|| {
+        let Some(c) = ThreeNodes::start_opts(true, &["--park-stopped-vps"]) else {
+            return;
+        };
+        let ann = c.add_user("ann");
+        let keys = Keys::new(&c, "ann");
+        let id = keys.vps_on(&c, Some(&ann), "n1");
+        c.wait_state(&id, "running");
+        // A file on its disk; the host key ann's ssh pins.
+        keys.ssh(&c, Some(&ann), &id, "echo written-on-n1 > /kept && sync");
+        let key_before = c.task(&id)["ssh_host_key"].clone();
+        assert!(key_before.is_string(), "{}", c.task(&id));
+        let pinned = std::fs::read_to_string(&keys.known).unwrap();
+        let anywhere = || c.rn(&["--token", &ann, "vps", "restart", &id, "--anywhere"]);
+        // Running, it has no parked stop to move from.
+        let o = anywhere();
+        assert!(
+            !o.status.success() && stderr(&o).contains("no parked copy"),
+            "{}",
+            stderr(&o)
+        );
+
+        // Its stop is parked on the host.
+        let o = c.rn(&["--token", &ann, "vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&id, "stopped");
+        let t = c.task(&id);
+        let parked = t["parked"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not parked: {t}\n{}", c.logs()))
+            .to_string();
+        let copy = c
+            .dir
+            .path()
+            .join(format!("host/parked/vps-{id}-{parked}.tar"));
+        assert!(copy.is_file(), "{}", copy.display());
+
+        // n1 is cut off: the VPS starts on another node from the copy.
+        c.link("n1", false);
+        c.wait_node("n1", "offline");
+        let o = anywhere();
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&id, "running");
+        let moved_to = node_of(&c, &id).unwrap();
+        assert_ne!(moved_to, "n1");
+        // Its file is there, and it answers with the same host key.
+        let out = keys.ssh(&c, Some(&ann), &id, "cat /kept");
+        assert_eq!(out.trim(), "written-on-n1", "{}", c.logs());
+        assert_eq!(c.task(&id)["ssh_host_key"], key_before);
+        assert_eq!(std::fs::read_to_string(&keys.known).unwrap(), pinned);
+        // The parked snapshot came along: it is one of the VPS's snapshots there.
+        let o = c.rn(&[
+            "--token", &ann, "-o", "json", "vps", "snapshot", "list", &id,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let snaps: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(
+            snaps
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["id"] == parked.as_str() && s["node"] == moved_to.as_str()),
+            "{snaps}"
+        );
+
+        // n1 comes back: the VPS runs where it moved, once.
+        c.link("n1", true);
+        c.wait_node("n1", "online");
+        let out = keys.ssh(&c, Some(&ann), &id, "cat /kept; hostname");
+        assert!(out.contains("written-on-n1"), "{out}");
+        assert_eq!(node_of(&c, &id).as_deref(), Some(moved_to.as_str()));
+        assert_eq!(c.task(&id)["state"], "running");
+
+        // A delete removes the host's copy.
+        let o = c.rn(&["--token", &ann, "vps", "delete", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&id, "deleted");
+        let left: Vec<_> = std::fs::read_dir(c.dir.path().join("host/parked"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    });
+}
+
 /// `task submit` of a busybox command on `node`, as `token`'s user (none:
 /// the admin); its id.
 fn command_on(
@@ -408,7 +496,7 @@ fn ended(c: &ThreeNodes, id: &str) -> (String, String) {
 #[test]
 fn one_users_instances_talk_across_nodes_over_the_overlay_and_others_do_not() {
     private_namespaces(|| {
-        let Some(c) = ThreeNodes::start_opts(true, Some("10.200.0.0/16")) else {
+        let Some(c) = ThreeNodes::start_opts(true, &["--overlay-range", "10.200.0.0/16"]) else {
             return;
         };
         // Every node took a subnet of the range and is in the mesh.

@@ -251,12 +251,75 @@ impl HostClient {
         from: u64,
         sha256: &str,
     ) -> Result<reqwest::Response, HostCallError> {
+        self.archive(&format!("environments/{env}/archive"), from, sha256)
+            .await
+    }
+
+    /// VPS `id`'s parked copy: its snapshot, size, digest and host key.
+    pub async fn parked(&self, id: u64) -> Result<crate::api::ParkedVps, HostCallError> {
+        Self::answer(
+            self.http
+                .get(format!("{}/api/nodes/{}/parked/{id}", self.base, self.node))
+                .bearer_auth(self.credential())
+                .timeout(Duration::from_secs(60)),
+        )
+        .await
+    }
+
+    /// The bytes of VPS `id`'s parked copy from `from` on, as long as it
+    /// still has the digest `sha256`.
+    pub async fn parked_archive(
+        &self,
+        id: u64,
+        from: u64,
+        sha256: &str,
+    ) -> Result<reqwest::Response, HostCallError> {
+        self.archive(&format!("parked/{id}/archive"), from, sha256)
+            .await
+    }
+
+    /// One piece of the archive of VPS `id`'s stop snapshot `snapshot`,
+    /// from `offset` on, of `total` bytes in all, with its host key file.
+    pub async fn park_piece(
+        &self,
+        id: u64,
+        snapshot: &str,
+        host_key: &[u8],
+        offset: u64,
+        total: u64,
+        piece: Vec<u8>,
+    ) -> Result<(), HostCallError> {
         let resp = self
             .http
-            .get(format!(
-                "{}/api/nodes/{}/environments/{env}/archive",
+            .put(format!(
+                "{}/api/nodes/{}/tasks/{id}/park",
                 self.base, self.node
             ))
+            .bearer_auth(self.credential())
+            .header("x-snapshot-id", snapshot)
+            .header("x-host-key", hex::encode(host_key))
+            .header("x-upload-offset", offset.to_string())
+            .header("x-upload-total", total.to_string())
+            .timeout(Duration::from_secs(600))
+            .body(piece)
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        Self::check(resp).await.map(|_| ())
+    }
+
+    /// `GET /api/nodes/<node>/<what>` from byte `from`, while it has the
+    /// digest `sha256`. No overall deadline: an archive can take long; the
+    /// caller gives up on a stalled body (`envfetch`).
+    async fn archive(
+        &self,
+        what: &str,
+        from: u64,
+        sha256: &str,
+    ) -> Result<reqwest::Response, HostCallError> {
+        let resp = self
+            .http
+            .get(format!("{}/api/nodes/{}/{what}", self.base, self.node))
             .bearer_auth(self.credential())
             .header(reqwest::header::RANGE, format!("bytes={from}-"))
             .header(crate::api::EXPECT_SHA256, sha256)

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use target::{parse_memory_size, Target, TargetError};
 pub use task::{
     valid_hostname, Assignment, Assignments, Consistency, Desired, ImageSource, Kind, MountSpec,
-    Placement, RestartRequest, Restore, SnapshotRequest, SnapshotView, SubmitResponse,
+    ParkedVps, Placement, RestartRequest, Restore, SnapshotRequest, SnapshotView, SubmitResponse,
     TaskProgress, TaskReport, TaskSpec, TaskState, TaskView, UserEnvChange, LOG_STREAMS,
 };
 
@@ -293,6 +293,9 @@ pub struct HeartbeatReply {
     /// runs no overlay (`overlay_range` unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<OverlayPlan>,
+    /// Park each stopped VPS on the host (`park_stopped_vps`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub park_stopped_vps: bool,
 }
 
 /// The VXLAN overlay as one node builds it: its own subnet and underlay

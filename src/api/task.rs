@@ -183,6 +183,24 @@ impl std::fmt::Display for ImageSource {
 pub struct Restore {
     pub snapshot: String,
     pub request: i64,
+    /// The snapshot is the host's parked copy (`vps restart --anywhere`):
+    /// a node that lacks it fetches it, and the VPS's host key, from the host.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parked: bool,
+}
+
+/// A VPS's parked copy on the host: the snapshot its node exported when it
+/// last stopped (an OCI archive), and its SSH host key, so that it can
+/// start again on another node while its own is gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ParkedVps {
+    pub vps_id: u64,
+    pub snapshot: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    /// The instance's private host key (the node's file, in hex), sent
+    /// only to the node the VPS is placed on.
+    pub host_key: String,
 }
 
 /// A VPS snapshot: a container's filesystem changes committed as an image
@@ -242,6 +260,10 @@ pub struct RestartRequest {
     /// Restore the disk from this snapshot first; `"latest"` for the newest.
     #[serde(default)]
     pub from_snapshot: Option<String>,
+    /// Start it on any node that fits, from its parked copy on the host
+    /// (it must be stopped, with its last stop parked).
+    #[serde(default)]
+    pub anywhere: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -427,6 +449,10 @@ pub struct TaskView {
     /// An operator exempted it from idle-GPU reclamation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub idle_exempt: bool,
+    /// The snapshot of its last stop the host keeps a copy of (with
+    /// `park_stopped_vps`): `vps restart --anywhere` starts it from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
 }
 
 /// A node's word on how far it got making an instance: `phase` is what it
@@ -503,6 +529,10 @@ pub struct TaskReport {
     /// A VPS's SSH host key (`ssh-ed25519 AAAA...`), so clients can pin it.
     #[serde(default)]
     pub ssh_host_key: Option<String>,
+    /// A stopped VPS: the snapshot of this stop its node parked on the host
+    /// (none: not parked, and `restart --anywhere` is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]

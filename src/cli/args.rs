@@ -171,6 +171,10 @@ pub struct HostArgs {
     /// each other across nodes.
     #[arg(long, value_name = "CIDR")]
     pub overlay_range: Option<String>,
+    /// Keep a copy of each stopped container VPS on the host, so that
+    /// `vps restart --anywhere` can start it on another node.
+    #[arg(long)]
+    pub park_stopped_vps: bool,
     #[arg(long, value_name = "N")]
     pub offline_after_missed: Option<u32>,
     #[arg(long, value_name = "DURATION")]
@@ -810,8 +814,13 @@ pub enum VpsCommand {
     Restart {
         id: u64,
         /// First restore the disk from a snapshot (default: the newest).
-        #[arg(long, value_name = "SNAPSHOT", num_args = 0..=1, default_missing_value = "latest")]
+        #[arg(long, value_name = "SNAPSHOT", num_args = 0..=1, default_missing_value = "latest", conflicts_with = "anywhere")]
         from_snapshot: Option<String>,
+        /// Start it on any node that fits, from the copy of its last stop
+        /// the host keeps (with the host's park_stopped_vps): for a VPS
+        /// whose node is gone or full.
+        #[arg(long)]
+        anywhere: bool,
     },
     /// Snapshots of a VPS (a container's filesystem, a VM's disk): create, list, latest, delete.
     #[command(subcommand)]

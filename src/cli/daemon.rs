@@ -59,6 +59,7 @@ pub fn host_config(args: &HostArgs, data_dir: Option<PathBuf>) -> Result<HostCon
         overlay_range: args.overlay_range.clone().map(Some),
         overlay_vni: None,
         overlay_port: None,
+        park_stopped_vps: args.park_stopped_vps.then_some(true),
     });
     cfg.validate()?;
     Ok(cfg)

@@ -447,23 +447,33 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 )),
             }
         }
-        VpsCommand::Restart { id, from_snapshot } => {
+        VpsCommand::Restart {
+            id,
+            from_snapshot,
+            anywhere,
+        } => {
             let t: TaskView = client
                 .post(
                     &format!("/api/tasks/{id}/restart"),
                     &RestartRequest {
                         from_snapshot: from_snapshot.clone(),
+                        anywhere,
                     },
                 )
                 .await?;
             match output {
                 Output::Json => emit_json(&t),
-                Output::Table => emit(&match from_snapshot {
-                    Some(s) => format!(
+                Output::Table => emit(&match (from_snapshot, anywhere) {
+                    (Some(s), _) => format!(
                         "vps {id}: restart from snapshot {s} requested (state {})\n",
                         t.state
                     ),
-                    None => format!("vps {id}: restart requested (state {})\n", t.state),
+                    (None, true) => format!(
+                        "vps {id}: restart on any node from its parked copy (snapshot {}) requested (state {})\n",
+                        t.parked.as_deref().unwrap_or("?"),
+                        t.state
+                    ),
+                    (None, false) => format!("vps {id}: restart requested (state {})\n", t.state),
                 }),
             }
         }

@@ -186,6 +186,7 @@ pub fn router(state: Arc<HostState>) -> Router {
     let node = Router::new()
         .merge(super::tasks::node_routes())
         .merge(super::environments::node_routes())
+        .merge(super::parked::node_routes())
         .route("/api/nodes/{name}/heartbeat", put(heartbeat))
         .route_layer(middleware::from_fn(auth::require_own_node))
         .route_layer(middleware::from_fn(|req, next| {
@@ -888,6 +889,7 @@ async fn heartbeat(
     Ok(Json(crate::api::HeartbeatReply {
         metrics_keys,
         overlay,
+        park_stopped_vps: state.park_stopped_vps,
     }))
 }
 

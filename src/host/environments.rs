@@ -117,7 +117,7 @@ async fn describe(
 /// Where a `Range: bytes=N-` request starts; none without one. Only that
 /// form is served (a node resumes from what it has; it never asks for a
 /// slice in the middle).
-fn range_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+pub(super) fn range_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(axum::http::header::RANGE) else {
         return Ok(None);
     };
@@ -154,14 +154,26 @@ async fn archive(
                 .into_response());
         }
     }
+    let resp = send_archive(&path, start, d.size_bytes, &d.sha256).await?;
+    tracing::info!(environment = %env, from = start.unwrap_or(0), bytes = d.size_bytes - start.unwrap_or(0), "environment archive sent");
+    Ok(resp)
+}
+
+/// `path`'s first `size` bytes from `start` on (a 206 with a range, a 200
+/// without), announced with its digest `sha256`.
+pub(super) async fn send_archive(
+    path: &Path,
+    start: Option<u64>,
+    size: u64,
+    sha256: &str,
+) -> Result<Response, ApiError> {
     let from = start.unwrap_or(0);
-    if from >= d.size_bytes && from > 0 {
+    if from >= size && from > 0 {
         return Err(ApiError::BadRequest(format!(
-            "Range: {from} is not before the archive's end ({} bytes)",
-            d.size_bytes
+            "Range: {from} is not before the archive's end ({size} bytes)"
         )));
     }
-    let mut file = tokio::fs::File::open(&path)
+    let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
     file.seek(std::io::SeekFrom::Start(from))
@@ -171,7 +183,7 @@ async fn archive(
     // the size announced, and the node's check catches any other change.
     // 1 MiB reads: each is a blocking-pool round trip in tokio's file.
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        file.take(d.size_bytes - from),
+        file.take(size - from),
         1 << 20,
     ));
     let mut resp = Response::new(body);
@@ -185,20 +197,15 @@ async fn archive(
         "content-type",
         HeaderValue::from_static("application/x-tar"),
     );
-    h.insert("content-length", value((d.size_bytes - from).to_string())?);
+    h.insert("content-length", value((size - from).to_string())?);
     h.insert("accept-ranges", HeaderValue::from_static("bytes"));
-    h.insert("x-content-sha256", value(d.sha256.clone())?);
+    h.insert("x-content-sha256", value(sha256.to_string())?);
     if start.is_some() {
         h.insert(
             "content-range",
-            value(format!(
-                "bytes {from}-{}/{}",
-                d.size_bytes.saturating_sub(1),
-                d.size_bytes
-            ))?,
+            value(format!("bytes {from}-{}/{size}", size.saturating_sub(1),))?,
         );
     }
-    tracing::info!(environment = %env, from, bytes = d.size_bytes - from, "environment archive sent");
     Ok(resp)
 }
 

@@ -12,6 +12,7 @@ pub mod idle;
 pub mod metrics;
 pub mod openapi;
 pub mod overlay;
+mod parked;
 pub mod proxy;
 pub mod quota;
 pub mod scheduler;
@@ -91,6 +92,8 @@ pub struct HostState {
     pub public_address: Option<String>,
     /// The VXLAN overlay (`overlay_range`); none: nodes keep their own subnets.
     pub overlay: Option<overlay::Overlay>,
+    /// The operator's `park_stopped_vps`.
+    pub park_stopped_vps: bool,
     /// How far nodes got making tasks that are being made (in memory only:
     /// it matters while someone waits, and a runner sends it again).
     pub progress: std::sync::Mutex<std::collections::HashMap<u64, crate::api::TaskProgress>>,
@@ -232,6 +235,7 @@ impl BoundHost {
                 overlay: config
                     .overlay()
                     .map_err(|e| HostError::Config(e.to_string()))?,
+                park_stopped_vps: config.park_stopped_vps,
                 progress: Default::default(),
             }),
             listener,

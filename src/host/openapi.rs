@@ -192,6 +192,12 @@ fn rows() -> Vec<Row> {
         row(Get, "/api/nodes/{name}/environments/{env}", "An environment archive's size and SHA-256, for a node without the shared directory. That node's credential.", Json(200, named::<wire::EnvironmentArchive>)),
         row(Get, "/api/nodes/{name}/environments/{env}/archive", "The archive's bytes (Range: bytes=N- resumes; x-expect-sha256 must name it, else 412). That node's credential.", Archive)
             .errors(&[400, 403, 404, 412]),
+        row(Put, "/api/nodes/{name}/tasks/{id}/park", "A piece of a stopped VPS's parked copy, in order: the archive's bytes from x-upload-offset of x-upload-total, with x-snapshot-id and x-host-key (hex) headers (park_stopped_vps). That node's credential.", Empty(204))
+            .errors(&[400, 403, 404, 409]),
+        row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key), for the node it is placed on. That node's credential.", Json(200, named::<wire::ParkedVps>))
+            .errors(&[400, 403, 404, 409]),
+        row(Get, "/api/nodes/{name}/parked/{id}/archive", "The parked copy's bytes (Range: bytes=N- resumes; x-expect-sha256 must name it, else 412). That node's credential.", Archive)
+            .errors(&[400, 403, 404, 409, 412]),
         // Tasks and VPS.
         row(Post, "/api/tasks", "Submit a command task or a VPS. Admin, operators, users.", Json(201, named::<wire::SubmitResponse>))
             .body(named::<TaskSpec>)
@@ -211,7 +217,7 @@ fn rows() -> Vec<Row> {
         row(Post, "/api/tasks/{id}/pause", "Freeze an instance. Its owner, the admin, operators.", Json(200, named::<TaskView>)).errors(ON_TASK),
         row(Post, "/api/tasks/{id}/resume", "Thaw an instance. Its owner, the admin, operators.", Json(200, named::<TaskView>)).errors(ON_TASK),
         row(Post, "/api/tasks/{id}/delete", "Delete a VPS with its disk and snapshots. Its owner and the admin.", Json(200, named::<TaskView>)).errors(ON_TASK),
-        row(Post, "/api/tasks/{id}/restart", "Start a stopped VPS again, or from a snapshot. Its owner, the admin, operators.", Json(200, named::<TaskView>))
+        row(Post, "/api/tasks/{id}/restart", "Start a stopped VPS again, from a snapshot, or on any node from its parked copy (anywhere). Its owner, the admin, operators.", Json(200, named::<TaskView>))
             .optional_body(named::<wire::RestartRequest>)
             .errors(&[400, 403, 404, 409, 429, 502]),
         row(Post, "/api/tasks/{id}/approve", "Let a request that waits for approval run. Admin, operators.", Json(200, named::<TaskView>)).errors(ON_TASK),

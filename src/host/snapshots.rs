@@ -207,6 +207,38 @@ async fn restart(
         None => super::tasks::operated_task(&state, &p, id).await?,
     };
     super::tasks::still_allowed(&state, &t)?;
+    if req.anywhere {
+        if req.from_snapshot.is_some() {
+            return Err(ApiError::BadRequest(
+                "anywhere: a move starts from the parked copy of the last stop, not from_snapshot"
+                    .into(),
+            ));
+        }
+        let Some(copy) = super::parked::record(&state, id)
+            .filter(|c| t.parked.as_deref() == Some(c.snapshot.as_str()))
+        else {
+            return Err(ApiError::Conflict(format!(
+                "VPS {id} has no parked copy of its last stop on the host{}",
+                if state.park_stopped_vps {
+                    ": stop it while its node is online, and it is parked"
+                } else {
+                    " (the host's park_stopped_vps is off)"
+                }
+            )));
+        };
+        let restore = Restore {
+            snapshot: copy.snapshot,
+            request: crate::now_unix_ms(),
+            parked: true,
+        };
+        tracing::info!(task = id, snapshot = %restore.snapshot, "restart anywhere from the parked copy");
+        let view = state
+            .blocking(move |s| s.restart_anywhere(id, &restore))
+            .await?;
+        state.publish().await;
+        state.schedule.notify_one();
+        return Ok(Json(super::tasks::outward(&state, &p, view)));
+    }
     let restore = match req.from_snapshot {
         None => None,
         Some(wanted) => {
@@ -215,6 +247,7 @@ async fn restart(
             Some(Restore {
                 snapshot: snap.id,
                 request: crate::now_unix_ms(),
+                parked: false,
             })
         }
     };

@@ -974,7 +974,7 @@ async fn progress(
 /// The most tasks the host keeps progress of at once.
 const MAX_PROGRESS: usize = 10_000;
 
-fn own_node(p: &Principal, name: &str) -> Result<(), ApiError> {
+pub(super) fn own_node(p: &Principal, name: &str) -> Result<(), ApiError> {
     if p.node.as_deref() == Some(name) {
         Ok(())
     } else {
@@ -1017,9 +1017,16 @@ async fn report(
     State(state): State<Arc<HostState>>,
     Extension(p): Extension<Principal>,
     Path((name, id)): Path<(String, u64)>,
-    ApiJson(r): ApiJson<TaskReport>,
+    ApiJson(mut r): ApiJson<TaskReport>,
 ) -> Result<Json<TaskView>, ApiError> {
     own_node(&p, &name)?;
+    // A stop is parked only if the host holds that very copy.
+    if let Some(sid) = &r.parked {
+        if super::parked::record(&state, id).is_none_or(|k| &k.snapshot != sid) {
+            tracing::warn!(task = id, snapshot = %sid, "a stop reported parked that the host does not hold");
+            r.parked = None;
+        }
+    }
     if let Some(k) = &r.ssh_host_key {
         if !crate::api::valid_ssh_host_key(k) {
             return Err(ApiError::BadRequest(
@@ -1041,6 +1048,9 @@ async fn report(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+    }
+    if t.state == TaskState::Deleted {
+        super::parked::forget(&state, id);
     }
     // A repeated report (a runner retrying after a lost answer) changes nothing.
     if before != Some(t.state) {

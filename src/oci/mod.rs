@@ -9,6 +9,7 @@
 pub mod cdi;
 mod commit;
 pub mod exec;
+mod export;
 mod import;
 mod registry;
 pub mod rootfs;

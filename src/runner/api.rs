@@ -40,6 +40,9 @@ pub struct RunnerApiState {
     pub metrics_keys: RwLock<Vec<String>>,
     /// What /metrics says of the node: its GPUs, containerd and libvirt.
     pub node: super::metrics::NodeReadings,
+    /// The host parks stopped VPS (its `park_stopped_vps`), as its last
+    /// heartbeat reply said; the task loop reads it.
+    pub park_stopped_vps: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn router(state: Arc<RunnerApiState>) -> Router {

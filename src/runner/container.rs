@@ -68,8 +68,12 @@ pub struct TaskContext {
     /// The in-instance API's URL, set once it listens: only then do
     /// instances get it (and their key offered to the `vastai` CLI).
     pub instance_api_url: std::sync::OnceLock<String>,
-    /// The host, for environment archives this node's shared directory lacks.
+    /// The host, for environment archives this node's shared directory
+    /// lacks, and parked VPS.
     pub host: Arc<crate::api::host_client::HostClient>,
+    /// Park each stopped container VPS on the host (the host's
+    /// `park_stopped_vps`, from its heartbeat replies).
+    pub park: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The `cpuset.cpus` file of cgroup `path`: in the unified hierarchy
@@ -259,7 +263,14 @@ impl TaskContext {
                         .data_dir
                         .join(super::STATE_DIR)
                         .join("environments");
-                    match super::envfetch::fetch(&self.host, &cache, name, progress).await {
+                    match super::envfetch::fetch(
+                        &self.host,
+                        &cache,
+                        super::envfetch::Source::Environment(name),
+                        progress,
+                    )
+                    .await
+                    {
                         Ok(f) => f.path,
                         Err(super::envfetch::FetchError::Host {
                             source: crate::api::host_client::HostCallError::Refused { status, .. },
@@ -492,7 +503,14 @@ impl TaskContext {
             None => None,
         };
         let image = match restore {
-            Some(r) => self.snapshot_image(id, &r.snapshot).await?,
+            // A move (`restart --anywhere`): a node without the snapshot
+            // takes the host's parked copy of it.
+            Some(r) => match self.snapshot_image(id, &r.snapshot).await {
+                Err(super::snapshots::SnapshotError::NoSnapshot { .. }) if r.parked => {
+                    self.unpark(id, &r.snapshot).await?
+                }
+                other => other?,
+            },
             None => {
                 let fetched = self
                     .prepared
@@ -1082,6 +1100,10 @@ impl Driver for TaskContext {
     async fn snapshot_on_stop(&self, id: u64) -> Result<(), InstanceError> {
         self.take_snapshot(id, Some("automatic, on stop")).await?;
         Ok(())
+    }
+
+    async fn park(&self, id: u64) -> Result<Option<String>, InstanceError> {
+        self.park_newest(id).await
     }
 
     async fn remove(&self, id: u64, snapshots: bool) -> Vec<TeardownFailure> {

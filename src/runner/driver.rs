@@ -54,6 +54,18 @@ pub enum InstanceError {
     Oci(#[from] crate::oci::OciError),
     #[error(transparent)]
     Fetch(#[from] super::envfetch::FetchError),
+    #[error("the host's parked copy")]
+    Park(#[source] crate::api::host_client::HostCallError),
+    #[error("the host's parked host key of VPS {0} is not hex")]
+    ParkedKey(u64),
+    #[error(
+        "the host's parked copy of VPS {vps} is of snapshot {held}, not {wanted}: restart it again"
+    )]
+    ParkedOther {
+        vps: u64,
+        held: String,
+        wanted: String,
+    },
     #[error(transparent)]
     Snapshot(#[from] super::snapshots::SnapshotError),
     #[error(transparent)]
@@ -193,6 +205,9 @@ pub trait Driver: Send + Sync + 'static {
     fn keep(&self, id: u64) -> impl Future<Output = Vec<TeardownFailure>> + Send;
     /// The snapshot taken when a VPS stops.
     fn snapshot_on_stop(&self, id: u64) -> impl Future<Output = Result<(), InstanceError>> + Send;
+    /// After the stop's snapshot: a copy of it on the host, when the host
+    /// parks VPS; the snapshot parked (none: not parked).
+    fn park(&self, id: u64) -> impl Future<Output = Result<Option<String>, InstanceError>> + Send;
     /// Removes the task, container, disk, network and instance files, and
     /// with `snapshots` every snapshot of it too (a delete).
     fn remove(&self, id: u64, snapshots: bool)
@@ -435,6 +450,9 @@ pub mod fake {
         async fn snapshot_on_stop(&self, id: u64) -> Result<(), InstanceError> {
             self.with(id, |i| i.snapshots += 1);
             Ok(())
+        }
+        async fn park(&self, _id: u64) -> Result<Option<String>, InstanceError> {
+            Ok(None)
         }
         async fn remove(&self, id: u64, _snapshots: bool) -> Vec<TeardownFailure> {
             self.instances.lock().unwrap().remove(&id);

@@ -1,5 +1,6 @@
-//! Environment archives for a node without the host's shared directory:
-//! fetched from the host into the node's own cache, named by their SHA-256
+//! Archives from the host: environments for a node without the host's
+//! shared directory, and a VPS's parked copy for the node it moves to.
+//! Each is fetched into a cache on the node, named by its SHA-256
 //! (`sha256-<hex>.tar`), resumed from a partial copy (`.part`) after a cut
 //! (a few times within one fetch, and on the next one), and checked
 //! against the digest before the cached copy is first used. An archive
@@ -15,31 +16,75 @@ use sha2::{Digest, Sha256};
 use crate::api::host_client::{HostCallError, HostClient};
 use crate::oci::Progress;
 
+/// What is fetched from the host.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    /// An environment archive, by name.
+    Environment(&'a str),
+    /// VPS `id`'s parked copy (`vps restart --anywhere`).
+    Parked(u64),
+}
+
+impl Source<'_> {
+    fn label(&self) -> String {
+        match self {
+            Source::Environment(name) => format!("environment {name:?}"),
+            Source::Parked(id) => format!("VPS {id}'s parked copy"),
+        }
+    }
+
+    /// Its size and SHA-256 now.
+    async fn meta(&self, host: &HostClient) -> Result<(u64, String), HostCallError> {
+        Ok(match self {
+            Source::Environment(name) => {
+                let m = host.environment(name).await?;
+                (m.size_bytes, m.sha256)
+            }
+            Source::Parked(id) => {
+                let m = host.parked(*id).await?;
+                (m.size_bytes, m.sha256)
+            }
+        })
+    }
+
+    async fn open(
+        &self,
+        host: &HostClient,
+        from: u64,
+        sha256: &str,
+    ) -> Result<reqwest::Response, HostCallError> {
+        match self {
+            Source::Environment(name) => host.environment_archive(name, from, sha256).await,
+            Source::Parked(id) => host.parked_archive(*id, from, sha256).await,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("asking the host for environment {name:?}")]
+    #[error("asking the host for {what}")]
     Host {
-        name: String,
+        what: String,
         #[source]
         source: HostCallError,
     },
-    #[error("reading environment {name:?} from the host")]
+    #[error("reading {what} from the host")]
     Read {
-        name: String,
+        what: String,
         #[source]
         source: reqwest::Error,
     },
-    #[error("environment {name:?}: the host sent nothing for a minute (after {after} bytes)")]
-    Stalled { name: String, after: u64 },
+    #[error("{what}: the host sent nothing for a minute (after {after} bytes)")]
+    Stalled { what: String, after: u64 },
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("environment {name:?} from the host has SHA-256 {got}, not {want}: the copy was thrown away")]
+    #[error("{what} from the host has SHA-256 {got}, not {want}: the copy was thrown away")]
     Mismatch {
-        name: String,
+        what: String,
         got: String,
         want: String,
     },
@@ -112,20 +157,20 @@ fn worth_retrying(e: &FetchError) -> bool {
     }
 }
 
-/// Environment `name` in the node's cache at `dir`, fetched from the host
-/// if the cache lacks its current version.
+/// `source` in the node's cache at `dir`, fetched from the host if the
+/// cache lacks its current version.
 pub async fn fetch(
     host: &HostClient,
     dir: &Path,
-    name: &str,
+    source: Source<'_>,
     progress: &Progress,
 ) -> Result<Fetched, FetchError> {
     let mut tries = 0;
     loop {
         tries += 1;
-        match fetch_once(host, dir, name, progress).await {
+        match fetch_once(host, dir, source, progress).await {
             Err(e) if tries < TRIES && worth_retrying(&e) => {
-                tracing::warn!(environment = %name, error = %crate::error_chain(&e), "fetching the environment again");
+                tracing::warn!(what = %source.label(), error = %crate::error_chain(&e), "fetching it again");
             }
             other => return other,
         }
@@ -135,17 +180,18 @@ pub async fn fetch(
 async fn fetch_once(
     host: &HostClient,
     dir: &Path,
-    name: &str,
+    source: Source<'_>,
     progress: &Progress,
 ) -> Result<Fetched, FetchError> {
-    let host_err = |source| FetchError::Host {
-        name: name.to_string(),
-        source,
+    let what = source.label();
+    let host_err = |e| FetchError::Host {
+        what: what.clone(),
+        source: e,
     };
-    let meta = host.environment(name).await.map_err(host_err)?;
+    let (size_bytes, sha256) = source.meta(host).await.map_err(host_err)?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let (done, part) = cache_names(dir, &meta.sha256);
-    if std::fs::metadata(&done).is_ok_and(|m| m.len() == meta.size_bytes) {
+    let (done, part) = cache_names(dir, &sha256);
+    if std::fs::metadata(&done).is_ok_and(|m| m.len() == size_bytes) {
         return Ok(Fetched {
             path: done,
             bytes_fetched: 0,
@@ -162,21 +208,15 @@ async fn fetch_once(
             }
         }
     }
-    let mut from = resume_from(
-        std::fs::metadata(&part).ok().map(|m| m.len()),
-        meta.size_bytes,
-    );
+    let mut from = resume_from(std::fs::metadata(&part).ok().map(|m| m.len()), size_bytes);
     let mut got = 0u64;
     // The digest grows with the copy: what the part already held is read
     // once (to resume), what arrives is hashed as it is written, so the
     // archive is never read back whole.
     let mut hasher = Sha256::new();
     // A copy already whole (cut off just before its check) needs no bytes.
-    if from < meta.size_bytes {
-        let mut resp = host
-            .environment_archive(name, from, &meta.sha256)
-            .await
-            .map_err(host_err)?;
+    if from < size_bytes {
+        let mut resp = source.open(host, from, &sha256).await.map_err(host_err)?;
         if from > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
             // The whole archive came back: start the copy again.
             from = 0;
@@ -195,11 +235,11 @@ async fn fetch_once(
             let chunk = tokio::time::timeout(STALL, resp.chunk())
                 .await
                 .map_err(|_| FetchError::Stalled {
-                    name: name.to_string(),
+                    what: what.clone(),
                     after: from + got,
                 })?
                 .map_err(|source| FetchError::Read {
-                    name: name.to_string(),
+                    what: what.clone(),
                     source,
                 })?;
             let Some(chunk) = chunk else { break };
@@ -207,33 +247,35 @@ async fn fetch_once(
             tokio::task::block_in_place(|| file.write_all(&chunk)).map_err(io(&part))?;
             hasher.update(&chunk);
             got += chunk.len() as u64;
-            progress.report("fetching", from + got, meta.size_bytes);
+            progress.report("fetching", from + got, size_bytes);
         }
         tokio::task::block_in_place(|| file.sync_all()).map_err(io(&part))?;
     } else {
         hasher = tokio::task::block_in_place(|| hash_prefix(&part, from)).map_err(io(&part))?;
     }
     let digest = hex::encode(hasher.finalize());
-    if digest != meta.sha256 {
+    if digest != sha256 {
         let _ = std::fs::remove_file(&part);
         return Err(FetchError::Mismatch {
-            name: name.to_string(),
+            what,
             got: digest,
-            want: meta.sha256,
+            want: sha256,
         });
     }
     std::fs::rename(&part, &done).map_err(io(&done))?;
     // The environment's older copy, if it had one, is of no more use.
-    let current = dir.join(format!("{name}.sha256"));
-    if let Ok(old) = std::fs::read_to_string(&current) {
-        if old.trim() != meta.sha256 {
-            let (old_done, old_part) = cache_names(dir, old.trim());
-            let _ = std::fs::remove_file(old_done);
-            let _ = std::fs::remove_file(old_part);
+    if let Source::Environment(name) = source {
+        let current = dir.join(format!("{name}.sha256"));
+        if let Ok(old) = std::fs::read_to_string(&current) {
+            if old.trim() != sha256 {
+                let (old_done, old_part) = cache_names(dir, old.trim());
+                let _ = std::fs::remove_file(old_done);
+                let _ = std::fs::remove_file(old_part);
+            }
         }
+        crate::files::write_public(&current, sha256.as_bytes()).map_err(io(&current))?;
     }
-    crate::files::write_public(&current, meta.sha256.as_bytes()).map_err(io(&current))?;
-    tracing::info!(environment = %name, bytes = got, from, sha256 = %meta.sha256, "environment fetched from the host");
+    tracing::info!(what = %what, bytes = got, from, sha256 = %sha256, "fetched from the host");
     Ok(Fetched {
         path: done,
         bytes_fetched: got,

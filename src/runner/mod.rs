@@ -175,6 +175,7 @@ impl BoundRunner {
             tasks: Default::default(),
             metrics_keys: Default::default(),
             node: Default::default(),
+            park_stopped_vps: Default::default(),
         });
         api.node.follow(&inventory);
         Ok(Self {
@@ -586,6 +587,9 @@ impl Control {
                     send_inventory = false;
                     missed = 0;
                     self.set_metrics_keys(reply.metrics_keys);
+                    self.api
+                        .park_stopped_vps
+                        .store(reply.park_stopped_vps, std::sync::atomic::Ordering::Relaxed);
                     self.follow_overlay(reply.overlay.as_ref()).await;
                 }
                 Beat::Forgotten => {
@@ -805,6 +809,7 @@ impl Control {
             prepared: Default::default(),
             instance_api_url: Default::default(),
             host: host.clone(),
+            park: self.api.park_stopped_vps.clone(),
         });
         let sup = Arc::new(supervisor::Supervisors {
             driver: ctx.clone(),

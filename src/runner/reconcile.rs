@@ -283,6 +283,7 @@ impl<D: Driver> Reconciler<D> {
                 exit_code: None,
                 message,
                 ssh_host_key: None,
+                parked: None,
             },
         );
     }
@@ -306,6 +307,7 @@ impl<D: Driver> Reconciler<D> {
                 exit_code: None,
                 message: None,
                 ssh_host_key: None,
+                parked: None,
             },
         );
     }

@@ -178,6 +178,7 @@ mod tests {
             exit_code: None,
             message: None,
             ssh_host_key: None,
+            parked: None,
         }
     }
 

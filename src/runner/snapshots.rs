@@ -13,6 +13,7 @@ use crate::api::SnapshotView;
 use crate::oci::{Containerd, ImportedImage, OciError};
 
 use super::container::TaskContext;
+use super::driver::InstanceError;
 
 const VPS_LABEL: &str = "io.rivernode.snapshot.vps";
 const NODE_LABEL: &str = "io.rivernode.snapshot.node";
@@ -278,6 +279,127 @@ impl TaskContext {
                     id: found.id.clone(),
                 })?;
         Ok(self.ctd.image_ready(&found.image, &img).await?)
+    }
+}
+
+/// Pieces of a park: a request body each.
+const PARK_PIECE: usize = 8 << 20;
+
+impl TaskContext {
+    /// Parks VPS `vps`'s newest snapshot (its stop's) on the host, with its
+    /// host key, when the host parks VPS: exported from containerd as an OCI
+    /// archive into the runner's state directory, sent in pieces, removed.
+    /// The snapshot parked; none when the host parks nothing, or for a VM.
+    pub async fn park_newest(&self, vps: u64) -> Result<Option<String>, InstanceError> {
+        if !self.park.load(std::sync::atomic::Ordering::Relaxed) || self.is_vm(vps) {
+            return Ok(None);
+        }
+        let Some(snap) = self.snapshots(vps).await?.pop() else {
+            return Ok(None);
+        };
+        let key = self.vps.host_key_file(&self.container_id(vps))?;
+        let dir = self.config.data_dir.join(super::STATE_DIR).join("parking");
+        let io = |p: &std::path::Path| {
+            let path = p.to_path_buf();
+            move |source| InstanceError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(format!("vps-{vps}.tar"));
+        let started = std::time::Instant::now();
+        let sent = self.export_and_send(vps, &snap.id, &key, &path).await;
+        let _ = std::fs::remove_file(&path);
+        let total = sent?;
+        tracing::info!(task = vps, snapshot = %snap.id, bytes = total, ms = started.elapsed().as_millis() as u64, "VPS parked on the host");
+        Ok(Some(snap.id))
+    }
+
+    async fn export_and_send(
+        &self,
+        vps: u64,
+        snapshot: &str,
+        key: &[u8],
+        path: &std::path::Path,
+    ) -> Result<u64, InstanceError> {
+        let io = |source| InstanceError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        self.ctd
+            .export_archive(&image_name(&self.node, vps, snapshot), path)
+            .await?;
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let total = file.metadata().map_err(io)?.len();
+        let mut offset = 0u64;
+        loop {
+            let mut piece = Vec::with_capacity(PARK_PIECE);
+            tokio::task::block_in_place(|| {
+                use std::io::Read;
+                (&mut file).take(PARK_PIECE as u64).read_to_end(&mut piece)
+            })
+            .map_err(io)?;
+            let n = piece.len() as u64;
+            self.host
+                .park_piece(vps, snapshot, key, offset, total, piece)
+                .await
+                .map_err(InstanceError::Park)?;
+            offset += n;
+            if offset >= total {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// VPS `vps`'s snapshot `snapshot` from the host's parked copy (a
+    /// move): fetched (resumable, checked), imported as a snapshot of this
+    /// node, and the VPS's host key taken as this instance's.
+    pub async fn unpark(&self, vps: u64, snapshot: &str) -> Result<ImportedImage, InstanceError> {
+        let copy = self.host.parked(vps).await.map_err(InstanceError::Park)?;
+        if copy.snapshot != snapshot {
+            return Err(InstanceError::ParkedOther {
+                vps,
+                held: copy.snapshot,
+                wanted: snapshot.to_string(),
+            });
+        }
+        let progress = self.progress.sink(vps, format!("VPS {vps}'s parked copy"));
+        let _clear = super::progress::ClearOnDrop(&self.progress, vps);
+        let state = self.config.data_dir.join(super::STATE_DIR);
+        let name = image_name(&self.node, vps, snapshot);
+        {
+            // Every import shares the content store's layers: one at a time.
+            let _held = self.image_lock.lock().await;
+            let fetched = super::envfetch::fetch(
+                &self.host,
+                &state.join("parked"),
+                super::envfetch::Source::Parked(vps),
+                &progress,
+            )
+            .await?;
+            let scratch = state.join("import");
+            std::fs::create_dir_all(&scratch).map_err(|source| InstanceError::Io {
+                path: scratch.clone(),
+                source,
+            })?;
+            let imported = self
+                .ctd
+                .import_archive(&name, &fetched.path, &scratch, &progress)
+                .await;
+            let _ = std::fs::remove_file(&fetched.path);
+            imported?;
+        }
+        for (key, value) in [
+            (VPS_LABEL, vps.to_string()),
+            (NODE_LABEL, self.node.clone()),
+            (ID_LABEL, snapshot.to_string()),
+            (CREATED_LABEL, snapshot.to_string()),
+            (MESSAGE_LABEL, "parked on the host, moved here".to_string()),
+        ] {
+            self.ctd.set_image_label(&name, key, &value).await?;
+        }
+        let key = hex::decode(&copy.host_key).map_err(|_| InstanceError::ParkedKey(vps))?;
+        self.vps.adopt_host_key(&self.container_id(vps), &key)?;
+        tracing::info!(task = vps, snapshot, "parked copy taken from the host");
+        Ok(self.snapshot_image(vps, snapshot).await?)
     }
 }
 

@@ -59,6 +59,7 @@ fn report(state: TaskState) -> TaskReport {
         exit_code: None,
         message: None,
         ssh_host_key: None,
+        parked: None,
     }
 }
 
@@ -191,6 +192,7 @@ impl<D: Driver> Supervisors<D> {
                             id,
                             TaskReport {
                                 ssh_host_key: host_key,
+                                parked: None,
                                 ..report(TaskState::Running)
                             },
                         );
@@ -436,31 +438,47 @@ impl<D: Driver> Supervisors<D> {
         self.driver.exited(id);
         let mut problems = Vec::new();
         let mut message = outcome.message.clone();
-        let r = |message| TaskReport {
+        let mut parked = None;
+        let r = |message, parked| TaskReport {
             state: outcome.state,
             exit_code: outcome.exit_code,
             message,
             ssh_host_key: None,
+            parked,
         };
         if outcome.state == TaskState::Deleted {
             problems.extend(self.driver.remove(id, true).await);
             self.crash_point("removed");
-            self.reports.deliver(id, r(message)).await;
+            self.reports.deliver(id, r(message, None)).await;
         } else if outcome.keep_disk {
             problems.extend(self.driver.keep(id).await);
             self.crash_point("kept");
             // Before the host hears "stopped", so the snapshot is listed by then.
             if outcome.snapshot && self.auto_snapshot_on_stop {
-                if let Err(e) = self.driver.snapshot_on_stop(id).await {
-                    let e = crate::error_chain(&e);
-                    tracing::warn!(task = id, error = %e, "snapshot on stop failed");
-                    message = Some(format!("the snapshot on stop failed: {e}"));
+                match self.driver.snapshot_on_stop(id).await {
+                    Err(e) => {
+                        let e = crate::error_chain(&e);
+                        tracing::warn!(task = id, error = %e, "snapshot on stop failed");
+                        message = Some(format!("the snapshot on stop failed: {e}"));
+                    }
+                    // Parked before the stop is reported, so that the host
+                    // never hears of a stop it holds no copy of as parked.
+                    Ok(()) => match self.driver.park(id).await {
+                        Ok(p) => parked = p,
+                        Err(e) => {
+                            let e = crate::error_chain(&e);
+                            tracing::warn!(task = id, error = %e, "parking on the host failed");
+                            message = Some(format!(
+                                "parking on the host failed (it restarts only on this node): {e}"
+                            ));
+                        }
+                    },
                 }
                 self.crash_point("snapshotted");
             }
-            self.reports.deliver(id, r(message)).await;
+            self.reports.deliver(id, r(message, parked)).await;
         } else {
-            if !self.reports.deliver(id, r(message)).await {
+            if !self.reports.deliver(id, r(message, None)).await {
                 return; // stopping: the next runner finds it and reports again
             }
             self.crash_point("reported");

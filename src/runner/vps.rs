@@ -117,11 +117,14 @@ fn dropbear_host_key(dir: &Path) -> Result<PathBuf, VpsError> {
     Ok(hostkey)
 }
 
+/// The OpenSSH copy of an instance's host key, in its directory.
+const OPENSSH_HOST_KEY: &str = "ssh_host_ed25519_key";
+
 /// The same key in OpenSSH's format (`ssh_host_ed25519_key`, 0600: sshd
 /// refuses a host key others can read), made once from the dropbear one.
 fn openssh_host_key(dir: &Path) -> Result<PathBuf, VpsError> {
     let hostkey = dropbear_host_key(dir)?;
-    let key = dir.join("ssh_host_ed25519_key");
+    let key = dir.join(OPENSSH_HOST_KEY);
     if !key.exists() {
         run_tool(
             Command::new("dropbearconvert")
@@ -805,6 +808,23 @@ impl VpsKit {
             }
         }
         Ok(())
+    }
+
+    /// The instance's host key file (dropbear's, private), as a park
+    /// carries it to the host.
+    pub fn host_key_file(&self, cid: &str) -> Result<Vec<u8>, VpsError> {
+        let key = self.root.join("instances").join(cid).join("hostkey");
+        std::fs::read(&key).map_err(io(&key))
+    }
+
+    /// Takes `key` (a parked VPS's host key file) as the instance's, so
+    /// that it answers with the key its users pinned. An OpenSSH copy of an
+    /// earlier key goes: it is made again from this one.
+    pub fn adopt_host_key(&self, cid: &str, key: &[u8]) -> Result<(), VpsError> {
+        let dir = self.root.join("instances").join(cid);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let _ = std::fs::remove_file(dir.join(OPENSSH_HOST_KEY));
+        crate::files::write_secret(&dir.join("hostkey"), key).map_err(io(&dir))
     }
 
     /// The instance's public host key (`ssh-ed25519 AAAA...`), for clients to pin.

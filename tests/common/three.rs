@@ -97,11 +97,11 @@ impl ThreeNodes {
     /// With `shared_dir` false, each node has a shared directory of its
     /// own (empty): environments come from the host.
     pub fn start_with(shared_dir: bool) -> Option<ThreeNodes> {
-        Self::start_opts(shared_dir, None)
+        Self::start_opts(shared_dir, &[])
     }
 
-    /// With an overlay range, the host runs the VXLAN overlay over it.
-    pub fn start_opts(shared_dir: bool, overlay: Option<&str>) -> Option<ThreeNodes> {
+    /// With `host_extra` flags for the host (`--overlay-range R`, ...).
+    pub fn start_opts(shared_dir: bool, host_extra: &[&str]) -> Option<ThreeNodes> {
         let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let envs = dir.path().join("shared/environments");
@@ -176,11 +176,7 @@ impl ThreeNodes {
         ]
         .iter()
         .map(|a| a.to_string())
-        .chain(
-            overlay
-                .into_iter()
-                .flat_map(|r| ["--overlay-range".to_string(), r.to_string()]),
-        )
+        .chain(host_extra.iter().map(|a| a.to_string()))
         .collect();
         let host = start_in(dir.path(), "host", &net.netns[0], &host_args);
         let url = wait_for("host api.url", || read_trimmed(&data.join("api.url")));

@@ -232,6 +232,8 @@ pub trait Store: Send + Sync + 'static {
     /// Restarts a VPS (stopped: queued again; running or paused: stopped
     /// first), restoring its disk from a snapshot when `restore` says so.
     fn restart(&self, id: u64, restore: Option<&Restore>) -> Result<TaskView, StoreError>;
+    /// `vps restart --anywhere`: a stopped VPS queued for any node, from its parked copy.
+    fn restart_anywhere(&self, id: u64, restore: &Restore) -> Result<TaskView, StoreError>;
     /// What `node` must run, with the current revision.
     fn assignments(&self, node: &str) -> Result<Assignments, StoreError>;
     /// Applies a runner's report for a task on its node.
@@ -427,6 +429,9 @@ const MIGRATIONS: &[&str] = &[
     // 16: tasks.kind was never written (every row said 'command'): a
     // task's kind is its spec's, which is what every query reads.
     "ALTER TABLE tasks DROP COLUMN kind;",
+    // 17: the snapshot of a stopped VPS's last stop that the host keeps a
+    // copy of (`park_stopped_vps`), for `vps restart --anywhere`.
+    "ALTER TABLE tasks ADD COLUMN parked TEXT;",
 ];
 
 /// What `/metrics` says of the tasks.
@@ -1538,6 +1543,10 @@ impl Store for SqliteStore {
 
     fn restart(&self, id: u64, restore: Option<&Restore>) -> Result<TaskView, StoreError> {
         self.with(|c| tasks::restart(c, id, restore))
+    }
+
+    fn restart_anywhere(&self, id: u64, restore: &Restore) -> Result<TaskView, StoreError> {
+        self.with(|c| tasks::restart_anywhere(c, id, restore))
     }
 
     fn assignments(&self, node: &str) -> Result<Assignments, StoreError> {

@@ -19,7 +19,7 @@ use crate::host::quota;
 use crate::host::scheduler::{self, Decision};
 use crate::topology::nvml::GpuSample;
 
-const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms, ssh_host_key, owner, notice, idle_exempt";
+const COLUMNS: &str = "id, spec, state, desired, placement, reason, exit_code, message, submitted_at_ms, started_at_ms, finished_at_ms, ssh_host_key, owner, notice, idle_exempt, parked";
 
 fn desired_str(d: Desired) -> &'static str {
     match d {
@@ -56,6 +56,7 @@ type Raw = (
     Option<String>,
     Option<String>,
     bool,
+    Option<String>,
 );
 
 fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
@@ -75,6 +76,7 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
         r.get(12)?,
         r.get(13)?,
         r.get(14)?,
+        r.get(15)?,
     ))
 }
 
@@ -95,6 +97,7 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         owner,
         notice,
         idle_exempt,
+        parked,
     ) = raw;
     let parse_state = |s: &str| {
         s.parse::<TaskState>().map_err(|e| StoreError::Json {
@@ -123,6 +126,7 @@ fn decode(raw: Raw) -> Result<TaskView, StoreError> {
         progress: None,
         notice,
         idle_exempt,
+        parked,
     })
 }
 
@@ -954,16 +958,70 @@ pub(super) fn restart(
     Ok(view)
 }
 
+/// `vps restart --anywhere`: a stopped VPS whose last stop is parked on
+/// the host (`restore` names that copy) is queued again for any node that
+/// fits; the node it lands on starts it from the copy.
+pub(super) fn restart_anywhere(
+    c: &mut Connection,
+    id: u64,
+    restore: &Restore,
+) -> Result<TaskView, StoreError> {
+    let tx = c.transaction()?;
+    let t = one(&tx, id)?;
+    if t.spec.kind != crate::api::Kind::Vps || t.spec.is_vm() {
+        return Err(StoreError::Conflict(format!(
+            "task {id} is no container VPS: only those move between nodes"
+        )));
+    }
+    let ended = matches!(
+        t.state,
+        TaskState::Stopped
+            | TaskState::Killed
+            | TaskState::KilledOom
+            | TaskState::Failed
+            | TaskState::Completed
+    );
+    if !ended || t.desired == Desired::Deleted {
+        return Err(StoreError::Conflict(format!(
+            "VPS {id} is {}: it moves once it is stopped (`rivernode vps stop {id}`)",
+            t.state
+        )));
+    }
+    if t.parked.as_deref() != Some(restore.snapshot.as_str()) {
+        return Err(StoreError::Conflict(format!(
+            "VPS {id}'s last stop was not parked on the host, so it can start only on its own node"
+        )));
+    }
+    requeue_on(&tx, &t, Some(restore), false)?;
+    bump(&tx)?;
+    let view = query(&tx, "WHERE id = ?1", &[&(id as i64)])?.remove(0);
+    tx.commit()?;
+    Ok(view)
+}
+
 /// Queues a stopped VPS again, on the node that keeps its disk.
 fn requeue(
     tx: &Transaction<'_>,
     t: &TaskView,
     restore: Option<&Restore>,
 ) -> Result<(), StoreError> {
+    requeue_on(tx, t, restore, true)
+}
+
+/// Queues a stopped VPS again: `pinned`, on the node that keeps its disk;
+/// else on any node (from its parked copy).
+fn requeue_on(
+    tx: &Transaction<'_>,
+    t: &TaskView,
+    restore: Option<&Restore>,
+    pinned: bool,
+) -> Result<(), StoreError> {
     let mut spec = t.spec.clone();
     spec.restore = restore.cloned();
     let is_vm = spec.is_vm();
-    if let Some(p) = &t.placement {
+    if !pinned {
+        spec.target = None;
+    } else if let Some(p) = &t.placement {
         let target = spec.target.get_or_insert_with(|| crate::api::Target {
             node: p.node.clone(),
             numa: None,
@@ -1311,7 +1369,8 @@ pub(super) fn report(
          message = CASE WHEN ?2 = 'running' AND state NOT IN ('running', 'paused')
                    THEN ?4 ELSE COALESCE(?4, message) END,
          started_at_ms = COALESCE(started_at_ms, ?5), finished_at_ms = COALESCE(?6, finished_at_ms),
-         ssh_host_key = COALESCE(?7, ssh_host_key)
+         ssh_host_key = COALESCE(?7, ssh_host_key),
+         parked = CASE WHEN ?2 IN ('running', 'paused') THEN parked ELSE ?8 END
          WHERE id = ?1",
         params![
             id as i64,
@@ -1320,7 +1379,8 @@ pub(super) fn report(
             r.message,
             started,
             finished,
-            r.ssh_host_key
+            r.ssh_host_key,
+            r.parked
         ],
     )?;
     if !matches!(r.state, TaskState::Running | TaskState::Paused) {
@@ -1421,6 +1481,7 @@ mod tests {
                 state,
                 exit_code: None,
                 ssh_host_key: None,
+                parked: None,
                 message: None,
             },
             1,
@@ -2042,6 +2103,63 @@ mod tests {
     }
 
     #[test]
+    fn a_vps_moves_only_stopped_and_from_the_parked_copy_of_its_last_stop() {
+        let s = store_with_node("n1");
+        let vps = TaskSpec {
+            kind: crate::api::Kind::Vps,
+            target: Some(crate::api::Target {
+                node: "n1".into(),
+                numa: None,
+                gpus: vec![],
+            }),
+            ..spec(2, 0)
+        };
+        let a = s.submit_task(&vps, None, 0).unwrap();
+        s.schedule().unwrap();
+        report(&s, a, TaskState::Running).unwrap();
+        let copy = |snapshot: &str| crate::api::Restore {
+            snapshot: snapshot.into(),
+            request: 5,
+            parked: true,
+        };
+        let e = s.restart_anywhere(a, &copy("7")).unwrap_err().to_string();
+        assert!(e.contains("once it is stopped"), "{e}");
+        // Stopped with its stop parked.
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        let stopped = s
+            .report_task(
+                "n1",
+                a,
+                &TaskReport {
+                    state: TaskState::Stopped,
+                    exit_code: None,
+                    message: None,
+                    ssh_host_key: None,
+                    parked: Some("7".into()),
+                },
+                2,
+            )
+            .unwrap();
+        assert_eq!(stopped.parked.as_deref(), Some("7"));
+        let e = s.restart_anywhere(a, &copy("6")).unwrap_err().to_string();
+        assert!(e.contains("not parked"), "an older copy: {e}");
+        let t = s.restart_anywhere(a, &copy("7")).unwrap();
+        assert_eq!(t.state, TaskState::Pending);
+        assert_eq!(t.spec.target, None, "no longer pinned to n1");
+        assert_eq!(t.spec.restore, Some(copy("7")));
+        // A run keeps the copy's name; a stop that was not parked clears it.
+        s.schedule().unwrap();
+        assert_eq!(
+            report(&s, a, TaskState::Running).unwrap().parked.as_deref(),
+            Some("7")
+        );
+        s.set_desired(a, Desired::Stopped, 3).unwrap();
+        assert_eq!(report(&s, a, TaskState::Stopped).unwrap().parked, None);
+        let e = s.restart_anywhere(a, &copy("7")).unwrap_err().to_string();
+        assert!(e.contains("not parked"), "{e}");
+    }
+
+    #[test]
     fn a_running_vps_restarts_by_stopping_then_queueing_again() {
         let s = store_with_node("n1");
         let vps = TaskSpec {
@@ -2054,6 +2172,7 @@ mod tests {
         let restore = crate::api::Restore {
             snapshot: "7".into(),
             request: 9,
+            parked: false,
         };
         let t = s.restart(a, Some(&restore)).unwrap();
         assert_eq!(
@@ -2083,6 +2202,7 @@ mod tests {
                     state: TaskState::Running,
                     exit_code: None,
                     ssh_host_key: None,
+                    parked: None,
                     message: None,
                 },
                 0,
@@ -2097,6 +2217,7 @@ mod tests {
                     state: TaskState::Failed,
                     exit_code: Some(3),
                     ssh_host_key: None,
+                    parked: None,
                     message: Some("exit 3".into()),
                 },
                 9,

@@ -1,0 +1,285 @@
+//! Parked VPS (`park_stopped_vps`): when a container VPS stops, its node
+//! exports the snapshot of that stop (an OCI archive) and sends it here
+//! with the instance's host key, before it reports the stop. The host keeps
+//! one copy per VPS in `DATA_DIR/parked/` (`vps-<id>-<snapshot>.tar`, and
+//! `vps-<id>.json` naming it, written last), and the stop's report names the
+//! snapshot (`tasks.parked`). `vps restart --anywhere` then places the VPS
+//! on any node, whose runner fetches the copy (resumable, checked against
+//! its digest) and the host key from here: the VPS starts there as it
+//! stopped, while its first node is gone. A delete removes the copy.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Extension, Json, Router};
+use sha2::{Digest, Sha256};
+
+use super::api::ApiError;
+use super::auth::Principal;
+use super::tasks::own_node;
+use super::HostState;
+use crate::api::{Kind, ParkedVps, TaskView, EXPECT_SHA256};
+
+/// The snapshot a park is of (a runner's snapshot id: digits).
+pub const SNAPSHOT_HEADER: &str = "x-snapshot-id";
+/// The instance's private host key file, in hex.
+pub const HOST_KEY_HEADER: &str = "x-host-key";
+/// Where a piece of the archive starts, and the archive's whole size.
+pub const OFFSET_HEADER: &str = "x-upload-offset";
+pub const TOTAL_HEADER: &str = "x-upload-total";
+/// A host key file is a few hundred bytes; this bounds the header.
+const MAX_HOST_KEY: usize = 16 << 10;
+
+/// A node's routes (its own credential, its own name in the path).
+pub fn node_routes() -> Router<Arc<HostState>> {
+    Router::new()
+        .route("/api/nodes/{name}/tasks/{id}/park", put(park))
+        .route("/api/nodes/{name}/parked/{id}", get(describe))
+        .route("/api/nodes/{name}/parked/{id}/archive", get(archive))
+}
+
+fn dir(state: &HostState) -> PathBuf {
+    state.data_dir.join("parked")
+}
+
+fn record_path(state: &HostState, id: u64) -> PathBuf {
+    dir(state).join(format!("vps-{id}.json"))
+}
+
+fn archive_path(state: &HostState, id: u64, snapshot: &str) -> PathBuf {
+    dir(state).join(format!("vps-{id}-{snapshot}.tar"))
+}
+
+fn valid_snapshot(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn internal(path: &Path) -> impl Fn(std::io::Error) -> ApiError + '_ {
+    move |e| ApiError::Internal(format!("{}: {e}", path.display()))
+}
+
+/// The copy the host keeps of VPS `id`, if any.
+pub fn record(state: &HostState, id: u64) -> Option<ParkedVps> {
+    let text = std::fs::read(record_path(state, id)).ok()?;
+    serde_json::from_slice::<ParkedVps>(&text)
+        .ok()
+        .filter(|r| r.vps_id == id && archive_path(state, id, &r.snapshot).is_file())
+}
+
+/// Removes VPS `id`'s copy (it was deleted): its record first, so that no
+/// half is ever taken for a copy.
+pub fn forget(state: &HostState, id: u64) {
+    let _ = std::fs::remove_file(record_path(state, id));
+    remove_archives(state, id, None);
+}
+
+/// VPS `id`'s archives but `keep`'s.
+fn remove_archives(state: &HostState, id: u64, keep: Option<&str>) {
+    let prefix = format!("vps-{id}-");
+    let kept = keep.map(|k| format!("vps-{id}-{k}.tar"));
+    let Ok(entries) = std::fs::read_dir(dir(state)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && Some(&name) != kept.as_ref() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// VPS `id`, placed on node `name` (who asks about it), as a container.
+async fn placed_here(state: &HostState, name: &str, id: u64) -> Result<TaskView, ApiError> {
+    let t = state
+        .blocking(move |s| s.get_task(id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
+    if t.placement.as_ref().map(|p| p.node.as_str()) != Some(name) {
+        return Err(ApiError::Conflict(format!(
+            "task {id} is not placed on node {name:?}"
+        )));
+    }
+    if t.spec.kind != Kind::Vps || t.spec.is_vm() {
+        return Err(ApiError::BadRequest(format!(
+            "task {id} is not a container VPS: only those are parked"
+        )));
+    }
+    Ok(t)
+}
+
+/// `PUT /api/nodes/{name}/tasks/{id}/park`: a piece of the archive of a
+/// stop's snapshot, from `x-upload-offset` on, of `x-upload-total` bytes
+/// in all (pieces in order: a request body is bounded, and a cut upload
+/// starts again); the snapshot and host key in headers. The last piece
+/// makes the copy, which replaces the last one.
+async fn park(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    UrlPath((name, id)): UrlPath<(String, u64)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    own_node(&p, &name)?;
+    if !state.park_stopped_vps {
+        return Err(ApiError::Conflict(
+            "this host does not park VPS (park_stopped_vps is off)".into(),
+        ));
+    }
+    let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let number = |h: &'static str| {
+        header(h)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| ApiError::BadRequest(format!("{h}: a number of bytes is required")))
+    };
+    let snapshot = header(SNAPSHOT_HEADER)
+        .filter(|s| valid_snapshot(s))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{SNAPSHOT_HEADER}: a snapshot id (digits) is required"
+            ))
+        })?
+        .to_string();
+    let host_key = header(HOST_KEY_HEADER)
+        .filter(|k| k.len() <= MAX_HOST_KEY && hex::decode(k).is_ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{HOST_KEY_HEADER}: the host key file in hex is required"
+            ))
+        })?
+        .to_string();
+    let (offset, total) = (number(OFFSET_HEADER)?, number(TOTAL_HEADER)?);
+    placed_here(&state, &name, id).await?;
+
+    let d = dir(&state);
+    // Host keys are in there.
+    crate::files::ensure_private_dir(&d).map_err(internal(&d))?;
+    let path = archive_path(&state, id, &snapshot);
+    let part = path.with_extension("tar.part");
+    let held = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    if offset != 0 && offset != held {
+        return Err(ApiError::Conflict(format!(
+            "{OFFSET_HEADER}: the host holds {held} bytes of this park; start again from 0"
+        )));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(offset == 0)
+        .append(offset != 0)
+        .open(&part)
+        .map_err(internal(&part))?;
+    let mut size = offset;
+    let mut stream = body.into_data_stream();
+    use futures_util::StreamExt;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::BadRequest(format!("body: cut off at byte {size}: {e}")))?;
+        size += chunk.len() as u64;
+        if size > total {
+            let _ = std::fs::remove_file(&part);
+            return Err(ApiError::BadRequest(format!(
+                "{TOTAL_HEADER}: more than {total} bytes came"
+            )));
+        }
+        tokio::task::block_in_place(|| file.write_all(&chunk)).map_err(internal(&part))?;
+    }
+    if size < total {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    tokio::task::block_in_place(|| file.sync_all()).map_err(internal(&part))?;
+    let p2 = part.clone();
+    let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut h = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&p2)?, &mut h)?;
+        Ok(hex::encode(h.finalize()))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(internal(&part))?;
+    std::fs::rename(&part, &path).map_err(internal(&path))?;
+    let record = ParkedVps {
+        vps_id: id,
+        snapshot: snapshot.clone(),
+        size_bytes: size,
+        sha256,
+        host_key,
+    };
+    let rp = record_path(&state, id);
+    let text = serde_json::to_vec(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
+    crate::files::write_secret(&rp, &text).map_err(internal(&rp))?;
+    remove_archives(&state, id, Some(&snapshot));
+    tracing::info!(task = id, node = %name, snapshot = %snapshot, bytes = size, "VPS parked on the host");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// VPS `id`'s copy, for the node it is placed on now, if its last stop
+/// is the one parked.
+async fn current(
+    state: &HostState,
+    p: &Principal,
+    name: &str,
+    id: u64,
+) -> Result<ParkedVps, ApiError> {
+    own_node(p, name)?;
+    let t = placed_here(state, name, id).await?;
+    let r = record(state, id)
+        .filter(|r| t.parked.as_deref() == Some(r.snapshot.as_str()))
+        .ok_or_else(|| ApiError::NotFound(format!("VPS {id} has no parked copy on the host")))?;
+    Ok(r)
+}
+
+/// `GET /api/nodes/{name}/parked/{id}`: the copy's snapshot, size, digest
+/// and host key.
+async fn describe(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    UrlPath((name, id)): UrlPath<(String, u64)>,
+) -> Result<Json<ParkedVps>, ApiError> {
+    Ok(Json(current(&state, &p, &name, id).await?))
+}
+
+/// `GET /api/nodes/{name}/parked/{id}/archive`: the copy's bytes from the
+/// range's start; `x-expect-sha256` must still name it.
+async fn archive(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    UrlPath((name, id)): UrlPath<(String, u64)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = current(&state, &p, &name, id).await?;
+    let start = super::environments::range_start(&headers)?;
+    if let Some(expected) = headers.get(EXPECT_SHA256) {
+        if expected.as_bytes() != r.sha256.as_bytes() {
+            return Ok((
+                StatusCode::PRECONDITION_FAILED,
+                Json(crate::api::ErrorBody {
+                    error: format!("VPS {id}'s parked copy changed (now sha256 {})", r.sha256),
+                }),
+            )
+                .into_response());
+        }
+    }
+    let path = archive_path(&state, id, &r.snapshot);
+    let resp = super::environments::send_archive(&path, start, r.size_bytes, &r.sha256).await?;
+    tracing::info!(task = id, node = %name, from = start.unwrap_or(0), "parked VPS sent");
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_id_is_digits() {
+        assert!(valid_snapshot("1796184404728"));
+        for bad in ["", "../x", "12a", "123456789012345678901"] {
+            assert!(!valid_snapshot(bad), "{bad}");
+        }
+    }
+}
