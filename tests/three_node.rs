@@ -310,8 +310,14 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         let keys = Keys::new(&c, "ann");
         let id = keys.vps_on(&c, Some(&ann), "n1");
         c.wait_state(&id, "running");
-        // A file on its disk; the host key ann's ssh pins.
-        keys.ssh(&c, Some(&ann), &id, "echo written-on-n1 > /kept && sync");
+        // Files on its disk (20 MiB: the copy travels in pieces); the host
+        // key ann's ssh pins.
+        let written = keys.ssh(
+            &c,
+            Some(&ann),
+            &id,
+            "echo written-on-n1 > /kept && head -c 20971520 /dev/urandom > /big && sync && sha256sum /big",
+        );
         let key_before = c.task(&id)["ssh_host_key"].clone();
         assert!(key_before.is_string(), "{}", c.task(&id));
         let pinned = std::fs::read_to_string(&keys.known).unwrap();
@@ -348,8 +354,8 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         let moved_to = node_of(&c, &id).unwrap();
         assert_ne!(moved_to, "n1");
         // Its file is there, and it answers with the same host key.
-        let out = keys.ssh(&c, Some(&ann), &id, "cat /kept");
-        assert_eq!(out.trim(), "written-on-n1", "{}", c.logs());
+        let out = keys.ssh(&c, Some(&ann), &id, "cat /kept; sha256sum /big");
+        assert_eq!(out, format!("written-on-n1\n{written}"), "{}", c.logs());
         assert_eq!(c.task(&id)["ssh_host_key"], key_before);
         assert_eq!(std::fs::read_to_string(&keys.known).unwrap(), pinned);
         // The parked snapshot came along: it is one of the VPS's snapshots there.
@@ -379,12 +385,12 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         let o = c.rn(&["--token", &ann, "vps", "delete", &id]);
         assert!(o.status.success(), "{}", stderr(&o));
         c.wait_state(&id, "deleted");
-        let left: Vec<_> = std::fs::read_dir(c.dir.path().join("host/parked"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert!(left.is_empty(), "{left:?}");
+        wait_for("the host's copy removed", || {
+            let left = std::fs::read_dir(c.dir.path().join("host/parked"))
+                .unwrap()
+                .count();
+            (left == 0).then_some(())
+        });
     });
 }
 

@@ -279,7 +279,9 @@ impl HostClient {
     }
 
     /// One piece of the archive of VPS `id`'s stop snapshot `snapshot`,
-    /// from `offset` on, of `total` bytes in all, with its host key file.
+    /// from `offset` on, of `total` bytes in all, with its host key file;
+    /// the last piece with the whole archive's digest.
+    #[allow(clippy::too_many_arguments)]
     pub async fn park_piece(
         &self,
         id: u64,
@@ -287,9 +289,10 @@ impl HostClient {
         host_key: &[u8],
         offset: u64,
         total: u64,
+        sha256: Option<&str>,
         piece: Vec<u8>,
     ) -> Result<(), HostCallError> {
-        let resp = self
+        let mut req = self
             .http
             .put(format!(
                 "{}/api/nodes/{}/tasks/{id}/park",
@@ -300,7 +303,11 @@ impl HostClient {
             .header("x-host-key", hex::encode(host_key))
             .header("x-upload-offset", offset.to_string())
             .header("x-upload-total", total.to_string())
-            .timeout(Duration::from_secs(600))
+            .timeout(Duration::from_secs(600));
+        if let Some(d) = sha256 {
+            req = req.header("x-upload-sha256", d);
+        }
+        let resp = req
             .body(piece)
             .send()
             .await

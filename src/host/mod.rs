@@ -258,6 +258,9 @@ impl BoundHost {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), HostError> {
         tracing::info!(addr = %self.api_addr, data_dir = %self.config.data_dir.display(), "host API listening");
+        // Copies of VPS deleted while the host was down, or on paths that
+        // never passed a node's report (a node removed), go now.
+        parked::sweep(&self.state).await;
         let liveness = tokio::spawn(liveness_loop(self.state.clone(), self.config.clone()));
         let scheduler = tokio::spawn(tasks::scheduler_loop(self.state.clone()));
         tracing::info!(addr = %self.ssh_proxy_addr, "ssh proxy listening");

@@ -192,8 +192,8 @@ fn rows() -> Vec<Row> {
         row(Get, "/api/nodes/{name}/environments/{env}", "An environment archive's size and SHA-256, for a node without the shared directory. That node's credential.", Json(200, named::<wire::EnvironmentArchive>)),
         row(Get, "/api/nodes/{name}/environments/{env}/archive", "The archive's bytes (Range: bytes=N- resumes; x-expect-sha256 must name it, else 412). That node's credential.", Archive)
             .errors(&[400, 403, 404, 412]),
-        row(Put, "/api/nodes/{name}/tasks/{id}/park", "A piece of a stopped VPS's parked copy, in order: the archive's bytes from x-upload-offset of x-upload-total, with x-snapshot-id and x-host-key (hex) headers (park_stopped_vps). That node's credential.", Empty(204))
-            .errors(&[400, 403, 404, 409]),
+        row(Put, "/api/nodes/{name}/tasks/{id}/park", "A piece of a stopped VPS's parked copy, in order: the archive's bytes from x-upload-offset of x-upload-total, with x-snapshot-id and x-host-key (hex) headers, and x-upload-sha256 with the last piece (park_stopped_vps). That node's credential.", Empty(204))
+            .errors(&[400, 403, 404, 409, 429]),
         row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key), for the node it is placed on. That node's credential.", Json(200, named::<wire::ParkedVps>))
             .errors(&[400, 403, 404, 409]),
         row(Get, "/api/nodes/{name}/parked/{id}/archive", "The parked copy's bytes (Range: bytes=N- resumes; x-expect-sha256 must name it, else 412). That node's credential.", Archive)

@@ -33,6 +33,10 @@ pub const HOST_KEY_HEADER: &str = "x-host-key";
 /// Where a piece of the archive starts, and the archive's whole size.
 pub const OFFSET_HEADER: &str = "x-upload-offset";
 pub const TOTAL_HEADER: &str = "x-upload-total";
+/// The whole archive's SHA-256, with its last piece.
+pub const SHA256_HEADER: &str = "x-upload-sha256";
+/// What a park leaves free on the host's disk: the store lives there too.
+const KEEP_FREE: u64 = 1 << 30;
 /// A host key file is a few hundred bytes; this bounds the header.
 const MAX_HOST_KEY: usize = 16 << 10;
 
@@ -77,6 +81,49 @@ pub fn record(state: &HostState, id: u64) -> Option<ParkedVps> {
 pub fn forget(state: &HostState, id: u64) {
     let _ = std::fs::remove_file(record_path(state, id));
     remove_archives(state, id, None);
+}
+
+/// Removes the copies of VPS that are deleted or gone from the store.
+pub async fn sweep(state: &HostState) {
+    let Ok(entries) = std::fs::read_dir(dir(state)) else {
+        return;
+    };
+    let ids: Vec<u64> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("vps-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    for id in ids {
+        match state.blocking(move |s| s.get_task(id)).await {
+            Ok(Some(t)) if t.state != crate::api::TaskState::Deleted => {}
+            Ok(_) => {
+                tracing::info!(task = id, "the parked copy of a deleted VPS removed");
+                forget(state, id);
+            }
+            Err(e) => {
+                tracing::warn!(task = id, error = %crate::error_chain(&e), "cannot tell whether a parked VPS still exists")
+            }
+        }
+    }
+}
+
+/// VPS `id`'s unfinished parks.
+fn remove_parts(state: &HostState, id: u64) {
+    let prefix = format!("vps-{id}-");
+    let Ok(entries) = std::fs::read_dir(dir(state)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".part") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// VPS `id`'s archives but `keep`'s.
@@ -167,6 +214,18 @@ async fn park(
             "{OFFSET_HEADER}: the host holds {held} bytes of this park; start again from 0"
         )));
     }
+    if offset == 0 {
+        // A park begins: the VPS's unfinished ones will never end.
+        remove_parts(&state, id);
+        let free = nix::sys::statvfs::statvfs(&d)
+            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
+            .map_err(|e| ApiError::Internal(format!("{}: {e}", d.display())))?;
+        if total.saturating_add(KEEP_FREE) > free {
+            return Err(ApiError::TooMany(format!(
+                "{TOTAL_HEADER}: {total} bytes do not fit on the host ({free} free, {KEEP_FREE} kept free)"
+            )));
+        }
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -193,6 +252,7 @@ async fn park(
         return Ok(StatusCode::NO_CONTENT);
     }
     tokio::task::block_in_place(|| file.sync_all()).map_err(internal(&part))?;
+    let sent = header(SHA256_HEADER).map(str::to_string);
     let p2 = part.clone();
     let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
         let mut h = Sha256::new();
@@ -202,6 +262,13 @@ async fn park(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(internal(&part))?;
+    if sent.as_deref() != Some(sha256.as_str()) {
+        let _ = std::fs::remove_file(&part);
+        return Err(ApiError::BadRequest(format!(
+            "{SHA256_HEADER}: the host received an archive with SHA-256 {sha256}, not {}; park it again",
+            sent.as_deref().unwrap_or("(none given)")
+        )));
+    }
     std::fs::rename(&part, &path).map_err(internal(&path))?;
     let record = ParkedVps {
         vps_id: id,

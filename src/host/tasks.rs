@@ -705,6 +705,10 @@ async fn desire(
     }
     let now = crate::now_unix_ms();
     let t = state.blocking(move |s| s.set_desired(id, d, now)).await?;
+    // Deleted at once (it was on no node): its parked copy goes now.
+    if t.state == TaskState::Deleted {
+        super::parked::forget(&state, id);
+    }
     state.publish().await;
     state.schedule.notify_one();
     // An operator acting on someone's task learns no more than it shows them.

@@ -1127,6 +1127,14 @@ impl Driver for TaskContext {
             self.release_gpus(id);
         }
         if snapshots {
+            // A park cut short by a crash left its export.
+            let _ = std::fs::remove_file(
+                self.config
+                    .data_dir
+                    .join(super::STATE_DIR)
+                    .join("parking")
+                    .join(format!("vps-{id}.tar")),
+            );
             problems.extend(
                 self.delete_all_snapshots(id)
                     .await

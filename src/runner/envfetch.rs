@@ -275,7 +275,14 @@ async fn fetch_once(
         }
         crate::files::write_public(&current, sha256.as_bytes()).map_err(io(&current))?;
     }
-    tracing::info!(what = %what, bytes = got, from, sha256 = %sha256, "fetched from the host");
+    match source {
+        Source::Environment(name) => {
+            tracing::info!(environment = %name, bytes = got, from, sha256 = %sha256, "environment fetched from the host")
+        }
+        Source::Parked(id) => {
+            tracing::info!(task = id, bytes = got, from, sha256 = %sha256, "parked VPS fetched from the host")
+        }
+    }
     Ok(Fetched {
         path: done,
         bytes_fetched: got,

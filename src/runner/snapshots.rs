@@ -14,6 +14,7 @@ use crate::oci::{Containerd, ImportedImage, OciError};
 
 use super::container::TaskContext;
 use super::driver::InstanceError;
+use sha2::Digest;
 
 const VPS_LABEL: &str = "io.rivernode.snapshot.vps";
 const NODE_LABEL: &str = "io.rivernode.snapshot.node";
@@ -330,6 +331,9 @@ impl TaskContext {
         let mut file = std::fs::File::open(path).map_err(io)?;
         let total = file.metadata().map_err(io)?.len();
         let mut offset = 0u64;
+        // The last piece carries the whole archive's digest, which the host
+        // checks what it holds against.
+        let mut digest = sha2::Sha256::new();
         loop {
             let mut piece = Vec::with_capacity(PARK_PIECE);
             tokio::task::block_in_place(|| {
@@ -338,8 +342,11 @@ impl TaskContext {
             })
             .map_err(io)?;
             let n = piece.len() as u64;
+            digest.update(&piece);
+            let last = offset + n >= total;
+            let sha256 = last.then(|| hex::encode(digest.clone().finalize()));
             self.host
-                .park_piece(vps, snapshot, key, offset, total, piece)
+                .park_piece(vps, snapshot, key, offset, total, sha256.as_deref(), piece)
                 .await
                 .map_err(InstanceError::Park)?;
             offset += n;
@@ -387,6 +394,12 @@ impl TaskContext {
             let _ = std::fs::remove_file(&fetched.path);
             imported?;
         }
+        // The key before the labels: once labelled, the snapshot is found
+        // and this is not done again (after a crash in between, too).
+        let key = hex::decode(&copy.host_key).map_err(|_| InstanceError::ParkedKey(vps))?;
+        if !key.is_empty() {
+            self.vps.adopt_host_key(&self.container_id(vps), &key)?;
+        }
         for (key, value) in [
             (VPS_LABEL, vps.to_string()),
             (NODE_LABEL, self.node.clone()),
@@ -396,8 +409,6 @@ impl TaskContext {
         ] {
             self.ctd.set_image_label(&name, key, &value).await?;
         }
-        let key = hex::decode(&copy.host_key).map_err(|_| InstanceError::ParkedKey(vps))?;
-        self.vps.adopt_host_key(&self.container_id(vps), &key)?;
         tracing::info!(task = vps, snapshot, "parked copy taken from the host");
         Ok(self.snapshot_image(vps, snapshot).await?)
     }

@@ -812,9 +812,13 @@ impl VpsKit {
 
     /// The instance's host key file (dropbear's, private), as a park
     /// carries it to the host.
+    /// Empty for an instance without one (`--no-ssh`).
     pub fn host_key_file(&self, cid: &str) -> Result<Vec<u8>, VpsError> {
         let key = self.root.join("instances").join(cid).join("hostkey");
-        std::fs::read(&key).map_err(io(&key))
+        match std::fs::read(&key) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            r => r.map_err(io(&key)),
+        }
     }
 
     /// Takes `key` (a parked VPS's host key file) as the instance's, so

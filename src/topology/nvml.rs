@@ -428,7 +428,12 @@ mod tests {
             (s[0].temperature_celsius, s[0].power_milliwatts),
             (Some(40), Some(75_000))
         );
-        assert_eq!(s[0].ecc_corrected, None, "not supported: absent");
+        // The fake's first GPU counts ECC errors; the second cannot.
+        assert_eq!(
+            (s[0].ecc_corrected, s[0].ecc_uncorrected),
+            (Some(2), Some(0))
+        );
+        assert_eq!(s[1].ecc_corrected, None, "not supported: absent");
         assert_eq!(s[1].address.to_string(), "0000:65:00.0");
         // A GPU that cannot say (MIG mode) is left out; the other is read.
         std::fs::write(

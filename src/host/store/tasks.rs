@@ -1370,7 +1370,11 @@ pub(super) fn report(
                    THEN ?4 ELSE COALESCE(?4, message) END,
          started_at_ms = COALESCE(started_at_ms, ?5), finished_at_ms = COALESCE(?6, finished_at_ms),
          ssh_host_key = COALESCE(?7, ssh_host_key),
-         parked = CASE WHEN ?2 IN ('running', 'paused') THEN parked ELSE ?8 END
+         parked = CASE
+             WHEN ?2 = 'running' AND state NOT IN ('running', 'paused') THEN NULL
+             WHEN ?2 IN ('running', 'paused') THEN parked
+             WHEN state IN ('running', 'paused') THEN ?8
+             ELSE parked END
          WHERE id = ?1",
         params![
             id as i64,
@@ -2147,14 +2151,17 @@ mod tests {
         assert_eq!(t.state, TaskState::Pending);
         assert_eq!(t.spec.target, None, "no longer pinned to n1");
         assert_eq!(t.spec.restore, Some(copy("7")));
-        // A run keeps the copy's name; a stop that was not parked clears it.
+        // A make that fails before it runs (the copy did not come) keeps
+        // the copy for another try.
         s.schedule().unwrap();
-        assert_eq!(
-            report(&s, a, TaskState::Running).unwrap().parked.as_deref(),
-            Some("7")
-        );
-        s.set_desired(a, Desired::Stopped, 3).unwrap();
-        assert_eq!(report(&s, a, TaskState::Stopped).unwrap().parked, None);
+        let failed = report(&s, a, TaskState::Failed).unwrap();
+        assert_eq!(failed.parked.as_deref(), Some("7"));
+        s.restart_anywhere(a, &copy("7")).unwrap();
+        s.schedule().unwrap();
+        // Once it runs, what it writes is newer than the copy: the copy is
+        // no longer its state, even if it ends without a stop of its own.
+        assert_eq!(report(&s, a, TaskState::Running).unwrap().parked, None);
+        assert_eq!(report(&s, a, TaskState::Failed).unwrap().parked, None);
         let e = s.restart_anywhere(a, &copy("7")).unwrap_err().to_string();
         assert!(e.contains("not parked"), "{e}");
     }
