@@ -344,6 +344,11 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             .path()
             .join(format!("host/parked/vps-{id}-{parked}.tar"));
         assert!(copy.is_file(), "{}", copy.display());
+        let status = stdout(&c.rn(&["--token", &ann, "vps", "status", &id]));
+        assert!(
+            status.contains(&format!("Parked:     snapshot {parked}")),
+            "{status}"
+        );
 
         // n1 is cut off: the VPS starts on another node from the copy.
         c.link("n1", false);

@@ -263,6 +263,12 @@ pub fn status_text(t: &TaskView) -> String {
     if t.idle_exempt {
         out.push_str("Idle GPUs:  exempt (an operator's `vps exempt`): never stopped for them\n");
     }
+    if let Some(p) = &t.parked {
+        out.push_str(&format!(
+            "Parked:     snapshot {p} of its last stop is on the host (`vps restart {} --anywhere` starts it on any node)\n",
+            t.id
+        ));
+    }
     out
 }
 
