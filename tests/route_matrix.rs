@@ -94,6 +94,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
         Access::OwnNode,
     ),
     ("GET", "/api/nodes/{node}/parked/{task}", Access::OwnNode),
+    ("DELETE", "/api/nodes/{node}/left/{task}", Access::OwnNode),
     (
         "GET",
         "/api/nodes/{node}/parked/{task}/archive",

@@ -378,9 +378,23 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             "{snaps}"
         );
 
-        // n1 comes back: the VPS runs where it moved, once.
+        // n1 comes back: the VPS runs where it moved, once; n1 keeps its
+        // old container and snapshots (the VPS's older state) until a delete.
         c.link("n1", true);
         c.wait_node("n1", "online");
+        let left_on_n1 = |what: &str| {
+            let mut args = vec![what, "ls", "-q"];
+            if what == "containers" {
+                args = vec!["containers", "list", "-q"];
+            }
+            c.ctd("n1")
+                .ctr(&args)
+                .lines()
+                .filter(|l| l.contains(&format!("task-{id}")) || l.contains(&format!("vps-{id}:")))
+                .count()
+        };
+        assert_eq!(left_on_n1("containers"), 1, "n1's old container is kept");
+        assert!(left_on_n1("images") >= 1, "n1's old snapshots are kept");
         let out = keys.ssh(&c, Some(&ann), &id, "cat /kept; hostname");
         assert!(out.contains("written-on-n1"), "{out}");
         assert_eq!(node_of(&c, &id).as_deref(), Some(moved_to.as_str()));
@@ -390,6 +404,10 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         let o = c.rn(&["--token", &ann, "vps", "delete", &id]);
         assert!(o.status.success(), "{}", stderr(&o));
         c.wait_state(&id, "deleted");
+        // ...and n1 removes what the VPS left there.
+        wait_for_logged("n1 removing what the VPS left", &[&c.host], || {
+            (left_on_n1("containers") == 0 && left_on_n1("images") == 0).then_some(())
+        });
         wait_for("the host's copy removed", || {
             let left = std::fs::read_dir(c.dir.path().join("host/parked"))
                 .unwrap()

@@ -255,6 +255,19 @@ impl HostClient {
             .await
     }
 
+    /// This node removed what VPS `id` left here when it moved away.
+    pub async fn left_removed(&self, id: u64) -> Result<(), HostCallError> {
+        let resp = self
+            .http
+            .delete(format!("{}/api/nodes/{}/left/{id}", self.base, self.node))
+            .bearer_auth(self.credential())
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        Self::check(resp).await.map(|_| ())
+    }
+
     /// VPS `id`'s parked copy: its snapshot, size, digest and host key.
     pub async fn parked(&self, id: u64) -> Result<crate::api::ParkedVps, HostCallError> {
         Self::answer(

@@ -505,6 +505,11 @@ pub struct Assignment {
 pub struct Assignments {
     pub revision: u64,
     pub tasks: Vec<Assignment>,
+    /// VPS deleted after they moved away from this node (`restart
+    /// --anywhere`): what is left of them here (container, disk, older
+    /// snapshots) goes, and the node says so (`DELETE .../left/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forget: Vec<u64>,
 }
 
 /// The log streams of a task: its main process's, and a VPS's onstart's.

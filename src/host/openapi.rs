@@ -196,6 +196,8 @@ fn rows() -> Vec<Row> {
             .errors(&[400, 403, 404, 409, 429]),
         row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key), for the node it is placed on. That node's credential.", Json(200, named::<wire::ParkedVps>))
             .errors(&[400, 403, 404, 409]),
+        row(Delete, "/api/nodes/{name}/left/{id}", "The node removed what a deleted VPS left there when it moved away. That node's credential.", Empty(204))
+            .errors(&[400, 403]),
         row(Get, "/api/nodes/{name}/parked/{id}/archive", "The parked copy's bytes (Range: bytes=N- resumes; x-expect-sha256 must name it, else 412). That node's credential.", Archive)
             .errors(&[400, 403, 404, 409, 412]),
         // Tasks and VPS.

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{delete, get, put};
 use axum::{Extension, Json, Router};
 use sha2::{Digest, Sha256};
 
@@ -46,6 +46,21 @@ pub fn node_routes() -> Router<Arc<HostState>> {
         .route("/api/nodes/{name}/tasks/{id}/park", put(park))
         .route("/api/nodes/{name}/parked/{id}", get(describe))
         .route("/api/nodes/{name}/parked/{id}/archive", get(archive))
+        .route("/api/nodes/{name}/left/{id}", delete(left_removed))
+}
+
+/// `DELETE /api/nodes/{name}/left/{id}`: the node removed what VPS `id`
+/// (deleted) left there when it moved away.
+async fn left_removed(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    UrlPath((name, id)): UrlPath<(String, u64)>,
+) -> Result<StatusCode, ApiError> {
+    own_node(&p, &name)?;
+    let node = name.clone();
+    state.blocking(move |s| s.left_removed(&node, id)).await?;
+    tracing::info!(task = id, node = %name, "what a moved VPS left on its old node is gone");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn dir(state: &HostState) -> PathBuf {

@@ -168,6 +168,7 @@ impl<D: Driver> Reconciler<D> {
                 last_sweep = Some(Instant::now());
             }
             self.converge(&assignments.tasks, sweep).await;
+            self.forget(&assignments.tasks, &assignments.forget).await;
         }
         for (_, r) in self.running.drain() {
             r.handle.abort();
@@ -247,6 +248,34 @@ impl<D: Driver> Reconciler<D> {
         }
         if sweep {
             self.sweep(tasks).await;
+        }
+    }
+
+    /// Removes what deleted VPS that moved away from this node left here
+    /// (their container, disk and older snapshots), then tells the host;
+    /// what fails is tried again with the next assignments.
+    async fn forget(&mut self, tasks: &[Assignment], ids: &[u64]) {
+        for &id in ids {
+            if self.running.contains_key(&id) || tasks.iter().any(|a| a.id == id) {
+                continue;
+            }
+            let problems = self.sup.driver.remove(id, true).await;
+            if !problems.is_empty() {
+                let problems: Vec<String> =
+                    problems.iter().map(|p| crate::error_chain(p)).collect();
+                tracing::warn!(
+                    task = id,
+                    ?problems,
+                    "cannot remove what a moved VPS left here yet"
+                );
+                continue;
+            }
+            match self.host.left_removed(id).await {
+                Ok(()) => tracing::info!(task = id, "what a moved VPS left here is removed"),
+                Err(e) => {
+                    tracing::warn!(task = id, error = %crate::error_chain(&e), "cannot tell the host")
+                }
+            }
         }
     }
 

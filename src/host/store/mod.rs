@@ -234,6 +234,8 @@ pub trait Store: Send + Sync + 'static {
     fn restart(&self, id: u64, restore: Option<&Restore>) -> Result<TaskView, StoreError>;
     /// `vps restart --anywhere`: a stopped VPS queued for any node, from its parked copy.
     fn restart_anywhere(&self, id: u64, restore: &Restore) -> Result<TaskView, StoreError>;
+    /// Node `node` removed what VPS `id` left there when it moved away.
+    fn left_removed(&self, node: &str, id: u64) -> Result<(), StoreError>;
     /// What `node` must run, with the current revision.
     fn assignments(&self, node: &str) -> Result<Assignments, StoreError>;
     /// Applies a runner's report for a task on its node.
@@ -432,6 +434,9 @@ const MIGRATIONS: &[&str] = &[
     // 17: the snapshot of a stopped VPS's last stop that the host keeps a
     // copy of (`park_stopped_vps`), for `vps restart --anywhere`.
     "ALTER TABLE tasks ADD COLUMN parked TEXT;",
+    // 18: the nodes a VPS moved away from, which still hold its old
+    // container and snapshots until it is deleted and they removed them.
+    "CREATE TABLE left_behind (task INTEGER NOT NULL, node TEXT NOT NULL, PRIMARY KEY (task, node));",
 ];
 
 /// What `/metrics` says of the tasks.
@@ -1416,6 +1421,7 @@ impl Store for SqliteStore {
             if gone {
                 // Its subnet is free for a node that joins later.
                 tx.execute("DELETE FROM overlay_slots WHERE node = ?1", [name])?;
+                tx.execute("DELETE FROM left_behind WHERE node = ?1", [name])?;
                 tx.execute(
                     "INSERT OR REPLACE INTO removed_nodes (name, removed_at_ms) VALUES (?1, ?2)",
                     params![name, now_ms],
@@ -1547,6 +1553,16 @@ impl Store for SqliteStore {
 
     fn restart_anywhere(&self, id: u64, restore: &Restore) -> Result<TaskView, StoreError> {
         self.with(|c| tasks::restart_anywhere(c, id, restore))
+    }
+
+    fn left_removed(&self, node: &str, id: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM left_behind WHERE task = ?1 AND node = ?2",
+                params![id as i64, node],
+            )?;
+            Ok(())
+        })
     }
 
     fn assignments(&self, node: &str) -> Result<Assignments, StoreError> {

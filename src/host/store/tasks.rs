@@ -992,6 +992,14 @@ pub(super) fn restart_anywhere(
             "VPS {id}'s last stop was not parked on the host, so it can start only on its own node"
         )));
     }
+    // The node it leaves keeps its old container and snapshots until the
+    // VPS is deleted (then that node removes them).
+    if let Some(p) = &t.placement {
+        tx.execute(
+            "INSERT OR IGNORE INTO left_behind (task, node) VALUES (?1, ?2)",
+            params![id as i64, p.node],
+        )?;
+    }
     requeue_on(&tx, &t, Some(restore), false)?;
     bump(&tx)?;
     let view = query(&tx, "WHERE id = ?1", &[&(id as i64)])?.remove(0);
@@ -1301,8 +1309,17 @@ pub(super) fn assignments(c: &mut Connection, node: &str) -> Result<Assignments,
         ),
         &[&node],
     )?;
+    let forget = tx
+        .prepare(
+            "SELECT l.task FROM left_behind l JOIN tasks t ON t.id = l.task
+             WHERE l.node = ?1 AND t.state = 'deleted' ORDER BY l.task",
+        )?
+        .query_map([node], |r| r.get::<_, i64>(0))?
+        .map(|r| r.map(|id| id as u64))
+        .collect::<Result<Vec<_>, _>>()?;
     tx.commit()?;
     Ok(Assignments {
+        forget,
         revision,
         tasks: tasks
             .into_iter()
