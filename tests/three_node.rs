@@ -308,8 +308,15 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         };
         let ann = c.add_user("ann");
         let keys = Keys::new(&c, "ann");
-        let id = keys.vps_on(&c, Some(&ann), "n1");
-        c.wait_state(&id, "running");
+        // Small, so that three fit on a node here (two cores): one more
+        // that ann lets move by itself, and one she does not.
+        let small = ["-c", "0", "-m", "256M"];
+        let id = keys.vps_with(&c, Some(&ann), "n1", &small);
+        let movable = keys.vps_with(&c, Some(&ann), "n1", &[&small[..], &["--movable"]].concat());
+        let pinned = keys.vps_with(&c, Some(&ann), "n1", &small);
+        for v in [&id, &movable, &pinned] {
+            c.wait_state(v, "running");
+        }
         // Files on its disk (20 MiB: the copy travels in pieces); the host
         // key ann's ssh pins.
         let written = keys.ssh(
@@ -320,7 +327,7 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         );
         let key_before = c.task(&id)["ssh_host_key"].clone();
         assert!(key_before.is_string(), "{}", c.task(&id));
-        let pinned = std::fs::read_to_string(&keys.known).unwrap();
+        let known_before = std::fs::read_to_string(&keys.known).unwrap();
         let anywhere = || c.rn(&["--token", &ann, "vps", "restart", &id, "--anywhere"]);
         // Running, it has no parked stop to move from.
         let o = anywhere();
@@ -331,9 +338,13 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         );
 
         // Its stop is parked on the host.
-        let o = c.rn(&["--token", &ann, "vps", "stop", &id]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        c.wait_state(&id, "stopped");
+        for v in [&id, &movable, &pinned] {
+            let o = c.rn(&["--token", &ann, "vps", "stop", v]);
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+        for v in [&id, &movable, &pinned] {
+            c.wait_state(v, "stopped");
+        }
         let t = c.task(&id);
         let parked = t["parked"]
             .as_str()
@@ -362,7 +373,7 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         let out = keys.ssh(&c, Some(&ann), &id, "cat /kept; sha256sum /big");
         assert_eq!(out, format!("written-on-n1\n{written}"), "{}", c.logs());
         assert_eq!(c.task(&id)["ssh_host_key"], key_before);
-        assert_eq!(std::fs::read_to_string(&keys.known).unwrap(), pinned);
+        assert_eq!(std::fs::read_to_string(&keys.known).unwrap(), known_before);
         // The parked snapshot came along: it is one of the VPS's snapshots there.
         let o = c.rn(&[
             "--token", &ann, "-o", "json", "vps", "snapshot", "list", &id,
@@ -377,6 +388,17 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
                 .any(|s| s["id"] == parked.as_str() && s["node"] == moved_to.as_str()),
             "{snaps}"
         );
+
+        // A plain restart moves the movable one; the other waits for n1.
+        for v in [&movable, &pinned] {
+            let o = c.rn(&["--token", &ann, "vps", "restart", v]);
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+        c.wait_state(&movable, "running");
+        assert_ne!(node_of(&c, &movable).as_deref(), Some("n1"));
+        // (The pass that placed the movable one would have placed it too.)
+        assert_eq!(c.task(&pinned)["state"], "pending", "{}", c.task(&pinned));
+        assert_eq!(node_of(&c, &pinned).as_deref(), Some("n1"));
 
         // n1 comes back: the VPS runs where it moved, once; n1 keeps its
         // old container and snapshots (the VPS's older state) until a delete.
@@ -399,6 +421,12 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         assert!(out.contains("written-on-n1"), "{out}");
         assert_eq!(node_of(&c, &id).as_deref(), Some(moved_to.as_str()));
         assert_eq!(c.task(&id)["state"], "running");
+        c.wait_state(&pinned, "running");
+        assert_eq!(
+            node_of(&c, &pinned).as_deref(),
+            Some("n1"),
+            "it waited for its node"
+        );
 
         // A delete removes the host's copy.
         let o = c.rn(&["--token", &ann, "vps", "delete", &id]);
@@ -411,6 +439,11 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         wait_for("the host's copy removed", || {
             let left = std::fs::read_dir(c.dir.path().join("host/parked"))
                 .unwrap()
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.starts_with(&format!("vps-{id}-")) || name == format!("vps-{id}.json")
+                })
                 .count();
             (left == 0).then_some(())
         });
@@ -483,8 +516,14 @@ impl Keys {
 
     /// A busybox VPS with this key on `node`, as `token`'s user (none: the admin).
     fn vps_on(&self, c: &ThreeNodes, token: Option<&str>, node: &str) -> String {
+        self.vps_with(c, token, node, &[])
+    }
+
+    /// The same with `extra` flags for `vps create`.
+    fn vps_with(&self, c: &ThreeNodes, token: Option<&str>, node: &str, extra: &[&str]) -> String {
         let key = self.key.with_extension("pub");
-        let rest = ["--public-key-file", key.to_str().unwrap()];
+        let mut rest = vec!["--public-key-file", key.to_str().unwrap()];
+        rest.extend_from_slice(extra);
         busybox_on(c, token, &["vps", "create"], node, &rest)
     }
 

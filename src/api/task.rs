@@ -321,6 +321,11 @@ pub struct TaskSpec {
     /// Set by the host on `restart --from-snapshot` (VPS only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,
+    /// Its owner lets it move (`vps create --movable`): a plain `vps restart`
+    /// while its node is offline or removed starts it on another node from
+    /// its parked copy, as `--anywhere` does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub movable: bool,
     /// A VM's disk size (`--vm-disk`); default: its base image's own size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_disk_bytes: Option<u64>,

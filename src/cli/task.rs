@@ -89,6 +89,7 @@ pub fn base_spec_from(
         ssh_password_hash: None,
         privileged: false,
         restore: None,
+        movable: false,
         no_ssh: false,
         shm_bytes,
         vm_disk_bytes: None,

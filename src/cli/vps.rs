@@ -287,6 +287,7 @@ pub async fn run(client: &Client, cmd: VpsCommand, output: Output) -> anyhow::Re
                 ssh_password_hash,
                 privileged: a.privileged,
                 no_ssh: a.no_ssh,
+                movable: a.movable,
                 command: a.command.clone(),
                 env: crate::cli::task::parse_env(&a.env)?,
                 args: a.args.clone(),

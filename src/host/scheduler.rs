@@ -573,6 +573,7 @@ mod tests {
             ssh_password_hash: None,
             privileged: false,
             restore: None,
+            movable: false,
             no_ssh: false,
             shm_bytes: None,
             vm_disk_bytes: None,

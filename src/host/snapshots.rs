@@ -207,7 +207,22 @@ async fn restart(
         None => super::tasks::operated_task(&state, &p, id).await?,
     };
     super::tasks::still_allowed(&state, &t)?;
-    if req.anywhere {
+    // A movable VPS whose node is gone moves on a plain restart.
+    let gone = if t.spec.movable && !req.anywhere && req.from_snapshot.is_none() {
+        match t.placement.as_ref().map(|p| p.node.clone()) {
+            Some(node) => state
+                .blocking(move |s| s.get_node(&node))
+                .await?
+                .is_none_or(|n| n.state == crate::api::NodeState::Offline),
+            None => false,
+        }
+    } else {
+        false
+    };
+    if gone {
+        tracing::info!(task = id, "its node is gone: a movable VPS moves");
+    }
+    if req.anywhere || gone {
         if req.from_snapshot.is_some() {
             return Err(ApiError::BadRequest(
                 "anywhere: a move starts from the parked copy of the last stop, not from_snapshot"

@@ -83,11 +83,12 @@ pub async fn ensure_address(
         has |= holds(&a, ip);
     }
     if !has {
-        h.address()
-            .add(index, ip.into(), prefix)
-            .execute()
-            .await
-            .map_err(nl(format!("address {ip}/{prefix} on link {index}")))?;
+        match h.address().add(index, ip.into(), prefix).execute().await {
+            // Another instance's start put it there since we looked (two
+            // VPS starting at once on one bridge): it is there, as wanted.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == nix::libc::EEXIST => {}
+            r => r.map_err(nl(format!("address {ip}/{prefix} on link {index}")))?,
+        }
     }
     Ok(())
 }

@@ -59,6 +59,7 @@ pub(super) fn placeholder(id: u64, kind: Kind) -> Assignment {
             ssh_password_hash: None,
             privileged: false,
             restore: None,
+            movable: false,
             no_ssh: false,
             shm_bytes: None,
             vm_disk_bytes: None,

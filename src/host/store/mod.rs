@@ -1819,6 +1819,7 @@ mod tests {
             ssh_password_hash: Some("$6$salt$secret".into()),
             privileged: false,
             restore: None,
+            movable: false,
             no_ssh: false,
             shm_bytes: None,
             vm_disk_bytes: None,
