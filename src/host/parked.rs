@@ -103,16 +103,18 @@ pub async fn sweep(state: &HostState) {
     let Ok(entries) = std::fs::read_dir(dir(state)) else {
         return;
     };
-    let ids: Vec<u64> = entries
+    // Every file names its VPS: records, archives and unfinished parks.
+    let mut ids: Vec<u64> = entries
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("vps-")?
-                .strip_suffix(".json")?
-                .parse()
-                .ok()
+            let rest = name.strip_prefix("vps-")?;
+            let end = rest.find(|c: char| !c.is_ascii_digit())?;
+            rest[..end].parse().ok()
         })
         .collect();
+    ids.sort_unstable();
+    ids.dedup();
     for id in ids {
         match state.blocking(move |s| s.get_task(id)).await {
             Ok(Some(t)) if t.state != crate::api::TaskState::Deleted => {}

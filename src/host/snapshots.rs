@@ -207,14 +207,19 @@ async fn restart(
         None => super::tasks::operated_task(&state, &p, id).await?,
     };
     super::tasks::still_allowed(&state, &t)?;
-    // A movable VPS whose node is gone moves on a plain restart.
-    let gone = if t.spec.movable && !req.anywhere && req.from_snapshot.is_none() {
+    // A movable VPS whose node is gone (offline, or removed: then it has no
+    // placement left) moves on a plain restart, if it has a copy to move
+    // from; without one it waits for its node as any other.
+    let has_copy = t.parked.is_some()
+        && super::parked::record(&state, id)
+            .is_some_and(|c| t.parked.as_deref() == Some(c.snapshot.as_str()));
+    let gone = if t.spec.movable && !req.anywhere && req.from_snapshot.is_none() && has_copy {
         match t.placement.as_ref().map(|p| p.node.clone()) {
             Some(node) => state
                 .blocking(move |s| s.get_node(&node))
                 .await?
                 .is_none_or(|n| n.state == crate::api::NodeState::Offline),
-            None => false,
+            None => true,
         }
     } else {
         false

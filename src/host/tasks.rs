@@ -392,6 +392,9 @@ fn check_vm(spec: &TaskSpec) -> Result<(), ApiError> {
         if spec.vm_disk_bytes.is_some() {
             return bad("vm_disk_bytes: only a VM VPS (image.vm_image) has a disk size");
         }
+        if spec.movable && spec.kind != crate::api::Kind::Vps {
+            return bad("movable: only a VPS moves between nodes");
+        }
         return Ok(());
     }
     if let crate::api::ImageSource::VmImage(n) = &spec.image {
@@ -406,6 +409,11 @@ fn check_vm(spec: &TaskSpec) -> Result<(), ApiError> {
     }
     if spec.no_ssh {
         return bad("no_ssh: a VM VPS is reached over SSH; --no-ssh is for container VPS");
+    }
+    if spec.movable {
+        return bad(
+            "movable: a VM VPS does not move between nodes yet; --movable is for container VPS",
+        );
     }
     if spec.privileged
         || spec.shm_bytes.is_some()

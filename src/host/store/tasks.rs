@@ -1390,7 +1390,7 @@ pub(super) fn report(
          parked = CASE
              WHEN ?2 = 'running' AND state NOT IN ('running', 'paused') THEN NULL
              WHEN ?2 IN ('running', 'paused') THEN parked
-             WHEN state IN ('running', 'paused') THEN ?8
+             WHEN ?8 IS NOT NULL THEN ?8
              ELSE parked END
          WHERE id = ?1",
         params![
@@ -2124,21 +2124,61 @@ mod tests {
         assert_eq!(t.state, TaskState::Deleted);
     }
 
-    #[test]
-    fn a_vps_moves_only_stopped_and_from_the_parked_copy_of_its_last_stop() {
-        let s = store_with_node("n1");
+    /// n1 reports VPS `id` stopped, with that stop parked as `snapshot`.
+    fn stop_parked(s: &SqliteStore, id: u64, snapshot: &str) -> crate::api::TaskView {
+        s.report_task(
+            "n1",
+            id,
+            &TaskReport {
+                state: TaskState::Stopped,
+                exit_code: None,
+                message: None,
+                ssh_host_key: None,
+                parked: Some(snapshot.into()),
+            },
+            2,
+        )
+        .unwrap()
+    }
+
+    /// A VPS of `cores` cores with `target`, running on n1.
+    fn running_vps(s: &SqliteStore, cores: u32, target: Option<crate::api::Target>) -> u64 {
         let vps = TaskSpec {
             kind: crate::api::Kind::Vps,
-            target: Some(crate::api::Target {
-                node: "n1".into(),
-                numa: None,
-                gpus: vec![],
-            }),
-            ..spec(2, 0)
+            target,
+            ..spec(cores, 0)
         };
         let a = s.submit_task(&vps, None, 0).unwrap();
         s.schedule().unwrap();
-        report(&s, a, TaskState::Running).unwrap();
+        report(s, a, TaskState::Running).unwrap();
+        a
+    }
+
+    #[test]
+    fn a_stop_reported_after_its_node_was_lost_is_parked() {
+        let s = store_with_node("n1");
+        let a = running_vps(&s, 2, None);
+        // The node goes silent; the user stops the VPS meanwhile.
+        assert_eq!(s.mark_silent_offline(i64::MAX / 4, 3).unwrap(), ["n1"]);
+        assert_eq!(s.get_task(a).unwrap().unwrap().state, TaskState::Lost);
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        // Back, the node stops it, parks the stop and says so.
+        let t = stop_parked(&s, a, "9");
+        assert_eq!(
+            (t.state, t.parked.as_deref()),
+            (TaskState::Stopped, Some("9"))
+        );
+    }
+
+    #[test]
+    fn a_vps_moves_only_stopped_and_from_the_parked_copy_of_its_last_stop() {
+        let s = store_with_node("n1");
+        let n1 = crate::api::Target {
+            node: "n1".into(),
+            numa: None,
+            gpus: vec![],
+        };
+        let a = running_vps(&s, 2, Some(n1));
         let copy = |snapshot: &str| crate::api::Restore {
             snapshot: snapshot.into(),
             request: 5,
@@ -2148,21 +2188,10 @@ mod tests {
         assert!(e.contains("once it is stopped"), "{e}");
         // Stopped with its stop parked.
         s.set_desired(a, Desired::Stopped, 1).unwrap();
-        let stopped = s
-            .report_task(
-                "n1",
-                a,
-                &TaskReport {
-                    state: TaskState::Stopped,
-                    exit_code: None,
-                    message: None,
-                    ssh_host_key: None,
-                    parked: Some("7".into()),
-                },
-                2,
-            )
-            .unwrap();
+        let stopped = stop_parked(&s, a, "7");
         assert_eq!(stopped.parked.as_deref(), Some("7"));
+        // (A stop its node reports after the host thought it lost, as when
+        // a node comes back, is parked all the same.)
         let e = s.restart_anywhere(a, &copy("6")).unwrap_err().to_string();
         assert!(e.contains("not parked"), "an older copy: {e}");
         let t = s.restart_anywhere(a, &copy("7")).unwrap();
