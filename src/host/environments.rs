@@ -117,7 +117,7 @@ async fn describe(
 /// Where a `Range: bytes=N-` request starts; none without one. Only that
 /// form is served (a node resumes from what it has; it never asks for a
 /// slice in the middle).
-pub(super) fn range_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+fn range_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(axum::http::header::RANGE) else {
         return Ok(None);
     };
@@ -138,35 +138,38 @@ async fn archive(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let path = archive_path(&state, &env)?;
-    let start = range_start(&headers)?;
     let d = digest(path.clone()).await?;
+    let what = format!("environment {env:?}");
+    let resp = send_archive(&headers, &path, d.size_bytes, &d.sha256, &what).await?;
+    tracing::info!(environment = %env, "environment archive sent");
+    Ok(resp)
+}
+
+/// An archive's bytes as the request asks: from its `Range: bytes=N-`
+/// start (a 206; a 200 without one), `path`'s first `size` bytes,
+/// announced with its digest `sha256`; a 412 when `x-expect-sha256` names
+/// another digest (`what` changed meanwhile).
+pub(super) async fn send_archive(
+    headers: &HeaderMap,
+    path: &Path,
+    size: u64,
+    sha256: &str,
+    what: &str,
+) -> Result<Response, ApiError> {
+    let start = range_start(headers)?;
     if let Some(expected) = headers.get(EXPECT_SHA256) {
-        if expected.as_bytes() != d.sha256.as_bytes() {
+        if expected.as_bytes() != sha256.as_bytes() {
             return Ok((
                 StatusCode::PRECONDITION_FAILED,
                 Json(crate::api::ErrorBody {
                     error: format!(
-                        "environment {env:?} changed on the host (now sha256 {}): fetch it again",
-                        d.sha256
+                        "{what} changed on the host (now sha256 {sha256}): fetch it again"
                     ),
                 }),
             )
                 .into_response());
         }
     }
-    let resp = send_archive(&path, start, d.size_bytes, &d.sha256).await?;
-    tracing::info!(environment = %env, from = start.unwrap_or(0), bytes = d.size_bytes - start.unwrap_or(0), "environment archive sent");
-    Ok(resp)
-}
-
-/// `path`'s first `size` bytes from `start` on (a 206 with a range, a 200
-/// without), announced with its digest `sha256`.
-pub(super) async fn send_archive(
-    path: &Path,
-    start: Option<u64>,
-    size: u64,
-    sha256: &str,
-) -> Result<Response, ApiError> {
     let from = start.unwrap_or(0);
     if from >= size && from > 0 {
         return Err(ApiError::BadRequest(format!(

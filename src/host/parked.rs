@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{delete, get, put};
 use axum::{Extension, Json, Router};
 use sha2::{Digest, Sha256};
@@ -24,7 +24,7 @@ use super::api::ApiError;
 use super::auth::Principal;
 use super::tasks::own_node;
 use super::HostState;
-use crate::api::{Kind, ParkedVps, TaskView, EXPECT_SHA256};
+use crate::api::{Kind, ParkedVps, TaskView};
 
 /// The snapshot a park is of (a runner's snapshot id: digits).
 pub const SNAPSHOT_HEADER: &str = "x-snapshot-id";
@@ -95,7 +95,7 @@ pub fn record(state: &HostState, id: u64) -> Option<ParkedVps> {
 /// half is ever taken for a copy.
 pub fn forget(state: &HostState, id: u64) {
     let _ = std::fs::remove_file(record_path(state, id));
-    remove_archives(state, id, None);
+    remove_files(state, id, |_| true);
 }
 
 /// Removes the copies of VPS that are deleted or gone from the store.
@@ -129,30 +129,15 @@ pub async fn sweep(state: &HostState) {
     }
 }
 
-/// VPS `id`'s unfinished parks.
-fn remove_parts(state: &HostState, id: u64) {
+/// Removes VPS `id`'s files whose names `gone` picks.
+fn remove_files(state: &HostState, id: u64, gone: impl Fn(&str) -> bool) {
     let prefix = format!("vps-{id}-");
     let Ok(entries) = std::fs::read_dir(dir(state)) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) && name.ends_with(".part") {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
-
-/// VPS `id`'s archives but `keep`'s.
-fn remove_archives(state: &HostState, id: u64, keep: Option<&str>) {
-    let prefix = format!("vps-{id}-");
-    let kept = keep.map(|k| format!("vps-{id}-{k}.tar"));
-    let Ok(entries) = std::fs::read_dir(dir(state)) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) && Some(&name) != kept.as_ref() {
+        if name.starts_with(&prefix) && gone(&name) {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -233,7 +218,7 @@ async fn park(
     }
     if offset == 0 {
         // A park begins: the VPS's unfinished ones will never end.
-        remove_parts(&state, id);
+        remove_files(&state, id, |name| name.ends_with(".part"));
         let free = nix::sys::statvfs::statvfs(&d)
             .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
             .map_err(|e| ApiError::Internal(format!("{}: {e}", d.display())))?;
@@ -297,7 +282,8 @@ async fn park(
     let rp = record_path(&state, id);
     let text = serde_json::to_vec(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
     crate::files::write_secret(&rp, &text).map_err(internal(&rp))?;
-    remove_archives(&state, id, Some(&snapshot));
+    let kept = format!("vps-{id}-{snapshot}.tar");
+    remove_files(&state, id, |name| name != kept);
     tracing::info!(task = id, node = %name, snapshot = %snapshot, bytes = size, "VPS parked on the host");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -337,21 +323,11 @@ async fn archive(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let r = current(&state, &p, &name, id).await?;
-    let start = super::environments::range_start(&headers)?;
-    if let Some(expected) = headers.get(EXPECT_SHA256) {
-        if expected.as_bytes() != r.sha256.as_bytes() {
-            return Ok((
-                StatusCode::PRECONDITION_FAILED,
-                Json(crate::api::ErrorBody {
-                    error: format!("VPS {id}'s parked copy changed (now sha256 {})", r.sha256),
-                }),
-            )
-                .into_response());
-        }
-    }
     let path = archive_path(&state, id, &r.snapshot);
-    let resp = super::environments::send_archive(&path, start, r.size_bytes, &r.sha256).await?;
-    tracing::info!(task = id, node = %name, from = start.unwrap_or(0), "parked VPS sent");
+    let what = format!("VPS {id}'s parked copy");
+    let resp =
+        super::environments::send_archive(&headers, &path, r.size_bytes, &r.sha256, &what).await?;
+    tracing::info!(task = id, node = %name, "parked VPS sent");
     Ok(resp)
 }
 

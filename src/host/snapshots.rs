@@ -207,13 +207,13 @@ async fn restart(
         None => super::tasks::operated_task(&state, &p, id).await?,
     };
     super::tasks::still_allowed(&state, &t)?;
+    // The copy of its last stop the host keeps, if it is current.
+    let copy = super::parked::record(&state, id)
+        .filter(|c| t.parked.as_deref() == Some(c.snapshot.as_str()));
     // A movable VPS whose node is gone (offline, or removed: then it has no
     // placement left) moves on a plain restart, if it has a copy to move
     // from; without one it waits for its node as any other.
-    let has_copy = t.parked.is_some()
-        && super::parked::record(&state, id)
-            .is_some_and(|c| t.parked.as_deref() == Some(c.snapshot.as_str()));
-    let gone = if t.spec.movable && !req.anywhere && req.from_snapshot.is_none() && has_copy {
+    let gone = if t.spec.movable && !req.anywhere && req.from_snapshot.is_none() && copy.is_some() {
         match t.placement.as_ref().map(|p| p.node.clone()) {
             Some(node) => state
                 .blocking(move |s| s.get_node(&node))
@@ -224,19 +224,14 @@ async fn restart(
     } else {
         false
     };
-    if gone {
-        tracing::info!(task = id, "its node is gone: a movable VPS moves");
-    }
-    if req.anywhere || gone {
+    let view = if req.anywhere || gone {
         if req.from_snapshot.is_some() {
             return Err(ApiError::BadRequest(
                 "anywhere: a move starts from the parked copy of the last stop, not from_snapshot"
                     .into(),
             ));
         }
-        let Some(copy) = super::parked::record(&state, id)
-            .filter(|c| t.parked.as_deref() == Some(c.snapshot.as_str()))
-        else {
+        let Some(copy) = copy else {
             return Err(ApiError::Conflict(format!(
                 "VPS {id} has no parked copy of its last stop on the host{}",
                 if state.park_stopped_vps {
@@ -251,29 +246,27 @@ async fn restart(
             request: crate::now_unix_ms(),
             parked: true,
         };
-        tracing::info!(task = id, snapshot = %restore.snapshot, "restart anywhere from the parked copy");
-        let view = state
+        tracing::info!(task = id, snapshot = %restore.snapshot, movable_and_gone = gone, "restart anywhere from the parked copy");
+        state
             .blocking(move |s| s.restart_anywhere(id, &restore))
-            .await?;
-        state.publish().await;
-        state.schedule.notify_one();
-        return Ok(Json(super::tasks::outward(&state, &p, view)));
-    }
-    let restore = match req.from_snapshot {
-        None => None,
-        Some(wanted) => {
-            let snap = find(&state, &t, &wanted).await?;
-            tracing::info!(task = id, snapshot = %snap.id, "restart from a snapshot");
-            Some(Restore {
-                snapshot: snap.id,
-                request: crate::now_unix_ms(),
-                parked: false,
-            })
-        }
+            .await?
+    } else {
+        let restore = match req.from_snapshot {
+            None => None,
+            Some(wanted) => {
+                let snap = find(&state, &t, &wanted).await?;
+                tracing::info!(task = id, snapshot = %snap.id, "restart from a snapshot");
+                Some(Restore {
+                    snapshot: snap.id,
+                    request: crate::now_unix_ms(),
+                    parked: false,
+                })
+            }
+        };
+        state
+            .blocking(move |s| s.restart(id, restore.as_ref()))
+            .await?
     };
-    let view = state
-        .blocking(move |s| s.restart(id, restore.as_ref()))
-        .await?;
     state.publish().await;
     state.schedule.notify_one();
     Ok(Json(super::tasks::outward(&state, &p, view)))
