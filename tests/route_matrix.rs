@@ -97,7 +97,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("DELETE", "/api/nodes/{node}/left/{task}", Access::OwnNode),
     (
         "GET",
-        "/api/nodes/{node}/parked/{task}/archive",
+        "/api/nodes/{node}/parked/{task}/blobs/{digest}",
         Access::OwnNode,
     ),
     ("POST", "/api/tasks", Access::Submit),
@@ -403,7 +403,8 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                     .replace("{scope}", "user")
                     .replace("{snapshot}", "1")
                     .replace("{invitation}", "000000000000")
-                    .replace("{env}", "base");
+                    .replace("{env}", "base")
+                    .replace("{digest}", "sha256:00");
                 let body = (*method != "GET" && *method != "DELETE").then(|| serde_json::json!({}));
                 let got = call(method, &format!("{url}{p}"), token, body).await;
                 let ok = match expected(*access, caller) {

@@ -355,11 +355,19 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             .path()
             .join(format!("host/parked/vps-{id}-{parked}.tar"));
         assert!(copy.is_file(), "{}", copy.display());
+        let archive = std::fs::metadata(&copy).unwrap().len();
         let status = stdout(&c.rn(&["--token", &ann, "vps", "status", &id]));
         assert!(
             status.contains(&format!("Parked:     snapshot {parked}")),
             "{status}"
         );
+
+        // n2 and n3 run busybox already: a move there fetches only what the
+        // VPS made of it, not the image's own layer.
+        for n in ["n2", "n3"] {
+            let t = command_on(&c, None, n, &[], "true");
+            c.wait_state(&t, "completed");
+        }
 
         // n1 is cut off: the VPS starts on another node from the copy.
         c.link("n1", false);
@@ -374,6 +382,30 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         assert_eq!(out, format!("written-on-n1\n{written}"), "{}", c.logs());
         assert_eq!(c.task(&id)["ssh_host_key"], key_before);
         assert_eq!(std::fs::read_to_string(&keys.known).unwrap(), known_before);
+        // It fetched the 20 MiB it wrote, and skipped the layer it had.
+        let log = c.runner(&moved_to).log_text();
+        let fetch = log
+            .lines()
+            .find(|l| {
+                l.contains("parked VPS fetched from the host") && l.contains(&format!("task={id} "))
+            })
+            .unwrap_or_else(|| panic!("no fetch logged on {moved_to}:\n{log}"));
+        let field = |name: &str| -> u64 {
+            let at = fetch
+                .find(&format!(" {name}="))
+                .unwrap_or_else(|| panic!("{name}: {fetch}"));
+            let rest = &fetch[at + name.len() + 2..];
+            rest[..rest.find(' ').unwrap_or(rest.len())]
+                .parse()
+                .unwrap()
+        };
+        assert!(field("layers_skipped") >= 1, "{fetch}");
+        assert!(field("bytes_skipped") > 0, "{fetch}");
+        assert!(field("bytes") >= 20 << 20, "{fetch}");
+        assert!(
+            field("bytes") + field("bytes_skipped") <= archive,
+            "{fetch}"
+        );
         // The parked snapshot came along: it is one of the VPS's snapshots there.
         let o = c.rn(&[
             "--token", &ann, "-o", "json", "vps", "snapshot", "list", &id,

@@ -279,15 +279,16 @@ impl HostClient {
         .await
     }
 
-    /// The bytes of VPS `id`'s parked copy from `from` on, as long as it
-    /// still has the digest `sha256`.
-    pub async fn parked_archive(
+    /// The bytes of blob `digest` of VPS `id`'s parked copy from `from` on
+    /// (`sha256`: the digest's hex).
+    pub async fn parked_blob(
         &self,
         id: u64,
+        digest: &str,
         from: u64,
         sha256: &str,
     ) -> Result<reqwest::Response, HostCallError> {
-        self.archive(&format!("parked/{id}/archive"), from, sha256)
+        self.archive(&format!("parked/{id}/blobs/{digest}"), from, sha256)
             .await
     }
 

@@ -201,6 +201,27 @@ pub struct ParkedVps {
     /// The instance's private host key (the node's file, in hex), sent
     /// only to the node the VPS is placed on.
     pub host_key: String,
+    /// The snapshot's image manifest, and its config and layers in the
+    /// manifest's order: a node fetches only the blobs its content store
+    /// lacks. (Empty in a record from before blobs were listed; the host
+    /// lists them when it next reads it.)
+    #[serde(default)]
+    pub manifest: Option<ParkedBlob>,
+    #[serde(default)]
+    pub blobs: Vec<ParkedBlob>,
+}
+
+/// A blob of a parked copy: its OCI descriptor, and where its bytes lie in
+/// the host's archive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ParkedBlob {
+    #[serde(default)]
+    pub media_type: String,
+    /// `sha256:<hex>`.
+    pub digest: String,
+    pub size: u64,
+    /// The offset of its first byte in the host's archive.
+    pub offset: u64,
 }
 
 /// A VPS snapshot: a container's filesystem changes committed as an image

@@ -145,6 +145,18 @@ async fn archive(
     Ok(resp)
 }
 
+/// What `send_slice` serves: `size` bytes of `path` from `base` on, whose
+/// SHA-256 is `sha256` (an archive: all of its file from 0; a parked blob:
+/// its entry in the archive), named `what` in errors.
+pub(super) struct Slice<'a> {
+    pub path: &'a Path,
+    pub base: u64,
+    pub size: u64,
+    pub sha256: &'a str,
+    pub what: &'a str,
+    pub content_type: &'static str,
+}
+
 /// An archive's bytes as the request asks: from its `Range: bytes=N-`
 /// start (a 206; a 200 without one), `path`'s first `size` bytes,
 /// announced with its digest `sha256`; a 412 when `x-expect-sha256` names
@@ -156,6 +168,31 @@ pub(super) async fn send_archive(
     sha256: &str,
     what: &str,
 ) -> Result<Response, ApiError> {
+    let slice = Slice {
+        path,
+        base: 0,
+        size,
+        sha256,
+        what,
+        content_type: "application/x-tar",
+    };
+    send_slice(headers, &slice).await
+}
+
+/// `slice`'s bytes from the request's `Range: bytes=N-` start, as
+/// `send_archive` serves a whole archive.
+pub(super) async fn send_slice(
+    headers: &HeaderMap,
+    slice: &Slice<'_>,
+) -> Result<Response, ApiError> {
+    let Slice {
+        path,
+        base,
+        size,
+        sha256,
+        what,
+        content_type,
+    } = *slice;
     let start = range_start(headers)?;
     if let Some(expected) = headers.get(EXPECT_SHA256) {
         if expected.as_bytes() != sha256.as_bytes() {
@@ -173,13 +210,13 @@ pub(super) async fn send_archive(
     let from = start.unwrap_or(0);
     if from >= size && from > 0 {
         return Err(ApiError::BadRequest(format!(
-            "Range: {from} is not before the archive's end ({size} bytes)"
+            "Range: {from} is not before the end of {what} ({size} bytes)"
         )));
     }
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
-    file.seek(std::io::SeekFrom::Start(from))
+    file.seek(std::io::SeekFrom::Start(base + from))
         .await
         .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
     // Exactly the version hashed: a file that grows meanwhile is cut at
@@ -196,10 +233,7 @@ pub(super) async fn send_archive(
     let h = resp.headers_mut();
     let value =
         |s: String| HeaderValue::from_str(&s).map_err(|e| ApiError::Internal(e.to_string()));
-    h.insert(
-        "content-type",
-        HeaderValue::from_static("application/x-tar"),
-    );
+    h.insert("content-type", HeaderValue::from_static(content_type));
     h.insert("content-length", value((size - from).to_string())?);
     h.insert("accept-ranges", HeaderValue::from_static("bytes"));
     h.insert("x-content-sha256", value(sha256.to_string())?);

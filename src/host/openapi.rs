@@ -60,6 +60,8 @@ enum Answer {
     WebSocket,
     /// An environment archive (a tar), whole or from an offset.
     Archive,
+    /// A blob of a parked copy, whole or from an offset.
+    Blob,
 }
 
 /// What a parameter holds.
@@ -194,11 +196,11 @@ fn rows() -> Vec<Row> {
             .errors(&[400, 403, 404, 412]),
         row(Put, "/api/nodes/{name}/tasks/{id}/park", "A piece of a stopped VPS's parked copy, in order: the archive's bytes from x-upload-offset of x-upload-total, with x-snapshot-id and x-host-key (hex) headers, and x-upload-sha256 with the last piece (park_stopped_vps). That node's credential.", Empty(204))
             .errors(&[400, 403, 404, 409, 429]),
-        row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key), for the node it is placed on. That node's credential.", Json(200, named::<wire::ParkedVps>))
+        row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key, and its blobs), for the node it is placed on. That node's credential.", Json(200, named::<wire::ParkedVps>))
             .errors(&[400, 403, 404, 409]),
         row(Delete, "/api/nodes/{name}/left/{id}", "The node removed what a deleted VPS left there when it moved away. That node's credential.", Empty(204))
             .errors(&[400, 403]),
-        row(Get, "/api/nodes/{name}/parked/{id}/archive", "The parked copy's bytes (Range: bytes=N- resumes; x-expect-sha256 must name it, else 412). That node's credential.", Archive)
+        row(Get, "/api/nodes/{name}/parked/{id}/blobs/{digest}", "One blob of the parked copy (its manifest, config or a layer), by sha256:<hex> digest, from the host's archive (Range: bytes=N- resumes; x-expect-sha256 must be the digest's hex, else 412). That node's credential.", Blob)
             .errors(&[400, 403, 404, 409, 412]),
         // Tasks and VPS.
         row(Post, "/api/tasks", "Submit a command task or a VPS. Admin, operators, users.", Json(201, named::<wire::SubmitResponse>))
@@ -327,19 +329,27 @@ pub fn document() -> OpenApi {
                     .content("text/plain", ContentBuilder::new().build())
                     .content("application/openmetrics-text", ContentBuilder::new().build()),
             ),
-            Archive => responses
-                .response(
-                    "200",
-                    ResponseBuilder::new()
-                        .description("the whole archive; `x-content-sha256` is its digest")
-                        .content("application/x-tar", ContentBuilder::new().build()),
-                )
-                .response(
-                    "206",
-                    ResponseBuilder::new()
-                        .description("the archive from the range's start")
-                        .content("application/x-tar", ContentBuilder::new().build()),
-                ),
+            Archive | Blob => {
+                let (what, content_type) = match r.answer {
+                    Archive => ("archive", "application/x-tar"),
+                    _ => ("blob", "application/octet-stream"),
+                };
+                responses
+                    .response(
+                        "200",
+                        ResponseBuilder::new()
+                            .description(format!(
+                                "the whole {what}; `x-content-sha256` is its digest"
+                            ))
+                            .content(content_type, ContentBuilder::new().build()),
+                    )
+                    .response(
+                        "206",
+                        ResponseBuilder::new()
+                            .description(format!("the {what} from the range's start"))
+                            .content(content_type, ContentBuilder::new().build()),
+                    )
+            }
             WebSocket => responses.response(
                 "101",
                 ResponseBuilder::new().description(

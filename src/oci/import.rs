@@ -435,6 +435,67 @@ impl Containerd {
         result
     }
 
+    /// Imports image `name` from its manifest (`manifest`, and its bytes)
+    /// and the blobs fetched into `dir` (`blobs`: digest to file; the
+    /// config among them), as a parked copy arrives: a layer not fetched
+    /// must be in the content store already, held there by `lease`. `dir`
+    /// is removed when done. `source` is recorded as the archive it came
+    /// from.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn import_blobs(
+        &self,
+        name: &str,
+        manifest: (&str, &str, i64),
+        manifest_bytes: Vec<u8>,
+        dir: PathBuf,
+        blobs: HashMap<String, PathBuf>,
+        source: &str,
+        lease: &str,
+        progress: &super::Progress,
+    ) -> Result<ImportedImage, OciError> {
+        let (media_type, digest, size) = manifest;
+        let bad = |message: String| OciError::Image {
+            name: name.into(),
+            message,
+        };
+        let media_type = match media_type {
+            "" => MANIFEST_OCI,
+            t @ (MANIFEST_OCI | MANIFEST_DOCKER) => t,
+            t => return Err(bad(format!("unsupported manifest type {t}"))),
+        };
+        let m: Manifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|e| bad(format!("manifest: {e}")))?;
+        let layout = Layout {
+            dir,
+            blobs,
+            manifest: Desc {
+                media_type: media_type.into(),
+                digest: digest.into(),
+                size,
+                platform: None,
+            },
+            manifest_bytes,
+            config: m.config,
+            layers: m.layers,
+        };
+        if !layout.blobs.contains_key(&layout.config.digest) {
+            return Err(bad(format!(
+                "its config {} was not fetched",
+                layout.config.digest
+            )));
+        }
+        for l in &layout.layers {
+            if !layout.blobs.contains_key(&l.digest) && !self.has_blob(&l.digest).await? {
+                return Err(bad(format!(
+                    "layer {} is neither fetched nor in the content store",
+                    l.digest
+                )));
+            }
+        }
+        self.store_and_unpack(name, &layout, source, lease, "importing", progress)
+            .await
+    }
+
     pub(super) async fn store_and_unpack(
         &self,
         name: &str,
@@ -482,14 +543,12 @@ impl Containerd {
                 done,
                 total
             );
-            self.upload_file(
-                &layout.blobs[&l.digest],
-                &l.digest,
-                l.size,
-                HashMap::new(),
-                lease,
-            )
-            .await?;
+            // A layer with no file is one the store holds (`import_blobs`
+            // made sure, and its lease keeps it).
+            if let Some(file) = layout.blobs.get(&l.digest) {
+                self.upload_file(file, &l.digest, l.size, HashMap::new(), lease)
+                    .await?;
+            }
             progress.report(phase, done.max(0) as u64, total.max(0) as u64);
         }
         // GC labels keep the blobs and the unpacked snapshot alive as long as the image is.
@@ -650,7 +709,7 @@ impl Containerd {
         Ok(out)
     }
 
-    async fn has_blob(&self, digest: &str) -> Result<bool, OciError> {
+    pub(crate) async fn has_blob(&self, digest: &str) -> Result<bool, OciError> {
         match ContentClient::new(self.channel())
             .info(self.req(
                 InfoRequest {
@@ -923,6 +982,26 @@ impl Containerd {
             .await
             .map_err(OciError::rpc("create lease"))?;
         Ok(id)
+    }
+
+    /// Lease `id` holds blob `digest` against containerd's GC from now on
+    /// (whether or not the store has it yet).
+    pub(crate) async fn lease_content(&self, id: &str, digest: &str) -> Result<(), OciError> {
+        use containerd_client::services::v1::{AddResourceRequest, Resource};
+        LeasesClient::new(self.channel())
+            .add_resource(self.req(
+                AddResourceRequest {
+                    id: id.into(),
+                    resource: Some(Resource {
+                        id: digest.into(),
+                        r#type: "content".into(),
+                    }),
+                },
+                None,
+            ))
+            .await
+            .map_err(OciError::rpc(format!("lease {digest}")))?;
+        Ok(())
     }
 
     pub(crate) async fn delete_lease(&self, id: &str) {

@@ -1,7 +1,7 @@
 //! Archives from the host: environments for a node without the host's
-//! shared directory, and a VPS's parked copy for the node it moves to.
-//! Each is fetched into a cache on the node, named by its SHA-256
-//! (`sha256-<hex>.tar`), resumed from a partial copy (`.part`) after a cut
+//! shared directory, and the blobs of a VPS's parked copy that the node it
+//! moves to lacks. Each is fetched into a cache on the node, named by its
+//! SHA-256 (`sha256-<hex>.tar`, a blob too), resumed from a partial copy (`.part`) after a cut
 //! (a few times within one fetch, and on the next one), and checked
 //! against the digest before the cached copy is first used. An archive
 //! the cache has is never fetched again; when an environment changes on the
@@ -21,15 +21,22 @@ use crate::oci::Progress;
 pub enum Source<'a> {
     /// An environment archive, by name.
     Environment(&'a str),
-    /// VPS `id`'s parked copy (`vps restart --anywhere`).
-    Parked(u64),
+    /// A blob of VPS `vps`'s parked copy (`vps restart --anywhere`): its
+    /// `sha256:<hex>` digest and size.
+    ParkedBlob {
+        vps: u64,
+        digest: &'a str,
+        size: u64,
+    },
 }
 
 impl Source<'_> {
     fn label(&self) -> String {
         match self {
             Source::Environment(name) => format!("environment {name:?}"),
-            Source::Parked(id) => format!("VPS {id}'s parked copy"),
+            Source::ParkedBlob { vps, digest, .. } => {
+                format!("blob {digest} of VPS {vps}'s parked copy")
+            }
         }
     }
 
@@ -40,9 +47,9 @@ impl Source<'_> {
                 let m = host.environment(name).await?;
                 (m.size_bytes, m.sha256)
             }
-            Source::Parked(id) => {
-                let m = host.parked(*id).await?;
-                (m.size_bytes, m.sha256)
+            // Named by its digest: what it is cannot change.
+            Source::ParkedBlob { digest, size, .. } => {
+                (*size, digest.trim_start_matches("sha256:").to_string())
             }
         })
     }
@@ -55,7 +62,9 @@ impl Source<'_> {
     ) -> Result<reqwest::Response, HostCallError> {
         match self {
             Source::Environment(name) => host.environment_archive(name, from, sha256).await,
-            Source::Parked(id) => host.parked_archive(*id, from, sha256).await,
+            Source::ParkedBlob { vps, digest, .. } => {
+                host.parked_blob(*vps, digest, from, sha256).await
+            }
         }
     }
 }
@@ -279,8 +288,14 @@ async fn fetch_once(
         Source::Environment(name) => {
             tracing::info!(environment = %name, bytes = got, from, sha256 = %sha256, "environment fetched from the host")
         }
-        Source::Parked(id) => {
-            tracing::info!(task = id, bytes = got, from, sha256 = %sha256, "parked VPS fetched from the host")
+        Source::ParkedBlob { vps, digest, .. } => {
+            tracing::debug!(
+                task = vps,
+                blob = digest,
+                bytes = got,
+                from,
+                "parked blob fetched from the host"
+            )
         }
     }
     Ok(Fetched {
