@@ -460,6 +460,33 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             "it waited for its node"
         );
 
+        // A movable VPS whose node is full moves too, on a plain restart.
+        let full = keys.vps_with(
+            &c,
+            Some(&ann),
+            "n1",
+            &["-c", "1", "-m", "256M", "--movable"],
+        );
+        c.wait_state(&full, "running");
+        keys.ssh(&c, Some(&ann), &full, "echo was-on-n1 > /kept && sync");
+        let o = c.rn(&["--token", &ann, "vps", "stop", &full]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&full, "stopped");
+        assert!(c.task(&full)["parked"].is_string(), "{}", c.task(&full));
+        // Its core is taken meanwhile (the other stays for the shared ones).
+        let filler = command_on(&c, None, "n1", &["-c", "1", "-m", "64M"], "sleep 600");
+        c.wait_state(&filler, "running");
+        let o = c.rn(&["--token", &ann, "vps", "restart", &full]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&full, "running");
+        assert_ne!(node_of(&c, &full).as_deref(), Some("n1"));
+        let reason = c.task(&full)["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(reason.contains("moved from n1"), "{reason}");
+        assert_eq!(keys.ssh(&c, Some(&ann), &full, "cat /kept"), "was-on-n1\n");
+
         // A delete removes the host's copy.
         let o = c.rn(&["--token", &ann, "vps", "delete", &id]);
         assert!(o.status.success(), "{}", stderr(&o));

@@ -343,8 +343,8 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,
     /// Its owner lets it move (`vps create --movable`): a plain `vps restart`
-    /// while its node is offline or removed starts it on another node from
-    /// its parked copy, as `--anywhere` does.
+    /// while its node is offline, removed or too full for it starts it on
+    /// another node from its parked copy, as `--anywhere` does.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub movable: bool,
     /// A VM's disk size (`--vm-disk`); default: its base image's own size.

@@ -718,9 +718,9 @@ pub struct VpsCreateArgs {
     /// image's Entrypoint and Cmd; reach it with `connect`, `terminal`, `forward`.
     #[arg(long, conflicts_with_all = ["gen_ssh_key", "public_key_file", "public_key_string", "no_ssh_key", "password_stdin"])]
     pub no_ssh: bool,
-    /// Let a restart move it: while its node is offline or removed, `vps
-    /// restart` starts it on another node from the copy of its last stop
-    /// the host keeps (the host's park_stopped_vps).
+    /// Let a restart move it: when its node is offline, removed or too full
+    /// to start it again, `vps restart` starts it on another node from the
+    /// copy of its last stop the host keeps (the host's park_stopped_vps).
     #[arg(long)]
     pub movable: bool,
     /// A VM's memory in MiB (a unit is taken too: 16G); -m says the same.

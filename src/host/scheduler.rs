@@ -187,6 +187,26 @@ pub fn shape(spec: &TaskSpec) -> String {
     .to_string()
 }
 
+/// What a queued VPS that cannot start on its own node asks for instead,
+/// if it may move: made `--movable`, queued again by a plain restart (not
+/// from a snapshot of its node) and its last stop parked on the host. Then
+/// it goes to any node, from that copy (as `vps restart --anywhere`).
+pub fn moved_spec(t: &crate::api::TaskView, now_ms: i64) -> Option<TaskSpec> {
+    let snapshot = t.parked.as_ref()?;
+    if t.spec.kind != Kind::Vps || t.spec.is_vm() || !t.spec.movable || t.spec.restore.is_some() {
+        return None;
+    }
+    t.placement.as_ref()?;
+    let mut spec = t.spec.clone();
+    spec.target = None;
+    spec.restore = Some(crate::api::Restore {
+        snapshot: snapshot.clone(),
+        request: now_ms,
+        parked: true,
+    });
+    Some(spec)
+}
+
 /// Decides for one task. `reserved` holds every placement of every non-final task.
 pub fn place(spec: &TaskSpec, nodes: &[NodeView], reserved: &[Placement]) -> Decision {
     if let Err(e) = validate(spec, nodes) {

@@ -212,7 +212,9 @@ async fn restart(
         .filter(|c| t.parked.as_deref() == Some(c.snapshot.as_str()));
     // A movable VPS whose node is gone (offline, or removed: then it has no
     // placement left) moves on a plain restart, if it has a copy to move
-    // from; without one it waits for its node as any other.
+    // from; without one it waits for its node as any other. (One queued
+    // for a node that is full, or goes offline while it waits, the
+    // scheduler moves: `scheduler::moved_spec`.)
     let gone = if t.spec.movable && !req.anywhere && req.from_snapshot.is_none() && copy.is_some() {
         match t.placement.as_ref().map(|p| p.node.clone()) {
             Some(node) => state

@@ -719,6 +719,17 @@ pub(super) fn schedule(
                 d
             }
         };
+        // A movable VPS whose node is full, offline or gone moves, from its
+        // parked copy, to a node that fits.
+        let mut moved = None;
+        if !matches!(decision, Decision::Place { .. }) {
+            if let Some(spec) = scheduler::moved_spec(&t, now_ms) {
+                if let d @ Decision::Place { .. } = scheduler::place(&spec, &nodes, &held) {
+                    decision = d;
+                    moved = Some(spec);
+                }
+            }
+        }
         // Within its owner's quotas (and their group's), counting what this
         // pass placed before it: nothing is spent twice.
         if let (Decision::Place { placement, .. }, Some(owner)) = (&decision, &t.owner) {
@@ -745,6 +756,23 @@ pub(super) fn schedule(
         }
         match decision {
             Decision::Place { placement, reason } => {
+                let mut reason = reason;
+                if let (Some(spec), Some(old)) = (&moved, &t.placement) {
+                    // Its old node keeps its container and older snapshots
+                    // until the VPS is deleted (as for --anywhere).
+                    tx.execute(
+                        "INSERT OR IGNORE INTO left_behind (task, node) VALUES (?1, ?2)",
+                        params![t.id as i64, old.node],
+                    )?;
+                    tx.execute(
+                        "UPDATE tasks SET spec = ?2 WHERE id = ?1",
+                        params![t.id as i64, to_json("spec", spec)?],
+                    )?;
+                    reason = format!(
+                        "moved from {} (it cannot start there now): {reason}",
+                        old.node
+                    );
+                }
                 tx.execute(
                     "UPDATE tasks SET state = 'assigning', node = ?2, placement = ?3, reason = ?4 WHERE id = ?1",
                     params![t.id as i64, placement.node, to_json("placement", &placement)?, reason],
@@ -1443,6 +1471,12 @@ mod tests {
     /// A store with node `name`: two sockets, four GPUs, VMs when `vms`.
     fn store_with(name: &str, vms: bool) -> Arc<SqliteStore> {
         let s = SqliteStore::open_in_memory().unwrap();
+        add_node(&s, name, vms);
+        Arc::new(s)
+    }
+
+    /// Registers node `name` (two sockets, four GPUs, VMs when `vms`).
+    fn add_node(s: &SqliteStore, name: &str, vms: bool) {
         let m = FakeMachine::two_socket_four_gpus();
         let mut inventory = collect(&m.roots()).unwrap();
         inventory.vms = vms;
@@ -1460,7 +1494,6 @@ mod tests {
             0,
         )
         .unwrap();
-        Arc::new(s)
     }
 
     fn spec(cores: u32, gpus: u32) -> TaskSpec {
@@ -2211,6 +2244,73 @@ mod tests {
         assert_eq!(report(&s, a, TaskState::Failed).unwrap().parked, None);
         let e = s.restart_anywhere(a, &copy("7")).unwrap_err().to_string();
         assert!(e.contains("not parked"), "{e}");
+    }
+
+    #[test]
+    fn a_movable_vps_whose_node_is_full_moves_from_its_parked_copy() {
+        let s = store_with_node("n1");
+        add_node(&s, "n2", false);
+        let n1 = crate::api::Target {
+            node: "n1".into(),
+            numa: None,
+            gpus: vec![],
+        };
+        let vps = |movable: bool| {
+            let spec = TaskSpec {
+                kind: crate::api::Kind::Vps,
+                target: Some(n1.clone()),
+                movable,
+                ..spec(2, 0)
+            };
+            let id = s.submit_task(&spec, None, 0).unwrap();
+            s.schedule().unwrap();
+            report(&s, id, TaskState::Running).unwrap();
+            s.set_desired(id, Desired::Stopped, 1).unwrap();
+            stop_parked(&s, id, "7");
+            id
+        };
+        let (movable, pinned, restored) = (vps(true), vps(false), vps(true));
+        // n1 fills up while they are stopped.
+        let filler = TaskSpec {
+            target: Some(n1.clone()),
+            ..spec(8, 0)
+        };
+        let f = s.submit_task(&filler, None, 0).unwrap();
+        s.schedule().unwrap();
+        assert_eq!(s.get_task(f).unwrap().unwrap().state, TaskState::Assigning);
+        s.restart(movable, None).unwrap();
+        s.restart(pinned, None).unwrap();
+        // One restored from a snapshot of its node must start there.
+        let local = crate::api::Restore {
+            snapshot: "7".into(),
+            request: 3,
+            parked: false,
+        };
+        s.restart(restored, Some(&local)).unwrap();
+        s.schedule().unwrap();
+        let t = s.get_task(movable).unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Assigning, "{}", t.reason);
+        assert_eq!(t.placement.as_ref().unwrap().node, "n2");
+        assert!(t.reason.contains("moved from n1"), "{}", t.reason);
+        let from = t.spec.restore.as_ref().unwrap();
+        assert_eq!((from.snapshot.as_str(), from.parked), ("7", true));
+        assert_eq!(t.spec.target, None);
+        // n1 is told to remove what it left once the VPS is deleted.
+        let left: i64 = s
+            .with(|c| {
+                Ok(c.query_row(
+                    "SELECT COUNT(*) FROM left_behind WHERE task = ?1 AND node = 'n1'",
+                    [movable as i64],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(left, 1);
+        for id in [pinned, restored] {
+            let t = s.get_task(id).unwrap().unwrap();
+            assert_eq!(t.state, TaskState::Pending, "{id} waits for n1");
+            assert_eq!(t.placement.as_ref().unwrap().node, "n1");
+        }
     }
 
     #[test]
