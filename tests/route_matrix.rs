@@ -89,6 +89,11 @@ const ROUTES: &[(&str, &str, Access)] = &[
         Access::OwnNode,
     ),
     (
+        "GET",
+        "/api/nodes/{node}/environments/{env}/blobs/{digest}",
+        Access::OwnNode,
+    ),
+    (
         "PUT",
         "/api/nodes/{node}/tasks/{task}/park",
         Access::OwnNode,
@@ -209,6 +214,34 @@ fn expected(access: Access, caller: Caller) -> Option<StatusCode> {
     }
 }
 
+/// An OCI layout archive of one image (an empty config, one empty layer)
+/// at `path`; its manifest's digest.
+fn tiny_layout(path: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let (config, layer) = (b"{}".to_vec(), Vec::new());
+    let desc = |b: &[u8]| serde_json::json!({"digest": digest(b), "size": b.len()});
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "config": desc(&config), "layers": [desc(&layer)],
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({"manifests": [desc(&manifest)]})).unwrap();
+    let mut tar = tar::Builder::new(std::fs::File::create(path).unwrap());
+    let mut add = |name: String, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    };
+    add("index.json".into(), &index);
+    for b in [&manifest, &config, &layer] {
+        add(format!("blobs/sha256/{}", &digest(b)[7..]), b);
+    }
+    tar.finish().unwrap();
+    digest(&manifest)
+}
+
 /// Every (method, path) of a `.route("...", get(..).post(..))` in the
 /// host's router sources.
 fn routes_in_source() -> Vec<(String, String)> {
@@ -325,7 +358,7 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
     let tmp = tempfile::tempdir().unwrap();
     let shared = tmp.path().join("shared");
     std::fs::create_dir_all(shared.join("environments")).unwrap();
-    std::fs::write(shared.join("environments/base.tar"), "").unwrap();
+    let manifest = tiny_layout(&shared.join("environments/base.tar"));
     let (_host, url) = start_host_with(tmp.path(), &["--shared-dir", shared.to_str().unwrap()]);
     let host_data = tmp.path().join("host");
     let hd = host_data.to_str().unwrap();
@@ -404,7 +437,7 @@ fn every_route_matches_the_matrix_and_every_route_has_a_row() {
                     .replace("{snapshot}", "1")
                     .replace("{invitation}", "000000000000")
                     .replace("{env}", "base")
-                    .replace("{digest}", "sha256:00");
+                    .replace("{digest}", &manifest);
                 let body = (*method != "GET" && *method != "DELETE").then(|| serde_json::json!({}));
                 let got = call(method, &format!("{url}{p}"), token, body).await;
                 let ok = match expected(*access, caller) {

@@ -248,56 +248,123 @@ fn an_environment_runs_on_every_node_without_a_shared_directory_and_is_fetched_o
         let Some(c) = ThreeNodes::start_with(false) else {
             return;
         };
-        let archive = std::fs::read(c.dir.path().join("shared/environments/busybox.tar")).unwrap();
-        let size = archive.len() as u64;
-        // n1 was cut off halfway through an earlier fetch: it resumes.
-        let digest = {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(&archive))
-        };
-        let half = archive.len() / 2;
-        let cache = |n: &str| c.dir.path().join(format!("runner-{n}/runner/environments"));
+        let envs = c.dir.path().join("shared/environments");
+        let blobs = oci_blobs(&envs.join("busybox.tar"));
+        let all: u64 = blobs.iter().map(|b| b.1.len() as u64).sum();
+        // n1 was cut off halfway through its layer in an earlier fetch: it
+        // resumes.
+        let (layer, bytes) = blobs.last().unwrap();
+        let half = bytes.len() / 2;
+        let cache = |n: &str| c.dir.path().join(format!("runner-{n}/runner/blobs"));
         std::fs::create_dir_all(cache("n1")).unwrap();
         std::fs::write(
-            cache("n1").join(format!("sha256-{digest}.tar.part")),
-            &archive[..half],
+            cache("n1").join(format!("sha256-{}.tar.part", &layer[7..])),
+            &bytes[..half],
         )
         .unwrap();
+        let fetches = |n: &str, env: &str| -> Vec<String> {
+            c.runner(n)
+                .log_text()
+                .lines()
+                .filter(|l| l.contains(&format!("environment \"{env}\" fetched from the host")))
+                .map(str::to_string)
+                .collect()
+        };
         for (n, _) in NODES {
             for _ in 0..2 {
                 let id = command_on(&c, None, n, &[], "echo hi");
                 c.wait_state(&id, "completed");
             }
-            // Fetched from the host once, whole; the second run fetched nothing.
-            let log = c.runner(n).log_text();
-            let fetches: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("environment fetched from the host"))
-                .collect();
-            assert_eq!(fetches.len(), 1, "{n}: {fetches:?}");
-            let (want, from) = if n == "n1" {
-                (size - half as u64, half as u64)
-            } else {
-                (size, 0)
-            };
-            assert!(
-                fetches[0].contains(&format!("bytes={want}"))
-                    && fetches[0].contains(&format!("from={from}")),
-                "{n} fetched {want} bytes from {from}: {}",
-                fetches[0]
-            );
-            // Its copy is in the node's own cache, named by its digest.
-            let copies: Vec<String> = std::fs::read_dir(cache(n))
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .filter(|f| f.starts_with("sha256-") && f.ends_with(".tar"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            assert_eq!(copies, [format!("sha256-{digest}.tar")], "{n}");
+            // Fetched from the host once, blob by blob; the second run
+            // fetched nothing.
+            let f = fetches(n, "busybox");
+            assert_eq!(f.len(), 1, "{n}: {f:?}");
+            let want = if n == "n1" { all - half as u64 } else { all };
+            assert_eq!(field(&f[0], "bytes"), want, "{n}: {}", f[0]);
+            assert_eq!(field(&f[0], "layers_skipped"), 0, "{n}: {}", f[0]);
+            // The cache keeps nothing once the image is in.
+            let left: Vec<_> = std::fs::read_dir(cache(n)).unwrap().flatten().collect();
+            assert!(left.is_empty(), "{n}: {left:?}");
         }
+        // A second environment on the first one's layer: a node that runs
+        // the first fetches only what is new.
+        let second = common::containerd::busybox_with_a_layer(c.dir.path(), "busybox2");
+        std::fs::copy(&second, envs.join("busybox2.tar")).unwrap();
+        let o = c.rn(&[
+            "-o",
+            "json",
+            "task",
+            "submit",
+            "--container",
+            "busybox2",
+            "-t",
+            "n2",
+            "--",
+            "cat",
+            "/etc/second",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let id = created_id(&o);
+        c.wait_state(&id, "completed");
+        let f = fetches("n2", "busybox2");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(field(&f[0], "layers_skipped"), 1, "{}", f[0]);
+        assert_eq!(
+            field(&f[0], "bytes_skipped"),
+            bytes.len() as u64,
+            "{}",
+            f[0]
+        );
+        let new: u64 = oci_blobs(&second)
+            .iter()
+            .filter(|b| b.0 != *layer)
+            .map(|b| b.1.len() as u64)
+            .sum();
+        assert_eq!(field(&f[0], "bytes"), new, "{}", f[0]);
     });
+}
+
+/// The blobs of the one image in an OCI layout archive: its manifest,
+/// config and layers, by digest, in that order.
+fn oci_blobs(archive: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut files = std::collections::HashMap::new();
+    let mut t = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    for e in t.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        files.insert(name, data);
+    }
+    let json = |name: &str| -> serde_json::Value { serde_json::from_slice(&files[name]).unwrap() };
+    let blob = |d: &serde_json::Value| {
+        let digest = d["digest"].as_str().unwrap().to_string();
+        let data = files[&format!("blobs/sha256/{}", &digest[7..])].clone();
+        (digest, data)
+    };
+    let index = json("index.json");
+    let manifest = blob(&index["manifests"][0]);
+    let m: serde_json::Value = serde_json::from_slice(&manifest.1).unwrap();
+    let mut out = vec![manifest, blob(&m["config"])];
+    out.extend(m["layers"].as_array().unwrap().iter().map(blob));
+    out
+}
+
+/// The number after ` name=` in a log line.
+fn field(line: &str, name: &str) -> u64 {
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("{name}: {line}"));
+    let rest = &line[at + name.len() + 2..];
+    rest[..rest.find(' ').unwrap_or(rest.len())]
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -386,19 +453,9 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         let log = c.runner(&moved_to).log_text();
         let fetch = log
             .lines()
-            .find(|l| {
-                l.contains("parked VPS fetched from the host") && l.contains(&format!("task={id} "))
-            })
+            .find(|l| l.contains(&format!("VPS {id}'s parked copy fetched from the host")))
             .unwrap_or_else(|| panic!("no fetch logged on {moved_to}:\n{log}"));
-        let field = |name: &str| -> u64 {
-            let at = fetch
-                .find(&format!(" {name}="))
-                .unwrap_or_else(|| panic!("{name}: {fetch}"));
-            let rest = &fetch[at + name.len() + 2..];
-            rest[..rest.find(' ').unwrap_or(rest.len())]
-                .parse()
-                .unwrap()
-        };
+        let field = |name: &str| field(fetch, name);
         assert!(field("layers_skipped") >= 1, "{fetch}");
         assert!(field("bytes_skipped") > 0, "{fetch}");
         assert!(field("bytes") >= 20 << 20, "{fetch}");

@@ -279,16 +279,16 @@ impl HostClient {
         .await
     }
 
-    /// The bytes of blob `digest` of VPS `id`'s parked copy from `from` on
-    /// (`sha256`: the digest's hex).
-    pub async fn parked_blob(
+    /// The bytes of blob `digest` of an archive (`of`: `environments/<name>`
+    /// or `parked/<id>`) from `from` on (`sha256`: the digest's hex).
+    pub async fn archive_blob(
         &self,
-        id: u64,
+        of: &str,
         digest: &str,
         from: u64,
         sha256: &str,
     ) -> Result<reqwest::Response, HostCallError> {
-        self.archive(&format!("parked/{id}/blobs/{digest}"), from, sha256)
+        self.archive(&format!("{of}/blobs/{digest}"), from, sha256)
             .await
     }
 

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 pub use target::{parse_memory_size, Target, TargetError};
 pub use task::{
-    valid_hostname, Assignment, Assignments, Consistency, Desired, ImageSource, Kind, MountSpec,
-    ParkedBlob, ParkedVps, Placement, RestartRequest, Restore, SnapshotRequest, SnapshotView,
+    valid_hostname, ArchiveBlob, Assignment, Assignments, Consistency, Desired, ImageSource, Kind,
+    MountSpec, ParkedVps, Placement, RestartRequest, Restore, SnapshotRequest, SnapshotView,
     SubmitResponse, TaskProgress, TaskReport, TaskSpec, TaskState, TaskView, UserEnvChange,
     LOG_STREAMS,
 };
@@ -229,6 +229,14 @@ pub struct EnvironmentArchive {
     pub size_bytes: u64,
     /// Lower-case hex.
     pub sha256: String,
+    /// For an OCI image layout of one image: its manifest, and its config
+    /// and layers (each with where it lies in the archive), which a node
+    /// fetches one by one, skipping the layers it holds. None for any
+    /// other archive (`docker save`, several images): fetched whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<ArchiveBlob>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<ArchiveBlob>,
 }
 
 /// The header an archive download names the digest it expects with: the

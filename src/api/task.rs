@@ -203,18 +203,18 @@ pub struct ParkedVps {
     pub host_key: String,
     /// The snapshot's image manifest, and its config and layers in the
     /// manifest's order: a node fetches only the blobs its content store
-    /// lacks. (Empty in a record from before blobs were listed; the host
-    /// lists them when it next reads it.)
+    /// lacks. (None in a record from before blobs were listed: the host
+    /// takes that for no copy.)
     #[serde(default)]
-    pub manifest: Option<ParkedBlob>,
+    pub manifest: Option<ArchiveBlob>,
     #[serde(default)]
-    pub blobs: Vec<ParkedBlob>,
+    pub blobs: Vec<ArchiveBlob>,
 }
 
 /// A blob of a parked copy: its OCI descriptor, and where its bytes lie in
 /// the host's archive.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ParkedBlob {
+pub struct ArchiveBlob {
     #[serde(default)]
     pub media_type: String,
     /// `sha256:<hex>`.

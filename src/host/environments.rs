@@ -9,24 +9,26 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::api::ApiError;
 use super::HostState;
-use crate::api::{valid_image_name, EnvironmentArchive, EXPECT_SHA256};
+use crate::api::{valid_image_name, EnvironmentArchive};
 
 /// A node's routes (its own credential, its own name in the path).
 pub fn node_routes() -> Router<Arc<HostState>> {
     Router::new()
         .route("/api/nodes/{name}/environments/{env}", get(describe))
         .route("/api/nodes/{name}/environments/{env}/archive", get(archive))
+        .route(
+            "/api/nodes/{name}/environments/{env}/blobs/{digest}",
+            get(blob),
+        )
 }
 
 /// Which version of a file a digest belongs to: its size, modification
@@ -34,8 +36,9 @@ pub fn node_routes() -> Router<Arc<HostState>> {
 /// `cp -p` or `rsync -a` do, is still another file).
 type Version = (u64, Option<SystemTime>, u64, i64, i64);
 
-/// Digests by archive path, for the version of the file they were made of.
-static DIGESTS: Mutex<Option<HashMap<PathBuf, (Version, String)>>> = Mutex::new(None);
+/// Digests and blob lists by archive path, for the version of the file
+/// they were made of.
+static DIGESTS: Mutex<Option<HashMap<PathBuf, (Version, EnvironmentArchive)>>> = Mutex::new(None);
 
 fn archive_path(state: &HostState, env: &str) -> Result<PathBuf, ApiError> {
     if !valid_image_name(env) {
@@ -69,42 +72,48 @@ fn version(path: &Path) -> Result<Version, ApiError> {
     ))
 }
 
-/// The archive's size and SHA-256, hashed once per version of the file.
+/// The archive's size, SHA-256 and blobs (an OCI layout's), read once per
+/// version of the file.
 async fn digest(path: PathBuf) -> Result<EnvironmentArchive, ApiError> {
     let v = version(&path)?;
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let known = DIGESTS
         .lock()
         .ok()
         .and_then(|d| d.as_ref()?.get(&path).filter(|(at, _)| *at == v).cloned());
-    let sha256 = match known {
-        Some((_, hex)) => hex,
-        None => {
-            let p = path.clone();
-            let hex = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-                let mut f = std::fs::File::open(&p)?;
-                let mut h = Sha256::new();
-                std::io::copy(&mut f, &mut h)?;
-                Ok(hex::encode(h.finalize()))
-            })
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(format!("hashing {}: {e}", path.display())))?;
-            if let Ok(mut d) = DIGESTS.lock() {
-                d.get_or_insert_with(HashMap::new)
-                    .insert(path, (v, hex.clone()));
-            }
-            hex
-        }
-    };
-    Ok(EnvironmentArchive {
+    if let Some((_, found)) = known {
+        return Ok(found);
+    }
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let p = path.clone();
+    let (sha256, indexed) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let mut f = std::fs::File::open(&p)?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h)?;
+        // Any other archive is fetched whole.
+        Ok((
+            hex::encode(h.finalize()),
+            super::archive::index_archive(&p).ok(),
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(format!("hashing {}: {e}", path.display())))?;
+    let (manifest, blobs) = indexed.map_or((None, Vec::new()), |(m, b)| (Some(m), b));
+    let found = EnvironmentArchive {
         name,
         size_bytes: v.0,
         sha256,
-    })
+        manifest,
+        blobs,
+    };
+    if let Ok(mut d) = DIGESTS.lock() {
+        d.get_or_insert_with(HashMap::new)
+            .insert(path, (v, found.clone()));
+    }
+    Ok(found)
 }
 
 async fn describe(
@@ -112,22 +121,6 @@ async fn describe(
     UrlPath((_node, env)): UrlPath<(String, String)>,
 ) -> Result<Json<EnvironmentArchive>, ApiError> {
     Ok(Json(digest(archive_path(&state, &env)?).await?))
-}
-
-/// Where a `Range: bytes=N-` request starts; none without one. Only that
-/// form is served (a node resumes from what it has; it never asks for a
-/// slice in the middle).
-fn range_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = headers.get(axum::http::header::RANGE) else {
-        return Ok(None);
-    };
-    v.to_str()
-        .ok()
-        .and_then(|t| t.strip_prefix("bytes="))
-        .and_then(|t| t.strip_suffix('-'))
-        .and_then(|n| n.parse::<u64>().ok())
-        .map(Some)
-        .ok_or_else(|| ApiError::BadRequest("Range: only bytes=N- is served".into()))
 }
 
 /// The archive's bytes from the range's start; `x-expect-sha256` must
@@ -140,127 +133,25 @@ async fn archive(
     let path = archive_path(&state, &env)?;
     let d = digest(path.clone()).await?;
     let what = format!("environment {env:?}");
-    let resp = send_archive(&headers, &path, d.size_bytes, &d.sha256, &what).await?;
+    let resp =
+        super::archive::send_archive(&headers, &path, d.size_bytes, &d.sha256, &what).await?;
     tracing::info!(environment = %env, "environment archive sent");
     Ok(resp)
 }
 
-/// What `send_slice` serves: `size` bytes of `path` from `base` on, whose
-/// SHA-256 is `sha256` (an archive: all of its file from 0; a parked blob:
-/// its entry in the archive), named `what` in errors.
-pub(super) struct Slice<'a> {
-    pub path: &'a Path,
-    pub base: u64,
-    pub size: u64,
-    pub sha256: &'a str,
-    pub what: &'a str,
-    pub content_type: &'static str,
-}
-
-/// An archive's bytes as the request asks: from its `Range: bytes=N-`
-/// start (a 206; a 200 without one), `path`'s first `size` bytes,
-/// announced with its digest `sha256`; a 412 when `x-expect-sha256` names
-/// another digest (`what` changed meanwhile).
-pub(super) async fn send_archive(
-    headers: &HeaderMap,
-    path: &Path,
-    size: u64,
-    sha256: &str,
-    what: &str,
+/// One blob of an OCI layout archive (its manifest, config or a layer)
+/// from the range's start; `x-expect-sha256` must be its digest's.
+async fn blob(
+    State(state): State<Arc<HostState>>,
+    UrlPath((_node, env, digest_name)): UrlPath<(String, String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let slice = Slice {
-        path,
-        base: 0,
-        size,
-        sha256,
-        what,
-        content_type: "application/x-tar",
-    };
-    send_slice(headers, &slice).await
-}
-
-/// `slice`'s bytes from the request's `Range: bytes=N-` start, as
-/// `send_archive` serves a whole archive.
-pub(super) async fn send_slice(
-    headers: &HeaderMap,
-    slice: &Slice<'_>,
-) -> Result<Response, ApiError> {
-    let Slice {
-        path,
-        base,
-        size,
-        sha256,
-        what,
-        content_type,
-    } = *slice;
-    let start = range_start(headers)?;
-    if let Some(expected) = headers.get(EXPECT_SHA256) {
-        if expected.as_bytes() != sha256.as_bytes() {
-            return Ok((
-                StatusCode::PRECONDITION_FAILED,
-                Json(crate::api::ErrorBody {
-                    error: format!(
-                        "{what} changed on the host (now sha256 {sha256}): fetch it again"
-                    ),
-                }),
-            )
-                .into_response());
-        }
-    }
-    let from = start.unwrap_or(0);
-    if from >= size && from > 0 {
-        return Err(ApiError::BadRequest(format!(
-            "Range: {from} is not before the end of {what} ({size} bytes)"
-        )));
-    }
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
-    file.seek(std::io::SeekFrom::Start(base + from))
-        .await
-        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
-    // Exactly the version hashed: a file that grows meanwhile is cut at
-    // the size announced, and the node's check catches any other change.
-    // 1 MiB reads: each is a blocking-pool round trip in tokio's file.
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        file.take(size - from),
-        1 << 20,
-    ));
-    let mut resp = Response::new(body);
-    if start.is_some() {
-        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-    }
-    let h = resp.headers_mut();
-    let value =
-        |s: String| HeaderValue::from_str(&s).map_err(|e| ApiError::Internal(e.to_string()));
-    h.insert("content-type", HeaderValue::from_static(content_type));
-    h.insert("content-length", value((size - from).to_string())?);
-    h.insert("accept-ranges", HeaderValue::from_static("bytes"));
-    h.insert("x-content-sha256", value(sha256.to_string())?);
-    if start.is_some() {
-        h.insert(
-            "content-range",
-            value(format!("bytes {from}-{}/{size}", size.saturating_sub(1),))?,
-        );
-    }
+    let path = archive_path(&state, &env)?;
+    let d = digest(path.clone()).await?;
+    let what = format!("blob {digest_name} of environment {env:?}");
+    let resp =
+        super::archive::send_blob(&headers, &path, &d.manifest, &d.blobs, &digest_name, &what)
+            .await?;
+    tracing::info!(environment = %env, blob = %digest_name, "environment blob sent");
     Ok(resp)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_an_open_range_from_an_offset_is_served() {
-        let with = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(axum::http::header::RANGE, HeaderValue::from_str(v).unwrap());
-            range_start(&h)
-        };
-        assert_eq!(range_start(&HeaderMap::new()).unwrap(), None);
-        assert_eq!(with("bytes=1024-").unwrap(), Some(1024));
-        assert!(with("bytes=0-99").is_err());
-        assert!(with("bytes=-5").is_err());
-        assert!(with("items=0-").is_err());
-    }
 }

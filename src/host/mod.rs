@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod approval;
+mod archive;
 pub mod auth;
 pub mod dashboard;
 pub mod environments;

@@ -191,8 +191,10 @@ fn rows() -> Vec<Row> {
         row(Post, "/api/nodes/{name}/tasks/{id}/self", "An instance acts on itself with its key, through its runner. That node's credential.", Json(200, named::<TaskView>))
             .body(named::<crate::api::instance_key::SelfRequest>)
             .errors(&[400, 403, 404, 409]),
-        row(Get, "/api/nodes/{name}/environments/{env}", "An environment archive's size and SHA-256, for a node without the shared directory. That node's credential.", Json(200, named::<wire::EnvironmentArchive>)),
+        row(Get, "/api/nodes/{name}/environments/{env}", "An environment archive's size and SHA-256 (and an OCI layout's blobs), for a node without the shared directory. That node's credential.", Json(200, named::<wire::EnvironmentArchive>)),
         row(Get, "/api/nodes/{name}/environments/{env}/archive", "The archive's bytes (Range: bytes=N- resumes; x-expect-sha256 must name it, else 412). That node's credential.", Archive)
+            .errors(&[400, 403, 404, 412]),
+        row(Get, "/api/nodes/{name}/environments/{env}/blobs/{digest}", "One blob of an OCI layout environment archive (its manifest, config or a layer), by sha256:<hex> digest (Range: bytes=N- resumes; x-expect-sha256 must be the digest's hex, else 412). That node's credential.", Blob)
             .errors(&[400, 403, 404, 412]),
         row(Put, "/api/nodes/{name}/tasks/{id}/park", "A piece of a stopped VPS's parked copy, in order: the archive's bytes from x-upload-offset of x-upload-total, with x-snapshot-id and x-host-key (hex) headers, and x-upload-sha256 with the last piece (park_stopped_vps). That node's credential.", Empty(204))
             .errors(&[400, 403, 404, 409, 429]),

@@ -29,7 +29,7 @@ use super::api::ApiError;
 use super::auth::Principal;
 use super::tasks::own_node;
 use super::HostState;
-use crate::api::{Kind, ParkedBlob, ParkedVps, TaskView};
+use crate::api::{Kind, ParkedVps, TaskView};
 
 /// The snapshot a park is of (a runner's snapshot id: digits).
 pub const SNAPSHOT_HEADER: &str = "x-snapshot-id";
@@ -88,117 +88,14 @@ fn internal(path: &Path) -> impl Fn(std::io::Error) -> ApiError + '_ {
     move |e| ApiError::Internal(format!("{}: {e}", path.display()))
 }
 
-/// The copy the host keeps of VPS `id`, if any. A record from before
-/// records listed their blobs gets its list now.
+/// The copy the host keeps of VPS `id`, if any. (A record from before
+/// records listed their blobs is none: that VPS is parked again at its
+/// next stop.)
 pub fn record(state: &HostState, id: u64) -> Option<ParkedVps> {
     let text = std::fs::read(record_path(state, id)).ok()?;
-    let mut r = serde_json::from_slice::<ParkedVps>(&text)
-        .ok()
-        .filter(|r| r.vps_id == id && archive_path(state, id, &r.snapshot).is_file())?;
-    if r.manifest.is_none() {
-        let (manifest, blobs) = index_archive(&archive_path(state, id, &r.snapshot))
-            .map_err(|e| tracing::warn!(task = id, error = %e, "a parked copy that is no image"))
-            .ok()?;
-        (r.manifest, r.blobs) = (Some(manifest), blobs);
-        if let Ok(text) = serde_json::to_vec(&r) {
-            let _ = crate::files::write_secret(&record_path(state, id), &text);
-        }
-    }
-    Some(r)
-}
-
-/// An OCI descriptor, as an image layout's index and a manifest hold them.
-#[derive(serde::Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct LayoutIndex {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(serde::Deserialize)]
-struct ImageManifest {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
-/// The manifest and its config and layers (in its order) of the OCI image
-/// layout archive at `path`, each with where its bytes lie in the file; why
-/// not, when it is no layout of one image with all its blobs.
-pub fn index_archive(path: &Path) -> Result<(ParkedBlob, Vec<ParkedBlob>), String> {
-    use std::io::{Read, Seek};
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    // digest -> (offset, size) of every blob entry; index.json's text.
-    let mut entries = std::collections::HashMap::new();
-    let mut index = None;
-    {
-        let mut tar = tar::Archive::new(&mut file);
-        // Seeks past each entry's data rather than reading it.
-        for entry in tar.entries_with_seek().map_err(|e| e.to_string())? {
-            let mut entry = entry.map_err(|e| format!("not a tar archive: {e}"))?;
-            let name = entry.path().map_err(|e| e.to_string())?.into_owned();
-            let name = name.to_string_lossy();
-            if name == "index.json" {
-                let mut text = Vec::new();
-                (&mut entry)
-                    .take(1 << 20)
-                    .read_to_end(&mut text)
-                    .map_err(|e| e.to_string())?;
-                index = Some(text);
-            } else if let Some(hex) = name
-                .strip_prefix("blobs/sha256/")
-                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            {
-                entries.insert(
-                    format!("sha256:{hex}"),
-                    (entry.raw_file_position(), entry.size()),
-                );
-            }
-        }
-    }
-    let index: LayoutIndex = serde_json::from_slice(&index.ok_or("it has no index.json")?)
-        .map_err(|e| format!("index.json: {e}"))?;
-    let [m] = &index.manifests[..] else {
-        return Err(format!(
-            "index.json lists {} manifests, not one",
-            index.manifests.len()
-        ));
-    };
-    let blob = |d: &Descriptor| -> Result<ParkedBlob, String> {
-        match entries.get(&d.digest) {
-            Some(&(offset, size)) if size == d.size => Ok(ParkedBlob {
-                media_type: d.media_type.clone(),
-                digest: d.digest.clone(),
-                size,
-                offset,
-            }),
-            Some(&(_, size)) => Err(format!(
-                "blob {} has {size} bytes, its descriptor says {}",
-                d.digest, d.size
-            )),
-            None => Err(format!("blob {} is not in it", d.digest)),
-        }
-    };
-    let manifest = blob(m)?;
-    if manifest.size > 4 << 20 {
-        return Err(format!("its manifest has {} bytes", manifest.size));
-    }
-    let mut text = vec![0u8; manifest.size as usize];
-    file.seek(std::io::SeekFrom::Start(manifest.offset))
-        .and_then(|_| file.read_exact(&mut text))
-        .map_err(|e| e.to_string())?;
-    let image: ImageManifest =
-        serde_json::from_slice(&text).map_err(|e| format!("manifest {}: {e}", m.digest))?;
-    let blobs = std::iter::once(&image.config)
-        .chain(&image.layers)
-        .map(blob)
-        .collect::<Result<_, _>>()?;
-    Ok((manifest, blobs))
+    serde_json::from_slice::<ParkedVps>(&text).ok().filter(|r| {
+        r.vps_id == id && r.manifest.is_some() && archive_path(state, id, &r.snapshot).is_file()
+    })
 }
 
 /// Removes VPS `id`'s copy (it was deleted): its record first, so that no
@@ -382,7 +279,7 @@ async fn park(
         )));
     }
     let p2 = part.clone();
-    let indexed = tokio::task::spawn_blocking(move || index_archive(&p2))
+    let indexed = tokio::task::spawn_blocking(move || super::archive::index_archive(&p2))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let (manifest, blobs) = match indexed {
@@ -449,27 +346,11 @@ async fn blob(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let r = current(&state, &p, &name, id).await?;
-    let b = r
-        .manifest
-        .iter()
-        .chain(&r.blobs)
-        .find(|b| b.digest == digest)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("VPS {id}'s parked copy has no blob {digest:?}"))
-        })?;
     let path = archive_path(&state, id, &r.snapshot);
-    let hex = b.digest.trim_start_matches("sha256:");
     let what = format!("blob {digest} of VPS {id}'s parked copy");
-    let slice = super::environments::Slice {
-        path: &path,
-        base: b.offset,
-        size: b.size,
-        sha256: hex,
-        what: &what,
-        content_type: "application/octet-stream",
-    };
-    let resp = super::environments::send_slice(&headers, &slice).await?;
-    tracing::info!(task = id, node = %name, blob = %digest, bytes = b.size, "parked blob sent");
+    let resp =
+        super::archive::send_blob(&headers, &path, &r.manifest, &r.blobs, &digest, &what).await?;
+    tracing::info!(task = id, node = %name, blob = %digest, "parked blob sent");
     Ok(resp)
 }
 
@@ -483,68 +364,5 @@ mod tests {
         for bad in ["", "../x", "12a", "123456789012345678901"] {
             assert!(!valid_snapshot(bad), "{bad}");
         }
-    }
-
-    /// A layout archive of one image with `layers`, and its blobs; the
-    /// layer `leave_out` (an index) is listed but not in the archive.
-    fn layout(dir: &Path, layers: &[&[u8]], leave_out: Option<usize>) -> PathBuf {
-        let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
-        let config = br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
-        let desc =
-            |b: &[u8]| serde_json::json!({"mediaType": "x", "digest": digest(b), "size": b.len()});
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "config": desc(&config),
-            "layers": layers.iter().map(|l| desc(l)).collect::<Vec<_>>(),
-        }))
-        .unwrap();
-        let index =
-            serde_json::to_vec(&serde_json::json!({"manifests": [desc(&manifest)]})).unwrap();
-        let path = dir.join("a.tar");
-        let mut tar = tar::Builder::new(std::fs::File::create(&path).unwrap());
-        let mut add = |name: String, data: &[u8]| {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            tar.append_data(&mut h, name, data).unwrap();
-        };
-        add("index.json".into(), &index);
-        let blobs = [manifest.as_slice(), &config]
-            .into_iter()
-            .chain(layers.iter().copied())
-            .enumerate()
-            .filter(|(i, _)| leave_out.map(|l| l + 2) != Some(*i));
-        for (_, b) in blobs {
-            add(format!("blobs/sha256/{}", &digest(b)[7..]), b);
-        }
-        tar.finish().unwrap();
-        path
-    }
-
-    #[test]
-    fn an_archive_lists_where_each_blob_lies() {
-        let dir = tempfile::tempdir().unwrap();
-        let layers: [&[u8]; 2] = [b"base layer", &[7u8; 3000]];
-        let path = layout(dir.path(), &layers, None);
-        let (manifest, blobs) = index_archive(&path).unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        let at = |b: &ParkedBlob| &bytes[b.offset as usize..(b.offset + b.size) as usize];
-        let m: serde_json::Value = serde_json::from_slice(at(&manifest)).unwrap();
-        assert_eq!(m["schemaVersion"], 2);
-        assert_eq!(blobs.len(), 3, "the config, then the layers");
-        assert!(at(&blobs[0]).starts_with(b"{\"rootfs\""));
-        assert_eq!(at(&blobs[1]), layers[0]);
-        assert_eq!(at(&blobs[2]), layers[1]);
-        assert_eq!(
-            blobs[2].digest,
-            format!("sha256:{}", hex::encode(Sha256::digest(layers[1])))
-        );
-
-        let missing = layout(dir.path(), &layers, Some(1));
-        let e = index_archive(&missing).unwrap_err();
-        assert!(e.contains("is not in it"), "{e}");
-        std::fs::write(dir.path().join("junk"), b"no tar at all").unwrap();
-        assert!(index_archive(&dir.path().join("junk")).is_err());
     }
 }

@@ -212,7 +212,9 @@ pub(super) fn linux_amd64(index: &Index) -> Option<&Desc> {
 
 /// An archive unpacked into a private temporary directory.
 pub(super) struct Layout {
-    pub(super) dir: PathBuf,
+    /// The archive's extracted files, removed with the layout (none when
+    /// the blobs are files the caller keeps).
+    pub(super) dir: Option<PathBuf>,
     /// digest → file, for every blob we may upload.
     pub(super) blobs: HashMap<String, PathBuf>,
     pub(super) manifest: Desc,
@@ -223,7 +225,9 @@ pub(super) struct Layout {
 
 impl Drop for Layout {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -238,8 +242,7 @@ fn archive_err(path: &Path, message: impl Into<String>) -> OciError {
 /// unpacked: whether `archive` is one rivernode can import (the fuzz target
 /// of the archive reader).
 pub fn check_archive(archive: &Path, scratch: &Path) -> Result<(), OciError> {
-    let layout = read_layout(archive, scratch)?;
-    let _ = std::fs::remove_dir_all(&layout.dir);
+    read_layout(archive, scratch)?;
     Ok(())
 }
 
@@ -262,7 +265,7 @@ fn read_layout(archive: &Path, scratch: &Path) -> Result<Layout, OciError> {
     t.unpack(&dir)
         .map_err(|e| archive_err(archive, format!("not a tar archive: {e}")))?;
     let mut layout = Layout {
-        dir: dir.clone(),
+        dir: Some(dir.clone()),
         blobs: HashMap::new(),
         manifest: Desc {
             media_type: String::new(),
@@ -415,12 +418,8 @@ impl Containerd {
                 path: archive.to_path_buf(),
                 source,
             })?;
-        if let Some(img) = self.get_image(name).await? {
-            if img.labels.get(ARCHIVE_LABEL) == Some(&digest) {
-                if let Ok(ready) = self.image_ready(name, &img).await {
-                    return Ok(ready);
-                }
-            }
+        if let Some(ready) = self.imported_from(name, &digest).await? {
+            return Ok(ready);
         }
         tracing::info!(image = name, archive = %archive.display(), "importing environment");
         let (a, s) = (archive.to_path_buf(), scratch.to_path_buf());
@@ -436,18 +435,16 @@ impl Containerd {
     }
 
     /// Imports image `name` from its manifest (`manifest`, and its bytes)
-    /// and the blobs fetched into `dir` (`blobs`: digest to file; the
-    /// config among them), as a parked copy arrives: a layer not fetched
-    /// must be in the content store already, held there by `lease`. `dir`
-    /// is removed when done. `source` is recorded as the archive it came
-    /// from.
+    /// and the blobs fetched (`blobs`: digest to file; the config among
+    /// them), as an archive fetched blob by blob arrives: a layer not
+    /// fetched must be in the content store already, held there by
+    /// `lease`. `source` is recorded as the archive it came from.
     #[allow(clippy::too_many_arguments)]
     pub async fn import_blobs(
         &self,
         name: &str,
         manifest: (&str, &str, i64),
         manifest_bytes: Vec<u8>,
-        dir: PathBuf,
         blobs: HashMap<String, PathBuf>,
         source: &str,
         lease: &str,
@@ -466,7 +463,7 @@ impl Containerd {
         let m: Manifest =
             serde_json::from_slice(&manifest_bytes).map_err(|e| bad(format!("manifest: {e}")))?;
         let layout = Layout {
-            dir,
+            dir: None,
             blobs,
             manifest: Desc {
                 media_type: media_type.into(),
@@ -494,6 +491,22 @@ impl Containerd {
         }
         self.store_and_unpack(name, &layout, source, lease, "importing", progress)
             .await
+    }
+
+    /// Image `name`, if it is made and was imported from the archive
+    /// whose SHA-256 is `digest`.
+    pub async fn imported_from(
+        &self,
+        name: &str,
+        digest: &str,
+    ) -> Result<Option<ImportedImage>, OciError> {
+        let Some(img) = self.get_image(name).await? else {
+            return Ok(None);
+        };
+        if img.labels.get(ARCHIVE_LABEL).map(String::as_str) != Some(digest) {
+            return Ok(None);
+        }
+        Ok(self.image_ready(name, &img).await.ok())
     }
 
     pub(super) async fn store_and_unpack(

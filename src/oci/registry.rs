@@ -385,7 +385,7 @@ impl Containerd {
             source,
         })?;
         let mut layout = Layout {
-            dir: dir.clone(),
+            dir: Some(dir.clone()),
             blobs: HashMap::new(),
             manifest: manifest_desc,
             manifest_bytes,

@@ -253,10 +253,15 @@ impl TaskContext {
                     .shared_dir
                     .join("environments")
                     .join(format!("{name}.tar"));
-                // Without the host's shared directory, the node keeps its
-                // own copy, fetched from the host (`envfetch`).
+                let image = format!("rivernode.local/env/{name}:latest");
+                // Without the host's shared directory, the node fetches the
+                // archive from the host (`envfetch`): an OCI layout blob by
+                // blob (only the layers it lacks), any other whole, into a
+                // copy of its own.
                 let archive = if shared.is_file() {
                     shared
+                } else if let Some(found) = self.env_by_blobs(name, &image, progress).await? {
+                    return Ok(found);
                 } else {
                     let cache = self
                         .config
@@ -288,12 +293,7 @@ impl TaskContext {
                 std::fs::create_dir_all(&scratch).map_err(Self::io(&scratch))?;
                 Ok(self
                     .ctd
-                    .import_archive(
-                        &format!("rivernode.local/env/{name}:latest"),
-                        &archive,
-                        &scratch,
-                        progress,
-                    )
+                    .import_archive(&image, &archive, &scratch, progress)
                     .await?)
             }
             ImageSource::Snapshot { vps, snapshot } => {
@@ -308,6 +308,57 @@ impl TaskContext {
                     .await?)
             }
         }
+    }
+
+    /// Environment `name` as image `image`, when the host lists its
+    /// archive's blobs (an OCI layout of one image): made already from
+    /// the archive's current version, or fetched blob by blob. None when
+    /// the archive is fetched whole.
+    async fn env_by_blobs(
+        &self,
+        name: &str,
+        image: &str,
+        progress: &oci::Progress,
+    ) -> Result<Option<oci::ImportedImage>, InstanceError> {
+        let meta = match self.host.environment(name).await {
+            Ok(m) => m,
+            Err(crate::api::host_client::HostCallError::Refused { status, .. })
+                if status == reqwest::StatusCode::NOT_FOUND =>
+            {
+                return Err(InstanceError::NoEnvironment {
+                    name: name.to_string(),
+                    path: self
+                        .config
+                        .shared_dir
+                        .join("environments")
+                        .join(format!("{name}.tar")),
+                    node: self.node.clone(),
+                })
+            }
+            Err(e) => {
+                return Err(super::envfetch::FetchError::Host {
+                    what: format!("environment {name:?}"),
+                    source: e,
+                }
+                .into())
+            }
+        };
+        if meta.manifest.is_none() {
+            return Ok(None);
+        }
+        if let Some(ready) = self.ctd.imported_from(image, &meta.sha256).await? {
+            return Ok(Some(ready));
+        }
+        let lease = self.ctd.create_lease().await?;
+        let of = super::envfetch::BlobOf::Environment(name);
+        let parts = super::envfetch::Image {
+            manifest: meta.manifest.as_ref(),
+            blobs: &meta.blobs,
+            sha256: &meta.sha256,
+        };
+        let imported = self.fetch_image(of, parts, image, &lease, progress).await;
+        self.ctd.delete_lease(&lease).await;
+        Ok(Some(imported?))
     }
 
     fn spec_input(&self, a: &Assignment) -> Result<RuntimeSpecInput, InstanceError> {

@@ -13,30 +13,50 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use std::collections::{HashMap, HashSet};
+
+use super::container::TaskContext;
+use super::driver::InstanceError;
 use crate::api::host_client::{HostCallError, HostClient};
-use crate::oci::Progress;
+use crate::api::ArchiveBlob;
+use crate::oci::{ImportedImage, Progress};
 
 /// What is fetched from the host.
 #[derive(Clone, Copy, Debug)]
 pub enum Source<'a> {
     /// An environment archive, by name.
     Environment(&'a str),
-    /// A blob of VPS `vps`'s parked copy (`vps restart --anywhere`): its
-    /// `sha256:<hex>` digest and size.
-    ParkedBlob {
-        vps: u64,
+    /// A blob of an OCI layout archive: its `sha256:<hex>` digest and size.
+    Blob {
+        of: BlobOf<'a>,
         digest: &'a str,
         size: u64,
     },
+}
+
+/// The archive on the host a blob is of.
+#[derive(Clone, Copy, Debug)]
+pub enum BlobOf<'a> {
+    /// An environment archive, by name.
+    Environment(&'a str),
+    /// VPS `id`'s parked copy (`vps restart --anywhere`).
+    Parked(u64),
+}
+
+impl std::fmt::Display for BlobOf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlobOf::Environment(name) => write!(f, "environment {name:?}"),
+            BlobOf::Parked(id) => write!(f, "VPS {id}'s parked copy"),
+        }
+    }
 }
 
 impl Source<'_> {
     fn label(&self) -> String {
         match self {
             Source::Environment(name) => format!("environment {name:?}"),
-            Source::ParkedBlob { vps, digest, .. } => {
-                format!("blob {digest} of VPS {vps}'s parked copy")
-            }
+            Source::Blob { of, digest, .. } => format!("blob {digest} of {of}"),
         }
     }
 
@@ -48,7 +68,7 @@ impl Source<'_> {
                 (m.size_bytes, m.sha256)
             }
             // Named by its digest: what it is cannot change.
-            Source::ParkedBlob { digest, size, .. } => {
+            Source::Blob { digest, size, .. } => {
                 (*size, digest.trim_start_matches("sha256:").to_string())
             }
         })
@@ -62,8 +82,12 @@ impl Source<'_> {
     ) -> Result<reqwest::Response, HostCallError> {
         match self {
             Source::Environment(name) => host.environment_archive(name, from, sha256).await,
-            Source::ParkedBlob { vps, digest, .. } => {
-                host.parked_blob(*vps, digest, from, sha256).await
+            Source::Blob { of, digest, .. } => {
+                let of = match of {
+                    BlobOf::Environment(name) => format!("environments/{name}"),
+                    BlobOf::Parked(id) => format!("parked/{id}"),
+                };
+                host.archive_blob(&of, digest, from, sha256).await
             }
         }
     }
@@ -209,7 +233,8 @@ async fn fetch_once(
     // Partial copies of other versions (the archive changed on the host
     // while one was fetched) will never be completed. Fetches on a node
     // take turns (the runner's image lock), so none is being written.
-    if let Ok(entries) = std::fs::read_dir(dir) {
+    // (Blobs: `fetch_image` keeps the cache to the import under way.)
+    if let (Source::Environment(_), Ok(entries)) = (source, std::fs::read_dir(dir)) {
         for e in entries.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "part") && p != part {
@@ -288,13 +313,12 @@ async fn fetch_once(
         Source::Environment(name) => {
             tracing::info!(environment = %name, bytes = got, from, sha256 = %sha256, "environment fetched from the host")
         }
-        Source::ParkedBlob { vps, digest, .. } => {
+        Source::Blob { of, digest, .. } => {
             tracing::debug!(
-                task = vps,
                 blob = digest,
                 bytes = got,
                 from,
-                "parked blob fetched from the host"
+                "blob of {of} fetched from the host"
             )
         }
     }
@@ -302,6 +326,138 @@ async fn fetch_once(
         path: done,
         bytes_fetched: got,
     })
+}
+
+/// An archive on the host listed blob by blob: its manifest, its config
+/// and layers, and its whole SHA-256 (recorded on the image made of it).
+#[derive(Clone, Copy)]
+pub struct Image<'a> {
+    pub manifest: Option<&'a ArchiveBlob>,
+    pub blobs: &'a [ArchiveBlob],
+    pub sha256: &'a str,
+}
+
+/// `sha256:` and 64 hex digits: a blob name that is safe as a file name.
+fn valid_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The blobs of an image a node fetches: its manifest and config always
+/// (small, and the image is made of them), and each layer its content
+/// store does not hold (`held`): the base layers of an image the node
+/// already runs do not travel again.
+pub fn blobs_to_fetch<'a>(image: Image<'a>, held: &HashSet<String>) -> Vec<&'a ArchiveBlob> {
+    let (config, layers) = image
+        .blobs
+        .split_first()
+        .map_or((None, &[][..]), |(c, l)| (Some(c), l));
+    image
+        .manifest
+        .into_iter()
+        .chain(config)
+        .chain(layers.iter().filter(|l| !held.contains(&l.digest)))
+        .collect()
+}
+
+impl TaskContext {
+    /// Image `name` from `image` on the host (`of`): the blobs this node
+    /// lacks fetched into its blob cache (resumable, checked against their
+    /// digests), imported with the layers its containerd holds, which
+    /// `lease` keeps meanwhile. The cache holds only the import under way:
+    /// what an earlier one left is removed first, what this one fetched
+    /// once it is in.
+    pub async fn fetch_image(
+        &self,
+        of: BlobOf<'_>,
+        image: Image<'_>,
+        name: &str,
+        lease: &str,
+        progress: &Progress,
+    ) -> Result<ImportedImage, InstanceError> {
+        let damaged = |what: String| InstanceError::DamagedArchive {
+            of: of.to_string(),
+            what,
+        };
+        let manifest = image
+            .manifest
+            .ok_or_else(|| damaged("it lists no manifest".into()))?;
+        if let Some(b) = std::iter::once(manifest)
+            .chain(image.blobs)
+            .find(|b| !valid_digest(&b.digest))
+        {
+            return Err(damaged(format!("{:?} is no sha256 digest", b.digest)));
+        }
+        // Leased before they are looked for: a layer found cannot be
+        // collected before the image that holds it again is made.
+        let mut held = HashSet::new();
+        for b in image.blobs {
+            self.ctd.lease_content(lease, &b.digest).await?;
+            if self.ctd.has_blob(&b.digest).await? {
+                held.insert(b.digest.clone());
+            }
+        }
+        let wanted = blobs_to_fetch(image, &held);
+        let cache = self.config.data_dir.join(super::STATE_DIR).join("blobs");
+        let name_of =
+            |b: &ArchiveBlob| format!("sha256-{}", b.digest.trim_start_matches("sha256:"));
+        if let Ok(entries) = std::fs::read_dir(&cache) {
+            // Imports take turns (the image lock): none is using these.
+            for e in entries.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                if !wanted.iter().any(|b| f.starts_with(&name_of(b))) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let mut files = HashMap::new();
+        let mut fetched = 0u64;
+        for b in &wanted {
+            let source = Source::Blob {
+                of,
+                digest: &b.digest,
+                size: b.size,
+            };
+            let got = fetch(&self.host, &cache, source, progress).await?;
+            fetched += got.bytes_fetched;
+            files.insert(b.digest.clone(), got.path);
+        }
+        let skipped = image
+            .blobs
+            .iter()
+            .filter(|b| !wanted.iter().any(|w| w.digest == b.digest));
+        tracing::info!(
+            blobs = wanted.len(),
+            bytes = fetched,
+            layers_skipped = skipped.clone().count(),
+            bytes_skipped = skipped.map(|b| b.size).sum::<u64>(),
+            "{of} fetched from the host"
+        );
+        let m = &files[&manifest.digest];
+        let manifest_bytes = std::fs::read(m).map_err(|source| InstanceError::Io {
+            path: m.clone(),
+            source,
+        })?;
+        let size = i64::try_from(manifest.size)
+            .map_err(|_| damaged(format!("its manifest has {} bytes", manifest.size)))?;
+        let paths: Vec<PathBuf> = files.values().cloned().collect();
+        let imported = self
+            .ctd
+            .import_blobs(
+                name,
+                (&manifest.media_type, &manifest.digest, size),
+                manifest_bytes,
+                files,
+                image.sha256,
+                lease,
+                progress,
+            )
+            .await?;
+        for p in paths {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(imported)
+    }
 }
 
 #[cfg(test)]
@@ -321,5 +477,35 @@ mod tests {
         let (done, part) = cache_names(Path::new("/c"), "ab12");
         assert_eq!(done, Path::new("/c/sha256-ab12.tar"));
         assert_eq!(part, Path::new("/c/sha256-ab12.tar.part"));
+    }
+
+    #[test]
+    fn the_manifest_the_config_and_the_layers_not_held_are_fetched() {
+        let blob = |n: u8| crate::api::ArchiveBlob {
+            media_type: String::new(),
+            digest: format!("sha256:{}", hex::encode([n; 32])),
+            size: u64::from(n),
+            offset: 0,
+        };
+        let (manifest, blobs) = (blob(1), [blob(2), blob(3), blob(4)]);
+        let image = Image {
+            manifest: Some(&manifest),
+            blobs: &blobs,
+            sha256: "",
+        };
+        let digests = |held: &[u8]| {
+            let held = held.iter().map(|&n| blob(n).digest).collect();
+            blobs_to_fetch(image, &held)
+                .iter()
+                .map(|b| b.size as u8)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(digests(&[]), [1, 2, 3, 4], "a node with none of it");
+        assert_eq!(digests(&[3]), [1, 2, 4], "the base layer is held");
+        assert_eq!(digests(&[1, 2, 3, 4]), [1, 2], "manifest and config always");
+        assert!(valid_digest(&blob(9).digest));
+        for bad in ["", "sha256:../../etc/passwd", "sha512:ab", "sha256:abc"] {
+            assert!(!valid_digest(bad), "{bad}");
+        }
     }
 }

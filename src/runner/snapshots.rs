@@ -376,7 +376,13 @@ impl TaskContext {
             // Every import shares the content store's layers: one at a time.
             let _held = self.image_lock.lock().await;
             let lease = self.ctd.create_lease().await?;
-            let imported = self.fetch_and_import(&copy, &name, &lease, &progress).await;
+            let of = super::envfetch::BlobOf::Parked(vps);
+            let image = super::envfetch::Image {
+                manifest: copy.manifest.as_ref(),
+                blobs: &copy.blobs,
+                sha256: &copy.sha256,
+            };
+            let imported = self.fetch_image(of, image, &name, &lease, &progress).await;
             self.ctd.delete_lease(&lease).await;
             imported?;
         }
@@ -398,124 +404,6 @@ impl TaskContext {
         tracing::info!(task = vps, snapshot, "parked copy taken from the host");
         Ok(self.snapshot_image(vps, snapshot).await?)
     }
-
-    /// The blobs of `copy` this node lacks, fetched; the image `name` made
-    /// of them and the layers it holds (which `lease` keeps meanwhile).
-    async fn fetch_and_import(
-        &self,
-        copy: &crate::api::ParkedVps,
-        name: &str,
-        lease: &str,
-        progress: &crate::oci::Progress,
-    ) -> Result<ImportedImage, InstanceError> {
-        let vps = copy.vps_id;
-        let bad = |digest: &str| InstanceError::ParkedBlob {
-            vps,
-            digest: digest.to_string(),
-        };
-        let manifest = copy.manifest.as_ref().ok_or_else(|| bad(""))?;
-        if let Some(b) = std::iter::once(manifest)
-            .chain(&copy.blobs)
-            .find(|b| !valid_digest(&b.digest))
-        {
-            return Err(bad(&b.digest));
-        }
-        // Leased before they are looked for: a layer found cannot be
-        // collected before the image that holds it again is made.
-        let mut held = std::collections::HashSet::new();
-        for b in &copy.blobs {
-            self.ctd.lease_content(lease, &b.digest).await?;
-            if self.ctd.has_blob(&b.digest).await? {
-                held.insert(b.digest.clone());
-            }
-        }
-        let wanted = blobs_to_fetch(copy, &held);
-        let state = self.config.data_dir.join(super::STATE_DIR);
-        let cache = state.join("parked");
-        let dir = state
-            .join("import")
-            .join(format!("parked-{vps}-{}", crate::now_unix_ms()));
-        std::fs::create_dir_all(&dir).map_err(|source| InstanceError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut files = HashMap::new();
-        let mut fetched = 0u64;
-        for b in &wanted {
-            let source = super::envfetch::Source::ParkedBlob {
-                vps,
-                digest: &b.digest,
-                size: b.size,
-            };
-            let got = super::envfetch::fetch(&self.host, &cache, source, progress).await?;
-            fetched += got.bytes_fetched;
-            // Into the import's own directory, which goes when it ends.
-            let to = dir.join(b.digest.trim_start_matches("sha256:"));
-            std::fs::rename(&got.path, &to).map_err(|source| InstanceError::Io {
-                path: to.clone(),
-                source,
-            })?;
-            files.insert(b.digest.clone(), to);
-        }
-        let skipped: u64 = copy
-            .blobs
-            .iter()
-            .filter(|b| !wanted.iter().any(|w| w.digest == b.digest))
-            .map(|b| b.size)
-            .sum();
-        tracing::info!(
-            task = vps,
-            blobs = wanted.len(),
-            bytes = fetched,
-            layers_skipped = copy.blobs.len() + 1 - wanted.len(),
-            bytes_skipped = skipped,
-            "parked VPS fetched from the host"
-        );
-        let m = &files[&manifest.digest];
-        let manifest_bytes = std::fs::read(m).map_err(|source| InstanceError::Io {
-            path: m.clone(),
-            source,
-        })?;
-        let size = i64::try_from(manifest.size).map_err(|_| bad(&manifest.digest))?;
-        Ok(self
-            .ctd
-            .import_blobs(
-                name,
-                (&manifest.media_type, &manifest.digest, size),
-                manifest_bytes,
-                dir,
-                files,
-                &copy.sha256,
-                lease,
-                progress,
-            )
-            .await?)
-    }
-}
-
-/// `sha256:` and 64 hex digits: a blob name that is safe as a file name.
-fn valid_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// The blobs of a parked copy a node fetches: its manifest and config
-/// always (small, and the image is made of them), and each layer its
-/// content store does not hold (`held`): the base layers of an image the
-/// node already runs do not travel again.
-pub fn blobs_to_fetch<'a>(
-    copy: &'a crate::api::ParkedVps,
-    held: &std::collections::HashSet<String>,
-) -> Vec<&'a crate::api::ParkedBlob> {
-    let (config, layers) = copy
-        .blobs
-        .split_first()
-        .map_or((None, &[][..]), |(c, l)| (Some(c), l));
-    copy.manifest
-        .iter()
-        .chain(config)
-        .chain(layers.iter().filter(|l| !held.contains(&l.digest)))
-        .collect()
 }
 
 #[cfg(test)]
@@ -532,39 +420,6 @@ mod tests {
             image_name("n1", 7, "1001"),
             "rivernode/snapshots/n1/vps-7:1001"
         );
-    }
-
-    #[test]
-    fn a_move_fetches_the_manifest_the_config_and_the_layers_not_held() {
-        let blob = |n: u8| crate::api::ParkedBlob {
-            media_type: String::new(),
-            digest: format!("sha256:{}", hex::encode([n; 32])),
-            size: u64::from(n),
-            offset: 0,
-        };
-        let copy = crate::api::ParkedVps {
-            vps_id: 3,
-            snapshot: "1".into(),
-            size_bytes: 0,
-            sha256: String::new(),
-            host_key: String::new(),
-            manifest: Some(blob(1)),
-            blobs: vec![blob(2), blob(3), blob(4)],
-        };
-        let digests = |held: &[u8]| {
-            let held = held.iter().map(|&n| blob(n).digest).collect();
-            blobs_to_fetch(&copy, &held)
-                .iter()
-                .map(|b| b.size as u8)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(digests(&[]), [1, 2, 3, 4], "a node with none of it");
-        assert_eq!(digests(&[3]), [1, 2, 4], "the base layer is held");
-        assert_eq!(digests(&[1, 2, 3, 4]), [1, 2], "manifest and config always");
-        assert!(valid_digest(&blob(9).digest));
-        for bad in ["", "sha256:../../etc/passwd", "sha512:ab", "sha256:abc"] {
-            assert!(!valid_digest(bad), "{bad}");
-        }
     }
 
     #[test]

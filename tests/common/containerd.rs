@@ -238,13 +238,38 @@ pub fn busybox_oci_archive_with(
             .args(config));
     }
     let archive = dir.join("busybox.tar");
+    tar_layout(&img, &archive);
+    Some(archive)
+}
+
+/// The busybox archive made in `dir` with one more layer (a file
+/// `/etc/second`), at `dir/<name>.tar`: its first layer is the busybox
+/// archive's own.
+pub fn busybox_with_a_layer(dir: &Path, name: &str) -> PathBuf {
+    let img = dir.join(format!("{name}-img"));
+    let bundle = dir.join(format!("{name}-bundle"));
+    run(Command::new("cp").arg("-a").arg(dir.join("img")).arg(&img));
+    let layout = format!("{}:latest", img.display());
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &layout])
+        .arg(&bundle));
+    std::fs::write(bundle.join("rootfs/etc/second"), "second layer\n").unwrap();
+    run(Command::new("umoci")
+        .args(["repack", "--image", &layout])
+        .arg(&bundle));
+    let archive = dir.join(format!("{name}.tar"));
+    tar_layout(&img, &archive);
+    archive
+}
+
+/// The OCI layout at `img` as the archive `archive`.
+fn tar_layout(img: &Path, archive: &Path) {
     run(Command::new("tar")
         .arg("cf")
-        .arg(&archive)
+        .arg(archive)
         .arg("-C")
-        .arg(&img)
+        .arg(img)
         .arg("."));
-    Some(archive)
 }
 
 /// The same image as a `docker save` archive, converted by skopeo.

@@ -1053,7 +1053,14 @@ fn requeue_on(
     pinned: bool,
 ) -> Result<(), StoreError> {
     let mut spec = t.spec.clone();
-    spec.restore = restore.cloned();
+    // A move that never ran (its copy did not come) tries the copy again:
+    // the node it was placed on holds nothing else of the VPS.
+    let unfinished_move = t
+        .spec
+        .restore
+        .clone()
+        .filter(|r| r.parked && t.parked.as_deref() == Some(r.snapshot.as_str()));
+    spec.restore = restore.cloned().or(unfinished_move);
     let is_vm = spec.is_vm();
     if !pinned {
         spec.target = None;
@@ -2306,6 +2313,19 @@ mod tests {
             })
             .unwrap();
         assert_eq!(left, 1);
+        // Its start there fails (the copy did not come): a plain restart
+        // tries the copy again, rather than a VPS without its disk.
+        let failed = TaskReport {
+            state: TaskState::Failed,
+            exit_code: None,
+            ssh_host_key: None,
+            parked: None,
+            message: None,
+        };
+        s.report_task("n2", movable, &failed, 3).unwrap();
+        let again = s.restart(movable, None).unwrap();
+        let from = again.spec.restore.as_ref().expect("the copy is kept");
+        assert_eq!((from.snapshot.as_str(), from.parked), ("7", true));
         for id in [pinned, restored] {
             let t = s.get_task(id).unwrap().unwrap();
             assert_eq!(t.state, TaskState::Pending, "{id} waits for n1");
