@@ -290,22 +290,7 @@ fn an_environment_runs_on_every_node_without_a_shared_directory_and_is_fetched_o
         // the first fetches only what is new.
         let second = common::containerd::busybox_with_a_layer(c.dir.path(), "busybox2");
         std::fs::copy(&second, envs.join("busybox2.tar")).unwrap();
-        let o = c.rn(&[
-            "-o",
-            "json",
-            "task",
-            "submit",
-            "--container",
-            "busybox2",
-            "-t",
-            "n2",
-            "--",
-            "cat",
-            "/etc/second",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let id = created_id(&o);
-        c.wait_state(&id, "completed");
+        ran(&c, "busybox2", "n2", &["cat", "/etc/second"]);
         let f = fetches("n2", "busybox2");
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(field(&f[0], "layers_skipped"), 1, "{}", f[0]);
@@ -321,6 +306,45 @@ fn an_environment_runs_on_every_node_without_a_shared_directory_and_is_fetched_o
             .map(|b| b.1.len() as u64)
             .sum();
         assert_eq!(field(&f[0], "bytes"), new, "{}", f[0]);
+
+        // A classic `docker save` archive comes whole, resumed after a cut.
+        let Some(docker) =
+            common::containerd::docker_archive(&envs.join("busybox.tar"), c.dir.path())
+        else {
+            return;
+        };
+        std::fs::copy(&docker, envs.join("busyboxd.tar")).unwrap();
+        let archive = std::fs::read(&docker).unwrap();
+        let digest = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&archive))
+        };
+        let half = archive.len() / 2;
+        let whole = c.dir.path().join("runner-n3/runner/environments");
+        std::fs::create_dir_all(&whole).unwrap();
+        std::fs::write(
+            whole.join(format!("sha256-{digest}.tar.part")),
+            &archive[..half],
+        )
+        .unwrap();
+        ran(&c, "busyboxd", "n3", &["echo", "hi"]);
+        let log = c.runner("n3").log_text();
+        let f: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("environment fetched from the host")
+                    && l.contains("environment=busyboxd")
+            })
+            .collect();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            field(f[0], "bytes"),
+            (archive.len() - half) as u64,
+            "{}",
+            f[0]
+        );
+        assert_eq!(field(f[0], "from"), half as u64, "{}", f[0]);
+        assert!(whole.join(format!("sha256-{digest}.tar")).is_file());
     });
 }
 
@@ -354,6 +378,25 @@ fn oci_blobs(archive: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut out = vec![manifest, blob(&m["config"])];
     out.extend(m["layers"].as_array().unwrap().iter().map(blob));
     out
+}
+
+/// `command` in environment `env` on `node`, run to its end.
+fn ran(c: &ThreeNodes, env: &str, node: &str, command: &[&str]) {
+    let mut args = vec![
+        "-o",
+        "json",
+        "task",
+        "submit",
+        "--container",
+        env,
+        "-t",
+        node,
+        "--",
+    ];
+    args.extend_from_slice(command);
+    let o = c.rn(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    c.wait_state(&created_id(&o), "completed");
 }
 
 /// The number after ` name=` in a log line.
@@ -392,9 +435,20 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             &id,
             "echo written-on-n1 > /kept && head -c 20971520 /dev/urandom > /big && sync && sha256sum /big",
         );
+        keys.ssh(
+            &c,
+            Some(&ann),
+            &pinned,
+            "echo written-on-pinned > /pinned-mark && sync",
+        );
         let key_before = c.task(&id)["ssh_host_key"].clone();
         assert!(key_before.is_string(), "{}", c.task(&id));
-        let known_before = std::fs::read_to_string(&keys.known).unwrap();
+        // The pinned keys, in any order (each ssh writes its own line anew).
+        let known = || {
+            let text = std::fs::read_to_string(&keys.known).unwrap();
+            text.lines().map(str::to_string).collect::<BTreeSet<_>>()
+        };
+        let known_before = known();
         let anywhere = || c.rn(&["--token", &ann, "vps", "restart", &id, "--anywhere"]);
         // Running, it has no parked stop to move from.
         let o = anywhere();
@@ -448,7 +502,7 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         let out = keys.ssh(&c, Some(&ann), &id, "cat /kept; sha256sum /big");
         assert_eq!(out, format!("written-on-n1\n{written}"), "{}", c.logs());
         assert_eq!(c.task(&id)["ssh_host_key"], key_before);
-        assert_eq!(std::fs::read_to_string(&keys.known).unwrap(), known_before);
+        assert_eq!(known(), known_before);
         // It fetched the 20 MiB it wrote, and skipped the layer it had.
         let log = c.runner(&moved_to).log_text();
         let fetch = log
@@ -476,6 +530,36 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
                 .iter()
                 .any(|s| s["id"] == parked.as_str() && s["node"] == moved_to.as_str()),
             "{snaps}"
+        );
+
+        // A new VPS from the parked copy of one whose node is gone: on any
+        // node, with what that one wrote and a host key of its own.
+        let public = keys.key.with_extension("pub");
+        let o = c.rn(&[
+            "--token",
+            &ann,
+            "-o",
+            "json",
+            "vps",
+            "create",
+            "--from-snapshot",
+            &pinned,
+            "-c",
+            "0",
+            "-m",
+            "256M",
+            "--public-key-file",
+            public.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let clone = created_id(&o);
+        c.wait_state(&clone, "running");
+        assert_ne!(node_of(&c, &clone).as_deref(), Some("n1"));
+        let out = keys.ssh(&c, Some(&ann), &clone, "cat /pinned-mark");
+        assert_eq!(out, "written-on-pinned\n");
+        assert_ne!(
+            c.task(&clone)["ssh_host_key"],
+            c.task(&pinned)["ssh_host_key"]
         );
 
         // A plain restart moves the movable one; the other waits for n1.

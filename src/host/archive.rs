@@ -3,6 +3,8 @@
 //! the index of an OCI image layout archive that says where each of its
 //! blobs lies, so that a node fetches only the layers it lacks.
 
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::Path;
 
 use axum::body::Body;
@@ -12,6 +14,8 @@ use axum::Json;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::api::ApiError;
+use sha2::{Digest, Sha256};
+
 use crate::api::{ArchiveBlob, EXPECT_SHA256};
 
 /// Where a `Range: bytes=N-` request starts; none without one. Only that
@@ -64,6 +68,17 @@ pub(super) async fn send_archive(
     send_slice(headers, &slice).await
 }
 
+/// A 412 saying `error`: what a node fetches changed meanwhile.
+fn changed(error: &str) -> Response {
+    (
+        StatusCode::PRECONDITION_FAILED,
+        Json(crate::api::ErrorBody {
+            error: error.to_string(),
+        }),
+    )
+        .into_response()
+}
+
 /// `slice`'s bytes from the request's `Range: bytes=N-` start, as
 /// `send_archive` serves a whole archive.
 pub(super) async fn send_slice(
@@ -81,15 +96,9 @@ pub(super) async fn send_slice(
     let start = range_start(headers)?;
     if let Some(expected) = headers.get(EXPECT_SHA256) {
         if expected.as_bytes() != sha256.as_bytes() {
-            return Ok((
-                StatusCode::PRECONDITION_FAILED,
-                Json(crate::api::ErrorBody {
-                    error: format!(
-                        "{what} changed on the host (now sha256 {sha256}): fetch it again"
-                    ),
-                }),
-            )
-                .into_response());
+            return Ok(changed(&format!(
+                "{what} changed on the host (now sha256 {sha256}): fetch it again"
+            )));
         }
     }
     let from = start.unwrap_or(0);
@@ -132,21 +141,21 @@ pub(super) async fn send_slice(
 }
 
 /// Blob `digest` (of `manifest` and `blobs`, an index of the archive at
-/// `path`) from the request's range, as `send_slice` serves it; a 404 when
-/// the archive has no such blob.
+/// `path`, whose whole SHA-256 is `sha256`) from the request's range, as
+/// `send_slice` serves it; a 412 when the archive's current version has no
+/// such blob (it changed since the node read its list).
 pub(super) async fn send_blob(
     headers: &HeaderMap,
     path: &Path,
-    manifest: &Option<ArchiveBlob>,
-    blobs: &[ArchiveBlob],
+    (manifest, blobs, sha256): (&Option<ArchiveBlob>, &[ArchiveBlob], &str),
     digest: &str,
     what: &str,
 ) -> Result<Response, ApiError> {
-    let b = manifest
-        .iter()
-        .chain(blobs)
-        .find(|b| b.digest == digest)
-        .ok_or_else(|| ApiError::NotFound(format!("{what}: there is no such blob")))?;
+    let Some(b) = manifest.iter().chain(blobs).find(|b| b.digest == digest) else {
+        return Ok(changed(&format!(
+            "{what}: the archive changed on the host (now sha256 {sha256}, without that blob): fetch it again"
+        )));
+    };
     let slice = Slice {
         path,
         base: b.offset,
@@ -178,42 +187,98 @@ struct ImageManifest {
     layers: Vec<Descriptor>,
 }
 
-/// The manifest and its config and layers (in its order) of the OCI image
-/// layout archive at `path`, each with where its bytes lie in the file; why
-/// not, when it is no layout of one image with all its blobs.
-pub fn index_archive(path: &Path) -> Result<(ArchiveBlob, Vec<ArchiveBlob>), String> {
-    use std::io::{Read, Seek};
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    // digest -> (offset, size) of every blob entry; index.json's text.
-    let mut entries = std::collections::HashMap::new();
+/// What one read of an archive finds: its whole SHA-256 (hex), and its
+/// index as an OCI image layout of one image, or why it is none.
+pub struct ArchiveRead {
+    pub sha256: String,
+    pub layout: Result<(ArchiveBlob, Vec<ArchiveBlob>), String>,
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Reads the archive at `path` once: its SHA-256, and, for an OCI image
+/// layout of one image, its manifest and its config and layers (in the
+/// manifest's order), each with where its bytes lie in the file and
+/// checked against its digest. An I/O error is the only error; an archive
+/// that is no such layout says why in `layout`.
+pub fn read_archive(path: &Path) -> std::io::Result<ArchiveRead> {
+    let file = std::fs::File::open(path)?;
+    let mut reader = Hashing {
+        inner: std::io::BufReader::with_capacity(1 << 20, file),
+        hash: Sha256::new(),
+    };
+    let scanned = scan(&mut reader);
+    // The rest (the tar's end blocks, or what followed a bad entry) counts
+    // to the whole digest too.
+    std::io::copy(&mut reader, &mut std::io::sink())?;
+    let sha256 = hex::encode(reader.hash.finalize());
+    let layout = match scanned {
+        Ok((entries, index)) => index_of(path, &entries, index),
+        Err(e) => Err(e),
+    };
+    Ok(ArchiveRead { sha256, layout })
+}
+
+/// digest -> (offset, size) of every blob entry whose bytes match its
+/// name, and index.json's text; why not, for an entry that does not.
+type Scanned = (HashMap<String, (u64, u64)>, Option<Vec<u8>>);
+
+fn scan(reader: &mut impl Read) -> Result<Scanned, String> {
+    let mut entries = HashMap::new();
     let mut index = None;
-    {
-        let mut tar = tar::Archive::new(&mut file);
-        // Seeks past each entry's data rather than reading it.
-        for entry in tar.entries_with_seek().map_err(|e| e.to_string())? {
-            let mut entry = entry.map_err(|e| format!("not a tar archive: {e}"))?;
-            let name = entry.path().map_err(|e| e.to_string())?.into_owned();
-            let name = name.to_string_lossy();
-            // `tar -C layout .` names them `./index.json`, `./blobs/...`.
-            let name = name.strip_prefix("./").unwrap_or(&name);
-            if name == "index.json" {
-                let mut text = Vec::new();
-                (&mut entry)
-                    .take(1 << 20)
-                    .read_to_end(&mut text)
-                    .map_err(|e| e.to_string())?;
-                index = Some(text);
-            } else if let Some(hex) = name
-                .strip_prefix("blobs/sha256/")
-                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            {
-                entries.insert(
-                    format!("sha256:{hex}"),
-                    (entry.raw_file_position(), entry.size()),
-                );
+    let mut tar = tar::Archive::new(reader);
+    for entry in tar.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| format!("not a tar archive: {e}"))?;
+        let name = entry.path().map_err(|e| e.to_string())?.into_owned();
+        let name = name.to_string_lossy();
+        // `tar -C layout .` names them `./index.json`, `./blobs/...`.
+        let name = name.strip_prefix("./").unwrap_or(&name);
+        if name == "index.json" {
+            let mut text = Vec::new();
+            (&mut entry)
+                .take(1 << 20)
+                .read_to_end(&mut text)
+                .map_err(|e| e.to_string())?;
+            index = Some(text);
+        } else if let Some(hex) = name
+            .strip_prefix("blobs/sha256/")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            let (offset, size) = (entry.raw_file_position(), entry.size());
+            let mut h = Sha256::new();
+            std::io::copy(&mut entry, &mut h).map_err(|e| e.to_string())?;
+            let got = hex::encode(h.finalize());
+            if got != hex.to_ascii_lowercase() {
+                return Err(format!(
+                    "blob sha256:{hex} has bytes whose SHA-256 is {got}"
+                ));
             }
+            entries.insert(format!("sha256:{hex}"), (offset, size));
         }
     }
+    Ok((entries, index))
+}
+
+/// The layout's one manifest and its blobs, from what `scan` found in the
+/// archive at `path` (the manifest is read back from its place).
+fn index_of(
+    path: &Path,
+    entries: &HashMap<String, (u64, u64)>,
+    index: Option<Vec<u8>>,
+) -> Result<(ArchiveBlob, Vec<ArchiveBlob>), String> {
+    use std::io::Seek;
     let index: LayoutIndex = serde_json::from_slice(&index.ok_or("it has no index.json")?)
         .map_err(|e| format!("index.json: {e}"))?;
     let [m] = &index.manifests[..] else {
@@ -242,6 +307,7 @@ pub fn index_archive(path: &Path) -> Result<(ArchiveBlob, Vec<ArchiveBlob>), Str
         return Err(format!("its manifest has {} bytes", manifest.size));
     }
     let mut text = vec![0u8; manifest.size as usize];
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     file.seek(std::io::SeekFrom::Start(manifest.offset))
         .and_then(|_| file.read_exact(&mut text))
         .map_err(|e| e.to_string())?;
@@ -316,7 +382,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layers: [&[u8]; 2] = [b"base layer", &[7u8; 3000]];
         let path = layout(dir.path(), &layers, None);
-        let (manifest, blobs) = index_archive(&path).unwrap();
+        let read = read_archive(&path).unwrap();
+        let whole = hex::encode(Sha256::digest(std::fs::read(&path).unwrap()));
+        assert_eq!(read.sha256, whole);
+        let (manifest, blobs) = read.layout.unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let at = |b: &ArchiveBlob| &bytes[b.offset as usize..(b.offset + b.size) as usize];
         let m: serde_json::Value = serde_json::from_slice(at(&manifest)).unwrap();
@@ -330,10 +399,24 @@ mod tests {
             format!("sha256:{}", hex::encode(Sha256::digest(layers[1])))
         );
 
+        // A layer whose bytes are not what its name says.
+        let mut damaged = bytes.clone();
+        damaged[blobs[2].offset as usize + 10] ^= 1;
+        std::fs::write(dir.path().join("damaged.tar"), &damaged).unwrap();
+        let read = read_archive(&dir.path().join("damaged.tar")).unwrap();
+        let e = read.layout.unwrap_err();
+        assert!(
+            e.contains(&format!("blob {} has bytes whose SHA-256", blobs[2].digest)),
+            "{e}"
+        );
+        assert_eq!(read.sha256, hex::encode(Sha256::digest(&damaged)));
+
         let missing = layout(dir.path(), &layers, Some(1));
-        let e = index_archive(&missing).unwrap_err();
+        let e = read_archive(&missing).unwrap().layout.unwrap_err();
         assert!(e.contains("is not in it"), "{e}");
         std::fs::write(dir.path().join("junk"), b"no tar at all").unwrap();
-        assert!(index_archive(&dir.path().join("junk")).is_err());
+        let junk = read_archive(&dir.path().join("junk")).unwrap();
+        assert!(junk.layout.is_err());
+        assert_eq!(junk.sha256, hex::encode(Sha256::digest(b"no tar at all")));
     }
 }

@@ -14,7 +14,6 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use sha2::{Digest, Sha256};
 
 use super::api::ApiError;
 use super::HostState;
@@ -88,24 +87,18 @@ async fn digest(path: PathBuf) -> Result<EnvironmentArchive, ApiError> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let p = path.clone();
-    let (sha256, indexed) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let mut f = std::fs::File::open(&p)?;
-        let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h)?;
-        // Any other archive is fetched whole.
-        Ok((
-            hex::encode(h.finalize()),
-            super::archive::index_archive(&p).ok(),
-        ))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::Internal(format!("hashing {}: {e}", path.display())))?;
-    let (manifest, blobs) = indexed.map_or((None, Vec::new()), |(m, b)| (Some(m), b));
+    let read = tokio::task::spawn_blocking(move || super::archive::read_archive(&p))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("hashing {}: {e}", path.display())))?;
+    // Any other archive is fetched whole.
+    let (manifest, blobs) = read
+        .layout
+        .map_or((None, Vec::new()), |(m, b)| (Some(m), b));
     let found = EnvironmentArchive {
         name,
         size_bytes: v.0,
-        sha256,
+        sha256: read.sha256,
         manifest,
         blobs,
     };
@@ -149,9 +142,14 @@ async fn blob(
     let path = archive_path(&state, &env)?;
     let d = digest(path.clone()).await?;
     let what = format!("blob {digest_name} of environment {env:?}");
-    let resp =
-        super::archive::send_blob(&headers, &path, &d.manifest, &d.blobs, &digest_name, &what)
-            .await?;
+    let resp = super::archive::send_blob(
+        &headers,
+        &path,
+        (&d.manifest, &d.blobs, &d.sha256),
+        &digest_name,
+        &what,
+    )
+    .await?;
     tracing::info!(environment = %env, blob = %digest_name, "environment blob sent");
     Ok(resp)
 }

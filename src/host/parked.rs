@@ -23,7 +23,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{delete, get, put};
 use axum::{Extension, Json, Router};
-use sha2::{Digest, Sha256};
 
 use super::api::ApiError;
 use super::auth::Principal;
@@ -89,8 +88,8 @@ fn internal(path: &Path) -> impl Fn(std::io::Error) -> ApiError + '_ {
 }
 
 /// The copy the host keeps of VPS `id`, if any. (A record from before
-/// records listed their blobs is none: that VPS is parked again at its
-/// next stop.)
+/// records listed their blobs is none until `sweep` lists them, at the
+/// host's start.)
 pub fn record(state: &HostState, id: u64) -> Option<ParkedVps> {
     let text = std::fs::read(record_path(state, id)).ok()?;
     serde_json::from_slice::<ParkedVps>(&text).ok().filter(|r| {
@@ -124,7 +123,7 @@ pub async fn sweep(state: &HostState) {
     ids.dedup();
     for id in ids {
         match state.blocking(move |s| s.get_task(id)).await {
-            Ok(Some(t)) if t.state != crate::api::TaskState::Deleted => {}
+            Ok(Some(t)) if t.state != crate::api::TaskState::Deleted => list_blobs(state, id).await,
             Ok(_) => {
                 tracing::info!(task = id, "the parked copy of a deleted VPS removed");
                 forget(state, id);
@@ -132,6 +131,37 @@ pub async fn sweep(state: &HostState) {
             Err(e) => {
                 tracing::warn!(task = id, error = %crate::error_chain(&e), "cannot tell whether a parked VPS still exists")
             }
+        }
+    }
+}
+
+/// Lists the blobs of VPS `id`'s copy when its record (an older host's)
+/// does not; removes a copy that is no image layout.
+async fn list_blobs(state: &HostState, id: u64) {
+    let Ok(text) = std::fs::read(record_path(state, id)) else {
+        return;
+    };
+    let Ok(mut r) = serde_json::from_slice::<ParkedVps>(&text) else {
+        return;
+    };
+    if r.manifest.is_some() {
+        return;
+    }
+    let path = archive_path(state, id, &r.snapshot);
+    let read = tokio::task::spawn_blocking(move || super::archive::read_archive(&path)).await;
+    match read {
+        Ok(Ok(super::archive::ArchiveRead {
+            sha256,
+            layout: Ok((manifest, blobs)),
+        })) if sha256 == r.sha256 => {
+            (r.manifest, r.blobs) = (Some(manifest), blobs);
+            if let Ok(text) = serde_json::to_vec(&r) {
+                let _ = crate::files::write_secret(&record_path(state, id), &text);
+            }
+        }
+        _ => {
+            tracing::warn!(task = id, "a parked copy that is no whole image removed");
+            forget(state, id);
         }
     }
 }
@@ -263,14 +293,12 @@ async fn park(
     tokio::task::block_in_place(|| file.sync_all()).map_err(internal(&part))?;
     let sent = header(SHA256_HEADER).map(str::to_string);
     let p2 = part.clone();
-    let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut h = Sha256::new();
-        std::io::copy(&mut std::fs::File::open(&p2)?, &mut h)?;
-        Ok(hex::encode(h.finalize()))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(internal(&part))?;
+    // One read: the whole digest, and each blob's checked against its name.
+    let read = tokio::task::spawn_blocking(move || super::archive::read_archive(&p2))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(internal(&part))?;
+    let sha256 = read.sha256;
     if sent.as_deref() != Some(sha256.as_str()) {
         let _ = std::fs::remove_file(&part);
         return Err(ApiError::BadRequest(format!(
@@ -278,16 +306,12 @@ async fn park(
             sent.as_deref().unwrap_or("(none given)")
         )));
     }
-    let p2 = part.clone();
-    let indexed = tokio::task::spawn_blocking(move || super::archive::index_archive(&p2))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (manifest, blobs) = match indexed {
+    let (manifest, blobs) = match read.layout {
         Ok(i) => i,
         Err(e) => {
             let _ = std::fs::remove_file(&part);
             return Err(ApiError::BadRequest(format!(
-                "body: the archive is no OCI image layout of one image: {e}"
+                "body: the archive is no whole OCI image layout of one image ({e}); park it again"
             )));
         }
     };
@@ -310,8 +334,9 @@ async fn park(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// VPS `id`'s copy, for the node it is placed on now, if its last stop
-/// is the one parked.
+/// VPS `id`'s copy, if its last stop is the one parked, for the node it
+/// is placed on now (a move); or, without its host key, for a node that
+/// makes a new VPS from it (`vps create --from-snapshot`).
 async fn current(
     state: &HostState,
     p: &Principal,
@@ -319,11 +344,35 @@ async fn current(
     id: u64,
 ) -> Result<ParkedVps, ApiError> {
     own_node(p, name)?;
-    let t = placed_here(state, name, id).await?;
-    let r = record(state, id)
-        .filter(|r| t.parked.as_deref() == Some(r.snapshot.as_str()))
-        .ok_or_else(|| ApiError::NotFound(format!("VPS {id} has no parked copy on the host")))?;
-    Ok(r)
+    let found = |t: &TaskView| {
+        record(state, id)
+            .filter(|r| t.parked.as_deref() == Some(r.snapshot.as_str()))
+            .ok_or_else(|| ApiError::NotFound(format!("VPS {id} has no parked copy on the host")))
+    };
+    let not_here = match placed_here(state, name, id).await {
+        Ok(t) => return found(&t),
+        Err(e) => e,
+    };
+    let Some(source) = state.blocking(move |s| s.get_task(id)).await? else {
+        return Err(not_here);
+    };
+    let node = name.to_string();
+    let here = state
+        .blocking(move |s| s.list_tasks(None, Some(&node), None))
+        .await?;
+    let made_from_it = here.iter().any(|c| {
+        !c.state.is_final()
+            && matches!(&c.spec.image, crate::api::ImageSource::Snapshot { vps, snapshot }
+                if *vps == id && source.parked.as_deref() == Some(snapshot.as_str()))
+    });
+    if !made_from_it {
+        return Err(not_here);
+    }
+    // Its own key stays its own: the new VPS gets one of its own.
+    Ok(ParkedVps {
+        host_key: String::new(),
+        ..found(&source)?
+    })
 }
 
 /// `GET /api/nodes/{name}/parked/{id}`: the copy's snapshot, size, digest
@@ -348,8 +397,14 @@ async fn blob(
     let r = current(&state, &p, &name, id).await?;
     let path = archive_path(&state, id, &r.snapshot);
     let what = format!("blob {digest} of VPS {id}'s parked copy");
-    let resp =
-        super::archive::send_blob(&headers, &path, &r.manifest, &r.blobs, &digest, &what).await?;
+    let resp = super::archive::send_blob(
+        &headers,
+        &path,
+        (&r.manifest, &r.blobs, &r.sha256),
+        &digest,
+        &what,
+    )
+    .await?;
     tracing::info!(task = id, node = %name, blob = %digest, "parked blob sent");
     Ok(resp)
 }

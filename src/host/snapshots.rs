@@ -298,6 +298,21 @@ pub async fn resolve_source(
             "image.snapshot: VPS {vps} is a VM; a new VPS from a VM's snapshot is not built yet (restore it in place: `rivernode vps restart {vps} --from-snapshot ID`)"
         )));
     }
+    // The copy of its last stop the host keeps (the newest, while it is
+    // stopped) goes to any node, also while the source's own is gone: the
+    // new VPS's node fetches it from here.
+    let parked = super::parked::record(state, *vps).filter(|r| {
+        source.parked.as_deref() == Some(r.snapshot.as_str())
+            && (snapshot == &r.snapshot || snapshot == "latest")
+    });
+    if let Some(r) = parked {
+        tracing::info!(task = vps, snapshot = %r.snapshot, "a new VPS from the parked copy, on any node");
+        spec.image = ImageSource::Snapshot {
+            vps: *vps,
+            snapshot: r.snapshot,
+        };
+        return Ok(());
+    }
     let snap = find(state, &source, snapshot).await?;
     match &mut spec.target {
         Some(t) if t.node != snap.node => {

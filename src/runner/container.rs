@@ -263,11 +263,7 @@ impl TaskContext {
                 } else if let Some(found) = self.env_by_blobs(name, &image, progress).await? {
                     return Ok(found);
                 } else {
-                    let cache = self
-                        .config
-                        .data_dir
-                        .join(super::STATE_DIR)
-                        .join("environments");
+                    let cache = self.env_cache();
                     match super::envfetch::fetch(
                         &self.host,
                         &cache,
@@ -297,7 +293,13 @@ impl TaskContext {
                     .await?)
             }
             ImageSource::Snapshot { vps, snapshot } => {
-                Ok(self.snapshot_image(*vps, snapshot).await?)
+                match self.snapshot_image(*vps, snapshot).await {
+                    // Not this node's: the host's parked copy, if it is that one.
+                    Err(super::snapshots::SnapshotError::NoSnapshot { .. }) => {
+                        self.parked_image(*vps, snapshot, progress).await
+                    }
+                    other => Ok(other?),
+                }
             }
             ImageSource::VmImage(name) => Err(InstanceError::VmImageForContainer(name.clone())),
             ImageSource::Registry(r) => {
@@ -312,53 +314,117 @@ impl TaskContext {
 
     /// Environment `name` as image `image`, when the host lists its
     /// archive's blobs (an OCI layout of one image): made already from
-    /// the archive's current version, or fetched blob by blob. None when
-    /// the archive is fetched whole.
+    /// the archive's current version, or fetched blob by blob (again, with
+    /// the new list, when the archive changes on the host meanwhile). None
+    /// when the archive is fetched whole.
     async fn env_by_blobs(
         &self,
         name: &str,
         image: &str,
         progress: &oci::Progress,
     ) -> Result<Option<oci::ImportedImage>, InstanceError> {
-        let meta = match self.host.environment(name).await {
-            Ok(m) => m,
-            Err(crate::api::host_client::HostCallError::Refused { status, .. })
+        use crate::api::host_client::HostCallError;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let meta = match self.host.environment(name).await {
+                Ok(m) => m,
+                Err(HostCallError::Refused { status, .. })
+                    if status == reqwest::StatusCode::NOT_FOUND =>
+                {
+                    return Err(InstanceError::NoEnvironment {
+                        name: name.to_string(),
+                        path: self
+                            .config
+                            .shared_dir
+                            .join("environments")
+                            .join(format!("{name}.tar")),
+                        node: self.node.clone(),
+                    })
+                }
+                Err(e @ HostCallError::Unreachable(_)) if tries < 3 => {
+                    tracing::warn!(environment = name, error = %crate::error_chain(&e), "asking the host again");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(super::envfetch::FetchError::Host {
+                        what: format!("environment {name:?}"),
+                        source: e,
+                    }
+                    .into())
+                }
+            };
+            if meta.manifest.is_none() {
+                return Ok(None);
+            }
+            if let Some(ready) = self.ctd.imported_from(image, &meta.sha256).await? {
+                return Ok(Some(ready));
+            }
+            let of = super::envfetch::BlobOf::Environment(name);
+            let parts = super::envfetch::Image {
+                manifest: meta.manifest.as_ref(),
+                blobs: &meta.blobs,
+                sha256: &meta.sha256,
+            };
+            match self.fetch_image(of, parts, image, progress).await {
+                Ok(found) => {
+                    // A copy of an older version fetched whole is of no more use.
+                    super::envfetch::forget_whole(&self.env_cache(), name);
+                    return Ok(Some(found));
+                }
+                Err(InstanceError::Fetch(e)) if tries < 3 && e.changed_on_host() => {
+                    tracing::warn!(environment = name, "the environment changed on the host while it was fetched: fetching its new version");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Snapshot `snapshot` of VPS `vps` (on another node, or none) as the
+    /// image of a new VPS here, from the copy of its last stop the host
+    /// keeps (`vps create --from-snapshot` of a stopped, parked VPS): its
+    /// blobs this node lacks fetched, not its host key.
+    async fn parked_image(
+        &self,
+        vps: u64,
+        snapshot: &str,
+        progress: &oci::Progress,
+    ) -> Result<oci::ImportedImage, InstanceError> {
+        use crate::api::host_client::HostCallError;
+        let none = || super::snapshots::SnapshotError::NoSnapshot {
+            vps,
+            id: snapshot.to_string(),
+        };
+        let copy = match self.host.parked(vps).await {
+            Ok(c) if c.snapshot == snapshot => c,
+            Ok(_) => return Err(none().into()),
+            Err(HostCallError::Refused { status, .. })
                 if status == reqwest::StatusCode::NOT_FOUND =>
             {
-                return Err(InstanceError::NoEnvironment {
-                    name: name.to_string(),
-                    path: self
-                        .config
-                        .shared_dir
-                        .join("environments")
-                        .join(format!("{name}.tar")),
-                    node: self.node.clone(),
-                })
+                return Err(none().into())
             }
-            Err(e) => {
-                return Err(super::envfetch::FetchError::Host {
-                    what: format!("environment {name:?}"),
-                    source: e,
-                }
-                .into())
-            }
+            Err(e) => return Err(InstanceError::Park(e)),
         };
-        if meta.manifest.is_none() {
-            return Ok(None);
+        let image = format!("rivernode.local/parked/vps-{vps}:{snapshot}");
+        if let Some(ready) = self.ctd.imported_from(&image, &copy.sha256).await? {
+            return Ok(ready);
         }
-        if let Some(ready) = self.ctd.imported_from(image, &meta.sha256).await? {
-            return Ok(Some(ready));
-        }
-        let lease = self.ctd.create_lease().await?;
-        let of = super::envfetch::BlobOf::Environment(name);
+        let of = super::envfetch::BlobOf::Parked(vps);
         let parts = super::envfetch::Image {
-            manifest: meta.manifest.as_ref(),
-            blobs: &meta.blobs,
-            sha256: &meta.sha256,
+            manifest: copy.manifest.as_ref(),
+            blobs: &copy.blobs,
+            sha256: &copy.sha256,
         };
-        let imported = self.fetch_image(of, parts, image, &lease, progress).await;
-        self.ctd.delete_lease(&lease).await;
-        Ok(Some(imported?))
+        self.fetch_image(of, parts, &image, progress).await
+    }
+
+    /// Where environment archives fetched whole are kept.
+    fn env_cache(&self) -> std::path::PathBuf {
+        self.config
+            .data_dir
+            .join(super::STATE_DIR)
+            .join("environments")
     }
 
     fn spec_input(&self, a: &Assignment) -> Result<RuntimeSpecInput, InstanceError> {

@@ -58,8 +58,12 @@ pub enum InstanceError {
     Park(#[source] crate::api::host_client::HostCallError),
     #[error("the host's parked host key of VPS {0} is not hex")]
     ParkedKey(u64),
-    #[error("the host's {of} is damaged ({what}): for a parked copy, start the VPS on its node and stop it again to park it anew; for an environment, import it again")]
-    DamagedArchive { of: String, what: String },
+    #[error("the host's {of} is damaged ({what}): {remedy}")]
+    DamagedArchive {
+        of: String,
+        what: String,
+        remedy: String,
+    },
     #[error(
         "the host's parked copy of VPS {vps} is of snapshot {held}, not {wanted}: restart it again"
     )]

@@ -123,6 +123,27 @@ pub enum FetchError {
     },
 }
 
+impl FetchError {
+    /// What was fetched changed on the host meanwhile (a 412): its new
+    /// version is to be asked for.
+    pub fn changed_on_host(&self) -> bool {
+        matches!(self, FetchError::Host { source: HostCallError::Refused { status, .. }, .. }
+            if *status == reqwest::StatusCode::PRECONDITION_FAILED)
+    }
+}
+
+/// Removes environment `name`'s copy fetched whole, and the file naming it,
+/// from the cache at `dir`.
+pub fn forget_whole(dir: &Path, name: &str) {
+    let current = dir.join(format!("{name}.sha256"));
+    if let Ok(old) = std::fs::read_to_string(&current) {
+        let (done, part) = cache_names(dir, old.trim());
+        let _ = std::fs::remove_file(done);
+        let _ = std::fs::remove_file(part);
+    }
+    let _ = std::fs::remove_file(current);
+}
+
 /// A verified archive in the cache, and how many bytes this call fetched.
 #[derive(Debug)]
 pub struct Fetched {
@@ -363,11 +384,24 @@ pub fn blobs_to_fetch<'a>(image: Image<'a>, held: &HashSet<String>) -> Vec<&'a A
 impl TaskContext {
     /// Image `name` from `image` on the host (`of`): the blobs this node
     /// lacks fetched into its blob cache (resumable, checked against their
-    /// digests), imported with the layers its containerd holds, which
-    /// `lease` keeps meanwhile. The cache holds only the import under way:
+    /// digests), imported with the layers its containerd holds, which a
+    /// lease keeps meanwhile. The cache holds only the import under way:
     /// what an earlier one left is removed first, what this one fetched
-    /// once it is in.
+    /// once it is in. The caller holds the image lock.
     pub async fn fetch_image(
+        &self,
+        of: BlobOf<'_>,
+        image: Image<'_>,
+        name: &str,
+        progress: &Progress,
+    ) -> Result<ImportedImage, InstanceError> {
+        let lease = self.ctd.create_lease().await?;
+        let imported = self.fetch_leased(of, image, name, &lease, progress).await;
+        self.ctd.delete_lease(&lease).await;
+        imported
+    }
+
+    async fn fetch_leased(
         &self,
         of: BlobOf<'_>,
         image: Image<'_>,
@@ -378,6 +412,14 @@ impl TaskContext {
         let damaged = |what: String| InstanceError::DamagedArchive {
             of: of.to_string(),
             what,
+            remedy: match of {
+                BlobOf::Environment(name) => {
+                    format!("replace SHARED_DIR/environments/{name}.tar on the host")
+                }
+                BlobOf::Parked(id) => {
+                    format!("start VPS {id} on its own node and stop it again, to park it anew")
+                }
+            },
         };
         let manifest = image
             .manifest

@@ -375,16 +375,13 @@ impl TaskContext {
         {
             // Every import shares the content store's layers: one at a time.
             let _held = self.image_lock.lock().await;
-            let lease = self.ctd.create_lease().await?;
             let of = super::envfetch::BlobOf::Parked(vps);
             let image = super::envfetch::Image {
                 manifest: copy.manifest.as_ref(),
                 blobs: &copy.blobs,
                 sha256: &copy.sha256,
             };
-            let imported = self.fetch_image(of, image, &name, &lease, &progress).await;
-            self.ctd.delete_lease(&lease).await;
-            imported?;
+            self.fetch_image(of, image, &name, &progress).await?;
         }
         // The key before the labels: once labelled, the snapshot is found
         // and this is not done again (after a crash in between, too).

@@ -1053,13 +1053,12 @@ fn requeue_on(
     pinned: bool,
 ) -> Result<(), StoreError> {
     let mut spec = t.spec.clone();
-    // A move that never ran (its copy did not come) tries the copy again:
-    // the node it was placed on holds nothing else of the VPS.
-    let unfinished_move = t
-        .spec
-        .restore
-        .clone()
-        .filter(|r| r.parked && t.parked.as_deref() == Some(r.snapshot.as_str()));
+    // A move that never ran (its copy did not come) tries the copy again,
+    // on any node: the one it was placed on holds nothing else of the VPS.
+    let unfinished_move = t.spec.restore.clone().filter(|r| {
+        restore.is_none() && r.parked && t.parked.as_deref() == Some(r.snapshot.as_str())
+    });
+    let pinned = pinned && unfinished_move.is_none();
     spec.restore = restore.cloned().or(unfinished_move);
     let is_vm = spec.is_vm();
     if !pinned {
@@ -2326,6 +2325,10 @@ mod tests {
         let again = s.restart(movable, None).unwrap();
         let from = again.spec.restore.as_ref().expect("the copy is kept");
         assert_eq!((from.snapshot.as_str(), from.parked), ("7", true));
+        assert_eq!(
+            again.spec.target, None,
+            "not pinned to the node that failed"
+        );
         for id in [pinned, restored] {
             let t = s.get_task(id).unwrap().unwrap();
             assert_eq!(t.state, TaskState::Pending, "{id} waits for n1");
