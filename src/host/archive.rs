@@ -174,6 +174,35 @@ struct Descriptor {
     media_type: String,
     digest: String,
     size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(serde::Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+}
+
+/// An index's media types: a nested index lists one manifest per platform.
+const INDEXES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// The manifest of an index a node imports, as an import reads an archive
+/// (`oci::import`): the linux/amd64 one, or else the first.
+fn pick(index: &LayoutIndex) -> Option<&Descriptor> {
+    let linux_amd64 = |d: &&Descriptor| {
+        d.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+    };
+    index
+        .manifests
+        .iter()
+        .find(linux_amd64)
+        .or(index.manifests.first())
 }
 
 #[derive(serde::Deserialize)]
@@ -281,12 +310,6 @@ fn index_of(
     use std::io::Seek;
     let index: LayoutIndex = serde_json::from_slice(&index.ok_or("it has no index.json")?)
         .map_err(|e| format!("index.json: {e}"))?;
-    let [m] = &index.manifests[..] else {
-        return Err(format!(
-            "index.json lists {} manifests, not one",
-            index.manifests.len()
-        ));
-    };
     let blob = |d: &Descriptor| -> Result<ArchiveBlob, String> {
         match entries.get(&d.digest) {
             Some(&(offset, size)) if size == d.size => Ok(ArchiveBlob {
@@ -302,15 +325,36 @@ fn index_of(
             None => Err(format!("blob {} is not in it", d.digest)),
         }
     };
+    let read_at = |b: &ArchiveBlob| -> Result<Vec<u8>, String> {
+        if b.size > 4 << 20 {
+            return Err(format!("{} has {} bytes", b.digest, b.size));
+        }
+        let mut text = vec![0u8; b.size as usize];
+        let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        file.seek(std::io::SeekFrom::Start(b.offset))
+            .and_then(|_| file.read_exact(&mut text))
+            .map_err(|e| e.to_string())?;
+        Ok(text)
+    };
+    // Down nested indexes (one per platform) to the manifest.
+    let mut index = index;
+    let mut depth = 0;
+    let m = loop {
+        let m = pick(&index).ok_or("index.json lists no manifest")?;
+        if !INDEXES.contains(&m.media_type.as_str()) {
+            break m;
+        }
+        depth += 1;
+        if depth > 4 {
+            return Err("its indexes nest deeper than 4".into());
+        }
+        let text = read_at(&blob(m)?)?;
+        let nested: LayoutIndex =
+            serde_json::from_slice(&text).map_err(|e| format!("index {}: {e}", m.digest))?;
+        index = nested;
+    };
     let manifest = blob(m)?;
-    if manifest.size > 4 << 20 {
-        return Err(format!("its manifest has {} bytes", manifest.size));
-    }
-    let mut text = vec![0u8; manifest.size as usize];
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    file.seek(std::io::SeekFrom::Start(manifest.offset))
-        .and_then(|_| file.read_exact(&mut text))
-        .map_err(|e| e.to_string())?;
+    let text = read_at(&manifest)?;
     let image: ImageManifest =
         serde_json::from_slice(&text).map_err(|e| format!("manifest {}: {e}", m.digest))?;
     let blobs = std::iter::once(&image.config)
@@ -418,5 +462,53 @@ mod tests {
         let junk = read_archive(&dir.path().join("junk")).unwrap();
         assert!(junk.layout.is_err());
         assert_eq!(junk.sha256, hex::encode(Sha256::digest(b"no tar at all")));
+    }
+
+    #[test]
+    fn a_nested_index_leads_to_the_linux_amd64_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+        let desc = |b: &[u8], media_type: &str, arch: Option<&str>| {
+            let mut d =
+                serde_json::json!({"mediaType": media_type, "digest": digest(b), "size": b.len()});
+            if let Some(a) = arch {
+                d["platform"] = serde_json::json!({"os": "linux", "architecture": a});
+            }
+            d
+        };
+        let (config, layer) = (b"{}".to_vec(), b"layer".to_vec());
+        let manifest = |tag: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2, "annotations": {"t": tag},
+                "config": desc(&config, "c", None), "layers": [desc(&layer, "l", None)],
+            }))
+            .unwrap()
+        };
+        let (arm, amd) = (manifest("arm64"), manifest("amd64"));
+        let m = "application/vnd.oci.image.manifest.v1+json";
+        let nested = serde_json::to_vec(&serde_json::json!({
+            "manifests": [desc(&arm, m, Some("arm64")), desc(&amd, m, Some("amd64"))],
+        }))
+        .unwrap();
+        let top = serde_json::to_vec(&serde_json::json!({
+            "manifests": [desc(&nested, INDEXES[0], None)],
+        }))
+        .unwrap();
+        let path = dir.path().join("multi.tar");
+        let mut tar = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, data) in [("./index.json".to_string(), &top)].into_iter().chain(
+            [&nested, &arm, &amd, &config, &layer]
+                .map(|b| (format!("./blobs/sha256/{}", &digest(b)[7..]), b)),
+        ) {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        tar.finish().unwrap();
+        let (manifest, blobs) = read_archive(&path).unwrap().layout.unwrap();
+        assert_eq!(manifest.digest, digest(&amd));
+        assert_eq!(blobs.len(), 2);
     }
 }
