@@ -98,6 +98,11 @@ const ROUTES: &[(&str, &str, Access)] = &[
         "/api/nodes/{node}/tasks/{task}/park",
         Access::OwnNode,
     ),
+    (
+        "PUT",
+        "/api/nodes/{node}/tasks/{task}/park/blobs/{digest}",
+        Access::OwnNode,
+    ),
     ("GET", "/api/nodes/{node}/parked/{task}", Access::OwnNode),
     ("DELETE", "/api/nodes/{node}/left/{task}", Access::OwnNode),
     (

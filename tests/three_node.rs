@@ -471,12 +471,25 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             .as_str()
             .unwrap_or_else(|| panic!("not parked: {t}\n{}", c.logs()))
             .to_string();
-        let copy = c
-            .dir
-            .path()
-            .join(format!("host/parked/vps-{id}-{parked}.tar"));
-        assert!(copy.is_file(), "{}", copy.display());
-        let archive = std::fs::metadata(&copy).unwrap().len();
+        // The host keeps it blob by blob: its record names them.
+        let store = c.dir.path().join("host/parked");
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(store.join(format!("vps-{id}.json"))).unwrap())
+                .unwrap();
+        assert_eq!(record["snapshot"], parked.as_str(), "{record}");
+        let archive = record["size_bytes"].as_u64().unwrap();
+        let blob_file = |d: &serde_json::Value| {
+            store
+                .join("blobs/sha256")
+                .join(&d["digest"].as_str().unwrap()[7..])
+        };
+        let layers = record["blobs"].as_array().unwrap().clone();
+        for b in &layers {
+            assert!(blob_file(b).is_file(), "{b}");
+        }
+        // Its own layer (the 20 MiB), and the image's, which others share.
+        let (base, own) = (&layers[1], layers.last().unwrap());
+        assert!(own["size"].as_u64().unwrap() >= 20 << 20, "{record}");
         let status = stdout(&c.rn(&["--token", &ann, "vps", "status", &id]));
         assert!(
             status.contains(&format!("Parked:     snapshot {parked}")),
@@ -509,12 +522,12 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             .lines()
             .find(|l| l.contains(&format!("VPS {id}'s parked copy fetched from the host")))
             .unwrap_or_else(|| panic!("no fetch logged on {moved_to}:\n{log}"));
-        let field = |name: &str| field(fetch, name);
-        assert!(field("layers_skipped") >= 1, "{fetch}");
-        assert!(field("bytes_skipped") > 0, "{fetch}");
-        assert!(field("bytes") >= 20 << 20, "{fetch}");
+        let fetched = |name: &str| field(fetch, name);
+        assert!(fetched("layers_skipped") >= 1, "{fetch}");
+        assert!(fetched("bytes_skipped") > 0, "{fetch}");
+        assert!(fetched("bytes") >= 20 << 20, "{fetch}");
         assert!(
-            field("bytes") + field("bytes_skipped") <= archive,
+            fetched("bytes") + fetched("bytes_skipped") <= archive,
             "{fetch}"
         );
         // The parked snapshot came along: it is one of the VPS's snapshots there.
@@ -614,6 +627,13 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         assert!(o.status.success(), "{}", stderr(&o));
         c.wait_state(&full, "stopped");
         assert!(c.task(&full)["parked"].is_string(), "{}", c.task(&full));
+        // The host had the image's layer: this park sent only its own.
+        let log = c.runner("n1").log_text();
+        let park = log
+            .lines()
+            .find(|l| l.contains("VPS parked on the host") && l.contains(&format!("task={full} ")))
+            .unwrap_or_else(|| panic!("no park of {full} logged:\n{log}"));
+        assert!(field(park, "blobs_held") >= 1, "{park}");
         // Its core is taken meanwhile (the other stays for the shared ones).
         let filler = command_on(&c, None, "n1", &["-c", "1", "-m", "64M"], "sleep 600");
         c.wait_state(&filler, "running");
@@ -636,17 +656,12 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         wait_for_logged("n1 removing what the VPS left", &[&c.host], || {
             (left_on_n1("containers") == 0 && left_on_n1("images") == 0).then_some(())
         });
+        // The host's record goes, and its own layer; the shared one stays.
         wait_for("the host's copy removed", || {
-            let left = std::fs::read_dir(c.dir.path().join("host/parked"))
-                .unwrap()
-                .flatten()
-                .filter(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    name.starts_with(&format!("vps-{id}-")) || name == format!("vps-{id}.json")
-                })
-                .count();
-            (left == 0).then_some(())
+            let gone = !store.join(format!("vps-{id}.json")).exists();
+            (gone && !blob_file(own).exists()).then_some(())
         });
+        assert!(blob_file(base).is_file(), "the other copies' layer is kept");
     });
 }
 

@@ -292,36 +292,46 @@ impl HostClient {
             .await
     }
 
-    /// One piece of the archive of VPS `id`'s stop snapshot `snapshot`,
-    /// from `offset` on, of `total` bytes in all, with its host key file;
-    /// the last piece with the whole archive's digest.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn park_piece(
+    /// Parks VPS `id`'s stop snapshot as `req` says; the blobs the host
+    /// still lacks (none: the copy is made).
+    pub async fn park(
         &self,
         id: u64,
-        snapshot: &str,
-        host_key: &[u8],
+        req: &crate::api::ParkRequest,
+    ) -> Result<crate::api::ParkAnswer, HostCallError> {
+        Self::answer(
+            self.http
+                .put(format!(
+                    "{}/api/nodes/{}/tasks/{id}/park",
+                    self.base, self.node
+                ))
+                .bearer_auth(self.credential())
+                .timeout(Duration::from_secs(60))
+                .json(req),
+        )
+        .await
+    }
+
+    /// One piece of blob `digest` of VPS `id`'s park, from `offset` on, of
+    /// `total` bytes in all.
+    pub async fn park_blob(
+        &self,
+        id: u64,
+        digest: &str,
         offset: u64,
         total: u64,
-        sha256: Option<&str>,
         piece: Vec<u8>,
     ) -> Result<(), HostCallError> {
-        let mut req = self
+        let resp = self
             .http
             .put(format!(
-                "{}/api/nodes/{}/tasks/{id}/park",
+                "{}/api/nodes/{}/tasks/{id}/park/blobs/{digest}",
                 self.base, self.node
             ))
             .bearer_auth(self.credential())
-            .header("x-snapshot-id", snapshot)
-            .header("x-host-key", hex::encode(host_key))
             .header("x-upload-offset", offset.to_string())
             .header("x-upload-total", total.to_string())
-            .timeout(Duration::from_secs(600));
-        if let Some(d) = sha256 {
-            req = req.header("x-upload-sha256", d);
-        }
-        let resp = req
+            .timeout(Duration::from_secs(600))
             .body(piece)
             .send()
             .await

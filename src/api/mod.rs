@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 pub use target::{parse_memory_size, Target, TargetError};
 pub use task::{
     valid_hostname, ArchiveBlob, Assignment, Assignments, Consistency, Desired, ImageSource, Kind,
-    MountSpec, ParkedVps, Placement, RestartRequest, Restore, SnapshotRequest, SnapshotView,
-    SubmitResponse, TaskProgress, TaskReport, TaskSpec, TaskState, TaskView, UserEnvChange,
-    LOG_STREAMS,
+    MountSpec, ParkAnswer, ParkRequest, ParkedVps, Placement, RestartRequest, Restore,
+    SnapshotRequest, SnapshotView, SubmitResponse, TaskProgress, TaskReport, TaskSpec, TaskState,
+    TaskView, UserEnvChange, LOG_STREAMS,
 };
 
 use crate::topology::{Inventory, Usage};

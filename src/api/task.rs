@@ -189,30 +189,49 @@ pub struct Restore {
     pub parked: bool,
 }
 
-/// A VPS's parked copy on the host: the snapshot its node exported when it
-/// last stopped (an OCI archive), and its SSH host key, so that it can
-/// start again on another node while its own is gone.
+/// A VPS's parked copy on the host: the snapshot its node took when it
+/// last stopped (an image, kept blob by blob), and its SSH host key, so
+/// that it can start again on another node while its own is gone.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ParkedVps {
     pub vps_id: u64,
     pub snapshot: String,
+    /// Its blobs' bytes together.
     pub size_bytes: u64,
+    /// The hex SHA-256 of its manifest: the copy's identity.
     pub sha256: String,
     /// The instance's private host key (the node's file, in hex), sent
     /// only to the node the VPS is placed on.
     pub host_key: String,
     /// The snapshot's image manifest, and its config and layers in the
     /// manifest's order: a node fetches only the blobs its content store
-    /// lacks. (None in a record from before blobs were listed: the host
-    /// takes that for no copy.)
+    /// lacks. (None in an older host's record, of a copy kept as one
+    /// archive: the host's start converts those.)
     #[serde(default)]
     pub manifest: Option<ArchiveBlob>,
     #[serde(default)]
     pub blobs: Vec<ArchiveBlob>,
 }
 
-/// A blob of a parked copy: its OCI descriptor, and where its bytes lie in
-/// the host's archive.
+/// A park of a stopped VPS's snapshot (`PUT .../tasks/{id}/park`): its
+/// snapshot id, host key file (hex) and image manifest. The host answers
+/// which blobs it still lacks; with none missing, the copy is made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ParkRequest {
+    pub snapshot: String,
+    pub host_key: String,
+    pub manifest: ArchiveBlob,
+}
+
+/// The blobs (digests) a park still lacks; none: the copy is made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ParkAnswer {
+    pub missing: Vec<String>,
+}
+
+/// A blob of an image the host keeps: its OCI descriptor, and where its
+/// bytes lie in the file that holds it (0 for a blob in a file of its own).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArchiveBlob {
     #[serde(default)]

@@ -169,11 +169,11 @@ pub(super) async fn send_blob(
 
 /// An OCI descriptor, as an image layout's index and a manifest hold them.
 #[derive(serde::Deserialize)]
-struct Descriptor {
+pub(super) struct Descriptor {
     #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
+    pub(super) media_type: String,
+    pub(super) digest: String,
+    pub(super) size: u64,
     #[serde(default)]
     platform: Option<Platform>,
 }
@@ -210,10 +210,11 @@ struct LayoutIndex {
     manifests: Vec<Descriptor>,
 }
 
+/// An image manifest's config and layers.
 #[derive(serde::Deserialize)]
-struct ImageManifest {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
+pub(super) struct ImageManifest {
+    pub(super) config: Descriptor,
+    pub(super) layers: Vec<Descriptor>,
 }
 
 /// What one read of an archive finds: its whole SHA-256 (hex), and its

@@ -196,7 +196,10 @@ fn rows() -> Vec<Row> {
             .errors(&[400, 403, 404, 412]),
         row(Get, "/api/nodes/{name}/environments/{env}/blobs/{digest}", "One blob of an OCI layout environment archive (its manifest, config or a layer), by sha256:<hex> digest (Range: bytes=N- resumes; x-expect-sha256 must be the digest's hex, else 412). That node's credential.", Blob)
             .errors(&[400, 403, 404, 412]),
-        row(Put, "/api/nodes/{name}/tasks/{id}/park", "A piece of a stopped VPS's parked copy, in order: the archive's bytes from x-upload-offset of x-upload-total, with x-snapshot-id and x-host-key (hex) headers, and x-upload-sha256 with the last piece (park_stopped_vps). That node's credential.", Empty(204))
+        row(Put, "/api/nodes/{name}/tasks/{id}/park", "Park a stopped VPS's snapshot (park_stopped_vps): its id, host key file (hex) and image manifest. The answer lists the blobs the host lacks (send them, then park again); none: the copy is made. That node's credential.", Json(200, named::<wire::ParkAnswer>))
+            .body(named::<wire::ParkRequest>)
+            .errors(&[400, 403, 404, 409]),
+        row(Put, "/api/nodes/{name}/tasks/{id}/park/blobs/{digest}", "A piece of a blob a park lacks, in order: its bytes from x-upload-offset of x-upload-total; the last piece is checked against the digest. That node's credential.", Empty(204))
             .errors(&[400, 403, 404, 409, 429]),
         row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key, and its blobs), for the node it is placed on. That node's credential.", Json(200, named::<wire::ParkedVps>))
             .errors(&[400, 403, 404, 409]),

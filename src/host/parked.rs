@@ -1,21 +1,23 @@
 //! Parked VPS (`park_stopped_vps`): when a container VPS stops, its node
-//! exports the snapshot of that stop (an OCI archive) and sends it here
-//! with the instance's host key, before it reports the stop. The host keeps
-//! one copy per VPS in `DATA_DIR/parked/` (`vps-<id>-<snapshot>.tar`, and
-//! `vps-<id>.json` naming it, written last), and the stop's report names the
+//! parks the snapshot of that stop here, with the instance's host key,
+//! before it reports the stop. The host keeps images blob by blob, shared
+//! by every copy (`DATA_DIR/parked/blobs/sha256/<hex>`, content-addressed),
+//! and one record per VPS naming its copy (`vps-<id>.json`). A park names
+//! the snapshot's manifest (`PUT .../tasks/<id>/park`); the host answers
+//! which blobs it lacks, the node sends those (`PUT .../park/blobs/<digest>`,
+//! in pieces, each checked against its digest), and names it again: with
+//! nothing missing, the record is written. So a VPS's base layers, and the
+//! layers of its earlier stops, travel once. The stop's report names the
 //! snapshot (`tasks.parked`). `vps restart --anywhere` then places the VPS
-//! on any node, whose runner fetches the copy (resumable, checked against
-//! its digest) and the host key from here: the VPS starts there as it
-//! stopped, while its first node is gone. A delete removes the copy.
-//!
-//! The record lists the archive's blobs (the manifest, its config and
-//! layers, and where each lies in the archive), and a node fetches them one
-//! by one (`.../parked/<id>/blobs/<digest>`): only those its content store
-//! lacks, so the base layers of an image the node already runs never travel.
+//! on any node, whose runner fetches the blobs it lacks and the host key
+//! from here (`.../parked/<id>/blobs/<digest>`): the VPS starts there as
+//! it stopped, while its first node is gone. A delete removes the record,
+//! and blobs no record or park under way names go.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
@@ -28,26 +30,36 @@ use super::api::ApiError;
 use super::auth::Principal;
 use super::tasks::own_node;
 use super::HostState;
-use crate::api::{Kind, ParkedVps, TaskView};
+use crate::api::{ArchiveBlob, Kind, ParkAnswer, ParkRequest, ParkedVps, TaskView};
 
-/// The snapshot a park is of (a runner's snapshot id: digits).
-pub const SNAPSHOT_HEADER: &str = "x-snapshot-id";
-/// The instance's private host key file, in hex.
-pub const HOST_KEY_HEADER: &str = "x-host-key";
-/// Where a piece of the archive starts, and the archive's whole size.
+/// Where a piece of a blob starts, and the blob's whole size.
 pub const OFFSET_HEADER: &str = "x-upload-offset";
 pub const TOTAL_HEADER: &str = "x-upload-total";
-/// The whole archive's SHA-256, with its last piece.
-pub const SHA256_HEADER: &str = "x-upload-sha256";
 /// What a park leaves free on the host's disk: the store lives there too.
 const KEEP_FREE: u64 = 1 << 30;
-/// A host key file is a few hundred bytes; this bounds the header.
+/// A host key file is a few hundred bytes; this bounds its hex.
 const MAX_HOST_KEY: usize = 16 << 10;
+/// A manifest is a few KiB; this bounds what the host reads of one.
+const MAX_MANIFEST: u64 = 4 << 20;
+
+/// The blobs of parks under way, by VPS: not yet named by a record, and
+/// kept from `collect` until the park ends.
+static UPLOADING: Mutex<Option<HashMap<u64, HashSet<String>>>> = Mutex::new(None);
+
+fn uploading(f: impl FnOnce(&mut HashMap<u64, HashSet<String>>)) {
+    if let Ok(mut u) = UPLOADING.lock() {
+        f(u.get_or_insert_with(HashMap::new));
+    }
+}
 
 /// A node's routes (its own credential, its own name in the path).
 pub fn node_routes() -> Router<Arc<HostState>> {
     Router::new()
         .route("/api/nodes/{name}/tasks/{id}/park", put(park))
+        .route(
+            "/api/nodes/{name}/tasks/{id}/park/blobs/{digest}",
+            put(park_blob),
+        )
         .route("/api/nodes/{name}/parked/{id}", get(describe))
         .route("/api/nodes/{name}/parked/{id}/blobs/{digest}", get(blob))
         .route("/api/nodes/{name}/left/{id}", delete(left_removed))
@@ -75,8 +87,21 @@ fn record_path(state: &HostState, id: u64) -> PathBuf {
     dir(state).join(format!("vps-{id}.json"))
 }
 
+/// An older host's copy: one archive.
 fn archive_path(state: &HostState, id: u64, snapshot: &str) -> PathBuf {
     dir(state).join(format!("vps-{id}-{snapshot}.tar"))
+}
+
+fn blobs_dir(state: &HostState) -> PathBuf {
+    dir(state).join("blobs/sha256")
+}
+
+/// Where blob `digest` (`sha256:<hex>`) is kept; none for another name.
+fn blob_path(state: &HostState, digest: &str) -> Option<PathBuf> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    Some(blobs_dir(state).join(hex.to_ascii_lowercase()))
 }
 
 fn valid_snapshot(s: &str) -> bool {
@@ -87,29 +112,82 @@ fn internal(path: &Path) -> impl Fn(std::io::Error) -> ApiError + '_ {
     move |e| ApiError::Internal(format!("{}: {e}", path.display()))
 }
 
-/// The copy the host keeps of VPS `id`, if any. (A record from before
-/// records listed their blobs is none until `sweep` lists them, at the
-/// host's start.)
+/// The copy the host keeps of VPS `id`, if any: its record, with every
+/// blob it names in the store.
 pub fn record(state: &HostState, id: u64) -> Option<ParkedVps> {
     let text = std::fs::read(record_path(state, id)).ok()?;
     serde_json::from_slice::<ParkedVps>(&text).ok().filter(|r| {
-        r.vps_id == id && r.manifest.is_some() && archive_path(state, id, &r.snapshot).is_file()
+        r.vps_id == id
+            && r.manifest.is_some()
+            && r.manifest
+                .iter()
+                .chain(&r.blobs)
+                .all(|b| blob_path(state, &b.digest).is_some_and(|p| p.is_file()))
     })
 }
 
-/// Removes VPS `id`'s copy (it was deleted): its record first, so that no
-/// half is ever taken for a copy.
+/// Removes VPS `id`'s copy (it was deleted): its record, then the blobs
+/// nothing else names.
 pub fn forget(state: &HostState, id: u64) {
     let _ = std::fs::remove_file(record_path(state, id));
     remove_files(state, id, |_| true);
+    uploading(|u| {
+        u.remove(&id);
+    });
+    collect(state);
 }
 
-/// Removes the copies of VPS that are deleted or gone from the store.
+/// Removes the blobs that no record and no park under way names, and the
+/// partial blobs of parks that are not under way.
+fn collect(state: &HostState) {
+    let Ok(entries) = std::fs::read_dir(dir(state)) else {
+        return;
+    };
+    let mut named: HashSet<String> = HashSet::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("vps-") && name.ends_with(".json")) {
+            continue;
+        }
+        if let Some(r) = std::fs::read(e.path())
+            .ok()
+            .and_then(|t| serde_json::from_slice::<ParkedVps>(&t).ok())
+        {
+            named.extend(r.manifest.iter().chain(&r.blobs).map(|b| b.digest.clone()));
+        }
+    }
+    let mut parking: HashSet<u64> = HashSet::new();
+    uploading(|u| {
+        parking.extend(u.keys());
+        named.extend(u.values().flatten().cloned());
+    });
+    let Ok(blobs) = std::fs::read_dir(blobs_dir(state)) else {
+        return;
+    };
+    for e in blobs.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let keep = match name.split_once(".vps-") {
+            // `<hex>.vps-<id>.part`: a piece of a park under way.
+            Some((_, rest)) => rest
+                .strip_suffix(".part")
+                .and_then(|id| id.parse::<u64>().ok())
+                .is_some_and(|id| parking.contains(&id)),
+            None => named.contains(&format!("sha256:{name}")),
+        };
+        if !keep {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes the copies of VPS that are deleted or gone from the store,
+/// converts an older host's (one archive each) to blobs, and removes the
+/// blobs nothing names.
 pub async fn sweep(state: &HostState) {
     let Ok(entries) = std::fs::read_dir(dir(state)) else {
         return;
     };
-    // Every file names its VPS: records, archives and unfinished parks.
+    // Every file names its VPS: records, and an older host's archives.
     let mut ids: Vec<u64> = entries
         .flatten()
         .filter_map(|e| {
@@ -123,46 +201,72 @@ pub async fn sweep(state: &HostState) {
     ids.dedup();
     for id in ids {
         match state.blocking(move |s| s.get_task(id)).await {
-            Ok(Some(t)) if t.state != crate::api::TaskState::Deleted => list_blobs(state, id).await,
+            Ok(Some(t)) if t.state != crate::api::TaskState::Deleted => convert(state, id).await,
             Ok(_) => {
                 tracing::info!(task = id, "the parked copy of a deleted VPS removed");
-                forget(state, id);
+                let _ = std::fs::remove_file(record_path(state, id));
+                remove_files(state, id, |_| true);
             }
             Err(e) => {
                 tracing::warn!(task = id, error = %crate::error_chain(&e), "cannot tell whether a parked VPS still exists")
             }
         }
     }
+    collect(state);
 }
 
-/// Lists the blobs of VPS `id`'s copy when its record (an older host's)
-/// does not; removes a copy that is no image layout.
-async fn list_blobs(state: &HostState, id: u64) {
-    let Ok(text) = std::fs::read(record_path(state, id)) else {
+/// An older host's copy of VPS `id` (one archive) as blobs in the store;
+/// one that is no whole image is removed.
+async fn convert(state: &HostState, id: u64) {
+    let Some(mut r) = std::fs::read(record_path(state, id))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<ParkedVps>(&t).ok())
+    else {
         return;
     };
-    let Ok(mut r) = serde_json::from_slice::<ParkedVps>(&text) else {
-        return;
-    };
-    if r.manifest.is_some() {
+    let archive = archive_path(state, id, &r.snapshot);
+    if r.manifest.is_some() && !archive.exists() {
         return;
     }
-    let path = archive_path(state, id, &r.snapshot);
-    let read = tokio::task::spawn_blocking(move || super::archive::read_archive(&path)).await;
-    match read {
-        Ok(Ok(super::archive::ArchiveRead {
-            sha256,
-            layout: Ok((manifest, blobs)),
-        })) if sha256 == r.sha256 => {
+    let (a, store) = (archive.clone(), blobs_dir(state));
+    let converted = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let read = super::archive::read_archive(&a).map_err(|e| e.to_string())?;
+        let (manifest, blobs) = read.layout?;
+        crate::files::ensure_private_dir(&store).map_err(|e| e.to_string())?;
+        let mut file = std::fs::File::open(&a).map_err(|e| e.to_string())?;
+        for b in std::iter::once(&manifest).chain(&blobs) {
+            use std::io::{Read, Seek};
+            let to = store.join(b.digest.trim_start_matches("sha256:"));
+            let part = to.with_extension("convert.part");
+            file.seek(std::io::SeekFrom::Start(b.offset))
+                .map_err(|e| e.to_string())?;
+            let mut out = std::fs::File::create(&part).map_err(|e| e.to_string())?;
+            std::io::copy(&mut (&mut file).take(b.size), &mut out).map_err(|e| e.to_string())?;
+            std::fs::rename(&part, &to).map_err(|e| e.to_string())?;
+        }
+        let at_zero = |b: &ArchiveBlob| ArchiveBlob {
+            offset: 0,
+            ..b.clone()
+        };
+        Ok((at_zero(&manifest), blobs.iter().map(at_zero).collect()))
+    })
+    .await;
+    match converted {
+        Ok(Ok((manifest, blobs))) => {
+            r.sha256 = manifest.digest.trim_start_matches("sha256:").to_string();
             (r.manifest, r.blobs) = (Some(manifest), blobs);
             if let Ok(text) = serde_json::to_vec(&r) {
                 let _ = crate::files::write_secret(&record_path(state, id), &text);
             }
+            let _ = std::fs::remove_file(&archive);
+            tracing::info!(task = id, "an older host's parked copy kept as blobs");
         }
-        _ => {
-            tracing::warn!(task = id, "a parked copy that is no whole image removed");
-            forget(state, id);
+        Ok(Err(e)) => {
+            tracing::warn!(task = id, error = %e, "an older host's parked copy that is no whole image removed");
+            let _ = std::fs::remove_file(record_path(state, id));
+            remove_files(state, id, |_| true);
         }
+        Err(e) => tracing::warn!(task = id, error = %e, "converting a parked copy"),
     }
 }
 
@@ -199,63 +303,177 @@ async fn placed_here(state: &HostState, name: &str, id: u64) -> Result<TaskView,
     Ok(t)
 }
 
-/// `PUT /api/nodes/{name}/tasks/{id}/park`: a piece of the archive of a
-/// stop's snapshot, from `x-upload-offset` on, of `x-upload-total` bytes
-/// in all (pieces in order: a request body is bounded, and a cut upload
-/// starts again); the snapshot and host key in headers. The last piece
-/// makes the copy, which replaces the last one.
-async fn park(
-    State(state): State<Arc<HostState>>,
-    Extension(p): Extension<Principal>,
-    UrlPath((name, id)): UrlPath<(String, u64)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<StatusCode, ApiError> {
-    own_node(&p, &name)?;
+/// A park's checks: the host parks VPS, and VPS `id` is a container VPS
+/// placed on node `name`, who asks.
+async fn may_park(state: &HostState, p: &Principal, name: &str, id: u64) -> Result<(), ApiError> {
+    own_node(p, name)?;
     if !state.park_stopped_vps {
         return Err(ApiError::Conflict(
             "this host does not park VPS (park_stopped_vps is off)".into(),
         ));
     }
-    let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    placed_here(state, name, id).await.map(|_| ())
+}
+
+/// `PUT /api/nodes/{name}/tasks/{id}/park`: parks the stop snapshot the
+/// body names (its manifest) with its host key. The answer lists the
+/// blobs the host lacks (sent next, then the park asked again); with none
+/// missing the copy is made, and replaces the VPS's last one.
+async fn park(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    UrlPath((name, id)): UrlPath<(String, u64)>,
+    super::api::ApiJson(req): super::api::ApiJson<ParkRequest>,
+) -> Result<Json<ParkAnswer>, ApiError> {
+    may_park(&state, &p, &name, id).await?;
+    if !valid_snapshot(&req.snapshot) {
+        return Err(ApiError::BadRequest(
+            "snapshot: a snapshot id (digits) is required".into(),
+        ));
+    }
+    if req.host_key.len() > MAX_HOST_KEY || hex::decode(&req.host_key).is_err() {
+        return Err(ApiError::BadRequest(
+            "host_key: the host key file in hex is required".into(),
+        ));
+    }
+    let m = &req.manifest;
+    let Some(manifest_path) = blob_path(&state, &m.digest) else {
+        return Err(ApiError::BadRequest(format!(
+            "manifest.digest: {:?} is no sha256:<hex> digest",
+            m.digest
+        )));
+    };
+    if m.size > MAX_MANIFEST {
+        return Err(ApiError::BadRequest(format!(
+            "manifest.size: {} bytes; a manifest has at most {MAX_MANIFEST}",
+            m.size
+        )));
+    }
+    // What this park names is kept from `collect` until it ends.
+    let keep = |digests: &[&str]| {
+        uploading(|u| {
+            u.entry(id)
+                .or_default()
+                .extend(digests.iter().map(|d| d.to_string()))
+        })
+    };
+    keep(&[&m.digest]);
+    let Ok(text) = std::fs::read(&manifest_path) else {
+        return Ok(Json(ParkAnswer {
+            missing: vec![m.digest.clone()],
+        }));
+    };
+    if text.len() as u64 != m.size {
+        return Err(ApiError::BadRequest(format!(
+            "manifest.size: its blob has {} bytes, not {}",
+            text.len(),
+            m.size
+        )));
+    }
+    let image: super::archive::ImageManifest = serde_json::from_slice(&text).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "manifest: blob {} is no image manifest: {e}",
+            m.digest
+        ))
+    })?;
+    let mut blobs = Vec::new();
+    for d in std::iter::once(&image.config).chain(&image.layers) {
+        if blob_path(&state, &d.digest).is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "manifest: it names {:?}, no sha256:<hex> digest",
+                d.digest
+            )));
+        }
+        blobs.push(ArchiveBlob {
+            media_type: d.media_type.clone(),
+            digest: d.digest.clone(),
+            size: d.size,
+            offset: 0,
+        });
+    }
+    keep(&blobs.iter().map(|b| b.digest.as_str()).collect::<Vec<_>>());
+    let missing: Vec<String> = blobs
+        .iter()
+        .filter(|b| {
+            blob_path(&state, &b.digest)
+                .is_none_or(|p| std::fs::metadata(p).map(|m| m.len()).ok() != Some(b.size))
+        })
+        .map(|b| b.digest.clone())
+        .collect();
+    if !missing.is_empty() {
+        return Ok(Json(ParkAnswer { missing }));
+    }
+    let record = ParkedVps {
+        vps_id: id,
+        snapshot: req.snapshot.clone(),
+        size_bytes: m.size + blobs.iter().map(|b| b.size).sum::<u64>(),
+        sha256: m.digest.trim_start_matches("sha256:").to_string(),
+        host_key: req.host_key.clone(),
+        manifest: Some(ArchiveBlob {
+            offset: 0,
+            ..m.clone()
+        }),
+        blobs,
+    };
+    let rp = record_path(&state, id);
+    let text = serde_json::to_vec(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
+    crate::files::write_secret(&rp, &text).map_err(internal(&rp))?;
+    // An older host's archive of this VPS is of no more use.
+    remove_files(&state, id, |_| true);
+    uploading(|u| {
+        u.remove(&id);
+    });
+    collect(&state);
+    tracing::info!(task = id, node = %name, snapshot = %req.snapshot, bytes = record.size_bytes, "VPS parked on the host");
+    Ok(Json(ParkAnswer { missing: vec![] }))
+}
+
+/// `PUT /api/nodes/{name}/tasks/{id}/park/blobs/{digest}`: a piece of a
+/// blob a park lacks, from `x-upload-offset` on, of `x-upload-total`
+/// bytes in all (pieces in order: a request body is bounded, and a cut
+/// upload starts again). The last piece is checked against the digest and
+/// makes the blob.
+async fn park_blob(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    UrlPath((name, id, digest)): UrlPath<(String, u64, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    may_park(&state, &p, &name, id).await?;
     let number = |h: &'static str| {
-        header(h)
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| ApiError::BadRequest(format!("{h}: a number of bytes is required")))
     };
-    let snapshot = header(SNAPSHOT_HEADER)
-        .filter(|s| valid_snapshot(s))
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{SNAPSHOT_HEADER}: a snapshot id (digits) is required"
-            ))
-        })?
-        .to_string();
-    let host_key = header(HOST_KEY_HEADER)
-        .filter(|k| k.len() <= MAX_HOST_KEY && hex::decode(k).is_ok())
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{HOST_KEY_HEADER}: the host key file in hex is required"
-            ))
-        })?
-        .to_string();
     let (offset, total) = (number(OFFSET_HEADER)?, number(TOTAL_HEADER)?);
-    placed_here(&state, &name, id).await?;
-
-    let d = dir(&state);
-    // Host keys are in there.
+    let path = blob_path(&state, &digest).ok_or_else(|| {
+        ApiError::BadRequest(format!("digest: {digest:?} is no sha256:<hex> digest"))
+    })?;
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == total) {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    let d = blobs_dir(&state);
+    // Host keys live beside the blobs: the directory is private.
+    crate::files::ensure_private_dir(&dir(&state)).map_err(internal(&dir(&state)))?;
     crate::files::ensure_private_dir(&d).map_err(internal(&d))?;
-    let path = archive_path(&state, id, &snapshot);
-    let part = path.with_extension("tar.part");
+    uploading(|u| {
+        u.entry(id).or_default().insert(digest.clone());
+    });
+    // Each VPS's upload its own: two parks may send one base layer at once.
+    let part = d.join(format!(
+        "{}.vps-{id}.part",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
     let held = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     if offset != 0 && offset != held {
         return Err(ApiError::Conflict(format!(
-            "{OFFSET_HEADER}: the host holds {held} bytes of this park; start again from 0"
+            "{OFFSET_HEADER}: the host holds {held} bytes of this blob; start again from 0"
         )));
     }
     if offset == 0 {
-        // A park begins: the VPS's unfinished ones will never end.
-        remove_files(&state, id, |name| name.ends_with(".part"));
         let free = nix::sys::statvfs::statvfs(&d)
             .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
             .map_err(|e| ApiError::Internal(format!("{}: {e}", d.display())))?;
@@ -291,46 +509,24 @@ async fn park(
         return Ok(StatusCode::NO_CONTENT);
     }
     tokio::task::block_in_place(|| file.sync_all()).map_err(internal(&part))?;
-    let sent = header(SHA256_HEADER).map(str::to_string);
     let p2 = part.clone();
-    // One read: the whole digest, and each blob's checked against its name.
-    let read = tokio::task::spawn_blocking(move || super::archive::read_archive(&p2))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(internal(&part))?;
-    let sha256 = read.sha256;
-    if sent.as_deref() != Some(sha256.as_str()) {
+    let sha256 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&p2)?, &mut h)?;
+        Ok(hex::encode(h.finalize()))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(internal(&part))?;
+    if format!("sha256:{sha256}") != digest.to_ascii_lowercase() {
         let _ = std::fs::remove_file(&part);
         return Err(ApiError::BadRequest(format!(
-            "{SHA256_HEADER}: the host received an archive with SHA-256 {sha256}, not {}; park it again",
-            sent.as_deref().unwrap_or("(none given)")
+            "body: the host received bytes with SHA-256 {sha256}, not {digest}; send the blob again"
         )));
     }
-    let (manifest, blobs) = match read.layout {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = std::fs::remove_file(&part);
-            return Err(ApiError::BadRequest(format!(
-                "body: the archive is no whole OCI image layout of one image ({e}); park it again"
-            )));
-        }
-    };
     std::fs::rename(&part, &path).map_err(internal(&path))?;
-    let record = ParkedVps {
-        vps_id: id,
-        snapshot: snapshot.clone(),
-        size_bytes: size,
-        sha256,
-        host_key,
-        manifest: Some(manifest),
-        blobs,
-    };
-    let rp = record_path(&state, id);
-    let text = serde_json::to_vec(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
-    crate::files::write_secret(&rp, &text).map_err(internal(&rp))?;
-    let kept = format!("vps-{id}-{snapshot}.tar");
-    remove_files(&state, id, |name| name != kept);
-    tracing::info!(task = id, node = %name, snapshot = %snapshot, bytes = size, "VPS parked on the host");
+    tracing::debug!(task = id, node = %name, blob = %digest, bytes = size, "a parked blob received");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -395,16 +591,24 @@ async fn blob(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let r = current(&state, &p, &name, id).await?;
-    let path = archive_path(&state, id, &r.snapshot);
     let what = format!("blob {digest} of VPS {id}'s parked copy");
-    let resp = super::archive::send_blob(
-        &headers,
-        &path,
-        (&r.manifest, &r.blobs, &r.sha256),
-        &digest,
-        &what,
-    )
-    .await?;
+    let b = r
+        .manifest
+        .iter()
+        .chain(&r.blobs)
+        .find(|b| b.digest == digest)
+        .ok_or_else(|| ApiError::NotFound(format!("{what}: the copy has no such blob")))?;
+    let path = blob_path(&state, &b.digest)
+        .ok_or_else(|| ApiError::Internal(format!("{what}: no digest")))?;
+    let slice = super::archive::Slice {
+        path: &path,
+        base: 0,
+        size: b.size,
+        sha256: b.digest.trim_start_matches("sha256:"),
+        what: &what,
+        content_type: "application/octet-stream",
+    };
+    let resp = super::archive::send_slice(&headers, &slice).await?;
     tracing::info!(task = id, node = %name, blob = %digest, "parked blob sent");
     Ok(resp)
 }

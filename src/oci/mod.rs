@@ -6,10 +6,10 @@
 //! events, pause/resume, kill and cleanup, registry pulls, and commits of
 //! a container's changes as images (VPS snapshots), and CDI device edits (`cdi`).
 
+mod blobs;
 pub mod cdi;
 mod commit;
 pub mod exec;
-mod export;
 mod import;
 mod registry;
 pub mod rootfs;
@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use containerd_client::tonic;
 use tonic::transport::Channel;
 
+pub use blobs::{BlobRef, ImageBlobs};
 pub use commit::{Committed, BASE_MANIFEST_LABEL, COMMIT_SIZE_LABEL};
 pub use import::{chain_ids, check_archive, ImageConfig, ImportedImage};
 pub use registry::Reference;

@@ -14,7 +14,6 @@ use crate::oci::{Containerd, ImportedImage, OciError};
 
 use super::container::TaskContext;
 use super::driver::InstanceError;
-use sha2::Digest;
 
 const VPS_LABEL: &str = "io.rivernode.snapshot.vps";
 const NODE_LABEL: &str = "io.rivernode.snapshot.node";
@@ -283,14 +282,20 @@ impl TaskContext {
     }
 }
 
-/// Pieces of a park: a request body each.
-const PARK_PIECE: usize = 8 << 20;
+/// Pieces of a park's blob: a request body each.
+const PARK_PIECE: u64 = 8 << 20;
+
+/// Rounds of a park: each sends what the host lacks, which a delete of
+/// another VPS's copy meanwhile may have taken back.
+const PARK_ROUNDS: usize = 3;
 
 impl TaskContext {
     /// Parks VPS `vps`'s newest snapshot (its stop's) on the host, with its
-    /// host key, when the host parks VPS: exported from containerd as an OCI
-    /// archive into the runner's state directory, sent in pieces, removed.
-    /// The snapshot parked; none when the host parks nothing, or for a VM.
+    /// host key, when the host parks VPS: the host is told its manifest,
+    /// and is sent the blobs it lacks (a snapshot's base layers, parked
+    /// before with this or another VPS, are not sent again), each in
+    /// pieces, read from containerd's content store. The snapshot parked;
+    /// none when the host parks nothing, or for a VM.
     pub async fn park_newest(&self, vps: u64) -> Result<Option<String>, InstanceError> {
         if !self.park.load(std::sync::atomic::Ordering::Relaxed) || self.is_vm(vps) {
             return Ok(None);
@@ -299,59 +304,67 @@ impl TaskContext {
             return Ok(None);
         };
         let key = self.vps.host_key_file(&self.container_id(vps))?;
-        let dir = self.config.data_dir.join(super::STATE_DIR).join("parking");
-        let io = |p: &std::path::Path| {
-            let path = p.to_path_buf();
-            move |source| InstanceError::Io { path, source }
-        };
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join(format!("vps-{vps}.tar"));
         let started = std::time::Instant::now();
-        let sent = self.export_and_send(vps, &snap.id, &key, &path).await;
-        let _ = std::fs::remove_file(&path);
-        let total = sent?;
-        tracing::info!(task = vps, snapshot = %snap.id, bytes = total, ms = started.elapsed().as_millis() as u64, "VPS parked on the host");
-        Ok(Some(snap.id))
+        let image = self
+            .ctd
+            .image_blobs(&image_name(&self.node, vps, &snap.id))
+            .await?;
+        let m = &image.manifest;
+        let req = crate::api::ParkRequest {
+            snapshot: snap.id.clone(),
+            host_key: hex::encode(&key),
+            manifest: crate::api::ArchiveBlob {
+                media_type: m.media_type.clone(),
+                digest: m.digest.clone(),
+                size: m.size,
+                offset: 0,
+            },
+        };
+        let (mut sent, mut bytes) = (0usize, 0u64);
+        for _ in 0..PARK_ROUNDS {
+            let missing = self
+                .host
+                .park(vps, &req)
+                .await
+                .map_err(InstanceError::Park)?
+                .missing;
+            if missing.is_empty() {
+                let all = image.blobs.len() + 1;
+                tracing::info!(task = vps, snapshot = %snap.id, blobs_sent = sent, bytes_sent = bytes, blobs_held = all.saturating_sub(sent), ms = started.elapsed().as_millis() as u64, "VPS parked on the host");
+                return Ok(Some(snap.id));
+            }
+            for digest in &missing {
+                let b = image
+                    .find(digest)
+                    .ok_or_else(|| InstanceError::ParkRefused {
+                        vps,
+                        why: format!(
+                            "the host asks for {digest}, which is no blob of the snapshot"
+                        ),
+                    })?;
+                self.send_blob(vps, b).await?;
+                (sent, bytes) = (sent + 1, bytes + b.size);
+            }
+        }
+        Err(InstanceError::ParkRefused {
+            vps,
+            why: format!("the host still lacked blobs after {PARK_ROUNDS} rounds"),
+        })
     }
 
-    async fn export_and_send(
-        &self,
-        vps: u64,
-        snapshot: &str,
-        key: &[u8],
-        path: &std::path::Path,
-    ) -> Result<u64, InstanceError> {
-        let io = |source| InstanceError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        self.ctd
-            .export_archive(&image_name(&self.node, vps, snapshot), path)
-            .await?;
-        let mut file = std::fs::File::open(path).map_err(io)?;
-        let total = file.metadata().map_err(io)?.len();
+    /// Blob `b` of VPS `vps`'s park to the host, in pieces.
+    async fn send_blob(&self, vps: u64, b: &crate::oci::BlobRef) -> Result<(), InstanceError> {
         let mut offset = 0u64;
-        // The last piece carries the whole archive's digest, which the host
-        // checks what it holds against.
-        let mut digest = sha2::Sha256::new();
         loop {
-            let mut piece = Vec::with_capacity(PARK_PIECE);
-            tokio::task::block_in_place(|| {
-                use std::io::Read;
-                (&mut file).take(PARK_PIECE as u64).read_to_end(&mut piece)
-            })
-            .map_err(io)?;
-            let n = piece.len() as u64;
-            digest.update(&piece);
-            let last = offset + n >= total;
-            let sha256 = last.then(|| hex::encode(digest.clone().finalize()));
+            let len = PARK_PIECE.min(b.size - offset);
+            let piece = self.ctd.read_range(&b.digest, offset, len).await?;
             self.host
-                .park_piece(vps, snapshot, key, offset, total, sha256.as_deref(), piece)
+                .park_blob(vps, &b.digest, offset, b.size, piece)
                 .await
                 .map_err(InstanceError::Park)?;
-            offset += n;
-            if offset >= total {
-                return Ok(total);
+            offset += len;
+            if offset >= b.size {
+                return Ok(());
             }
         }
     }
