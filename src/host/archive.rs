@@ -282,15 +282,16 @@ fn scan(reader: &mut impl Read) -> Result<Scanned, String> {
                 .read_to_end(&mut text)
                 .map_err(|e| e.to_string())?;
             index = Some(text);
-        } else if let Some(hex) = name
-            .strip_prefix("blobs/sha256/")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
+        } else if let Some(hex) = name.strip_prefix("blobs/sha256/").filter(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }) {
             let (offset, size) = (entry.raw_file_position(), entry.size());
             let mut h = Sha256::new();
             std::io::copy(&mut entry, &mut h).map_err(|e| e.to_string())?;
             let got = hex::encode(h.finalize());
-            if got != hex.to_ascii_lowercase() {
+            if got != hex {
                 return Err(format!(
                     "blob sha256:{hex} has bytes whose SHA-256 is {got}"
                 ));

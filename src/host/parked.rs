@@ -42,14 +42,17 @@ const MAX_HOST_KEY: usize = 16 << 10;
 /// A manifest is a few KiB; this bounds what the host reads of one.
 const MAX_MANIFEST: u64 = 4 << 20;
 
-/// The blobs of parks under way, by VPS: not yet named by a record, and
-/// kept from `collect` until the park ends.
-static UPLOADING: Mutex<Option<HashMap<u64, HashSet<String>>>> = Mutex::new(None);
+/// The blobs of parks under way, by VPS (digest to size): what a node may
+/// send, not yet named by a record, and kept from `collect` until the park
+/// ends. Its lock is the store's: `collect`, a park's commit and a blob's
+/// arrival take turns, so no blob is collected between its arrival or a
+/// check that it is there and the record that names it.
+type Uploading = HashMap<u64, HashMap<String, u64>>;
+static STORE: Mutex<Option<Uploading>> = Mutex::new(None);
 
-fn uploading(f: impl FnOnce(&mut HashMap<u64, HashSet<String>>)) {
-    if let Ok(mut u) = UPLOADING.lock() {
-        f(u.get_or_insert_with(HashMap::new));
-    }
+fn with_store<T>(f: impl FnOnce(&mut Uploading) -> T) -> T {
+    let mut u = STORE.lock().unwrap_or_else(|p| p.into_inner());
+    f(u.get_or_insert_with(HashMap::new))
 }
 
 /// A node's routes (its own credential, its own name in the path).
@@ -98,10 +101,13 @@ fn blobs_dir(state: &HostState) -> PathBuf {
 
 /// Where blob `digest` (`sha256:<hex>`) is kept; none for another name.
 fn blob_path(state: &HostState, digest: &str) -> Option<PathBuf> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))?;
-    Some(blobs_dir(state).join(hex.to_ascii_lowercase()))
+    // Lowercase only, as OCI writes them: one blob, one name.
+    let hex = digest.strip_prefix("sha256:").filter(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })?;
+    Some(blobs_dir(state).join(hex))
 }
 
 fn valid_snapshot(s: &str) -> bool {
@@ -131,51 +137,66 @@ pub fn record(state: &HostState, id: u64) -> Option<ParkedVps> {
 pub fn forget(state: &HostState, id: u64) {
     let _ = std::fs::remove_file(record_path(state, id));
     remove_files(state, id, |_| true);
-    uploading(|u| {
-        u.remove(&id);
-    });
+    park_ended(state, id);
     collect(state);
+}
+
+/// VPS `id`'s park is over (its stop was reported, or it is deleted):
+/// what it named is no longer kept for it, and its partial blobs go.
+pub fn park_ended(state: &HostState, id: u64) {
+    with_store(|u| u.remove(&id));
+    let suffix = format!(".vps-{id}.part");
+    if let Ok(entries) = std::fs::read_dir(blobs_dir(state)) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(&suffix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Removes the blobs that no record and no park under way names, and the
 /// partial blobs of parks that are not under way.
 fn collect(state: &HostState) {
-    let Ok(entries) = std::fs::read_dir(dir(state)) else {
-        return;
-    };
-    let mut named: HashSet<String> = HashSet::new();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("vps-") && name.ends_with(".json")) {
-            continue;
-        }
-        if let Some(r) = std::fs::read(e.path())
-            .ok()
-            .and_then(|t| serde_json::from_slice::<ParkedVps>(&t).ok())
-        {
-            named.extend(r.manifest.iter().chain(&r.blobs).map(|b| b.digest.clone()));
-        }
-    }
-    let mut parking: HashSet<u64> = HashSet::new();
-    uploading(|u| {
-        parking.extend(u.keys());
-        named.extend(u.values().flatten().cloned());
-    });
-    let Ok(blobs) = std::fs::read_dir(blobs_dir(state)) else {
-        return;
-    };
-    for e in blobs.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let keep = match name.split_once(".vps-") {
-            // `<hex>.vps-<id>.part`: a piece of a park under way.
-            Some((_, rest)) => rest
-                .strip_suffix(".part")
-                .and_then(|id| id.parse::<u64>().ok())
-                .is_some_and(|id| parking.contains(&id)),
-            None => named.contains(&format!("sha256:{name}")),
+    with_store(|u| collect_in(state, u))
+}
+
+/// `collect`, with the store's lock held (`u`).
+fn collect_in(state: &HostState, u: &Uploading) {
+    {
+        let Ok(entries) = std::fs::read_dir(dir(state)) else {
+            return;
         };
-        if !keep {
-            let _ = std::fs::remove_file(e.path());
+        let mut named: HashSet<String> = HashSet::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with("vps-") && name.ends_with(".json")) {
+                continue;
+            }
+            if let Some(r) = std::fs::read(e.path())
+                .ok()
+                .and_then(|t| serde_json::from_slice::<ParkedVps>(&t).ok())
+            {
+                named.extend(r.manifest.iter().chain(&r.blobs).map(|b| b.digest.clone()));
+            }
+        }
+        named.extend(u.values().flat_map(|d| d.keys().cloned()));
+        let Ok(blobs) = std::fs::read_dir(blobs_dir(state)) else {
+            return;
+        };
+        for e in blobs.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let keep = match name.split_once(".vps-") {
+                // `<hex>.vps-<id>.part`: a piece of a park under way.
+                Some((_, rest)) => rest
+                    .strip_suffix(".part")
+                    .and_then(|id| id.parse::<u64>().ok())
+                    .is_some_and(|id| u.contains_key(&id)),
+                None => named.contains(&format!("sha256:{name}")),
+            };
+            if !keep {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 }
@@ -228,10 +249,22 @@ async fn convert(state: &HostState, id: u64) {
     if r.manifest.is_some() && !archive.exists() {
         return;
     }
-    let (a, store) = (archive.clone(), blobs_dir(state));
-    let converted = tokio::task::spawn_blocking(move || -> Result<_, String> {
+    let (a, store, sha256) = (archive.clone(), blobs_dir(state), r.sha256.clone());
+    // Err: it could not be read or copied now (kept, tried at the next
+    // start); Ok(Err): it is no whole image (removed).
+    type Converted = Result<(ArchiveBlob, Vec<ArchiveBlob>), String>;
+    let converted = tokio::task::spawn_blocking(move || -> Result<Converted, String> {
         let read = super::archive::read_archive(&a).map_err(|e| e.to_string())?;
-        let (manifest, blobs) = read.layout?;
+        if read.sha256 != sha256 {
+            return Ok(Err(format!(
+                "its SHA-256 is {}, not the record's",
+                read.sha256
+            )));
+        }
+        let (manifest, blobs) = match read.layout {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
         crate::files::ensure_private_dir(&store).map_err(|e| e.to_string())?;
         let mut file = std::fs::File::open(&a).map_err(|e| e.to_string())?;
         for b in std::iter::once(&manifest).chain(&blobs) {
@@ -248,11 +281,14 @@ async fn convert(state: &HostState, id: u64) {
             offset: 0,
             ..b.clone()
         };
-        Ok((at_zero(&manifest), blobs.iter().map(at_zero).collect()))
+        Ok(Ok((
+            at_zero(&manifest),
+            blobs.iter().map(at_zero).collect(),
+        )))
     })
     .await;
     match converted {
-        Ok(Ok((manifest, blobs))) => {
+        Ok(Ok(Ok((manifest, blobs)))) => {
             r.sha256 = manifest.digest.trim_start_matches("sha256:").to_string();
             (r.manifest, r.blobs) = (Some(manifest), blobs);
             if let Ok(text) = serde_json::to_vec(&r) {
@@ -261,10 +297,13 @@ async fn convert(state: &HostState, id: u64) {
             let _ = std::fs::remove_file(&archive);
             tracing::info!(task = id, "an older host's parked copy kept as blobs");
         }
-        Ok(Err(e)) => {
+        Ok(Ok(Err(e))) => {
             tracing::warn!(task = id, error = %e, "an older host's parked copy that is no whole image removed");
             let _ = std::fs::remove_file(record_path(state, id));
             remove_files(state, id, |_| true);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(task = id, error = %e, "an older host's parked copy is kept as it is: converting it failed (tried again at the next start)")
         }
         Err(e) => tracing::warn!(task = id, error = %e, "converting a parked copy"),
     }
@@ -312,7 +351,13 @@ async fn may_park(state: &HostState, p: &Principal, name: &str, id: u64) -> Resu
             "this host does not park VPS (park_stopped_vps is off)".into(),
         ));
     }
-    placed_here(state, name, id).await.map(|_| ())
+    let t = placed_here(state, name, id).await?;
+    if t.state == crate::api::TaskState::Deleted || t.desired == crate::api::Desired::Deleted {
+        return Err(ApiError::Conflict(format!(
+            "VPS {id} is deleted: it is not parked"
+        )));
+    }
+    Ok(())
 }
 
 /// `PUT /api/nodes/{name}/tasks/{id}/park`: parks the stop snapshot the
@@ -349,27 +394,42 @@ async fn park(
             m.size
         )));
     }
-    // What this park names is kept from `collect` until it ends.
-    let keep = |digests: &[&str]| {
-        uploading(|u| {
-            u.entry(id)
-                .or_default()
-                .extend(digests.iter().map(|d| d.to_string()))
-        })
-    };
-    keep(&[&m.digest]);
-    let Ok(text) = std::fs::read(&manifest_path) else {
-        return Ok(Json(ParkAnswer {
-            missing: vec![m.digest.clone()],
-        }));
-    };
-    if text.len() as u64 != m.size {
+    // The manifest is read only at the size it was named with.
+    if blob_path(&state, &m.digest)
+        .and_then(|p| std::fs::metadata(p).ok())
+        .is_some_and(|f| f.len() != m.size)
+    {
         return Err(ApiError::BadRequest(format!(
-            "manifest.size: its blob has {} bytes, not {}",
-            text.len(),
+            "manifest.size: its blob does not have {} bytes",
             m.size
         )));
     }
+    let answer = with_store(|u| settle(&state, u, id, &req, &manifest_path))?;
+    if answer.missing.is_empty() {
+        tracing::info!(task = id, node = %name, snapshot = %req.snapshot, "VPS parked on the host");
+    }
+    Ok(Json(answer))
+}
+
+/// The rest of a park, with the store's lock held (`u`): the blobs it
+/// lacks, kept for it; or, with none, its record written.
+fn settle(
+    state: &HostState,
+    u: &mut Uploading,
+    id: u64,
+    req: &ParkRequest,
+    manifest_path: &Path,
+) -> Result<ParkAnswer, ApiError> {
+    let m = &req.manifest;
+    // What this park names is kept from `collect` until it ends, and is
+    // all a node may send for it.
+    let named = u.entry(id).or_default();
+    named.insert(m.digest.clone(), m.size);
+    let Ok(text) = std::fs::read(manifest_path) else {
+        return Ok(ParkAnswer {
+            missing: vec![m.digest.clone()],
+        });
+    };
     let image: super::archive::ImageManifest = serde_json::from_slice(&text).map_err(|e| {
         ApiError::BadRequest(format!(
             "manifest: blob {} is no image manifest: {e}",
@@ -378,12 +438,13 @@ async fn park(
     })?;
     let mut blobs = Vec::new();
     for d in std::iter::once(&image.config).chain(&image.layers) {
-        if blob_path(&state, &d.digest).is_none() {
+        if blob_path(state, &d.digest).is_none() {
             return Err(ApiError::BadRequest(format!(
                 "manifest: it names {:?}, no sha256:<hex> digest",
                 d.digest
             )));
         }
+        named.insert(d.digest.clone(), d.size);
         blobs.push(ArchiveBlob {
             media_type: d.media_type.clone(),
             digest: d.digest.clone(),
@@ -391,17 +452,16 @@ async fn park(
             offset: 0,
         });
     }
-    keep(&blobs.iter().map(|b| b.digest.as_str()).collect::<Vec<_>>());
     let missing: Vec<String> = blobs
         .iter()
         .filter(|b| {
-            blob_path(&state, &b.digest)
+            blob_path(state, &b.digest)
                 .is_none_or(|p| std::fs::metadata(p).map(|m| m.len()).ok() != Some(b.size))
         })
         .map(|b| b.digest.clone())
         .collect();
     if !missing.is_empty() {
-        return Ok(Json(ParkAnswer { missing }));
+        return Ok(ParkAnswer { missing });
     }
     let record = ParkedVps {
         vps_id: id,
@@ -415,17 +475,14 @@ async fn park(
         }),
         blobs,
     };
-    let rp = record_path(&state, id);
+    let rp = record_path(state, id);
     let text = serde_json::to_vec(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
     crate::files::write_secret(&rp, &text).map_err(internal(&rp))?;
     // An older host's archive of this VPS is of no more use.
-    remove_files(&state, id, |_| true);
-    uploading(|u| {
-        u.remove(&id);
-    });
-    collect(&state);
-    tracing::info!(task = id, node = %name, snapshot = %req.snapshot, bytes = record.size_bytes, "VPS parked on the host");
-    Ok(Json(ParkAnswer { missing: vec![] }))
+    remove_files(state, id, |_| true);
+    u.remove(&id);
+    collect_in(state, u);
+    Ok(ParkAnswer { missing: vec![] })
 }
 
 /// `PUT /api/nodes/{name}/tasks/{id}/park/blobs/{digest}`: a piece of a
@@ -452,6 +509,21 @@ async fn park_blob(
     let path = blob_path(&state, &digest).ok_or_else(|| {
         ApiError::BadRequest(format!("digest: {digest:?} is no sha256:<hex> digest"))
     })?;
+    // Only what this VPS's park named, at its size.
+    let wanted = with_store(|u| u.get(&id).and_then(|d| d.get(&digest)).copied());
+    match wanted {
+        None => {
+            return Err(ApiError::Conflict(format!(
+                "digest: VPS {id}'s park names no blob {digest}; park it first (PUT .../park)"
+            )))
+        }
+        Some(size) if size != total => {
+            return Err(ApiError::BadRequest(format!(
+                "{TOTAL_HEADER}: the park names {digest} with {size} bytes, not {total}"
+            )))
+        }
+        Some(_) => {}
+    }
     if std::fs::metadata(&path).is_ok_and(|m| m.len() == total) {
         return Ok(StatusCode::NO_CONTENT);
     }
@@ -459,9 +531,6 @@ async fn park_blob(
     // Host keys live beside the blobs: the directory is private.
     crate::files::ensure_private_dir(&dir(&state)).map_err(internal(&dir(&state)))?;
     crate::files::ensure_private_dir(&d).map_err(internal(&d))?;
-    uploading(|u| {
-        u.entry(id).or_default().insert(digest.clone());
-    });
     // Each VPS's upload its own: two parks may send one base layer at once.
     let part = d.join(format!(
         "{}.vps-{id}.part",
@@ -525,7 +594,8 @@ async fn park_blob(
             "body: the host received bytes with SHA-256 {sha256}, not {digest}; send the blob again"
         )));
     }
-    std::fs::rename(&part, &path).map_err(internal(&path))?;
+    // Under the store's lock: `collect` sees it, or its part, not neither.
+    with_store(|_| std::fs::rename(&part, &path)).map_err(internal(&path))?;
     tracing::debug!(task = id, node = %name, blob = %digest, bytes = size, "a parked blob received");
     Ok(StatusCode::NO_CONTENT)
 }

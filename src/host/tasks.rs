@@ -1032,6 +1032,8 @@ async fn report(
     ApiJson(mut r): ApiJson<TaskReport>,
 ) -> Result<Json<TaskView>, ApiError> {
     own_node(&p, &name)?;
+    // Whatever the node says now, it parks nothing more of this stop.
+    super::parked::park_ended(&state, id);
     // A stop is parked only if the host holds that very copy.
     if let Some(sid) = &r.parked {
         if super::parked::record(&state, id).is_none_or(|k| &k.snapshot != sid) {

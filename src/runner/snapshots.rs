@@ -285,9 +285,9 @@ impl TaskContext {
 /// Pieces of a park's blob: a request body each.
 const PARK_PIECE: u64 = 8 << 20;
 
-/// Rounds of a park: each sends what the host lacks, which a delete of
-/// another VPS's copy meanwhile may have taken back.
-const PARK_ROUNDS: usize = 3;
+/// Rounds of a park: each sends what the host lacks. The first two are
+/// the manifest, then the config and layers it names; the rest are spare.
+const PARK_ROUNDS: usize = 5;
 
 impl TaskContext {
     /// Parks VPS `vps`'s newest snapshot (its stop's) on the host, with its
@@ -342,8 +342,16 @@ impl TaskContext {
                             "the host asks for {digest}, which is no blob of the snapshot"
                         ),
                     })?;
-                self.send_blob(vps, b).await?;
-                (sent, bytes) = (sent + 1, bytes + b.size);
+                match self.send_blob(vps, b).await {
+                    Ok(()) => (sent, bytes) = (sent + 1, bytes + b.size),
+                    // The host no longer expects it (it restarted and lost
+                    // the park under way): park again, which names it anew.
+                    Err(InstanceError::Park(crate::api::host_client::HostCallError::Refused {
+                        status,
+                        ..
+                    })) if status == reqwest::StatusCode::CONFLICT => break,
+                    Err(e) => return Err(e),
+                }
             }
         }
         Err(InstanceError::ParkRefused {
