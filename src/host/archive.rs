@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -140,24 +140,26 @@ pub(super) async fn send_slice(
     Ok(resp)
 }
 
-/// Blob `digest` (of `manifest` and `blobs`, an index of the archive at
-/// `path`, whose whole SHA-256 is `sha256`) from the request's range, as
-/// `send_slice` serves it; a 412 when the archive's current version has no
-/// such blob (it changed since the node read its list).
+/// Blob `digest` (of `manifest` and `blobs`, an image whose identity is
+/// `sha256`; `path` says which file holds a blob, at its offset) from the
+/// request's range, as `send_slice` serves it; a 412 when the image's
+/// current version has no such blob (it changed since the node read its
+/// list).
 pub(super) async fn send_blob(
     headers: &HeaderMap,
-    path: &Path,
+    path: impl Fn(&ArchiveBlob) -> PathBuf,
     (manifest, blobs, sha256): (&Option<ArchiveBlob>, &[ArchiveBlob], &str),
     digest: &str,
     what: &str,
 ) -> Result<Response, ApiError> {
     let Some(b) = manifest.iter().chain(blobs).find(|b| b.digest == digest) else {
         return Ok(changed(&format!(
-            "{what}: the archive changed on the host (now sha256 {sha256}, without that blob): fetch it again"
+            "{what}: it changed on the host (now sha256 {sha256}, without that blob): fetch it again"
         )));
     };
+    let path = path(b);
     let slice = Slice {
-        path,
+        path: &path,
         base: b.offset,
         size: b.size,
         sha256: b.digest.trim_start_matches("sha256:"),
@@ -165,56 +167,6 @@ pub(super) async fn send_blob(
         content_type: "application/octet-stream",
     };
     send_slice(headers, &slice).await
-}
-
-/// An OCI descriptor, as an image layout's index and a manifest hold them.
-#[derive(serde::Deserialize)]
-pub(super) struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    pub(super) media_type: String,
-    pub(super) digest: String,
-    pub(super) size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(serde::Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
-}
-
-/// An index's media types: a nested index lists one manifest per platform.
-const INDEXES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-
-/// The manifest of an index a node imports, as an import reads an archive
-/// (`oci::import`): the linux/amd64 one, or else the first.
-fn pick(index: &LayoutIndex) -> Option<&Descriptor> {
-    let linux_amd64 = |d: &&Descriptor| {
-        d.platform
-            .as_ref()
-            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-    };
-    index
-        .manifests
-        .iter()
-        .find(linux_amd64)
-        .or(index.manifests.first())
-}
-
-#[derive(serde::Deserialize)]
-struct LayoutIndex {
-    manifests: Vec<Descriptor>,
-}
-
-/// An image manifest's config and layers.
-#[derive(serde::Deserialize)]
-pub(super) struct ImageManifest {
-    pub(super) config: Descriptor,
-    pub(super) layers: Vec<Descriptor>,
 }
 
 /// What one read of an archive finds: its whole SHA-256 (hex), and its
@@ -309,12 +261,13 @@ fn index_of(
     entries: &HashMap<String, (u64, u64)>,
     index: Option<Vec<u8>>,
 ) -> Result<(ArchiveBlob, Vec<ArchiveBlob>), String> {
+    use crate::oci::{is_index, pick_manifest, Desc, Index, Manifest};
     use std::io::Seek;
-    let index: LayoutIndex = serde_json::from_slice(&index.ok_or("it has no index.json")?)
+    let index: Index = serde_json::from_slice(&index.ok_or("it has no index.json")?)
         .map_err(|e| format!("index.json: {e}"))?;
-    let blob = |d: &Descriptor| -> Result<ArchiveBlob, String> {
+    let blob = |d: &Desc| -> Result<ArchiveBlob, String> {
         match entries.get(&d.digest) {
-            Some(&(offset, size)) if size == d.size => Ok(ArchiveBlob {
+            Some(&(offset, size)) if i64::try_from(size) == Ok(d.size) => Ok(ArchiveBlob {
                 media_type: d.media_type.clone(),
                 digest: d.digest.clone(),
                 size,
@@ -342,8 +295,8 @@ fn index_of(
     let mut index = index;
     let mut depth = 0;
     let m = loop {
-        let m = pick(&index).ok_or("index.json lists no manifest")?;
-        if !INDEXES.contains(&m.media_type.as_str()) {
+        let m = pick_manifest(&index).ok_or("index.json lists no manifest")?;
+        if !is_index(&m.media_type) {
             break m;
         }
         depth += 1;
@@ -351,13 +304,13 @@ fn index_of(
             return Err("its indexes nest deeper than 4".into());
         }
         let text = read_at(&blob(m)?)?;
-        let nested: LayoutIndex =
+        let nested: Index =
             serde_json::from_slice(&text).map_err(|e| format!("index {}: {e}", m.digest))?;
         index = nested;
     };
     let manifest = blob(m)?;
     let text = read_at(&manifest)?;
-    let image: ImageManifest =
+    let image: Manifest =
         serde_json::from_slice(&text).map_err(|e| format!("manifest {}: {e}", m.digest))?;
     let blobs = std::iter::once(&image.config)
         .chain(&image.layers)
@@ -493,7 +446,7 @@ mod tests {
         }))
         .unwrap();
         let top = serde_json::to_vec(&serde_json::json!({
-            "manifests": [desc(&nested, INDEXES[0], None)],
+            "manifests": [desc(&nested, "application/vnd.oci.image.index.v1+json", None)],
         }))
         .unwrap();
         let path = dir.path().join("multi.tar");

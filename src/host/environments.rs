@@ -144,7 +144,7 @@ async fn blob(
     let what = format!("blob {digest_name} of environment {env:?}");
     let resp = super::archive::send_blob(
         &headers,
-        &path,
+        |_| path.clone(),
         (&d.manifest, &d.blobs, &d.sha256),
         &digest_name,
         &what,

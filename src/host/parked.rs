@@ -430,7 +430,7 @@ fn settle(
             missing: vec![m.digest.clone()],
         });
     };
-    let image: super::archive::ImageManifest = serde_json::from_slice(&text).map_err(|e| {
+    let image: crate::oci::Manifest = serde_json::from_slice(&text).map_err(|e| {
         ApiError::BadRequest(format!(
             "manifest: blob {} is no image manifest: {e}",
             m.digest
@@ -438,17 +438,18 @@ fn settle(
     })?;
     let mut blobs = Vec::new();
     for d in std::iter::once(&image.config).chain(&image.layers) {
-        if blob_path(state, &d.digest).is_none() {
+        let size = u64::try_from(d.size).ok();
+        let (Some(_), Some(size)) = (blob_path(state, &d.digest), size) else {
             return Err(ApiError::BadRequest(format!(
-                "manifest: it names {:?}, no sha256:<hex> digest",
-                d.digest
+                "manifest: it names {:?} of {} bytes, no sha256:<hex> digest and size",
+                d.digest, d.size
             )));
-        }
-        named.insert(d.digest.clone(), d.size);
+        };
+        named.insert(d.digest.clone(), size);
         blobs.push(ArchiveBlob {
             media_type: d.media_type.clone(),
             digest: d.digest.clone(),
-            size: d.size,
+            size,
             offset: 0,
         });
     }
@@ -662,23 +663,11 @@ async fn blob(
 ) -> Result<Response, ApiError> {
     let r = current(&state, &p, &name, id).await?;
     let what = format!("blob {digest} of VPS {id}'s parked copy");
-    let b = r
-        .manifest
-        .iter()
-        .chain(&r.blobs)
-        .find(|b| b.digest == digest)
-        .ok_or_else(|| ApiError::NotFound(format!("{what}: the copy has no such blob")))?;
-    let path = blob_path(&state, &b.digest)
-        .ok_or_else(|| ApiError::Internal(format!("{what}: no digest")))?;
-    let slice = super::archive::Slice {
-        path: &path,
-        base: 0,
-        size: b.size,
-        sha256: b.digest.trim_start_matches("sha256:"),
-        what: &what,
-        content_type: "application/octet-stream",
-    };
-    let resp = super::archive::send_slice(&headers, &slice).await?;
+    let store = blobs_dir(&state);
+    // Each blob is a file of its own (offset 0), named by its digest.
+    let path = |b: &ArchiveBlob| store.join(b.digest.trim_start_matches("sha256:"));
+    let index = (&r.manifest, &r.blobs[..], r.sha256.as_str());
+    let resp = super::archive::send_blob(&headers, path, index, &digest, &what).await?;
     tracing::info!(task = id, node = %name, blob = %digest, "parked blob sent");
     Ok(resp)
 }

@@ -37,31 +37,46 @@ const CHUNK: usize = 1 << 20;
 /// Leases outlive any import or commit; they are deleted when the work ends.
 const LEASE_LIFETIME_S: i64 = 24 * 3600;
 
+/// An OCI descriptor, as an index and a manifest hold them.
 #[derive(Clone, Debug, Deserialize)]
-pub(super) struct Desc {
+pub struct Desc {
     #[serde(rename = "mediaType", default)]
-    pub(super) media_type: String,
-    pub(super) digest: String,
-    pub(super) size: i64,
+    pub media_type: String,
+    pub digest: String,
+    pub size: i64,
     #[serde(default)]
-    pub(super) platform: Option<Platform>,
+    pub platform: Option<Platform>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
-pub(super) struct Platform {
-    pub(super) architecture: String,
-    pub(super) os: String,
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
 }
 
+/// An image index (a layout's `index.json`, or a nested one).
 #[derive(Debug, Deserialize)]
-pub(super) struct Index {
-    pub(super) manifests: Vec<Desc>,
+pub struct Index {
+    pub manifests: Vec<Desc>,
 }
 
+/// An image manifest: its config and layers.
 #[derive(Debug, Deserialize)]
-pub(super) struct Manifest {
-    pub(super) config: Desc,
-    pub(super) layers: Vec<Desc>,
+pub struct Manifest {
+    pub config: Desc,
+    pub layers: Vec<Desc>,
+}
+
+/// Whether a descriptor of this media type is an index (one manifest per
+/// platform), to descend through.
+pub fn is_index(media_type: &str) -> bool {
+    media_type == INDEX_OCI || media_type == INDEX_DOCKER
+}
+
+/// The manifest of an archive's index an import takes: the linux/amd64
+/// one, or else the first.
+pub fn pick_manifest(index: &Index) -> Option<&Desc> {
+    linux_amd64(index).or_else(|| index.manifests.first())
 }
 
 #[derive(Debug, Deserialize)]
@@ -300,11 +315,10 @@ fn read_layout(archive: &Path, scratch: &Path) -> Result<Layout, OciError> {
             .map_err(|e| archive_err(archive, format!("index.json: {e}")))?;
         // Descend through nested indexes to a linux/amd64 (or the only) manifest.
         let manifest = loop {
-            let pick = linux_amd64(&index)
-                .or_else(|| index.manifests.first())
+            let pick = pick_manifest(&index)
                 .cloned()
                 .ok_or_else(|| archive_err(archive, "index.json lists no manifest"))?;
-            if pick.media_type == INDEX_OCI || pick.media_type == INDEX_DOCKER {
+            if is_index(&pick.media_type) {
                 index = serde_json::from_slice(&read_json(&blob_path(&pick.digest)?)?)
                     .map_err(|e| archive_err(archive, format!("nested index: {e}")))?;
                 continue;

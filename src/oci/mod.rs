@@ -25,7 +25,10 @@ use tonic::transport::Channel;
 
 pub use blobs::{BlobRef, ImageBlobs};
 pub use commit::{Committed, BASE_MANIFEST_LABEL, COMMIT_SIZE_LABEL};
-pub use import::{chain_ids, check_archive, ImageConfig, ImportedImage};
+pub use import::{
+    chain_ids, check_archive, is_index, pick_manifest, Desc, ImageConfig, ImportedImage, Index,
+    Manifest,
+};
 pub use registry::Reference;
 pub use spec::{
     build as build_spec, capability_bound, remove_env, set_env, MountInput, RuntimeSpecInput,

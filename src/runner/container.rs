@@ -370,7 +370,7 @@ impl TaskContext {
             match self.fetch_image(of, parts, image, progress).await {
                 Ok(found) => {
                     // A copy of an older version fetched whole is of no more use.
-                    super::envfetch::forget_whole(&self.env_cache(), name);
+                    super::envfetch::forget_whole(&self.env_cache(), name, None);
                     return Ok(Some(found));
                 }
                 Err(InstanceError::Fetch(e)) if tries < 3 && e.changed_on_host() => {

@@ -132,14 +132,16 @@ impl FetchError {
     }
 }
 
-/// Removes environment `name`'s copy fetched whole, and the file naming it,
-/// from the cache at `dir`.
-pub fn forget_whole(dir: &Path, name: &str) {
+/// Removes environment `name`'s copy fetched whole (unless it is of the
+/// digest `except`), and the file naming it, from the cache at `dir`.
+pub fn forget_whole(dir: &Path, name: &str, except: Option<&str>) {
     let current = dir.join(format!("{name}.sha256"));
     if let Ok(old) = std::fs::read_to_string(&current) {
-        let (done, part) = cache_names(dir, old.trim());
-        let _ = std::fs::remove_file(done);
-        let _ = std::fs::remove_file(part);
+        if Some(old.trim()) != except {
+            let (done, part) = cache_names(dir, old.trim());
+            let _ = std::fs::remove_file(done);
+            let _ = std::fs::remove_file(part);
+        }
     }
     let _ = std::fs::remove_file(current);
 }
@@ -320,14 +322,8 @@ async fn fetch_once(
     std::fs::rename(&part, &done).map_err(io(&done))?;
     // The environment's older copy, if it had one, is of no more use.
     if let Source::Environment(name) = source {
+        forget_whole(dir, name, Some(&sha256));
         let current = dir.join(format!("{name}.sha256"));
-        if let Ok(old) = std::fs::read_to_string(&current) {
-            if old.trim() != sha256 {
-                let (old_done, old_part) = cache_names(dir, old.trim());
-                let _ = std::fs::remove_file(old_done);
-                let _ = std::fs::remove_file(old_part);
-            }
-        }
         crate::files::write_public(&current, sha256.as_bytes()).map_err(io(&current))?;
     }
     match source {
