@@ -441,6 +441,25 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             &pinned,
             "echo written-on-pinned > /pinned-mark && sync",
         );
+        // A snapshot of each, then a file after it: the snapshots follow
+        // their VPS.
+        let snapshot = |v: &str, message: &str| {
+            let o = c.rn(&[
+                "--token", &ann, "-o", "json", "vps", "snapshot", "create", v, "-m", message,
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            s["id"].as_str().unwrap().to_string()
+        };
+        let before_later = snapshot(&id, "before /later");
+        let pinned_mark = snapshot(&pinned, "with /pinned-mark");
+        keys.ssh(&c, Some(&ann), &id, "echo later > /later && sync");
+        keys.ssh(
+            &c,
+            Some(&ann),
+            &pinned,
+            "echo later > /pinned-later && sync",
+        );
         let key_before = c.task(&id)["ssh_host_key"].clone();
         assert!(key_before.is_string(), "{}", c.task(&id));
         // The pinned keys, in any order (each ssh writes its own line anew).
@@ -495,6 +514,50 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             status.contains(&format!("Parked:     snapshot {parked}")),
             "{status}"
         );
+        // Its snapshots are kept with it: the one taken while it ran, and
+        // the stop's.
+        let kept_ids = |v: &str| -> Vec<String> {
+            let r: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(store.join(format!("vps-{v}.json"))).unwrap(),
+            )
+            .unwrap();
+            r["snapshots"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|k| k["id"].as_str().unwrap().to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(kept_ids(&id), [before_later.clone(), parked.clone()]);
+        // One taken while it is stopped follows it too; a deleted one not.
+        let stopped_snap = snapshot(&pinned, "while stopped");
+        assert!(
+            kept_ids(&pinned).contains(&stopped_snap),
+            "{:?}",
+            kept_ids(&pinned)
+        );
+        let o = c.rn(&[
+            "--token",
+            &ann,
+            "vps",
+            "snapshot",
+            "delete",
+            &pinned,
+            &stopped_snap,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            !kept_ids(&pinned).contains(&stopped_snap),
+            "{:?}",
+            kept_ids(&pinned)
+        );
+        assert!(
+            kept_ids(&pinned).contains(&pinned_mark),
+            "{:?}",
+            kept_ids(&pinned)
+        );
 
         // n2 and n3 run busybox already: a move there fetches only what the
         // VPS made of it, not the image's own layer.
@@ -506,6 +569,27 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         // n1 is cut off: the VPS starts on another node from the copy.
         c.link("n1", false);
         c.wait_node("n1", "offline");
+        // Its node cut off, the host lists what it keeps.
+        let o = c.rn(&[
+            "--token", &ann, "-o", "json", "vps", "snapshot", "list", &pinned,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(
+            listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["id"] == pinned_mark.as_str() && s["node"] == "host"),
+            "{listed}"
+        );
+        // A new snapshot needs its node: an answer that says so, not a wait.
+        let o = c.rn(&["--token", &ann, "vps", "snapshot", "create", &pinned]);
+        assert!(
+            !o.status.success() && stderr(&o).contains("offline"),
+            "{}",
+            stderr(&o)
+        );
         let o = anywhere();
         assert!(o.status.success(), "{}", stderr(&o));
         c.wait_state(&id, "running");
@@ -516,11 +600,12 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         assert_eq!(out, format!("written-on-n1\n{written}"), "{}", c.logs());
         assert_eq!(c.task(&id)["ssh_host_key"], key_before);
         assert_eq!(known(), known_before);
-        // It fetched the 20 MiB it wrote, and skipped the layer it had.
+        // It fetched the 20 MiB it wrote, and skipped the layer it had (the
+        // stop's copy comes last, after its other snapshots).
         let log = c.runner(&moved_to).log_text();
         let fetch = log
             .lines()
-            .find(|l| l.contains(&format!("VPS {id}'s parked copy fetched from the host")))
+            .rfind(|l| l.contains(&format!("VPS {id}'s parked copy fetched from the host")))
             .unwrap_or_else(|| panic!("no fetch logged on {moved_to}:\n{log}"));
         let fetched = |name: &str| field(fetch, name);
         assert!(fetched("layers_skipped") >= 1, "{fetch}");
@@ -530,20 +615,45 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             fetched("bytes") + fetched("bytes_skipped") <= archive,
             "{fetch}"
         );
-        // The parked snapshot came along: it is one of the VPS's snapshots there.
+        // Its snapshots came along: they are the VPS's snapshots there.
         let o = c.rn(&[
             "--token", &ann, "-o", "json", "vps", "snapshot", "list", &id,
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let snaps: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert!(
-            snaps
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["id"] == parked.as_str() && s["node"] == moved_to.as_str()),
-            "{snaps}"
+        for s in [&before_later, &parked] {
+            assert!(
+                snaps
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["id"] == s.as_str() && x["node"] == moved_to.as_str()),
+                "{s}: {snaps}"
+            );
+        }
+        // ...and it goes back to the older one there, n1 still cut off.
+        let o = c.rn(&["--token", &ann, "vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&id, "stopped");
+        let o = c.rn(&[
+            "--token",
+            &ann,
+            "vps",
+            "restart",
+            &id,
+            "--from-snapshot",
+            &before_later,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&id, "running");
+        assert_eq!(node_of(&c, &id).as_deref(), Some(moved_to.as_str()));
+        let out = keys.ssh(
+            &c,
+            Some(&ann),
+            &id,
+            "cat /kept; cat /later || echo no-later",
         );
+        assert_eq!(out, "written-on-n1\nno-later\n", "{}", c.logs());
 
         // A new VPS from the parked copy of one whose node is gone: on any
         // node, with what that one wrote and a host key of its own.
@@ -556,7 +666,7 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             "vps",
             "create",
             "--from-snapshot",
-            &pinned,
+            &format!("{pinned}:{pinned_mark}"),
             "-c",
             "0",
             "-m",
@@ -568,8 +678,14 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         let clone = created_id(&o);
         c.wait_state(&clone, "running");
         assert_ne!(node_of(&c, &clone).as_deref(), Some("n1"));
-        let out = keys.ssh(&c, Some(&ann), &clone, "cat /pinned-mark");
-        assert_eq!(out, "written-on-pinned\n");
+        // From the snapshot taken while it ran: before its last file.
+        let out = keys.ssh(
+            &c,
+            Some(&ann),
+            &clone,
+            "cat /pinned-mark; cat /pinned-later || echo no-later",
+        );
+        assert_eq!(out, "written-on-pinned\nno-later\n");
         assert_ne!(
             c.task(&clone)["ssh_host_key"],
             c.task(&pinned)["ssh_host_key"]

@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 
 pub use target::{parse_memory_size, Target, TargetError};
 pub use task::{
-    valid_hostname, ArchiveBlob, Assignment, Assignments, Consistency, Desired, ImageSource, Kind,
-    MountSpec, ParkAnswer, ParkRequest, ParkedVps, Placement, RestartRequest, Restore,
-    SnapshotRequest, SnapshotView, SubmitResponse, TaskProgress, TaskReport, TaskSpec, TaskState,
-    TaskView, UserEnvChange, LOG_STREAMS,
+    valid_hostname, ArchiveBlob, Assignment, Assignments, Consistency, Desired, ImageSource,
+    KeptSnapshot, Kind, MountSpec, ParkAnswer, ParkRequest, ParkedVps, Placement, RestartRequest,
+    Restore, SnapshotRequest, SnapshotView, SubmitResponse, TaskProgress, TaskReport, TaskSpec,
+    TaskState, TaskView, UserEnvChange, LOG_STREAMS, MAX_SNAPSHOT_MESSAGE,
 };
 
 use crate::topology::{Inventory, Usage};

@@ -211,17 +211,76 @@ pub struct ParkedVps {
     pub manifest: Option<ArchiveBlob>,
     #[serde(default)]
     pub blobs: Vec<ArchiveBlob>,
+    /// The VPS's snapshots on its node at the park, oldest first (the
+    /// last stop's among them): they follow it to the node it moves to,
+    /// and a new VPS can start from one on any node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<KeptSnapshot>,
+}
+
+impl ParkedVps {
+    /// Every snapshot the copy holds, oldest first: those its park named,
+    /// and its last stop's (all an older host's record names).
+    pub fn all_snapshots(&self) -> Vec<KeptSnapshot> {
+        let mut all = self.snapshots.clone();
+        if let Some(m) = &self.manifest {
+            if !all.iter().any(|k| k.id == self.snapshot) {
+                all.push(KeptSnapshot {
+                    id: self.snapshot.clone(),
+                    created_at_unix_ms: self.snapshot.parse().unwrap_or(0),
+                    message: None,
+                    size_bytes: self.blobs.last().map_or(0, |b| b.size),
+                    manifest: m.clone(),
+                    blobs: self.blobs.clone(),
+                });
+                all.sort_by(|a, b| {
+                    (a.created_at_unix_ms, &a.id).cmp(&(b.created_at_unix_ms, &b.id))
+                });
+            }
+        }
+        all
+    }
+
+    /// Snapshot `id` of the copy, if it holds it.
+    pub fn kept(&self, id: &str) -> Option<KeptSnapshot> {
+        self.all_snapshots().into_iter().find(|k| k.id == id)
+    }
+}
+
+/// The longest snapshot message: containerd caps a label at 4096 bytes,
+/// and messages stay well below.
+pub const MAX_SNAPSHOT_MESSAGE: usize = 1024;
+
+/// A snapshot of a parked VPS that the host keeps (blob by blob, in the
+/// same store) so that it follows the VPS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeptSnapshot {
+    pub id: String,
+    pub created_at_unix_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The bytes it added (its own layer), as its node counted them.
+    pub size_bytes: u64,
+    pub manifest: ArchiveBlob,
+    /// Its config and layers: the host fills them in from the manifest
+    /// (a park sends none).
+    #[serde(default)]
+    pub blobs: Vec<ArchiveBlob>,
 }
 
 /// A park of a stopped VPS's snapshot (`PUT .../tasks/{id}/park`): its
-/// snapshot id, host key file (hex) and image manifest. The host answers
-/// which blobs it still lacks; with none missing, the copy is made.
+/// snapshot id, host key file (hex) and image manifest, and the VPS's
+/// other snapshots on the node. The host answers which blobs it still
+/// lacks; with none missing, the copy is made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ParkRequest {
     pub snapshot: String,
     pub host_key: String,
     pub manifest: ArchiveBlob,
+    #[serde(default)]
+    pub snapshots: Vec<KeptSnapshot>,
 }
 
 /// The blobs (digests) a park still lacks; none: the copy is made.

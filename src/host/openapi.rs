@@ -196,12 +196,12 @@ fn rows() -> Vec<Row> {
             .errors(&[400, 403, 404, 412]),
         row(Get, "/api/nodes/{name}/environments/{env}/blobs/{digest}", "One blob of an OCI layout environment archive (its manifest, config or a layer), by sha256:<hex> digest (Range: bytes=N- resumes; x-expect-sha256 must be the digest's hex, else 412). That node's credential.", Blob)
             .errors(&[400, 403, 404, 412]),
-        row(Put, "/api/nodes/{name}/tasks/{id}/park", "Park a stopped VPS's snapshot (park_stopped_vps): its id, host key file (hex) and image manifest. The answer lists the blobs the host lacks (send them, then park again); none: the copy is made. That node's credential.", Json(200, named::<wire::ParkAnswer>))
+        row(Put, "/api/nodes/{name}/tasks/{id}/park", "Park a stopped VPS's snapshot (park_stopped_vps): its id, host key file (hex) and image manifest, and the VPS's snapshots on the node (they follow it). The answer lists the blobs the host lacks (send them, then park again); none: the copy is made. That node's credential.", Json(200, named::<wire::ParkAnswer>))
             .body(named::<wire::ParkRequest>)
             .errors(&[400, 403, 404, 409]),
         row(Put, "/api/nodes/{name}/tasks/{id}/park/blobs/{digest}", "A piece of a blob a park lacks, in order: its bytes from x-upload-offset of x-upload-total; the last piece is checked against the digest. That node's credential.", Empty(204))
             .errors(&[400, 403, 404, 409, 429]),
-        row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key, and its blobs), for the node it is placed on. That node's credential.", Json(200, named::<wire::ParkedVps>))
+        row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key, its blobs, and its snapshots), for the node it is placed on; for a node making a new VPS from one of its snapshots, that snapshot only, without the host key. That node's credential.", Json(200, named::<wire::ParkedVps>))
             .errors(&[400, 403, 404, 409]),
         row(Delete, "/api/nodes/{name}/left/{id}", "The node removed what a deleted VPS left there when it moved away. That node's credential.", Empty(204))
             .errors(&[400, 403]),
@@ -241,7 +241,7 @@ fn rows() -> Vec<Row> {
         row(Post, "/api/vps/snapshots/{id}", "Snapshot a VPS. Its owner and the admin.", Json(201, named::<wire::SnapshotView>))
             .optional_body(named::<wire::SnapshotRequest>)
             .errors(ON_TASK),
-        row(Get, "/api/vps/snapshots/{id}", "A VPS's snapshots, oldest first. Its owner and the admin.", Json(200, list_of::<wire::SnapshotView>)).errors(ON_TASK),
+        row(Get, "/api/vps/snapshots/{id}", "A VPS's snapshots, oldest first: its node's, or, while that node is offline or removed, those the host keeps of it (stopped and parked; node \"host\"). Its owner and the admin.", Json(200, list_of::<wire::SnapshotView>)).errors(ON_TASK),
         row(Get, "/api/vps/snapshots/{id}/latest", "A VPS's newest snapshot. Its owner and the admin.", Json(200, named::<wire::SnapshotView>)).errors(ON_TASK),
         row(Delete, "/api/vps/snapshots/{id}/{snapshot}", "Delete a snapshot. Its owner and the admin.", Empty(204)).errors(ON_TASK),
         row(Get, "/metrics", "Prometheus metrics (OpenMetrics when asked for). The metrics token, the admin, operators, viewers.", Metrics),

@@ -30,7 +30,10 @@ use super::api::ApiError;
 use super::auth::Principal;
 use super::tasks::own_node;
 use super::HostState;
-use crate::api::{ArchiveBlob, Kind, ParkAnswer, ParkRequest, ParkedVps, TaskView};
+use crate::api::MAX_SNAPSHOT_MESSAGE as MAX_MESSAGE;
+use crate::api::{
+    ArchiveBlob, KeptSnapshot, Kind, ParkAnswer, ParkRequest, ParkedVps, SnapshotView, TaskView,
+};
 
 /// Where a piece of a blob starts, and the blob's whole size.
 pub const OFFSET_HEADER: &str = "x-upload-offset";
@@ -41,6 +44,8 @@ const KEEP_FREE: u64 = 1 << 30;
 const MAX_HOST_KEY: usize = 16 << 10;
 /// A manifest is a few KiB; this bounds what the host reads of one.
 const MAX_MANIFEST: u64 = 4 << 20;
+/// The snapshots one park may name (a node keeps `max_snapshots_per_vps`).
+const MAX_KEPT: usize = 256;
 
 /// The blobs of parks under way, by VPS (digest to size): what a node may
 /// send, not yet named by a record, and kept from `collect` until the park
@@ -122,14 +127,80 @@ fn internal(path: &Path) -> impl Fn(std::io::Error) -> ApiError + '_ {
 /// blob it names in the store.
 pub fn record(state: &HostState, id: u64) -> Option<ParkedVps> {
     let text = std::fs::read(record_path(state, id)).ok()?;
-    serde_json::from_slice::<ParkedVps>(&text).ok().filter(|r| {
-        r.vps_id == id
-            && r.manifest.is_some()
-            && r.manifest
-                .iter()
-                .chain(&r.blobs)
-                .all(|b| blob_path(state, &b.digest).is_some_and(|p| p.is_file()))
+    let held = |b: &ArchiveBlob| blob_path(state, &b.digest).is_some_and(|p| p.is_file());
+    let mut r = serde_json::from_slice::<ParkedVps>(&text)
+        .ok()
+        .filter(|r| {
+            r.vps_id == id && r.manifest.is_some() && r.manifest.iter().chain(&r.blobs).all(held)
+        })?;
+    r.snapshots
+        .retain(|k| std::iter::once(&k.manifest).chain(&k.blobs).all(held));
+    Some(r)
+}
+
+/// Every blob a record names: its last stop's and its other snapshots'.
+fn named_by(r: &ParkedVps) -> impl Iterator<Item = &ArchiveBlob> {
+    let kept = r
+        .snapshots
+        .iter()
+        .flat_map(|k| std::iter::once(&k.manifest).chain(&k.blobs));
+    r.manifest.iter().chain(&r.blobs).chain(kept)
+}
+
+/// Snapshot `snapshot` of VPS `id` was deleted: the host's copy no longer
+/// holds it (nor the blobs only it named). Its last stop stays: that is
+/// the VPS's disk, which a move starts from.
+pub fn forget_snapshot(state: &HostState, id: u64, snapshot: &str) {
+    with_store(|u| {
+        let path = record_path(state, id);
+        let Some(mut r) = std::fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<ParkedVps>(&t).ok())
+        else {
+            return;
+        };
+        let before = r.snapshots.len();
+        r.snapshots.retain(|k| k.id != snapshot);
+        if r.snapshots.len() == before {
+            return;
+        }
+        match serde_json::to_vec(&r) {
+            Ok(text) => {
+                if let Err(e) = crate::files::write_secret(&path, &text) {
+                    tracing::warn!(task = id, error = %e, "the host's copy still holds a deleted snapshot");
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        collect_in(state, u);
+        tracing::info!(
+            task = id,
+            snapshot,
+            "a deleted snapshot removed from the host's copy"
+        );
     })
+}
+
+/// VPS `t`'s snapshots as the host keeps them, while its node cannot be
+/// asked (offline or removed); none unless its last stop is parked.
+pub fn host_snapshots(state: &HostState, t: &TaskView) -> Option<Vec<SnapshotView>> {
+    let r = record(state, t.id).filter(|r| t.parked.as_deref() == Some(r.snapshot.as_str()))?;
+    Some(
+        r.all_snapshots()
+            .into_iter()
+            .map(|k| SnapshotView {
+                image: format!("parked on the host ({})", k.manifest.digest),
+                id: k.id,
+                vps_id: t.id,
+                created_at_unix_ms: k.created_at_unix_ms,
+                size_bytes: k.size_bytes,
+                message: k.message,
+                node: "host".into(),
+                consistency: None,
+            })
+            .collect(),
+    )
 }
 
 /// Removes VPS `id`'s copy (it was deleted): its record, then the blobs
@@ -177,7 +248,7 @@ fn collect_in(state: &HostState, u: &Uploading) {
                 .ok()
                 .and_then(|t| serde_json::from_slice::<ParkedVps>(&t).ok())
             {
-                named.extend(r.manifest.iter().chain(&r.blobs).map(|b| b.digest.clone()));
+                named.extend(named_by(&r).map(|b| b.digest.clone()));
             }
         }
         named.extend(u.values().flat_map(|d| d.keys().cloned()));
@@ -361,14 +432,15 @@ async fn may_park(state: &HostState, p: &Principal, name: &str, id: u64) -> Resu
 }
 
 /// `PUT /api/nodes/{name}/tasks/{id}/park`: parks the stop snapshot the
-/// body names (its manifest) with its host key. The answer lists the
-/// blobs the host lacks (sent next, then the park asked again); with none
-/// missing the copy is made, and replaces the VPS's last one.
+/// body names (its manifest) with its host key, and the VPS's other
+/// snapshots it lists. The answer lists the blobs the host lacks (sent
+/// next, then the park asked again); with none missing the copy is made,
+/// and replaces the VPS's last one.
 async fn park(
     State(state): State<Arc<HostState>>,
     Extension(p): Extension<Principal>,
     UrlPath((name, id)): UrlPath<(String, u64)>,
-    super::api::ApiJson(req): super::api::ApiJson<ParkRequest>,
+    super::api::ApiJson(mut req): super::api::ApiJson<ParkRequest>,
 ) -> Result<Json<ParkAnswer>, ApiError> {
     may_park(&state, &p, &name, id).await?;
     if !valid_snapshot(&req.snapshot) {
@@ -381,54 +453,75 @@ async fn park(
             "host_key: the host key file in hex is required".into(),
         ));
     }
-    let m = &req.manifest;
-    let Some(manifest_path) = blob_path(&state, &m.digest) else {
+    check_manifest(&state, "manifest", &req.manifest)?;
+    if req.snapshots.len() > MAX_KEPT {
         return Err(ApiError::BadRequest(format!(
-            "manifest.digest: {:?} is no sha256:<hex> digest",
+            "snapshots: {} named; a park holds at most {MAX_KEPT}",
+            req.snapshots.len()
+        )));
+    }
+    for (i, k) in req.snapshots.iter().enumerate() {
+        if !valid_snapshot(&k.id) {
+            return Err(ApiError::BadRequest(format!(
+                "snapshots[{i}].id: a snapshot id (digits) is required"
+            )));
+        }
+        if k.message.as_ref().is_some_and(|m| m.len() > MAX_MESSAGE) {
+            return Err(ApiError::BadRequest(format!(
+                "snapshots[{i}].message: longer than {MAX_MESSAGE} bytes"
+            )));
+        }
+        check_manifest(&state, &format!("snapshots[{i}].manifest"), &k.manifest)?;
+    }
+    // Oldest first, one of each; the host reads their blobs itself.
+    req.snapshots
+        .sort_by(|a, b| (a.created_at_unix_ms, &a.id).cmp(&(b.created_at_unix_ms, &b.id)));
+    req.snapshots.dedup_by(|a, b| a.id == b.id);
+    for k in &mut req.snapshots {
+        k.blobs.clear();
+    }
+    let answer = with_store(|u| settle(&state, u, id, &req))?;
+    if answer.missing.is_empty() {
+        tracing::info!(task = id, node = %name, snapshot = %req.snapshot, snapshots = req.snapshots.len(), "VPS parked on the host");
+    }
+    Ok(Json(answer))
+}
+
+/// A manifest a park names (`field`): a sha256 digest, a manifest's size,
+/// and the size of its blob, if the host has it.
+fn check_manifest(state: &HostState, field: &str, m: &ArchiveBlob) -> Result<(), ApiError> {
+    let Some(path) = blob_path(state, &m.digest) else {
+        return Err(ApiError::BadRequest(format!(
+            "{field}.digest: {:?} is no sha256:<hex> digest",
             m.digest
         )));
     };
     if m.size > MAX_MANIFEST {
         return Err(ApiError::BadRequest(format!(
-            "manifest.size: {} bytes; a manifest has at most {MAX_MANIFEST}",
+            "{field}.size: {} bytes; a manifest has at most {MAX_MANIFEST}",
             m.size
         )));
     }
     // The manifest is read only at the size it was named with.
-    if blob_path(&state, &m.digest)
-        .and_then(|p| std::fs::metadata(p).ok())
-        .is_some_and(|f| f.len() != m.size)
-    {
+    if std::fs::metadata(path).is_ok_and(|f| f.len() != m.size) {
         return Err(ApiError::BadRequest(format!(
-            "manifest.size: its blob does not have {} bytes",
+            "{field}.size: its blob does not have {} bytes",
             m.size
         )));
     }
-    let answer = with_store(|u| settle(&state, u, id, &req, &manifest_path))?;
-    if answer.missing.is_empty() {
-        tracing::info!(task = id, node = %name, snapshot = %req.snapshot, "VPS parked on the host");
-    }
-    Ok(Json(answer))
+    Ok(())
 }
 
-/// The rest of a park, with the store's lock held (`u`): the blobs it
-/// lacks, kept for it; or, with none, its record written.
-fn settle(
+/// The config and layers manifest `m` names, each kept for the park
+/// (`named`); none while the host lacks the manifest itself.
+fn image_of(
     state: &HostState,
-    u: &mut Uploading,
-    id: u64,
-    req: &ParkRequest,
-    manifest_path: &Path,
-) -> Result<ParkAnswer, ApiError> {
-    let m = &req.manifest;
-    // What this park names is kept from `collect` until it ends, and is
-    // all a node may send for it.
-    let named = u.entry(id).or_default();
+    named: &mut HashMap<String, u64>,
+    m: &ArchiveBlob,
+) -> Result<Option<Vec<ArchiveBlob>>, ApiError> {
     named.insert(m.digest.clone(), m.size);
-    let Ok(text) = std::fs::read(manifest_path) else {
-        return Ok(ParkAnswer {
-            missing: vec![m.digest.clone()],
-        });
+    let Some(Ok(text)) = blob_path(state, &m.digest).map(std::fs::read) else {
+        return Ok(None);
     };
     let image: crate::oci::Manifest = serde_json::from_slice(&text).map_err(|e| {
         ApiError::BadRequest(format!(
@@ -453,17 +546,56 @@ fn settle(
             offset: 0,
         });
     }
-    let missing: Vec<String> = blobs
+    Ok(Some(blobs))
+}
+
+/// The rest of a park, with the store's lock held (`u`): the blobs it
+/// lacks, kept for it; or, with none, its record written.
+fn settle(
+    state: &HostState,
+    u: &mut Uploading,
+    id: u64,
+    req: &ParkRequest,
+) -> Result<ParkAnswer, ApiError> {
+    // What this park names is kept from `collect` until it ends, and is
+    // all a node may send for it.
+    let named = u.entry(id).or_default();
+    let manifests = std::iter::once(&req.manifest).chain(req.snapshots.iter().map(|k| &k.manifest));
+    let mut images = Vec::new();
+    let mut missing: Vec<String> = Vec::new();
+    for m in manifests {
+        match image_of(state, named, m)? {
+            Some(blobs) => images.push(blobs),
+            None => {
+                missing.push(m.digest.clone());
+                images.push(Vec::new());
+            }
+        }
+    }
+    if !missing.is_empty() {
+        // The manifests first: what they name is asked for next.
+        let mut seen = HashSet::new();
+        missing.retain(|d| seen.insert(d.clone()));
+        return Ok(ParkAnswer { missing });
+    }
+    let lacks = |b: &&ArchiveBlob| {
+        blob_path(state, &b.digest)
+            .is_none_or(|p| std::fs::metadata(p).map(|m| m.len()).ok() != Some(b.size))
+    };
+    let mut seen = HashSet::new();
+    let missing: Vec<String> = images
         .iter()
-        .filter(|b| {
-            blob_path(state, &b.digest)
-                .is_none_or(|p| std::fs::metadata(p).map(|m| m.len()).ok() != Some(b.size))
-        })
+        .flatten()
+        .filter(lacks)
+        .filter(|b| seen.insert(b.digest.clone()))
         .map(|b| b.digest.clone())
         .collect();
     if !missing.is_empty() {
         return Ok(ParkAnswer { missing });
     }
+    let mut images = images.into_iter();
+    let blobs = images.next().unwrap_or_default();
+    let m = &req.manifest;
     let record = ParkedVps {
         vps_id: id,
         snapshot: req.snapshot.clone(),
@@ -475,6 +607,19 @@ fn settle(
             ..m.clone()
         }),
         blobs,
+        snapshots: req
+            .snapshots
+            .iter()
+            .zip(images)
+            .map(|(k, blobs)| KeptSnapshot {
+                blobs,
+                manifest: ArchiveBlob {
+                    offset: 0,
+                    ..k.manifest.clone()
+                },
+                ..k.clone()
+            })
+            .collect(),
     };
     let rp = record_path(state, id);
     let text = serde_json::to_vec(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -602,8 +747,9 @@ async fn park_blob(
 }
 
 /// VPS `id`'s copy, if its last stop is the one parked, for the node it
-/// is placed on now (a move); or, without its host key, for a node that
-/// makes a new VPS from it (`vps create --from-snapshot`).
+/// is placed on now (a move: all of it); or, for a node that makes a new
+/// VPS from one of its snapshots (`vps create --from-snapshot`), only the
+/// snapshots that node makes VPS from, without the host key.
 async fn current(
     state: &HostState,
     p: &Principal,
@@ -627,23 +773,37 @@ async fn current(
     let here = state
         .blocking(move |s| s.list_tasks(None, Some(&node), None))
         .await?;
-    let made_from_it = here.iter().any(|c| {
-        !c.state.is_final()
-            && matches!(&c.spec.image, crate::api::ImageSource::Snapshot { vps, snapshot }
-                if *vps == id && source.parked.as_deref() == Some(snapshot.as_str()))
-    });
-    if !made_from_it {
+    let wanted: HashSet<String> = here
+        .iter()
+        .filter(|c| !c.state.is_final())
+        .filter_map(|c| match &c.spec.image {
+            crate::api::ImageSource::Snapshot { vps, snapshot } if *vps == id => {
+                Some(snapshot.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    let Ok(mut r) = found(&source) else {
+        return Err(not_here);
+    };
+    r.snapshots = r
+        .all_snapshots()
+        .into_iter()
+        .filter(|k| wanted.contains(&k.id))
+        .collect();
+    if r.snapshots.is_empty() {
         return Err(not_here);
     }
+    if !wanted.contains(&r.snapshot) {
+        (r.manifest, r.blobs) = (None, Vec::new());
+    }
     // Its own key stays its own: the new VPS gets one of its own.
-    Ok(ParkedVps {
-        host_key: String::new(),
-        ..found(&source)?
-    })
+    r.host_key = String::new();
+    Ok(r)
 }
 
 /// `GET /api/nodes/{name}/parked/{id}`: the copy's snapshot, size, digest
-/// and host key.
+/// and host key, and its snapshots.
 async fn describe(
     State(state): State<Arc<HostState>>,
     Extension(p): Extension<Principal>,
@@ -653,8 +813,8 @@ async fn describe(
 }
 
 /// `GET /api/nodes/{name}/parked/{id}/blobs/{digest}`: one blob of the
-/// copy (its manifest, config or a layer) from the range's start;
-/// `x-expect-sha256` must be its digest's.
+/// copy (a manifest, config or layer of a snapshot the node may fetch)
+/// from the range's start; `x-expect-sha256` must be its digest's.
 async fn blob(
     State(state): State<Arc<HostState>>,
     Extension(p): Extension<Principal>,
@@ -666,8 +826,31 @@ async fn blob(
     let store = blobs_dir(&state);
     // Each blob is a file of its own (offset 0), named by its digest.
     let path = |b: &ArchiveBlob| store.join(b.digest.trim_start_matches("sha256:"));
-    let index = (&r.manifest, &r.blobs[..], r.sha256.as_str());
-    let resp = super::archive::send_blob(&headers, path, index, &digest, &what).await?;
+    // The snapshot that holds it; none: the copy changed since the node
+    // read it (a 412 names the last stop's copy).
+    let kept = r.snapshots.iter().find(|k| {
+        std::iter::once(&k.manifest)
+            .chain(&k.blobs)
+            .any(|b| b.digest == digest)
+    });
+    let resp = match kept {
+        Some(k) => {
+            let manifest = Some(k.manifest.clone());
+            let sha256 = k.manifest.digest.trim_start_matches("sha256:");
+            super::archive::send_blob(
+                &headers,
+                path,
+                (&manifest, &k.blobs, sha256),
+                &digest,
+                &what,
+            )
+            .await?
+        }
+        None => {
+            let index = (&r.manifest, &r.blobs[..], r.sha256.as_str());
+            super::archive::send_blob(&headers, path, index, &digest, &what).await?
+        }
+    };
     tracing::info!(task = id, node = %name, blob = %digest, "parked blob sent");
     Ok(resp)
 }

@@ -76,6 +76,17 @@ async fn runner(
         .blocking(move |s| s.runner_access(&n))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node {node:?} is gone")))?;
+    // An answer now, not a wait on a runner that cannot answer.
+    let n = node.to_string();
+    if state
+        .blocking(move |s| s.get_node(&n))
+        .await?
+        .is_some_and(|n| n.state == crate::api::NodeState::Offline)
+    {
+        return Err(ApiError::Conflict(format!(
+            "node {node:?} is offline: ask again once it is back (the host keeps the snapshots of a VPS stopped and parked: those it lists meanwhile)"
+        )));
+    }
     let client = RunnerClient {
         http: &state.http,
         node,
@@ -100,8 +111,26 @@ async fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// A VPS's snapshots, oldest first.
+/// A VPS's snapshots, oldest first: its node's; or, while its node is
+/// offline or removed, those the host keeps of it (stopped and parked).
 async fn snapshots_of(state: &HostState, t: &TaskView) -> Result<Vec<SnapshotView>, ApiError> {
+    let node = t
+        .placement
+        .as_ref()
+        .map(|p| p.node.clone())
+        .or_else(|| t.spec.target.as_ref().map(|t| t.node.clone()));
+    let gone = match node {
+        Some(n) => state
+            .blocking(move |s| s.get_node(&n))
+            .await?
+            .is_none_or(|n| n.state == crate::api::NodeState::Offline),
+        None => true,
+    };
+    if gone && t.spec.kind == Kind::Vps {
+        if let Some(kept) = super::parked::host_snapshots(state, t) {
+            return Ok(kept);
+        }
+    }
     let node = node_of(t)?;
     let path = format!("/api/vps/{}/snapshots", t.id);
     let resp = runner(state, &node, reqwest::Method::GET, &path, None).await?;
@@ -180,6 +209,8 @@ async fn delete(
     }
     let path = format!("/api/vps/{id}/snapshots/{snapshot}");
     runner(&state, &node, reqwest::Method::DELETE, &path, None).await?;
+    // Nor does it follow the VPS any more.
+    super::parked::forget_snapshot(&state, id, &snapshot);
     tracing::info!(task = id, snapshot = %snapshot, "snapshot deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -298,18 +329,23 @@ pub async fn resolve_source(
             "image.snapshot: VPS {vps} is a VM; a new VPS from a VM's snapshot is not built yet (restore it in place: `rivernode vps restart {vps} --from-snapshot ID`)"
         )));
     }
-    // The copy of its last stop the host keeps (the newest, while it is
-    // stopped) goes to any node, also while the source's own is gone: the
-    // new VPS's node fetches it from here.
-    let parked = super::parked::record(state, *vps).filter(|r| {
-        source.parked.as_deref() == Some(r.snapshot.as_str())
-            && (snapshot == &r.snapshot || snapshot == "latest")
-    });
-    if let Some(r) = parked {
-        tracing::info!(task = vps, snapshot = %r.snapshot, "a new VPS from the parked copy, on any node");
+    // The snapshots the host keeps of a stopped, parked VPS go to any
+    // node, also while the source's own is gone: the new VPS's node
+    // fetches the one it starts from here.
+    let parked = super::parked::record(state, *vps)
+        .filter(|r| source.parked.as_deref() == Some(r.snapshot.as_str()))
+        .and_then(|r| {
+            let all = r.all_snapshots();
+            match snapshot.as_str() {
+                "latest" => all.last().cloned(),
+                id => all.into_iter().find(|k| k.id == id),
+            }
+        });
+    if let Some(k) = parked {
+        tracing::info!(task = vps, snapshot = %k.id, "a new VPS from the host's copy, on any node");
         spec.image = ImageSource::Snapshot {
             vps: *vps,
-            snapshot: r.snapshot,
+            snapshot: k.id,
         };
         return Ok(());
     }

@@ -303,7 +303,15 @@ async fn take_snapshot(
     };
     // Its own task: a caller that goes away must not cancel a commit
     // halfway (with the VPS frozen and a lease held).
-    let taken = tokio::spawn(async move { ctx.take_snapshot(id, req.message.as_deref()).await });
+    let taken = tokio::spawn(async move {
+        let taken = ctx.take_snapshot(id, req.message.as_deref()).await?;
+        // A stopped, parked VPS's new snapshot follows it too. The snapshot
+        // is taken all the same when that fails: it is on this node.
+        if let Err(e) = ctx.park_again(id).await {
+            tracing::warn!(task = id, snapshot = %taken.id, error = %crate::error_chain(&e), "the new snapshot is not on the host: it is parked with the VPS's next stop");
+        }
+        Ok(taken)
+    });
     match taken.await {
         Ok(Ok(s)) => (StatusCode::CREATED, Json(s)).into_response(),
         Ok(Err(e)) => snapshot_error(e),

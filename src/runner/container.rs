@@ -382,9 +382,9 @@ impl TaskContext {
     }
 
     /// Snapshot `snapshot` of VPS `vps` (on another node, or none) as the
-    /// image of a new VPS here, from the copy of its last stop the host
-    /// keeps (`vps create --from-snapshot` of a stopped, parked VPS): its
-    /// blobs this node lacks fetched, not its host key.
+    /// image of a new VPS here, from the copy the host keeps of a stopped,
+    /// parked VPS (`vps create --from-snapshot`): its blobs this node lacks
+    /// fetched, not its host key.
     async fn parked_image(
         &self,
         vps: u64,
@@ -397,8 +397,7 @@ impl TaskContext {
             id: snapshot.to_string(),
         };
         let copy = match self.host.parked(vps).await {
-            Ok(c) if c.snapshot == snapshot => c,
-            Ok(_) => return Err(none().into()),
+            Ok(c) => c.kept(snapshot).ok_or_else(none)?,
             Err(HostCallError::Refused { status, .. })
                 if status == reqwest::StatusCode::NOT_FOUND =>
             {
@@ -407,14 +406,15 @@ impl TaskContext {
             Err(e) => return Err(InstanceError::Park(e)),
         };
         let image = format!("rivernode.local/parked/vps-{vps}:{snapshot}");
-        if let Some(ready) = self.ctd.imported_from(&image, &copy.sha256).await? {
+        let sha256 = copy.manifest.digest.trim_start_matches("sha256:");
+        if let Some(ready) = self.ctd.imported_from(&image, sha256).await? {
             return Ok(ready);
         }
         let of = super::envfetch::BlobOf::Parked(vps);
         let parts = super::envfetch::Image {
-            manifest: copy.manifest.as_ref(),
+            manifest: Some(&copy.manifest),
             blobs: &copy.blobs,
-            sha256: &copy.sha256,
+            sha256,
         };
         self.fetch_image(of, parts, &image, progress).await
     }

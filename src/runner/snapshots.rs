@@ -21,8 +21,7 @@ const ID_LABEL: &str = "io.rivernode.snapshot.id";
 const CREATED_LABEL: &str = "io.rivernode.snapshot.created-ms";
 const SIZE_LABEL: &str = crate::oci::COMMIT_SIZE_LABEL;
 const MESSAGE_LABEL: &str = "io.rivernode.snapshot.message";
-/// containerd caps a label at 4096 bytes; messages stay well below.
-pub const MAX_MESSAGE: usize = 1024;
+use crate::api::MAX_SNAPSHOT_MESSAGE as MAX_MESSAGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -291,35 +290,97 @@ const PARK_ROUNDS: usize = 5;
 
 impl TaskContext {
     /// Parks VPS `vps`'s newest snapshot (its stop's) on the host, with its
-    /// host key, when the host parks VPS: the host is told its manifest,
-    /// and is sent the blobs it lacks (a snapshot's base layers, parked
-    /// before with this or another VPS, are not sent again), each in
-    /// pieces, read from containerd's content store. The snapshot parked;
-    /// none when the host parks nothing, or for a VM.
+    /// host key and its other snapshots, when the host parks VPS. The
+    /// snapshot parked; none when the host parks nothing, or for a VM.
     pub async fn park_newest(&self, vps: u64) -> Result<Option<String>, InstanceError> {
         if !self.park.load(std::sync::atomic::Ordering::Relaxed) || self.is_vm(vps) {
             return Ok(None);
         }
-        let Some(snap) = self.snapshots(vps).await?.pop() else {
+        let all = self.snapshots(vps).await?;
+        let Some(newest) = all.last() else {
             return Ok(None);
         };
+        self.park_as(vps, &newest.id, &all).await.map(Some)
+    }
+
+    /// Parks VPS `vps`'s snapshots again, with the same last stop, when
+    /// the host holds a copy of it (it is stopped and parked): a snapshot
+    /// taken since then follows it too. Nothing for a VPS the host holds
+    /// no current copy of (it runs, or was never parked).
+    pub async fn park_again(&self, vps: u64) -> Result<(), InstanceError> {
+        use crate::api::host_client::HostCallError;
+        if !self.park.load(std::sync::atomic::Ordering::Relaxed) || self.is_vm(vps) {
+            return Ok(());
+        }
+        let copy = match self.host.parked(vps).await {
+            Ok(c) => c,
+            Err(HostCallError::Refused { status, .. })
+                if status == reqwest::StatusCode::NOT_FOUND =>
+            {
+                return Ok(())
+            }
+            Err(e) => return Err(InstanceError::Park(e)),
+        };
+        let all = self.snapshots(vps).await?;
+        if !all.iter().any(|s| s.id == copy.snapshot) {
+            // Its last stop's snapshot was deleted here: the host's copy of
+            // it (the VPS's disk) stays as it is.
+            tracing::info!(task = vps, snapshot = %copy.snapshot, "not parked again: this node no longer has the parked stop");
+            return Ok(());
+        }
+        self.park_as(vps, &copy.snapshot, &all).await.map(|_| ())
+    }
+
+    /// Parks snapshot `current` of VPS `vps` as its last stop, with its
+    /// host key, and `all` its snapshots here: the host is told their
+    /// manifests, and is sent the blobs it lacks (base layers, parked
+    /// before with this or another VPS, are not sent again), each in
+    /// pieces, read from containerd's content store.
+    async fn park_as(
+        &self,
+        vps: u64,
+        current: &str,
+        all: &[SnapshotView],
+    ) -> Result<String, InstanceError> {
         let key = self.vps.host_key_file(&self.container_id(vps))?;
         let started = std::time::Instant::now();
-        let image = self
-            .ctd
-            .image_blobs(&image_name(&self.node, vps, &snap.id))
-            .await?;
-        let m = &image.manifest;
-        let req = crate::api::ParkRequest {
-            snapshot: snap.id.clone(),
-            host_key: hex::encode(&key),
-            manifest: crate::api::ArchiveBlob {
-                media_type: m.media_type.clone(),
-                digest: m.digest.clone(),
-                size: m.size,
-                offset: 0,
-            },
+        let descriptor = |b: &crate::oci::BlobRef| crate::api::ArchiveBlob {
+            media_type: b.media_type.clone(),
+            digest: b.digest.clone(),
+            size: b.size,
+            offset: 0,
         };
+        let mut images = Vec::new();
+        let mut kept = Vec::new();
+        for s in all {
+            let image = self
+                .ctd
+                .image_blobs(&image_name(&self.node, vps, &s.id))
+                .await?;
+            kept.push(crate::api::KeptSnapshot {
+                id: s.id.clone(),
+                created_at_unix_ms: s.created_at_unix_ms,
+                message: s.message.clone(),
+                size_bytes: s.size_bytes,
+                manifest: descriptor(&image.manifest),
+                blobs: vec![],
+            });
+            images.push(image);
+        }
+        let Some(at) = all.iter().position(|s| s.id == current) else {
+            return Err(SnapshotError::NoSnapshot {
+                vps,
+                id: current.to_string(),
+            }
+            .into());
+        };
+        let req = crate::api::ParkRequest {
+            snapshot: current.to_string(),
+            host_key: hex::encode(&key),
+            manifest: kept[at].manifest.clone(),
+            snapshots: kept,
+        };
+        let find = |digest: &str| images.iter().find_map(|i| i.find(digest));
         let (mut sent, mut bytes) = (0usize, 0u64);
         for _ in 0..PARK_ROUNDS {
             let missing = self
@@ -329,19 +390,22 @@ impl TaskContext {
                 .map_err(InstanceError::Park)?
                 .missing;
             if missing.is_empty() {
-                let all = image.blobs.len() + 1;
-                tracing::info!(task = vps, snapshot = %snap.id, blobs_sent = sent, bytes_sent = bytes, blobs_held = all.saturating_sub(sent), ms = started.elapsed().as_millis() as u64, "VPS parked on the host");
-                return Ok(Some(snap.id));
+                let mut digests: Vec<&str> = images
+                    .iter()
+                    .flat_map(|i| std::iter::once(&i.manifest).chain(&i.blobs))
+                    .map(|b| b.digest.as_str())
+                    .collect();
+                digests.sort_unstable();
+                digests.dedup();
+                let held = digests.len().saturating_sub(sent);
+                tracing::info!(task = vps, snapshot = %current, snapshots = all.len(), blobs_sent = sent, bytes_sent = bytes, blobs_held = held, ms = started.elapsed().as_millis() as u64, "VPS parked on the host");
+                return Ok(current.to_string());
             }
             for digest in &missing {
-                let b = image
-                    .find(digest)
-                    .ok_or_else(|| InstanceError::ParkRefused {
-                        vps,
-                        why: format!(
-                            "the host asks for {digest}, which is no blob of the snapshot"
-                        ),
-                    })?;
+                let b = find(digest).ok_or_else(|| InstanceError::ParkRefused {
+                    vps,
+                    why: format!("the host asks for {digest}, which is no blob of its snapshots"),
+                })?;
                 match self.send_blob(vps, b).await {
                     Ok(()) => (sent, bytes) = (sent + 1, bytes + b.size),
                     // The host no longer expects it (it restarted and lost
@@ -378,49 +442,85 @@ impl TaskContext {
     }
 
     /// VPS `vps`'s snapshot `snapshot` from the host's parked copy (a
-    /// move): the blobs this node lacks fetched (resumable, checked),
-    /// imported as a snapshot of this node, and the VPS's host key taken as
-    /// this instance's.
+    /// move): it and the VPS's other snapshots this node lacks come (the
+    /// blobs it lacks fetched, resumable, checked), each imported as a
+    /// snapshot of this node, and the VPS's host key is taken as this
+    /// instance's.
     pub async fn unpark(&self, vps: u64, snapshot: &str) -> Result<ImportedImage, InstanceError> {
         let copy = self.host.parked(vps).await.map_err(InstanceError::Park)?;
-        if copy.snapshot != snapshot {
+        let Some(wanted) = copy.kept(snapshot) else {
             return Err(InstanceError::ParkedOther {
                 vps,
                 held: copy.snapshot,
                 wanted: snapshot.to_string(),
             });
-        }
+        };
         let progress = self.progress.sink(vps, format!("VPS {vps}'s parked copy"));
         let _clear = super::progress::ClearOnDrop(&self.progress, vps);
-        let name = image_name(&self.node, vps, snapshot);
+        let here: Vec<String> = list(&self.ctd, &self.node, vps)
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        // The others first, the one it starts from last: once that one is
+        // labelled, it is found and none of this is done again (after a
+        // crash in between, too).
+        let others = copy
+            .all_snapshots()
+            .into_iter()
+            .filter(|k| k.id != snapshot && !here.contains(&k.id));
+        for k in others.chain(std::iter::once(wanted)) {
+            self.import_kept(vps, &k, &progress, k.id == snapshot, &copy.host_key)
+                .await?;
+        }
+        tracing::info!(task = vps, snapshot, "parked copy taken from the host");
+        Ok(self.snapshot_image(vps, snapshot).await?)
+    }
+
+    /// Snapshot `k` of VPS `vps` from the host, as a snapshot of this
+    /// node; with `adopt`, the VPS's host key (`key`, hex) is taken first.
+    async fn import_kept(
+        &self,
+        vps: u64,
+        k: &crate::api::KeptSnapshot,
+        progress: &crate::oci::Progress,
+        adopt: bool,
+        key: &str,
+    ) -> Result<(), InstanceError> {
+        let name = image_name(&self.node, vps, &k.id);
         {
             // Every import shares the content store's layers: one at a time.
             let _held = self.image_lock.lock().await;
             let of = super::envfetch::BlobOf::Parked(vps);
             let image = super::envfetch::Image {
-                manifest: copy.manifest.as_ref(),
-                blobs: &copy.blobs,
-                sha256: &copy.sha256,
+                manifest: Some(&k.manifest),
+                blobs: &k.blobs,
+                sha256: k.manifest.digest.trim_start_matches("sha256:"),
             };
-            self.fetch_image(of, image, &name, &progress).await?;
+            self.fetch_image(of, image, &name, progress).await?;
         }
-        // The key before the labels: once labelled, the snapshot is found
-        // and this is not done again (after a crash in between, too).
-        let key = hex::decode(&copy.host_key).map_err(|_| InstanceError::ParkedKey(vps))?;
-        if !key.is_empty() {
-            self.vps.adopt_host_key(&self.container_id(vps), &key)?;
+        // The key before the labels.
+        if adopt {
+            let key = hex::decode(key).map_err(|_| InstanceError::ParkedKey(vps))?;
+            if !key.is_empty() {
+                self.vps.adopt_host_key(&self.container_id(vps), &key)?;
+            }
         }
+        let message = k
+            .message
+            .clone()
+            .unwrap_or_else(|| "parked on the host, moved here".to_string());
         for (key, value) in [
             (VPS_LABEL, vps.to_string()),
             (NODE_LABEL, self.node.clone()),
-            (ID_LABEL, snapshot.to_string()),
-            (CREATED_LABEL, snapshot.to_string()),
-            (MESSAGE_LABEL, "parked on the host, moved here".to_string()),
+            (ID_LABEL, k.id.clone()),
+            (CREATED_LABEL, k.created_at_unix_ms.to_string()),
+            (SIZE_LABEL, k.size_bytes.to_string()),
+            (MESSAGE_LABEL, message),
         ] {
             self.ctd.set_image_label(&name, key, &value).await?;
         }
-        tracing::info!(task = vps, snapshot, "parked copy taken from the host");
-        Ok(self.snapshot_image(vps, snapshot).await?)
+        Ok(())
     }
 }
 
