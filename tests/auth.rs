@@ -199,6 +199,9 @@ async fn node_credentials_and_the_runner_api() {
         (M::GET, "/api/vps/{id}/snapshots"),
         (M::POST, "/api/vps/{id}/snapshots"),
         (M::DELETE, "/api/vps/{id}/snapshots/{snapshot}"),
+        (M::PUT, "/api/vps/{id}/transfer"),
+        // A move's grant, not the host's token: none of these.
+        (M::GET, "/api/transfers/{id}/blobs/{digest}"),
         (M::GET, "/api/no-such-route"),
         // The scrape route takes the cluster's metrics token, none of these.
         (M::GET, "/metrics"),
@@ -214,7 +217,10 @@ async fn node_credentials_and_the_runner_api() {
         "the scan found the routes: {in_source:?}"
     );
     for (method, path) in &runner_routes {
-        let p = path.replace("{id}", "1").replace("{snapshot}", "1");
+        let p = path
+            .replace("{id}", "1")
+            .replace("{snapshot}", "1")
+            .replace("{digest}", "sha256:00");
         for token in [
             None,
             Some(admin.as_str()),

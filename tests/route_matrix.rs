@@ -104,6 +104,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
         Access::OwnNode,
     ),
     ("GET", "/api/nodes/{node}/parked/{task}", Access::OwnNode),
+    ("GET", "/api/nodes/{node}/moves/{task}", Access::OwnNode),
     ("DELETE", "/api/nodes/{node}/left/{task}", Access::OwnNode),
     (
         "GET",

@@ -443,14 +443,7 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         );
         // A snapshot of each, then a file after it: the snapshots follow
         // their VPS.
-        let snapshot = |v: &str, message: &str| {
-            let o = c.rn(&[
-                "--token", &ann, "-o", "json", "vps", "snapshot", "create", v, "-m", message,
-            ]);
-            assert!(o.status.success(), "{}", stderr(&o));
-            let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            s["id"].as_str().unwrap().to_string()
-        };
+        let snapshot = |v: &str, message: &str| snapshot_of(&c, &ann, v, message);
         let before_later = snapshot(&id, "before /later");
         let pinned_mark = snapshot(&pinned, "with /pinned-mark");
         keys.ssh(&c, Some(&ann), &id, "echo later > /later && sync");
@@ -570,19 +563,7 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         c.link("n1", false);
         c.wait_node("n1", "offline");
         // Its node cut off, the host lists what it keeps.
-        let o = c.rn(&[
-            "--token", &ann, "-o", "json", "vps", "snapshot", "list", &pinned,
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert!(
-            listed
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["id"] == pinned_mark.as_str() && s["node"] == "host"),
-            "{listed}"
-        );
+        assert_listed(&c, &ann, &pinned, &pinned_mark, "host");
         // A new snapshot needs its node: an answer that says so, not a wait.
         let o = c.rn(&["--token", &ann, "vps", "snapshot", "create", &pinned]);
         assert!(
@@ -601,11 +582,11 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         assert_eq!(c.task(&id)["ssh_host_key"], key_before);
         assert_eq!(known(), known_before);
         // It fetched the 20 MiB it wrote, and skipped the layer it had (the
-        // stop's copy comes last, after its other snapshots).
+        // stop's copy comes first, before its other snapshots).
         let log = c.runner(&moved_to).log_text();
         let fetch = log
             .lines()
-            .rfind(|l| l.contains(&format!("VPS {id}'s parked copy fetched from the host")))
+            .find(|l| l.contains(&format!("VPS {id}'s parked copy fetched from the host")))
             .unwrap_or_else(|| panic!("no fetch logged on {moved_to}:\n{log}"));
         let fetched = |name: &str| field(fetch, name);
         assert!(fetched("layers_skipped") >= 1, "{fetch}");
@@ -615,44 +596,10 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
             fetched("bytes") + fetched("bytes_skipped") <= archive,
             "{fetch}"
         );
-        // Its snapshots came along: they are the VPS's snapshots there.
-        let o = c.rn(&[
-            "--token", &ann, "-o", "json", "vps", "snapshot", "list", &id,
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let snaps: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        for s in [&before_later, &parked] {
-            assert!(
-                snaps
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|x| x["id"] == s.as_str() && x["node"] == moved_to.as_str()),
-                "{s}: {snaps}"
-            );
-        }
-        // ...and it goes back to the older one there, n1 still cut off.
-        let o = c.rn(&["--token", &ann, "vps", "stop", &id]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        c.wait_state(&id, "stopped");
-        let o = c.rn(&[
-            "--token",
-            &ann,
-            "vps",
-            "restart",
-            &id,
-            "--from-snapshot",
-            &before_later,
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        c.wait_state(&id, "running");
-        assert_eq!(node_of(&c, &id).as_deref(), Some(moved_to.as_str()));
-        let out = keys.ssh(
-            &c,
-            Some(&ann),
-            &id,
-            "cat /kept; cat /later || echo no-later",
-        );
+        // Its snapshots came along: they are the VPS's snapshots there, and
+        // it goes back to the older one there, n1 still cut off.
+        assert_listed(&c, &ann, &id, &parked, &moved_to);
+        let out = restored_there(&c, (&keys, &ann), &id, &before_later, &moved_to);
         assert_eq!(out, "written-on-n1\nno-later\n", "{}", c.logs());
 
         // A new VPS from the parked copy of one whose node is gone: on any
@@ -779,6 +726,138 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
         });
         assert!(blob_file(base).is_file(), "the other copies' layer is kept");
     });
+}
+
+#[test]
+fn a_stopped_vps_moves_node_to_node_when_the_host_keeps_no_copy() {
+    private_namespaces(|| {
+        // The host parks nothing here: a move goes from node to node.
+        let Some(c) = ThreeNodes::start_opts(true, &[]) else {
+            return;
+        };
+        let ann = c.add_user("ann");
+        let keys = Keys::new(&c, "ann");
+        let id = keys.vps_with(&c, Some(&ann), "n1", &["-c", "1", "-m", "256M"]);
+        c.wait_state(&id, "running");
+        let written = keys.ssh(
+            &c,
+            Some(&ann),
+            &id,
+            "echo written-on-n1 > /kept && head -c 8388608 /dev/urandom > /big && sync && sha256sum /big",
+        );
+        let before = snapshot_of(&c, &ann, &id, "before /later");
+        keys.ssh(&c, Some(&ann), &id, "echo later > /later && sync");
+        let key_before = c.task(&id)["ssh_host_key"].clone();
+        // n2 and n3 run busybox already: the image's layer does not travel.
+        for n in ["n2", "n3"] {
+            let t = command_on(&c, None, n, &[], "true");
+            c.wait_state(&t, "completed");
+        }
+        let o = c.rn(&["--token", &ann, "vps", "stop", &id]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&id, "stopped");
+        assert!(c.task(&id)["parked"].is_null(), "{}", c.task(&id));
+        // Its core is taken meanwhile: it must go elsewhere.
+        let filler = command_on(&c, None, "n1", &["-c", "2", "-m", "64M"], "sleep 600");
+        c.wait_state(&filler, "running");
+        let o = c.rn(&["--token", &ann, "vps", "restart", &id, "--anywhere"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        c.wait_state(&id, "running");
+        let moved_to = node_of(&c, &id).unwrap();
+        assert_ne!(moved_to, "n1");
+        // Its files, as it stopped, and the same host key.
+        let out = keys.ssh(&c, Some(&ann), &id, "cat /kept; sha256sum /big; cat /later");
+        assert_eq!(
+            out,
+            format!("written-on-n1\n{written}later\n"),
+            "{}",
+            c.logs()
+        );
+        assert_eq!(c.task(&id)["ssh_host_key"], key_before);
+        // It came from n1's runner, not the host (which holds nothing of
+        // it), with the image's layer skipped.
+        let log = c.runner(&moved_to).log_text();
+        let fetch = log
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "VPS {id}'s snapshots on node n1 fetched from node n1"
+                ))
+            })
+            .unwrap_or_else(|| panic!("no fetch from n1 logged on {moved_to}:\n{log}"));
+        assert!(field(fetch, "layers_skipped") >= 1, "{fetch}");
+        assert!(field(fetch, "bytes") >= 8 << 20, "{fetch}");
+        let n1 = c.runner("n1").log_text();
+        assert!(
+            n1.lines()
+                .any(|l| l.contains("a blob sent to the node a VPS moves to")
+                    && l.contains(&format!("to={moved_to}"))),
+            "{n1}"
+        );
+        let parked = c.dir.path().join("host/parked");
+        assert!(
+            !parked.join(format!("vps-{id}.json")).exists(),
+            "the host holds no copy"
+        );
+        // Its snapshot came with it, and restores there.
+        let out = restored_there(&c, (&keys, &ann), &id, &before, &moved_to);
+        assert_eq!(out, "written-on-n1\nno-later\n", "{}", c.logs());
+    });
+}
+
+/// VPS `id` (`token`'s, on `node`), listing `snapshot` there, stopped and
+/// restarted from it; what `/kept` and `/later` then hold.
+fn restored_there(
+    c: &ThreeNodes,
+    (keys, token): (&Keys, &str),
+    id: &str,
+    snapshot: &str,
+    node: &str,
+) -> String {
+    assert_listed(c, token, id, snapshot, node);
+    let o = c.rn(&["--token", token, "vps", "stop", id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    c.wait_state(id, "stopped");
+    let o = c.rn(&[
+        "--token",
+        token,
+        "vps",
+        "restart",
+        id,
+        "--from-snapshot",
+        snapshot,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    c.wait_state(id, "running");
+    assert_eq!(node_of(c, id).as_deref(), Some(node));
+    keys.ssh(c, Some(token), id, "cat /kept; cat /later || echo no-later")
+}
+
+/// `vps snapshot list` of `id` (as `token`'s user) has `snapshot` on `node`.
+fn assert_listed(c: &ThreeNodes, token: &str, id: &str, snapshot: &str, node: &str) {
+    let o = c.rn(&[
+        "--token", token, "-o", "json", "vps", "snapshot", "list", id,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let snaps: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        snaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == snapshot && x["node"] == node),
+        "{snapshot} on {node}: {snaps}"
+    );
+}
+
+/// `vps snapshot create` of `id` as `token`'s user, with `message`; its id.
+fn snapshot_of(c: &ThreeNodes, token: &str, id: &str, message: &str) -> String {
+    let o = c.rn(&[
+        "--token", token, "-o", "json", "vps", "snapshot", "create", id, "-m", message,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    s["id"].as_str().unwrap().to_string()
 }
 
 /// `task submit` of a busybox command on `node`, as `token`'s user (none:

@@ -279,6 +279,42 @@ impl HostClient {
         .await
     }
 
+    /// Where VPS `id`, moving here node to node, is fetched from: the
+    /// runner of the node it left, a grant for its snapshots, and the copy.
+    pub async fn move_source(&self, id: u64) -> Result<crate::api::MoveSource, HostCallError> {
+        Self::answer(
+            self.http
+                .get(format!("{}/api/nodes/{}/moves/{id}", self.base, self.node))
+                .bearer_auth(self.credential())
+                .timeout(Duration::from_secs(120)),
+        )
+        .await
+    }
+
+    /// Blob `digest` of VPS `id`'s snapshots from `from` on, from the
+    /// runner at `url` with `grant` (a move node to node).
+    pub async fn node_blob(
+        &self,
+        (url, grant): (&str, &str),
+        id: u64,
+        digest: &str,
+        from: u64,
+    ) -> Result<reqwest::Response, HostCallError> {
+        let resp = self
+            .http
+            .get(format!("{url}/api/transfers/{id}/blobs/{digest}"))
+            .bearer_auth(grant)
+            .header(reqwest::header::RANGE, format!("bytes={from}-"))
+            .header(
+                crate::api::EXPECT_SHA256,
+                digest.trim_start_matches("sha256:"),
+            )
+            .send()
+            .await
+            .map_err(HostCallError::Unreachable)?;
+        Self::check(resp).await
+    }
+
     /// The bytes of blob `digest` of an archive (`of`: `environments/<name>`
     /// or `parked/<id>`) from `from` on (`sha256`: the digest's hex).
     pub async fn archive_blob(

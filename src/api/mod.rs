@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
 pub use target::{parse_memory_size, Target, TargetError};
 pub use task::{
     valid_hostname, ArchiveBlob, Assignment, Assignments, Consistency, Desired, ImageSource,
-    KeptSnapshot, Kind, MountSpec, ParkAnswer, ParkRequest, ParkedVps, Placement, RestartRequest,
-    Restore, SnapshotRequest, SnapshotView, SubmitResponse, TaskProgress, TaskReport, TaskSpec,
-    TaskState, TaskView, UserEnvChange, LOG_STREAMS, MAX_SNAPSHOT_MESSAGE,
+    KeptSnapshot, Kind, MountSpec, MoveSource, ParkAnswer, ParkRequest, ParkedVps, Placement,
+    RestartRequest, Restore, SnapshotRequest, SnapshotView, SubmitResponse, TaskProgress,
+    TaskReport, TaskSpec, TaskState, TaskView, TransferGrant, UserEnvChange, LOG_STREAMS,
+    MAX_KEPT_SNAPSHOTS, MAX_SNAPSHOT_MESSAGE,
 };
 
 use crate::topology::{Inventory, Usage};
@@ -243,6 +244,21 @@ pub struct EnvironmentArchive {
 /// host answers 412 when the archive changed since (a resumed download
 /// must not splice two archives together).
 pub const EXPECT_SHA256: &str = "x-expect-sha256";
+
+/// The start of a `Range: bytes=N-` header, the one form a fetch sends
+/// (none without a header); an error names the forms served.
+pub fn range_start(header: Option<&[u8]>) -> Result<Option<u64>, &'static str> {
+    let Some(v) = header else {
+        return Ok(None);
+    };
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|t| t.strip_prefix("bytes="))
+        .and_then(|t| t.strip_suffix('-'))
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(Some)
+        .ok_or("Range: only bytes=N- is served")
+}
 
 /// `GET /api/whoami`: the role the presented token carries.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]

@@ -86,6 +86,19 @@ impl TaskState {
         )
     }
 
+    /// Whether a VPS in this state has ended and kept its disk (stopped,
+    /// killed, failed): it can start again, here or on another node.
+    pub fn kept_its_disk(self) -> bool {
+        matches!(
+            self,
+            TaskState::Stopped
+                | TaskState::Killed
+                | TaskState::KilledOom
+                | TaskState::Failed
+                | TaskState::Completed
+        )
+    }
+
     /// Whether `self → to` is allowed. Ends change only by a restart
     /// (back to `pending`) or a delete, and the store allows both for a VPS
     /// alone; a lost task may come back when its node reports it again.
@@ -187,6 +200,37 @@ pub struct Restore {
     /// a node that lacks it fetches it, and the VPS's host key, from the host.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub parked: bool,
+    /// The snapshot is on this node, where the VPS stopped (`vps restart
+    /// --anywhere` while that node is online): the node it lands on fetches
+    /// it from that node's runner, node to node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+/// What the host asks of a VPS's node before a move node to node
+/// (`PUT /api/vps/{id}/transfer` on its runner): to let the holder of a
+/// grant (whose SHA-256 this is), node `to`, read the VPS's snapshots
+/// until `expires_unix_ms`. The runner answers with the copy, as the host
+/// describes a parked one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferGrant {
+    pub grant_sha256: String,
+    pub to: String,
+    pub snapshot: String,
+    pub expires_unix_ms: i64,
+}
+
+/// Where a node that a VPS moves to fetches it from, node to node: the
+/// runner of the node it left (`url`), with a grant for its snapshots
+/// (`Authorization: Bearer <grant>` at `/api/transfers/{id}/blobs/{digest}`),
+/// and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MoveSource {
+    pub node: String,
+    pub url: String,
+    pub grant: String,
+    pub copy: ParkedVps,
 }
 
 /// A VPS's parked copy on the host: the snapshot its node took when it
@@ -219,31 +263,34 @@ pub struct ParkedVps {
 }
 
 impl ParkedVps {
-    /// Every snapshot the copy holds, oldest first: those its park named,
-    /// and its last stop's (all an older host's record names).
+    /// The VPS's snapshots the copy holds, oldest first: those its park
+    /// named (less any deleted since); an older host's record names its
+    /// last stop's alone.
     pub fn all_snapshots(&self) -> Vec<KeptSnapshot> {
-        let mut all = self.snapshots.clone();
-        if let Some(m) = &self.manifest {
-            if !all.iter().any(|k| k.id == self.snapshot) {
-                all.push(KeptSnapshot {
-                    id: self.snapshot.clone(),
-                    created_at_unix_ms: self.snapshot.parse().unwrap_or(0),
-                    message: None,
-                    size_bytes: self.blobs.last().map_or(0, |b| b.size),
-                    manifest: m.clone(),
-                    blobs: self.blobs.clone(),
-                });
-                all.sort_by(|a, b| {
-                    (a.created_at_unix_ms, &a.id).cmp(&(b.created_at_unix_ms, &b.id))
-                });
-            }
+        if self.snapshots.is_empty() {
+            return self.stop().into_iter().collect();
         }
-        all
+        self.snapshots.clone()
     }
 
-    /// Snapshot `id` of the copy, if it holds it.
+    /// Snapshot `id` of the copy, if it holds it; its last stop's always
+    /// (the VPS's disk, which a move starts from, also once that snapshot
+    /// was deleted).
     pub fn kept(&self, id: &str) -> Option<KeptSnapshot> {
-        self.all_snapshots().into_iter().find(|k| k.id == id)
+        let listed = self.snapshots.iter().find(|k| k.id == id).cloned();
+        listed.or_else(|| self.stop().filter(|k| k.id == id))
+    }
+
+    /// Its last stop's snapshot.
+    fn stop(&self) -> Option<KeptSnapshot> {
+        Some(KeptSnapshot {
+            id: self.snapshot.clone(),
+            created_at_unix_ms: self.snapshot.parse().unwrap_or(0),
+            message: None,
+            size_bytes: self.blobs.last().map_or(0, |b| b.size),
+            manifest: self.manifest.clone()?,
+            blobs: self.blobs.clone(),
+        })
     }
 }
 
@@ -251,10 +298,14 @@ impl ParkedVps {
 /// and messages stay well below.
 pub const MAX_SNAPSHOT_MESSAGE: usize = 1024;
 
+/// The most snapshots of a VPS one park holds (its newest).
+pub const MAX_KEPT_SNAPSHOTS: usize = 64;
+
 /// A snapshot of a parked VPS that the host keeps (blob by blob, in the
 /// same store) so that it follows the VPS.
+// Kept in the host's records too: no `deny_unknown_fields`, so that a
+// record a later version wrote still reads (a park checks its fields).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct KeptSnapshot {
     pub id: String,
     pub created_at_unix_ms: i64,
@@ -279,7 +330,9 @@ pub struct ParkRequest {
     pub snapshot: String,
     pub host_key: String,
     pub manifest: ArchiveBlob,
-    #[serde(default)]
+    /// Left out when empty: a host older than snapshots that follow their
+    /// VPS takes the park of the stop alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<KeptSnapshot>,
 }
 

@@ -22,16 +22,8 @@ use crate::api::{ArchiveBlob, EXPECT_SHA256};
 /// form is served (a node resumes from what it has; it never asks for a
 /// slice in the middle).
 fn range_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = headers.get(axum::http::header::RANGE) else {
-        return Ok(None);
-    };
-    v.to_str()
-        .ok()
-        .and_then(|t| t.strip_prefix("bytes="))
-        .and_then(|t| t.strip_suffix('-'))
-        .and_then(|n| n.parse::<u64>().ok())
-        .map(Some)
-        .ok_or_else(|| ApiError::BadRequest("Range: only bytes=N- is served".into()))
+    let header = headers.get(axum::http::header::RANGE).map(|v| v.as_bytes());
+    crate::api::range_start(header).map_err(|e| ApiError::BadRequest(e.into()))
 }
 
 /// What `send_slice` serves: `size` bytes of `path` from `base` on, whose

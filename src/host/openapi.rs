@@ -203,6 +203,8 @@ fn rows() -> Vec<Row> {
             .errors(&[400, 403, 404, 409, 429]),
         row(Get, "/api/nodes/{name}/parked/{id}", "A VPS's parked copy (snapshot, size, SHA-256, host key, its blobs, and its snapshots), for the node it is placed on; for a node making a new VPS from one of its snapshots, that snapshot only, without the host key. That node's credential.", Json(200, named::<wire::ParkedVps>))
             .errors(&[400, 403, 404, 409]),
+        row(Get, "/api/nodes/{name}/moves/{id}", "Where a VPS moving to this node node to node (`vps restart --anywhere` while its node is online) is fetched from: the runner of the node it left, a grant for its snapshots there (an hour), and its copy (snapshots and host key). That node's credential.", Json(200, named::<wire::MoveSource>))
+            .errors(&[400, 403, 404, 409, 502]),
         row(Delete, "/api/nodes/{name}/left/{id}", "The node removed what a deleted VPS left there when it moved away. That node's credential.", Empty(204))
             .errors(&[400, 403]),
         row(Get, "/api/nodes/{name}/parked/{id}/blobs/{digest}", "One blob of the parked copy (its manifest, config or a layer), by sha256:<hex> digest, from the host's archive (Range: bytes=N- resumes; x-expect-sha256 must be the digest's hex, else 412). That node's credential.", Blob)

@@ -44,8 +44,8 @@ const KEEP_FREE: u64 = 1 << 30;
 const MAX_HOST_KEY: usize = 16 << 10;
 /// A manifest is a few KiB; this bounds what the host reads of one.
 const MAX_MANIFEST: u64 = 4 << 20;
-/// The snapshots one park may name (a node keeps `max_snapshots_per_vps`).
-const MAX_KEPT: usize = 256;
+/// The snapshots one park may name (a node sends its newest).
+const MAX_KEPT: usize = crate::api::MAX_KEPT_SNAPSHOTS;
 
 /// The blobs of parks under way, by VPS (digest to size): what a node may
 /// send, not yet named by a record, and kept from `collect` until the park
@@ -71,6 +71,77 @@ pub fn node_routes() -> Router<Arc<HostState>> {
         .route("/api/nodes/{name}/parked/{id}", get(describe))
         .route("/api/nodes/{name}/parked/{id}/blobs/{digest}", get(blob))
         .route("/api/nodes/{name}/left/{id}", delete(left_removed))
+        .route("/api/nodes/{name}/moves/{id}", get(move_source))
+}
+
+/// How long a node may read a VPS's snapshots from the node it left.
+const GRANT_MS: i64 = 3_600_000;
+
+/// `GET /api/nodes/{name}/moves/{id}`: where VPS `id`, placed on node
+/// `name` by a move node to node, is fetched from: the runner of the node
+/// it left, a grant that node gave for its snapshots (an hour, that VPS's
+/// blobs only), and the copy (its snapshots and host key).
+async fn move_source(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    UrlPath((name, id)): UrlPath<(String, u64)>,
+) -> Result<Json<crate::api::MoveSource>, ApiError> {
+    own_node(&p, &name)?;
+    let t = placed_here(&state, &name, id).await?;
+    let Some(restore) = t.spec.restore.clone().filter(|r| r.from.is_some()) else {
+        return Err(ApiError::Conflict(format!(
+            "VPS {id} is not moving here node to node"
+        )));
+    };
+    let from = restore.from.clone().unwrap_or_default();
+    if from == name {
+        return Err(ApiError::Conflict(format!(
+            "VPS {id} moves from node {from:?}, which is this one"
+        )));
+    }
+    let f = from.clone();
+    let (url, token) = state
+        .blocking(move |s| s.runner_access(&f))
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("node {from:?}, which VPS {id} moves from, is gone"))
+        })?;
+    let grant = crate::api::token::generate("rnmove_");
+    let ask = crate::api::TransferGrant {
+        grant_sha256: crate::api::token::hash(&grant),
+        to: name.clone(),
+        snapshot: restore.snapshot.clone(),
+        expires_unix_ms: crate::now_unix_ms() + GRANT_MS,
+    };
+    let client = crate::api::runner_client::RunnerClient {
+        http: &state.http,
+        node: &from,
+        url: &url,
+        token: &token,
+    };
+    let path = format!("/api/vps/{id}/transfer");
+    let resp = client
+        .call(
+            reqwest::Method::PUT,
+            &path,
+            &[],
+            Some(&ask),
+            std::time::Duration::from_secs(120),
+        )
+        .await?;
+    let copy: ParkedVps = resp.json().await.map_err(|e| {
+        ApiError::BadGateway(format!(
+            "runner of {from:?} sent an unreadable copy: {}",
+            crate::error_chain(&e)
+        ))
+    })?;
+    tracing::info!(task = id, from = %from, to = %name, snapshot = %restore.snapshot, "a move node to node granted");
+    Ok(Json(crate::api::MoveSource {
+        node: from,
+        url,
+        grant,
+        copy,
+    }))
 }
 
 /// `DELETE /api/nodes/{name}/left/{id}`: the node removed what VPS `id`
@@ -149,29 +220,29 @@ fn named_by(r: &ParkedVps) -> impl Iterator<Item = &ArchiveBlob> {
 
 /// Snapshot `snapshot` of VPS `id` was deleted: the host's copy no longer
 /// holds it (nor the blobs only it named). Its last stop stays: that is
-/// the VPS's disk, which a move starts from.
-pub fn forget_snapshot(state: &HostState, id: u64, snapshot: &str) {
+/// the VPS's disk, which a move starts from. Whether the copy held it.
+pub fn forget_snapshot(state: &HostState, id: u64, snapshot: &str) -> bool {
     with_store(|u| {
         let path = record_path(state, id);
         let Some(mut r) = std::fs::read(&path)
             .ok()
             .and_then(|t| serde_json::from_slice::<ParkedVps>(&t).ok())
         else {
-            return;
+            return false;
         };
         let before = r.snapshots.len();
         r.snapshots.retain(|k| k.id != snapshot);
         if r.snapshots.len() == before {
-            return;
+            return false;
         }
         match serde_json::to_vec(&r) {
             Ok(text) => {
                 if let Err(e) = crate::files::write_secret(&path, &text) {
                     tracing::warn!(task = id, error = %e, "the host's copy still holds a deleted snapshot");
-                    return;
+                    return false;
                 }
             }
-            Err(_) => return,
+            Err(_) => return false,
         }
         collect_in(state, u);
         tracing::info!(
@@ -179,6 +250,7 @@ pub fn forget_snapshot(state: &HostState, id: u64, snapshot: &str) {
             snapshot,
             "a deleted snapshot removed from the host's copy"
         );
+        true
     })
 }
 
@@ -244,11 +316,17 @@ fn collect_in(state: &HostState, u: &Uploading) {
             if !(name.starts_with("vps-") && name.ends_with(".json")) {
                 continue;
             }
-            if let Some(r) = std::fs::read(e.path())
+            match std::fs::read(e.path())
                 .ok()
                 .and_then(|t| serde_json::from_slice::<ParkedVps>(&t).ok())
             {
-                named.extend(named_by(&r).map(|b| b.digest.clone()));
+                Some(r) => named.extend(named_by(&r).map(|b| b.digest.clone())),
+                // A record this host cannot read names blobs all the same
+                // (a VPS's disk among them): none is removed.
+                None => {
+                    tracing::warn!(record = %e.path().display(), "an unreadable parked record: no blob is removed until it is read or its VPS deleted");
+                    return;
+                }
             }
         }
         named.extend(u.values().flat_map(|d| d.keys().cloned()));
@@ -476,11 +554,22 @@ async fn park(
     // Oldest first, one of each; the host reads their blobs itself.
     req.snapshots
         .sort_by(|a, b| (a.created_at_unix_ms, &a.id).cmp(&(b.created_at_unix_ms, &b.id)));
-    req.snapshots.dedup_by(|a, b| a.id == b.id);
+    let mut seen = HashSet::new();
+    req.snapshots.retain(|k| seen.insert(k.id.clone()));
     for k in &mut req.snapshots {
         k.blobs.clear();
+        if k.id == req.snapshot && k.manifest.digest != req.manifest.digest {
+            return Err(ApiError::BadRequest(format!(
+                "snapshots: {} names another manifest than the stop's (manifest)",
+                k.id
+            )));
+        }
     }
-    let answer = with_store(|u| settle(&state, u, id, &req))?;
+    // Manifests are read and blobs looked for off the async workers.
+    let (st, r) = (state.clone(), req.clone());
+    let answer = tokio::task::spawn_blocking(move || with_store(|u| settle(&st, u, id, &r)))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     if answer.missing.is_empty() {
         tracing::info!(task = id, node = %name, snapshot = %req.snapshot, snapshots = req.snapshots.len(), "VPS parked on the host");
     }
@@ -512,12 +601,13 @@ fn check_manifest(state: &HostState, field: &str, m: &ArchiveBlob) -> Result<(),
     Ok(())
 }
 
-/// The config and layers manifest `m` names, each kept for the park
-/// (`named`); none while the host lacks the manifest itself.
+/// The config and layers manifest `m` (the request's `field`) names,
+/// each kept for the park (`named`); none while the host lacks the
+/// manifest itself.
 fn image_of(
     state: &HostState,
     named: &mut HashMap<String, u64>,
-    m: &ArchiveBlob,
+    (field, m): (&str, &ArchiveBlob),
 ) -> Result<Option<Vec<ArchiveBlob>>, ApiError> {
     named.insert(m.digest.clone(), m.size);
     let Some(Ok(text)) = blob_path(state, &m.digest).map(std::fs::read) else {
@@ -525,7 +615,7 @@ fn image_of(
     };
     let image: crate::oci::Manifest = serde_json::from_slice(&text).map_err(|e| {
         ApiError::BadRequest(format!(
-            "manifest: blob {} is no image manifest: {e}",
+            "{field}: blob {} is no image manifest: {e}",
             m.digest
         ))
     })?;
@@ -534,7 +624,7 @@ fn image_of(
         let size = u64::try_from(d.size).ok();
         let (Some(_), Some(size)) = (blob_path(state, &d.digest), size) else {
             return Err(ApiError::BadRequest(format!(
-                "manifest: it names {:?} of {} bytes, no sha256:<hex> digest and size",
+                "{field}: it names {:?} of {} bytes, no sha256:<hex> digest and size",
                 d.digest, d.size
             )));
         };
@@ -560,11 +650,13 @@ fn settle(
     // What this park names is kept from `collect` until it ends, and is
     // all a node may send for it.
     let named = u.entry(id).or_default();
+    let fields = std::iter::once("manifest".to_string())
+        .chain((0..req.snapshots.len()).map(|i| format!("snapshots[{i}].manifest")));
     let manifests = std::iter::once(&req.manifest).chain(req.snapshots.iter().map(|k| &k.manifest));
     let mut images = Vec::new();
     let mut missing: Vec<String> = Vec::new();
-    for m in manifests {
-        match image_of(state, named, m)? {
+    for (field, m) in fields.zip(manifests) {
+        match image_of(state, named, (&field, m))? {
             Some(blobs) => images.push(blobs),
             None => {
                 missing.push(m.digest.clone());

@@ -203,6 +203,7 @@ pub fn moved_spec(t: &crate::api::TaskView, now_ms: i64) -> Option<TaskSpec> {
         snapshot: snapshot.clone(),
         request: now_ms,
         parked: true,
+        from: None,
     });
     Some(spec)
 }

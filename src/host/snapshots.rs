@@ -208,9 +208,16 @@ async fn delete(
         )));
     }
     let path = format!("/api/vps/{id}/snapshots/{snapshot}");
-    runner(&state, &node, reqwest::Method::DELETE, &path, None).await?;
-    // Nor does it follow the VPS any more.
-    super::parked::forget_snapshot(&state, id, &snapshot);
+    let deleted = runner(&state, &node, reqwest::Method::DELETE, &path, None).await;
+    // Nor does it follow the VPS any more (also when its node no longer
+    // had it: the host's copy was the last).
+    let held = super::parked::forget_snapshot(&state, id, &snapshot);
+    match deleted {
+        Err(ApiError::NotFound(_)) if held => {}
+        other => {
+            other?;
+        }
+    }
     tracing::info!(task = id, snapshot = %snapshot, "snapshot deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -257,18 +264,30 @@ async fn restart(
     } else {
         false
     };
-    let view = if req.anywhere || gone {
+    // `--anywhere` while its node is online: node to node, from its disk
+    // as it stopped, without the host holding it.
+    let node_to_node = if req.anywhere && req.from_snapshot.is_none() {
+        node_to_node(&state, &t).await?
+    } else {
+        None
+    };
+    let view = if let Some(restore) = node_to_node {
+        tracing::info!(task = id, snapshot = %restore.snapshot, from = ?restore.from, "restart anywhere, node to node");
+        state
+            .blocking(move |s| s.restart_anywhere(id, &restore))
+            .await?
+    } else if req.anywhere || gone {
         if req.from_snapshot.is_some() {
             return Err(ApiError::BadRequest(
-                "anywhere: a move starts from the parked copy of the last stop, not from_snapshot"
+                "anywhere: a move starts from the VPS's disk as it stopped, not from_snapshot (restore a snapshot on the new node after the move)"
                     .into(),
             ));
         }
         let Some(copy) = copy else {
             return Err(ApiError::Conflict(format!(
-                "VPS {id} has no parked copy of its last stop on the host{}",
+                "VPS {id} has no parked copy of its last stop on the host{}, and moves node to node only while its node is online and it is stopped",
                 if state.park_stopped_vps {
-                    ": stop it while its node is online, and it is parked"
+                    ""
                 } else {
                     " (the host's park_stopped_vps is off)"
                 }
@@ -278,6 +297,7 @@ async fn restart(
             snapshot: copy.snapshot,
             request: crate::now_unix_ms(),
             parked: true,
+            from: None,
         };
         tracing::info!(task = id, snapshot = %restore.snapshot, movable_and_gone = gone, "restart anywhere from the parked copy");
         state
@@ -288,11 +308,18 @@ async fn restart(
             None => None,
             Some(wanted) => {
                 let snap = find(&state, &t, &wanted).await?;
+                if snap.node == "host" {
+                    return Err(ApiError::Conflict(format!(
+                        "VPS {id}'s node is offline or gone, and snapshot {} is on the host: `rivernode vps restart {id} --anywhere` moves the VPS, then `--from-snapshot {}` restores it on its new node",
+                        snap.id, snap.id
+                    )));
+                }
                 tracing::info!(task = id, snapshot = %snap.id, "restart from a snapshot");
                 Some(Restore {
                     snapshot: snap.id,
                     request: crate::now_unix_ms(),
                     parked: false,
+                    from: None,
                 })
             }
         };
@@ -303,6 +330,56 @@ async fn restart(
     state.publish().await;
     state.schedule.notify_one();
     Ok(Json(super::tasks::outward(&state, &p, view)))
+}
+
+/// A move node to node of stopped container VPS `t` whose node is online:
+/// a snapshot of its disk taken there now, which the node it lands on
+/// fetches from that node. None when it cannot move so (its node is
+/// offline or gone, it is a VM, it is not stopped): the parked copy, if
+/// any, is the way then. A move that did not finish (the node it went to
+/// has no container of it) is tried again from the node it left.
+async fn node_to_node(state: &HostState, t: &TaskView) -> Result<Option<Restore>, ApiError> {
+    let Some(node) = t.placement.as_ref().map(|p| p.node.clone()) else {
+        return Ok(None);
+    };
+    if t.spec.kind != Kind::Vps || t.spec.is_vm() || !t.state.kept_its_disk() {
+        return Ok(None);
+    }
+    let n = node.clone();
+    let online = state
+        .blocking(move |s| s.get_node(&n))
+        .await?
+        .is_some_and(|n| n.state == crate::api::NodeState::Online);
+    if !online {
+        return Ok(None);
+    }
+    let req = SnapshotRequest {
+        message: Some("for a move to another node".into()),
+    };
+    let path = format!("/api/vps/{}/snapshots", t.id);
+    let taken = match runner(state, &node, reqwest::Method::POST, &path, Some(&req)).await {
+        Ok(resp) => decode::<SnapshotView>(resp, &node).await?,
+        // No container there: an earlier move to it never came. Its
+        // source still holds the snapshot it named.
+        Err(ApiError::NotFound(_)) => {
+            return Ok(t
+                .spec
+                .restore
+                .clone()
+                .filter(|r| r.from.as_deref().is_some_and(|f| f != node))
+                .map(|r| Restore {
+                    request: crate::now_unix_ms(),
+                    ..r
+                }))
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Some(Restore {
+        snapshot: taken.id,
+        request: crate::now_unix_ms(),
+        parked: false,
+        from: Some(node),
+    }))
 }
 
 /// For a new VPS from a snapshot: the source must be the caller's VPS; the
@@ -350,6 +427,12 @@ pub async fn resolve_source(
         return Ok(());
     }
     let snap = find(state, &source, snapshot).await?;
+    if snap.node == "host" {
+        return Err(ApiError::Conflict(format!(
+            "image.snapshot: VPS {vps}'s node is offline or gone, and the host's copy of snapshot {} is not current: ask again once the node is back",
+            snap.id
+        )));
+    }
     match &mut spec.target {
         Some(t) if t.node != snap.node => {
             return Err(ApiError::BadRequest(format!(

@@ -43,6 +43,8 @@ pub struct RunnerApiState {
     /// The host parks stopped VPS (its `park_stopped_vps`), as its last
     /// heartbeat reply said; the task loop reads it.
     pub park_stopped_vps: Arc<std::sync::atomic::AtomicBool>,
+    /// The grants of moves node to node this node gave.
+    pub grants: super::transfer::Grants,
 }
 
 pub fn router(state: Arc<RunnerApiState>) -> Router {
@@ -50,6 +52,14 @@ pub fn router(state: Arc<RunnerApiState>) -> Router {
     let scrape = Router::new()
         .route("/metrics", get(super::metrics::page))
         .layer(middleware::from_fn_with_state(state.clone(), only_scrapers))
+        .with_state(state.clone());
+    // A node a VPS moves to reads its snapshots with the grant the host
+    // gave it for them, not the host's token.
+    let transfers = Router::new()
+        .route(
+            "/api/transfers/{id}/blobs/{digest}",
+            get(super::transfer::blob),
+        )
         .with_state(state.clone());
     Router::new()
         .route("/api/status", get(status))
@@ -64,10 +74,15 @@ pub fn router(state: Arc<RunnerApiState>) -> Router {
             "/api/vps/{id}/snapshots/{snapshot}",
             axum::routing::delete(delete_snapshot),
         )
+        .route(
+            "/api/vps/{id}/transfer",
+            axum::routing::put(super::transfer::give),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such runner API route") })
         .layer(middleware::from_fn_with_state(state.clone(), only_the_host))
         .with_state(state)
         .merge(scrape)
+        .merge(transfers)
 }
 
 fn bearer(req: &Request) -> Option<&str> {
@@ -106,7 +121,7 @@ async fn only_scrapers(
     }
 }
 
-fn error(status: StatusCode, msg: &str) -> Response {
+pub(super) fn error(status: StatusCode, msg: &str) -> Response {
     (
         status,
         Json(ErrorBody {

@@ -47,6 +47,9 @@ pub struct TaskContext {
     /// Networking and SSH for VPS instances.
     pub vps: VpsKit,
     pub snapshot_locks: super::snapshots::SnapshotLocks,
+    /// One park of a VPS at a time (a stop's, and one after a snapshot of
+    /// it stopped): two would share the host's list of what it lacks.
+    pub park_locks: super::snapshots::SnapshotLocks,
     /// Where cgroupfs is mounted (for the OOM counters).
     pub cgroup_root: PathBuf,
     /// Test-only crash points (`RIVERNODE_CRASH_AT`).
@@ -625,6 +628,10 @@ impl TaskContext {
             Some(r) => match self.snapshot_image(id, &r.snapshot).await {
                 Err(super::snapshots::SnapshotError::NoSnapshot { .. }) if r.parked => {
                     self.unpark(id, &r.snapshot).await?
+                }
+                // A move node to node: from the runner of the node it left.
+                Err(super::snapshots::SnapshotError::NoSnapshot { .. }) if r.from.is_some() => {
+                    self.take_over(id, &r.snapshot).await?
                 }
                 other => other?,
             },

@@ -56,6 +56,12 @@ pub enum InstanceError {
     Fetch(#[from] super::envfetch::FetchError),
     #[error("the host's parked copy")]
     Park(#[source] crate::api::host_client::HostCallError),
+    #[error("asking the host where VPS {vps}, moving here, is fetched from")]
+    MoveSource {
+        vps: u64,
+        #[source]
+        source: crate::api::host_client::HostCallError,
+    },
     #[error("parking VPS {vps} on the host: {why}")]
     ParkRefused { vps: u64, why: String },
     #[error("the host's parked host key of VPS {0} is not hex")]

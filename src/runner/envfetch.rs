@@ -41,6 +41,14 @@ pub enum BlobOf<'a> {
     Environment(&'a str),
     /// VPS `id`'s parked copy (`vps restart --anywhere`).
     Parked(u64),
+    /// VPS `id`'s snapshots on the node it left, read from that node's
+    /// runner (`url`) with a grant (a move node to node).
+    Node {
+        id: u64,
+        node: &'a str,
+        url: &'a str,
+        grant: &'a str,
+    },
 }
 
 impl std::fmt::Display for BlobOf<'_> {
@@ -48,6 +56,17 @@ impl std::fmt::Display for BlobOf<'_> {
         match self {
             BlobOf::Environment(name) => write!(f, "environment {name:?}"),
             BlobOf::Parked(id) => write!(f, "VPS {id}'s parked copy"),
+            BlobOf::Node { id, node, .. } => write!(f, "VPS {id}'s snapshots on node {node}"),
+        }
+    }
+}
+
+impl BlobOf<'_> {
+    /// Where its blobs come from, for the log.
+    pub fn origin(&self) -> String {
+        match self {
+            BlobOf::Node { node, .. } => format!("node {node}"),
+            _ => "the host".into(),
         }
     }
 }
@@ -86,6 +105,9 @@ impl Source<'_> {
                 let of = match of {
                     BlobOf::Environment(name) => format!("environments/{name}"),
                     BlobOf::Parked(id) => format!("parked/{id}"),
+                    BlobOf::Node { id, url, grant, .. } => {
+                        return host.node_blob((url, grant), *id, digest, from).await
+                    }
                 };
                 host.archive_blob(&of, digest, from, sha256).await
             }
@@ -95,19 +117,19 @@ impl Source<'_> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("asking the host for {what}")]
+    #[error("asking for {what}")]
     Host {
         what: String,
         #[source]
         source: HostCallError,
     },
-    #[error("reading {what} from the host")]
+    #[error("reading {what}")]
     Read {
         what: String,
         #[source]
         source: reqwest::Error,
     },
-    #[error("{what}: the host sent nothing for a minute (after {after} bytes)")]
+    #[error("{what}: nothing came for a minute (after {after} bytes)")]
     Stalled { what: String, after: u64 },
     #[error("{}", path.display())]
     Io {
@@ -115,7 +137,7 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{what} from the host has SHA-256 {got}, not {want}: the copy was thrown away")]
+    #[error("{what} has SHA-256 {got}, not {want}: the copy was thrown away")]
     Mismatch {
         what: String,
         got: String,
@@ -335,7 +357,8 @@ async fn fetch_once(
                 blob = digest,
                 bytes = got,
                 from,
-                "blob of {of} fetched from the host"
+                "blob of {of} fetched from {}",
+                of.origin()
             )
         }
     }
@@ -415,6 +438,9 @@ impl TaskContext {
                 BlobOf::Parked(id) => {
                     format!("start VPS {id} on its own node and stop it again, to park it anew")
                 }
+                BlobOf::Node { id, node, .. } => {
+                    format!("start VPS {id} on node {node} and stop it again, to snapshot it anew")
+                }
             },
         };
         let manifest = image
@@ -469,7 +495,8 @@ impl TaskContext {
             bytes = fetched,
             layers_skipped = skipped.clone().count(),
             bytes_skipped = skipped.map(|b| b.size).sum::<u64>(),
-            "{of} fetched from the host"
+            "{of} fetched from {}",
+            of.origin()
         );
         let m = &files[&manifest.digest];
         let manifest_bytes = std::fs::read(m).map_err(|source| InstanceError::Io {

@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod report;
 pub mod snapshots;
 pub mod supervisor;
+pub mod transfer;
 pub mod vm;
 mod vm_snapshots;
 pub mod vps;
@@ -176,6 +177,7 @@ impl BoundRunner {
             metrics_keys: Default::default(),
             node: Default::default(),
             park_stopped_vps: Default::default(),
+            grants: Default::default(),
         });
         api.node.follow(&inventory);
         Ok(Self {
@@ -799,6 +801,7 @@ impl Control {
             ctd,
             vps,
             snapshot_locks: Default::default(),
+            park_locks: Default::default(),
             cgroup_root: self.config.sys_root.join("fs/cgroup"),
             crash_at: crash_at.clone(),
             image_lock: Default::default(),

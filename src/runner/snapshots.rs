@@ -296,11 +296,25 @@ impl TaskContext {
         if !self.park.load(std::sync::atomic::Ordering::Relaxed) || self.is_vm(vps) {
             return Ok(None);
         }
+        let lock = self.park_locks.of(vps);
+        let _held = lock.lock().await;
         let all = self.snapshots(vps).await?;
-        let Some(newest) = all.last() else {
+        let Some(newest) = all.last().cloned() else {
             return Ok(None);
         };
-        self.park_as(vps, &newest.id, &all).await.map(Some)
+        match self.park_as(vps, (&newest.id, None), &all).await {
+            Ok(id) => Ok(Some(id)),
+            // The stop is what a move needs: alone, if its snapshots
+            // cannot all go (an older host, a full disk there).
+            Err(e) if all.len() > 1 => {
+                tracing::warn!(task = vps, error = %crate::error_chain(&e), "parking the VPS's snapshots failed: parking its stop alone (the others stay on this node)");
+                let alone = [newest.clone()];
+                self.park_as(vps, (&newest.id, None), &alone)
+                    .await
+                    .map(Some)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Parks VPS `vps`'s snapshots again, with the same last stop, when
@@ -312,6 +326,8 @@ impl TaskContext {
         if !self.park.load(std::sync::atomic::Ordering::Relaxed) || self.is_vm(vps) {
             return Ok(());
         }
+        let lock = self.park_locks.of(vps);
+        let _held = lock.lock().await;
         let copy = match self.host.parked(vps).await {
             Ok(c) => c,
             Err(HostCallError::Refused { status, .. })
@@ -322,26 +338,37 @@ impl TaskContext {
             Err(e) => return Err(InstanceError::Park(e)),
         };
         let all = self.snapshots(vps).await?;
-        if !all.iter().any(|s| s.id == copy.snapshot) {
-            // Its last stop's snapshot was deleted here: the host's copy of
-            // it (the VPS's disk) stays as it is.
-            tracing::info!(task = vps, snapshot = %copy.snapshot, "not parked again: this node no longer has the parked stop");
-            return Ok(());
-        }
-        self.park_as(vps, &copy.snapshot, &all).await.map(|_| ())
+        // Its stop's snapshot may be gone here (deleted, rotated out): the
+        // host's copy of it, the VPS's disk, is named as the host has it.
+        let stop = copy
+            .manifest
+            .filter(|_| !all.iter().any(|s| s.id == copy.snapshot));
+        self.park_as(vps, (&copy.snapshot, stop), &all)
+            .await
+            .map(|_| ())
     }
 
     /// Parks snapshot `current` of VPS `vps` as its last stop, with its
-    /// host key, and `all` its snapshots here: the host is told their
-    /// manifests, and is sent the blobs it lacks (base layers, parked
-    /// before with this or another VPS, are not sent again), each in
-    /// pieces, read from containerd's content store.
+    /// host key, and `all` its snapshots here (the newest the host takes):
+    /// the host is told their manifests, and is sent the blobs it lacks
+    /// (base layers, parked before with this or another VPS, are not sent
+    /// again), each in pieces, read from containerd's content store.
+    /// `current` names its manifest when the host holds it and this node
+    /// no longer does.
     async fn park_as(
         &self,
         vps: u64,
-        current: &str,
+        (current, held): (&str, Option<crate::api::ArchiveBlob>),
         all: &[SnapshotView],
     ) -> Result<String, InstanceError> {
+        // The newest, and the stop's.
+        let newest = all.len().saturating_sub(crate::api::MAX_KEPT_SNAPSHOTS - 1);
+        let all: Vec<&SnapshotView> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i >= newest || s.id == current)
+            .map(|(_, s)| s)
+            .collect();
         let key = self.vps.host_key_file(&self.container_id(vps))?;
         let started = std::time::Instant::now();
         let descriptor = |b: &crate::oci::BlobRef| crate::api::ArchiveBlob {
@@ -352,7 +379,7 @@ impl TaskContext {
         };
         let mut images = Vec::new();
         let mut kept = Vec::new();
-        for s in all {
+        for s in &all {
             let image = self
                 .ctd
                 .image_blobs(&image_name(&self.node, vps, &s.id))
@@ -367,17 +394,21 @@ impl TaskContext {
             });
             images.push(image);
         }
-        let Some(at) = all.iter().position(|s| s.id == current) else {
-            return Err(SnapshotError::NoSnapshot {
-                vps,
-                id: current.to_string(),
+        let manifest = match (all.iter().position(|s| s.id == current), held) {
+            (Some(at), _) => kept[at].manifest.clone(),
+            (None, Some(m)) => m,
+            (None, None) => {
+                return Err(SnapshotError::NoSnapshot {
+                    vps,
+                    id: current.to_string(),
+                }
+                .into())
             }
-            .into());
         };
         let req = crate::api::ParkRequest {
             snapshot: current.to_string(),
             host_key: hex::encode(&key),
-            manifest: kept[at].manifest.clone(),
+            manifest,
             snapshots: kept,
         };
         let find = |digest: &str| images.iter().find_map(|i| i.find(digest));
@@ -448,75 +479,130 @@ impl TaskContext {
     /// instance's.
     pub async fn unpark(&self, vps: u64, snapshot: &str) -> Result<ImportedImage, InstanceError> {
         let copy = self.host.parked(vps).await.map_err(InstanceError::Park)?;
+        let of = super::envfetch::BlobOf::Parked(vps);
+        self.take_copy(vps, snapshot, &copy, of).await
+    }
+
+    /// VPS `vps`'s snapshot `snapshot` from the node it stopped on (a move
+    /// node to node): as `unpark`, from that node's runner, with the grant
+    /// the host asked it for.
+    pub async fn take_over(
+        &self,
+        vps: u64,
+        snapshot: &str,
+    ) -> Result<ImportedImage, InstanceError> {
+        let src = self
+            .host
+            .move_source(vps)
+            .await
+            .map_err(|source| InstanceError::MoveSource { vps, source })?;
+        let of = super::envfetch::BlobOf::Node {
+            id: vps,
+            node: &src.node,
+            url: &src.url,
+            grant: &src.grant,
+        };
+        self.take_copy(vps, snapshot, &src.copy, of).await
+    }
+
+    /// Snapshot `snapshot` of `copy` (VPS `vps`'s, its blobs from `of`) and
+    /// its other snapshots this node lacks, imported here, with its host key.
+    async fn take_copy(
+        &self,
+        vps: u64,
+        snapshot: &str,
+        copy: &crate::api::ParkedVps,
+        of: super::envfetch::BlobOf<'_>,
+    ) -> Result<ImportedImage, InstanceError> {
         let Some(wanted) = copy.kept(snapshot) else {
             return Err(InstanceError::ParkedOther {
                 vps,
-                held: copy.snapshot,
+                held: copy.snapshot.clone(),
                 wanted: snapshot.to_string(),
             });
         };
-        let progress = self.progress.sink(vps, format!("VPS {vps}'s parked copy"));
+        let progress = self.progress.sink(vps, of.to_string());
         let _clear = super::progress::ClearOnDrop(&self.progress, vps);
         let here: Vec<String> = list(&self.ctd, &self.node, vps)
             .await?
             .into_iter()
             .map(|s| s.id)
             .collect();
-        // The others first, the one it starts from last: once that one is
-        // labelled, it is found and none of this is done again (after a
-        // crash in between, too).
+        // The one it starts from first; the others as they come (one that
+        // does not stays where it was, and is said); that one labelled
+        // last: once it is, it is found and none of this is done again
+        // (after a crash in between, too).
+        self.fetch_kept(vps, &wanted, (of, &progress)).await?;
         let others = copy
             .all_snapshots()
             .into_iter()
             .filter(|k| k.id != snapshot && !here.contains(&k.id));
-        for k in others.chain(std::iter::once(wanted)) {
-            self.import_kept(vps, &k, &progress, k.id == snapshot, &copy.host_key)
-                .await?;
+        let (mut came, mut missed) = (0usize, 0usize);
+        for k in others {
+            let fetched = self.fetch_kept(vps, &k, (of, &progress)).await;
+            match fetched {
+                Ok(()) => {
+                    self.label_kept(vps, &k).await?;
+                    came += 1;
+                }
+                Err(e) => {
+                    missed += 1;
+                    tracing::warn!(task = vps, snapshot = %k.id, error = %crate::error_chain(&e), "a snapshot of the VPS did not come: it stays on {}", of.origin());
+                }
+            }
         }
-        tracing::info!(task = vps, snapshot, "parked copy taken from the host");
+        let key = hex::decode(&copy.host_key).map_err(|_| InstanceError::ParkedKey(vps))?;
+        if !key.is_empty() {
+            self.vps.adopt_host_key(&self.container_id(vps), &key)?;
+        }
+        self.label_kept(vps, &wanted).await?;
+        tracing::info!(
+            task = vps,
+            snapshot,
+            snapshots = came,
+            snapshots_missed = missed,
+            "{of} taken from {}",
+            of.origin()
+        );
         Ok(self.snapshot_image(vps, snapshot).await?)
     }
 
-    /// Snapshot `k` of VPS `vps` from the host, as a snapshot of this
-    /// node; with `adopt`, the VPS's host key (`key`, hex) is taken first.
-    async fn import_kept(
+    /// Snapshot `k` of VPS `vps`, its blobs from `of`, imported as its
+    /// image here (not yet labelled: listed once `label_kept` is done).
+    async fn fetch_kept(
         &self,
         vps: u64,
         k: &crate::api::KeptSnapshot,
-        progress: &crate::oci::Progress,
-        adopt: bool,
-        key: &str,
+        (of, progress): (super::envfetch::BlobOf<'_>, &crate::oci::Progress),
     ) -> Result<(), InstanceError> {
         let name = image_name(&self.node, vps, &k.id);
-        {
-            // Every import shares the content store's layers: one at a time.
-            let _held = self.image_lock.lock().await;
-            let of = super::envfetch::BlobOf::Parked(vps);
-            let image = super::envfetch::Image {
-                manifest: Some(&k.manifest),
-                blobs: &k.blobs,
-                sha256: k.manifest.digest.trim_start_matches("sha256:"),
-            };
-            self.fetch_image(of, image, &name, progress).await?;
-        }
-        // The key before the labels.
-        if adopt {
-            let key = hex::decode(key).map_err(|_| InstanceError::ParkedKey(vps))?;
-            if !key.is_empty() {
-                self.vps.adopt_host_key(&self.container_id(vps), &key)?;
-            }
-        }
+        // Every import shares the content store's layers: one at a time.
+        let _held = self.image_lock.lock().await;
+        let image = super::envfetch::Image {
+            manifest: Some(&k.manifest),
+            blobs: &k.blobs,
+            sha256: k.manifest.digest.trim_start_matches("sha256:"),
+        };
+        self.fetch_image(of, image, &name, progress).await?;
+        Ok(())
+    }
+
+    /// Snapshot `k` of VPS `vps`, imported, labelled as a snapshot of this
+    /// node; its VPS last, the label `list` looks for, so that it is found
+    /// only whole.
+    async fn label_kept(&self, vps: u64, k: &crate::api::KeptSnapshot) -> Result<(), OciError> {
+        let name = image_name(&self.node, vps, &k.id);
         let message = k
             .message
             .clone()
             .unwrap_or_else(|| "parked on the host, moved here".to_string());
         for (key, value) in [
-            (VPS_LABEL, vps.to_string()),
-            (NODE_LABEL, self.node.clone()),
-            (ID_LABEL, k.id.clone()),
-            (CREATED_LABEL, k.created_at_unix_ms.to_string()),
             (SIZE_LABEL, k.size_bytes.to_string()),
             (MESSAGE_LABEL, message),
+            (ID_LABEL, k.id.clone()),
+            (CREATED_LABEL, k.created_at_unix_ms.to_string()),
+            (NODE_LABEL, self.node.clone()),
+            (VPS_LABEL, vps.to_string()),
         ] {
             self.ctd.set_image_label(&name, key, &value).await?;
         }

@@ -987,8 +987,10 @@ pub(super) fn restart(
 }
 
 /// `vps restart --anywhere`: a stopped VPS whose last stop is parked on
-/// the host (`restore` names that copy) is queued again for any node that
-/// fits; the node it lands on starts it from the copy.
+/// the host (`restore` names that copy), or whose node is online (`restore`
+/// names a snapshot there, `from` that node), is queued again for any node
+/// that fits; the node it lands on starts it from the copy, or from that
+/// node's snapshot, fetched node to node.
 pub(super) fn restart_anywhere(
     c: &mut Connection,
     id: u64,
@@ -1001,21 +1003,20 @@ pub(super) fn restart_anywhere(
             "task {id} is no container VPS: only those move between nodes"
         )));
     }
-    let ended = matches!(
-        t.state,
-        TaskState::Stopped
-            | TaskState::Killed
-            | TaskState::KilledOom
-            | TaskState::Failed
-            | TaskState::Completed
-    );
-    if !ended || t.desired == Desired::Deleted {
+    if !t.state.kept_its_disk() || t.desired == Desired::Deleted {
         return Err(StoreError::Conflict(format!(
             "VPS {id} is {}: it moves once it is stopped (`rivernode vps stop {id}`)",
             t.state
         )));
     }
-    if t.parked.as_deref() != Some(restore.snapshot.as_str()) {
+    let node = t.placement.as_ref().map(|p| p.node.as_str());
+    // From its node (online), or again from the node an unfinished move
+    // left (it holds the snapshot that move named).
+    let retried = t.spec.restore.as_ref().is_some_and(|r| {
+        r.from.is_some() && r.from == restore.from && r.snapshot == restore.snapshot
+    });
+    let node_to_node = restore.from.is_some() && (restore.from.as_deref() == node || retried);
+    if !node_to_node && t.parked.as_deref() != Some(restore.snapshot.as_str()) {
         return Err(StoreError::Conflict(format!(
             "VPS {id}'s last stop was not parked on the host, so it can start only on its own node"
         )));
@@ -1058,8 +1059,18 @@ fn requeue_on(
     let unfinished_move = t.spec.restore.clone().filter(|r| {
         restore.is_none() && r.parked && t.parked.as_deref() == Some(r.snapshot.as_str())
     });
+    // A move node to node stays in the spec: the node it landed on made
+    // its container from it once (its label says which request), and one
+    // where it never came fetches it again from the node it left, which
+    // keeps the VPS's snapshots until a delete. Without it, that node would
+    // start the VPS from its image, without its disk.
+    let node_to_node = t
+        .spec
+        .restore
+        .clone()
+        .filter(|r| restore.is_none() && r.from.is_some());
     let pinned = pinned && unfinished_move.is_none();
-    spec.restore = restore.cloned().or(unfinished_move);
+    spec.restore = restore.cloned().or(unfinished_move).or(node_to_node);
     let is_vm = spec.is_vm();
     if !pinned {
         spec.target = None;
@@ -2180,6 +2191,15 @@ mod tests {
         .unwrap()
     }
 
+    /// A target of node `node`, any NUMA node and GPUs.
+    fn target(node: &str) -> crate::api::Target {
+        crate::api::Target {
+            node: node.into(),
+            numa: None,
+            gpus: vec![],
+        }
+    }
+
     /// A VPS of `cores` cores with `target`, running on n1.
     fn running_vps(s: &SqliteStore, cores: u32, target: Option<crate::api::Target>) -> u64 {
         let vps = TaskSpec {
@@ -2222,6 +2242,7 @@ mod tests {
             snapshot: snapshot.into(),
             request: 5,
             parked: true,
+            from: None,
         };
         let e = s.restart_anywhere(a, &copy("7")).unwrap_err().to_string();
         assert!(e.contains("once it is stopped"), "{e}");
@@ -2250,6 +2271,51 @@ mod tests {
         assert_eq!(report(&s, a, TaskState::Failed).unwrap().parked, None);
         let e = s.restart_anywhere(a, &copy("7")).unwrap_err().to_string();
         assert!(e.contains("not parked"), "{e}");
+    }
+
+    #[test]
+    fn a_move_node_to_node_that_did_not_finish_keeps_where_it_comes_from() {
+        let s = store_with_node("n1");
+        add_node(&s, "n2", false);
+        let a = running_vps(&s, 2, Some(target("n1")));
+        let from = |node: &str, request: i64| crate::api::Restore {
+            snapshot: "7".into(),
+            request,
+            parked: false,
+            from: Some(node.into()),
+        };
+        s.set_desired(a, Desired::Stopped, 1).unwrap();
+        report(&s, a, TaskState::Stopped).unwrap();
+        // Only from the node it stopped on.
+        let e = s
+            .restart_anywhere(a, &from("n2", 5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not parked"), "{e}");
+        let t = s.restart_anywhere(a, &from("n1", 5)).unwrap();
+        assert_eq!(t.spec.target, None, "no longer pinned to n1");
+        assert_eq!(t.spec.restore, Some(from("n1", 5)));
+        // It fails where it lands before it runs (its snapshots did not come).
+        let fail = |s: &SqliteStore| {
+            s.schedule().unwrap();
+            let node = s.get_task(a).unwrap().unwrap().placement.unwrap().node;
+            let r = TaskReport {
+                state: TaskState::Failed,
+                exit_code: None,
+                message: None,
+                ssh_host_key: None,
+                parked: None,
+            };
+            s.report_task(&node, a, &r, 3).unwrap();
+        };
+        fail(&s);
+        // A plain restart still comes from n1: its node has no disk of it.
+        let t = s.restart(a, None).unwrap();
+        assert_eq!(t.spec.restore, Some(from("n1", 5)));
+        // So does another move, wherever it landed.
+        fail(&s);
+        let t = s.restart_anywhere(a, &from("n1", 6)).unwrap();
+        assert_eq!(t.spec.restore, Some(from("n1", 6)));
     }
 
     #[test]
@@ -2291,6 +2357,7 @@ mod tests {
             snapshot: "7".into(),
             request: 3,
             parked: false,
+            from: None,
         };
         s.restart(restored, Some(&local)).unwrap();
         s.schedule().unwrap();
@@ -2350,6 +2417,7 @@ mod tests {
             snapshot: "7".into(),
             request: 9,
             parked: false,
+            from: None,
         };
         let t = s.restart(a, Some(&restore)).unwrap();
         assert_eq!(
