@@ -209,16 +209,17 @@ pub struct Restore {
 
 /// What the host asks of a VPS's node before a move node to node
 /// (`PUT /api/vps/{id}/transfer` on its runner): to let the holder of a
-/// grant (whose SHA-256 this is), node `to`, read the VPS's snapshots
-/// until `expires_unix_ms`. The runner answers with the copy, as the host
-/// describes a parked one.
+/// grant (whose SHA-256 this is), node `to`, read the VPS's snapshots for
+/// `ttl_ms` (counted on the runner's clock: the two clocks need not
+/// agree). The runner answers with the copy, as the host describes a
+/// parked one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferGrant {
     pub grant_sha256: String,
     pub to: String,
     pub snapshot: String,
-    pub expires_unix_ms: i64,
+    pub ttl_ms: i64,
 }
 
 /// Where a node that a VPS moves to fetches it from, node to node: the

@@ -106,12 +106,22 @@ async fn move_source(
         .ok_or_else(|| {
             ApiError::NotFound(format!("node {from:?}, which VPS {id} moves from, is gone"))
         })?;
+    let f = from.clone();
+    if state
+        .blocking(move |s| s.get_node(&f))
+        .await?
+        .is_none_or(|n| n.state != crate::api::NodeState::Online)
+    {
+        return Err(ApiError::Conflict(format!(
+            "node {from:?}, which VPS {id} moves from, is not online: `rivernode vps restart {id} --anywhere` again once it is"
+        )));
+    }
     let grant = crate::api::token::generate("rnmove_");
     let ask = crate::api::TransferGrant {
         grant_sha256: crate::api::token::hash(&grant),
         to: name.clone(),
         snapshot: restore.snapshot.clone(),
-        expires_unix_ms: crate::now_unix_ms() + GRANT_MS,
+        ttl_ms: GRANT_MS,
     };
     let client = crate::api::runner_client::RunnerClient {
         http: &state.http,

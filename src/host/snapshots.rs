@@ -210,13 +210,18 @@ async fn delete(
     let path = format!("/api/vps/{id}/snapshots/{snapshot}");
     let deleted = runner(&state, &node, reqwest::Method::DELETE, &path, None).await;
     // Nor does it follow the VPS any more (also when its node no longer
-    // had it: the host's copy was the last).
-    let held = super::parked::forget_snapshot(&state, id, &snapshot);
+    // had it: the host's copy was the last). A node that could not answer
+    // keeps it, and so does the host.
     match deleted {
-        Err(ApiError::NotFound(_)) if held => {}
-        other => {
-            other?;
+        Ok(_) => {
+            super::parked::forget_snapshot(&state, id, &snapshot);
         }
+        Err(ApiError::NotFound(e)) => {
+            if !super::parked::forget_snapshot(&state, id, &snapshot) {
+                return Err(ApiError::NotFound(e));
+            }
+        }
+        Err(e) => return Err(e),
     }
     tracing::info!(task = id, snapshot = %snapshot, "snapshot deleted");
     Ok(StatusCode::NO_CONTENT)
@@ -264,9 +269,9 @@ async fn restart(
     } else {
         false
     };
-    // `--anywhere` while its node is online: node to node, from its disk
-    // as it stopped, without the host holding it.
-    let node_to_node = if req.anywhere && req.from_snapshot.is_none() {
+    // `--anywhere` without a parked copy: node to node while its node is
+    // online, from its disk as it stopped, without the host holding it.
+    let node_to_node = if req.anywhere && req.from_snapshot.is_none() && copy.is_none() {
         node_to_node(&state, &t).await?
     } else {
         None
@@ -334,46 +339,41 @@ async fn restart(
 
 /// A move node to node of stopped container VPS `t` whose node is online:
 /// a snapshot of its disk taken there now, which the node it lands on
-/// fetches from that node. None when it cannot move so (its node is
-/// offline or gone, it is a VM, it is not stopped): the parked copy, if
-/// any, is the way then. A move that did not finish (the node it went to
-/// has no container of it) is tried again from the node it left.
+/// fetches from that node. A move node to node that never ran is tried
+/// again from the node it left, whose snapshot it names (not from the node
+/// it failed on, which holds nothing newer of the VPS). None when it
+/// cannot move so (that node is offline or gone, it is a VM, it is not
+/// stopped).
 async fn node_to_node(state: &HostState, t: &TaskView) -> Result<Option<Restore>, ApiError> {
-    let Some(node) = t.placement.as_ref().map(|p| p.node.clone()) else {
-        return Ok(None);
-    };
     if t.spec.kind != Kind::Vps || t.spec.is_vm() || !t.state.kept_its_disk() {
         return Ok(None);
     }
-    let n = node.clone();
-    let online = state
-        .blocking(move |s| s.get_node(&n))
-        .await?
-        .is_some_and(|n| n.state == crate::api::NodeState::Online);
-    if !online {
+    let online = |node: String| async move {
+        state
+            .blocking(move |s| s.get_node(&node))
+            .await
+            .map(|n| n.is_some_and(|n| n.state == crate::api::NodeState::Online))
+    };
+    let unfinished = t.spec.restore.clone().filter(|r| r.from.is_some());
+    if let Some(r) = unfinished {
+        let from = r.from.clone().unwrap_or_default();
+        return Ok(online(from).await?.then(|| Restore {
+            request: crate::now_unix_ms(),
+            ..r
+        }));
+    }
+    let Some(node) = t.placement.as_ref().map(|p| p.node.clone()) else {
+        return Ok(None);
+    };
+    if !online(node.clone()).await? {
         return Ok(None);
     }
     let req = SnapshotRequest {
         message: Some("for a move to another node".into()),
     };
     let path = format!("/api/vps/{}/snapshots", t.id);
-    let taken = match runner(state, &node, reqwest::Method::POST, &path, Some(&req)).await {
-        Ok(resp) => decode::<SnapshotView>(resp, &node).await?,
-        // No container there: an earlier move to it never came. Its
-        // source still holds the snapshot it named.
-        Err(ApiError::NotFound(_)) => {
-            return Ok(t
-                .spec
-                .restore
-                .clone()
-                .filter(|r| r.from.as_deref().is_some_and(|f| f != node))
-                .map(|r| Restore {
-                    request: crate::now_unix_ms(),
-                    ..r
-                }))
-        }
-        Err(e) => return Err(e),
-    };
+    let resp = runner(state, &node, reqwest::Method::POST, &path, Some(&req)).await?;
+    let taken: SnapshotView = decode(resp, &node).await?;
     Ok(Some(Restore {
         snapshot: taken.id,
         request: crate::now_unix_ms(),

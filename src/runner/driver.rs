@@ -56,6 +56,15 @@ pub enum InstanceError {
     Fetch(#[from] super::envfetch::FetchError),
     #[error("the host's parked copy")]
     Park(#[source] crate::api::host_client::HostCallError),
+    #[error("snapshot {snapshot} of VPS {vps} did not come from {origin}: `rivernode vps restart {vps}` tries again (what came is kept){}", if *parked { format!(", and `rivernode vps snapshot delete {vps} {snapshot}` moves it without that snapshot") } else { String::new() })]
+    SnapshotDidNotCome {
+        vps: u64,
+        snapshot: String,
+        origin: String,
+        parked: bool,
+        #[source]
+        source: Box<InstanceError>,
+    },
     #[error("asking the host where VPS {vps}, moving here, is fetched from")]
     MoveSource {
         vps: u64,

@@ -281,6 +281,24 @@ impl TaskContext {
     }
 }
 
+/// Whether the host refused a park (a 4xx), as opposed to not answering.
+fn host_refused(e: &InstanceError) -> bool {
+    use crate::api::host_client::HostCallError;
+    matches!(
+        e,
+        InstanceError::ParkRefused { .. } | InstanceError::Park(HostCallError::Refused { .. })
+    )
+}
+
+/// Whether a node's runner refused a move's grant (a 401: expired, or
+/// forgotten in a restart).
+fn grant_refused(e: &InstanceError) -> bool {
+    use super::envfetch::FetchError;
+    use crate::api::host_client::HostCallError;
+    matches!(e, InstanceError::Fetch(FetchError::Host { source: HostCallError::Refused { status, .. }, .. })
+        if *status == reqwest::StatusCode::UNAUTHORIZED)
+}
+
 /// Pieces of a park's blob: a request body each.
 const PARK_PIECE: u64 = 8 << 20;
 
@@ -304,9 +322,10 @@ impl TaskContext {
         };
         match self.park_as(vps, (&newest.id, None), &all).await {
             Ok(id) => Ok(Some(id)),
-            // The stop is what a move needs: alone, if its snapshots
-            // cannot all go (an older host, a full disk there).
-            Err(e) if all.len() > 1 => {
+            // The stop is what a move needs: alone, if the host refuses its
+            // snapshots (an older host, a full disk there). A host that does
+            // not answer fails the park as before.
+            Err(e) if all.len() > 1 && host_refused(&e) => {
                 tracing::warn!(task = vps, error = %crate::error_chain(&e), "parking the VPS's snapshots failed: parking its stop alone (the others stay on this node)");
                 let alone = [newest.clone()];
                 self.park_as(vps, (&newest.id, None), &alone)
@@ -491,18 +510,29 @@ impl TaskContext {
         vps: u64,
         snapshot: &str,
     ) -> Result<ImportedImage, InstanceError> {
-        let src = self
-            .host
-            .move_source(vps)
-            .await
-            .map_err(|source| InstanceError::MoveSource { vps, source })?;
-        let of = super::envfetch::BlobOf::Node {
-            id: vps,
-            node: &src.node,
-            url: &src.url,
-            grant: &src.grant,
-        };
-        self.take_copy(vps, snapshot, &src.copy, of).await
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let src = self
+                .host
+                .move_source(vps)
+                .await
+                .map_err(|source| InstanceError::MoveSource { vps, source })?;
+            let of = super::envfetch::BlobOf::Node {
+                id: vps,
+                node: &src.node,
+                url: &src.url,
+                grant: &src.grant,
+            };
+            match self.take_copy(vps, snapshot, &src.copy, of).await {
+                // The grant expired, or that runner restarted and forgot
+                // it: a new one, and the fetch resumes.
+                Err(e) if tries < 3 && grant_refused(&e) => {
+                    tracing::warn!(task = vps, from = %src.node, "the grant was refused: asking the host for a new one");
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Snapshot `snapshot` of `copy` (VPS `vps`'s, its blobs from `of`) and
@@ -537,19 +567,24 @@ impl TaskContext {
             .all_snapshots()
             .into_iter()
             .filter(|k| k.id != snapshot && !here.contains(&k.id));
-        let (mut came, mut missed) = (0usize, 0usize);
+        // Each of the others, or the move fails (and resumes when asked
+        // again): one left behind would be lost to the VPS.
+        let mut came = 0usize;
         for k in others {
-            let fetched = self.fetch_kept(vps, &k, (of, &progress)).await;
-            match fetched {
-                Ok(()) => {
-                    self.label_kept(vps, &k).await?;
-                    came += 1;
+            if let Err(e) = self.fetch_kept(vps, &k, (of, &progress)).await {
+                if grant_refused(&e) {
+                    return Err(e);
                 }
-                Err(e) => {
-                    missed += 1;
-                    tracing::warn!(task = vps, snapshot = %k.id, error = %crate::error_chain(&e), "a snapshot of the VPS did not come: it stays on {}", of.origin());
-                }
+                return Err(InstanceError::SnapshotDidNotCome {
+                    vps,
+                    snapshot: k.id.clone(),
+                    origin: of.origin(),
+                    parked: matches!(of, super::envfetch::BlobOf::Parked(_)),
+                    source: Box::new(e),
+                });
             }
+            self.label_kept(vps, &k).await?;
+            came += 1;
         }
         let key = hex::decode(&copy.host_key).map_err(|_| InstanceError::ParkedKey(vps))?;
         if !key.is_empty() {
@@ -560,7 +595,6 @@ impl TaskContext {
             task = vps,
             snapshot,
             snapshots = came,
-            snapshots_missed = missed,
             "{of} taken from {}",
             of.origin()
         );

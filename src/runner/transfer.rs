@@ -48,9 +48,11 @@ pub enum Refusal {
 }
 
 impl Grants {
+    /// Gives `grant`: the one grant of its VPS (an earlier one, of a
+    /// move asked again, no longer reads).
     fn give(&self, hash: String, grant: Grant, now_ms: i64) {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.retain(|_, v| v.expires_unix_ms > now_ms);
+        g.retain(|_, v| v.expires_unix_ms > now_ms && v.vps != grant.vps);
         g.insert(hash, grant);
     }
 
@@ -100,10 +102,10 @@ pub async fn give(
             "grant_sha256: the grant's SHA-256 in hex is required",
         );
     }
-    if req.expires_unix_ms <= now || req.expires_unix_ms > now + MAX_GRANT_MS {
+    if req.ttl_ms <= 0 || req.ttl_ms > MAX_GRANT_MS {
         return error(
             StatusCode::BAD_REQUEST,
-            "expires_unix_ms: within the next hour",
+            "ttl_ms: more than 0, an hour at most",
         );
     }
     match ctx.copy_of(id, &req.snapshot).await {
@@ -118,7 +120,7 @@ pub async fn give(
                 vps: id,
                 to: req.to.clone(),
                 blobs,
-                expires_unix_ms: req.expires_unix_ms,
+                expires_unix_ms: now + req.ttl_ms,
             };
             state.grants.give(req.grant_sha256, grant, now);
             tracing::info!(task = id, to = %req.to, snapshots = copy.snapshots.len(), "a move's grant given");
@@ -154,18 +156,14 @@ pub async fn blob(
         .allows(&hash, id, &digest, crate::now_unix_ms())
     {
         Ok(found) => found,
+        // The node that moves asks the host for a new grant on a 401.
         Err(Refusal::Unknown) => {
             return error(
                 StatusCode::UNAUTHORIZED,
-                "this runner gave no such grant (ask the host for a new one)",
+                "this runner gave no such grant, or a newer one for this VPS",
             )
         }
-        Err(Refusal::Expired) => {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "the grant expired (ask the host for a new one)",
-            )
-        }
+        Err(Refusal::Expired) => return error(StatusCode::UNAUTHORIZED, "the grant expired"),
         Err(Refusal::OtherVps) => {
             return error(
                 StatusCode::FORBIDDEN,
@@ -321,8 +319,17 @@ mod tests {
             grants.allows("other", 7, "sha256:aa", 1),
             Err(Refusal::Unknown)
         );
-        // Giving another drops the expired.
-        grants.give("h2".into(), grant, 2_000);
+        // Another of the same VPS replaces it; others' stay until they expire.
+        let other = Grant {
+            vps: 8,
+            ..grant.clone()
+        };
+        grants.give("o".into(), other, 0);
+        grants.give("h2".into(), grant.clone(), 0);
         assert_eq!(grants.allows("h", 7, "sha256:aa", 1), Err(Refusal::Unknown));
+        assert_eq!(grants.allows("h2", 7, "sha256:aa", 1).map(|g| g.0), Ok(10));
+        assert_eq!(grants.allows("o", 8, "sha256:aa", 1).map(|g| g.0), Ok(10));
+        grants.give("h3".into(), grant, 2_000);
+        assert_eq!(grants.allows("o", 8, "sha256:aa", 1), Err(Refusal::Unknown));
     }
 }

@@ -1059,17 +1059,16 @@ fn requeue_on(
     let unfinished_move = t.spec.restore.clone().filter(|r| {
         restore.is_none() && r.parked && t.parked.as_deref() == Some(r.snapshot.as_str())
     });
-    // A move node to node stays in the spec: the node it landed on made
-    // its container from it once (its label says which request), and one
-    // where it never came fetches it again from the node it left, which
-    // keeps the VPS's snapshots until a delete. Without it, that node would
-    // start the VPS from its image, without its disk.
+    // So does a move node to node that never ran (`from` goes once the VPS
+    // runs): the node it left keeps the VPS's snapshots until a delete;
+    // without it, a node would start the VPS from its image, without its
+    // disk.
     let node_to_node = t
         .spec
         .restore
         .clone()
         .filter(|r| restore.is_none() && r.from.is_some());
-    let pinned = pinned && unfinished_move.is_none();
+    let pinned = pinned && unfinished_move.is_none() && node_to_node.is_none();
     spec.restore = restore.cloned().or(unfinished_move).or(node_to_node);
     let is_vm = spec.is_vm();
     if !pinned {
@@ -1449,6 +1448,21 @@ pub(super) fn report(
             r.parked
         ],
     )?;
+    if r.state == TaskState::Running {
+        // A move node to node is done once the VPS runs where it landed:
+        // from then on its disk is there, not on the node it left.
+        if let Some(from) = t.spec.restore.as_ref().and_then(|r| r.from.as_ref()) {
+            let mut spec = t.spec.clone();
+            if let Some(restore) = spec.restore.as_mut() {
+                restore.from = None;
+            }
+            tx.execute(
+                "UPDATE tasks SET spec = ?2 WHERE id = ?1",
+                params![id as i64, to_json("spec", &spec)?],
+            )?;
+            tracing::info!(task = id, from = %from, node, "a move node to node is done");
+        }
+    }
     if !matches!(r.state, TaskState::Running | TaskState::Paused) {
         // A warning about idle GPUs is about this run only.
         tx.execute(
@@ -2292,13 +2306,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not parked"), "{e}");
+        // n1 fills up meanwhile: it lands on n2.
+        let filler = TaskSpec {
+            target: Some(target("n1")),
+            ..spec(8, 0)
+        };
+        s.submit_task(&filler, None, 0).unwrap();
+        s.schedule().unwrap();
         let t = s.restart_anywhere(a, &from("n1", 5)).unwrap();
         assert_eq!(t.spec.target, None, "no longer pinned to n1");
         assert_eq!(t.spec.restore, Some(from("n1", 5)));
-        // It fails where it lands before it runs (its snapshots did not come).
+        // It fails there before it runs (its snapshots did not come).
         let fail = |s: &SqliteStore| {
             s.schedule().unwrap();
             let node = s.get_task(a).unwrap().unwrap().placement.unwrap().node;
+            assert_eq!(node, "n2");
             let r = TaskReport {
                 state: TaskState::Failed,
                 exit_code: None,
@@ -2309,13 +2331,47 @@ mod tests {
             s.report_task(&node, a, &r, 3).unwrap();
         };
         fail(&s);
-        // A plain restart still comes from n1: its node has no disk of it.
+        // A plain restart still comes from n1, on any node: n2 has no disk
+        // of it.
         let t = s.restart(a, None).unwrap();
         assert_eq!(t.spec.restore, Some(from("n1", 5)));
-        // So does another move, wherever it landed.
+        assert_eq!(t.spec.target, None);
+        // So does another move from n1, although it is placed on n2.
         fail(&s);
         let t = s.restart_anywhere(a, &from("n1", 6)).unwrap();
         assert_eq!(t.spec.restore, Some(from("n1", 6)));
+        // Once it runs where it landed, the move is done: its disk is there.
+        s.schedule().unwrap();
+        let r = TaskReport {
+            state: TaskState::Running,
+            exit_code: None,
+            message: None,
+            ssh_host_key: None,
+            parked: None,
+        };
+        s.report_task("n2", a, &r, 4).unwrap();
+        let from_none = crate::api::Restore {
+            from: None,
+            ..from("n1", 6)
+        };
+        assert_eq!(
+            s.get_task(a).unwrap().unwrap().spec.restore,
+            Some(from_none)
+        );
+        s.set_desired(a, Desired::Stopped, 5).unwrap();
+        let r = TaskReport {
+            state: TaskState::Stopped,
+            ..r
+        };
+        s.report_task("n2", a, &r, 6).unwrap();
+        let t = s.restart(a, None).unwrap();
+        assert_eq!(t.spec.restore, None, "a plain restart there");
+        assert_eq!(t.spec.target, Some(target("n2")));
+        let e = s
+            .restart_anywhere(a, &from("n1", 7))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not parked") || e.contains("stopped"), "{e}");
     }
 
     #[test]
