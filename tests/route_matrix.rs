@@ -105,6 +105,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ),
     ("GET", "/api/nodes/{node}/parked/{task}", Access::OwnNode),
     ("GET", "/api/nodes/{node}/moves/{task}", Access::OwnNode),
+    ("GET", "/api/nodes/{node}/clones/{task}", Access::OwnNode),
     ("DELETE", "/api/nodes/{node}/left/{task}", Access::OwnNode),
     (
         "GET",

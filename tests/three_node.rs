@@ -604,26 +604,7 @@ fn a_stopped_vps_moves_to_another_node_while_its_own_is_cut_off() {
 
         // A new VPS from the parked copy of one whose node is gone: on any
         // node, with what that one wrote and a host key of its own.
-        let public = keys.key.with_extension("pub");
-        let o = c.rn(&[
-            "--token",
-            &ann,
-            "-o",
-            "json",
-            "vps",
-            "create",
-            "--from-snapshot",
-            &format!("{pinned}:{pinned_mark}"),
-            "-c",
-            "0",
-            "-m",
-            "256M",
-            "--public-key-file",
-            public.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let clone = created_id(&o);
-        c.wait_state(&clone, "running");
+        let clone = keys.vps_from_snapshot(&c, &ann, &format!("{pinned}:{pinned_mark}"), &[]);
         assert_ne!(node_of(&c, &clone).as_deref(), Some("n1"));
         // From the snapshot taken while it ran: before its last file.
         let out = keys.ssh(
@@ -797,6 +778,26 @@ fn a_stopped_vps_moves_node_to_node_when_the_host_keeps_no_copy() {
         // Its snapshot came with it, and restores there.
         let out = restored_there(&c, (&keys, &ann), &id, &before, &moved_to);
         assert_eq!(out, "written-on-n1\nno-later\n", "{}", c.logs());
+
+        // A new VPS from that snapshot on the third node, which has none of
+        // it: it comes from the node that keeps it, without its host key.
+        let third = ["n2", "n3"].into_iter().find(|n| *n != moved_to).unwrap();
+        let clone = keys.vps_from_snapshot(&c, &ann, &format!("{id}:{before}"), &["-t", third]);
+        let out = keys.ssh(
+            &c,
+            Some(&ann),
+            &clone,
+            "cat /kept; cat /later || echo no-later",
+        );
+        assert_eq!(out, "written-on-n1\nno-later\n");
+        assert_ne!(c.task(&clone)["ssh_host_key"], key_before);
+        let log = c.runner(third).log_text();
+        assert!(
+            log.lines().any(|l| l.contains(&format!(
+                "VPS {id}'s snapshots on node {moved_to} fetched from node {moved_to}"
+            ))),
+            "{log}"
+        );
     });
 }
 
@@ -930,6 +931,27 @@ impl Keys {
         let mut rest = vec!["--public-key-file", key.to_str().unwrap()];
         rest.extend_from_slice(extra);
         busybox_on(c, token, &["vps", "create"], node, &rest)
+    }
+
+    /// A small VPS of `token`'s user from snapshot `source` (`VPS:SNAPSHOT`)
+    /// with this key, `extra` flags added, running; its id.
+    fn vps_from_snapshot(
+        &self,
+        c: &ThreeNodes,
+        token: &str,
+        source: &str,
+        extra: &[&str],
+    ) -> String {
+        let public = self.key.with_extension("pub");
+        let mut args = vec!["--token", token, "-o", "json", "vps", "create"];
+        args.extend(["--from-snapshot", source, "-c", "0", "-m", "256M"]);
+        args.extend(["--public-key-file", public.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let o = c.rn(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let id = created_id(&o);
+        c.wait_state(&id, "running");
+        id
     }
 
     /// `script` in VPS `id` through the host's SSH proxy; what it printed.

@@ -291,6 +291,18 @@ impl HostClient {
         .await
     }
 
+    /// Where the snapshot new VPS `id` starts from is fetched from, node to
+    /// node: the runner of the node that keeps it, and a grant for it.
+    pub async fn clone_source(&self, id: u64) -> Result<crate::api::MoveSource, HostCallError> {
+        Self::answer(
+            self.http
+                .get(format!("{}/api/nodes/{}/clones/{id}", self.base, self.node))
+                .bearer_auth(self.credential())
+                .timeout(Duration::from_secs(120)),
+        )
+        .await
+    }
+
     /// Blob `digest` of VPS `id`'s snapshots from `from` on, from the
     /// runner at `url` with `grant` (a move node to node).
     pub async fn node_blob(

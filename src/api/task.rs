@@ -220,6 +220,10 @@ pub struct TransferGrant {
     pub to: String,
     pub snapshot: String,
     pub ttl_ms: i64,
+    /// For a new VPS from `snapshot` (`vps create --from-snapshot`): that
+    /// snapshot alone, without the VPS's host key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub only: bool,
 }
 
 /// Where a node that a VPS moves to fetches it from, node to node: the

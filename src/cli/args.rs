@@ -779,8 +779,9 @@ pub struct VpsCreateArgs {
     #[arg(short = 'p', long = "port", value_name = "PORT[:PORT][/udp]")]
     pub ports: Vec<String>,
     /// Start from a snapshot of a VPS: VPS_ID (its newest) or VPS_ID:SNAPSHOT_ID.
-    /// On the snapshot's node; on any node when it is the parked copy of a
-    /// stopped VPS's last stop (the host's park_stopped_vps).
+    /// On any node: one that lacks it fetches it from the node that keeps
+    /// it, or, while that node is gone, from the host's parked copy of a
+    /// stopped VPS (the host's park_stopped_vps).
     #[arg(long, value_name = "VPS[:SNAPSHOT]", conflicts_with_all = ["container", "image"])]
     pub from_snapshot: Option<String>,
     /// Return as soon as the host has the VPS, without waiting while its

@@ -205,6 +205,8 @@ fn rows() -> Vec<Row> {
             .errors(&[400, 403, 404, 409]),
         row(Get, "/api/nodes/{name}/moves/{id}", "Where a VPS moving to this node node to node (`vps restart --anywhere` while its node is online) is fetched from: the runner of the node it left, a grant for its snapshots there (an hour), and its copy (snapshots and host key). That node's credential.", Json(200, named::<wire::MoveSource>))
             .errors(&[400, 403, 404, 409, 502]),
+        row(Get, "/api/nodes/{name}/clones/{id}", "Where the snapshot a new VPS on this node starts from is fetched from, when neither the node nor the host has it: the runner of the node that keeps it, a grant for that snapshot alone (an hour), and the snapshot (no host key). That node's credential.", Json(200, named::<wire::MoveSource>))
+            .errors(&[400, 403, 404, 409, 502]),
         row(Delete, "/api/nodes/{name}/left/{id}", "The node removed what a deleted VPS left there when it moved away. That node's credential.", Empty(204))
             .errors(&[400, 403]),
         row(Get, "/api/nodes/{name}/parked/{id}/blobs/{digest}", "One blob of the parked copy (its manifest, config or a layer), by sha256:<hex> digest, from the host's archive (Range: bytes=N- resumes; x-expect-sha256 must be the digest's hex, else 412). That node's credential.", Blob)

@@ -72,6 +72,7 @@ pub fn node_routes() -> Router<Arc<HostState>> {
         .route("/api/nodes/{name}/parked/{id}/blobs/{digest}", get(blob))
         .route("/api/nodes/{name}/left/{id}", delete(left_removed))
         .route("/api/nodes/{name}/moves/{id}", get(move_source))
+        .route("/api/nodes/{name}/clones/{id}", get(clone_source))
 }
 
 /// How long a node may read a VPS's snapshots from the node it left.
@@ -94,42 +95,118 @@ async fn move_source(
         )));
     };
     let from = restore.from.clone().unwrap_or_default();
-    if from == name {
+    let why = format!("which VPS {id} moves from");
+    let again = format!("`rivernode vps restart {id} --anywhere` again once it is");
+    let grant = Grant {
+        vps: id,
+        snapshot: &restore.snapshot,
+        to: &name,
+        only: false,
+    };
+    let source = granted(&state, &from, grant, (&why, &again)).await?;
+    tracing::info!(task = id, from = %from, to = %name, snapshot = %restore.snapshot, "a move node to node granted");
+    Ok(Json(source))
+}
+
+/// `GET /api/nodes/{name}/clones/{id}`: where the snapshot that new VPS
+/// `id` (placed on node `name`) starts from is fetched from, when neither
+/// that node nor the host has it: the runner of the node that keeps the
+/// source VPS, with a grant for that snapshot alone (never its host key).
+async fn clone_source(
+    State(state): State<Arc<HostState>>,
+    Extension(p): Extension<Principal>,
+    UrlPath((name, id)): UrlPath<(String, u64)>,
+) -> Result<Json<crate::api::MoveSource>, ApiError> {
+    own_node(&p, &name)?;
+    let t = placed_here(&state, &name, id).await?;
+    let crate::api::ImageSource::Snapshot { vps, snapshot } = &t.spec.image else {
         return Err(ApiError::Conflict(format!(
-            "VPS {id} moves from node {from:?}, which is this one"
+            "VPS {id} does not start from a snapshot"
+        )));
+    };
+    if t.state.is_final() {
+        return Err(ApiError::Conflict(format!("VPS {id} has ended")));
+    }
+    let (vps, snapshot) = (*vps, snapshot.clone());
+    let source = state
+        .blocking(move |s| s.get_task(vps))
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("VPS {vps}, which VPS {id} starts from, is gone"))
+        })?;
+    let Some(from) = source.placement.map(|p| p.node) else {
+        return Err(ApiError::Conflict(format!(
+            "VPS {vps}, which VPS {id} starts from, is on no node now"
+        )));
+    };
+    let why = format!("which keeps VPS {vps}'s snapshot {snapshot}");
+    let again = format!("create VPS {id} again once it is");
+    let grant = Grant {
+        vps,
+        snapshot: &snapshot,
+        to: &name,
+        only: true,
+    };
+    let mut source = granted(&state, &from, grant, (&why, &again)).await?;
+    // Its own key stays its own, whatever a runner sends.
+    source.copy.host_key = String::new();
+    tracing::info!(task = id, source = vps, from = %from, to = %name, snapshot = %snapshot, "a new VPS's snapshot granted node to node");
+    Ok(Json(source))
+}
+
+/// What a grant is asked for: snapshot `snapshot` of VPS `vps` (with its
+/// other snapshots and host key, unless `only`), for node `to`.
+struct Grant<'a> {
+    vps: u64,
+    snapshot: &'a str,
+    to: &'a str,
+    only: bool,
+}
+
+/// Asks the runner of node `from` (online; `why` and `again` say what it
+/// is to the caller, and what to do when it is not) for `grant`: where
+/// and how node `grant.to` fetches it.
+async fn granted(
+    state: &HostState,
+    from: &str,
+    grant: Grant<'_>,
+    (why, again): (&str, &str),
+) -> Result<crate::api::MoveSource, ApiError> {
+    if from == grant.to {
+        return Err(ApiError::Conflict(format!(
+            "node {from:?}, {why}, is this one"
         )));
     }
-    let f = from.clone();
+    let f = from.to_string();
     let (url, token) = state
         .blocking(move |s| s.runner_access(&f))
         .await?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("node {from:?}, which VPS {id} moves from, is gone"))
-        })?;
-    let f = from.clone();
+        .ok_or_else(|| ApiError::NotFound(format!("node {from:?}, {why}, is gone")))?;
+    let f = from.to_string();
     if state
         .blocking(move |s| s.get_node(&f))
         .await?
         .is_none_or(|n| n.state != crate::api::NodeState::Online)
     {
         return Err(ApiError::Conflict(format!(
-            "node {from:?}, which VPS {id} moves from, is not online: `rivernode vps restart {id} --anywhere` again once it is"
+            "node {from:?}, {why}, is not online: {again}"
         )));
     }
-    let grant = crate::api::token::generate("rnmove_");
+    let token_of_grant = crate::api::token::generate("rnmove_");
     let ask = crate::api::TransferGrant {
-        grant_sha256: crate::api::token::hash(&grant),
-        to: name.clone(),
-        snapshot: restore.snapshot.clone(),
+        grant_sha256: crate::api::token::hash(&token_of_grant),
+        to: grant.to.to_string(),
+        snapshot: grant.snapshot.to_string(),
         ttl_ms: GRANT_MS,
+        only: grant.only,
     };
     let client = crate::api::runner_client::RunnerClient {
         http: &state.http,
-        node: &from,
+        node: from,
         url: &url,
         token: &token,
     };
-    let path = format!("/api/vps/{id}/transfer");
+    let path = format!("/api/vps/{}/transfer", grant.vps);
     let resp = client
         .call(
             reqwest::Method::PUT,
@@ -145,13 +222,12 @@ async fn move_source(
             crate::error_chain(&e)
         ))
     })?;
-    tracing::info!(task = id, from = %from, to = %name, snapshot = %restore.snapshot, "a move node to node granted");
-    Ok(Json(crate::api::MoveSource {
-        node: from,
+    Ok(crate::api::MoveSource {
+        node: from.to_string(),
         url,
-        grant,
+        grant: token_of_grant,
         copy,
-    }))
+    })
 }
 
 /// `DELETE /api/nodes/{name}/left/{id}`: the node removed what VPS `id`
@@ -885,16 +961,20 @@ async fn current(
             _ => None,
         })
         .collect();
-    let Ok(mut r) = found(&source) else {
+    if wanted.is_empty() {
         return Err(not_here);
-    };
+    }
+    // No copy of it here: 404, and the node asks the node that keeps it.
+    let mut r = found(&source)?;
     r.snapshots = r
         .all_snapshots()
         .into_iter()
         .filter(|k| wanted.contains(&k.id))
         .collect();
     if r.snapshots.is_empty() {
-        return Err(not_here);
+        return Err(ApiError::NotFound(format!(
+            "the host's copy of VPS {id} holds no snapshot a VPS on node {name:?} starts from"
+        )));
     }
     if !wanted.contains(&r.snapshot) {
         (r.manifest, r.blobs) = (None, Vec::new());

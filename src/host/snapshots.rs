@@ -382,9 +382,10 @@ async fn node_to_node(state: &HostState, t: &TaskView) -> Result<Option<Restore>
     }))
 }
 
-/// For a new VPS from a snapshot: the source must be the caller's VPS; the
-/// new one goes to the node that keeps the snapshot, and `latest` is fixed
-/// to a concrete id now.
+/// For a new VPS from a snapshot: the source must be the caller's VPS;
+/// the new one goes to any node (the snapshot comes from the host's parked
+/// copy, or from the node that keeps it), and `latest` is fixed to a
+/// concrete id now.
 pub async fn resolve_source(
     state: &HostState,
     p: &Principal,
@@ -433,22 +434,9 @@ pub async fn resolve_source(
             snap.id
         )));
     }
-    match &mut spec.target {
-        Some(t) if t.node != snap.node => {
-            return Err(ApiError::BadRequest(format!(
-                "target: the snapshots of VPS {vps} are on node {:?}, so the new VPS must be too",
-                snap.node
-            )))
-        }
-        Some(_) => {}
-        None => {
-            spec.target = Some(crate::api::Target {
-                node: snap.node.clone(),
-                numa: None,
-                gpus: vec![],
-            })
-        }
-    }
+    // Any node (or its target): one that lacks the snapshot fetches it
+    // from the node that keeps it, node to node.
+    tracing::info!(task = vps, snapshot = %snap.id, node = %snap.node, "a new VPS from a snapshot, on any node");
     spec.image = ImageSource::Snapshot {
         vps: *vps,
         snapshot: snap.id,

@@ -238,11 +238,13 @@ impl TaskContext {
         let progress = self.progress.sink(id, source.to_string());
         // Cleared however this ends, a kill's cancellation of the pull too.
         let _clear = super::progress::ClearOnDrop(&self.progress, id);
-        self.image_with(source, &progress).await
+        self.image_with(id, source, &progress).await
     }
 
+    /// The image of instance `id`, from `source`.
     async fn image_with(
         &self,
+        id: u64,
         source: &ImageSource,
         progress: &oci::Progress,
     ) -> Result<oci::ImportedImage, InstanceError> {
@@ -296,10 +298,17 @@ impl TaskContext {
                     .await?)
             }
             ImageSource::Snapshot { vps, snapshot } => {
+                use super::snapshots::SnapshotError::NoSnapshot;
                 match self.snapshot_image(*vps, snapshot).await {
-                    // Not this node's: the host's parked copy, if it is that one.
-                    Err(super::snapshots::SnapshotError::NoSnapshot { .. }) => {
-                        self.parked_image(*vps, snapshot, progress).await
+                    // Not this node's: the host's parked copy, if it is that
+                    // one; else from the node that keeps it.
+                    Err(NoSnapshot { .. }) => {
+                        match self.parked_image(*vps, snapshot, progress).await {
+                            Err(InstanceError::Snapshot(NoSnapshot { .. })) => {
+                                self.cloned_image(id, (*vps, snapshot), progress).await
+                            }
+                            other => other,
+                        }
                     }
                     other => Ok(other?),
                 }
@@ -420,6 +429,56 @@ impl TaskContext {
             sha256,
         };
         self.fetch_image(of, parts, &image, progress).await
+    }
+
+    /// Snapshot `snapshot` of VPS `vps` as the image of new VPS `id` here,
+    /// fetched from the runner of the node that keeps it, with a grant the
+    /// host asked it for (that snapshot alone, not the VPS's host key).
+    async fn cloned_image(
+        &self,
+        id: u64,
+        (vps, snapshot): (u64, &str),
+        progress: &oci::Progress,
+    ) -> Result<oci::ImportedImage, InstanceError> {
+        let image = format!("rivernode.local/parked/vps-{vps}:{snapshot}");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let src = self
+                .host
+                .clone_source(id)
+                .await
+                .map_err(|source| InstanceError::MoveSource { vps: id, source })?;
+            let Some(k) = src.copy.kept(snapshot) else {
+                return Err(super::snapshots::SnapshotError::NoSnapshot {
+                    vps,
+                    id: snapshot.to_string(),
+                }
+                .into());
+            };
+            let sha256 = k.manifest.digest.trim_start_matches("sha256:");
+            if let Some(ready) = self.ctd.imported_from(&image, sha256).await? {
+                return Ok(ready);
+            }
+            let of = super::envfetch::BlobOf::Node {
+                id: vps,
+                node: &src.node,
+                url: &src.url,
+                grant: &src.grant,
+            };
+            let parts = super::envfetch::Image {
+                manifest: Some(&k.manifest),
+                blobs: &k.blobs,
+                sha256,
+            };
+            match self.fetch_image(of, parts, &image, progress).await {
+                // Expired, or forgotten in a restart of that runner.
+                Err(e) if tries < 3 && super::snapshots::grant_refused(&e) => {
+                    tracing::warn!(task = id, from = %src.node, "the grant was refused: asking the host for a new one");
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Where environment archives fetched whole are kept.

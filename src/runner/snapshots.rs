@@ -292,7 +292,7 @@ fn host_refused(e: &InstanceError) -> bool {
 
 /// Whether a node's runner refused a move's grant (a 401: expired, or
 /// forgotten in a restart).
-fn grant_refused(e: &InstanceError) -> bool {
+pub(super) fn grant_refused(e: &InstanceError) -> bool {
     use super::envfetch::FetchError;
     use crate::api::host_client::HostCallError;
     matches!(e, InstanceError::Fetch(FetchError::Host { source: HostCallError::Refused { status, .. }, .. })

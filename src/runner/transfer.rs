@@ -108,8 +108,11 @@ pub async fn give(
             "ttl_ms: more than 0, an hour at most",
         );
     }
-    match ctx.copy_of(id, &req.snapshot).await {
-        Ok(copy) => {
+    match ctx.copy_of(id, &req.snapshot, !req.only).await {
+        Ok(mut copy) => {
+            if req.only {
+                copy.snapshots.retain(|k| k.id == req.snapshot);
+            }
             let blobs = copy
                 .snapshots
                 .iter()
@@ -246,9 +249,14 @@ const PIECE: u64 = 4 << 20;
 
 impl TaskContext {
     /// VPS `vps`'s copy here, as a move node to node takes it: `snapshot`
-    /// (the one it starts from), the VPS's host key, and all its snapshots
-    /// with their blobs.
-    pub async fn copy_of(&self, vps: u64, snapshot: &str) -> Result<ParkedVps, InstanceError> {
+    /// (the one it starts from), the VPS's host key (`with_key`; a new VPS
+    /// from the snapshot gets none), and all its snapshots with their blobs.
+    pub async fn copy_of(
+        &self,
+        vps: u64,
+        snapshot: &str,
+        with_key: bool,
+    ) -> Result<ParkedVps, InstanceError> {
         let all = self.snapshots(vps).await?;
         let mut kept = Vec::new();
         for s in &all {
@@ -278,7 +286,10 @@ impl TaskContext {
             }
             .into());
         };
-        let key = self.vps.host_key_file(&self.container_id(vps))?;
+        let key = match with_key {
+            true => self.vps.host_key_file(&self.container_id(vps))?,
+            false => Vec::new(),
+        };
         Ok(ParkedVps {
             vps_id: vps,
             snapshot: from.id.clone(),
