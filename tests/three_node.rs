@@ -790,7 +790,18 @@ fn a_stopped_vps_moves_node_to_node_when_the_host_keeps_no_copy() {
             "cat /kept; cat /later || echo no-later",
         );
         assert_eq!(out, "written-on-n1\nno-later\n");
-        assert_ne!(c.task(&clone)["ssh_host_key"], key_before);
+        let clone_key = c.task(&clone)["ssh_host_key"].clone();
+        assert!(
+            clone_key.is_string() && clone_key != key_before,
+            "{clone_key}"
+        );
+        // The grant was for that snapshot alone.
+        let source_log = c.runner(&moved_to).log_text();
+        let given = source_log
+            .lines()
+            .find(|l| l.contains("a move's grant given") && l.contains(&format!("to={third}")))
+            .unwrap_or_else(|| panic!("no grant to {third} logged:\n{source_log}"));
+        assert_eq!(field(given, "snapshots"), 1, "{given}");
         let log = c.runner(third).log_text();
         assert!(
             log.lines().any(|l| l.contains(&format!(

@@ -134,13 +134,23 @@ async fn clone_source(
         .ok_or_else(|| {
             ApiError::NotFound(format!("VPS {vps}, which VPS {id} starts from, is gone"))
         })?;
-    let Some(from) = source.placement.map(|p| p.node) else {
+    if source.state == crate::api::TaskState::Deleted
+        || source.desired == crate::api::Desired::Deleted
+    {
         return Err(ApiError::Conflict(format!(
-            "VPS {vps}, which VPS {id} starts from, is on no node now"
+            "VPS {vps} was deleted, and its snapshots with it: VPS {id} cannot start from one (`rivernode vps delete {id}`)"
+        )));
+    }
+    // Its snapshots are where it is, or, while a move node to node of it
+    // has not finished, still on the node it left.
+    let moving_from = source.spec.restore.as_ref().and_then(|r| r.from.clone());
+    let Some(from) = moving_from.or(source.placement.map(|p| p.node)) else {
+        return Err(ApiError::Conflict(format!(
+            "VPS {vps}, which VPS {id} starts from, is on no node now (its node was removed)"
         )));
     };
     let why = format!("which keeps VPS {vps}'s snapshot {snapshot}");
-    let again = format!("create VPS {id} again once it is");
+    let again = format!("`rivernode vps restart {id}` once it is");
     let grant = Grant {
         vps,
         snapshot: &snapshot,

@@ -269,10 +269,10 @@ async fn restart(
     } else {
         false
     };
-    // `--anywhere` without a parked copy: node to node while its node is
-    // online, from its disk as it stopped, without the host holding it.
-    let node_to_node = if req.anywhere && req.from_snapshot.is_none() && copy.is_none() {
-        node_to_node(&state, &t).await?
+    // `--anywhere`: node to node while its node is online, from its disk
+    // as it stopped (the host's copy may hold fewer of its snapshots).
+    let node_to_node = if req.anywhere && req.from_snapshot.is_none() {
+        node_to_node(&state, &t, copy.as_ref()).await?
     } else {
         None
     };
@@ -344,7 +344,11 @@ async fn restart(
 /// it failed on, which holds nothing newer of the VPS). None when it
 /// cannot move so (that node is offline or gone, it is a VM, it is not
 /// stopped).
-async fn node_to_node(state: &HostState, t: &TaskView) -> Result<Option<Restore>, ApiError> {
+async fn node_to_node(
+    state: &HostState,
+    t: &TaskView,
+    copy: Option<&crate::api::ParkedVps>,
+) -> Result<Option<Restore>, ApiError> {
     if t.spec.kind != Kind::Vps || t.spec.is_vm() || !t.state.kept_its_disk() {
         return Ok(None);
     }
@@ -368,18 +372,31 @@ async fn node_to_node(state: &HostState, t: &TaskView) -> Result<Option<Restore>
     if !online(node.clone()).await? {
         return Ok(None);
     }
+    let restore = |snapshot: String| Restore {
+        snapshot,
+        request: crate::now_unix_ms(),
+        parked: false,
+        from: Some(node.clone()),
+    };
+    // Parked: its stop's snapshot is its disk as it stopped, with no new
+    // snapshot (nor its park) needed, while its node still has it; else
+    // (or when its node does not answer) the host's copy.
+    if let Some(c) = copy {
+        let path = format!("/api/vps/{}/snapshots", t.id);
+        let listed = match runner(state, &node, reqwest::Method::GET, &path, None).await {
+            Ok(resp) => decode::<Vec<SnapshotView>>(resp, &node).await.ok(),
+            Err(_) => None,
+        };
+        let held = listed.is_some_and(|l| l.iter().any(|s| s.id == c.snapshot));
+        return Ok(held.then(|| restore(c.snapshot.clone())));
+    }
     let req = SnapshotRequest {
         message: Some("for a move to another node".into()),
     };
     let path = format!("/api/vps/{}/snapshots", t.id);
     let resp = runner(state, &node, reqwest::Method::POST, &path, Some(&req)).await?;
     let taken: SnapshotView = decode(resp, &node).await?;
-    Ok(Some(Restore {
-        snapshot: taken.id,
-        request: crate::now_unix_ms(),
-        parked: false,
-        from: Some(node),
-    }))
+    Ok(Some(restore(taken.id)))
 }
 
 /// For a new VPS from a snapshot: the source must be the caller's VPS;

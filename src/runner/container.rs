@@ -303,6 +303,9 @@ impl TaskContext {
                     // Not this node's: the host's parked copy, if it is that
                     // one; else from the node that keeps it.
                     Err(NoSnapshot { .. }) => {
+                        // The host is asked without holding up other
+                        // imports: a fetch takes the lock itself.
+                        drop(_held);
                         match self.parked_image(*vps, snapshot, progress).await {
                             Err(InstanceError::Snapshot(NoSnapshot { .. })) => {
                                 self.cloned_image(id, (*vps, snapshot), progress).await
@@ -428,6 +431,7 @@ impl TaskContext {
             blobs: &copy.blobs,
             sha256,
         };
+        let _held = self.image_lock.lock().await;
         self.fetch_image(of, parts, &image, progress).await
     }
 
@@ -444,11 +448,16 @@ impl TaskContext {
         let mut tries = 0;
         loop {
             tries += 1;
-            let src = self
-                .host
-                .clone_source(id)
-                .await
-                .map_err(|source| InstanceError::MoveSource { vps: id, source })?;
+            let src =
+                self.host
+                    .clone_source(id)
+                    .await
+                    .map_err(|source| InstanceError::CloneSource {
+                        vps: id,
+                        source_vps: vps,
+                        snapshot: snapshot.to_string(),
+                        source,
+                    })?;
             let Some(k) = src.copy.kept(snapshot) else {
                 return Err(super::snapshots::SnapshotError::NoSnapshot {
                     vps,
@@ -471,7 +480,11 @@ impl TaskContext {
                 blobs: &k.blobs,
                 sha256,
             };
-            match self.fetch_image(of, parts, &image, progress).await {
+            let fetched = {
+                let _held = self.image_lock.lock().await;
+                self.fetch_image(of, parts, &image, progress).await
+            };
+            match fetched {
                 // Expired, or forgotten in a restart of that runner.
                 Err(e) if tries < 3 && super::snapshots::grant_refused(&e) => {
                     tracing::warn!(task = id, from = %src.node, "the grant was refused: asking the host for a new one");

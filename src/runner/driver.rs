@@ -65,6 +65,14 @@ pub enum InstanceError {
         #[source]
         source: Box<InstanceError>,
     },
+    #[error("asking the host where snapshot {snapshot} of VPS {source_vps}, which VPS {vps} starts from, is fetched from")]
+    CloneSource {
+        vps: u64,
+        source_vps: u64,
+        snapshot: String,
+        #[source]
+        source: crate::api::host_client::HostCallError,
+    },
     #[error("asking the host where VPS {vps}, moving here, is fetched from")]
     MoveSource {
         vps: u64,

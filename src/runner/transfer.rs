@@ -29,6 +29,10 @@ use crate::api::{KeptSnapshot, ParkedVps, TransferGrant};
 struct Grant {
     vps: u64,
     to: String,
+    /// The snapshot asked for, and whether it is that one alone (a new
+    /// VPS from it) or the VPS's snapshots (a move).
+    snapshot: String,
+    only: bool,
     blobs: HashMap<String, u64>,
     expires_unix_ms: i64,
 }
@@ -48,11 +52,16 @@ pub enum Refusal {
 }
 
 impl Grants {
-    /// Gives `grant`: the one grant of its VPS (an earlier one, of a
-    /// move asked again, no longer reads).
+    /// Gives `grant`, in place of an earlier one asked for the same (a
+    /// node asking again); others of its VPS (other nodes, a move and new
+    /// VPS from its snapshots at once) stay.
     fn give(&self, hash: String, grant: Grant, now_ms: i64) {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.retain(|_, v| v.expires_unix_ms > now_ms && v.vps != grant.vps);
+        let same = |v: &Grant| {
+            (v.vps, &v.to, &v.snapshot, v.only)
+                == (grant.vps, &grant.to, &grant.snapshot, grant.only)
+        };
+        g.retain(|_, v| v.expires_unix_ms > now_ms && !same(v));
         g.insert(hash, grant);
     }
 
@@ -122,6 +131,8 @@ pub async fn give(
             let grant = Grant {
                 vps: id,
                 to: req.to.clone(),
+                snapshot: req.snapshot.clone(),
+                only: req.only,
                 blobs,
                 expires_unix_ms: now + req.ttl_ms,
             };
@@ -316,6 +327,8 @@ mod tests {
         let grant = Grant {
             vps: 7,
             to: "n2".into(),
+            snapshot: "1".into(),
+            only: false,
             blobs: HashMap::from([("sha256:aa".to_string(), 10)]),
             expires_unix_ms: 1_000,
         };
@@ -330,17 +343,40 @@ mod tests {
             grants.allows("other", 7, "sha256:aa", 1),
             Err(Refusal::Unknown)
         );
-        // Another of the same VPS replaces it; others' stay until they expire.
-        let other = Grant {
-            vps: 8,
-            ..grant.clone()
-        };
-        grants.give("o".into(), other, 0);
+        // The same asked again replaces it; others stay until they expire:
+        // another VPS's, and the same VPS's for another node or a new VPS.
+        let others = [
+            Grant {
+                vps: 8,
+                ..grant.clone()
+            },
+            Grant {
+                to: "n3".into(),
+                ..grant.clone()
+            },
+            Grant {
+                only: true,
+                ..grant.clone()
+            },
+        ];
+        for (i, o) in others.into_iter().enumerate() {
+            grants.give(format!("o{i}"), o, 0);
+        }
         grants.give("h2".into(), grant.clone(), 0);
         assert_eq!(grants.allows("h", 7, "sha256:aa", 1), Err(Refusal::Unknown));
         assert_eq!(grants.allows("h2", 7, "sha256:aa", 1).map(|g| g.0), Ok(10));
-        assert_eq!(grants.allows("o", 8, "sha256:aa", 1).map(|g| g.0), Ok(10));
+        assert_eq!(grants.allows("o0", 8, "sha256:aa", 1).map(|g| g.0), Ok(10));
+        for o in ["o1", "o2"] {
+            assert_eq!(
+                grants.allows(o, 7, "sha256:aa", 1).map(|g| g.0),
+                Ok(10),
+                "{o}"
+            );
+        }
         grants.give("h3".into(), grant, 2_000);
-        assert_eq!(grants.allows("o", 8, "sha256:aa", 1), Err(Refusal::Unknown));
+        assert_eq!(
+            grants.allows("o0", 8, "sha256:aa", 1),
+            Err(Refusal::Unknown)
+        );
     }
 }
