@@ -192,12 +192,8 @@ async fn granted(
         .blocking(move |s| s.runner_access(&f))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node {from:?}, {why}, is gone")))?;
-    let f = from.to_string();
-    if state
-        .blocking(move |s| s.get_node(&f))
-        .await?
-        .is_none_or(|n| n.state != crate::api::NodeState::Online)
-    {
+    let online = super::snapshots::node_state(state, Some(from.to_string())).await?;
+    if online != Some(crate::api::NodeState::Online) {
         return Err(ApiError::Conflict(format!(
             "node {from:?}, {why}, is not online: {again}"
         )));

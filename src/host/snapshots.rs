@@ -19,7 +19,8 @@ use super::auth::Principal;
 use super::tasks::visible_task;
 use super::HostState;
 use crate::api::{
-    ImageSource, Kind, RestartRequest, Restore, SnapshotRequest, SnapshotView, TaskSpec, TaskView,
+    ImageSource, Kind, NodeState, RestartRequest, Restore, SnapshotRequest, SnapshotView, TaskSpec,
+    TaskView,
 };
 
 pub fn routes() -> Router<Arc<HostState>> {
@@ -63,6 +64,18 @@ fn node_of(t: &TaskView) -> Result<String, ApiError> {
         })
 }
 
+/// The state of node `node`; none without a node, or for one removed.
+pub(super) async fn node_state(
+    state: &HostState,
+    node: Option<String>,
+) -> Result<Option<NodeState>, ApiError> {
+    let Some(node) = node else {
+        return Ok(None);
+    };
+    let found = state.blocking(move |s| s.get_node(&node)).await?;
+    Ok(found.map(|n| n.state))
+}
+
 /// Calls `path` on the runner of `node`; the runner's 4xx answers become ours.
 async fn runner(
     state: &HostState,
@@ -77,12 +90,7 @@ async fn runner(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node {node:?} is gone")))?;
     // An answer now, not a wait on a runner that cannot answer.
-    let n = node.to_string();
-    if state
-        .blocking(move |s| s.get_node(&n))
-        .await?
-        .is_some_and(|n| n.state == crate::api::NodeState::Offline)
-    {
+    if node_state(state, Some(node.to_string())).await? == Some(NodeState::Offline) {
         return Err(ApiError::Conflict(format!(
             "node {node:?} is offline: ask again once it is back (the host keeps the snapshots of a VPS stopped and parked: those it lists meanwhile)"
         )));
@@ -119,13 +127,10 @@ async fn snapshots_of(state: &HostState, t: &TaskView) -> Result<Vec<SnapshotVie
         .as_ref()
         .map(|p| p.node.clone())
         .or_else(|| t.spec.target.as_ref().map(|t| t.node.clone()));
-    let gone = match node {
-        Some(n) => state
-            .blocking(move |s| s.get_node(&n))
-            .await?
-            .is_none_or(|n| n.state == crate::api::NodeState::Offline),
-        None => true,
-    };
+    let gone = matches!(
+        node_state(state, node).await?,
+        None | Some(NodeState::Offline)
+    );
     if gone && t.spec.kind == Kind::Vps {
         if let Some(kept) = super::parked::host_snapshots(state, t) {
             return Ok(kept);
@@ -259,13 +264,11 @@ async fn restart(
     // for a node that is full, or goes offline while it waits, the
     // scheduler moves: `scheduler::moved_spec`.)
     let gone = if t.spec.movable && !req.anywhere && req.from_snapshot.is_none() && copy.is_some() {
-        match t.placement.as_ref().map(|p| p.node.clone()) {
-            Some(node) => state
-                .blocking(move |s| s.get_node(&node))
-                .await?
-                .is_none_or(|n| n.state == crate::api::NodeState::Offline),
-            None => true,
-        }
+        let node = t.placement.as_ref().map(|p| p.node.clone());
+        matches!(
+            node_state(&state, node).await?,
+            None | Some(NodeState::Offline)
+        )
     } else {
         false
     };
@@ -353,10 +356,7 @@ async fn node_to_node(
         return Ok(None);
     }
     let online = |node: String| async move {
-        state
-            .blocking(move |s| s.get_node(&node))
-            .await
-            .map(|n| n.is_some_and(|n| n.state == crate::api::NodeState::Online))
+        Ok::<_, ApiError>(node_state(state, Some(node)).await? == Some(NodeState::Online))
     };
     let unfinished = t.spec.restore.clone().filter(|r| r.from.is_some());
     if let Some(r) = unfinished {

@@ -23,6 +23,18 @@ pub struct ImageBlobs {
     pub blobs: Vec<BlobRef>,
 }
 
+impl BlobRef {
+    /// As the host and a node name a blob to each other (a file of its own).
+    pub fn descriptor(&self) -> crate::api::ArchiveBlob {
+        crate::api::ArchiveBlob {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: self.size,
+            offset: 0,
+        }
+    }
+}
+
 impl ImageBlobs {
     /// The manifest, config or layer named `digest`.
     pub fn find(&self, digest: &str) -> Option<&BlobRef> {

@@ -281,6 +281,30 @@ impl TaskContext {
     }
 }
 
+impl TaskContext {
+    /// Snapshot `s` of VPS `vps` on this node as a copy names it (its
+    /// manifest, config and layers, read from containerd), and its blobs.
+    pub(super) async fn kept_here(
+        &self,
+        vps: u64,
+        s: &SnapshotView,
+    ) -> Result<(crate::api::KeptSnapshot, crate::oci::ImageBlobs), InstanceError> {
+        let image = self
+            .ctd
+            .image_blobs(&image_name(&self.node, vps, &s.id))
+            .await?;
+        let kept = crate::api::KeptSnapshot {
+            id: s.id.clone(),
+            created_at_unix_ms: s.created_at_unix_ms,
+            message: s.message.clone(),
+            size_bytes: s.size_bytes,
+            manifest: image.manifest.descriptor(),
+            blobs: image.blobs.iter().map(|b| b.descriptor()).collect(),
+        };
+        Ok((kept, image))
+    }
+}
+
 /// Whether the host refused a park (a 4xx), as opposed to not answering.
 fn host_refused(e: &InstanceError) -> bool {
     use crate::api::host_client::HostCallError;
@@ -390,27 +414,12 @@ impl TaskContext {
             .collect();
         let key = self.vps.host_key_file(&self.container_id(vps))?;
         let started = std::time::Instant::now();
-        let descriptor = |b: &crate::oci::BlobRef| crate::api::ArchiveBlob {
-            media_type: b.media_type.clone(),
-            digest: b.digest.clone(),
-            size: b.size,
-            offset: 0,
-        };
         let mut images = Vec::new();
         let mut kept = Vec::new();
         for s in &all {
-            let image = self
-                .ctd
-                .image_blobs(&image_name(&self.node, vps, &s.id))
-                .await?;
-            kept.push(crate::api::KeptSnapshot {
-                id: s.id.clone(),
-                created_at_unix_ms: s.created_at_unix_ms,
-                message: s.message.clone(),
-                size_bytes: s.size_bytes,
-                manifest: descriptor(&image.manifest),
-                blobs: vec![],
-            });
+            let (k, image) = self.kept_here(vps, s).await?;
+            // The host reads a snapshot's blobs from its manifest itself.
+            kept.push(crate::api::KeptSnapshot { blobs: vec![], ..k });
             images.push(image);
         }
         let manifest = match (all.iter().position(|s| s.id == current), held) {

@@ -117,11 +117,8 @@ pub async fn give(
             "ttl_ms: more than 0, an hour at most",
         );
     }
-    match ctx.copy_of(id, &req.snapshot, !req.only).await {
-        Ok(mut copy) => {
-            if req.only {
-                copy.snapshots.retain(|k| k.id == req.snapshot);
-            }
+    match ctx.copy_of(id, &req.snapshot, req.only).await {
+        Ok(copy) => {
             let blobs = copy
                 .snapshots
                 .iter()
@@ -260,35 +257,22 @@ const PIECE: u64 = 4 << 20;
 
 impl TaskContext {
     /// VPS `vps`'s copy here, as a move node to node takes it: `snapshot`
-    /// (the one it starts from), the VPS's host key (`with_key`; a new VPS
-    /// from the snapshot gets none), and all its snapshots with their blobs.
+    /// (the one it starts from), the VPS's host key, and all its snapshots
+    /// with their blobs; for a new VPS from it (`only`), that snapshot
+    /// alone, without the key.
     pub async fn copy_of(
         &self,
         vps: u64,
         snapshot: &str,
-        with_key: bool,
+        only: bool,
     ) -> Result<ParkedVps, InstanceError> {
-        let all = self.snapshots(vps).await?;
-        let mut kept = Vec::new();
+        let mut all = self.snapshots(vps).await?;
+        if only {
+            all.retain(|s| s.id == snapshot);
+        }
+        let mut kept: Vec<KeptSnapshot> = Vec::new();
         for s in &all {
-            let image = self
-                .ctd
-                .image_blobs(&super::snapshots::image_name(&self.node, vps, &s.id))
-                .await?;
-            let descriptor = |b: &crate::oci::BlobRef| crate::api::ArchiveBlob {
-                media_type: b.media_type.clone(),
-                digest: b.digest.clone(),
-                size: b.size,
-                offset: 0,
-            };
-            kept.push(KeptSnapshot {
-                id: s.id.clone(),
-                created_at_unix_ms: s.created_at_unix_ms,
-                message: s.message.clone(),
-                size_bytes: s.size_bytes,
-                manifest: descriptor(&image.manifest),
-                blobs: image.blobs.iter().map(descriptor).collect(),
-            });
+            kept.push(self.kept_here(vps, s).await?.0);
         }
         let Some(from) = kept.iter().find(|k| k.id == snapshot).cloned() else {
             return Err(super::snapshots::SnapshotError::NoSnapshot {
@@ -297,9 +281,9 @@ impl TaskContext {
             }
             .into());
         };
-        let key = match with_key {
-            true => self.vps.host_key_file(&self.container_id(vps))?,
-            false => Vec::new(),
+        let key = match only {
+            false => self.vps.host_key_file(&self.container_id(vps))?,
+            true => Vec::new(),
         };
         Ok(ParkedVps {
             vps_id: vps,
